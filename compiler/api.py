@@ -1,0 +1,154 @@
+"""``compile()``: capture a model, apply a strategy through the passes, and hand back a plan."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+
+from backends import torch_distributed
+from backends.virtual import VirtualResult, assemble, run_virtual, shard
+from frontend.torch_capture import Captured, capture
+from ir.cluster import Cluster
+from ir.core import Graph
+from ir.parser import parse
+from ir.sbp import Split
+from passes import boxing, decompose, grad_sync, layouts, propagate  # noqa: F401  (register passes)
+from passes.manager import PassContext, run_passes
+from passes.strategy import normalize_strategy
+
+DEFAULT_PASSES = ["decompose", "layouts", "propagate", "boxing", "grad_sync"]
+OPTIMIZERS = ("SGD", "AdamW", "Adam")
+
+
+@dataclass
+class CompiledPlan:
+    """The result of :func:`compile`: the SBP-annotated IR and ways to run it."""
+
+    graph: Graph
+    weights: dict[str, torch.Tensor]
+    strategy: dict
+    cluster: Cluster
+    mode: str
+    optimizer: tuple
+    aliases: dict = field(default_factory=dict)
+    passes: list = field(default_factory=list)
+    input_ranges: dict = field(default_factory=dict)
+    example_dims: dict = field(default_factory=dict)
+
+    @property
+    def ir(self) -> str:
+        """The SBP-annotated IR as text (parseable with ``ir.parse``)."""
+        return str(self.graph)
+
+    def run_virtual(self, *inputs: torch.Tensor, mode: str | None = None) -> VirtualResult:
+        """Simulate every rank in this process: loss and full gradients (train) or outputs (infer)."""
+        return run_virtual(self.graph, self.weights, tuple(inputs), mode or self.mode)
+
+    def emit(self, out_dir: str | os.PathLike) -> Path:
+        """Write a standalone torchrun program (``main.py`` + ``weights.pt``) into ``out_dir``."""
+        header = (f"Strategy: {self.strategy}\nPasses: {', '.join(self.passes)}\n"
+                  f"Optimizer: torch.optim.{self.optimizer[0]}({self.optimizer[1]})")
+        return torch_distributed.emit(self.graph, self.weights, out_dir, optimizer=self.optimizer,
+                                      input_ranges=self.input_ranges, example_dims=self.example_dims,
+                                      aliases=self.aliases, header=header)
+
+    def parameter_memory(self) -> dict[int, int]:
+        """Bytes of parameters each device stores at rest (its shards), by device id."""
+        out: dict[int, int] = {}
+        for p in self.graph.params:
+            if p.kind != "param":
+                continue
+            mesh = self.graph.meshes[p.mesh]
+            local = int(p.type.nbytes())
+            for s, n in zip(p.sbp, mesh.shape):
+                local //= n if isinstance(s, Split) else 1
+            for d in mesh.devices:
+                out[d] = out.get(d, 0) + local
+        return out
+
+    def total_parameter_bytes(self) -> int:
+        """Bytes of all (unsharded) parameters."""
+        return sum(int(p.type.nbytes()) for p in self.graph.params if p.kind == "param")
+
+
+def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None = None, *,
+            cluster: Cluster | str | None = None, strategy: Any = "dp", optimizer: Any = None,
+            loss_fn: Callable | None = None, mode: str = "train", capture_method: str = "auto",
+            dump_after: str | list | None = None, dump_to: TextIO | None = None) -> CompiledPlan:
+    """Compile ``model`` for ``cluster`` with ``strategy``.
+
+    ``model``: an ``nn.Module`` (called as ``model(*example_inputs, **example_kwargs)``; in ``train``
+    mode its output is the loss, has ``.loss`` / ``["loss"]``, or ``loss_fn(output)`` gives it).
+    ``strategy``: ``"dp"``, ``"fsdp"`` or a dict (see ``docs/``). ``optimizer``: ``(torch.optim.SGD,
+    {"lr": 0.1})`` for emitted programs. ``dump_after``: pass name(s), or ``"all"``, whose IR to print.
+    """
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', found {mode!r}")
+    cluster = _cluster(cluster)
+    train = mode == "train"
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    captured = capture_model(model, example_inputs, example_kwargs, loss_fn=loss_fn, train=train,
+                             method=capture_method)
+    flat_inputs = example_inputs + tuple((example_kwargs or {}).values())
+    graph = captured.graph
+    example_dims = _example_dims(graph, flat_inputs)
+    graph.attrs["example_dims"] = example_dims
+    graph.attrs["aliases"] = dict(captured.aliases)
+    strat = normalize_strategy(strategy, cluster.world_size)
+    ctx = PassContext(strategy=strat, world_size=cluster.world_size, train=train, cluster=cluster)
+    run_passes(graph, DEFAULT_PASSES, ctx, dump_after=dump_after, dump_to=dump_to)
+    return CompiledPlan(graph, captured.weights, strat, cluster, mode, _optimizer(optimizer),
+                        dict(captured.aliases), list(DEFAULT_PASSES), _input_ranges(graph, flat_inputs),
+                        example_dims)
+
+
+def capture_model(model: Any, args: tuple, kwargs: dict | None, *, loss_fn, train: bool, method: str) -> Captured:
+    """Capture a PyTorch module, or an ONNX model (path or ModelProto) through the ONNX frontend."""
+    if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
+        from frontend.onnx import onnx_to_torch
+        model = onnx_to_torch(model)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected an nn.Module, an ONNX file path or an onnx.ModelProto, found "
+                        f"{type(model).__name__}")
+    return capture(model, args, kwargs, loss_fn=loss_fn, train=train, method=method)
+
+
+def _cluster(cluster) -> Cluster:
+    if cluster is None:
+        return Cluster.local(1)
+    if isinstance(cluster, str):
+        return Cluster.load(cluster)
+    return cluster
+
+
+def _optimizer(spec) -> tuple:
+    if spec is None:
+        return ("SGD", {"lr": 0.1})
+    cls, kwargs = spec if isinstance(spec, tuple) else (spec, {})
+    name = cls if isinstance(cls, str) else cls.__name__
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name} is not supported in emitted programs; use one of {', '.join(OPTIMIZERS)}")
+    return name, dict(kwargs)
+
+
+def _example_dims(graph: Graph, inputs: tuple) -> dict:
+    dims = {}
+    for v, t in zip(graph.inputs, inputs):
+        for d, size in zip(v.type.shape, t.shape):
+            if d.is_Symbol:
+                dims[str(d)] = int(size)
+    return dims
+
+
+def _input_ranges(graph: Graph, inputs: tuple) -> dict:
+    """For integer inputs, one more than the largest example value (synthetic batches stay in range)."""
+    out = {}
+    for v, t in zip(graph.inputs, inputs):
+        if not t.is_floating_point() and t.numel():
+            out[v.name] = int(t.max()) + 1
+    return out

@@ -1,0 +1,455 @@
+"""Convert an ONNX ModelProto into a torch.fx GraphModule with ONNX semantics.
+
+One fx ``call_function`` node per ONNX node (plus ``getitem`` nodes for multi-output ops),
+with the ONNX node name in ``node.meta["onnx_node"]`` and its op type in
+``node.meta["onnx_op"]``. Float initializers become ``nn.Parameter``s, other initializers and
+constants used at run time become buffers. Everything computable from constants (shape
+arithmetic, ConstantOfShape, Range, ...) is folded at conversion time, and the static shapes of
+values are tracked on the meta device, so ``Shape`` of a statically shaped tensor folds too and
+reshape targets end up as Python ints: the module is friendly to ``torch.export``.
+"""
+from __future__ import annotations
+
+import keyword
+import operator
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import torch.fx
+import torch.nn as nn
+
+from frontend.onnx import ops  # noqa: F401  (importing registers the op converters)
+from frontend.onnx.dtypes import (FLOAT_DTYPES, ONNX_TO_TORCH, onnx_type_name, tensor_from_numpy,
+                                  torch_dtype)
+from frontend.onnx.errors import UnsupportedOnnx
+from frontend.onnx.registry import CONVERTERS, NodeContext, Value
+
+MIN_OPSET = 7
+ONNX_DOMAINS = ("", "ai.onnx")
+# Initializers feeding these (op, input index) slots are running statistics, not weights:
+# they become buffers even though they are float.
+_STATISTICS_INPUTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
+
+
+class OnnxModule(torch.fx.GraphModule):
+    """A torch module computing an ONNX graph; forward(*inputs) -> tuple of outputs.
+
+    Attributes: ``input_names`` / ``output_names`` (ONNX graph inputs, initializers excluded,
+    and outputs, in order), ``opset`` (the ai.onnx opset the model was converted with),
+    ``initializer_names`` (ONNX names of all initializers, parameters first) and
+    ``param_onnx_names`` (module attribute name -> ONNX initializer name, for parameters and
+    buffers made from initializers).
+    """
+
+    input_names: list[str]
+    output_names: list[str]
+    opset: int
+    initializer_names: list[str]
+    param_onnx_names: dict[str, str]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OnnxModule:
+        copied = super().__deepcopy__(memo)
+        result = OnnxModule(copied, copied.graph, class_name=type(self).__name__)
+        for attribute in ("input_names", "output_names", "opset", "initializer_names",
+                          "param_onnx_names"):
+            setattr(result, attribute, _copy_plain(getattr(self, attribute)))
+        return result
+
+
+def _copy_plain(value: Any) -> Any:
+    return type(value)(value) if isinstance(value, (list, dict)) else value
+
+
+def python_identifier(name: str, taken: set[str]) -> str:
+    """A valid, unused Python identifier resembling the ONNX name ``name``."""
+    ident = re.sub(r"\W+", "_", name).strip("_") or "value"
+    if ident[0].isdigit() or keyword.iskeyword(ident):
+        ident = f"v_{ident}"
+    candidate, suffix = ident, 1
+    while candidate in taken:
+        suffix += 1
+        candidate = f"{ident}_{suffix}"
+    taken.add(candidate)
+    return candidate
+
+
+def load_model(model: onnx.ModelProto | str | os.PathLike | bytes) -> tuple[onnx.ModelProto, str]:
+    """The ModelProto (external data loaded) and the directory its external data lives in."""
+    if isinstance(model, onnx.ModelProto):
+        return model, ""
+    if isinstance(model, (bytes, bytearray)):
+        return onnx.load_model_from_string(bytes(model)), ""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model file {str(path)!r} does not exist")
+        return onnx.load(str(path), load_external_data=True), str(path.parent)
+    raise TypeError(f"expected an onnx.ModelProto, bytes or a file path, got "
+                    f"{type(model).__name__}")
+
+
+def model_opset(model: onnx.ModelProto, override: int | None) -> int:
+    """The ai.onnx opset to convert with: ``override`` or the model's opset_import."""
+    if override is not None:
+        return int(override)
+    for entry in model.opset_import:
+        if entry.domain in ONNX_DOMAINS:
+            return int(entry.version)
+    if any(node.domain in ONNX_DOMAINS for node in model.graph.node):
+        raise ValueError("the ONNX model uses ai.onnx ops but imports no ai.onnx opset; pass "
+                         "opset=... to onnx_to_torch")
+    # no ai.onnx op at all: the nodes' own domains decide (and are refused by name)
+    return onnx.defs.onnx_opset_version()
+
+
+class GraphBuilder:
+    """Builds the fx graph and the parameter/buffer holder while nodes are converted."""
+
+    def __init__(self, opset: int, base_dir: str = ""):
+        self.opset = opset
+        self.base_dir = base_dir
+        self.graph = torch.fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[str, Value] = {}
+        self._taken_attrs: set[str] = set()
+        self._get_attr_nodes: dict[str, torch.fx.Node] = {}
+        self._value_attr: dict[int, str] = {}
+        self._shape_tensors: dict[int, Value] = {}
+        self._current: NodeContext | None = None
+        self.param_onnx_names: dict[str, str] = {}
+        self.inferred_types: dict[str, int] = {}
+
+    # ----- state: parameters, buffers, constants ----------------------------------------
+    def add_initializer(self, name: str, tensor: torch.Tensor, *, trainable: bool) -> Value:
+        """Register an initializer as parameter (float, trainable) or buffer."""
+        attr = python_identifier(name, self._taken_attrs)
+        self.param_onnx_names[attr] = name
+        if trainable and tensor.dtype in FLOAT_DTYPES:
+            self.root.register_parameter(attr, nn.Parameter(tensor, requires_grad=True))
+            value = Value(meta=tensor.to("meta"), initial=tensor)
+        else:
+            self.root.register_buffer(attr, tensor)
+            value = Value(const=tensor)
+        self._value_attr[id(value)] = attr
+        return value
+
+    def fx_arg(self, value: Value) -> torch.fx.Node:
+        """The fx node giving ``value`` at run time (a get_attr for parameters/constants)."""
+        if value.node is not None:
+            return value.node
+        attr = self._value_attr.get(id(value))
+        if attr is None:
+            attr = python_identifier(f"const_{self._current.name if self._current else ''}",
+                                     self._taken_attrs)
+            self.root.register_buffer(attr, value.const)
+            self._value_attr[id(value)] = attr
+        node = self._get_attr_nodes.get(attr)
+        if node is None:
+            node = self.graph.get_attr(attr)
+            self._get_attr_nodes[attr] = node
+        if value.initial is not None:  # a parameter: remember its node for later uses
+            value.node = node
+        return node
+
+    def tensor_from_proto(self, proto: onnx.TensorProto, ctx: NodeContext | None = None
+                          ) -> torch.Tensor:
+        """A TensorProto's value; the data type is checked against torch's dtypes."""
+        if ctx is None:
+            torch_dtype(proto.data_type, node=proto.name, opset=self.opset, kind="initializer")
+        else:
+            torch_dtype(proto.data_type, node=ctx.name, op_type=ctx.op_type, opset=self.opset)
+        return tensor_from_numpy(onnx.numpy_helper.to_array(proto, base_dir=self.base_dir))
+
+    # ----- emitting ---------------------------------------------------------------------
+    def call(self, ctx: NodeContext, fn: Callable[..., Any], args: Sequence[Any],
+             kwargs: dict[str, Any], *, num_results: int | None, foldable: bool
+             ) -> Value | list[Value]:
+        """Fold ``fn`` on constants, or emit it as an fx node with meta shape propagation."""
+        values = _collect_values((args, kwargs))
+        if foldable and all(v.const is not None for v in values):
+            result = fn(*_substitute(args, _as_const), **_substitute(kwargs, _as_const))
+            return _wrap_results(result, num_results, lambda t: Value(const=t))
+        meta = _try_meta(fn, args, kwargs, values)
+        node = self.graph.call_function(
+            fn, tuple(_substitute(args, self.fx_arg)), dict(_substitute(kwargs, self.fx_arg)))
+        self._annotate(node, ctx)
+        if num_results is None:
+            return Value(node=node, meta=meta if isinstance(meta, torch.Tensor) else None)
+        results = []
+        for index in range(num_results):
+            item = self.graph.call_function(operator.getitem, (node, index))
+            self._annotate(item, ctx)
+            item_meta = meta[index] if isinstance(meta, (tuple, list)) else None
+            results.append(Value(node=item, meta=item_meta))
+        return results
+
+    def call_runtime_list(self, ctx: NodeContext, fn: Callable[..., Any], *args: Any) -> Value:
+        """Emit ``fn`` returning a Python list of (symbolic) ints: a shape value."""
+        node = self.graph.call_function(fn, tuple(_substitute(args, self.fx_arg)))
+        self._annotate(node, ctx)
+        return Value(node=node, is_shape=True)
+
+    def shape_to_tensor(self, value: Value) -> Value:
+        """A symbolic shape list as an int64 tensor (for ops that need a tensor)."""
+        cached = self._shape_tensors.get(id(value))
+        if cached is None:
+            node = self.graph.call_function(shape_list_to_tensor, (value.node,))
+            if self._current is not None:
+                self._annotate(node, self._current)
+            cached = Value(node=node)
+            self._shape_tensors[id(value)] = cached
+        return cached
+
+    def _annotate(self, node: torch.fx.Node, ctx: NodeContext) -> None:
+        node.meta["onnx_node"] = ctx.name
+        node.meta["onnx_op"] = ctx.op_type
+
+    # ----- nodes ------------------------------------------------------------------------
+    def convert_node(self, node: onnx.NodeProto) -> None:
+        """Convert one ONNX node, binding its outputs in ``env``."""
+        inputs = [self._lookup(name, node) if name else None for name in node.input]
+        ctx = NodeContext(self, node, self.opset, inputs)
+        self._check_supported(ctx)
+        self._current = ctx
+        try:
+            result = CONVERTERS[node.op_type](ctx)
+        finally:
+            self._current = None
+        results = [result] if isinstance(result, Value) else list(result)
+        for index, name in enumerate(node.output):
+            if not name:
+                continue
+            if index >= len(results) or results[index] is None:
+                raise ctx.unsupported(f"output {index} ({name!r}) is not produced by this "
+                                      f"converter")
+            value = results[index]
+            if value.dtype is None and self.inferred_types.get(name):
+                value.dtype_hint = ONNX_TO_TORCH.get(self.inferred_types[name])
+            self.env[name] = value
+
+    def _lookup(self, name: str, node: onnx.NodeProto) -> Value:
+        try:
+            return self.env[name]
+        except KeyError:
+            raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}) reads "
+                             f"{name!r}, which no earlier node, input or initializer defines; "
+                             f"the graph is not topologically sorted or is invalid") from None
+
+    def _check_supported(self, ctx: NodeContext) -> None:
+        domain = ctx.node.domain
+        if domain not in ONNX_DOMAINS:
+            raise ctx.unsupported("only the ai.onnx domain is supported",
+                                  hint="export the model without custom or contrib ops")
+        if ctx.op_type not in CONVERTERS:
+            raise ctx.unsupported("this op type has no torch converter")
+        if self.opset < MIN_OPSET and not _unchanged_since_min_opset(ctx):
+            raise ctx.unsupported(
+                f"opsets below {MIN_OPSET} are not supported and this op changed since",
+                hint=f"upgrade the model with onnx.version_converter.convert_version(model, "
+                     f"{MIN_OPSET}) or later")
+
+
+def _unchanged_since_min_opset(ctx: NodeContext) -> bool:
+    # An op whose definition did not change between the model's opset and MIN_OPSET behaves
+    # exactly like its MIN_OPSET version, e.g. Not-1.
+    try:
+        newer = onnx.defs.get_schema(ctx.op_type, max_inclusive_version=MIN_OPSET)
+    except onnx.defs.SchemaError:
+        return False
+    return ctx.schema is not None and newer.since_version == ctx.schema.since_version
+
+
+def shape_list_to_tensor(shape: Sequence[Any] | Any) -> torch.Tensor:
+    """A (symbolic) shape list as a 1-D int64 tensor, or a shape scalar as a 0-D one."""
+    if not isinstance(shape, (list, tuple)):
+        return torch.scalar_tensor(shape, dtype=torch.int64)
+    if not shape:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.stack([torch.scalar_tensor(dim, dtype=torch.int64) for dim in shape])
+
+
+def _collect_values(tree: Any) -> list[Value]:
+    found: list[Value] = []
+    _substitute(tree, lambda v: found.append(v) or v)
+    return found
+
+
+def _substitute(tree: Any, fn: Callable[[Value], Any]) -> Any:
+    """``tree`` with every Value replaced by ``fn(value)`` (lists, tuples, dicts walked)."""
+    if isinstance(tree, Value):
+        return fn(tree)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_substitute(item, fn) for item in tree)
+    if isinstance(tree, dict):
+        return {key: _substitute(item, fn) for key, item in tree.items()}
+    return tree
+
+
+def _as_const(value: Value) -> torch.Tensor:
+    return value.const
+
+
+def _as_meta(value: Value) -> torch.Tensor:
+    if value.const is not None:
+        return value.const.to("meta")
+    if value.meta is None:
+        raise _NoMeta
+    return value.meta
+
+
+class _NoMeta(Exception):
+    """An input's static shape is unknown: the output's is too."""
+
+
+def _try_meta(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
+              values: list[Value]) -> Any:
+    """``fn`` evaluated on meta tensors (static shape/dtype), or None when not possible."""
+    if any(v.is_shape for v in values):
+        return None
+    try:
+        with torch.no_grad():
+            return fn(*_substitute(args, _as_meta), **_substitute(kwargs, _as_meta))
+    except Exception:  # noqa: BLE001 - any failure just means "shape unknown"
+        return None
+
+
+def _wrap_results(result: Any, num_results: int | None, wrap: Callable[[torch.Tensor], Value]
+                  ) -> Value | list[Value]:
+    if num_results is None:
+        return wrap(result)
+    return [wrap(item) for item in result]
+
+
+# ----- the model-level driver -------------------------------------------------------------
+def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike | bytes, *,
+                  opset: int | None = None) -> OnnxModule:
+    """Convert an ONNX model (proto, serialized bytes or file path) into an OnnxModule."""
+    proto, base_dir = load_model(model)
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    version = model_opset(proto, opset)
+    graph = proto.graph
+    builder = GraphBuilder(version, base_dir)
+    builder.inferred_types = _inferred_element_types(proto)
+
+    initializer_names = _add_initializers(builder, graph)
+    input_names = []
+    for value_info in graph.input:
+        if value_info.name in builder.env:  # an initializer also listed as input (IR < 4)
+            continue
+        input_names.append(value_info.name)
+        builder.env[value_info.name] = _placeholder(builder, value_info)
+    for node in graph.node:
+        builder.convert_node(node)
+
+    outputs = [_output_arg(builder, value_info) for value_info in graph.output]
+    builder.graph.output(tuple(outputs))
+    # values only feeding folded computations (e.g. a Transpose read by Shape) are dead
+    builder.graph.eliminate_dead_code()
+    module = OnnxModule(builder.root, builder.graph, class_name="OnnxModule")
+    module.input_names = input_names
+    module.output_names = [value_info.name for value_info in graph.output]
+    module.opset = version
+    module.initializer_names = initializer_names
+    module.param_onnx_names = builder.param_onnx_names
+    return module
+
+
+def _inferred_element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types ONNX type inference finds for the graph's values (where it can)."""
+    if all(_has_static_shape(v) for v in model.graph.input):
+        return {}  # static shapes: meta tensors carry every dtype already
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is only a hint
+        return {}
+    return {info.name: info.type.tensor_type.elem_type for info in inferred.graph.value_info
+            if info.type.HasField("tensor_type")}
+
+
+def _has_static_shape(value_info: onnx.ValueInfoProto) -> bool:
+    tensor_type = value_info.type.tensor_type
+    return tensor_type.HasField("shape") and all(d.HasField("dim_value")
+                                                 for d in tensor_type.shape.dim)
+
+
+def _add_initializers(builder: GraphBuilder, graph: onnx.GraphProto) -> list[str]:
+    statistics = {node.input[index] for node in graph.node
+                  for op_type, index in _STATISTICS_INPUTS
+                  if node.op_type == op_type and len(node.input) > index}
+    params, buffers = [], []
+    for proto in graph.initializer:
+        tensor = builder.tensor_from_proto(proto)
+        trainable = proto.name not in statistics
+        builder.env[proto.name] = builder.add_initializer(proto.name, tensor, trainable=trainable)
+        (params if builder.env[proto.name].initial is not None else buffers).append(proto.name)
+    for sparse in graph.sparse_initializer:
+        name = sparse.values.name
+        tensor = tensor_from_numpy(sparse_to_dense(sparse, builder.base_dir))
+        builder.env[name] = builder.add_initializer(name, tensor, trainable=True)
+        (params if builder.env[name].initial is not None else buffers).append(name)
+    return params + buffers
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: str = "") -> Any:
+    """A SparseTensorProto as a dense numpy array."""
+    import numpy as np
+
+    values = onnx.numpy_helper.to_array(sparse.values, base_dir=base_dir)
+    indices = onnx.numpy_helper.to_array(sparse.indices, base_dir=base_dir).astype(np.int64)
+    dims = tuple(sparse.dims)
+    dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+    if indices.ndim == 2:  # [nnz, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), dims)
+    dense[indices.reshape(-1)] = values.reshape(-1)
+    return dense.reshape(dims)
+
+
+def _placeholder(builder: GraphBuilder, value_info: onnx.ValueInfoProto) -> Value:
+    node = builder.graph.placeholder(python_identifier(value_info.name, builder._taken_attrs))
+    node.meta["onnx_node"] = value_info.name
+    node.meta["onnx_op"] = "input"
+    type_proto = value_info.type
+    if not type_proto.HasField("tensor_type"):
+        kind = type_proto.WhichOneof("value") or "undefined"
+        raise UnsupportedOnnx(node=value_info.name, op_type="", opset=builder.opset,
+                              dtype=kind, kind="graph input", reason="not a tensor; sequence, "
+                              "map and optional values are not supported")
+    tensor_type = type_proto.tensor_type
+    if not tensor_type.elem_type:
+        return Value(node=node)
+    dtype = torch_dtype(tensor_type.elem_type, node=value_info.name, opset=builder.opset,
+                        kind="graph input")
+    if not tensor_type.HasField("shape"):
+        return Value(node=node)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    if any(d is None for d in dims):
+        return Value(node=node)
+    return Value(node=node, meta=torch.empty(dims, dtype=dtype, device="meta"))
+
+
+def _output_arg(builder: GraphBuilder, value_info: onnx.ValueInfoProto) -> torch.fx.Node:
+    value = builder.env.get(value_info.name)
+    if value is None:
+        raise ValueError(f"ONNX graph output {value_info.name!r} is not produced by any node")
+    if value_info.type.HasField("tensor_type"):
+        elem_type = value_info.type.tensor_type.elem_type
+        if elem_type:
+            torch_dtype(elem_type, node=value_info.name, opset=builder.opset,
+                        kind="graph output")
+    elif value_info.type.WhichOneof("value"):
+        raise UnsupportedOnnx(node=value_info.name, op_type="", opset=builder.opset,
+                              dtype=value_info.type.WhichOneof("value"), kind="graph output",
+                              reason="not a tensor; sequence, map and optional values are "
+                              "not supported")
+    if value.is_shape:
+        value = builder.shape_to_tensor(value)
+    return builder.fx_arg(value)
+
+
+__all__ = ["OnnxModule", "UnsupportedOnnx", "onnx_to_torch", "onnx_type_name"]

@@ -1,0 +1,354 @@
+"""Capture a PyTorch module into the IR with ``torch.export`` (or ``torch.fx.symbolic_trace`` first).
+
+The captured graph holds ATen ops. The batch and sequence dims of the inputs stay symbolic
+(sympy symbols ``batch``, ``seq``); every other dim is concrete. Parameters shared under two names
+(tied weights) are one IR parameter under their first ``named_parameters()`` name.
+"""
+from __future__ import annotations
+
+import operator
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx
+from torch.export import Dim
+
+from ir.core import Graph, Value
+from ir.types import DTYPE_NAMES, TensorType, dim_symbol
+
+DROPPED_OPS = {
+    "aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
+    "aten.sym_constrain_range_for_size.default", "aten._assert_async.msg",
+    "aten.sym_constrain_range.default",
+}
+INPUT_DIM_NAMES = ("batch", "seq")
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message names the module, the source line and a fix."""
+
+
+@dataclass
+class Captured:
+    """A captured model: the IR graph plus what the backends need to bind weights and inputs."""
+
+    graph: Graph
+    weights: dict[str, torch.Tensor]
+    """Initial values of every IR parameter and buffer, by ``state_dict`` name."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Tied names: ``{"lm_head.weight": "tok_emb.weight"}``."""
+    input_names: list[str] = field(default_factory=list)
+    output_structure: Any = None
+    """For inference graphs: how the flat outputs nest (a pytree spec)."""
+
+
+class _LossWrapper(torch.nn.Module):
+    """Calls the model and returns the training loss, or the flat outputs in inference."""
+
+    def __init__(self, model: torch.nn.Module, kwarg_names: list[str], loss_fn: Callable | None, train: bool):
+        super().__init__()
+        self.model = model
+        self.kwarg_names = kwarg_names
+        self.loss_fn = loss_fn
+        self.train_mode = train
+        self.out_spec = None
+
+    def forward(self, *flat):
+        n_pos = len(flat) - len(self.kwarg_names)
+        out = self.model(*flat[:n_pos], **dict(zip(self.kwarg_names, flat[n_pos:])))
+        if self.train_mode:
+            return find_loss(out, self.loss_fn)
+        leaves, self.out_spec = torch.utils._pytree.tree_flatten(out)
+        return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
+def find_loss(out: Any, loss_fn: Callable | None) -> torch.Tensor:
+    """The loss from a model output: ``loss_fn(out)``, a scalar, ``out.loss`` or ``out["loss"]``."""
+    if loss_fn is not None:
+        return loss_fn(out)
+    if isinstance(out, torch.Tensor) and out.ndim == 0:
+        return out
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if isinstance(loss, torch.Tensor) and loss.ndim == 0:
+        return loss
+    found = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
+    raise CaptureError(f"expected the model's output to be the loss (a scalar tensor), to have .loss or "
+                       f"['loss'], found {found}; pass loss_fn=... to compile(), or mode='infer'")
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
+            loss_fn: Callable | None = None, train: bool = True, method: str = "auto") -> Captured:
+    """Capture ``model(*args, **kwargs)`` into an IR graph.
+
+    ``method``: ``"export"`` uses ``torch.export``; ``"fx"`` first traces with
+    ``torch.fx.symbolic_trace`` (plain models), then lowers that graph to ATen with ``torch.export``;
+    ``"auto"`` tries ``"fx"`` and falls back to ``"export"`` for models that do not trace.
+    """
+    kwargs = dict(kwargs or {})
+    flat = tuple(args) + tuple(kwargs.values())
+    wrapper = _LossWrapper(_maybe_symbolic_trace(model, method), list(kwargs), loss_fn, train)
+    wrapper.train(model.training)
+    program = _export(wrapper, flat, model)
+    names = _input_names(model, len(args), list(kwargs))
+    captured = _to_ir(program, model, names, train)
+    captured.output_structure = wrapper.out_spec
+    return captured
+
+
+def _maybe_symbolic_trace(model: torch.nn.Module, method: str) -> torch.nn.Module:
+    if method == "export":
+        return model
+    try:
+        traced = torch.fx.symbolic_trace(model)
+        traced.train(model.training)
+        return traced
+    except Exception as err:  # symbolic_trace raises many kinds on dynamic Python
+        if method == "fx":
+            raise CaptureError(f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: "
+                               f"{_first_line(err)}; use method='export'") from None
+        return model
+
+
+def _export(wrapper: torch.nn.Module, flat: tuple, model: torch.nn.Module) -> torch.export.ExportedProgram:
+    for dynamic in (_named_dims(flat), tuple(_dynamic_dims(t) for t in flat)):
+        try:
+            return torch.export.export(wrapper, flat, dynamic_shapes=(dynamic,), strict=False)
+        except CaptureError:
+            raise
+        except Exception:  # a shape constraint we guessed does not hold: try looser ones
+            continue
+    try:
+        return torch.export.export(wrapper, flat, strict=False)
+    except CaptureError:
+        raise
+    except Exception as err:
+        raise CaptureError(_describe_capture_failure(model, err)) from None
+
+
+def _named_dims(flat: tuple) -> tuple:
+    """Shared ``batch`` / ``seq`` dims for inputs whose leading sizes match the first input's."""
+    first = next((t for t in flat if isinstance(t, torch.Tensor) and t.ndim), None)
+    if first is None:
+        return tuple(None for _ in flat)
+    names = [Dim(n, min=1) for n in INPUT_DIM_NAMES]
+    out = []
+    for t in flat:
+        spec = _dynamic_dims(t)
+        if spec is not None:
+            spec = {i: (names[i] if i < first.ndim and t.shape[i] == first.shape[i] else Dim.AUTO) for i in spec}
+        out.append(spec)
+    return tuple(out)
+
+
+def _dynamic_dims(t: Any):
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        return None
+    return {i: Dim.AUTO for i in range(min(t.ndim, 2 if not t.is_floating_point() else 1))}
+
+
+def _describe_capture_failure(model: torch.nn.Module, err: Exception) -> str:
+    where = _user_frame(err)
+    reason = _first_line(err)
+    return (f"cannot capture {type(model).__name__}{where}: {reason}. torch.export needs a forward "
+            f"without data-dependent Python control flow: replace `if tensor...`/`.item()` with "
+            f"torch.where or torch.cond, or pass loss_fn= / mode='infer' if the output is the problem")
+
+
+def _user_frame(err: Exception) -> str:
+    text = "".join(traceback.format_exception(err))
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
+    user = [f for f in frames if "/torch/" not in f[0] and "frontend/torch_capture" not in f[0]
+            and "site-packages" not in f[0] and "<" not in f[0]]
+    if not user:
+        return ""
+    path, line, func = user[-1]
+    return f" at {path}:{line} (in {func})"
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def _input_names(model: torch.nn.Module, n_pos: int, kwarg_names: list[str]) -> list[str]:
+    import inspect
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        pos = [p.name for p in params[:n_pos]]
+    except (TypeError, ValueError):
+        pos = []
+    pos += [f"input{i}" for i in range(len(pos), n_pos)]
+    return pos + kwarg_names
+
+
+# -- conversion of the exported program ----------------------------------------------------------
+
+class _Converter:
+    """Turns an ExportedProgram's ATen graph into an IR graph."""
+
+    def __init__(self, program: torch.export.ExportedProgram, model: torch.nn.Module, names: list[str]):
+        self.program = program
+        self.model = model
+        self.graph = Graph(name=_graph_name(model))
+        self.env: dict[str, Any] = {}
+        self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
+        self.input_names = names
+        self.canonical = _canonical_param_names(model)
+
+    def convert(self, train: bool) -> Captured:
+        sig = self.program.graph_signature
+        self._name_symbols(sig)
+        weights: dict[str, torch.Tensor] = {}
+        for spec in sig.input_specs:
+            self._placeholder(spec, weights)
+        for node in self.program.graph.nodes:
+            if node.op == "call_function":
+                self._call(node)
+        self._outputs(sig, train)
+        aliases = {n: c for n, c in self.canonical.items() if n != c}
+        return Captured(self.graph, weights, aliases, list(self.input_names))
+
+    def _name_symbols(self, sig) -> None:
+        users = [s for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+        by_node = {n.name: n for n in self.program.graph.nodes if n.op == "placeholder"}
+        for spec in users:
+            val = by_node[spec.arg.name].meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            for i, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt):
+                    expr = size.node.expr
+                    if expr.is_Symbol and expr not in self.symbols:
+                        name = INPUT_DIM_NAMES[i] if i < len(INPUT_DIM_NAMES) else f"dim{i}"
+                        taken = {str(v) for v in self.symbols.values()}
+                        while name in taken:
+                            name += "_"
+                        self.symbols[expr] = dim_symbol(name)
+
+    def sym(self, value: Any) -> Any:
+        """A SymInt (or plain int) as a sympy expression over our named symbols."""
+        if isinstance(value, torch.SymInt):
+            expr = value.node.expr
+            return sympy.sympify(expr).subs(self.symbols)
+        return value
+
+    def ttype(self, val: torch.Tensor) -> TensorType:
+        return TensorType(tuple(sympy.sympify(self.sym(s)) for s in val.shape), DTYPE_NAMES[val.dtype])
+
+    def _placeholder(self, spec, weights: dict) -> None:
+        node = next(n for n in self.program.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
+        val = node.meta.get("val")
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            if not isinstance(val, torch.Tensor):
+                raise CaptureError(f"input {node.name} is a {type(val).__name__}; only tensor inputs are supported")
+            idx = len(self.graph.inputs)
+            name = self.input_names[idx] if idx < len(self.input_names) else node.name
+            self.env[node.name] = self.graph.add_input(name, self.ttype(val))
+            return
+        target = _strip_wrapper(spec.target)
+        if kind == "PARAMETER":
+            target = self.canonical.get(target, target)
+            existing = next((p for p in self.graph.params if p.target == target), None)
+            if existing is not None:
+                self.env[node.name] = existing
+                return
+            weights[target] = self.model.get_parameter(target).detach().clone()
+            self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "param")
+            return
+        tensor = self._buffer_or_constant(spec, target)
+        weights[target] = tensor.detach().clone()
+        self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "buffer")
+
+    def _buffer_or_constant(self, spec, target: str) -> torch.Tensor:
+        if spec.kind.name == "BUFFER":
+            return self.model.get_buffer(target)
+        return self.program.constants[spec.target]
+
+    def _call(self, node: torch.fx.Node) -> None:
+        target = node.target
+        if target is operator.getitem:
+            self.env[node.name] = self.env[node.args[0].name][node.args[1]]
+            return
+        op = str(target) if isinstance(target, torch._ops.OpOverload) else None
+        val = node.meta.get("val")
+        if op in DROPPED_OPS:
+            return
+        if op is None or isinstance(val, (torch.SymInt, int, float, bool)):
+            self.env[node.name] = self._symbolic_scalar(node, val)
+            return
+        args = self.arg(list(node.args))
+        kwargs = {k: self.arg(v) for k, v in node.kwargs.items()}
+        vals = list(val) if isinstance(val, (list, tuple)) else [val]
+        if not all(isinstance(v, torch.Tensor) for v in vals):
+            raise CaptureError(f"op {op} at node {node.name} returns a non-tensor; not supported")
+        attrs = {"module": _module_path(node)} if _module_path(node) else {}
+        base = node.name if len(vals) == 1 else f"{node.name}_"
+        ir_node = self.graph.create_node(op, args, kwargs, [self.ttype(v) for v in vals],
+                                         [base if len(vals) == 1 else f"{base}{i}" for i in range(len(vals))],
+                                         attrs)
+        self.env[node.name] = ir_node.outputs[0] if not isinstance(val, (list, tuple)) else ir_node.outputs
+
+    def _symbolic_scalar(self, node: torch.fx.Node, val: Any) -> Any:
+        if isinstance(val, torch.SymInt) or isinstance(val, int):
+            return self.sym(val)
+        raise CaptureError(f"node {node.name} ({node.target}) at module "
+                           f"{_module_path(node) or '<top>'} computes a Python scalar from tensor data; "
+                           f"not supported — keep values as tensors")
+
+    def arg(self, a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return self.env[a.name]
+        if isinstance(a, (list, tuple)):
+            return [self.arg(x) for x in a]
+        if isinstance(a, torch.SymInt):
+            return self.sym(a)
+        return a
+
+    def _outputs(self, sig, train: bool) -> None:
+        user = [s for s in sig.output_specs if s.kind.name == "USER_OUTPUT"]
+        outs = [self.env[s.arg.name] for s in user if hasattr(s.arg, "name")]
+        self.graph.outputs = [o for o in outs if isinstance(o, Value)]
+        if train:
+            loss = self.graph.outputs[0]
+            if loss.type.ndim != 0 or not loss.type.torch_dtype.is_floating_point:
+                raise CaptureError(f"expected a scalar floating-point loss, found {loss.type}")
+            self.graph.loss = loss
+
+
+def _to_ir(program, model, names, train) -> Captured:
+    return _Converter(program, model, names).convert(train)
+
+
+def _strip_wrapper(target: str) -> str:
+    return target[len("model."):] if target.startswith("model.") else target
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]\.?", "", str(path))
+    path = _strip_wrapper(path)
+    return "" if path == "model" else path
+
+
+def _canonical_param_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every parameter name (tied ones included) mapped to the first name of that tensor."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return out
+
+
+def _graph_name(model: torch.nn.Module) -> str:
+    return re.sub(r"\W", "_", type(model).__name__) or "model"

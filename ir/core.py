@@ -1,0 +1,222 @@
+"""The graph IR: values, nodes and graphs.
+
+A :class:`Graph` is a straight-line program over tensor :class:`Value` s. Every value has a logical
+:class:`~ir.types.TensorType` and, once layouts are chosen, an N-D SBP over a named mesh. Nodes are
+mutable and values keep use lists, so passes can rewrite the graph in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from ir.sbp import NdSbp
+from ir.types import Mesh, TensorType
+
+
+@dataclass(eq=False)
+class Value:
+    """A tensor produced by a node, or a graph input / parameter."""
+
+    name: str
+    """Unique name in the graph (printed with a ``%`` prefix)."""
+    type: TensorType
+    """The logical (global) type."""
+    sbp: NdSbp | None = None
+    """The layout on :attr:`mesh`, one entry per mesh axis; None before layouts are chosen."""
+    mesh: str | None = None
+    """Name of the graph mesh that holds this value."""
+    kind: str = "node"
+    """``input``, ``param``, ``buffer`` or ``node``."""
+    target: str | None = None
+    """For params and buffers: the qualified name in the model's ``state_dict``."""
+    producer: "Node | None" = None
+    """The node that produces this value (None for inputs and params)."""
+    uses: list = field(default_factory=list)
+    """Nodes that read this value."""
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+@dataclass(eq=False)
+class Node:
+    """One operation: ``outputs = op(*args, **kwargs)``; args mix values and literals."""
+
+    op: str
+    """The op name, e.g. ``aten.linear.default`` or ``comm.all_reduce``."""
+    args: list
+    """Positional arguments: :class:`Value` s, literals, or (nested) lists of them."""
+    kwargs: dict
+    """Keyword arguments, like args."""
+    outputs: list
+    """The values this node produces."""
+    attrs: dict = field(default_factory=dict)
+    """Metadata that does not change the computation, e.g. ``module`` (the source module path)."""
+
+    def input_values(self) -> list[Value]:
+        """Every value read by this node, in argument order (duplicates kept)."""
+        return [v for v in iter_values((self.args, self.kwargs))]
+
+    @property
+    def name(self) -> str:
+        """The node's name: that of its first output (or its op when it has none)."""
+        return self.outputs[0].name if self.outputs else self.op
+
+    def map_values(self, fn: Callable[[Value], Any]) -> None:
+        """Replace every value argument ``v`` by ``fn(v)``, keeping use lists right."""
+        for v in self.input_values():
+            if self in v.uses:
+                v.uses.remove(self)
+        self.args = map_structure(self.args, fn)
+        self.kwargs = map_structure(self.kwargs, fn)
+        for v in self.input_values():
+            v.uses.append(self)
+
+
+def iter_values(obj: Any) -> Iterator[Value]:
+    """Yield the values inside nested lists, tuples and dicts."""
+    if isinstance(obj, Value):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from iter_values(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from iter_values(item)
+
+
+def map_structure(obj: Any, fn: Callable[[Value], Any]) -> Any:
+    """Rebuild nested lists/tuples/dicts with every value ``v`` replaced by ``fn(v)``."""
+    if isinstance(obj, Value):
+        return fn(obj)
+    if isinstance(obj, list):
+        return [map_structure(o, fn) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(map_structure(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_structure(o, fn) for k, o in obj.items()}
+    return obj
+
+
+@dataclass(eq=False)
+class Graph:
+    """A captured model: inputs, parameters, nodes in execution order and outputs."""
+
+    name: str = "model"
+    """A name for dumps and generated programs."""
+    meshes: dict = field(default_factory=dict)
+    """Named placements (:class:`~ir.types.Mesh`), e.g. ``{"world": Mesh(...)}``."""
+    inputs: list = field(default_factory=list)
+    """User inputs, in call order."""
+    params: list = field(default_factory=list)
+    """Parameters and buffers (values of kind ``param`` / ``buffer``)."""
+    nodes: list = field(default_factory=list)
+    """Nodes in a valid execution order."""
+    outputs: list = field(default_factory=list)
+    """The values the program returns."""
+    loss: Value | None = None
+    """In training graphs, the scalar value that is differentiated (one of the outputs)."""
+    attrs: dict = field(default_factory=dict)
+    """Graph-level results of passes: the strategy, gradient buckets, schedules, ..."""
+
+    # -- construction ---------------------------------------------------------------------------
+    def add_input(self, name: str, type: TensorType) -> Value:
+        """Append a user input."""
+        v = Value(self.fresh_name(name), type, kind="input")
+        self.inputs.append(v)
+        return v
+
+    def add_param(self, name: str, type: TensorType, target: str, kind: str = "param") -> Value:
+        """Append a parameter (or buffer) read from ``state_dict()[target]``."""
+        v = Value(self.fresh_name(name), type, kind=kind, target=target)
+        self.params.append(v)
+        return v
+
+    def create_node(self, op: str, args: list, kwargs: dict, out_types: list[TensorType],
+                    out_names: list[str] | None = None, attrs: dict | None = None,
+                    before: Node | None = None) -> Node:
+        """Make a node with fresh output values, insert it (at the end or before ``before``)."""
+        names = out_names or [op.split(".")[1] if "." in op else op] * len(out_types)
+        outs = [Value(self.fresh_name(n), t) for n, t in zip(names, out_types)]
+        node = Node(op, list(args), dict(kwargs), outs, dict(attrs or {}))
+        for o in outs:
+            o.producer = node
+        for v in node.input_values():
+            v.uses.append(node)
+        if before is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(self.nodes.index(before), node)
+        return node
+
+    def fresh_name(self, base: str) -> str:
+        """A value name not used yet in this graph, derived from ``base``."""
+        taken = self.attrs.get("_names")
+        if taken is None:
+            taken = self._names()
+        base = sanitize_name(base)
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    def _names(self) -> set:
+        names = {v.name for v in self.all_values()}
+        self.attrs["_names"] = names
+        return names
+
+    # -- queries ------------------------------------------------------------------------------
+    def all_values(self) -> Iterator[Value]:
+        """Inputs, params, then every node output."""
+        yield from self.inputs
+        yield from self.params
+        for n in self.nodes:
+            yield from n.outputs
+
+    def value(self, name: str) -> Value:
+        """The value called ``name`` (without ``%``)."""
+        for v in self.all_values():
+            if v.name == name:
+                return v
+        raise KeyError(f"no value %{name} in graph {self.name}")
+
+    def param_values(self) -> dict[str, Value]:
+        """Trainable parameters by their ``state_dict`` name."""
+        return {v.target: v for v in self.params if v.kind == "param"}
+
+    def replace_all_uses(self, old: Value, new: Value, only: Callable[[Node], bool] | None = None) -> None:
+        """Make every (selected) reader of ``old`` read ``new`` instead; outputs too."""
+        for user in list(old.uses):
+            if only is None or only(user):
+                user.map_values(lambda v: new if v is old else v)
+        if only is None:
+            self.outputs = [new if o is old else o for o in self.outputs]
+            if self.loss is old:
+                self.loss = new
+
+    def remove_node(self, node: Node) -> None:
+        """Remove a node whose outputs are unused."""
+        for o in node.outputs:
+            if o.uses or o in self.outputs:
+                raise ValueError(f"cannot remove {node.op} producing %{o.name}: it is still used")
+        node.map_values(lambda v: v)
+        for v in node.input_values():
+            v.uses.remove(node)
+        self.nodes.remove(node)
+
+    def public_attrs(self) -> dict:
+        """Graph attributes that are part of the IR text (not private caches)."""
+        return {k: v for k, v in self.attrs.items() if not k.startswith("_")}
+
+    def __str__(self) -> str:
+        from ir.printer import print_graph
+        return print_graph(self)
+
+
+def sanitize_name(text: str) -> str:
+    """A value name made of letters, digits, ``_`` and ``.``."""
+    out = "".join(c if (c.isalnum() or c in "_.") else "_" for c in text)
+    if not out or out[0].isdigit() or out[0] == ".":
+        out = "v" + out
+    return out

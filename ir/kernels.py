@@ -1,0 +1,37 @@
+"""Local kernels: what one rank computes when its shard needs more than the plain ATen op.
+
+This module imports only torch: the code generator copies it into every emitted program.
+"""
+import torch
+
+
+def masked_embedding(weight, indices, start):
+    """Lookup in a vocabulary shard holding rows [start, start + rows); other rows give zeros.
+
+    Summed over the shards (a ``P(sum)`` value) this equals the full lookup.
+    """
+    rows = weight.shape[0]
+    local = indices - start
+    inside = (local >= 0) & (local < rows)
+    out = torch.ops.aten.embedding.default(weight, torch.where(inside, local, torch.zeros_like(local)))
+    return out * inside.unsqueeze(-1).to(out.dtype)
+
+
+def masked_gather(x, dim, index, start):
+    """``gather`` from a shard holding [start, start + size) of ``dim``; indices outside give 0."""
+    size = x.shape[dim]
+    local = index - start
+    inside = (local >= 0) & (local < size)
+    out = torch.gather(x, dim, torch.where(inside, local, torch.zeros_like(local)))
+    return out * inside.to(out.dtype)
+
+
+def sum_over(x, dims, keepdim, count, dtype=None):
+    """The local part of a mean over split dims: the local sum divided by the global count."""
+    out = torch.sum(x, dims, keepdim=keepdim, dtype=dtype)
+    return out / count
+
+
+def keep_if(x, keep):
+    """``x`` on ranks where ``keep`` is 1, zeros elsewhere (broadcast to partial: B -> P)."""
+    return x if keep else x * 0

@@ -1,0 +1,12 @@
+"""The op-rule registry: for each IR op, its SBP signatures and how a rank computes its shard.
+
+Rules are written for one mesh axis (:class:`Signature`: one SBP per tensor input and output) and
+expanded mechanically to N-D meshes by :func:`nd_signatures`. An op without a rule still compiles:
+it runs on broadcast inputs (see :func:`rule_for`).
+"""
+from ir.ops.registry import (OpRule, Signature, LocalCall, RULES, register, rule_for, nd_signatures,
+                             local_call, known_ops)
+from ir.ops import elementwise, shape_ops, nn_ops, reductions, comm  # noqa: F401  (registers rules)
+
+__all__ = ["OpRule", "Signature", "LocalCall", "RULES", "register", "rule_for", "nd_signatures",
+           "local_call", "known_ops"]

@@ -1,0 +1,60 @@
+"""Collective ops that convert a value between layouts on one mesh axis (boxing).
+
+Each ``comm.*`` node reads one value and writes it in a new SBP that differs on one mesh axis
+(``axis=<name>``). Their backward is the adjoint collective, performed by the backends:
+
+====================  =============================  ==========================
+op                    layout change                  adjoint (backward)
+====================  =============================  ==========================
+comm.all_reduce       P(sum) -> B, P(max) -> B       all_reduce (sum)
+comm.all_gather       S(d) -> B                      reduce_scatter(d)
+comm.reduce_scatter   P -> S(d)                      all_gather(d)
+comm.all_to_all       S(i) -> S(j)                   all_to_all S(j) -> S(i)
+comm.slice            B -> S(d)  (local)             zero-padded shard (local)
+comm.mask             B -> P(sum) (local)            mask (local)
+====================  =============================  ==========================
+"""
+from __future__ import annotations
+
+from ir.core import Node
+from ir.ops.registry import Signature, register
+from ir.sbp import B, Broadcast, P, Partial, Sbp, Split
+
+COMM_OPS = ("comm.all_reduce", "comm.all_gather", "comm.reduce_scatter", "comm.all_to_all",
+            "comm.slice", "comm.mask")
+LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
+
+
+def transition(src: Sbp, dst: Sbp) -> tuple[str, dict] | None:
+    """The one-collective conversion from ``src`` to ``dst`` on one axis, or None."""
+    if isinstance(src, Split) and isinstance(dst, Broadcast):
+        return "comm.all_gather", {"dim": src.dim}
+    if isinstance(src, Split) and isinstance(dst, Split) and src.dim != dst.dim:
+        return "comm.all_to_all", {"src_dim": src.dim, "dst_dim": dst.dim}
+    if isinstance(src, Partial) and isinstance(dst, Broadcast):
+        return "comm.all_reduce", {"op": src.op}
+    if isinstance(src, Partial) and src.op == "sum" and isinstance(dst, Split):
+        return "comm.reduce_scatter", {"dim": dst.dim}
+    if isinstance(src, Broadcast) and isinstance(dst, Split):
+        return "comm.slice", {"dim": dst.dim}
+    if isinstance(src, Broadcast) and dst == P:
+        return "comm.mask", {}
+    return None
+
+
+def wire_factor(op: str, n: int) -> float:
+    """Bytes each rank sends, as a multiple of the logical tensor's bytes (ring algorithms).
+
+    These are OneFlow's byte counts per rank; the cost model prices them on real links.
+    """
+    if n <= 1 or op in LOCAL_COMM_OPS:
+        return 0.0
+    return {"comm.all_reduce": 2 * (n - 1) / n, "comm.all_gather": (n - 1) / n,
+            "comm.reduce_scatter": (n - 1) / n, "comm.all_to_all": (n - 1) / (n * n)}[op]
+
+
+def _comm_signature(node: Node) -> list[Signature]:
+    raise ValueError(f"{node.op} is inserted by the boxing pass; it is never chosen by propagation")
+
+
+register(*COMM_OPS, doc="boxing collectives")(_comm_signature)

@@ -1,0 +1,121 @@
+"""Elementwise ops: splits follow broadcasting; partial values flow only through linear ones."""
+from __future__ import annotations
+
+from ir.core import Node
+from ir.ops.registry import Signature, all_b, register
+from ir.sbp import B, P, Split
+
+
+def aligned_dim(in_shape: tuple, out_shape: tuple, out_dim: int) -> int | None:
+    """The input dim that broadcasts onto ``out_dim`` without being expanded, or None."""
+    j = out_dim - (len(out_shape) - len(in_shape))
+    if j < 0 or in_shape[j] != out_shape[out_dim]:
+        return None
+    return j
+
+
+def split_signatures(node: Node) -> list[Signature]:
+    """All-B, plus for each output dim: inputs split on their aligned dim (B where broadcast)."""
+    ins = node.input_values()
+    out = node.outputs[0].type.shape
+    sigs = [all_b(node)]
+    for d in range(len(out)):
+        if out[d] == 1:
+            continue
+        in_sbps = []
+        for v in ins:
+            j = aligned_dim(v.type.shape, out, d)
+            in_sbps.append(Split(j) if j is not None else B)
+        sigs.append(Signature(tuple(in_sbps), tuple(Split(d) for _ in node.outputs)))
+    return sigs
+
+
+def is_scalar_tensor(v) -> bool:
+    """Zero-dim tensors (lifted constants) are always broadcast."""
+    return v.type.ndim == 0
+
+
+UNARY_NONLINEAR = [
+    "aten.gelu.default", "aten.tanh.default", "aten.relu.default", "aten.silu.default",
+    "aten.sigmoid.default", "aten.exp.default", "aten.log.default", "aten.sqrt.default",
+    "aten.rsqrt.default", "aten.cos.default", "aten.sin.default", "aten.abs.default",
+    "aten.pow.Tensor_Scalar", "aten.erf.default", "aten.reciprocal.default", "aten.logical_not.default",
+    "aten.ne.Scalar", "aten.eq.Scalar", "aten.lt.Scalar", "aten.gt.Scalar", "aten.le.Scalar",
+    "aten.ge.Scalar", "aten.bitwise_not.default", "aten.floor.default", "aten.ceil.default",
+    "aten.hardtanh.default", "aten.leaky_relu.default", "aten.elu.default", "aten.softplus.default",
+    "aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default", "aten.sign.default",
+    "aten.log1p.default", "aten.expm1.default", "aten.isnan.default", "aten.relu6.default",
+    "aten.hardswish.default", "aten.hardsigmoid.default", "aten.mish.default", "aten.round.default",
+    "aten.trunc.default", "aten.logical_and.default", "aten.bitwise_and.Scalar",
+]
+BINARY_NONLINEAR = [
+    "aten.eq.Tensor", "aten.ne.Tensor", "aten.lt.Tensor", "aten.gt.Tensor", "aten.le.Tensor",
+    "aten.ge.Tensor", "aten.__and__.Tensor", "aten.__or__.Tensor", "aten.bitwise_and.Tensor",
+    "aten.bitwise_or.Tensor", "aten.logical_and.default", "aten.logical_or.default",
+    "aten.maximum.default", "aten.minimum.default", "aten.pow.Tensor_Tensor", "aten.where.self",
+    "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.remainder.Tensor",
+    "aten.floor_divide.default", "aten.remainder.Scalar", "aten.atan2.default",
+]
+LINEAR_UNARY = [
+    "aten.neg.default", "aten.clone.default", "aten.contiguous.default", "aten.to.dtype",
+    "aten.to.dtype_layout", "aten.to.device", "aten._to_copy.default", "aten.alias.default",
+    "aten.detach.default", "aten.lift_fresh_copy.default", "aten.dropout.default",
+    "aten.type_as.default", "aten.feature_dropout.default",
+]
+# Linear in the tensor inputs jointly: sums of partial values are partial values.
+LINEAR_SUM = ["aten.add.Tensor", "aten.sub.Tensor"]
+# Linear in any one tensor input when the others are broadcast.
+LINEAR_PRODUCT = ["aten.mul.Tensor", "aten.div.Tensor"]
+# Linear in the tensor, given a scalar literal.
+LINEAR_SCALAR = ["aten.mul.Scalar", "aten.div.Scalar"]
+
+
+@register(*UNARY_NONLINEAR, *BINARY_NONLINEAR, doc="elementwise, nonlinear")
+def nonlinear(node: Node) -> list[Signature]:
+    return _with_scalars_broadcast(node, split_signatures(node))
+
+
+@register(*LINEAR_UNARY, *LINEAR_SCALAR, doc="elementwise, linear in its tensor")
+def linear_unary(node: Node) -> list[Signature]:
+    sigs = split_signatures(node)
+    if node.op == "aten.dropout.default" and _dropout_active(node):
+        return sigs
+    return sigs + [Signature((P,) * len(node.input_values()), (P,))]
+
+
+def _dropout_active(node: Node) -> bool:
+    p, train = (list(node.args) + [0.0, False])[1:3]
+    return bool(train) and float(p) > 0.0
+
+
+@register(*LINEAR_SUM, doc="sum/difference: partial + partial is partial")
+def linear_sum(node: Node) -> list[Signature]:
+    sigs = split_signatures(node)
+    ins = node.input_values()
+    has_scalar_literal = len(ins) < 2
+    if not has_scalar_literal and not any(is_scalar_tensor(v) for v in ins):
+        sigs.append(Signature((P,) * len(ins), (P,)))
+    return _with_scalars_broadcast(node, sigs)
+
+
+@register(*LINEAR_PRODUCT, doc="product/quotient: linear in one operand")
+def linear_product(node: Node) -> list[Signature]:
+    sigs = split_signatures(node)
+    ins = node.input_values()
+    partial_positions = [0] if node.op == "aten.div.Tensor" else range(len(ins))
+    for i in partial_positions:
+        sigs.append(Signature(tuple(P if j == i else B for j in range(len(ins))), (P,)))
+    return _with_scalars_broadcast(node, sigs)
+
+
+def _with_scalars_broadcast(node: Node, sigs: list[Signature]) -> list[Signature]:
+    """Zero-dim tensor inputs stay broadcast in every signature."""
+    ins = node.input_values()
+    out = []
+    for s in sigs:
+        fixed = tuple(B if is_scalar_tensor(v) and s.inputs[i] != P else s.inputs[i]
+                      for i, v in enumerate(ins))
+        if any(is_scalar_tensor(v) and s.inputs[i] == P for i, v in enumerate(ins)):
+            continue
+        out.append(Signature(fixed, s.outputs))
+    return out

@@ -1,0 +1,192 @@
+"""Matrix products, embeddings, norms, attention, losses and convolutions."""
+from __future__ import annotations
+
+from ir.core import Node
+from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, register,
+                             shard_start, default_local)
+from ir.sbp import B, P, Split
+
+
+def _has_bias(node: Node, position: int) -> bool:
+    return len(node.input_values()) > position
+
+
+@register("aten.linear.default", doc="y = x W^T + b; column split (W S(0)) or row split (W S(1))")
+def linear(node: Node) -> list[Signature]:
+    x = node.input_values()[0]
+    last = x.type.ndim - 1
+    bias = _has_bias(node, 2)
+
+    def sig(xs, ws, bs, out):
+        return Signature((xs, ws, bs) if bias else (xs, ws), (out,))
+
+    sigs = [all_b(node), sig(B, Split(0), Split(0), Split(last)), sig(Split(last), Split(1), P, P),
+            sig(P, B, P, P), sig(B, P, P, P)]
+    sigs += [sig(Split(i), B, B, Split(i)) for i in range(last)]
+    return sigs
+
+
+@register("aten.addmm.default", doc="bias + m1 @ m2 (transformers' Conv1D)")
+def addmm(node: Node) -> list[Signature]:
+    return [all_b(node),
+            Signature((B, Split(0), B), (Split(0),)),
+            Signature((Split(0), B, Split(1)), (Split(1),)),
+            Signature((P, Split(1), Split(0)), (P,)),
+            Signature((P, P, B), (P,)), Signature((P, B, P), (P,))]
+
+
+@register("aten.mm.default", doc="a @ b")
+def mm(node: Node) -> list[Signature]:
+    return [all_b(node), Signature((Split(0), B), (Split(0),)), Signature((B, Split(1)), (Split(1),)),
+            Signature((Split(1), Split(0)), (P,)), Signature((P, B), (P,)), Signature((B, P), (P,))]
+
+
+@register("aten.bmm.default", "aten.matmul.default", doc="batched a @ b with broadcast batch dims")
+def matmul(node: Node) -> list[Signature]:
+    a, b = node.input_values()
+    out = node.outputs[0].type
+    if a.type.ndim < 2 or b.type.ndim < 2:
+        return [all_b(node)]
+    sigs = [all_b(node), Signature((P, B), (P,)), Signature((B, P), (P,)),
+            Signature((Split(a.type.ndim - 1), Split(b.type.ndim - 2)), (P,)),
+            Signature((Split(a.type.ndim - 2), B), (Split(out.ndim - 2),)),
+            Signature((B, Split(b.type.ndim - 1)), (Split(out.ndim - 1),))]
+    for d in range(out.ndim - 2):
+        ja, jb = d - (out.ndim - a.type.ndim), d - (out.ndim - b.type.ndim)
+        sa = Split(ja) if ja >= 0 and a.type.shape[ja] == out.shape[d] else B
+        sb = Split(jb) if jb >= 0 and b.type.shape[jb] == out.shape[d] else B
+        sigs.append(Signature((sa, sb), (Split(d),)))
+    return sigs
+
+
+@register("aten.embedding.default", doc="rows of a table; vocabulary split gives partial sums")
+def embedding(node: Node) -> list[Signature]:
+    w, idx = node.input_values()
+    out_last = idx.type.ndim
+    sigs = [all_b(node), Signature((Split(1), B), (Split(out_last),)), Signature((Split(0), B), (P,))]
+    sigs += [Signature((B, Split(i)), (Split(i),)) for i in range(idx.type.ndim)]
+    return sigs
+
+
+def _embedding_local(node: Node, ctx: LocalContext) -> LocalCall:
+    w, idx = node.input_values()
+    if not any(isinstance(s, Split) and s.dim == 0 for s in ctx.in_sbps[0]):
+        return default_local(node, ctx)
+    return LocalCall("kernels.masked_embedding", [w, idx, shard_start(w.type, ctx.in_sbps[0], ctx.mesh, 0)])
+
+
+RULES["aten.embedding.default"].local = _embedding_local
+
+
+@register("aten.gather.default", doc="gather along dim; a split of that dim gives partial sums")
+def gather(node: Node) -> list[Signature]:
+    x, index = node.input_values()
+    dim = int(node.args[1]) % x.type.ndim
+    sigs = [all_b(node), Signature((Split(dim), B), (P,))]
+    sigs += [Signature((Split(i), Split(i)), (Split(i),)) for i in range(x.type.ndim)
+             if i != dim and x.type.shape[i] == index.type.shape[i]]
+    return sigs
+
+
+def _gather_local(node: Node, ctx: LocalContext) -> LocalCall:
+    x, index = node.input_values()
+    dim = int(node.args[1]) % x.type.ndim
+    if not any(isinstance(s, Split) and s.dim == dim for s in ctx.in_sbps[0]):
+        return default_local(node, ctx)
+    return LocalCall("kernels.masked_gather", [x, dim, index, shard_start(x.type, ctx.in_sbps[0], ctx.mesh, dim)])
+
+
+RULES["aten.gather.default"].local = _gather_local
+
+
+@register("aten.layer_norm.default", "aten.rms_norm.default",
+          doc="normalise trailing dims; leading dims (batch, sequence) may be split")
+def layer_norm(node: Node) -> list[Signature]:
+    x = node.input_values()[0]
+    n_norm = len(node.args[1])
+    n_params = len(node.input_values()) - 1
+    return [all_b(node)] + [Signature((Split(i),) + (B,) * n_params, (Split(i),))
+                            for i in range(x.type.ndim - n_norm)]
+
+
+@register("aten.softmax.int", "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default",
+          doc="softmax over one dim; other dims may be split")
+def softmax(node: Node) -> list[Signature]:
+    x = node.input_values()[0]
+    dim = int(node.args[1]) % x.type.ndim
+    return [all_b(node)] + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim) if i != dim]
+
+
+@register("aten.scaled_dot_product_attention.default",
+          doc="attention: split over batch or heads; queries over sequence when not causal")
+def sdpa(node: Node) -> list[Signature]:
+    ins = node.input_values()
+    q = ins[0]
+    mask = ins[3] if len(ins) > 3 else None
+    out_shape = q.type.shape[:-1] + (ins[2].type.shape[-1],)
+    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal", False))
+
+    def sig(qkv_dims, k_split=True):
+        qs, ks = Split(qkv_dims), (Split(qkv_dims) if k_split else B)
+        mask_sbp = ()
+        if mask is not None:
+            j = qkv_dims - (4 - mask.type.ndim)
+            mask_sbp = (Split(j) if j >= 0 and mask.type.shape[j] == out_shape[qkv_dims] else B,)
+        return Signature((qs, ks, ks) + mask_sbp, (Split(qkv_dims),))
+
+    sigs = [all_b(node), sig(0), sig(1)]
+    if not causal and q.type.ndim == 4:
+        sigs.append(sig(2, k_split=False))
+    return sigs
+
+
+@register("aten.cross_entropy_loss.default", doc="per-sample loss split over the batch")
+def cross_entropy(node: Node) -> list[Signature]:
+    ins = node.input_values()
+    reduction = int(node.args[3]) if len(node.args) > 3 else int(node.kwargs.get("reduction", 1))
+    extra = (B,) * (len(ins) - 2)
+    if reduction == 0:
+        return [all_b(node), Signature((Split(0), Split(0)) + extra, (Split(0),))]
+    if reduction == 2:
+        return [all_b(node), Signature((Split(0), Split(0)) + extra, (P,))]
+    return [all_b(node)]
+
+
+@register("aten.nll_loss_nd.default", "aten.nll_loss.default", doc="like cross entropy")
+def nll(node: Node) -> list[Signature]:
+    return cross_entropy(node)
+
+
+@register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
+          doc="split over batch, output channels, or input channels (partial sums)")
+def conv(node: Node) -> list[Signature]:
+    ins = node.input_values()
+    groups = node.args[6] if node.op == "aten.convolution.default" else (node.args[6] if len(node.args) > 6 else 1)
+    bias = (len(ins) > 2,)
+    def sig(x, w, b, out):
+        return Signature((x, w, b) if bias[0] else (x, w), (out,))
+    sigs = [all_b(node), sig(Split(0), B, B, Split(0))]
+    if int(groups or 1) == 1:
+        sigs += [sig(B, Split(0), Split(0), Split(1)), sig(Split(1), Split(1), P, P), sig(P, B, P, P)]
+    return sigs
+
+
+@register("aten.max_pool2d.default", "aten.max_pool1d.default", "aten.avg_pool2d.default",
+          "aten.adaptive_avg_pool2d.default", "aten.max_pool2d_with_indices.default",
+          "aten.avg_pool1d.default", "aten.adaptive_avg_pool1d.default",
+          doc="pooling: split over batch or channels; averages are linear")
+def pool(node: Node) -> list[Signature]:
+    n_out = len(node.outputs)
+    sigs = [all_b(node)] + [Signature((Split(i),), (Split(i),) * n_out) for i in (0, 1)]
+    if "avg" in node.op:
+        sigs.append(Signature((P,), (P,)))
+    return sigs
+
+
+@register("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
+          doc="batch norm: channels may be split (batch statistics need the whole batch)")
+def batch_norm(node: Node) -> list[Signature]:
+    ins = node.input_values()
+    n_out = len(node.outputs)
+    rest = tuple(Split(0) for _ in ins[1:])
+    return [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]

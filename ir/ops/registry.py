@@ -1,0 +1,200 @@
+"""Registry of op rules and the mechanical 1-D to N-D expansion of signatures."""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import sympy
+
+from ir.core import Node, Value
+from ir.sbp import B, NdSbp, Partial, Split
+from ir.types import Mesh, TensorType
+
+
+class Signature(NamedTuple):
+    """A valid layout of one op on one mesh axis: one SBP per tensor input and per output."""
+
+    inputs: tuple
+    outputs: tuple
+
+
+@dataclass
+class LocalCall:
+    """What one rank runs: ``fn(*args, **kwargs)``; ``fn`` is an ``aten.*`` op or a ``kernels.*`` name.
+
+    Args may hold values (the rank's local tensors), and sympy expressions over the dims and the
+    rank's mesh coordinates (symbols ``coord_<axis>``), evaluated by the backend.
+    """
+
+    fn: str
+    args: list
+    kwargs: dict = field(default_factory=dict)
+
+
+SignatureFn = Callable[[Node], list]
+LocalFn = Callable[[Node, "LocalContext"], LocalCall]
+
+
+@dataclass
+class OpRule:
+    """How the compiler handles one op."""
+
+    name: str
+    signatures: SignatureFn
+    """1-D signatures of a node (for one mesh axis); all-``B`` must be among them."""
+    local: LocalFn | None = None
+    """How a rank computes its shard; None: the same op with shape arguments localised."""
+    doc: str = ""
+
+
+RULES: dict[str, OpRule] = {}
+_WARNED: set[str] = set()
+
+
+def register(*names: str, local: LocalFn | None = None, doc: str = ""):
+    """Decorator: register a signature function for one or more op names."""
+    def wrap(fn: SignatureFn) -> SignatureFn:
+        for name in names:
+            RULES[name] = OpRule(name, fn, local, doc)
+        return fn
+    return wrap
+
+
+def broadcast_only(node: Node) -> list[Signature]:
+    """The signature of an op without rules: every tensor broadcast."""
+    return [all_b(node)]
+
+
+def all_b(node: Node) -> Signature:
+    """All inputs and outputs ``B``."""
+    return Signature(tuple(B for _ in node.input_values()), tuple(B for _ in node.outputs))
+
+
+def rule_for(op: str) -> OpRule:
+    """The rule of ``op``; an unknown op gets broadcast-only rules and one warning naming it."""
+    if op in RULES:
+        return RULES[op]
+    if op not in _WARNED:
+        _WARNED.add(op)
+        warnings.warn(f"sbpc: op {op} has no SBP rules; it runs on broadcast (replicated) inputs",
+                      stacklevel=2)
+    return OpRule(op, broadcast_only)
+
+
+def known_ops() -> list[str]:
+    """Every op with registered rules."""
+    return sorted(RULES)
+
+
+# -- N-D expansion ------------------------------------------------------------------------------
+
+def nd_signatures(node: Node, mesh: Mesh) -> list[tuple[tuple, tuple]]:
+    """Every N-D signature: one 1-D signature per mesh axis, keeping only sound combinations.
+
+    Returns ``(input NdSbps, output NdSbps)`` pairs.
+    """
+    one_d = _dedupe(rule_for(node.op).signatures(node))
+    out = []
+    for combo in itertools.product(one_d, repeat=mesh.ndim):
+        ins = tuple(tuple(sig.inputs[i] for sig in combo) for i in range(len(combo[0].inputs)))
+        outs = tuple(tuple(sig.outputs[i] for sig in combo) for i in range(len(combo[0].outputs)))
+        types = [v.type for v in node.input_values()] + [v.type for v in node.outputs]
+        if all(splits_divide(t, s, mesh) for t, s in zip(types, ins + outs)):
+            out.append((ins, outs))
+    return out
+
+
+def _dedupe(sigs: list[Signature]) -> list[Signature]:
+    seen, out = set(), []
+    for s in sigs:
+        key = (tuple(map(str, s.inputs)), tuple(map(str, s.outputs)))
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def splits_divide(t: TensorType, nd: NdSbp, mesh: Mesh) -> bool:
+    """False when a static dim is split by mesh axes whose product does not divide it."""
+    for dim in set(s.dim for s in nd if isinstance(s, Split)):
+        if dim >= t.ndim:
+            return False
+        ways = 1
+        for s, n in zip(nd, mesh.shape):
+            if isinstance(s, Split) and s.dim == dim:
+                ways *= n
+        size = t.shape[dim]
+        if size.is_Integer and int(size) % ways != 0:
+            return False
+    return True
+
+
+# -- local execution -----------------------------------------------------------------------------
+
+@dataclass
+class LocalContext:
+    """What a local rule needs to know about the node's placement."""
+
+    mesh: Mesh
+    mesh_name: str
+    in_sbps: list
+    """The N-D SBP of each input value, in ``node.input_values()`` order."""
+    out_sbps: list
+
+
+def coord_symbol(axis: str) -> sympy.Symbol:
+    """The symbol bound to a rank's coordinate on a mesh axis."""
+    return sympy.Symbol(f"coord_{axis}", integer=True, nonnegative=True)
+
+
+def local_shape(t: TensorType, nd: NdSbp, mesh: Mesh) -> tuple:
+    """The shape of one rank's shard (sympy dims)."""
+    shape = list(t.shape)
+    for s, n in zip(nd, mesh.shape):
+        if isinstance(s, Split):
+            shape[s.dim] = shape[s.dim] / n
+    return tuple(sympy.simplify(d) for d in shape)
+
+
+def shard_start(t: TensorType, nd: NdSbp, mesh: Mesh, dim: int) -> sympy.Expr:
+    """The global index where this rank's shard of ``dim`` begins (in coordinate symbols)."""
+    block, ways = sympy.Integer(0), 1
+    for s, n, axis in zip(nd, mesh.shape, mesh.axes):
+        if isinstance(s, Split) and s.dim == dim:
+            block = block * n + coord_symbol(axis)
+            ways *= n
+    return sympy.simplify(block * t.shape[dim] / ways)
+
+
+def first_coord_is_zero(nd: NdSbp, mesh: Mesh, which) -> sympy.Expr:
+    """An expression that is 1 on ranks whose coordinate is 0 on every axis where ``which(sbp)``."""
+    expr = sympy.Integer(1)
+    for s, axis in zip(nd, mesh.axes):
+        if which(s):
+            expr = expr * sympy.Piecewise((1, sympy.Eq(coord_symbol(axis), 0)), (0, True))
+    return expr
+
+
+SHAPE_ARG_OPS = {
+    "aten.view.default": 1, "aten.reshape.default": 1, "aten._unsafe_view.default": 1,
+    "aten.expand.default": 1, "aten.new_zeros.default": 1, "aten.new_ones.default": 1,
+    "aten.new_empty.default": 1, "aten.new_full.default": 1, "aten.zeros.default": 0,
+    "aten.ones.default": 0, "aten.empty.memory_format": 0, "aten.full.default": 0,
+}
+
+
+def default_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """The same op, with a shape argument (view, expand, zeros, ...) replaced by the local shape."""
+    args = list(node.args)
+    pos = SHAPE_ARG_OPS.get(node.op)
+    if pos is not None and len(node.outputs) == 1:
+        args[pos] = list(local_shape(node.outputs[0].type, ctx.out_sbps[0], ctx.mesh))
+    return LocalCall(node.op, args, dict(node.kwargs))
+
+
+def local_call(node: Node, ctx: LocalContext) -> LocalCall:
+    """How one rank computes this node's local outputs."""
+    rule = rule_for(node.op)
+    return (rule.local or default_local)(node, ctx)

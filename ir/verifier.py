@@ -1,0 +1,153 @@
+"""The verifier: rejects an ill-typed or ill-placed graph, naming the node."""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ir.core import Graph, Node, Value
+from ir.sbp import Broadcast, Partial, Split, format_nd_sbp
+
+
+class VerificationError(ValueError):
+    """The graph breaks an IR invariant; the message names the node or value."""
+
+
+def verify(graph: Graph, *, check_types: bool = True) -> None:
+    """Check definitions before uses, layouts against op rules, and (with example dims) types."""
+    defined: set[int] = set()
+    names: set[str] = set()
+    for v in list(graph.inputs) + list(graph.params):
+        _define(v, defined, names)
+        _check_layout(graph, v, None)
+    for node in graph.nodes:
+        for v in node.input_values():
+            if id(v) not in defined:
+                raise VerificationError(f"node {_where(node)} reads %{v.name} before it is defined")
+        for v in node.outputs:
+            _define(v, defined, names)
+            _check_layout(graph, v, node)
+        _check_signature(graph, node)
+    for v in graph.outputs:
+        if id(v) not in defined:
+            raise VerificationError(f"graph output %{v.name} is not defined")
+    if graph.loss is not None and graph.loss.type.ndim != 0:
+        raise VerificationError(f"the loss %{graph.loss.name} must be a scalar, found {graph.loss.type}")
+    dims = graph.attrs.get("example_dims")
+    if check_types and dims:
+        check_types_by_meta(graph, dims)
+
+
+def _where(node: Node) -> str:
+    module = node.attrs.get("module")
+    return f"%{node.name} ({node.op}{', module ' + module if module else ''})"
+
+
+def _define(v: Value, defined: set, names: set) -> None:
+    if v.name in names:
+        raise VerificationError(f"value %{v.name} is defined twice")
+    names.add(v.name)
+    defined.add(id(v))
+
+
+def _check_layout(graph: Graph, v: Value, node: Node | None) -> None:
+    if v.sbp is None:
+        return
+    where = _where(node) if node else f"%{v.name}"
+    if v.mesh not in graph.meshes:
+        raise VerificationError(f"{where}: value %{v.name} is placed on unknown mesh @{v.mesh}")
+    mesh = graph.meshes[v.mesh]
+    if len(v.sbp) != mesh.ndim:
+        raise VerificationError(f"{where}: %{v.name} has SBP {format_nd_sbp(v.sbp)} with {len(v.sbp)} entries "
+                                f"but mesh @{v.mesh} has {mesh.ndim} axes")
+    for s, n, axis in zip(v.sbp, mesh.shape, mesh.axes):
+        if isinstance(s, Split):
+            if s.dim >= v.type.ndim:
+                raise VerificationError(f"{where}: %{v.name} of type {v.type} cannot be split on dim {s.dim}")
+    from ir.ops.registry import splits_divide
+    if not splits_divide(v.type, v.sbp, mesh):
+        raise VerificationError(f"{where}: %{v.name} of type {v.type} is split {format_nd_sbp(v.sbp)} over "
+                                f"mesh {dict(zip(mesh.axes, mesh.shape))}, which does not divide it evenly")
+    if v.kind in ("param", "buffer", "input") and any(isinstance(s, Partial) for s in v.sbp):
+        raise VerificationError(f"%{v.name}: {v.kind}s cannot be partial values, found {format_nd_sbp(v.sbp)}")
+
+
+def _check_signature(graph: Graph, node: Node) -> None:
+    ins, outs = node.input_values(), node.outputs
+    if any(v.sbp is None for v in ins + outs):
+        return
+    if "_in_sbp" in node.attrs and len(node.attrs["_in_sbp"]) != len(ins):
+        raise VerificationError(f"node {_where(node)}: {len(node.attrs['_in_sbp'])} input layouts for {len(ins)} inputs")
+    meshes = {v.mesh for v in ins + outs}
+    if node.op.startswith("comm."):
+        _check_comm(graph, node)
+        return
+    if len(meshes) > 1:
+        raise VerificationError(f"node {_where(node)} mixes placements {sorted(meshes)}; insert a transfer")
+    from ir.ops.registry import nd_signatures
+    mesh = graph.meshes[outs[0].mesh]
+    pending = node.attrs.get("_in_sbp")  # layouts chosen by propagation, before boxing
+    actual = (tuple(pending) if pending else tuple(v.sbp for v in ins), tuple(v.sbp for v in outs))
+    if actual not in nd_signatures(node, mesh):
+        found = ", ".join(format_nd_sbp(s) for s in actual[0]) + " -> " + ", ".join(format_nd_sbp(s) for s in actual[1])
+        raise VerificationError(f"node {_where(node)} has layouts {found}, which is not a valid signature of "
+                                f"{node.op}; run the boxing pass or choose layouts from the op's rules")
+
+
+def _check_comm(graph: Graph, node: Node) -> None:
+    from ir.ops.comm import transition
+    (x,), (y,) = node.input_values(), node.outputs
+    mesh = graph.meshes[x.mesh]
+    axis = mesh.axis_index(node.kwargs["axis"])
+    changed = [i for i, (a, b) in enumerate(zip(x.sbp, y.sbp)) if a != b]
+    step = transition(x.sbp[axis], y.sbp[axis])
+    if changed != [axis] or step is None or step[0] != node.op:
+        raise VerificationError(f"node {_where(node)} converts {format_nd_sbp(x.sbp)} -> {format_nd_sbp(y.sbp)} "
+                                f"on axis {node.kwargs['axis']}, which {node.op} does not do")
+
+
+def check_types_by_meta(graph: Graph, dims: dict) -> None:
+    """Run every node on meta tensors at the example dims and compare shapes and dtypes."""
+    bindings = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
+    env: dict[int, torch.Tensor] = {}
+    for v in list(graph.inputs) + list(graph.params):
+        env[id(v)] = torch.empty(v.type.concrete_shape(bindings), dtype=v.type.torch_dtype, device="meta")
+    from ir.core import map_structure
+    for node in graph.nodes:
+        if node.op.startswith("comm."):
+            for o, i in zip(node.outputs, node.input_values()):
+                env[id(o)] = env[id(i)]
+            continue
+        args = map_structure(node.args, lambda v: env[id(v)])
+        kwargs = map_structure(node.kwargs, lambda v: env[id(v)])
+        args, kwargs = _bind(args, bindings), _bind(kwargs, bindings)
+        try:
+            result = resolve_op(node.op)(*args, **kwargs)
+        except Exception as err:  # the op's own shape check failed
+            raise VerificationError(f"node {_where(node)} is ill-typed: {str(err).splitlines()[0]}") from None
+        results = list(result) if isinstance(result, (list, tuple)) else [result]
+        for o, r in zip(node.outputs, results):
+            want = o.type.concrete_shape(bindings)
+            if tuple(r.shape) != want or r.dtype != o.type.torch_dtype:
+                raise VerificationError(f"node {_where(node)}: %{o.name} is declared {o.type}, but {node.op} "
+                                        f"gives {tuple(r.shape)} {r.dtype} at dims {dims}")
+            env[id(o)] = r
+
+
+def _bind(obj, bindings):
+    if isinstance(obj, sympy.Expr):
+        return int(obj.subs(bindings))
+    if isinstance(obj, list):
+        return [_bind(o, bindings) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_bind(o, bindings) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _bind(v, bindings) for k, v in obj.items()}
+    if isinstance(obj, torch.device):
+        return torch.device("meta")
+    return obj
+
+
+def resolve_op(name: str):
+    """The torch callable of an ``aten.*`` op name such as ``aten.linear.default``."""
+    _, op, overload = name.split(".", 2) if name.count(".") >= 2 else (*name.split("."), "default")
+    return getattr(getattr(torch.ops.aten, op), overload)

@@ -1,0 +1,136 @@
+"""Boxing: insert the cheapest chain of collectives where a value's layout differs from its use.
+
+The chain is a shortest path over single-axis conversions (``ir.ops.comm.transition``) under a
+pluggable cost. A conversion that changes a split of dim ``d`` on axis ``a`` is only taken when no
+later (inner) axis splits ``d`` too, so nested splits stay contiguous.
+"""
+from __future__ import annotations
+
+import heapq
+from functools import lru_cache
+from typing import Callable
+
+import sympy
+
+from ir.core import Graph, Node, Value
+from ir.ops.comm import transition, wire_factor
+from ir.ops.registry import splits_divide
+from ir.ops.shape_ops import _magnitude
+from ir.sbp import B, P, PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
+from ir.types import Mesh, TensorType
+from passes.manager import PassContext, register_pass
+
+CostFn = Callable[[str, float, Mesh, int], float]
+"""(op, bytes of the tensor as the axis group sees it, mesh, axis) -> cost."""
+OP_PENALTY = 1e-3
+
+
+def bytes_cost(op: str, local_bytes: float, mesh: Mesh, axis: int) -> float:
+    """OneFlow-style cost: bytes each rank puts on the wire (plus a small per-op penalty)."""
+    into_partial = 1e-4 * local_bytes if op == "comm.mask" else 0.0
+    return wire_factor(op, mesh.shape[axis]) * local_bytes + OP_PENALTY + into_partial
+
+
+class BoxingError(ValueError):
+    """No chain of collectives converts between two layouts."""
+
+
+def boxing_path(t: TensorType, src: NdSbp, dst: NdSbp, mesh: Mesh, cost: CostFn = bytes_cost
+                ) -> tuple[float, list[tuple[int, str, dict, NdSbp]]]:
+    """The cheapest conversion ``src -> dst``: total cost and steps ``(axis, op, kwargs, new sbp)``."""
+    return _search(t, tuple(src), tuple(dst), mesh, cost)
+
+
+@lru_cache(maxsize=65536)
+def _search(t, src, dst, mesh, cost):
+    if src == dst:
+        return 0.0, []
+    values = all_sbp_values(t.ndim, ("sum", "max"))
+    best = {src: 0.0}
+    heap = [(0.0, 0, src, [])]
+    counter = 1
+    while heap:
+        c, _, state, path = heapq.heappop(heap)
+        if state == dst:
+            return c, path
+        if c > best.get(state, float("inf")):
+            continue
+        for axis in range(mesh.ndim):
+            for new in values:
+                step = transition(state[axis], new)
+                if step is None or not _contiguous(state, axis, new):
+                    continue
+                nxt = state[:axis] + (new,) + state[axis + 1:]
+                if not splits_divide(t, nxt, mesh):
+                    continue
+                nc = c + cost(step[0], _axis_bytes(t, state, mesh, axis), mesh, axis)
+                if nc < best.get(nxt, float("inf")):
+                    best[nxt] = nc
+                    heapq.heappush(heap, (nc, counter, nxt, path + [(axis, step[0], step[1], nxt)]))
+                    counter += 1
+    raise BoxingError(f"no conversion from {format_nd_sbp(src)} to {format_nd_sbp(dst)} for {t} "
+                      f"on mesh {dict(zip(mesh.axes, mesh.shape))}")
+
+
+def _contiguous(state: NdSbp, axis: int, new) -> bool:
+    """A split of dim d may change on ``axis`` only if no inner axis also splits d."""
+    dims = {s.dim for s in (state[axis], new) if isinstance(s, Split)}
+    return not any(isinstance(s, Split) and s.dim in dims for s in state[axis + 1:])
+
+
+def _axis_bytes(t: TensorType, sbp: NdSbp, mesh: Mesh, axis: int) -> float:
+    """Bytes of the tensor as one group along ``axis`` sees it (split by the other axes only)."""
+    ways = 1
+    for i, (s, n) in enumerate(zip(sbp, mesh.shape)):
+        if isinstance(s, Split) and i != axis:
+            ways *= n
+    return _magnitude(t.numel()) * 4 / ways
+
+
+def insert_conversion(graph: Graph, value: Value, dst: NdSbp, before: Node, cost: CostFn = bytes_cost) -> Value:
+    """Insert the collectives that turn ``value`` into layout ``dst`` just before ``before``."""
+    mesh = graph.meshes[value.mesh]
+    _, steps = boxing_path(value.type, value.sbp, dst, mesh, cost)
+    current = value
+    for axis, op, kwargs, new in steps:
+        node = graph.create_node(op, [current], {"axis": mesh.axes[axis], **kwargs}, [value.type],
+                                 [f"{value.name}_{op.split('.')[1]}"], attrs=_origin(before), before=before)
+        out = node.outputs[0]
+        out.sbp, out.mesh = new, value.mesh
+        current = out
+    return current
+
+
+def _origin(node: Node) -> dict:
+    return {"module": node.attrs["module"]} if "module" in node.attrs else {}
+
+
+@register_pass("boxing")
+def boxing_pass(graph: Graph, ctx: PassContext) -> None:
+    """Make every node's inputs arrive in the layout its chosen signature needs."""
+    cost = ctx.options.get("boxing_cost", bytes_cost)
+    for node in list(graph.nodes):
+        wanted = node.attrs.pop("_in_sbp", None)
+        if wanted is None:
+            continue
+        converted: dict[tuple, Value] = {}
+        for v, dst in zip(node.input_values(), wanted):
+            if v.sbp == dst:
+                continue
+            key = (id(v), dst)
+            if key not in converted:
+                converted[key] = insert_conversion(graph, v, dst, node, cost)
+            new = converted[key]
+            _replace_one_use(node, v, new)
+
+
+def _replace_one_use(node: Node, old: Value, new: Value) -> None:
+    done = [False]
+
+    def swap(v: Value) -> Value:
+        if v is old and not done[0]:
+            done[0] = True
+            return new
+        return v
+
+    node.map_values(swap)

@@ -1,0 +1,48 @@
+"""Gradient synchronisation: after backward, reduce each parameter's gradient to its layout.
+
+A parameter held ``B`` on a mesh axis gets a ``P(sum)`` gradient there (the dual layout); those are
+all-reduced over that axis, in buckets of parameters that need the same axes, in the order backward
+produces them (last used first). Parameters held ``S`` get ``S`` gradients and need nothing.
+"""
+from __future__ import annotations
+
+from ir.core import Graph, Value
+from ir.ops.shape_ops import _magnitude
+from ir.sbp import Broadcast
+from passes.manager import PassContext, register_pass
+
+DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
+
+
+@register_pass("grad_sync")
+def grad_sync_pass(graph: Graph, ctx: PassContext) -> None:
+    """Record gradient buckets in ``graph.attrs['grad_buckets']``."""
+    if not ctx.train:
+        return
+    limit = int(ctx.strategy.get("grad_bucket_bytes", DEFAULT_BUCKET_BYTES))
+    buckets: list[dict] = []
+    open_by_axes: dict[tuple, dict] = {}
+    for p in _backward_order(graph):
+        mesh = graph.meshes[p.mesh]
+        axes = tuple(a for a, s in zip(mesh.axes, p.sbp) if isinstance(s, Broadcast) and mesh.shape[mesh.axis_index(a)] > 1)
+        if not axes:
+            continue
+        size = _magnitude(p.type.nbytes())
+        bucket = open_by_axes.get(axes)
+        if bucket is None or bucket["_bytes"] + size > limit and bucket["params"]:
+            bucket = {"axes": list(axes), "params": [], "_bytes": 0}
+            buckets.append(bucket)
+            open_by_axes[axes] = bucket
+        bucket["params"].append(p)
+        bucket["_bytes"] += size
+    graph.attrs["grad_buckets"] = [{"axes": b["axes"], "params": b["params"]} for b in buckets]
+
+
+def _backward_order(graph: Graph) -> list[Value]:
+    """Trainable parameters, the last used first (their gradients are ready first)."""
+    last_use: dict[int, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for v in node.input_values():
+            last_use[id(v)] = i
+    params = [p for p in graph.params if p.kind == "param" and id(p) in last_use]
+    return sorted(params, key=lambda p: -last_use[id(p)])

@@ -1,0 +1,127 @@
+"""Seed layouts from the strategy: the mesh, the SBP of every input and parameter."""
+from __future__ import annotations
+
+import fnmatch
+
+import sympy
+
+from ir.core import Graph, Value
+from ir.sbp import B, Split, parse_sbp, SbpSyntaxError, format_nd_sbp
+from ir.types import Mesh
+from passes.manager import PassContext, register_pass
+from passes.strategy import StrategyError, closest, tensor_axis
+
+MESH_NAME = "world"
+BATCH_AXES = ("dp",)
+
+
+@register_pass("layouts")
+def layouts_pass(graph: Graph, ctx: PassContext) -> None:
+    """Create the mesh, split batch inputs over data-parallel axes, and lay out parameters."""
+    strategy = ctx.strategy
+    mesh_spec = {k: v for k, v in strategy["mesh"].items() if k != "pp"}
+    mesh = Mesh.make(list(mesh_spec), list(mesh_spec.values()))
+    graph.meshes[MESH_NAME] = mesh
+    for v in graph.inputs:
+        _place(v, tuple(_input_sbp(v, axis) for axis in mesh.axes))
+    for v in graph.params:
+        _place(v, tuple(B for _ in mesh.axes))
+    if strategy.get("vocab_parallel"):
+        _vocab_parallel(graph, mesh, strategy)
+    _param_globs(graph, mesh, strategy.get("params") or {})
+    if strategy.get("fsdp"):
+        _fsdp(graph, mesh, strategy["fsdp"])
+    graph.attrs["strategy"] = _printable(strategy)
+
+
+def _place(v: Value, sbp: tuple) -> None:
+    v.sbp, v.mesh = sbp, MESH_NAME
+
+
+def _input_sbp(v: Value, axis: str):
+    batch_like = v.type.ndim > 0 and not v.type.shape[0].is_Integer
+    return Split(0) if axis in BATCH_AXES and batch_like else B
+
+
+def _fsdp(graph: Graph, mesh: Mesh, axis: str) -> None:
+    """Sharded data parallelism: parameters stored split on dim 0 over the axis where it divides."""
+    a = mesh.axis_index(axis)
+    n = mesh.shape[a]
+    for p in graph.params:
+        if p.kind == "param" and p.type.ndim > 0 and int(p.type.shape[0]) % n == 0:
+            # used gathered (B) on the fsdp axis, as laid out on the others
+            graph.attrs.setdefault("_pinned", {})[p.name] = p.sbp
+            p.sbp = p.sbp[:a] + (Split(0),) + p.sbp[a + 1:]
+
+
+def _vocab_parallel(graph: Graph, mesh: Mesh, strategy: dict) -> None:
+    """Embedding tables split over the vocabulary on the tensor-parallel axis."""
+    axis = tensor_axis(strategy)
+    if axis is None:
+        raise StrategyError("vocab_parallel needs a tensor-parallel mesh axis (e.g. mesh {'tp': 2})")
+    a = mesh.axis_index(axis)
+    for node in graph.nodes:
+        if node.op == "aten.embedding.default":
+            w = node.input_values()[0]
+            token_ids = node.input_values()[1].kind == "input"
+            if w.kind == "param" and token_ids and int(w.type.shape[0]) % mesh.shape[a] == 0:
+                w.sbp = w.sbp[:a] + (Split(0),) + w.sbp[a + 1:]
+
+
+def _param_globs(graph: Graph, mesh: Mesh, globs: dict) -> None:
+    params = {p.target: p for p in graph.params}
+    aliases = graph.attrs.get("aliases", {})
+    for pattern, spec in globs.items():
+        names = [n for n in params if fnmatch.fnmatchcase(n, pattern)]
+        names += [aliases[a] for a in aliases if fnmatch.fnmatchcase(a, pattern) and aliases[a] in params]
+        if not names:
+            raise StrategyError(f"parameter pattern {pattern!r} matches no parameter"
+                                f"{closest(pattern, list(params) + list(aliases))}")
+        per_axis = _per_axis(pattern, spec, mesh)
+        for name in dict.fromkeys(names):
+            _set_param_sbp(params[name], per_axis, mesh)
+            graph.attrs.setdefault("_pinned", {})[params[name].name] = params[name].sbp
+
+
+def _per_axis(pattern: str, spec, mesh: Mesh) -> dict[str, object]:
+    if isinstance(spec, str):
+        if mesh.ndim != 1:
+            raise StrategyError(f"params[{pattern!r}] = {spec!r}: a bare SBP needs a 1-D mesh; this mesh has axes "
+                                f"{list(mesh.axes)} — write {{'{mesh.axes[-1]}': {spec!r}}}")
+        spec = {mesh.axes[0]: spec}
+    out = {}
+    for axis, text in spec.items():
+        if axis not in mesh.axes:
+            raise StrategyError(f"params[{pattern!r}] names mesh axis {axis!r}{closest(axis, mesh.axes)}; "
+                                f"the mesh has axes {list(mesh.axes)}")
+        try:
+            out[axis] = parse_sbp(text)
+        except SbpSyntaxError as err:
+            raise StrategyError(f"params[{pattern!r}][{axis!r}]: {err}") from None
+    return out
+
+
+def _set_param_sbp(p: Value, per_axis: dict, mesh: Mesh) -> None:
+    sbp = list(p.sbp)
+    for axis, s in per_axis.items():
+        a = mesh.axis_index(axis)
+        if isinstance(s, Split):
+            if s.dim >= p.type.ndim:
+                raise StrategyError(f"parameter {p.target} of shape {_shape(p)} has no dim {s.dim} to split "
+                                    f"over mesh axis {axis}")
+            size, n = int(p.type.shape[s.dim]), mesh.shape[a]
+            if size % n:
+                raise StrategyError(f"parameter {p.target} of shape {_shape(p)}: dim {s.dim} (size {size}) "
+                                    f"does not split evenly over mesh axis {axis} of size {n}")
+        elif not s == B:
+            raise StrategyError(f"parameter {p.target}: parameters are stored S(d) or B, not {s}")
+        sbp[a] = s
+    p.sbp = tuple(sbp)
+
+
+def _shape(p: Value) -> list:
+    return [int(d) if d.is_Integer else str(d) for d in p.type.shape]
+
+
+def _printable(strategy: dict) -> dict:
+    return {k: v for k, v in strategy.items() if isinstance(v, (str, int, float, bool, list, dict))}

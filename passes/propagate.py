@@ -1,0 +1,138 @@
+"""SBP propagation: choose each node's signature, cheapest boxing of its inputs first.
+
+Greedy in execution order, as OneFlow does: for every node, among the N-D signatures of its op
+rule, take the one whose required input layouts are cheapest to reach from the layouts the inputs
+already have, breaking ties by the local compute size and against partial outputs. Activation hints
+from the strategy (``activations``, ``sequence_parallel``) restrict the choice for their nodes.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+from ir.core import Graph, Node
+from ir.ops.registry import nd_signatures
+from ir.ops.shape_ops import _magnitude
+from ir.sbp import B, Partial, Split, format_nd_sbp, parse_sbp
+from ir.types import Mesh, TensorType, dim_symbol
+from passes.boxing import BoxingError, boxing_path, bytes_cost
+from passes.manager import PassContext, register_pass
+from passes.strategy import StrategyError, tensor_axis
+
+PINNED_PENALTY = 1e30
+NORM_OPS = ("aten.layer_norm.default", "aten.rms_norm.default")
+
+
+@register_pass("propagate")
+def propagate_pass(graph: Graph, ctx: PassContext) -> None:
+    """Give every node output an SBP; remember the input layouts each node needs for boxing."""
+    cost = ctx.options.get("boxing_cost", bytes_cost)
+    hints = _activation_hints(graph, ctx.strategy)
+    pinned = graph.attrs.get("_pinned", {})
+    dims = graph.attrs.get("example_dims") or {}
+    for node in graph.nodes:
+        mesh_name = _mesh_of(node, graph)
+        mesh = graph.meshes[mesh_name]
+        candidates = nd_signatures(node, mesh)
+        hint = hints.get(id(node))
+        if hint is not None:
+            candidates = [c for c in candidates if _matches(c[1][0], hint)] or _no_hint_fit(node, hint)
+        ins, outs = min(candidates, key=lambda c: _score(node, c, mesh, cost, pinned, dims))
+        node.attrs["_in_sbp"] = list(ins)
+        for v, s in zip(node.outputs, outs):
+            v.sbp, v.mesh = s, mesh_name
+
+
+def _mesh_of(node: Node, graph: Graph) -> str:
+    for v in node.input_values():
+        if v.mesh is not None:
+            return v.mesh
+    return next(iter(graph.meshes))
+
+
+def _score(node: Node, cand, mesh: Mesh, cost, pinned: dict, dims: dict) -> tuple[float, float]:
+    """(boxing cost, local output size): communication first, compute only breaks ties.
+
+    Parameters whose layout at use is pinned (given by the user; gathered, for fsdp) are used in
+    that layout whenever some signature allows it.
+    """
+    ins, outs = cand
+    comm = 0.0
+    for v, want in zip(node.input_values(), ins):
+        if v.name in pinned and pinned[v.name] != want:
+            comm += PINNED_PENALTY
+        try:
+            comm += boxing_path(at_example_dims(v.type, dims), v.sbp, want, mesh, cost)[0]
+        except BoxingError:
+            return float("inf"), 0.0
+    compute = 0.0
+    for v, s in zip(node.outputs, outs):
+        ways = 1
+        for entry, n in zip(s, mesh.shape):
+            ways *= n if isinstance(entry, Split) else 1
+        partial = any(isinstance(entry, Partial) for entry in s)
+        compute += _magnitude(v.type.numel()) / ways * (1.01 if partial else 1.0)
+    return round(comm, 6), compute
+
+
+def at_example_dims(t: TensorType, dims: dict) -> TensorType:
+    """The type with symbolic dims set to the example input's sizes (for costing)."""
+    if not dims:
+        return t
+    subs = {dim_symbol(k): v for k, v in dims.items()}
+    return TensorType(tuple(d.subs(subs) for d in t.shape), t.dtype)
+
+
+def _matches(actual: tuple, hint: tuple) -> bool:
+    return all(h is None or a == h for a, h in zip(actual, hint))
+
+
+def _no_hint_fit(node: Node, hint: tuple):
+    wanted = ", ".join("*" if h is None else str(h) for h in hint)
+    raise StrategyError(f"activation layout ({wanted}) asked for %{node.name} ({node.op}, module "
+                        f"{node.attrs.get('module', '?')}) is not a valid layout of that op")
+
+
+def _activation_hints(graph: Graph, strategy: dict) -> dict[int, tuple]:
+    """Per node id, the wanted output layout (None entries: free)."""
+    mesh = graph.meshes[next(iter(graph.meshes))]
+    hints: dict[int, tuple] = {}
+    axis = tensor_axis(strategy)
+    if strategy.get("sequence_parallel") and axis is None:
+        raise StrategyError("sequence_parallel needs a tensor-parallel mesh axis (e.g. mesh {'tp': 2})")
+    if axis is not None:
+        # Megatron-LM: norms run on sequence shards with sequence parallelism, else replicated.
+        a = mesh.axis_index(axis)
+        norm_layout = Split(1) if strategy.get("sequence_parallel") else B
+        for node in graph.nodes:
+            if node.op in NORM_OPS and node.outputs[0].type.ndim >= 3:
+                hints[id(node)] = tuple(norm_layout if i == a else None for i in range(mesh.ndim))
+    for pattern, spec in (strategy.get("activations") or {}).items():
+        last = _last_node_of_modules(graph, pattern)
+        if not last:
+            modules = sorted({n.attrs.get("module", "") for n in graph.nodes} - {""})
+            from passes.strategy import closest
+            raise StrategyError(f"activation pattern {pattern!r} matches no module{closest(pattern, modules)}")
+        per_axis = {spec if isinstance(spec, str) else None: spec} if isinstance(spec, str) else spec
+        for node in last:
+            hints[id(node)] = _hint_tuple(per_axis, mesh)
+    return hints
+
+
+def _hint_tuple(per_axis: dict, mesh: Mesh) -> tuple:
+    if None in per_axis:
+        return (parse_sbp(per_axis[None]),) if mesh.ndim == 1 else tuple([None] * mesh.ndim)
+    return tuple(parse_sbp(per_axis[a]) if a in per_axis else None for a in mesh.axes)
+
+
+def _last_node_of_modules(graph: Graph, pattern: str) -> list[Node]:
+    last: dict[str, Node] = {}
+    for node in graph.nodes:
+        module = node.attrs.get("module", "")
+        if module and fnmatch.fnmatchcase(module, pattern):
+            last[module] = node
+    return list(last.values())
+
+
+def format_choice(node: Node) -> str:
+    """The chosen layouts of a node, for error messages and explanations."""
+    return ", ".join(format_nd_sbp(v.sbp) for v in node.outputs)

@@ -1,0 +1,846 @@
+"""Pipeline schedules as per-rank action lists; their deadlock check and their timing.
+
+A schedule is a ``dict[rank, list[Action]]``: every rank runs its list from top to bottom.
+``F``/``B`` are the forward/backward of one (stage, microbatch); ``SEND_F``/``RECV_F`` move the
+activation a stage produced to the rank of the next stage on the microbatch's path, and
+``SEND_B``/``RECV_B`` move the gradient a stage produced back to the rank of the previous stage.
+
+Conventions every consumer of these lists relies on:
+
+- The ``stage`` of a send or a receive is the stage that *produced* the value, so a matching pair
+  agrees on (F or B, stage, microbatch) and differs only in kind and peer.
+- A send follows the compute that produced its value, on the producing rank; nothing is sent
+  between consecutive stages on the same rank. A receive comes right before the compute that
+  needs it, or earlier when its channel's order demands (the value then waits on the rank).
+- Communication model (:func:`check_deadlock`): a send is an ``isend`` (non-blocking); by default
+  any number of sent-but-unreceived messages may wait in a channel (gloo buffers them), and
+  ``channel_capacity`` bounds that number (``0`` makes every send a rendezvous). A receive blocks
+  until a message is there. Messages are matched **in order per (src, dst) channel**, as batched
+  ``isend``/``irecv`` without tags match them, so a receiver that takes two messages of one
+  channel in the other order is an error, not a reordering.
+- A microbatch's path is the ordered list of stages it visits (all stages for the plain schedules;
+  a subset or reordering for SkipPipe); its backward visits the reversed path.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence, Union
+
+COMPUTE_KINDS = ("F", "B")
+SEND_KINDS = ("SEND_F", "SEND_B")
+RECV_KINDS = ("RECV_F", "RECV_B")
+ACTION_KINDS = COMPUTE_KINDS + SEND_KINDS + RECV_KINDS
+PATH_ORDERS = ("1f1b", "gpipe")
+
+_ACTION_RE = re.compile(r"^(F|B|SEND_F|SEND_B|RECV_F|RECV_B)(\d+)@s(\d+)(?:(->|<-)r(\d+))?$")
+_RANK_LINE_RE = re.compile(r"^r(\d+):(.*)$")
+
+Task = tuple  # (kind "F"/"B", stage, microbatch): one compute of a schedule under construction
+TimeSpec = Union[float, Mapping[int, float]]
+CommSpec = Union[float, Callable[[int, int], float]]
+
+
+class ActionSyntaxError(ValueError):
+    """Text that is not an action or an action list."""
+
+
+class ScheduleError(ValueError):
+    """A schedule that is malformed: a missing, duplicated or misordered action."""
+
+
+class ScheduleDeadlock(ScheduleError):
+    """A schedule whose ranks end up waiting on each other (or on a send that never comes)."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of one rank's pipeline program."""
+
+    kind: str
+    """One of ``F``, ``B``, ``SEND_F``, ``RECV_F``, ``SEND_B``, ``RECV_B``."""
+    stage: int
+    """Global stage index (virtual stages included); for send/recv the stage that produced the value."""
+    microbatch: int
+    """Microbatch index."""
+    peer: int | None = None
+    """The rank on the other side of a send/recv; None for F and B."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACTION_KINDS:
+            raise ValueError(f"action kind must be one of {', '.join(ACTION_KINDS)}, found {self.kind!r}")
+        if self.stage < 0 or self.microbatch < 0:
+            raise ValueError(f"stage and microbatch must be >= 0, found stage={self.stage} "
+                             f"microbatch={self.microbatch} in a {self.kind} action")
+        if self.is_compute != (self.peer is None):
+            need = "no peer" if self.is_compute else "a peer rank"
+            raise ValueError(f"a {self.kind} action takes {need}, found peer={self.peer!r}")
+
+    @property
+    def is_compute(self) -> bool:
+        """True for F and B."""
+        return self.kind in COMPUTE_KINDS
+
+    @property
+    def is_send(self) -> bool:
+        """True for SEND_F and SEND_B."""
+        return self.kind in SEND_KINDS
+
+    @property
+    def is_recv(self) -> bool:
+        """True for RECV_F and RECV_B."""
+        return self.kind in RECV_KINDS
+
+    @property
+    def direction(self) -> str:
+        """``F`` for forward work and activations, ``B`` for backward work and gradients."""
+        return self.kind[-1]
+
+    @property
+    def value(self) -> tuple[str, int, int]:
+        """What the action computes or carries: (direction, stage, microbatch)."""
+        return (self.direction, self.stage, self.microbatch)
+
+    def __str__(self) -> str:
+        text = f"{self.kind}{self.microbatch}@s{self.stage}"
+        if self.is_send:
+            return f"{text}->r{self.peer}"
+        if self.is_recv:
+            return f"{text}<-r{self.peer}"
+        return text
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """Parse ``F3@s1``, ``SEND_F3@s1->r2`` or ``RECV_F3@s1<-r0``; the inverse of ``str``."""
+        match = _ACTION_RE.match(text.strip())
+        if match is None:
+            raise ActionSyntaxError("expected an action such as F3@s1, B3@s1, SEND_F3@s1->r2 or "
+                                    f"RECV_B3@s2<-r1, found {text!r}")
+        kind, microbatch, stage, arrow, peer = match.groups()
+        expected_arrow = {"SEND": "->", "RECV": "<-"}.get(kind.split("_")[0])
+        if arrow != expected_arrow:
+            wanted = f"'{expected_arrow}r<rank>'" if expected_arrow else "no peer"
+            raise ActionSyntaxError(f"a {kind} action takes {wanted}, found {text!r}")
+        return cls(kind, int(stage), int(microbatch), None if peer is None else int(peer))
+
+
+def format_actions(actions: Mapping[int, Sequence[Action]]) -> str:
+    """One line per rank, ``r0: F0@s0 SEND_F0@s0->r1 ...``, ranks ascending."""
+    return "\n".join(f"r{rank}: " + " ".join(str(a) for a in actions[rank]) for rank in sorted(actions))
+
+
+def parse_actions(text: str) -> dict[int, list[Action]]:
+    """Parse the text of :func:`format_actions` back; errors name the line and the bad token."""
+    schedule: dict[int, list[Action]] = {}
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = _RANK_LINE_RE.match(line.strip())
+        if match is None:
+            raise ActionSyntaxError(f"line {line_number}: expected 'r<rank>: <actions>', found {line!r}")
+        rank = int(match.group(1))
+        if rank in schedule:
+            raise ActionSyntaxError(f"line {line_number}: rank {rank} is listed a second time")
+        schedule[rank] = [_parse_token(token, line_number) for token in match.group(2).split()]
+    return schedule
+
+
+def _parse_token(token: str, line_number: int) -> Action:
+    try:
+        return Action.parse(token)
+    except ActionSyntaxError as error:
+        raise ActionSyntaxError(f"line {line_number}: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Routes: where each microbatch goes
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Route:
+    """Every microbatch's path and the rank that runs each of its visits."""
+
+    paths: tuple[tuple[int, ...], ...]
+    ranks: tuple[tuple[int, ...], ...]
+
+    def position(self, stage: int, microbatch: int) -> int:
+        return self.paths[microbatch].index(stage)
+
+    def _visit(self, microbatch: int, position: int) -> tuple[int, int] | None:
+        if 0 <= position < len(self.paths[microbatch]):
+            return self.paths[microbatch][position], self.ranks[microbatch][position]
+        return None
+
+    def consumer(self, kind: str, stage: int, microbatch: int) -> tuple[int, int] | None:
+        """(stage, rank) that needs what ``kind`` of ``stage`` produces: next visit for F, previous for B."""
+        step = 1 if kind == "F" else -1
+        return self._visit(microbatch, self.position(stage, microbatch) + step)
+
+    def producer(self, kind: str, stage: int, microbatch: int) -> tuple[int, int] | None:
+        """(stage, rank) whose output ``kind`` of ``stage`` consumes: previous visit for F, next for B."""
+        step = -1 if kind == "F" else 1
+        return self._visit(microbatch, self.position(stage, microbatch) + step)
+
+
+def _make_route(paths: Sequence[Sequence[int]], stage_ranks: Sequence[int] | None,
+                visit_ranks: Sequence[Sequence[int]] | None) -> _Route:
+    if not paths:
+        raise ValueError("expected at least one microbatch path, found none")
+    for microbatch, path in enumerate(paths):
+        _check_path_shape(path, microbatch, stage_ranks)
+    if visit_ranks is None:
+        if stage_ranks is None:
+            raise ValueError("give stage_ranks (one rank per stage) or visit_ranks (one rank per visit)")
+        visit_ranks = [[stage_ranks[stage] for stage in path] for path in paths]
+    elif len(visit_ranks) != len(paths) or any(len(r) != len(p) for r, p in zip(visit_ranks, paths)):
+        raise ValueError("visit_ranks must have one rank per stage of each path; found shapes "
+                         f"{[len(r) for r in visit_ranks]} for paths of lengths {[len(p) for p in paths]}")
+    return _Route(tuple(tuple(p) for p in paths), tuple(tuple(r) for r in visit_ranks))
+
+
+def _check_path_shape(path: Sequence[int], microbatch: int, stage_ranks: Sequence[int] | None) -> None:
+    if not path:
+        raise ValueError(f"microbatch {microbatch}: expected a non-empty path of stages, found []")
+    repeated = [stage for stage, count in Counter(path).items() if count > 1]
+    if repeated:
+        raise ValueError(f"microbatch {microbatch}: path {list(path)} visits stage(s) {repeated} twice; "
+                         "a path visits each stage at most once")
+    if stage_ranks is not None and not all(0 <= s < len(stage_ranks) for s in path):
+        raise ValueError(f"microbatch {microbatch}: path {list(path)} names a stage outside "
+                         f"0..{len(stage_ranks) - 1} (stage_ranks has {len(stage_ranks)} entries)")
+
+
+# --------------------------------------------------------------------------------------------
+# Turning per-rank compute orders into action lists with sends and receives
+# --------------------------------------------------------------------------------------------
+
+def _assemble(compute_orders: Mapping[int, Sequence[Task]], route: _Route) -> dict[int, list[Action]]:
+    """Insert sends right after each compute and receives right before the compute needing them.
+
+    Receives follow the sender's order on each channel (messages match in order): a compute
+    that needs a later message of a channel first receives the earlier ones, which then wait
+    on the receiving rank until their own consumer runs.
+    """
+    channels = _channel_sequences(compute_orders, route)
+    positions = {channel: {value: i for i, value in enumerate(seq)} for channel, seq in channels.items()}
+    return {rank: _rank_actions(rank, tasks, route, channels, positions)
+            for rank, tasks in compute_orders.items()}
+
+
+def _channel_sequences(compute_orders: Mapping[int, Sequence[Task]],
+                       route: _Route) -> dict[tuple[int, int], list[Task]]:
+    channels: dict[tuple[int, int], list[Task]] = defaultdict(list)
+    for rank, tasks in compute_orders.items():
+        for task in tasks:
+            target = route.consumer(*task)
+            if target is not None and target[1] != rank:
+                channels[(rank, target[1])].append(task)
+    return channels
+
+
+def _rank_actions(rank: int, tasks: Sequence[Task], route: _Route,
+                  channels: Mapping[tuple[int, int], list[Task]],
+                  positions: Mapping[tuple[int, int], Mapping[Task, int]]) -> list[Action]:
+    received: Counter = Counter()  # channel -> how many of its messages this rank has taken
+    actions: list[Action] = []
+    for kind, stage, microbatch in tasks:
+        source = route.producer(kind, stage, microbatch)
+        if source is not None and source[1] != rank:
+            channel = (source[1], rank)
+            wanted = positions[channel][(kind, source[0], microbatch)]
+            for value in channels[channel][received[channel]:wanted + 1]:
+                actions.append(Action("RECV_" + value[0], value[1], value[2], source[1]))
+            received[channel] = max(received[channel], wanted + 1)
+        actions.append(Action(kind, stage, microbatch))
+        target = route.consumer(kind, stage, microbatch)
+        if target is not None and target[1] != rank:
+            actions.append(Action("SEND_" + kind, stage, microbatch, target[1]))
+    return actions
+
+
+# --------------------------------------------------------------------------------------------
+# Compute orders
+# --------------------------------------------------------------------------------------------
+
+def _visits_by_rank(route: _Route) -> dict[int, list[tuple[int, int, int, int]]]:
+    """rank -> its visits as (stage, microbatch, position in path, path length)."""
+    visits: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
+    for microbatch, (path, ranks) in enumerate(zip(route.paths, route.ranks)):
+        for position, (stage, rank) in enumerate(zip(path, ranks)):
+            visits[rank].append((stage, microbatch, position, len(path)))
+    return visits
+
+
+def default_in_flight_limits(paths: Sequence[Sequence[int]],
+                             visit_ranks: Sequence[Sequence[int]]) -> dict[int, int]:
+    """The 1F1B window per rank: how many ranks (itself included) the paths can reach from it.
+
+    For the plain pipeline (stage i on rank i of p) this is p - i, Megatron-LM's warm-up plus one:
+    just enough microbatches in flight to keep the downstream stages busy when communication is
+    free. It never grows along a path (what is reachable from a later rank is reachable from an
+    earlier one), which is what keeps the 1F1B order free of deadlocks.
+    """
+    successors: dict[int, set[int]] = defaultdict(set)
+    for ranks in visit_ranks:
+        for here, there in zip(ranks, ranks[1:]):
+            if here != there:
+                successors[here].add(there)
+    all_ranks = {rank for ranks in visit_ranks for rank in ranks}
+    return {rank: len(_reachable(rank, successors)) for rank in sorted(all_ranks)}
+
+
+def _reachable(start: int, successors: Mapping[int, set[int]]) -> set[int]:
+    seen = {start}
+    frontier = [start]
+    while frontier:
+        for rank in successors.get(frontier.pop(), ()):
+            if rank not in seen:
+                seen.add(rank)
+                frontier.append(rank)
+    return seen
+
+
+def _path_compute_orders(route: _Route, order: str,
+                         limits: Mapping[int, int] | None) -> dict[int, list[Task]]:
+    orders = {}
+    for rank, visits in _visits_by_rank(route).items():
+        if order == "gpipe":
+            # By position first: every dependency then has a smaller key, so no cycle can form.
+            forwards = sorted(visits, key=lambda v: (v[2], v[1]))
+            backwards = sorted(visits, key=lambda v: (v[3] - v[2], v[1]))
+            orders[rank] = [("F", v[0], v[1]) for v in forwards] + [("B", v[0], v[1]) for v in backwards]
+        else:
+            forwards = sorted(visits, key=lambda v: (v[1], v[2]))
+            backwards = sorted(visits, key=lambda v: (v[1], -v[2]))
+            orders[rank] = _one_f_one_b(forwards, backwards, limits[rank])
+    return orders
+
+
+def _one_f_one_b(forwards: list[tuple[int, int, int, int]], backwards: list[tuple[int, int, int, int]],
+                 limit: int) -> list[Task]:
+    """Run the next forward while its microbatch is within ``limit`` of the oldest one still in
+    flight here (by microbatch index), else the oldest pending backward.
+
+    The window counts microbatch *indices*, not only those that visit this rank, so a rank that
+    some paths skip does not run ahead of the ranks feeding it (that would deadlock: it would wait
+    for a forward its upstream only sends after getting a backward from it). In-flight count <=
+    window, and on a plain pipeline this is exactly Megatron-LM's warm-up / 1F1B / cool-down order.
+    """
+    pending_backwards = Counter(v[1] for v in backwards)
+    in_flight: set[int] = set()
+    tasks: list[Task] = []
+    next_forward = next_backward = 0
+    while next_forward < len(forwards) or next_backward < len(backwards):
+        if next_forward < len(forwards):
+            stage, microbatch = forwards[next_forward][:2]
+            if microbatch in in_flight or not in_flight or microbatch < min(in_flight) + limit:
+                in_flight.add(microbatch)
+                tasks.append(("F", stage, microbatch))
+                next_forward += 1
+                continue
+        stage, microbatch = backwards[next_backward][:2]
+        pending_backwards[microbatch] -= 1
+        if pending_backwards[microbatch] == 0:
+            in_flight.discard(microbatch)
+        tasks.append(("B", stage, microbatch))
+        next_backward += 1
+    return tasks
+
+
+def _interleaved_compute_orders(num_ranks: int, chunks: int, num_microbatches: int,
+                                rank_ids: Sequence[int]) -> dict[int, list[Task]]:
+    """Megatron-LM's interleaved 1F1B (reading of ``forward_backward_pipelining_with_interleaving``).
+
+    The k-th forward on every rank runs chunk ``(k mod p*v) // p`` of microbatch
+    ``(k // (p*v)) * p + k mod p``; backwards walk the chunks in reverse. Rank i warms up with
+    ``2(p-i-1) + (v-1)p`` forwards (all of them when m == p), then alternates, then cools down.
+    """
+    total = num_microbatches * chunks
+
+    def task(kind: str, k: int, position: int) -> Task:
+        chunk = (k % (num_ranks * chunks)) // num_ranks
+        if kind == "B":
+            chunk = chunks - 1 - chunk
+        microbatch = (k // (num_ranks * chunks)) * num_ranks + k % num_ranks
+        return (kind, chunk * num_ranks + position, microbatch)
+
+    orders = {}
+    for position, rank in enumerate(rank_ids):
+        warmup = total if num_microbatches == num_ranks else min(
+            2 * (num_ranks - position - 1) + (chunks - 1) * num_ranks, total)
+        forwards = [task("F", k, position) for k in range(total)]
+        backwards = [task("B", k, position) for k in range(total)]
+        steady = [t for pair in zip(forwards[warmup:], backwards) for t in pair]
+        orders[rank] = forwards[:warmup] + steady + backwards[total - warmup:]
+    return orders
+
+
+# --------------------------------------------------------------------------------------------
+# Public builders
+# --------------------------------------------------------------------------------------------
+
+def build_path_schedule(paths: Sequence[Sequence[int]], stage_ranks: Sequence[int] | None,
+                        order: str = "1f1b", *, visit_ranks: Sequence[Sequence[int]] | None = None,
+                        max_in_flight: int | Mapping[int, int] | None = None,
+                        verify: bool = True) -> dict[int, list[Action]]:
+    """Each rank's actions when microbatch m visits the stages ``paths[m]`` in order.
+
+    ``stage_ranks[s]`` is the rank of stage s; ``visit_ranks[m][i]`` overrides it per visit (for
+    stages replicated over several ranks). ``order`` is ``1f1b`` (a rank starts a new microbatch
+    only within a window of the oldest one it still holds, else runs the oldest pending backward;
+    the window is :func:`default_in_flight_limits`, lowered to ``max_in_flight`` (one int for all
+    ranks, or per rank) to cap memory) or ``gpipe`` (all forwards, then all backwards). With every
+    path ``[0..K-1]`` this is exactly :func:`build_1f1b` / :func:`build_gpipe`.
+    ``verify`` runs :func:`check_deadlock` on the result (small in-flight limits on general paths
+    can deadlock; the error says where).
+    """
+    if order not in PATH_ORDERS:
+        raise ValueError(f"unknown path schedule order {order!r}; expected one of {', '.join(PATH_ORDERS)}")
+    route = _make_route(paths, stage_ranks, visit_ranks)
+    limits = _resolve_limits(route, order, max_in_flight)
+    actions = {rank: [] for rank in _all_ranks(route, stage_ranks)}
+    actions.update(_assemble(_path_compute_orders(route, order, limits), route))
+    if verify:
+        check_deadlock(actions, paths)
+    return actions
+
+
+def _all_ranks(route: _Route, stage_ranks: Sequence[int] | None) -> list[int]:
+    ranks = set(stage_ranks or ()) | {rank for visit in route.ranks for rank in visit}
+    return sorted(ranks)
+
+
+def _resolve_limits(route: _Route, order: str,
+                    max_in_flight: int | Mapping[int, int] | None) -> dict[int, int] | None:
+    if order == "gpipe":
+        if max_in_flight is not None:
+            raise ValueError("order='gpipe' runs every forward before any backward, so it takes no "
+                             f"max_in_flight; found {max_in_flight!r} (use order='1f1b' to bound memory)")
+        return None
+    limits = default_in_flight_limits(route.paths, route.ranks)
+    if isinstance(max_in_flight, int):
+        max_in_flight = {rank: max_in_flight for rank in limits}
+    for rank, cap in (max_in_flight or {}).items():
+        if cap < 1:
+            raise ValueError(f"max_in_flight for rank {rank} must be >= 1, found {cap}")
+        if rank in limits:
+            limits[rank] = min(limits[rank], cap)
+    return limits
+
+
+def _full_paths(num_stages: int, num_microbatches: int) -> list[list[int]]:
+    _check_counts(num_stages, num_microbatches)
+    return [list(range(num_stages)) for _ in range(num_microbatches)]
+
+
+def _check_counts(num_stages: int, num_microbatches: int) -> None:
+    if num_stages < 1 or num_microbatches < 1:
+        raise ValueError(f"expected at least one stage and one microbatch, found num_stages={num_stages} "
+                         f"num_microbatches={num_microbatches}")
+
+
+def _check_stage_ranks(stage_ranks: Sequence[int], num_stages: int, builder: str) -> None:
+    if len(stage_ranks) != num_stages:
+        raise ValueError(f"{builder}: stage_ranks must give one rank per stage ({num_stages}), "
+                         f"found {len(stage_ranks)}: {list(stage_ranks)}")
+
+
+def _require_one_chunk(virtual_stages: int, builder: str) -> None:
+    if virtual_stages != 1:
+        raise ValueError(f"{builder} takes virtual_stages=1, found {virtual_stages}; use "
+                         "build_interleaved_1f1b (schedule 'interleaved_1f1b') for virtual stages")
+
+
+def build_gpipe(num_stages: int, num_microbatches: int, stage_ranks: Sequence[int],
+                virtual_stages: int = 1) -> dict[int, list[Action]]:
+    """GPipe: every rank runs all its forwards, then all its backwards (in microbatch order)."""
+    _require_one_chunk(virtual_stages, "build_gpipe")
+    _check_stage_ranks(stage_ranks, num_stages, "build_gpipe")
+    return build_path_schedule(_full_paths(num_stages, num_microbatches), stage_ranks, "gpipe")
+
+
+def build_1f1b(num_stages: int, num_microbatches: int, stage_ranks: Sequence[int],
+               virtual_stages: int = 1) -> dict[int, list[Action]]:
+    """1F1B (PipeDream-flush, Megatron-LM): stage i warms up with p-1-i forwards, then alternates."""
+    _require_one_chunk(virtual_stages, "build_1f1b")
+    _check_stage_ranks(stage_ranks, num_stages, "build_1f1b")
+    return build_path_schedule(_full_paths(num_stages, num_microbatches), stage_ranks, "1f1b")
+
+
+def build_interleaved_1f1b(num_stages: int, num_microbatches: int, stage_ranks: Sequence[int],
+                           virtual_stages: int = 1) -> dict[int, list[Action]]:
+    """Megatron-LM's interleaved 1F1B: p = num_stages / v ranks, stage s on ``stage_ranks[s % p]``.
+
+    ``stage_ranks`` lists either the p ranks or one rank per stage (then stage s and s + p must
+    share a rank). ``num_microbatches`` must be a multiple of p. With ``virtual_stages=1`` this is
+    :func:`build_1f1b`, as in Megatron-LM, which runs the plain schedule when there are no chunks.
+    """
+    _check_counts(num_stages, num_microbatches)
+    if virtual_stages == 1:
+        return build_1f1b(num_stages, num_microbatches, stage_ranks)
+    if virtual_stages < 1 or num_stages % virtual_stages:
+        raise ValueError(f"build_interleaved_1f1b: num_stages ({num_stages}) must be a positive multiple "
+                         f"of virtual_stages ({virtual_stages})")
+    num_ranks = num_stages // virtual_stages
+    if num_microbatches % num_ranks:
+        rounded_up = num_ranks * -(-num_microbatches // num_ranks)
+        raise ValueError(f"build_interleaved_1f1b: num_microbatches ({num_microbatches}) must be a multiple "
+                         f"of the pipeline size ({num_ranks} ranks); use {rounded_up}")
+    rank_ids = _interleaved_rank_ids(stage_ranks, num_stages, num_ranks)
+    route = _Route(tuple(tuple(range(num_stages)) for _ in range(num_microbatches)),
+                   tuple(tuple(rank_ids[s % num_ranks] for s in range(num_stages))
+                         for _ in range(num_microbatches)))
+    orders = _interleaved_compute_orders(num_ranks, virtual_stages, num_microbatches, rank_ids)
+    actions = _assemble(orders, route)
+    check_deadlock(actions, route.paths)
+    return actions
+
+
+def _interleaved_rank_ids(stage_ranks: Sequence[int], num_stages: int, num_ranks: int) -> list[int]:
+    if len(stage_ranks) not in (num_ranks, num_stages):
+        raise ValueError(f"build_interleaved_1f1b: stage_ranks must list {num_ranks} ranks (one per pipeline "
+                         f"position) or {num_stages} (one per stage), found {len(stage_ranks)}")
+    rank_ids = list(stage_ranks[:num_ranks])
+    if len(set(rank_ids)) != num_ranks:
+        raise ValueError(f"build_interleaved_1f1b: the {num_ranks} pipeline ranks must differ, found {rank_ids}")
+    misplaced = [s for s in range(len(stage_ranks)) if stage_ranks[s] != rank_ids[s % num_ranks]]
+    if misplaced:
+        raise ValueError(f"build_interleaved_1f1b: stage s must live on the rank of stage s % {num_ranks}; "
+                         f"stages {misplaced} do not ({list(stage_ranks)})")
+    return rank_ids
+
+
+SCHEDULE_BUILDERS: dict[str, Callable[..., dict[int, list[Action]]]] = {
+    "gpipe": build_gpipe,
+    "1f1b": build_1f1b,
+    "interleaved_1f1b": build_interleaved_1f1b,
+}
+"""Schedule name -> builder, for :func:`build_schedule`."""
+
+
+def build_schedule(name: str, num_stages: int, num_microbatches: int, stage_ranks: Sequence[int],
+                   virtual_stages: int = 1) -> dict[int, list[Action]]:
+    """Build the schedule called ``name`` (a key of :data:`SCHEDULE_BUILDERS`)."""
+    builder = SCHEDULE_BUILDERS.get(name)
+    if builder is None:
+        raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {', '.join(SCHEDULE_BUILDERS)}")
+    return builder(num_stages, num_microbatches, stage_ranks, virtual_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Checking: structure, paths, and send/recv matching
+# --------------------------------------------------------------------------------------------
+
+def check_deadlock(actions: Mapping[int, Sequence[Action]], paths: Sequence[Sequence[int]] | None = None,
+                   *, channel_capacity: int | None = None) -> list[tuple[int, Action]]:
+    """Run every rank's list against the others; return a global execution order.
+
+    Checks first that every (stage, microbatch) has exactly one F and one B, on one rank, F first,
+    and that each send follows the compute that produced its value. With ``paths``, also that
+    microbatch m runs F and B on exactly the stages of ``paths[m]`` and that every F/B has its
+    input (computed on the rank or received) before it runs. Then simulates the channels (see
+    the module docstring: non-blocking sends, in-order matching per (src, dst) channel, at most
+    ``channel_capacity`` unreceived messages per channel, None for unbounded, 0 for rendezvous).
+    The builders' schedules pass with None; GPipe and 1F1B also with 1, interleaved 1F1B with 2
+    (with p = 2 both directions of one rank pair carry activations); 1F1B deadlocks with 0, which
+    is why Megatron-LM posts each send together with the next receive.
+    Raises :class:`ScheduleDeadlock` naming every blocked rank and what it waits on, or
+    :class:`ScheduleError` for a malformed schedule or a mismatched send/recv pair.
+    """
+    _check_structure(actions)
+    if paths is not None:
+        _check_against_paths(actions, paths)
+    return _ChannelSimulation(actions, channel_capacity).run()
+
+
+def _check_structure(actions: Mapping[int, Sequence[Action]]) -> None:
+    computes: dict[tuple[str, int, int], tuple[int, int]] = {}
+    for rank, rank_actions in actions.items():
+        done: set[tuple[str, int, int]] = set()
+        for index, action in enumerate(rank_actions):
+            if not isinstance(action, Action):
+                raise ScheduleError(f"rank {rank} action #{index}: expected an Action, found {action!r}")
+            if action.is_compute:
+                _record_compute(computes, rank, index, action)
+                done.add(action.value)
+            else:
+                _check_transfer(actions, rank, index, action, done)
+    _check_forward_backward_pairs(computes)
+
+
+def _record_compute(computes: dict, rank: int, index: int, action: Action) -> None:
+    if action.value in computes:
+        first_rank, first_index = computes[action.value]
+        raise ScheduleError(f"{action} appears twice: rank {first_rank} action #{first_index} and rank {rank} "
+                            f"action #{index}; each (stage, microbatch) runs one forward and one backward")
+    computes[action.value] = (rank, index)
+
+
+def _check_transfer(actions: Mapping[int, Sequence[Action]], rank: int, index: int, action: Action,
+                    done: set) -> None:
+    if action.peer == rank or action.peer not in actions:
+        raise ScheduleError(f"rank {rank} action #{index} {action}: the peer must be another rank of the "
+                            f"schedule ({sorted(actions)}), found r{action.peer}")
+    if action.is_send and action.value not in done:
+        raise ScheduleError(f"rank {rank} action #{index} {action} sends a value that rank {rank} has not "
+                            f"computed before it; expected {action.direction}{action.microbatch}@s{action.stage} "
+                            "earlier on the same rank")
+
+
+def _check_forward_backward_pairs(computes: Mapping[tuple[str, int, int], tuple[int, int]]) -> None:
+    for (kind, stage, microbatch), (rank, index) in sorted(computes.items()):
+        other = ("B" if kind == "F" else "F", stage, microbatch)
+        label = f"{other[0]}{microbatch}@s{stage}"
+        if other not in computes:
+            raise ScheduleError(f"{kind}{microbatch}@s{stage} on rank {rank} has no matching {label}; "
+                                "every stage a microbatch visits needs both its forward and its backward")
+        other_rank, other_index = computes[other]
+        if other_rank != rank:
+            raise ScheduleError(f"{kind}{microbatch}@s{stage} runs on rank {rank} but {label} on rank "
+                                f"{other_rank}; a backward needs the activations its forward kept on its rank")
+        if kind == "B" and index < other_index:
+            raise ScheduleError(f"rank {rank} runs B{microbatch}@s{stage} (action #{index}) before its forward "
+                                f"F{microbatch}@s{stage} (action #{other_index})")
+
+
+def _check_against_paths(actions: Mapping[int, Sequence[Action]], paths: Sequence[Sequence[int]]) -> None:
+    expected = {(stage, m) for m, path in enumerate(paths) for stage in path}
+    found = {(a.stage, a.microbatch) for acts in actions.values() for a in acts if a.kind == "F"}
+    if expected != found:
+        missing = sorted((m, s) for s, m in expected - found)[:5]
+        extra = sorted((m, s) for s, m in found - expected)[:5]
+        raise ScheduleError("the computes do not follow the microbatch paths: missing (microbatch, stage) "
+                            f"{missing}, unexpected {extra} (first five of each)")
+    for rank, rank_actions in actions.items():
+        _check_inputs_present(rank, rank_actions, paths)
+
+
+def _check_inputs_present(rank: int, rank_actions: Sequence[Action], paths: Sequence[Sequence[int]]) -> None:
+    available: set[tuple[str, int, int]] = set()
+    for index, action in enumerate(rank_actions):
+        if action.is_compute:
+            path = paths[action.microbatch]
+            position = path.index(action.stage) + (-1 if action.kind == "F" else 1)
+            if 0 <= position < len(path) and (action.kind, path[position], action.microbatch) not in available:
+                what = "activation" if action.kind == "F" else "gradient"
+                raise ScheduleError(f"rank {rank} action #{index} {action} runs before the {what} of stage "
+                                    f"{path[position]} (microbatch {action.microbatch}, path {list(path)}) "
+                                    f"reaches rank {rank}; receive or compute it first")
+        if action.is_compute or action.is_recv:
+            available.add(action.value)
+
+
+class _ChannelSimulation:
+    """Steps every rank as far as it can go until all finish or none can move."""
+
+    def __init__(self, actions: Mapping[int, Sequence[Action]], capacity: int | None):
+        if capacity is not None and capacity < 0:
+            raise ValueError(f"channel_capacity must be None or >= 0, found {capacity}")
+        self.actions = actions
+        self.capacity = capacity
+        self.next_index = {rank: 0 for rank in actions}
+        self.channels: dict[tuple[int, int], deque] = defaultdict(deque)
+        self.order: list[tuple[int, Action]] = []
+
+    def run(self) -> list[tuple[int, Action]]:
+        progress = True
+        while progress:
+            progress = False
+            for rank in sorted(self.actions):
+                while self._step(rank):
+                    progress = True
+        blocked = [rank for rank in sorted(self.actions) if self._current(rank) is not None]
+        if blocked:
+            raise ScheduleDeadlock(self._describe_deadlock(blocked))
+        self._check_drained()
+        return self.order
+
+    def _current(self, rank: int) -> Action | None:
+        index = self.next_index[rank]
+        return self.actions[rank][index] if index < len(self.actions[rank]) else None
+
+    def _advance(self, rank: int, action: Action) -> None:
+        self.order.append((rank, action))
+        self.next_index[rank] += 1
+
+    def _step(self, rank: int) -> bool:
+        action = self._current(rank)
+        if action is None:
+            return False
+        if action.is_compute:
+            self._advance(rank, action)
+            return True
+        return self._try_send(rank, action) if action.is_send else self._try_receive(rank, action)
+
+    def _try_send(self, rank: int, action: Action) -> bool:
+        queue = self.channels[(rank, action.peer)]
+        if self.capacity is None or len(queue) < self.capacity:
+            queue.append((rank, self.next_index[rank], action))
+            self._advance(rank, action)
+            return True
+        waiting = self._current(action.peer)
+        if self.capacity == 0 and waiting is not None and waiting.is_recv and waiting.peer == rank:
+            queue.append((rank, self.next_index[rank], action))  # rendezvous: both sides move together
+            self._advance(rank, action)
+            return self._try_receive(action.peer, waiting)
+        return False
+
+    def _try_receive(self, rank: int, action: Action) -> bool:
+        queue = self.channels[(action.peer, rank)]
+        if not queue:
+            return False
+        sender, send_index, send = queue.popleft()
+        if send.value != action.value:
+            raise ScheduleError(
+                f"rank {rank} action #{self.next_index[rank]} {action} is matched, in order on channel "
+                f"r{sender}->r{rank}, with rank {sender} action #{send_index} {send}; a channel delivers "
+                f"messages in the order they were sent, so reorder the receives on rank {rank} or the "
+                f"sends on rank {sender}")
+        self._advance(rank, action)
+        return True
+
+    def _describe_deadlock(self, blocked: list[int]) -> str:
+        lines = [f"schedule deadlocks: {len(blocked)} rank(s) blocked, "
+                 f"{len(self.order)} of {sum(len(a) for a in self.actions.values())} actions ran"]
+        for rank in blocked:
+            lines.append(f"  rank {rank} waits at action #{self.next_index[rank]} "
+                         f"{self._current(rank)}: {self._blocked_reason(rank)}")
+        hint = ("every blocked rank waits on another blocked or finished rank: reorder the sends and "
+                "receives on these ranks, or add the missing send or receive")
+        if self.capacity is not None:
+            hint += f", or allow more than {self.capacity} unreceived message(s) per channel"
+        lines.append(hint)
+        return "\n".join(lines)
+
+    def _blocked_reason(self, rank: int) -> str:
+        action = self._current(rank)
+        peer_state = self._peer_state(action.peer)
+        if action.is_recv:
+            return f"no message from rank {action.peer} on channel r{action.peer}->r{rank} ({peer_state})"
+        if self.capacity == 0:
+            return f"rendezvous send, but rank {action.peer} is not at a receive from rank {rank} ({peer_state})"
+        return (f"channel r{rank}->r{action.peer} already holds {self.capacity} unreceived message(s), "
+                f"its capacity ({peer_state})")
+
+    def _peer_state(self, peer: int) -> str:
+        waiting = self._current(peer)
+        if waiting is None:
+            return f"rank {peer} has finished"
+        return f"rank {peer} is at action #{self.next_index[peer]} {waiting}"
+
+    def _check_drained(self) -> None:
+        for (sender, receiver), queue in sorted(self.channels.items()):
+            if queue:
+                _, index, send = queue[0]
+                raise ScheduleError(f"rank {sender} action #{index} {send} is never received: rank {receiver} "
+                                    f"finished with {len(queue)} message(s) left on channel "
+                                    f"r{sender}->r{receiver}; add the matching receive(s) or drop the send(s)")
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One action as it ran in :func:`simulate`; a receive spans its wait."""
+
+    start: float
+    """Seconds from the start of the iteration."""
+    end: float
+    """Seconds from the start of the iteration (== start for a send, which does not block)."""
+    action: Action
+    """The action."""
+
+
+@dataclass(frozen=True)
+class ScheduleTimeline:
+    """When every action of a schedule runs, under the costs given to :func:`simulate`."""
+
+    events: dict[int, list[TimelineEvent]]
+    """rank -> its events in program order."""
+    makespan: float
+    """End of the last event (the iteration time, optimizer step excluded)."""
+    bubble_fraction: float
+    """Idle share of all ranks' time: 1 - (sum of F/B time) / (number of ranks * makespan)."""
+
+    def busy_time(self, rank: int) -> float:
+        """Seconds ``rank`` spends in F and B."""
+        return sum(e.end - e.start for e in self.events[rank] if e.action.is_compute)
+
+
+def simulate(actions: Mapping[int, Sequence[Action]], fwd_time: TimeSpec, bwd_time: TimeSpec,
+             comm_time: CommSpec = 0.0, *, link_busy_time: CommSpec | None = None) -> ScheduleTimeline:
+    """Time a schedule: each rank runs its list in order, one action at a time.
+
+    ``fwd_time``/``bwd_time``: seconds per F/B, one float or a per-stage mapping. ``comm_time``:
+    seconds from a send to its arrival, a float or ``f(src_rank, dst_rank)``. Sends do not block
+    the sender; a receive waits until its message has arrived. ``link_busy_time`` (optional, same
+    forms) is how long a message occupies its directed link (size / bandwidth): messages on one
+    (src, dst) link then queue behind each other; without it links never congest.
+    """
+    order = check_deadlock(actions)
+    clock = {rank: 0.0 for rank in actions}
+    arrivals: dict[tuple, float] = {}
+    link_free: dict[tuple[int, int], float] = defaultdict(float)
+    events: dict[int, list[TimelineEvent]] = {rank: [] for rank in actions}
+    for rank, action in order:
+        start = clock[rank]
+        end = start
+        if action.is_compute:
+            end = start + _stage_time(fwd_time if action.kind == "F" else bwd_time, action)
+        elif action.is_send:
+            departure = max(start, link_free[(rank, action.peer)])
+            link_free[(rank, action.peer)] = departure + _link_time(link_busy_time, rank, action.peer)
+            arrivals[(rank, action.peer, action.value)] = departure + _link_time(comm_time, rank, action.peer)
+        else:
+            end = max(start, arrivals.pop((action.peer, rank, action.value)))
+        clock[rank] = end
+        events[rank].append(TimelineEvent(start, end, action))
+    return _timeline(events)
+
+
+def _timeline(events: dict[int, list[TimelineEvent]]) -> ScheduleTimeline:
+    makespan = max((e.end for rank_events in events.values() for e in rank_events), default=0.0)
+    busy = sum(e.end - e.start for rank_events in events.values() for e in rank_events if e.action.is_compute)
+    capacity = makespan * len(events)
+    bubble = 1.0 - busy / capacity if capacity > 0 else 0.0
+    return ScheduleTimeline(events, makespan, bubble)
+
+
+def _stage_time(spec: TimeSpec, action: Action) -> float:
+    if isinstance(spec, Mapping):
+        if action.stage not in spec:
+            which = "fwd_time" if action.kind == "F" else "bwd_time"
+            raise ValueError(f"{which} has no entry for stage {action.stage} (needed by {action}); give one "
+                             f"float or a time for every stage, found stages {sorted(spec)}")
+        return float(spec[action.stage])
+    return float(spec)
+
+
+def _link_time(spec: CommSpec | None, src: int, dst: int) -> float:
+    if spec is None:
+        return 0.0
+    return float(spec(src, dst)) if callable(spec) else float(spec)
+
+
+def peak_in_flight(actions: Mapping[int, Sequence[Action]]) -> dict[int, int]:
+    """rank -> the most microbatches at once with a forward done and a backward still to run there.
+
+    A microbatch with several stages on one rank counts once while any of them is pending.
+    """
+    peaks = {}
+    for rank, rank_actions in actions.items():
+        pending: Counter = Counter()
+        peak = 0
+        for action in rank_actions:
+            if action.kind == "F":
+                pending[action.microbatch] += 1
+            elif action.kind == "B":
+                pending[action.microbatch] -= 1
+                if pending[action.microbatch] == 0:
+                    del pending[action.microbatch]
+            peak = max(peak, len(pending))
+        peaks[rank] = peak
+    return peaks

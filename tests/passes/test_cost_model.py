@@ -1,0 +1,279 @@
+"""Tests for passes/cost_model.py: collectives over real links, op FLOPs/bytes, memory formulas."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sympy
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ir.cluster import Cluster
+from passes.cost_model import (
+    MemoryEstimate,
+    best_algorithm,
+    collective_cost,
+    collective_time,
+    collective_traffic,
+    in_flight_microbatches,
+    megatron_activation_bytes,
+    op_backward_flops,
+    op_bytes,
+    op_category,
+    op_flops,
+    op_time,
+    p2p_time,
+    param_memory,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
+GiB = 2**30
+NVSWITCH_BW, NVSWITCH_LAT = 300e9, 2e-6
+IB_BW, IB_LAT = 25e9, 5e-6
+
+
+@pytest.fixture(scope="module")
+def dgx2() -> Cluster:
+    return Cluster.load("dgx-a100:2")
+
+
+# -- collectives ------------------------------------------------------------------------------------
+
+
+def test_ring_all_reduce_in_one_dgx_matches_the_closed_formula(dgx2):
+    n, p = 1 * GiB, 8
+    expected = 2 * (p - 1) / p * n / NVSWITCH_BW + 2 * (p - 1) * NVSWITCH_LAT
+    assert collective_time("all_reduce", n, list(range(8)), dgx2, "ring") == pytest.approx(expected, rel=1e-12)
+    traffic = collective_traffic("all_reduce", n, list(range(8)), dgx2, "ring")
+    assert traffic == {"nvswitch": pytest.approx(2 * (p - 1) * n)}  # p links x 2(p-1) steps x n/p
+
+
+@pytest.mark.parametrize("kind", ["all_gather", "reduce_scatter"])
+def test_ring_gather_and_scatter_formula(dgx2, kind):
+    n, p = 64 * 2**20, 8
+    expected = (p - 1) / p * n / NVSWITCH_BW + (p - 1) * NVSWITCH_LAT
+    assert collective_time(kind, n, list(range(8)), dgx2, "ring") == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_ring_across_two_nodes_is_bounded_by_infiniband(dgx2):
+    n, p = 1 * GiB, 16
+    time_s = collective_time("all_reduce", n, list(range(16)), dgx2, "ring")
+    assert time_s == pytest.approx(2 * (p - 1) * (IB_LAT + n / p / IB_BW), rel=1e-12)
+    assert time_s > 10 * collective_time("all_reduce", n, list(range(8)), dgx2, "ring")
+    traffic = collective_traffic("all_reduce", n, list(range(16)), dgx2, "ring")
+    assert traffic["infiniband"] == pytest.approx(2 * 2 * (p - 1) * n / p)  # two ring links cross nodes
+
+
+def test_ring_order_groups_devices_by_node(dgx2):
+    interleaved = [0, 8, 1, 9, 2, 10, 3, 11]
+    grouped = [0, 1, 2, 3, 8, 9, 10, 11]
+    assert collective_traffic("all_gather", 2**20, interleaved, dgx2, "ring") == \
+        collective_traffic("all_gather", 2**20, grouped, dgx2, "ring")
+
+
+def test_hierarchical_beats_a_flat_ring_across_nodes_for_large_messages(dgx2):
+    devices = list(range(16))
+    ring = collective_cost("all_reduce", 1 * GiB, devices, dgx2, "ring")
+    hierarchical = collective_cost("all_reduce", 1 * GiB, devices, dgx2, "hierarchical")
+    assert hierarchical.time_s < ring.time_s / 4
+    assert hierarchical.traffic["infiniband"] < ring.traffic["infiniband"]
+    # reduce-scatter on NVSwitch, all-reduce of 1/8 of the data over 8 IB rails, all-gather on NVSwitch;
+    # each phase is the cheaper of ring and tree (recursive halving/doubling: log2 k latencies)
+    k, m, n = 8, 2, 1 * GiB
+    expected = 2 * ((k - 1) / k * n / NVSWITCH_BW + min(k - 1, 3) * NVSWITCH_LAT)
+    inter_node = n / k
+    expected += min(2 * (m - 1) / m * inter_node / IB_BW + 2 * (m - 1) * IB_LAT, 2 * (IB_LAT + inter_node / IB_BW))
+    assert hierarchical.time_s == pytest.approx(expected, rel=1e-12)
+    assert best_algorithm("all_reduce", 1 * GiB, devices, dgx2) == "hierarchical"
+
+
+def test_auto_trades_latency_for_bandwidth(dgx2):
+    one_node = list(range(8))
+    assert best_algorithm("all_reduce", 1024, one_node, dgx2) == "tree"  # 2 log2 8 latencies, not 14
+    assert best_algorithm("all_reduce", 1 * GiB, one_node, dgx2) == "ring"
+    auto = collective_time("all_reduce", 1024, one_node, dgx2)
+    assert auto == min(collective_time("all_reduce", 1024, one_node, dgx2, a) for a in ("ring", "tree"))
+    across = list(range(16))
+    assert collective_time("all_reduce", 1024, across, dgx2) == \
+        min(collective_time("all_reduce", 1024, across, dgx2, a) for a in ("ring", "tree", "hierarchical"))
+
+
+def test_infiniband_to_ethernet_traffic_uses_ethernet():
+    cluster = Cluster.load(EXAMPLES / "hetero-ib-ethernet.yaml")
+    mixed = [0, 1, 32, 33]  # two devices of ib-0 and two of eth-0
+    traffic = collective_traffic("all_gather", 2**24, mixed, cluster, "ring")
+    assert set(traffic) == {"nvswitch", "ethernet"}
+    ib_only = collective_time("all_gather", 2**24, [0, 1, 8, 9], cluster, "ring")
+    assert collective_time("all_gather", 2**24, mixed, cluster, "ring") > 5 * ib_only
+
+
+def test_crossing_regions_pays_the_wan():
+    cluster = Cluster.load(EXAMPLES / "two-regions.yaml")
+    across = collective_cost("all_reduce", 1024, [0, 32], cluster)
+    assert across.time_s >= 30e-3 and set(across.traffic) == {"wan"}
+    assert collective_time("all_reduce", 1024, [0, 8], cluster) < 1e-3
+
+
+def test_point_to_point(dgx2):
+    assert p2p_time(2**20, 0, 9, dgx2) == pytest.approx(IB_LAT + 2**20 / IB_BW)
+    assert collective_time("send_recv", 2**20, [0, 9], dgx2) == p2p_time(2**20, 0, 9, dgx2)
+    assert collective_traffic("send_recv", 2**20, [3, 4], dgx2) == {"nvswitch": 2**20}
+    with pytest.raises(ValueError, match=r"\[src, dst\]"):
+        collective_time("send_recv", 8, [0, 1, 2], dgx2)
+
+
+def test_local_all_to_all_and_broadcast_formulas():
+    cluster = Cluster.local(4)
+    link = cluster.link(0, 1)
+    n, p = 2**22, 4
+    assert collective_time("all_to_all", n, [0, 1, 2, 3], cluster, "ring") == \
+        pytest.approx((p - 1) * (link.latency_s + n / p / link.bandwidth_Bps))
+    traffic = collective_traffic("all_to_all", n, [0, 1, 2, 3], cluster, "ring")
+    assert traffic == {"loopback": pytest.approx((p - 1) * n)}
+    assert collective_time("broadcast", n, [0, 1, 2, 3], cluster, "ring") == \
+        pytest.approx((p - 1) * link.latency_s + n / link.bandwidth_Bps)
+
+
+def test_trivial_collectives_are_free(dgx2):
+    assert collective_time("all_reduce", 2**20, [5], dgx2) == 0.0
+    assert collective_time("all_gather", 0, [0, 9], dgx2) == 0.0
+    assert collective_traffic("all_reduce", 2**20, [5], dgx2) == {}
+
+
+@pytest.mark.parametrize("args, words", [
+    (("all_reduce_v", 8, [0, 1], "auto"), "collective kind"),
+    (("all_reduce", 8, [0, 1], "butterfly"), "algorithm"),
+    (("all_reduce", 8, [0, 0], "auto"), "distinct devices"),
+    (("all_to_all", 8, [0, 1, 8, 9], "hierarchical"), "not modelled for all_to_all"),
+    (("all_reduce", 8, [0, 1, 8], "hierarchical"), "same number"),
+    (("all_reduce", 8, [0, 1, 2], "hierarchical"), "two or more nodes"),
+    (("all_reduce", -1, [0, 1], "auto"), "non-negative"),
+])
+def test_collective_errors_explain(dgx2, args, words):
+    kind, nbytes, devices, algorithm = args
+    with pytest.raises(ValueError, match=words):
+        collective_time(kind, nbytes, devices, dgx2, algorithm)
+
+
+# -- op FLOPs and bytes ---------------------------------------------------------------------------
+
+batch, seq, heads, head_dim = sympy.symbols("batch seq heads head_dim", positive=True)
+
+
+def test_linear_flops_are_symbolic():
+    flops = op_flops("aten.linear.default", [(batch, seq, 768), (3072, 768), (3072,)], [(batch, seq, 3072)])
+    assert sympy.simplify(flops - 2 * batch * seq * 768 * 3072) == 0
+    assert op_flops("aten.linear.default", [(batch, seq, 768), (3072, 768)], []) == flops  # output inferred
+    backward = op_backward_flops("aten.linear.default", [(batch, seq, 768), (3072, 768)], [])
+    assert sympy.simplify(backward - 2 * flops) == 0
+
+
+def test_sdpa_flops():
+    q = (batch, heads, seq, head_dim)
+    flops = op_flops("aten.scaled_dot_product_attention.default", [q, q, q], [q], {"is_causal": True})
+    assert sympy.simplify(flops - 4 * batch * heads * seq**2 * head_dim) == 0
+    backward = op_backward_flops("aten.scaled_dot_product_attention.default", [q, q, q], [q])
+    assert sympy.simplify(backward - sympy.Rational(5, 2) * flops) == 0
+
+
+@pytest.mark.parametrize("op, shapes, attrs, run", [
+    ("aten.linear.default", [(4, 5, 16), (32, 16)], {},
+     lambda: torch.nn.functional.linear(torch.randn(4, 5, 16), torch.randn(32, 16))),
+    ("aten.mm.default", [(6, 7), (7, 9)], {}, lambda: torch.randn(6, 7) @ torch.randn(7, 9)),
+    ("aten.bmm.default", [(3, 6, 7), (3, 7, 9)], {}, lambda: torch.bmm(torch.randn(3, 6, 7), torch.randn(3, 7, 9))),
+    ("aten.addmm.default", [(9,), (6, 7), (7, 9)], {},
+     lambda: torch.addmm(torch.randn(9), torch.randn(6, 7), torch.randn(7, 9))),
+    ("aten.conv2d.default", [(2, 3, 8, 8), (16, 3, 3, 3)], {"stride": 2, "padding": 1},
+     lambda: torch.nn.functional.conv2d(torch.randn(2, 3, 8, 8), torch.randn(16, 3, 3, 3), stride=2, padding=1)),
+])
+def test_matmul_like_flops_agree_with_torch_flop_counter(op, shapes, attrs, run):
+    with FlopCounterMode(display=False) as counter:
+        run()
+    assert op_flops(op, shapes, [], attrs) == counter.get_total_flops()
+
+
+def test_matmul_with_broadcast_batch_uses_the_output_shape():
+    flops = op_flops("aten.matmul.default", [(batch, seq, 64), (64, 128)], [(batch, seq, 128)])
+    assert sympy.simplify(flops - 2 * batch * seq * 64 * 128) == 0
+
+
+def test_other_op_formulas():
+    x = (batch, seq, 768)
+    assert op_flops("aten.embedding.default", [(50257, 768), (batch, seq)], []) == 0
+    assert sympy.simplify(op_bytes("aten.embedding.default", [(50257, 768), (batch, seq)], [x], dtype_bytes=2)
+                          - (8 * batch * seq + 2 * 2 * batch * seq * 768)) == 0
+    assert op_flops("aten.layer_norm.default", [x, (768,), (768,)], [x]) == 5 * batch * seq * 768
+    assert op_flops("aten.add.Tensor", [x, x], [x]) == batch * seq * 768
+    assert op_flops("aten.gelu.default", [x], []) == batch * seq * 768  # inferred from the input
+    assert op_bytes("aten.add.Tensor", [x, x], [x]) == 4 * 3 * batch * seq * 768
+    assert op_flops("aten.view.default", [x], [(batch * seq, 768)]) == 0
+    assert op_bytes("aten.permute.default", [x], [x]) == 0
+    logits = (batch * seq, 50257)
+    assert op_flops("aten.cross_entropy_loss.default", [logits, (batch * seq,)], [()]) == \
+        5 * batch * seq * 50257 + batch * seq
+    assert op_category("aten::mm") == "matmul" and op_category("my_custom_op") == "elementwise"
+    assert op_flops("my_custom_op", [x], [x]) == batch * seq * 768  # unknown ops: one FLOP per output element
+
+
+def test_op_time_is_a_roofline():
+    device = Cluster.load("dgx-a100:1").devices[0]
+    big_matmul = op_time("aten.mm.default", [(8192, 8192), (8192, 8192)], [(8192, 8192)], {}, device, "bf16", 2)
+    assert float(big_matmul) == pytest.approx(2 * 8192**3 / 312e12)  # compute bound
+    add = op_time("aten.add.Tensor", [(2**24,), (2**24,)], [(2**24,)], {}, device, "bf16", 2)
+    assert float(add) == pytest.approx(3 * 2 * 2**24 / 2.039e12)  # memory bound
+    with pytest.raises(ValueError, match="fp8"):
+        op_time("aten.mm.default", [(2, 2), (2, 2)], [(2, 2)], {}, device, "fp8")
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def test_megatron_activation_formula_values():
+    s, b, h, a, t = 2048, 1, 12288, 96, 8  # GPT-3 175B layer
+    sbh = s * b * h
+    assert 5 * a * s // h == 80 and 24 // t == 3 and 5 * a * s // (h * t) == 10
+    assert megatron_activation_bytes(s, b, h, a) == sbh * (34 + 80)
+    assert megatron_activation_bytes(s, b, h, a, 1) == megatron_activation_bytes(s, b, h, a, 1, True)
+    assert megatron_activation_bytes(s, b, h, a, t) == sbh * (10 + 3 + 10)
+    assert megatron_activation_bytes(s, b, h, a, t, sequence_parallel=True) == sbh * (34 + 80) // t
+    assert megatron_activation_bytes(s, b, h, a, t, True, "selective") == 34 * sbh // t
+    assert megatron_activation_bytes(s, b, h, a, t, False, "selective") == sbh * (10 + 3)
+    assert megatron_activation_bytes(s, b, h, a, t, True, "full") == 2 * sbh
+    assert megatron_activation_bytes(2048, 1, 1000, 7, 3) == sympy.Rational(2048 * 1000) * \
+        (10 + 8 + sympy.Rational(5 * 7 * 2048, 3000))  # exact for sizes that do not divide
+    symbolic = megatron_activation_bytes(*sympy.symbols("s b h a"))
+    s_, b_, h_, a_ = sympy.symbols("s b h a")
+    assert sympy.simplify(symbolic - s_ * b_ * h_ * (34 + 5 * a_ * s_ / h_)) == 0
+    with pytest.raises(ValueError, match="recompute"):
+        megatron_activation_bytes(s, b, h, a, recompute="some")
+
+
+@pytest.mark.parametrize("schedule, stage, expected", [("1f1b", 0, 4), ("1f1b", 3, 1), ("gpipe", 2, 8), ("none", 0, 1)])
+def test_in_flight_microbatches(schedule, stage, expected):
+    assert in_flight_microbatches(schedule, 4, stage, 8) == expected
+
+
+def test_memory_estimate():
+    adam = MemoryEstimate.estimate(10**9, activation_bytes=0)
+    assert (adam.parameters, adam.gradients, adam.optimizer_state) == (4e9, 4e9, 8e9)
+    mixed = MemoryEstimate.estimate(10**9, 0, param_dtype_bytes=2)
+    assert mixed.total == 16 * 10**9  # 2 + 2 + 8 moments + 4 master copy
+    assert MemoryEstimate.estimate(10, 0, optimizer="sgd").optimizer_state == 0
+    assert MemoryEstimate.estimate(10, 0, optimizer="sgd_momentum").optimizer_state == 40
+
+    pipeline = dict(schedule="1f1b", num_stages=4, num_microbatches=8)
+    first = MemoryEstimate.estimate(0, activation_bytes=100, stage_input_bytes=10, stage_index=0, **pipeline)
+    last = MemoryEstimate.estimate(0, activation_bytes=100, stage_input_bytes=10, stage_index=3, **pipeline)
+    recomputed = MemoryEstimate.estimate(0, 100, stage_input_bytes=10, stage_index=0, recompute=True, **pipeline)
+    assert (first.activations, last.activations, recomputed.activations) == (400, 100, 4 * 10 + 100)
+
+    device = Cluster.load("dgx-a100:1").devices[0]
+    assert MemoryEstimate.estimate(10**9, 0).fits(device)
+    assert not MemoryEstimate.estimate(10**10, 0).fits(device)
+
+
+def test_param_memory():
+    assert param_memory([(768, 3072), (3072,)], dtype_bytes=2) == 2 * (768 * 3072 + 3072)
+    assert param_memory(1000) == 4000
+    vocab = sympy.Symbol("vocab")
+    assert param_memory([(vocab, 768)]) == 4 * 768 * vocab
