@@ -17,11 +17,12 @@ from ir.cluster import Cluster
 from ir.core import Graph
 from ir.parser import parse
 from ir.sbp import Split
-from passes import boxing, decompose, grad_sync, layouts, propagate  # noqa: F401  (register passes)
+from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate  # noqa: F401  (register passes)
 from passes.manager import PassContext, run_passes
 from passes.strategy import normalize_strategy
 
 DEFAULT_PASSES = ["decompose", "layouts", "propagate", "boxing", "grad_sync"]
+PIPELINE_PASSES = ["pipeline"]
 OPTIMIZERS = ("SGD", "AdamW", "Adam")
 
 
@@ -39,6 +40,23 @@ class CompiledPlan:
     passes: list = field(default_factory=list)
     input_ranges: dict = field(default_factory=dict)
     example_dims: dict = field(default_factory=dict)
+    search_report: Any = None
+    """What the planner considered, when the strategy had ``"auto"`` parts."""
+
+    def to_dsl(self) -> str:
+        """The plan as DSL text; compiling that text again gives the same IR."""
+        from frontend.dsl import format_plan
+        return format_plan(self.graph.attrs.get("strategy", self.strategy))
+
+    def simulate(self, **options):
+        """Estimated step time, throughput, MFU, memory and traffic on the plan's cluster."""
+        from backends.simulator import simulate
+        return simulate(self, **options)
+
+    def explain(self) -> str:
+        """Why this plan: the chosen layouts and degrees, and the best alternatives considered."""
+        from compiler.explain import explain
+        return explain(self)
 
     @property
     def ir(self) -> str:
@@ -99,12 +117,60 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     example_dims = _example_dims(graph, flat_inputs)
     graph.attrs["example_dims"] = example_dims
     graph.attrs["aliases"] = dict(captured.aliases)
+    strategy = resolve_strategy(strategy, model if isinstance(model, torch.nn.Module) else None, graph)
+    report = None
+    if wants_search(strategy):
+        strategy, report = search_strategy(graph, cluster, strategy, train=train)
     strat = normalize_strategy(strategy, cluster.world_size)
     ctx = PassContext(strategy=strat, world_size=cluster.world_size, train=train, cluster=cluster)
-    run_passes(graph, DEFAULT_PASSES, ctx, dump_after=dump_after, dump_to=dump_to)
-    return CompiledPlan(graph, captured.weights, strat, cluster, mode, _optimizer(optimizer),
-                        dict(captured.aliases), list(DEFAULT_PASSES), _input_ranges(graph, flat_inputs),
-                        example_dims)
+    names = passes_for(strat)
+    run_passes(graph, names, ctx, dump_after=dump_after, dump_to=dump_to)
+    check_example_inputs(graph, flat_inputs)
+    plan = CompiledPlan(graph, captured.weights, strat, cluster, mode, _optimizer(optimizer),
+                        dict(captured.aliases), names, _input_ranges(graph, flat_inputs), example_dims)
+    plan.search_report = report
+    return plan
+
+
+def check_example_inputs(graph: Graph, inputs: tuple) -> None:
+    """The example batch must split evenly over the ranks that share it (one clear error if not)."""
+    from backends.virtual import bind_dims
+    bind_dims(graph, inputs)
+
+
+def passes_for(strategy: dict) -> list[str]:
+    """The pass pipeline for a strategy: pipeline cutting and scheduling when it has stages."""
+    if is_pipelined(strategy):
+        return DEFAULT_PASSES + PIPELINE_PASSES
+    return list(DEFAULT_PASSES)
+
+
+def is_pipelined(strategy: dict) -> bool:
+    """Whether the strategy asks for pipeline stages."""
+    return "pp" in strategy.get("mesh", {}) or bool(strategy.get("stages")) or bool(strategy.get("stage_layers"))
+
+
+def wants_search(strategy: Any) -> bool:
+    """Whether any part of the strategy is left to the planner (``"auto"``)."""
+    if strategy == "auto":
+        return True
+    if isinstance(strategy, dict):
+        return any(wants_search(v) for v in strategy.values())
+    if isinstance(strategy, (list, tuple)):
+        return any(wants_search(v) for v in strategy)
+    return False
+
+
+def search_strategy(graph: Graph, cluster: Cluster, strategy: Any, *, train: bool):
+    """Fill the ``"auto"`` parts of a strategy with the planner (see ``passes/planner``)."""
+    from passes.planner import search
+    return search(graph, cluster, strategy, train=train)
+
+
+def resolve_strategy(strategy: Any, model: torch.nn.Module | None, graph: Graph) -> Any:
+    """A strategy from a dict, a shorthand, DSL text or a ``*.sbp`` file, merged with the model's annotations."""
+    from compiler.plans import resolve
+    return resolve(strategy, model, graph)
 
 
 def capture_model(model: Any, args: tuple, kwargs: dict | None, *, loss_fn, train: bool, method: str) -> Captured:

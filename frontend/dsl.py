@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, NoReturn, Unio
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from ir.sbp import SbpSyntaxError, Split, parse_sbp
+from ir.sbp import Broadcast, SbpSyntaxError, Split, parse_sbp
 
 AUTO = "auto"
 """The value that leaves a choice to the planner."""
@@ -46,13 +46,14 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "auto")
 STRATEGY_KEYS = (
     "mesh", "params", "activations", "sequence_parallel", "vocab_parallel", "fsdp", "stages",
     "stage_layers", "stage_devices", "microbatches", "schedule", "virtual_stages", "skip_ratio",
-    "recompute",
+    "recompute", "grad_bucket_bytes",
 )
-"""Every key a strategy dict may have; all are optional."""
+"""Every key a strategy dict may have, in the order plans print them; all are optional."""
 
 STATEMENTS = (
     "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "fsdp",
     "stages", "stage", "microbatches", "schedule", "virtual_stages", "skip_ratio", "recompute",
+    "grad_bucket_bytes",
 )
 """The words that start a statement."""
 
@@ -68,6 +69,7 @@ _RECOMPUTE_WORDS = ("all", "none", "auto")  # after `recompute` these are switch
 _INSTANCE_ATTR = "_sbp_plan_annotations"
 _CLASS_ATTR = "__sbp_plan__"
 _MAX_DEVICE_RANGE = 1 << 20
+_BATCH_AND_STAGE_AXES = ("dp", "pp")  # any other mesh axis is a tensor-parallel one
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,19 +129,27 @@ class PlanError(ValueError):
         return f"{head}\n    {self.line_text}\n    {pad}^"
 
 
-def _error_at(positions: Positions | None, path: KeyPath, message: str,
-              source: str = "<strategy>") -> PlanError:
-    """An error at the most precise recorded position of ``path`` (or naming the dict path)."""
+def _position_of(positions: Positions | None, path: KeyPath) -> SourcePosition | None:
+    """The most precise recorded position of ``path`` or of the value holding it."""
     positions = positions or {}
     for length in range(len(path), 0, -1):
         position = positions.get(tuple(path[:length]))
         if position is not None:
-            return PlanError.at(position, message)
+            return position
+    return None
+
+
+def _error_at(positions: Positions | None, path: KeyPath, message: str,
+              source: str = "<strategy>") -> PlanError:
+    """An error at the most precise recorded position of ``path`` (or naming the dict path)."""
+    position = _position_of(positions, path)
+    if position is not None:
+        return PlanError.at(position, message)
     where = "strategy" + "".join(f"[{part!r}]" for part in path if part != VALUE)
     return PlanError(f"{where}: {message}" if path else message, source)
 
 
-def _suggestion(name: str, candidates: Iterable[str]) -> str:
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest candidates, or an empty string."""
     close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
     if not close:
@@ -282,7 +292,7 @@ class _PlanBuilder:
         getattr(self, f"_add_{statement.data}")(keyword, *statement.children[1:])
 
     def _add_unknown_statement(self, word: lark.Token, *_rest: Any) -> None:
-        self.fail(word, f"unknown statement {str(word)!r}{_suggestion(str(word), STATEMENTS)}; "
+        self.fail(word, f"unknown statement {str(word)!r}{did_you_mean(str(word), STATEMENTS)}; "
                         "a line starts with one of: " + ", ".join(STATEMENTS))
 
     def _add_strategy(self, keyword: lark.Token, word: lark.Token) -> None:
@@ -421,6 +431,9 @@ class _PlanBuilder:
             self.mark(("recompute", index), token)
         self.strategy["recompute"] = [str(token) for token in globs]
 
+    def _add_grad_bucket_bytes(self, keyword: lark.Token, value: lark.Token) -> None:
+        self._set_scalar("grad_bucket_bytes", keyword, value, int(value))
+
     def _set_scalar(self, key: str, keyword: lark.Token, value_token: lark.Token,
                     value: Any) -> None:
         self.claim((key,), keyword, key)
@@ -530,7 +543,7 @@ class _StrategyChecker:
         if isinstance(strategy, str):
             if strategy not in SHORTHANDS:
                 self.fail(("strategy", VALUE), f"unknown strategy {strategy!r}"
-                          f"{_suggestion(strategy, SHORTHANDS)}; a one-word strategy is one of: "
+                          f"{did_you_mean(strategy, SHORTHANDS)}; a one-word strategy is one of: "
                           + ", ".join(SHORTHANDS))
             return
         if not isinstance(strategy, dict):
@@ -539,7 +552,7 @@ class _StrategyChecker:
         for key in strategy:
             if key not in STRATEGY_KEYS:
                 self.fail((key,), f"unknown strategy key {key!r}"
-                                  f"{_suggestion(str(key), STRATEGY_KEYS)}")
+                                  f"{did_you_mean(str(key), STRATEGY_KEYS)}")
         axes = self.check_mesh(strategy.get("mesh"))
         for key in ("params", "activations"):
             if key in strategy:
@@ -555,6 +568,10 @@ class _StrategyChecker:
         self.check_pipeline(strategy)
         if "recompute" in strategy:
             self.check_recompute(strategy["recompute"])
+        if "grad_bucket_bytes" in strategy:
+            value = strategy["grad_bucket_bytes"]
+            self.expect(_is_int(value) and value >= 1, ("grad_bucket_bytes", VALUE),
+                        f"grad_bucket_bytes is a whole number of bytes, at least 1, found {value!r}")
 
     def expect(self, condition: bool, path: KeyPath, message: str) -> None:
         """Fail with ``message`` unless ``condition``."""
@@ -598,7 +615,7 @@ class _StrategyChecker:
     def check_axis_known(self, path: KeyPath, axis: str, axes: list[str] | None) -> None:
         """When the mesh is known, an axis must be one of its axes."""
         if axes is not None and axis not in axes:
-            self.fail(path, f"axis {axis!r} is not in the mesh{_suggestion(axis, axes)}; "
+            self.fail(path, f"axis {axis!r} is not in the mesh{did_you_mean(axis, axes)}; "
                             "the mesh axes are " + ", ".join(axes))
 
     def check_sbp(self, path: KeyPath, text: Any) -> None:
@@ -704,7 +721,7 @@ class _StrategyChecker:
         schedule = strategy.get("schedule")
         if "schedule" in strategy:
             self.expect(schedule in SCHEDULES, ("schedule", VALUE),
-                        f"unknown schedule {schedule!r}{_suggestion(str(schedule), SCHEDULES)}; "
+                        f"unknown schedule {schedule!r}{did_you_mean(str(schedule), SCHEDULES)}; "
                         "expected one of: " + ", ".join(SCHEDULES))
         if "virtual_stages" in strategy:
             value = strategy["virtual_stages"]
@@ -747,9 +764,10 @@ def check_strategy(strategy: Strategy, positions: Positions | None = None,
     _StrategyChecker(positions, source).check(strategy)
 
 
-def normalize_strategy(strategy: Strategy) -> Strategy:
-    """A checked, canonical copy: SBP texts as ``S(0)``/``B``/``P(sum)``, lists not tuples."""
-    check_strategy(strategy)
+def normalize_strategy(strategy: Strategy, source: str = "<strategy>") -> Strategy:
+    """A checked, canonical copy: SBP texts as ``S(0)``/``B``/``P(sum)``, lists not tuples,
+    keys in :data:`STRATEGY_KEYS` order. Errors name ``source``."""
+    check_strategy(strategy, source=source)
     if isinstance(strategy, str):
         return strategy
     result = copy.deepcopy(strategy)
@@ -762,7 +780,13 @@ def normalize_strategy(strategy: Strategy) -> Strategy:
             result[key] = [list(entry) for entry in result[key]]
     if isinstance(result.get("skip_ratio"), int):
         result["skip_ratio"] = float(result["skip_ratio"])
-    return result
+    return _in_key_order(result)
+
+
+def _in_key_order(strategy: dict) -> dict:
+    """The keys in :data:`STRATEGY_KEYS` order: one order for every spelling of a plan, so that
+    equal plans print (and compile to) identical text."""
+    return {key: strategy[key] for key in STRATEGY_KEYS if key in strategy}
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,7 +809,7 @@ def parse_plan_with_positions(text: str, source: str = "<plan>") -> tuple[Strate
         builder.add(statement)
     strategy, positions = builder.finish()
     check_strategy(strategy, positions, source)
-    return strategy, positions
+    return (_in_key_order(strategy) if isinstance(strategy, dict) else strategy), positions
 
 
 def parse_plan(text: str, source: str = "<plan>") -> Strategy:
@@ -834,6 +858,8 @@ def _plan_lines(strategy: dict) -> Iterator[str]:
         words = {True: "all", False: "none", AUTO: AUTO}
         yield "recompute " + (words[recompute] if not isinstance(recompute, list)
                               else ", ".join(recompute))
+    if "grad_bucket_bytes" in strategy:
+        yield f"grad_bucket_bytes {strategy['grad_bucket_bytes']}"
 
 
 def _format_pairs(pairs: dict | str) -> str:
@@ -887,16 +913,18 @@ class _ModelChecker:
     strategy: dict
     module_names: list[str]
     param_shapes: dict[str, tuple[int, ...]]
-    world_size: int
+    world_size: int | None  # None: checks that need it are left out
     positions: Positions | None
+    source: str = "<strategy>"
 
     def fail(self, path: KeyPath, message: str) -> NoReturn:
         """Raise a PlanError for the value at ``path``."""
-        raise _error_at(self.positions, path, message)
+        raise _error_at(self.positions, path, message, self.source)
 
     def check(self) -> None:
         """Run every model check."""
         self.check_world_size()
+        self.check_tensor_axis()
         self.check_params()
         for path, glob in self.module_globs():
             self.matches(glob, self.module_names, path, "module")
@@ -910,7 +938,7 @@ class _ModelChecker:
 
     def check_world_size(self) -> None:
         sizes = list(self.mesh().values())
-        if not sizes or AUTO in sizes:
+        if not sizes or AUTO in sizes or self.world_size is None:
             return
         product = math.prod(sizes)
         if product != self.world_size:
@@ -918,6 +946,17 @@ class _ModelChecker:
             self.fail(("mesh",), f"the mesh {shape} has {product} devices, but the world has "
                                  f"{self.world_size}; make the axis sizes multiply to "
                                  f"{self.world_size}")
+
+    def check_tensor_axis(self) -> None:
+        """Sequence and vocabulary parallelism split over a tensor-parallel axis (not dp or pp)."""
+        mesh = self.strategy.get("mesh")
+        if not isinstance(mesh, dict) or any(axis not in _BATCH_AND_STAGE_AXES for axis in mesh):
+            return
+        for key in ("sequence_parallel", "vocab_parallel"):
+            if self.strategy.get(key) is True:
+                self.fail((key,), f"{key} splits over a tensor-parallel mesh axis, but the mesh "
+                                  f"has only {', '.join(mesh)}; add an axis such as tp=2 to the "
+                                  f"mesh or turn {key} off")
 
     def matches(self, glob: str, names: list[str], path: KeyPath, kind: str) -> list[str]:
         """The names ``glob`` matches; fail with the closest names when there are none."""
@@ -929,7 +968,7 @@ class _ModelChecker:
             message = f"{glob!r} matches no {kind}"
         else:
             message = f"unknown {kind} {glob!r}"
-        self.fail(path, f"{message}{_suggestion(glob, pool)}; {kind} names are those of "
+        self.fail(path, f"{message}{did_you_mean(glob, pool)}; {kind} names are those of "
                         f"model.named_{'parameters' if kind == 'parameter' else 'modules'}()")
 
     def module_globs(self) -> Iterator[tuple[KeyPath, str]]:
@@ -952,10 +991,14 @@ class _ModelChecker:
                     self.check_split(glob, axis, parse_sbp(text), matched)
 
     def check_split(self, glob: str, axis: str, sbp: Any, matched: list[str]) -> None:
+        path = ("params", glob, axis, VALUE)
+        if not isinstance(sbp, (Split, Broadcast)):
+            self.fail(path, f"{axis}={sbp}: a parameter is stored split, S(d), or whole, B, on "
+                            f"each mesh axis; partial values arise only for activations and "
+                            f"gradients")
         if not isinstance(sbp, Split):
             return
         size = self.mesh().get(axis)
-        path = ("params", glob, axis, VALUE)
         for name in matched:
             shape = tuple(self.param_shapes[name])
             if sbp.dim >= len(shape):
@@ -1008,7 +1051,7 @@ class _ModelChecker:
         for index, devices in enumerate(self.strategy.get("stage_devices", [])):
             for slot, device in enumerate(devices):
                 path = ("stage_devices", index, slot)
-                if device >= self.world_size:
+                if self.world_size is not None and device >= self.world_size:
                     self.fail(path, f"stage {index} is placed on device {device}, but the world "
                                     f"has {self.world_size} devices (0..{self.world_size - 1}), so "
                                     "no device would hold it; use device ids below "
@@ -1039,20 +1082,23 @@ def _layer_count(module_names: list[str]) -> tuple[str, int] | None:
 
 
 def validate_plan(strategy: Strategy, *, module_names: list[str],
-                  param_shapes: dict[str, tuple[int, ...]], world_size: int,
-                  positions: Positions | None = None) -> None:
+                  param_shapes: dict[str, tuple[int, ...]], world_size: int | None,
+                  positions: Positions | None = None, source: str = "<strategy>") -> None:
     """Check a strategy against a model; raise :class:`PlanError` at the first problem.
 
     Catches names and globs that match no module or parameter (with the closest names), splits
     that do not divide a parameter dim, a mesh whose size is not ``world_size``, stage counts
     that differ from the pp axis, layer ranges past the model, devices outside the world and
-    shared devices without the interleaved schedule. With ``positions`` errors point at the plan.
+    shared devices without the interleaved schedule, parameters laid out ``P``, and sequence or
+    vocabulary parallelism without a tensor-parallel axis. With ``positions`` errors point at the
+    plan; without, they name ``source`` and the dict path. A ``world_size`` of None skips the
+    checks that need it.
     """
-    check_strategy(strategy, positions)
+    check_strategy(strategy, positions, source)
     if isinstance(strategy, str):
         return
     names = [name for name in module_names if name]
-    _ModelChecker(strategy, names, dict(param_shapes), world_size, positions).check()
+    _ModelChecker(strategy, names, dict(param_shapes), world_size, positions, source).check()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1173,6 +1219,8 @@ class _Merger:
     """Merges strategies, remembering which place gave each value so conflicts can name both."""
 
     source: str
+    base_where: str
+    base_positions: Positions | None = None
     merged: dict = field(default_factory=dict)
     origin: dict[KeyPath, str] = field(default_factory=dict)
 
@@ -1210,8 +1258,16 @@ class _Merger:
         return "the plan"
 
     def conflict(self, path: KeyPath, what: str, old: Any, new: Any, where: str) -> NoReturn:
-        raise PlanError(f"conflicting {what}: {old} in {self.origin_of(path)}, but {new} in "
-                        f"{where}; make them agree or remove one", self.source)
+        """Raise a PlanError naming both places; at the plan's line when the plan gave ``old``."""
+        first = self.origin_of(path)
+        position = _position_of(self.base_positions, path) if first == self.base_where else None
+        if position is not None:
+            first = f"{first}:{position.line}"
+        message = (f"conflicting {what}: {old} in {first}, but {new} in {where}; make them "
+                   "agree or remove one")
+        if position is not None:
+            raise PlanError.at(position, message)
+        raise PlanError(message, self.source)
 
     def merge_value(self, path: KeyPath, new: Any, where: str, what: str) -> Any:
         """``auto`` yields to any value; two different values conflict."""
@@ -1257,25 +1313,30 @@ class _Merger:
 
 
 def merge_strategies(base: Strategy, base_where: str,
-                     annotations: list[tuple[str, str, dict]]) -> Strategy:
+                     annotations: list[tuple[str, str, dict]],
+                     positions: Positions | None = None) -> Strategy:
     """Merge a whole-model plan with module annotations (from :func:`collect_annotations`).
 
     ``auto`` yields to a given value; lists of recomputed modules are joined; any contradiction
     (one param glob with two SBPs on one axis, two meshes, two schedules, ...) raises
-    :class:`PlanError` naming both places. The result is checked as a whole.
+    :class:`PlanError` naming both places (and pointing at the plan's line when the
+    ``positions`` of ``base`` are given). The shorthand ``auto`` becomes ``mesh auto`` plus the
+    annotations, so that the planner still fills what they leave open. The result is checked
+    as a whole and returned in canonical form.
     """
-    check_strategy(base, source=base_where)
+    check_strategy(base, positions, base_where)
     if not annotations:
         return normalize_strategy(base)
     if isinstance(base, str) and base != AUTO:
         raise PlanError(f"the plan is the shorthand `strategy {base}`, which cannot be combined "
                         f"with the module annotations ({annotations[0][1]}, ...); write the plan "
                         "as statements instead", base_where)
-    merger = _Merger(source=f"{base_where} merged with module annotations")
-    merger.add(normalize_strategy(base) if isinstance(base, dict) else {}, base_where)
+    merger = _Merger(source=f"{base_where} merged with module annotations",
+                     base_where=base_where, base_positions=positions)
+    merger.add(normalize_strategy(base) if isinstance(base, dict) else {"mesh": AUTO}, base_where)
     for path, where, strategy in annotations:
         # annotate() places already end with the path; class decorators name only the class.
         place = where if not path or where.endswith(f" on {path}") else f"{where} on {path}"
         merger.add(normalize_strategy(strategy), place)
     check_strategy(merger.merged, source=merger.source)
-    return merger.merged
+    return normalize_strategy(merger.merged)

@@ -6,6 +6,9 @@ The captured graph holds ATen ops. The batch and sequence dims of the inputs sta
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import operator
 import re
 import traceback
@@ -91,44 +94,91 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     ``"auto"`` tries ``"fx"`` and falls back to ``"export"`` for models that do not trace.
     """
     kwargs = dict(kwargs or {})
-    flat = tuple(args) + tuple(kwargs.values())
-    wrapper = _LossWrapper(_maybe_symbolic_trace(model, method), list(kwargs), loss_fn, train)
-    wrapper.train(model.training)
-    program = _export(wrapper, flat, model)
+    flat = _inputs_for_meta_model(model, tuple(args) + tuple(kwargs.values()))
     names = _input_names(model, len(args), list(kwargs))
+    program, wrapper = None, None
+    if method in ("fx", "auto"):
+        try:
+            wrapper = _wrapper(_symbolic_trace(model, len(args), kwargs), model, kwargs, loss_fn, train)
+            program = _export(wrapper, flat, model)
+        except CaptureError:
+            if method == "fx":
+                raise
+    if program is None:
+        wrapper = _wrapper(model, model, kwargs, loss_fn, train)
+        program = _export(wrapper, flat, model)
     captured = _to_ir(program, model, names, train)
     captured.output_structure = wrapper.out_spec
     return captured
 
 
-def _maybe_symbolic_trace(model: torch.nn.Module, method: str) -> torch.nn.Module:
-    if method == "export":
-        return model
+def _wrapper(module, model, kwargs, loss_fn, train) -> _LossWrapper:
+    wrapper = _LossWrapper(module, list(kwargs), loss_fn, train)
+    wrapper.train(model.training)
+    return wrapper
+
+
+def _symbolic_trace(model: torch.nn.Module, n_pos: int, kwargs: dict) -> torch.nn.Module:
+    """``torch.fx.symbolic_trace`` with the forward arguments the call leaves out fixed to their defaults."""
+    import inspect
+    concrete = {}
     try:
-        traced = torch.fx.symbolic_trace(model)
-        traced.train(model.training)
-        return traced
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    for p in params[n_pos:]:
+        if p.name not in kwargs and p.default is not inspect.Parameter.empty:
+            concrete[p.name] = p.default
+    try:
+        traced = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     except Exception as err:  # symbolic_trace raises many kinds on dynamic Python
-        if method == "fx":
-            raise CaptureError(f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: "
-                               f"{_first_line(err)}; use method='export'") from None
-        return model
+        raise CaptureError(f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: "
+                           f"{_first_line(err)}; use method='export'") from None
+    traced.train(model.training)
+    return traced
+
+
+def _inputs_for_meta_model(model: torch.nn.Module, flat: tuple) -> tuple:
+    """Inputs moved to the meta device when the model's weights are there (planning without weights).
+
+    A model built under ``torch.device("meta")`` cannot run on real example tensors; giving export meta
+    inputs of the same shapes and dtypes captures the same graph without allocating anything.
+    """
+    on_meta = any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+    if not on_meta:
+        return flat
+    return tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in flat)
 
 
 def _export(wrapper: torch.nn.Module, flat: tuple, model: torch.nn.Module) -> torch.export.ExportedProgram:
     for dynamic in (_named_dims(flat), tuple(_dynamic_dims(t) for t in flat)):
         try:
-            return torch.export.export(wrapper, flat, dynamic_shapes=(dynamic,), strict=False)
+            with _quiet_torch():
+                return torch.export.export(wrapper, flat, dynamic_shapes=(dynamic,), strict=False)
         except CaptureError:
             raise
         except Exception:  # a shape constraint we guessed does not hold: try looser ones
             continue
     try:
-        return torch.export.export(wrapper, flat, strict=False)
+        with _quiet_torch():
+            return torch.export.export(wrapper, flat, strict=False)
     except CaptureError:
         raise
     except Exception as err:
         raise CaptureError(_describe_capture_failure(model, err)) from None
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Silence torch's own logging of failed export attempts (we report failures ourselves)."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _named_dims(flat: tuple) -> tuple:

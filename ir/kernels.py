@@ -5,15 +5,20 @@ This module imports only torch: the code generator copies it into every emitted 
 import torch
 
 
-def masked_embedding(weight, indices, start):
+def masked_embedding(weight, indices, start, padding_idx=-1):
     """Lookup in a vocabulary shard holding rows [start, start + rows); other rows give zeros.
 
-    Summed over the shards (a ``P(sum)`` value) this equals the full lookup.
+    Summed over the shards (a ``P(sum)`` value) this equals the full lookup. ``padding_idx`` is
+    the global row whose gradient stays zero, as in ``nn.Embedding``.
     """
     rows = weight.shape[0]
     local = indices - start
     inside = (local >= 0) & (local < rows)
-    out = torch.ops.aten.embedding.default(weight, torch.where(inside, local, torch.zeros_like(local)))
+    safe = torch.where(inside, local, torch.zeros_like(local))
+    out = torch.ops.aten.embedding.default(weight, safe)
+    if padding_idx is not None and padding_idx >= 0:
+        frozen = torch.ops.aten.embedding.default(weight.detach(), safe)
+        out = torch.where((indices == padding_idx).unsqueeze(-1), frozen, out)
     return out * inside.unsqueeze(-1).to(out.dtype)
 
 

@@ -95,6 +95,12 @@ def _check_signature(graph: Graph, node: Node) -> None:
 
 def _check_comm(graph: Graph, node: Node) -> None:
     from ir.ops.comm import transition
+    from ir.ops.pipeline_ops import TRANSFER_OPS, transfer_problem
+    if node.op in TRANSFER_OPS:  # moves a value between stage meshes (see ir/ops/pipeline_ops.py)
+        problem = transfer_problem(graph, node)
+        if problem:
+            raise VerificationError(f"node {_where(node)}: {problem}")
+        return
     (x,), (y,) = node.input_values(), node.outputs
     mesh = graph.meshes[x.mesh]
     axis = mesh.axis_index(node.kwargs["axis"])

@@ -36,6 +36,33 @@ def grad_sync_pass(graph: Graph, ctx: PassContext) -> None:
         bucket["params"].append(p)
         bucket["_bytes"] += size
     graph.attrs["grad_buckets"] = [{"axes": b["axes"], "params": b["params"]} for b in buckets]
+    graph.attrs["backward_comm"] = backward_collectives(graph)
+
+
+ADJOINTS = {"comm.all_reduce": "comm.all_reduce", "comm.all_gather": "comm.reduce_scatter",
+            "comm.reduce_scatter": "comm.all_gather", "comm.all_to_all": "comm.all_to_all"}
+
+
+def backward_collectives(graph: Graph) -> list[dict]:
+    """The collectives backward performs, in order: the adjoint of each forward collective.
+
+    Only collectives on values that carry gradients count; local conversions (slice, mask) have
+    local adjoints and need no communication.
+    """
+    grad = values_with_grad(graph)
+    return [{"op": ADJOINTS[n.op], "axis": n.kwargs["axis"], "grad_of": n.outputs[0]}
+            for n in reversed(graph.nodes) if n.op in ADJOINTS and id(n.outputs[0]) in grad]
+
+
+def values_with_grad(graph: Graph) -> set[int]:
+    """Ids of the values that depend differentiably on a trainable parameter."""
+    grad = {id(p) for p in graph.params if p.kind == "param"}
+    for node in graph.nodes:
+        if node.op == "aten.detach.default":
+            continue
+        if any(id(v) in grad for v in node.input_values()):
+            grad |= {id(o) for o in node.outputs if o.type.torch_dtype.is_floating_point}
+    return grad
 
 
 def _backward_order(graph: Graph) -> list[Value]:

@@ -19,7 +19,8 @@ BATCH_AXES = ("dp",)
 def layouts_pass(graph: Graph, ctx: PassContext) -> None:
     """Create the mesh, split batch inputs over data-parallel axes, and lay out parameters."""
     strategy = ctx.strategy
-    mesh_spec = {k: v for k, v in strategy["mesh"].items() if k != "pp"}
+    # a pure pipeline mesh ({"pp": 4}) still needs one axis per stage: a data-parallel axis of size 1
+    mesh_spec = {k: v for k, v in strategy["mesh"].items() if k != "pp"} or {"dp": 1}
     mesh = Mesh.make(list(mesh_spec), list(mesh_spec.values()))
     graph.meshes[MESH_NAME] = mesh
     for v in graph.inputs:

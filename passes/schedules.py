@@ -23,27 +23,26 @@ Conventions every consumer of these lists relies on:
 """
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
-COMPUTE_KINDS = ("F", "B")
-SEND_KINDS = ("SEND_F", "SEND_B")
-RECV_KINDS = ("RECV_F", "RECV_B")
-ACTION_KINDS = COMPUTE_KINDS + SEND_KINDS + RECV_KINDS
-PATH_ORDERS = ("1f1b", "gpipe")
+from ir.ops.pipeline_ops import (  # noqa: F401  (the action vocabulary is part of the IR; re-exported)
+    ACTION_KINDS,
+    COMPUTE_KINDS,
+    RECV_KINDS,
+    SEND_KINDS,
+    Action,
+    ActionSyntaxError,
+    format_actions,
+    parse_actions,
+)
 
-_ACTION_RE = re.compile(r"^(F|B|SEND_F|SEND_B|RECV_F|RECV_B)(\d+)@s(\d+)(?:(->|<-)r(\d+))?$")
-_RANK_LINE_RE = re.compile(r"^r(\d+):(.*)$")
+PATH_ORDERS = ("1f1b", "gpipe")
 
 Task = tuple  # (kind "F"/"B", stage, microbatch): one compute of a schedule under construction
 TimeSpec = Union[float, Mapping[int, float]]
 CommSpec = Union[float, Callable[[int, int], float]]
-
-
-class ActionSyntaxError(ValueError):
-    """Text that is not an action or an action list."""
 
 
 class ScheduleError(ValueError):
@@ -52,105 +51,6 @@ class ScheduleError(ValueError):
 
 class ScheduleDeadlock(ScheduleError):
     """A schedule whose ranks end up waiting on each other (or on a send that never comes)."""
-
-
-@dataclass(frozen=True)
-class Action:
-    """One step of one rank's pipeline program."""
-
-    kind: str
-    """One of ``F``, ``B``, ``SEND_F``, ``RECV_F``, ``SEND_B``, ``RECV_B``."""
-    stage: int
-    """Global stage index (virtual stages included); for send/recv the stage that produced the value."""
-    microbatch: int
-    """Microbatch index."""
-    peer: int | None = None
-    """The rank on the other side of a send/recv; None for F and B."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ACTION_KINDS:
-            raise ValueError(f"action kind must be one of {', '.join(ACTION_KINDS)}, found {self.kind!r}")
-        if self.stage < 0 or self.microbatch < 0:
-            raise ValueError(f"stage and microbatch must be >= 0, found stage={self.stage} "
-                             f"microbatch={self.microbatch} in a {self.kind} action")
-        if self.is_compute != (self.peer is None):
-            need = "no peer" if self.is_compute else "a peer rank"
-            raise ValueError(f"a {self.kind} action takes {need}, found peer={self.peer!r}")
-
-    @property
-    def is_compute(self) -> bool:
-        """True for F and B."""
-        return self.kind in COMPUTE_KINDS
-
-    @property
-    def is_send(self) -> bool:
-        """True for SEND_F and SEND_B."""
-        return self.kind in SEND_KINDS
-
-    @property
-    def is_recv(self) -> bool:
-        """True for RECV_F and RECV_B."""
-        return self.kind in RECV_KINDS
-
-    @property
-    def direction(self) -> str:
-        """``F`` for forward work and activations, ``B`` for backward work and gradients."""
-        return self.kind[-1]
-
-    @property
-    def value(self) -> tuple[str, int, int]:
-        """What the action computes or carries: (direction, stage, microbatch)."""
-        return (self.direction, self.stage, self.microbatch)
-
-    def __str__(self) -> str:
-        text = f"{self.kind}{self.microbatch}@s{self.stage}"
-        if self.is_send:
-            return f"{text}->r{self.peer}"
-        if self.is_recv:
-            return f"{text}<-r{self.peer}"
-        return text
-
-    @classmethod
-    def parse(cls, text: str) -> Action:
-        """Parse ``F3@s1``, ``SEND_F3@s1->r2`` or ``RECV_F3@s1<-r0``; the inverse of ``str``."""
-        match = _ACTION_RE.match(text.strip())
-        if match is None:
-            raise ActionSyntaxError("expected an action such as F3@s1, B3@s1, SEND_F3@s1->r2 or "
-                                    f"RECV_B3@s2<-r1, found {text!r}")
-        kind, microbatch, stage, arrow, peer = match.groups()
-        expected_arrow = {"SEND": "->", "RECV": "<-"}.get(kind.split("_")[0])
-        if arrow != expected_arrow:
-            wanted = f"'{expected_arrow}r<rank>'" if expected_arrow else "no peer"
-            raise ActionSyntaxError(f"a {kind} action takes {wanted}, found {text!r}")
-        return cls(kind, int(stage), int(microbatch), None if peer is None else int(peer))
-
-
-def format_actions(actions: Mapping[int, Sequence[Action]]) -> str:
-    """One line per rank, ``r0: F0@s0 SEND_F0@s0->r1 ...``, ranks ascending."""
-    return "\n".join(f"r{rank}: " + " ".join(str(a) for a in actions[rank]) for rank in sorted(actions))
-
-
-def parse_actions(text: str) -> dict[int, list[Action]]:
-    """Parse the text of :func:`format_actions` back; errors name the line and the bad token."""
-    schedule: dict[int, list[Action]] = {}
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        match = _RANK_LINE_RE.match(line.strip())
-        if match is None:
-            raise ActionSyntaxError(f"line {line_number}: expected 'r<rank>: <actions>', found {line!r}")
-        rank = int(match.group(1))
-        if rank in schedule:
-            raise ActionSyntaxError(f"line {line_number}: rank {rank} is listed a second time")
-        schedule[rank] = [_parse_token(token, line_number) for token in match.group(2).split()]
-    return schedule
-
-
-def _parse_token(token: str, line_number: int) -> Action:
-    try:
-        return Action.parse(token)
-    except ActionSyntaxError as error:
-        raise ActionSyntaxError(f"line {line_number}: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------

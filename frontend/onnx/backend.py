@@ -100,12 +100,13 @@ class SbpcBackend(onnx.backend.base.Backend):
             onnx.helper.make_tensor_value_info(
                 name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
             for name, array in zip(present, arrays, strict=True)]
-        graph_outputs = [onnx.helper.make_empty_tensor_value_info(name)
-                         for name in node.output if name]
+        graph_outputs = [onnx.ValueInfoProto(name=name) for name in node.output if name]
         graph = onnx.helper.make_graph([node], "run_node", graph_inputs, graph_outputs)
         opset = kwargs.pop("opset_version", onnx.defs.onnx_opset_version())
         model = onnx.helper.make_model(
             graph, opset_imports=[onnx.helper.make_operatorsetid("", opset)])
+        # the checker wants typed outputs: let ONNX type inference fill them in
+        model = onnx.shape_inference.infer_shapes(model)
         return cls.run_model(model, arrays, device, **kwargs)
 
     @classmethod

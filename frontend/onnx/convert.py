@@ -213,8 +213,10 @@ class GraphBuilder:
     def convert_node(self, node: onnx.NodeProto) -> None:
         """Convert one ONNX node, binding its outputs in ``env``."""
         inputs = [self._lookup(name, node) if name else None for name in node.input]
+        error = unsupported_node_error(node, self.opset)
+        if error is not None:
+            raise error
         ctx = NodeContext(self, node, self.opset, inputs)
-        self._check_supported(ctx)
         self._current = ctx
         try:
             result = CONVERTERS[node.op_type](ctx)
@@ -240,28 +242,50 @@ class GraphBuilder:
                              f"{name!r}, which no earlier node, input or initializer defines; "
                              f"the graph is not topologically sorted or is invalid") from None
 
-    def _check_supported(self, ctx: NodeContext) -> None:
-        domain = ctx.node.domain
-        if domain not in ONNX_DOMAINS:
-            raise ctx.unsupported("only the ai.onnx domain is supported",
-                                  hint="export the model without custom or contrib ops")
-        if ctx.op_type not in CONVERTERS:
-            raise ctx.unsupported("this op type has no torch converter")
-        if self.opset < MIN_OPSET and not _unchanged_since_min_opset(ctx):
-            raise ctx.unsupported(
-                f"opsets below {MIN_OPSET} are not supported and this op changed since",
-                hint=f"upgrade the model with onnx.version_converter.convert_version(model, "
+
+
+def unsupported_node_error(node: onnx.NodeProto, opset: int) -> UnsupportedOnnx | None:
+    """Why ``node`` cannot be converted at ``opset`` (domain, op type, old opset), or None."""
+    name = node.name or (node.output[0] if node.output else node.op_type)
+
+    def error(reason: str, hint: str = "") -> UnsupportedOnnx:
+        return UnsupportedOnnx(node=name, op_type=node.op_type, opset=opset,
+                               domain=node.domain, reason=reason, hint=hint)
+
+    if node.domain not in ONNX_DOMAINS:
+        return error("only the ai.onnx domain is supported",
+                     "export the model without custom or contrib ops")
+    if node.op_type not in CONVERTERS:
+        return error("this op type has no torch converter")
+    if opset < MIN_OPSET and not _unchanged_since_min_opset(node.op_type, opset):
+        return error(f"opsets below {MIN_OPSET} are not supported and this op changed since",
+                     f"upgrade the model with onnx.version_converter.convert_version(model, "
                      f"{MIN_OPSET}) or later")
+    return None
 
 
-def _unchanged_since_min_opset(ctx: NodeContext) -> bool:
+def check_nodes_supported(graph: onnx.GraphProto, opset: int) -> None:
+    """Raise one UnsupportedOnnx for the first unconvertible node, counting the others."""
+    errors = [e for e in (unsupported_node_error(n, opset) for n in graph.node) if e is not None]
+    if not errors:
+        return
+    first = errors[0]
+    if len(errors) > 1:
+        others = sorted({e.op_type for e in errors[1:]})
+        first.args = (f"{first.args[0]} (and {len(errors) - 1} more unsupported node(s), op "
+                      f"types: {', '.join(others)})",)
+    raise first
+
+
+def _unchanged_since_min_opset(op_type: str, opset: int) -> bool:
     # An op whose definition did not change between the model's opset and MIN_OPSET behaves
     # exactly like its MIN_OPSET version, e.g. Not-1.
     try:
-        newer = onnx.defs.get_schema(ctx.op_type, max_inclusive_version=MIN_OPSET)
+        old = onnx.defs.get_schema(op_type, max_inclusive_version=opset)
+        newer = onnx.defs.get_schema(op_type, max_inclusive_version=MIN_OPSET)
     except onnx.defs.SchemaError:
         return False
-    return ctx.schema is not None and newer.since_version == ctx.schema.since_version
+    return newer.since_version == old.since_version
 
 
 def shape_list_to_tensor(shape: Sequence[Any] | Any) -> torch.Tensor:
@@ -334,6 +358,7 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike | bytes, *,
         proto = onnx.inliner.inline_local_functions(proto)
     version = model_opset(proto, opset)
     graph = proto.graph
+    check_nodes_supported(graph, version)
     builder = GraphBuilder(version, base_dir)
     builder.inferred_types = _inferred_element_types(proto)
 

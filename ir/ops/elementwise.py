@@ -31,8 +31,8 @@ def split_signatures(node: Node) -> list[Signature]:
 
 
 def is_scalar_tensor(v) -> bool:
-    """Zero-dim tensors (lifted constants) are always broadcast."""
-    return v.type.ndim == 0
+    """Zero-dim constants and inputs are always broadcast (computed scalars may be partial)."""
+    return v.type.ndim == 0 and v.kind != "node"
 
 
 UNARY_NONLINEAR = [

@@ -72,7 +72,9 @@ def _embedding_local(node: Node, ctx: LocalContext) -> LocalCall:
     w, idx = node.input_values()
     if not any(isinstance(s, Split) and s.dim == 0 for s in ctx.in_sbps[0]):
         return default_local(node, ctx)
-    return LocalCall("kernels.masked_embedding", [w, idx, shard_start(w.type, ctx.in_sbps[0], ctx.mesh, 0)])
+    padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
+    return LocalCall("kernels.masked_embedding", [w, idx, shard_start(w.type, ctx.in_sbps[0], ctx.mesh, 0),
+                                                  padding_idx])
 
 
 RULES["aten.embedding.default"].local = _embedding_local

@@ -7,14 +7,22 @@ from ir.core import Node
 from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, register, default_local
 from ir.sbp import B, P, Split
 
-_PROBE = [1009, 1013, 1019, 1021, 1031, 1033, 1039, 1049]
+
+
+_SYMBOL_PRIMES: dict[str, int] = {}
 
 
 def _magnitude(d) -> int:
-    """A number standing for a dim, to compare symbolic sizes (symbols become distinct primes)."""
+    """A number standing for a dim, to compare symbolic sizes (each symbol name gets its own prime)."""
     expr = sympy.sympify(d)
-    subs = {s: _PROBE[i % len(_PROBE)] for i, s in enumerate(sorted(expr.free_symbols, key=str))}
+    subs = {s: _prime_for(str(s)) for s in expr.free_symbols}
     return int(expr.subs(subs))
+
+
+def _prime_for(name: str) -> int:
+    if name not in _SYMBOL_PRIMES:
+        _SYMBOL_PRIMES[name] = int(sympy.prime(len(_SYMBOL_PRIMES) + 169))  # primes above 1000
+    return _SYMBOL_PRIMES[name]
 
 
 def reshape_groups(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]]:

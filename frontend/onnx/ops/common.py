@@ -22,6 +22,15 @@ def int_list(value: Any) -> list[Any]:
     return [value]
 
 
+def number_list(value: Any) -> list[Any]:
+    """A run-time list of numbers (ints or floats kept as they are) from a list or tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist()
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
 def scalar(value: Any) -> Any:
     """A run-time scalar argument as a Python number (from a number, list or tensor)."""
     if isinstance(value, torch.Tensor):
@@ -30,10 +39,6 @@ def scalar(value: Any) -> Any:
         return value[0]
     return value
 
-
-def is_float(dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` is a floating-point dtype (float8 included)."""
-    return dtype.is_floating_point
 
 
 def _widen(tensor: Any) -> Any:
@@ -90,12 +95,3 @@ def spatial_attr(ctx: NodeContext, name: str, spatial: int, default: int) -> lis
     value = ctx.attr(name, None)
     return list(value) if value else [default] * spatial
 
-
-def float_dtypes() -> frozenset[torch.dtype]:
-    """The float dtypes ops compute in natively."""
-    return FLOAT_DTYPES
-
-
-def same_shape_list(shape: Sequence[Any]) -> list[Any]:
-    """``shape`` as a plain list (torch.Size and tuples included)."""
-    return list(shape)

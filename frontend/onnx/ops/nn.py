@@ -516,6 +516,15 @@ def dropout_train(x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Te
     return torch.where(keep, x * scale, torch.zeros_like(x)), keep
 
 
+def dropout_runtime(x: torch.Tensor, ratio: Any, training: Any
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout whose ratio / training_mode are run-time tensors (eager only)."""
+    ratio = float(scalar(ratio))
+    if training is not None and bool(scalar(training)) and ratio > 0:
+        return dropout_train(x, ratio)
+    return x, dropout_mask(x)
+
+
 @converter("Dropout")
 def convert_dropout(ctx: NodeContext) -> Value | list[Value]:
     """Dropout: identity in inference (the default); ratio/training_mode inputs from opset 12."""
@@ -527,7 +536,10 @@ def convert_dropout(ctx: NodeContext) -> Value | list[Value]:
     else:
         ratio, training = ctx.attr("ratio", 0.5), False
     if isinstance(training, Value) or isinstance(ratio, Value):
-        raise ctx.unsupported("Dropout's ratio / training_mode must be constants")
+        ratio = ctx.input(1) if isinstance(ratio, Value) else ratio
+        training = ctx.input(2) if isinstance(training, Value) else training
+        return ctx.call_multi(dropout_runtime, x, ratio, training, num_results=2,
+                              foldable=False)
     training = bool(scalar(training)) if training is not None else False
     ratio = float(scalar(ratio))
     if training and ratio > 0:

@@ -478,7 +478,10 @@ def convert_constant_of_shape(ctx: NodeContext) -> Value:
 def onnx_range(start: Any, limit: Any, delta: Any, dtype: torch.dtype) -> torch.Tensor:
     """Range: ``start + i * delta`` for i < max(ceil((limit - start) / delta), 0)."""
     start, limit, delta = scalar(start), scalar(limit), scalar(delta)
-    count = max(math.ceil((limit - start) / delta), 0)
+    if all(isinstance(v, (int, torch.SymInt)) for v in (start, limit, delta)):
+        count = torch.sym_max(-((start - limit) // delta), 0)  # integer ceil: no float guard
+    else:
+        count = max(math.ceil((limit - start) / delta), 0)
     if dtype.is_floating_point:  # compute in double, as ONNX's stash_type does
         steps = torch.arange(count, dtype=torch.float64)
         return (start + steps * delta).to(dtype)
@@ -488,13 +491,14 @@ def onnx_range(start: Any, limit: Any, delta: Any, dtype: torch.dtype) -> torch.
 @converter("Range")
 def convert_range(ctx: NodeContext) -> Value:
     """Range; folds to a constant when start, limit and delta are constants."""
-    start = ctx.input(0)
-    dtype = start.dtype
-    args = [ctx.static(i) for i in range(3)]
+    dtype = ctx.shape_input(0).dtype
     if dtype is None:
         return ctx.call(_range_like, *[ctx.input(i) for i in range(3)])
-    return ctx.call(onnx_range, *[ctx.input(i) if isinstance(a, Value) else a
-                                  for i, a in enumerate(args)], dtype)
+    # constants as numbers; symbolic shape values stay ints; other run-time values tensors
+    args = [ctx.static(i) for i in range(3)]
+    args = [a if not isinstance(a, Value) else (a if a.is_shape else ctx.input(i))
+            for i, a in enumerate(args)]
+    return ctx.call(onnx_range, *args, dtype)
 
 
 def _range_like(start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

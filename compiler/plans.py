@@ -1,0 +1,202 @@
+"""Turning what the user passed as ``strategy=`` into one checked strategy dict.
+
+``strategy=`` may be a dict, a shorthand (``"dp"``, ``"fsdp"``, ``"auto"``), plan text in the
+DSL of :mod:`frontend.dsl` (any statements, one per line), or the path of a ``*.sbp`` plan file.
+:func:`resolve` reads it, merges the statements written on the model's modules (``annotate()``,
+``@sbp_plan``) and checks the result against the captured graph, all before any pass runs: a bad
+plan raises one :class:`~frontend.dsl.PlanError` (a ``ValueError`` that reads
+``plan.sbp:3:12: error: ...`` with the line and a caret) and nothing is half-applied.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frontend.dsl import (
+    AUTO,
+    SHORTHANDS,
+    STATEMENTS,
+    PlanError,
+    Positions,
+    Strategy,
+    collect_annotations,
+    did_you_mean,
+    merge_strategies,
+    normalize_strategy,
+    parse_plan_with_positions,
+    validate_plan,
+)
+from ir.core import Graph
+from passes import strategy as pass_strategy
+
+PLAN_SUFFIX = ".sbp"
+"""The file suffix of plan files."""
+
+ARGUMENT_SOURCE = "the strategy argument"
+"""How errors name a strategy given as a dict or shorthand."""
+
+TEXT_SOURCE = "<plan>"
+"""How errors name plan text given as ``strategy=``."""
+
+_NO_STRATEGY = (None, "none")  # what passes.strategy reads as plain data parallelism
+_ONE_WORD = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """A strategy as the user gave it, before merging and checking."""
+
+    strategy: Strategy
+    positions: Positions | None
+    """Where each value was written, for plan text and files."""
+    where: str
+    """The file, ``<plan>`` or ``the strategy argument``: how errors name it."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a plan is checked against: names and shapes as the captured graph has them."""
+
+    module_names: list[str]
+    """Every module that produced a node, and its parents (``blocks.0.attn`` -> ``blocks.0``)."""
+    param_shapes: dict[str, tuple[int, ...]]
+    """Parameter and buffer shapes by state_dict name, tied aliases included."""
+
+
+def resolve(strategy: Any, model: torch.nn.Module | None, graph: Graph,
+            world_size: int | None = None) -> Strategy:
+    """The checked strategy for ``compile``: a dict in canonical form, or ``"auto"``.
+
+    Reads ``strategy`` (see :func:`read_strategy`), merges the model's annotations into it,
+    and validates the result against ``graph`` (module names, parameter shapes, and, when
+    ``world_size`` is given, the mesh size and stage devices). With ``world_size`` the shorthands
+    ``dp``/``fsdp`` and a dict without a mesh get their mesh here, so that the plan that
+    ``CompiledPlan.to_dsl()`` prints compiles back to the same IR. Raises :class:`PlanError`.
+    """
+    given = read_strategy(strategy)
+    facts = model_facts(graph)
+    base = _with_mesh(given.strategy, world_size)
+    _validate(base, facts, world_size, given.positions, given.where)
+    annotations = collect_annotations(model) if model is not None else []
+    for _path, where, annotation in annotations:
+        _validate(annotation, facts, world_size, None, where)
+    merged = _with_mesh(merge_strategies(base, given.where, annotations, given.positions),
+                        world_size)
+    if annotations:
+        _validate(merged, facts, world_size, given.positions,
+                  f"{given.where} merged with module annotations")
+    return merged
+
+
+def read_strategy(strategy: Any) -> PlanInput:
+    """Read ``strategy=`` without looking at the model.
+
+    ``None`` and ``"none"`` mean ``"dp"``; a shorthand stays a string; a ``*.sbp`` path (a string
+    of one line, or an ``os.PathLike``) or an existing file is loaded; other strings are plan
+    text; dicts are checked, with the conventions of Python strategies (``"fsdp": True`` for the
+    dp axis, a bare SBP such as ``"S(0)"`` on a 1-D mesh) written out.
+    """
+    if strategy in _NO_STRATEGY:
+        return PlanInput("dp", None, ARGUMENT_SOURCE)
+    if isinstance(strategy, os.PathLike):
+        return _read_file(Path(strategy))
+    if isinstance(strategy, str):
+        return _read_text(strategy)
+    if isinstance(strategy, dict):
+        return PlanInput(normalize_strategy(_spelled_out(strategy), ARGUMENT_SOURCE), None,
+                         ARGUMENT_SOURCE)
+    raise PlanError(f"strategy= takes a dict, one of {', '.join(SHORTHANDS)}, plan text or the "
+                    f"path of a {PLAN_SUFFIX} file; found {type(strategy).__name__}",
+                    ARGUMENT_SOURCE)
+
+
+def model_facts(graph: Graph) -> ModelFacts:
+    """Module names and parameter shapes of a captured graph."""
+    modules: dict[str, None] = {}
+    for node in graph.nodes:
+        name = node.attrs.get("module")
+        if not name:
+            continue
+        parts = name.split(".")
+        for length in range(1, len(parts) + 1):
+            modules.setdefault(".".join(parts[:length]))
+    shapes = {p.target: tuple(int(d) for d in p.type.shape) for p in graph.params}
+    for alias, target in (graph.attrs.get("aliases") or {}).items():
+        if target in shapes:
+            shapes.setdefault(alias, shapes[target])
+    return ModelFacts(list(modules), shapes)
+
+
+def _read_text(text: str) -> PlanInput:
+    stripped = text.strip()
+    if stripped in SHORTHANDS:
+        return PlanInput(stripped, None, ARGUMENT_SOURCE)
+    if "\n" not in stripped and (stripped.endswith(PLAN_SUFFIX) or Path(stripped).is_file()):
+        return _read_file(Path(stripped))
+    if _ONE_WORD.fullmatch(stripped) and stripped not in STATEMENTS:
+        # One word that is not a statement: a mistyped shorthand, most likely.
+        raise PlanError(f"unknown strategy {stripped!r}{did_you_mean(stripped, SHORTHANDS)}; "
+                        f"strategy= takes {', '.join(SHORTHANDS)}, a dict, plan text such as "
+                        f"'mesh dp=2, tp=2', or the path of a {PLAN_SUFFIX} file",
+                        ARGUMENT_SOURCE)
+    strategy, positions = parse_plan_with_positions(text, TEXT_SOURCE)
+    return PlanInput(strategy, positions, TEXT_SOURCE)
+
+
+def _read_file(path: Path) -> PlanInput:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(f"plan file {path} does not exist; give the path of a {PLAN_SUFFIX} file "
+                        "(relative paths start in the current directory)", str(path)) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlanError(f"cannot read plan file {path}: {error}", str(path)) from None
+    strategy, positions = parse_plan_with_positions(text, str(path))
+    return PlanInput(strategy, positions, str(path))
+
+
+def _spelled_out(strategy: dict) -> dict:
+    """A Python strategy with the pass conventions written as the plan language states them."""
+    result = copy.deepcopy(strategy)
+    if result.get("fsdp") is True:
+        result["fsdp"] = "dp"  # passes.strategy: True shards over the data-parallel axis
+    mesh = result.get("mesh")
+    # passes.layouts: a bare SBP applies to the only axis of a 1-D mesh (dp when none is given).
+    only_axis = next(iter(mesh)) if isinstance(mesh, dict) and len(mesh) == 1 else (
+        "dp" if mesh is None else None)
+    for key in ("params", "activations"):
+        placements = result.get(key)
+        if not isinstance(placements, dict) or only_axis is None:
+            continue
+        for glob, placement in placements.items():
+            if isinstance(placement, str) and placement != AUTO:
+                placements[glob] = {only_axis: placement}
+    return result
+
+
+def _with_mesh(strategy: Strategy, world_size: int | None) -> Strategy:
+    """Shorthands and mesh-less dicts with the mesh the passes would give them.
+
+    Done here rather than left to the passes so that the strategy keeps its canonical key order
+    (mesh first): the IR records the strategy, and a printed plan must compile to the same IR.
+    """
+    if world_size is None or strategy == AUTO:
+        return strategy
+    if isinstance(strategy, str):
+        return normalize_strategy(pass_strategy.normalize_strategy(strategy, world_size))
+    if "mesh" in strategy:
+        return strategy
+    default_mesh = pass_strategy.normalize_strategy(None, world_size)["mesh"]
+    return normalize_strategy({"mesh": default_mesh, **strategy})
+
+
+def _validate(strategy: Strategy, facts: ModelFacts, world_size: int | None,
+              positions: Positions | None, source: str) -> None:
+    validate_plan(strategy, module_names=facts.module_names, param_shapes=facts.param_shapes,
+                  world_size=world_size, positions=positions, source=source)

@@ -1,0 +1,679 @@
+"""Pipeline parallelism: cut the SBP graph into stages, split the loss into microbatches, schedule.
+
+The pass runs last (``decompose, layouts, propagate, boxing, grad_sync, pipeline``): layouts are
+chosen on the ``world`` mesh (the strategy's mesh without ``pp``), then
+
+1. **Microbatches.** The graph comes to describe one microbatch, and its loss becomes the
+   microbatch's *share* of the full-batch loss, so that summing the shares (and accumulating
+   their gradients) gives exactly the full-batch step. A mean written as ``sum / count`` (what
+   ``decompose`` makes of a mean cross entropy) keeps its per-microbatch sum but divides by the
+   count of the *whole* batch: the nodes computing the count are cloned and marked
+   ``whole_batch`` (run once per step on the whole batch). Other means are divided by the number
+   of microbatches (equal microbatches make that exact); sums need nothing.
+2. **Stages.** K = pp x virtual_stages stages, cut where a module begins (``"stages":
+   ["blocks.2"]``), at layer ranges (``"stage_layers": [[0, 1], [2, 3]]``), or where the
+   per-op FLOP estimate (:func:`passes.cost_model.op_flops`) is best balanced. Stage s runs on
+   mesh ``stage<s>``: the devices of pipeline position ``s % pp`` (``stage_devices`` overrides),
+   with the non-pp axes. Parameters used on several stages get a copy per stage, their gradients
+   summed after backward (``attr tied_params``).
+3. **Transfers.** Every value live across a cut crosses it in a ``comm.send_recv`` node (values
+   needed further on are relayed stage by stage). The crossing values are ordered in *slots*: a
+   value passed on keeps its slot and a new value takes the slot of one that died, so when every
+   cut carries the same slot types (a residual stream) any stage can be skipped (identity) or
+   reordered, which SkipPipe and inference through a subset of stages need.
+4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``passes.schedules``) or SkipPipe paths
+   (``passes.skippipe``; ``skip_ratio``) give each pipeline position its action list; every device
+   of a position runs that list, talking to the device at the same mesh coordinates of the peer
+   position. :func:`passes.schedules.check_deadlock` checks each lane of devices.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import sympy
+
+from ir.core import Graph, Node, Value
+from ir.ops.pipeline_ops import SEND_RECV, WHOLE_BATCH, Action, schedule_attr, stage_index, stage_mesh_name
+from ir.sbp import Split
+from ir.types import Mesh, TensorType, dim_symbol
+from passes.cost_model import op_flops
+from passes.manager import PassContext, register_pass
+from passes.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
+from passes.skippipe import SkipPipeProblem, format_skip_plan, plan_skip_paths
+from passes.strategy import StrategyError, closest
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+MEAN_LOSS_OPS = ("aten.mean.default", "aten.mean.dim", "aten.mse_loss.default", "aten.l1_loss.default",
+                 "aten.cross_entropy_loss.default", "aten.nll_loss.default", "aten.nll_loss_forward.default",
+                 "aten.binary_cross_entropy_with_logits.default", "aten.smooth_l1_loss.default")
+SUM_LOSS_OPS = ("aten.sum.default", "aten.sum.dim_IntList")
+BACKWARD_FLOP_FACTOR = 2.0
+"""Backward costs about twice the forward (the usual 6ND = 2ND forward + 4ND backward)."""
+DEFAULT_LINK = (1e-5, 1e10)
+"""(latency s, bandwidth B/s) used for SkipPipe timing when the context has no cluster."""
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The pipeline part of a strategy, resolved against the device count."""
+
+    positions: int
+    """Pipeline positions (the ``pp`` size): groups of devices that each hold stages."""
+    virtual_stages: int
+    """Stages per position (interleaved schedule); the stage count is positions x virtual_stages."""
+    microbatches: int
+    """Microbatches per step."""
+    schedule: str
+    """``gpipe``, ``1f1b`` or ``interleaved``."""
+    skip_ratio: float | None
+    """SkipPipe's share of stages a microbatch may skip; None for a plain schedule."""
+    position_devices: tuple
+    """Per position, its device ids in mesh order (the devices of its stage meshes)."""
+
+    @property
+    def num_stages(self) -> int:
+        """K, the number of stages."""
+        return self.positions * self.virtual_stages
+
+    def position_of(self, stage: int) -> int:
+        """The position holding ``stage`` (stage s lives on position s mod pp)."""
+        return stage % self.positions
+
+
+def pipeline_config(strategy: dict, world_size: int) -> PipelineConfig:
+    """Read ``mesh.pp``, ``microbatches``, ``schedule``, ``virtual_stages``, ``skip_ratio``, ``stage_devices``."""
+    mesh = strategy.get("mesh") or {}
+    if "pp" not in mesh:
+        raise StrategyError(f"a pipelined strategy needs a 'pp' mesh axis (the number of pipeline positions); "
+                            f"the mesh is {mesh}: add e.g. 'pp': 2 and shrink the other axes to match")
+    positions = int(mesh["pp"])
+    schedule = strategy.get("schedule") or "1f1b"
+    if schedule not in SCHEDULES:
+        raise StrategyError(f"unknown schedule {schedule!r}{closest(str(schedule), SCHEDULES)}; "
+                            f"use one of {', '.join(SCHEDULES)}")
+    virtual = int(strategy.get("virtual_stages") or (2 if schedule == "interleaved" else 1))
+    if virtual != 1 and schedule != "interleaved":
+        raise StrategyError(f"virtual_stages={virtual} needs schedule 'interleaved', found {schedule!r}")
+    microbatches = strategy.get("microbatches") or positions
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise StrategyError(f"microbatches must be a whole number >= 1, found {microbatches!r}")
+    ratio = strategy.get("skip_ratio")
+    if ratio is not None and schedule == "interleaved":
+        raise StrategyError("skip_ratio (SkipPipe) runs with schedule 'gpipe' or '1f1b', not 'interleaved'")
+    devices = _position_devices(mesh, world_size, strategy.get("stage_devices"), positions, virtual)
+    return PipelineConfig(positions, virtual, microbatches, schedule, None if ratio is None else float(ratio),
+                          devices)
+
+
+def _position_devices(mesh: dict, world_size: int, stage_devices, positions: int, virtual: int) -> tuple:
+    axes, sizes = list(mesh), [int(n) for n in mesh.values()]
+    full = Mesh.make(axes, sizes)
+    pp = axes.index("pp")
+    by_position: list[list[int]] = [[] for _ in range(positions)]
+    for d in range(world_size):
+        by_position[full.coords(d)[pp]].append(d)
+    if not stage_devices:
+        return tuple(tuple(ds) for ds in by_position)
+    per_stage = [list(ds) for ds in stage_devices]
+    if len(per_stage) not in (positions, positions * virtual):
+        raise StrategyError(f"stage_devices lists {len(per_stage)} stages; expected {positions} (one per pipeline "
+                            f"position) or {positions * virtual} (one per stage)")
+    size = len(by_position[0])
+    for s, ds in enumerate(per_stage):
+        if len(ds) != size:
+            raise StrategyError(f"stage_devices[{s}] = {ds} has {len(ds)} devices, but every stage runs on a mesh "
+                                f"of {size} (the non-pp axes of {mesh}); stages of different sizes are not supported")
+        if ds != per_stage[s % positions]:
+            raise StrategyError(f"stage {s} shares position {s % positions} with stage {s % positions}, so it needs "
+                                f"the same devices {per_stage[s % positions]}, found {ds}")
+        if any(not 0 <= d < world_size for d in ds):
+            raise StrategyError(f"stage_devices[{s}] = {ds} names devices outside 0..{world_size - 1}")
+    used = [d for ds in per_stage[:positions] for d in ds]
+    if len(set(used)) != len(used):
+        raise StrategyError(f"stage_devices gives one device to two pipeline positions: {per_stage[:positions]}")
+    return tuple(tuple(ds) for ds in per_stage[:positions])
+
+
+# -- the pass -------------------------------------------------------------------------------------------
+
+@register_pass("pipeline")
+def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
+    """Cut the graph into stages on their own meshes, add transfers and each device's schedule."""
+    config = pipeline_config(ctx.strategy, ctx.world_size)
+    world = graph.meshes.get("world") or next(iter(graph.meshes.values()))
+    if len(config.position_devices[0]) != world.size:
+        raise StrategyError(f"each pipeline position has {len(config.position_devices[0])} devices but the "
+                            f"layout mesh has {world.size}")
+    loss_split = "none"
+    if ctx.train and graph.loss is not None and config.microbatches > 1:
+        loss_split = split_loss_for_microbatches(graph, config.microbatches)
+    starts = stage_starts(graph, ctx.strategy, config.num_stages)
+    stage_flops = _stage_flops(graph, starts, config.microbatches)
+    _assign_stages(graph, starts)
+    _make_meshes(graph, world, config)
+    _place_inputs(graph)
+    tied = _place_params(graph)
+    slots, skippable = _slots(graph, config.num_stages)
+    _insert_transfers(graph, slots)
+    _regroup_buckets(graph, tied)
+    if tied:
+        graph.attrs["tied_params"] = tied
+    graph.attrs["pipeline"] = {
+        "stages": config.num_stages, "positions": [config.position_of(s) for s in range(config.num_stages)],
+        "microbatches": config.microbatches, "schedule": config.schedule, "virtual_stages": config.virtual_stages,
+        "loss_split": loss_split, "skippable": skippable, "stage_gflops": [round(f / 1e9, 6) for f in stage_flops],
+    }
+    _schedule(graph, config, ctx, stage_flops, slots, skippable)
+
+
+# -- microbatches: the loss as each microbatch's share -----------------------------------------------
+
+def split_loss_for_microbatches(graph: Graph, microbatches: int) -> str:
+    """Make the loss the share of one microbatch in the full-batch loss; returns how (for the dump).
+
+    ``"global_denominator"``: ``sum / count`` keeps the microbatch's sum over the whole batch's
+    count (computed by ``whole_batch`` clones); ``"mean"``: divided by the microbatch count;
+    ``"sum"``: unchanged.
+    """
+    node = _loss_node(graph)
+    if node.op == "aten.div.Tensor" and isinstance(node.args[1], Value) and _input_only(node.args[1]):
+        _denominator_over_whole_batch(graph, node, node.args[1])
+        return "global_denominator"
+    if node.op in MEAN_LOSS_OPS:
+        loss = graph.loss
+        share = graph.create_node("aten.div.Scalar", [loss, microbatches], {}, [loss.type], ["loss_share"],
+                                  dict(_module(node)))
+        out = share.outputs[0]
+        out.sbp, out.mesh = loss.sbp, loss.mesh
+        graph.outputs = [out if o is loss else o for o in graph.outputs]
+        graph.loss = out
+        return "mean"
+    if node.op in SUM_LOSS_OPS:
+        return "sum"
+    raise StrategyError(f"cannot split the loss into microbatches: it comes from {node.op} (%{node.name}); "
+                        "expected a mean (sum / count, mean, a mean-reduced loss) or a sum; use microbatches 1 "
+                        "or make the model return such a loss")
+
+
+def _loss_node(graph: Graph) -> Node:
+    node = graph.loss.producer
+    while node is not None and node.op.startswith("comm."):
+        node = node.input_values()[0].producer
+    if node is None:
+        raise StrategyError("the loss is an input or a parameter, not computed; nothing to split into microbatches")
+    return node
+
+
+def _module(node: Node) -> dict:
+    return {"module": node.attrs["module"]} if "module" in node.attrs else {}
+
+
+def _backward_slice(value: Value) -> list[Node]:
+    """Nodes that ``value`` depends on, in no particular order."""
+    seen: dict[int, Node] = {}
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        node = v.producer
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        stack.extend(node.input_values())
+    return list(seen.values())
+
+
+def _input_only(value: Value) -> bool:
+    """True when ``value`` depends on graph inputs and constants only (no parameter, so no gradient)."""
+    for node in _backward_slice(value):
+        if any(v.kind in ("param", "buffer") for v in node.input_values()):
+            return False
+    return value.kind not in ("param", "buffer")
+
+
+def _denominator_over_whole_batch(graph: Graph, div: Node, denominator: Value) -> None:
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    slice_nodes = sorted(_backward_slice(denominator), key=lambda n: order[id(n)])
+    clones: dict[int, Value] = {}
+    for node in slice_nodes:
+        args = _map(node.args, clones)
+        kwargs = _map(node.kwargs, clones)
+        clone = graph.create_node(node.op, args, kwargs, [o.type for o in node.outputs],
+                                  [f"{o.name}_whole" for o in node.outputs], {**node.attrs, WHOLE_BATCH: True},
+                                  before=div)
+        for o, c in zip(node.outputs, clone.outputs):
+            c.sbp, c.mesh = o.sbp, o.mesh
+            clones[id(o)] = c
+    div.map_values(lambda v: clones[id(v)] if v is denominator else v)
+    for node in reversed(slice_nodes):
+        if not any(o.uses or o in graph.outputs for o in node.outputs):
+            graph.remove_node(node)
+
+
+def _map(obj: Any, clones: dict[int, Value]) -> Any:
+    from ir.core import map_structure
+    return map_structure(obj, lambda v: clones.get(id(v), v))
+
+
+# -- where stages begin -----------------------------------------------------------------------------------
+
+def stage_starts(graph: Graph, strategy: dict, num_stages: int) -> list[int]:
+    """Indices into ``graph.nodes`` where stages 1 .. K-1 begin."""
+    if num_stages == 1:
+        return []
+    cuts = strategy.get("stages")
+    if cuts and cuts != "auto":
+        starts = _starts_at_modules(graph, list(cuts))
+    elif strategy.get("stage_layers") and strategy["stage_layers"] != "auto":
+        starts = _starts_at_layers(graph, strategy["stage_layers"])
+    else:
+        return balanced_starts(graph, num_stages)
+    if len(starts) != num_stages - 1:
+        raise StrategyError(f"the strategy cuts the model into {len(starts) + 1} stages but the mesh asks for "
+                            f"{num_stages} (pp x virtual_stages); give {num_stages - 1} cut(s)")
+    return starts
+
+
+def _module_of(node: Node) -> str:
+    return node.attrs.get("module", "")
+
+
+def _begins(module: str, path: str) -> bool:
+    return module == path or module.startswith(path + ".")
+
+
+def _starts_at_modules(graph: Graph, names: list[str]) -> list[int]:
+    starts, after = [], 1
+    for name in names:
+        found = next((i for i in range(after, len(graph.nodes)) if _begins(_module_of(graph.nodes[i]), name)), None)
+        if found is None:
+            modules = sorted({_module_of(n) for n in graph.nodes} - {""})
+            earlier = any(_begins(_module_of(n), name) for n in graph.nodes[:after])
+            why = (f"it begins before the previous cut (cuts go in model order)" if earlier else
+                   f"no node comes from it{closest(name, modules)}")
+            raise StrategyError(f"stage cut {name!r}: {why}")
+        starts.append(found)
+        after = found + 1
+    return starts
+
+
+def layer_container(graph: Graph) -> tuple[str, list[int]] | None:
+    """The repeated-layer module list (``blocks``, ``lm.transformer.h``) and its layer numbers."""
+    found: dict[str, set[int]] = {}
+    for node in graph.nodes:
+        parts = _module_of(node).split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit() and i > 0:
+                found.setdefault(".".join(parts[:i]), set()).add(int(part))
+                break
+    if not found:
+        return None
+    prefix = max(found, key=lambda p: len(found[p]))
+    return prefix, sorted(found[prefix])
+
+
+def _layer_start(graph: Graph, prefix: str, layer: int) -> int | None:
+    path = f"{prefix}.{layer}"
+    return next((i for i, n in enumerate(graph.nodes) if _begins(_module_of(n), path)), None)
+
+
+def _starts_at_layers(graph: Graph, ranges: Sequence) -> list[int]:
+    container = layer_container(graph)
+    if container is None:
+        raise StrategyError("stage_layers needs repeated layers (modules named like blocks.0, blocks.1); this "
+                            "model has none; cut at module names with 'stages' instead")
+    prefix, layers = container
+    expected = 0
+    for s, (first, last) in enumerate(ranges):
+        if first != expected or last < first:
+            raise StrategyError(f"stage_layers[{s}] = {[first, last]}: ranges must be contiguous from layer 0, "
+                                f"so this one should start at layer {expected}")
+        expected = last + 1
+    if expected != len(layers):
+        raise StrategyError(f"stage_layers covers layers 0..{expected - 1} but {prefix} has {len(layers)} layers "
+                            f"(0..{len(layers) - 1}); the last range must end at layer {len(layers) - 1}")
+    return [_layer_start(graph, prefix, int(first)) for first, _ in list(ranges)[1:]]
+
+
+def node_costs(graph: Graph) -> list[float]:
+    """Forward + backward FLOPs of every node at the example dims (views and collectives cost 0)."""
+    bindings = {dim_symbol(k): v for k, v in (graph.attrs.get("example_dims") or {}).items()}
+    costs = []
+    for node in graph.nodes:
+        if node.op.startswith("comm.") or node.attrs.get(WHOLE_BATCH):
+            costs.append(0.0)
+            continue
+        ins = [_concrete(v.type, bindings) for v in node.input_values()]
+        outs = [_concrete(v.type, bindings) for v in node.outputs]
+        try:
+            flops = float(op_flops(node.op, ins, outs, {}))
+        except (TypeError, ValueError, IndexError, KeyError):
+            flops = float(sum(math.prod(s) for s in outs))  # an op the cost model cannot price: elementwise
+        costs.append(flops * (1.0 + BACKWARD_FLOP_FACTOR))
+    return costs
+
+
+def _concrete(t: TensorType, bindings: dict) -> tuple:
+    out = []
+    for d in t.shape:
+        value = sympy.sympify(d).subs(bindings)
+        out.append(int(value) if value.is_number else 1)
+    return tuple(out)
+
+
+def _candidate_starts(graph: Graph) -> list[int]:
+    """Layer boundaries (and the end of the last layer); module boundaries when layers are too few."""
+    container = layer_container(graph)
+    if container is None:
+        return []
+    prefix, layers = container
+    starts = {_layer_start(graph, prefix, layer) for layer in layers}
+    last = max(i for i, n in enumerate(graph.nodes) if _begins(_module_of(n), prefix))
+    starts.add(last + 1)
+    return sorted(s for s in starts if s is not None and 0 < s < len(graph.nodes))
+
+
+def _module_boundaries(graph: Graph) -> list[int]:
+    return [i for i in range(1, len(graph.nodes))
+            if _module_of(graph.nodes[i]) and _module_of(graph.nodes[i]) != _module_of(graph.nodes[i - 1])]
+
+
+def balanced_starts(graph: Graph, num_stages: int) -> list[int]:
+    """Cuts that minimise the costliest stage (FLOPs), at layer boundaries when there are enough."""
+    costs = node_costs(graph)
+    candidates = _candidate_starts(graph)
+    if len(candidates) < num_stages - 1:
+        candidates = _module_boundaries(graph)
+    if len(candidates) < num_stages - 1:
+        raise StrategyError(f"cannot cut the model into {num_stages} stages: it has only {len(candidates)} module "
+                            "boundaries to cut at; use fewer stages")
+    return _min_max_partition(costs, candidates, num_stages)
+
+
+def _min_max_partition(costs: list[float], candidates: list[int], parts: int) -> list[int]:
+    """Choose ``parts - 1`` cut indices among ``candidates`` minimising the largest part (dynamic program)."""
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    points = [0] + candidates + [len(costs)]
+
+    def part(a: int, b: int) -> float:
+        return prefix[points[b]] - prefix[points[a]]
+
+    n = len(points)
+    best = {(0, 0): (0.0, [])}  # (cuts used, point index) -> (max part so far, cut point indices)
+    for used in range(1, parts):
+        for j in range(used, n - 1):
+            options = [(max(best[(used - 1, i)][0], part(i, j)), best[(used - 1, i)][1] + [j])
+                       for i in range(used - 1, j) if (used - 1, i) in best]
+            if options:
+                best[(used, j)] = min(options, key=lambda o: (o[0], o[1]))
+    final = [(max(best[(parts - 1, i)][0], part(i, n - 1)), best[(parts - 1, i)][1])
+             for i in range(parts - 1, n - 1) if (parts - 1, i) in best]
+    _, chosen = min(final, key=lambda o: (o[0], o[1]))
+    return [points[j] for j in chosen]
+
+
+def _stage_flops(graph: Graph, starts: list[int], microbatches: int) -> list[float]:
+    costs = node_costs(graph)
+    bounds = [0] + starts + [len(graph.nodes)]
+    return [sum(costs[a:b]) / microbatches for a, b in zip(bounds, bounds[1:])]
+
+
+# -- stages, meshes, placement ----------------------------------------------------------------------------------
+
+def _assign_stages(graph: Graph, starts: list[int]) -> None:
+    counts: dict[int, int] = defaultdict(int)
+    for i, node in enumerate(graph.nodes):
+        stage = bisect.bisect_right(starts, i)
+        node.attrs["stage"] = stage
+        counts[stage] += 1
+    empty = [s for s in range(len(starts) + 1) if not counts[s]]
+    if empty:
+        raise StrategyError(f"stage(s) {empty} would hold no operation; move the cuts")
+
+
+def _stage(node: Node) -> int:
+    return node.attrs["stage"]
+
+
+def _make_meshes(graph: Graph, world: Mesh, config: PipelineConfig) -> None:
+    for name in list(graph.meshes):
+        del graph.meshes[name]
+    for s in range(config.num_stages):
+        devices = config.position_devices[config.position_of(s)]
+        graph.meshes[stage_mesh_name(s)] = Mesh.make(world.axes, world.shape, devices)
+    for node in graph.nodes:
+        for o in node.outputs:
+            o.mesh = stage_mesh_name(_stage(node))
+
+
+def _place_inputs(graph: Graph) -> None:
+    """An input lives on the first stage that reads it (later ones get it relayed)."""
+    for v in graph.inputs:
+        stages = sorted({_stage(n) for n in v.uses})
+        v.mesh = stage_mesh_name(stages[0] if stages else 0)
+        whole = {_stage(n) for n in v.uses if n.attrs.get(WHOLE_BATCH)}
+        if whole and min(whole) != stages[0]:
+            raise StrategyError(f"input {v.name} is read by stage {stages[0]} and by the whole-batch loss count on "
+                                f"stage {min(whole)}; the count needs the input on its own stage: cut so that the "
+                                f"loss and the first use of {v.name} share a stage, or use microbatches 1")
+
+
+def _place_params(graph: Graph) -> list[list[Value]]:
+    """Move each parameter to the stage using it; a copy per further stage. Returns the tied groups."""
+    tied = []
+    for p in list(graph.params):
+        stages = sorted({_stage(n) for n in p.uses}) or [0]
+        p.mesh = stage_mesh_name(stages[0])
+        copies = [p]
+        for s in stages[1:]:
+            q = graph.add_param(f"{p.name}.stage{s}", p.type, p.target, p.kind)
+            q.sbp, q.mesh = p.sbp, stage_mesh_name(s)
+            graph.replace_all_uses(p, q, only=lambda n, s=s: _stage(n) == s)
+            copies.append(q)
+        if len(copies) > 1 and p.kind == "param":
+            tied.append(copies)
+    return tied
+
+
+def _regroup_buckets(graph: Graph, tied: list[list[Value]]) -> None:
+    """Gradient buckets hold parameters of one stage (its devices run the all-reduce); copies join."""
+    if "grad_buckets" not in graph.attrs:
+        return
+    copies = {id(group[0]): group for group in tied}
+    out = []
+    for bucket in graph.attrs["grad_buckets"]:
+        by_mesh: dict[str, list[Value]] = {}
+        for p in bucket["params"]:
+            for q in copies.get(id(p), [p]):
+                by_mesh.setdefault(q.mesh, []).append(q)
+        for mesh in sorted(by_mesh, key=lambda m: -stage_index(m)):
+            out.append({"axes": list(bucket["axes"]), "params": by_mesh[mesh]})
+    graph.attrs["grad_buckets"] = out
+
+
+# -- values crossing cuts ------------------------------------------------------------------------------
+
+def _liveness(graph: Graph, num_stages: int) -> dict[int, tuple[Value, int, int]]:
+    """value id -> (value, stage that holds it first, last stage that reads it)."""
+    final = {id(v) for v in graph.outputs} | ({id(graph.loss)} if graph.loss is not None else set())
+    out = {}
+    values = list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]
+    for v in values:
+        home = stage_index(v.mesh)
+        last = max([_stage(n) for n in v.uses] + [home])
+        if id(v) in final:
+            last = num_stages - 1
+        out[id(v)] = (v, home, last)
+    return out
+
+
+def _slots(graph: Graph, num_stages: int) -> tuple[list[list[Value]], bool]:
+    """Per cut, the values crossing it in slot order; and whether every cut carries the same slot types."""
+    live = _liveness(graph, num_stages)
+    order = {id(v): i for i, (v, _, _) in enumerate(live.values())}
+    slots: list[list[Value]] = []
+    skippable = True
+    for cut in range(num_stages - 1):
+        crossing = sorted((v for v, home, last in live.values() if home <= cut < last), key=lambda v: order[id(v)])
+        if not slots:
+            slots.append(crossing)
+            continue
+        aligned = _align(slots[-1], crossing)
+        if aligned is None:
+            skippable = False
+            aligned = [v for v in slots[-1] if v in crossing] + [v for v in crossing if v not in slots[-1]]
+        slots.append(aligned)
+    return slots, skippable and len({len(s) for s in slots}) <= 1
+
+
+def _same_kind(a: Value, b: Value) -> bool:
+    return a.type == b.type and a.sbp == b.sbp
+
+
+def _align(previous: list[Value], crossing: list[Value]) -> list[Value] | None:
+    """Keep passed-on values in their slots; put each new value in a freed slot of the same type."""
+    kept = {id(v) for v in crossing}
+    out: list[Value | None] = [v if id(v) in kept else None for v in previous]
+    fresh = [v for v in crossing if all(v is not p for p in previous)]
+    for i, v in enumerate(out):
+        if v is None:
+            match = next((f for f in fresh if _same_kind(f, previous[i])), None)
+            if match is None:
+                return None
+            fresh.remove(match)
+            out[i] = match
+    return None if fresh else out
+
+
+def _insert_transfers(graph: Graph, slots: list[list[Value]]) -> None:
+    current: dict[int, Value] = {}
+    for cut, values in enumerate(slots):
+        anchor = next(n for n in graph.nodes if _stage(n) == cut + 1)
+        for slot, v in enumerate(values):
+            source = current.get(id(v), v)
+            node = graph.create_node(SEND_RECV, [source], {"src": stage_mesh_name(cut),
+                                                           "dst": stage_mesh_name(cut + 1), "slot": slot},
+                                     [v.type], [f"{v.name}.s{cut + 1}"], {"stage": cut + 1}, before=anchor)
+            out = node.outputs[0]
+            out.sbp, out.mesh = v.sbp, stage_mesh_name(cut + 1)
+            graph.replace_all_uses(source, out, only=lambda n, node=node, cut=cut: n is not node and _stage(n) > cut)
+            current[id(v)] = out
+    graph.outputs = [current.get(id(o), o) for o in graph.outputs]
+    if graph.loss is not None:
+        graph.loss = current.get(id(graph.loss), graph.loss)
+
+
+# -- schedules -------------------------------------------------------------------------------------------
+
+def _schedule(graph: Graph, config: PipelineConfig, ctx: PassContext, stage_flops: list[float],
+              slots: list[list[Value]], skippable: bool) -> None:
+    k, m, p = config.num_stages, config.microbatches, config.positions
+    paths = None
+    if config.skip_ratio is not None:
+        if config.skip_ratio > 0 and not skippable:
+            raise StrategyError("skip_ratio > 0 needs stages that can be skipped: every cut must carry values of "
+                                "the same types (a residual stream); cut at layer boundaries (e.g. 'stage_layers')")
+        plan = plan_skip_paths(_skip_problem(graph, config, ctx, stage_flops, slots), config.skip_ratio,
+                               order="gpipe" if config.schedule == "gpipe" else "1f1b")
+        per_position, paths = plan.actions, plan.paths
+        graph.attrs["paths"] = paths
+        graph.attrs["skip_plan"] = format_skip_plan(plan)
+        graph.attrs["estimated_iteration_time_s"] = plan.estimated_iteration_time_s
+    elif config.schedule == "gpipe":
+        per_position = build_gpipe(k, m, list(range(p)))
+    elif config.schedule == "1f1b":
+        per_position = build_1f1b(k, m, list(range(p)))
+    else:
+        per_position = build_interleaved_1f1b(k, m, [s % p for s in range(k)], config.virtual_stages)
+    per_device = expand_to_devices(per_position, config.position_devices)
+    for lane in lanes(per_device, config.position_devices):
+        check_deadlock(lane, paths or [list(range(k))] * m)
+    graph.attrs["schedule"] = schedule_attr(per_device)
+
+
+def expand_to_devices(per_position: dict[int, list[Action]], position_devices: Sequence[Sequence[int]]
+                      ) -> dict[int, list[Action]]:
+    """Every device of a position runs its list; peers are the devices at the same mesh index."""
+    out: dict[int, list[Action]] = {}
+    for position, actions in per_position.items():
+        for index, device in enumerate(position_devices[position]):
+            out[device] = [a if a.peer is None else Action(a.kind, a.stage, a.microbatch,
+                                                          position_devices[a.peer][index]) for a in actions]
+    return dict(sorted(out.items()))
+
+
+def lanes(per_device: dict[int, list[Action]], position_devices: Sequence[Sequence[int]]) -> list[dict]:
+    """The schedule split into lanes: the devices at one mesh index of every position (a whole pipeline)."""
+    width = len(position_devices[0])
+    return [{ds[i]: per_device[ds[i]] for ds in position_devices} for i in range(width)]
+
+
+def _skip_problem(graph: Graph, config: PipelineConfig, ctx: PassContext, stage_flops: list[float],
+                  slots: list[list[Value]]) -> SkipPipeProblem:
+    cluster = ctx.cluster
+    first = [ds[0] for ds in config.position_devices]
+    width = len(config.position_devices[0])
+
+    def peak(device: int) -> float:
+        if cluster is None:
+            return 1e12
+        flops = cluster.devices[device].peak_flops
+        return float(flops.get("fp32") or max(flops.values()))
+
+    def link(a: int, b: int) -> tuple[float, float]:
+        if cluster is None:
+            return DEFAULT_LINK
+        found = cluster.link(first[a], first[b])
+        return found.latency_s, (found.bandwidth_Bps if math.isfinite(found.bandwidth_Bps) else 1e15)
+
+    forward = [f / (1.0 + BACKWARD_FLOP_FACTOR) / width / peak(first[config.position_of(s)])
+               for s, f in enumerate(stage_flops)]
+    dims = {dim_symbol(k): v for k, v in (graph.attrs.get("example_dims") or {}).items()}
+    crossing = slots[0] if slots else []
+    message = sum(math.prod(_concrete(v.type, dims)) * v.type.torch_dtype.itemsize for v in crossing)
+    message /= config.microbatches * max(1, _split_ways(crossing, graph))
+    return SkipPipeProblem([(s,) for s in range(config.num_stages)], forward, link, float(message),
+                           config.microbatches, backward_time_s=[BACKWARD_FLOP_FACTOR * f for f in forward])
+
+
+def _split_ways(values: list[Value], graph: Graph) -> int:
+    """How many ways the first crossing value is sharded (per-device message size)."""
+    if not values:
+        return 1
+    v = values[0]
+    mesh = graph.meshes[v.mesh]
+    return math.prod(n for s, n in zip(v.sbp, mesh.shape) if isinstance(s, Split))
+
+
+def apply_paths(graph: Graph, paths: Sequence[Sequence[int]], order: str = "1f1b") -> None:
+    """Give each microbatch an explicit stage path (SkipPipe) and rebuild every device's schedule.
+
+    For experiments and tests: ``paths[m]`` must start at stage 0, end at the last stage and visit
+    each stage at most once; the graph's stages must be skippable.
+    """
+    info = graph.attrs["pipeline"]
+    if not info.get("skippable"):
+        raise StrategyError("this pipeline's stages cannot be skipped or reordered (cuts carry different values)")
+    k, m = int(info["stages"]), int(info["microbatches"])
+    if len(paths) != m:
+        raise ValueError(f"expected one path per microbatch ({m}), found {len(paths)}")
+    for i, path in enumerate(paths):
+        if path[0] != 0 or path[-1] != k - 1:
+            raise ValueError(f"path {i} = {list(path)} must start at stage 0 and end at stage {k - 1}")
+    if int(info.get("virtual_stages", 1)) != 1:
+        raise ValueError("explicit paths need one stage per pipeline position (no virtual stages)")
+    position_devices = [graph.meshes[stage_mesh_name(s)].devices for s in range(k)]
+    per_position = build_path_schedule([list(p) for p in paths], list(range(k)), order)
+    per_device = expand_to_devices(per_position, position_devices)
+    for lane in lanes(per_device, position_devices):
+        check_deadlock(lane, paths)
+    graph.attrs["paths"] = [list(p) for p in paths]
+    graph.attrs["schedule"] = schedule_attr(per_device)
+

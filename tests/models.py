@@ -1,0 +1,108 @@
+"""Models the tests compile: the bundled GPT, transformers' GPT-2 and Llama from tiny configs, a CNN."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import gpt  # noqa: E402
+
+VOCAB = 128
+
+
+def gpt_model(n_layer: int = 2, seed: int = 0) -> nn.Module:
+    """The bundled GPT example (tied embedding and head)."""
+    return gpt.make_model(n_layer=n_layer, seed=seed)
+
+
+def gpt_inputs(batch: int = 8, seq: int = 16, seed: int = 1):
+    """Token ids and targets for :func:`gpt_model`."""
+    return gpt.example_inputs(batch=batch, seq=seq, seed=seed)
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a transformers causal LM so that ``forward(input_ids, labels)`` returns the loss."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, labels=labels).loss
+
+
+def gpt2_model(seed: int = 0, n_layer: int = 2) -> nn.Module:
+    """transformers' GPT2LMHeadModel from a tiny config (no dropout, tied head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=n_layer, n_head=4, use_cache=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return CausalLMLoss(GPT2LMHeadModel(cfg))
+
+
+def llama_model(seed: int = 0, n_layer: int = 2) -> nn.Module:
+    """transformers' LlamaForCausalLM from a tiny config (grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return CausalLMLoss(LlamaForCausalLM(cfg))
+
+
+def lm_inputs(batch: int = 8, seq: int = 16, seed: int = 1):
+    """input_ids and labels for the transformers models (labels include ignored positions)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    return ids, labels
+
+
+class SmallCNN(nn.Module):
+    """Conv, ReLU, max-pool, conv, global average pool and a linear classifier; returns the loss."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(images)), 2)
+        x = F.relu(self.conv2(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.cross_entropy(self.head(x), labels)
+
+
+def cnn_model(seed: int = 0) -> nn.Module:
+    """The small CNN, deterministically initialised."""
+    torch.manual_seed(seed)
+    return SmallCNN()
+
+
+def cnn_inputs(batch: int = 8, seed: int = 1):
+    """Images and class labels for :func:`cnn_model`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 16, 16, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def eager_loss_and_grads(model: nn.Module, inputs: tuple) -> tuple[torch.Tensor, dict]:
+    """Single-device reference: the loss and every parameter's gradient."""
+    model.zero_grad()
+    loss = model(*inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_close_to_eager(result, model: nn.Module, inputs: tuple, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """A virtual run's loss and every gradient equal eager single-device backward."""
+    loss, grads = eager_loss_and_grads(model, inputs)
+    torch.testing.assert_close(result.loss, loss, rtol=rtol, atol=atol)
+    assert set(result.grads) == set(grads), set(result.grads) ^ set(grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(result.grads[name], g, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
