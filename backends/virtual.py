@@ -8,6 +8,7 @@ every pass and the generated programs are checked against: it favours plainness 
 """
 from __future__ import annotations
 
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from ir import kernels
 from ir.core import Graph, Node, Value, map_structure
+from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import LocalContext, coord_symbol, local_call
 from ir.sbp import Broadcast, NdSbp, Partial, Split, format_nd_sbp
 from ir.types import Mesh
@@ -223,16 +225,31 @@ class VirtualMesh:
         result.loss = assemble([t.detach() for t in locals_], loss.sbp, mesh)
         seeded = [t if is_seed_rank(loss.sbp, mesh, r) else t * 0 for r, t in enumerate(locals_)]
         torch.stack(seeded).sum().backward()
-        grads = {p.name: [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in env[id(p)]]
-                 for p in self.graph.params if p.kind == "param"}
-        for bucket in self.graph.attrs.get("grad_buckets", []):
-            for p in bucket["params"]:
-                for axis in bucket["axes"]:
-                    m = self.mesh(p)
-                    grads[p.name] = collective("comm.all_reduce", grads[p.name], m, m.axis_index(axis), {})
-        for p in self.graph.params:
-            if p.kind == "param":
-                result.grads[p.target] = assemble(grads[p.name], _stored_layout(p.sbp), self.mesh(p))
+        result.grads = synced_gradients(self.graph, {p.name: env[id(p)] for p in self.graph.params})
+
+
+def synced_gradients(graph: Graph, leaves: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Full gradients by ``state_dict`` name from every rank's parameter leaves, after the plan's sync.
+
+    Buckets all-reduce partial gradients over their axes; copies of a parameter on several
+    pipeline stages (``tied_params``) are summed, as the generated programs do.
+    """
+    grads = {p.name: [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves[p.name]]
+             for p in graph.params if p.kind == "param"}
+    for bucket in graph.attrs.get("grad_buckets", []):
+        for p in bucket["params"]:
+            m = graph.meshes[p.mesh]
+            for axis in bucket["axes"]:
+                grads[p.name] = collective("comm.all_reduce", grads[p.name], m, m.axis_index(axis), {})
+    for group in graph.attrs.get("tied_params", []):
+        total = [sum(parts) for parts in zip(*(grads[p.name] for p in group))]
+        for p in group:
+            grads[p.name] = total
+    out: dict[str, torch.Tensor] = {}
+    for p in graph.params:
+        if p.kind == "param" and p.target not in out:
+            out[p.target] = assemble(grads[p.name], _stored_layout(p.sbp), graph.meshes[p.mesh])
+    return out
 
 
 def is_seed_rank(sbp: NdSbp, mesh: Mesh, position: int) -> bool:
@@ -272,6 +289,259 @@ def evaluate(obj: Any, env: dict, rank: int, scope: dict) -> Any:
     return obj
 
 
-def run_virtual(graph: Graph, weights: dict, inputs: tuple, mode: str = "train") -> VirtualResult:
-    """Simulate every rank of ``graph`` in this process."""
+def run_virtual(graph: Graph, weights: dict, inputs: tuple, mode: str = "train", *,
+                stages: list[int] | None = None) -> VirtualResult:
+    """Simulate every rank of ``graph`` in this process.
+
+    A pipelined graph runs its schedule (see :class:`PipelineRunner`); ``stages`` (pipelines,
+    ``infer`` mode) runs every microbatch through that subset of stages only.
+    """
+    if is_pipelined(graph):
+        return PipelineRunner(graph, weights).run(inputs, mode, stages)
+    if stages is not None:
+        raise VirtualRunError("stages= chooses pipeline stages, but this plan has no pipeline")
     return VirtualMesh(graph, weights).run(inputs, mode)
+
+
+# -- pipelines -----------------------------------------------------------------------------------------
+
+def is_batch_like(v: Value) -> bool:
+    """Inputs whose first dim is symbolic (the batch) are split into microbatches; others are shared."""
+    return v.type.ndim > 0 and not v.type.shape[0].is_Integer
+
+
+def split_microbatches(graph: Graph, inputs: tuple, count: int) -> list[tuple]:
+    """The inputs of each microbatch: batch-like inputs cut into ``count`` equal chunks along dim 0."""
+    chunks = []
+    for v, t in zip(graph.inputs, inputs):
+        if is_batch_like(v):
+            if t.shape[0] % count:
+                raise VirtualRunError(f"input {v.name}: the batch ({t.shape[0]}) does not split into {count} "
+                                      f"microbatches; use a batch size that is a multiple of {count}")
+            chunks.append(t.chunk(count, dim=0))
+        else:
+            chunks.append([t] * count)
+    return [tuple(parts) for parts in zip(*chunks)]
+
+
+@dataclass
+class _Saved:
+    """What a stage's forward of one microbatch keeps for its backward."""
+
+    entries: list
+    """Per slot, the leaf tensors the stage received (one per device)."""
+    exits: list
+    """Per slot, the tensors the stage sent on (one per device; part of the autograd graph)."""
+    loss: list | None
+    """On the last stage of the path: the loss of every device."""
+
+
+class PipelineRunner:
+    """Runs a pipelined graph: every device's action list, with send/recv through in-order channels.
+
+    The devices of a pipeline position run the same list (talking to the device at the same mesh
+    index of the peer position), so one lane of devices is stepped, in the order
+    :func:`passes.schedules.check_deadlock` uses: each device in turn runs until it waits on a
+    receive. An ``F`` runs the stage's nodes for one microbatch on every device of the stage's
+    mesh, on leaves made of what it received; its ``B`` back-propagates the received gradients
+    (or the loss) into those leaves, whose gradients are what ``SEND_B`` carries back. Parameter
+    gradients accumulate over microbatches, then the plan's sync (buckets, tied copies) runs.
+    """
+
+    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor]):
+        self.graph = graph
+        self.mesh_runner = VirtualMesh(graph, weights)
+        self.stages = pipeline_stages(graph)
+        self.microbatches = int(graph.attrs["pipeline"]["microbatches"])
+        self.paths = microbatch_paths(graph)
+        self.ready: dict[tuple, list] = {}
+        self.saved: dict[tuple, _Saved] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+
+    def run(self, inputs: tuple, mode: str = "train", stages: list[int] | None = None) -> VirtualResult:
+        """Forward and backward of every microbatch (train), or forward through ``stages`` (infer)."""
+        self.full_dims = bind_dims(self.graph, inputs)
+        self.micro = split_microbatches(self.graph, inputs, self.microbatches)
+        self.micro_dims = [bind_dims(self.graph, mb) for mb in self.micro]
+        self.train = mode == "train"
+        self.shared = self._shared_values(inputs)
+        if stages is not None:
+            if self.train:
+                raise VirtualRunError("stages= runs inference through a subset of stages; use mode='infer'")
+            self.paths = [self._checked_subset(stages)] * self.microbatches
+        if not self.train:
+            return self._infer()
+        self._run_schedule()
+        result = VirtualResult(loss=sum(self.losses[m] for m in sorted(self.losses)))
+        result.grads = synced_gradients(self.graph, {p.name: self.shared[id(p)] for p in self.graph.params})
+        return result
+
+    # -- values shared by all microbatches: parameters and whole-batch nodes --------------------------
+    def _shared_values(self, inputs: tuple) -> dict[int, list]:
+        env: dict[int, list] = {}
+        for p in self.graph.params:
+            env[id(p)] = self.mesh_runner._param_leaves(p, train=self.train and p.kind == "param")
+        whole = [n for st in self.stages for n in st.whole_batch_nodes]
+        if whole:
+            for v, t in zip(self.graph.inputs, inputs):
+                env[id(v)] = self.mesh_runner._scatter(v, t)
+            for node in whole:
+                self.mesh_runner._run_node(node, env, self.full_dims)
+            for v in self.graph.inputs:
+                del env[id(v)]
+        return env
+
+    def _checked_subset(self, stages: list[int]) -> list[int]:
+        count = len(self.stages)
+        path = [int(s) for s in stages]
+        if not path or path[0] != 0 or path[-1] != count - 1 or len(set(path)) != len(path) \
+                or any(not 0 <= s < count for s in path):
+            raise VirtualRunError(f"stages={stages}: expected distinct stages from 0 to {count - 1}, starting at 0 "
+                                  f"(the input embedding) and ending at {count - 1} (the output)")
+        if path != list(range(count)) and not self.graph.attrs["pipeline"].get("skippable"):
+            raise VirtualRunError("this pipeline's stages cannot be skipped: its cuts carry different values")
+        return path
+
+    # -- one stage, one microbatch --------------------------------------------------------------------
+    def _neighbour(self, stage: int, microbatch: int, step: int) -> int | None:
+        path = self.paths[microbatch]
+        i = path.index(stage) + step
+        return path[i] if 0 <= i < len(path) else None
+
+    def forward(self, stage: int, microbatch: int) -> None:
+        """``F``: the stage's nodes on one microbatch, on leaves of what the previous stage sent."""
+        st = self.stages[stage]
+        env = dict(self.shared)
+        for v in st.inputs:
+            env[id(v)] = self.mesh_runner._scatter(v, self.micro[microbatch][self.graph.inputs.index(v)])
+        previous = self._neighbour(stage, microbatch, -1)
+        leaves = []
+        if previous is not None:
+            for v, locals_ in zip(st.entries, self.ready.pop(("F", previous, microbatch))):
+                leaves.append([_leaf(t, self.train) for t in locals_])
+                env[id(v)] = leaves[-1]
+        elif st.entries:
+            raise VirtualRunError(f"microbatch {microbatch} starts at stage {stage}, which needs values from an "
+                                  "earlier stage; paths start at stage 0")
+        for node in st.nodes:
+            self.mesh_runner._run_node(node, env, self.micro_dims[microbatch])
+        if self._neighbour(stage, microbatch, +1) is None:
+            self._finish(stage, microbatch, env, leaves)
+            return
+        exits = [env[id(v)] for v in st.exits]
+        self.ready[("F", stage, microbatch)] = [[t.detach() for t in locals_] for locals_ in exits]
+        self.saved[(stage, microbatch)] = _Saved(leaves, exits, None)
+
+    def _finish(self, stage: int, microbatch: int, env: dict, leaves: list) -> None:
+        if stage != len(self.stages) - 1:
+            raise VirtualRunError(f"microbatch {microbatch} ends at stage {stage}; paths end at the last stage "
+                                  f"({len(self.stages) - 1}), which computes the outputs")
+        if not self.train:
+            self.ready[("out", microbatch)] = [env[id(o)] for o in self.graph.outputs]
+            return
+        loss = self.graph.loss
+        mesh = self.graph.meshes[loss.mesh]
+        locals_ = env[id(loss)]
+        self.losses[microbatch] = assemble([t.detach() for t in locals_], loss.sbp, mesh)
+        self.saved[(stage, microbatch)] = _Saved(leaves, [], locals_)
+
+    def backward(self, stage: int, microbatch: int) -> None:
+        """``B``: back-propagate the loss or the received gradients; keep the entries' gradients to send."""
+        saved = self.saved.pop((stage, microbatch))
+        if saved.loss is not None:
+            loss = self.graph.loss
+            mesh = self.graph.meshes[loss.mesh]
+            seeded = [t if is_seed_rank(loss.sbp, mesh, r) else t * 0 for r, t in enumerate(saved.loss)]
+            torch.stack(seeded).sum().backward()
+        else:
+            grads = self.ready.pop(("B", self._neighbour(stage, microbatch, +1), microbatch))
+            outs, seeds = [], []
+            for locals_, slot_grads in zip(saved.exits, grads):
+                for t, g in zip(locals_, slot_grads):
+                    if g is not None and t.requires_grad:
+                        outs.append(t)
+                        seeds.append(g)
+            if outs:
+                torch.autograd.backward(outs, seeds)
+        if saved.entries:
+            self.ready[("B", stage, microbatch)] = [[_leaf_grad(leaf) for leaf in slot] for slot in saved.entries]
+
+    # -- the schedule ---------------------------------------------------------------------------------
+    def _run_schedule(self) -> None:
+        lists = self._lane_lists()
+        channels: dict[tuple[int, int], deque] = defaultdict(deque)
+        position = {rank: 0 for rank in lists}
+        progress = True
+        while progress:
+            progress = False
+            for rank in sorted(lists):
+                while position[rank] < len(lists[rank]) and self._step(rank, lists[rank][position[rank]], channels):
+                    position[rank] += 1
+                    progress = True
+        stuck = {rank: str(lists[rank][i]) for rank, i in position.items() if i < len(lists[rank])}
+        if stuck:
+            raise VirtualRunError(f"the schedule deadlocks: devices wait at {stuck}; check it with "
+                                  "passes.schedules.check_deadlock")
+
+    def _step(self, rank: int, action: Action, channels: dict) -> bool:
+        if action.kind == "F":
+            self.forward(action.stage, action.microbatch)
+        elif action.kind == "B":
+            self.backward(action.stage, action.microbatch)
+        elif action.is_send:
+            channels[(rank, action.peer)].append((action.value, self.ready.pop(action.value)))
+        else:
+            queue = channels[(action.peer, rank)]
+            if not queue:
+                return False
+            value, payload = queue.popleft()
+            if value != action.value:
+                raise VirtualRunError(f"device {rank} runs {action} but the next message from device {action.peer} "
+                                      f"is {value}; channels deliver in order")
+            self.ready[value] = payload
+        return True
+
+    def _lane_lists(self) -> dict[int, list[Action]]:
+        """The action lists of the first device of every position; checks the other devices agree."""
+        actions = schedule_actions(self.graph)
+        first_of = {}
+        for st in self.stages:
+            devices = self.graph.meshes[st.mesh].devices
+            for index, device in enumerate(devices):
+                first_of[device] = (devices[0], index)
+        lane = {first_of[d][0]: actions[d] for d in actions if first_of[d][1] == 0}
+        for device, acts in actions.items():
+            first, _ = first_of[device]
+            renamed = [a if a.peer is None else Action(a.kind, a.stage, a.microbatch, first_of[a.peer][0])
+                       for a in acts]
+            if renamed != lane[first]:
+                raise VirtualRunError(f"device {device} runs a different action list from device {first}, the first "
+                                      "device of its stage; every device of a stage runs the same list")
+        return lane
+
+    def _infer(self) -> VirtualResult:
+        for microbatch, path in enumerate(self.paths):
+            for stage in path:
+                with torch.no_grad():
+                    self.forward(stage, microbatch)
+        outputs = []
+        for i, o in enumerate(self.graph.outputs):
+            parts = [assemble(self.ready[("out", m)][i], o.sbp, self.graph.meshes[o.mesh])
+                     for m in range(self.microbatches)]
+            if o is self.graph.loss:
+                outputs.append(sum(parts))
+            elif o.type.ndim > 0 and not o.type.shape[0].is_Integer:
+                outputs.append(torch.cat(parts, dim=0))
+            else:
+                outputs.append(parts[0])
+        return VirtualResult(outputs=tuple(outputs))
+
+
+def _leaf(t: torch.Tensor, train: bool) -> torch.Tensor:
+    return t.detach().requires_grad_(train and t.is_floating_point())
+
+
+def _leaf_grad(leaf: torch.Tensor) -> torch.Tensor | None:
+    if not leaf.requires_grad:
+        return None
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)

@@ -928,9 +928,12 @@ class _ModelChecker:
         self.check_params()
         for path, glob in self.module_globs():
             self.matches(glob, self.module_names, path, "module")
+        self.check_pipeline_axis()
+        self.check_stage_order()
         self.check_stage_count()
         self.check_stage_layers()
         self.check_stage_devices()
+        self.check_stage_device_counts()
 
     def mesh(self) -> dict:
         mesh = self.strategy.get("mesh")
@@ -1020,13 +1023,45 @@ class _ModelChecker:
                 return len(self.strategy[key])
         return None
 
+    def check_pipeline_axis(self) -> None:
+        """Stage cuts run on pipeline positions, which the mesh's pp axis counts."""
+        mesh = self.strategy.get("mesh")
+        if mesh == AUTO or isinstance(mesh, dict) and "pp" in mesh:
+            return
+        for key in ("stages", "stage_layers", "stage_devices"):
+            if isinstance(self.strategy.get(key), list):
+                count = self.stage_count()
+                self.fail((key,), f"the plan has {count} pipeline stages, but the mesh has no pp "
+                                  f"axis to run them on; add pp={count} to the mesh (pp is the "
+                                  "number of pipeline positions)")
+
+    def check_stage_order(self) -> None:
+        """Stage cuts in the order their modules come in the model."""
+        stages = self.strategy.get("stages")
+        if not isinstance(stages, list):
+            return
+        order = {name: index for index, name in enumerate(self.module_names)}
+        for index in range(1, len(stages)):
+            before, name = stages[index - 1], stages[index]
+            if before in order and name in order and order[name] < order[before]:
+                self.fail(("stages", index), f"stage cut {name!r} comes before {before!r} in the "
+                                             "model; list the cuts in model order")
+
+    def virtual_stages(self) -> int | None:
+        """Stages per pipeline position: interleaved 1F1B has 2 unless the plan says otherwise."""
+        virtual = self.strategy.get("virtual_stages")
+        if _is_int(virtual):
+            return virtual
+        schedule = self.strategy.get("schedule")
+        return {"interleaved": 2, AUTO: None}.get(schedule, 1) if virtual is None else None
+
     def check_stage_count(self) -> None:
         pipeline = self.mesh().get("pp")
         count = self.stage_count()
         if not _is_int(pipeline) or count is None:
             return
-        virtual = self.strategy.get("virtual_stages")
-        allowed = {pipeline} | ({pipeline * virtual} if _is_int(virtual) else set())
+        virtual = self.virtual_stages()
+        allowed = {pipeline} | ({pipeline * virtual} if virtual is not None else set())
         if count not in allowed:
             key = next(k for k in ("stages", "stage_layers", "stage_devices") if k in self.strategy)
             self.fail((key,), f"the plan has {count} stages, but the pp axis has size {pipeline}; "
@@ -1061,6 +1096,23 @@ class _ModelChecker:
                     self.fail(path, f"device {device} holds both stage {other} and stage {index}; "
                                     "only `schedule interleaved` puts several stages on one "
                                     "device, so give each stage its own devices or use it")
+
+
+    def check_stage_device_counts(self) -> None:
+        """Every stage runs on a mesh of the non-pp axes, so it needs that many devices."""
+        mesh = self.mesh()
+        sizes = {axis: size for axis, size in mesh.items() if axis != "pp"}
+        if (not self.strategy.get("stage_devices") or "pp" not in mesh
+                or not all(map(_is_int, sizes.values()))):
+            return
+        wanted = math.prod(sizes.values())
+        shape = " x ".join(f"{axis}={size}" for axis, size in sizes.items()) or "no other axes"
+        for index, devices in enumerate(self.strategy["stage_devices"]):
+            if len(devices) != wanted:
+                self.fail(("stage_devices", index),
+                          f"stage {index} is placed on {len(devices)} devices, but every stage "
+                          f"runs on the mesh of the axes other than pp ({shape}), which has "
+                          f"{wanted}; give every stage {wanted} devices")
 
 
 def _generalize(name: str) -> str:

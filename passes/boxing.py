@@ -37,8 +37,45 @@ class BoxingError(ValueError):
 
 def boxing_path(t: TensorType, src: NdSbp, dst: NdSbp, mesh: Mesh, cost: CostFn = bytes_cost
                 ) -> tuple[float, list[tuple[int, str, dict, NdSbp]]]:
-    """The cheapest conversion ``src -> dst``: total cost and steps ``(axis, op, kwargs, new sbp)``."""
-    return _search(t, tuple(src), tuple(dst), mesh, cost)
+    """The cheapest conversion ``src -> dst``: total cost and steps ``(axis, op, kwargs, new sbp)``.
+
+    Raises :class:`BoxingError` when ``src`` or ``dst`` splits a static dim unevenly, and for any
+    conversion into ``P(max)``: no collective makes max-partial values (only ops such as ``amax``
+    produce them), so a ``P(max)`` input must already be held that way.
+    """
+    src, dst = tuple(src), tuple(dst)
+    if src != dst:
+        for layout in (src, dst):
+            problem = uneven_split(t, layout, mesh)
+            if problem:
+                raise BoxingError(f"cannot hold {t} as {format_nd_sbp(layout)} on mesh {_mesh_text(mesh)}: "
+                                  f"{problem}")
+        if PMAX in dst:
+            raise BoxingError(f"no conversion from {format_nd_sbp(src)} to {format_nd_sbp(dst)} for {t} on mesh "
+                              f"{_mesh_text(mesh)}: no collective produces P(max) values; a P(max) input "
+                              f"must come from an op that outputs P(max) (amax), else use B or S")
+    return _search(t, src, dst, mesh, cost)
+
+
+def uneven_split(t: TensorType, nd: NdSbp, mesh: Mesh) -> str | None:
+    """Why ``nd`` cannot hold a tensor of type ``t`` (a split that does not divide), or None."""
+    for dim in sorted({s.dim for s in nd if isinstance(s, Split)}):
+        axes = [(a, n) for s, a, n in zip(nd, mesh.axes, mesh.shape) if isinstance(s, Split) and s.dim == dim]
+        ways = 1
+        for _, n in axes:
+            ways *= n
+        names = ", ".join(f"{a}={n}" for a, n in axes)
+        if dim >= t.ndim:
+            return f"S({dim}) splits dim {dim}, but the tensor has {t.ndim} dims"
+        size = t.shape[dim]
+        if size.is_Integer and int(size) % ways:
+            return (f"dim {dim} has size {size}, which does not split evenly over {ways} ranks (mesh axes "
+                    f"{names}); use a size that is a multiple of {ways}, or a layout that does not split dim {dim}")
+    return None
+
+
+def _mesh_text(mesh: Mesh) -> str:
+    return "[" + ", ".join(f"{a}={n}" for a, n in zip(mesh.axes, mesh.shape)) + "]"
 
 
 @lru_cache(maxsize=65536)
@@ -69,7 +106,7 @@ def _search(t, src, dst, mesh, cost):
                     heapq.heappush(heap, (nc, counter, nxt, path + [(axis, step[0], step[1], nxt)]))
                     counter += 1
     raise BoxingError(f"no conversion from {format_nd_sbp(src)} to {format_nd_sbp(dst)} for {t} "
-                      f"on mesh {dict(zip(mesh.axes, mesh.shape))}")
+                      f"on mesh {_mesh_text(mesh)}")
 
 
 def _contiguous(state: NdSbp, axis: int, new) -> bool:

@@ -31,17 +31,37 @@ def eager_runner(module: OnnxModule, inputs: tuple[torch.Tensor, ...]) -> tuple[
 
 
 class SbpcBackendRep(onnx.backend.base.BackendRep):
-    """A prepared (converted) model; ``run`` takes and returns numpy arrays."""
+    """A prepared (converted) model; ``run`` takes and returns numpy arrays.
 
-    def __init__(self, module: OnnxModule, runner: Runner):
+    Graph inputs that ops read as configuration (``module.config_inputs``: reshape targets,
+    slice bounds, axes...) are bound to the values of each run, and the model is converted
+    again for every new combination of them, so the runner always gets a static module
+    that torch.export can trace.
+    """
+
+    def __init__(self, model: onnx.ModelProto, module: OnnxModule, runner: Runner):
+        self.model = model
         self.module = module
         self.runner = runner
+        self._specialized: dict[tuple, OnnxModule] = {}
 
     def run(self, inputs: Any, **kwargs: Any) -> tuple[np.ndarray, ...]:
         """Run on ``inputs`` (a list in graph-input order, a dict by name, or one array)."""
-        tensors = tuple(tensor_from_numpy(np.asarray(a)) for a in self._ordered(inputs))
-        outputs = self.runner(self.module, tensors)
+        arrays = dict(zip(self.module.input_names, self._ordered(inputs), strict=True))
+        module = self._module_for(arrays)
+        tensors = tuple(tensor_from_numpy(np.asarray(arrays[name]))
+                        for name in module.input_names)
+        outputs = self.runner(module, tensors)
         return tuple(tensor_to_numpy(out) for out in outputs)
+
+    def _module_for(self, arrays: dict[str, Any]) -> OnnxModule:
+        if not self.module.config_inputs:
+            return self.module
+        bound = {name: np.asarray(arrays[name]) for name in self.module.config_inputs}
+        key = tuple((name, a.dtype.str, a.shape, a.tobytes()) for name, a in bound.items())
+        if key not in self._specialized:
+            self._specialized[key] = onnx_to_torch(self.model, constant_inputs=bound)
+        return self._specialized[key]
 
     def _ordered(self, inputs: Any) -> list[Any]:
         names = self.module.input_names
@@ -81,7 +101,7 @@ class SbpcBackend(onnx.backend.base.Backend):
             raise ValueError(f"SbpcBackend runs on CPU only, got device {device!r}")
         super().prepare(model, device, **kwargs)
         # read on the class, a function attribute stays a plain (unbound) function
-        return SbpcBackendRep(onnx_to_torch(model), cls.runner)
+        return SbpcBackendRep(model, onnx_to_torch(model), cls.runner)
 
     @classmethod
     def run_model(cls, model: onnx.ModelProto, inputs: Any, device: str = "CPU",

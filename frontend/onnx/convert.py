@@ -14,10 +14,11 @@ import keyword
 import operator
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 import torch.fx
@@ -43,7 +44,9 @@ class OnnxModule(torch.fx.GraphModule):
     and outputs, in order), ``opset`` (the ai.onnx opset the model was converted with),
     ``initializer_names`` (ONNX names of all initializers, parameters first) and
     ``param_onnx_names`` (module attribute name -> ONNX initializer name, for parameters and
-    buffers made from initializers).
+    buffers made from initializers) and ``config_inputs`` (graph inputs that ops read as
+    configuration — shapes, axes, bounds — which makes forward data-dependent: fine eagerly,
+    not traceable by torch.export; bind them with ``onnx_to_torch(constant_inputs=...)``).
     """
 
     input_names: list[str]
@@ -51,12 +54,13 @@ class OnnxModule(torch.fx.GraphModule):
     opset: int
     initializer_names: list[str]
     param_onnx_names: dict[str, str]
+    config_inputs: list[str]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OnnxModule:
         copied = super().__deepcopy__(memo)
         result = OnnxModule(copied, copied.graph, class_name=type(self).__name__)
         for attribute in ("input_names", "output_names", "opset", "initializer_names",
-                          "param_onnx_names"):
+                          "param_onnx_names", "config_inputs"):
             setattr(result, attribute, _copy_plain(getattr(self, attribute)))
         return result
 
@@ -118,11 +122,10 @@ class GraphBuilder:
         self.env: dict[str, Value] = {}
         self._taken_attrs: set[str] = set()
         self._get_attr_nodes: dict[str, torch.fx.Node] = {}
-        self._value_attr: dict[int, str] = {}
-        self._shape_tensors: dict[int, Value] = {}
         self._current: NodeContext | None = None
         self.param_onnx_names: dict[str, str] = {}
         self.inferred_types: dict[str, int] = {}
+        self.config_inputs: set[str] = set()  # graph inputs read as op configuration
 
     # ----- state: parameters, buffers, constants ----------------------------------------
     def add_initializer(self, name: str, tensor: torch.Tensor, *, trainable: bool) -> Value:
@@ -135,23 +138,21 @@ class GraphBuilder:
         else:
             self.root.register_buffer(attr, tensor)
             value = Value(const=tensor)
-        self._value_attr[id(value)] = attr
+        value.attr = attr
         return value
 
     def fx_arg(self, value: Value) -> torch.fx.Node:
         """The fx node giving ``value`` at run time (a get_attr for parameters/constants)."""
         if value.node is not None:
             return value.node
-        attr = self._value_attr.get(id(value))
-        if attr is None:
-            attr = python_identifier(f"const_{self._current.name if self._current else ''}",
-                                     self._taken_attrs)
-            self.root.register_buffer(attr, value.const)
-            self._value_attr[id(value)] = attr
-        node = self._get_attr_nodes.get(attr)
+        if value.attr is None:  # a folded constant used at run time: make it a buffer
+            value.attr = python_identifier(
+                f"const_{self._current.name if self._current else ''}", self._taken_attrs)
+            self.root.register_buffer(value.attr, value.const)
+        node = self._get_attr_nodes.get(value.attr)
         if node is None:
-            node = self.graph.get_attr(attr)
-            self._get_attr_nodes[attr] = node
+            node = self.graph.get_attr(value.attr)
+            self._get_attr_nodes[value.attr] = node
         if value.initial is not None:  # a parameter: remember its node for later uses
             value.node = node
         return node
@@ -196,14 +197,12 @@ class GraphBuilder:
 
     def shape_to_tensor(self, value: Value) -> Value:
         """A symbolic shape list as an int64 tensor (for ops that need a tensor)."""
-        cached = self._shape_tensors.get(id(value))
-        if cached is None:
+        if value.as_tensor is None:
             node = self.graph.call_function(shape_list_to_tensor, (value.node,))
             if self._current is not None:
                 self._annotate(node, self._current)
-            cached = Value(node=node)
-            self._shape_tensors[id(value)] = cached
-        return cached
+            value.as_tensor = Value(node=node)
+        return value.as_tensor
 
     def _annotate(self, node: torch.fx.Node, ctx: NodeContext) -> None:
         node.meta["onnx_node"] = ctx.name
@@ -217,11 +216,11 @@ class GraphBuilder:
         if error is not None:
             raise error
         ctx = NodeContext(self, node, self.opset, inputs)
-        self._current = ctx
+        outer, self._current = self._current, ctx  # If branches convert nodes recursively
         try:
             result = CONVERTERS[node.op_type](ctx)
         finally:
-            self._current = None
+            self._current = outer
         results = [result] if isinstance(result, Value) else list(result)
         for index, name in enumerate(node.output):
             if not name:
@@ -234,6 +233,18 @@ class GraphBuilder:
                 value.dtype_hint = ONNX_TO_TORCH.get(self.inferred_types[name])
             self.env[name] = value
 
+    def inline_graph(self, graph: onnx.GraphProto) -> list[Value]:
+        """Convert a subgraph (e.g. the taken If branch) in place; its output values.
+
+        The subgraph reads outer values by name, which ``env`` holds already.
+        """
+        check_nodes_supported(graph, self.opset)
+        for proto in graph.initializer:
+            self.env[proto.name] = Value(const=self.tensor_from_proto(proto))
+        for node in graph.node:
+            self.convert_node(node)
+        return [self.env[output.name] for output in graph.output]
+
     def _lookup(self, name: str, node: onnx.NodeProto) -> Value:
         try:
             return self.env[name]
@@ -241,7 +252,6 @@ class GraphBuilder:
             raise ValueError(f"ONNX node {node.name or node.op_type!r} ({node.op_type}) reads "
                              f"{name!r}, which no earlier node, input or initializer defines; "
                              f"the graph is not topologically sorted or is invalid") from None
-
 
 
 def unsupported_node_error(node: onnx.NodeProto, opset: int) -> UnsupportedOnnx | None:
@@ -351,8 +361,21 @@ def _wrap_results(result: Any, num_results: int | None, wrap: Callable[[torch.Te
 
 # ----- the model-level driver -------------------------------------------------------------
 def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike | bytes, *,
-                  opset: int | None = None) -> OnnxModule:
-    """Convert an ONNX model (proto, serialized bytes or file path) into an OnnxModule."""
+                  opset: int | None = None,
+                  trainable: Collection[str] | None = None,
+                  constant_inputs: Mapping[str, Any] | None = None) -> OnnxModule:
+    """Convert an ONNX model (proto, serialized bytes or file path) into an OnnxModule.
+
+    ``opset`` overrides the model's ai.onnx opset. Float initializers become trainable
+    ``nn.Parameter``s, except those that look like exporter constants rather than weights
+    (single-element tensors, tensors holding inf/NaN such as attention masks) and
+    BatchNormalization running statistics, which become buffers; ``trainable`` (ONNX
+    initializer names) replaces that rule: exactly the listed float initializers are
+    parameters. ``constant_inputs`` binds graph inputs to fixed values (arrays or tensors):
+    they fold like initializers and leave the forward signature. Use it for the inputs listed
+    in ``module.config_inputs`` (inputs read as shapes, axes, bounds...) to get a static,
+    ``torch.export``-friendly module.
+    """
     proto, base_dir = load_model(model)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
@@ -362,13 +385,23 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike | bytes, *,
     builder = GraphBuilder(version, base_dir)
     builder.inferred_types = _inferred_element_types(proto)
 
-    initializer_names = _add_initializers(builder, graph)
+    initializer_names = _add_initializers(builder, graph, trainable)
     input_names = []
+    constant_inputs = constant_inputs or {}
     for value_info in graph.input:
         if value_info.name in builder.env:  # an initializer also listed as input (IR < 4)
             continue
+        if value_info.name in constant_inputs:
+            bound = constant_inputs[value_info.name]
+            builder.env[value_info.name] = Value(const=bound.clone() if isinstance(
+                bound, torch.Tensor) else tensor_from_numpy(np.asarray(bound)))
+            continue
         input_names.append(value_info.name)
         builder.env[value_info.name] = _placeholder(builder, value_info)
+    unknown = set(constant_inputs) - {v.name for v in graph.input}
+    if unknown:
+        raise ValueError(f"constant_inputs names {sorted(unknown)}, which are not graph inputs "
+                         f"of the model; its inputs are {[v.name for v in graph.input]}")
     for node in graph.node:
         builder.convert_node(node)
 
@@ -382,6 +415,7 @@ def onnx_to_torch(model: onnx.ModelProto | str | os.PathLike | bytes, *,
     module.opset = version
     module.initializer_names = initializer_names
     module.param_onnx_names = builder.param_onnx_names
+    module.config_inputs = sorted(builder.config_inputs)
     return module
 
 
@@ -403,28 +437,35 @@ def _has_static_shape(value_info: onnx.ValueInfoProto) -> bool:
                                                  for d in tensor_type.shape.dim)
 
 
-def _add_initializers(builder: GraphBuilder, graph: onnx.GraphProto) -> list[str]:
+def _add_initializers(builder: GraphBuilder, graph: onnx.GraphProto,
+                      trainable: Collection[str] | None) -> list[str]:
+    """Register every initializer; their ONNX names, parameters first."""
     statistics = {node.input[index] for node in graph.node
                   for op_type, index in _STATISTICS_INPUTS
                   if node.op_type == op_type and len(node.input) > index}
+    named = [(proto.name, builder.tensor_from_proto(proto)) for proto in graph.initializer]
+    named += [(sparse.values.name, tensor_from_numpy(sparse_to_dense(sparse, builder.base_dir)))
+              for sparse in graph.sparse_initializer]
     params, buffers = [], []
-    for proto in graph.initializer:
-        tensor = builder.tensor_from_proto(proto)
-        trainable = proto.name not in statistics
-        builder.env[proto.name] = builder.add_initializer(proto.name, tensor, trainable=trainable)
-        (params if builder.env[proto.name].initial is not None else buffers).append(proto.name)
-    for sparse in graph.sparse_initializer:
-        name = sparse.values.name
-        tensor = tensor_from_numpy(sparse_to_dense(sparse, builder.base_dir))
-        builder.env[name] = builder.add_initializer(name, tensor, trainable=True)
-        (params if builder.env[name].initial is not None else buffers).append(name)
+    for name, tensor in named:
+        is_weight = (name in trainable if trainable is not None
+                     else name not in statistics and _looks_like_weight(tensor))
+        value = builder.add_initializer(name, tensor, trainable=is_weight)
+        builder.env[name] = value
+        (params if value.initial is not None else buffers).append(name)
     return params + buffers
+
+
+def _looks_like_weight(tensor: torch.Tensor) -> bool:
+    # Exporters store scalars (scales, epsilons) and masks (-inf entries) as initializers;
+    # training those would change the model's definition, not learn its weights.
+    if not tensor.dtype.is_floating_point or tensor.numel() <= 1:
+        return False
+    return bool(torch.isfinite(tensor).all())
 
 
 def sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: str = "") -> Any:
     """A SparseTensorProto as a dense numpy array."""
-    import numpy as np
-
     values = onnx.numpy_helper.to_array(sparse.values, base_dir=base_dir)
     indices = onnx.numpy_helper.to_array(sparse.indices, base_dir=base_dir).astype(np.int64)
     dims = tuple(sparse.dims)

@@ -36,6 +36,7 @@ class Value:
     ``is_shape`` marks a run-time value that is a Python list of (symbolic) ints: the output of
     ``Shape`` on a tensor whose shape is not static, kept as a list so reshapes stay symbolic.
     ``dtype_hint`` is the element type from ONNX type inference, for values without ``meta``.
+    ``attr`` / ``as_tensor`` are bookkeeping of the graph builder.
     """
 
     node: torch.fx.Node | None = None
@@ -44,6 +45,8 @@ class Value:
     initial: torch.Tensor | None = None
     is_shape: bool = False
     dtype_hint: torch.dtype | None = None
+    attr: str | None = None  # the module attribute (parameter / buffer) holding it
+    as_tensor: Value | None = None  # a shape list's tensor form, once materialised
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -175,6 +178,8 @@ class NodeContext:
         known = value.const if value.const is not None else value.initial
         if known is not None:
             return known.tolist()
+        if value.node is not None and value.node.op == "placeholder":
+            self.builder.config_inputs.add(value.node.meta["onnx_node"])
         return value
 
     def static_ints(self, index: int) -> list[int] | Value | None:

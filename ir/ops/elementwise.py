@@ -46,7 +46,7 @@ UNARY_NONLINEAR = [
     "aten.clamp.default", "aten.clamp_min.default", "aten.clamp_max.default", "aten.sign.default",
     "aten.log1p.default", "aten.expm1.default", "aten.isnan.default", "aten.relu6.default",
     "aten.hardswish.default", "aten.hardsigmoid.default", "aten.mish.default", "aten.round.default",
-    "aten.trunc.default", "aten.logical_and.default", "aten.bitwise_and.Scalar",
+    "aten.trunc.default", "aten.logical_and.default", "aten.bitwise_and.Scalar", "aten.rsub.Scalar",
 ]
 BINARY_NONLINEAR = [
     "aten.eq.Tensor", "aten.ne.Tensor", "aten.lt.Tensor", "aten.gt.Tensor", "aten.le.Tensor",
@@ -54,7 +54,8 @@ BINARY_NONLINEAR = [
     "aten.bitwise_or.Tensor", "aten.logical_and.default", "aten.logical_or.default",
     "aten.maximum.default", "aten.minimum.default", "aten.pow.Tensor_Tensor", "aten.where.self",
     "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.remainder.Tensor",
-    "aten.floor_divide.default", "aten.remainder.Scalar", "aten.atan2.default",
+    "aten.floor_divide.default", "aten.remainder.Scalar", "aten.atan2.default", "aten.where.ScalarOther",
+    "aten.where.ScalarSelf",
 ]
 LINEAR_UNARY = [
     "aten.neg.default", "aten.clone.default", "aten.contiguous.default", "aten.to.dtype",
@@ -68,6 +69,8 @@ LINEAR_SUM = ["aten.add.Tensor", "aten.sub.Tensor"]
 LINEAR_PRODUCT = ["aten.mul.Tensor", "aten.div.Tensor"]
 # Linear in the tensor, given a scalar literal.
 LINEAR_SCALAR = ["aten.mul.Scalar", "aten.div.Scalar"]
+FLOAT_DTYPES = ("f32", "f64", "f16", "bf16")
+DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default")
 
 
 @register(*UNARY_NONLINEAR, *BINARY_NONLINEAR, doc="elementwise, nonlinear")
@@ -78,14 +81,21 @@ def nonlinear(node: Node) -> list[Signature]:
 @register(*LINEAR_UNARY, *LINEAR_SCALAR, doc="elementwise, linear in its tensor")
 def linear_unary(node: Node) -> list[Signature]:
     sigs = split_signatures(node)
-    if node.op == "aten.dropout.default" and _dropout_active(node):
+    if (node.op in DROPOUTS and _dropout_active(node)) or not _cast_is_linear(node):
         return sigs
     return sigs + [Signature((P,) * len(node.input_values()), (P,))]
 
 
 def _dropout_active(node: Node) -> bool:
+    """Active dropout draws a mask per rank: a sum of masked partial values is not a masked sum."""
     p, train = (list(node.args) + [0.0, False])[1:3]
     return bool(train) and float(p) > 0.0
+
+
+def _cast_is_linear(node: Node) -> bool:
+    """Keeping the dtype or casting to a float dtype is linear; casting floats to ints truncates."""
+    src, dst = node.input_values()[0].type.dtype, node.outputs[0].type.dtype
+    return dst == src or dst in FLOAT_DTYPES
 
 
 @register(*LINEAR_SUM, doc="sum/difference: partial + partial is partial")

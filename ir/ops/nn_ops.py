@@ -1,9 +1,12 @@
 """Matrix products, embeddings, norms, attention, losses and convolutions."""
 from __future__ import annotations
 
+import re
+
 from ir.core import Node
 from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, register,
                              shard_start, default_local)
+from ir.ops.elementwise import aligned_dim
 from ir.sbp import B, P, Split
 
 
@@ -28,9 +31,17 @@ def linear(node: Node) -> list[Signature]:
 
 @register("aten.addmm.default", doc="bias + m1 @ m2 (transformers' Conv1D)")
 def addmm(node: Node) -> list[Signature]:
+    bias = node.input_values()[0]
+    out = node.outputs[0].type.shape
+
+    def bias_along(out_dim: int):
+        """The bias is added by broadcasting: it splits where it spans the split output dim."""
+        j = aligned_dim(bias.type.shape, out, out_dim)
+        return Split(j) if j is not None else B
+
     return [all_b(node),
-            Signature((B, Split(0), B), (Split(0),)),
-            Signature((Split(0), B, Split(1)), (Split(1),)),
+            Signature((bias_along(0), Split(0), B), (Split(0),)),
+            Signature((bias_along(1), B, Split(1)), (Split(1),)),
             Signature((P, Split(1), Split(0)), (P,)),
             Signature((P, P, B), (P,)), Signature((P, B, P), (P,))]
 
@@ -84,7 +95,8 @@ RULES["aten.embedding.default"].local = _embedding_local
 def gather(node: Node) -> list[Signature]:
     x, index = node.input_values()
     dim = int(node.args[1]) % x.type.ndim
-    sigs = [all_b(node), Signature((Split(dim), B), (P,))]
+    # Splitting the index along ``dim`` splits the output alike (each entry reads the whole x).
+    sigs = [all_b(node), Signature((Split(dim), B), (P,)), Signature((B, Split(dim)), (Split(dim),))]
     sigs += [Signature((Split(i), Split(i)), (Split(i),)) for i in range(x.type.ndim)
              if i != dim and x.type.shape[i] == index.type.shape[i]]
     return sigs
@@ -122,36 +134,44 @@ def softmax(node: Node) -> list[Signature]:
 @register("aten.scaled_dot_product_attention.default",
           doc="attention: split over batch or heads; queries over sequence when not causal")
 def sdpa(node: Node) -> list[Signature]:
+    """Inputs are [..., L, E]: every leading dim (batch, heads) may be split; L too unless causal."""
     ins = node.input_values()
     q = ins[0]
+    ndim = q.type.ndim
     mask = ins[3] if len(ins) > 3 else None
     out_shape = q.type.shape[:-1] + (ins[2].type.shape[-1],)
     causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal", False))
 
-    def sig(qkv_dims, k_split=True):
-        qs, ks = Split(qkv_dims), (Split(qkv_dims) if k_split else B)
+    def sig(dim: int, k_split: bool = True) -> Signature:
+        qs, ks = Split(dim), (Split(dim) if k_split else B)
         mask_sbp = ()
         if mask is not None:
-            j = qkv_dims - (4 - mask.type.ndim)
-            mask_sbp = (Split(j) if j >= 0 and mask.type.shape[j] == out_shape[qkv_dims] else B,)
-        return Signature((qs, ks, ks) + mask_sbp, (Split(qkv_dims),))
+            j = dim - (ndim - mask.type.ndim)
+            mask_sbp = (Split(j) if j >= 0 and mask.type.shape[j] == out_shape[dim] else B,)
+        return Signature((qs, ks, ks) + mask_sbp, (Split(dim),))
 
-    sigs = [all_b(node), sig(0), sig(1)]
-    if not causal and q.type.ndim == 4:
-        sigs.append(sig(2, k_split=False))
+    sigs = [all_b(node)] + [sig(d) for d in range(ndim - 2)]
+    if not causal:
+        # Each rank attends its queries to all keys; a causal mask would be aligned to the shard.
+        sigs.append(sig(ndim - 2, k_split=False))
     return sigs
 
 
-@register("aten.cross_entropy_loss.default", doc="per-sample loss split over the batch")
+@register("aten.cross_entropy_loss.default", doc="per-sample loss split over the batch and extra dims")
 def cross_entropy(node: Node) -> list[Signature]:
+    """Input [N, C, d1, ...], target [N, d1, ...] (class indices) or the input's shape (probabilities)."""
     ins = node.input_values()
+    x, target = ins[0], ins[1]
     reduction = int(node.args[3]) if len(node.args) > 3 else int(node.kwargs.get("reduction", 1))
+    if x.type.ndim < 2 or reduction not in (0, 2):
+        return [all_b(node)]  # unbatched, or a mean (divided by a weight sum over the whole batch)
     extra = (B,) * (len(ins) - 2)
-    if reduction == 0:
-        return [all_b(node), Signature((Split(0), Split(0)) + extra, (Split(0),))]
-    if reduction == 2:
-        return [all_b(node), Signature((Split(0), Split(0)) + extra, (P,))]
-    return [all_b(node)]
+    sigs = [all_b(node)]
+    for i in [0] + list(range(2, x.type.ndim)):
+        t_dim = i if target.type.ndim == x.type.ndim or i == 0 else i - 1
+        out = Split(0 if i == 0 else i - 1) if reduction == 0 else P
+        sigs.append(Signature((Split(i), Split(t_dim)) + extra, (out,)))
+    return sigs
 
 
 @register("aten.nll_loss_nd.default", "aten.nll_loss.default", doc="like cross entropy")
@@ -159,17 +179,34 @@ def nll(node: Node) -> list[Signature]:
     return cross_entropy(node)
 
 
+def conv_options(node: Node) -> tuple[bool, int]:
+    """Whether a convolution is transposed, and its groups (``convolution`` has both in other places)."""
+    if node.op == "aten.convolution.default":
+        return bool(node.args[6]), int(node.args[8])
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return False, int(groups or 1)
+
+
 @register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
           doc="split over batch, output channels, or input channels (partial sums)")
 def conv(node: Node) -> list[Signature]:
+    """x [N, C_in, ...] (or unbatched [C_in, ...]); weight [C_out, C_in/g, ...], transposed [C_in, C_out/g, ...]."""
     ins = node.input_values()
-    groups = node.args[6] if node.op == "aten.convolution.default" else (node.args[6] if len(node.args) > 6 else 1)
-    bias = (len(ins) > 2,)
-    def sig(x, w, b, out):
-        return Signature((x, w, b) if bias[0] else (x, w), (out,))
-    sigs = [all_b(node), sig(Split(0), B, B, Split(0))]
-    if int(groups or 1) == 1:
-        sigs += [sig(B, Split(0), Split(0), Split(1)), sig(Split(1), Split(1), P, P), sig(P, B, P, P)]
+    x, w = ins[0], ins[1]
+    has_bias = len(ins) > 2
+    transposed, groups = conv_options(node)
+    channel = x.type.ndim - w.type.ndim + 1  # 1 for batched inputs, 0 for unbatched ones
+
+    def sig(xs, ws, bs, out):
+        return Signature((xs, ws, bs) if has_bias else (xs, ws), (out,))
+
+    # Convolution is linear in the input, and in the weight and bias together.
+    sigs = [all_b(node), sig(P, B, P, P), sig(B, P, P, P)]
+    if channel == 1:
+        sigs.append(sig(Split(0), B, B, Split(0)))
+    if groups == 1:
+        w_out, w_in = (1, 0) if transposed else (0, 1)
+        sigs += [sig(B, Split(w_out), Split(0), Split(channel)), sig(Split(channel), Split(w_in), P, P)]
     return sigs
 
 
@@ -178,17 +215,30 @@ def conv(node: Node) -> list[Signature]:
           "aten.avg_pool1d.default", "aten.adaptive_avg_pool1d.default",
           doc="pooling: split over batch or channels; averages are linear")
 def pool(node: Node) -> list[Signature]:
+    """Every dim before the pooled (trailing) ones may be split: batch and channels, or channels alone."""
+    x = node.input_values()[0]
+    spatial = int(re.search(r"pool(\d)d", node.op).group(1))
     n_out = len(node.outputs)
-    sigs = [all_b(node)] + [Signature((Split(i),), (Split(i),) * n_out) for i in (0, 1)]
+    sigs = [all_b(node)] + [Signature((Split(i),), (Split(i),) * n_out) for i in range(x.type.ndim - spatial)]
     if "avg" in node.op:
         sigs.append(Signature((P,), (P,)))
     return sigs
 
 
 @register("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
-          doc="batch norm: channels may be split (batch statistics need the whole batch)")
+          doc="batch norm: channels may be split; the batch too when using running statistics")
 def batch_norm(node: Node) -> list[Signature]:
     ins = node.input_values()
     n_out = len(node.outputs)
     rest = tuple(Split(0) for _ in ins[1:])
-    return [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]
+    sigs = [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]
+    if not _batch_statistics(node):
+        sigs.append(Signature((Split(0),) + (B,) * len(rest), (Split(0),) + (B,) * (n_out - 1)))
+    return sigs
+
+
+def _batch_statistics(node: Node) -> bool:
+    """Whether the normalisation statistics come from the batch (training) rather than running stats."""
+    if node.op == "aten._native_batch_norm_legit_no_training.default":
+        return False
+    return bool(node.args[5])

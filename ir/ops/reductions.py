@@ -8,15 +8,24 @@ from ir.ops.registry import LocalCall, LocalContext, RULES, Signature, all_b, re
 from ir.sbp import B, P, PMAX, Partial, Split
 
 
+# Where ``keepdim`` sits among the positional arguments (``*.correction`` take it by keyword only).
+KEEPDIM_POSITION = {"aten.var.dim": 3, "aten.std.dim": 3, "aten.var_mean.dim": 3, "aten.var.correction": None,
+                    "aten.std.correction": None, "aten.var_mean.correction": None}
+
+
 def reduced_dims(node: Node) -> tuple[list[int], bool]:
     """The dims a reduction reduces, and whether it keeps them."""
     x = node.input_values()[0]
+    position = KEEPDIM_POSITION.get(node.op, 2)
+    if position is not None and len(node.args) > position:
+        keep = bool(node.args[position])
+    else:
+        keep = bool(node.kwargs.get("keepdim", False))
     full = node.op in ("aten.sum.default", "aten.mean.default")
     if full or len(node.args) < 2 or node.args[1] is None or node.args[1] == []:
-        return list(range(x.type.ndim)), False
+        return list(range(x.type.ndim)), keep and not full
     dims = node.args[1] if isinstance(node.args[1], list) else [node.args[1]]
-    keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
-    return sorted(int(d) % max(x.type.ndim, 1) for d in dims) if dims else list(range(x.type.ndim)), keep
+    return sorted(int(d) % max(x.type.ndim, 1) for d in dims), keep
 
 
 def _reduction(node: Node, reduced_partial) -> list[Signature]:
@@ -75,7 +84,8 @@ def cumsum(node: Node) -> list[Signature]:
     return sigs + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim) if i != dim]
 
 
-@register("aten.var.correction", "aten.var_mean.correction", "aten.std.correction",
+@register("aten.var.correction", "aten.var_mean.correction", "aten.std.correction", "aten.var.dim",
+          "aten.std.dim", "aten.var_mean.dim",
           "aten.argmax.default", "aten.argmin.default", "aten.max.dim", "aten.min.dim",
           "aten.logsumexp.default", "aten.prod.dim_int", "aten.any.dim", "aten.all.dim",
           doc="nonlinear reductions: only unreduced dims may be split")

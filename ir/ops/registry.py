@@ -95,7 +95,7 @@ def nd_signatures(node: Node, mesh: Mesh) -> list[tuple[tuple, tuple]]:
 
     Returns ``(input NdSbps, output NdSbps)`` pairs.
     """
-    one_d = _dedupe(rule_for(node.op).signatures(node))
+    one_d = [s for s in _dedupe(rule_for(node.op).signatures(node)) if partials_are_numbers(node, s)]
     out = []
     for combo in itertools.product(one_d, repeat=mesh.ndim):
         ins = tuple(tuple(sig.inputs[i] for sig in combo) for i in range(len(combo[0].inputs)))
@@ -104,6 +104,13 @@ def nd_signatures(node: Node, mesh: Mesh) -> list[tuple[tuple, tuple]]:
         if all(splits_divide(t, s, mesh) for t, s in zip(types, ins + outs)):
             out.append((ins, outs))
     return out
+
+
+def partials_are_numbers(node: Node, sig: Signature) -> bool:
+    """False when a signature holds a bool value as partial: bools have no sum (nor useful max)."""
+    values = node.input_values() + list(node.outputs)
+    return not any(isinstance(s, Partial) and v.type.dtype == "bool"
+                   for v, s in zip(values, sig.inputs + sig.outputs))
 
 
 def _dedupe(sigs: list[Signature]) -> list[Signature]:

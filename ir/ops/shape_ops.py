@@ -124,6 +124,13 @@ def _squeezed(node: Node, i: int, ndim: int) -> bool:
     return i in [_norm(d, ndim) for d in dims]
 
 
+def _squeeze_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """Squeeze exactly the dims that are 1 globally: a split dim may hold one row on a rank."""
+    x = node.input_values()[0]
+    dims = [i for i, d in enumerate(x.type.shape) if d == 1 and _squeezed(node, i, x.type.ndim)]
+    return LocalCall("aten.squeeze.dims", [x, dims])
+
+
 def _dim_map(node: Node, mapping: dict[int, int]) -> list[Signature]:
     x = node.input_values()[0]
     sigs = [all_b(node), Signature((P,), (P,))]
@@ -136,7 +143,7 @@ def expand(node: Node) -> list[Signature]:
     x = node.input_values()[0]
     out = node.outputs[0].type.shape
     lead = len(out) - x.type.ndim
-    sigs = [all_b(node)]
+    sigs = [all_b(node), Signature((P,), (P,))]
     for d in range(len(out)):
         j = d - lead
         if j >= 0 and x.type.shape[j] == out[d] and out[d] != 1:
@@ -183,6 +190,8 @@ def _slice_local(node: Node, ctx: LocalContext) -> LocalCall:
 from ir.ops.registry import RULES as _RULES  # noqa: E402
 _RULES["aten.slice.Tensor"].local = _slice_local
 _RULES["aten.narrow.default"].local = _slice_local
+for _op in ("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default"):
+    _RULES[_op].local = _squeeze_local
 
 
 @register("aten.select.int", doc="one index of one dim")
@@ -217,7 +226,8 @@ def pad(node: Node) -> list[Signature]:
     if node.op == "aten.constant_pad_nd.default":
         value = node.args[2] if len(node.args) > 2 else 0
         mode = "constant"
-    if mode == "constant" and not value:
+    if mode != "constant" or not value:
+        # Reflect, replicate and circular padding copy entries; zero padding adds zeros: all linear.
         sigs.append(Signature((P,), (P,)))
     return sigs
 
@@ -229,6 +239,42 @@ def repeat(node: Node) -> list[Signature]:
     lead = len(reps) - x.type.ndim
     sigs = [all_b(node), Signature((P,), (P,))]
     sigs += [Signature((Split(i),), (Split(i + lead),)) for i in range(x.type.ndim) if reps[i + lead] == 1]
+    return sigs
+
+
+@register("aten.diff.default", doc="differences along one dim: linear; other dims may be split")
+def diff(node: Node) -> list[Signature]:
+    ins = node.input_values()
+    ndim = ins[0].type.ndim
+    dim = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1), ndim)
+    # prepend / append have the input's shape except along ``dim``, so they split alike.
+    sigs = [all_b(node), Signature((P,) * len(ins), (P,))]
+    sigs += [Signature((Split(i),) * len(ins), (Split(i),)) for i in range(ndim) if i != dim]
+    return sigs
+
+
+@register("aten.index.Tensor", doc="x[i0, i1, ...] with integer index tensors for the leading dims")
+def index(node: Node) -> list[Signature]:
+    """Index tensors broadcast together into the leading output dims; x's other dims follow.
+
+    An output dim from the index tensors may be split with them (x broadcast); a dim of x that is
+    not indexed may be split with x (indices broadcast); indexing is linear in x.
+    """
+    from ir.ops.elementwise import aligned_dim
+    x, *idx = node.input_values()
+    indices = node.args[1]
+    sigs = [all_b(node), Signature((P,) + (B,) * len(idx), (P,))]
+    if any(i is None for i in indices) or any(v.type.dtype in ("bool", "u8") for v in idx):
+        return sigs  # masks and skipped dims move the result dims around; keep the safe layouts
+    out = node.outputs[0].type.shape
+    lead = len(out) - (x.type.ndim - len(indices))
+    for d in range(lead):
+        if out[d] != 1:
+            idx_sbps = tuple(B if aligned_dim(v.type.shape, out[:lead], d) is None
+                             else Split(aligned_dim(v.type.shape, out[:lead], d)) for v in idx)
+            sigs.append(Signature((B,) + idx_sbps, (Split(d),)))
+    for j in range(len(indices), x.type.ndim):
+        sigs.append(Signature((Split(j),) + (B,) * len(idx), (Split(lead + j - len(indices)),)))
     return sigs
 
 

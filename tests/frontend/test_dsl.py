@@ -34,7 +34,7 @@ EXAMPLE_PLANS = {
     "data_parallel.sbp": (2, 4),
     "megatron_tp.sbp": (2, 2),
     "three_d.sbp": (4, 8),
-    "heterogeneous.sbp": (4, 6),
+    "heterogeneous.sbp": (4, 4),
     "skippipe.sbp": (4, 4),
 }
 
@@ -429,17 +429,18 @@ def test_mesh_size_must_match_the_world_size() -> None:
 
 
 def test_stage_devices_outside_the_world() -> None:
-    text = "stage 0: layers 0..1 on devices 0, 1\nstage 1: layers 2..3 on devices 2, 9"
+    text = ("mesh pp=2, dp=2\nstage 0: layers 0..1 on devices 0, 1\n"
+            "stage 1: layers 2..3 on devices 2, 9")
     error = validation_error(text, world_size=4)
     assert "stage 1 is placed on device 9, but the world has 4 devices" in error.message
-    assert_points_at(error, text, 2, 36)
+    assert_points_at(error, text, 3, 36)
 
 
 def test_two_stages_on_one_device_need_the_interleaved_schedule() -> None:
-    text = "stage 0: on devices 0, 1\nstage 1: on devices 1, 2"
+    text = "mesh pp=2, dp=2\nstage 0: on devices 0, 1\nstage 1: on devices 1, 2"
     error = validation_error(text, world_size=4)
     assert "device 1 holds both stage 0 and stage 1" in error.message
-    assert_points_at(error, text, 2, 21)
+    assert_points_at(error, text, 3, 21)
     strategy = parse_plan(text + "\nschedule interleaved")
     validate_plan(strategy, module_names=GPT_MODULES, param_shapes=GPT_PARAMS, world_size=4)
 
@@ -447,9 +448,10 @@ def test_two_stages_on_one_device_need_the_interleaved_schedule() -> None:
 def test_stage_count_and_layers_must_fit() -> None:
     pp = validation_error("mesh pp=2\nstages at blocks.1, blocks.2", world_size=2)
     assert "the plan has 3 stages, but the pp axis has size 2" in pp.message
-    layers = validation_error("stage 0: layers 0..1\nstage 1: layers 2..2", world_size=4)
+    layers = validation_error("mesh pp=2\nstage 0: layers 0..1\nstage 1: layers 2..2",
+                              world_size=2)
     assert "the model has 4 layers (blocks.0..blocks.3)" in layers.message
-    assert layers.line == 2
+    assert layers.line == 3
 
 
 def test_validation_without_positions_names_the_dict_path() -> None:

@@ -145,6 +145,20 @@ def test_gpt_initializers_are_trainable_parameters(gpt, gpt_onnx):
             module(idx)[0].reshape(-1, logits.shape[-1]), idx.reshape(-1)) < loss
 
 
+def test_exporter_constants_stay_buffers_unless_listed_trainable(gpt_onnx):
+    proto = onnx.load(gpt_onnx("dynamo_opset17"))
+    inits = {init.name: onnx.numpy_helper.to_array(init) for init in proto.graph.initializer}
+    module = onnx_to_torch(proto)
+    trainable = {module.param_onnx_names[name] for name, _ in module.named_parameters()}
+    constants = {name for name, array in inits.items()
+                 if array.dtype == np.float32 and (array.size == 1 or not np.isfinite(array).all())}
+    assert constants and not constants & trainable  # scales, epsilons, the causal mask
+    assert "blocks.0.attn.qkv.bias" in trainable
+    chosen = onnx_to_torch(proto, trainable=["blocks.0.attn.qkv.bias"])
+    assert [chosen.param_onnx_names[name] for name, _ in chosen.named_parameters()] == [
+        "blocks.0.attn.qkv.bias"]
+
+
 def test_gpt_with_dynamic_axes_stays_symbolic(gpt, tmp_path):
     model, idx, _ = gpt
     path = export_to_onnx(model, (idx,), tmp_path / "dynamic.onnx", dynamo=False,

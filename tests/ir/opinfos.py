@@ -11,6 +11,10 @@ bitwise the same result, and any mismatch points at a rule, not at rounding.
 
 Samples may list :class:`Reject` s: signatures a correct rule must not offer on a mesh (splits that
 do not divide, or layouts the op cannot compute locally).
+
+The module also holds what the sharded checks share: :func:`distribute` cuts a full tensor into
+per-rank locals for an N-D layout (random partial values for ``P``), :func:`assert_same` and
+:func:`assert_broadcast_agrees` compare results.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from ir.core import Graph, Node, Value
+from ir.sbp import Broadcast, Split
 from ir.types import DTYPE_NAMES, Mesh, TensorType
 from ir.verifier import resolve_op
 
@@ -33,6 +38,8 @@ MESHES: dict[str, Mesh] = {
 
 INT_MAX = 9223372036854775807
 """What ``torch.export`` writes for an open-ended slice."""
+RTOL, ATOL = 1e-5, 1e-6
+"""The fp32 standard: sharded results against the unsharded op."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,65 @@ def make_tensor(spec: T, gen: torch.Generator) -> torch.Tensor:
                      f"distinct, int, index, bool")
 
 
+# -- cutting full tensors into per-rank locals ----------------------------------------------------------
+
+def distribute(full: torch.Tensor, sbp: tuple, mesh: Mesh, gen: torch.Generator) -> list[torch.Tensor]:
+    """Per-rank local tensors holding ``full`` in layout ``sbp``, partial values drawn at random.
+
+    A rank's tensor depends only on its coordinates on the axes that are not ``B``: ranks that
+    differ on broadcast axes hold the same copy (of the same random partial values).
+    """
+    held = [axis for axis, s in enumerate(sbp) if not isinstance(s, Broadcast)]
+    pieces = {(): full}
+    for axis in held:
+        pieces = {coords + (c,): part for coords, t in pieces.items()
+                  for c, part in enumerate(split_on_axis(t, sbp[axis], mesh.shape[axis], gen))}
+    return [pieces[tuple(mesh.coords(r)[a] for a in held)].clone() for r in range(mesh.size)]
+
+
+def split_on_axis(t: torch.Tensor, s, n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """``n`` pieces of ``t`` that combine back into it under ``s``."""
+    if isinstance(s, Split):
+        assert t.shape[s.dim] % n == 0, f"S({s.dim}) of shape {tuple(t.shape)} over {n} ranks"
+        return list(t.chunk(n, s.dim))
+    if isinstance(s, Broadcast):
+        return [t] * n
+    assert t.dtype != torch.bool, f"a bool tensor held as {s}: partial values of bools mean nothing"
+    if s.op == "sum":
+        parts = [random_like(t, gen, -128, 128) for _ in range(n - 1)]
+        return parts + [t - sum(parts, torch.zeros_like(t))]
+    below = [t - random_like(t, gen, 0, 64) for _ in range(n)]
+    winner = torch.randint(0, n, t.shape, generator=gen)
+    return [torch.where(winner == k, t, part) for k, part in enumerate(below)]
+
+
+def random_like(t: torch.Tensor, gen: torch.Generator, low: int, high: int) -> torch.Tensor:
+    """Random values like ``t``: integers in [low, high), divided by 64 for floats (exact sums)."""
+    ints = torch.randint(low, high, t.shape, generator=gen)
+    return (ints / 64).to(t.dtype) if t.is_floating_point() else ints.to(t.dtype)
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str, exact_values: bool = True) -> None:
+    """Equal shape and dtype, and values (close for floats, exact otherwise)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{what}: expected {expected.dtype}{list(expected.shape)}, found {actual.dtype}{list(actual.shape)}")
+    if not exact_values:
+        return
+    if expected.is_floating_point():
+        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(actual, expected), f"{what}: expected {expected}, found {actual}"
+
+
+def assert_broadcast_agrees(locals_: list, sbp: tuple, mesh: Mesh, what: str) -> None:
+    """Ranks that differ only on axes where ``sbp`` is ``B`` hold the same tensor."""
+    for axis, s in enumerate(sbp):
+        if isinstance(s, Broadcast):
+            for group in mesh.groups(axis):
+                for r in group[1:]:
+                    assert_same(locals_[r], locals_[group[0]], f"{what}: rank {r} vs rank {group[0]} (B on axis {axis})")
+
+
 # -- the database ----------------------------------------------------------------------------------
 
 SAMPLES: dict[str, list[OpSample]] = {}
@@ -263,7 +329,7 @@ def _elementwise_binary() -> None:
     add("aten.__and__.Tensor", T((), BOOL, "bool"), T((4, 1, 6), BOOL, "bool"))
     add("aten.pow.Tensor_Tensor", T((4, 1, 6), fill="positive"), T((3, 1)))
     add("aten.remainder.Tensor", left, T((3, 1), fill="positive"))
-    add("aten.floor_divide.default", left, T((3, 1), fill="positive"))
+    add("aten.floor_divide.default", left, T((3, 1), fill="positive"), differentiable=False)
     add("aten.div.Tensor", left, T((3, 1), fill="positive"))
     add("aten.div.Tensor", T((6, 4)), T((), fill="positive"))
     add("aten.div.Tensor", X, 4.0)
@@ -480,6 +546,8 @@ def _convolutions() -> None:
     x2 = T((4, 4, 5, 5))
     add("aten.conv2d.default", x2, T((6, 4, 3, 3), param=True), T((6,), param=True), [1, 1], [1, 1])
     add("aten.conv2d.default", x2, T((4, 2, 3, 3)), None, [1, 1], [0, 0], [1, 1], 2)
+    add("aten.conv2d.default", T((4, 5, 5)), T((6, 4, 3, 3)), T((6,)), [1, 1], [1, 1],
+        rejects=(rej("2", ["(S(0))", "(B)", "(B)"]),), note="unbatched: dim 0 is the channels")
     add("aten.conv1d.default", T((4, 6, 8)), T((4, 6, 3)))
     add("aten.conv3d.default", T((2, 2, 4, 4, 4)), T((4, 2, 3, 3, 3)), T((4,)))
     add("aten.convolution.default", x2, T((6, 4, 3, 3)), T((6,)), [1, 1], [1, 1], [1, 1], False, [0, 0], 1)

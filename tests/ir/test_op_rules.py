@@ -26,9 +26,9 @@ from ir.ops import known_ops, local_call, nd_signatures, rule_for
 from ir.ops.registry import LocalContext, coord_symbol, local_shape, splits_divide
 from ir.sbp import Broadcast, Partial, Split, format_nd_sbp, nd_dual, parse_nd_sbp
 from ir.types import Mesh
-from tests.ir.opinfos import MESHES, SAMPLES, BuiltSample, OpSample
+from tests.ir.opinfos import (MESHES, SAMPLES, BuiltSample, assert_broadcast_agrees, assert_same, distribute,
+                              random_like)
 
-RTOL, ATOL = 1e-5, 1e-6
 RULED_OPS = [op for op in known_ops() if not op.startswith("comm.")]
 
 
@@ -52,44 +52,6 @@ def all_combos() -> list[tuple[str, int, str, int]]:
 COMBOS = all_combos()
 
 
-# -- cutting full tensors into locals -----------------------------------------------------------------
-
-def distribute(full: torch.Tensor, sbp: tuple, mesh: Mesh, gen: torch.Generator) -> list[torch.Tensor]:
-    """Per-rank local tensors holding ``full`` in layout ``sbp``, partial values drawn at random.
-
-    A rank's tensor depends only on its coordinates on the axes that are not ``B``: ranks that
-    differ on broadcast axes hold the same copy (of the same random partial values).
-    """
-    held = [axis for axis, s in enumerate(sbp) if not isinstance(s, Broadcast)]
-    pieces = {(): full}
-    for axis in held:
-        pieces = {coords + (c,): part for coords, t in pieces.items()
-                  for c, part in enumerate(split_on_axis(t, sbp[axis], mesh.shape[axis], gen))}
-    return [pieces[tuple(mesh.coords(r)[a] for a in held)].clone() for r in range(mesh.size)]
-
-
-def split_on_axis(t: torch.Tensor, s, n: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """``n`` pieces of ``t`` that combine back into it under ``s``."""
-    if isinstance(s, Split):
-        assert t.shape[s.dim] % n == 0, f"S({s.dim}) of shape {tuple(t.shape)} over {n} ranks"
-        return list(t.chunk(n, s.dim))
-    if isinstance(s, Broadcast):
-        return [t] * n
-    assert t.dtype != torch.bool, f"a bool tensor held as {s}: partial values of bools mean nothing"
-    if s.op == "sum":
-        parts = [random_like(t, gen, -128, 128) for _ in range(n - 1)]
-        return parts + [t - sum(parts, torch.zeros_like(t))]
-    below = [t - random_like(t, gen, 0, 64) for _ in range(n)]
-    winner = torch.randint(0, n, t.shape, generator=gen)
-    return [torch.where(winner == k, t, part) for k, part in enumerate(below)]
-
-
-def random_like(t: torch.Tensor, gen: torch.Generator, low: int, high: int) -> torch.Tensor:
-    """Random values like ``t``: integers in [low, high), divided by 64 for floats (exact sums)."""
-    ints = torch.randint(low, high, t.shape, generator=gen)
-    return (ints / 64).to(t.dtype) if t.is_floating_point() else ints.to(t.dtype)
-
-
 # -- running a signature ----------------------------------------------------------------------------------
 
 def run_ranks(node, mesh: Mesh, sig: tuple, local_inputs: list) -> list[list]:
@@ -104,27 +66,6 @@ def run_ranks(node, mesh: Mesh, sig: tuple, local_inputs: list) -> list[list]:
         res = fn(*evaluate(call.args, env, r, scope), **evaluate(call.kwargs, env, r, scope))
         results.append(list(res) if isinstance(res, (list, tuple)) else [res])
     return [[res[i] for res in results] for i in range(len(node.outputs))]
-
-
-def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str, exact_values: bool = True) -> None:
-    """Equal shape and dtype, and values (close for floats, exact otherwise)."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
-        f"{what}: expected {expected.dtype}{list(expected.shape)}, found {actual.dtype}{list(actual.shape)}")
-    if not exact_values:
-        return
-    if expected.is_floating_point():
-        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, equal_nan=True, msg=lambda m: f"{what}: {m}")
-    else:
-        assert torch.equal(actual, expected), f"{what}: expected {expected}, found {actual}"
-
-
-def assert_broadcast_agrees(locals_: list, sbp: tuple, mesh: Mesh, what: str) -> None:
-    """Ranks that differ only on axes where ``sbp`` is ``B`` hold the same tensor."""
-    for axis, s in enumerate(sbp):
-        if isinstance(s, Broadcast):
-            for group in mesh.groups(axis):
-                for r in group[1:]:
-                    assert_same(locals_[r], locals_[group[0]], f"{what}: rank {r} vs rank {group[0]} (B on axis {axis})")
 
 
 def assemble_checked(locals_: list, sbp: tuple, mesh: Mesh, what: str, exact_values: bool = True) -> torch.Tensor:
@@ -195,6 +136,15 @@ def check_gradients(sample, mesh, sig, full, local_inputs, actual, expected, gen
 
 # -- tests -------------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread start-up costs more than it saves, and CPU cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_every_ruled_op_has_samples():
     missing = [op for op in RULED_OPS if not SAMPLES.get(op)]
     assert not missing, f"ops with rules but no samples in tests/ir/opinfos.py: {missing}"
@@ -204,7 +154,7 @@ def test_every_ruled_op_has_samples():
 
 @pytest.mark.parametrize("op", sorted(SAMPLES))
 def test_rules_are_well_formed(op: str):
-    """One SBP per input and output, splits of existing dims, all-B offered, no partial bools."""
+    """One SBP per input and output, splits of existing dims, all-B offered; no bool held partial."""
     for i, spec in enumerate(SAMPLES[op]):
         node = built(op, i).node
         values = node.input_values()
@@ -215,7 +165,11 @@ def test_rules_are_well_formed(op: str):
                 f"{spec}: signature {sig} has the wrong arity for {len(values)} inputs, {len(node.outputs)} outputs")
             for v, s in zip(values + node.outputs, sig.inputs + sig.outputs):
                 assert not isinstance(s, Split) or 0 <= s.dim < v.type.ndim, f"{spec}: {s} of {v.type} in {sig}"
-                assert not (isinstance(s, Partial) and v.type.dtype == "bool"), f"{spec}: {s} of {v.type} in {sig}"
+        for key, mesh in MESHES.items():
+            for ins, outs in nd_signatures(node, mesh):
+                for v, nd in zip(values + node.outputs, ins + outs):
+                    assert not (v.type.dtype == "bool" and any(isinstance(s, Partial) for s in nd)), (
+                        f"{spec} on mesh {key}: offers {format_nd_sbp(nd)} for {v.type}")
 
 
 @pytest.mark.parametrize("op", sorted(o for o in SAMPLES if any(s.rejects for s in SAMPLES[o])))

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from frontend.onnx.dtypes import FLOAT_DTYPES, WIDE_UNSIGNED
+from frontend.onnx.dtypes import WIDE_UNSIGNED
 from frontend.onnx.registry import NodeContext, Value
-
-INT64_MAX = 2**63 - 1
 
 
 def int_list(value: Any) -> list[Any]:
@@ -38,7 +36,6 @@ def scalar(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return value[0]
     return value
-
 
 
 def _widen(tensor: Any) -> Any:

@@ -692,3 +692,17 @@ def convert_eye_like(ctx: NodeContext) -> Value:
     dtype = None if dtype_attr is None else torch_dtype(dtype_attr, node=ctx.name,
                                                          op_type=ctx.op_type, opset=ctx.opset)
     return ctx.call(eye_like, ctx.input(0), ctx.attr("k"), dtype)
+
+
+@converter("If")
+def convert_if(ctx: NodeContext) -> list[Value]:
+    """If with a condition known at conversion time: the taken branch is inlined.
+
+    A run-time condition would need torch.cond with both branches as functions; not supported.
+    """
+    condition = ctx.static(0)
+    if isinstance(condition, Value):
+        raise ctx.unsupported("If with a condition computed at run time is not supported; "
+                              "only conditions that fold to constants are")
+    taken = bool(scalar(condition))
+    return ctx.builder.inline_graph(ctx.attr("then_branch" if taken else "else_branch"))

@@ -1,0 +1,85 @@
+"""IR: SBP values, meshes, the text format, and the verifier."""
+import pytest
+import sympy
+from hypothesis import given, strategies as st
+
+from compiler import Cluster, compile
+from ir.parser import IRSyntaxError, parse
+from ir.sbp import B, P, PMAX, Split, format_nd_sbp, parse_nd_sbp, parse_sbp
+from ir.types import Mesh
+from ir.verifier import VerificationError, verify
+from tests.models import gpt_inputs, gpt_model
+
+SBPS = st.one_of(st.builds(Split, st.integers(0, 7)), st.just(B), st.just(P), st.just(PMAX))
+
+
+@given(SBPS)
+def test_sbp_text_round_trip(sbp):
+    assert parse_sbp(str(sbp)) == sbp
+
+
+@given(st.lists(SBPS, min_size=1, max_size=3).map(tuple))
+def test_nd_sbp_text_round_trip(nd):
+    assert parse_nd_sbp(format_nd_sbp(nd)) == nd
+
+
+def test_mesh_coordinates_and_groups():
+    mesh = Mesh.make(["dp", "tp"], [2, 3])
+    assert mesh.coords(4) == (1, 1)
+    assert mesh.index_of((1, 1)) == 4
+    assert mesh.groups(1) == [[0, 1, 2], [3, 4, 5]]
+    assert mesh.groups(0) == [[0, 3], [1, 4], [2, 5]]
+
+
+@pytest.fixture(scope="module")
+def tp_ir() -> str:
+    strategy = {"mesh": {"dp": 2, "tp": 2}, "params": {"blocks.*.mlp.fc.weight": {"tp": "S(0)"}}}
+    return compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy=strategy).ir
+
+
+def test_text_round_trip_2d_mesh(tp_ir):
+    assert str(parse(tp_ir)) == tp_ir
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t.replace("graph GPT {", "graph GPT {{", 1), "line 2:"),
+    (lambda t: t.replace("(S(0), B) @world", "(S(0), Q) @world", 1), "line"),
+    (lambda t: t.replace("%embedding: ", "%embedding: f32[batch, seq, 64] = ", 1), "line"),
+])
+def test_syntax_errors_have_line_and_column(tp_ir, mutate, message):
+    with pytest.raises(IRSyntaxError, match=message) as err:
+        parse(mutate(tp_ir))
+    assert "^" in str(err.value)
+
+
+def test_use_before_definition_is_rejected(tp_ir):
+    lines = tp_ir.splitlines()
+    first = next(i for i, l in enumerate(lines) if "%embedding:" in l)
+    with pytest.raises(IRSyntaxError, match="used before it is defined"):
+        parse("\n".join(lines[:first] + [lines[first].replace("%idx", "%nowhere")] + lines[first + 1:]))
+
+
+def test_verifier_rejects_ill_placed_layout(tp_ir):
+    graph = parse(tp_ir)
+    node = next(n for n in graph.nodes if n.op == "aten.layer_norm.default")
+    node.outputs[0].sbp = (Split(2), Split(2))
+    with pytest.raises(VerificationError, match="layer_norm") as err:
+        verify(graph)
+    assert node.outputs[0].name in str(err.value)
+
+
+def test_verifier_rejects_ill_typed_node(tp_ir):
+    graph = parse(tp_ir)
+    node = next(n for n in graph.nodes if n.op == "aten.linear.default")
+    t = node.outputs[0].type
+    node.outputs[0].type = type(t)(t.shape[:-1] + (sympy.Integer(7),), "f32")
+    with pytest.raises(VerificationError, match="is declared f32\\[batch, seq, 7\\].*gives"):
+        verify(graph)
+
+
+def test_verifier_rejects_wrong_collective(tp_ir):
+    graph = parse(tp_ir)
+    comm = next(n for n in graph.nodes if n.op.startswith("comm."))
+    comm.op = "comm.all_to_all" if comm.op != "comm.all_to_all" else "comm.all_reduce"
+    with pytest.raises(VerificationError, match="does not do"):
+        verify(graph)
