@@ -1,8 +1,13 @@
 """Runtime of generated programs: process groups, collectives with adjoint backward, the training loop.
 
 This file imports only torch and the standard library: the code generator copies it verbatim into
-every emitted ``main.py``, after the plan's constants (MESH_AXES, MESH_SHAPE, INPUTS, PARAMS,
-BUFFERS, ALIASES, GRAD_BUCKETS, LOSS_SBP, OPTIMIZER, EXAMPLE_DIMS) and before ``forward``.
+every emitted ``main.py``, after the plan's constants (MESH_AXES, MESH_SHAPE, MESH_DEVICES, INPUTS,
+PARAMS, BUFFERS, ALIASES, GRAD_BUCKETS, LOSS_SBP, OPTIMIZER, EXAMPLE_DIMS, PIPELINE) and before
+``forward`` (or, for pipelines, the per-stage functions in STAGE_FORWARD, STAGE_PROLOGUE and the
+message shapes in ENTRY_SHAPES / EXIT_SHAPES).
+
+``MESH_DEVICES`` lists the global ranks of each pipeline position (one list without pipelining):
+each position runs the plan's mesh (MESH_AXES, MESH_SHAPE) on its own devices.
 """
 import argparse
 import datetime
@@ -28,11 +33,21 @@ def fail(message):
 
 # -- process groups ------------------------------------------------------------------------------
 
+def position_of(rank):
+    """The pipeline position whose devices include ``rank`` (0 without pipelining)."""
+    for position, devices in enumerate(MESH_DEVICES):
+        if rank in devices:
+            return position
+    fail(f"rank {rank} is not in any device list of this program ({MESH_DEVICES})")
+
+
 def coords_of(rank):
+    """``rank``'s coordinates in the mesh of its pipeline position."""
+    index = MESH_DEVICES[position_of(rank)].index(rank)
     out = []
     for size in reversed(MESH_SHAPE):
-        out.append(rank % size)
-        rank //= size
+        out.append(index % size)
+        index //= size
     return tuple(reversed(out))
 
 
@@ -45,10 +60,11 @@ def init_distributed(timeout_s):
         torch.cuda.set_device(DEVICE)
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    want = math.prod(MESH_SHAPE)
+    want = sum(len(devices) for devices in MESH_DEVICES)
     if dist.get_world_size() != want:
-        fail(f"this program was compiled for {want} ranks (mesh {dict(zip(MESH_AXES, MESH_SHAPE))}) but was "
-             f"launched with world size {dist.get_world_size()}; run torchrun --nproc-per-node {want}")
+        fail(f"this program was compiled for {want} ranks (mesh {dict(zip(MESH_AXES, MESH_SHAPE))} on "
+             f"{len(MESH_DEVICES)} pipeline position(s)) but was launched with world size "
+             f"{dist.get_world_size()}; run torchrun --nproc-per-node {want}")
     rank = dist.get_rank()
     for a, name in enumerate(MESH_AXES):
         COORD[name] = coords_of(rank)[a]
@@ -59,10 +75,12 @@ def init_distributed(timeout_s):
 
 
 def axis_groups(axis):
+    """Global ranks of every group along mesh axis ``axis``, in every pipeline position."""
     groups = {}
-    for r in range(math.prod(MESH_SHAPE)):
-        key = tuple(c for i, c in enumerate(coords_of(r)) if i != axis)
-        groups.setdefault(key, []).append(r)
+    for position, devices in enumerate(MESH_DEVICES):
+        for r in devices:
+            key = (position,) + tuple(c for i, c in enumerate(coords_of(r)) if i != axis)
+            groups.setdefault(key, []).append(r)
     return list(groups.values())
 
 
@@ -230,6 +248,8 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt"),
                         help="initial weights (full state_dict) written by sbpc emit")
     parser.add_argument("--comm-timeout", type=int, default=120, help="seconds before a collective gives up")
+    parser.add_argument("--infer-stages", help="pipelines: no training; run every batch forward through these "
+                        "stages only (comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss")
     return parser.parse_args(argv)
 
 
@@ -289,6 +309,8 @@ def make_optimizer(params):
 def sync_gradients(params):
     """All-reduce the partial gradients of broadcast parameters, one flat buffer per bucket."""
     for axes, names in GRAD_BUCKETS:
+        if not all(n in params for n in names):
+            continue  # a bucket of another pipeline stage
         grads = [params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]) for n in names]
         flat = torch.cat([g.reshape(-1) for g in grads])
         for axis in axes:
@@ -320,6 +342,10 @@ def full_state_dict(params, buffers):
 def main(argv=None):
     args = parse_args(argv)
     init_distributed(args.comm_timeout)
+    if PIPELINE:
+        return pipeline_main(args)
+    if args.infer_stages:
+        fail("--infer-stages chooses pipeline stages, but this program has no pipeline")
     batches = load_batches(args)
     if not os.path.exists(args.weights):
         fail(f"initial weights {args.weights} not found; emit the program again or pass --weights")
@@ -343,6 +369,259 @@ def main(argv=None):
         if dist.get_rank() == 0:
             print(f"step {step} loss {value:.6f}", flush=True)
     state = full_state_dict(params, buffers)
+    if args.save and dist.get_rank() == 0:
+        torch.save(state, args.save)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -- pipelines ------------------------------------------------------------------------------------
+# PIPELINE = {"stages": K, "positions": [position of each stage], "microbatches": m,
+#             "paths": [stages visited by each microbatch], "skippable": bool}
+# SCHEDULE = {rank: [(kind, stage, microbatch, peer), ...]}; STAGE_TENSORS = {name: (target, kind,
+# layout, stage)}; TIED_PARAMS = [[names of the copies of one parameter]]; STAGE_FORWARD[s](p, b, x,
+# entries, dims, coord, whole) returns the stage's exits (the loss on the last stage);
+# STAGE_PROLOGUE[s](p, b, x, dims, coord) computes its whole-batch values; ENTRY_SHAPES[s](dims)
+# and EXIT_SHAPES[s](dims) give the local (shape, dtype) of what stage s receives and sends.
+
+TIED_GROUPS = []  # (names of the copies, process group) for the tied groups this rank belongs to
+
+
+def my_position():
+    return position_of(dist.get_rank())
+
+
+def init_tied_groups(timeout_s):
+    """One process group per tied parameter and mesh index: the ranks holding its copies."""
+    rank = dist.get_rank()
+    width = len(MESH_DEVICES[0])
+    for names in TIED_PARAMS:
+        positions = [PIPELINE["positions"][STAGE_TENSORS[n][3]] for n in names]
+        for index in range(width):
+            ranks = sorted({MESH_DEVICES[p][index] for p in positions})
+            group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s)) if len(ranks) > 1 else None
+            if rank in ranks:
+                TIED_GROUPS.append((names, group))
+
+
+def sync_tied(params):
+    """Sum the gradients of a parameter's copies on different stages (tied embedding and head)."""
+    for names, group in TIED_GROUPS:
+        local = [n for n in names if n in params]
+        total = sum(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]) for n in local)
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        for n in local:
+            params[n].grad = total.clone()
+
+
+def split_microbatches(batch, count):
+    """Batch-like inputs (a symbolic first dim) cut into ``count`` chunks along dim 0; others shared."""
+    parts = []
+    for (name, dims, _, _, _), t in zip(INPUTS, batch):
+        if dims and isinstance(dims[0], str):
+            if t.shape[0] % count:
+                fail(f"input {name}: the batch ({t.shape[0]}) does not split into {count} microbatches; "
+                     f"use a multiple of {count}")
+            parts.append(t.chunk(count, dim=0))
+        else:
+            parts.append([t] * count)
+    return [tuple(p) for p in zip(*parts)]
+
+
+def neighbour(path, stage, step):
+    i = path.index(stage) + step
+    return path[i] if 0 <= i < len(path) else None
+
+
+class PipelineStep:
+    """One training step of this rank: its action list over the microbatches of one batch."""
+
+    def __init__(self, params, buffers, micro, dims, whole, paths):
+        self.params, self.buffers, self.micro, self.dims, self.whole = params, buffers, micro, dims, whole
+        self.paths = paths
+        self.inputs = [local_inputs(mb) for mb in micro]
+        self.ready, self.saved, self.sends = {}, {}, []
+        self.loss = None
+
+    def forward(self, stage, mb, train=True):
+        previous = neighbour(self.paths[mb], stage, -1)
+        leaves = []
+        if previous is not None:
+            leaves = [t.detach().requires_grad_(train and t.is_floating_point())
+                      for t in self.ready.pop(("F", previous, mb))]
+        out = STAGE_FORWARD[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims, COORD,
+                                   self.whole.get(stage, {}))
+        if neighbour(self.paths[mb], stage, +1) is None:
+            share = out.detach()
+            self.loss = share if self.loss is None else self.loss + share
+            self.saved[(stage, mb)] = (leaves, None, out)
+        else:
+            self.ready[("F", stage, mb)] = [o.detach().contiguous() for o in out]
+            self.saved[(stage, mb)] = (leaves, out, None)
+
+    def backward(self, stage, mb):
+        leaves, outs, loss = self.saved.pop((stage, mb))
+        if loss is not None:
+            (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
+        else:
+            grads = iter(self.ready.pop(("B", neighbour(self.paths[mb], stage, +1), mb)))
+            pairs = [(o, next(grads)) for o in outs if o.is_floating_point()]
+            pairs = [(o, g) for o, g in pairs if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if leaves:
+            self.ready[("B", stage, mb)] = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+                                            .contiguous() for leaf in leaves if leaf.is_floating_point()]
+
+    def message_shapes(self, kind, stage):
+        if kind == "RECV_F":
+            return EXIT_SHAPES[stage](self.dims)
+        return [(s, d) for s, d in ENTRY_SHAPES[stage](self.dims) if d.is_floating_point]
+
+    def transfer(self, actions):
+        """A run of sends and receives: post the sends (not waited on), then receive, batched."""
+        sends = [dist.P2POp(dist.isend, t, peer)
+                 for kind, stage, mb, peer in actions if kind.startswith("SEND")
+                 for t in self.ready.pop((kind[-1], stage, mb))]
+        if sends:
+            self.sends.extend(dist.batch_isend_irecv(sends))
+        receives, ops = [], []
+        for kind, stage, mb, peer in actions:
+            if kind.startswith("RECV"):
+                buffers = [torch.empty(shape, dtype=dtype, device=DEVICE)
+                           for shape, dtype in self.message_shapes(kind, stage)]
+                receives.append(((kind[-1], stage, mb), buffers))
+                ops += [dist.P2POp(dist.irecv, b, peer) for b in buffers]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for key, buffers in receives:
+            self.ready[key] = buffers
+
+    def run(self, actions):
+        """Run the action list; returns this rank's sum of loss shares (None off the loss stage)."""
+        i = 0
+        while i < len(actions):
+            kind, stage, mb, _ = actions[i]
+            if kind in ("F", "B"):
+                self.forward(stage, mb) if kind == "F" else self.backward(stage, mb)
+                i += 1
+                continue
+            j = i
+            while j < len(actions) and actions[j][0] not in ("F", "B"):
+                j += 1
+            self.transfer(actions[i:j])
+            i = j
+        for work in self.sends:
+            work.wait()
+        return self.loss
+
+    def infer(self, path):
+        """Forward only: every microbatch through ``path``, sending each stage's exits to the next."""
+        position = my_position()
+        for mb in range(len(self.micro)):
+            for k, stage in enumerate(path):
+                if PIPELINE["positions"][stage] != position:
+                    continue
+                previous = path[k - 1] if k else None
+                if previous is not None and PIPELINE["positions"][previous] != position:
+                    peer = MESH_DEVICES[PIPELINE["positions"][previous]][MESH_DEVICES[position].index(dist.get_rank())]
+                    self.transfer([("RECV_F", previous, mb, peer)])
+                with torch.no_grad():
+                    self.forward(stage, mb, train=False)
+                following = path[k + 1] if k + 1 < len(path) else None
+                if following is not None and PIPELINE["positions"][following] != position:
+                    peer = MESH_DEVICES[PIPELINE["positions"][following]][MESH_DEVICES[position].index(dist.get_rank())]
+                    self.transfer([("SEND_F", stage, mb, peer)])
+        for work in self.sends:
+            work.wait()
+        return self.loss
+
+
+def infer_path(text):
+    """The stages of ``--infer-stages`` (``all`` or a comma list starting at 0, ending at the last)."""
+    count = PIPELINE["stages"]
+    if text == "all":
+        return list(range(count))
+    try:
+        path = [int(s) for s in text.split(",")]
+    except ValueError:
+        fail(f"--infer-stages takes comma-separated stage numbers such as 0,2,3 (or all), found {text!r}")
+    if path[0] != 0 or path[-1] != count - 1 or len(set(path)) != len(path) or not all(0 <= s < count for s in path):
+        fail(f"--infer-stages {text}: expected distinct stages starting at 0 and ending at {count - 1}")
+    if path != list(range(count)) and not PIPELINE["skippable"]:
+        fail("this pipeline's stages cannot be skipped (its cuts carry different values); use --infer-stages all")
+    return path
+
+
+def pipeline_loss(local):
+    """The full loss on every rank: the loss stage's seed ranks contribute their sum of shares."""
+    mine = local is not None and is_seed_rank(LOSS_SBP)
+    total = (local.detach() if mine else torch.zeros((), device=DEVICE)).reshape(1).clone()
+    dist.all_reduce(total)
+    return float(total[0])
+
+
+def pipeline_state_dict(params, buffers):
+    """The full state_dict, assembled on every rank from each position's unsharded tensors."""
+    mine = {}
+    for name, t in list(params.items()) + list(buffers.items()):
+        target, _, layout, _ = STAGE_TENSORS[name]
+        mine[target] = unshard(t.detach(), layout).cpu()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    state = {}
+    for part in gathered:
+        state.update(part)
+    for alias, name in ALIASES.items():
+        state[alias] = state[name]
+    return state
+
+
+def pipeline_main(args):
+    init_tied_groups(args.comm_timeout)
+    batches = load_batches(args)
+    if not os.path.exists(args.weights):
+        fail(f"initial weights {args.weights} not found; emit the program again or pass --weights")
+    weights = torch.load(args.weights, weights_only=True)
+    position = my_position()
+    mine = {n: spec for n, spec in STAGE_TENSORS.items() if PIPELINE["positions"][spec[3]] == position}
+    params = {n: shard(weights[target].to(DEVICE), layout).requires_grad_(True)
+              for n, (target, kind, layout, _) in mine.items() if kind == "param"}
+    buffers = {n: shard(weights[target].to(DEVICE), layout) for n, (target, kind, layout, _) in mine.items()
+               if kind == "buffer"}
+    optimizer = make_optimizer(params) if params else None
+    actions = SCHEDULE[dist.get_rank()]
+    path = infer_path(args.infer_stages) if args.infer_stages else None
+    metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
+    count = PIPELINE["microbatches"]
+    for step_index in range(args.steps):
+        batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
+        full_dims = bind_dims(batch)
+        micro = split_microbatches(batch, count)
+        dims = bind_dims(micro[0])
+        whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
+                 for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
+        paths = [path] * count if path else PIPELINE["paths"]
+        step = PipelineStep(params, buffers, micro, dims, whole, paths)
+        if path:
+            local = step.infer(path)
+        else:
+            if optimizer:
+                optimizer.zero_grad(set_to_none=True)
+            local = step.run(actions)
+            sync_gradients(params)
+            sync_tied(params)
+            if optimizer:
+                optimizer.step()
+        value = pipeline_loss(local)
+        if metrics:
+            metrics.write(json.dumps({"step": step_index, "loss": value}) + "\n")
+            metrics.flush()
+        if dist.get_rank() == 0:
+            print(f"step {step_index} loss {value:.6f}", flush=True)
+    state = pipeline_state_dict(params, buffers)
     if args.save and dist.get_rank() == 0:
         torch.save(state, args.save)
     dist.barrier()

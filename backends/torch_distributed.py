@@ -18,7 +18,9 @@ import torch
 
 from ir import kernels
 from ir.core import Graph, Node, Value
-from ir.ops.registry import LocalContext, local_call
+from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
+                                 stage_index, tied_groups)
+from ir.ops.registry import LocalContext, local_call, local_shape
 from ir.sbp import format_nd_sbp
 from backends import emitted_runtime
 
@@ -43,7 +45,8 @@ def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({p.target: weights[p.target].detach().cpu().contiguous() for p in graph.params}, out / "weights.pt")
-    source = ProgramWriter(graph, optimizer, input_ranges, example_dims, aliases, header).write()
+    writer = PipelineProgramWriter if is_pipelined(graph) else ProgramWriter
+    source = writer(graph, optimizer, input_ranges, example_dims, aliases, header).write()
     path = out / "main.py"
     path.write_text(source)
     return path
@@ -61,10 +64,11 @@ class ProgramWriter:
         self.aliases = aliases
         self.header = header
         self.names: dict[int, str] = {}
-        mesh = graph.meshes
-        if len(mesh) != 1:
-            raise EmitError(f"this code generator handles one mesh; the plan has {list(mesh)}")
-        self.mesh = next(iter(mesh.values()))
+        meshes = graph.meshes
+        if len(meshes) != 1 and not is_pipelined(graph):
+            raise EmitError(f"this code generator handles one mesh (or one per pipeline stage); the plan has "
+                            f"{list(meshes)}")
+        self.mesh = next(iter(meshes.values()))
 
     def write(self) -> str:
         parts = [self._docstring(), self._constants(), "# " + "-" * 20 + " local kernels (from sbpc ir/kernels.py)",
@@ -84,11 +88,7 @@ class ProgramWriter:
 
     def _constants(self) -> str:
         g = self.graph
-        inputs = []
-        for v in g.inputs:
-            dims = [str(d) if not d.is_Integer else int(d) for d in v.type.shape]
-            inputs.append((v.name, dims, v.type.torch_dtype, [str(s) for s in v.sbp],
-                           int(self.input_ranges.get(v.name, 2))))
+        inputs = self._input_specs()
         params = {p.target: [str(s) for s in p.sbp] for p in g.params if p.kind == "param"}
         buffers = [p.target for p in g.params if p.kind == "buffer"]
         buckets = [(tuple(b["axes"]), [p.target for p in b["params"]]) for b in g.attrs.get("grad_buckets", [])]
@@ -96,6 +96,7 @@ class ProgramWriter:
             "import torch  # noqa: E402  (constants below need torch dtypes)",
             f"MESH_AXES = {tuple(self.mesh.axes)!r}",
             f"MESH_SHAPE = {tuple(self.mesh.shape)!r}",
+            f"MESH_DEVICES = {[list(self.mesh.devices)]!r}",
             "# name, dims, dtype, layout per mesh axis, exclusive upper bound of synthetic integer values",
             "INPUTS = [\n" + "".join(f"    {_py(i)},\n" for i in inputs) + "]",
             "PARAMS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in params.items()) + "}",
@@ -105,8 +106,17 @@ class ProgramWriter:
             f"LOSS_SBP = {[str(s) for s in g.loss.sbp]!r}",
             f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
             f"EXAMPLE_DIMS = {self.example_dims!r}",
+            "PIPELINE = None",
         ]
         return "\n".join(lines)
+
+    def _input_specs(self) -> list[tuple]:
+        specs = []
+        for v in self.graph.inputs:
+            dims = [str(d) if not d.is_Integer else int(d) for d in v.type.shape]
+            specs.append((v.name, dims, v.type.torch_dtype, [str(s) for s in v.sbp],
+                          int(self.input_ranges.get(v.name, 2))))
+        return specs
 
     def _forward(self) -> str:
         g = self.graph
@@ -140,8 +150,8 @@ class ProgramWriter:
             x = self._arg(node.input_values()[0])
             kw = ", ".join(f"{k}={self._arg(v)}" for k, v in node.kwargs.items())
             return f"    {outs[0]} = {COMM_FUNCS[node.op]}({x}, {kw}){comment}"
-        ctx = LocalContext(self.mesh, node.outputs[0].mesh, [v.sbp for v in node.input_values()],
-                           [v.sbp for v in node.outputs])
+        ctx = LocalContext(self.graph.meshes[node.outputs[0].mesh], node.outputs[0].mesh,
+                           [v.sbp for v in node.input_values()], [v.sbp for v in node.outputs])
         call = local_call(node, ctx)
         fn = call.fn.split(".", 1)[1] if call.fn.startswith("kernels.") else call.fn
         args = [self._arg(a) for a in call.args] + [f"{k}={self._arg(v)}" for k, v in call.kwargs.items()]
@@ -164,6 +174,132 @@ class ProgramWriter:
         if isinstance(a, float):
             return repr(a) if math.isfinite(a) else ("math.nan" if math.isnan(a) else ("math.inf" if a > 0 else "-math.inf"))
         return repr(a)
+
+
+
+class PipelineProgramWriter(ProgramWriter):
+    """A program for a pipelined plan: one function per stage, each rank running its action list.
+
+    Every rank runs the same file; ``SCHEDULE[rank]`` is its list of ``(kind, stage, microbatch,
+    peer)``. A stage's function computes one microbatch on that rank's shards and returns what it
+    sends on (the loss share on the last stage); the runtime makes leaves of what it receives and
+    calls ``torch.autograd.backward`` with the gradients that come back.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stages = pipeline_stages(self.graph)
+        self.positions = self.graph.attrs["pipeline"]["positions"]
+        count = max(self.positions) + 1
+        self.position_devices = [list(self.graph.meshes[self.stages[self.positions.index(q)].mesh].devices)
+                                 for q in range(count)]
+
+    def _docstring(self) -> str:
+        info = self.graph.attrs["pipeline"]
+        ranks = sum(len(d) for d in self.position_devices)
+        return (f'"""Pipelined training program for {self.graph.name}, generated by sbpc.\n\n{self.header}\n'
+                f"Pipeline: {info['stages']} stages on {len(self.position_devices)} positions, "
+                f"{info['microbatches']} microbatches, schedule {info['schedule']}; each position runs the mesh "
+                f"{dict(zip(self.mesh.axes, self.mesh.shape))} ({ranks} ranks in all).\n"
+                f"Run:  torchrun --standalone --nproc-per-node {ranks} main.py --steps 5 "
+                f"--metrics losses.jsonl --save final.pt\n"
+                f"Inference through some stages only: add --infer-stages 0,2,3 (no training).\n"
+                f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n"
+                f'"""')
+
+    def _constants(self) -> str:
+        g = self.graph
+        info = g.attrs["pipeline"]
+        tensors = {p.name: (p.target, p.kind, [str(s) for s in p.sbp], stage_index(p.mesh)) for p in g.params}
+        buckets = [(tuple(b["axes"]), [p.name for p in b["params"]]) for b in g.attrs.get("grad_buckets", [])]
+        schedule = {rank: [(a.kind, a.stage, a.microbatch, a.peer) for a in acts]
+                    for rank, acts in schedule_actions(g).items()}
+        pipeline = {"stages": int(info["stages"]), "positions": list(self.positions),
+                    "microbatches": int(info["microbatches"]), "paths": microbatch_paths(g),
+                    "skippable": bool(info.get("skippable"))}
+        lines = [
+            "import torch  # noqa: E402  (constants below need torch dtypes)",
+            f"MESH_AXES = {tuple(self.mesh.axes)!r}",
+            f"MESH_SHAPE = {tuple(self.mesh.shape)!r}",
+            f"MESH_DEVICES = {self.position_devices!r}  # per pipeline position",
+            "# name, dims, dtype, layout per mesh axis, exclusive upper bound of synthetic integer values",
+            "INPUTS = [\n" + "".join(f"    {_py(i)},\n" for i in self._input_specs()) + "]",
+            "PARAMS = {}  # pipelines: see STAGE_TENSORS",
+            "BUFFERS = []",
+            "# IR name: (state_dict name, param or buffer, layout per mesh axis, stage)",
+            "STAGE_TENSORS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in tensors.items()) + "}",
+            f"TIED_PARAMS = {[[p.name for p in group] for group in tied_groups(g)]!r}",
+            f"ALIASES = {self.aliases!r}",
+            "GRAD_BUCKETS = [\n" + "".join(f"    ({a!r}, {n!r}),\n" for a, n in buckets) + "]",
+            f"LOSS_SBP = {[str(s) for s in g.loss.sbp]!r}",
+            f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
+            f"EXAMPLE_DIMS = {self.example_dims!r}",
+            f"PIPELINE = {pipeline!r}",
+            "SCHEDULE = {\n" + "".join(f"    {r}: {acts!r},\n" for r, acts in schedule.items()) + "}",
+        ]
+        return "\n".join(lines)
+
+    def _forward(self) -> str:
+        g = self.graph
+        for v in g.inputs:
+            self.names[id(v)] = f"x[{v.name!r}]"
+        for p in g.params:
+            self.names[id(p)] = f"{'p' if p.kind == 'param' else 'b'}[{p.name!r}]"
+        parts = []
+        for st in self.stages:
+            if st.whole_batch_nodes:
+                parts.append(self._prologue(st))
+            parts.append(self._stage_function(st))
+            parts.append(self._shapes_function(st, "entry", st.entries))
+            parts.append(self._shapes_function(st, "exit", st.exits))
+        tables = [
+            "STAGE_FORWARD = {" + ", ".join(f"{st.index}: stage_{st.index}" for st in self.stages) + "}",
+            "STAGE_PROLOGUE = {" + ", ".join(f"{st.index}: prologue_{st.index}" for st in self.stages
+                                             if st.whole_batch_nodes) + "}",
+            "ENTRY_SHAPES = {" + ", ".join(f"{st.index}: entry_shapes_{st.index}" for st in self.stages) + "}",
+            "EXIT_SHAPES = {" + ", ".join(f"{st.index}: exit_shapes_{st.index}" for st in self.stages) + "}",
+        ]
+        return "\n\n".join(parts) + "\n\n" + "\n".join(tables) + "\n"
+
+    def _preamble(self) -> list[str]:
+        body = [f"    {name} = dims[{name!r}]" for name in sorted(self._dim_names())]
+        return body + [f"    coord_{a} = coord[{a!r}]" for a in self.mesh.axes]
+
+    def _prologue(self, st) -> str:
+        body = self._preamble() + [self._line(node) for node in st.whole_batch_nodes]
+        outs = [o for node in st.whole_batch_nodes for o in node.outputs]
+        body.append("    return {" + ", ".join(f"{o.name!r}: {self.names[id(o)]}" for o in outs) + "}")
+        for o in outs:
+            self.names[id(o)] = f"whole[{o.name!r}]"
+        doc = (f'    """Stage {st.index}, once per step on the whole batch: the values of its whole-batch '
+               f'nodes."""\n')
+        return f"def prologue_{st.index}(p, b, x, dims, coord):\n" + doc + "\n".join(body) + "\n"
+
+    def _stage_function(self, st) -> str:
+        body = self._preamble()
+        for slot, v in enumerate(st.entries):
+            self.names[id(v)] = "v_" + v.name.replace(".", "_")
+            body.append(f"    {self.names[id(v)]} = entries[{slot}]")
+        body += [self._line(node) for node in st.nodes]
+        if st.exits:
+            body.append("    return [" + ", ".join(self.names[id(v)] for v in st.exits) + "]")
+        else:
+            body.append(f"    return {self.names[id(self.graph.loss)]}")
+        what = "the values it sends on, by slot" if st.exits else "this microbatch's share of the loss"
+        doc = (f'    """Stage {st.index} on one microbatch (this rank\'s shards): entries are what it received, '
+               f'by slot;\n    returns {what}."""\n')
+        return f"def stage_{st.index}(p, b, x, entries, dims, coord, whole):\n" + doc + "\n".join(body) + "\n"
+
+    def _shapes_function(self, st, kind: str, values: list) -> str:
+        mesh = self.graph.meshes[st.mesh]
+        items = []
+        for v in values:
+            shape = [py_int_expr(d) for d in local_shape(v.type, v.sbp, mesh)]
+            items.append(f"(({', '.join(shape)}{',' if len(shape) == 1 else ''}), {v.type.torch_dtype})")
+        doc = f'    """Local shapes and dtypes of the values stage {st.index} {"receives" if kind == "entry" else "sends"}, by slot."""\n'
+        return (f"def {kind}_shapes_{st.index}(dims):\n" + doc +
+                "\n".join(self._preamble()[:len(self._dim_names())]) +
+                ("\n" if self._dim_names() else "") + f"    return [{', '.join(items)}]\n")
 
 
 def _returns_list(node: Node) -> bool:

@@ -2,7 +2,8 @@
 
 The chain is a shortest path over single-axis conversions (``ir.ops.comm.transition``) under a
 pluggable cost. A conversion that changes a split of dim ``d`` on axis ``a`` is only taken when no
-later (inner) axis splits ``d`` too, so nested splits stay contiguous.
+later (inner) axis splits ``d`` too, so nested splits stay contiguous; a reduction of partial values
+on axis ``a`` only when no inner axis holds partial values of the other kind (sum vs max).
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def _search(t, src, dst, mesh, cost):
         for axis in range(mesh.ndim):
             for new in values:
                 step = transition(state[axis], new)
-                if step is None or not _contiguous(state, axis, new):
+                if step is None or not _contiguous(state, axis, new) or not _reduces_in_order(state, axis, step[0]):
                     continue
                 nxt = state[:axis] + (new,) + state[axis + 1:]
                 if not splits_divide(t, nxt, mesh):
@@ -113,6 +114,15 @@ def _contiguous(state: NdSbp, axis: int, new) -> bool:
     """A split of dim d may change on ``axis`` only if no inner axis also splits d."""
     dims = {s.dim for s in (state[axis], new) if isinstance(s, Split)}
     return not any(isinstance(s, Split) and s.dim in dims for s in state[axis + 1:])
+
+
+def _reduces_in_order(state: NdSbp, axis: int, op: str) -> bool:
+    """Partial values combine inner axis first: ``(P(sum), P(max))`` is a sum over the outer axis of
+    maxima over the inner one. Reducing an outer axis first is only right when the inner partial
+    values combine the same way (sums commute with sums, maxima with maxima, not with each other)."""
+    if op not in ("comm.all_reduce", "comm.reduce_scatter"):
+        return True
+    return all(s == state[axis] for s in state[axis + 1:] if isinstance(s, Partial))
 
 
 def _axis_bytes(t: TensorType, sbp: NdSbp, mesh: Mesh, axis: int) -> float:
