@@ -63,9 +63,13 @@ class CompiledPlan:
         """The SBP-annotated IR as text (parseable with ``ir.parse``)."""
         return str(self.graph)
 
-    def run_virtual(self, *inputs: torch.Tensor, mode: str | None = None) -> VirtualResult:
-        """Simulate every rank in this process: loss and full gradients (train) or outputs (infer)."""
-        return run_virtual(self.graph, self.weights, tuple(inputs), mode or self.mode)
+    def run_virtual(self, *inputs: torch.Tensor, mode: str | None = None,
+                    stages: list[int] | None = None) -> VirtualResult:
+        """Simulate every rank in this process: loss and full gradients (train) or outputs (infer).
+
+        ``stages`` (pipelined plans, ``mode="infer"``): run every microbatch through those stages only.
+        """
+        return run_virtual(self.graph, self.weights, tuple(inputs), mode or self.mode, stages=stages)
 
     def emit(self, out_dir: str | os.PathLike) -> Path:
         """Write a standalone torchrun program (``main.py`` + ``weights.pt``) into ``out_dir``."""
@@ -117,7 +121,8 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     example_dims = _example_dims(graph, flat_inputs)
     graph.attrs["example_dims"] = example_dims
     graph.attrs["aliases"] = dict(captured.aliases)
-    strategy = resolve_strategy(strategy, model if isinstance(model, torch.nn.Module) else None, graph)
+    strategy = resolve_strategy(strategy, model if isinstance(model, torch.nn.Module) else None, graph,
+                                cluster.world_size)
     report = None
     if wants_search(strategy):
         strategy, report = search_strategy(graph, cluster, strategy, train=train)
@@ -167,10 +172,10 @@ def search_strategy(graph: Graph, cluster: Cluster, strategy: Any, *, train: boo
     return search(graph, cluster, strategy, train=train)
 
 
-def resolve_strategy(strategy: Any, model: torch.nn.Module | None, graph: Graph) -> Any:
+def resolve_strategy(strategy: Any, model: torch.nn.Module | None, graph: Graph, world_size: int) -> Any:
     """A strategy from a dict, a shorthand, DSL text or a ``*.sbp`` file, merged with the model's annotations."""
     from compiler.plans import resolve
-    return resolve(strategy, model, graph)
+    return resolve(strategy, model, graph, world_size=world_size)
 
 
 def capture_model(model: Any, args: tuple, kwargs: dict | None, *, loss_fn, train: bool, method: str) -> Captured:

@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SBPC_TRACEBACK") == "1":
             raise
         prefix = "" if isinstance(err, USER_ERRORS) else f"internal error ({type(err).__name__}; rerun with SBPC_TRACEBACK=1): "
-        print(f"error: {prefix}{one_line(err)}", file=sys.stderr)
+        text = one_line(err)
+        print(text if text.startswith("error: ") or ": error: " in text.split("\n")[0] else f"error: {prefix}{text}",
+              file=sys.stderr)
         return 2
 
 

@@ -81,9 +81,12 @@ def resolve(strategy: Any, model: torch.nn.Module | None, graph: Graph,
     """
     given = read_strategy(strategy)
     facts = model_facts(graph)
-    base = _with_mesh(given.strategy, world_size)
-    _validate(base, facts, world_size, given.positions, given.where)
     annotations = collect_annotations(model) if model is not None else []
+    # a mesh written in an annotation wins over the default one a plan without a mesh would get
+    annotated_mesh = any("mesh" in a for _, _, a in annotations)
+    base = given.strategy if annotated_mesh and isinstance(given.strategy, dict) \
+        else _with_mesh(given.strategy, world_size)
+    _validate(base, facts, world_size, given.positions, given.where)
     for _path, where, annotation in annotations:
         _validate(annotation, facts, world_size, None, where)
     merged = _with_mesh(merge_strategies(base, given.where, annotations, given.positions),

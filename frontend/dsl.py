@@ -571,7 +571,8 @@ class _StrategyChecker:
         if "grad_bucket_bytes" in strategy:
             value = strategy["grad_bucket_bytes"]
             self.expect(_is_int(value) and value >= 1, ("grad_bucket_bytes", VALUE),
-                        f"grad_bucket_bytes is a whole number of bytes, at least 1, found {value!r}")
+                        "grad_bucket_bytes is a whole number of bytes, at least 1, "
+                        f"found {value!r}")
 
     def expect(self, condition: bool, path: KeyPath, message: str) -> None:
         """Fail with ``message`` unless ``condition``."""

@@ -89,6 +89,11 @@ class PipelineConfig:
 def pipeline_config(strategy: dict, world_size: int) -> PipelineConfig:
     """Read ``mesh.pp``, ``microbatches``, ``schedule``, ``virtual_stages``, ``skip_ratio``, ``stage_devices``."""
     mesh = strategy.get("mesh") or {}
+    sizes = {len(ds) for ds in strategy.get("stage_devices") or []}
+    if len(sizes) > 1:
+        raise NotImplementedError(f"stage_devices gives stages {sorted(sizes)} devices: stages on meshes of "
+                                  "different sizes need resharding transfers, which the pipeline pass does not "
+                                  "make yet; give every stage the same number of devices")
     if "pp" not in mesh:
         raise StrategyError(f"a pipelined strategy needs a 'pp' mesh axis (the number of pipeline positions); "
                             f"the mesh is {mesh}: add e.g. 'pp': 2 and shrink the other axes to match")
@@ -292,7 +297,8 @@ def _starts_at_modules(graph: Graph, names: list[str]) -> list[int]:
     for name in names:
         found = next((i for i in range(after, len(graph.nodes)) if _begins(_module_of(graph.nodes[i]), name)), None)
         if found is None:
-            modules = sorted({_module_of(n) for n in graph.nodes} - {""})
+            modules = sorted({".".join(parts[:i]) for n in graph.nodes if _module_of(n)
+                              for parts in [_module_of(n).split(".")] for i in range(1, len(parts) + 1)})
             earlier = any(_begins(_module_of(n), name) for n in graph.nodes[:after])
             why = (f"it begins before the previous cut (cuts go in model order)" if earlier else
                    f"no node comes from it{closest(name, modules)}")
@@ -392,10 +398,10 @@ def balanced_starts(graph: Graph, num_stages: int) -> list[int]:
     if len(candidates) < num_stages - 1:
         raise StrategyError(f"cannot cut the model into {num_stages} stages: it has only {len(candidates)} module "
                             "boundaries to cut at; use fewer stages")
-    return _min_max_partition(costs, candidates, num_stages)
+    return min_max_partition(costs, candidates, num_stages)
 
 
-def _min_max_partition(costs: list[float], candidates: list[int], parts: int) -> list[int]:
+def min_max_partition(costs: list[float], candidates: list[int], parts: int) -> list[int]:
     """Choose ``parts - 1`` cut indices among ``candidates`` minimising the largest part (dynamic program)."""
     prefix = [0.0]
     for c in costs:
@@ -592,6 +598,8 @@ def _schedule(graph: Graph, config: PipelineConfig, ctx: PassContext, stage_flop
         per_position = build_1f1b(k, m, list(range(p)))
     else:
         per_position = build_interleaved_1f1b(k, m, [s % p for s in range(k)], config.virtual_stages)
+    # a position whose stages no path visits (SkipPipe) still gets its (empty) list
+    per_position = {q: per_position.get(q, []) for q in range(p)}
     per_device = expand_to_devices(per_position, config.position_devices)
     for lane in lanes(per_device, config.position_devices):
         check_deadlock(lane, paths or [list(range(k))] * m)
@@ -671,6 +679,7 @@ def apply_paths(graph: Graph, paths: Sequence[Sequence[int]], order: str = "1f1b
         raise ValueError("explicit paths need one stage per pipeline position (no virtual stages)")
     position_devices = [graph.meshes[stage_mesh_name(s)].devices for s in range(k)]
     per_position = build_path_schedule([list(p) for p in paths], list(range(k)), order)
+    per_position = {q: per_position.get(q, []) for q in range(k)}
     per_device = expand_to_devices(per_position, position_devices)
     for lane in lanes(per_device, position_devices):
         check_deadlock(lane, paths)

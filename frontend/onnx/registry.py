@@ -178,8 +178,8 @@ class NodeContext:
         known = value.const if value.const is not None else value.initial
         if known is not None:
             return known.tolist()
-        if value.node is not None and value.node.op == "placeholder":
-            self.builder.config_inputs.add(value.node.meta["onnx_node"])
+        if value.node is not None:
+            self.builder.config_inputs |= _input_ancestors(value.node)
         return value
 
     def static_ints(self, index: int) -> list[int] | Value | None:
@@ -229,6 +229,20 @@ class NodeContext:
             dtype = onnx_type_name(TORCH_TO_ONNX[dtype])
         return UnsupportedOnnx(node=self.name, op_type=self.op_type, opset=self.opset,
                                domain=self.node.domain, dtype=dtype, reason=reason, hint=hint)
+
+
+def _input_ancestors(node: torch.fx.Node) -> set[str]:
+    """ONNX names of the graph inputs whose values ``node`` is computed from."""
+    found, pending, seen = set(), [node], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            found.add(current.meta["onnx_node"])
+        pending.extend(current.all_input_nodes)
+    return found
 
 
 def normalize_axis(axis: int, rank: int) -> int:

@@ -5,7 +5,7 @@ import sympy
 
 from ir.core import Node
 from ir.ops.registry import LocalCall, LocalContext, RULES, Signature, all_b, register, default_local
-from ir.sbp import B, P, PMAX, Partial, Split
+from ir.sbp import P, PMAX, Split
 
 
 # Where ``keepdim`` sits among the positional arguments (``*.correction`` take it by keyword only).

@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple
 
 import sympy
 
-from ir.core import Node, Value
+from ir.core import Node
 from ir.sbp import B, NdSbp, Partial, Split
 from ir.types import Mesh, TensorType
 

@@ -24,7 +24,7 @@ from frontend.torch_capture import capture
 from ir.cluster import Cluster
 from passes.skippipe import SkipPlan, parse_skip_plan
 from tests.frontend.test_dsl import MALFORMED, assert_points_at
-from tests.models import assert_close_to_eager, eager_loss_and_grads, gpt_inputs, gpt_model
+from tests.models import assert_close_to_eager, gpt_inputs, gpt_model
 
 ROOT = Path(__file__).resolve().parents[2]
 PLANS = ROOT / "examples" / "plans"
@@ -187,7 +187,8 @@ def test_documented_examples_are_the_five_of_the_issue() -> None:
 # ---------------------------------------------------------------------------------------------
 # Plans written on the model: annotate() and @sbp_plan, merged with strategy=
 
-MEGATRON_ATTENTION = "param qkv.weight: tp=S(0)\nparam qkv.bias: tp=S(0)\nparam proj.weight: tp=S(1)"
+MEGATRON_ATTENTION = ("param qkv.weight: tp=S(0)\nparam qkv.bias: tp=S(0)\n"
+                      "param proj.weight: tp=S(1)")
 MEGATRON_MLP = "param fc.weight: tp=S(0)\nparam fc.bias: tp=S(0)\nparam proj.weight: tp=S(1)"
 
 
@@ -380,12 +381,7 @@ def test_misfit_plans_fail_in_resolve(gpt_graph, text: str, world_size: int, lin
     assert_points_at(caught.value, text, line, column)
 
 
-WORLD_SIZE_PENDING = pytest.mark.xfail(
-    strict=False, reason="compiler/api.py does not pass the world size to resolve() yet")
-
-
-@pytest.mark.parametrize("text, world_size, line, column, message", [
-    *MISFITS, *[pytest.param(*case, marks=WORLD_SIZE_PENDING) for case in WORLD_MISFITS]])
+@pytest.mark.parametrize("text, world_size, line, column, message", MISFITS + WORLD_MISFITS)
 def test_compile_raises_the_plan_error_and_nothing_else(text: str, world_size: int, line: int,
                                                         column: int, message: str) -> None:
     with pytest.raises(PlanError) as caught:
@@ -420,8 +416,8 @@ def test_bad_strategy_arguments_are_plan_errors(strategy, message: str) -> None:
 
 def test_cli_prints_a_plan_error_without_a_traceback(tmp_path: Path, capsys) -> None:
     path = tmp_path / "plan.sbp"
-    path.write_text("mesh tp=2\nparam blocks.*.mlp.fc.weight: tp=S(0)\nparam blocks.*.mlp.fcc.bias: "
-                    "tp=S(0)\n")
+    path.write_text("mesh tp=2\nparam blocks.*.mlp.fc.weight: tp=S(0)\n"
+                    "param blocks.*.mlp.fcc.bias: tp=S(0)\n")
     status = sbpc(["compile", GPT_FACTORY, "--cluster", "local:2", "--batch", "2",
                    "--seq", "8", "--plan", str(path)])
     err = capsys.readouterr().err

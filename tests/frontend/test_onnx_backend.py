@@ -131,20 +131,27 @@ def test_backend_accepts_inputs_by_name_and_run_node():
         rep.run([x, x])
 
 
-def test_runner_is_pluggable(monkeypatch):
-    """Swapping SbpcBackend.runner (as the compiler will) routes every run through it."""
-    seen = []
+def test_required_cases_also_pass_through_torch_export(monkeypatch):
+    """Swapping SbpcBackend.runner (as the compiler will) routes every run through it; with
+    torch.export as the runner, every required case still passes (config inputs such as
+    reshape targets are specialised per run by the backend)."""
+    calls = []
 
     def exported_runner(module, inputs):
-        seen.append(type(module).__name__)
+        calls.append(module)
         return tuple(torch.export.export(module, inputs).module()(*inputs))
 
     monkeypatch.setattr(SbpcBackend, "runner", exported_runner)
-    names = ["test_layer_normalization_3d_axis_negative_1_epsilon", "test_gemm_all_attributes",
-             "test_maxpool_2d_ceil"]
-    for name in names:
-        run_case(REQUIRED[name])
-    assert seen == ["OnnxModule"] * len(names)
+    failures = []
+    for name, case in REQUIRED.items():
+        if name in SKIPPED:
+            continue
+        try:
+            run_case(case)
+        except Exception as error:  # noqa: BLE001 - collected and reported together
+            failures.append(f"{name}: {type(error).__name__}: {str(error)[:200]}")
+    assert not failures, "\n".join(failures)
+    assert len(calls) >= len(REQUIRED) - len(SKIPPED)
 
 
 def test_a_wrong_result_is_detected(monkeypatch):

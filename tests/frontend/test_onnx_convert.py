@@ -444,6 +444,24 @@ def test_opset_argument_overrides_the_model_opset():
     torch.testing.assert_close(coerced.sum(dim=(1, 2)), torch.ones(2))
 
 
+def test_inputs_read_as_configuration_can_be_bound_for_export():
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "reshape", [_float("x", [2, 6]), helper.make_tensor_value_info(
+        "shape", TensorProto.INT64, [2])], [_float("y", [3, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = torch.randn(2, 6)
+    module = onnx_to_torch(model)
+    assert module.config_inputs == ["shape"]
+    expected = torch.relu(x.reshape(3, 4))
+    torch.testing.assert_close(module(x, torch.tensor([3, -1]))[0], expected)
+    static = onnx_to_torch(model, constant_inputs={"shape": np.array([3, -1])})
+    assert static.input_names == ["x"] and static.config_inputs == []
+    torch.testing.assert_close(torch.export.export(static, (x,)).module()(x)[0], expected)
+    with pytest.raises(ValueError, match="not graph inputs"):
+        onnx_to_torch(model, constant_inputs={"shapes": np.array([3, -1])})
+
+
 def test_deepcopy_keeps_the_onnx_attributes(gpt, gpt_onnx):
     _, idx, logits = gpt
     module = onnx_to_torch(gpt_onnx("torchscript_opset17"))

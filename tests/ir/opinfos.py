@@ -50,7 +50,10 @@ class T:
     dtype: torch.dtype = torch.float32
     fill: str = "normal"
     """``normal`` (multiples of 1/64 in [-2, 2)), ``positive`` ([0.25, 2.5)), ``distinct`` (no ties),
-    ``int`` (in [-high, high)), ``index`` (in [0, high)) or ``bool``."""
+    ``int`` (in [-high, high)), ``index`` (in [0, high)), ``bool``, ``pow2`` (0.5, 1, 2 or 4) or ``sign``
+    (-1 or 1). Where an op's gradient of a broadcast operand sums terms that are not exact (1 / y), the
+    samples pick ``pow2`` or ``sign`` values that make them exact, so that summing in another order
+    (per shard, then over ranks) cannot round differently."""
     high: int = 4
     param: bool = False
     """Make it a graph parameter (like a weight) rather than a graph input."""
@@ -93,7 +96,9 @@ class OpSample:
     exact_values: bool = True
     """False for ops whose values are undefined (``empty``): only shapes and dtypes are compared."""
     rejects: tuple = ()
+    """:class:`Reject` s: signatures the rule must not offer for this sample."""
     note: str = ""
+    """Why the sample is there (shown when a reject fails)."""
 
     def __str__(self) -> str:
         return f"{self.op}({', '.join(_describe(a) for a in self.args)}{self._kwargs_text()})"
@@ -172,10 +177,14 @@ def make_tensor(spec: T, gen: torch.Generator) -> torch.Tensor:
     if spec.fill == "distinct":
         n = max(1, int(torch.tensor(shape).prod()))
         return ((torch.randperm(n, generator=gen) - n // 2) / 16).reshape(shape).to(spec.dtype)
+    if spec.fill == "pow2":
+        return (2.0 ** torch.randint(-1, 3, shape, generator=gen)).to(spec.dtype)
+    if spec.fill == "sign":
+        return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(spec.dtype)
     if spec.fill == "normal":
         return (torch.randint(-128, 128, shape, generator=gen) / 64).to(spec.dtype)
     raise ValueError(f"unknown fill {spec.fill!r} for a sample input; expected one of normal, positive, "
-                     f"distinct, int, index, bool")
+                     f"distinct, int, index, bool, pow2, sign")
 
 
 # -- cutting full tensors into per-rank locals ----------------------------------------------------------
@@ -297,7 +306,7 @@ def _elementwise_unary() -> None:
 
 def _conversions() -> None:
     add("aten.to.dtype", X, F64)
-    add("aten.to.dtype", X, I64, note="float to int truncates: not linear")
+    add("aten.to.dtype", X, I64, rejects=(rej("2", ["(P(sum))"]),), note="float to int truncates: not linear")
     add("aten.to.dtype", T((4, 1, 6), I64, "int"), F32)
     add("aten.to.dtype", T((4, 1, 6), BOOL, "bool"), I64)
     add("aten.to.dtype_layout", X, kw={"dtype": F64, "layout": torch.strided, "device": torch.device("cpu")})
@@ -309,14 +318,18 @@ def _conversions() -> None:
     add("aten.type_as.default", X, T((2, 3), I64, "int"))
     add("aten.dropout.default", X, 0.0, True)
     add("aten.dropout.default", X, 0.5, False)
+    add("aten.dropout.default", X, 0.5, True, exact_values=False, differentiable=False,
+        rejects=(rej("2", ["(P(sum))"]),), note="a mask per rank: masked partial sums are no masked sum")
     add("aten.feature_dropout.default", T((4, 6, 2)), 0.0, True)
     add("aten.feature_dropout.default", T((4, 6, 2)), 0.5, False)
+    add("aten.feature_dropout.default", T((4, 6, 2)), 0.5, True, exact_values=False, differentiable=False,
+        rejects=(rej("2", ["(P(sum))"]),), note="a mask per rank: masked partial sums are no masked sum")
 
 
 def _elementwise_binary() -> None:
     """Broadcasting both ways: [4,1,6] with [3,1] gives [4,3,6]; and a zero-dim tensor operand."""
     left, right = T((4, 1, 6)), T((3, 1))
-    for name in ["maximum.default", "minimum.default", "atan2.default", "add.Tensor", "sub.Tensor", "mul.Tensor"]:
+    for name in ["maximum.default", "minimum.default", "add.Tensor", "sub.Tensor", "mul.Tensor"]:
         add(f"aten.{name}", left, right)
         add(f"aten.{name}", T((6, 4)), T(()))
     for cmp in ["eq", "ne", "lt", "gt", "le", "ge"]:
@@ -327,11 +340,14 @@ def _elementwise_binary() -> None:
         add(f"aten.{name}", T((4, 1, 6), BOOL, "bool"), T((3, 1), BOOL, "bool"))
     add("aten.bitwise_and.Tensor", T((6, 4), I64, "int", high=8), T((4,), I64, "int", high=8))
     add("aten.__and__.Tensor", T((), BOOL, "bool"), T((4, 1, 6), BOOL, "bool"))
-    add("aten.pow.Tensor_Tensor", T((4, 1, 6), fill="positive"), T((3, 1)))
+    add("aten.atan2.default", T((4, 1, 6), fill="sign"), T((3, 1), fill="sign"))
+    add("aten.atan2.default", T((6, 4)), T(()))
+    # d/dbase = e * base^(e-1) is exact for powers of two; d/dexponent is not, so it is not broadcast.
+    add("aten.pow.Tensor_Tensor", T((3, 1), fill="pow2"), T((4, 3, 6), fill="int", high=3))
     add("aten.remainder.Tensor", left, T((3, 1), fill="positive"))
     add("aten.floor_divide.default", left, T((3, 1), fill="positive"), differentiable=False)
-    add("aten.div.Tensor", left, T((3, 1), fill="positive"))
-    add("aten.div.Tensor", T((6, 4)), T((), fill="positive"))
+    add("aten.div.Tensor", left, T((3, 1), fill="pow2"))
+    add("aten.div.Tensor", T((6, 4)), T((), fill="pow2"))
     add("aten.div.Tensor", X, 4.0)
     add("aten.mul.Tensor", X, 2)
     add("aten.add.Tensor", X, 1)
@@ -477,7 +493,8 @@ def _matmuls() -> None:
     add("aten.linear.default", T((2, 4, 6)), T((4, 6), param=True))
     add("aten.linear.default", T((6,)), T((4, 6), param=True), T((4,), param=True))
     add("aten.addmm.default", T((12,), param=True), T((4, 6)), T((6, 12), param=True))
-    add("aten.addmm.default", T((4, 12)), T((4, 6)), T((6, 12)), note="a full-shaped bias")
+    add("aten.addmm.default", T((4, 12)), T((4, 6)), T((6, 12)), rejects=(rej("2", ["(B)", "(S(0))", "(B)"]),),
+        note="a full-shaped bias splits with the rows")
     add("aten.addmm.default", T((1, 12)), T((4, 6)), T((6, 12)))
     add("aten.mm.default", T((4, 6)), T((6, 12)))
     add("aten.bmm.default", T((4, 2, 6)), T((4, 6, 3)))

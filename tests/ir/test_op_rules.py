@@ -195,7 +195,7 @@ def test_every_signature_computes_the_op(op: str):
                 check_signature(sample, mesh, sig, seed=0)
 
 
-@settings(max_examples=150, deadline=None, derandomize=False)
+@settings(max_examples=600, deadline=None)
 @given(combo=st.sampled_from(COMBOS), seed=st.integers(1, 2**31 - 1))
 def test_signatures_hold_for_any_values(combo, seed):
     """Random combinations, with other input values and other partial splits."""

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from backends.virtual import assemble, collective
 from ir.ops.comm import COMM_OPS
 from ir.ops.registry import splits_divide
-from ir.sbp import PMAX, Split, all_sbp_values, format_nd_sbp, parse_nd_sbp
+from ir.sbp import PMAX, all_sbp_values, format_nd_sbp, parse_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.boxing import BoxingError, boxing_path, uneven_split
 from tests.ir.opinfos import MESHES, assert_broadcast_agrees, assert_same, distribute, random_like
@@ -49,6 +49,9 @@ def check_conversion(shape: tuple, src: tuple, dst: tuple, mesh: Mesh, seed: int
             f"{where}: the error should name the tensor type and the mesh, found {err.value}")
         return []
     _, steps = boxing_path(t, src, dst, mesh)
+    if not splits_divide(t, src, mesh):
+        assert src == dst and steps == [], f"{where}: a layout that cannot hold the tensor converts"
+        return steps  # nothing to convert, nothing to hold
     gen = torch.Generator().manual_seed(seed)
     full = random_like(torch.zeros(shape), gen, -128, 128)
     locals_, current = distribute(full, src, mesh, gen), src
@@ -87,7 +90,7 @@ def conversions(draw):
     return shape, src, dst, mesh
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(case=conversions(), seed=st.integers(0, 2**31 - 1))
 def test_random_conversions_keep_the_tensor(case, seed):
     shape, src, dst, mesh = case
@@ -227,9 +230,11 @@ def test_collective_gradient_is_the_adjoint(key, op, kwargs):
     gen = torch.Generator().manual_seed(7)
     for axis in range(mesh.ndim):
         n = mesh.shape[axis]
-        # Local shapes that every collective accepts: chunkable along dims 0 and 1 by n.
-        xs = [((torch.randperm(4 * n * n * 3, generator=gen) - 10) / 16).reshape(4 * n, 3 * n).requires_grad_()
-              for _ in range(mesh.size)]
+        # Local shapes that every collective accepts (chunkable along dims 0 and 1 by n), and values
+        # distinct across all ranks, so that a max has one winner.
+        numel = 4 * n * 3 * n
+        values = (torch.randperm(mesh.size * numel, generator=gen) - numel) / 16
+        xs = [v.reshape(4 * n, 3 * n).requires_grad_() for v in values.chunk(mesh.size)]
         outs = collective(op, xs, mesh, axis, kwargs)
         cotangents = [random_like(o, gen, -128, 128) for o in outs]
         grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), xs, allow_unused=True)

@@ -1,2 +1,3 @@
 """The ONNX op converters; importing this package registers all of them."""
-from frontend.onnx.ops import attention, elementwise, misc, nn, reduce, resize, tensor  # noqa: F401
+from frontend.onnx.ops import (  # noqa: F401
+    attention, elementwise, misc, nn, recurrent, reduce, resize, tensor)

@@ -1,0 +1,156 @@
+"""Pipelined plans on the virtual mesh: every schedule equals eager full-batch training.
+
+Loss and every gradient (the tied embedding / LM head included) at fp32 rtol 1e-5, atol 1e-6.
+SkipPipe plans equal an eager reference that runs each microbatch through its own path of stages.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backends.virtual import VirtualRunError, run_virtual
+from ir.parser import parse
+from passes.pipeline import apply_paths
+from tests.models import assert_close_to_eager, gpt2_model, gpt_inputs, gpt_model, lm_inputs
+from tests.passes.test_pipeline import compile_cached
+
+GPT = gpt_model(n_layer=4)
+GPT_INPUTS = gpt_inputs(batch=8, seq=8)
+GPT2 = gpt2_model(n_layer=4)
+GPT2_INPUTS = lm_inputs(batch=8, seq=8)
+MODELS = {"gpt": (GPT, GPT_INPUTS), "gpt2": (GPT2, GPT2_INPUTS)}
+FOUR_STAGES = ["blocks.1", "blocks.2", "blocks.3"]
+MEGATRON = {"blocks.*.attn.qkv.weight": {"tp": "S(0)"}, "blocks.*.attn.qkv.bias": {"tp": "S(0)"},
+            "blocks.*.attn.proj.weight": {"tp": "S(1)"}, "blocks.*.mlp.fc.weight": {"tp": "S(0)"},
+            "blocks.*.mlp.fc.bias": {"tp": "S(0)"}, "blocks.*.mlp.proj.weight": {"tp": "S(1)"}}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("microbatches", [4, 8])
+@pytest.mark.parametrize("positions", [2, 4])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pipeline_equals_eager_full_batch(name, positions, microbatches, schedule):
+    model, inputs = MODELS[name]
+    strategy = {"mesh": {"pp": positions}, "microbatches": microbatches, "schedule": schedule}
+    plan = compile_cached(model, inputs, positions, strategy)
+    assert plan.graph.attrs["pipeline"]["stages"] == positions * (2 if schedule == "interleaved" else 1)
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.parametrize("mesh, params", [({"pp": 2, "tp": 2}, MEGATRON), ({"pp": 2, "dp": 2}, {})],
+                         ids=["pp2xtp2", "pp2xdp2"])
+def test_pipeline_stages_on_sub_meshes_equal_eager(mesh, params):
+    strategy = {"mesh": mesh, "params": params, "stages": ["blocks.2"], "microbatches": 4, "schedule": "1f1b"}
+    plan = compile_cached(GPT, GPT_INPUTS, 4, strategy)
+    assert_close_to_eager(plan.run_virtual(*GPT_INPUTS), GPT, GPT_INPUTS)
+
+
+def test_the_parsed_dump_runs_like_the_plan():
+    plan = compile_cached(GPT2, GPT2_INPUTS, 2, {"mesh": {"pp": 2}, "microbatches": 4, "schedule": "gpipe"})
+    again = run_virtual(parse(plan.ir), plan.weights, GPT2_INPUTS)
+    assert_close_to_eager(again, GPT2, GPT2_INPUTS)
+
+
+def test_the_batch_must_split_into_the_microbatches():
+    plan = compile_cached(GPT, GPT_INPUTS, 2, {"mesh": {"pp": 2}, "microbatches": 3})
+    with pytest.raises(VirtualRunError, match=r"the batch \(8\) does not split into 3 microbatches"):
+        plan.run_virtual(*GPT_INPUTS)
+
+
+# -- losses that are not sum / count ----------------------------------------------------------------
+
+class MeanSquaredMLP(nn.Module):
+    """Two linear layers; the loss is a mean (``mse_loss``) or a sum over the batch."""
+
+    def __init__(self, reduction: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 4)])
+        self.reduction = reduction
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.layers[1](torch.tanh(self.layers[0](x)))
+        if self.reduction == "mean":
+            return F.mse_loss(out, y)
+        return (out - y).pow(2).sum()
+
+
+@pytest.mark.parametrize("reduction, split", [("mean", "mean"), ("sum", "sum")])
+def test_mean_and_sum_losses_accumulate_to_the_full_batch(reduction, split):
+    model = MeanSquaredMLP(reduction)
+    g = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g))
+    plan = compile_cached(model, inputs, 2, {"mesh": {"pp": 2}, "stages": ["layers.1"], "microbatches": 4})
+    assert plan.graph.attrs["pipeline"]["loss_split"] == split
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+# -- SkipPipe ----------------------------------------------------------------------------------------
+
+def skip_reference(model, inputs: tuple, paths: list[list[int]], train: bool = True):
+    """Eager SkipPipe for the 4-layer GPT cut into one block per stage: microbatch m runs the blocks
+    of ``paths[m]`` in that order (skipped stages pass the residual stream through); the loss sums
+    each microbatch's cross-entropy sum over the token count of the whole batch."""
+    idx, targets = inputs
+    model.zero_grad()
+    total = torch.zeros(())
+    for path, ids, wanted in zip(paths, idx.chunk(len(paths)), targets.chunk(len(paths))):
+        x = model.tok_emb(ids) + model.pos_emb(torch.arange(ids.shape[1]))
+        for stage in path:
+            x = model.blocks[stage](x)
+        logits = model.lm_head(model.ln_f(x))
+        total = total + F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), reduction="sum")
+    loss = total / targets.numel()
+    if not train:
+        return loss.detach(), {}
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_equals_reference(result, reference) -> None:
+    loss, grads = reference
+    torch.testing.assert_close(result.loss, loss, rtol=1e-5, atol=1e-6)
+    assert set(result.grads) == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(result.grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def skip_plan(ratio: float, **extra):
+    strategy = {"mesh": {"pp": 4}, "stages": FOUR_STAGES, "microbatches": 8, "skip_ratio": ratio, **extra}
+    return compile_cached(GPT, GPT_INPUTS, 4, strategy)
+
+
+def test_skip_ratio_zero_gives_exactly_the_plain_pipeline():
+    plain = compile_cached(GPT, GPT_INPUTS, 4, {"mesh": {"pp": 4}, "stages": FOUR_STAGES, "microbatches": 8})
+    skipping = skip_plan(0.0).run_virtual(*GPT_INPUTS)
+    expected = plain.run_virtual(*GPT_INPUTS)
+    assert torch.equal(skipping.loss, expected.loss)
+    assert all(torch.equal(skipping.grads[n], g) for n, g in expected.grads.items())
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_skipping_equals_the_path_reference(ratio):
+    plan = skip_plan(ratio)
+    paths = plan.graph.attrs["paths"]
+    assert any(len(p) < 4 for p in paths)
+    assert_equals_reference(plan.run_virtual(*GPT_INPUTS), skip_reference(GPT, GPT_INPUTS, paths))
+
+
+def test_reordered_paths_equal_the_path_reference():
+    plan = skip_plan(0.25, schedule="gpipe")
+    paths = [[0, 2, 1, 3], [0, 1, 3], [0, 2, 3], [0, 1, 2, 3], [0, 3], [0, 2, 1, 3], [0, 1, 3], [0, 2, 3]]
+    apply_paths(plan.graph, paths)
+    assert_equals_reference(plan.run_virtual(*GPT_INPUTS), skip_reference(GPT, GPT_INPUTS, paths))
+
+
+def test_inference_through_a_subset_of_stages():
+    plan = skip_plan(0.25)
+    (loss,) = plan.run_virtual(*GPT_INPUTS, mode="infer", stages=[0, 2, 3]).outputs
+    expected, _ = skip_reference(GPT, GPT_INPUTS, [[0, 2, 3]] * 8, train=False)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    (full,) = plan.run_virtual(*GPT_INPUTS, mode="infer", stages=[0, 1, 2, 3]).outputs
+    torch.testing.assert_close(full, GPT(*GPT_INPUTS).detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(VirtualRunError, match="expected distinct stages from 0 to 3"):
+        plan.run_virtual(*GPT_INPUTS, mode="infer", stages=[1, 3])
