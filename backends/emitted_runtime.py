@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -243,7 +244,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="training steps to run")
     parser.add_argument("--data", help="torch.save'd list of input tuples, one per step (weights_only load)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthetic batches when --data is not given")
-    parser.add_argument("--metrics", help="write one JSON line per step with the loss to this file")
+    parser.add_argument("--metrics", help="write one JSON line per step (loss, seconds) to this file")
     parser.add_argument("--save", help="save the full, unsharded state_dict here at the end")
     parser.add_argument("--weights", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt"),
                         help="initial weights (full state_dict) written by sbpc emit")
@@ -355,6 +356,7 @@ def main(argv=None):
     optimizer = make_optimizer(params)
     metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
     for step in range(args.steps):
+        started = time.perf_counter()
         batch = batches[step] if batches is not None else synthetic_batch(args.seed, step)
         dims = bind_dims(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -364,7 +366,8 @@ def main(argv=None):
         optimizer.step()
         value = logical_loss(loss)
         if metrics:
-            metrics.write(json.dumps({"step": step, "loss": value}) + "\n")
+            metrics.write(json.dumps({"step": step, "loss": value,
+                                      "seconds": time.perf_counter() - started}) + "\n")
             metrics.flush()
         if dist.get_rank() == 0:
             print(f"step {step} loss {value:.6f}", flush=True)
@@ -597,6 +600,7 @@ def pipeline_main(args):
     metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
     count = PIPELINE["microbatches"]
     for step_index in range(args.steps):
+        started = time.perf_counter()
         batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
         full_dims = bind_dims(batch)
         micro = split_microbatches(batch, count)
@@ -617,7 +621,8 @@ def pipeline_main(args):
                 optimizer.step()
         value = pipeline_loss(local)
         if metrics:
-            metrics.write(json.dumps({"step": step_index, "loss": value}) + "\n")
+            metrics.write(json.dumps({"step": step_index, "loss": value,
+                                      "seconds": time.perf_counter() - started}) + "\n")
             metrics.flush()
         if dist.get_rank() == 0:
             print(f"step {step_index} loss {value:.6f}", flush=True)

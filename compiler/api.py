@@ -220,6 +220,6 @@ def _input_ranges(graph: Graph, inputs: tuple) -> dict:
     """For integer inputs, one more than the largest example value (synthetic batches stay in range)."""
     out = {}
     for v, t in zip(graph.inputs, inputs):
-        if not t.is_floating_point() and t.numel():
-            out[v.name] = int(t.max()) + 1
+        if not t.is_floating_point() and not t.is_complex() and t.numel() and t.device.type != "meta":
+            out[v.name] = int(t.to(torch.float64).max()) + 1  # unsigned ints have no max kernel
     return out

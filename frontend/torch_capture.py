@@ -97,9 +97,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     flat = _inputs_for_meta_model(model, tuple(args) + tuple(kwargs.values()))
     names = _input_names(model, len(args), list(kwargs))
     program, wrapper = None, None
-    if method in ("fx", "auto"):
+    already_a_graph = isinstance(model, torch.fx.GraphModule)
+    if method == "fx" or (method == "auto" and not already_a_graph):
         try:
-            wrapper = _wrapper(_symbolic_trace(model, len(args), kwargs), model, kwargs, loss_fn, train)
+            traced = _symbolic_trace(model, len(args), kwargs)
+            _check_trace_agrees(model, traced, args, kwargs)
+            wrapper = _wrapper(traced, model, kwargs, loss_fn, train)
             program = _export(wrapper, flat, model)
         except CaptureError:
             if method == "fx":
@@ -116,6 +119,29 @@ def _wrapper(module, model, kwargs, loss_fn, train) -> _LossWrapper:
     wrapper = _LossWrapper(module, list(kwargs), loss_fn, train)
     wrapper.train(model.training)
     return wrapper
+
+
+def _check_trace_agrees(model: torch.nn.Module, traced: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """symbolic_trace silently bakes in Python branches on dtypes or shapes: compare one call of each."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves) or _on_meta(model):
+        return
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        expected = torch.utils._pytree.tree_leaves(model(*args, **kwargs))
+        torch.manual_seed(0)
+        got = torch.utils._pytree.tree_leaves(traced(*args, **kwargs))
+    same = len(expected) == len(got) and all(
+        not isinstance(e, torch.Tensor) or (isinstance(g, torch.Tensor) and e.shape == g.shape
+                                            and e.dtype == g.dtype and torch.equal(e, g))
+        for e, g in zip(expected, got))
+    if not same:
+        raise CaptureError(f"torch.fx.symbolic_trace changed what {type(model).__name__} computes "
+                           f"(Python branches on tensor properties); use method='export'")
+
+
+def _on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def _symbolic_trace(model: torch.nn.Module, n_pos: int, kwargs: dict) -> torch.nn.Module:

@@ -32,6 +32,7 @@ import bisect
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import sympy
@@ -158,8 +159,9 @@ def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
     loss_split = "none"
     if ctx.train and graph.loss is not None and config.microbatches > 1:
         loss_split = split_loss_for_microbatches(graph, config.microbatches)
-    starts = stage_starts(graph, ctx.strategy, config.num_stages)
-    stage_flops = _stage_flops(graph, starts, config.microbatches)
+    costs = node_costs(graph)
+    starts = stage_starts(graph, ctx.strategy, config.num_stages, costs)
+    stage_flops = _stage_flops(costs, starts, config.microbatches)
     _assign_stages(graph, starts)
     _make_meshes(graph, world, config)
     _place_inputs(graph)
@@ -267,8 +269,8 @@ def _map(obj: Any, clones: dict[int, Value]) -> Any:
 
 # -- where stages begin -----------------------------------------------------------------------------------
 
-def stage_starts(graph: Graph, strategy: dict, num_stages: int) -> list[int]:
-    """Indices into ``graph.nodes`` where stages 1 .. K-1 begin."""
+def stage_starts(graph: Graph, strategy: dict, num_stages: int, costs: list[float] | None = None) -> list[int]:
+    """Indices into ``graph.nodes`` where stages 1 .. K-1 begin (``costs``: :func:`node_costs`, if known)."""
     if num_stages == 1:
         return []
     cuts = strategy.get("stages")
@@ -277,7 +279,7 @@ def stage_starts(graph: Graph, strategy: dict, num_stages: int) -> list[int]:
     elif strategy.get("stage_layers") and strategy["stage_layers"] != "auto":
         starts = _starts_at_layers(graph, strategy["stage_layers"])
     else:
-        return balanced_starts(graph, num_stages)
+        return balanced_starts(graph, num_stages, costs)
     if len(starts) != num_stages - 1:
         raise StrategyError(f"the strategy cuts the model into {len(starts) + 1} stages but the mesh asks for "
                             f"{num_stages} (pp x virtual_stages); give {num_stages - 1} cut(s)")
@@ -354,14 +356,20 @@ def node_costs(graph: Graph) -> list[float]:
         if node.op.startswith("comm.") or node.attrs.get(WHOLE_BATCH):
             costs.append(0.0)
             continue
-        ins = [_concrete(v.type, bindings) for v in node.input_values()]
-        outs = [_concrete(v.type, bindings) for v in node.outputs]
+        key = tuple(sorted(bindings.items(), key=str))
+        ins = [_concrete_cached(v.type, key) for v in node.input_values()]
+        outs = [_concrete_cached(v.type, key) for v in node.outputs]
         try:
             flops = float(op_flops(node.op, ins, outs, {}))
         except (TypeError, ValueError, IndexError, KeyError):
             flops = float(sum(math.prod(s) for s in outs))  # an op the cost model cannot price: elementwise
         costs.append(flops * (1.0 + BACKWARD_FLOP_FACTOR))
     return costs
+
+
+@lru_cache(maxsize=4096)
+def _concrete_cached(t: TensorType, bindings: tuple) -> tuple:
+    return _concrete(t, dict(bindings))
 
 
 def _concrete(t: TensorType, bindings: dict) -> tuple:
@@ -389,9 +397,9 @@ def _module_boundaries(graph: Graph) -> list[int]:
             if _module_of(graph.nodes[i]) and _module_of(graph.nodes[i]) != _module_of(graph.nodes[i - 1])]
 
 
-def balanced_starts(graph: Graph, num_stages: int) -> list[int]:
+def balanced_starts(graph: Graph, num_stages: int, costs: list[float] | None = None) -> list[int]:
     """Cuts that minimise the costliest stage (FLOPs), at layer boundaries when there are enough."""
-    costs = node_costs(graph)
+    costs = node_costs(graph) if costs is None else costs
     candidates = _candidate_starts(graph)
     if len(candidates) < num_stages - 1:
         candidates = _module_boundaries(graph)
@@ -425,9 +433,8 @@ def min_max_partition(costs: list[float], candidates: list[int], parts: int) -> 
     return [points[j] for j in chosen]
 
 
-def _stage_flops(graph: Graph, starts: list[int], microbatches: int) -> list[float]:
-    costs = node_costs(graph)
-    bounds = [0] + starts + [len(graph.nodes)]
+def _stage_flops(costs: list[float], starts: list[int], microbatches: int) -> list[float]:
+    bounds = [0] + starts + [len(costs)]
     return [sum(costs[a:b]) / microbatches for a, b in zip(bounds, bounds[1:])]
 
 

@@ -5,7 +5,8 @@ forward reproduces the ONNX graph's semantics with torch ops, one fx node per ON
 :class:`SbpcBackend` (in :mod:`frontend.onnx.backend`) runs models through it with the
 ``onnx.backend`` API, which is how the ONNX backend node tests exercise the converter.
 """
+from frontend.onnx.backend import SbpcBackend
 from frontend.onnx.convert import OnnxModule, onnx_to_torch
 from frontend.onnx.errors import UnsupportedOnnx
 
-__all__ = ["OnnxModule", "UnsupportedOnnx", "onnx_to_torch"]
+__all__ = ["OnnxModule", "SbpcBackend", "UnsupportedOnnx", "onnx_to_torch"]

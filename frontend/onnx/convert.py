@@ -25,8 +25,8 @@ import torch.fx
 import torch.nn as nn
 
 from frontend.onnx import ops  # noqa: F401  (importing registers the op converters)
-from frontend.onnx.dtypes import (FLOAT_DTYPES, ONNX_TO_TORCH, onnx_type_name, tensor_from_numpy,
-                                  torch_dtype)
+from frontend.onnx.dtypes import (FLOAT_DTYPES, ONNX_TO_TORCH, onnx_type_name, sparse_to_dense,
+                                  tensor_from_numpy, torch_dtype)
 from frontend.onnx.errors import UnsupportedOnnx
 from frontend.onnx.registry import CONVERTERS, NodeContext, Value
 
@@ -462,18 +462,6 @@ def _looks_like_weight(tensor: torch.Tensor) -> bool:
     if not tensor.dtype.is_floating_point or tensor.numel() <= 1:
         return False
     return bool(torch.isfinite(tensor).all())
-
-
-def sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: str = "") -> Any:
-    """A SparseTensorProto as a dense numpy array."""
-    values = onnx.numpy_helper.to_array(sparse.values, base_dir=base_dir)
-    indices = onnx.numpy_helper.to_array(sparse.indices, base_dir=base_dir).astype(np.int64)
-    dims = tuple(sparse.dims)
-    dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
-    if indices.ndim == 2:  # [nnz, rank] coordinates
-        indices = np.ravel_multi_index(tuple(indices.T), dims)
-    dense[indices.reshape(-1)] = values.reshape(-1)
-    return dense.reshape(dims)
 
 
 def _placeholder(builder: GraphBuilder, value_info: onnx.ValueInfoProto) -> Value:

@@ -104,3 +104,15 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
         ml_numpy, _, int_torch = view
         return tensor.view(int_torch).numpy().view(ml_numpy)
     return tensor.numpy()
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: str = "") -> np.ndarray:
+    """A SparseTensorProto as a dense numpy array."""
+    values = onnx.numpy_helper.to_array(sparse.values, base_dir=base_dir)
+    indices = onnx.numpy_helper.to_array(sparse.indices, base_dir=base_dir).astype(np.int64)
+    dims = tuple(sparse.dims)
+    dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+    if indices.ndim == 2:  # [nnz, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), dims)
+    dense[indices.reshape(-1)] = values.reshape(-1)
+    return dense.reshape(dims)

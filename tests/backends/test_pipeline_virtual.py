@@ -89,12 +89,11 @@ def test_mean_and_sum_losses_accumulate_to_the_full_batch(reduction, split):
 
 # -- SkipPipe ----------------------------------------------------------------------------------------
 
-def skip_reference(model, inputs: tuple, paths: list[list[int]], train: bool = True):
+def skip_path_loss(model, inputs: tuple, paths: list[list[int]]) -> torch.Tensor:
     """Eager SkipPipe for the 4-layer GPT cut into one block per stage: microbatch m runs the blocks
     of ``paths[m]`` in that order (skipped stages pass the residual stream through); the loss sums
     each microbatch's cross-entropy sum over the token count of the whole batch."""
     idx, targets = inputs
-    model.zero_grad()
     total = torch.zeros(())
     for path, ids, wanted in zip(paths, idx.chunk(len(paths)), targets.chunk(len(paths))):
         x = model.tok_emb(ids) + model.pos_emb(torch.arange(ids.shape[1]))
@@ -102,11 +101,18 @@ def skip_reference(model, inputs: tuple, paths: list[list[int]], train: bool = T
             x = model.blocks[stage](x)
         logits = model.lm_head(model.ln_f(x))
         total = total + F.cross_entropy(logits.flatten(0, 1), wanted.flatten(), reduction="sum")
-    loss = total / targets.numel()
+    return total / targets.numel()
+
+
+def skip_reference(model, inputs: tuple, paths: list[list[int]], train: bool = True):
+    """The loss of :func:`skip_path_loss` and (train) every parameter's gradient."""
+    model.zero_grad()
+    loss = skip_path_loss(model, inputs, paths)
     if not train:
         return loss.detach(), {}
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                           for n, p in model.named_parameters()}  # stages no path visits get no gradient
 
 
 def assert_equals_reference(result, reference) -> None:

@@ -18,6 +18,7 @@ from onnx.backend.test.case.test_case import TestCase
 from onnx.backend.test.runner import Runner
 
 from frontend.onnx import UnsupportedOnnx
+from compiler.onnx_backend import CompilerBackend
 from frontend.onnx.backend import SbpcBackend
 
 # Op types of examples/gpt.py exported with torch.onnx.export (opset 17 with dynamo=False and
@@ -74,9 +75,10 @@ def _as_array(value: object) -> object:
     return value
 
 
-def run_case(case: TestCase) -> None:
-    """Convert and run one node test; AssertionError on a mismatch (ONNX's own comparison)."""
-    rep = SbpcBackend.prepare(case.model, "CPU")
+def run_case(case: TestCase, backend: type[SbpcBackend] = CompilerBackend) -> None:
+    """Convert and run one node test through ``backend`` (by default the whole compiler);
+    AssertionError on a mismatch (ONNX's own comparison)."""
+    rep = backend.prepare(case.model, "CPU")
     for inputs, expected in case.data_sets:
         outputs = rep.run([_as_array(a) for a in inputs])
         Runner.assert_similar_outputs([_as_array(e) for e in expected], list(outputs),

@@ -1,4 +1,4 @@
-"""The ONNX backend node tests for the ops the project needs, through SbpcBackend.
+"""The ONNX backend node tests for the ops the project needs, through the compiler (CompilerBackend).
 
 Every node test whose ops are all in ``REQUIRED_OP_TYPES`` (the exported GPT example's ops
 plus the common CNN ops; function-expanded variants included) must pass, except the cases in
@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 
 from frontend.onnx import UnsupportedOnnx
 from frontend.onnx.backend import SbpcBackend, eager_runner
-from tests.frontend.onnx_node_cases import REQUIRED_OP_TYPES, all_node_cases, required_cases, run_case
+from tests.frontend.onnx_node_cases import (REQUIRED_OP_TYPES, all_node_cases, required_cases,
+                                            run_case)
 
 NO_SUBBYTE_DTYPE = ("torch has no usable tensor dtype for the packed sub-byte ONNX types "
                     "(INT4, UINT4, INT2, UINT2, FLOAT4E2M1): torch.int4 & co. cannot even be "
@@ -131,29 +132,6 @@ def test_backend_accepts_inputs_by_name_and_run_node():
         rep.run([x, x])
 
 
-def test_required_cases_also_pass_through_torch_export(monkeypatch):
-    """Swapping SbpcBackend.runner (as the compiler will) routes every run through it; with
-    torch.export as the runner, every required case still passes (config inputs such as
-    reshape targets are specialised per run by the backend)."""
-    calls = []
-
-    def exported_runner(module, inputs):
-        calls.append(module)
-        return tuple(torch.export.export(module, inputs).module()(*inputs))
-
-    monkeypatch.setattr(SbpcBackend, "runner", exported_runner)
-    failures = []
-    for name, case in REQUIRED.items():
-        if name in SKIPPED:
-            continue
-        try:
-            run_case(case)
-        except Exception as error:  # noqa: BLE001 - collected and reported together
-            failures.append(f"{name}: {type(error).__name__}: {str(error)[:200]}")
-    assert not failures, "\n".join(failures)
-    assert len(calls) >= len(REQUIRED) - len(SKIPPED)
-
-
 def test_a_wrong_result_is_detected(monkeypatch):
     """The comparison is real: a runner that perturbs outputs makes a case fail."""
 
@@ -162,7 +140,7 @@ def test_a_wrong_result_is_detected(monkeypatch):
 
     monkeypatch.setattr(SbpcBackend, "runner", off_by_one)
     with pytest.raises(AssertionError):
-        run_case(REQUIRED["test_relu"])
+        run_case(REQUIRED["test_relu"], backend=SbpcBackend)
 
 
 def test_node_cases_are_generated_in_memory():

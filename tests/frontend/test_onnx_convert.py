@@ -348,6 +348,44 @@ def test_opset_dependent_semantics_match_onnxruntime(case):
         np.testing.assert_allclose(mine.numpy(), expected, **VS_ORT)
 
 
+def recurrent_model(kind: str, direction: str, rng: np.random.Generator, seq: int = 5,
+                    batch: int = 3, features: int = 4, hidden: int = 6) -> onnx.ModelProto:
+    """One RNN/GRU/LSTM node with biases, ragged sequence_lens and initial states."""
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[kind]
+    directions = 2 if direction == "bidirectional" else 1
+    arrays = {
+        "W": rng.normal(size=(directions, gates * hidden, features)) * 0.5,
+        "R": rng.normal(size=(directions, gates * hidden, hidden)) * 0.5,
+        "B": rng.normal(size=(directions, 2 * gates * hidden)) * 0.5,
+        "h0": rng.normal(size=(directions, batch, hidden)),
+    }
+    if kind == "LSTM":
+        arrays["c0"] = rng.normal(size=(directions, batch, hidden))
+        arrays["P"] = rng.normal(size=(directions, 3 * hidden))
+    initializers = [_init(name, a.astype(np.float32)) for name, a in arrays.items()]
+    initializers.append(_init("lens", np.array([seq, 2, 4][:batch], dtype=np.int32)))
+    inputs = ["X", "W", "R", "B", "lens", "h0"] + (["c0", "P"] if kind == "LSTM" else [])
+    outputs = ["Y", "Y_h"] + (["Y_c"] if kind == "LSTM" else [])
+    node = helper.make_node(kind, inputs, outputs, hidden_size=hidden, direction=direction)
+    graph = helper.make_graph([node], kind, [_float("X", [seq, batch, features])],
+                              [onnx.ValueInfoProto(name=name) for name in outputs],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_recurrent_ops_with_sequence_lengths_match_onnxruntime(kind, direction):
+    rng = np.random.default_rng(3)
+    model = recurrent_model(kind, direction, rng)
+    x = rng.normal(size=(5, 3, 4)).astype(np.float32)
+    with torch.no_grad():
+        ours = onnx_to_torch(model)(torch.from_numpy(x))
+    theirs = run_ort(model, {"X": x})
+    for mine, expected in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(mine.numpy(), expected, **VS_ORT)
+
+
 # ----- errors -----------------------------------------------------------------------------
 def _single_node_model(node: onnx.NodeProto, elem_type: int = TensorProto.FLOAT,
                        opset: int = 17, domains: tuple[str, ...] = ()) -> onnx.ModelProto:
@@ -430,6 +468,20 @@ def test_initializers_listed_as_inputs_are_not_forward_arguments():
     assert module.initializer_names == ["w"] and module.param_onnx_names == {"w": "w"}
     (y,) = module(torch.zeros(3))
     assert torch.equal(y, torch.ones(3))
+
+
+def test_sparse_constants_and_initializers_are_densified():
+    values = onnx.numpy_helper.from_array(np.array([5.0, 7.0], np.float32), "sparse")
+    indices = onnx.numpy_helper.from_array(np.array([1, 4], np.int64), "sparse_indices")
+    sparse = helper.make_sparse_tensor(values, indices, [2, 3])
+    nodes = [helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+             helper.make_node("Add", ["x", "c"], ["xc"]),
+             helper.make_node("Add", ["xc", "sparse"], ["y"])]
+    graph = helper.make_graph(nodes, "sparse", [_float("x", [2, 3])], [_float("y", [2, 3])],
+                              sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    (y,) = onnx_to_torch(model)(torch.zeros(2, 3))
+    torch.testing.assert_close(y, torch.tensor([[0.0, 10.0, 0.0], [0.0, 14.0, 0.0]]))
 
 
 def test_opset_argument_overrides_the_model_opset():

@@ -20,23 +20,23 @@ def _to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _positional_mask(q_len: int, kv_len: int, offset: int | torch.Tensor, left: int, right: int,
-                     causal: bool, dtype: torch.dtype) -> torch.Tensor:
+                     causal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive [q, kv] bias: 0 where query i may see key j, -inf elsewhere.
 
     A per-batch ``offset`` tensor (external KV cache) gives a [batch, 1, q, kv] bias.
     """
     if isinstance(offset, torch.Tensor):
         offset = offset.reshape(-1, 1, 1, 1)
-    distance = (torch.arange(q_len).reshape(q_len, 1) + offset) - torch.arange(kv_len)
-    allowed = torch.ones(distance.shape, dtype=torch.bool)
+    positions = torch.arange(max(q_len, kv_len), device=device)
+    distance = (positions[:q_len].reshape(q_len, 1) + offset) - positions[:kv_len]
+    allowed = torch.ones(distance.shape, dtype=torch.bool, device=device)
     if causal:
         allowed &= distance >= 0
     if left >= 0:
         allowed &= distance <= left
     if right >= 0:
         allowed &= -distance <= right
-    zero = torch.zeros((), dtype=dtype)
-    return torch.where(allowed, zero, torch.full((), _NEG_INF, dtype=dtype))
+    return torch.where(allowed, 0.0, _NEG_INF).to(dtype)
 
 
 def onnx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -55,29 +55,29 @@ def onnx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if three_d:
         q, k, v = _to_heads(q, q_num_heads), _to_heads(k, kv_num_heads), _to_heads(v, kv_num_heads)
     scale = q.shape[3] ** -0.5 if scale is None else scale
-    root = torch.tensor(scale ** 0.5, dtype=torch.float64).to(q.dtype)  # applied to q and k
+    root = torch.tensor(scale ** 0.5, dtype=torch.float64, device=q.device).to(q.dtype)
     present_key = k if past_key is None else torch.cat([past_key, k], dim=2)
     present_value = v if past_value is None else torch.cat([past_value, v], dim=2)
     q_len, kv_len = q.shape[2], present_key.shape[2]
 
-    bias = torch.zeros(q_len, kv_len, dtype=q.dtype)
+    bias = torch.zeros(q_len, kv_len, dtype=q.dtype, device=q.device)
     if attn_mask is not None:
         missing = kv_len - attn_mask.shape[-1]
         if missing > 0:  # a shorter mask is padded with "masked"
             attn_mask = F.pad(attn_mask, [0, missing], value=False if attn_mask.dtype == torch.bool
                               else _NEG_INF)
         if attn_mask.dtype == torch.bool:
-            attn_mask = torch.where(attn_mask, torch.zeros((), dtype=q.dtype),
-                                    torch.full((), _NEG_INF, dtype=q.dtype))
+            attn_mask = torch.where(attn_mask, 0.0, _NEG_INF).to(q.dtype)
         bias = bias + attn_mask
     offset: int | torch.Tensor = 0 if past_key is None else past_key.shape[2]
     if nonpad_kv_seqlen is not None and past_key is None:  # external cache: per-batch
         offset = nonpad_kv_seqlen.to(torch.int64) - q_len
     if is_causal or left_window >= 0 or right_window >= 0:
         bias = bias + _positional_mask(q_len, kv_len, offset, left_window, right_window,
-                                       bool(is_causal), q.dtype)
+                                       bool(is_causal), q.dtype, q.device)
     if nonpad_kv_seqlen is not None:  # keys past each sequence's length are padding
-        valid = torch.arange(kv_len) < nonpad_kv_seqlen.to(torch.int64).reshape(-1, 1)
+        valid = (torch.arange(kv_len, device=q.device)
+                 < nonpad_kv_seqlen.to(torch.int64).reshape(-1, 1))
         bias = bias + torch.where(valid, 0.0, _NEG_INF).to(q.dtype).reshape(
             valid.shape[0], 1, 1, kv_len)
 
@@ -96,8 +96,7 @@ def onnx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     probabilities = torch.softmax(biased, dim=-1)
     # rows with every key masked attend to nothing (0), not NaN
     fully_masked = torch.isneginf(torch.amax(bias, dim=-1, keepdim=True))
-    probabilities = torch.where(fully_masked, torch.zeros((), dtype=probabilities.dtype),
-                                probabilities)
+    probabilities = torch.where(fully_masked, torch.zeros_like(probabilities), probabilities)
     if qk_matmul_output_mode == 3:
         qk_output = probabilities
     output = torch.matmul(probabilities.to(q.dtype), values)

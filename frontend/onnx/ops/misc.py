@@ -214,9 +214,9 @@ def tensor_scatter(cache: torch.Tensor, update: torch.Tensor, write_indices: tor
     """TensorScatter: write ``update`` into the cache at per-batch offsets along ``axis``."""
     axis = axis % cache.dim()
     batch, length, count = cache.shape[0], cache.shape[axis], update.shape[axis]
-    starts = (torch.zeros(batch, dtype=torch.int64) if write_indices is None
+    starts = (torch.zeros(batch, dtype=torch.int64, device=cache.device) if write_indices is None
               else write_indices.to(torch.int64))
-    positions = starts.reshape(batch, 1) + torch.arange(count)  # [batch, count]
+    positions = starts.reshape(batch, 1) + torch.arange(count, device=cache.device)
     if mode == "circular":
         positions = positions.remainder(length)
     index_shape = [batch] + [1] * (cache.dim() - 1)
@@ -297,7 +297,7 @@ def reverse_sequence(x: torch.Tensor, lengths: torch.Tensor, batch_axis: int, ti
                      ) -> torch.Tensor:
     """Reverse the first lengths[b] steps along ``time_axis`` of every batch entry."""
     steps = x.shape[time_axis]
-    time = torch.arange(steps).reshape(1, steps)
+    time = torch.arange(steps, device=x.device).reshape(1, steps)
     lengths = lengths.to(torch.int64).reshape(-1, 1)
     source = torch.where(time < lengths, lengths - 1 - time, time)  # [batch, time]
     if batch_axis > time_axis:
@@ -359,12 +359,13 @@ def unique(x: torch.Tensor, axis: int | None, sort: int
     dim = 0 if axis is None else axis % x.dim()
     values, inverse, counts = torch.unique(data, sorted=True, return_inverse=True,
                                            return_counts=True, dim=dim)
-    positions = torch.arange(data.shape[dim])
-    first = torch.full((values.shape[dim],), data.shape[dim], dtype=torch.int64)
+    positions = torch.arange(data.shape[dim], device=x.device)
+    first = torch.full((values.shape[dim],), data.shape[dim], dtype=torch.int64, device=x.device)
     first = first.scatter_reduce(0, inverse, positions, "amin")
     if not sort:  # order of first occurrence
         order = torch.argsort(first)
-        remap = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+        remap = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
+                                                                       device=x.device))
         values = torch.index_select(values, dim, order)
         first, counts, inverse = first[order], counts[order], remap[inverse]
     return values, first, inverse, counts
@@ -433,3 +434,107 @@ def convert_col2im(ctx: NodeContext) -> Value:
     return ctx.call(col2im, ctx.input(0), *shapes, ctx.attr("strides", None),
                     ctx.attr("pads", None), ctx.attr("dilations", None))
 
+
+
+# ----- quantized linear algebra -----------------------------------------------------------
+def _dequantize_axis(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     axis: int) -> torch.Tensor:
+    """(x - zero_point) * scale in float64, parameters per tensor or along ``axis``."""
+    values = x.to(torch.float64)
+    shape = [1] * x.dim()
+    if scale.numel() > 1:
+        shape[axis] = scale.numel()
+    if zero_point is not None:
+        values = values - zero_point.to(torch.float64).reshape(shape if zero_point.numel() > 1
+                                                               else [])
+    return values * scale.to(torch.float64).reshape(shape if scale.numel() > 1 else [])
+
+
+def _requantize(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    quantized = torch.round(y / scale.to(torch.float64).reshape([]))
+    if zero_point is not None:
+        quantized = quantized + zero_point.to(torch.float64).reshape([])
+    info = torch.iinfo(out_dtype)
+    return torch.clamp(quantized, info.min, info.max).to(out_dtype)
+
+
+def qlinear_matmul(a: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor,
+                   b: torch.Tensor, b_scale: torch.Tensor, b_zero: torch.Tensor,
+                   y_scale: torch.Tensor, y_zero: torch.Tensor) -> torch.Tensor:
+    """QLinearMatMul: quantized matmul (per-row A / per-column B parameters allowed)."""
+    product = torch.matmul(_dequantize_axis(a, a_scale, a_zero, -2),
+                           _dequantize_axis(b, b_scale, b_zero, -1))
+    return _requantize(product, y_scale, y_zero, y_zero.dtype)
+
+
+@converter("QLinearMatMul")
+def convert_qlinear_matmul(ctx: NodeContext) -> Value:
+    """QLinearMatMul."""
+    return ctx.call(qlinear_matmul, *[ctx.input(i) for i in range(8)])
+
+
+def qlinear_conv(x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor,
+                 w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
+                 y_scale: torch.Tensor, y_zero: torch.Tensor, bias: torch.Tensor | None,
+                 strides: list[int], pads: list[int] | None, dilations: list[int], group: int,
+                 auto_pad: str) -> torch.Tensor:
+    """QLinearConv: quantized convolution (per-output-channel weight parameters allowed)."""
+    inputs = _dequantize_axis(x, x_scale, x_zero, 1)
+    weights = _dequantize_axis(w, w_scale, w_zero, 0)
+    scaled_bias = None
+    if bias is not None:
+        scaled_bias = bias.to(torch.float64) * x_scale.to(torch.float64) * w_scale.to(
+            torch.float64).reshape(-1)
+    y = onnx_conv(inputs, weights, scaled_bias, strides, pads, dilations, group, auto_pad)
+    return _requantize(y, y_scale, y_zero, y_zero.dtype)
+
+
+@converter("QLinearConv")
+def convert_qlinear_conv(ctx: NodeContext) -> Value:
+    """QLinearConv."""
+    w = ctx.input(3)
+    spatial = w.rank - 2 if w.rank is not None else len(ctx.attr("kernel_shape"))
+    return ctx.call(qlinear_conv, *[ctx.input(i) for i in range(8)], ctx.optional_input(8),
+                    list(ctx.attr("strides", None) or [1] * spatial), ctx.attr("pads", None),
+                    list(ctx.attr("dilations", None) or [1] * spatial), ctx.attr("group"),
+                    ctx.attr("auto_pad"))
+
+
+# ----- DFT --------------------------------------------------------------------------------
+def onnx_dft(x: torch.Tensor, length: Any, axis: Any, inverse: int, onesided: int
+             ) -> torch.Tensor:
+    """DFT of real ([..., 1]) or complex ([..., 2]) signals along ``axis`` (ONNX reference).
+
+    Forward: [..., n, 2] (first n // 2 + 1 bins when onesided). Inverse: [..., n, 2], or the
+    real [..., n, 1] signal of a onesided (Hermitian) spectrum.
+    """
+    axis = int(scalar(axis)) % x.dim()
+    wide = x.to(torch.float64)
+    signal = (torch.view_as_complex(wide.contiguous()) if x.shape[-1] == 2 else wide[..., 0])
+    if length is None:
+        n = 2 * (x.shape[axis] - 1) if inverse and onesided else x.shape[axis]
+    else:
+        n = int(scalar(length))
+    if inverse and onesided:
+        return torch.fft.irfft(signal, n=n, dim=axis).unsqueeze(-1).to(x.dtype)
+    result = torch.fft.ifft(signal, n=n, dim=axis) if inverse else torch.fft.fft(
+        signal, n=n, dim=axis)
+    if onesided:
+        result = result.narrow(axis, 0, n // 2 + 1)
+    return torch.view_as_real(result).to(x.dtype)
+
+
+def _static_or_input(ctx: NodeContext, index: int, default: Any) -> Any:
+    value = ctx.static(index)
+    if value is None:
+        return default
+    return ctx.input(index) if isinstance(value, Value) else value
+
+
+@converter("DFT")
+def convert_dft(ctx: NodeContext) -> Value:
+    """DFT: axis attribute (opset 17) or input (opset 20)."""
+    axis = _static_or_input(ctx, 2, -2) if ctx.since >= 20 else ctx.attr("axis")
+    return ctx.call(onnx_dft, ctx.input(0), _static_or_input(ctx, 1, None), axis,
+                    ctx.attr("inverse"), ctx.attr("onesided"))

@@ -204,7 +204,7 @@ def _input_flat_indices(indices: torch.Tensor, padded_sizes: list[int], offsets:
         flat = flat * in_sizes[axis] + coordinates[axis]
     batch, channels = x_shape[0], x_shape[1]
     plane = math.prod(in_sizes)
-    planes = torch.arange(batch * channels, dtype=torch.int64).reshape(
+    planes = torch.arange(batch * channels, dtype=torch.int64, device=indices.device).reshape(
         [batch, channels] + [1] * len(in_sizes))
     return flat + planes * plane
 
@@ -213,7 +213,7 @@ def window_sum(x: torch.Tensor, kernel: list[int], strides: list[int], dilations
                ) -> torch.Tensor:
     """Sum over every pooling window of every channel (a depthwise conv with a ones kernel)."""
     channels = x.shape[1]
-    ones = torch.ones([channels, 1] + list(kernel), dtype=x.dtype)
+    ones = torch.ones([channels, 1] + list(kernel), dtype=x.dtype, device=x.device)
     conv = _torch_fn(_CONV, len(kernel), "pooling")
     return conv(x, ones, None, strides, 0, dilations, channels)
 
@@ -227,7 +227,7 @@ def _padded_for_windows(x: torch.Tensor, outs: list[int], begins: list[int], end
               for o, s, k, d, n, b in zip(outs, strides, kernel, dilations, in_sizes, begins,
                                           strict=True)]
     padded = F.pad(x, _torch_pad_list(begins, needed))
-    mask = torch.ones([1, 1] + in_sizes, dtype=x.dtype)
+    mask = torch.ones([1, 1] + in_sizes, dtype=x.dtype, device=x.device)
     if count_include_pad:  # explicit pads count, the extra reach of ceil_mode does not
         mask = F.pad(mask, _torch_pad_list(begins, ends), value=1.0)
         mask = F.pad(mask, _torch_pad_list([0] * len(begins),
@@ -413,7 +413,8 @@ def _layer_norm_shape(x: Value, scale: Value, bias: Value | None, axis: int
     """F.layer_norm's normalized_shape, when scale and bias span exactly the normalized axes."""
     if x.shape is not None:
         normalized = x.shape[normalize_axis(axis, len(x.shape)):]
-    elif axis < 0 and scale.shape is not None and len(scale.shape) == -axis and 1 not in scale.shape:
+    elif axis < 0 and scale.shape is not None and len(scale.shape) == -axis \
+            and 1 not in scale.shape:
         normalized = scale.shape  # without broadcast dims, scale's shape is the normalized one
     else:
         return None

@@ -107,7 +107,7 @@ def _run_direction(spec: RecurrentSpec, fns: list[Activation], x: torch.Tensor,
         # at each sequence's own last step
         source = (lengths - 1 - (steps - 1 - t)) if backwards else torch.full_like(lengths, t)
         active = (source >= 0) & (source < lengths)
-        step_input = x_proj[source.clamp(0, steps - 1), torch.arange(x.shape[1])]
+        step_input = x_proj[source.clamp(0, steps - 1), torch.arange(x.shape[1], device=x.device)]
         h_new, c_new = _cell_step(spec, fns, step_input, h, c, r, rb, peep)
         mask = active.reshape(-1, 1)
         h = torch.where(mask, h_new, h)
@@ -121,10 +121,11 @@ def _run_direction(spec: RecurrentSpec, fns: list[Activation], x: torch.Tensor,
 def _realign_reversed(outputs: list[torch.Tensor], lengths: torch.Tensor) -> list[torch.Tensor]:
     stacked = torch.stack(outputs)  # step t holds position lengths - 1 - (steps - 1 - t)
     steps = stacked.shape[0]
-    positions = torch.arange(steps).reshape(steps, 1)
+    positions = torch.arange(steps, device=stacked.device).reshape(steps, 1)
     source = positions + (steps - lengths.reshape(1, -1))
     valid = positions < lengths.reshape(1, -1)
-    gathered = stacked[source.clamp(0, steps - 1), torch.arange(stacked.shape[1])]
+    gathered = stacked[source.clamp(0, steps - 1),
+                       torch.arange(stacked.shape[1], device=stacked.device)]
     return list(torch.where(valid.unsqueeze(-1), gathered, torch.zeros_like(gathered)))
 
 
@@ -143,17 +144,17 @@ def onnx_recurrent(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, b: torch.T
     gates = _GATES[spec.kind]
     per_direction = len(spec.activations) // spec.directions
     if b is None:
-        b = torch.zeros(spec.directions, 2 * gates * size, dtype=x.dtype)
+        b = x.new_zeros(spec.directions, 2 * gates * size)
     lengths = None if lengths is None else lengths.to(torch.int64)
     ys, hs, cs = [], [], []
     for d in range(spec.directions):
         names = spec.activations[d * per_direction:(d + 1) * per_direction]
         fns = [_activation(n, a, bt) for n, a, bt in zip(
             names, spec.alphas[d * per_direction:], spec.betas[d * per_direction:])]
-        h = torch.zeros(batch, size, dtype=x.dtype) if h0 is None else h0[d]
+        h = x.new_zeros(batch, size) if h0 is None else h0[d]
         c = None
         if spec.kind == "LSTM":
-            c = torch.zeros(batch, size, dtype=x.dtype) if c0 is None else c0[d]
+            c = x.new_zeros(batch, size) if c0 is None else c0[d]
         peep = None if peepholes is None else peepholes[d]
         backwards = spec.reverse or d == 1
         outputs, h, c = _run_direction(spec, fns, x, w[d], r[d], b[d, :gates * size],

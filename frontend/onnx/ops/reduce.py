@@ -98,7 +98,7 @@ def onnx_reduce(x: torch.Tensor, op: str, axes: Any, keepdims: int, noop_with_em
     if prod([x.shape[d] for d in dims]) == 0:
         shape = [1 if d in dims else size for d, size in enumerate(x.shape)
                  if keepdims or d not in dims]
-        return torch.full(shape, _empty_fill(op, x.dtype), dtype=x.dtype)
+        return torch.full(shape, _empty_fill(op, x.dtype), dtype=x.dtype, device=x.device)
     return REDUCTIONS[op](x, dims, bool(keepdims))
 
 

@@ -142,18 +142,18 @@ def _resample_axis(x: torch.Tensor, axis: int, out_size: int, scale: float, styl
     indices, weights, extrapolated = axis_plan(x.shape[axis], out_size, scale, style, roi)
     if style.mode == "nearest":
         chosen = indices[np.arange(out_size), weights.argmax(axis=1)]
-        result = torch.index_select(x, axis, torch.from_numpy(chosen))
+        result = torch.index_select(x, axis, torch.from_numpy(chosen).to(x.device))
     else:
         taps = indices.shape[1]
-        picked = torch.index_select(x, axis, torch.from_numpy(indices.reshape(-1)))
+        picked = torch.index_select(x, axis, torch.from_numpy(indices.reshape(-1)).to(x.device))
         shape = list(x.shape)
         picked = picked.reshape(shape[:axis] + [out_size, taps] + shape[axis + 1:])
         weight_shape = [1] * axis + [out_size, taps] + [1] * (x.dim() - axis - 1)
-        result = torch.sum(picked * torch.from_numpy(weights).to(x.dtype).reshape(weight_shape),
-                           dim=axis + 1)
+        weights_t = torch.from_numpy(weights).to(device=x.device, dtype=x.dtype)
+        result = torch.sum(picked * weights_t.reshape(weight_shape), dim=axis + 1)
     if extrapolated is not None and extrapolated.any():
         mask_shape = [1] * axis + [out_size] + [1] * (x.dim() - axis - 1)
-        mask = torch.from_numpy(extrapolated).reshape(mask_shape)
+        mask = torch.from_numpy(extrapolated).to(x.device).reshape(mask_shape)
         result = torch.where(mask, torch.full_like(result, style.extrapolation_value), result)
     return result
 
@@ -183,7 +183,8 @@ def onnx_resize(x: torch.Tensor, scales: Any, sizes: Any, roi: Any, axes: list[i
     scales = [float(v) for v in number_list(scales)] if _given(scales) else None
     sizes = int_list(sizes) if _given(sizes) else None
     roi = [float(v) for v in number_list(roi)] if _given(roi) else None
-    factors, out_sizes = _targets(list(x.shape), axes, scales, sizes, style.keep_aspect_ratio_policy)
+    factors, out_sizes = _targets(list(x.shape), axes, scales, sizes,
+                                  style.keep_aspect_ratio_policy)
     work = x if x.dtype.is_floating_point else x.to(torch.float64)
     for i, axis in enumerate(axes):
         axis_roi = (roi[i], roi[i + len(axes)]) if roi is not None else None

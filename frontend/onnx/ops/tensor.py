@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from frontend.onnx.dtypes import torch_dtype
+from frontend.onnx.dtypes import sparse_to_dense, tensor_from_numpy, torch_dtype
 from frontend.onnx.ops import shape_values as sv
 from frontend.onnx.ops.common import int_list, scalar
 from frontend.onnx.registry import NodeContext, Value, converter, normalize_axis, prod
@@ -184,11 +184,6 @@ def convert_transpose(ctx: NodeContext) -> Value:
 
 
 # ----- Concat / Split ---------------------------------------------------------------------
-def onnx_concat(tensors: list[torch.Tensor], axis: int) -> torch.Tensor:
-    """Concatenate along ``axis`` (negative counts from the end)."""
-    return torch.cat(tensors, dim=axis)
-
-
 @converter("Concat")
 def convert_concat(ctx: NodeContext) -> Value:
     """Concat; symbolic shape lists concatenate as Python lists."""
@@ -353,7 +348,7 @@ def convert_gather_elements(ctx: NodeContext) -> Value:
 def _nd_linear_index(shape: list[Any], indices: torch.Tensor) -> torch.Tensor:
     """Row-major linear index into ``shape[:k]`` of k-tuples in the last axis of ``indices``."""
     k = indices.shape[-1]
-    linear = torch.zeros(indices.shape[:-1], dtype=torch.int64)
+    linear = torch.zeros(indices.shape[:-1], dtype=torch.int64, device=indices.device)
     for j in range(k):
         linear = linear * shape[j] + _positive_indices(indices[..., j], shape[j])
     return linear
@@ -368,7 +363,7 @@ def gather_nd(data: torch.Tensor, indices: torch.Tensor, batch_dims: int) -> tor
     inner = list(data.shape[batch_dims:])
     flat_data = data.reshape([batch, prod(inner[:k])] + inner[k:])
     linear = _nd_linear_index(inner, indices.reshape([batch] + list(indices.shape[batch_dims:])))
-    rows = torch.arange(batch).reshape([batch] + [1] * (linear.dim() - 1))
+    rows = torch.arange(batch, device=data.device).reshape([batch] + [1] * (linear.dim() - 1))
     picked = flat_data[rows, linear]
     return picked.reshape(list(indices.shape[:-1]) + inner[k:])
 
@@ -518,17 +513,15 @@ def convert_constant(ctx: NodeContext) -> Value:
         if ctx.has_attr(name):
             return Value(const=torch.tensor(ctx.attr(name), dtype=dtype))
     if ctx.has_attr("sparse_value"):
-        from frontend.onnx.convert import sparse_to_dense
-        from frontend.onnx.dtypes import tensor_from_numpy
-
         proto = next(a.sparse_tensor for a in ctx.node.attribute if a.name == "sparse_value")
         return Value(const=tensor_from_numpy(sparse_to_dense(proto, ctx.builder.base_dir)))
     raise ctx.unsupported("string constants have no torch equivalent", dtype="STRING")
 
 
 # ----- Pad --------------------------------------------------------------------------------
-def _pad_index(size: Any, before: int, after: int, mode: str) -> torch.Tensor:
-    positions = torch.arange(-before, size + after)
+def _pad_index(size: Any, before: int, after: int, mode: str, device: torch.device
+               ) -> torch.Tensor:
+    positions = torch.arange(-before, size + after, device=device)
     if mode == "edge":
         return positions.clamp(0, size - 1)
     if mode == "wrap":
@@ -559,7 +552,7 @@ def onnx_pad(x: torch.Tensor, pads: Any, value: Any, mode: str, axes: Any = None
         before, after = befores[axis], afters[axis]
         # crop first for negative pads, then gather the padded positions
         x = x.narrow(axis, max(-before, 0), x.shape[axis] - max(-before, 0) - max(-after, 0))
-        index = _pad_index(x.shape[axis], max(before, 0), max(after, 0), mode)
+        index = _pad_index(x.shape[axis], max(before, 0), max(after, 0), mode, x.device)
         x = torch.index_select(x, axis, index)
     return x
 
@@ -654,7 +647,8 @@ def one_hot(indices: torch.Tensor, depth: Any, values: torch.Tensor, axis: int
     indices = torch.where(indices < 0, indices + depth, indices)
     rank = indices.dim() + 1
     axis = axis % rank
-    classes = torch.arange(depth).reshape([depth if i == axis else 1 for i in range(rank)])
+    classes = torch.arange(depth, device=indices.device).reshape(
+        [depth if i == axis else 1 for i in range(rank)])
     hot = torch.unsqueeze(indices, axis) == classes
     return torch.where(hot, values[1], values[0])
 
@@ -681,7 +675,8 @@ def convert_non_zero(ctx: NodeContext) -> Value:
 def eye_like(x: torch.Tensor, k: int, dtype: torch.dtype | None) -> torch.Tensor:
     """Ones on diagonal ``k`` of a 2-D tensor shaped like ``x``."""
     rows, cols = x.shape
-    diagonal = (torch.arange(cols).reshape(1, cols) - torch.arange(rows).reshape(rows, 1)) == k
+    positions = torch.arange(max(rows, cols), device=x.device)
+    diagonal = (positions[:cols].reshape(1, cols) - positions[:rows].reshape(rows, 1)) == k
     return diagonal.to(x.dtype if dtype is None else dtype)
 
 

@@ -1,0 +1,441 @@
+"""Per-segment costs of a laid-out graph, affine in the microbatch size.
+
+Both the planner and the simulator price a plan the same way: each segment (``pre``, each block,
+``post``; see :mod:`passes.planner.layers`) becomes a :class:`SegmentCost` holding, per op, its
+forward/backward FLOPs and bytes (:func:`passes.cost_model.op_flops` / ``op_bytes`` on the *local*
+shapes one device computes), the collectives it runs on each mesh axis (forward, and their adjoints in
+backward), the activation bytes it keeps for backward, and its parameters' local bytes and gradient
+reduction axes. Every quantity is stored as ``(constant, per batch element)``: shapes are linear in
+the batch dimension, so one :class:`SegmentCost` prices every microbatch size.
+
+Costs come from *records*: a :class:`ComputeRecord` per op (the op, its global types and the N-D SBP of
+each input and output) and a :class:`CommRecord` per collective step. :func:`ir_profile` reads them
+from a graph the passes have laid out; the planner makes them from its own assignment
+(:mod:`passes.planner.intra_op`).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import sympy
+
+from ir.cluster import Cluster, Device
+from ir.core import Graph, Node, Value
+from ir.sbp import Split
+from ir.types import Mesh, TensorType, dim_symbol
+from passes import cost_model
+from passes.grad_sync import ADJOINTS, values_with_grad
+from passes.planner.layers import LayerStructure, find_layers
+
+BATCH_SYMBOL = "batch"
+COMM_PREFIX = "comm."
+LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
+DEFAULT_OP_OVERHEAD_S = 5e-6
+"""Launch/dispatch time of one eager op; backward ops count twice."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision and devices
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a plan computes: the peak FLOP/s entry to use and bytes per activation and parameter element."""
+
+    name: str
+    activation_bytes: int
+    param_bytes: int
+
+    @staticmethod
+    def of(name: str) -> "Precision":
+        """``fp32`` / ``tf32`` (4-byte tensors) or ``bf16`` / ``fp16`` (2-byte tensors, fp32 master weights)."""
+        table = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+        if name not in table:
+            raise ValueError(f"expected a precision in {sorted(table)}, found {name!r}")
+        return Precision(name, table[name], table[name])
+
+    @property
+    def scale(self) -> float:
+        """Bytes per element relative to the 4-byte tensors the IR types describe."""
+        return self.activation_bytes / 4
+
+
+def peak_flops(device: Device, precision: Precision) -> float:
+    """The device's peak FLOP/s for the precision (bf16 falls back to fp16, then fp32)."""
+    for name in (precision.name, "fp16" if precision.name == "bf16" else "bf16", "fp32"):
+        if name in device.peak_flops:
+            return device.peak_flops[name]
+    raise ValueError(f"device {device.id} ({device.kind}) lists no peak FLOP/s for {precision.name} or fp32")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=65536)
+def _concrete(t: TensorType, dims: tuple) -> tuple:
+    bindings = {dim_symbol(k): v for k, v in dims}
+    out = []
+    for d in t.shape:
+        value = d.subs(bindings) if getattr(d, "free_symbols", None) else d
+        out.append(float(value))
+    return tuple(out)
+
+
+def concrete_shape(t: TensorType, dims: dict) -> tuple:
+    """The shape with named symbols bound (floats: a batch split finer than the batch stays fractional)."""
+    return _concrete(t, tuple(sorted(dims.items())))
+
+
+def split_ways(nd: Sequence, mesh_shape: Sequence[int], ndim: int) -> list[int]:
+    """How many ways each tensor dim is split by an N-D SBP."""
+    ways = [1] * ndim
+    for s, n in zip(nd, mesh_shape):
+        if isinstance(s, Split) and s.dim < ndim:
+            ways[s.dim] *= n
+    return ways
+
+
+def local_shape(shape: tuple, nd: Sequence, mesh_shape: Sequence[int]) -> tuple:
+    """One device's shard of a concrete shape."""
+    ways = split_ways(nd, mesh_shape, len(shape))
+    return tuple(d / w for d, w in zip(shape, ways))
+
+
+def axis_bytes(shape: tuple, nd: Sequence, mesh_shape: Sequence[int], axis: int, element_bytes: float) -> float:
+    """Bytes of a tensor as the devices along ``axis`` see it (split by the other axes only)."""
+    others = [s if i != axis else None for i, s in enumerate(nd)]
+    local = local_shape(shape, [s for s in others], mesh_shape)
+    return float(np.prod(local)) * element_bytes if local else element_bytes
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComputeRecord:
+    """One op as every device of the mesh runs it: global types and the N-D SBP of each tensor."""
+
+    op: str
+    in_types: tuple
+    in_sbps: tuple
+    out_types: tuple
+    out_sbps: tuple
+    has_grad: bool
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class CommRecord:
+    """One collective step on mesh axis ``axis`` (index) converting a tensor whose SBP was ``sbp``."""
+
+    op: str
+    axis: int
+    type: TensorType
+    sbp: tuple
+    has_grad: bool
+
+
+@dataclass
+class ParamRecord:
+    """A parameter: bytes each device stores (4-byte elements) and the mesh axes its gradient is summed over."""
+
+    name: str
+    local_elements: float
+    grad_axes: tuple
+
+
+@dataclass
+class CommItem:
+    """A collective of a segment: ``kind`` over ``axis`` (a name), ``nbytes`` affine in the batch."""
+
+    kind: str
+    axis: str
+    nbytes: np.ndarray
+    backward: bool
+    """True for collectives that run in the backward pass."""
+
+
+@dataclass
+class SegmentCost:
+    """What one segment costs per microbatch on one device; arrays are ``[..., (constant, per batch)]``."""
+
+    name: str
+    fwd_flops: np.ndarray
+    fwd_bytes: np.ndarray
+    bwd_flops: np.ndarray
+    bwd_bytes: np.ndarray
+    fwd_ops: int
+    bwd_ops: int
+    comms: list
+    saved_bytes: np.ndarray
+    output_bytes: np.ndarray
+    """Bytes of the values this segment hands to later segments (what a pipeline cut after it sends)."""
+    params: list
+    model_flops: np.ndarray
+    """Forward + backward FLOPs of the whole (unsplit) segment, for MFU."""
+
+    def param_elements(self) -> float:
+        """Parameter elements one device stores for this segment."""
+        return sum(p.local_elements for p in self.params)
+
+    def compute_time(self, batch: float, device: Device, precision: Precision,
+                     overhead_s: float = DEFAULT_OP_OVERHEAD_S) -> tuple[float, float]:
+        """(forward, backward) seconds of this segment's ops on ``device`` at batch size ``batch``."""
+        return (_roofline(self.fwd_flops, self.fwd_bytes, batch, device, precision) + self.fwd_ops * overhead_s,
+                _roofline(self.bwd_flops, self.bwd_bytes, batch, device, precision) + self.bwd_ops * 2 * overhead_s)
+
+
+def _roofline(flops: np.ndarray, nbytes: np.ndarray, batch: float, device: Device, precision: Precision) -> float:
+    if not len(flops):
+        return 0.0
+    f = flops[:, 0] + flops[:, 1] * batch
+    compute = f / peak_flops(device, precision)
+    if not device.memory_bandwidth_Bps:
+        return float(compute.sum())
+    memory = (nbytes[:, 0] + nbytes[:, 1] * batch) / device.memory_bandwidth_Bps
+    return float(np.maximum(compute, memory).sum())
+
+
+def at(affine: np.ndarray, batch: float) -> float:
+    """Evaluate a ``(constant, per batch)`` pair."""
+    return float(affine[0] + affine[1] * batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building segment costs from records
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CostContext:
+    """What turns records into numbers: the mesh the SBPs refer to, bound dims and the precision."""
+
+    mesh: Mesh
+    dims: dict
+    """Bindings of the non-batch symbols (``seq``) at the example sizes."""
+    precision: Precision
+    train: bool = True
+
+    def dims_at(self, batch: float) -> dict:
+        """The bindings with the batch symbol at ``batch``."""
+        return {**self.dims, BATCH_SYMBOL: batch}
+
+    def affine(self, fn) -> np.ndarray:
+        """``fn(dims)`` at batch 1 and 2, as (constant, slope)."""
+        one, two = fn(self.dims_at(1.0)), fn(self.dims_at(2.0))
+        return np.array([2 * one - two, two - one])
+
+
+def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision, local: bool = True
+            ) -> tuple[float, float, float]:
+    """(forward FLOPs, bytes moved, backward FLOPs) of one op, on one device's shards (or unsplit)."""
+    ins = [concrete_shape(t, dims) for t in record.in_types]
+    outs = [concrete_shape(t, dims) for t in record.out_types]
+    if local:
+        ins = [local_shape(s, nd, mesh.shape) for s, nd in zip(ins, record.in_sbps)]
+        outs = [local_shape(s, nd, mesh.shape) for s, nd in zip(outs, record.out_sbps)]
+    return _work(record.op, tuple(ins), tuple(outs), precision.activation_bytes, record.has_grad)
+
+
+@functools.lru_cache(maxsize=65536)
+def _work(op: str, ins: tuple, outs: tuple, element_bytes: int, has_grad: bool) -> tuple[float, float, float]:
+    flops = float(cost_model.op_flops(op, ins, outs))
+    nbytes = float(cost_model.op_bytes(op, ins, outs, dtype_bytes=element_bytes))
+    backward = float(cost_model.op_backward_flops(op, ins, outs)) if has_grad else 0.0
+    return flops, nbytes, backward
+
+
+def is_view(op: str) -> bool:
+    """Ops that move no data (views, metadata)."""
+    return cost_model.op_category(op) == "view"
+
+
+def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[CommRecord],
+                 params: Sequence[ParamRecord], output_values: Sequence[tuple[TensorType, tuple]],
+                 ctx: CostContext) -> SegmentCost:
+    """The :class:`SegmentCost` of a segment's records (``output_values``: (type, SBP) handed on)."""
+    fwd_flops, fwd_bytes, bwd_flops, bwd_bytes = [], [], [], []
+    fwd_ops = bwd_ops = 0
+    saved = np.zeros(2)
+    model = np.zeros(2)
+    scale = ctx.precision.activation_bytes
+    for record in computes:
+        if is_view(record.op):
+            continue
+        work = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision)))
+        fwd_flops.append(work[:, 0])
+        fwd_bytes.append(work[:, 1])
+        fwd_ops += 1
+        if record.has_grad and ctx.train:
+            bwd_flops.append(work[:, 2])
+            bwd_bytes.append(2 * work[:, 1])  # reads the output gradient and the saved inputs, writes input grads
+            bwd_ops += 1
+            saved += _local_bytes(record.out_types, record.out_sbps, ctx, scale)
+        full = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision, local=False)))
+        model += full[:, 0] + (full[:, 2] if ctx.train else 0.0)
+    items = []
+    for record in comms:
+        kind = record.op[len(COMM_PREFIX):]
+        nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx))
+        axis = ctx.mesh.axes[record.axis]
+        items.append(CommItem(kind, axis, nbytes, False))
+        if record.has_grad and ctx.train:
+            items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True))
+        if kind == "all_gather" and record.has_grad and ctx.train:
+            saved += nbytes  # the gathered tensor is an input some op keeps for backward
+    output = np.zeros(2)
+    for t, nd in output_values:
+        output += _local_bytes((t,), (nd,), ctx, scale)
+    return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
+                       bwd_ops, items, saved, output, list(params), model)
+
+
+def _stack(rows: list) -> np.ndarray:
+    return np.array(rows) if rows else np.zeros((0, 2))
+
+
+def _local_bytes(types: Iterable[TensorType], sbps: Iterable, ctx: CostContext, element_bytes: int) -> np.ndarray:
+    total = np.zeros(2)
+    for t, nd in zip(types, sbps):
+        if t.torch_dtype.is_floating_point:
+            total += ctx.affine(lambda d, t=t, nd=nd: float(np.prod(local_shape(concrete_shape(t, d), nd,
+                                                                                 ctx.mesh.shape))) * element_bytes)
+    return total
+
+
+def _comm_bytes(record: CommRecord, dims: dict, ctx: CostContext) -> float:
+    """Bytes in the cost model's convention: the full buffer (all-reduce, gather output, scatter input);
+    each rank's send buffer for all-to-all."""
+    shape = concrete_shape(record.type, dims)
+    full = axis_bytes(shape, record.sbp, ctx.mesh.shape, record.axis, ctx.precision.activation_bytes)
+    if record.op == "comm.all_to_all":
+        return full / ctx.mesh.shape[record.axis]
+    return full
+
+
+def param_record(value: Value, sbp: tuple, mesh: Mesh, train: bool) -> ParamRecord:
+    """A parameter stored with ``sbp``: local elements, and the axes where it is ``B`` (its gradient is
+    a partial sum there and gets all-reduced)."""
+    shape = tuple(float(d) for d in value.type.shape)
+    local = float(np.prod(local_shape(shape, sbp, mesh.shape))) if shape else 1.0
+    axes = tuple(a for a, s, n in zip(mesh.axes, sbp, mesh.shape) if not isinstance(s, Split) and n > 1)
+    return ParamRecord(value.target or value.name, local, axes if train and value.kind == "param" else ())
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Profile:
+    """A model's segments in order (``pre``, one per block, ``post``) and how to read their batch size.
+
+    ``batch_divisor``: the segments' batch symbol counts samples per ``batch_divisor`` of the global
+    microbatch (1 when the SBPs already split the batch over data parallelism; the data-parallel degree
+    when the planner priced one replica and handles data parallelism itself).
+    """
+
+    segments: list
+    mesh: Mesh
+    batch_divisor: int
+    global_batch: int
+    tokens_per_sample: int
+    train: bool
+    precision: Precision
+    analytic_axes: tuple = ()
+    """Mesh axes the segments do not model (data parallelism the estimator adds itself)."""
+    notes: list = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        """Blocks between ``pre`` and ``post``."""
+        return len(self.segments) - 2
+
+
+def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None = None,
+               structure: LayerStructure | None = None) -> Profile:
+    """The profile of a graph the layout passes have annotated (every value has an SBP on one mesh)."""
+    if not graph.meshes:
+        raise ValueError("expected a laid-out graph (run the layout passes first); found no mesh")
+    mesh = next(iter(graph.meshes.values()))
+    dims = {k: v for k, v in (graph.attrs.get("example_dims") or {}).items() if k != BATCH_SYMBOL}
+    train = graph.loss is not None
+    ctx = CostContext(mesh, dims, precision, train)
+    structure = structure or find_layers(graph)
+    grad = values_with_grad(graph)
+    first_use = _first_use_segment(graph, structure)
+    params_by_segment: dict[int, list] = {}
+    for p in graph.params:
+        if p.kind == "param" and id(p) in first_use:
+            params_by_segment.setdefault(first_use[id(p)], []).append(param_record(p, p.sbp, mesh, train))
+    crossing = _crossing_values(graph, structure)
+    segments = []
+    for index, (name, nodes) in enumerate(structure.segments()):
+        computes, comms = _records(nodes, mesh, grad)
+        segments.append(segment_cost(name, computes, comms, params_by_segment.get(index, []),
+                                     [(v.type, v.sbp) for v in crossing.get(index, [])], ctx))
+    batch = global_batch or int((graph.attrs.get("example_dims") or {}).get(BATCH_SYMBOL, 1))
+    tokens = int(dims.get("seq", 1))
+    return Profile(segments, mesh, 1, batch, tokens, train, precision)
+
+
+def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
+    computes, comms = [], []
+    for node in nodes:
+        has_grad = any(id(o) in grad for o in node.outputs)
+        if node.op.startswith(COMM_PREFIX):
+            if node.op not in LOCAL_COMM_OPS:
+                source = node.input_values()[0]
+                comms.append(CommRecord(node.op, mesh.axis_index(node.kwargs["axis"]), source.type, source.sbp,
+                                        has_grad))
+            continue
+        ins = node.input_values()
+        computes.append(ComputeRecord(node.op, tuple(v.type for v in ins), tuple(v.sbp for v in ins),
+                                      tuple(o.type for o in node.outputs), tuple(o.sbp for o in node.outputs),
+                                      has_grad))
+    return computes, comms
+
+
+def _segment_index(structure: LayerStructure) -> dict[int, int]:
+    out = {}
+    for index, (_, nodes) in enumerate(structure.segments()):
+        for node in nodes:
+            out[id(node)] = index
+    return out
+
+
+def _first_use_segment(graph: Graph, structure: LayerStructure) -> dict[int, int]:
+    where = _segment_index(structure)
+    first: dict[int, int] = {}
+    for node in graph.nodes:
+        for v in node.input_values():
+            if v.kind in ("param", "buffer") and id(node) in where:
+                first.setdefault(id(v), where[id(node)])
+    return first
+
+
+def _crossing_values(graph: Graph, structure: LayerStructure) -> dict[int, list]:
+    """Per segment index k: the values produced at or before k and read after k (a cut after k sends them)."""
+    where = _segment_index(structure)
+    last_reader: dict[int, int] = {}
+    for node in graph.nodes:
+        for v in node.input_values():
+            if v.producer is not None and id(node) in where:
+                last_reader[id(v)] = max(last_reader.get(id(v), -1), where[id(node)])
+    out: dict[int, list] = {}
+    for node in graph.nodes:
+        if id(node) not in where:
+            continue
+        for v in node.outputs:
+            for k in range(where[id(node)], last_reader.get(id(v), -1)):
+                out.setdefault(k, []).append(v)
+    return out

@@ -1,0 +1,421 @@
+"""Step time, memory and traffic of a plan: a :class:`~passes.planner.costs.Profile` placed by a
+:class:`~passes.planner.placement.PlanShape` on a cluster.
+
+Per stage, forward and backward times are the segments' compute (slowest device kind of the stage)
+plus their collectives, priced with ``cost_model.collective_time`` on every group of the mesh axis they
+run on (the slowest group counts); recomputed segments run their forward again in backward. The
+pipeline is timed with ``passes.schedules.simulate`` on the schedule's real action lists (point-to-point
+transfers between the stages' devices included), or, with ``exact=False``, with the closed form
+``sum_k (F_k + B_k) + (m - 1) max_k (F_k + B_k)`` used to rank candidates quickly. Gradient
+all-reduces run per pipeline rank after its last backward, overlapping that backward; the optimizer
+step follows. Memory per device is ``cost_model.MemoryEstimate`` with the activations kept by the
+microbatches in flight on that rank under the schedule.
+
+Data parallelism the profile leaves to the estimator (``profile.analytic_axes``) splits the batch over
+``dp`` and, with ``fsdp``, gathers each parameter before use (its adjoint reduce-scatters the gradient)
+and keeps the gathered copy for backward, as the compiled program does.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ir.cluster import Cluster, Device
+from passes import cost_model, schedules
+from passes.planner.costs import DEFAULT_OP_OVERHEAD_S, Profile, at, peak_flops
+from passes.planner.placement import DATA_AXIS, PlanShape, axis_groups
+
+SCHEDULE_NAMES = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved": "interleaved_1f1b"}
+OPTIMIZER_STEP_BYTES = {"sgd": 12, "sgd_momentum": 20, "adam": 28, "adamw": 28}
+"""Bytes read and written per parameter by one optimizer step (fp32: params, grads, states)."""
+
+
+@dataclass
+class StageEstimate:
+    """One pipeline stage: its work per microbatch and what it keeps."""
+
+    index: int
+    rank: int
+    layers: tuple
+    devices: tuple
+    fwd_compute_s: float
+    fwd_comm_s: float
+    bwd_compute_s: float
+    bwd_comm_s: float
+    recompute_s: float
+    send_s: float
+    """Point-to-point time to hand one microbatch's activations to the next stage."""
+
+    @property
+    def fwd_s(self) -> float:
+        """Forward seconds per microbatch."""
+        return self.fwd_compute_s + self.fwd_comm_s
+
+    @property
+    def bwd_s(self) -> float:
+        """Backward seconds per microbatch (recomputation included)."""
+        return self.bwd_compute_s + self.bwd_comm_s + self.recompute_s
+
+
+@dataclass
+class Estimate:
+    """What a plan costs per training step."""
+
+    step_time_s: float
+    stages: list
+    pipeline_s: float
+    """Forward/backward of all microbatches (the schedule's makespan)."""
+    bubble_fraction: float
+    grad_sync_s: dict
+    """Pipeline rank -> (total, exposed) seconds of its gradient all-reduces."""
+    optimizer_s: float
+    memory: dict
+    """Device -> ``cost_model.MemoryEstimate``."""
+    fits: bool
+    comm_bytes: dict
+    """Link class -> bytes crossing links of that class per step."""
+    flops_per_step: float
+    rank_end_s: dict
+    """Pipeline rank -> when its last backward ends."""
+    timeline: object = None
+    """The ``schedules.ScheduleTimeline`` (exact estimates of pipelines), else None."""
+    notes: list = field(default_factory=list)
+
+    @property
+    def peak_memory_bytes(self) -> dict:
+        """Device -> bytes at the peak of the step."""
+        return {d: float(m.total) for d, m in self.memory.items()}
+
+    @property
+    def max_memory_bytes(self) -> float:
+        """The largest per-device peak."""
+        return max(self.peak_memory_bytes.values(), default=0.0)
+
+
+class Estimator:
+    """Prices plans of one profile on one cluster (caches collective and device look-ups)."""
+
+    def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float = DEFAULT_OP_OVERHEAD_S,
+                 memory_headroom: float = 0.9):
+        self.profile = profile
+        self.cluster = cluster
+        self.overhead_s = overhead_s
+        self.headroom = memory_headroom
+
+    # -- per stage ---------------------------------------------------------------------------------
+    def microbatch_size(self, shape: PlanShape) -> float:
+        """The value of the batch symbol in the profile's segments for one microbatch."""
+        divisor = self.profile.batch_divisor
+        return self.profile.global_batch / (shape.microbatches * divisor)
+
+    def segment_work(self, shape: PlanShape, rank: int, j: int) -> tuple[float, float, float, float]:
+        """(forward compute, forward comm, backward compute, backward comm) seconds per microbatch of
+        segment ``j`` on pipeline rank ``rank`` (compute on the slowest device kind there)."""
+        segment = self.profile.segments[j]
+        devices = shape.stage_devices[rank]
+        batch = self.microbatch_size(shape)
+        key = (id(segment), devices, batch, shape.axes, shape.shape, shape.fsdp_axis)
+        cache = self.__dict__.setdefault("_work", {})
+        if key not in cache:
+            prof = self.profile
+            times = [segment.compute_time(batch, d, prof.precision, self.overhead_s)
+                     for d in _representatives(devices, self.cluster)]
+            fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
+            fwd_comm, bwd_comm = self._segment_comm(segment, shape, devices, batch)
+            cache[key] = (fwd, fwd_comm, bwd, bwd_comm)
+        return cache[key]
+
+    def stage(self, shape: PlanShape, k: int) -> StageEstimate:
+        """Forward/backward time per microbatch of stage ``k``."""
+        rank = shape.rank_of_stage(k)
+        totals = np.zeros(4)
+        recompute = 0.0
+        segments = shape.segments_of_stage(k, self.profile.num_layers)
+        for j in segments:
+            work = self.segment_work(shape, rank, j)
+            totals += work
+            recompute += work[0] + work[1] if j in shape.recompute else 0.0
+        send = self._send_time(shape, k, segments[-1], self.microbatch_size(shape))
+        return StageEstimate(k, rank, shape.stage_layers[k], shape.stage_devices[rank], *map(float, totals),
+                             recompute, send)
+
+    def _segment_comm(self, segment, shape: PlanShape, devices: tuple, batch: float) -> tuple[float, float]:
+        fwd = bwd = 0.0
+        for item in segment.comms:
+            seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
+            if item.backward:
+                bwd += seconds
+            else:
+                fwd += seconds
+        if self._fsdp_analytic(shape):
+            nbytes = segment.param_elements() * self.profile.precision.param_bytes
+            fwd += self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
+            bwd += self._collective("reduce_scatter", nbytes, devices, shape, shape.fsdp_axis)
+        return fwd, bwd
+
+    def _fsdp_analytic(self, shape: PlanShape) -> bool:
+        return bool(shape.fsdp_axis) and shape.fsdp_axis in self.profile.analytic_axes \
+            and shape.size(shape.fsdp_axis) > 1
+
+    def _collective(self, kind: str, nbytes: float, devices: tuple, shape: PlanShape, along) -> float:
+        if nbytes <= 0:
+            return 0.0
+        groups = self._groups(devices, shape, along)
+        return max(cost_model.collective_time(kind, nbytes, g, self.cluster) for g in groups)
+
+    @functools.lru_cache(maxsize=4096)
+    def _groups_cached(self, devices: tuple, axes: tuple, shape: tuple, along: tuple) -> tuple:
+        return tuple(g for g in axis_groups(devices, axes, shape, along) if len(g) > 1)
+
+    def _groups(self, devices: tuple, shape: PlanShape, along) -> tuple:
+        along = (along,) if isinstance(along, str) else tuple(along)
+        along = tuple(a for a in along if a in shape.axes)
+        if not along:
+            return ()
+        return self._groups_cached(devices, shape.axes, shape.shape, along)
+
+    def _send_time(self, shape: PlanShape, k: int, last_segment: int, batch: float) -> float:
+        if k == shape.num_stages - 1:
+            return 0.0
+        nbytes = at(self.profile.segments[last_segment].output_bytes, batch)
+        src = shape.stage_devices[shape.rank_of_stage(k)]
+        dst = shape.stage_devices[shape.rank_of_stage(k + 1)]
+        if nbytes <= 0 or src == dst:
+            return 0.0
+        return max(cost_model.p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
+
+    # -- whole step --------------------------------------------------------------------------------
+    def estimate(self, shape: PlanShape, exact: bool = True) -> Estimate:
+        """Step time, memory and traffic of ``shape`` (``exact=False``: closed-form pipeline time)."""
+        prof = self.profile
+        stages = [self.stage(shape, k) for k in range(shape.num_stages)]
+        actions = None
+        if shape.num_stages > 1 and (exact or shape.schedule == "interleaved"):
+            actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp, shape.virtual_stages)
+        timeline = None
+        if shape.num_stages == 1:
+            makespan = shape.microbatches * (stages[0].fwd_s + stages[0].bwd_s)
+            rank_end = {0: makespan}
+            bubble = 0.0
+        elif exact:
+            timeline = _simulate(actions, stages, shape)
+            makespan = timeline.makespan
+            rank_end = {r: max((e.end for e in events if e.action.kind == "B"), default=0.0)
+                        for r, events in timeline.events.items()}
+            bubble = timeline.bubble_fraction
+        else:
+            makespan, rank_end = _closed_form(stages, shape)
+            busy = sum(shape.microbatches * (s.fwd_s + s.bwd_s) for s in stages)
+            bubble = 1 - busy / (shape.pp * makespan) if makespan else 0.0
+        grad_sync = {r: self._grad_sync(shape, r, stages) for r in range(shape.pp)}
+        optimizer = max(self._optimizer_time(shape, r) for r in range(shape.pp))
+        finish = max(rank_end[r] + grad_sync[r][1] for r in range(shape.pp))
+        memory = self._memory(shape, actions)
+        fits = all(m.fits(self.cluster.device(d), self.headroom) for d, m in memory.items())
+        flops = sum(at(seg.model_flops, self.microbatch_size(shape)) for seg in prof.segments) \
+            * prof.batch_divisor * shape.microbatches
+        comm = self._traffic(shape, stages) if exact else {}
+        return Estimate(finish + optimizer, stages, makespan, bubble, grad_sync, optimizer, memory, fits, comm, flops,
+                        rank_end, timeline, list(prof.notes))
+
+    def _stage_params(self, shape: PlanShape, rank: int) -> list:
+        out = []
+        for k in range(shape.num_stages):
+            if shape.rank_of_stage(k) == rank:
+                for j in shape.segments_of_stage(k, self.profile.num_layers):
+                    out.extend(self.profile.segments[j].params)
+        return out
+
+    def _grad_sync(self, shape: PlanShape, rank: int, stages: list) -> tuple[float, float]:
+        """(total, exposed) seconds of the rank's gradient reductions after its last backward."""
+        if not self.profile.train:
+            return 0.0, 0.0
+        by_axes: dict[tuple, float] = defaultdict(float)
+        fsdp = self._fsdp_analytic(shape)
+        for p in self._stage_params(shape, rank):
+            axes = tuple(p.grad_axes)
+            if DATA_AXIS in self.profile.analytic_axes and not fsdp and shape.size(DATA_AXIS) > 1:
+                axes = (DATA_AXIS,) + axes
+            if axes:
+                by_axes[axes] += p.local_elements * self.profile.precision.param_bytes
+        devices = shape.stage_devices[rank]
+        total = sum(self._collective("all_reduce", nbytes, devices, shape, axes) for axes, nbytes in by_axes.items())
+        last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
+        return total, max(0.0, total - last_backward)
+
+    def _optimizer_time(self, shape: PlanShape, rank: int) -> float:
+        if not self.profile.train:
+            return 0.0
+        elements = self._param_elements(shape, rank)
+        per_param = OPTIMIZER_STEP_BYTES.get(shape.optimizer, 28) + (4 if self.profile.precision.param_bytes < 4 else 0)
+        bandwidth = min(self.cluster.device(d).memory_bandwidth_Bps or 1e11 for d in shape.stage_devices[rank])
+        return elements * per_param / bandwidth
+
+    def _param_elements(self, shape: PlanShape, rank: int) -> float:
+        elements = sum(p.local_elements for p in self._stage_params(shape, rank))
+        if self._fsdp_analytic(shape):
+            elements /= shape.size(shape.fsdp_axis)
+        return elements
+
+    # -- memory ------------------------------------------------------------------------------------
+    def _memory(self, shape: PlanShape, actions) -> dict:
+        prof = self.profile
+        batch = self.microbatch_size(shape)
+        pending = _pending_per_stage(shape, actions)
+        optimizer = shape.optimizer if shape.optimizer in cost_model.OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
+        out = {}
+        for rank in range(shape.pp):
+            kept = 0.0
+            for k in range(shape.num_stages):
+                if shape.rank_of_stage(k) != rank:
+                    continue
+                kept += self._stage_activations(shape, k, batch, pending[k])
+            elements = self._param_elements(shape, rank)
+            if prof.train:
+                estimate = cost_model.MemoryEstimate.estimate(elements, kept, optimizer=optimizer,
+                                                              param_dtype_bytes=prof.precision.param_bytes)
+            else:
+                estimate = cost_model.MemoryEstimate(prof.precision.param_bytes * elements, 0.0, 0.0, kept)
+            for d in shape.stage_devices[rank]:
+                out[d] = estimate
+        return out
+
+    def _stage_activations(self, shape: PlanShape, k: int, batch: float, in_flight: int) -> float:
+        """Bytes stage ``k`` keeps: per in-flight microbatch, each segment's activations (or only its input
+        when it recomputes), plus one recomputed segment re-materialised during its backward."""
+        prof = self.profile
+        segments = shape.segments_of_stage(k, prof.num_layers)
+        per_microbatch = rematerialised = 0.0
+        for j in segments:
+            saved = at(prof.segments[j].saved_bytes, batch)
+            if self._fsdp_analytic(shape):
+                saved += prof.segments[j].param_elements() * prof.precision.param_bytes
+            if j in shape.recompute:
+                per_microbatch += at(prof.segments[j - 1].output_bytes, batch) if j > 0 else 0.0
+                rematerialised = max(rematerialised, saved)
+            else:
+                per_microbatch += saved
+        if not prof.train:
+            return per_microbatch
+        return in_flight * per_microbatch + rematerialised
+
+    # -- traffic -----------------------------------------------------------------------------------
+    def _traffic(self, shape: PlanShape, stages: list) -> dict:
+        prof = self.profile
+        batch = self.microbatch_size(shape)
+        traffic: Counter = Counter()
+        m = shape.microbatches
+        for stage in stages:
+            for j in shape.segments_of_stage(stage.index, prof.num_layers):
+                segment = prof.segments[j]
+                repeat = m * (2 if j in shape.recompute else 1)
+                for item in segment.comms:
+                    times = m if item.backward else repeat
+                    self._add_traffic(traffic, item.kind, at(item.nbytes, batch), stage.devices, shape, item.axis,
+                                      times)
+                if self._fsdp_analytic(shape):
+                    nbytes = segment.param_elements() * prof.precision.param_bytes
+                    self._add_traffic(traffic, "all_gather", nbytes, stage.devices, shape, shape.fsdp_axis, m)
+                    self._add_traffic(traffic, "reduce_scatter", nbytes, stage.devices, shape, shape.fsdp_axis, m)
+            if stage.index < shape.num_stages - 1:
+                nxt = shape.stage_devices[shape.rank_of_stage(stage.index + 1)]
+                nbytes = at(prof.segments[shape.segments_of_stage(stage.index, prof.num_layers)[-1]].output_bytes,
+                            batch)
+                for a, b in zip(stage.devices, nxt):
+                    if a != b and nbytes > 0:
+                        traffic[self.cluster.link(a, b).link_class] += 2 * m * nbytes
+        for rank in range(shape.pp):
+            by_axes: dict[tuple, float] = defaultdict(float)
+            for p in self._stage_params(shape, rank):
+                axes = tuple(p.grad_axes)
+                if DATA_AXIS in prof.analytic_axes and not self._fsdp_analytic(shape) and shape.size(DATA_AXIS) > 1:
+                    axes = (DATA_AXIS,) + axes
+                if axes and prof.train:
+                    by_axes[axes] += p.local_elements * prof.precision.param_bytes
+            for axes, nbytes in by_axes.items():
+                self._add_traffic(traffic, "all_reduce", nbytes, shape.stage_devices[rank], shape, axes, 1)
+        return dict(traffic)
+
+    def _add_traffic(self, traffic: Counter, kind: str, nbytes: float, devices: tuple, shape: PlanShape, along,
+                     times: int) -> None:
+        if nbytes <= 0:
+            return
+        for group in self._groups(devices, shape, along):
+            for link_class, moved in cost_model.collective_traffic(kind, nbytes, group, self.cluster).items():
+                traffic[link_class] += times * moved
+
+
+def _representatives(devices: Sequence[int], cluster: Cluster) -> list[Device]:
+    """One device of each kind among ``devices``."""
+    seen = {}
+    for d in devices:
+        device = cluster.device(d)
+        seen.setdefault(device.kind, device)
+    return list(seen.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _actions(schedule: str, num_stages: int, microbatches: int, pp: int, virtual: int) -> dict:
+    name = SCHEDULE_NAMES.get(schedule)
+    if name is None:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULE_NAMES)}")
+    ranks = [k % pp for k in range(num_stages)] if name == "interleaved_1f1b" else list(range(num_stages))
+    return schedules.build_schedule(name, num_stages, microbatches, ranks, virtual)
+
+
+def _simulate(actions: dict, stages: list, shape: PlanShape):
+    fwd = {s.index: s.fwd_s for s in stages}
+    bwd = {s.index: s.bwd_s for s in stages}
+    sends: dict[tuple, float] = {}
+    for s in stages:
+        if s.index + 1 < shape.num_stages:
+            pair = (s.rank, shape.rank_of_stage(s.index + 1))
+            sends[pair] = max(sends.get(pair, 0.0), s.send_s)
+            sends[pair[::-1]] = max(sends.get(pair[::-1], 0.0), s.send_s)
+    return schedules.simulate(actions, fwd, bwd, lambda a, b: sends.get((a, b), 0.0),
+                              link_busy_time=lambda a, b: sends.get((a, b), 0.0))
+
+
+def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
+    """Makespan of a pipeline (1F1B/GPipe: the sum of stage times plus m - 1 bottlenecks), and per-rank
+    end of the last backward (earlier ranks finish last)."""
+    per_rank = defaultdict(float)
+    sends = sum(2 * s.send_s for s in stages)
+    for s in stages:
+        per_rank[s.rank] += s.fwd_s + s.bwd_s
+    bottleneck = max(per_rank.values())
+    m = shape.microbatches
+    if shape.virtual_stages > 1:
+        makespan = m * bottleneck + (shape.pp - 1) * bottleneck / shape.virtual_stages + sends
+    else:
+        makespan = sum(s.fwd_s + s.bwd_s for s in stages) + (m - 1) * bottleneck + sends
+    ends, drain = {}, 0.0
+    for rank in range(shape.pp):
+        ends[rank] = makespan - drain
+        drain += sum(s.bwd_s for s in stages if s.rank == rank)
+    return makespan, ends
+
+
+def _pending_per_stage(shape: PlanShape, actions) -> dict:
+    """Stage -> the most microbatches with its forward done and backward pending at once."""
+    if shape.num_stages == 1:
+        return {0: 1}
+    if shape.schedule == "gpipe":
+        return {k: shape.microbatches for k in range(shape.num_stages)}
+    if actions is None:  # 1F1B: stage k holds at most pp - k microbatches
+        return {k: min(shape.pp - k, shape.microbatches) for k in range(shape.num_stages)}
+    peaks: dict[int, int] = {}
+    for rank_actions in actions.values():
+        pending: Counter = Counter()
+        for action in rank_actions:
+            if action.kind == "F":
+                pending[action.stage] += 1
+            elif action.kind == "B":
+                pending[action.stage] -= 1
+            if action.kind in ("F", "B"):
+                peaks[action.stage] = max(peaks.get(action.stage, 0), pending[action.stage])
+    return peaks

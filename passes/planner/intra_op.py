@@ -1,0 +1,487 @@
+"""Intra-op SBP assignment: one layout per op (and per parameter) minimising time, solved exactly.
+
+The problem (a :class:`~passes.planner.pairwise.PairwiseProblem`): every op picks one of its N-D
+signatures (``ir.ops.registry.nd_signatures``), at the cost of its forward and backward compute on the
+local shards; every value flowing from a producer to a consumer costs the cheapest boxing between the
+producer's output layout and the layout the consumer reads (``passes.boxing.boxing_path`` with a
+cost that prices each collective on the devices of its mesh axis with ``cost_model.collective_time``,
+its backward adjoint included when the value carries a gradient); a parameter left to the planner
+picks its storage layout, and a ``B`` storage costs the all-reduce of its gradient over that axis.
+
+**Repeated blocks.** A stack of ``N`` identical blocks is solved as one block: the problem holds the
+prologue, block 0 and the epilogue; the block's unary and internal edge costs count ``N`` times, the
+edge from the prologue into the block once, and a *loop edge* from the block's output back to its own
+input ``N - 1`` times (that is what block ``k`` reads from block ``k - 1``). The optimum is the best
+assignment that gives every block the same layouts, which is what a strategy's ``blocks.*`` globs
+express; :func:`passes.planner.pairwise.solve_dp` solves it exactly (the loop edge only widens its
+frontier by the block's boundary).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ir.cluster import Cluster, Device
+from ir.core import Graph, Node, Value
+from ir.ops.registry import nd_signatures, splits_divide
+from ir.sbp import B, Split, format_nd_sbp
+from ir.types import Mesh, TensorType
+from passes import cost_model
+from passes.boxing import BoxingError, boxing_path
+from passes.grad_sync import values_with_grad
+from passes.planner.costs import (BATCH_SYMBOL, LOCAL_COMM_OPS, CommRecord, ComputeRecord, CostContext, ParamRecord, Precision,
+                                  Profile, concrete_shape, op_work, param_record, peak_flops, segment_cost)
+from passes.planner.layers import POST, PRE, LayerStructure
+from passes.planner.pairwise import PairEdge, PairwiseProblem, Solution, solve_dp, solve_ilp, solve_z3
+
+STEP_EPSILON_S = 1e-9
+"""Added per boxing step so that, at equal time, fewer collectives win."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Costs the solver sees
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoxingTimeCost:
+    """A ``boxing_path`` cost: seconds of one collective step on the devices of ``groups[axis]``.
+
+    With ``backward``, the adjoint collective (run on the gradient in the backward pass) is added.
+    Hashable, so boxing's path cache is shared by equal costs.
+    """
+
+    cluster: Cluster
+    groups: tuple
+    scale: float
+    backward: bool
+
+    def __call__(self, op: str, local_bytes: float, mesh: Mesh, axis: int) -> float:
+        from passes.grad_sync import ADJOINTS
+        if op in ("comm.slice", "comm.mask"):
+            return STEP_EPSILON_S
+        group = self.groups[axis]
+        seconds = _collective_seconds(op, local_bytes * self.scale, group, self.cluster)
+        if self.backward:
+            seconds += _collective_seconds(ADJOINTS[op], local_bytes * self.scale, group, self.cluster)
+        return seconds + STEP_EPSILON_S
+
+
+def _collective_seconds(op: str, nbytes: float, group: tuple, cluster: Cluster) -> float:
+    kind = op.split(".", 1)[1]
+    if kind == "all_to_all":
+        nbytes /= len(group)
+    return cost_model.collective_time(kind, nbytes, group, cluster)
+
+
+@dataclass
+class LayoutRequest:
+    """What to assign: the mesh, where its axes run, the device that computes, and the constraints."""
+
+    mesh: Mesh
+    cluster: Cluster
+    groups: tuple
+    """Per mesh axis, the devices of one group along it (collectives are priced on these)."""
+    device: Device
+    dims: dict
+    """Symbol bindings at the reference microbatch (``batch`` included)."""
+    precision: Precision
+    train: bool = True
+    fixed: dict = field(default_factory=dict)
+    """Value name -> N-D SBP for sources whose layout is given (inputs, buffers, pinned parameters)."""
+    free_params: bool = False
+    """Whether parameters not in ``fixed`` are decision variables (else they are stored ``B``)."""
+    hints: dict = field(default_factory=dict)
+    """Node name -> required N-D SBP of its first output (``None`` entries: free)."""
+    overhead_s: float = 5e-6
+
+    def boxing_cost(self, backward: bool) -> BoxingTimeCost:
+        """The boxing cost for values with (or without) a gradient."""
+        return BoxingTimeCost(self.cluster, tuple(tuple(g) for g in self.groups), self.precision.scale,
+                              backward and self.train)
+
+
+# --------------------------------------------------------------------------------------------------
+# The compact problem
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """An op of the compact problem: its segment (pre / block / post) and how often it runs."""
+
+    node: Node
+    segment: str
+    weight: int
+
+
+@dataclass
+class _Source:
+    """Where a consumer's input comes from: a value of the compact problem, counted ``weight`` times;
+    ``boundary``: which block copies see it (``first``, ``rest`` or ``all``)."""
+
+    value: Value
+    weight: int
+    boundary: str = "all"
+
+
+class LayoutProblem:
+    """The pairwise problem of one graph (compacted over its repeated blocks) for one request."""
+
+    def __init__(self, graph: Graph, structure: LayerStructure, request: LayoutRequest):
+        self.graph = graph
+        self.structure = structure
+        self.request = request
+        self.grad = values_with_grad(graph)
+        self.repeated = structure.uniform and structure.num_layers >= 2
+        self.units = self._units()
+        self.unit_of = {id(u.node): k for k, u in enumerate(self.units)}
+        self.vars: list = []          # ("node", unit index) or ("param", value)
+        self.choices: list = []       # per var: list of (inputs, outputs)
+        self.unary: list = []
+        self.edges: list = []
+        self.edge_info: list = []     # per edge: (value, consumer unit, input position, weight, boundary, producer side)
+        self.fixed_boxing: list = []  # (unit, input position, value, src sbp, weight, boundary)
+        self._build()
+
+    # -- structure ------------------------------------------------------------------------------
+    def _units(self) -> list[_Unit]:
+        s = self.structure
+        if not self.repeated:
+            return [_Unit(n, PRE, 1) for n in self.graph.nodes]
+        n = s.num_layers
+        return ([_Unit(x, PRE, 1) for x in s.pre] + [_Unit(x, "block", n) for x in s.blocks[0]]
+                + [_Unit(x, POST, 1) for x in s.post])
+
+    def sources(self, unit: _Unit, position: int, value: Value) -> list[_Source]:
+        """The compact values a consumer input stands for, with how often each is read."""
+        s = self.structure
+        if not self.repeated:
+            return [_Source(value, 1)]
+        n = s.num_layers
+        if unit.segment == POST and value.producer is not None and id(value.producer) not in self.unit_of:
+            return [_Source(self._in_block0(value), 1)]  # the last block's output: block 0's, by position
+        if unit.segment != "block":
+            return [_Source(value, 1)]
+        twin = s.blocks[1][s.position(unit.node)]
+        twin_value = twin.input_values()[position]
+        producer = twin_value.producer
+        if producer is not None and s.segment_of(producer) == ("block", 0):
+            return [_Source(value, 1, "first"), _Source(self._in_block0(twin_value), n - 1, "rest")]
+        return [_Source(value, n)]
+
+    def _in_block0(self, value: Value) -> Value:
+        s = self.structure
+        node = value.producer
+        twin = s.blocks[0][s.position(node)]
+        return twin.outputs[node.outputs.index(value)]
+
+    # -- building -------------------------------------------------------------------------------
+    def _build(self) -> None:
+        req = self.request
+        param_var: dict[int, int] = {}
+        for k, unit in enumerate(self.units):
+            for position, value in enumerate(unit.node.input_values()):
+                if self._is_free_param(value) and id(value) not in param_var:
+                    param_var[id(value)] = self._add_param_var(value, unit)
+            self._add_node_var(k, unit)
+        self.param_var = param_var
+        for k, unit in enumerate(self.units):
+            for position, value in enumerate(unit.node.input_values()):
+                for source in self.sources(unit, position, value):
+                    self._connect(k, position, source, param_var)
+
+    def _is_free_param(self, value: Value) -> bool:
+        return self.request.free_params and value.kind == "param" and value.name not in self.request.fixed
+
+    def _add_param_var(self, value: Value, unit: _Unit) -> int:
+        req = self.request
+        options = [tuple(c) for c in itertools.product(*[_storage_options(value.type, n) for n in req.mesh.shape])]
+        options = [o for o in options if splits_divide(value.type, o, req.mesh)]
+        weight = unit.weight if unit.segment == "block" else 1
+        costs = [weight * self._param_sync_seconds(value, o) for o in options]
+        self.vars.append(("param", value))
+        self.choices.append([((), (o,)) for o in options])
+        self.unary.append(costs)
+        return len(self.vars) - 1
+
+    def _param_sync_seconds(self, value: Value, storage: tuple) -> float:
+        req = self.request
+        if not req.train:
+            return 0.0
+        record = param_record(value, storage, req.mesh, True)
+        total = 0.0
+        for axis in record.grad_axes:
+            group = req.groups[req.mesh.axis_index(axis)]
+            total += cost_model.collective_time("all_reduce", record.local_elements * req.precision.param_bytes,
+                                                group, req.cluster)
+        return total
+
+    def _add_node_var(self, k: int, unit: _Unit) -> None:
+        req = self.request
+        candidates = [c for c in nd_signatures(unit.node, req.mesh) if _uses_real_axes(c, req.mesh)]
+        hint = req.hints.get(unit.node.name)
+        if hint is not None:
+            candidates = [c for c in candidates if all(h is None or a == h for a, h in zip(c[1][0], hint))]
+            if not candidates:
+                wanted = ", ".join("*" if h is None else str(h) for h in hint)
+                raise ValueError(f"the layout ({wanted}) asked for %{unit.node.name} ({unit.node.op}, module "
+                                 f"{unit.node.attrs.get('module', '?')}) is not a valid layout of that op")
+        self.vars.append(("node", k))
+        self.choices.append(candidates)
+        self.unary.append([unit.weight * self._compute_seconds(unit.node, c) for c in candidates])
+
+    def _compute_seconds(self, node: Node, choice: tuple) -> float:
+        req = self.request
+        ins = node.input_values()
+        record = ComputeRecord(node.op, tuple(v.type for v in ins), tuple(choice[0]),
+                               tuple(o.type for o in node.outputs), tuple(choice[1]),
+                               any(id(o) in self.grad for o in node.outputs))
+        flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
+        peak = peak_flops(req.device, req.precision)
+        bandwidth = req.device.memory_bandwidth_Bps or math.inf
+        seconds = max(flops / peak, nbytes / bandwidth)
+        if record.has_grad and req.train:
+            seconds += max(backward / peak, 2 * nbytes / bandwidth)
+        return seconds
+
+    def _connect(self, k: int, position: int, source: _Source, param_var: dict) -> None:
+        value = source.value
+        consumer = self._var_of_unit(k)
+        if value.producer is not None and id(value.producer) in self.unit_of:
+            producer = self._var_of_unit(self.unit_of[id(value.producer)])
+            out_index = value.producer.outputs.index(value)
+            src_keys = [c[1][out_index] for c in self.choices[producer]]
+        elif id(value) in param_var:
+            producer = param_var[id(value)]
+            src_keys = [c[1][0] for c in self.choices[producer]]
+        else:
+            src = self._fixed_sbp(value)
+            costs = self.unary[consumer]
+            for c, choice in enumerate(self.choices[consumer]):
+                costs[c] += source.weight * self.boxing_seconds(value, src, choice[0][position])
+            self.fixed_boxing.append((k, position, value, src, source.weight, source.boundary))
+            return
+        dst_keys = [c[0][position] for c in self.choices[consumer]]
+        table = {(a, b): source.weight * self.boxing_seconds(value, a, b)
+                 for a in set(src_keys) for b in set(dst_keys)}
+        if producer < consumer:
+            edge = PairEdge(producer, consumer, src_keys, dst_keys, table)
+        else:  # a loop edge: the block's output feeds its own input in the next block
+            edge = PairEdge(consumer, producer, dst_keys, src_keys, {(b, a): c for (a, b), c in table.items()})
+        self.edges.append(edge)
+        self.edge_info.append((value, k, position, source.weight, source.boundary, producer < consumer))
+
+    def _var_of_unit(self, k: int) -> int:
+        if not hasattr(self, "_unit_var"):
+            self._unit_var = {}
+        if k not in self._unit_var:
+            self._unit_var = {ref[1]: v for v, ref in enumerate(self.vars) if ref[0] == "node"}
+        return self._unit_var[k]
+
+    def _fixed_sbp(self, value: Value) -> tuple:
+        fixed = self.request.fixed.get(value.name)
+        return tuple(fixed) if fixed is not None else tuple(B for _ in self.request.mesh.shape)
+
+    def boxing_seconds(self, value: Value, src: tuple, dst: tuple) -> float:
+        """Seconds to convert ``value`` from ``src`` to ``dst`` (forward, plus backward when it has a gradient)."""
+        if src == dst:
+            return 0.0
+        try:
+            return boxing_path(self._concrete_type(value), src, dst, self.request.mesh,
+                               self.request.boxing_cost(id(value) in self.grad))[0]
+        except BoxingError:
+            return math.inf
+
+    def boxing_steps(self, value: Value, src: tuple, dst: tuple) -> list:
+        """The collective steps of the cheapest conversion (as ``boxing_path`` returns them)."""
+        if src == dst:
+            return []
+        return boxing_path(self._concrete_type(value), src, dst, self.request.mesh,
+                           self.request.boxing_cost(id(value) in self.grad))[1]
+
+    def _concrete_type(self, value: Value) -> TensorType:
+        shape = concrete_shape(value.type, self.request.dims)
+        return TensorType.of([max(1, int(round(d))) for d in shape], value.type.dtype)
+
+    def pairwise(self) -> PairwiseProblem:
+        """The problem for the generic solvers (variables in graph order, parameters before first use)."""
+        names = [f"%{self.units[ref[1]].node.name}" if ref[0] == "node" else f"param {ref[1].target}"
+                 for ref in self.vars]
+        return PairwiseProblem(self.unary, self.edges, names)
+
+
+def _uses_real_axes(candidate: tuple, mesh: Mesh) -> bool:
+    """False when a signature splits or sums over an axis of size 1 (the same as broadcasting there)."""
+    for nd in list(candidate[0]) + list(candidate[1]):
+        if any(n == 1 and s != B for s, n in zip(nd, mesh.shape)):
+            return False
+    return True
+
+
+def _storage_options(t: TensorType, axis_size: int) -> list:
+    """How a parameter may be stored on one axis: ``B``, or split on a dim the axis divides."""
+    options = [B]
+    if axis_size > 1:
+        options += [Split(d) for d, size in enumerate(t.shape) if size.is_Integer and int(size) % axis_size == 0]
+    return options
+
+
+# --------------------------------------------------------------------------------------------------
+# Solving and turning the result into costs
+# --------------------------------------------------------------------------------------------------
+
+SOLVERS: dict[str, Callable[[PairwiseProblem], Solution]] = {"dp": solve_dp, "ilp": solve_ilp, "z3": solve_z3}
+
+
+@dataclass
+class LayoutSolution:
+    """The solved layouts: per node its (input SBPs, output SBPs), per free parameter its storage SBP."""
+
+    problem: LayoutProblem
+    solution: Solution
+    node_choice: dict
+    """Node name -> (input N-D SBPs, output N-D SBPs)."""
+    param_sbp: dict
+    """Parameter ``state_dict`` name -> stored N-D SBP (free and fixed parameters)."""
+
+    @property
+    def cost(self) -> float:
+        """The objective (seconds per step of the solved part, one microbatch at the reference size)."""
+        return self.solution.cost
+
+
+def solve_layouts(graph: Graph, structure: LayerStructure, request: LayoutRequest, solver: str = "dp"
+                  ) -> LayoutSolution:
+    """Assign layouts to every op of ``graph`` (compacted over its blocks) for ``request``."""
+    problem = LayoutProblem(graph, structure, request)
+    solution = SOLVERS[solver](problem.pairwise())
+    node_choice, param_sbp = {}, {}
+    for v, ref in enumerate(problem.vars):
+        choice = problem.choices[v][solution.assignment[v]]
+        if ref[0] == "node":
+            node_choice[problem.units[ref[1]].node.name] = choice
+        else:
+            param_sbp[ref[1].target] = choice[1][0]
+    for p in graph.params:
+        if p.kind == "param" and p.target not in param_sbp:
+            param_sbp[p.target] = problem._fixed_sbp(p)
+    return LayoutSolution(problem, solution, node_choice, param_sbp)
+
+
+def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: int) -> Profile:
+    """The :class:`Profile` of solved layouts: ``pre``, block 0, blocks 1.. (one shared cost), ``post``.
+
+    The solved mesh prices one data-parallel replica; data parallelism (``data_parallel`` replicas, the
+    batch split between them) is added by the estimator.
+    """
+    problem = result.problem
+    req = problem.request
+    ctx = CostContext(req.mesh, {k: v for k, v in req.dims.items() if k != BATCH_SYMBOL}, req.precision, req.train)
+    computes = {PRE: [], "block": [], POST: []}
+    for unit in problem.units:
+        ins, outs = result.node_choice[unit.node.name]
+        node = unit.node
+        computes[unit.segment].append(ComputeRecord(node.op, tuple(v.type for v in node.input_values()), ins,
+                                                    tuple(o.type for o in node.outputs), outs,
+                                                    any(id(o) in problem.grad for o in node.outputs)))
+    comms = {key: [] for key in (PRE, "first", "rest", POST)}
+    for unit_index, position, value, src, weight, boundary in _boxings(result):
+        unit = problem.units[unit_index]
+        dst = result.node_choice[unit.node.name][0][position]
+        records = [CommRecord(op, axis, value.type, before, id(value) in problem.grad)
+                   for axis, op, _, before in _steps_with_sources(problem.boxing_steps(value, src, dst), src)
+                   if op not in LOCAL_COMM_OPS]
+        for key in _comm_keys(unit.segment, boundary):
+            comms[key].extend(records)
+    params = _param_records(result, ctx)
+    outputs = _segment_outputs(result)
+    segments = [segment_cost(PRE, computes[PRE], comms[PRE], params[PRE], outputs[PRE], ctx)]
+    if problem.repeated:
+        n = problem.structure.num_layers
+        prefix = problem.structure.prefix
+        first = segment_cost(f"{prefix}.0", computes["block"], comms["first"], params["block"], outputs["block"], ctx)
+        rest = segment_cost(f"{prefix}.*", computes["block"], comms["rest"], params["block"], outputs["block"], ctx)
+        segments += [first] + [rest] * (n - 1)
+    segments.append(segment_cost(POST, computes[POST], comms[POST], params[POST], outputs[POST], ctx))
+    tokens = int(req.dims.get("seq", 1))
+    profile = Profile(segments, req.mesh, data_parallel, global_batch, tokens, req.train, req.precision,
+                      analytic_axes=("dp",))
+    if not result.solution.exact:
+        profile.notes.append("the layout DP hit its state limit; layouts are near-optimal, not proven optimal")
+    return profile
+
+
+def _comm_keys(segment: str, boundary: str) -> list[str]:
+    if segment != "block":
+        return [segment]
+    return {"first": ["first"], "rest": ["rest"]}.get(boundary, ["first", "rest"])
+
+
+def _boxings(result: LayoutSolution):
+    """(unit, input position, value, source SBP, weight, boundary) for every conversion the solution needs."""
+    problem = result.problem
+    for (value, unit_index, position, weight, boundary, forward), edge in zip(problem.edge_info, problem.edges):
+        producer_var = edge.a if forward else edge.b
+        choice = problem.choices[producer_var][result.solution.assignment[producer_var]]
+        ref = problem.vars[producer_var]
+        src = choice[1][0] if ref[0] == "param" else choice[1][value.producer.outputs.index(value)]
+        yield unit_index, position, value, src, weight, boundary
+    yield from problem.fixed_boxing
+
+
+def _steps_with_sources(steps: list, src: tuple):
+    """Boxing steps with the SBP each one starts from."""
+    before = src
+    for axis, op, kwargs, new in steps:
+        yield axis, op, kwargs, before
+        before = new
+
+
+def _param_records(result: LayoutSolution, ctx: CostContext) -> dict:
+    problem = result.problem
+    out = {PRE: [], "block": [], POST: []}
+    seen: set[int] = set()
+    for unit in problem.units:
+        for value in unit.node.input_values():
+            if value.kind != "param" or id(value) in seen:
+                continue
+            seen.add(id(value))
+            out[unit.segment].append(param_record(value, result.param_sbp[value.target], ctx.mesh, ctx.train))
+    return out
+
+
+def _segment_outputs(result: LayoutSolution) -> dict:
+    """Per segment: the (type, SBP) of values a pipeline cut right after it would send."""
+    problem = result.problem
+    out: dict[str, dict] = {PRE: {}, "block": {}, POST: {}}
+    for unit in problem.units:
+        for position, value in enumerate(unit.node.input_values()):
+            for source in problem.sources(unit, position, value):
+                produced = source.value.producer
+                if produced is None or id(produced) not in problem.unit_of:
+                    continue
+                origin = problem.units[problem.unit_of[id(produced)]].segment
+                sbp = result.node_choice[produced.name][1][produced.outputs.index(source.value)]
+                entry = (source.value.type, sbp)
+                if origin == PRE and unit.segment != PRE:
+                    out[PRE][id(source.value)] = entry
+                    if unit.segment == "block" and source.boundary == "all":
+                        out["block"][id(source.value)] = entry  # read by every block: crosses every cut
+                elif origin == "block" and (source.boundary == "rest" or unit.segment == POST):
+                    out["block"][id(source.value)] = entry
+    return {segment: list(entries.values()) for segment, entries in out.items()}
+
+
+def describe_layouts(result: LayoutSolution) -> list[str]:
+    """Human-readable lines: each op's chosen output layout (for explanations and debugging)."""
+    lines = []
+    for unit in result.problem.units:
+        outs = result.node_choice[unit.node.name][1]
+        module = unit.node.attrs.get("module", "")
+        lines.append(f"%{unit.node.name} {unit.node.op} [{module}]: {', '.join(format_nd_sbp(o) for o in outs)}")
+    return lines

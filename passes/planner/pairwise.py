@@ -1,0 +1,246 @@
+"""Pairwise assignment problems and their exact solvers.
+
+Intra-op SBP assignment is a discrete problem: every variable (an op, or a parameter's storage
+layout) picks one *choice*; a choice has a unary cost (its compute time), and each edge (a value
+flowing from a producer to a consumer) adds the cost of converting the producer's output layout
+into the layout the consumer's choice reads. The total is
+
+    sum_v unary[v][choice_v] + sum_e cost_e(key_e(src choice), key_e(dst choice)).
+
+Edge costs depend on the choices only through *keys* (the two SBPs at the edge), which lets the
+dynamic program merge choices that look the same to the rest of the graph.
+
+Solvers:
+
+- :func:`solve_dp`: variable elimination along the given order (a frontier dynamic program). A state is
+  the keys of the *live* variables (processed, with an edge to an unprocessed one); exact whatever the
+  graph shape, in time exponential only in the frontier width, which is small for layer stacks.
+- :func:`solve_ilp`: the textbook integer program over the local polytope (one-hot choices, one
+  pair variable per edge and key pair), solved with HiGHS (``scipy.optimize.milp``) to zero gap.
+- :func:`solve_z3`: the same model as a z3 ``Optimize`` problem; exact but slow, for tiny problems.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Hashable, Sequence
+
+
+@dataclass
+class PairEdge:
+    """An edge between variables ``a`` and ``b``: ``costs[(a_keys[ca], b_keys[cb])]`` for choices (ca, cb)."""
+
+    a: int
+    b: int
+    a_keys: Sequence[Hashable]
+    b_keys: Sequence[Hashable]
+    costs: dict
+
+    def cost(self, choice_a: int, choice_b: int) -> float:
+        """The edge cost when ``a`` takes ``choice_a`` and ``b`` takes ``choice_b``."""
+        return self.costs[(self.a_keys[choice_a], self.b_keys[choice_b])]
+
+
+@dataclass
+class PairwiseProblem:
+    """Variables with unary costs per choice, and edges with costs per pair of keys."""
+
+    unary: list
+    """``unary[v][c]``: the cost of variable ``v`` taking choice ``c``."""
+    edges: list = field(default_factory=list)
+    """:class:`PairEdge` s."""
+    names: list | None = None
+    """Optional variable names, for messages."""
+
+    @property
+    def num_vars(self) -> int:
+        """The number of variables."""
+        return len(self.unary)
+
+    def total(self, assignment: Sequence[int]) -> float:
+        """The objective of a full assignment (one choice index per variable)."""
+        value = sum(self.unary[v][c] for v, c in enumerate(assignment))
+        return value + sum(e.cost(assignment[e.a], assignment[e.b]) for e in self.edges)
+
+    def check(self) -> None:
+        """Raise ValueError when a variable has no choice or an edge misses a key pair."""
+        for v, costs in enumerate(self.unary):
+            if not costs:
+                name = self.names[v] if self.names else f"variable {v}"
+                raise ValueError(f"{name} has no admissible choice (every layout was ruled out)")
+        for e in self.edges:
+            for ka in set(e.a_keys):
+                for kb in set(e.b_keys):
+                    if (ka, kb) not in e.costs:
+                        raise ValueError(f"edge {e.a}->{e.b} has no cost for keys {ka} -> {kb}")
+
+
+@dataclass
+class Solution:
+    """An assignment, its objective, and whether the solver proved it optimal."""
+
+    cost: float
+    assignment: list
+    exact: bool = True
+    states: int = 0
+    """The largest number of DP states held at once (0 for the other solvers)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Frontier dynamic program
+# --------------------------------------------------------------------------------------------------
+
+
+def solve_dp(problem: PairwiseProblem, max_states: int = 200_000) -> Solution:
+    """Exact minimum by variable elimination in index order; beyond ``max_states`` states it keeps
+    the cheapest ones (and reports ``exact=False``)."""
+    problem.check()
+    n = problem.num_vars
+    incident: list[list[int]] = [[] for _ in range(n)]
+    for k, e in enumerate(problem.edges):
+        incident[e.a].append(k)
+        incident[e.b].append(k)
+    last_var = [max(problem.edges[k].a, problem.edges[k].b) for k in range(len(problem.edges))]
+    # A state is a tuple of (edge index, key) pairs: the open edges' keys on their processed side.
+    states: dict[tuple, float] = {(): 0.0}
+    history: list[dict] = []
+    exact, widest = True, 1
+    for v in range(n):
+        closing = [k for k in incident[v] if last_var[k] == v]
+        opening = [k for k in incident[v] if last_var[k] != v]
+        new_states: dict[tuple, float] = {}
+        back: dict[tuple, tuple] = {}
+        for state, base in states.items():
+            open_keys = dict(state)
+            kept = tuple((k, key) for k, key in state if k not in closing)
+            for c, unary in enumerate(problem.unary[v]):
+                cost = base + unary
+                for k in closing:
+                    e = problem.edges[k]
+                    cost += e.costs[(open_keys[k], e.b_keys[c])] if e.b == v else e.costs[(e.a_keys[c], open_keys[k])]
+                if cost == math.inf:
+                    continue
+                new = kept + tuple((k, _side_key(problem.edges[k], v, c)) for k in opening)
+                new = tuple(sorted(new))
+                if cost < new_states.get(new, math.inf):
+                    new_states[new] = cost
+                    back[new] = (state, c)
+        if not new_states:
+            name = problem.names[v] if problem.names else f"variable {v}"
+            raise ValueError(f"no finite-cost assignment reaches {name}")
+        if len(new_states) > max_states:
+            exact = False
+            best = sorted(new_states, key=new_states.get)[:max_states]
+            new_states = {s: new_states[s] for s in best}
+        widest = max(widest, len(new_states))
+        history.append(back)
+        states = new_states
+    final, cost = min(states.items(), key=lambda item: item[1])
+    assignment = [0] * n
+    for v in range(n - 1, -1, -1):
+        final, assignment[v] = history[v][final]
+    return Solution(cost, assignment, exact, widest)
+
+
+def _side_key(edge: PairEdge, v: int, choice: int) -> Hashable:
+    return edge.a_keys[choice] if edge.a == v else edge.b_keys[choice]
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact solvers
+# --------------------------------------------------------------------------------------------------
+
+
+def _pair_tables(problem: PairwiseProblem) -> list[tuple[PairEdge, list, list]]:
+    """Per edge: its distinct keys on each side (the ILP's pair variables range over these)."""
+    return [(e, sorted(set(e.a_keys), key=repr), sorted(set(e.b_keys), key=repr)) for e in problem.edges]
+
+
+def solve_ilp(problem: PairwiseProblem, time_limit_s: float = 60.0) -> Solution:
+    """Exact minimum as an integer program (HiGHS through ``scipy.optimize.milp``, zero gap)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    problem.check()
+    offsets, width = [], 0
+    for costs in problem.unary:
+        offsets.append(width)
+        width += len(costs)
+    tables = _pair_tables(problem)
+    pair_offsets = []
+    for e, a_keys, b_keys in tables:
+        pair_offsets.append(width)
+        width += len(a_keys) * len(b_keys)
+    objective = np.zeros(width)
+    rows = problem.num_vars + sum(len(a) + len(b) for _, a, b in tables)
+    matrix = lil_matrix((rows, width))
+    lower, upper = np.zeros(rows), np.zeros(rows)
+    for v, costs in enumerate(problem.unary):
+        for c, cost in enumerate(costs):
+            objective[offsets[v] + c] = cost
+            matrix[v, offsets[v] + c] = 1
+        lower[v] = upper[v] = 1
+    row = problem.num_vars
+    for (e, a_keys, b_keys), base in zip(tables, pair_offsets):
+        for i, ka in enumerate(a_keys):
+            for j, kb in enumerate(b_keys):
+                objective[base + i * len(b_keys) + j] = e.costs[(ka, kb)]
+        # Marginals: the pair variables of key ka sum to the choices of a with key ka (same for b).
+        for i, ka in enumerate(a_keys):
+            for j in range(len(b_keys)):
+                matrix[row, base + i * len(b_keys) + j] = 1
+            for c, key in enumerate(e.a_keys):
+                if key == ka:
+                    matrix[row, offsets[e.a] + c] = -1
+            row += 1
+        for j, kb in enumerate(b_keys):
+            for i in range(len(a_keys)):
+                matrix[row, base + i * len(b_keys) + j] = 1
+            for c, key in enumerate(e.b_keys):
+                if key == kb:
+                    matrix[row, offsets[e.b] + c] = -1
+            row += 1
+    integrality = np.zeros(width)
+    integrality[:pair_offsets[0] if pair_offsets else width] = 1
+    result = milp(objective, constraints=LinearConstraint(matrix.tocsr(), lower, upper), integrality=integrality,
+                  bounds=Bounds(0, 1), options={"mip_rel_gap": 0.0, "time_limit": time_limit_s})
+    if result.x is None:
+        raise RuntimeError(f"the ILP solver found no solution: {result.message}")
+    assignment = [int(np.argmax(result.x[offsets[v]:offsets[v] + len(c)])) for v, c in enumerate(problem.unary)]
+    return Solution(problem.total(assignment), assignment, result.status == 0)
+
+
+def solve_z3(problem: PairwiseProblem, timeout_ms: int = 60_000) -> Solution:
+    """Exact minimum with z3 ``Optimize`` (exact rational costs); practical for a dozen variables."""
+    import z3
+
+    problem.check()
+    optimizer = z3.Optimize()
+    optimizer.set("timeout", timeout_ms)
+    choice = [z3.Int(f"v{v}") for v in range(problem.num_vars)]
+    terms = []
+    for v, costs in enumerate(problem.unary):
+        optimizer.add(choice[v] >= 0, choice[v] < len(costs))
+        terms.append(_select(choice[v], [(c, cost) for c, cost in enumerate(costs)]))
+    for e in problem.edges:
+        pairs = [(ca, cb) for ca in range(len(problem.unary[e.a])) for cb in range(len(problem.unary[e.b]))]
+        terms.append(z3.Sum([z3.If(z3.And(choice[e.a] == ca, choice[e.b] == cb), _real(e.cost(ca, cb)), 0)
+                             for ca, cb in pairs if e.cost(ca, cb) != 0] or [z3.RealVal(0)]))
+    optimizer.minimize(z3.Sum(terms))
+    if optimizer.check() != z3.sat:
+        raise RuntimeError("z3 found no assignment (timeout or infeasible)")
+    model = optimizer.model()
+    assignment = [model.eval(c, model_completion=True).as_long() for c in choice]
+    return Solution(problem.total(assignment), assignment, True)
+
+
+def _real(value: float):
+    import z3
+    return z3.RealVal(Fraction(value))
+
+
+def _select(var, options: list[tuple[int, float]]):
+    import z3
+    return z3.Sum([z3.If(var == c, _real(cost), 0) for c, cost in options if cost != 0] or [z3.RealVal(0)])

@@ -1,0 +1,622 @@
+"""``strategy="auto"``: search degrees, layouts, stages, microbatches, schedule and recomputation.
+
+The search enumerates tensor-parallel degrees that fit a fast-link domain (``cluster.fast_domains()``;
+tensor-parallel groups are consecutive devices, so they never cross one), pipeline degrees (stages are
+contiguous blocks of devices in RDMA-domain order, so cuts fall on the slow links between nodes) and
+data parallelism for the rest. For each degree and layout switch (sequence parallelism, vocabulary
+parallelism, FSDP) the tensor-parallel layouts of every op and parameter are solved exactly by
+:mod:`passes.planner.intra_op` (once per setting; the solution is affine in the microbatch size). For
+every microbatch count and schedule, the layers are cut into stages by a dynamic program that
+minimises the slowest stage under each device's memory limit, recomputing a stage only when it does
+not fit otherwise; faster devices therefore get more layers. Candidates are ranked with the closed-form
+pipeline time; the best ``top_k`` are priced exactly (``schedules.simulate``) and the fastest wins.
+
+Progress goes to the ``progress`` callback and the ``sbpc.planner`` logger; ``time_budget_s`` stops
+the enumeration early (the report says so); results are cached on disk keyed by the graph text, the
+cluster fingerprint, the fixed parts of the strategy and the options.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ir.cluster import Cluster
+from ir.core import Graph
+from ir.sbp import B, Partial, Split, format_nd_sbp
+from passes.planner.costs import Precision, at
+from passes.planner.estimate import Estimator, StageEstimate
+from passes.planner.evaluate import ModelView, PlanOptions, last_nodes_of_modules, optimizer_name
+from passes.planner.intra_op import LayoutSolution
+from passes.planner.layers import block_param_name
+from passes.planner.placement import DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, groups_inside_domains
+
+LOG = logging.getLogger("sbpc.planner")
+AUTO = "auto"
+DEFAULT_CACHE_DIR = Path(os.environ.get("SBPC_CACHE_DIR", Path.home() / ".cache" / "sbpc"))
+CACHE_VERSION = 1
+MATMUL_OPS = ("aten.linear.default", "aten.mm.default", "aten.matmul.default", "aten.addmm.default",
+              "aten.bmm.default")
+
+
+@dataclass
+class Candidate:
+    """One plan the search priced."""
+
+    strategy: dict
+    summary: str
+    step_time_s: float
+    max_memory_bytes: float
+    fits: bool
+    exact: bool
+    """Priced with the real schedule (True) or the closed form (False)."""
+
+
+@dataclass
+class SearchReport:
+    """What the search did and found."""
+
+    chosen: Candidate
+    alternatives: list
+    """The best other candidates (exactly priced), fastest first."""
+    evaluated: int
+    layout_solves: int
+    elapsed_s: float
+    truncated: bool = False
+    """The time budget ran out before every candidate was priced."""
+    cached: bool = False
+    cluster: str = ""
+    options: dict = field(default_factory=dict)
+    layouts: list = field(default_factory=list)
+    """The chosen tensor-parallel layout of each op of one block (and the prologue / epilogue)."""
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain data (for the cache)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict) -> "SearchReport":
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["chosen"] = Candidate(**data["chosen"])
+        data["alternatives"] = [Candidate(**c) for c in data["alternatives"]]
+        return SearchReport(**data)
+
+
+class SearchError(ValueError):
+    """No plan fits: names what was tried and what to change."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool = True,
+           time_budget_s: float | None = None, progress: Callable[[str], None] | None = None,
+           cache_dir: str | os.PathLike | None = None, use_cache: bool = True, top_k: int = 24,
+           options: PlanOptions | None = None, **option_values) -> tuple[dict, SearchReport]:
+    """Fill the ``"auto"`` parts of ``strategy`` for ``graph`` on ``cluster``; returns (strategy, report).
+
+    ``options`` (or keyword values for :class:`PlanOptions`: ``global_batch``, ``precision``,
+    ``optimizer``, ...) say how to price plans. The returned strategy is a plain strategy dict.
+    """
+    options = options or PlanOptions(**option_values)
+    fixed = _fixed_parts(strategy)
+    key = _cache_key(graph, cluster, fixed, options, train)
+    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    if use_cache:
+        hit = _read_cache(cache, key)
+        if hit is not None:
+            _say(progress, f"plan cache hit ({key[:12]}): {hit[1].chosen.summary}")
+            return hit
+    planner = _Planner(ModelView(graph, train), cluster, fixed, options, time_budget_s, progress)
+    result = planner.run(top_k)
+    if use_cache and not result[1].truncated:
+        _write_cache(cache, key, result)
+    return result
+
+
+def _say(progress, message: str) -> None:
+    LOG.info(message)
+    if progress is not None:
+        progress(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the user fixed
+# --------------------------------------------------------------------------------------------------
+
+
+def _fixed_parts(strategy: Any) -> dict:
+    """The concrete parts of a (partial) strategy; ``"auto"`` and absent keys are left to the search."""
+    if strategy in (AUTO, None):
+        return {}
+    if not isinstance(strategy, dict):
+        raise SearchError(f"expected 'auto' or a strategy dict with 'auto' parts, found {strategy!r}")
+    out = {}
+    for k, v in strategy.items():
+        if v == AUTO:
+            continue
+        if k == "mesh" and isinstance(v, dict):
+            out[k] = {a: (n if n == AUTO else int(n)) for a, n in v.items()}
+        elif k == "params" and isinstance(v, dict):
+            out[k] = {name: spec for name, spec in v.items() if spec != AUTO}
+        else:
+            out[k] = v
+    return out
+
+
+def _cache_key(graph: Graph, cluster: Cluster, fixed: dict, options: PlanOptions, train: bool) -> str:
+    text = json.dumps([CACHE_VERSION, hashlib.sha256(str(graph).encode()).hexdigest(), cluster.fingerprint(),
+                       fixed, options.key(), train], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_cache(directory: Path, key: str):
+    path = directory / f"plan-{key}.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        report = SearchReport.from_dict(data["report"])
+    except (ValueError, KeyError, TypeError):  # a stale or damaged entry: plan again
+        return None
+    report.cached = True
+    return data["strategy"], report
+
+
+def _write_cache(directory: Path, key: str, result: tuple) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"plan-{key}.json").write_text(json.dumps({"strategy": result[0],
+                                                                "report": result[1].to_dict()}, default=str))
+    except OSError as error:  # a read-only home: planning still works, only slower next time
+        LOG.warning("cannot write the plan cache in %s: %s", directory, error)
+
+
+# --------------------------------------------------------------------------------------------------
+# The planner
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Setting:
+    """Degrees and layout switches; one layout solve each."""
+
+    tp: int
+    pp: int
+    dp: int
+    sequence_parallel: bool
+    vocab_parallel: bool
+    devices: list
+    """Per pipeline rank, its devices (row-major over dp, tp)."""
+
+
+class _Planner:
+    def __init__(self, view: ModelView, cluster: Cluster, fixed: dict, options: PlanOptions,
+                 time_budget_s: float | None, progress):
+        self.view = view
+        self.cluster = cluster
+        self.fixed = fixed
+        self.options = options
+        self.budget = time_budget_s
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.truncated = False
+        self.evaluated = 0
+        self.order = _device_order(cluster)
+        self.batch = view.global_batch(options)
+        self.precision = Precision.of(options.precision)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def out_of_time(self) -> bool:
+        if self.budget is not None and self.elapsed() > self.budget:
+            self.truncated = True
+        return self.truncated
+
+    # -- enumeration -------------------------------------------------------------------------------
+    def run(self, top_k: int) -> tuple[dict, SearchReport]:
+        view = self.view
+        _say(self.progress, f"planning {view.graph.name} ({view.num_layers} layers, batch {self.batch}) on "
+                            f"{self.cluster.name} ({self.cluster.world_size} devices)")
+        ranked: list[tuple[float, dict, _Setting, Any]] = []
+        for setting in self.settings():
+            if self.out_of_time():
+                break
+            solution = self.solve(setting)
+            if solution is None:
+                continue
+            for shape in self.shapes(setting, solution):
+                self.evaluated += 1
+                quick = self.estimator(setting, solution).estimate(shape, exact=False)
+                if quick.fits:
+                    ranked.append((quick.step_time_s, shape, setting, solution))
+            best = min((r[0] for r in ranked), default=math.inf)
+            _say(self.progress, f"  tp={setting.tp} pp={setting.pp} dp={setting.dp} sp={setting.sequence_parallel} "
+                                f"vp={setting.vocab_parallel}: {self.evaluated} plans priced, best so far "
+                                f"{best * 1e3:.1f} ms ({self.elapsed():.1f}s)")
+        if not ranked:
+            raise SearchError(f"no plan fits in memory on {self.cluster.name} for batch {self.batch}: tried "
+                              f"{self.evaluated} plans; use more devices, a smaller batch, or give fewer fixed "
+                              f"choices")
+        ranked.sort(key=lambda r: r[0])
+        exact = []
+        for quick_time, shape, setting, solution in ranked[:top_k]:
+            estimate = self.estimator(setting, solution).estimate(shape, exact=True)
+            strategy = self.strategy_of(setting, shape, solution)
+            exact.append(Candidate(strategy, _summary(setting, shape), estimate.step_time_s,
+                                   estimate.max_memory_bytes, estimate.fits, True))
+        feasible = sorted((c for c in exact if c.fits), key=lambda c: c.step_time_s)
+        if not feasible:
+            raise SearchError("every candidate exceeded memory once priced with its real schedule")
+        chosen = feasible[0]
+        alternatives = _distinct(feasible[1:], 6)
+        best_solution = next(r[3] for r in ranked if self.strategy_of(r[2], r[1], r[3]) == chosen.strategy)
+        report = SearchReport(chosen, alternatives, self.evaluated, view.solves, self.elapsed(), self.truncated,
+                              cluster=self.cluster.name, options=asdict(self.options),
+                              layouts=_layout_lines(best_solution), notes=self.notes())
+        _say(self.progress, f"chose {chosen.summary}: {chosen.step_time_s * 1e3:.1f} ms/step, "
+                            f"{chosen.max_memory_bytes / 2**30:.1f} GiB peak ({self.evaluated} plans, "
+                            f"{self.elapsed():.1f}s)")
+        return chosen.strategy, report
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.truncated:
+            notes.append(f"the time budget ({self.budget}s) ran out; the plan is the best found so far")
+        if any(n not in (1,) for n in [self.view.num_layers]) and self.view.num_layers == 0:
+            notes.append("the graph has no repeated blocks: no pipeline cuts were considered")
+        return notes
+
+    def settings(self):
+        """Degrees and switches, cheapest first (the time budget then cuts off the exotic ones)."""
+        world = self.cluster.world_size
+        mesh = self.fixed.get("mesh") if isinstance(self.fixed.get("mesh"), dict) else None
+        unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS})
+        if unknown:
+            raise SearchError(f"the planner searches the mesh axes dp, tp and pp; the strategy names {unknown}. "
+                              f"Rename them or give the whole mesh without 'auto'")
+        domain = min(len(d) for d in self.cluster.fast_domains())
+        layers = max(self.view.num_layers, 1)
+        for tp in _divisors(world):
+            if not _allowed(mesh, "tp", tp) or (tp > 1 and domain % tp):
+                continue
+            for pp in _divisors(world // tp):
+                if not _allowed(mesh, PIPELINE_AXIS, pp) or pp > layers:
+                    continue
+                if pp > 1 and self.view.num_layers == 0:
+                    continue
+                dp = world // (tp * pp)
+                if not _allowed(mesh, DATA_AXIS, dp) or self.batch % dp:
+                    continue
+                devices = [tuple(self.order[r * dp * tp:(r + 1) * dp * tp]) for r in range(pp)]
+                tp_groups = axis_groups(devices[0], ("dp", "tp"), (dp, tp), "tp")
+                if tp > 1 and not groups_inside_domains([g for d in devices for g in
+                                                         axis_groups(d, ("dp", "tp"), (dp, tp), "tp")], self.cluster):
+                    continue
+                for sp in self._switch("sequence_parallel", tp > 1):
+                    for vp in self._switch("vocab_parallel", tp > 1):
+                        yield _Setting(tp, pp, dp, sp, vp, devices)
+
+    def _switch(self, key: str, meaningful: bool) -> list[bool]:
+        if key in self.fixed:
+            return [bool(self.fixed[key])]
+        return [False, True] if meaningful else [False]
+
+    def solve(self, setting: _Setting) -> LayoutSolution | None:
+        tp_group = axis_groups(setting.devices[0], ("dp", "tp"), (setting.dp, setting.tp), "tp")[0]
+        pins, hints = self.view.pins_and_hints({"mesh": {"dp": setting.dp, "tp": setting.tp}, **self.fixed,
+                                                "vocab_parallel": setting.vocab_parallel}, "tp")
+        try:
+            return self.view.layouts(self.cluster, tuple(tp_group), self.options,
+                                     vocab_parallel=setting.vocab_parallel,
+                                     sequence_parallel=setting.sequence_parallel, pins=pins, hints=hints)
+        except ValueError as error:  # e.g. a fixed layout that this degree cannot honour
+            LOG.info("tp=%d: %s", setting.tp, error)
+            return None
+
+    def estimator(self, setting: _Setting, solution: LayoutSolution) -> Estimator:
+        key = (id(solution), setting.dp)
+        cache = self.__dict__.setdefault("_estimators", {})
+        if key not in cache:
+            profile = self.view.profile(solution, setting.dp, self.options)
+            cache[key] = Estimator(profile, self.cluster, self.options.overhead_s, self.options.memory_headroom)
+        return cache[key]
+
+    def shapes(self, setting: _Setting, solution: LayoutSolution):
+        """Microbatches x schedule x fsdp, each with its stage cut and recomputation."""
+        per_replica = self.batch // setting.dp
+        estimator = self.estimator(setting, solution)
+        for m in _divisors(per_replica):
+            if not _allowed_value(self.fixed, "microbatches", m):
+                continue
+            for schedule, virtual in self._schedules(setting, m):
+                for fsdp in self._switch("fsdp", setting.dp > 1):
+                    base = PlanShape(("dp", "tp"), (setting.dp, setting.tp), setting.pp, m, schedule, virtual, [],
+                                     setting.devices, frozenset(), "dp" if fsdp else None,
+                                     optimizer_name(self.options.optimizer))
+                    yield from self._cuts(base, estimator)
+
+    def _schedules(self, setting: _Setting, m: int) -> list[tuple[str, int]]:
+        if setting.pp == 1:
+            return [("none", 1)]
+        fixed = self.fixed.get("schedule")
+        options = [("1f1b", 1)]
+        layers = self.view.num_layers
+        if m % setting.pp == 0 and layers % (2 * setting.pp) == 0:
+            options.append(("interleaved", 2))
+        if fixed:
+            options = [(s, v) for s, v in options + [("gpipe", 1)] if s == fixed]
+        return options
+
+    def _cuts(self, base: PlanShape, estimator: Estimator):
+        """The stage cuts to price: given ones, else the memory-aware DP cut and the even cut."""
+        layers = self.view.num_layers
+        stages = base.pp * base.virtual_stages
+        recompute_fixed = self.fixed.get("recompute")
+        if "stage_layers" in self.fixed or "stages" in self.fixed:
+            shape = self.view.shape_of({**self.fixed, "mesh": {"pp": base.pp, "dp": base.shape[0],
+                                                                "tp": base.shape[1]}}, self.cluster, self.options)
+            base.stage_layers = shape.stage_layers
+            yield from self._with_recompute(base, estimator, recompute_fixed)
+            return
+        from passes.planner.placement import even_layer_ranges
+        cuts = [even_layer_ranges(layers, stages)] if stages > 1 else [[(0, layers - 1)]]
+        if stages > 1 and base.virtual_stages == 1:
+            dp_cut = partition_layers(estimator, base)
+            if dp_cut is not None and dp_cut[0] not in cuts:
+                cuts.insert(0, dp_cut[0])
+        for ranges in cuts:
+            shape = PlanShape(**{**base.__dict__, "stage_layers": list(ranges)})
+            yield from self._with_recompute(shape, estimator, recompute_fixed)
+
+    def _with_recompute(self, shape: PlanShape, estimator: Estimator, fixed):
+        """No recomputation where the stage fits, full recomputation of its blocks where it does not."""
+        from passes.planner.placement import recomputed_segments
+        if fixed is not None:
+            shape.recompute = recomputed_segments(fixed, self.view.structure.prefix, self.view.num_layers)
+            yield shape
+            return
+        plain = PlanShape(**{**shape.__dict__, "recompute": frozenset()})
+        yield plain
+        memory = estimator._memory(plain, None)
+        crowded = {plain.rank_of_stage(k) for k in range(plain.num_stages)
+                   if any(not memory[d].fits(self.cluster.device(d), self.options.memory_headroom)
+                          for d in plain.stage_devices[plain.rank_of_stage(k)])}
+        if crowded:
+            segs = set()
+            for k in range(plain.num_stages):
+                if plain.rank_of_stage(k) in crowded:
+                    segs |= {j for j in plain.segments_of_stage(k, self.view.num_layers)
+                             if 1 <= j <= self.view.num_layers}
+            yield PlanShape(**{**shape.__dict__, "recompute": frozenset(segs)})
+
+    # -- strategies --------------------------------------------------------------------------------
+    def strategy_of(self, setting: _Setting, shape: PlanShape, solution: LayoutSolution) -> dict:
+        """The strategy dict of a candidate (what ``compile`` runs)."""
+        mesh = {}
+        if setting.pp > 1:
+            mesh[PIPELINE_AXIS] = setting.pp
+        mesh[DATA_AXIS] = setting.dp
+        if setting.tp > 1:
+            mesh["tp"] = setting.tp
+        out: dict = {"mesh": mesh}
+        if setting.tp > 1:
+            params, activations = _layout_strategy(solution, self.view)
+            if params:
+                out["params"] = params
+            if activations:
+                out["activations"] = activations
+            out["sequence_parallel"] = setting.sequence_parallel
+            out["vocab_parallel"] = setting.vocab_parallel
+        if shape.fsdp_axis:
+            out["fsdp"] = shape.fsdp_axis
+        if setting.pp > 1:
+            out["stage_layers"] = [list(r) for r in shape.stage_layers]
+            default = [tuple(range(r * setting.dp * setting.tp, (r + 1) * setting.dp * setting.tp))
+                       for r in range(setting.pp)]
+            if [tuple(d) for d in setting.devices] != default:
+                out["stage_devices"] = [list(d) for d in setting.devices]
+            out["schedule"] = shape.schedule
+            if shape.virtual_stages > 1:
+                out["virtual_stages"] = shape.virtual_stages
+        out["microbatches"] = shape.microbatches
+        out["recompute"] = _recompute_value(shape, self.view)
+        for key in ("grad_bucket_bytes", "skip_ratio"):
+            if key in self.fixed:
+                out[key] = self.fixed[key]
+        return out
+
+
+def _recompute_value(shape: PlanShape, view: ModelView):
+    blocks = sorted(j - 1 for j in shape.recompute if 1 <= j <= view.num_layers)
+    if not blocks:
+        return False
+    prefix = view.structure.prefix
+    if len(blocks) == view.num_layers:
+        return [f"{prefix}.*"]
+    return [f"{prefix}.{i}" for i in blocks]
+
+
+def _layout_strategy(solution: LayoutSolution, view: ModelView) -> tuple[dict, dict]:
+    """Parameter layouts (globs over blocks) and the output layouts of matmul modules, on ``tp``."""
+    prefix = view.structure.prefix
+    params = {}
+    for target, sbp in solution.param_sbp.items():
+        if sbp[0] != B:
+            params[block_param_name(target, prefix)] = {"tp": format_nd_sbp(sbp)[1:-1]}
+    activations = {}
+    for unit in solution.problem.units:
+        node = unit.node
+        module = node.attrs.get("module", "")
+        if not module or node.op not in MATMUL_OPS:
+            continue
+        sbp = solution.node_choice[node.name][1][0][0]
+        glob = block_param_name(module, prefix) if unit.segment == "block" else module
+        if last_nodes_of_modules(solution.problem.graph, module)[-1] is node:
+            activations[glob] = {"tp": str(sbp)}
+    return params, activations
+
+
+def _layout_lines(solution: LayoutSolution) -> list[str]:
+    from passes.planner.intra_op import describe_layouts
+    return describe_layouts(solution)
+
+
+def _summary(setting: _Setting, shape: PlanShape) -> str:
+    parts = [f"dp={setting.dp}", f"tp={setting.tp}", f"pp={setting.pp}", f"microbatches={shape.microbatches}"]
+    if setting.tp > 1:
+        parts.append(f"sequence_parallel={'on' if setting.sequence_parallel else 'off'}")
+        parts.append(f"vocab_parallel={'on' if setting.vocab_parallel else 'off'}")
+    if shape.fsdp_axis:
+        parts.append("fsdp")
+    if setting.pp > 1:
+        sched = shape.schedule + (f"(v={shape.virtual_stages})" if shape.virtual_stages > 1 else "")
+        parts.append(f"schedule={sched}")
+        parts.append("layers=" + "/".join(str(b - a + 1) for a, b in shape.stage_layers))
+    parts.append(f"recompute={len([j for j in shape.recompute])} blocks" if shape.recompute else "recompute=none")
+    return " ".join(parts)
+
+
+def _distinct(candidates: list, limit: int) -> list:
+    out, seen = [], set()
+    for c in candidates:
+        if c.summary not in seen:
+            seen.add(c.summary)
+            out.append(c)
+        if len(out) == limit:
+            break
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _allowed(mesh: dict | None, axis: str, size: int) -> bool:
+    """Whether a fixed mesh admits ``size`` on ``axis`` (an axis it does not name has size 1)."""
+    if mesh is None:
+        return True
+    value = mesh.get(axis, 1)
+    return value == AUTO or int(value) == size
+
+
+def _allowed_value(fixed: dict, key: str, value) -> bool:
+    return key not in fixed or fixed[key] == value
+
+
+def _device_order(cluster: Cluster) -> list[int]:
+    """Devices grouped by RDMA domain (InfiniBand/RoCE-connected nodes together), nodes kept whole."""
+    return [d for group in cluster.domains("roce") for d in group]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inter-op: cutting layers into stages
+# --------------------------------------------------------------------------------------------------
+
+
+def partition_layers(estimator: Estimator, shape: PlanShape) -> tuple[list, float] | None:
+    """The contiguous cut of the blocks into ``shape.pp`` stages minimising the slowest stage.
+
+    A dynamic program over (stage, last block): ``best[k][l] = min_j max(best[k-1][j-1], T_k(j..l))``
+    where ``T_k`` is the forward + backward time of blocks ``j..l`` on stage ``k``'s devices (the
+    prologue on stage 0, the epilogue on the last), and ``inf`` where those blocks do not fit the
+    stage's memory even with recomputation (then recomputation's forward is added to the time).
+    Returns (ranges, bottleneck seconds) or None when no cut fits.
+    """
+    prof = estimator.profile
+    layers = prof.num_layers
+    p = shape.pp
+    if p > layers:
+        return None
+    times, fits = [], []
+    for k in range(p):
+        t, f = _stage_tables(estimator, shape, k)
+        times.append(t)
+        fits.append(f)
+    inf = math.inf
+    best = np.full((p, layers), inf)
+    choice = np.zeros((p, layers), dtype=int)
+    best[0] = times[0][0]
+    for k in range(1, p):
+        for last in range(k, layers):
+            starts = np.arange(k, last + 1)
+            previous = best[k - 1][starts - 1]
+            candidate = np.maximum(previous, times[k][starts, last])
+            j = int(np.argmin(candidate))
+            best[k, last] = candidate[j]
+            choice[k, last] = starts[j]
+    if not math.isfinite(best[p - 1, layers - 1]):
+        return None
+    ranges, last = [], layers - 1
+    for k in range(p - 1, 0, -1):
+        start = int(choice[k, last])
+        ranges.append((start, last))
+        last = start - 1
+    ranges.append((0, last))
+    return ranges[::-1], float(best[p - 1, layers - 1])
+
+
+def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``T[j, l]``: seconds per microbatch of blocks j..l on stage k (inf where they cannot fit), and
+    where they fit without recomputation."""
+    prof = estimator.profile
+    layers = prof.num_layers
+    rank = shape.rank_of_stage(k)
+    batch = estimator.microbatch_size(shape)
+    work = [estimator.segment_work(shape, rank, j) for j in range(layers + 2)]
+    edges = ([0] if k == 0 else []) + ([layers + 1] if k == shape.num_stages - 1 else [])
+    edge_time = sum(sum(work[j]) for j in edges)
+    edge_params = sum(prof.segments[j].param_elements() for j in edges)
+    edge_saved = sum(at(prof.segments[j].saved_bytes, batch) for j in edges)
+    blocks = range(1, layers + 1)
+
+    def prefix(values) -> np.ndarray:
+        return np.concatenate([[0.0], np.cumsum(list(values))])
+
+    total = prefix(sum(work[j]) for j in blocks)
+    forward = prefix(work[j][0] + work[j][1] for j in blocks)
+    params = prefix(prof.segments[j].param_elements() for j in blocks)
+    saved_each = [at(prof.segments[j].saved_bytes, batch) for j in blocks]
+    saved = prefix(saved_each)
+    inputs = prefix(at(prof.segments[j - 1].output_bytes, batch) for j in blocks)
+    fsdp = estimator._fsdp_analytic(shape)
+    if fsdp:  # the gathered parameters are kept for backward, as the compiled program does
+        extra = prefix(prof.segments[j].param_elements() * prof.precision.param_bytes for j in blocks)
+        saved = saved + extra
+    in_flight = shape.microbatches if shape.schedule == "gpipe" else min(shape.pp - k, shape.microbatches)
+    devices = shape.stage_devices[rank]
+    limit = min(estimator.cluster.device(d).memory_bytes for d in devices) * estimator.headroom
+    shards = shape.size(shape.fsdp_axis) if fsdp else 1
+    first = np.arange(layers)[:, None]
+    last = np.arange(layers)[None, :]
+    elements = (params[last + 1] - params[first] + edge_params) / shards
+    state = elements * _bytes_per_param(estimator, shape)
+    plain_memory = state + in_flight * (saved[last + 1] - saved[first] + edge_saved)
+    rc_memory = state + in_flight * (inputs[last + 1] - inputs[first] + edge_saved) + max(saved_each, default=0.0)
+    seconds = total[last + 1] - total[first] + edge_time
+    out = np.where(plain_memory <= limit, seconds,
+                   np.where(rc_memory <= limit, seconds + forward[last + 1] - forward[first], math.inf))
+    out = np.where(last >= first, out, math.inf)
+    if k == 0:
+        out[1:, :] = math.inf  # stage 0 starts at block 0
+    return out, plain_memory <= limit
+
+
+def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
+    from passes import cost_model
+    optimizer = shape.optimizer if shape.optimizer in cost_model.OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
+    return float(cost_model.MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer,
+                                                    param_dtype_bytes=estimator.profile.precision.param_bytes).total)
