@@ -391,6 +391,7 @@ TIED_GROUPS = []  # (names of the copies, process group) for the tied groups thi
 
 
 def my_position():
+    """This rank's pipeline position."""
     return position_of(dist.get_rank())
 
 
@@ -433,6 +434,7 @@ def split_microbatches(batch, count):
 
 
 def neighbour(path, stage, step):
+    """The stage before (step -1) or after (+1) ``stage`` on a microbatch's path; None at its ends."""
     i = path.index(stage) + step
     return path[i] if 0 <= i < len(path) else None
 
@@ -448,6 +450,7 @@ class PipelineStep:
         self.loss = None
 
     def forward(self, stage, mb, train=True):
+        """F: run ``stage`` on microbatch ``mb`` from leaves of what the previous stage sent."""
         previous = neighbour(self.paths[mb], stage, -1)
         leaves = []
         if previous is not None:
@@ -464,6 +467,7 @@ class PipelineStep:
             self.saved[(stage, mb)] = (leaves, out, None)
 
     def backward(self, stage, mb):
+        """B: back-propagate the loss share or the gradients that came back; keep the entries' gradients."""
         leaves, outs, loss = self.saved.pop((stage, mb))
         if loss is not None:
             (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
@@ -478,6 +482,7 @@ class PipelineStep:
                                             .contiguous() for leaf in leaves if leaf.is_floating_point()]
 
     def message_shapes(self, kind, stage):
+        """Local (shape, dtype) of each tensor of a message: exits for RECV_F, float entries for RECV_B."""
         if kind == "RECV_F":
             return EXIT_SHAPES[stage](self.dims)
         return [(s, d) for s, d in ENTRY_SHAPES[stage](self.dims) if d.is_floating_point]

@@ -9,7 +9,6 @@ line per IR node, as the rank with coordinates ``coord`` computes it.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
 
@@ -261,9 +260,11 @@ class PipelineProgramWriter(ProgramWriter):
         ]
         return "\n\n".join(parts) + "\n\n" + "\n".join(tables) + "\n"
 
+    def _dim_lines(self) -> list[str]:
+        return [f"    {name} = dims[{name!r}]" for name in sorted(self._dim_names())]
+
     def _preamble(self) -> list[str]:
-        body = [f"    {name} = dims[{name!r}]" for name in sorted(self._dim_names())]
-        return body + [f"    coord_{a} = coord[{a!r}]" for a in self.mesh.axes]
+        return self._dim_lines() + [f"    coord_{a} = coord[{a!r}]" for a in self.mesh.axes]
 
     def _prologue(self, st) -> str:
         body = self._preamble() + [self._line(node) for node in st.whole_batch_nodes]
@@ -296,11 +297,10 @@ class PipelineProgramWriter(ProgramWriter):
         for v in values:
             shape = [py_int_expr(d) for d in local_shape(v.type, v.sbp, mesh)]
             items.append(f"(({', '.join(shape)}{',' if len(shape) == 1 else ''}), {v.type.torch_dtype})")
-        doc = f'    """Local shapes and dtypes of the values stage {st.index} {"receives" if kind == "entry" else "sends"}, by slot."""\n'
-        return (f"def {kind}_shapes_{st.index}(dims):\n" + doc +
-                "\n".join(self._preamble()[:len(self._dim_names())]) +
-                ("\n" if self._dim_names() else "") + f"    return [{', '.join(items)}]\n")
-
+        verb = "receives" if kind == "entry" else "sends"
+        doc = f'    """Local shapes and dtypes of the values stage {st.index} {verb}, by slot."""\n'
+        body = self._dim_lines() + [f"    return [{', '.join(items)}]"]
+        return f"def {kind}_shapes_{st.index}(dims):\n" + doc + "\n".join(body) + "\n"
 
 def _returns_list(node: Node) -> bool:
     return len(node.outputs) > 1 or node.op in ("aten.split.Tensor", "aten.split_with_sizes.default",

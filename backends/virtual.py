@@ -16,10 +16,10 @@ import sympy
 import torch
 
 from ir import kernels
-from ir.core import Graph, Node, Value, map_structure
+from ir.core import Graph, Node, Value
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import LocalContext, coord_symbol, local_call
-from ir.sbp import Broadcast, NdSbp, Partial, Split, format_nd_sbp
+from ir.sbp import Broadcast, NdSbp, Partial, Split
 from ir.types import Mesh
 from ir.verifier import resolve_op
 

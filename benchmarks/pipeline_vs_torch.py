@@ -183,7 +183,7 @@ def main(argv=None) -> None:
             results[("torch", schedule)] = torch_job(args, schedule, work, data)
     print(f"GPT example, {args.layers} blocks cut at blocks.{args.layers // 2}, batch {args.batch} x seq {args.seq}, "
           f"{args.microbatches} microbatches, 2 ranks on gloo; median of steps {args.warmup}..{args.steps - 1}")
-    print(f"{'schedule':<8} {'sbpc s/step':>12} {'torch s/step':>13} {'sbpc/torch':>11}   first losses (sbpc | torch)")
+    print(f"{'schedule':<8} {'sbpc s/step':>12} {'torch s/step':>13} {'sbpc/torch':>11}   loss first, last (sbpc | torch)")
     for schedule in SCHEDULES:
         ours, theirs = results[("sbpc", schedule)], results[("torch", schedule)]
         a, b = median_step(ours, args.warmup), median_step(theirs, args.warmup)

@@ -22,7 +22,7 @@ from passes.manager import PassContext, run_passes
 from passes.strategy import normalize_strategy
 
 DEFAULT_PASSES = ["decompose", "layouts", "propagate", "boxing", "grad_sync"]
-PIPELINE_PASSES = ["pipeline"]
+PIPELINE_PASSES = ["pipeline", "schedule"]
 OPTIMIZERS = ("SGD", "AdamW", "Adam")
 
 

@@ -1,7 +1,8 @@
 """Pipeline parallelism: cut the SBP graph into stages, split the loss into microbatches, schedule.
 
-The pass runs last (``decompose, layouts, propagate, boxing, grad_sync, pipeline``): layouts are
-chosen on the ``world`` mesh (the strategy's mesh without ``pp``), then
+Two passes run last (``decompose, layouts, propagate, boxing, grad_sync, pipeline, schedule``):
+layouts are chosen on the ``world`` mesh (the strategy's mesh without ``pp``), then ``pipeline``
+does steps 1-3 and ``schedule`` step 4:
 
 1. **Microbatches.** The graph comes to describe one microbatch, and its loss becomes the
    microbatch's *share* of the full-batch loss, so that summing the shares (and accumulating
@@ -9,7 +10,9 @@ chosen on the ``world`` mesh (the strategy's mesh without ``pp``), then
    ``decompose`` makes of a mean cross entropy) keeps its per-microbatch sum but divides by the
    count of the *whole* batch: the nodes computing the count are cloned and marked
    ``whole_batch`` (run once per step on the whole batch). Other means are divided by the number
-   of microbatches (equal microbatches make that exact); sums need nothing.
+   of microbatches (equal microbatches make that exact); sums need nothing. A cross entropy that
+   ``decompose`` left as a mean (class weights, label smoothing) is refused: microbatches count
+   different numbers of targets, so the mean of their means would not be the full mean.
 2. **Stages.** K = pp x virtual_stages stages, cut where a module begins (``"stages":
    ["blocks.2"]``), at layer ranges (``"stage_layers": [[0, 1], [2, 3]]``), or where the
    per-op FLOP estimate (:func:`passes.cost_model.op_flops`) is best balanced. Stage s runs on
@@ -22,7 +25,8 @@ chosen on the ``world`` mesh (the strategy's mesh without ``pp``), then
    cut carries the same slot types (a residual stream) any stage can be skipped (identity) or
    reordered, which SkipPipe and inference through a subset of stages need.
 4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``passes.schedules``) or SkipPipe paths
-   (``passes.skippipe``; ``skip_ratio``) give each pipeline position its action list; every device
+   (``passes.skippipe``; ``skip_ratio``, timed with the per-stage FLOP estimate recorded in
+   ``attr pipeline`` and the cluster's links) give each pipeline position its action list; every device
    of a position runs that list, talking to the device at the same mesh coordinates of the peer
    position. :func:`passes.schedules.check_deadlock` checks each lane of devices.
 """
@@ -38,7 +42,8 @@ from typing import Any, Sequence
 import sympy
 
 from ir.core import Graph, Node, Value
-from ir.ops.pipeline_ops import SEND_RECV, WHOLE_BATCH, Action, schedule_attr, stage_index, stage_mesh_name
+from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_attr, stage_index,
+                                 stage_mesh_name)
 from ir.sbp import Split
 from ir.types import Mesh, TensorType, dim_symbol
 from passes.cost_model import op_flops
@@ -49,9 +54,12 @@ from passes.strategy import StrategyError, closest
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 MEAN_LOSS_OPS = ("aten.mean.default", "aten.mean.dim", "aten.mse_loss.default", "aten.l1_loss.default",
-                 "aten.cross_entropy_loss.default", "aten.nll_loss.default", "aten.nll_loss_forward.default",
                  "aten.binary_cross_entropy_with_logits.default", "aten.smooth_l1_loss.default")
+"""Means over every element: with equal microbatches, the full mean is the mean of their means."""
+RATIO_LOSS_OPS = ("aten.cross_entropy_loss.default", "aten.nll_loss.default", "aten.nll_loss_forward.default")
+"""Means over counted targets that ``decompose`` left alone (class weights, label smoothing)."""
 SUM_LOSS_OPS = ("aten.sum.default", "aten.sum.dim_IntList")
+CONSTANT_SCALINGS = ("aten.div.Tensor", "aten.div.Scalar", "aten.mul.Tensor", "aten.mul.Scalar")
 BACKWARD_FLOP_FACTOR = 2.0
 """Backward costs about twice the forward (the usual 6ND = 2ND forward + 4ND backward)."""
 DEFAULT_LINK = (1e-5, 1e10)
@@ -174,9 +182,8 @@ def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
     graph.attrs["pipeline"] = {
         "stages": config.num_stages, "positions": [config.position_of(s) for s in range(config.num_stages)],
         "microbatches": config.microbatches, "schedule": config.schedule, "virtual_stages": config.virtual_stages,
-        "loss_split": loss_split, "skippable": skippable, "stage_gflops": [round(f / 1e9, 6) for f in stage_flops],
+        "loss_split": loss_split, "skippable": skippable, "stage_flops": [float(f"{f:.6g}") for f in stage_flops],
     }
-    _schedule(graph, config, ctx, stage_flops, slots, skippable)
 
 
 # -- microbatches: the loss as each microbatch's share -----------------------------------------------
@@ -192,6 +199,11 @@ def split_loss_for_microbatches(graph: Graph, microbatches: int) -> str:
     if node.op == "aten.div.Tensor" and isinstance(node.args[1], Value) and _input_only(node.args[1]):
         _denominator_over_whole_batch(graph, node, node.args[1])
         return "global_denominator"
+    node = _reduction_of(node)
+    if node.op in RATIO_LOSS_OPS:
+        raise StrategyError(f"cannot split the loss into microbatches exactly: {node.op} (%{node.name}) averages "
+                            "over its counted targets (class weights, label smoothing), and microbatches count "
+                            "different numbers of them; use microbatches 1, or a loss that is sum / count")
     if node.op in MEAN_LOSS_OPS:
         loss = graph.loss
         share = graph.create_node("aten.div.Scalar", [loss, microbatches], {}, [loss.type], ["loss_share"],
@@ -206,6 +218,17 @@ def split_loss_for_microbatches(graph: Graph, microbatches: int) -> str:
     raise StrategyError(f"cannot split the loss into microbatches: it comes from {node.op} (%{node.name}); "
                         "expected a mean (sum / count, mean, a mean-reduced loss) or a sum; use microbatches 1 "
                         "or make the model return such a loss")
+
+
+def _reduction_of(node: Node) -> Node:
+    """The reduction under the loss, through collectives and scalings by constants."""
+    while True:
+        if node.op.startswith("comm."):
+            node = node.input_values()[0].producer
+        elif node.op in CONSTANT_SCALINGS and len(node.input_values()) == 1 and isinstance(node.args[0], Value):
+            node = node.args[0].producer
+        else:
+            return node
 
 
 def _loss_node(graph: Graph) -> Node:
@@ -302,7 +325,7 @@ def _starts_at_modules(graph: Graph, names: list[str]) -> list[int]:
             modules = sorted({".".join(parts[:i]) for n in graph.nodes if _module_of(n)
                               for parts in [_module_of(n).split(".")] for i in range(1, len(parts) + 1)})
             earlier = any(_begins(_module_of(n), name) for n in graph.nodes[:after])
-            why = (f"it begins before the previous cut (cuts go in model order)" if earlier else
+            why = ("it begins before the previous cut (cuts go in model order)" if earlier else
                    f"no node comes from it{closest(name, modules)}")
             raise StrategyError(f"stage cut {name!r}: {why}")
         starts.append(found)
@@ -585,15 +608,25 @@ def _insert_transfers(graph: Graph, slots: list[list[Value]]) -> None:
 
 # -- schedules -------------------------------------------------------------------------------------------
 
-def _schedule(graph: Graph, config: PipelineConfig, ctx: PassContext, stage_flops: list[float],
-              slots: list[list[Value]], skippable: bool) -> None:
+@register_pass("schedule")
+def schedule_pass(graph: Graph, ctx: PassContext) -> None:
+    """Each device's action list (``attr schedule``): GPipe, 1F1B, interleaved 1F1B or SkipPipe paths.
+
+    Reads what the ``pipeline`` pass recorded; SkipPipe plans with the per-stage FLOPs of the dump,
+    the cluster's links and the size of what crosses a cut, and records the paths and their
+    estimated iteration time. Every lane of devices passes :func:`check_deadlock`.
+    """
+    info = graph.attrs.get("pipeline")
+    if not isinstance(info, dict):
+        raise ValueError("the schedule pass needs a graph cut into stages; run the 'pipeline' pass first")
+    config = pipeline_config(ctx.strategy, ctx.world_size)
     k, m, p = config.num_stages, config.microbatches, config.positions
     paths = None
     if config.skip_ratio is not None:
-        if config.skip_ratio > 0 and not skippable:
+        if config.skip_ratio > 0 and not info["skippable"]:
             raise StrategyError("skip_ratio > 0 needs stages that can be skipped: every cut must carry values of "
                                 "the same types (a residual stream); cut at layer boundaries (e.g. 'stage_layers')")
-        plan = plan_skip_paths(_skip_problem(graph, config, ctx, stage_flops, slots), config.skip_ratio,
+        plan = plan_skip_paths(_skip_problem(graph, config, ctx), config.skip_ratio,
                                order="gpipe" if config.schedule == "gpipe" else "1f1b")
         per_position, paths = plan.actions, plan.paths
         graph.attrs["paths"] = paths
@@ -630,8 +663,7 @@ def lanes(per_device: dict[int, list[Action]], position_devices: Sequence[Sequen
     return [{ds[i]: per_device[ds[i]] for ds in position_devices} for i in range(width)]
 
 
-def _skip_problem(graph: Graph, config: PipelineConfig, ctx: PassContext, stage_flops: list[float],
-                  slots: list[list[Value]]) -> SkipPipeProblem:
+def _skip_problem(graph: Graph, config: PipelineConfig, ctx: PassContext) -> SkipPipeProblem:
     cluster = ctx.cluster
     first = [ds[0] for ds in config.position_devices]
     width = len(config.position_devices[0])
@@ -648,10 +680,11 @@ def _skip_problem(graph: Graph, config: PipelineConfig, ctx: PassContext, stage_
         found = cluster.link(first[a], first[b])
         return found.latency_s, (found.bandwidth_Bps if math.isfinite(found.bandwidth_Bps) else 1e15)
 
+    stage_flops = graph.attrs["pipeline"]["stage_flops"]
     forward = [f / (1.0 + BACKWARD_FLOP_FACTOR) / width / peak(first[config.position_of(s)])
                for s, f in enumerate(stage_flops)]
     dims = {dim_symbol(k): v for k, v in (graph.attrs.get("example_dims") or {}).items()}
-    crossing = slots[0] if slots else []
+    crossing = pipeline_stages(graph)[0].exits
     message = sum(math.prod(_concrete(v.type, dims)) * v.type.torch_dtype.itemsize for v in crossing)
     message /= config.microbatches * max(1, _split_ways(crossing, graph))
     return SkipPipeProblem([(s,) for s in range(config.num_stages)], forward, link, float(message),

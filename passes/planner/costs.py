@@ -393,7 +393,7 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
     for node in nodes:
         has_grad = any(id(o) in grad for o in node.outputs)
         if node.op.startswith(COMM_PREFIX):
-            if node.op not in LOCAL_COMM_OPS:
+            if node.op in ADJOINTS:  # boxing collectives; pipeline transfers are the estimator's
                 source = node.input_values()[0]
                 comms.append(CommRecord(node.op, mesh.axis_index(node.kwargs["axis"]), source.type, source.sbp,
                                         has_grad))

@@ -118,9 +118,10 @@ class Estimator:
         segment = self.profile.segments[j]
         devices = shape.stage_devices[rank]
         batch = self.microbatch_size(shape)
-        key = (id(segment), devices, batch, shape.axes, shape.shape, shape.fsdp_axis)
+        key = (id(segment), id(devices), batch, shape.axes, shape.shape, shape.fsdp_axis)
         cache = self.__dict__.setdefault("_work", {})
         if key not in cache:
+            self.__dict__.setdefault("_keep", []).append(devices)  # ids stay unique while cached
             prof = self.profile
             times = [segment.compute_time(batch, d, prof.precision, self.overhead_s)
                      for d in _representatives(devices, self.cluster)]
@@ -162,10 +163,17 @@ class Estimator:
             and shape.size(shape.fsdp_axis) > 1
 
     def _collective(self, kind: str, nbytes: float, devices: tuple, shape: PlanShape, along) -> float:
+        """Seconds of a collective run by every group along ``along`` at once (the slowest group)."""
         if nbytes <= 0:
             return 0.0
         groups = self._groups(devices, shape, along)
-        return max(cost_model.collective_time(kind, nbytes, g, self.cluster) for g in groups)
+        if not groups:
+            return 0.0
+        key = (kind, nbytes, groups)
+        cache = self.__dict__.setdefault("_collectives", {})
+        if key not in cache:
+            cache[key] = max(cost_model.collective_time(kind, nbytes, g, self.cluster) for g in groups)
+        return cache[key]
 
     @functools.lru_cache(maxsize=4096)
     def _groups_cached(self, devices: tuple, axes: tuple, shape: tuple, along: tuple) -> tuple:
@@ -215,12 +223,17 @@ class Estimator:
         optimizer = max(self._optimizer_time(shape, r) for r in range(shape.pp))
         finish = max(rank_end[r] + grad_sync[r][1] for r in range(shape.pp))
         memory = self._memory(shape, actions)
-        fits = all(m.fits(self.cluster.device(d), self.headroom) for d, m in memory.items())
+        fits = self.fits(memory)
         flops = sum(at(seg.model_flops, self.microbatch_size(shape)) for seg in prof.segments) \
             * prof.batch_divisor * shape.microbatches
         comm = self._traffic(shape, stages) if exact else {}
         return Estimate(finish + optimizer, stages, makespan, bubble, grad_sync, optimizer, memory, fits, comm, flops,
                         rank_end, timeline, list(prof.notes))
+
+    def fits(self, memory: dict) -> bool:
+        """Whether every device's peak stays under the headroom of its memory."""
+        devices = self.cluster.devices
+        return all(float(m.total) <= self.headroom * devices[d].memory_bytes for d, m in memory.items())
 
     def _stage_params(self, shape: PlanShape, rank: int) -> list:
         out = []
@@ -351,11 +364,16 @@ class Estimator:
 
 def _representatives(devices: Sequence[int], cluster: Cluster) -> list[Device]:
     """One device of each kind among ``devices``."""
+    return list(_representatives_cached(tuple(devices), cluster))
+
+
+@functools.lru_cache(maxsize=1024)
+def _representatives_cached(devices: tuple, cluster: Cluster) -> tuple:
     seen = {}
+    all_devices = cluster.devices
     for d in devices:
-        device = cluster.device(d)
-        seen.setdefault(device.kind, device)
-    return list(seen.values())
+        seen.setdefault(all_devices[d].kind, all_devices[d])
+    return tuple(seen.values())
 
 
 @functools.lru_cache(maxsize=256)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from ir.cluster import Cluster
 from ir.core import Graph, Node
+from ir.parser import parse
 from ir.sbp import B, Split, parse_sbp
 from ir.types import Mesh
 from passes.manager import PassContext
@@ -98,8 +99,7 @@ class ModelView:
         """The graph as the ``decompose`` pass leaves it for this ``vocab_parallel`` setting."""
         if vocab_parallel not in self._variants:
             from passes.decompose import decompose_pass
-            graph = copy.deepcopy(self.graph)
-            graph.attrs.pop("_names", None)
+            graph = parse(str(self.graph))  # a private copy (deepcopy recurses along long use chains)
             decompose_pass(graph, PassContext({"vocab_parallel": vocab_parallel}, 1, self.train))
             self._variants[vocab_parallel] = (graph, find_layers(graph))
         return self._variants[vocab_parallel]
@@ -179,34 +179,9 @@ class ModelView:
         return Evaluation(strategy, shape, profile, estimate, solution)
 
     def shape_of(self, strategy: dict, cluster: Cluster, options: PlanOptions) -> PlanShape:
-        """The numbers of a strategy: stage meshes, stages, devices, microbatches, schedule, recompute."""
-        mesh = {a: int(n) for a, n in strategy["mesh"].items()}
-        axes = tuple(a for a in mesh if a != PIPELINE_AXIS)
-        stage_shape = tuple(mesh[a] for a in axes)
-        pp = mesh.get(PIPELINE_AXIS, 1)
-        schedule = strategy.get("schedule") or ("1f1b" if pp > 1 else "none")
-        virtual = int(strategy.get("virtual_stages") or 1) if schedule == "interleaved" else 1
-        stages = pp * virtual
-        num_layers = self.num_layers
-        if strategy.get("stage_layers"):
-            ranges = [tuple(r) for r in strategy["stage_layers"]]
-        elif strategy.get("stages"):
-            ranges = layer_ranges_from_cuts(strategy["stages"], self.structure.prefix, num_layers)
-        else:
-            ranges = even_layer_ranges(num_layers, stages) if stages > 1 or num_layers else [(0, -1)]
-        if len(ranges) != stages:
-            raise PlacementError(f"the strategy has {len(ranges)} stages but pp x virtual_stages = {stages}")
-        devices = stage_device_lists(mesh, cluster.world_size, strategy.get("stage_devices"))
-        microbatches = int(strategy.get("microbatches") or 1)
-        batch = self.global_batch(options)
-        dp = mesh.get(DATA_AXIS, 1)
-        if batch % (dp * microbatches):
-            raise PlacementError(f"the global batch {batch} does not split into {microbatches} microbatches over "
-                                 f"dp={dp}; use a batch that is a multiple of {dp * microbatches}")
-        fsdp = strategy.get("fsdp") or None
-        recompute = recomputed_segments(strategy.get("recompute"), self.structure.prefix, num_layers)
-        return PlanShape(axes, stage_shape, pp, microbatches, schedule if stages > 1 else "none", virtual, ranges,
-                         devices, recompute, fsdp, optimizer_name(options.optimizer))
+        """The numbers of a strategy on this model (see :func:`plan_shape`)."""
+        return plan_shape(strategy, cluster.world_size, self.num_layers, self.structure.prefix,
+                          self.global_batch(options), optimizer_name(options.optimizer))
 
     def pins_and_hints(self, strategy: dict, tp_axis: str | None) -> tuple[dict, dict]:
         """Tensor-axis layouts the strategy fixes: parameter targets -> SBP, node names -> output SBP."""
@@ -231,6 +206,41 @@ class ModelView:
             for node in last_nodes_of_modules(graph, pattern):
                 hints[node.name] = parse_sbp(text)
         return pins, hints
+
+
+def plan_shape(strategy: dict, world_size: int, num_layers: int, prefix: str | None, global_batch: int,
+               optimizer: str) -> PlanShape:
+    """The numbers of a (normalised) strategy: stage meshes, stages, devices, microbatches, schedule,
+    recomputation. Stages default to an even cut of the blocks, 1F1B and one microbatch per pipeline
+    position; ``stage_devices`` may list one entry per position or per (virtual) stage."""
+    mesh = {a: int(n) for a, n in strategy["mesh"].items()}
+    axes = tuple(a for a in mesh if a != PIPELINE_AXIS)
+    stage_shape = tuple(mesh[a] for a in axes)
+    pp = mesh.get(PIPELINE_AXIS, 1)
+    schedule = strategy.get("schedule") or ("1f1b" if pp > 1 else "none")
+    if schedule == "auto":
+        schedule = "1f1b" if pp > 1 else "none"
+    virtual = int(strategy.get("virtual_stages") or 2) if schedule == "interleaved" else 1
+    stages = pp * virtual
+    if strategy.get("stage_layers"):
+        ranges = [tuple(r) for r in strategy["stage_layers"]]
+    elif strategy.get("stages"):
+        ranges = layer_ranges_from_cuts(strategy["stages"], prefix, num_layers)
+    else:
+        ranges = even_layer_ranges(num_layers, stages) if stages > 1 or num_layers else [(0, -1)]
+    if len(ranges) != stages:
+        raise PlacementError(f"the strategy has {len(ranges)} stages but pp x virtual_stages = {stages}")
+    given = strategy.get("stage_devices")
+    devices = stage_device_lists(mesh, world_size, given[:pp] if given else None)
+    microbatches = int(strategy.get("microbatches") or pp)  # the pipeline pass's default: one per position
+    dp = mesh.get(DATA_AXIS, 1)
+    if global_batch % (dp * microbatches):
+        raise PlacementError(f"the global batch {global_batch} does not split into {microbatches} microbatches "
+                             f"over dp={dp}; use a batch that is a multiple of {dp * microbatches}")
+    fsdp = strategy.get("fsdp") or None
+    recompute = recomputed_segments(strategy.get("recompute"), prefix, num_layers)
+    return PlanShape(axes, stage_shape, pp, microbatches, schedule if stages > 1 else "none", virtual, ranges,
+                     devices, recompute, fsdp, optimizer)
 
 
 def embedding_tables(graph: Graph, tp: int) -> list[str]:

@@ -146,6 +146,7 @@ class LayoutProblem:
         self.edges: list = []
         self.edge_info: list = []     # per edge: (value, consumer unit, input position, weight, boundary, producer side)
         self.fixed_boxing: list = []  # (unit, input position, value, src sbp, weight, boundary)
+        self.self_boxing: list = []   # (unit, input position, value, weight, boundary): reads its own output
         self._build()
 
     # -- structure ------------------------------------------------------------------------------
@@ -267,6 +268,11 @@ class LayoutProblem:
             self.fixed_boxing.append((k, position, value, src, source.weight, source.boundary))
             return
         dst_keys = [c[0][position] for c in self.choices[consumer]]
+        if producer == consumer:  # an op reading its own output of the previous block
+            for c, (src, dst) in enumerate(zip(src_keys, dst_keys)):
+                self.unary[consumer][c] += source.weight * self.boxing_seconds(value, src, dst)
+            self.self_boxing.append((k, position, value, source.weight, source.boundary))
+            return
         table = {(a, b): source.weight * self.boxing_seconds(value, a, b)
                  for a in set(src_keys) for b in set(dst_keys)}
         if producer < consumer:
@@ -432,6 +438,10 @@ def _boxings(result: LayoutSolution):
         src = choice[1][0] if ref[0] == "param" else choice[1][value.producer.outputs.index(value)]
         yield unit_index, position, value, src, weight, boundary
     yield from problem.fixed_boxing
+    for unit_index, position, value, weight, boundary in problem.self_boxing:
+        node = problem.units[unit_index].node
+        src = result.node_choice[node.name][1][node.outputs.index(value)]
+        yield unit_index, position, value, src, weight, boundary
 
 
 def _steps_with_sources(steps: list, src: tuple):

@@ -34,6 +34,11 @@ class LayerStructure:
     """True when every block runs the same ops with the same wiring (see :func:`block_signature`)."""
     _position: dict = field(default_factory=dict, repr=False)
 
+    @staticmethod
+    def flat(nodes: list) -> "LayerStructure":
+        """The nodes as one segment, without blocks (the layout problem is then solved unrolled)."""
+        return _structure(list(nodes), [], [], None)
+
     @property
     def num_layers(self) -> int:
         """The number of blocks."""
@@ -70,8 +75,11 @@ def find_layers(graph: Graph, nodes: list | None = None) -> LayerStructure:
     first = next(k for k, i in enumerate(index_of) if i is not None)
     last = max(k for k, i in enumerate(index_of) if i is not None)
     end = last + 1
-    while end < len(nodes) and not nodes[end].attrs.get("module"):  # the last block's residual add
-        end += 1
+    first_block_size = sum(1 for k in range(first, last + 1) if inherited[k] == 0)
+    last_block_size = sum(1 for k in range(first, last + 1) if inherited[k] == inherited[last])
+    while end < len(nodes) and not nodes[end].attrs.get("module") and last_block_size < first_block_size:
+        end += 1  # the last block's trailing module-less ops (its residual add), as many as block 0 has
+        last_block_size += 1
     pre = nodes[:first]
     post = nodes[end:]
     count = max(i for i in index_of if i is not None) + 1

@@ -92,10 +92,74 @@ class Solution:
 # --------------------------------------------------------------------------------------------------
 
 
-def solve_dp(problem: PairwiseProblem, max_states: int = 200_000) -> Solution:
-    """Exact minimum by variable elimination in index order; beyond ``max_states`` states it keeps
-    the cheapest ones (and reports ``exact=False``)."""
+def solve_dp(problem: PairwiseProblem, max_states: int = 50_000) -> Solution:
+    """Exact minimum: variables with one neighbour (parameters, chain ends) are folded into it first,
+    then the rest are eliminated in index order by the frontier DP; beyond ``max_states`` states the DP
+    keeps the cheapest ones (and reports ``exact=False``)."""
     problem.check()
+    reduced, folds = _fold_leaves(problem)
+    solution = _frontier_dp(reduced, max_states)
+    assignment = solution.assignment
+    for v, neighbour, best in reversed(folds):
+        assignment[v] = best[assignment[neighbour]] if neighbour is not None else best[0]
+    return Solution(problem.total(assignment), assignment, solution.exact, solution.states)
+
+
+def _fold_leaves(problem: PairwiseProblem) -> tuple[PairwiseProblem, list]:
+    """Eliminate variables with at most one incident edge (exactly: per choice of the neighbour, the leaf
+    takes its best choice). Returns the remaining problem (eliminated variables keep one zero-cost
+    choice) and the folds ``(variable, neighbour or None, best choice per neighbour choice)``."""
+    unary = [list(costs) for costs in problem.unary]
+    incident: list[set] = [set() for _ in unary]
+    for k, e in enumerate(problem.edges):
+        incident[e.a].add(k)
+        incident[e.b].add(k)
+    alive = [True] * len(unary)
+    folds = []
+    queue = [v for v in range(len(unary)) if len(incident[v]) <= 1]
+    while queue:
+        v = queue.pop()
+        if not alive[v] or len(incident[v]) > 1:
+            continue
+        alive[v] = False
+        if not incident[v]:
+            best = min(range(len(unary[v])), key=lambda c: unary[v][c])
+            folds.append((v, None, [best]))
+            continue
+        k = incident[v].pop()
+        e = problem.edges[k]
+        u = e.b if e.a == v else e.a
+        incident[u].discard(k)
+        best_for = []
+        for cu in range(len(unary[u])):
+            options = [(unary[v][cv] + (e.cost(cv, cu) if e.a == v else e.cost(cu, cv)), cv)
+                       for cv in range(len(unary[v]))]
+            cost, cv = min(options)
+            unary[u][cu] += cost
+            best_for.append(cv)
+        folds.append((v, u, best_for))
+        if len(incident[u]) <= 1:
+            queue.append(u)
+    kept = [v for v in range(len(unary)) if alive[v]]
+    index = {v: i for i, v in enumerate(kept)}
+    edges = [PairEdge(index[e.a], index[e.b], e.a_keys, e.b_keys, e.costs)
+             for e in problem.edges if alive[e.a] and alive[e.b]]
+    reduced = PairwiseProblem([unary[v] for v in kept], edges)
+    return _Expanded(reduced, kept, len(unary)), folds
+
+
+class _Expanded(PairwiseProblem):
+    """The reduced problem, remembering which original variable each of its variables is."""
+
+    def __init__(self, reduced: PairwiseProblem, kept: list, total_vars: int):
+        super().__init__(reduced.unary, reduced.edges, reduced.names)
+        self.kept = kept
+        self.total_vars = total_vars
+
+
+def _frontier_dp(problem: "_Expanded", max_states: int) -> Solution:
+    """Variable elimination in index order; returns an assignment of the *original* variables (folded
+    ones left at 0 for the caller to fill)."""
     n = problem.num_vars
     incident: list[list[int]] = [[] for _ in range(n)]
     for k, e in enumerate(problem.edges):
@@ -121,14 +185,12 @@ def solve_dp(problem: PairwiseProblem, max_states: int = 200_000) -> Solution:
                     cost += e.costs[(open_keys[k], e.b_keys[c])] if e.b == v else e.costs[(e.a_keys[c], open_keys[k])]
                 if cost == math.inf:
                     continue
-                new = kept + tuple((k, _side_key(problem.edges[k], v, c)) for k in opening)
-                new = tuple(sorted(new))
+                new = tuple(sorted(kept + tuple((k, _side_key(problem.edges[k], v, c)) for k in opening)))
                 if cost < new_states.get(new, math.inf):
                     new_states[new] = cost
                     back[new] = (state, c)
         if not new_states:
-            name = problem.names[v] if problem.names else f"variable {v}"
-            raise ValueError(f"no finite-cost assignment reaches {name}")
+            raise ValueError(f"no finite-cost assignment reaches variable {problem.kept[v]}")
         if len(new_states) > max_states:
             exact = False
             best = sorted(new_states, key=new_states.get)[:max_states]
@@ -137,9 +199,9 @@ def solve_dp(problem: PairwiseProblem, max_states: int = 200_000) -> Solution:
         history.append(back)
         states = new_states
     final, cost = min(states.items(), key=lambda item: item[1])
-    assignment = [0] * n
+    assignment = [0] * problem.total_vars
     for v in range(n - 1, -1, -1):
-        final, assignment[v] = history[v][final]
+        final, assignment[problem.kept[v]] = history[v][final]
     return Solution(cost, assignment, exact, widest)
 
 
@@ -174,19 +236,21 @@ def solve_ilp(problem: PairwiseProblem, time_limit_s: float = 60.0) -> Solution:
         pair_offsets.append(width)
         width += len(a_keys) * len(b_keys)
     objective = np.zeros(width)
+    big = _finite_ceiling(problem)
+    scale = _objective_scale(problem)  # HiGHS tolerances are absolute: bring the costs to order one
     rows = problem.num_vars + sum(len(a) + len(b) for _, a, b in tables)
     matrix = lil_matrix((rows, width))
     lower, upper = np.zeros(rows), np.zeros(rows)
     for v, costs in enumerate(problem.unary):
         for c, cost in enumerate(costs):
-            objective[offsets[v] + c] = cost
+            objective[offsets[v] + c] = min(cost, big) * scale
             matrix[v, offsets[v] + c] = 1
         lower[v] = upper[v] = 1
     row = problem.num_vars
     for (e, a_keys, b_keys), base in zip(tables, pair_offsets):
         for i, ka in enumerate(a_keys):
             for j, kb in enumerate(b_keys):
-                objective[base + i * len(b_keys) + j] = e.costs[(ka, kb)]
+                objective[base + i * len(b_keys) + j] = min(e.costs[(ka, kb)], big) * scale
         # Marginals: the pair variables of key ka sum to the choices of a with key ka (same for b).
         for i, ka in enumerate(a_keys):
             for j in range(len(b_keys)):
@@ -212,6 +276,21 @@ def solve_ilp(problem: PairwiseProblem, time_limit_s: float = 60.0) -> Solution:
     return Solution(problem.total(assignment), assignment, result.status == 0)
 
 
+def _finite_ceiling(problem: PairwiseProblem) -> float:
+    """A cost standing for infinity (impossible conversions): more than any finite assignment costs."""
+    finite = [c for costs in problem.unary for c in costs if math.isfinite(c)]
+    finite += [c for e in problem.edges for c in e.costs.values() if math.isfinite(c)]
+    return 1.0 + 2.0 * sum(abs(c) for c in finite)
+
+
+def _objective_scale(problem: PairwiseProblem) -> float:
+    """A factor making the smallest positive cost about 1 (costs are seconds, often around 1e-9); costs
+    more than nine orders of magnitude under the largest are not resolved."""
+    positive = [c for costs in problem.unary for c in costs if 0 < c < math.inf]
+    positive += [c for e in problem.edges for c in e.costs.values() if 0 < c < math.inf]
+    return 1.0 / max(min(positive), 1e-9 * max(positive), 1e-200) if positive else 1.0
+
+
 def solve_z3(problem: PairwiseProblem, timeout_ms: int = 60_000) -> Solution:
     """Exact minimum with z3 ``Optimize`` (exact rational costs); practical for a dozen variables."""
     import z3
@@ -219,14 +298,15 @@ def solve_z3(problem: PairwiseProblem, timeout_ms: int = 60_000) -> Solution:
     problem.check()
     optimizer = z3.Optimize()
     optimizer.set("timeout", timeout_ms)
+    big = _finite_ceiling(problem)
     choice = [z3.Int(f"v{v}") for v in range(problem.num_vars)]
     terms = []
     for v, costs in enumerate(problem.unary):
         optimizer.add(choice[v] >= 0, choice[v] < len(costs))
-        terms.append(_select(choice[v], [(c, cost) for c, cost in enumerate(costs)]))
+        terms.append(_select(choice[v], [(c, min(cost, big)) for c, cost in enumerate(costs)]))
     for e in problem.edges:
         pairs = [(ca, cb) for ca in range(len(problem.unary[e.a])) for cb in range(len(problem.unary[e.b]))]
-        terms.append(z3.Sum([z3.If(z3.And(choice[e.a] == ca, choice[e.b] == cb), _real(e.cost(ca, cb)), 0)
+        terms.append(z3.Sum([z3.If(z3.And(choice[e.a] == ca, choice[e.b] == cb), _real(min(e.cost(ca, cb), big)), 0)
                              for ca, cb in pairs if e.cost(ca, cb) != 0] or [z3.RealVal(0)]))
     optimizer.minimize(z3.Sum(terms))
     if optimizer.check() != z3.sat:

@@ -43,6 +43,7 @@ LOG = logging.getLogger("sbpc.planner")
 AUTO = "auto"
 DEFAULT_CACHE_DIR = Path(os.environ.get("SBPC_CACHE_DIR", Path.home() / ".cache" / "sbpc"))
 CACHE_VERSION = 1
+MAX_MICROBATCHES = 256
 MATMUL_OPS = ("aten.linear.default", "aten.mm.default", "aten.matmul.default", "aten.addmm.default",
               "aten.bmm.default")
 
@@ -233,7 +234,7 @@ class _Planner:
                             f"{self.cluster.name} ({self.cluster.world_size} devices)")
         ranked: list[tuple[float, dict, _Setting, Any]] = []
         for setting in self.settings():
-            if self.out_of_time():
+            if ranked and self.out_of_time():  # always finish one setting, so there is a plan
                 break
             solution = self.solve(setting)
             if solution is None:
@@ -256,17 +257,18 @@ class _Planner:
         for quick_time, shape, setting, solution in ranked[:top_k]:
             estimate = self.estimator(setting, solution).estimate(shape, exact=True)
             strategy = self.strategy_of(setting, shape, solution)
-            exact.append(Candidate(strategy, _summary(setting, shape), estimate.step_time_s,
-                                   estimate.max_memory_bytes, estimate.fits, True))
-        feasible = sorted((c for c in exact if c.fits), key=lambda c: c.step_time_s)
+            exact.append((Candidate(strategy, _summary(setting, shape), estimate.step_time_s,
+                                    estimate.max_memory_bytes, estimate.fits, True), solution))
+        feasible = sorted((c for c in exact if c[0].fits), key=lambda c: c[0].step_time_s)
         if not feasible:
-            raise SearchError("every candidate exceeded memory once priced with its real schedule")
-        chosen = feasible[0]
-        alternatives = _distinct(feasible[1:], 6)
-        best_solution = next(r[3] for r in ranked if self.strategy_of(r[2], r[1], r[3]) == chosen.strategy)
+            raise SearchError("every candidate exceeded memory once priced with its real schedule; give a smaller "
+                              "batch or more devices")
+        chosen, best_solution = feasible[0]
+        alternatives = _distinct([c for c, _ in feasible[1:]], 6)
         report = SearchReport(chosen, alternatives, self.evaluated, view.solves, self.elapsed(), self.truncated,
                               cluster=self.cluster.name, options=asdict(self.options),
-                              layouts=_layout_lines(best_solution), notes=self.notes())
+                              layouts=_layout_lines(best_solution) if best_solution.problem.request.mesh.size > 1
+                              else [], notes=self.notes())
         _say(self.progress, f"chose {chosen.summary}: {chosen.step_time_s * 1e3:.1f} ms/step, "
                             f"{chosen.max_memory_bytes / 2**30:.1f} GiB peak ({self.evaluated} plans, "
                             f"{self.elapsed():.1f}s)")
@@ -276,8 +278,10 @@ class _Planner:
         notes = []
         if self.truncated:
             notes.append(f"the time budget ({self.budget}s) ran out; the plan is the best found so far")
-        if any(n not in (1,) for n in [self.view.num_layers]) and self.view.num_layers == 0:
+        if self.view.num_layers == 0:
             notes.append("the graph has no repeated blocks: no pipeline cuts were considered")
+        notes.append(f"priced with {self.options.precision} compute, {self.options.optimizer} optimizer state, "
+                     f"global batch {self.batch}")
         return notes
 
     def settings(self):
@@ -339,15 +343,26 @@ class _Planner:
         """Microbatches x schedule x fsdp, each with its stage cut and recomputation."""
         per_replica = self.batch // setting.dp
         estimator = self.estimator(setting, solution)
-        for m in _divisors(per_replica):
-            if not _allowed_value(self.fixed, "microbatches", m):
-                continue
+        for m in [d for d in _divisors(per_replica) if d <= MAX_MICROBATCHES]:
+            if not _allowed_value(self.fixed, "microbatches", m) or (setting.pp > 1 and m < setting.pp):
+                continue  # fewer microbatches than stages leaves most of the pipeline idle
             for schedule, virtual in self._schedules(setting, m):
                 for fsdp in self._switch("fsdp", setting.dp > 1):
                     base = PlanShape(("dp", "tp"), (setting.dp, setting.tp), setting.pp, m, schedule, virtual, [],
                                      setting.devices, frozenset(), "dp" if fsdp else None,
                                      optimizer_name(self.options.optimizer))
+                    if fsdp and "fsdp" not in self.fixed and self._fits_plainly(base, estimator):
+                        continue  # sharding only buys memory, and this plan does not need it
                     yield from self._cuts(base, estimator)
+
+    def _fits_plainly(self, base: PlanShape, estimator: Estimator) -> bool:
+        """Whether the plan fits without FSDP or recomputation with an even stage cut."""
+        from passes.planner.placement import even_layer_ranges
+        layers = self.view.num_layers
+        stages = base.pp * base.virtual_stages
+        ranges = even_layer_ranges(layers, stages) if stages > 1 else [(0, layers - 1)]
+        plain = PlanShape(**{**base.__dict__, "fsdp_axis": None, "stage_layers": ranges})
+        return estimator.fits(estimator._memory(plain, None))
 
     def _schedules(self, setting: _Setting, m: int) -> list[tuple[str, int]]:
         if setting.pp == 1:
@@ -393,8 +408,7 @@ class _Planner:
         yield plain
         memory = estimator._memory(plain, None)
         crowded = {plain.rank_of_stage(k) for k in range(plain.num_stages)
-                   if any(not memory[d].fits(self.cluster.device(d), self.options.memory_headroom)
-                          for d in plain.stage_devices[plain.rank_of_stage(k)])}
+                   if not estimator.fits({d: memory[d] for d in plain.stage_devices[plain.rank_of_stage(k)]})}
         if crowded:
             segs = set()
             for k in range(plain.num_stages):
@@ -576,7 +590,13 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
     layers = prof.num_layers
     rank = shape.rank_of_stage(k)
     batch = estimator.microbatch_size(shape)
-    work = [estimator.segment_work(shape, rank, j) for j in range(layers + 2)]
+    distinct: dict[int, tuple] = {}
+    work = []
+    for j in range(layers + 2):  # blocks share one segment cost: price each distinct one once
+        segment = prof.segments[j]
+        if id(segment) not in distinct:
+            distinct[id(segment)] = estimator.segment_work(shape, rank, j)
+        work.append(distinct[id(segment)])
     edges = ([0] if k == 0 else []) + ([layers + 1] if k == shape.num_stages - 1 else [])
     edge_time = sum(sum(work[j]) for j in edges)
     edge_params = sum(prof.segments[j].param_elements() for j in edges)

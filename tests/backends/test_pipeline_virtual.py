@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from backends.virtual import VirtualRunError, run_virtual
 from ir.parser import parse
+from passes.manager import PassFailed
 from passes.pipeline import apply_paths
 from tests.models import assert_close_to_eager, gpt2_model, gpt_inputs, gpt_model, lm_inputs
-from tests.passes.test_pipeline import compile_cached
+from tests.passes.test_pipeline import compile_cached, one_torch_thread  # noqa: F401  (autouse fixture)
 
 GPT = gpt_model(n_layer=4)
 GPT_INPUTS = gpt_inputs(batch=8, seq=8)
@@ -74,7 +75,9 @@ class MeanSquaredMLP(nn.Module):
         out = self.layers[1](torch.tanh(self.layers[0](x)))
         if self.reduction == "mean":
             return F.mse_loss(out, y)
-        return (out - y).pow(2).sum()
+        if self.reduction == "smoothed":
+            return F.cross_entropy(out, y.argmax(1), label_smoothing=0.1) * 2.0
+        return (out - y).pow(2).sum() / 4.0
 
 
 @pytest.mark.parametrize("reduction, split", [("mean", "mean"), ("sum", "sum")])
@@ -85,6 +88,13 @@ def test_mean_and_sum_losses_accumulate_to_the_full_batch(reduction, split):
     plan = compile_cached(model, inputs, 2, {"mesh": {"pp": 2}, "stages": ["layers.1"], "microbatches": 4})
     assert plan.graph.attrs["pipeline"]["loss_split"] == split
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+def test_a_mean_over_counted_targets_is_not_split_silently():
+    model = MeanSquaredMLP("smoothed")
+    inputs = (torch.randn(8, 8), torch.randn(8, 4))
+    with pytest.raises(PassFailed, match="averages over its counted targets"):
+        compile_cached(model, inputs, 2, {"mesh": {"pp": 2}, "stages": ["layers.1"], "microbatches": 4})
 
 
 # -- SkipPipe ----------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_fsdp_stores_shards_and_gathers_before_use():
     ({"mesh": {"tp": 2}, "params": {"blocks.*.attn.qkv.weight": {"tq": "S(0)"}}}, "'tq'.*mesh"),
     ({"mesh": {"tp": 2}, "params": {"blocks.*.attn.qkv.weight": {"tp": "S(2)"}}}, "dim 2"),
     ({"mesh": {"tp": 3}, "params": {"blocks.*.attn.qkv.weight": {"tp": "S(1)"}}}, "size 64.*size 3|size 3.*size 64"),
-    ({"mesh": {"dp": 3}}, "holds 3 devices but the cluster has 2"),
+    ({"mesh": {"dp": 3}}, "3 devices, but the world has 2"),
     ({"mesh": {"tp": 2}, "parms": {}}, "did you mean.*params"),
 ])
 def test_impossible_requests_name_the_tensor(bad, message):

@@ -1,0 +1,307 @@
+"""The simulator backend: how long a training step of a plan takes on its cluster, and what it holds.
+
+``simulate(plan)`` prices a compiled plan from its SBP-annotated IR: every op's time is
+``cost_model.op_time``'s roofline on the local shards the device computes (slowest device kind of a
+stage), every collective of the IR (and its backward adjoint) is priced with
+``cost_model.collective_time`` on the real device groups of its mesh axis, gradient buckets are
+all-reduced over their axes after the last backward, pipeline stages run the schedule's action lists
+through ``schedules.simulate``, and memory counts parameters, gradients, optimizer state and the
+activations kept by the microbatches in flight (recomputed blocks keep only their input).
+
+``simulate((graph, strategy, cluster))`` prices a strategy on a captured graph without running the
+passes (what the planner uses; see :mod:`passes.planner.evaluate`), so pipelined strategies can be
+simulated before the pipeline pass exists. That path solves the tensor-parallel layouts the strategy
+leaves open at their optimum (the compiled program's greedy propagation may pick others) and prices
+data parallelism analytically (batch split, gradient all-reduce, FSDP gathers), without the scalar
+all-reduces of the loss over ``dp`` that the IR also holds.
+
+The report has ``step_time_s``, ``tokens_per_s`` / ``samples_per_s``, ``mfu``, ``peak_memory_bytes``
+per device, ``comm_bytes_by_link_class``, and writes a per-device timeline as a Chrome/Perfetto trace
+(:meth:`SimReport.write_trace`) or a PNG Gantt chart (:meth:`SimReport.write_gantt_png`).
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ir.cluster import Cluster
+from ir.core import Graph
+from passes.planner.costs import Precision, ir_profile
+from passes.planner.estimate import Estimate, Estimator
+from passes.planner.evaluate import ModelView, PlanOptions, optimizer_name, plan_shape
+from passes.planner.layers import find_layers
+from passes.planner.placement import PlanShape
+from passes.strategy import normalize_strategy
+
+CATEGORIES = ("compute", "comm", "idle")
+COLORS = {"compute": "#4C72B0", "comm": "#DD8452", "idle": "#DDDDDD"}
+MAX_GANTT_ROWS = 64
+_VIEWS: "weakref.WeakKeyDictionary[Graph, ModelView]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class TimelineEvent:
+    """One interval of one device's step: ``category`` is compute, comm or idle."""
+
+    start_s: float
+    end_s: float
+    category: str
+    name: str
+
+
+@dataclass
+class SimReport:
+    """The simulated cost of one training step (see the module docstring)."""
+
+    step_time_s: float
+    samples_per_s: float
+    tokens_per_s: float | None
+    mfu: float
+    peak_memory_bytes: dict
+    """Device -> bytes at the peak of the step."""
+    fits: bool
+    """Every device's peak is under its memory (with the options' headroom)."""
+    comm_bytes_by_link_class: dict
+    flops_per_step: float
+    bubble_fraction: float
+    stage_times: list
+    """Per stage: forward/backward compute and communication seconds per microbatch."""
+    cluster: str
+    strategy: dict
+    source: str
+    """``ir`` (priced from the plan's laid-out IR) or ``strategy`` (layouts solved from the strategy)."""
+    notes: list = field(default_factory=list)
+    estimate: Estimate | None = field(default=None, repr=False)
+    shape: PlanShape | None = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        """A few lines for people."""
+        peak = max(self.peak_memory_bytes.values(), default=0.0)
+        lines = [f"step {self.step_time_s * 1e3:.2f} ms, {self.samples_per_s:.2f} samples/s"
+                 + (f", {self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else "")
+                 + f", MFU {self.mfu * 100:.1f}%",
+                 f"peak memory {peak / 2**30:.2f} GiB per device ({'fits' if self.fits else 'DOES NOT FIT'}), "
+                 f"pipeline bubble {self.bubble_fraction * 100:.1f}%",
+                 "traffic per step: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in
+                                                  sorted(self.comm_bytes_by_link_class.items()))]
+        return "\n".join(lines + self.notes)
+
+    # -- timelines -------------------------------------------------------------------------------
+    def device_events(self) -> dict[int, list[TimelineEvent]]:
+        """Per device, its step as compute / comm / idle intervals covering ``[0, step_time_s]``."""
+        if self.estimate is None or self.shape is None:
+            return {}
+        per_rank = _rank_events(self.estimate, self.shape)
+        out = {}
+        for rank, devices in enumerate(self.shape.stage_devices):
+            filled = _fill_idle(per_rank.get(rank, []), self.step_time_s)
+            for d in devices:
+                out[d] = filled
+        return dict(sorted(out.items()))
+
+    def write_trace(self, path: str | Path) -> Path:
+        """Write the timeline as Chrome/Perfetto trace JSON (open in ui.perfetto.dev or chrome://tracing)."""
+        events = []
+        for device, intervals in self.device_events().items():
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": device,
+                           "args": {"name": f"device {device}"}})
+            for e in intervals:
+                events.append({"name": e.name, "cat": e.category, "ph": "X", "pid": 0, "tid": device,
+                               "ts": e.start_s * 1e6, "dur": max(e.end_s - e.start_s, 0.0) * 1e6})
+        events.append({"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"sbpc simulation on "
+                                                                                    f"{self.cluster}"}})
+        path = Path(path)
+        path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
+                                    "otherData": {"step_time_s": self.step_time_s, "mfu": self.mfu}}))
+        return path
+
+    def write_gantt_png(self, path: str | Path, max_rows: int = MAX_GANTT_ROWS) -> Path:
+        """Write a Gantt chart (one row per device; per pipeline rank when there are too many devices)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+
+        rows = self.device_events()
+        if len(rows) > max_rows and self.shape is not None:
+            rows = {devices[0]: rows[devices[0]] for devices in self.shape.stage_devices}
+        fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.5))
+        for y, (device, intervals) in enumerate(rows.items()):
+            for category in CATEGORIES:
+                bars = [(e.start_s * 1e3, (e.end_s - e.start_s) * 1e3) for e in intervals if e.category == category]
+                ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=COLORS[category])
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"dev {d}" for d in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("time (ms)")
+        ax.set_title(f"{self.cluster}: step {self.step_time_s * 1e3:.1f} ms, MFU {self.mfu * 100:.1f}%")
+        ax.legend(handles=[Patch(color=COLORS[c], label=c) for c in CATEGORIES], loc="upper right", fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def simulate(target: Any, *, options: PlanOptions | None = None, exact: bool = True, **option_values) -> SimReport:
+    """Simulate a ``CompiledPlan`` or a ``(graph, strategy, cluster)`` triple; see the module docstring.
+
+    ``options`` (or keyword values of :class:`~passes.planner.evaluate.PlanOptions`: ``precision``,
+    ``optimizer``, ``global_batch``, ``overhead_s``, ``memory_headroom``) override what the plan says.
+    """
+    graph, strategy, cluster, defaults = _unpack(target)
+    options = options or PlanOptions(**{**defaults, **option_values})
+    strategy = normalize_strategy(strategy, cluster.world_size)
+    if _laid_out(graph):
+        estimate, shape, source, profile = _from_ir(graph, strategy, cluster, options, exact)
+    else:
+        view = _view(graph)
+        evaluation = view.evaluate(strategy, cluster, options, exact)
+        estimate, shape, source, profile = evaluation.estimate, evaluation.shape, "strategy", evaluation.profile
+    return _report(estimate, shape, profile, cluster, strategy, source, options)
+
+
+def _unpack(target: Any) -> tuple[Graph, dict, Cluster, dict]:
+    if isinstance(target, tuple):
+        if len(target) != 3:
+            raise TypeError(f"expected a CompiledPlan or (graph, strategy, cluster), found a tuple of {len(target)}")
+        graph, strategy, cluster = target
+        cluster = Cluster.load(cluster) if isinstance(cluster, str) else cluster
+        return graph, strategy, cluster, {}
+    if all(hasattr(target, a) for a in ("graph", "strategy", "cluster")):
+        defaults = {"optimizer": optimizer_name(getattr(target, "optimizer", ("SGD", {})))}
+        return target.graph, target.strategy, target.cluster, defaults
+    raise TypeError(f"expected a CompiledPlan or (graph, strategy, cluster), found {type(target).__name__}")
+
+
+def _laid_out(graph: Graph) -> bool:
+    return bool(graph.meshes) and all(v.sbp is not None for v in graph.all_values())
+
+
+def _view(graph: Graph) -> ModelView:
+    """One :class:`ModelView` per graph: layouts solved for one strategy serve the next."""
+    view = _VIEWS.get(graph)
+    if view is None:
+        view = ModelView(graph, graph.loss is not None)
+        _VIEWS[graph] = view
+    return view
+
+
+def _from_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOptions, exact: bool):
+    structure = find_layers(graph)
+    dims = graph.attrs.get("example_dims") or {}
+    batch = int(options.global_batch or dims.get("batch", 1))
+    profile = ir_profile(graph, Precision.of(options.precision), global_batch=batch, structure=structure)
+    cut = _stage_layers_of_ir(structure)
+    if cut is not None:  # the pipeline pass chose (or honoured) the cut: price the stages it made
+        strategy = {**strategy, "stage_layers": cut}
+    shape = plan_shape(strategy, cluster.world_size, structure.num_layers, structure.prefix, batch,
+                       optimizer_name(options.optimizer))
+    mesh = profile.mesh
+    if tuple(mesh.axes) != tuple(shape.axes) or tuple(mesh.shape) != tuple(shape.shape):
+        raise ValueError(f"the plan's IR mesh {dict(zip(mesh.axes, mesh.shape))} differs from its strategy's stage "
+                         f"mesh {dict(zip(shape.axes, shape.shape))}; simulate (graph, strategy, cluster) instead")
+    estimate = Estimator(profile, cluster, options.overhead_s, options.memory_headroom).estimate(shape, exact)
+    return estimate, shape, "ir", profile
+
+
+def _stage_layers_of_ir(structure) -> list | None:
+    """Block ranges per stage, from the ``stage`` attribute the pipeline pass puts on every node."""
+    stages = [{n.attrs.get("stage") for n in block if not n.op.startswith("comm.")} for block in structure.blocks]
+    if not stages or any(None in s for s in stages):
+        return None
+    if any(len(s) != 1 for s in stages):
+        raise ValueError("the pipeline pass cut inside a block; the simulator prices whole blocks per stage")
+    owner = [next(iter(s)) for s in stages]
+    last_stage = max(n.attrs.get("stage", 0) for n in structure.post) if structure.post else owner[-1]
+    ranges = []
+    for stage in range(last_stage + 1):
+        mine = [i for i, o in enumerate(owner) if o == stage]
+        start = mine[0] if mine else (ranges[-1][1] + 1 if ranges else 0)
+        ranges.append([start, mine[-1] if mine else start - 1])
+    return ranges
+
+
+def _report(estimate: Estimate, shape: PlanShape, profile, cluster: Cluster, strategy: dict, source: str,
+            options: PlanOptions) -> SimReport:
+    step = estimate.step_time_s
+    samples = profile.global_batch / step if step > 0 else 0.0
+    tokens = samples * profile.tokens_per_sample if profile.tokens_per_sample > 1 else None
+    precision = Precision.of(options.precision)
+    from passes.planner.costs import peak_flops
+    peak = sum(peak_flops(d, precision) for d in cluster.devices)
+    mfu = estimate.flops_per_step / (step * peak) if step > 0 else 0.0
+    stage_times = [{"stage": s.index, "rank": s.rank, "layers": s.layers, "fwd_compute_s": s.fwd_compute_s,
+                    "fwd_comm_s": s.fwd_comm_s, "bwd_compute_s": s.bwd_compute_s, "bwd_comm_s": s.bwd_comm_s,
+                    "recompute_s": s.recompute_s, "send_s": s.send_s} for s in estimate.stages]
+    return SimReport(step, samples, tokens, mfu, estimate.peak_memory_bytes, estimate.fits, dict(estimate.comm_bytes),
+                     estimate.flops_per_step, estimate.bubble_fraction, stage_times, cluster.name, strategy, source,
+                     list(estimate.notes), estimate, shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timeline construction
+# --------------------------------------------------------------------------------------------------
+
+
+def _rank_events(estimate: Estimate, shape: PlanShape) -> dict[int, list[TimelineEvent]]:
+    """Per pipeline rank: forward/backward (compute, then the collectives they wait on), point-to-point
+    waits, the exposed gradient all-reduce and the optimizer step."""
+    stages = {s.index: s for s in estimate.stages}
+    out: dict[int, list[TimelineEvent]] = {r: [] for r in range(shape.pp)}
+    if estimate.timeline is not None:
+        for rank, events in estimate.timeline.events.items():
+            for e in events:
+                action = e.action
+                if action.is_compute:
+                    out[rank].extend(_split_compute(e.start, e.end, stages[action.stage], action.kind,
+                                                    action.microbatch))
+                elif action.is_recv and e.end > e.start:
+                    out[rank].append(TimelineEvent(e.start, e.end, "idle", f"wait {action}"))
+    else:
+        stage = estimate.stages[0]
+        clock = 0.0
+        for m in range(shape.microbatches):
+            for kind, seconds in (("F", stage.fwd_s), ("B", stage.bwd_s)):
+                out[0].extend(_split_compute(clock, clock + seconds, stage, kind, m))
+                clock += seconds
+    finish = max(estimate.rank_end_s[r] + estimate.grad_sync_s[r][1] for r in range(shape.pp))
+    for rank in range(shape.pp):
+        total, exposed = estimate.grad_sync_s[rank]
+        end = estimate.rank_end_s[rank] + exposed
+        if exposed > 0:
+            out[rank].append(TimelineEvent(end - exposed, end, "comm", "gradient all-reduce (exposed)"))
+        if estimate.optimizer_s > 0:
+            out[rank].append(TimelineEvent(finish, finish + estimate.optimizer_s, "compute", "optimizer step"))
+    return out
+
+
+def _split_compute(start: float, end: float, stage, kind: str, microbatch: int) -> list[TimelineEvent]:
+    """A forward/backward interval as its compute part followed by its collectives."""
+    comm = stage.fwd_comm_s if kind == "F" else stage.bwd_comm_s
+    compute_end = max(start, end - comm)
+    label = f"{kind}{microbatch}@s{stage.index}"
+    events = [TimelineEvent(start, compute_end, "compute", label)]
+    if end > compute_end:
+        events.append(TimelineEvent(compute_end, end, "comm", f"{label} collectives"))
+    return events
+
+
+def _fill_idle(events: list[TimelineEvent], step_s: float) -> list[TimelineEvent]:
+    out, clock = [], 0.0
+    for e in sorted(events, key=lambda e: e.start_s):
+        if e.start_s > clock + 1e-12:
+            out.append(TimelineEvent(clock, e.start_s, "idle", "idle"))
+        out.append(e)
+        clock = max(clock, e.end_s)
+    if step_s > clock + 1e-12:
+        out.append(TimelineEvent(clock, step_s, "idle", "idle"))
+    return out
