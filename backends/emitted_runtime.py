@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import weakref
 import time
 
 import torch
@@ -182,6 +183,40 @@ def comm_all_gather(x, axis, dim):
 
 def comm_reduce_scatter(x, axis, dim):
     return ReduceScatter.apply(x, axis, dim)
+
+
+# Parameters stored sharded (FSDP) are gathered just before use. Autograd would keep the gathered
+# tensor alive until backward; instead, what it saves of it is packed as the shard and gathered
+# again when backward needs it, so each full weight lives only around its use.
+GATHERED = {}  # storage address -> (shard, axis, dim, weak reference to the gathered tensor)
+
+
+def comm_gather_param(shard, axis, dim):
+    """S(d) -> B for a parameter shard; the full tensor is freed after use, gathered again in backward."""
+    full = AllGather.apply(shard, axis, dim)
+    GATHERED[full.untyped_storage().data_ptr()] = (shard.detach(), axis, dim, weakref.ref(full))
+    return full
+
+
+def pack_saved(tensor):
+    entry = GATHERED.get(tensor.untyped_storage().data_ptr())
+    if entry is None or entry[3]() is None:
+        return tensor
+    shard, axis, dim, _ = entry
+    return ("regather", shard, axis, dim, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+
+def unpack_saved(packed):
+    if not (isinstance(packed, tuple) and packed and packed[0] == "regather"):
+        return packed
+    _, shard, axis, dim, size, stride, offset = packed
+    return _all_gather(shard, axis, dim).as_strided(size, stride, offset)
+
+
+def regathering_params():
+    """Save gathered parameters as shards during a forward pass (see comm_gather_param)."""
+    GATHERED.clear()
+    return torch.autograd.graph.saved_tensors_hooks(pack_saved, unpack_saved)
 
 
 def comm_all_to_all(x, axis, src_dim, dst_dim):
@@ -360,7 +395,8 @@ def main(argv=None):
         batch = batches[step] if batches is not None else synthetic_batch(args.seed, step)
         dims = bind_dims(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss = forward(params, buffers, local_inputs(batch), dims, COORD)
+        with regathering_params():
+            loss = forward(params, buffers, local_inputs(batch), dims, COORD)
         (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
         sync_gradients(params)
         optimizer.step()
@@ -456,8 +492,9 @@ class PipelineStep:
         if previous is not None:
             leaves = [t.detach().requires_grad_(train and t.is_floating_point())
                       for t in self.ready.pop(("F", previous, mb))]
-        out = STAGE_FORWARD[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims, COORD,
-                                   self.whole.get(stage, {}))
+        with regathering_params():
+            out = STAGE_FORWARD[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims, COORD,
+                                       self.whole.get(stage, {}))
         if neighbour(self.paths[mb], stage, +1) is None:
             share = out.detach()
             self.loss = share if self.loss is None else self.loss + share

@@ -148,7 +148,10 @@ class ProgramWriter:
         if node.op.startswith("comm."):
             x = self._arg(node.input_values()[0])
             kw = ", ".join(f"{k}={self._arg(v)}" for k, v in node.kwargs.items())
-            return f"    {outs[0]} = {COMM_FUNCS[node.op]}({x}, {kw}){comment}"
+            func = COMM_FUNCS[node.op]
+            if node.op == "comm.all_gather" and node.input_values()[0].kind == "param":
+                func = "comm_gather_param"  # freed after use, gathered again for backward
+            return f"    {outs[0]} = {func}({x}, {kw}){comment}"
         ctx = LocalContext(self.graph.meshes[node.outputs[0].mesh], node.outputs[0].mesh,
                            [v.sbp for v in node.input_values()], [v.sbp for v in node.outputs])
         call = local_call(node, ctx)

@@ -95,7 +95,8 @@ class CompiledPlan:
 
     def total_parameter_bytes(self) -> int:
         """Bytes of all (unsharded) parameters."""
-        return sum(int(p.type.nbytes()) for p in self.graph.params if p.kind == "param")
+        sizes = {p.target: int(p.type.nbytes()) for p in self.graph.params if p.kind == "param"}
+        return sum(sizes.values())  # a tied weight copied onto two pipeline stages counts once
 
 
 def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None = None, *,

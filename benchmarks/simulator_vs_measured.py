@@ -1,0 +1,91 @@
+"""Simulated against measured step time of the GPT example's emitted DP and TP programs on ``local:2``.
+
+1. ``backends.calibrate.calibrate(2)`` measures this machine (matmul FLOP/s, memory bandwidth, gloo
+   latency and bandwidth) and writes a cluster spec.
+2. The GPT example is compiled for that cluster with data parallelism and with Megatron tensor
+   parallelism (``examples/plans/megatron_tp.sbp``); ``plan.simulate()`` prices each step.
+3. Each program is emitted and run under ``torchrun --nproc-per-node 2`` on gloo; the step time is the
+   median of the per-step seconds the program records, after warm-up steps.
+
+    python benchmarks/simulator_vs_measured.py [--steps 12] [--layers 2] [--batch 8] [--seq 64]
+
+The goal is agreement within 30%.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import gpt  # noqa: E402
+from backends.calibrate import calibrate  # noqa: E402
+from compiler.api import compile  # noqa: E402
+from frontend.dsl import load_plan  # noqa: E402
+from ir.cluster import Cluster  # noqa: E402
+
+WARMUP_STEPS = 2
+GOAL = 0.30
+
+
+def measure(plan, workdir: Path, steps: int) -> float:
+    """Median seconds per step of the emitted program under torchrun (gloo, two CPU ranks)."""
+    plan.emit(workdir)
+    metrics = workdir / "metrics.jsonl"
+    threads = max(1, (os.cpu_count() or 2) // 2)  # what calibration gave each rank
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(workdir / "main.py"), "--steps", str(steps), "--metrics", str(metrics)]
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the emitted program failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    seconds = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]
+    return statistics.median(seconds[WARMUP_STEPS:] or seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Calibrate, compile, simulate, run, and print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="quick calibration (fewer, smaller probes)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        spec_path = Path(scratch) / "calibrated-local.yaml"
+        calibrate(2, spec_path, quick=args.quick)
+        cluster = Cluster.load(spec_path)
+        calibration = cluster.metadata.get("calibration", {})
+        print(f"calibrated {cluster.name}: matmul {max(calibration.get('matmul_fp32_gflops', {0: 0}).values()):.1f} "
+              f"GFLOP/s per rank, elementwise {calibration.get('elementwise_bytes_per_s', 0) / 1e9:.1f} GB/s, "
+              f"loopback {cluster.nodes[0].intra_link.bandwidth_Bps / 1e9:.2f} GB/s + "
+              f"{cluster.nodes[0].intra_link.latency_s * 1e6:.0f} us")
+        model = gpt.make_model(n_layer=args.layers)
+        inputs = gpt.example_inputs(batch=args.batch, seq=args.seq)
+        plans = {"DP": "dp", "TP (Megatron)": load_plan(str(ROOT / "examples" / "plans" / "megatron_tp.sbp"))}
+        print(f"GPT example: {args.layers} layers, batch {args.batch}, sequence {args.seq}; median of "
+              f"{args.steps - WARMUP_STEPS} steps after {WARMUP_STEPS} warm-up steps")
+        print(f"{'program':<16} {'simulated ms':>13} {'measured ms':>12} {'sim/measured':>13}")
+        worst = 0.0
+        for name, strategy in plans.items():
+            plan = compile(model, inputs, cluster=cluster, strategy=strategy)
+            simulated = plan.simulate().step_time_s
+            measured = measure(plan, Path(scratch) / name.split()[0].lower(), args.steps)
+            ratio = simulated / measured
+            worst = max(worst, abs(ratio - 1))
+            print(f"{name:<16} {simulated * 1e3:>13.2f} {measured * 1e3:>12.2f} {ratio:>13.2f}", flush=True)
+        print(f"largest disagreement {worst * 100:.0f}% ({'within' if worst <= GOAL else 'outside'} the "
+              f"{GOAL * 100:.0f}% goal)")
+
+
+if __name__ == "__main__":
+    main()
