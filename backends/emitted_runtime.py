@@ -357,6 +357,14 @@ def sync_gradients(params):
             offset += g.numel()
 
 
+def parameter_bytes_per_rank(params):
+    """Bytes of parameter shards each rank stores at rest, gathered to every rank."""
+    mine = torch.tensor([sum(t.numel() * t.element_size() for t in params.values())], dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(t[0]) for t in every]
+
+
 def logical_loss(loss):
     """The full loss value, the same on every rank."""
     total = (loss.detach() if is_seed_rank(LOSS_SBP) else loss.detach() * 0).reshape(1).clone()
@@ -401,9 +409,13 @@ def main(argv=None):
         sync_gradients(params)
         optimizer.step()
         value = logical_loss(loss)
+        if step == 0:
+            resting = parameter_bytes_per_rank(params)
         if metrics:
-            metrics.write(json.dumps({"step": step, "loss": value,
-                                      "seconds": time.perf_counter() - started}) + "\n")
+            record = {"step": step, "loss": value, "seconds": time.perf_counter() - started}
+            if step == 0:
+                record["param_bytes_per_rank"] = resting
+            metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         if dist.get_rank() == 0:
             print(f"step {step} loss {value:.6f}", flush=True)

@@ -1,4 +1,6 @@
 """Emitted programs under a real torchrun on gloo equal eager training (multi-process tier)."""
+import json
+
 import pytest
 import torch
 
@@ -75,3 +77,16 @@ def _rank_output(stderr: str) -> str:
     """What the ranks printed, without torchrun's own failure report (which has its own traceback)."""
     return "\n".join(line for line in stderr.splitlines() if "torch/distributed" not in line
                      and "elastic" not in line and not line.startswith(("[", "  ", "Traceback", "torch.", "=")))
+
+
+def test_emitted_shards_match_the_reported_parameter_memory(tmp_path):
+    """The plan's per-rank parameter bytes are what the emitted program's ranks actually store."""
+    data = batches(1)
+    for ranks, strategy, name in [(4, "fsdp", "fsdp"),
+                                  (4, {"mesh": {"tp": 4}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}, "tp")]:
+        plan = compile(gpt_model(), data[0], cluster=Cluster.local(ranks), strategy=strategy)
+        train_emitted(plan, tmp_path / name, data, steps=1)
+        first = json.loads((tmp_path / name / "losses.jsonl").read_text().splitlines()[0])
+        expected = plan.parameter_memory()
+        assert first["param_bytes_per_rank"] == [expected[r] for r in range(ranks)]
+        assert max(expected.values()) <= 0.30 * plan.total_parameter_bytes()
