@@ -30,7 +30,7 @@ from typing import Any
 from ir.cluster import Cluster
 from ir.core import Graph
 from passes.planner.costs import Precision, ir_profile
-from passes.planner.estimate import Estimate, Estimator
+from passes.planner.estimate import Estimate
 from passes.planner.evaluate import ModelView, PlanOptions, optimizer_name, plan_shape
 from passes.planner.layers import find_layers
 from passes.planner.placement import PlanShape
@@ -83,7 +83,7 @@ class SimReport:
         lines = [f"step {self.step_time_s * 1e3:.2f} ms, {self.samples_per_s:.2f} samples/s"
                  + (f", {self.tokens_per_s:,.0f} tokens/s" if self.tokens_per_s else "")
                  + f", MFU {self.mfu * 100:.1f}%",
-                 f"peak memory {peak / 2**30:.2f} GiB per device ({'fits' if self.fits else 'DOES NOT FIT'}), "
+                 f"peak memory {format_bytes(peak)} per device ({'fits' if self.fits else 'DOES NOT FIT'}), "
                  f"pipeline bubble {self.bubble_fraction * 100:.1f}%",
                  "traffic per step: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in
                                                   sorted(self.comm_bytes_by_link_class.items()))]
@@ -209,7 +209,7 @@ def _from_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOption
     if tuple(mesh.axes) != tuple(shape.axes) or tuple(mesh.shape) != tuple(shape.shape):
         raise ValueError(f"the plan's IR mesh {dict(zip(mesh.axes, mesh.shape))} differs from its strategy's stage "
                          f"mesh {dict(zip(shape.axes, shape.shape))}; simulate (graph, strategy, cluster) instead")
-    estimate = Estimator(profile, cluster, options.overhead_s, options.memory_headroom).estimate(shape, exact)
+    estimate = options.estimator(profile, cluster).estimate(shape, exact)
     return estimate, shape, "ir", profile
 
 
@@ -293,6 +293,11 @@ def _split_compute(start: float, end: float, stage, kind: str, microbatch: int) 
     if end > compute_end:
         events.append(TimelineEvent(compute_end, end, "comm", f"{label} collectives"))
     return events
+
+
+def format_bytes(nbytes: float) -> str:
+    """``12.34 GiB`` / ``56.7 MiB``: the unit that keeps the number readable."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _fill_idle(events: list[TimelineEvent], step_s: float) -> list[TimelineEvent]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from backends.simulator import format_bytes
 from ir.cluster import LINK_CLASSES, Cluster
 from passes.planner.placement import PIPELINE_AXIS, axis_groups, stage_device_lists
 from passes.strategy import tensor_axis
@@ -130,7 +131,7 @@ def _estimate(plan: Any, report) -> list[str]:
     if report is not None:
         chosen = report.chosen
         return [f"Estimated (planner): {chosen.step_time_s * 1e3:.1f} ms per step, peak memory "
-                f"{chosen.max_memory_bytes / 2**30:.2f} GiB per device"]
+                f"{format_bytes(chosen.max_memory_bytes)} per device"]
     try:
         sim = plan.simulate()
     except (ValueError, KeyError, NotImplementedError) as error:  # e.g. a plan the simulator cannot place
@@ -145,6 +146,6 @@ def _alternatives(report) -> list[str]:
     lines = ["Best alternatives considered (simulated step time, peak memory per device):"]
     for c in report.alternatives:
         slower = (c.step_time_s / best - 1) * 100 if best > 0 else 0.0
-        lines.append(f"  {c.step_time_s * 1e3:9.1f} ms (+{slower:5.1f}%)  {c.max_memory_bytes / 2**30:7.2f} GiB  "
+        lines.append(f"  {c.step_time_s * 1e3:9.1f} ms (+{slower:5.1f}%)  {format_bytes(c.max_memory_bytes):>10}  "
                      f"{c.summary}")
     return lines

@@ -94,6 +94,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     ``"auto"`` tries ``"fx"`` and falls back to ``"export"`` for models that do not trace.
     """
     kwargs = dict(kwargs or {})
+    model = _meta_twin_of_fake_model(model)
     flat = _inputs_for_meta_model(model, tuple(args) + tuple(kwargs.values()))
     names = _input_names(model, len(args), list(kwargs))
     program, wrapper = None, None
@@ -162,6 +163,38 @@ def _symbolic_trace(model: torch.nn.Module, n_pos: int, kwargs: dict) -> torch.n
                            f"{_first_line(err)}; use method='export'") from None
     traced.train(model.training)
     return traced
+
+
+def _meta_twin_of_fake_model(model: torch.nn.Module) -> torch.nn.Module:
+    """For a model built under ``FakeTensorMode``: a structural copy with meta tensors of the same shapes
+    (``torch.export`` cannot trace tensors of another fake mode); tied parameters stay tied. Other
+    models are returned as they are."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    if not any(isinstance(t, FakeTensor) for t in list(model.parameters()) + list(model.buffers())):
+        return model
+    tensors: dict[int, torch.Tensor] = {}
+    modules: dict[int, torch.nn.Module] = {}
+
+    def meta(t: torch.Tensor | None, parameter: bool):
+        if t is None:
+            return None
+        if id(t) not in tensors:
+            empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            tensors[id(t)] = torch.nn.Parameter(empty, t.requires_grad) if parameter else empty
+        return tensors[id(t)]
+
+    def twin(module: torch.nn.Module | None):
+        if module is None:
+            return None
+        if id(module) not in modules:
+            clone = modules[id(module)] = module.__class__.__new__(module.__class__)
+            clone.__dict__.update(module.__dict__)
+            clone._parameters = {k: meta(v, True) for k, v in module._parameters.items()}
+            clone._buffers = {k: meta(v, False) for k, v in module._buffers.items()}
+            clone._modules = {k: twin(v) for k, v in module._modules.items()}
+        return modules[id(module)]
+
+    return twin(model)
 
 
 def _inputs_for_meta_model(model: torch.nn.Module, flat: tuple) -> tuple:

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
-import sympy
 
-from ir.cluster import Cluster, Device
+from ir.cluster import Device
 from ir.core import Graph, Node, Value
 from ir.sbp import Split
 from ir.types import Mesh, TensorType, dim_symbol
@@ -129,7 +128,6 @@ class ComputeRecord:
     out_types: tuple
     out_sbps: tuple
     has_grad: bool
-    attrs: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 
 from ir.cluster import Cluster, Device
 from passes import cost_model, schedules
-from passes.planner.costs import DEFAULT_OP_OVERHEAD_S, Profile, at, peak_flops
+from passes.planner.costs import DEFAULT_OP_OVERHEAD_S, Profile, at
 from passes.planner.placement import DATA_AXIS, PlanShape, axis_groups
 
 SCHEDULE_NAMES = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved": "interleaved_1f1b"}
@@ -100,11 +100,16 @@ class Estimator:
     """Prices plans of one profile on one cluster (caches collective and device look-ups)."""
 
     def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float = DEFAULT_OP_OVERHEAD_S,
-                 memory_headroom: float = 0.9):
+                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True):
         self.profile = profile
         self.cluster = cluster
         self.overhead_s = overhead_s
         self.headroom = memory_headroom
+        self.overlap_grad_sync = overlap_grad_sync
+        self._collectives: dict[tuple, float] = {}
+        self._work: dict[tuple, tuple] = {}
+        self._groups_cache: dict[tuple, tuple] = {}
+        self._pinned: list = []  # device tuples whose ids key self._work
 
     # -- per stage ---------------------------------------------------------------------------------
     def microbatch_size(self, shape: PlanShape) -> float:
@@ -119,9 +124,9 @@ class Estimator:
         devices = shape.stage_devices[rank]
         batch = self.microbatch_size(shape)
         key = (id(segment), id(devices), batch, shape.axes, shape.shape, shape.fsdp_axis)
-        cache = self.__dict__.setdefault("_work", {})
+        cache = self._work
         if key not in cache:
-            self.__dict__.setdefault("_keep", []).append(devices)  # ids stay unique while cached
+            self._pinned.append(devices)  # keeps the id unique while it keys the cache
             prof = self.profile
             times = [segment.compute_time(batch, d, prof.precision, self.overhead_s)
                      for d in _representatives(devices, self.cluster)]
@@ -152,13 +157,14 @@ class Estimator:
                 bwd += seconds
             else:
                 fwd += seconds
-        if self._fsdp_analytic(shape):
+        if self.fsdp_analytic(shape):
             nbytes = segment.param_elements() * self.profile.precision.param_bytes
             fwd += self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
             bwd += self._collective("reduce_scatter", nbytes, devices, shape, shape.fsdp_axis)
         return fwd, bwd
 
-    def _fsdp_analytic(self, shape: PlanShape) -> bool:
+    def fsdp_analytic(self, shape: PlanShape) -> bool:
+        """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""
         return bool(shape.fsdp_axis) and shape.fsdp_axis in self.profile.analytic_axes \
             and shape.size(shape.fsdp_axis) > 1
 
@@ -170,21 +176,21 @@ class Estimator:
         if not groups:
             return 0.0
         key = (kind, nbytes, groups)
-        cache = self.__dict__.setdefault("_collectives", {})
-        if key not in cache:
-            cache[key] = max(cost_model.collective_time(kind, nbytes, g, self.cluster) for g in groups)
-        return cache[key]
-
-    @functools.lru_cache(maxsize=4096)
-    def _groups_cached(self, devices: tuple, axes: tuple, shape: tuple, along: tuple) -> tuple:
-        return tuple(g for g in axis_groups(devices, axes, shape, along) if len(g) > 1)
+        if key not in self._collectives:
+            self._collectives[key] = max(cost_model.collective_time(kind, nbytes, g, self.cluster) for g in groups)
+        return self._collectives[key]
 
     def _groups(self, devices: tuple, shape: PlanShape, along) -> tuple:
+        """Groups (of two or more devices) along the axes ``along`` of a stage's mesh."""
         along = (along,) if isinstance(along, str) else tuple(along)
         along = tuple(a for a in along if a in shape.axes)
         if not along:
             return ()
-        return self._groups_cached(devices, shape.axes, shape.shape, along)
+        key = (devices, shape.axes, shape.shape, along)
+        if key not in self._groups_cache:
+            self._groups_cache[key] = tuple(g for g in axis_groups(devices, shape.axes, shape.shape, along)
+                                            if len(g) > 1)
+        return self._groups_cache[key]
 
     def _send_time(self, shape: PlanShape, k: int, last_segment: int, batch: float) -> float:
         if k == shape.num_stages - 1:
@@ -222,7 +228,7 @@ class Estimator:
         grad_sync = {r: self._grad_sync(shape, r, stages) for r in range(shape.pp)}
         optimizer = max(self._optimizer_time(shape, r) for r in range(shape.pp))
         finish = max(rank_end[r] + grad_sync[r][1] for r in range(shape.pp))
-        memory = self._memory(shape, actions)
+        memory = self.memory(shape, actions)
         fits = self.fits(memory)
         flops = sum(at(seg.model_flops, self.microbatch_size(shape)) for seg in prof.segments) \
             * prof.batch_divisor * shape.microbatches
@@ -248,7 +254,7 @@ class Estimator:
         if not self.profile.train:
             return 0.0, 0.0
         by_axes: dict[tuple, float] = defaultdict(float)
-        fsdp = self._fsdp_analytic(shape)
+        fsdp = self.fsdp_analytic(shape)
         for p in self._stage_params(shape, rank):
             axes = tuple(p.grad_axes)
             if DATA_AXIS in self.profile.analytic_axes and not fsdp and shape.size(DATA_AXIS) > 1:
@@ -257,6 +263,8 @@ class Estimator:
                 by_axes[axes] += p.local_elements * self.profile.precision.param_bytes
         devices = shape.stage_devices[rank]
         total = sum(self._collective("all_reduce", nbytes, devices, shape, axes) for axes, nbytes in by_axes.items())
+        if not self.overlap_grad_sync:
+            return total, total
         last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
         return total, max(0.0, total - last_backward)
 
@@ -270,12 +278,13 @@ class Estimator:
 
     def _param_elements(self, shape: PlanShape, rank: int) -> float:
         elements = sum(p.local_elements for p in self._stage_params(shape, rank))
-        if self._fsdp_analytic(shape):
+        if self.fsdp_analytic(shape):
             elements /= shape.size(shape.fsdp_axis)
         return elements
 
     # -- memory ------------------------------------------------------------------------------------
-    def _memory(self, shape: PlanShape, actions) -> dict:
+    def memory(self, shape: PlanShape, actions: dict | None = None) -> dict:
+        """Device -> ``cost_model.MemoryEstimate`` at the peak of the step (``actions``: the schedule, if built)."""
         prof = self.profile
         batch = self.microbatch_size(shape)
         pending = _pending_per_stage(shape, actions)
@@ -305,7 +314,7 @@ class Estimator:
         per_microbatch = rematerialised = 0.0
         for j in segments:
             saved = at(prof.segments[j].saved_bytes, batch)
-            if self._fsdp_analytic(shape):
+            if self.fsdp_analytic(shape):
                 saved += prof.segments[j].param_elements() * prof.precision.param_bytes
             if j in shape.recompute:
                 per_microbatch += at(prof.segments[j - 1].output_bytes, batch) if j > 0 else 0.0
@@ -330,7 +339,7 @@ class Estimator:
                     times = m if item.backward else repeat
                     self._add_traffic(traffic, item.kind, at(item.nbytes, batch), stage.devices, shape, item.axis,
                                       times)
-                if self._fsdp_analytic(shape):
+                if self.fsdp_analytic(shape):
                     nbytes = segment.param_elements() * prof.precision.param_bytes
                     self._add_traffic(traffic, "all_gather", nbytes, stage.devices, shape, shape.fsdp_axis, m)
                     self._add_traffic(traffic, "reduce_scatter", nbytes, stage.devices, shape, shape.fsdp_axis, m)
@@ -345,7 +354,7 @@ class Estimator:
             by_axes: dict[tuple, float] = defaultdict(float)
             for p in self._stage_params(shape, rank):
                 axes = tuple(p.grad_axes)
-                if DATA_AXIS in prof.analytic_axes and not self._fsdp_analytic(shape) and shape.size(DATA_AXIS) > 1:
+                if DATA_AXIS in prof.analytic_axes and not self.fsdp_analytic(shape) and shape.size(DATA_AXIS) > 1:
                     axes = (DATA_AXIS,) + axes
                 if axes and prof.train:
                     by_axes[axes] += p.local_elements * prof.precision.param_bytes
@@ -424,8 +433,10 @@ def _pending_per_stage(shape: PlanShape, actions) -> dict:
         return {0: 1}
     if shape.schedule == "gpipe":
         return {k: shape.microbatches for k in range(shape.num_stages)}
-    if actions is None:  # 1F1B: stage k holds at most pp - k microbatches
+    if actions is None and shape.virtual_stages == 1:  # 1F1B: stage k holds at most pp - k microbatches
         return {k: min(shape.pp - k, shape.microbatches) for k in range(shape.num_stages)}
+    if actions is None:
+        actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp, shape.virtual_stages)
     peaks: dict[int, int] = {}
     for rank_actions in actions.values():
         pending: Counter = Counter()

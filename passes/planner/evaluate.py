@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import hashlib
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ir.cluster import Cluster
 from ir.core import Graph, Node
@@ -22,7 +22,7 @@ from ir.parser import parse
 from ir.sbp import B, Split, parse_sbp
 from ir.types import Mesh
 from passes.manager import PassContext
-from passes.planner.costs import BATCH_SYMBOL, Precision, Profile
+from passes.planner.costs import BATCH_SYMBOL, DEFAULT_OP_OVERHEAD_S, Precision, Profile
 from passes.planner.estimate import Estimate, Estimator
 from passes.planner.intra_op import LayoutRequest, LayoutSolution, layout_profile, solve_layouts
 from passes.planner.layers import LayerStructure, find_layers
@@ -47,17 +47,24 @@ class PlanOptions:
     """Optimizer state to budget memory for: ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``."""
     reference_batch: int = 1
     """Samples per replica at which layouts are solved (their costs are then affine in the batch)."""
-    overhead_s: float = 5e-6
+    overhead_s: float = DEFAULT_OP_OVERHEAD_S
     """Per-op launch time."""
     memory_headroom: float = 0.9
     """Fraction of each device's memory a plan may use."""
     solver: str = "dp"
     """Intra-op solver: ``dp`` (fast, exact), ``ilp`` or ``z3`` (exact, slow)."""
+    overlap_grad_sync: bool = True
+    """Gradient all-reduces overlap the last microbatch's backward (DDP-style bucketing); False: they
+    start after it, as in a runtime that synchronises once backward is done."""
 
     def key(self) -> tuple:
         """A hashable summary (cache keys)."""
         return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
-                self.memory_headroom, self.solver)
+                self.memory_headroom, self.solver, self.overlap_grad_sync)
+
+    def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
+        """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
+        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync)
 
 
 def optimizer_name(spec: Any) -> str:
@@ -145,8 +152,7 @@ class ModelView:
             dims = {k: v for k, v in self.example_dims.items()}
             dims[BATCH_SYMBOL] = options.reference_batch
             request = LayoutRequest(mesh, cluster, (tuple(tp_group),), cluster.device(tp_group[0]), dims,
-                                    Precision.of(options.precision), self.train, fixed, free_params, node_hints,
-                                    options.overhead_s)
+                                    Precision.of(options.precision), self.train, fixed, free_params, node_hints)
             self._solved[key] = solve_layouts(graph, structure, request, options.solver)
             self.solves += 1
         return self._solved[key]
@@ -175,7 +181,7 @@ class ModelView:
         profile = self.profile(solution, shape.size(DATA_AXIS), options)
         if tp_axis and tp_axis != TENSOR_AXIS:
             profile = _rename_axis(profile, TENSOR_AXIS, tp_axis)
-        estimate = Estimator(profile, cluster, options.overhead_s, options.memory_headroom).estimate(shape, exact)
+        estimate = options.estimator(profile, cluster).estimate(shape, exact)
         return Evaluation(strategy, shape, profile, estimate, solution)
 
     def shape_of(self, strategy: dict, cluster: Cluster, options: PlanOptions) -> PlanShape:

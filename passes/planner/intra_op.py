@@ -23,8 +23,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from ir.cluster import Cluster, Device
 from ir.core import Graph, Node, Value
 from ir.ops.registry import nd_signatures, splits_divide
@@ -33,7 +31,7 @@ from ir.types import Mesh, TensorType
 from passes import cost_model
 from passes.boxing import BoxingError, boxing_path
 from passes.grad_sync import values_with_grad
-from passes.planner.costs import (BATCH_SYMBOL, LOCAL_COMM_OPS, CommRecord, ComputeRecord, CostContext, ParamRecord, Precision,
+from passes.planner.costs import (BATCH_SYMBOL, LOCAL_COMM_OPS, CommRecord, ComputeRecord, CostContext, Precision,
                                   Profile, concrete_shape, op_work, param_record, peak_flops, segment_cost)
 from passes.planner.layers import POST, PRE, LayerStructure
 from passes.planner.pairwise import PairEdge, PairwiseProblem, Solution, solve_dp, solve_ilp, solve_z3
@@ -97,7 +95,6 @@ class LayoutRequest:
     """Whether parameters not in ``fixed`` are decision variables (else they are stored ``B``)."""
     hints: dict = field(default_factory=dict)
     """Node name -> required N-D SBP of its first output (``None`` entries: free)."""
-    overhead_s: float = 5e-6
 
     def boxing_cost(self, backward: bool) -> BoxingTimeCost:
         """The boxing cost for values with (or without) a gradient."""
@@ -183,7 +180,6 @@ class LayoutProblem:
 
     # -- building -------------------------------------------------------------------------------
     def _build(self) -> None:
-        req = self.request
         param_var: dict[int, int] = {}
         for k, unit in enumerate(self.units):
             for position, value in enumerate(unit.node.input_values()):
@@ -191,6 +187,7 @@ class LayoutProblem:
                     param_var[id(value)] = self._add_param_var(value, unit)
             self._add_node_var(k, unit)
         self.param_var = param_var
+        self._unit_var = {ref[1]: v for v, ref in enumerate(self.vars) if ref[0] == "node"}
         for k, unit in enumerate(self.units):
             for position, value in enumerate(unit.node.input_values()):
                 for source in self.sources(unit, position, value):
@@ -283,10 +280,6 @@ class LayoutProblem:
         self.edge_info.append((value, k, position, source.weight, source.boundary, producer < consumer))
 
     def _var_of_unit(self, k: int) -> int:
-        if not hasattr(self, "_unit_var"):
-            self._unit_var = {}
-        if k not in self._unit_var:
-            self._unit_var = {ref[1]: v for v, ref in enumerate(self.vars) if ref[0] == "node"}
         return self._unit_var[k]
 
     def _fixed_sbp(self, value: Value) -> tuple:

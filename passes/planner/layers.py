@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ir.core import Graph, Node, Value
+from ir.core import Graph, Node
 
 _INDEXED = re.compile(r"^(?P<prefix>(?:[A-Za-z_][\w]*\.)*?[A-Za-z_][\w]*)\.(?P<index>\d+)(?:\.|$)")
 PRE, POST = "pre", "post"
@@ -150,14 +150,3 @@ def block_param_name(name: str, prefix: str | None) -> str:
     rest = name[len(prefix) + 1:]
     index, _, tail = rest.partition(".")
     return f"{prefix}.*.{tail}" if index.isdigit() else name
-
-
-def external_inputs(block: list) -> list[tuple[Node, int, Value]]:
-    """(consumer, input position, value) for every input of the block produced outside it."""
-    own = {id(n) for n in block}
-    out = []
-    for node in block:
-        for k, v in enumerate(node.input_values()):
-            if v.producer is None or id(v.producer) not in own:
-                out.append((node, k, v))
-    return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from ir.cluster import Cluster
@@ -178,22 +178,3 @@ def groups_inside_domains(groups: Sequence[Sequence[int]], cluster: Cluster) -> 
         for device in domain:
             home[device] = k
     return all(len({home[d] for d in g}) == 1 for g in groups)
-
-
-def groups_inside_nodes(groups: Sequence[Sequence[int]], cluster: Cluster) -> bool:
-    """Whether every group lies inside one node."""
-    return all(len({cluster.node_of(d) for d in g}) == 1 for g in groups)
-
-
-@dataclass
-class Placement:
-    """A plan's devices: per pipeline rank its device list, and the stage mesh axes."""
-
-    stage_devices: list
-    axes: tuple
-    shape: tuple
-    notes: list = field(default_factory=list)
-
-    def groups(self, rank: int, along: str | Sequence[str]) -> list[tuple]:
-        """Device groups along an axis on pipeline rank ``rank``."""
-        return axis_groups(self.stage_devices[rank], self.axes, self.shape, along)

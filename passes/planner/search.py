@@ -31,17 +31,19 @@ import numpy as np
 
 from ir.cluster import Cluster
 from ir.core import Graph
-from ir.sbp import B, Partial, Split, format_nd_sbp
-from passes.planner.costs import Precision, at
-from passes.planner.estimate import Estimator, StageEstimate
-from passes.planner.evaluate import ModelView, PlanOptions, last_nodes_of_modules, optimizer_name
-from passes.planner.intra_op import LayoutSolution
+from ir.sbp import B, format_nd_sbp
+from passes.planner.costs import at
+from passes.planner.estimate import Estimator
+from passes.planner.evaluate import ModelView, PlanOptions, optimizer_name
+from passes import cost_model
+from passes.planner.intra_op import LayoutSolution, describe_layouts
 from passes.planner.layers import block_param_name
-from passes.planner.placement import DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, groups_inside_domains
+from passes.planner.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
+                                      groups_inside_domains, recomputed_segments)
 
 LOG = logging.getLogger("sbpc.planner")
 AUTO = "auto"
-DEFAULT_CACHE_DIR = Path(os.environ.get("SBPC_CACHE_DIR", Path.home() / ".cache" / "sbpc"))
+CACHE_DIR_VARIABLE = "SBPC_CACHE_DIR"
 CACHE_VERSION = 1
 MAX_MICROBATCHES = 256
 MATMUL_OPS = ("aten.linear.default", "aten.mm.default", "aten.matmul.default", "aten.addmm.default",
@@ -110,11 +112,12 @@ def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool 
 
     ``options`` (or keyword values for :class:`PlanOptions`: ``global_batch``, ``precision``,
     ``optimizer``, ...) say how to price plans. The returned strategy is a plain strategy dict.
+    ``cache_dir``: see :func:`cache_directory`; ``use_cache=False`` neither reads nor writes it.
     """
     options = options or PlanOptions(**option_values)
     fixed = _fixed_parts(strategy)
     key = _cache_key(graph, cluster, fixed, options, train)
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache = cache_directory(cache_dir)
     if use_cache:
         hit = _read_cache(cache, key)
         if hit is not None:
@@ -125,6 +128,13 @@ def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool 
     if use_cache and not result[1].truncated:
         _write_cache(cache, key, result)
     return result
+
+
+def cache_directory(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where plans are cached: ``cache_dir``, else ``$SBPC_CACHE_DIR``, else ``~/.cache/sbpc``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get(CACHE_DIR_VARIABLE) or Path.home() / ".cache" / "sbpc")
 
 
 def _say(progress, message: str) -> None:
@@ -217,18 +227,21 @@ class _Planner:
         self.evaluated = 0
         self.order = _device_order(cluster)
         self.batch = view.global_batch(options)
-        self.precision = Precision.of(options.precision)
+        self._estimators: dict[tuple, Estimator] = {}
 
     def elapsed(self) -> float:
+        """Seconds since the search started."""
         return time.perf_counter() - self.started
 
     def out_of_time(self) -> bool:
+        """Whether the time budget is spent (remembered: the report says the search was cut short)."""
         if self.budget is not None and self.elapsed() > self.budget:
             self.truncated = True
         return self.truncated
 
     # -- enumeration -------------------------------------------------------------------------------
     def run(self, top_k: int) -> tuple[dict, SearchReport]:
+        """Price every candidate quickly, the ``top_k`` best exactly; return the fastest that fits."""
         view = self.view
         _say(self.progress, f"planning {view.graph.name} ({view.num_layers} layers, batch {self.batch}) on "
                             f"{self.cluster.name} ({self.cluster.world_size} devices)")
@@ -267,7 +280,7 @@ class _Planner:
         alternatives = _distinct([c for c, _ in feasible[1:]], 6)
         report = SearchReport(chosen, alternatives, self.evaluated, view.solves, self.elapsed(), self.truncated,
                               cluster=self.cluster.name, options=asdict(self.options),
-                              layouts=_layout_lines(best_solution) if best_solution.problem.request.mesh.size > 1
+                              layouts=describe_layouts(best_solution) if best_solution.problem.request.mesh.size > 1
                               else [], notes=self.notes())
         _say(self.progress, f"chose {chosen.summary}: {chosen.step_time_s * 1e3:.1f} ms/step, "
                             f"{chosen.max_memory_bytes / 2**30:.1f} GiB peak ({self.evaluated} plans, "
@@ -275,6 +288,7 @@ class _Planner:
         return chosen.strategy, report
 
     def notes(self) -> list[str]:
+        """Lines for the report: budget, structure, and the pricing assumptions."""
         notes = []
         if self.truncated:
             notes.append(f"the time budget ({self.budget}s) ran out; the plan is the best found so far")
@@ -285,7 +299,7 @@ class _Planner:
         return notes
 
     def settings(self):
-        """Degrees and switches, cheapest first (the time budget then cuts off the exotic ones)."""
+        """Degrees and switches allowed by the fixed parts, by tensor-parallel then pipeline degree."""
         world = self.cluster.world_size
         mesh = self.fixed.get("mesh") if isinstance(self.fixed.get("mesh"), dict) else None
         unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS})
@@ -306,7 +320,6 @@ class _Planner:
                 if not _allowed(mesh, DATA_AXIS, dp) or self.batch % dp:
                     continue
                 devices = [tuple(self.order[r * dp * tp:(r + 1) * dp * tp]) for r in range(pp)]
-                tp_groups = axis_groups(devices[0], ("dp", "tp"), (dp, tp), "tp")
                 if tp > 1 and not groups_inside_domains([g for d in devices for g in
                                                          axis_groups(d, ("dp", "tp"), (dp, tp), "tp")], self.cluster):
                     continue
@@ -320,8 +333,9 @@ class _Planner:
         return [False, True] if meaningful else [False]
 
     def solve(self, setting: _Setting) -> LayoutSolution | None:
+        """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
         tp_group = axis_groups(setting.devices[0], ("dp", "tp"), (setting.dp, setting.tp), "tp")[0]
-        pins, hints = self.view.pins_and_hints({"mesh": {"dp": setting.dp, "tp": setting.tp}, **self.fixed,
+        pins, hints = self.view.pins_and_hints({**self.fixed, "mesh": {"dp": setting.dp, "tp": setting.tp},
                                                 "vocab_parallel": setting.vocab_parallel}, "tp")
         try:
             return self.view.layouts(self.cluster, tuple(tp_group), self.options,
@@ -332,12 +346,12 @@ class _Planner:
             return None
 
     def estimator(self, setting: _Setting, solution: LayoutSolution) -> Estimator:
+        """The estimator of a setting's profile (one per layouts and data-parallel degree)."""
         key = (id(solution), setting.dp)
-        cache = self.__dict__.setdefault("_estimators", {})
-        if key not in cache:
+        if key not in self._estimators:
             profile = self.view.profile(solution, setting.dp, self.options)
-            cache[key] = Estimator(profile, self.cluster, self.options.overhead_s, self.options.memory_headroom)
-        return cache[key]
+            self._estimators[key] = self.options.estimator(profile, self.cluster)
+        return self._estimators[key]
 
     def shapes(self, setting: _Setting, solution: LayoutSolution):
         """Microbatches x schedule x fsdp, each with its stage cut and recomputation."""
@@ -357,12 +371,11 @@ class _Planner:
 
     def _fits_plainly(self, base: PlanShape, estimator: Estimator) -> bool:
         """Whether the plan fits without FSDP or recomputation with an even stage cut."""
-        from passes.planner.placement import even_layer_ranges
         layers = self.view.num_layers
         stages = base.pp * base.virtual_stages
         ranges = even_layer_ranges(layers, stages) if stages > 1 else [(0, layers - 1)]
         plain = PlanShape(**{**base.__dict__, "fsdp_axis": None, "stage_layers": ranges})
-        return estimator.fits(estimator._memory(plain, None))
+        return estimator.fits(estimator.memory(plain, None))
 
     def _schedules(self, setting: _Setting, m: int) -> list[tuple[str, int]]:
         if setting.pp == 1:
@@ -387,7 +400,6 @@ class _Planner:
             base.stage_layers = shape.stage_layers
             yield from self._with_recompute(base, estimator, recompute_fixed)
             return
-        from passes.planner.placement import even_layer_ranges
         cuts = [even_layer_ranges(layers, stages)] if stages > 1 else [[(0, layers - 1)]]
         if stages > 1 and base.virtual_stages == 1:
             dp_cut = partition_layers(estimator, base)
@@ -399,14 +411,13 @@ class _Planner:
 
     def _with_recompute(self, shape: PlanShape, estimator: Estimator, fixed):
         """No recomputation where the stage fits, full recomputation of its blocks where it does not."""
-        from passes.planner.placement import recomputed_segments
         if fixed is not None:
             shape.recompute = recomputed_segments(fixed, self.view.structure.prefix, self.view.num_layers)
             yield shape
             return
         plain = PlanShape(**{**shape.__dict__, "recompute": frozenset()})
         yield plain
-        memory = estimator._memory(plain, None)
+        memory = estimator.memory(plain, None)
         crowded = {plain.rank_of_stage(k) for k in range(plain.num_stages)
                    if not estimator.fits({d: memory[d] for d in plain.stage_devices[plain.rank_of_stage(k)]})}
         if crowded:
@@ -471,22 +482,17 @@ def _layout_strategy(solution: LayoutSolution, view: ModelView) -> tuple[dict, d
     for target, sbp in solution.param_sbp.items():
         if sbp[0] != B:
             params[block_param_name(target, prefix)] = {"tp": format_nd_sbp(sbp)[1:-1]}
+    last_of_module = {}
+    for unit in solution.problem.units:  # an activation layout applies to a module's last op
+        module = unit.node.attrs.get("module", "")
+        if module:
+            last_of_module[module] = unit
     activations = {}
-    for unit in solution.problem.units:
-        node = unit.node
-        module = node.attrs.get("module", "")
-        if not module or node.op not in MATMUL_OPS:
-            continue
-        sbp = solution.node_choice[node.name][1][0][0]
-        glob = block_param_name(module, prefix) if unit.segment == "block" else module
-        if last_nodes_of_modules(solution.problem.graph, module)[-1] is node:
-            activations[glob] = {"tp": str(sbp)}
+    for module, unit in last_of_module.items():
+        if unit.node.op in MATMUL_OPS:
+            glob = block_param_name(module, prefix) if unit.segment == "block" else module
+            activations[glob] = {"tp": str(solution.node_choice[unit.node.name][1][0][0])}
     return params, activations
-
-
-def _layout_lines(solution: LayoutSolution) -> list[str]:
-    from passes.planner.intra_op import describe_layouts
-    return describe_layouts(solution)
 
 
 def _summary(setting: _Setting, shape: PlanShape) -> str:
@@ -604,6 +610,7 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
     blocks = range(1, layers + 1)
 
     def prefix(values) -> np.ndarray:
+        """Prefix sums with a leading zero: blocks j..l sum to prefix[l + 1] - prefix[j]."""
         return np.concatenate([[0.0], np.cumsum(list(values))])
 
     total = prefix(sum(work[j]) for j in blocks)
@@ -612,7 +619,7 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
     saved_each = [at(prof.segments[j].saved_bytes, batch) for j in blocks]
     saved = prefix(saved_each)
     inputs = prefix(at(prof.segments[j - 1].output_bytes, batch) for j in blocks)
-    fsdp = estimator._fsdp_analytic(shape)
+    fsdp = estimator.fsdp_analytic(shape)
     if fsdp:  # the gathered parameters are kept for backward, as the compiled program does
         extra = prefix(prof.segments[j].param_elements() * prof.precision.param_bytes for j in blocks)
         saved = saved + extra
@@ -636,7 +643,7 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
 
 
 def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
-    from passes import cost_model
+    """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element."""
     optimizer = shape.optimizer if shape.optimizer in cost_model.OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
     return float(cost_model.MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer,
                                                     param_dtype_bytes=estimator.profile.precision.param_bytes).total)

@@ -34,7 +34,6 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
     gloo = spec["metadata"]["calibration"]["gloo"]
     for name in ("all_reduce", "all_gather", "send_recv"):
         assert 0 < gloo[name]["small_s"] < 1 and 0 < gloo[name]["large_s"] < 10
-    assert gloo["all_reduce"]["large_s"] > gloo["all_reduce"]["small_s"]  # 1 MiB costs more than 4 bytes
 
 
 def test_calibration_needs_two_ranks():

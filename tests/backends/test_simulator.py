@@ -14,7 +14,7 @@ from frontend.dsl import load_plan
 from frontend.torch_capture import capture
 from ir.cluster import Cluster
 from passes import cost_model
-from passes.planner.costs import concrete_shape, is_view, local_shape
+from passes.planner.costs import concrete_shape, is_view
 from passes.planner.placement import axis_groups
 from passes.strategy import StrategyError
 from tests.models import gpt_inputs, gpt_model
@@ -56,6 +56,8 @@ def test_report_of_a_compiled_plan(dp_plan):
     assert set(report.peak_memory_bytes) == {0, 1} and min(report.peak_memory_bytes.values()) > 0
     assert report.comm_bytes_by_link_class["loopback"] > 0  # the gradient all-reduce
     assert "step" in report.summary()
+    serial = simulate(dp_plan, overlap_grad_sync=False)  # all-reduce after backward, not during it
+    assert serial.step_time_s > report.step_time_s
 
 
 def test_forward_time_is_the_sum_of_cost_model_op_times(small):
@@ -139,7 +141,8 @@ def test_memory_counts_recompute_schedule_and_sharding(big_graph):
 
 def test_slower_devices_take_longer_per_layer(big_graph):
     cluster = Cluster.load(ROOT / "examples" / "clusters" / "hetero-a100-v100.yaml")
-    report = simulate((big_graph, {"mesh": {"pp": 2, "dp": 16}, "stage_layers": [[0, 1], [2, 3]]}, cluster), **MIXED)
+    report = simulate((big_graph, {"mesh": {"pp": 2, "dp": 16}, "microbatches": 1, "stage_layers": [[0, 1], [2, 3]]},
+                       cluster), **MIXED)
     a100, v100 = report.stage_times
     assert v100["fwd_compute_s"] > 2 * a100["fwd_compute_s"]  # 125 vs 312 TFLOPS (and the head is there)
     limits = {d: 0.9 * cluster.device(d).memory_bytes for d in range(32)}

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +16,7 @@ from frontend.torch_capture import capture
 from ir.cluster import Cluster
 from ir.core import Graph
 from ir.types import Mesh, TensorType
-from passes.planner import PlanOptions, SearchError, search
+from passes.planner import SearchError, search
 from passes.planner.costs import Precision
 from passes.planner.intra_op import LayoutProblem, LayoutRequest, solve_layouts
 from passes.planner.layers import LayerStructure, block_param_name, find_layers
@@ -244,6 +243,12 @@ def test_tensor_parallel_layouts_come_out_megatron_style(tiny_gpt):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def private_plan_cache(tmp_path, monkeypatch):
+    """compile() plans with the default cache: keep it out of the home directory."""
+    monkeypatch.setenv("SBPC_CACHE_DIR", str(tmp_path / "plans"))
+
+
 def test_auto_plan_compiles_and_matches_eager(tiny_gpt):
     """A planner-chosen tensor-parallel plan is a normal strategy: it compiles and computes the right loss
     and gradients."""
@@ -298,6 +303,15 @@ def test_meta_model_plans_without_weights():
     from backends.torch_distributed import EmitError
     with pytest.raises(EmitError, match="meta device"):
         plan.emit("unused-dir")
+
+
+def test_fake_tensor_mode_model_plans_too():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = gpt_configs.GPT(gpt_configs.config("1.3B", n_layer=2))
+    plan = compile(model, gpt_configs.example_batch(8), cluster="dgx-a100:1", strategy="dp")
+    assert all(w.is_meta for w in plan.weights.values()) and plan.simulate().step_time_s > 0
+    assert "lm_head.weight" in plan.aliases  # the tied head stays tied
 
 
 # --------------------------------------------------------------------------------------------------
