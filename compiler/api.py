@@ -102,13 +102,16 @@ class CompiledPlan:
 def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None = None, *,
             cluster: Cluster | str | None = None, strategy: Any = "dp", optimizer: Any = None,
             loss_fn: Callable | None = None, mode: str = "train", capture_method: str = "auto",
-            dump_after: str | list | None = None, dump_to: TextIO | None = None) -> CompiledPlan:
+            dump_after: str | list | None = None, dump_to: TextIO | None = None,
+            search_options: dict | None = None) -> CompiledPlan:
     """Compile ``model`` for ``cluster`` with ``strategy``.
 
     ``model``: an ``nn.Module`` (called as ``model(*example_inputs, **example_kwargs)``; in ``train``
     mode its output is the loss, has ``.loss`` / ``["loss"]``, or ``loss_fn(output)`` gives it).
-    ``strategy``: ``"dp"``, ``"fsdp"`` or a dict (see ``docs/``). ``optimizer``: ``(torch.optim.SGD,
-    {"lr": 0.1})`` for emitted programs. ``dump_after``: pass name(s), or ``"all"``, whose IR to print.
+    ``strategy``: ``"dp"``, ``"fsdp"``, ``"auto"``, a dict or plan text (see ``docs/``); ``"auto"``
+    parts are searched by the planner, with ``search_options`` (precision, global_batch,
+    optimizer, time_budget_s, progress, cache_dir, ...; see ``passes.planner.search``).
+    ``optimizer``: ``(torch.optim.SGD, {"lr": 0.1})`` for emitted programs. ``dump_after``: pass name(s), or ``"all"``, whose IR to print.
     """
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', found {mode!r}")
@@ -126,7 +129,7 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
                                 cluster.world_size)
     report = None
     if wants_search(strategy):
-        strategy, report = search_strategy(graph, cluster, strategy, train=train)
+        strategy, report = search_strategy(graph, cluster, strategy, train=train, **(search_options or {}))
     strat = normalize_strategy(strategy, cluster.world_size)
     ctx = PassContext(strategy=strat, world_size=cluster.world_size, train=train, cluster=cluster)
     names = passes_for(strat)
@@ -167,10 +170,10 @@ def wants_search(strategy: Any) -> bool:
     return False
 
 
-def search_strategy(graph: Graph, cluster: Cluster, strategy: Any, *, train: bool):
+def search_strategy(graph: Graph, cluster: Cluster, strategy: Any, *, train: bool, **options):
     """Fill the ``"auto"`` parts of a strategy with the planner (see ``passes/planner``)."""
     from passes.planner import search
-    return search(graph, cluster, strategy, train=train)
+    return search(graph, cluster, strategy, train=train, **options)
 
 
 def resolve_strategy(strategy: Any, model: torch.nn.Module | None, graph: Graph, world_size: int) -> Any:

@@ -39,6 +39,9 @@ def normalize_strategy(strategy, world_size: int) -> dict:
     if size != world_size:
         raise StrategyError(f"the mesh {out['mesh']} holds {size} devices but the cluster has {world_size}; "
                             f"make the axis sizes multiply to {world_size}")
+    micro = out.get("microbatches")
+    if isinstance(micro, int) and micro > 1 and "pp" not in out["mesh"]:
+        out["mesh"] = {"pp": 1, **out["mesh"]}  # gradient accumulation is a one-stage pipeline
     if out.get("fsdp") is True:
         out["fsdp"] = "dp"
     if out.get("fsdp") and out["fsdp"] not in out["mesh"]:
