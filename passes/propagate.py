@@ -107,7 +107,7 @@ def _activation_hints(graph: Graph, strategy: dict) -> dict[int, tuple]:
             if node.op in NORM_OPS and node.outputs[0].type.ndim >= 3:
                 hints[id(node)] = tuple(norm_layout if i == a else None for i in range(mesh.ndim))
     for pattern, spec in (strategy.get("activations") or {}).items():
-        last = _last_node_of_modules(graph, pattern)
+        last = last_nodes_of_modules(graph, pattern)
         if not last:
             modules = sorted({n.attrs.get("module", "") for n in graph.nodes} - {""})
             from passes.strategy import closest
@@ -124,7 +124,8 @@ def _hint_tuple(per_axis: dict, mesh: Mesh) -> tuple:
     return tuple(parse_sbp(per_axis[a]) if a in per_axis else None for a in mesh.axes)
 
 
-def _last_node_of_modules(graph: Graph, pattern: str) -> list[Node]:
+def last_nodes_of_modules(graph: Graph, pattern: str) -> list[Node]:
+    """The last node of every module matching ``pattern`` (an activation layout applies to its output)."""
     last: dict[str, Node] = {}
     for node in graph.nodes:
         module = node.attrs.get("module", "")

@@ -29,6 +29,7 @@ from passes.planner.layers import LayerStructure, find_layers
 from passes.planner.placement import (DATA_AXIS, PIPELINE_AXIS, PlacementError, PlanShape, axis_groups,
                                       even_layer_ranges, layer_ranges_from_cuts, recomputed_segments,
                                       stage_device_lists)
+from passes.propagate import last_nodes_of_modules
 from passes.strategy import normalize_strategy, tensor_axis
 
 NORM_OPS = ("aten.layer_norm.default", "aten.rms_norm.default")
@@ -265,16 +266,6 @@ def norm_hints(graph: Graph, sequence_parallel: bool) -> dict:
     propagation pass lays them out whenever there is a tensor-parallel axis."""
     layout = Split(1) if sequence_parallel else B
     return {n.name: (layout,) for n in graph.nodes if n.op in NORM_OPS and n.outputs[0].type.ndim >= 3}
-
-
-def last_nodes_of_modules(graph: Graph, pattern: str) -> list[Node]:
-    """The last node of every module matching ``pattern`` (an activation layout applies to its output)."""
-    last: dict[str, Node] = {}
-    for node in graph.nodes:
-        module = node.attrs.get("module", "")
-        if module and fnmatch.fnmatchcase(module, pattern):
-            last[module] = node
-    return list(last.values())
 
 
 def _rename_axis(profile: Profile, old: str, new: str) -> Profile:

@@ -136,13 +136,6 @@ def check_gradients(sample, mesh, sig, full, local_inputs, actual, expected, gen
 
 # -- tests -------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_ruled_op_has_samples():

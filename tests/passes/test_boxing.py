@@ -244,10 +244,3 @@ def test_collective_gradient_is_the_adjoint(key, op, kwargs):
             assert_same(g, w, f"{op}{kwargs} on mesh {mesh.shape} axis {axis}: gradient on rank {r}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread start-up costs more than it saves, and CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

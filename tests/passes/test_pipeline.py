@@ -30,13 +30,6 @@ GPT4_INPUTS = gpt_inputs(batch=8, seq=8)
 _CAPTURED: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine a second intra-op thread only spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def compile_cached(model, inputs, world: int, strategy, **kwargs):
