@@ -344,17 +344,75 @@ def make_optimizer(params):
 
 def sync_gradients(params):
     """All-reduce the partial gradients of broadcast parameters, one flat buffer per bucket."""
-    for axes, names in GRAD_BUCKETS:
-        if not all(n in params for n in names):
-            continue  # a bucket of another pipeline stage
-        grads = [params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]) for n in names]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+    for axes, names in local_buckets(params):
+        flat = flat_gradients(params, names)
         for axis in axes:
             dist.all_reduce(flat, group=GROUPS[axis][0])
-        offset = 0
-        for n, g in zip(names, grads):
-            params[n].grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        unflatten_gradients(params, names, flat)
+
+
+def local_buckets(params):
+    """The gradient buckets whose parameters this rank holds (others belong to other pipeline stages)."""
+    return [(axes, names) for axes, names in GRAD_BUCKETS if all(n in params for n in names)]
+
+
+def flat_gradients(params, names):
+    return torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
+                      for n in names])
+
+
+def unflatten_gradients(params, names, flat):
+    offset = 0
+    for n in names:
+        size = params[n].numel()
+        params[n].grad = flat[offset:offset + size].view_as(params[n]).clone()
+        offset += size
+
+
+class OverlappedGradientSync:
+    """All-reduce each bucket while backward still runs, as soon as its last gradient is ready.
+
+    Buckets are launched strictly in their order (the grad_sync pass orders them as backward
+    produces them), so every rank issues the same collectives in the same order.
+    """
+
+    def __init__(self, params):
+        self.params = params
+        self.buckets = local_buckets(params)
+        self.bucket_of = {n: i for i, (_, names) in enumerate(self.buckets) for n in names}
+        for name in self.bucket_of:
+            params[name].register_post_accumulate_grad_hook(self._hook(name))
+        self.start()
+
+    def start(self):
+        """Forget the previous step (call before backward)."""
+        self.missing = [set(names) for _, names in self.buckets]
+        self.launched = []
+
+    def _hook(self, name):
+        def ready(_param):
+            self.missing[self.bucket_of[name]].discard(name)
+            self._launch_ready()
+        return ready
+
+    def _launch_ready(self):
+        while len(self.launched) < len(self.buckets) and not self.missing[len(self.launched)]:
+            self._launch(len(self.launched))
+
+    def _launch(self, index):
+        axes, names = self.buckets[index]
+        flat = flat_gradients(self.params, names)
+        self.launched.append((flat, dist.all_reduce(flat, group=GROUPS[axes[0]][0], async_op=True)))
+
+    def finish(self):
+        """Wait for every bucket (launching those whose parameters got no gradient) and store the sums."""
+        while len(self.launched) < len(self.buckets):
+            self._launch(len(self.launched))
+        for (axes, names), (flat, work) in zip(self.buckets, self.launched):
+            work.wait()
+            for axis in axes[1:]:
+                dist.all_reduce(flat, group=GROUPS[axis][0])
+            unflatten_gradients(self.params, names, flat)
 
 
 def parameter_bytes_per_rank(params):
@@ -397,6 +455,7 @@ def main(argv=None):
     params = {n: shard(weights[n].to(DEVICE), layout).requires_grad_(True) for n, layout in PARAMS.items()}
     buffers = {n: weights[n].to(DEVICE) for n in BUFFERS}
     optimizer = make_optimizer(params)
+    grad_sync = OverlappedGradientSync(params)
     metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
     for step in range(args.steps):
         started = time.perf_counter()
@@ -405,8 +464,9 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         with regathering_params():
             loss = forward(params, buffers, local_inputs(batch), dims, COORD)
+        grad_sync.start()
         (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
-        sync_gradients(params)
+        grad_sync.finish()
         optimizer.step()
         value = logical_loss(loss)
         if step == 0:

@@ -11,7 +11,7 @@ from ir.ops.shape_ops import _magnitude
 from ir.sbp import Broadcast
 from passes.manager import PassContext, register_pass
 
-DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
+DEFAULT_BUCKET_BYTES = 4 * 2 ** 20  # small enough that reducing early buckets overlaps backward
 
 
 @register_pass("grad_sync")

@@ -15,7 +15,7 @@ from ir.parser import parse
 from passes.manager import PassFailed
 from passes.pipeline import apply_paths
 from tests.models import assert_close_to_eager, gpt2_model, gpt_inputs, gpt_model, lm_inputs
-from tests.passes.test_pipeline import compile_cached, one_torch_thread  # noqa: F401  (autouse fixture)
+from tests.passes.test_pipeline import compile_cached
 
 GPT = gpt_model(n_layer=4)
 GPT_INPUTS = gpt_inputs(batch=8, seq=8)
