@@ -441,6 +441,24 @@ def full_state_dict(params, buffers):
     return state
 
 
+def report_step(metrics, step, value, started, extra=None):
+    """One JSON line per step in --metrics (rank 0), and the loss on rank 0's stdout."""
+    if metrics:
+        record = {"step": step, "loss": value, "seconds": time.perf_counter() - started, **(extra or {})}
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    if dist.get_rank() == 0:
+        print(f"step {step} loss {value:.6f}", flush=True)
+
+
+def finish(args, state):
+    """Save the full state_dict (--save, rank 0) and leave the process group."""
+    if args.save and dist.get_rank() == 0:
+        torch.save(state, args.save)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     args = parse_args(argv)
     init_distributed(args.comm_timeout)
@@ -471,19 +489,8 @@ def main(argv=None):
         value = logical_loss(loss)
         if step == 0:
             resting = parameter_bytes_per_rank(params)
-        if metrics:
-            record = {"step": step, "loss": value, "seconds": time.perf_counter() - started}
-            if step == 0:
-                record["param_bytes_per_rank"] = resting
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if dist.get_rank() == 0:
-            print(f"step {step} loss {value:.6f}", flush=True)
-    state = full_state_dict(params, buffers)
-    if args.save and dist.get_rank() == 0:
-        torch.save(state, args.save)
-    dist.barrier()
-    dist.destroy_process_group()
+        report_step(metrics, step, value, started, {"param_bytes_per_rank": resting} if step == 0 else {})
+    finish(args, full_state_dict(params, buffers))
 
 
 # -- pipelines ------------------------------------------------------------------------------------
@@ -734,14 +741,5 @@ def pipeline_main(args):
             if optimizer:
                 optimizer.step()
         value = pipeline_loss(local)
-        if metrics:
-            metrics.write(json.dumps({"step": step_index, "loss": value,
-                                      "seconds": time.perf_counter() - started}) + "\n")
-            metrics.flush()
-        if dist.get_rank() == 0:
-            print(f"step {step_index} loss {value:.6f}", flush=True)
-    state = pipeline_state_dict(params, buffers)
-    if args.save and dist.get_rank() == 0:
-        torch.save(state, args.save)
-    dist.barrier()
-    dist.destroy_process_group()
+        report_step(metrics, step_index, value, started)
+    finish(args, pipeline_state_dict(params, buffers))
