@@ -92,22 +92,34 @@ class ProgramWriter:
         buffers = [p.target for p in g.params if p.kind == "buffer"]
         buckets = [(tuple(b["axes"]), [p.target for p in b["params"]]) for b in g.attrs.get("grad_buckets", [])]
         lines = [
-            "import torch  # noqa: E402  (constants below need torch dtypes)",
-            f"MESH_AXES = {tuple(self.mesh.axes)!r}",
-            f"MESH_SHAPE = {tuple(self.mesh.shape)!r}",
-            f"MESH_DEVICES = {[list(self.mesh.devices)]!r}",
-            "# name, dims, dtype, layout per mesh axis, exclusive upper bound of synthetic integer values",
-            "INPUTS = [\n" + "".join(f"    {_py(i)},\n" for i in inputs) + "]",
+            *self._mesh_and_input_lines([list(self.mesh.devices)], inputs),
             "PARAMS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in params.items()) + "}",
             f"BUFFERS = {buffers!r}",
-            f"ALIASES = {self.aliases!r}",
-            "GRAD_BUCKETS = [\n" + "".join(f"    ({a!r}, {n!r}),\n" for a, n in buckets) + "]",
-            f"LOSS_SBP = {[str(s) for s in g.loss.sbp]!r}",
-            f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
-            f"EXAMPLE_DIMS = {self.example_dims!r}",
+            *self._training_lines(buckets),
             "PIPELINE = None",
         ]
         return "\n".join(lines)
+
+    def _mesh_and_input_lines(self, mesh_devices: list, inputs: list, note: str = "") -> list[str]:
+        """The constants every program starts with: the mesh, its device lists, the inputs."""
+        return [
+            "import torch  # noqa: E402  (constants below need torch dtypes)",
+            f"MESH_AXES = {tuple(self.mesh.axes)!r}",
+            f"MESH_SHAPE = {tuple(self.mesh.shape)!r}",
+            f"MESH_DEVICES = {mesh_devices!r}{note}",
+            "# name, dims, dtype, layout per mesh axis, exclusive upper bound of synthetic integer values",
+            "INPUTS = [\n" + "".join(f"    {_py(i)},\n" for i in inputs) + "]",
+        ]
+
+    def _training_lines(self, buckets: list) -> list[str]:
+        """Aliases, gradient buckets, the loss layout, the optimizer and the example dims."""
+        return [
+            f"ALIASES = {self.aliases!r}",
+            "GRAD_BUCKETS = [\n" + "".join(f"    ({a!r}, {n!r}),\n" for a, n in buckets) + "]",
+            f"LOSS_SBP = {[str(s) for s in self.graph.loss.sbp]!r}",
+            f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
+            f"EXAMPLE_DIMS = {self.example_dims!r}",
+        ]
 
     def _input_specs(self) -> list[tuple]:
         specs = []
@@ -220,22 +232,13 @@ class PipelineProgramWriter(ProgramWriter):
                     "microbatches": int(info["microbatches"]), "paths": microbatch_paths(g),
                     "skippable": bool(info.get("skippable"))}
         lines = [
-            "import torch  # noqa: E402  (constants below need torch dtypes)",
-            f"MESH_AXES = {tuple(self.mesh.axes)!r}",
-            f"MESH_SHAPE = {tuple(self.mesh.shape)!r}",
-            f"MESH_DEVICES = {self.position_devices!r}  # per pipeline position",
-            "# name, dims, dtype, layout per mesh axis, exclusive upper bound of synthetic integer values",
-            "INPUTS = [\n" + "".join(f"    {_py(i)},\n" for i in self._input_specs()) + "]",
+            *self._mesh_and_input_lines(self.position_devices, self._input_specs(), "  # per pipeline position"),
             "PARAMS = {}  # pipelines: see STAGE_TENSORS",
             "BUFFERS = []",
             "# IR name: (state_dict name, param or buffer, layout per mesh axis, stage)",
             "STAGE_TENSORS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in tensors.items()) + "}",
             f"TIED_PARAMS = {[[p.name for p in group] for group in tied_groups(g)]!r}",
-            f"ALIASES = {self.aliases!r}",
-            "GRAD_BUCKETS = [\n" + "".join(f"    ({a!r}, {n!r}),\n" for a, n in buckets) + "]",
-            f"LOSS_SBP = {[str(s) for s in g.loss.sbp]!r}",
-            f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
-            f"EXAMPLE_DIMS = {self.example_dims!r}",
+            *self._training_lines(buckets),
             f"PIPELINE = {pipeline!r}",
             "SCHEDULE = {\n" + "".join(f"    {r}: {acts!r},\n" for r, acts in schedule.items()) + "}",
         ]
