@@ -1,15 +1,22 @@
 """Measure this machine and write a ``local``-style cluster spec with the measured numbers.
 
-:func:`calibrate` times fp32 (and bf16) matmuls, an elementwise add (memory bandwidth), and gloo
-collectives (all_reduce, all_gather, send/recv ping-pong) between ``world_size`` local processes, then
-builds a one-node cluster whose device kind and loopback link carry those numbers. The raw
+:func:`calibrate` starts ``world_size`` local processes joined by gloo, as an emitted program runs,
+and measures in all of them at once (each with its share of the cores, ``cpu_count // world_size``
+threads, since that is what a rank gets when all ranks work):
+
+- compute: fp32 (and bf16) matmul FLOP/s, memory bandwidth (``c = a + b``), the dispatch overhead of
+  one op forward and backward, and per kind of op the *efficiency* (roofline over measured time, see
+  :mod:`backends.op_probes`);
+- communication: all_reduce, all_gather, reduce_scatter, all_to_all and one-way send/recv at several
+  sizes, each fitted to the cost model's ring formula ``steps * latency + volume / bandwidth`` (see
+  :func:`fit_collective`); the fits become the loopback link's ``collectives`` table, and send/recv's
+  fit is the link itself.
+
+The result is a one-node cluster whose device kind and loopback link carry those numbers; the raw
 measurements go under ``metadata.calibration`` so the file explains itself::
 
     python -m backends.calibrate --world-size 2 --out my-machine.yaml
     Cluster.load("my-machine.yaml")
-
-Each rank is given ``cpu_count // world_size`` threads while measuring compute, since that is its
-share when all ranks run at once.
 """
 from __future__ import annotations
 
@@ -24,14 +31,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from backends.op_probes import measure_op_efficiency
 from ir.cluster import Cluster
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 LATENCY_PROBE_BYTES = 4  # one fp32 element: the time is all latency
+MESSAGE_SIZES = (LATENCY_PROBE_BYTES, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
+QUICK_MESSAGE_SIZES = (LATENCY_PROBE_BYTES, 1 << 18, 1 << 20)
+COMPUTE_BURST = (512, 512, 1024)
+"""The matmul (m, k, n) every rank runs before each timed collective (a few milliseconds on a core)."""
 
 
 def calibrate(world_size: int = 2, out_path: str | Path | None = None, quick: bool = False) -> dict[str, Any]:
@@ -42,19 +55,66 @@ def calibrate(world_size: int = 2, out_path: str | Path | None = None, quick: bo
     """
     if world_size < 2:
         raise ValueError(f"expected world_size >= 2 to measure communication, found {world_size}")
-    threads = max(1, (os.cpu_count() or 1) // world_size)
-    matmul = measure_matmul_gflops((128, 256) if quick else (256, 512, 1024), threads)
-    bf16 = measure_matmul_gflops((256,), threads, torch.bfloat16)
-    elementwise = measure_elementwise_bandwidth((1 << 20) if quick else (1 << 23), threads)
-    comm = measure_gloo(world_size, (1 << 20) if quick else (1 << 24), repeats=3 if quick else 10)
-    spec = _spec_from_measurements(world_size, matmul, bf16, elementwise, comm)
+    measured = _run_ranks(world_size, quick)
+    spec = spec_from_measurements(world_size, measured)
     cluster = Cluster.from_dict(spec)  # validates what we measured
     if out_path is not None:
         cluster.dump_yaml(out_path)
     return cluster.to_dict()
 
 
+def threads_per_rank(world_size: int) -> int:
+    """The cores each rank gets when ``world_size`` ranks share this machine."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+# -- the ranks -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_ranks(world_size: int, quick: bool) -> dict[str, Any]:
+    """Run :func:`_rank_main` in ``world_size`` processes; rank 0's measurements."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result_path = os.path.join(scratch, "measured.json")
+        mp.spawn(_rank_main, args=(world_size, _free_port(), quick, result_path), nprocs=world_size, join=True)
+        with open(result_path) as handle:
+            return json.load(handle)
+
+
+def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: str) -> None:
+    """One rank: join a gloo group on 127.0.0.1, measure together with the others; rank 0 writes."""
+    torch.set_num_threads(threads_per_rank(world_size))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        measured = measure_compute(quick, dist.barrier)
+        measured["gloo"] = measure_collectives(rank, world_size, QUICK_MESSAGE_SIZES if quick else MESSAGE_SIZES,
+                                               repeats=5 if quick else 10)
+        if rank == 0:
+            Path(result_path).write_text(json.dumps(measured))
+    finally:
+        dist.destroy_process_group()
+
+
 # -- compute ----------------------------------------------------------------------------------------
+
+
+def measure_compute(quick: bool, barrier: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Matmul FLOP/s per size, memory bandwidth, op dispatch overhead and op efficiencies."""
+    barrier()
+    matmul = measure_matmul_gflops((128, 256) if quick else (256, 512, 1024))
+    bf16 = measure_matmul_gflops((256,), torch.bfloat16)
+    barrier()
+    bandwidth = measure_elementwise_bandwidth((1 << 20) if quick else (1 << 23))
+    efficiency, overhead = measure_op_efficiency(max(matmul.values()) * 1e9, bandwidth,
+                                                 repeats=3 if quick else 9, barrier=barrier)
+    return {"matmul_fp32_gflops": matmul, "matmul_bf16_gflops": bf16, "elementwise_bytes_per_s": bandwidth,
+            "op_overhead_s": list(overhead), "efficiency": efficiency}
 
 
 def _best_seconds(work: Callable[[], object], min_total_s: float = 0.05, min_repeats: int = 3) -> float:
@@ -69,94 +129,91 @@ def _best_seconds(work: Callable[[], object], min_total_s: float = 0.05, min_rep
     return min(times)
 
 
-def _with_threads(threads: int, measure: Callable[[], Any]) -> Any:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return measure()
-    finally:
-        torch.set_num_threads(previous)
+def measure_matmul_gflops(sizes: tuple[int, ...], dtype: torch.dtype = torch.float32) -> dict[int, float]:
+    """GFLOP/s of an n x n x n matmul (2n³ FLOPs) for each size n, on this process's threads."""
+    result = {}
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        result[n] = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b, out=out)) / 1e9
+    return result
 
 
-def measure_matmul_gflops(sizes: tuple[int, ...], threads: int, dtype: torch.dtype = torch.float32) -> dict[int, float]:
-    """GFLOP/s of an n x n x n matmul (2n³ FLOPs) for each size n, using ``threads`` threads."""
-    def measure() -> dict[int, float]:
-        result = {}
-        for n in sizes:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            out = torch.empty(n, n, dtype=dtype)
-            result[n] = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b, out=out)) / 1e9
-        return result
-    return _with_threads(threads, measure)
-
-
-def measure_elementwise_bandwidth(elements: int, threads: int) -> float:
+def measure_elementwise_bandwidth(elements: int) -> float:
     """Bytes/s moved by ``c = a + b`` on fp32 vectors (two reads and one write per element)."""
-    def measure() -> float:
-        a, b, c = torch.randn(elements), torch.randn(elements), torch.empty(elements)
-        return 3 * 4 * elements / _best_seconds(lambda: torch.add(a, b, out=c))
-    return _with_threads(threads, measure)
+    a, b, c = torch.randn(elements), torch.randn(elements), torch.empty(elements)
+    return 3 * 4 * elements / _best_seconds(lambda: torch.add(a, b, out=c))
 
 
 # -- communication ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def measure_collectives(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int
+                        ) -> dict[str, list[list[float]]]:
+    """Per collective kind, ``[[bytes, mean seconds], ...]`` as rank 0 times it.
 
+    Each call comes right after a burst of compute on every rank, with no barrier, the way a training
+    step reaches its collectives: the time includes waking the communication threads of busy
+    processes and waiting for the slower rank, which on CPU ranks costs more than the transfer and has a
+    long tail (a thread waiting for a busy core), so the mean, tail included, is what a step pays.
+    Collectives are called as the emitted runtime calls them (in-place all-reduce of a copy; on
+    CPU a reduce-scatter is an all-reduce and a chunk).
 
-def measure_gloo(world_size: int, large_bytes: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median seconds of all_reduce, all_gather and one-way send/recv, for a 4-byte and a large message.
-
-    Returns ``{"all_reduce": {"small_s", "large_s", "large_bytes"}, ...}`` as timed by rank 0.
+    Bytes follow the cost model's convention (:mod:`passes.cost_model`): the whole buffer for
+    all_reduce, the gathered output for all_gather, the input for reduce_scatter, each rank's send
+    buffer for all_to_all, the message for send_recv (one way: half a ping-pong). A kind this
+    backend does not implement is left out.
     """
-    with tempfile.TemporaryDirectory() as scratch:
-        result_path = os.path.join(scratch, "gloo.json")
-        mp.spawn(_gloo_worker, args=(world_size, _free_port(), large_bytes, repeats, result_path),
-                 nprocs=world_size, join=True)
-        with open(result_path) as handle:
-            return json.load(handle)
+    results: dict[str, list[list[float]]] = {}
+    for kind, operation in COLLECTIVE_PROBES.items():
+        points = []
+        try:
+            for nbytes in sizes:
+                tensor = torch.ones(max(world_size, nbytes // 4))
+                seconds = _loaded_seconds(operation, tensor, rank, world_size, repeats * (3 if nbytes < 1 << 20 else 1))
+                points.append([float(tensor.numel() * 4), seconds / (2 if kind == "send_recv" else 1)])
+        except RuntimeError:  # e.g. a collective gloo lacks; every rank fails the same way
+            continue
+        results[kind] = points
+    return results
 
 
-def _gloo_worker(rank: int, world_size: int, port: int, large_bytes: int, repeats: int, result_path: str) -> None:
-    """One rank: join a gloo group on 127.0.0.1 and time the collectives; rank 0 writes the results."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
-    try:
-        results = {}
-        for name, operation in (("all_reduce", _all_reduce), ("all_gather", _all_gather), ("send_recv", _ping_pong)):
-            small = _median_seconds(operation, LATENCY_PROBE_BYTES, rank, world_size, repeats)
-            large = _median_seconds(operation, large_bytes, rank, world_size, repeats)
-            results[name] = {"small_s": small, "large_s": large, "large_bytes": large_bytes}
-        if rank == 0:
-            Path(result_path).write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
-
-
-def _median_seconds(operation: Callable[[torch.Tensor, int, int], None], nbytes: int, rank: int,
+def _loaded_seconds(operation: Callable[[torch.Tensor, int, int], None], tensor: torch.Tensor, rank: int,
                     world_size: int, repeats: int) -> float:
-    tensor = torch.ones(max(1, nbytes // 4))
+    """Mean seconds of ``operation`` right after a compute burst."""
     operation(tensor, rank, world_size)  # warm-up: connections and buffers
+    dist.barrier()
+    left, right = torch.randn(COMPUTE_BURST[:2]), torch.randn(COMPUTE_BURST[1:])
     times = []
     for _ in range(repeats):
-        dist.barrier()
+        torch.mm(left, right)
         begin = time.perf_counter()
         operation(tensor, rank, world_size)
         times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return statistics.fmean(times)
 
 
 def _all_reduce(tensor: torch.Tensor, rank: int, world_size: int) -> None:
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor.clone())
 
 
 def _all_gather(tensor: torch.Tensor, rank: int, world_size: int) -> None:
-    """Gather ``tensor`` (one shard) from every rank; its size is the per-rank shard."""
-    dist.all_gather([torch.empty_like(tensor) for _ in range(world_size)], tensor)
+    """Gather ``tensor`` (the whole output) from its per-rank shards."""
+    shard = tensor[: tensor.numel() // world_size]
+    dist.all_gather([torch.empty_like(shard) for _ in range(world_size)], shard)
+
+
+def _reduce_scatter(tensor: torch.Tensor, rank: int, world_size: int) -> None:
+    if tensor.is_cuda:
+        parts = list(tensor.chunk(world_size))
+        dist.reduce_scatter(torch.empty_like(parts[0]), parts)
+    else:  # gloo has no reduce-scatter
+        _all_reduce(tensor, rank, world_size)
+
+
+def _all_to_all(tensor: torch.Tensor, rank: int, world_size: int) -> None:
+    sends = list(tensor.chunk(world_size))
+    dist.all_to_all([torch.empty_like(s) for s in sends], sends)
 
 
 def _ping_pong(tensor: torch.Tensor, rank: int, world_size: int) -> None:
@@ -169,15 +226,40 @@ def _ping_pong(tensor: torch.Tensor, rank: int, world_size: int) -> None:
         dist.send(tensor, 0)
 
 
+COLLECTIVE_PROBES: dict[str, Callable[[torch.Tensor, int, int], None]] = {
+    "all_reduce": _all_reduce, "all_gather": _all_gather, "reduce_scatter": _reduce_scatter,
+    "all_to_all": _all_to_all, "send_recv": _ping_pong,
+}
+
+
+def ring_coefficients(kind: str, p: int) -> tuple[float, float]:
+    """(latency terms, fraction of the bytes each rank moves) of the cost model's ring algorithm."""
+    if kind == "all_reduce":
+        return 2 * (p - 1), 2 * (p - 1) / p
+    if kind == "send_recv":
+        return 1.0, 1.0
+    if kind == "broadcast":
+        return p - 1, 1.0
+    return p - 1, (p - 1) / p  # all_gather, reduce_scatter, all_to_all (pairwise)
+
+
+def fit_collective(kind: str, p: int, points: list[list[float]]) -> tuple[float, float]:
+    """(latency s, bandwidth B/s) so that ``a * latency + b * bytes / bandwidth`` (``a``, ``b`` from
+    :func:`ring_coefficients`) best matches the measured ``[bytes, seconds]`` points in relative error."""
+    a, b = ring_coefficients(kind, p)
+    sizes = np.array([n for n, _ in points], dtype=float)
+    seconds = np.array([s for _, s in points], dtype=float)
+    design = np.stack([np.full_like(sizes, a), b * sizes], axis=1) / seconds[:, None]
+    (latency, inverse_bandwidth), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+    if latency <= 0 or inverse_bandwidth <= 0:  # noise won: fit through the smallest and largest message
+        smallest, largest = int(np.argmin(sizes)), int(np.argmax(sizes))
+        latency = max(seconds[smallest], 1e-7) / a
+        leftover = seconds[largest] - a * latency
+        inverse_bandwidth = (leftover if leftover > 0.1 * seconds[largest] else seconds[largest]) / (b * sizes[largest])
+    return float(latency), float(1.0 / inverse_bandwidth)
+
+
 # -- spec ------------------------------------------------------------------------------------------
-
-
-def _fit_link(small_s: float, large_s: float, large_bytes: int) -> tuple[float, float]:
-    """(latency s, bandwidth B/s) of ``t(n) = latency + n / bandwidth`` through two measurements."""
-    latency = max(small_s, 1e-7)
-    extra = large_s - small_s
-    bandwidth = (large_bytes - LATENCY_PROBE_BYTES) / extra if extra > 0 else large_bytes / max(large_s, 1e-9)
-    return latency, bandwidth
 
 
 def _physical_memory_bytes() -> int:
@@ -187,34 +269,34 @@ def _physical_memory_bytes() -> int:
         return 8 * 2**30
 
 
-def _spec_from_measurements(world_size: int, matmul: dict[int, float], bf16: dict[int, float],
-                            elementwise_Bps: float, comm: dict[str, dict[str, float]]) -> dict[str, Any]:
-    ping = comm["send_recv"]
-    # A ping-pong is two one-way trips.
-    latency, bandwidth = _fit_link(ping["small_s"] / 2, ping["large_s"] / 2, int(ping["large_bytes"]))
-    p = world_size
-    all_reduce = comm["all_reduce"]
-    bus_bandwidth = 2 * (p - 1) / p * all_reduce["large_bytes"] / all_reduce["large_s"]
+def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[str, Any]:
+    """The cluster spec of what :func:`measure_compute` and :func:`measure_collectives` found."""
+    fits = {kind: fit_collective(kind, world_size, points) for kind, points in measured["gloo"].items()}
+    latency, bandwidth = fits.get("send_recv", (50e-6, 2e9))
+    forward_overhead, backward_overhead = measured["op_overhead_s"]
     return {
         "name": f"calibrated-local:{world_size}",
         "description": f"measured on {socket.gethostname()} by backends.calibrate",
         "device_kinds": {"cpu-calibrated": {
-            "peak_flops": {"fp32": max(matmul.values()) * 1e9, "bf16": max(bf16.values()) * 1e9},
+            "peak_flops": {"fp32": max(measured["matmul_fp32_gflops"].values()) * 1e9,
+                           "bf16": max(measured["matmul_bf16_gflops"].values()) * 1e9},
             "memory": _physical_memory_bytes() // world_size,
-            "memory_bandwidth": elementwise_Bps,
+            "memory_bandwidth": measured["elementwise_bytes_per_s"],
+            "op_overhead": {"forward": forward_overhead, "backward": backward_overhead},
+            "efficiency": measured["efficiency"],
         }},
         "nodes": [{
             "name": "localhost", "device": "cpu-calibrated", "devices": world_size,
-            "intra_link": {"class": "loopback", "bandwidth": bandwidth, "latency": latency},
+            "intra_link": {"class": "loopback", "bandwidth": bandwidth, "latency": latency,
+                           "collectives": {kind: {"latency": lat, "bandwidth": bw}
+                                           for kind, (lat, bw) in fits.items() if kind != "send_recv"}},
             "nics": [{"type": "ethernet", "count": 1, "bandwidth": "10Gb/s", "latency": "30us"}],
         }],
         "metadata": {"calibration": {
-            "threads_per_rank": max(1, (os.cpu_count() or 1) // world_size),
-            "matmul_fp32_gflops": {str(n): v for n, v in matmul.items()},
-            "matmul_bf16_gflops": {str(n): v for n, v in bf16.items()},
-            "elementwise_bytes_per_s": elementwise_Bps,
-            "gloo": comm,
-            "all_reduce_bus_bandwidth_bytes_per_s": bus_bandwidth,
+            "threads_per_rank": threads_per_rank(world_size),
+            **{key: measured[key] for key in ("matmul_fp32_gflops", "matmul_bf16_gflops",
+                                              "elementwise_bytes_per_s", "op_overhead_s")},
+            "gloo_seconds_by_bytes": measured["gloo"],
         }},
     }
 

@@ -16,6 +16,7 @@ documented in ``docs/clusters.md``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,6 +35,7 @@ LINK_CLASSES = ("self", "nvswitch", "nvlink", "pcie", "loopback", "infiniband", 
 INTRA_NODE_CLASSES = ("nvswitch", "nvlink", "pcie", "loopback")
 NIC_TYPES = ("infiniband", "roce", "ethernet")  # best first: a node pair uses the best type both have
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv")
 
 # Every server has some host Ethernet even when its spec lists none; nodes without a common NIC type
 # fall back to it (sockets), as Holmes observes for mixed InfiniBand/Ethernet clusters.
@@ -124,10 +126,21 @@ class Link:
     latency_s: float
     bandwidth_Bps: float
     link_class: str
+    collectives: tuple[tuple[str, float, float], ...] = ()
+    """Per collective kind, ``(kind, latency_s, bandwidth_Bps)`` that collective's implementation
+    achieves per algorithm step on this link (measured by calibration: software collectives such as
+    gloo's copy, reduce and hand buffers between threads, so they reach less than a raw transfer)."""
 
     def transfer_time(self, nbytes: float) -> float:
         """Seconds to move ``nbytes`` over this link alone (latency + size / bandwidth)."""
         return self.latency_s + nbytes / self.bandwidth_Bps
+
+    def for_collective(self, kind: str) -> "Link":
+        """The link as collective ``kind`` sees it: its measured figures when it has them, else itself."""
+        for name, latency, bandwidth in self.collectives:
+            if name == kind:
+                return Link(latency, bandwidth, self.link_class)
+        return self
 
 
 SELF_LINK = Link(0.0, math.inf, "self")
@@ -141,6 +154,11 @@ class DeviceKind:
     peak_flops: dict[str, float]
     memory_bytes: int
     memory_bandwidth_Bps: float | None = None
+    op_overhead_s: tuple[float, float] | None = None
+    """Measured (forward, backward) launch/dispatch seconds of one op; None: the cost model's default."""
+    efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Op name or cost category -> (forward, backward) roofline time / measured time (see
+    :meth:`Device.efficiency_of`); empty: ops run at their roofline."""
 
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.peak_flops.items())), self.memory_bytes))
@@ -224,9 +242,21 @@ class Device:
     memory_bandwidth_Bps: float | None = None
     local_index: int = 0
     """Position of the device inside its node (0 .. devices per node - 1)."""
+    op_overhead_s: tuple[float, float] | None = None
+    """Measured (forward, backward) seconds of dispatching one op (see :class:`DeviceKind`)."""
+    efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Op name or cost category -> (forward, backward) fraction of the roofline the device reaches."""
 
     def __hash__(self) -> int:
         return hash((self.id, self.node, self.kind))
+
+    def efficiency_of(self, *keys: str) -> tuple[float, float]:
+        """(forward, backward) efficiency of the first of ``keys`` (say the op's name, then its cost
+        category) the device lists, else its ``default`` entry, else (1, 1): the roofline."""
+        for key in (*keys, "default"):
+            if key in self.efficiency:
+                return self.efficiency[key]
+        return 1.0, 1.0
 
 
 def link_class_rank(link_class: str) -> int:
@@ -256,7 +286,8 @@ class Cluster:
             kind = node.device_kind
             for local in range(node.num_devices):
                 devices.append(Device(len(devices), node_index, kind.name, dict(kind.peak_flops),
-                                      kind.memory_bytes, kind.memory_bandwidth_Bps, local))
+                                      kind.memory_bytes, kind.memory_bandwidth_Bps, local, kind.op_overhead_s,
+                                      dict(kind.efficiency)))
         object.__setattr__(self, "_devices", tuple(devices))
         firsts = [0]
         for node in self.nodes:
@@ -568,7 +599,8 @@ _TOP_KEYS = {"name", "description", "device_kinds", "nodes", "inter_region", "li
 _NODE_KEYS = {"name", "count", "device", "devices", "intra_link", "nics", "region"}
 _LINK_KEYS = {"class", "bandwidth", "latency"}
 _NIC_KEYS = {"type", "count", "bandwidth", "latency"}
-_KIND_KEYS = {"peak_flops", "memory", "memory_bandwidth"}
+_KIND_KEYS = {"peak_flops", "memory", "memory_bandwidth", "op_overhead", "efficiency"}
+_PHASES = ("forward", "backward")
 
 
 class _SpecParser:
@@ -612,7 +644,12 @@ class _SpecParser:
         memory = int(parse_quantity(_required(body, "memory", path), "bytes", f"{path}.memory"))
         bandwidth = body.get("memory_bandwidth")
         bandwidth = None if bandwidth is None else parse_quantity(bandwidth, "bandwidth", f"{path}.memory_bandwidth")
-        return DeviceKind(name, flops, memory, bandwidth)
+        overhead = body.get("op_overhead")
+        overhead = None if overhead is None else _per_phase(overhead, f"{path}.op_overhead",
+                                                           lambda v, p: parse_quantity(v, "time", p))
+        efficiency = {str(key): _per_phase(value, f"{path}.efficiency.{key}", _positive_number)
+                      for key, value in _mapping(body.get("efficiency", {}), f"{path}.efficiency").items()}
+        return DeviceKind(name, flops, memory, bandwidth, overhead, efficiency)
 
     def _nodes(self, raw: Any, kinds: Mapping[str, DeviceKind]) -> tuple[Node, ...]:
         entries = _sequence(raw, "nodes")
@@ -642,7 +679,9 @@ class _SpecParser:
             raise ClusterSpecError(f"{path}.device", f"unknown device kind {kind_name!r}; define it under "
                                                      f"device_kinds or use one of {', '.join(sorted(kinds))}")
         num_devices = _positive_int(_required(entry, "devices", path), f"{path}.devices")
-        intra = _parse_link(_required(entry, "intra_link", path), f"{path}.intra_link", INTRA_NODE_CLASSES)
+        intra = _parse_link(_required(entry, "intra_link", path), f"{path}.intra_link", INTRA_NODE_CLASSES,
+                            extra_keys=("collectives",))
+        intra = dataclasses.replace(intra, collectives=_link_collectives(entry["intra_link"], f"{path}.intra_link"))
         nics = []
         for j, nic in enumerate(_sequence(entry.get("nics", []), f"{path}.nics")):
             nics.append(_parse_nic(nic, f"{path}.nics[{j}]"))
@@ -712,6 +751,34 @@ def _parse_link(raw: Any, path: str, classes: Iterable[str], extra_keys: Iterabl
     return Link(parse_quantity(_required(raw, "latency", path), "time", f"{path}.latency"),
                 parse_quantity(_required(raw, "bandwidth", path), "bandwidth", f"{path}.bandwidth"),
                 _choice(_required(raw, "class", path), tuple(classes), f"{path}.class", "link class"))
+
+
+def _link_collectives(raw: Mapping[str, Any], path: str) -> tuple[tuple[str, float, float], ...]:
+    """The ``collectives: {kind: {latency, bandwidth}}`` of a link, as ``(kind, latency, bandwidth)``."""
+    out = []
+    for kind, body in _mapping(raw.get("collectives", {}), f"{path}.collectives").items():
+        where = f"{path}.collectives.{kind}"
+        if kind not in COLLECTIVE_KINDS:
+            raise ClusterSpecError(where, f"unknown collective; expected one of {', '.join(COLLECTIVE_KINDS)}")
+        body = _mapping(body, where, {"latency", "bandwidth"})
+        out.append((str(kind), parse_quantity(_required(body, "latency", where), "time", f"{where}.latency"),
+                    parse_quantity(_required(body, "bandwidth", where), "bandwidth", f"{where}.bandwidth")))
+    return tuple(out)
+
+
+def _per_phase(raw: Any, path: str, parse: Callable[[Any, str], float]) -> tuple[float, float]:
+    """A ``{forward, backward}`` pair, or one value for both."""
+    if isinstance(raw, Mapping):
+        raw = _mapping(raw, path, _PHASES)
+        return tuple(parse(_required(raw, phase, path), f"{path}.{phase}") for phase in _PHASES)  # type: ignore
+    value = parse(raw, path)
+    return value, value
+
+
+def _positive_number(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ClusterSpecError(path, f"expected a positive number, found {value!r}")
+    return float(value)
 
 
 def _parse_nic(raw: Any, path: str) -> Nic:
@@ -786,13 +853,21 @@ def _choice(value: Any, options: tuple[str, ...], path: str, what: str) -> str:
 
 
 def _link_dict(link: Link) -> dict[str, Any]:
-    return {"class": link.link_class, "bandwidth": link.bandwidth_Bps, "latency": link.latency_s}
+    body: dict[str, Any] = {"class": link.link_class, "bandwidth": link.bandwidth_Bps, "latency": link.latency_s}
+    if link.collectives:
+        body["collectives"] = {kind: {"latency": latency, "bandwidth": bandwidth}
+                               for kind, latency, bandwidth in link.collectives}
+    return body
 
 
 def _kind_dict(kind: DeviceKind) -> dict[str, Any]:
     body: dict[str, Any] = {"peak_flops": dict(kind.peak_flops), "memory": kind.memory_bytes}
     if kind.memory_bandwidth_Bps is not None:
         body["memory_bandwidth"] = kind.memory_bandwidth_Bps
+    if kind.op_overhead_s is not None:
+        body["op_overhead"] = dict(zip(_PHASES, kind.op_overhead_s))
+    if kind.efficiency:
+        body["efficiency"] = {key: dict(zip(_PHASES, pair)) for key, pair in kind.efficiency.items()}
     return body
 
 

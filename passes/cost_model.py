@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import sympy
 
-from ir.cluster import SELF_LINK, Cluster, Device, Link
+from ir.cluster import COLLECTIVE_KINDS, SELF_LINK, Cluster, Device, Link
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv")
+COLLECTIVES = COLLECTIVE_KINDS
 ALGORITHMS = ("ring", "tree", "hierarchical")
 
 # ==================================================================================================
@@ -65,7 +65,7 @@ def _add_traffic(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, fl
 
 def p2p_time(nbytes: float, src: int, dst: int, cluster: Cluster) -> float:
     """Seconds to send ``nbytes`` from device ``src`` to device ``dst``: latency + size / bandwidth."""
-    return cluster.link(src, dst).transfer_time(nbytes) if nbytes > 0 else 0.0
+    return cluster.link(src, dst).for_collective("send_recv").transfer_time(nbytes) if nbytes > 0 else 0.0
 
 
 def collective_time(kind: str, nbytes: float, devices: Sequence[int], cluster: Cluster,
@@ -151,9 +151,11 @@ def _algorithm_cost(algorithm: str, kind: str, nbytes: float, ordered: tuple[int
 Transfer = tuple[int, int, float]  # (src, dst, bytes), all transfers of a step run at once
 
 
-def _steps_cost(steps: Iterable[tuple[int, Sequence[Transfer]]], cluster: Cluster, algorithm: str) -> CollectiveCost:
-    """Cost of ``(repeats, transfers)`` steps: each step lasts as long as its slowest transfer."""
-    link_of = _link_lookup(cluster)
+def _steps_cost(steps: Iterable[tuple[int, Sequence[Transfer]]], cluster: Cluster, algorithm: str,
+                kind: str) -> CollectiveCost:
+    """Cost of ``(repeats, transfers)`` steps of collective ``kind``: each step lasts as long as its
+    slowest transfer."""
+    link_of = _link_lookup(cluster, kind)
     time_s = 0.0
     traffic: Counter[str] = Counter()
     for repeats, transfers in steps:
@@ -166,14 +168,15 @@ def _steps_cost(steps: Iterable[tuple[int, Sequence[Transfer]]], cluster: Cluste
     return CollectiveCost(time_s, algorithm, dict(traffic))
 
 
-def _link_lookup(cluster: Cluster) -> Callable[[int, int], Link]:
-    """``cluster.link`` memoised for one costing; by node pair when links follow nodes (big collectives)."""
+def _link_lookup(cluster: Cluster, kind: str) -> Callable[[int, int], Link]:
+    """``cluster.link`` as collective ``kind`` sees it (:meth:`~ir.cluster.Link.for_collective`), memoised
+    for one costing; by node pair when links follow nodes (big collectives)."""
     if not cluster.links_follow_nodes:
-        return functools.lru_cache(maxsize=None)(cluster.link)
+        return functools.lru_cache(maxsize=None)(lambda src, dst: cluster.link(src, dst).for_collective(kind))
     node_of = [d.node for d in cluster.devices]
 
     def link(src: int, dst: int) -> Link:
-        return SELF_LINK if src == dst else cluster.node_link(node_of[src], node_of[dst])
+        return SELF_LINK if src == dst else cluster.node_link(node_of[src], node_of[dst]).for_collective(kind)
     return link
 
 
@@ -188,7 +191,7 @@ def _ring_cost(kind: str, n: float, ring: tuple[int, ...], cluster: Cluster) -> 
     neighbours = [(ring[i], ring[(i + 1) % p], n / p) for i in range(p)]
     if kind in ("all_reduce", "all_gather", "reduce_scatter"):
         repeats = 2 * (p - 1) if kind == "all_reduce" else p - 1
-        return _steps_cost([(repeats, neighbours)], cluster, "ring")
+        return _steps_cost([(repeats, neighbours)], cluster, "ring", kind)
     if kind == "broadcast":
         return _chain_broadcast_cost(n, ring, cluster)
     return _pairwise_all_to_all_cost(n, ring, cluster)
@@ -204,10 +207,10 @@ def _pairwise_all_to_all_cost(n: float, order: tuple[int, ...], cluster: Cluster
     chunk = n / len(order)
     if cluster.links_follow_nodes:
         per_node = Counter(cluster.node_of(d) for d in order)
-        weighted = [(cluster.node_link(a, b), count_a * (count_b - (a == b)))
+        weighted = [(cluster.node_link(a, b).for_collective("all_to_all"), count_a * (count_b - (a == b)))
                     for a, count_a in per_node.items() for b, count_b in per_node.items()]
     else:
-        weighted = [(cluster.link(a, b), 1) for a in order for b in order if a != b]
+        weighted = [(cluster.link(a, b).for_collective("all_to_all"), 1) for a in order for b in order if a != b]
     weighted = [(link, pairs) for link, pairs in weighted if pairs > 0]
     traffic: Counter[str] = Counter()
     for link, pairs in weighted:
@@ -218,7 +221,7 @@ def _pairwise_all_to_all_cost(n: float, order: tuple[int, ...], cluster: Cluster
 
 def _chain_broadcast_cost(n: float, chain: tuple[int, ...], cluster: Cluster) -> CollectiveCost:
     """Pipelined chain broadcast from ``chain[0]``: (p-1) latencies + n over the slowest hop."""
-    links = [cluster.link(chain[i], chain[i + 1]) for i in range(len(chain) - 1)]
+    links = [cluster.link(chain[i], chain[i + 1]).for_collective("broadcast") for i in range(len(chain) - 1)]
     time_s = sum(link.latency_s for link in links) + n / min(link.bandwidth_Bps for link in links)
     traffic: Counter[str] = Counter()
     for link in links:
@@ -240,7 +243,7 @@ def _tree_cost(kind: str, n: float, order: tuple[int, ...], cluster: Cluster) ->
     if kind in ("all_reduce", "broadcast"):
         edges = [(order[(i - 1) // 2], order[i]) for i in range(1, p)]  # heap-shaped binary tree
         directions = 2 if kind == "all_reduce" else 1
-        links = [cluster.link(a, b) for a, b in edges]
+        links = [cluster.link(a, b).for_collective(kind) for a, b in edges]
         time_s = directions * (depth * max(l.latency_s for l in links) + n / min(l.bandwidth_Bps for l in links))
         traffic: Counter[str] = Counter()
         for link in links:
@@ -248,7 +251,7 @@ def _tree_cost(kind: str, n: float, order: tuple[int, ...], cluster: Cluster) ->
         return CollectiveCost(time_s, "tree", dict(traffic))
     if kind == "all_to_all":
         return _steps_cost([(1, [(order[i], order[(i + 2**k) % p], n / 2) for i in range(p)]) for k in range(depth)],
-                           cluster, "tree")
+                           cluster, "tree", kind)
     distances = [2**k for k in range(depth)]
     if kind == "reduce_scatter":
         distances.reverse()  # halving: the biggest chunks go to the farthest partners first
@@ -257,7 +260,7 @@ def _tree_cost(kind: str, n: float, order: tuple[int, ...], cluster: Cluster) ->
         chunk = distance * n / p  # doubling grows the chunk with the distance; halving shrinks both
         pairs = [(order[i], order[i ^ distance]) for i in range(p) if (i ^ distance) < p]
         steps.append((1, [(a, b, chunk) for a, b in pairs]))
-    return _steps_cost(steps, cluster, "tree")
+    return _steps_cost(steps, cluster, "tree", kind)
 
 
 def _hierarchical_cost(kind: str, n: float, order: tuple[int, ...], cluster: Cluster) -> CollectiveCost | None:

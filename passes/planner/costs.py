@@ -33,7 +33,8 @@ BATCH_SYMBOL = "batch"
 COMM_PREFIX = "comm."
 LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
 DEFAULT_OP_OVERHEAD_S = 5e-6
-"""Launch/dispatch time of one eager op; backward ops count twice."""
+"""Launch/dispatch time of one eager op when neither the options nor the device say (backward ops
+count twice)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,6 +173,10 @@ class SegmentCost:
     bwd_bytes: np.ndarray
     fwd_ops: int
     bwd_ops: int
+    fwd_kinds: tuple
+    """Per row of the forward arrays: (op name, cost category), to look up the device's efficiency."""
+    bwd_kinds: tuple
+    """The same for the backward rows."""
     comms: list
     saved_bytes: np.ndarray
     output_bytes: np.ndarray
@@ -185,21 +190,45 @@ class SegmentCost:
         return sum(p.local_elements for p in self.params)
 
     def compute_time(self, batch: float, device: Device, precision: Precision,
-                     overhead_s: float = DEFAULT_OP_OVERHEAD_S) -> tuple[float, float]:
-        """(forward, backward) seconds of this segment's ops on ``device`` at batch size ``batch``."""
-        return (_roofline(self.fwd_flops, self.fwd_bytes, batch, device, precision) + self.fwd_ops * overhead_s,
-                _roofline(self.bwd_flops, self.bwd_bytes, batch, device, precision) + self.bwd_ops * 2 * overhead_s)
+                     overhead_s: float | None = None) -> tuple[float, float]:
+        """(forward, backward) seconds of this segment's ops on ``device`` at batch size ``batch``: each
+        op's roofline divided by the device's efficiency for it, plus a dispatch overhead per op
+        (``overhead_s`` forward and twice that backward when given, else the device's measured pair)."""
+        fwd_overhead, bwd_overhead = op_overheads(device, overhead_s)
+        fwd_eff, bwd_eff = self._efficiencies(device)
+        return (_roofline(self.fwd_flops, self.fwd_bytes, batch, device, precision, fwd_eff)
+                + self.fwd_ops * fwd_overhead,
+                _roofline(self.bwd_flops, self.bwd_bytes, batch, device, precision, bwd_eff)
+                + self.bwd_ops * bwd_overhead)
+
+    def _efficiencies(self, device: Device) -> tuple:
+        """Per-row efficiency arrays of ``device`` (1.0 when it lists none)."""
+        if not device.efficiency:
+            return 1.0, 1.0
+        return (np.array([device.efficiency_of(*kind)[0] for kind in self.fwd_kinds]),
+                np.array([device.efficiency_of(*kind)[1] for kind in self.bwd_kinds]))
 
 
-def _roofline(flops: np.ndarray, nbytes: np.ndarray, batch: float, device: Device, precision: Precision) -> float:
+def op_overheads(device: Device, overhead_s: float | None = None) -> tuple[float, float]:
+    """(forward, backward) dispatch seconds per op: ``overhead_s`` (backward twice it) when given, else
+    what the device measured, else :data:`DEFAULT_OP_OVERHEAD_S`."""
+    if overhead_s is not None:
+        return overhead_s, 2 * overhead_s
+    if device.op_overhead_s is not None:
+        return device.op_overhead_s
+    return DEFAULT_OP_OVERHEAD_S, 2 * DEFAULT_OP_OVERHEAD_S
+
+
+def _roofline(flops: np.ndarray, nbytes: np.ndarray, batch: float, device: Device, precision: Precision,
+              efficiency) -> float:
     if not len(flops):
         return 0.0
     f = flops[:, 0] + flops[:, 1] * batch
     compute = f / peak_flops(device, precision)
-    if not device.memory_bandwidth_Bps:
-        return float(compute.sum())
-    memory = (nbytes[:, 0] + nbytes[:, 1] * batch) / device.memory_bandwidth_Bps
-    return float(np.maximum(compute, memory).sum())
+    if device.memory_bandwidth_Bps:
+        memory = (nbytes[:, 0] + nbytes[:, 1] * batch) / device.memory_bandwidth_Bps
+        compute = np.maximum(compute, memory)
+    return float((compute / efficiency).sum())
 
 
 def at(affine: np.ndarray, batch: float) -> float:
@@ -251,6 +280,12 @@ def _work(op: str, ins: tuple, outs: tuple, element_bytes: int, has_grad: bool) 
     return flops, nbytes, backward
 
 
+@functools.lru_cache(maxsize=4096)
+def op_kind(op: str) -> tuple[str, str]:
+    """(op name, cost category): the keys a device's efficiency table is looked up by."""
+    return cost_model.normalize_op_name(op), cost_model.op_category(op)
+
+
 def is_view(op: str) -> bool:
     """Ops that move no data (views, metadata)."""
     return cost_model.op_category(op) == "view"
@@ -261,6 +296,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
                  ctx: CostContext) -> SegmentCost:
     """The :class:`SegmentCost` of a segment's records (``output_values``: (type, SBP) handed on)."""
     fwd_flops, fwd_bytes, bwd_flops, bwd_bytes = [], [], [], []
+    fwd_kinds, bwd_kinds = [], []
     fwd_ops = bwd_ops = 0
     saved = np.zeros(2)
     model = np.zeros(2)
@@ -269,12 +305,15 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         if is_view(record.op):
             continue
         work = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision)))
+        kind = op_kind(record.op)
         fwd_flops.append(work[:, 0])
         fwd_bytes.append(work[:, 1])
+        fwd_kinds.append(kind)
         fwd_ops += 1
         if record.has_grad and ctx.train:
             bwd_flops.append(work[:, 2])
             bwd_bytes.append(2 * work[:, 1])  # reads the output gradient and the saved inputs, writes input grads
+            bwd_kinds.append(kind)
             bwd_ops += 1
             saved += _local_bytes(record.out_types, record.out_sbps, ctx, scale)
         full = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision, local=False)))
@@ -293,7 +332,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx, scale)
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
-                       bwd_ops, items, saved, output, list(params), model)
+                       bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), items, saved, output, list(params), model)
 
 
 def _stack(rows: list) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ir.cluster import Cluster, Device
 from passes import cost_model, schedules
-from passes.planner.costs import DEFAULT_OP_OVERHEAD_S, Profile, at
+from passes.planner.costs import Profile, at
 from passes.planner.placement import DATA_AXIS, PlanShape, axis_groups
 
 SCHEDULE_NAMES = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved": "interleaved_1f1b"}
@@ -99,7 +99,7 @@ class Estimate:
 class Estimator:
     """Prices plans of one profile on one cluster (caches collective and device look-ups)."""
 
-    def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float = DEFAULT_OP_OVERHEAD_S,
+    def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float | None = None,
                  memory_headroom: float = 0.9, overlap_grad_sync: bool = True):
         self.profile = profile
         self.cluster = cluster

@@ -22,7 +22,7 @@ from ir.parser import parse
 from ir.sbp import B, Split, parse_sbp
 from ir.types import Mesh
 from passes.manager import PassContext
-from passes.planner.costs import BATCH_SYMBOL, DEFAULT_OP_OVERHEAD_S, Precision, Profile
+from passes.planner.costs import BATCH_SYMBOL, Precision, Profile
 from passes.planner.estimate import Estimate, Estimator
 from passes.planner.intra_op import LayoutRequest, LayoutSolution, layout_profile, solve_layouts
 from passes.planner.layers import LayerStructure, find_layers
@@ -48,8 +48,9 @@ class PlanOptions:
     """Optimizer state to budget memory for: ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``."""
     reference_batch: int = 1
     """Samples per replica at which layouts are solved (their costs are then affine in the batch)."""
-    overhead_s: float = DEFAULT_OP_OVERHEAD_S
-    """Per-op launch time."""
+    overhead_s: float | None = None
+    """Per-op launch time (backward ops count twice); None: what each device measured (``sbpc
+    calibrate``), else :data:`~passes.planner.costs.DEFAULT_OP_OVERHEAD_S`."""
     memory_headroom: float = 0.9
     """Fraction of each device's memory a plan may use."""
     solver: str = "dp"

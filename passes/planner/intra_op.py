@@ -32,7 +32,8 @@ from passes import cost_model
 from passes.boxing import BoxingError, boxing_path
 from passes.grad_sync import values_with_grad
 from passes.planner.costs import (BATCH_SYMBOL, LOCAL_COMM_OPS, CommRecord, ComputeRecord, CostContext, Precision,
-                                  Profile, concrete_shape, op_work, param_record, peak_flops, segment_cost)
+                                  Profile, concrete_shape, op_kind, op_work, param_record, peak_flops,
+                                  segment_cost)
 from passes.planner.layers import POST, PRE, LayerStructure
 from passes.planner.pairwise import PairEdge, PairwiseProblem, Solution, solve_dp, solve_ilp, solve_z3
 
@@ -242,9 +243,10 @@ class LayoutProblem:
         flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
         peak = peak_flops(req.device, req.precision)
         bandwidth = req.device.memory_bandwidth_Bps or math.inf
-        seconds = max(flops / peak, nbytes / bandwidth)
+        fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(node.op))
+        seconds = max(flops / peak, nbytes / bandwidth) / fwd_efficiency
         if record.has_grad and req.train:
-            seconds += max(backward / peak, 2 * nbytes / bandwidth)
+            seconds += max(backward / peak, 2 * nbytes / bandwidth) / bwd_efficiency
         return seconds
 
     def _connect(self, k: int, position: int, source: _Source, param_var: dict) -> None:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from backends.calibrate import calibrate
+from backends.calibrate import calibrate, fit_collective
 from ir.cluster import Cluster
 
 
@@ -31,11 +31,34 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
     assert 1e-7 <= link.latency_s < 0.1  # gloo on loopback: tens of microseconds
     assert 1e6 < link.bandwidth_Bps < 1e12
 
-    gloo = spec["metadata"]["calibration"]["gloo"]
+    gloo = spec["metadata"]["calibration"]["gloo_seconds_by_bytes"]
     for name in ("all_reduce", "all_gather", "send_recv"):
-        assert 0 < gloo[name]["small_s"] < 1 and 0 < gloo[name]["large_s"] < 10
+        assert all(0 < seconds < 10 for _, seconds in gloo[name])
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):  # what the emitted programs call on gloo
+        measured = link.for_collective(kind)
+        assert measured is not link and 1e-7 <= measured.latency_s < 0.1 and 1e6 < measured.bandwidth_Bps < 1e12
+
+    # per-op efficiencies and dispatch overheads the simulator divides by and adds
+    forward, backward = device.op_overhead_s
+    assert 1e-8 < forward < 1e-3 and 1e-8 < backward < 1e-3
+    for key in ("matmul", "attention", "norm", "elementwise", "gelu", "loss"):
+        assert all(0.01 <= e <= 10 for e in device.efficiency_of(key)), key
+    assert device.efficiency_of("linear", "matmul") == device.efficiency_of("matmul")
 
 
 def test_calibration_needs_two_ranks():
     with pytest.raises(ValueError, match="world_size >= 2"):
         calibrate(world_size=1)
+
+
+def test_fit_collective_recovers_latency_and_bandwidth():
+    latency, bandwidth = 50e-6, 2e9
+    points = [[n, 2 * latency + n / bandwidth] for n in (4, 1 << 16, 1 << 20, 1 << 24)]  # ring all-reduce, p=2
+    fitted = fit_collective("all_reduce", 2, points)
+    assert fitted == pytest.approx((latency, bandwidth), rel=1e-6)
+
+
+def test_fit_collective_stays_physical_on_noisy_points():
+    # the small message took longer than the large one: no positive least-squares fit exists
+    latency, bandwidth = fit_collective("send_recv", 2, [[4, 3e-3], [1 << 18, 1e-3], [1 << 20, 2e-3]])
+    assert latency > 0 and 0 < bandwidth < 1e12

@@ -47,6 +47,37 @@ def big_graph():
     return graph
 
 
+def test_measured_efficiency_and_overhead_price_the_ops(small):
+    """A calibrated device: each op's roofline is divided by its measured efficiency (by name, then by
+    category) and every op pays the measured dispatch overhead."""
+    model, inputs = small
+    spec = Cluster.local(1).to_dict()
+    kind = spec["device_kinds"]["cpu"]
+    kind["efficiency"] = {"matmul": {"forward": 0.5, "backward": 0.25}, "default": 0.8}
+    kind["op_overhead"] = {"forward": 1e-5, "backward": 3e-5}
+    measured = Cluster.from_dict(spec)
+    baseline = simulate(compile(model, inputs, cluster="local:1", strategy="dp"), overhead_s=0.0)
+    plan = compile(model, inputs, cluster=measured, strategy="dp")
+    priced = simulate(plan)
+    forward = 0.0
+    fwd_ops = 0
+    device = measured.device(0)
+    for node in plan.graph.nodes:
+        if is_view(node.op) or node.op.startswith("comm."):
+            continue
+        ins = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.input_values()]
+        outs = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.outputs]
+        seconds = float(cost_model.op_time(node.op, ins, outs, {}, device))
+        matmul = cost_model.op_category(node.op) == "matmul"
+        forward += seconds / (0.5 if matmul else 0.8) + 1e-5
+        fwd_ops += 1
+    stage = priced.stage_times[0]
+    assert math.isclose(stage["fwd_compute_s"], forward, rel_tol=1e-9)
+    assert stage["bwd_compute_s"] > 2 * baseline.stage_times[0]["bwd_compute_s"]  # matmul backward at 1/4
+    assert simulate(plan, overhead_s=0.0).stage_times[0]["fwd_compute_s"] == \
+        pytest.approx(forward - fwd_ops * 1e-5)  # an explicit overhead wins over the measured one
+
+
 def test_report_of_a_compiled_plan(dp_plan):
     report = simulate(dp_plan)
     assert report.source == "ir" and report.step_time_s > 0 and report.fits

@@ -149,6 +149,17 @@ BAD_SPECS = [
      "device_kinds.npu.peak_flops.fp32", "positive number"),
     (_set(["nodes"], []), "nodes", "at least one node"),
     (_set(["nodes", 2, "nics", 1, "type"], "infiniband"), "nodes[2].nics[1].type", "listed twice"),
+    (_set(["device_kinds"], {"cpu2": {"peak_flops": {"fp32": 1e9}, "memory": "1GiB", "efficiency": {"matmul": 0}}}),
+     "device_kinds.cpu2.efficiency.matmul", "positive number"),
+    (_set(["device_kinds"], {"cpu2": {"peak_flops": {"fp32": 1e9}, "memory": "1GiB",
+                                      "efficiency": {"gelu": {"forward": 0.5, "backwards": 0.4}}}}),
+     "device_kinds.cpu2.efficiency.gelu.backwards", "unknown field"),
+    (_set(["device_kinds"], {"cpu2": {"peak_flops": {"fp32": 1e9}, "memory": "1GiB", "op_overhead": "-2us"}}),
+     "device_kinds.cpu2.op_overhead", "non-negative"),
+    (_set(["nodes", 0, "intra_link", "collectives"], {"allreduce": {"latency": "1us", "bandwidth": "1GB/s"}}),
+     "nodes[0].intra_link.collectives.allreduce", "unknown collective"),
+    (_set(["nodes", 0, "intra_link", "collectives"], {"all_reduce": {"latency": "1us"}}),
+     "nodes[0].intra_link.collectives.all_reduce.bandwidth", "missing required field"),
 ]
 
 
@@ -265,3 +276,25 @@ def test_names_made_by_count_must_not_clash():
     with pytest.raises(ClusterSpecError) as caught:
         Cluster.from_dict(spec)
     assert caught.value.path == "nodes[1].name" and "duplicate node name 'gpu-1'" in str(caught.value)
+
+
+def test_measured_device_and_link_figures_load_and_round_trip():
+    spec = small_spec()
+    spec["device_kinds"] = {"cpu-measured": {
+        "peak_flops": {"fp32": "100GFLOPS"}, "memory": "8GiB", "memory_bandwidth": "10GB/s",
+        "op_overhead": {"forward": "3us", "backward": "5us"},
+        "efficiency": {"matmul": {"forward": 0.7, "backward": 0.6}, "gelu": 0.5}}}
+    spec["nodes"][0]["device"] = "cpu-measured"
+    spec["nodes"][0]["intra_link"]["collectives"] = {"all_reduce": {"latency": "300us", "bandwidth": "0.5GB/s"}}
+    cluster = Cluster.from_dict(spec)
+    device = cluster.devices[0]
+    assert device.op_overhead_s == (3e-6, 5e-6)
+    assert device.efficiency_of("linear", "matmul") == (0.7, 0.6)
+    assert device.efficiency_of("gelu", "elementwise") == (0.5, 0.5)
+    assert device.efficiency_of("add", "elementwise") == (1.0, 1.0)  # unlisted: the roofline
+    assert cluster.devices[-1].efficiency == {}  # other kinds list nothing
+    link = cluster.link(0, 1)
+    assert link.for_collective("all_reduce").latency_s == pytest.approx(300e-6)
+    assert link.for_collective("all_reduce").bandwidth_Bps == pytest.approx(0.5e9)
+    assert link.for_collective("all_gather") is link
+    assert Cluster.from_dict(cluster.to_dict()) == cluster

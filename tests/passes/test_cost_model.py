@@ -134,6 +134,26 @@ def test_local_all_to_all_and_broadcast_formulas():
         pytest.approx((p - 1) * link.latency_s + n / link.bandwidth_Bps)
 
 
+def _measured_local(n: int, measured: dict) -> Cluster:
+    spec = Cluster.local(n).to_dict()
+    spec["nodes"][0]["intra_link"]["collectives"] = measured
+    return Cluster.from_dict(spec)
+
+
+def test_collectives_use_their_measured_link_figures():
+    """Calibrated gloo collectives: each kind is priced by its own measured latency and bandwidth."""
+    cluster = _measured_local(4, {"all_reduce": {"latency": 4e-4, "bandwidth": 7e8},
+                                  "send_recv": {"latency": 1e-4, "bandwidth": 3e9}})
+    n, p = 2**22, 4
+    assert collective_time("all_reduce", n, [0, 1, 2, 3], cluster, "ring") == \
+        pytest.approx(2 * (p - 1) * (4e-4 + n / p / 7e8))
+    assert p2p_time(n, 0, 1, cluster) == pytest.approx(1e-4 + n / 3e9)
+    plain = Cluster.local(4)  # kinds without measurements keep the link's own figures
+    assert collective_time("all_gather", n, [0, 1, 2, 3], cluster, "ring") == \
+        collective_time("all_gather", n, [0, 1, 2, 3], plain, "ring")
+    assert collective_traffic("all_reduce", n, [0, 1], cluster) == collective_traffic("all_reduce", n, [0, 1], plain)
+
+
 def test_trivial_collectives_are_free(dgx2):
     assert collective_time("all_reduce", 2**20, [5], dgx2) == 0.0
     assert collective_time("all_gather", 0, [0, 9], dgx2) == 0.0

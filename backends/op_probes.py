@@ -1,0 +1,195 @@
+"""Probes of how fast this machine runs each kind of op, measured against the cost model's roofline.
+
+The simulator prices an op at its roofline (FLOPs over peak FLOP/s, or bytes over memory bandwidth,
+whichever is longer, as :mod:`passes.cost_model` counts them) plus a dispatch overhead. Real kernels
+reach only part of that roofline, and how much depends on the kind of op: a large matmul comes close
+to peak, ``gelu`` spends its time in ``erf`` rather than in memory traffic, attention computes its
+softmax in between. :func:`measure_op_efficiency` runs one probe per kind of op (the ATen calls the
+emitted programs make, at transformer-like sizes), times forward and backward, and reports for each
+key (an op name or a cost category) the *efficiency*: roofline seconds over measured seconds, after
+the per-op dispatch overhead (:func:`measure_op_overhead`) is taken off. A cluster spec carries the
+table (``device_kinds.<kind>.efficiency``) and ``op_overhead``; :meth:`ir.cluster.Device.efficiency_of`
+looks an op up by name, then by category.
+
+Operands rotate through a pool larger than the caches, as in a model where an op's inputs were last
+touched several ops earlier; times are medians.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from passes import cost_model
+
+aten = torch.ops.aten
+POOL_BYTES = 48 * 2**20
+"""Operand sets rotate until they span this many bytes (more than a last-level cache)."""
+MAX_POOL = 16
+OVERHEAD_CHAIN = 200
+"""Tiny ops per overhead measurement."""
+MIN_EFFICIENCY, MAX_EFFICIENCY = 0.01, 10.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measurement: ``run`` on fresh operands of ``shapes``, priced as cost-model op ``op``.
+
+    ``indices`` maps an input position to the exclusive upper bound of the integer values it holds
+    (embedding rows, class targets); other inputs are fp32 and take gradients.
+    """
+
+    key: str
+    op: str
+    shapes: tuple
+    run: Callable[..., torch.Tensor]
+    indices: dict = field(default_factory=dict)
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return aten.layer_norm.default(x, [x.shape[-1]], w, b, 1e-5, False)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return aten.scaled_dot_product_attention.default(q, k, v, None, 0.0, True)
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return aten.cross_entropy_loss.default(logits, target, None, 2)  # reduction 2: sum
+
+
+def default_probes(tokens: int = 512, width: int = 256) -> tuple[Probe, ...]:
+    """Probes at transformer-like sizes: ``tokens`` rows of ``width`` features (MLP 4x wider)."""
+    t, w, h = tokens, width, 4 * width
+    heads, head_dim = max(1, width // 64), min(64, width)
+    batch, seq = max(1, tokens // 128), min(128, tokens)
+    vocab = 2 * h
+    return (
+        Probe("matmul", "linear", ((t, w), (3 * w, w), (3 * w,)), aten.linear.default),
+        Probe("matmul", "linear", ((t, w), (h, w), (h,)), aten.linear.default),
+        Probe("matmul", "linear", ((t, h), (w, h), (w,)), aten.linear.default),
+        Probe("matmul", "linear", ((t, w), (vocab, w)), aten.linear.default),
+        Probe("attention", "scaled_dot_product_attention", ((batch, heads, seq, head_dim),) * 3, _causal_attention),
+        Probe("norm", "layer_norm", ((t, w), (w,), (w,)), _layer_norm),
+        Probe("softmax", "softmax", ((t, vocab),), lambda x: aten._softmax.default(x, -1, False)),
+        Probe("loss", "cross_entropy_loss", ((t, vocab), (t,)), _cross_entropy, {1: vocab}),
+        Probe("embedding", "embedding", ((vocab, w), (t,)), aten.embedding.default, {1: vocab}),
+        Probe("elementwise", "add", ((t, h), (t, h)), aten.add.Tensor),
+        Probe("elementwise", "mul", ((t, h), (t, h)), aten.mul.Tensor),
+        Probe("gelu", "gelu", ((t, h),), aten.gelu.default),
+        Probe("silu", "silu", ((t, h),), aten.silu.default),
+        Probe("reduction", "sum", ((t, h),), aten.sum.default),
+        Probe("copy", "cat", ((t, w), (t, w)), lambda a, b: aten.cat.default([a, b], -1)),
+    )
+
+
+@dataclass
+class ProbeTiming:
+    """Median forward and backward seconds of one probe, and the roofline the cost model gives it."""
+
+    probe: Probe
+    forward_s: float
+    backward_s: float
+    roofline_forward_s: float
+    roofline_backward_s: float
+
+
+def measure_op_overhead(repeats: int = 7) -> tuple[float, float]:
+    """(forward, backward) seconds of dispatching one op: a chain of ops on one-element tensors."""
+    one = torch.ones(1)
+    forward, backward = [], []
+    for _ in range(repeats + 1):
+        x = torch.zeros(1, requires_grad=True)
+        begin = time.perf_counter()
+        y = x
+        for _ in range(OVERHEAD_CHAIN):
+            y = aten.add.Tensor(y, one)
+        middle = time.perf_counter()
+        y.backward()
+        end = time.perf_counter()
+        forward.append((middle - begin) / OVERHEAD_CHAIN)
+        backward.append((end - middle) / OVERHEAD_CHAIN)
+    return statistics.median(forward[1:]), statistics.median(backward[1:])
+
+
+def time_probe(probe: Probe, repeats: int, peak_flops: float, memory_bandwidth: float) -> ProbeTiming:
+    """Median forward and backward seconds of ``probe`` over rotating operands, beside its roofline."""
+    pool = _operand_pool(probe)
+    forward, backward = [], []
+    for i in range(repeats + 1):
+        operands = pool[i % len(pool)]
+        begin = time.perf_counter()
+        out = probe.run(*operands)
+        middle = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        end = time.perf_counter()
+        if i:  # the first run warms up
+            forward.append(middle - begin)
+            backward.append(end - middle)
+        for x in operands:
+            x.grad = None
+    ins = [tuple(s) for s in probe.shapes]
+    outs = [tuple(out.shape)]
+    flops = float(cost_model.op_flops(probe.op, ins, outs))
+    nbytes = float(cost_model.op_bytes(probe.op, ins, outs))
+    backward_flops = float(cost_model.op_backward_flops(probe.op, ins, outs))
+    return ProbeTiming(probe, statistics.median(forward), statistics.median(backward),
+                       max(flops / peak_flops, nbytes / memory_bandwidth),
+                       max(backward_flops / peak_flops, 2 * nbytes / memory_bandwidth))
+
+
+def _operand_pool(probe: Probe) -> list[list[torch.Tensor]]:
+    set_bytes = sum(4 * _numel(s) for s in probe.shapes)
+    count = max(2, min(MAX_POOL, POOL_BYTES // max(set_bytes, 1)))
+    return [[_operand(shape, probe.indices.get(position)) for position, shape in enumerate(probe.shapes)]
+            for _ in range(count)]
+
+
+def _operand(shape: Sequence[int], bound: int | None) -> torch.Tensor:
+    if bound is not None:
+        return torch.randint(0, bound, tuple(shape))
+    return torch.randn(tuple(shape), requires_grad=True)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for d in shape:
+        total *= d
+    return total
+
+
+def efficiency_table(timings: Sequence[ProbeTiming], overhead_s: tuple[float, float]) -> dict[str, dict[str, float]]:
+    """``{key: {forward, backward}}``: per key, summed roofline seconds over summed measured seconds
+    less the dispatch overhead (so big probes weigh more), clamped to a sane range."""
+    sums: dict[str, list[float]] = {}
+    for t in timings:
+        acc = sums.setdefault(t.probe.key, [0.0, 0.0, 0.0, 0.0])
+        acc[0] += t.roofline_forward_s
+        acc[1] += max(t.forward_s - overhead_s[0], 0.1 * t.forward_s)
+        acc[2] += t.roofline_backward_s
+        acc[3] += max(t.backward_s - overhead_s[1], 0.1 * t.backward_s)
+    return {key: {"forward": _clamp(a / b), "backward": _clamp(c / d) if c > 0 else 1.0}
+            for key, (a, b, c, d) in sums.items()}
+
+
+def _clamp(value: float) -> float:
+    return min(MAX_EFFICIENCY, max(MIN_EFFICIENCY, value))
+
+
+def measure_op_efficiency(peak_flops: float, memory_bandwidth: float, repeats: int = 9,
+                          probes: Sequence[Probe] | None = None, barrier: Callable[[], None] = lambda: None
+                          ) -> tuple[dict[str, dict[str, float]], tuple[float, float]]:
+    """(efficiency table, (forward, backward) overhead seconds) on this process's threads.
+
+    ``barrier`` runs before each probe, so that ranks measuring together run the same probe at once.
+    """
+    barrier()
+    overhead = measure_op_overhead()
+    timings = []
+    for probe in probes or default_probes():
+        barrier()
+        timings.append(time_probe(probe, repeats, peak_flops, memory_bandwidth))
+    return efficiency_table(timings, overhead), overhead
