@@ -1,7 +1,8 @@
 """Compile time against model depth: GPTs of 1.3B width with 12, 24, 48 and 96 layers, planned with
 ``strategy="auto"`` for ``dgx-a100:8`` (64 GPUs) from the meta device (no weights allocated).
 
-Each row times the three phases of ``compile``: capture (torch.export), search (the planner), and
+Each depth compiles in a fresh interpreter (no cache of a smaller model helps a larger one), and its
+row times the three phases of ``compile``: capture (torch.export), search (the planner), and
 the passes that lay out the IR for the chosen plan (the SBP-annotated program; code generation proper
 needs real weights, which a meta-device model does not have). Pipelined plans need the pipeline
 pass; where it is not available yet, the row times the layout passes of one stage's mesh and says so.
@@ -14,6 +15,8 @@ machine.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,19 +62,32 @@ def compile_phases(layers: int, batch: int, cluster: Cluster) -> dict:
             "ir_lines": ir_text.count("\n"), "note": note}
 
 
+def compile_in_fresh_process(layers: int, batch: int, cluster: str) -> dict:
+    """:func:`compile_phases` in a new interpreter, so no cache of an earlier depth helps this one."""
+    command = [sys.executable, __file__, "--one-depth", str(layers), "--batch", str(batch), "--cluster", cluster]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling {layers} layers failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one row per depth and the growth per added layer."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[12, 24, 48, 96])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cluster", default="dgx-a100:8")
+    parser.add_argument("--one-depth", type=int, help="compile this depth and print its row as JSON (internal)")
     args = parser.parse_args(argv)
     cluster = Cluster.load(args.cluster)
+    if args.one_depth:
+        print(json.dumps(compile_phases(args.one_depth, args.batch, cluster)))
+        return
     print(f"compile time on {cluster.name} ({cluster.world_size} devices), global batch {args.batch}")
     print(f"{'layers':>6} {'capture s':>10} {'search s':>9} {'passes s':>9} {'total s':>8} {'s/layer':>8}  plan")
     rows = []
     for layers in args.depths:
-        row = compile_phases(layers, args.batch, cluster)
+        row = compile_in_fresh_process(layers, args.batch, args.cluster)
         rows.append(row)
         print(f"{layers:>6} {row['capture']:>10.2f} {row['search']:>9.2f} {row['passes']:>9.2f} "
               f"{row['total']:>8.2f} {row['total'] / layers:>8.3f}  {row['plan']}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import reduce
+from functools import lru_cache, reduce
 from typing import Iterable, Sequence
 
 import sympy
@@ -76,7 +76,7 @@ class TensorType:
 
     def concrete_shape(self, bindings: dict) -> tuple[int, ...]:
         """The shape with every symbol replaced by its bound value."""
-        return tuple(int(sympy.sympify(d).subs(bindings)) for d in self.shape)
+        return _concrete_dims(self.shape, tuple(bindings.items()))
 
     def __str__(self) -> str:
         return f"{self.dtype}[{', '.join(format_dim(d) for d in self.shape)}]"
@@ -86,6 +86,12 @@ class TensorType:
         """Build a type from any shape iterable and a torch or short dtype."""
         name = dtype if isinstance(dtype, str) else DTYPE_NAMES[dtype]
         return TensorType(tuple(as_dim(d) for d in shape), name)
+
+
+@lru_cache(maxsize=65536)
+def _concrete_dims(shape: tuple, bindings: tuple) -> tuple[int, ...]:
+    values = dict(bindings)
+    return tuple(int(sympy.sympify(d).subs(values)) for d in shape)
 
 
 def dtype_size(name: str) -> int:

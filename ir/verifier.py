@@ -126,17 +126,52 @@ def check_types_by_meta(graph: Graph, dims: dict) -> None:
         args = map_structure(node.args, lambda v: env[id(v)])
         kwargs = map_structure(node.kwargs, lambda v: env[id(v)])
         args, kwargs = _bind(args, bindings), _bind(kwargs, bindings)
-        try:
-            result = resolve_op(node.op)(*args, **kwargs)
-        except Exception as err:  # the op's own shape check failed
-            raise VerificationError(f"node {_where(node)} is ill-typed: {str(err).splitlines()[0]}") from None
-        results = list(result) if isinstance(result, (list, tuple)) else [result]
+        results = _run_on_meta(node, args, kwargs)
         for o, r in zip(node.outputs, results):
             want = o.type.concrete_shape(bindings)
             if tuple(r.shape) != want or r.dtype != o.type.torch_dtype:
                 raise VerificationError(f"node {_where(node)}: %{o.name} is declared {o.type}, but {node.op} "
                                         f"gives {tuple(r.shape)} {r.dtype} at dims {dims}")
             env[id(o)] = r
+
+
+_META_RESULTS: dict = {}
+_META_RESULTS_LIMIT = 100_000
+
+
+def _run_on_meta(node: Node, args, kwargs) -> list[torch.Tensor]:
+    """The op's meta outputs. An op is a function of its meta inputs (shape, stride, dtype) and other
+    arguments, so each distinct call runs once (the same op in every layer costs one run) and later
+    calls rebuild the remembered outputs."""
+    key = (node.op, _describe((args, kwargs)))
+    known = _META_RESULTS.get(key)
+    if known is None:
+        try:
+            result = resolve_op(node.op)(*args, **kwargs)
+        except Exception as err:  # the op's own shape check failed
+            known = str(err).splitlines()[0] if str(err) else type(err).__name__
+        else:
+            results = list(result) if isinstance(result, (list, tuple)) else [result]
+            known = tuple((tuple(r.shape), tuple(r.stride()), r.dtype) if isinstance(r, torch.Tensor) else r
+                          for r in results)
+        if len(_META_RESULTS) >= _META_RESULTS_LIMIT:
+            _META_RESULTS.clear()
+        _META_RESULTS[key] = known
+    if isinstance(known, str):
+        raise VerificationError(f"node {_where(node)} is ill-typed: {known}")
+    return [torch.empty_strided(r[0], r[1], dtype=r[2], device="meta") if isinstance(r, tuple) else r
+            for r in known]
+
+
+def _describe(obj):
+    """A hashable description of bound arguments: meta tensors by shape, stride and dtype."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), tuple(obj.stride()), obj.dtype)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, tuple(_describe(o) for o in obj))
+    if isinstance(obj, dict):
+        return ("dict", tuple((k, _describe(v)) for k, v in obj.items()))
+    return repr(obj)
 
 
 def _bind(obj, bindings):

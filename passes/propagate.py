@@ -8,6 +8,7 @@ from the strategy (``activations``, ``sequence_parallel``) restrict the choice f
 from __future__ import annotations
 
 import fnmatch
+import functools
 
 from ir.core import Graph, Node
 from ir.ops.registry import nd_signatures
@@ -78,7 +79,12 @@ def at_example_dims(t: TensorType, dims: dict) -> TensorType:
     """The type with symbolic dims set to the example input's sizes (for costing)."""
     if not dims:
         return t
-    subs = {dim_symbol(k): v for k, v in dims.items()}
+    return _at_dims(t, tuple(sorted(dims.items())))
+
+
+@functools.lru_cache(maxsize=65536)
+def _at_dims(t: TensorType, dims: tuple) -> TensorType:
+    subs = {dim_symbol(k): v for k, v in dims}
     return TensorType(tuple(d.subs(subs) for d in t.shape), t.dtype)
 
 

@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple
 
 import sympy
 
-from ir.core import Node
+from ir.core import Node, map_structure
 from ir.sbp import B, NdSbp, Partial, Split
 from ir.types import Mesh, TensorType
 
@@ -93,8 +93,33 @@ def known_ops() -> list[str]:
 def nd_signatures(node: Node, mesh: Mesh) -> list[tuple[tuple, tuple]]:
     """Every N-D signature: one 1-D signature per mesh axis, keeping only sound combinations.
 
-    Returns ``(input NdSbps, output NdSbps)`` pairs.
+    Returns ``(input NdSbps, output NdSbps)`` pairs. Nodes that look alike to the rules (same op, input
+    types and kinds, output types, non-value arguments, mesh), such as the same op in every layer of a
+    model, share one computation.
     """
+    key = _signature_key(node, mesh)
+    cached = _ND_SIGNATURES.get(key)
+    if cached is None:
+        if len(_ND_SIGNATURES) >= _ND_SIGNATURES_LIMIT:
+            _ND_SIGNATURES.clear()
+        cached = _ND_SIGNATURES[key] = tuple(_expand_nd_signatures(node, mesh))
+    return list(cached)
+
+
+_ND_SIGNATURES: dict = {}
+_ND_SIGNATURES_LIMIT = 100_000
+
+
+def _signature_key(node: Node, mesh: Mesh) -> tuple:
+    """What the op rules read of a node: values by position, type and kind; other arguments by repr."""
+    ins = node.input_values()
+    position = {id(v): i for i, v in enumerate(ins)}
+    arguments = repr(map_structure((node.args, node.kwargs), lambda v: f"%{position[id(v)]}"))
+    return (node.op, tuple((v.type, v.kind) for v in ins), tuple(o.type for o in node.outputs), arguments,
+            mesh.axes, mesh.shape)
+
+
+def _expand_nd_signatures(node: Node, mesh: Mesh) -> list[tuple[tuple, tuple]]:
     one_d = [s for s in _dedupe(rule_for(node.op).signatures(node)) if partials_are_numbers(node, s)]
     out = []
     for combo in itertools.product(one_d, repeat=mesh.ndim):

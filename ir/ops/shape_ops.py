@@ -1,6 +1,8 @@
 """View, reshape, transpose, permute, split, slice, cat and friends: splits map through dims."""
 from __future__ import annotations
 
+import functools
+
 import sympy
 
 from ir.core import Node
@@ -14,7 +16,13 @@ _SYMBOL_PRIMES: dict[str, int] = {}
 
 def _magnitude(d) -> int:
     """A number standing for a dim, to compare symbolic sizes (each symbol name gets its own prime)."""
-    expr = sympy.sympify(d)
+    if isinstance(d, int):
+        return d
+    return _magnitude_of(sympy.sympify(d))
+
+
+@functools.lru_cache(maxsize=65536)
+def _magnitude_of(expr: sympy.Expr) -> int:
     subs = {s: _prime_for(str(s)) for s in expr.free_symbols}
     return int(expr.subs(subs))
 

@@ -140,6 +140,9 @@ class CommRecord:
     type: TensorType
     sbp: tuple
     has_grad: bool
+    param: bool = False
+    """A parameter's all-gather (FSDP): emitted programs free the gathered weight after its use and
+    gather it again for backward, so it costs a second all-gather instead of activation memory."""
 
 
 @dataclass
@@ -327,7 +330,10 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         if record.has_grad and ctx.train:
             items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True))
         if kind == "all_gather" and record.has_grad and ctx.train:
-            saved += nbytes  # the gathered tensor is an input some op keeps for backward
+            if record.param:
+                items.append(CommItem(kind, axis, nbytes, True))  # gathered again for backward
+            else:
+                saved += nbytes  # the gathered tensor is an input some op keeps for backward
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx, scale)
@@ -433,7 +439,7 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
             if node.op in ADJOINTS:  # boxing collectives; pipeline transfers are the estimator's
                 source = node.input_values()[0]
                 comms.append(CommRecord(node.op, mesh.axis_index(node.kwargs["axis"]), source.type, source.sbp,
-                                        has_grad))
+                                        has_grad, node.op == "comm.all_gather" and source.kind == "param"))
             continue
         ins = node.input_values()
         computes.append(ComputeRecord(node.op, tuple(v.type for v in ins), tuple(v.sbp for v in ins),

@@ -12,8 +12,9 @@ step follows. Memory per device is ``cost_model.MemoryEstimate`` with the activa
 microbatches in flight on that rank under the schedule.
 
 Data parallelism the profile leaves to the estimator (``profile.analytic_axes``) splits the batch over
-``dp`` and, with ``fsdp``, gathers each parameter before use (its adjoint reduce-scatters the gradient)
-and keeps the gathered copy for backward, as the compiled program does.
+``dp`` and, with ``fsdp``, gathers each segment's parameters before use, frees them after, gathers them
+again for backward and reduce-scatters the gradients, as the emitted programs do (one segment's gathered
+parameters are alive at a time).
 """
 from __future__ import annotations
 
@@ -157,10 +158,11 @@ class Estimator:
                 bwd += seconds
             else:
                 fwd += seconds
-        if self.fsdp_analytic(shape):
+        if self.fsdp_analytic(shape):  # gather for forward, gather again for backward, reduce-scatter grads
             nbytes = segment.param_elements() * self.profile.precision.param_bytes
-            fwd += self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
-            bwd += self._collective("reduce_scatter", nbytes, devices, shape, shape.fsdp_axis)
+            gather = self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
+            fwd += gather
+            bwd += gather + self._collective("reduce_scatter", nbytes, devices, shape, shape.fsdp_axis)
         return fwd, bwd
 
     def fsdp_analytic(self, shape: PlanShape) -> bool:
@@ -308,22 +310,24 @@ class Estimator:
 
     def _stage_activations(self, shape: PlanShape, k: int, batch: float, in_flight: int) -> float:
         """Bytes stage ``k`` keeps: per in-flight microbatch, each segment's activations (or only its input
-        when it recomputes), plus one recomputed segment re-materialised during its backward."""
+        when it recomputes), plus one recomputed segment re-materialised during its backward. With FSDP
+        one segment's gathered parameters are alive at a time (freed after use, gathered again for
+        backward)."""
         prof = self.profile
         segments = shape.segments_of_stage(k, prof.num_layers)
-        per_microbatch = rematerialised = 0.0
+        per_microbatch = rematerialised = gathered = 0.0
         for j in segments:
             saved = at(prof.segments[j].saved_bytes, batch)
             if self.fsdp_analytic(shape):
-                saved += prof.segments[j].param_elements() * prof.precision.param_bytes
+                gathered = max(gathered, prof.segments[j].param_elements() * prof.precision.param_bytes)
             if j in shape.recompute:
                 per_microbatch += at(prof.segments[j - 1].output_bytes, batch) if j > 0 else 0.0
                 rematerialised = max(rematerialised, saved)
             else:
                 per_microbatch += saved
         if not prof.train:
-            return per_microbatch
-        return in_flight * per_microbatch + rematerialised
+            return per_microbatch + gathered
+        return in_flight * per_microbatch + rematerialised + gathered
 
     # -- traffic -----------------------------------------------------------------------------------
     def _traffic(self, shape: PlanShape, stages: list) -> dict:
@@ -341,7 +345,7 @@ class Estimator:
                                       times)
                 if self.fsdp_analytic(shape):
                     nbytes = segment.param_elements() * prof.precision.param_bytes
-                    self._add_traffic(traffic, "all_gather", nbytes, stage.devices, shape, shape.fsdp_axis, m)
+                    self._add_traffic(traffic, "all_gather", nbytes, stage.devices, shape, shape.fsdp_axis, 2 * m)
                     self._add_traffic(traffic, "reduce_scatter", nbytes, stage.devices, shape, shape.fsdp_axis, m)
             if stage.index < shape.num_stages - 1:
                 nxt = shape.stage_devices[shape.rank_of_stage(stage.index + 1)]

@@ -394,7 +394,8 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     for unit_index, position, value, src, weight, boundary in _boxings(result):
         unit = problem.units[unit_index]
         dst = result.node_choice[unit.node.name][0][position]
-        records = [CommRecord(op, axis, value.type, before, id(value) in problem.grad)
+        records = [CommRecord(op, axis, value.type, before, id(value) in problem.grad,
+                              op == "comm.all_gather" and value.kind == "param")
                    for axis, op, _, before in _steps_with_sources(problem.boxing_steps(value, src, dst), src)
                    if op not in LOCAL_COMM_OPS]
         for key in _comm_keys(unit.segment, boundary):

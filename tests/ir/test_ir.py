@@ -77,6 +77,25 @@ def test_verifier_rejects_ill_typed_node(tp_ir):
         verify(graph)
 
 
+def test_verifier_remembers_op_results_without_missing_errors(tp_ir):
+    """Repeated layers run each distinct op call once on meta tensors; a later mistake in an already
+    seen call, or a call whose inputs no longer fit, is still caught."""
+    graph = parse(tp_ir)
+    verify(graph)  # fills the cache
+    node = [n for n in graph.nodes if n.op == "aten.linear.default"][-1]
+    t = node.outputs[0].type
+    node.outputs[0].type = type(t)(t.shape[:-1] + (sympy.Integer(7),), "f32")
+    with pytest.raises(VerificationError, match="is declared f32\\[batch, seq, 7\\].*gives"):
+        verify(graph)
+    graph = parse(tp_ir)
+    users = [n for n in graph.nodes if n.op == "aten.linear.default"]
+    weight = next(v for v in graph.params if v.type.ndim == 2 and
+                  [n for n in graph.nodes if v in n.input_values()] == [u for u in users if u.input_values()[1] is v])
+    weight.type = type(weight.type)((weight.type.shape[0], sympy.Integer(3)), "f32")  # no longer matches x
+    with pytest.raises(VerificationError, match="ill-typed"):
+        verify(graph)
+
+
 def test_verifier_rejects_wrong_collective(tp_ir):
     graph = parse(tp_ir)
     comm = next(n for n in graph.nodes if n.op.startswith("comm."))
