@@ -32,6 +32,8 @@ from passes.planner.layers import LayerStructure, find_layers
 BATCH_SYMBOL = "batch"
 COMM_PREFIX = "comm."
 LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
+UNDISPATCHED_OPS = frozenset({"getitem", "sym_size", "_assert_tensor_metadata"})
+"""View-category ops that are Python bookkeeping, not dispatched tensor ops."""
 DEFAULT_OP_OVERHEAD_S = 5e-6
 """Launch/dispatch time of one eager op when neither the options nor the device say (backward ops
 count twice)."""
@@ -305,7 +307,10 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     model = np.zeros(2)
     scale = ctx.precision.activation_bytes
     for record in computes:
-        if is_view(record.op):
+        if is_view(record.op):  # no work, but a dispatched op (and a backward node) all the same
+            dispatched = op_kind(record.op)[0] not in UNDISPATCHED_OPS
+            fwd_ops += dispatched
+            bwd_ops += dispatched and record.has_grad and ctx.train
             continue
         work = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision)))
         kind = op_kind(record.op)
@@ -442,10 +447,23 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
                                         has_grad, node.op == "comm.all_gather" and source.kind == "param"))
             continue
         ins = node.input_values()
-        computes.append(ComputeRecord(node.op, tuple(v.type for v in ins), tuple(v.sbp for v in ins),
+        computes.append(ComputeRecord(costed_op(node), tuple(v.type for v in ins), tuple(v.sbp for v in ins),
                                       tuple(o.type for o in node.outputs), tuple(o.sbp for o in node.outputs),
                                       has_grad))
     return computes, comms
+
+
+_STRIDE_CHANGING = ("transpose", "permute", "t")
+
+
+def costed_op(node: Node) -> str:
+    """The op as it costs: ``reshape`` of a transposed or permuted tensor copies it (a view cannot
+    express it), so it is priced as ``clone``."""
+    if op_kind(node.op)[0] == "reshape":
+        source = node.input_values()[0].producer
+        if source is not None and op_kind(source.op)[0] in _STRIDE_CHANGING:
+            return "aten.clone.default"
+    return node.op
 
 
 def _segment_index(structure: LayerStructure) -> dict[int, int]:
