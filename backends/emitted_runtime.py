@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 aten = torch.ops.aten
 DEVICE = torch.device("cpu")

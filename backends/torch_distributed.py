@@ -17,6 +17,7 @@ import torch
 
 from ir import kernels
 from ir.core import Graph, Node, Value
+from ir.recompute import recompute_regions
 from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
                                  stage_index, tied_groups)
 from ir.ops.registry import LocalContext, local_call, local_shape
@@ -137,13 +138,50 @@ class ProgramWriter:
             self.names[id(v)] = f"x[{v.name!r}]"
         for p in g.params:
             self.names[id(p)] = f"{'p' if p.kind == 'param' else 'b'}[{p.target!r}]"
-        for node in g.nodes:
-            body.append(self._line(node))
+        body += self._body(g.nodes, [g.loss])
         body.append(f"    return {self.names[id(g.loss)]}")
         sig = "def forward(p, b, x, dims, coord):\n"
         doc = ('    """One rank\'s forward pass: p parameters and b buffers (local shards), x inputs (local),\n'
                '    dims the symbolic sizes of this batch, coord this rank\'s mesh coordinates."""\n')
         return sig + doc + "\n".join(body) + "\n"
+
+    def _body(self, nodes: list, returned: list) -> list[str]:
+        """The lines of ``nodes``; each recomputed region (see ``ir/recompute.py``) becomes a nested
+        function run under ``checkpoint``. ``returned``: values the caller returns after these lines."""
+        readers: dict[int, set] = {}
+        for node in self.graph.nodes:
+            for v in node.input_values():
+                readers.setdefault(id(v), set()).add(id(node))
+        kept = {id(v) for v in returned}
+        lines: list[str] = []
+        for region, run in recompute_regions(nodes):
+            if region is None:
+                lines += [self._line(node) for node in run]
+            else:
+                lines += self._checkpointed(region, run, readers, kept)
+        return lines
+
+    def _checkpointed(self, region: str, run: list, readers: dict, kept: set) -> list[str]:
+        inside = {id(n) for n in run}
+        produced = {id(o) for n in run for o in n.outputs}
+        inputs = []
+        for node in run:
+            for v in node.input_values():
+                name = self.names.get(id(v), "")
+                if id(v) not in produced and name.startswith("v_") and name not in inputs:
+                    inputs.append(name)  # other operands (p[...], x[...], dims) are read from the closure
+        body = ["    " + self._line(node) for node in run]
+        outputs = [self.names[id(o)] for n in run for o in n.outputs
+                   if id(o) in kept or readers.get(id(o), set()) - inside]
+        if not outputs:
+            return [line[4:] for line in body]
+        function = "recompute_" + region.replace(".", "_")
+        listed = ", ".join(outputs)
+        return ([f"    def {function}({', '.join(inputs)}):",
+                 f'        """{region}: run again in backward instead of keeping its activations."""']
+                + body + [f"        return {listed}",
+                          f"    {listed} = checkpoint({function}"
+                          + "".join(f", {i}" for i in inputs) + ", use_reentrant=False)"])
 
     def _dim_names(self) -> set[str]:
         names = set()
@@ -287,7 +325,7 @@ class PipelineProgramWriter(ProgramWriter):
         for slot, v in enumerate(st.entries):
             self.names[id(v)] = "v_" + v.name.replace(".", "_")
             body.append(f"    {self.names[id(v)]} = entries[{slot}]")
-        body += [self._line(node) for node in st.nodes]
+        body += self._body(st.nodes, st.exits or [self.graph.loss])
         if st.exits:
             body.append("    return [" + ", ".join(self.names[id(v)] for v in st.exits) + "]")
         else:

@@ -17,7 +17,7 @@ from ir.cluster import Cluster
 from ir.core import Graph
 from ir.parser import parse
 from ir.sbp import Split
-from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate  # noqa: F401  (register passes)
+from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate, recompute  # noqa: F401  (register passes)
 from passes.manager import PassContext, run_passes
 from passes.strategy import normalize_strategy
 
@@ -150,8 +150,8 @@ def check_example_inputs(graph: Graph, inputs: tuple) -> None:
 def passes_for(strategy: dict) -> list[str]:
     """The pass pipeline for a strategy: pipeline cutting and scheduling when it has stages."""
     if is_pipelined(strategy):
-        return DEFAULT_PASSES + PIPELINE_PASSES
-    return list(DEFAULT_PASSES)
+        return DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
+    return DEFAULT_PASSES + ["recompute"]
 
 
 def is_pipelined(strategy: dict) -> bool:

@@ -23,6 +23,8 @@ CONFIGS = {
     "gpt-pp2xtp2-interleaved": ("gpt", 4, {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4,
                                            "schedule": "interleaved", "virtual_stages": 2}),
     "gpt-pp2xdp2-1f1b": ("gpt", 4, {"mesh": {"pp": 2, "dp": 2}, "stages": ["blocks.2"], "microbatches": 4}),
+    "gpt-pp2xtp2-1f1b-recompute": ("gpt", 4, {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4,
+                                              "recompute": True}),
     "gpt-pp4-skippipe": ("gpt", 4, {"mesh": {"pp": 4}, "stages": ["blocks.1", "blocks.2", "blocks.3"],
                                     "microbatches": 8, "skip_ratio": 0.25}),
 }

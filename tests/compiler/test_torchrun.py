@@ -36,7 +36,9 @@ def test_data_parallel_five_sgd_steps(tmp_path, ranks):
     (2, {"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON)}),
     (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}),
     (4, "fsdp"),
-], ids=["tp2", "dp2_tp2_vocab", "fsdp4"])
+    (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "recompute": ["blocks.*.mlp"]}),
+    (2, {"mesh": {"dp": 2}, "fsdp": "dp", "recompute": True}),
+], ids=["tp2", "dp2_tp2_vocab", "fsdp4", "dp2_tp2_recompute_mlp", "fsdp2_recompute"])
 def test_sharded_programs_three_adamw_steps(tmp_path, ranks, strategy):
     data = batches(3)
     plan = compile(gpt_model(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=ADAMW)
