@@ -1,19 +1,20 @@
 """Measure this machine and write a ``local``-style cluster spec with the measured numbers.
 
-:func:`calibrate` starts ``world_size`` local processes joined by gloo, as an emitted program runs,
-and measures in all of them at once (each with its share of the cores, ``cpu_count // world_size``
-threads, since that is what a rank gets when all ranks work):
+:func:`calibrate` starts ``world_size`` local processes joined as an emitted program's ranks are (gloo
+on CPU; nccl with one GPU each when every rank can have one) and measures in all of them at once, each
+CPU rank with its share of the cores (``cpu_count // world_size`` threads), since that is what a rank
+gets when all ranks work:
 
 - compute: fp32 (and bf16) matmul FLOP/s, memory bandwidth (``c = a + b``), the dispatch overhead of
   one op forward and backward, and per kind of op the *efficiency* (roofline over measured time, see
   :mod:`backends.op_probes`);
 - communication: all_reduce, all_gather, reduce_scatter, all_to_all and one-way send/recv at several
   sizes, each fitted to the cost model's ring formula ``steps * latency + volume / bandwidth`` (see
-  :func:`fit_collective`); the fits become the loopback link's ``collectives`` table, and send/recv's
-  fit is the link itself.
+  :func:`fit_collective`); the fits become the intra-node link's ``collectives`` table, and send/recv's
+  fit is the link itself (``loopback`` between CPU ranks; ``nvlink`` or ``pcie`` between GPUs, by speed).
 
-The result is a one-node cluster whose device kind and loopback link carry those numbers; the raw
-measurements go under ``metadata.calibration`` so the file explains itself::
+The result is a one-node cluster whose device kind and link carry those numbers; the raw measurements
+go under ``metadata.calibration`` so the file explains itself::
 
     python -m backends.calibrate --world-size 2 --out my-machine.yaml
     Cluster.load("my-machine.yaml")
@@ -36,22 +37,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from backends.op_probes import measure_op_efficiency
+from backends.op_probes import measure_op_efficiency, synchronizer
 from ir.cluster import Cluster
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 LATENCY_PROBE_BYTES = 4  # one fp32 element: the time is all latency
 MESSAGE_SIZES = (LATENCY_PROBE_BYTES, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
-QUICK_MESSAGE_SIZES = (LATENCY_PROBE_BYTES, 1 << 18, 1 << 20)
+QUICK_MESSAGE_SIZES = MESSAGE_SIZES[:-1]
 COMPUTE_BURST = (512, 512, 1024)
 """The matmul (m, k, n) every rank runs before each timed collective (a few milliseconds on a core)."""
+NVLINK_LIKE_BPS = 50e9
+"""GPU pairs measured faster than this (one way) are labelled ``nvlink``, slower ones ``pcie``."""
+GPU_BURST_SCALE = 16
+"""On GPUs the burst's sides are this much longer (a few milliseconds there too)."""
 
 
 def calibrate(world_size: int = 2, out_path: str | Path | None = None, quick: bool = False) -> dict[str, Any]:
-    """Measure compute, memory bandwidth and gloo communication; return (and optionally write) the spec.
+    """Measure compute, memory bandwidth and communication; return (and optionally write) the spec.
 
     The returned dict is a cluster spec (``Cluster.from_dict`` accepts it) whose
-    ``metadata.calibration`` holds the raw measurements. ``quick`` uses fewer and smaller sizes.
+    ``metadata.calibration`` holds the raw measurements. ``quick`` repeats less and leaves out the largest message.
     """
     if world_size < 2:
         raise ValueError(f"expected world_size >= 2 to measure communication, found {world_size}")
@@ -86,15 +91,32 @@ def _run_ranks(world_size: int, quick: bool) -> dict[str, Any]:
             return json.load(handle)
 
 
+def rank_device(rank: int, world_size: int) -> torch.device:
+    """This rank's GPU when every rank can have one (and ``SBPC_FORCE_GLOO`` is not set), else the CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= world_size and os.environ.get("SBPC_FORCE_GLOO") != "1":
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
 def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: str) -> None:
-    """One rank: join a gloo group on 127.0.0.1, measure together with the others; rank 0 writes."""
+    """One rank: join a process group on 127.0.0.1 (nccl on GPUs, else gloo), measure together with
+    the others; rank 0 writes."""
+    device = rank_device(rank, world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.set_num_threads(threads_per_rank(world_size))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
     try:
-        measured = measure_compute(quick, dist.barrier)
-        measured["gloo"] = measure_collectives(rank, world_size, QUICK_MESSAGE_SIZES if quick else MESSAGE_SIZES,
-                                               repeats=5 if quick else 10)
+        measured = measure_compute(quick, dist.barrier, device)
+        measured["collectives"] = measure_collectives(rank, world_size, QUICK_MESSAGE_SIZES if quick else
+                                                      MESSAGE_SIZES, repeats=5 if quick else 10, device=device)
+        measured["backend"] = backend
+        measured["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        measured["device_memory"] = (torch.cuda.get_device_properties(device).total_memory
+                                     if device.type == "cuda" else _physical_memory_bytes() // world_size)
         if rank == 0:
             Path(result_path).write_text(json.dumps(measured))
     finally:
@@ -104,52 +126,60 @@ def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: 
 # -- compute ----------------------------------------------------------------------------------------
 
 
-def measure_compute(quick: bool, barrier: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Matmul FLOP/s per size, memory bandwidth, op dispatch overhead and op efficiencies."""
+def measure_compute(quick: bool, barrier: Callable[[], None] = lambda: None,
+                    device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Matmul FLOP/s per size, memory bandwidth, op dispatch overhead and op efficiencies on ``device``."""
+    gpu = device.type == "cuda"
     barrier()
-    matmul = measure_matmul_gflops((128, 256) if quick else (256, 512, 1024))
-    bf16 = measure_matmul_gflops((256,), torch.bfloat16)
+    matmul = measure_matmul_gflops((2048, 4096, 8192) if gpu else (256, 512, 1024), device=device)
+    bf16 = measure_matmul_gflops((8192,) if gpu else (256,), torch.bfloat16, device)
     barrier()
-    bandwidth = measure_elementwise_bandwidth((1 << 20) if quick else (1 << 23))
+    bandwidth = measure_elementwise_bandwidth((1 << 26) if gpu else (1 << 23), device)
     efficiency, overhead = measure_op_efficiency(max(matmul.values()) * 1e9, bandwidth,
-                                                 repeats=3 if quick else 9, barrier=barrier)
+                                                 repeats=5 if quick else 9, barrier=barrier, device=device)
     return {"matmul_fp32_gflops": matmul, "matmul_bf16_gflops": bf16, "elementwise_bytes_per_s": bandwidth,
             "op_overhead_s": list(overhead), "efficiency": efficiency}
 
 
-def _best_seconds(work: Callable[[], object], min_total_s: float = 0.05, min_repeats: int = 3) -> float:
+def _best_seconds(work: Callable[[], object], device: torch.device, min_total_s: float = 0.05,
+                  min_repeats: int = 3) -> float:
     """Fastest of several runs of ``work`` (after one warm-up), repeating for at least ``min_total_s``."""
+    sync = synchronizer(device)
     work()
+    sync()
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < min_repeats or time.perf_counter() - started < min_total_s:
         begin = time.perf_counter()
         work()
+        sync()
         times.append(time.perf_counter() - begin)
     return min(times)
 
 
-def measure_matmul_gflops(sizes: tuple[int, ...], dtype: torch.dtype = torch.float32) -> dict[int, float]:
-    """GFLOP/s of an n x n x n matmul (2n³ FLOPs) for each size n, on this process's threads."""
+def measure_matmul_gflops(sizes: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                          device: torch.device = torch.device("cpu")) -> dict[int, float]:
+    """GFLOP/s of an n x n x n matmul (2n³ FLOPs) for each size n (on CPU, this process's threads)."""
     result = {}
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        out = torch.empty(n, n, dtype=dtype)
-        result[n] = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b, out=out)) / 1e9
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        out = torch.empty(n, n, dtype=dtype, device=device)
+        result[n] = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b, out=out), device) / 1e9
     return result
 
 
-def measure_elementwise_bandwidth(elements: int) -> float:
+def measure_elementwise_bandwidth(elements: int, device: torch.device = torch.device("cpu")) -> float:
     """Bytes/s moved by ``c = a + b`` on fp32 vectors (two reads and one write per element)."""
-    a, b, c = torch.randn(elements), torch.randn(elements), torch.empty(elements)
-    return 3 * 4 * elements / _best_seconds(lambda: torch.add(a, b, out=c))
+    a, b = torch.randn(elements, device=device), torch.randn(elements, device=device)
+    c = torch.empty(elements, device=device)
+    return 3 * 4 * elements / _best_seconds(lambda: torch.add(a, b, out=c), device)
 
 
 # -- communication ---------------------------------------------------------------------------------
 
 
-def measure_collectives(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int
-                        ) -> dict[str, list[list[float]]]:
+def measure_collectives(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int,
+                        device: torch.device = torch.device("cpu")) -> dict[str, list[list[float]]]:
     """Per collective kind, ``[[bytes, mean seconds], ...]`` as rank 0 times it.
 
     Each call comes right after a burst of compute on every rank, with no barrier, the way a training
@@ -169,7 +199,7 @@ def measure_collectives(rank: int, world_size: int, sizes: tuple[int, ...], repe
         points = []
         try:
             for nbytes in sizes:
-                tensor = torch.ones(max(world_size, nbytes // 4))
+                tensor = torch.ones(max(world_size, nbytes // 4), device=device)
                 seconds = _loaded_seconds(operation, tensor, rank, world_size, repeats * (3 if nbytes < 1 << 20 else 1))
                 points.append([float(tensor.numel() * 4), seconds / (2 if kind == "send_recv" else 1)])
         except RuntimeError:  # e.g. a collective gloo lacks; every rank fails the same way
@@ -181,14 +211,20 @@ def measure_collectives(rank: int, world_size: int, sizes: tuple[int, ...], repe
 def _loaded_seconds(operation: Callable[[torch.Tensor, int, int], None], tensor: torch.Tensor, rank: int,
                     world_size: int, repeats: int) -> float:
     """Mean seconds of ``operation`` right after a compute burst."""
+    sync = synchronizer(tensor.device)
     operation(tensor, rank, world_size)  # warm-up: connections and buffers
+    sync()
     dist.barrier()
-    left, right = torch.randn(COMPUTE_BURST[:2]), torch.randn(COMPUTE_BURST[1:])
+    scale = GPU_BURST_SCALE if tensor.is_cuda else 1
+    left = torch.randn(COMPUTE_BURST[0] * scale, COMPUTE_BURST[1] * scale, device=tensor.device)
+    right = torch.randn(COMPUTE_BURST[1] * scale, COMPUTE_BURST[2] * scale, device=tensor.device)
     times = []
     for _ in range(repeats):
         torch.mm(left, right)
+        sync()
         begin = time.perf_counter()
         operation(tensor, rank, world_size)
+        sync()
         times.append(time.perf_counter() - begin)
     return statistics.fmean(times)
 
@@ -271,32 +307,35 @@ def _physical_memory_bytes() -> int:
 
 def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[str, Any]:
     """The cluster spec of what :func:`measure_compute` and :func:`measure_collectives` found."""
-    fits = {kind: fit_collective(kind, world_size, points) for kind, points in measured["gloo"].items()}
+    fits = {kind: fit_collective(kind, world_size, points) for kind, points in measured["collectives"].items()}
     latency, bandwidth = fits.get("send_recv", (50e-6, 2e9))
     forward_overhead, backward_overhead = measured["op_overhead_s"]
+    gpu = measured["backend"] == "nccl"
+    kind = "gpu-calibrated" if gpu else "cpu-calibrated"
+    link_class = ("nvlink" if bandwidth > NVLINK_LIKE_BPS else "pcie") if gpu else "loopback"
     return {
         "name": f"calibrated-local:{world_size}",
-        "description": f"measured on {socket.gethostname()} by backends.calibrate",
-        "device_kinds": {"cpu-calibrated": {
+        "description": f"{world_size} x {measured['device']} measured on {socket.gethostname()} by backends.calibrate",
+        "device_kinds": {kind: {
             "peak_flops": {"fp32": max(measured["matmul_fp32_gflops"].values()) * 1e9,
                            "bf16": max(measured["matmul_bf16_gflops"].values()) * 1e9},
-            "memory": _physical_memory_bytes() // world_size,
+            "memory": int(measured["device_memory"]),
             "memory_bandwidth": measured["elementwise_bytes_per_s"],
             "op_overhead": {"forward": forward_overhead, "backward": backward_overhead},
             "efficiency": measured["efficiency"],
         }},
         "nodes": [{
-            "name": "localhost", "device": "cpu-calibrated", "devices": world_size,
-            "intra_link": {"class": "loopback", "bandwidth": bandwidth, "latency": latency,
-                           "collectives": {kind: {"latency": lat, "bandwidth": bw}
-                                           for kind, (lat, bw) in fits.items() if kind != "send_recv"}},
+            "name": "localhost", "device": kind, "devices": world_size,
+            "intra_link": {"class": link_class, "bandwidth": bandwidth, "latency": latency,
+                           "collectives": {name: {"latency": lat, "bandwidth": bw}
+                                           for name, (lat, bw) in fits.items() if name != "send_recv"}},
             "nics": [{"type": "ethernet", "count": 1, "bandwidth": "10Gb/s", "latency": "30us"}],
         }],
         "metadata": {"calibration": {
             "threads_per_rank": threads_per_rank(world_size),
-            **{key: measured[key] for key in ("matmul_fp32_gflops", "matmul_bf16_gflops",
+            **{key: measured[key] for key in ("backend", "device", "matmul_fp32_gflops", "matmul_bf16_gflops",
                                               "elementwise_bytes_per_s", "op_overhead_s")},
-            "gloo_seconds_by_bytes": measured["gloo"],
+            "collective_seconds_by_bytes": measured["collectives"],
         }},
     }
 

@@ -32,6 +32,10 @@ MAX_POOL = 16
 OVERHEAD_CHAIN = 200
 """Tiny ops per overhead measurement."""
 MIN_EFFICIENCY, MAX_EFFICIENCY = 0.01, 10.0
+CPU_PROBE_SIZE = (512, 256)
+"""(tokens, width) of the default probes on CPU ranks."""
+GPU_PROBE_SIZE = (8192, 2048)
+"""(tokens, width) of the default probes on a GPU: large enough to keep it busy."""
 
 
 @dataclass(frozen=True)
@@ -97,34 +101,50 @@ class ProbeTiming:
     roofline_backward_s: float
 
 
-def measure_op_overhead(repeats: int = 7) -> tuple[float, float]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What makes a timer see finished work on ``device``: ``cuda.synchronize`` on GPUs, nothing on CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure_op_overhead(repeats: int = 7, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(forward, backward) seconds of dispatching one op: a chain of ops on one-element tensors."""
-    one = torch.ones(1)
+    sync = synchronizer(device)
+    one = torch.ones(1, device=device)
     forward, backward = [], []
     for _ in range(repeats + 1):
-        x = torch.zeros(1, requires_grad=True)
+        x = torch.zeros(1, requires_grad=True, device=device)
+        sync()
         begin = time.perf_counter()
         y = x
         for _ in range(OVERHEAD_CHAIN):
             y = aten.add.Tensor(y, one)
+        sync()
         middle = time.perf_counter()
         y.backward()
+        sync()
         end = time.perf_counter()
         forward.append((middle - begin) / OVERHEAD_CHAIN)
         backward.append((end - middle) / OVERHEAD_CHAIN)
     return statistics.median(forward[1:]), statistics.median(backward[1:])
 
 
-def time_probe(probe: Probe, repeats: int, peak_flops: float, memory_bandwidth: float) -> ProbeTiming:
+def time_probe(probe: Probe, repeats: int, peak_flops: float, memory_bandwidth: float,
+               device: torch.device = torch.device("cpu")) -> ProbeTiming:
     """Median forward and backward seconds of ``probe`` over rotating operands, beside its roofline."""
-    pool = _operand_pool(probe)
+    sync = synchronizer(device)
+    pool = _operand_pool(probe, device)
     forward, backward = [], []
     for i in range(repeats + 1):
         operands = pool[i % len(pool)]
+        sync()
         begin = time.perf_counter()
         out = probe.run(*operands)
+        sync()
         middle = time.perf_counter()
         out.backward(torch.ones_like(out))
+        sync()
         end = time.perf_counter()
         if i:  # the first run warms up
             forward.append(middle - begin)
@@ -141,17 +161,17 @@ def time_probe(probe: Probe, repeats: int, peak_flops: float, memory_bandwidth: 
                        max(backward_flops / peak_flops, 2 * nbytes / memory_bandwidth))
 
 
-def _operand_pool(probe: Probe) -> list[list[torch.Tensor]]:
+def _operand_pool(probe: Probe, device: torch.device) -> list[list[torch.Tensor]]:
     set_bytes = sum(4 * _numel(s) for s in probe.shapes)
     count = max(2, min(MAX_POOL, POOL_BYTES // max(set_bytes, 1)))
-    return [[_operand(shape, probe.indices.get(position)) for position, shape in enumerate(probe.shapes)]
+    return [[_operand(shape, probe.indices.get(position), device) for position, shape in enumerate(probe.shapes)]
             for _ in range(count)]
 
 
-def _operand(shape: Sequence[int], bound: int | None) -> torch.Tensor:
+def _operand(shape: Sequence[int], bound: int | None, device: torch.device) -> torch.Tensor:
     if bound is not None:
-        return torch.randint(0, bound, tuple(shape))
-    return torch.randn(tuple(shape), requires_grad=True)
+        return torch.randint(0, bound, tuple(shape), device=device)
+    return torch.randn(tuple(shape), device=device, requires_grad=True)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -180,16 +200,18 @@ def _clamp(value: float) -> float:
 
 
 def measure_op_efficiency(peak_flops: float, memory_bandwidth: float, repeats: int = 9,
-                          probes: Sequence[Probe] | None = None, barrier: Callable[[], None] = lambda: None
+                          probes: Sequence[Probe] | None = None, barrier: Callable[[], None] = lambda: None,
+                          device: torch.device = torch.device("cpu")
                           ) -> tuple[dict[str, dict[str, float]], tuple[float, float]]:
-    """(efficiency table, (forward, backward) overhead seconds) on this process's threads.
+    """(efficiency table, (forward, backward) overhead seconds) on ``device`` (this process's threads
+    on CPU). Default probes: :func:`default_probes` at CPU sizes, or at GPU sizes on a GPU.
 
     ``barrier`` runs before each probe, so that ranks measuring together run the same probe at once.
     """
     barrier()
-    overhead = measure_op_overhead()
+    overhead = measure_op_overhead(device=device)
     timings = []
-    for probe in probes or default_probes():
+    for probe in probes or default_probes(*(GPU_PROBE_SIZE if device.type == "cuda" else CPU_PROBE_SIZE)):
         barrier()
-        timings.append(time_probe(probe, repeats, peak_flops, memory_bandwidth))
+        timings.append(time_probe(probe, repeats, peak_flops, memory_bandwidth, device))
     return efficiency_table(timings, overhead), overhead

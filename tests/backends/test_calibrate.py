@@ -31,7 +31,8 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
     assert 1e-7 <= link.latency_s < 0.1  # gloo on loopback: tens of microseconds
     assert 1e6 < link.bandwidth_Bps < 1e12
 
-    gloo = spec["metadata"]["calibration"]["gloo_seconds_by_bytes"]
+    assert spec["metadata"]["calibration"]["backend"] == "gloo"  # no GPU here
+    gloo = spec["metadata"]["calibration"]["collective_seconds_by_bytes"]
     for name in ("all_reduce", "all_gather", "send_recv"):
         assert all(0 < seconds < 10 for _, seconds in gloo[name])
     for kind in ("all_reduce", "all_gather", "reduce_scatter"):  # what the emitted programs call on gloo
