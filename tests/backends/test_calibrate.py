@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from backends.calibrate import calibrate, fit_collective
+from backends.calibrate import calibrate, fit_collective, spec_from_measurements
 from ir.cluster import Cluster
 
 
@@ -63,3 +63,22 @@ def test_fit_collective_stays_physical_on_noisy_points():
     # the small message took longer than the large one: no positive least-squares fit exists
     latency, bandwidth = fit_collective("send_recv", 2, [[4, 3e-3], [1 << 18, 1e-3], [1 << 20, 2e-3]])
     assert latency > 0 and 0 < bandwidth < 1e12
+
+
+def test_gpu_measurements_make_a_gpu_node():
+    """The spec from nccl measurements (numbers as an 8-GPU NVLink node gives): a GPU kind, an nvlink link."""
+    ring = lambda latency, bandwidth, a, b: [[n, a * latency + b * n / bandwidth] for n in (8, 1 << 20, 1 << 24)]
+    measured = {
+        "backend": "nccl", "device": "NVIDIA H100", "device_memory": 80 * 2**30,
+        "matmul_fp32_gflops": {"8192": 50e3}, "matmul_bf16_gflops": {"8192": 700e3},
+        "elementwise_bytes_per_s": 3e12, "op_overhead_s": [6e-6, 9e-6],
+        "efficiency": {"matmul": {"forward": 0.8, "backward": 0.75}},
+        "collectives": {"all_reduce": ring(10e-6, 150e9, 14, 14 / 8), "send_recv": ring(5e-6, 200e9, 1, 1)},
+    }
+    cluster = Cluster.from_dict(spec_from_measurements(8, measured))
+    device = cluster.devices[0]
+    assert device.kind == "gpu-calibrated" and device.memory_bytes == 80 * 2**30
+    assert device.peak_flops["bf16"] == pytest.approx(700e12)
+    link = cluster.link(0, 7)
+    assert link.link_class == "nvlink" and link.bandwidth_Bps == pytest.approx(200e9)
+    assert link.for_collective("all_reduce").bandwidth_Bps == pytest.approx(150e9)
