@@ -127,7 +127,7 @@ def _check_trace_agrees(model: torch.nn.Module, traced: torch.nn.Module, args: t
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
     if any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves) or _on_meta(model):
         return
-    with torch.no_grad(), torch.random.fork_rng():
+    with torch.no_grad(), torch.random.fork_rng(), _buffers_restored(model):
         torch.manual_seed(0)
         expected = torch.utils._pytree.tree_leaves(model(*args, **kwargs))
         torch.manual_seed(0)
@@ -139,6 +139,19 @@ def _check_trace_agrees(model: torch.nn.Module, traced: torch.nn.Module, args: t
     if not same:
         raise CaptureError(f"torch.fx.symbolic_trace changed what {type(model).__name__} computes "
                            f"(Python branches on tensor properties); use method='export'")
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: torch.nn.Module):
+    """Put every buffer back as it was (a training-mode call updates BatchNorm's running statistics;
+    compiling must not)."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
 
 
 def _on_meta(model: torch.nn.Module) -> bool:

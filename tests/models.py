@@ -79,6 +79,26 @@ class SmallCNN(nn.Module):
         return F.cross_entropy(self.head(x), labels)
 
 
+class BatchNormCNN(nn.Module):
+    """Conv, BatchNorm (batch statistics in training, running statistics updated), ReLU, pooling, linear."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(images)))
+        return F.cross_entropy(self.head(x.mean((2, 3))), labels)
+
+
+def bn_cnn_model(seed: int = 0) -> nn.Module:
+    """:class:`BatchNormCNN`, deterministically initialised."""
+    torch.manual_seed(seed)
+    return BatchNormCNN()
+
+
 def cnn_model(seed: int = 0) -> nn.Module:
     """The small CNN, deterministically initialised."""
     torch.manual_seed(seed)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import re
 
-from ir.core import Node
-from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, register,
+from ir.core import Node, Value
+from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, broadcast_only, register,
                              shard_start, default_local)
 from ir.ops.elementwise import aligned_dim
 from ir.sbp import B, P, Split
@@ -230,11 +230,24 @@ def pool(node: Node) -> list[Signature]:
 def batch_norm(node: Node) -> list[Signature]:
     ins = node.input_values()
     n_out = len(node.outputs)
+    if _batch_statistics(node) and _updates_running_statistics(node):
+        # training updates the running statistics in place: every rank computes them whole, so the
+        # buffers (stored replicated) stay the module's
+        return [all_b(node)]
     rest = tuple(Split(0) for _ in ins[1:])
     sigs = [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]
     if not _batch_statistics(node):
         sigs.append(Signature((Split(0),) + (B,) * len(rest), (Split(0),) + (B,) * (n_out - 1)))
     return sigs
+
+
+register("aten.add_.Tensor", doc="in-place add (a buffer's counter, e.g. BatchNorm's num_batches_tracked): "
+         "runs replicated, so the replicated buffer stays the module's")(broadcast_only)
+
+
+def _updates_running_statistics(node: Node) -> bool:
+    """Whether running mean and variance buffers are passed (and so updated in place)."""
+    return len(node.args) > 4 and isinstance(node.args[3], Value) and isinstance(node.args[4], Value)
 
 
 def _batch_statistics(node: Node) -> bool:

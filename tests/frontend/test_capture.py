@@ -93,3 +93,16 @@ def test_unknown_op_warns_and_runs_broadcast():
         plan = compile(model, (x,), cluster=Cluster.local(2))
     model(x).backward()
     torch.testing.assert_close(plan.run_virtual(x).grads["lin.weight"], model.lin.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_capturing_leaves_the_model_buffers_alone():
+    """Checking the traced program runs the model in training mode; BatchNorm's running statistics and
+    batch counter must still be those the user had."""
+    from tests.models import bn_cnn_model, cnn_inputs
+    model = bn_cnn_model()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    captured = capture(model, cnn_inputs(), train=True)
+    assert any(n.op == "aten.batch_norm.default" for n in captured.graph.nodes)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+    assert all(torch.equal(captured.weights[name], before[name]) for name in before)
