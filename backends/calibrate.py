@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -48,6 +49,8 @@ COMPUTE_BURST = (512, 512, 1024)
 """The matmul (m, k, n) every rank runs before each timed collective (a few milliseconds on a core)."""
 NVLINK_LIKE_BPS = 50e9
 """GPU pairs measured faster than this (one way) are labelled ``nvlink``, slower ones ``pcie``."""
+OVERLAP_BUCKET_BYTES = 4 * 2**20
+"""The all-reduce :func:`measure_comm_overlap` hides: one default gradient bucket."""
 GPU_BURST_SCALE = 16
 """On GPUs the burst's sides are this much longer (a few milliseconds there too)."""
 
@@ -113,6 +116,7 @@ def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: 
         measured = measure_compute(quick, dist.barrier, device)
         measured["collectives"] = measure_collectives(rank, world_size, QUICK_MESSAGE_SIZES if quick else
                                                       MESSAGE_SIZES, repeats=5 if quick else 10, device=device)
+        measured["comm_overlap"] = measure_comm_overlap(device, repeats=6 if quick else 20)
         measured["backend"] = backend
         measured["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         measured["device_memory"] = (torch.cuda.get_device_properties(device).total_memory
@@ -229,6 +233,44 @@ def _loaded_seconds(operation: Callable[[torch.Tensor, int, int], None], tensor:
     return statistics.fmean(times)
 
 
+def measure_comm_overlap(device: torch.device, repeats: int) -> float:
+    """Fraction of a gradient bucket's all-reduce (4 MiB) that hides behind matmuls running meanwhile:
+    ``(compute + all-reduce - both at once) / the shorter of the two``, from 0 (none) to 1 (all)."""
+    sync = synchronizer(device)
+    bucket = torch.ones(OVERLAP_BUCKET_BYTES // 4, device=device)
+    scale = GPU_BURST_SCALE if device.type == "cuda" else 1
+    left = torch.randn(COMPUTE_BURST[0] * scale, COMPUTE_BURST[1] * scale, device=device)
+    right = torch.randn(COMPUTE_BURST[1] * scale, COMPUTE_BURST[2] * scale, device=device)
+
+    def timed(work: Callable[[], None]) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            dist.barrier()
+            sync()
+            begin = time.perf_counter()
+            work()
+            sync()
+            times.append(time.perf_counter() - begin)
+        return statistics.fmean(times[1:])
+
+    communicate = timed(lambda: dist.all_reduce(bucket))
+    one_burst = timed(lambda: torch.mm(left, right))
+    bursts = max(1, math.ceil(2 * communicate / max(one_burst, 1e-9)))  # compute outlasts the all-reduce
+
+    def compute() -> None:
+        for _ in range(bursts):
+            torch.mm(left, right)
+
+    def both() -> None:
+        work = dist.all_reduce(bucket, async_op=True)
+        compute()
+        work.wait()
+
+    computing = timed(compute)
+    hidden = computing + communicate - timed(both)
+    return min(1.0, max(0.0, hidden / max(min(computing, communicate), 1e-9)))
+
+
 def _all_reduce(tensor: torch.Tensor, rank: int, world_size: int) -> None:
     dist.all_reduce(tensor.clone())
 
@@ -323,6 +365,7 @@ def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[st
             "memory_bandwidth": measured["elementwise_bytes_per_s"],
             "op_overhead": {"forward": forward_overhead, "backward": backward_overhead},
             "efficiency": measured["efficiency"],
+            "comm_overlap": measured["comm_overlap"],
         }},
         "nodes": [{
             "name": "localhost", "device": kind, "devices": world_size,

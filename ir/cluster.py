@@ -159,6 +159,10 @@ class DeviceKind:
     efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Op name or cost category -> (forward, backward) roofline time / measured time (see
     :meth:`Device.efficiency_of`); empty: ops run at their roofline."""
+    comm_overlap: float = 1.0
+    """Fraction of a collective's time that hides behind compute running at the same time (1: GPUs,
+    whose copy engines and spare SMs move data while kernels run; CPU ranks measure far less, as
+    their communication threads need the cores the compute uses)."""
 
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.peak_flops.items())), self.memory_bytes))
@@ -246,6 +250,8 @@ class Device:
     """Measured (forward, backward) seconds of dispatching one op (see :class:`DeviceKind`)."""
     efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Op name or cost category -> (forward, backward) fraction of the roofline the device reaches."""
+    comm_overlap: float = 1.0
+    """Fraction of a collective's time that hides behind concurrent compute (see :class:`DeviceKind`)."""
 
     def __hash__(self) -> int:
         return hash((self.id, self.node, self.kind))
@@ -287,7 +293,7 @@ class Cluster:
             for local in range(node.num_devices):
                 devices.append(Device(len(devices), node_index, kind.name, dict(kind.peak_flops),
                                       kind.memory_bytes, kind.memory_bandwidth_Bps, local, kind.op_overhead_s,
-                                      dict(kind.efficiency)))
+                                      dict(kind.efficiency), kind.comm_overlap))
         object.__setattr__(self, "_devices", tuple(devices))
         firsts = [0]
         for node in self.nodes:
@@ -599,7 +605,7 @@ _TOP_KEYS = {"name", "description", "device_kinds", "nodes", "inter_region", "li
 _NODE_KEYS = {"name", "count", "device", "devices", "intra_link", "nics", "region"}
 _LINK_KEYS = {"class", "bandwidth", "latency"}
 _NIC_KEYS = {"type", "count", "bandwidth", "latency"}
-_KIND_KEYS = {"peak_flops", "memory", "memory_bandwidth", "op_overhead", "efficiency"}
+_KIND_KEYS = {"peak_flops", "memory", "memory_bandwidth", "op_overhead", "efficiency", "comm_overlap"}
 _PHASES = ("forward", "backward")
 
 
@@ -649,7 +655,8 @@ class _SpecParser:
                                                            lambda v, p: parse_quantity(v, "time", p))
         efficiency = {str(key): _per_phase(value, f"{path}.efficiency.{key}", _positive_number)
                       for key, value in _mapping(body.get("efficiency", {}), f"{path}.efficiency").items()}
-        return DeviceKind(name, flops, memory, bandwidth, overhead, efficiency)
+        overlap = _fraction(body.get("comm_overlap", 1.0), f"{path}.comm_overlap")
+        return DeviceKind(name, flops, memory, bandwidth, overhead, efficiency, overlap)
 
     def _nodes(self, raw: Any, kinds: Mapping[str, DeviceKind]) -> tuple[Node, ...]:
         entries = _sequence(raw, "nodes")
@@ -775,6 +782,12 @@ def _per_phase(raw: Any, path: str, parse: Callable[[Any, str], float]) -> tuple
     return value, value
 
 
+def _fraction(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ClusterSpecError(path, f"expected a number from 0 to 1, found {value!r}")
+    return float(value)
+
+
 def _positive_number(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ClusterSpecError(path, f"expected a positive number, found {value!r}")
@@ -868,6 +881,8 @@ def _kind_dict(kind: DeviceKind) -> dict[str, Any]:
         body["op_overhead"] = dict(zip(_PHASES, kind.op_overhead_s))
     if kind.efficiency:
         body["efficiency"] = {key: dict(zip(_PHASES, pair)) for key, pair in kind.efficiency.items()}
+    if kind.comm_overlap != 1.0:
+        body["comm_overlap"] = kind.comm_overlap
     return body
 
 

@@ -7,7 +7,8 @@ run on (the slowest group counts); recomputed segments run their forward again i
 pipeline is timed with ``passes.schedules.simulate`` on the schedule's real action lists (point-to-point
 transfers between the stages' devices included), or, with ``exact=False``, with the closed form
 ``sum_k (F_k + B_k) + (m - 1) max_k (F_k + B_k)`` used to rank candidates quickly. Gradient
-all-reduces run per pipeline rank after its last backward, overlapping that backward; the optimizer
+all-reduces run per pipeline rank during its last backward, hiding behind it as far as the devices'
+``comm_overlap`` allows (the rest is exposed after it); the optimizer
 step follows. Memory per device is ``cost_model.MemoryEstimate`` with the activations kept by the
 microbatches in flight on that rank under the schedule.
 
@@ -268,7 +269,8 @@ class Estimator:
         if not self.overlap_grad_sync:
             return total, total
         last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
-        return total, max(0.0, total - last_backward)
+        overlap = min(self.cluster.device(d).comm_overlap for d in devices)
+        return total, total - overlap * min(total, last_backward)
 
     def _optimizer_time(self, shape: PlanShape, rank: int) -> float:
         if not self.profile.train:

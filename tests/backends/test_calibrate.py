@@ -45,6 +45,7 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
     for key in ("matmul", "attention", "norm", "elementwise", "gelu", "loss"):
         assert all(0.01 <= e <= 10 for e in device.efficiency_of(key)), key
     assert device.efficiency_of("linear", "matmul") == device.efficiency_of("matmul")
+    assert 0 <= device.comm_overlap <= 1
 
 
 def test_calibration_needs_two_ranks():
@@ -72,7 +73,7 @@ def test_gpu_measurements_make_a_gpu_node():
         "backend": "nccl", "device": "NVIDIA H100", "device_memory": 80 * 2**30,
         "matmul_fp32_gflops": {"8192": 50e3}, "matmul_bf16_gflops": {"8192": 700e3},
         "elementwise_bytes_per_s": 3e12, "op_overhead_s": [6e-6, 9e-6],
-        "efficiency": {"matmul": {"forward": 0.8, "backward": 0.75}},
+        "efficiency": {"matmul": {"forward": 0.8, "backward": 0.75}}, "comm_overlap": 0.9,
         "collectives": {"all_reduce": ring(10e-6, 150e9, 14, 14 / 8), "send_recv": ring(5e-6, 200e9, 1, 1)},
     }
     cluster = Cluster.from_dict(spec_from_measurements(8, measured))

@@ -81,6 +81,22 @@ def test_measured_efficiency_and_overhead_price_the_ops(small):
         pytest.approx(forward - fwd_ops * 1e-5)  # an explicit overhead wins over the measured one
 
 
+def test_measured_comm_overlap_sets_how_much_gradient_sync_hides(small):
+    """comm_overlap 1: the gradient all-reduce hides behind the last backward; 0: all of it is exposed;
+    in between, that fraction of the overlappable time hides."""
+    model, inputs = small
+    exposed = {}
+    for overlap in (0.0, 0.25, 1.0):
+        spec = Cluster.local(2).to_dict()
+        spec["device_kinds"]["cpu"]["comm_overlap"] = overlap
+        report = simulate(compile(model, inputs, cluster=Cluster.from_dict(spec), strategy="dp"))
+        total, exposed[overlap] = report.estimate.grad_sync_s[0]
+        backward = report.stage_times[0]["bwd_compute_s"] + report.stage_times[0]["bwd_comm_s"]
+    assert exposed[0.0] == pytest.approx(total)
+    assert exposed[1.0] == pytest.approx(max(0.0, total - backward))
+    assert exposed[0.25] == pytest.approx(total - 0.25 * min(total, backward))
+
+
 def test_report_of_a_compiled_plan(dp_plan):
     report = simulate(dp_plan)
     assert report.source == "ir" and report.step_time_s > 0 and report.fits

@@ -156,6 +156,8 @@ BAD_SPECS = [
      "device_kinds.cpu2.efficiency.gelu.backwards", "unknown field"),
     (_set(["device_kinds"], {"cpu2": {"peak_flops": {"fp32": 1e9}, "memory": "1GiB", "op_overhead": "-2us"}}),
      "device_kinds.cpu2.op_overhead", "non-negative"),
+    (_set(["device_kinds"], {"cpu2": {"peak_flops": {"fp32": 1e9}, "memory": "1GiB", "comm_overlap": 1.5}}),
+     "device_kinds.cpu2.comm_overlap", "from 0 to 1"),
     (_set(["nodes", 0, "intra_link", "collectives"], {"allreduce": {"latency": "1us", "bandwidth": "1GB/s"}}),
      "nodes[0].intra_link.collectives.allreduce", "unknown collective"),
     (_set(["nodes", 0, "intra_link", "collectives"], {"all_reduce": {"latency": "1us"}}),
@@ -283,12 +285,12 @@ def test_measured_device_and_link_figures_load_and_round_trip():
     spec["device_kinds"] = {"cpu-measured": {
         "peak_flops": {"fp32": "100GFLOPS"}, "memory": "8GiB", "memory_bandwidth": "10GB/s",
         "op_overhead": {"forward": "3us", "backward": "5us"},
-        "efficiency": {"matmul": {"forward": 0.7, "backward": 0.6}, "gelu": 0.5}}}
+        "efficiency": {"matmul": {"forward": 0.7, "backward": 0.6}, "gelu": 0.5}, "comm_overlap": 0.3}}
     spec["nodes"][0]["device"] = "cpu-measured"
     spec["nodes"][0]["intra_link"]["collectives"] = {"all_reduce": {"latency": "300us", "bandwidth": "0.5GB/s"}}
     cluster = Cluster.from_dict(spec)
     device = cluster.devices[0]
-    assert device.op_overhead_s == (3e-6, 5e-6)
+    assert device.op_overhead_s == (3e-6, 5e-6) and device.comm_overlap == 0.3
     assert device.efficiency_of("linear", "matmul") == (0.7, 0.6)
     assert device.efficiency_of("gelu", "elementwise") == (0.5, 0.5)
     assert device.efficiency_of("add", "elementwise") == (1.0, 1.0)  # unlisted: the roofline
