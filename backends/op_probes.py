@@ -36,6 +36,8 @@ CPU_PROBE_SIZE = (512, 256)
 """(tokens, width) of the default probes on CPU ranks."""
 GPU_PROBE_SIZE = (8192, 2048)
 """(tokens, width) of the default probes on a GPU: large enough to keep it busy."""
+MATMUL_SIZE_SCAN = (0.25, 4.0)
+"""Matmuls are probed again at these multiples of the token count: their efficiency grows with size."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class Probe:
     shapes: tuple
     run: Callable[..., torch.Tensor]
     indices: dict = field(default_factory=dict)
+    size: int = 0
+    """The token count of the probe set it belongs to (probes of one key at several sizes)."""
 
 
 def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -72,10 +76,7 @@ def default_probes(tokens: int = 512, width: int = 256) -> tuple[Probe, ...]:
     batch, seq = max(1, tokens // 128), min(128, tokens)
     vocab = 2 * h
     return (
-        Probe("matmul", "linear", ((t, w), (3 * w, w), (3 * w,)), aten.linear.default),
-        Probe("matmul", "linear", ((t, w), (h, w), (h,)), aten.linear.default),
-        Probe("matmul", "linear", ((t, h), (w, h), (w,)), aten.linear.default),
-        Probe("matmul", "linear", ((t, w), (vocab, w)), aten.linear.default),
+        *matmul_probes(tokens, width),
         Probe("attention", "scaled_dot_product_attention", ((batch, heads, seq, head_dim),) * 3, _causal_attention),
         Probe("norm", "layer_norm", ((t, w), (w,), (w,)), _layer_norm),
         Probe("softmax", "softmax", ((t, vocab),), lambda x: aten._softmax.default(x, -1, False)),
@@ -90,6 +91,13 @@ def default_probes(tokens: int = 512, width: int = 256) -> tuple[Probe, ...]:
     )
 
 
+def matmul_probes(tokens: int, width: int) -> tuple[Probe, ...]:
+    """The linear layers of a transformer block and an LM head on ``tokens`` rows."""
+    t, w, h = tokens, width, 4 * width
+    shapes = (((t, w), (3 * w, w), (3 * w,)), ((t, w), (h, w), (h,)), ((t, h), (w, h), (w,)), ((t, w), (2 * h, w)))
+    return tuple(Probe("matmul", "linear", s, aten.linear.default, size=tokens) for s in shapes)
+
+
 @dataclass
 class ProbeTiming:
     """Median forward and backward seconds of one probe, and the roofline the cost model gives it."""
@@ -99,6 +107,8 @@ class ProbeTiming:
     backward_s: float
     roofline_forward_s: float
     roofline_backward_s: float
+    flops: float
+    """The probe's forward FLOPs (as the cost model counts them)."""
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -158,7 +168,7 @@ def time_probe(probe: Probe, repeats: int, peak_flops: float, memory_bandwidth: 
     backward_flops = float(cost_model.op_backward_flops(probe.op, ins, outs))
     return ProbeTiming(probe, statistics.median(forward), statistics.median(backward),
                        max(flops / peak_flops, nbytes / memory_bandwidth),
-                       max(backward_flops / peak_flops, 2 * nbytes / memory_bandwidth))
+                       max(backward_flops / peak_flops, 2 * nbytes / memory_bandwidth), flops)
 
 
 def _operand_pool(probe: Probe, device: torch.device) -> list[list[torch.Tensor]]:
@@ -181,18 +191,34 @@ def _numel(shape: Sequence[int]) -> int:
     return total
 
 
-def efficiency_table(timings: Sequence[ProbeTiming], overhead_s: tuple[float, float]) -> dict[str, dict[str, float]]:
+def efficiency_table(timings: Sequence[ProbeTiming], overhead_s: tuple[float, float]) -> dict[str, dict]:
     """``{key: {forward, backward}}``: per key, summed roofline seconds over summed measured seconds
-    less the dispatch overhead (so big probes weigh more), clamped to a sane range."""
-    sums: dict[str, list[float]] = {}
+    less the dispatch overhead (so big probes weigh more), clamped to a sane range. Keys probed at
+    several sizes also get ``by_flops``: ``[mean forward FLOPs, forward, backward]`` per size."""
+    table = {key: _efficiency(group, overhead_s) for key, group in _grouped(timings, lambda t: t.probe.key).items()}
+    for key, group in _grouped(timings, lambda t: t.probe.key).items():
+        sizes = _grouped(group, lambda t: t.probe.size)
+        if len(sizes) > 1:
+            points = [[statistics.fmean(t.flops for t in g), *_efficiency(g, overhead_s).values()]
+                      for g in sizes.values()]
+            table[key]["by_flops"] = sorted(points)
+    return table
+
+
+def _grouped(timings: Sequence[ProbeTiming], key: Callable) -> dict:
+    groups: dict = {}
     for t in timings:
-        acc = sums.setdefault(t.probe.key, [0.0, 0.0, 0.0, 0.0])
-        acc[0] += t.roofline_forward_s
-        acc[1] += max(t.forward_s - overhead_s[0], 0.1 * t.forward_s)
-        acc[2] += t.roofline_backward_s
-        acc[3] += max(t.backward_s - overhead_s[1], 0.1 * t.backward_s)
-    return {key: {"forward": _clamp(a / b), "backward": _clamp(c / d) if c > 0 else 1.0}
-            for key, (a, b, c, d) in sums.items()}
+        groups.setdefault(key(t), []).append(t)
+    return groups
+
+
+def _efficiency(timings: Sequence[ProbeTiming], overhead_s: tuple[float, float]) -> dict[str, float]:
+    roofline_forward = sum(t.roofline_forward_s for t in timings)
+    forward = sum(max(t.forward_s - overhead_s[0], 0.1 * t.forward_s) for t in timings)
+    roofline_backward = sum(t.roofline_backward_s for t in timings)
+    backward = sum(max(t.backward_s - overhead_s[1], 0.1 * t.backward_s) for t in timings)
+    return {"forward": _clamp(roofline_forward / forward),
+            "backward": _clamp(roofline_backward / backward) if roofline_backward > 0 else 1.0}
 
 
 def _clamp(value: float) -> float:
@@ -210,8 +236,12 @@ def measure_op_efficiency(peak_flops: float, memory_bandwidth: float, repeats: i
     """
     barrier()
     overhead = measure_op_overhead(device=device)
+    if probes is None:
+        tokens, width = GPU_PROBE_SIZE if device.type == "cuda" else CPU_PROBE_SIZE
+        scan = [p for factor in MATMUL_SIZE_SCAN for p in matmul_probes(int(tokens * factor), width)]
+        probes = default_probes(tokens, width) + tuple(scan)
     timings = []
-    for probe in probes or default_probes(*(GPU_PROBE_SIZE if device.type == "cuda" else CPU_PROBE_SIZE)):
+    for probe in probes:
         barrier()
         timings.append(time_probe(probe, repeats, peak_flops, memory_bandwidth, device))
     return efficiency_table(timings, overhead), overhead

@@ -159,6 +159,9 @@ class DeviceKind:
     efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Op name or cost category -> (forward, backward) roofline time / measured time (see
     :meth:`Device.efficiency_of`); empty: ops run at their roofline."""
+    efficiency_by_flops: dict[str, tuple[tuple[float, float, float], ...]] = field(default_factory=dict)
+    """Key -> ``(forward FLOPs of the op, forward, backward)`` points, by FLOPs: efficiency that depends
+    on the op's size (small matmuls reach less of the peak)."""
     comm_overlap: float = 1.0
     """Fraction of a collective's time that hides behind compute running at the same time (1: GPUs,
     whose copy engines and spare SMs move data while kernels run; CPU ranks measure far less, as
@@ -250,19 +253,37 @@ class Device:
     """Measured (forward, backward) seconds of dispatching one op (see :class:`DeviceKind`)."""
     efficiency: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Op name or cost category -> (forward, backward) fraction of the roofline the device reaches."""
+    efficiency_by_flops: dict[str, tuple[tuple[float, float, float], ...]] = field(default_factory=dict)
+    """Key -> (forward FLOPs, forward, backward) points (see :class:`DeviceKind`)."""
     comm_overlap: float = 1.0
     """Fraction of a collective's time that hides behind concurrent compute (see :class:`DeviceKind`)."""
 
     def __hash__(self) -> int:
         return hash((self.id, self.node, self.kind))
 
-    def efficiency_of(self, *keys: str) -> tuple[float, float]:
+    def efficiency_of(self, *keys: str, flops: float | None = None) -> tuple[float, float]:
         """(forward, backward) efficiency of the first of ``keys`` (say the op's name, then its cost
-        category) the device lists, else its ``default`` entry, else (1, 1): the roofline."""
+        category) the device lists, else its ``default`` entry, else (1, 1): the roofline. Given the
+        op's forward ``flops`` and a key measured at several sizes, the efficiency at that size
+        (interpolated in log FLOPs, the end points beyond the measured range)."""
         for key in (*keys, "default"):
             if key in self.efficiency:
+                curve = self.efficiency_by_flops.get(key)
+                if flops is not None and curve:
+                    return _interpolate(curve, flops)
                 return self.efficiency[key]
         return 1.0, 1.0
+
+
+def _interpolate(curve: tuple[tuple[float, float, float], ...], flops: float) -> tuple[float, float]:
+    """(forward, backward) at ``flops`` on ``(flops, forward, backward)`` points sorted by FLOPs."""
+    if flops <= curve[0][0]:
+        return curve[0][1], curve[0][2]
+    for (x0, f0, b0), (x1, f1, b1) in zip(curve, curve[1:]):
+        if flops <= x1:
+            t = math.log(flops / x0) / math.log(x1 / x0) if x1 > x0 else 1.0
+            return f0 + t * (f1 - f0), b0 + t * (b1 - b0)
+    return curve[-1][1], curve[-1][2]
 
 
 def link_class_rank(link_class: str) -> int:
@@ -292,8 +313,10 @@ class Cluster:
             kind = node.device_kind
             for local in range(node.num_devices):
                 devices.append(Device(len(devices), node_index, kind.name, dict(kind.peak_flops),
-                                      kind.memory_bytes, kind.memory_bandwidth_Bps, local, kind.op_overhead_s,
-                                      dict(kind.efficiency), kind.comm_overlap))
+                                      kind.memory_bytes, kind.memory_bandwidth_Bps, local,
+                                      op_overhead_s=kind.op_overhead_s, efficiency=dict(kind.efficiency),
+                                      efficiency_by_flops=dict(kind.efficiency_by_flops),
+                                      comm_overlap=kind.comm_overlap))
         object.__setattr__(self, "_devices", tuple(devices))
         firsts = [0]
         for node in self.nodes:
@@ -653,10 +676,14 @@ class _SpecParser:
         overhead = body.get("op_overhead")
         overhead = None if overhead is None else _per_phase(overhead, f"{path}.op_overhead",
                                                            lambda v, p: parse_quantity(v, "time", p))
-        efficiency = {str(key): _per_phase(value, f"{path}.efficiency.{key}", _positive_number)
-                      for key, value in _mapping(body.get("efficiency", {}), f"{path}.efficiency").items()}
+        efficiency, curves = {}, {}
+        for key, value in _mapping(body.get("efficiency", {}), f"{path}.efficiency").items():
+            efficiency[str(key)], curve = _efficiency_entry(value, f"{path}.efficiency.{key}")
+            if curve:
+                curves[str(key)] = curve
         overlap = _fraction(body.get("comm_overlap", 1.0), f"{path}.comm_overlap")
-        return DeviceKind(name, flops, memory, bandwidth, overhead, efficiency, overlap)
+        return DeviceKind(name, flops, memory, bandwidth, op_overhead_s=overhead, efficiency=efficiency,
+                          efficiency_by_flops=curves, comm_overlap=overlap)
 
     def _nodes(self, raw: Any, kinds: Mapping[str, DeviceKind]) -> tuple[Node, ...]:
         entries = _sequence(raw, "nodes")
@@ -782,6 +809,21 @@ def _per_phase(raw: Any, path: str, parse: Callable[[Any, str], float]) -> tuple
     return value, value
 
 
+def _efficiency_entry(raw: Any, path: str) -> tuple[tuple[float, float], tuple]:
+    """``0.7``, ``{forward, backward}``, or that with ``by_flops: [[flops, forward, backward], ...]``."""
+    if not isinstance(raw, Mapping) or "by_flops" not in raw:
+        return _per_phase(raw, path, _positive_number), ()
+    points = []
+    for i, point in enumerate(_sequence(raw["by_flops"], f"{path}.by_flops")):
+        where = f"{path}.by_flops[{i}]"
+        point = _sequence(point, where)
+        if len(point) != 3:
+            raise ClusterSpecError(where, f"expected [flops, forward, backward], found {point!r}")
+        points.append(tuple(_positive_number(v, f"{where}[{j}]") for j, v in enumerate(point)))
+    rest = {k: v for k, v in raw.items() if k != "by_flops"}
+    return _per_phase(rest, path, _positive_number), tuple(sorted(points))
+
+
 def _fraction(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
         raise ClusterSpecError(path, f"expected a number from 0 to 1, found {value!r}")
@@ -881,6 +923,8 @@ def _kind_dict(kind: DeviceKind) -> dict[str, Any]:
         body["op_overhead"] = dict(zip(_PHASES, kind.op_overhead_s))
     if kind.efficiency:
         body["efficiency"] = {key: dict(zip(_PHASES, pair)) for key, pair in kind.efficiency.items()}
+        for key, curve in kind.efficiency_by_flops.items():
+            body["efficiency"][key]["by_flops"] = [list(point) for point in curve]
     if kind.comm_overlap != 1.0:
         body["comm_overlap"] = kind.comm_overlap
     return body

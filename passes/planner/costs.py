@@ -182,6 +182,8 @@ class SegmentCost:
     """Per row of the forward arrays: (op name, cost category), to look up the device's efficiency."""
     bwd_kinds: tuple
     """The same for the backward rows."""
+    bwd_sizes: np.ndarray
+    """Per backward row, the forward FLOPs of its op (what size-dependent efficiencies are read at)."""
     comms: list
     saved_bytes: np.ndarray
     output_bytes: np.ndarray
@@ -200,18 +202,20 @@ class SegmentCost:
         op's roofline divided by the device's efficiency for it, plus a dispatch overhead per op
         (``overhead_s`` forward and twice that backward when given, else the device's measured pair)."""
         fwd_overhead, bwd_overhead = op_overheads(device, overhead_s)
-        fwd_eff, bwd_eff = self._efficiencies(device)
+        fwd_eff, bwd_eff = self._efficiencies(device, batch)
         return (_roofline(self.fwd_flops, self.fwd_bytes, batch, device, precision, fwd_eff)
                 + self.fwd_ops * fwd_overhead,
                 _roofline(self.bwd_flops, self.bwd_bytes, batch, device, precision, bwd_eff)
                 + self.bwd_ops * bwd_overhead)
 
-    def _efficiencies(self, device: Device) -> tuple:
-        """Per-row efficiency arrays of ``device`` (1.0 when it lists none)."""
+    def _efficiencies(self, device: Device, batch: float) -> tuple:
+        """Per-row efficiency arrays of ``device`` at batch size ``batch`` (1.0 when it lists none)."""
         if not device.efficiency:
             return 1.0, 1.0
-        return (np.array([device.efficiency_of(*kind)[0] for kind in self.fwd_kinds]),
-                np.array([device.efficiency_of(*kind)[1] for kind in self.bwd_kinds]))
+        fwd_sizes = self.fwd_flops[:, 0] + self.fwd_flops[:, 1] * batch if len(self.fwd_flops) else []
+        bwd_sizes = self.bwd_sizes[:, 0] + self.bwd_sizes[:, 1] * batch if len(self.bwd_sizes) else []
+        return (np.array([device.efficiency_of(*kind, flops=f)[0] for kind, f in zip(self.fwd_kinds, fwd_sizes)]),
+                np.array([device.efficiency_of(*kind, flops=f)[1] for kind, f in zip(self.bwd_kinds, bwd_sizes)]))
 
 
 def op_overheads(device: Device, overhead_s: float | None = None) -> tuple[float, float]:
@@ -300,7 +304,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
                  params: Sequence[ParamRecord], output_values: Sequence[tuple[TensorType, tuple]],
                  ctx: CostContext) -> SegmentCost:
     """The :class:`SegmentCost` of a segment's records (``output_values``: (type, SBP) handed on)."""
-    fwd_flops, fwd_bytes, bwd_flops, bwd_bytes = [], [], [], []
+    fwd_flops, fwd_bytes, bwd_flops, bwd_bytes, bwd_sizes = [], [], [], [], []
     fwd_kinds, bwd_kinds = [], []
     fwd_ops = bwd_ops = 0
     saved = np.zeros(2)
@@ -321,6 +325,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         if record.has_grad and ctx.train:
             bwd_flops.append(work[:, 2])
             bwd_bytes.append(2 * work[:, 1])  # reads the output gradient and the saved inputs, writes input grads
+            bwd_sizes.append(work[:, 0])
             bwd_kinds.append(kind)
             bwd_ops += 1
             saved += _local_bytes(record.out_types, record.out_sbps, ctx, scale)
@@ -343,7 +348,8 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx, scale)
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
-                       bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), items, saved, output, list(params), model)
+                       bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), _stack(bwd_sizes), items, saved, output,
+                       list(params), model)
 
 
 def _stack(rows: list) -> np.ndarray:

@@ -243,7 +243,7 @@ class LayoutProblem:
         flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
         peak = peak_flops(req.device, req.precision)
         bandwidth = req.device.memory_bandwidth_Bps or math.inf
-        fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(node.op))
+        fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(node.op), flops=flops)
         seconds = max(flops / peak, nbytes / bandwidth) / fwd_efficiency
         if record.has_grad and req.train:
             seconds += max(backward / peak, 2 * nbytes / bandwidth) / bwd_efficiency

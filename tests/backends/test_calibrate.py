@@ -46,6 +46,8 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
         assert all(0.01 <= e <= 10 for e in device.efficiency_of(key)), key
     assert device.efficiency_of("linear", "matmul") == device.efficiency_of("matmul")
     assert 0 <= device.comm_overlap <= 1
+    sizes = [point[0] for point in device.efficiency_by_flops["matmul"]]  # matmuls probed at three sizes
+    assert len(sizes) == 3 and sizes == sorted(sizes)
 
 
 def test_calibration_needs_two_ranks():

@@ -300,3 +300,23 @@ def test_measured_device_and_link_figures_load_and_round_trip():
     assert link.for_collective("all_reduce").bandwidth_Bps == pytest.approx(0.5e9)
     assert link.for_collective("all_gather") is link
     assert Cluster.from_dict(cluster.to_dict()) == cluster
+
+
+def test_efficiency_measured_at_several_sizes_is_read_at_the_op_size():
+    spec = small_spec()
+    spec["device_kinds"] = {"cpu-measured": {
+        "peak_flops": {"fp32": "100GFLOPS"}, "memory": "8GiB",
+        "efficiency": {"matmul": {"forward": 0.7, "backward": 0.6,
+                                  "by_flops": [[1e9, 0.8, 0.7], [1e7, 0.4, 0.3]]}}}}
+    spec["nodes"][0]["device"] = "cpu-measured"
+    cluster = Cluster.from_dict(spec)
+    device = cluster.devices[0]
+    assert device.efficiency_of("linear", "matmul") == (0.7, 0.6)  # no size given: the overall figure
+    assert device.efficiency_of("matmul", flops=1e7) == (0.4, 0.3)
+    assert device.efficiency_of("matmul", flops=1e8) == pytest.approx((0.6, 0.5))  # halfway in log FLOPs
+    assert device.efficiency_of("matmul", flops=1e5) == (0.4, 0.3)  # beyond the measured range: the ends
+    assert device.efficiency_of("matmul", flops=1e12) == (0.8, 0.7)
+    assert Cluster.from_dict(cluster.to_dict()) == cluster
+    spec["device_kinds"]["cpu-measured"]["efficiency"]["matmul"]["by_flops"] = [[1e9, 0.8]]
+    with pytest.raises(ClusterSpecError, match=r"by_flops\[0\]: expected \[flops, forward, backward\]"):
+        Cluster.from_dict(spec)
