@@ -203,6 +203,7 @@ def _from_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOption
     cut = _stage_layers_of_ir(structure)
     if cut is not None:  # the pipeline pass chose (or honoured) the cut: price the stages it made
         strategy = {**strategy, "stage_layers": cut}
+    strategy = {**strategy, "recompute": False}  # the IR's recompute marks are priced op by op
     shape = plan_shape(strategy, cluster.world_size, structure.num_layers, structure.prefix, batch,
                        optimizer_name(options.optimizer))
     mesh = profile.mesh

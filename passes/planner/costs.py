@@ -23,6 +23,7 @@ import numpy as np
 
 from ir.cluster import Device
 from ir.core import Graph, Node, Value
+from ir.recompute import RECOMPUTE_ATTR
 from ir.sbp import Split
 from ir.types import Mesh, TensorType, dim_symbol
 from passes import cost_model
@@ -131,6 +132,8 @@ class ComputeRecord:
     out_types: tuple
     out_sbps: tuple
     has_grad: bool
+    recomputed: bool = False
+    """In a region the program recomputes in backward (``attrs["recompute"]``)."""
 
 
 @dataclass
@@ -145,6 +148,7 @@ class CommRecord:
     param: bool = False
     """A parameter's all-gather (FSDP): emitted programs free the gathered weight after its use and
     gather it again for backward, so it costs a second all-gather instead of activation memory."""
+    recomputed: bool = False
 
 
 @dataclass
@@ -191,6 +195,9 @@ class SegmentCost:
     params: list
     model_flops: np.ndarray
     """Forward + backward FLOPs of the whole (unsplit) segment, for MFU."""
+    recomputed_part: "SegmentCost | None" = None
+    """The ops of this segment the program recomputes in backward (their forward runs twice; what
+    they keep for backward is alive only while their backward runs), or None."""
 
     def param_elements(self) -> float:
         """Parameter elements one device stores for this segment."""
@@ -302,8 +309,9 @@ def is_view(op: str) -> bool:
 
 def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[CommRecord],
                  params: Sequence[ParamRecord], output_values: Sequence[tuple[TensorType, tuple]],
-                 ctx: CostContext) -> SegmentCost:
-    """The :class:`SegmentCost` of a segment's records (``output_values``: (type, SBP) handed on)."""
+                 ctx: CostContext, *, split_recomputed: bool = True) -> SegmentCost:
+    """The :class:`SegmentCost` of a segment's records (``output_values``: (type, SBP) handed on);
+    records marked recomputed also form its ``recomputed_part``."""
     fwd_flops, fwd_bytes, bwd_flops, bwd_bytes, bwd_sizes = [], [], [], [], []
     fwd_kinds, bwd_kinds = [], []
     fwd_ops = bwd_ops = 0
@@ -347,9 +355,13 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx, scale)
+    part = None
+    if split_recomputed and any(r.recomputed for r in (*computes, *comms)):
+        part = segment_cost(f"{name} (recomputed)", [r for r in computes if r.recomputed],
+                            [r for r in comms if r.recomputed], [], [], ctx, split_recomputed=False)
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
                        bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), _stack(bwd_sizes), items, saved, output,
-                       list(params), model)
+                       list(params), model, part)
 
 
 def _stack(rows: list) -> np.ndarray:
@@ -450,12 +462,13 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
             if node.op in ADJOINTS:  # boxing collectives; pipeline transfers are the estimator's
                 source = node.input_values()[0]
                 comms.append(CommRecord(node.op, mesh.axis_index(node.kwargs["axis"]), source.type, source.sbp,
-                                        has_grad, node.op == "comm.all_gather" and source.kind == "param"))
+                                        has_grad, node.op == "comm.all_gather" and source.kind == "param",
+                                        RECOMPUTE_ATTR in node.attrs))
             continue
         ins = node.input_values()
         computes.append(ComputeRecord(costed_op(node), tuple(v.type for v in ins), tuple(v.sbp for v in ins),
                                       tuple(o.type for o in node.outputs), tuple(o.sbp for o in node.outputs),
-                                      has_grad))
+                                      has_grad, RECOMPUTE_ATTR in node.attrs))
     return computes, comms
 
 

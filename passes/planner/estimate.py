@@ -146,10 +146,22 @@ class Estimator:
         for j in segments:
             work = self.segment_work(shape, rank, j)
             totals += work
-            recompute += work[0] + work[1] if j in shape.recompute else 0.0
+            if j in shape.recompute:
+                recompute += work[0] + work[1]
+            elif self.profile.segments[j].recomputed_part is not None:
+                recompute += self._recomputed_part_forward(shape, rank, j)
         send = self._send_time(shape, k, segments[-1], self.microbatch_size(shape))
         return StageEstimate(k, rank, shape.stage_layers[k], shape.stage_devices[rank], *map(float, totals),
                              recompute, send)
+
+    def _recomputed_part_forward(self, shape: PlanShape, rank: int, j: int) -> float:
+        """Seconds of forward (compute and collectives) that segment ``j``'s recomputed ops run again."""
+        part = self.profile.segments[j].recomputed_part
+        devices = shape.stage_devices[rank]
+        batch = self.microbatch_size(shape)
+        compute = max(part.compute_time(batch, d, self.profile.precision, self.overhead_s)[0]
+                      for d in _representatives(devices, self.cluster))
+        return compute + self._segment_comm(part, shape, devices, batch)[0]
 
     def _segment_comm(self, segment, shape: PlanShape, devices: tuple, batch: float) -> tuple[float, float]:
         fwd = bwd = 0.0
@@ -322,9 +334,14 @@ class Estimator:
             saved = at(prof.segments[j].saved_bytes, batch)
             if self.fsdp_analytic(shape):
                 gathered = max(gathered, prof.segments[j].param_elements() * prof.precision.param_bytes)
+            part = prof.segments[j].recomputed_part
             if j in shape.recompute:
                 per_microbatch += at(prof.segments[j - 1].output_bytes, batch) if j > 0 else 0.0
                 rematerialised = max(rematerialised, saved)
+            elif part is not None:  # its recomputed ops keep nothing until their backward
+                dropped = min(saved, at(part.saved_bytes, batch))
+                per_microbatch += saved - dropped
+                rematerialised = max(rematerialised, dropped)
             else:
                 per_microbatch += saved
         if not prof.train:
@@ -340,11 +357,10 @@ class Estimator:
         for stage in stages:
             for j in shape.segments_of_stage(stage.index, prof.num_layers):
                 segment = prof.segments[j]
-                repeat = m * (2 if j in shape.recompute else 1)
-                for item in segment.comms:
-                    times = m if item.backward else repeat
-                    self._add_traffic(traffic, item.kind, at(item.nbytes, batch), stage.devices, shape, item.axis,
-                                      times)
+                rerun = segment.comms if j in shape.recompute else \
+                    segment.recomputed_part.comms if segment.recomputed_part is not None else []
+                for item in segment.comms + [i for i in rerun if not i.backward]:  # recomputed forwards again
+                    self._add_traffic(traffic, item.kind, at(item.nbytes, batch), stage.devices, shape, item.axis, m)
                 if self.fsdp_analytic(shape):
                     nbytes = segment.param_elements() * prof.precision.param_bytes
                     self._add_traffic(traffic, "all_gather", nbytes, stage.devices, shape, shape.fsdp_axis, 2 * m)
