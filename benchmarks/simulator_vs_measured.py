@@ -8,6 +8,7 @@
    median of the per-step seconds the program records, after warm-up steps.
 
     python benchmarks/simulator_vs_measured.py [--steps 22] [--layers 2] [--width 256] [--batch 8] [--seq 64]
+        [--spec calibrated-local.yaml]   # a spec from `sbpc calibrate` instead of calibrating now
 
 The goal is agreement within 30%.
 """
@@ -61,12 +62,16 @@ def main(argv: list[str] | None = None) -> None:
                         "per-op dispatch rather than arithmetic sets the step time)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--quick", action="store_true", help="quick calibration (fewer, smaller probes)")
+    parser.add_argument("--quick", action="store_true", help="quick calibration (fewer repeats)")
+    parser.add_argument("--spec", help="a spec written by `sbpc calibrate --world-size 2` (default: calibrate now)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
-        spec_path = Path(scratch) / "calibrated-local.yaml"
-        calibrate(2, spec_path, quick=args.quick)
+        spec_path = Path(args.spec) if args.spec else Path(scratch) / "calibrated-local.yaml"
+        if not args.spec:
+            calibrate(2, spec_path, quick=args.quick)
         cluster = Cluster.load(spec_path)
+        if cluster.world_size != 2 or "calibration" not in cluster.metadata:
+            parser.error(f"--spec {spec_path}: expected a 2-rank spec from `sbpc calibrate`, found {cluster!r}")
         calibration = cluster.metadata.get("calibration", {})
         device = cluster.devices[0]
         all_reduce = cluster.nodes[0].intra_link.for_collective("all_reduce")
