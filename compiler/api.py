@@ -1,8 +1,6 @@
 """``compile()``: capture a model, apply a strategy through the passes, and hand back a plan."""
 from __future__ import annotations
 
-import copy
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +9,10 @@ from typing import Any, Callable, TextIO
 import torch
 
 from backends import torch_distributed
-from backends.virtual import VirtualResult, assemble, run_virtual, shard
+from backends.virtual import VirtualResult, run_virtual
 from frontend.torch_capture import Captured, capture
 from ir.cluster import Cluster
 from ir.core import Graph
-from ir.parser import parse
 from ir.sbp import Split
 from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate, recompute  # noqa: F401  (register passes)
 from passes.manager import PassContext, run_passes

@@ -140,7 +140,6 @@ def parse_strategy(text: str) -> Any:
 
 def compile_from_args(args):
     """Compile the model named on the command line."""
-    import torch
     from compiler.api import compile
     model, inputs = load_model(args.model, args.batch, args.seq)
     strategy = args.plan if getattr(args, "plan", None) else parse_strategy(args.strategy)

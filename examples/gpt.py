@@ -8,7 +8,6 @@ In train mode ``forward(idx, targets)`` returns the mean cross-entropy loss.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

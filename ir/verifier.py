@@ -5,7 +5,7 @@ import sympy
 import torch
 
 from ir.core import Graph, Node, Value
-from ir.sbp import Broadcast, Partial, Split, format_nd_sbp
+from ir.sbp import Partial, Split, format_nd_sbp
 
 
 class VerificationError(ValueError):
