@@ -329,11 +329,13 @@ def fit_collective(kind: str, p: int, points: list[list[float]]) -> tuple[float,
     seconds = np.array([s for _, s in points], dtype=float)
     design = np.stack([np.full_like(sizes, a), b * sizes], axis=1) / seconds[:, None]
     (latency, inverse_bandwidth), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+    smallest, largest = int(np.argmin(sizes)), int(np.argmax(sizes))
     if latency <= 0 or inverse_bandwidth <= 0:  # noise won: fit through the smallest and largest message
-        smallest, largest = int(np.argmin(sizes)), int(np.argmax(sizes))
         latency = max(seconds[smallest], 1e-7) / a
         leftover = seconds[largest] - a * latency
         inverse_bandwidth = (leftover if leftover > 0.1 * seconds[largest] else seconds[largest]) / (b * sizes[largest])
+    # the bytes explain at least a tenth of the largest message's time (else noise gives "infinite" bandwidth)
+    inverse_bandwidth = max(inverse_bandwidth, 0.1 * seconds[largest] / (b * sizes[largest]))
     return float(latency), float(1.0 / inverse_bandwidth)
 
 

@@ -8,7 +8,6 @@ gradients.
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 
 import pytest
@@ -58,14 +57,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kept_bytes_and_grads(program_dir) -> tuple[int, dict]:
+def _kept_bytes_and_grads(program_dir, monkeypatch) -> tuple[int, dict]:
     """Import an emitted one-rank program, run forward and backward in this process; the bytes autograd
     keeps for backward outside checkpointed regions, and the gradients."""
     spec = importlib.util.spec_from_file_location(f"emitted_{abs(hash(str(program_dir)))}", program_dir / "main.py")
     program = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(program)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                      SBPC_FORCE_GLOO="1")
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                            SBPC_FORCE_GLOO="1").items():
+        monkeypatch.setenv(name, value)
     program.init_distributed(60)
     try:
         weights = torch.load(program_dir / "weights.pt", weights_only=True)
@@ -87,13 +87,13 @@ def _kept_bytes_and_grads(program_dir) -> tuple[int, dict]:
         dist.destroy_process_group()
 
 
-def test_emitted_program_keeps_less_and_computes_the_same_gradients(tmp_path):
+def test_emitted_program_keeps_less_and_computes_the_same_gradients(tmp_path, monkeypatch):
     model, inputs = gpt_model(n_layer=4), gpt_inputs(batch=8, seq=16)
     kept, grads = {}, {}
     for name, extra in (("plain", {}), ("recompute", {"recompute": True})):
         plan = compile(model, inputs, cluster=Cluster.local(1), strategy={"mesh": {"dp": 1}, **extra})
         program_dir = plan.emit(tmp_path / name).parent
-        kept[name], grads[name] = _kept_bytes_and_grads(program_dir)
+        kept[name], grads[name] = _kept_bytes_and_grads(program_dir, monkeypatch)
     assert "checkpoint(recompute_blocks_0" in (tmp_path / "recompute" / "main.py").read_text()
     assert kept["recompute"] < 0.35 * kept["plain"]  # four blocks keep only their inputs
     for key, grad in grads["plain"].items():
