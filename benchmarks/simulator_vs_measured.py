@@ -1,7 +1,8 @@
 """Simulated against measured step time of the GPT example's emitted DP and TP programs on ``local:2``.
 
-1. ``backends.calibrate.calibrate(2)`` measures this machine (matmul FLOP/s, memory bandwidth, gloo
-   latency and bandwidth) and writes a cluster spec.
+1. ``backends.calibrate.calibrate(2)`` (``sbpc calibrate``) measures this machine and writes a cluster
+   spec: matmul FLOP/s and memory bandwidth, per-op efficiency (matmuls by size) and dispatch overhead,
+   gloo collectives as a busy step meets them, and how much of an all-reduce hides behind compute.
 2. The GPT example is compiled for that cluster with data parallelism and with Megatron tensor
    parallelism (``examples/plans/megatron_tp.sbp``); ``plan.simulate()`` prices each step.
 3. Each program is emitted and run under ``torchrun --nproc-per-node 2`` on gloo; the step time is the
