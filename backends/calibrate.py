@@ -43,6 +43,8 @@ from ir.cluster import Cluster
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 LATENCY_PROBE_BYTES = 4  # one fp32 element: the time is all latency
+MIN_LATENCY_S = 1e-7
+"""No fitted per-step latency is smaller (a fit can land near zero when bandwidth explains everything)."""
 MESSAGE_SIZES = (LATENCY_PROBE_BYTES, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
 QUICK_MESSAGE_SIZES = MESSAGE_SIZES[:-1]
 COMPUTE_BURST = (512, 512, 1024)
@@ -336,7 +338,7 @@ def fit_collective(kind: str, p: int, points: list[list[float]]) -> tuple[float,
         inverse_bandwidth = (leftover if leftover > 0.1 * seconds[largest] else seconds[largest]) / (b * sizes[largest])
     # the bytes explain at least a tenth of the largest message's time (else noise gives "infinite" bandwidth)
     inverse_bandwidth = max(inverse_bandwidth, 0.1 * seconds[largest] / (b * sizes[largest]))
-    return float(latency), float(1.0 / inverse_bandwidth)
+    return float(max(latency, MIN_LATENCY_S)), float(1.0 / inverse_bandwidth)
 
 
 # -- spec ------------------------------------------------------------------------------------------
