@@ -196,3 +196,19 @@ def test_signatures_hold_for_any_values(combo, seed):
     sample = SAMPLES[op][index].build(seed)
     mesh = MESHES[key]
     check_signature(sample, mesh, nd_signatures(sample.node, mesh)[j], seed)
+
+
+def test_shared_signatures_equal_a_fresh_expansion():
+    """nd_signatures shares one expansion among nodes that look alike to the rules (the same op in
+    every layer); for every node of real graphs, that equals expanding the node's own rules."""
+    from compiler import Cluster, compile
+    from ir.ops.registry import _expand_nd_signatures
+    from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model
+    plans = [compile(gpt_model(n_layer=3), gpt_inputs(), cluster=Cluster.local(4),
+                     strategy={"mesh": {"dp": 2, "tp": 2}, "params": {"blocks.*.mlp.fc.weight": {"tp": "S(0)"}}}),
+             compile(bn_cnn_model(), cnn_inputs(), cluster=Cluster.local(2), strategy="dp")]
+    for plan in plans:
+        mesh = next(iter(plan.graph.meshes.values()))
+        for node in plan.graph.nodes:
+            if not node.op.startswith("comm."):
+                assert nd_signatures(node, mesh) == _expand_nd_signatures(node, mesh), node.name
