@@ -221,9 +221,7 @@ def _loaded_seconds(operation: Callable[[torch.Tensor, int, int], None], tensor:
     operation(tensor, rank, world_size)  # warm-up: connections and buffers
     sync()
     dist.barrier()
-    scale = GPU_BURST_SCALE if tensor.is_cuda else 1
-    left = torch.randn(COMPUTE_BURST[0] * scale, COMPUTE_BURST[1] * scale, device=tensor.device)
-    right = torch.randn(COMPUTE_BURST[1] * scale, COMPUTE_BURST[2] * scale, device=tensor.device)
+    left, right = _burst_operands(tensor.device)
     times = []
     for _ in range(repeats):
         torch.mm(left, right)
@@ -235,14 +233,19 @@ def _loaded_seconds(operation: Callable[[torch.Tensor, int, int], None], tensor:
     return statistics.fmean(times)
 
 
+def _burst_operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two matrices of :data:`COMPUTE_BURST` (sides :data:`GPU_BURST_SCALE` times longer on GPUs)."""
+    scale = GPU_BURST_SCALE if device.type == "cuda" else 1
+    m, k, n = (side * scale for side in COMPUTE_BURST)
+    return torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+
+
 def measure_comm_overlap(device: torch.device, repeats: int) -> float:
     """Fraction of a gradient bucket's all-reduce (4 MiB) that hides behind matmuls running meanwhile:
     ``(compute + all-reduce - both at once) / the shorter of the two``, from 0 (none) to 1 (all)."""
     sync = synchronizer(device)
     bucket = torch.ones(OVERLAP_BUCKET_BYTES // 4, device=device)
-    scale = GPU_BURST_SCALE if device.type == "cuda" else 1
-    left = torch.randn(COMPUTE_BURST[0] * scale, COMPUTE_BURST[1] * scale, device=device)
-    right = torch.randn(COMPUTE_BURST[1] * scale, COMPUTE_BURST[2] * scale, device=device)
+    left, right = _burst_operands(device)
 
     def timed(work: Callable[[], None]) -> float:
         times = []

@@ -195,8 +195,9 @@ def efficiency_table(timings: Sequence[ProbeTiming], overhead_s: tuple[float, fl
     """``{key: {forward, backward}}``: per key, summed roofline seconds over summed measured seconds
     less the dispatch overhead (so big probes weigh more), clamped to a sane range. Keys probed at
     several sizes also get ``by_flops``: ``[mean forward FLOPs, forward, backward]`` per size."""
-    table = {key: _efficiency(group, overhead_s) for key, group in _grouped(timings, lambda t: t.probe.key).items()}
+    table = {}
     for key, group in _grouped(timings, lambda t: t.probe.key).items():
+        table[key] = _efficiency(group, overhead_s)
         sizes = _grouped(group, lambda t: t.probe.size)
         if len(sizes) > 1:
             points = [[statistics.fmean(t.flops for t in g), *_efficiency(g, overhead_s).values()]

@@ -8,6 +8,7 @@ line per IR node, as the rank with coordinates ``coord`` computes it.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from pathlib import Path
@@ -148,20 +149,25 @@ class ProgramWriter:
     def _body(self, nodes: list, returned: list) -> list[str]:
         """The lines of ``nodes``; each recomputed region (see ``ir/recompute.py``) becomes a nested
         function run under ``checkpoint``. ``returned``: values the caller returns after these lines."""
-        readers: dict[int, set] = {}
-        for node in self.graph.nodes:
-            for v in node.input_values():
-                readers.setdefault(id(v), set()).add(id(node))
         kept = {id(v) for v in returned}
         lines: list[str] = []
         for region, run in recompute_regions(nodes):
             if region is None:
                 lines += [self._line(node) for node in run]
             else:
-                lines += self._checkpointed(region, run, readers, kept)
+                lines += self._checkpointed(region, run, kept)
         return lines
 
-    def _checkpointed(self, region: str, run: list, readers: dict, kept: set) -> list[str]:
+    @functools.cached_property
+    def _readers(self) -> dict[int, set]:
+        """Value id -> ids of the nodes that read it, over the whole graph."""
+        readers: dict[int, set] = {}
+        for node in self.graph.nodes:
+            for v in node.input_values():
+                readers.setdefault(id(v), set()).add(id(node))
+        return readers
+
+    def _checkpointed(self, region: str, run: list, kept: set) -> list[str]:
         inside = {id(n) for n in run}
         produced = {id(o) for n in run for o in n.outputs}
         inputs = []
@@ -172,7 +178,7 @@ class ProgramWriter:
                     inputs.append(name)  # other operands (p[...], x[...], dims) are read from the closure
         body = ["    " + self._line(node) for node in run]
         outputs = [self.names[id(o)] for n in run for o in n.outputs
-                   if id(o) in kept or readers.get(id(o), set()) - inside]
+                   if id(o) in kept or self._readers.get(id(o), set()) - inside]
         if not outputs:
             return [line[4:] for line in body]
         function = "recompute_" + region.replace(".", "_")
