@@ -15,7 +15,7 @@ from compiler import Cluster, compile
 from ir.parser import IRSyntaxError, parse
 from tests.compiler.test_tensor_parallel import tp
 from tests.launch import assert_state_close, train_eager, train_emitted
-from tests.models import assert_close_to_eager
+from tests.models import assert_close_to_eager, gpt_inputs, gpt_model
 
 SGD = (torch.optim.SGD, {"lr": 0.1})
 ADAMW = (torch.optim.AdamW, {"lr": 1e-3, "eps": 1e-6})
@@ -187,6 +187,29 @@ def test_planner_counts_no_gradient_or_optimizer_state_for_frozen_params(compile
         assert reference.optimizer_state - memory.optimizer_state == 2 * frozen_bytes  # Adam's two moments
 
 
+def gpt_with_frozen_embedding() -> nn.Module:
+    """The bundled GPT with its tied embedding / LM head frozen: a frozen parameter on two stages."""
+    model = gpt_model()
+    model.tok_emb.weight.requires_grad_(False)
+    return model
+
+
+PIPELINE = {"mesh": {"pp": 2}, "microbatches": 2}
+
+
+@pytest.mark.parametrize("make, inputs, strategy", [
+    (gpt_with_frozen_embedding, gpt_inputs, PIPELINE),
+    (frozen_mlp, mlp_inputs, PIPELINE),
+    (whisper_model, whisper_inputs, {"mesh": {"pp": 2}, "microbatches": 1}),
+], ids=["gpt_frozen_tied_embedding", "frozen_linear", "whisper"])
+def test_pipelined_virtual_mesh_equals_eager(make, inputs, strategy):
+    """Copies of a frozen parameter on several stages are not a tied group: nothing sums their gradients."""
+    model, x = make(), inputs()
+    plan = compile(model, x, cluster=Cluster.local(2), strategy=strategy)
+    assert not plan.graph.attrs.get("tied_params")
+    assert_close_to_eager(plan.run_virtual(*x), model, x)
+
+
 def test_text_format_round_trips_and_rejects_bad_options(compiled):
     _, plan = compiled("frozen_linear", "dp2")
     graph = parse(plan.ir)
@@ -219,3 +242,19 @@ def test_emitted_program_keeps_frozen_weights_bit_identical(tmp_path, model_name
     trainable_shards = sum(p.trainable for p in plan.graph.params)
     assert first["optimizer_params_per_rank"] == [trainable_shards] * 2
     assert first["optimizer_state_per_rank"] == [trainable_shards] * 2
+
+
+@pytest.mark.multiproc
+def test_emitted_pipeline_keeps_a_frozen_tied_embedding_on_both_stages(tmp_path):
+    data = [gpt_inputs(seed=10 + i) for i in range(3)]
+    plan = compile(gpt_with_frozen_embedding(), data[0], cluster=Cluster.local(2), strategy=PIPELINE,
+                   optimizer=ADAMW)
+    losses, saved = train_emitted(plan, tmp_path, data, steps=3)
+    reference = gpt_with_frozen_embedding()
+    expected = train_eager(reference, data, 3, ADAMW)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert_state_close(saved, reference)
+    assert torch.equal(saved["tok_emb.weight"], gpt_with_frozen_embedding().tok_emb.weight.detach())
+    first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])
+    per_stage = [sum(p.trainable for p in plan.graph.params if p.mesh == f"stage{s}") for s in range(2)]
+    assert first["optimizer_params_per_rank"] == per_stage == first["optimizer_state_per_rank"]
