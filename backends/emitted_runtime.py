@@ -2,8 +2,8 @@
 
 This file imports only torch and the standard library: the code generator copies it verbatim into
 every emitted ``main.py``, after the plan's constants (MESH_AXES, MESH_SHAPE, MESH_DEVICES, INPUTS,
-PARAMS, FROZEN_PARAMS, NOT_SAVED, BUFFERS, ALIASES, GRAD_BUCKETS, LOSS_SBP, OPTIMIZER, EXAMPLE_DIMS, PIPELINE) and before
-``forward`` (or, for pipelines, the per-stage functions in STAGE_FORWARD, STAGE_PROLOGUE and the
+PARAMS, FROZEN_PARAMS, NOT_SAVED, BUFFERS, ALIASES, GRAD_BUCKETS, LOSS_SBP, OPTIMIZER, EXAMPLE_DIMS,
+PIPELINE) and before ``forward`` (or, for pipelines, the per-stage functions in STAGE_FORWARD, STAGE_PROLOGUE and the
 message shapes in ENTRY_SHAPES / EXIT_SHAPES).
 
 ``MESH_DEVICES`` lists the global ranks of each pipeline position (one list without pipelining):

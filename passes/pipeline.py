@@ -510,8 +510,8 @@ def _place_params(graph: Graph) -> list[list[Value]]:
         p.mesh = stage_mesh_name(stages[0])
         copies = [p]
         for s in stages[1:]:
-            q = graph.add_param(f"{p.name}.stage{s}", p.type, p.target, p.kind, requires_grad=p.requires_grad,
-                            persistent=p.persistent)
+            q = graph.add_param(f"{p.name}.stage{s}", p.type, p.target, p.kind,
+                                requires_grad=p.requires_grad, persistent=p.persistent)
             q.sbp, q.mesh = p.sbp, stage_mesh_name(s)
             graph.replace_all_uses(p, q, only=lambda n, s=s: _stage(n) == s)
             copies.append(q)
