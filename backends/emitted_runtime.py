@@ -2,8 +2,8 @@
 
 This file imports only torch and the standard library: the code generator copies it verbatim into
 every emitted ``main.py``, after the plan's constants (MESH_AXES, MESH_SHAPE, MESH_DEVICES, INPUTS,
-PARAMS, BUFFERS, ALIASES, GRAD_BUCKETS, LOSS_SBP, OPTIMIZER, EXAMPLE_DIMS, PIPELINE) and before
-``forward`` (or, for pipelines, the per-stage functions in STAGE_FORWARD, STAGE_PROLOGUE and the
+PARAMS, FROZEN_PARAMS, NOT_SAVED, BUFFERS, ALIASES, GRAD_BUCKETS, LOSS_SBP, OPTIMIZER, EXAMPLE_DIMS,
+PIPELINE) and before ``forward`` (or, for pipelines, the per-stage functions in STAGE_FORWARD, STAGE_PROLOGUE and the
 message shapes in ENTRY_SHAPES / EXIT_SHAPES).
 
 ``MESH_DEVICES`` lists the global ranks of each pipeline position (one list without pipelining):
@@ -275,6 +275,9 @@ def is_seed_rank(layout):
 
 # -- the training loop ----------------------------------------------------------------------------
 
+EMITTED_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="training steps to run")
@@ -282,12 +285,28 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of synthetic batches when --data is not given")
     parser.add_argument("--metrics", help="write one JSON line per step (loss, seconds) to this file")
     parser.add_argument("--save", help="save the full, unsharded state_dict here at the end")
-    parser.add_argument("--weights", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt"),
+    parser.add_argument("--weights", default=EMITTED_WEIGHTS,
                         help="initial weights (full state_dict) written by sbpc emit")
     parser.add_argument("--comm-timeout", type=int, default=120, help="seconds before a collective gives up")
     parser.add_argument("--infer-stages", help="pipelines: no training; run every batch forward through these "
                         "stages only (comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss")
     return parser.parse_args(argv)
+
+
+def load_weights(path):
+    """The full state_dict to start from. A state_dict saved with --save lacks the tensors in NOT_SAVED
+    (non-persistent buffers, lifted constants); those come from the weights.pt emitted with the program."""
+    if not os.path.exists(path):
+        fail(f"initial weights {path} not found; emit the program again or pass --weights")
+    weights = torch.load(path, weights_only=True)
+    missing = [n for n in NOT_SAVED if n not in weights]
+    if missing and os.path.abspath(path) != EMITTED_WEIGHTS:
+        if not os.path.exists(EMITTED_WEIGHTS):
+            fail(f"{path} lacks {missing[0]} (not part of a state_dict), which comes from {EMITTED_WEIGHTS}; "
+                 f"keep the weights.pt emitted beside main.py")
+        emitted = torch.load(EMITTED_WEIGHTS, weights_only=True)
+        weights.update({n: emitted[n] for n in missing})
+    return weights
 
 
 def load_batches(args):
@@ -339,8 +358,18 @@ def local_inputs(batch):
 
 
 def make_optimizer(params):
+    """The optimizer over the trainable parameters (frozen ones get no state); None when there are none."""
+    trainable = [t for t in params.values() if t.requires_grad]
+    if not trainable:
+        return None
     name, kwargs = OPTIMIZER
-    return getattr(torch.optim, name)(list(params.values()), **kwargs)
+    return getattr(torch.optim, name)(trainable, **kwargs)
+
+
+def local_parameters(weights, layouts):
+    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``; frozen ones need no grad."""
+    return {n: shard(weights[target].to(DEVICE), layout).requires_grad_(n not in FROZEN_PARAMS)
+            for n, (target, layout) in layouts.items()}
 
 
 def sync_gradients(params):
@@ -416,12 +445,21 @@ class OverlappedGradientSync:
             unflatten_gradients(self.params, names, flat)
 
 
-def parameter_bytes_per_rank(params):
-    """Bytes of parameter shards each rank stores at rest, gathered to every rank."""
-    mine = torch.tensor([sum(t.numel() * t.element_size() for t in params.values())], dtype=torch.int64)
+def per_rank(count):
+    """Every rank's value of an integer ``count``, gathered to every rank (in rank order)."""
+    mine = torch.tensor([int(count)], dtype=torch.int64, device=DEVICE)
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     return [int(t[0]) for t in every]
+
+
+def first_step_report(params, optimizer):
+    """What the step-0 metrics line adds: parameter bytes each rank stores at rest, and how many
+    tensors each rank's optimizer updates and keeps state for (its trainable shards only)."""
+    return {"param_bytes_per_rank": per_rank(sum(t.numel() * t.element_size() for t in params.values())),
+            "optimizer_params_per_rank": per_rank(sum(len(g["params"]) for g in optimizer.param_groups)
+                                                  if optimizer else 0),
+            "optimizer_state_per_rank": per_rank(len(optimizer.state) if optimizer else 0)}
 
 
 def logical_loss(loss):
@@ -432,11 +470,13 @@ def logical_loss(loss):
 
 
 def full_state_dict(params, buffers):
+    """The model's own state_dict: unsharded parameters, persistent buffers, tied aliases."""
     state = {}
     for name, t in params.items():
         state[name] = unshard(t.detach(), PARAMS[name]).cpu()
     for name, t in buffers.items():
-        state[name] = t.detach().cpu()
+        if name not in NOT_SAVED:
+            state[name] = t.detach().cpu()
     for alias, name in ALIASES.items():
         state[alias] = state[name]
     return state
@@ -468,10 +508,8 @@ def main(argv=None):
     if args.infer_stages:
         fail("--infer-stages chooses pipeline stages, but this program has no pipeline")
     batches = load_batches(args)
-    if not os.path.exists(args.weights):
-        fail(f"initial weights {args.weights} not found; emit the program again or pass --weights")
-    weights = torch.load(args.weights, weights_only=True)
-    params = {n: shard(weights[n].to(DEVICE), layout).requires_grad_(True) for n, layout in PARAMS.items()}
+    weights = load_weights(args.weights)
+    params = local_parameters(weights, {n: (n, layout) for n, layout in PARAMS.items()})
     buffers = {n: weights[n].to(DEVICE) for n in BUFFERS}
     optimizer = make_optimizer(params)
     grad_sync = OverlappedGradientSync(params)
@@ -480,17 +518,17 @@ def main(argv=None):
         started = time.perf_counter()
         batch = batches[step] if batches is not None else synthetic_batch(args.seed, step)
         dims = bind_dims(batch)
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer:
+            optimizer.zero_grad(set_to_none=True)
         with regathering_params():
             loss = forward(params, buffers, local_inputs(batch), dims, COORD)
         grad_sync.start()
         (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
         grad_sync.finish()
-        optimizer.step()
+        if optimizer:
+            optimizer.step()
         value = logical_loss(loss)
-        if step == 0:
-            resting = parameter_bytes_per_rank(params)
-        report_step(metrics, step, value, started, {"param_bytes_per_rank": resting} if step == 0 else {})
+        report_step(metrics, step, value, started, first_step_report(params, optimizer) if step == 0 else {})
     finish(args, full_state_dict(params, buffers))
 
 
@@ -693,7 +731,8 @@ def pipeline_state_dict(params, buffers):
     mine = {}
     for name, t in list(params.items()) + list(buffers.items()):
         target, _, layout, _ = STAGE_TENSORS[name]
-        mine[target] = unshard(t.detach(), layout).cpu()
+        if target not in NOT_SAVED:
+            mine[target] = unshard(t.detach(), layout).cpu()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     state = {}
@@ -707,16 +746,14 @@ def pipeline_state_dict(params, buffers):
 def pipeline_main(args):
     init_tied_groups(args.comm_timeout)
     batches = load_batches(args)
-    if not os.path.exists(args.weights):
-        fail(f"initial weights {args.weights} not found; emit the program again or pass --weights")
-    weights = torch.load(args.weights, weights_only=True)
+    weights = load_weights(args.weights)
     position = my_position()
     mine = {n: spec for n, spec in STAGE_TENSORS.items() if PIPELINE["positions"][spec[3]] == position}
-    params = {n: shard(weights[target].to(DEVICE), layout).requires_grad_(True)
-              for n, (target, kind, layout, _) in mine.items() if kind == "param"}
+    params = local_parameters(weights, {n: (target, layout) for n, (target, kind, layout, _) in mine.items()
+                                        if kind == "param"})
     buffers = {n: shard(weights[target].to(DEVICE), layout) for n, (target, kind, layout, _) in mine.items()
                if kind == "buffer"}
-    optimizer = make_optimizer(params) if params else None
+    optimizer = make_optimizer(params)
     actions = SCHEDULE[dist.get_rank()]
     path = infer_path(args.infer_stages) if args.infer_stages else None
     metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
@@ -742,5 +779,6 @@ def pipeline_main(args):
             if optimizer:
                 optimizer.step()
         value = pipeline_loss(local)
-        report_step(metrics, step_index, value, started)
+        report_step(metrics, step_index, value, started,
+                    first_step_report(params, optimizer) if step_index == 0 else {})
     finish(args, pipeline_state_dict(params, buffers))

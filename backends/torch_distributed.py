@@ -96,11 +96,20 @@ class ProgramWriter:
         lines = [
             *self._mesh_and_input_lines([list(self.mesh.devices)], inputs),
             "PARAMS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in params.items()) + "}",
+            self._frozen_and_unsaved_lines(lambda p: p.target),
             f"BUFFERS = {buffers!r}",
             *self._training_lines(buckets),
             "PIPELINE = None",
         ]
         return "\n".join(lines)
+
+    def _frozen_and_unsaved_lines(self, key) -> str:
+        """``FROZEN_PARAMS``: the parameters (by ``key(value)``) the model froze; no gradient, no optimizer.
+        ``NOT_SAVED``: buffers outside the model's state_dict (by state_dict name), left out of --save."""
+        frozen = [key(p) for p in self.graph.params if p.kind == "param" and not p.requires_grad]
+        unsaved = sorted({p.target for p in self.graph.params if p.kind == "buffer" and not p.persistent})
+        return (f"FROZEN_PARAMS = {frozen!r}  # requires_grad=False in the model: never updated\n"
+                f"NOT_SAVED = {unsaved!r}  # non-persistent buffers and lifted constants: not in the state_dict")
 
     def _mesh_and_input_lines(self, mesh_devices: list, inputs: list, note: str = "") -> list[str]:
         """The constants every program starts with: the mesh, its device lists, the inputs."""
@@ -278,6 +287,7 @@ class PipelineProgramWriter(ProgramWriter):
         lines = [
             *self._mesh_and_input_lines(self.position_devices, self._input_specs(), "  # per pipeline position"),
             "PARAMS = {}  # pipelines: see STAGE_TENSORS",
+            self._frozen_and_unsaved_lines(lambda p: p.name),
             "BUFFERS = []",
             "# IR name: (state_dict name, param or buffer, layout per mesh axis, stage)",
             "STAGE_TENSORS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in tensors.items()) + "}",

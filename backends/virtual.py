@@ -35,7 +35,8 @@ class VirtualResult:
     loss: torch.Tensor | None = None
     """The logical loss (train mode)."""
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The full gradient of every trainable parameter, by ``named_parameters()`` name."""
+    """The full gradient of every trainable parameter, by ``named_parameters()`` name (frozen ones,
+    ``requires_grad=False``, have none, as their ``p.grad`` stays None in eager)."""
     outputs: tuple = ()
     """The logical outputs (infer mode)."""
     local: dict[str, list] = field(default_factory=dict)
@@ -161,7 +162,7 @@ class VirtualMesh:
         for v, t in zip(graph.inputs, inputs):
             env[id(v)] = self._scatter(v, t)
         for p in graph.params:
-            env[id(p)] = self._param_leaves(p, train=(mode == "train" and p.kind == "param"))
+            env[id(p)] = self._param_leaves(p, train=(mode == "train" and p.trainable))
         for node in graph.nodes:
             self._run_node(node, env, bindings)
         result = VirtualResult(local={v.name: env[id(v)] for v in graph.all_values() if id(v) in env})
@@ -232,10 +233,11 @@ def synced_gradients(graph: Graph, leaves: dict[str, list]) -> dict[str, torch.T
     """Full gradients by ``state_dict`` name from every rank's parameter leaves, after the plan's sync.
 
     Buckets all-reduce partial gradients over their axes; copies of a parameter on several
-    pipeline stages (``tied_params``) are summed, as the generated programs do.
+    pipeline stages (``tied_params``) are summed, as the generated programs do. Frozen parameters
+    have no gradient.
     """
     grads = {p.name: [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves[p.name]]
-             for p in graph.params if p.kind == "param"}
+             for p in graph.params if p.trainable}
     for bucket in graph.attrs.get("grad_buckets", []):
         for p in bucket["params"]:
             m = graph.meshes[p.mesh]
@@ -247,7 +249,7 @@ def synced_gradients(graph: Graph, leaves: dict[str, list]) -> dict[str, torch.T
             grads[p.name] = total
     out: dict[str, torch.Tensor] = {}
     for p in graph.params:
-        if p.kind == "param" and p.target not in out:
+        if p.trainable and p.target not in out:
             out[p.target] = assemble(grads[p.name], _stored_layout(p.sbp), graph.meshes[p.mesh])
     return out
 
@@ -380,7 +382,7 @@ class PipelineRunner:
     def _shared_values(self, inputs: tuple) -> dict[int, list]:
         env: dict[int, list] = {}
         for p in self.graph.params:
-            env[id(p)] = self.mesh_runner._param_leaves(p, train=self.train and p.kind == "param")
+            env[id(p)] = self.mesh_runner._param_leaves(p, train=self.train and p.trainable)
         whole = [n for st in self.stages for n in st.whole_batch_nodes]
         if whole:
             for v, t in zip(self.graph.inputs, inputs):

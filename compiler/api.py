@@ -51,9 +51,16 @@ class CompiledPlan:
         return simulate(self, **options)
 
     def explain(self) -> str:
-        """Why this plan: the chosen layouts and degrees, and the best alternatives considered."""
+        """Why this plan: the chosen layouts and degrees, how much work runs split, and the best
+        alternatives considered."""
         from compiler.explain import explain
         return explain(self)
+
+    def parallelism(self):
+        """Per mesh axis, the share of forward FLOPs on split data and the ops that run replicated
+        (a :class:`~compiler.parallelism.ParallelismReport`)."""
+        from compiler.parallelism import parallelism_report
+        return parallelism_report(self.graph)
 
     @property
     def ir(self) -> str:

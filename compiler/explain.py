@@ -1,4 +1,5 @@
-"""``plan.explain()``: why this plan — degrees, placement, layouts, stages, and what else was considered."""
+"""``plan.explain()``: why this plan — degrees, placement, layouts, stages, how much of the work runs
+split (:mod:`compiler.parallelism`), and what else was considered."""
 from __future__ import annotations
 
 from typing import Any
@@ -27,6 +28,7 @@ def explain(plan: Any) -> str:
     lines += _degrees(strategy)
     lines += _placement(strategy, cluster)
     lines += _layouts(strategy)
+    lines += plan.parallelism().lines()
     lines += _pipeline(strategy, cluster)
     lines += _estimate(plan, report)
     if report is not None:

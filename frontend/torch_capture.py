@@ -275,22 +275,84 @@ def _dynamic_dims(t: Any):
 
 
 def _describe_capture_failure(model: torch.nn.Module, err: Exception) -> str:
-    where = _user_frame(err)
+    where = _failure_location(err, model)
     reason = _first_line(err)
     return (f"cannot capture {type(model).__name__}{where}: {reason}. torch.export needs a forward "
             f"without data-dependent Python control flow: replace `if tensor...`/`.item()` with "
             f"torch.where or torch.cond, or pass loss_fn= / mode='infer' if the output is the problem")
 
 
-def _user_frame(err: Exception) -> str:
-    text = "".join(traceback.format_exception(err))
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
-    user = [f for f in frames if "/torch/" not in f[0] and "frontend/torch_capture" not in f[0]
-            and "site-packages" not in f[0] and "<" not in f[0]]
-    if not user:
-        return ""
-    path, line, func = user[-1]
-    return f" at {path}:{line} (in {func})"
+LIBRARY_DIRS = ("site-packages", "dist-packages")
+
+
+@dataclass
+class _FrameAt:
+    """One traceback entry: the frame and the line it was at."""
+
+    frame: Any
+    line: int
+
+    @property
+    def filename(self) -> str:
+        return self.frame.f_code.co_filename
+
+    def is_torch_or_sbpc(self) -> bool:
+        return "/torch/" in self.filename or "frontend/torch_capture" in self.filename or "<" in self.filename
+
+    def is_library(self) -> bool:
+        return any(f"/{d}/" in self.filename for d in LIBRARY_DIRS)
+
+    def __str__(self) -> str:
+        path = self.filename
+        for d in LIBRARY_DIRS:
+            path = path.split(f"/{d}/", 1)[-1]
+        return f"{path}:{self.line} (in {self.frame.f_code.co_name})"
+
+
+def _failure_location(err: Exception, model: torch.nn.Module) -> str:
+    """Where tracing stopped: the module of ``model`` whose forward was running (by its name in the
+    model), the innermost frame outside torch (library code such as transformers included), and the
+    innermost frame of the user's own code when that is another one. Empty when nothing is known."""
+    frames = _traceback_frames(err)
+    outside_torch = [f for f in frames if not f.is_torch_or_sbpc()]
+    user = [f for f in outside_torch if not f.is_library()]
+    parts = []
+    module = _running_module(frames, model)
+    if module:
+        parts.append(f" in module {module}")
+    if outside_torch:
+        parts.append(f" at {outside_torch[-1]}")
+    if user and user[-1] is not outside_torch[-1]:
+        parts.append(f" called from {user[-1]}")
+    return ",".join(parts)
+
+
+def _traceback_frames(err: Exception) -> list[_FrameAt]:
+    """The traceback, outermost first, of the first exception of the chain (``err``, then what it was
+    raised from) that passed through code outside torch."""
+    seen = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = [_FrameAt(frame, line) for frame, line in traceback.walk_tb(current.__traceback__)]
+        if any(not f.is_torch_or_sbpc() for f in frames):
+            return frames
+        current = current.__cause__ or current.__context__
+    return []
+
+
+def _running_module(frames: list[_FrameAt], model: torch.nn.Module) -> str:
+    """``lm.model.layers.0.mlp.experts (MixtralExperts)``: the innermost submodule of ``model`` among
+    the frames' ``self``; empty when none (or only the model itself) was running."""
+    names = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    for f in reversed(frames):
+        owner = f.frame.f_locals.get("self")
+        name = names.get(id(owner)) if isinstance(owner, torch.nn.Module) else None
+        if name:
+            return f"{name} ({type(owner).__name__})"
+    return ""
 
 
 def _first_line(err: Exception) -> str:
@@ -382,12 +444,16 @@ class _Converter:
             if existing is not None:
                 self.env[node.name] = existing
                 return
-            weights[target] = self.model.get_parameter(target).detach().clone()
-            self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "param")
+            parameter = self.model.get_parameter(target)
+            weights[target] = parameter.detach().clone()
+            self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "param",
+                                                       requires_grad=parameter.requires_grad)
             return
         tensor = self._buffer_or_constant(spec, target)
         weights[target] = tensor.detach().clone()
-        self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "buffer")
+        in_state_dict = kind == "BUFFER" and spec.persistent is not False  # lifted constants are not
+        self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "buffer",
+                                                   persistent=in_state_dict)
 
     def _buffer_or_constant(self, spec, target: str) -> torch.Tensor:
         if spec.kind.name == "BUFFER":

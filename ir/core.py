@@ -29,10 +29,22 @@ class Value:
     """``input``, ``param``, ``buffer`` or ``node``."""
     target: str | None = None
     """For params and buffers: the qualified name in the model's ``state_dict``."""
+    requires_grad: bool = True
+    """For params: False when the model freezes it (``p.requires_grad`` was False at capture): it gets
+    no gradient, no gradient sync and no optimizer state. Printed as ``{requires_grad = False}``."""
+    persistent: bool = True
+    """For buffers: False when it is not part of the model's ``state_dict`` (a buffer registered with
+    ``persistent=False``, or a tensor constant torch.export lifted): used, never saved. Printed as
+    ``{persistent = False}``."""
     producer: "Node | None" = None
     """The node that produces this value (None for inputs and params)."""
     uses: list = field(default_factory=list)
     """Nodes that read this value."""
+
+    @property
+    def trainable(self) -> bool:
+        """A parameter the optimizer updates (kind ``param`` and not frozen)."""
+        return self.kind == "param" and self.requires_grad
 
     def __repr__(self) -> str:
         return f"%{self.name}"
@@ -126,9 +138,12 @@ class Graph:
         self.inputs.append(v)
         return v
 
-    def add_param(self, name: str, type: TensorType, target: str, kind: str = "param") -> Value:
-        """Append a parameter (or buffer) read from ``state_dict()[target]``."""
-        v = Value(self.fresh_name(name), type, kind=kind, target=target)
+    def add_param(self, name: str, type: TensorType, target: str, kind: str = "param",
+                  requires_grad: bool = True, persistent: bool = True) -> Value:
+        """Append a parameter (or buffer) read from ``state_dict()[target]``; ``requires_grad=False``
+        marks a frozen parameter, ``persistent=False`` a buffer outside the model's ``state_dict``."""
+        v = Value(self.fresh_name(name), type, kind=kind, target=target, requires_grad=requires_grad,
+                  persistent=persistent)
         self.params.append(v)
         return v
 
@@ -182,8 +197,8 @@ class Graph:
         raise KeyError(f"no value %{name} in graph {self.name}")
 
     def param_values(self) -> dict[str, Value]:
-        """Trainable parameters by their ``state_dict`` name."""
-        return {v.target: v for v in self.params if v.kind == "param"}
+        """Trainable parameters by their ``state_dict`` name (frozen ones left out)."""
+        return {v.target: v for v in self.params if v.trainable}
 
     def replace_all_uses(self, old: Value, new: Value, only: Callable[[Node], bool] | None = None) -> None:
         """Make every (selected) reader of ``old`` read ``new`` instead; outputs too."""

@@ -96,9 +96,16 @@ class _Builder:
         self.graph.inputs.append(self.decl(t.children[0], "input"))
 
     def on_param_stmt(self, t: lark.Tree) -> None:
-        kind, decl, target = t.children
+        kind, decl, target, flags = t.children
         v = self.decl(decl, str(kind))
         v.target = json.loads(str(target))
+        if flags is not None:
+            options = self.literal(flags)
+            allowed = {"param": "requires_grad", "buffer": "persistent"}[v.kind]
+            if set(options) != {allowed} or not isinstance(options[allowed], bool):
+                raise self.error(t.meta, f"expected {{{allowed} = False}} after the state_dict name of "
+                                         f"{v.kind} %{v.name}, found {options}")
+            setattr(v, allowed, options[allowed])
         self.graph.params.append(v)
 
     def on_node_stmt(self, t: lark.Tree) -> None:

@@ -18,7 +18,7 @@ def print_graph(graph: Graph) -> str:
     lines = [f"mesh {name} = {_format_mesh(m)}" for name, m in graph.meshes.items()]
     lines.append(f"graph {graph.name} {{")
     lines += [f"  input {format_decl(v)}" for v in graph.inputs]
-    lines += [f"  {v.kind} {format_decl(v)} = {json.dumps(v.target)}" for v in graph.params]
+    lines += [f"  {format_param(v)}" for v in graph.params]
     lines += [f"  {format_node(n)}" for n in graph.nodes]
     lines.append("  output " + ", ".join(f"%{v.name}" for v in graph.outputs))
     if graph.loss is not None:
@@ -39,6 +39,23 @@ def format_decl(v: Value) -> str:
     if v.sbp is not None:
         text += f" {format_nd_sbp(v.sbp)} @{v.mesh}"
     return text
+
+
+def format_param(v: Value) -> str:
+    """``param %w: f32[4, 8] (B) @world = "w"``; a frozen parameter ends in ``{requires_grad = False}``,
+    a buffer outside the model's ``state_dict`` in ``{persistent = False}``."""
+    text = f"{v.kind} {format_decl(v)} = {json.dumps(v.target)}"
+    options = param_options(v)
+    return f"{text} {format_literal(options)}" if options else text
+
+
+def param_options(v: Value) -> dict:
+    """The options a param or buffer statement prints: only those that differ from the default."""
+    if v.kind == "param" and not v.requires_grad:
+        return {"requires_grad": False}
+    if v.kind == "buffer" and not v.persistent:
+        return {"persistent": False}
+    return {}
 
 
 def format_node(node: Node) -> str:

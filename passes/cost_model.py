@@ -578,7 +578,8 @@ class MemoryEstimate:
     def estimate(cls, num_params: Any, activation_bytes: Any, *, stage_input_bytes: Any = 0,
                  optimizer: str = "adamw", param_dtype_bytes: int = 4, grad_dtype_bytes: int | None = None,
                  master_weights: bool | None = None, schedule: str = "none", num_stages: int = 1,
-                 stage_index: int = 0, num_microbatches: int = 1, recompute: bool = False) -> "MemoryEstimate":
+                 stage_index: int = 0, num_microbatches: int = 1, recompute: bool = False,
+                 trainable_params: Any = None) -> "MemoryEstimate":
         """Memory of one device holding ``num_params`` parameters of a pipeline stage.
 
         ``activation_bytes`` is what one microbatch keeps for backward on this stage; ``stage_input_bytes``
@@ -586,15 +587,18 @@ class MemoryEstimate:
         activations; with it they keep only the stage input, plus one microbatch re-materialised during
         its backward. Mixed precision (params under 4 bytes) adds an fp32 master copy unless
         ``master_weights`` says otherwise. Optimizer state is :data:`OPTIMIZER_STATE_BYTES_PER_PARAM`.
+        Gradients, optimizer state and master copies exist for the ``trainable_params`` only (default:
+        all ``num_params``; frozen parameters have none).
         """
         if optimizer not in OPTIMIZER_STATE_BYTES_PER_PARAM:
             raise ValueError(f"expected an optimizer in {sorted(OPTIMIZER_STATE_BYTES_PER_PARAM)}, found {optimizer!r}")
         master = param_dtype_bytes < 4 if master_weights is None else master_weights
-        optimizer_bytes = (OPTIMIZER_STATE_BYTES_PER_PARAM[optimizer] + (4 if master else 0)) * num_params
+        trainable = num_params if trainable_params is None else trainable_params
+        optimizer_bytes = (OPTIMIZER_STATE_BYTES_PER_PARAM[optimizer] + (4 if master else 0)) * trainable
         in_flight = in_flight_microbatches(schedule, num_stages, stage_index, num_microbatches)
         kept = in_flight * stage_input_bytes + activation_bytes if recompute else in_flight * activation_bytes
         return cls(parameters=param_dtype_bytes * num_params,
-                   gradients=(grad_dtype_bytes or param_dtype_bytes) * num_params,
+                   gradients=(grad_dtype_bytes or param_dtype_bytes) * trainable,
                    optimizer_state=optimizer_bytes, activations=kept)
 
 

@@ -2,7 +2,9 @@
 
 A parameter held ``B`` on a mesh axis gets a ``P(sum)`` gradient there (the dual layout); those are
 all-reduced over that axis, in buckets of parameters that need the same axes, in the order backward
-produces them (last used first). Parameters held ``S`` get ``S`` gradients and need nothing.
+produces them (last used first). Parameters held ``S`` get ``S`` gradients and need nothing. Frozen
+parameters (``requires_grad=False``) get no gradient: no bucket, and no adjoint collective for values
+computed from them and inputs alone.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def backward_collectives(graph: Graph) -> list[dict]:
 
 def values_with_grad(graph: Graph) -> set[int]:
     """Ids of the values that depend differentiably on a trainable parameter."""
-    grad = {id(p) for p in graph.params if p.kind == "param"}
+    grad = {id(p) for p in graph.params if p.trainable}
     for node in graph.nodes:
         if node.op == "aten.detach.default":
             continue
@@ -71,5 +73,5 @@ def _backward_order(graph: Graph) -> list[Value]:
     for i, node in enumerate(graph.nodes):
         for v in node.input_values():
             last_use[id(v)] = i
-    params = [p for p in graph.params if p.kind == "param" and id(p) in last_use]
+    params = [p for p in graph.params if p.trainable and id(p) in last_use]
     return sorted(params, key=lambda p: -last_use[id(p)])

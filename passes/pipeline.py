@@ -502,18 +502,20 @@ def _place_inputs(graph: Graph) -> None:
 
 
 def _place_params(graph: Graph) -> list[list[Value]]:
-    """Move each parameter to the stage using it; a copy per further stage. Returns the tied groups."""
+    """Move each parameter to the stage using it; a copy per further stage. Returns the tied groups
+    (copies of a trainable parameter, whose gradients are summed; frozen copies need no sum)."""
     tied = []
     for p in list(graph.params):
         stages = sorted({_stage(n) for n in p.uses}) or [0]
         p.mesh = stage_mesh_name(stages[0])
         copies = [p]
         for s in stages[1:]:
-            q = graph.add_param(f"{p.name}.stage{s}", p.type, p.target, p.kind)
+            q = graph.add_param(f"{p.name}.stage{s}", p.type, p.target, p.kind,
+                                requires_grad=p.requires_grad, persistent=p.persistent)
             q.sbp, q.mesh = p.sbp, stage_mesh_name(s)
             graph.replace_all_uses(p, q, only=lambda n, s=s: _stage(n) == s)
             copies.append(q)
-        if len(copies) > 1 and p.kind == "param":
+        if len(copies) > 1 and p.trainable:
             tied.append(copies)
     return tied
 

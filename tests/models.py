@@ -112,11 +112,11 @@ def cnn_inputs(batch: int = 8, seed: int = 1):
 
 
 def eager_loss_and_grads(model: nn.Module, inputs: tuple) -> tuple[torch.Tensor, dict]:
-    """Single-device reference: the loss and every parameter's gradient."""
+    """Single-device reference: the loss and every trainable parameter's gradient (frozen ones have none)."""
     model.zero_grad()
     loss = model(*inputs)
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_close_to_eager(result, model: nn.Module, inputs: tuple, rtol: float = 1e-5, atol: float = 1e-6) -> None:

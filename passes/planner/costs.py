@@ -158,6 +158,8 @@ class ParamRecord:
     name: str
     local_elements: float
     grad_axes: tuple
+    trainable: bool = True
+    """False for a frozen parameter: stored, but no gradient and no optimizer state."""
 
 
 @dataclass
@@ -199,9 +201,10 @@ class SegmentCost:
     """The ops of this segment the program recomputes in backward (their forward runs twice; what
     they keep for backward is alive only while their backward runs), or None."""
 
-    def param_elements(self) -> float:
-        """Parameter elements one device stores for this segment."""
-        return sum(p.local_elements for p in self.params)
+    def param_elements(self, trainable_only: bool = False) -> float:
+        """Parameter elements one device stores for this segment (``trainable_only``: those with a
+        gradient and optimizer state)."""
+        return sum(p.local_elements for p in self.params if p.trainable or not trainable_only)
 
     def compute_time(self, batch: float, device: Device, precision: Precision,
                      overhead_s: float | None = None) -> tuple[float, float]:
@@ -389,11 +392,11 @@ def _comm_bytes(record: CommRecord, dims: dict, ctx: CostContext) -> float:
 
 def param_record(value: Value, sbp: tuple, mesh: Mesh, train: bool) -> ParamRecord:
     """A parameter stored with ``sbp``: local elements, and the axes where it is ``B`` (its gradient is
-    a partial sum there and gets all-reduced)."""
+    a partial sum there and gets all-reduced; none for a frozen parameter)."""
     shape = tuple(float(d) for d in value.type.shape)
     local = float(np.prod(local_shape(shape, sbp, mesh.shape))) if shape else 1.0
     axes = tuple(a for a, s, n in zip(mesh.axes, sbp, mesh.shape) if not isinstance(s, Split) and n > 1)
-    return ParamRecord(value.target or value.name, local, axes if train and value.kind == "param" else ())
+    return ParamRecord(value.target or value.name, local, axes if train and value.trainable else (), value.trainable)
 
 
 # --------------------------------------------------------------------------------------------------

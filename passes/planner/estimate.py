@@ -175,7 +175,8 @@ class Estimator:
             nbytes = segment.param_elements() * self.profile.precision.param_bytes
             gather = self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
             fwd += gather
-            bwd += gather + self._collective("reduce_scatter", nbytes, devices, shape, shape.fsdp_axis)
+            grads = segment.param_elements(trainable_only=True) * self.profile.precision.param_bytes
+            bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
         return fwd, bwd
 
     def fsdp_analytic(self, shape: PlanShape) -> bool:
@@ -287,13 +288,13 @@ class Estimator:
     def _optimizer_time(self, shape: PlanShape, rank: int) -> float:
         if not self.profile.train:
             return 0.0
-        elements = self._param_elements(shape, rank)
+        elements = self._param_elements(shape, rank, trainable_only=True)
         per_param = OPTIMIZER_STEP_BYTES.get(shape.optimizer, 28) + (4 if self.profile.precision.param_bytes < 4 else 0)
         bandwidth = min(self.cluster.device(d).memory_bandwidth_Bps or 1e11 for d in shape.stage_devices[rank])
         return elements * per_param / bandwidth
 
-    def _param_elements(self, shape: PlanShape, rank: int) -> float:
-        elements = sum(p.local_elements for p in self._stage_params(shape, rank))
+    def _param_elements(self, shape: PlanShape, rank: int, trainable_only: bool = False) -> float:
+        elements = sum(p.local_elements for p in self._stage_params(shape, rank) if p.trainable or not trainable_only)
         if self.fsdp_analytic(shape):
             elements /= shape.size(shape.fsdp_axis)
         return elements
@@ -314,8 +315,9 @@ class Estimator:
                 kept += self._stage_activations(shape, k, batch, pending[k])
             elements = self._param_elements(shape, rank)
             if prof.train:
-                estimate = cost_model.MemoryEstimate.estimate(elements, kept, optimizer=optimizer,
-                                                              param_dtype_bytes=prof.precision.param_bytes)
+                estimate = cost_model.MemoryEstimate.estimate(
+                    elements, kept, optimizer=optimizer, param_dtype_bytes=prof.precision.param_bytes,
+                    trainable_params=self._param_elements(shape, rank, trainable_only=True))
             else:
                 estimate = cost_model.MemoryEstimate(prof.precision.param_bytes * elements, 0.0, 0.0, kept)
             for d in shape.stage_devices[rank]:
@@ -364,7 +366,8 @@ class Estimator:
                 if self.fsdp_analytic(shape):
                     nbytes = segment.param_elements() * prof.precision.param_bytes
                     self._add_traffic(traffic, "all_gather", nbytes, stage.devices, shape, shape.fsdp_axis, 2 * m)
-                    self._add_traffic(traffic, "reduce_scatter", nbytes, stage.devices, shape, shape.fsdp_axis, m)
+                    grads = segment.param_elements(trainable_only=True) * prof.precision.param_bytes
+                    self._add_traffic(traffic, "reduce_scatter", grads, stage.devices, shape, shape.fsdp_axis, m)
             if stage.index < shape.num_stages - 1:
                 nxt = shape.stage_devices[shape.rank_of_stage(stage.index + 1)]
                 nbytes = at(prof.segments[shape.segments_of_stage(stage.index, prof.num_layers)[-1]].output_bytes,

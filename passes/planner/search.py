@@ -616,6 +616,8 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
     total = prefix(sum(work[j]) for j in blocks)
     forward = prefix(work[j][0] + work[j][1] for j in blocks)
     params = prefix(prof.segments[j].param_elements() for j in blocks)
+    trainable = prefix(prof.segments[j].param_elements(trainable_only=True) for j in blocks)
+    edge_trainable = sum(prof.segments[j].param_elements(trainable_only=True) for j in edges)
     saved_each = [at(prof.segments[j].saved_bytes, batch) for j in blocks]
     saved = prefix(saved_each)
     inputs = prefix(at(prof.segments[j - 1].output_bytes, batch) for j in blocks)
@@ -630,7 +632,9 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
     first = np.arange(layers)[:, None]
     last = np.arange(layers)[None, :]
     elements = (params[last + 1] - params[first] + edge_params) / shards
-    state = elements * _bytes_per_param(estimator, shape)
+    trained = (trainable[last + 1] - trainable[first] + edge_trainable) / shards
+    stored = prof.precision.param_bytes  # frozen parameters: stored, without gradient or optimizer state
+    state = elements * stored + trained * (_bytes_per_param(estimator, shape) - stored)
     plain_memory = state + in_flight * (saved[last + 1] - saved[first] + edge_saved)
     rc_memory = state + in_flight * (inputs[last + 1] - inputs[first] + edge_saved) + max(saved_each, default=0.0)
     seconds = total[last + 1] - total[first] + edge_time
