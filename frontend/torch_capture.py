@@ -3,6 +3,11 @@
 The captured graph holds ATen ops. The batch and sequence dims of the inputs stay symbolic
 (sympy symbols ``batch``, ``seq``); every other dim is concrete. Parameters shared under two names
 (tied weights) are one IR parameter under their first ``named_parameters()`` name.
+
+The graph is functional: a program that writes tensors in place (``x /= d``, ``relu_``, a slice
+assignment, BatchNorm's running statistics, ``num_batches_tracked += 1``) goes through torch's
+functionalization, so every node makes new values and a buffer's new value is an explicit
+``update %buffer <- %value`` of the graph.
 """
 from __future__ import annotations
 
@@ -29,6 +34,14 @@ DROPPED_OPS = {
     "aten.sym_constrain_range.default",
 }
 INPUT_DIM_NAMES = ("batch", "seq")
+HIDDEN_WRITES = {
+    "aten.batch_norm.default": (5, (3, 4)), "aten.native_batch_norm.default": (5, (3, 4)),
+    "aten.instance_norm.default": (5, (3, 4)),
+}
+"""Ops whose schema does not say they write: op -> (position of the flag that makes them write (training,
+use_input_stats), positions of the tensors they then update in place (running mean and variance))."""
+RESHAPE_VIEWS = ("aten.view.default", "aten._unsafe_view.default")
+"""What functionalization makes of ``reshape``, chosen by the strides of the traced tensors."""
 
 
 class CaptureError(RuntimeError):
@@ -111,9 +124,41 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     if program is None:
         wrapper = _wrapper(model, model, kwargs, loss_fn, train)
         program = _export(wrapper, flat, model)
-    captured = _to_ir(program, model, names, train)
+    program, functionalized = _functionalize(program, model)
+    captured = _Converter(program, model, names, functionalized).convert(train)
     captured.output_structure = wrapper.out_spec
     return captured
+
+
+def _functionalize(program: torch.export.ExportedProgram, model: torch.nn.Module
+                   ) -> tuple[torch.export.ExportedProgram, bool]:
+    """The program with every in-place write replaced by new values (torch's functionalization), and
+    whether it had any. A write through a view reaches its base (``slice_scatter``...), later reads
+    see the new value, and each written buffer becomes an output of kind ``BUFFER_MUTATION``.
+
+    Programs that write nothing are returned as exported: functionalization would also rewrite
+    ``reshape`` / ``contiguous`` / ``flatten`` into stride-dependent views and copies.
+    """
+    if not any(_writes(node) for node in program.graph.nodes):
+        return program, False
+    try:
+        with _quiet_torch():
+            return program.run_decompositions({}), True
+    except Exception as err:  # functionalization fails on what it cannot trace again
+        raise CaptureError(f"cannot make the in-place writes of {type(model).__name__} explicit (torch "
+                           f"functionalization failed: {_first_line(err)}); write those ops out of place") from None
+
+
+def _writes(node: torch.fx.Node) -> list[str]:
+    """The names of the arguments an ATen node writes in place (empty for functional nodes)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return []
+    written = [a.name for a in node.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    flag, tensors = HIDDEN_WRITES.get(str(node.target), (None, ()))
+    if flag is not None and len(node.args) > flag and node.args[flag] is True:
+        written += [node.target._schema.arguments[i].name for i in tensors
+                    if isinstance(node.args[i], torch.fx.Node)]
+    return written
 
 
 def _wrapper(module, model, kwargs, loss_fn, train) -> _LossWrapper:
@@ -315,9 +360,12 @@ def _input_names(model: torch.nn.Module, n_pos: int, kwarg_names: list[str]) -> 
 class _Converter:
     """Turns an ExportedProgram's ATen graph into an IR graph."""
 
-    def __init__(self, program: torch.export.ExportedProgram, model: torch.nn.Module, names: list[str]):
+    def __init__(self, program: torch.export.ExportedProgram, model: torch.nn.Module, names: list[str],
+                 functionalized: bool = False):
         self.program = program
         self.model = model
+        self.functionalized = functionalized
+        self.buffers: dict[str, Value] = {}
         self.graph = Graph(name=_graph_name(model))
         self.env: dict[str, Any] = {}
         self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
@@ -387,7 +435,7 @@ class _Converter:
             return
         tensor = self._buffer_or_constant(spec, target)
         weights[target] = tensor.detach().clone()
-        self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "buffer")
+        self.env[node.name] = self.buffers[target] = self.graph.add_param(target, self.ttype(val), target, "buffer")
 
     def _buffer_or_constant(self, spec, target: str) -> torch.Tensor:
         if spec.kind.name == "BUFFER":
@@ -403,6 +451,14 @@ class _Converter:
         val = node.meta.get("val")
         if op in DROPPED_OPS:
             return
+        written = _writes(node)
+        if written:
+            raise CaptureError(f"op {op} at node {node.name} (module {_module_path(node) or '<top>'}) writes "
+                               f"{', '.join(written)} in place, which torch's functionalization keeps and sbpc "
+                               f"cannot make explicit; {_WRITE_HINTS.get(op, 'write it out of place')}")
+        if self.functionalized and op in RESHAPE_VIEWS:
+            # a rank's shard may be laid out unlike the traced tensor; in a functional graph the two are one
+            op = "aten.reshape.default"
         if op is None or isinstance(val, (torch.SymInt, int, float, bool)):
             self.env[node.name] = self._symbolic_scalar(node, val)
             return
@@ -435,6 +491,17 @@ class _Converter:
         return a
 
     def _outputs(self, sig, train: bool) -> None:
+        for spec in sig.output_specs:
+            kind = spec.kind.name
+            if kind == "BUFFER_MUTATION":
+                buffer, value = self.buffers[_strip_wrapper(spec.target)], self.env[spec.arg.name]
+                if value is not buffer:
+                    self.graph.buffer_updates[buffer] = value
+            elif kind == "USER_INPUT_MUTATION":
+                continue  # later reads in the graph see the new value; the caller's tensor is not written
+            elif kind != "USER_OUTPUT":
+                raise CaptureError(f"the model writes {spec.target or spec.arg.name} in place ({kind}); only "
+                                   f"buffers may change in a step: make it a buffer or write it out of place")
         user = [s for s in sig.output_specs if s.kind.name == "USER_OUTPUT"]
         outs = [self.env[s.arg.name] for s in user if hasattr(s.arg, "name")]
         self.graph.outputs = [o for o in outs if isinstance(o, Value)]
@@ -445,8 +512,10 @@ class _Converter:
             self.graph.loss = loss
 
 
-def _to_ir(program, model, names, train) -> Captured:
-    return _Converter(program, model, names).convert(train)
+_WRITE_HINTS = {
+    "aten.instance_norm.default": "InstanceNorm with track_running_stats=True updates its running statistics "
+                                  "inside the op in training mode: use track_running_stats=False, or eval mode",
+}
 
 
 def _strip_wrapper(target: str) -> str:
