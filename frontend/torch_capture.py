@@ -12,6 +12,7 @@ functionalization, so every node makes new values and a buffer's new value is an
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import operator
@@ -270,19 +271,56 @@ def _inputs_for_meta_model(model: torch.nn.Module, flat: tuple) -> tuple:
 def _export(wrapper: torch.nn.Module, flat: tuple, model: torch.nn.Module) -> torch.export.ExportedProgram:
     for dynamic in (_named_dims(flat), tuple(_dynamic_dims(t) for t in flat)):
         try:
-            with _quiet_torch():
+            with _quiet_torch(), _traceable_cumulative_batch_norms(model):
                 return torch.export.export(wrapper, flat, dynamic_shapes=(dynamic,), strict=False)
         except CaptureError:
             raise
         except Exception:  # a shape constraint we guessed does not hold: try looser ones
             continue
     try:
-        with _quiet_torch():
+        with _quiet_torch(), _traceable_cumulative_batch_norms(model):
             return torch.export.export(wrapper, flat, strict=False)
     except CaptureError:
         raise
     except Exception as err:
         raise CaptureError(_describe_capture_failure(model, err)) from None
+
+
+@contextlib.contextmanager
+def _traceable_cumulative_batch_norms(model: torch.nn.Module):
+    """While exporting, BatchNorms with ``momentum=None`` (a cumulative average of the batch statistics)
+    run :func:`_cumulative_batch_norm`: torch computes their averaging factor as the Python float
+    ``1 / num_batches_tracked``, which depends on a buffer's value and so cannot be traced."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    patched = [m for m in model.modules() if isinstance(m, _BatchNorm) and type(m).forward is _BatchNorm.forward
+               and m.momentum is None and m.track_running_stats and "forward" not in m.__dict__]
+    for m in patched:
+        m.forward = functools.partial(_cumulative_batch_norm, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _cumulative_batch_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``_BatchNorm.forward`` computes with ``momentum=None``, the factor kept a tensor: normalise
+    with the batch statistics; the running mean and (unbiased) variance move to ``(1 - f) * running +
+    f * batch`` with ``f = 1 / num_batches_tracked``, counted after this batch."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    if not module.training:
+        return _BatchNorm.forward(module, x)
+    module._check_input_dim(x)
+    module.num_batches_tracked.add_(1)
+    factor = 1.0 / module.num_batches_tracked
+    dims = [0, *range(2, x.ndim)]
+    count = x.numel() // x.shape[1]
+    data = x.detach()
+    mean = data.sum(dims) / count
+    var = (data - mean.reshape([1, -1] + [1] * (x.ndim - 2))).pow(2).sum(dims) / (count - 1)
+    module.running_mean.copy_(module.running_mean * (1 - factor) + mean * factor)
+    module.running_var.copy_(module.running_var * (1 - factor) + var * factor)
+    return torch.nn.functional.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
 
 
 @contextlib.contextmanager
@@ -468,11 +506,28 @@ class _Converter:
         if not all(isinstance(v, torch.Tensor) for v in vals):
             raise CaptureError(f"op {op} at node {node.name} returns a non-tensor; not supported")
         attrs = {"module": _module_path(node)} if _module_path(node) else {}
+        if op == "aten.copy.default":
+            self.env[node.name] = self._copy(node.name, args[0], args[1], attrs)
+            return
         base = node.name if len(vals) == 1 else f"{node.name}_"
         ir_node = self.graph.create_node(op, args, kwargs, [self.ttype(v) for v in vals],
                                          [base if len(vals) == 1 else f"{base}{i}" for i in range(len(vals))],
                                          attrs)
         self.env[node.name] = ir_node.outputs[0] if not isinstance(val, (list, tuple)) else ir_node.outputs
+
+    def _copy(self, name: str, dest: Value, src: Value, attrs: dict) -> Value:
+        """``copy(dest, src)``, what functionalization makes of ``dest.copy_(src)``: ``src`` cast to the
+        dtype of ``dest`` and broadcast to its shape, written with ops that have derivatives (``aten::copy``
+        has none)."""
+        out = src
+        if out.type.dtype != dest.type.dtype:
+            cast = TensorType(out.type.shape, dest.type.dtype)
+            out = self.graph.create_node("aten._to_copy.default", [out], {"dtype": dest.type.torch_dtype}, [cast],
+                                         [f"{name}_cast"], attrs).outputs[0]
+        if out.type.shape != dest.type.shape:
+            out = self.graph.create_node("aten.expand.default", [out, list(dest.type.shape)], {}, [dest.type],
+                                         [f"{name}_expand"], attrs).outputs[0]
+        return out
 
     def _symbolic_scalar(self, node: torch.fx.Node, val: Any) -> Any:
         if isinstance(val, torch.SymInt) or isinstance(val, int):

@@ -119,7 +119,7 @@ def _batch_norm_args(node: Node) -> dict | None:
     names = BATCH_NORMS.get(node.op)
     if names is None:
         return None
-    a = dict.fromkeys(names)
+    a = dict.fromkeys(("weight", "bias", "running_mean", "running_var"))
     a.update(zip(names, node.args))
     a.update(node.kwargs)
     if not a["training"] or a["input"].type.ndim < 2:
