@@ -189,15 +189,23 @@ def _check_trace_agrees(model: torch.nn.Module, traced: torch.nn.Module, args: t
 
 @contextlib.contextmanager
 def _buffers_restored(model: torch.nn.Module):
-    """Put every buffer back as it was (a training-mode call updates BatchNorm's running statistics;
-    compiling must not)."""
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    """Put every buffer back as it was, the same tensor holding the same values (a training-mode call
+    updates BatchNorm's running statistics; compiling must not). Yields a function naming the buffers
+    changed so far."""
+    saved = [(f"{prefix}{'.' if prefix else ''}{name}", module, name, b, b.detach().clone())
+             for prefix, module in model.named_modules() for name, b in module._buffers.items() if b is not None]
+
+    def changed() -> list[str]:
+        return [full for full, module, name, tensor, value in saved if module._buffers.get(name) is not tensor
+                or (not tensor.is_meta and not torch.equal(tensor, value))]
+
     try:
-        yield
+        yield changed
     finally:
         with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(saved[name])
+            for _, module, name, tensor, value in saved:
+                module._buffers[name] = tensor
+                tensor.copy_(value)
 
 
 def _on_meta(model: torch.nn.Module) -> bool:
@@ -216,10 +224,15 @@ def _symbolic_trace(model: torch.nn.Module, n_pos: int, kwargs: dict) -> torch.n
         if p.name not in kwargs and p.default is not inspect.Parameter.empty:
             concrete[p.name] = p.default
     try:
-        traced = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+        with _buffers_restored(model) as changed:
+            traced = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+            written = changed()
     except Exception as err:  # symbolic_trace raises many kinds on dynamic Python
         raise CaptureError(f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: "
                            f"{_first_line(err)}; use method='export'") from None
+    if written:  # buffers are plain tensors to the tracer: their writes ran once, outside the graph
+        raise CaptureError(f"torch.fx.symbolic_trace cannot record the write of buffer {written[0]} in "
+                           f"{type(model).__name__}; use method='export'")
     traced.train(model.training)
     return traced
 
