@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from ir.core import Node, Value
-from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, broadcast_only, register,
+from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, register,
                              shard_start, default_local)
 from ir.ops.elementwise import aligned_dim
 from ir.sbp import B, P, Split

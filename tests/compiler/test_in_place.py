@@ -158,3 +158,23 @@ def test_instance_norm_running_statistics_are_one_clear_error():
     with pytest.raises(CaptureError, match=r"aten.instance_norm.default .* \(module norm\) writes running_mean, "
                                            r"running_var in place.*track_running_stats=False"):
         capture(Model(), (torch.randn(2, 4, 3, 3),))
+
+
+def test_pipeline_refuses_a_buffer_read_on_one_stage_and_updated_on_another():
+    class SharedAverage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.second = nn.Linear(4, 4)
+            self.register_buffer("average", torch.zeros(4))
+
+        def forward(self, x):
+            h = self.second(self.first(x) + self.average)
+            self.average.mul_(0.5).add_(h.detach().mean(0))
+            return h.pow(2).mean()
+
+    from passes.manager import PassFailed
+    strategy = {"mesh": {"pp": 2}, "stages": ["second"], "microbatches": 2}
+    with pytest.raises(PassFailed, match=r"buffer average takes a new value on stage 1 but is also read on "
+                                         r"stage\(s\) \[0\]"):
+        compile(SharedAverage(), (torch.randn(4, 4),), cluster=Cluster.local(2), strategy=strategy)
