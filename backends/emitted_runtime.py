@@ -476,10 +476,15 @@ def full_state_dict(params, buffers):
         state[name] = unshard(t.detach(), PARAMS[name]).cpu()
     for name, t in buffers.items():
         if name not in NOT_SAVED:
-            state[name] = t.detach().cpu()
+            state[name] = unshard(t.detach(), BUFFERS[name]).cpu()
     for alias, name in ALIASES.items():
         state[alias] = state[name]
     return state
+
+
+def new_buffer_values(updated):
+    """The buffers' values after a forward (running statistics, counters), kept without autograd history."""
+    return {name: t.detach() for name, t in updated.items()}
 
 
 def report_step(metrics, step, value, started, extra=None):
@@ -510,7 +515,7 @@ def main(argv=None):
     batches = load_batches(args)
     weights = load_weights(args.weights)
     params = local_parameters(weights, {n: (n, layout) for n, layout in PARAMS.items()})
-    buffers = {n: weights[n].to(DEVICE) for n in BUFFERS}
+    buffers = {n: shard(weights[n].to(DEVICE), layout) for n, layout in BUFFERS.items()}
     optimizer = make_optimizer(params)
     grad_sync = OverlappedGradientSync(params)
     metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
@@ -521,12 +526,13 @@ def main(argv=None):
         if optimizer:
             optimizer.zero_grad(set_to_none=True)
         with regathering_params():
-            loss = forward(params, buffers, local_inputs(batch), dims, COORD)
+            loss, updated = forward(params, buffers, local_inputs(batch), dims, COORD)
         grad_sync.start()
         (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
         grad_sync.finish()
         if optimizer:
             optimizer.step()
+        buffers.update(new_buffer_values(updated))
         value = logical_loss(loss)
         report_step(metrics, step, value, started, first_step_report(params, optimizer) if step == 0 else {})
     finish(args, full_state_dict(params, buffers))
@@ -537,7 +543,8 @@ def main(argv=None):
 #             "paths": [stages visited by each microbatch], "skippable": bool}
 # SCHEDULE = {rank: [(kind, stage, microbatch, peer), ...]}; STAGE_TENSORS = {name: (target, kind,
 # layout, stage)}; TIED_PARAMS = [[names of the copies of one parameter]]; STAGE_FORWARD[s](p, b, x,
-# entries, dims, coord, whole) returns the stage's exits (the loss on the last stage);
+# entries, dims, coord, whole) returns the stage's exits (the loss on the last stage) and the new values
+# of the buffers it updates;
 # STAGE_PROLOGUE[s](p, b, x, dims, coord) computes its whole-batch values; ENTRY_SHAPES[s](dims)
 # and EXIT_SHAPES[s](dims) give the local (shape, dtype) of what stage s receives and sends.
 
@@ -611,8 +618,9 @@ class PipelineStep:
             leaves = [t.detach().requires_grad_(train and t.is_floating_point())
                       for t in self.ready.pop(("F", previous, mb))]
         with regathering_params():
-            out = STAGE_FORWARD[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims, COORD,
-                                       self.whole.get(stage, {}))
+            out, updated = STAGE_FORWARD[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims, COORD,
+                                                self.whole.get(stage, {}))
+        self.buffers.update(new_buffer_values(updated))  # each microbatch's forward moves them, as in eager
         if neighbour(self.paths[mb], stage, +1) is None:
             share = out.detach()
             self.loss = share if self.loss is None else self.loss + share

@@ -91,13 +91,13 @@ class ProgramWriter:
         g = self.graph
         inputs = self._input_specs()
         params = {p.target: [str(s) for s in p.sbp] for p in g.params if p.kind == "param"}
-        buffers = [p.target for p in g.params if p.kind == "buffer"]
+        buffers = {p.target: [str(s) for s in p.sbp] for p in g.params if p.kind == "buffer"}
         buckets = [(tuple(b["axes"]), [p.target for p in b["params"]]) for b in g.attrs.get("grad_buckets", [])]
         lines = [
             *self._mesh_and_input_lines([list(self.mesh.devices)], inputs),
             "PARAMS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in params.items()) + "}",
             self._frozen_and_unsaved_lines(lambda p: p.target),
-            f"BUFFERS = {buffers!r}",
+            "BUFFERS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in buffers.items()) + "}",
             *self._training_lines(buckets),
             "PIPELINE = None",
         ]
@@ -148,12 +148,18 @@ class ProgramWriter:
             self.names[id(v)] = f"x[{v.name!r}]"
         for p in g.params:
             self.names[id(p)] = f"{'p' if p.kind == 'param' else 'b'}[{p.target!r}]"
-        body += self._body(g.nodes, [g.loss])
-        body.append(f"    return {self.names[id(g.loss)]}")
+        updates = g.buffer_updates
+        body += self._body(g.nodes, [g.loss, *updates.values()])
+        body.append(f"    return {self.names[id(g.loss)]}, {self._updates_dict(updates, 'target')}")
         sig = "def forward(p, b, x, dims, coord):\n"
         doc = ('    """One rank\'s forward pass: p parameters and b buffers (local shards), x inputs (local),\n'
-               '    dims the symbolic sizes of this batch, coord this rank\'s mesh coordinates."""\n')
+               '    dims the symbolic sizes of this batch, coord this rank\'s mesh coordinates. Returns the loss\n'
+               '    and the buffers\' new values, which replace them after the step."""\n')
         return sig + doc + "\n".join(body) + "\n"
+
+    def _updates_dict(self, updates: dict, key: str) -> str:
+        """Source of the dict of new buffer values, keyed by the buffers' ``target`` or IR ``name``."""
+        return "{" + ", ".join(f"{getattr(b, key)!r}: {self.names[id(v)]}" for b, v in updates.items()) + "}"
 
     def _body(self, nodes: list, returned: list) -> list[str]:
         """The lines of ``nodes``; each recomputed region (see ``ir/recompute.py``) becomes a nested
@@ -288,7 +294,7 @@ class PipelineProgramWriter(ProgramWriter):
             *self._mesh_and_input_lines(self.position_devices, self._input_specs(), "  # per pipeline position"),
             "PARAMS = {}  # pipelines: see STAGE_TENSORS",
             self._frozen_and_unsaved_lines(lambda p: p.name),
-            "BUFFERS = []",
+            "BUFFERS = {}",
             "# IR name: (state_dict name, param or buffer, layout per mesh axis, stage)",
             "STAGE_TENSORS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in tensors.items()) + "}",
             f"TIED_PARAMS = {[[p.name for p in group] for group in tied_groups(g)]!r}",
@@ -341,14 +347,16 @@ class PipelineProgramWriter(ProgramWriter):
         for slot, v in enumerate(st.entries):
             self.names[id(v)] = "v_" + v.name.replace(".", "_")
             body.append(f"    {self.names[id(v)]} = entries[{slot}]")
-        body += self._body(st.nodes, st.exits or [self.graph.loss])
+        updates = {b: v for b, v in self.graph.buffer_updates.items() if b.mesh == st.mesh}
+        body += self._body(st.nodes, (st.exits or [self.graph.loss]) + list(updates.values()))
         if st.exits:
-            body.append("    return [" + ", ".join(self.names[id(v)] for v in st.exits) + "]")
+            result = "[" + ", ".join(self.names[id(v)] for v in st.exits) + "]"
         else:
-            body.append(f"    return {self.names[id(self.graph.loss)]}")
+            result = self.names[id(self.graph.loss)]
+        body.append(f"    return {result}, {self._updates_dict(updates, 'name')}")
         what = "the values it sends on, by slot" if st.exits else "this microbatch's share of the loss"
         doc = (f'    """Stage {st.index} on one microbatch (this rank\'s shards): entries are what it received, '
-               f'by slot;\n    returns {what}."""\n')
+               f'by slot;\n    returns {what}, and the new values of the buffers it updates."""\n')
         return f"def stage_{st.index}(p, b, x, entries, dims, coord, whole):\n" + doc + "\n".join(body) + "\n"
 
     def _shapes_function(self, st, kind: str, values: list) -> str:

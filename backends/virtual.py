@@ -39,6 +39,9 @@ class VirtualResult:
     ``requires_grad=False``, have none, as their ``p.grad`` stays None in eager)."""
     outputs: tuple = ()
     """The logical outputs (infer mode)."""
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The new full value of every buffer the step updates (``update`` in the IR: BatchNorm's running
+    statistics, counters), by ``state_dict`` name. The plan's own weights are not changed."""
     local: dict[str, list] = field(default_factory=dict)
     """Per value name, the local tensors of every rank (for inspection in tests)."""
 
@@ -46,7 +49,10 @@ class VirtualResult:
 # -- layouts of local tensors ---------------------------------------------------------------------
 
 def shard(full: torch.Tensor, sbp: NdSbp, mesh: Mesh, position: int) -> torch.Tensor:
-    """The local tensor of the device at ``position`` for a value held in ``sbp``."""
+    """The local tensor of the device at ``position`` for a value held in ``sbp``.
+
+    It may share memory with ``full`` (a view); callers that hand it to a rank copy it (see
+    :meth:`VirtualMesh._scatter`)."""
     coords = mesh.coords(position)
     out = full
     for s, n, c in zip(sbp, mesh.shape, coords):
@@ -92,16 +98,20 @@ def collective(op: str, xs: list, mesh: Mesh, axis: int, kwargs: dict) -> list:
 
 
 def _group_collective(op: str, xs: list, kw: dict) -> list:
+    """The outputs of one group. Every rank gets a tensor of its own (``clone`` keeps the autograd
+    graph): a real rank's result lives in its own memory, so an in-place op on one rank must not
+    reach another."""
     n = len(xs)
     if op == "comm.all_reduce":
         total = torch.stack(xs).amax(0) if kw.get("op") == "max" else torch.stack(xs).sum(0)
-        return [total] * n
+        return [total.clone() for _ in range(n)]
     if op == "comm.all_gather":
-        return [torch.cat(xs, dim=kw["dim"])] * n
+        gathered = torch.cat(xs, dim=kw["dim"])
+        return [gathered.clone() for _ in range(n)]
     if op == "comm.reduce_scatter":
-        return list(torch.stack(xs).sum(0).chunk(n, dim=kw["dim"]))
+        return [part.clone() for part in torch.stack(xs).sum(0).chunk(n, dim=kw["dim"])]
     if op == "comm.all_to_all":
-        return list(torch.cat(xs, dim=kw["src_dim"]).chunk(n, dim=kw["dst_dim"]))
+        return [part.clone() for part in torch.cat(xs, dim=kw["src_dim"]).chunk(n, dim=kw["dst_dim"])]
     if op == "comm.slice":
         return [x.chunk(n, dim=kw["dim"])[k] for k, x in enumerate(xs)]
     if op == "comm.mask":
@@ -166,6 +176,8 @@ class VirtualMesh:
         for node in graph.nodes:
             self._run_node(node, env, bindings)
         result = VirtualResult(local={v.name: env[id(v)] for v in graph.all_values() if id(v) in env})
+        result.buffers = {b.target: assemble([t.detach() for t in env[id(v)]], v.sbp, self.mesh(v))
+                          for b, v in graph.buffer_updates.items()}
         if mode == "train":
             self._backward(env, result)
         else:
@@ -176,16 +188,13 @@ class VirtualMesh:
         return self.graph.meshes[v.mesh]
 
     def _scatter(self, v: Value, full: torch.Tensor) -> list:
+        """Every rank's own copy of its shard (never the caller's tensor, nor another rank's)."""
         mesh = self.mesh(v)
-        return [shard(full, v.sbp, mesh, r) for r in range(mesh.size)]
+        return [shard(full, v.sbp, mesh, r).clone() for r in range(mesh.size)]
 
     def _param_leaves(self, p: Value, train: bool) -> list:
         full = self.weights[p.target]
-        leaves = []
-        for local in self._scatter(p, full):
-            leaf = local.detach().clone()
-            leaves.append(leaf.requires_grad_(train))
-        return leaves
+        return [local.detach().requires_grad_(train) for local in self._scatter(p, full)]
 
     def _run_node(self, node: Node, env: dict, bindings: dict) -> None:
         ins = node.input_values()
@@ -374,9 +383,14 @@ class PipelineRunner:
         if not self.train:
             return self._infer()
         self._run_schedule()
-        result = VirtualResult(loss=sum(self.losses[m] for m in sorted(self.losses)))
+        result = VirtualResult(loss=sum(self.losses[m] for m in sorted(self.losses)), buffers=self._buffers())
         result.grads = synced_gradients(self.graph, {p.name: self.shared[id(p)] for p in self.graph.params})
         return result
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """The full value of every updated buffer after the last microbatch."""
+        return {b.target: assemble(self.shared[id(b)], b.sbp, self.graph.meshes[b.mesh])
+                for b in self.graph.buffer_updates}
 
     # -- values shared by all microbatches: parameters and whole-batch nodes --------------------------
     def _shared_values(self, inputs: tuple) -> dict[int, list]:
@@ -427,6 +441,9 @@ class PipelineRunner:
                                   "earlier stage; paths start at stage 0")
         for node in st.nodes:
             self.mesh_runner._run_node(node, env, self.micro_dims[microbatch])
+        for buffer, value in self.graph.buffer_updates.items():
+            if buffer.mesh == st.mesh:  # each microbatch's forward moves the buffers, as in eager pipelines
+                self.shared[id(buffer)] = [t.detach() for t in env[id(value)]]
         if self._neighbour(stage, microbatch, +1) is None:
             self._finish(stage, microbatch, env, leaves)
             return
@@ -536,7 +553,7 @@ class PipelineRunner:
                 outputs.append(torch.cat(parts, dim=0))
             else:
                 outputs.append(parts[0])
-        return VirtualResult(outputs=tuple(outputs))
+        return VirtualResult(outputs=tuple(outputs), buffers=self._buffers())
 
 
 def _leaf(t: torch.Tensor, train: bool) -> torch.Tensor:

@@ -3,10 +3,16 @@
 The captured graph holds ATen ops. The batch and sequence dims of the inputs stay symbolic
 (sympy symbols ``batch``, ``seq``); every other dim is concrete. Parameters shared under two names
 (tied weights) are one IR parameter under their first ``named_parameters()`` name.
+
+The graph is functional: a program that writes tensors in place (``x /= d``, ``relu_``, a slice
+assignment, BatchNorm's running statistics, ``num_batches_tracked += 1``) goes through torch's
+functionalization, so every node makes new values and a buffer's new value is an explicit
+``update %buffer <- %value`` of the graph.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import operator
@@ -29,6 +35,14 @@ DROPPED_OPS = {
     "aten.sym_constrain_range.default",
 }
 INPUT_DIM_NAMES = ("batch", "seq")
+HIDDEN_WRITES = {
+    "aten.batch_norm.default": (5, (3, 4)), "aten.native_batch_norm.default": (5, (3, 4)),
+    "aten.instance_norm.default": (5, (3, 4)),
+}
+"""Ops whose schema does not say they write: op -> (position of the flag that makes them write (training,
+use_input_stats), positions of the tensors they then update in place (running mean and variance))."""
+RESHAPE_VIEWS = ("aten.view.default", "aten._unsafe_view.default")
+"""What functionalization makes of ``reshape``, chosen by the strides of the traced tensors."""
 
 
 class CaptureError(RuntimeError):
@@ -111,9 +125,41 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     if program is None:
         wrapper = _wrapper(model, model, kwargs, loss_fn, train)
         program = _export(wrapper, flat, model)
-    captured = _to_ir(program, model, names, train)
+    program, functionalized = _functionalize(program, model)
+    captured = _Converter(program, model, names, functionalized).convert(train)
     captured.output_structure = wrapper.out_spec
     return captured
+
+
+def _functionalize(program: torch.export.ExportedProgram, model: torch.nn.Module
+                   ) -> tuple[torch.export.ExportedProgram, bool]:
+    """The program with every in-place write replaced by new values (torch's functionalization), and
+    whether it had any. A write through a view reaches its base (``slice_scatter``...), later reads
+    see the new value, and each written buffer becomes an output of kind ``BUFFER_MUTATION``.
+
+    Programs that write nothing are returned as exported: functionalization would also rewrite
+    ``reshape`` / ``contiguous`` / ``flatten`` into stride-dependent views and copies.
+    """
+    if not any(_writes(node) for node in program.graph.nodes):
+        return program, False
+    try:
+        with _quiet_torch():
+            return program.run_decompositions({}), True
+    except Exception as err:  # functionalization fails on what it cannot trace again
+        raise CaptureError(f"cannot make the in-place writes of {type(model).__name__} explicit (torch "
+                           f"functionalization failed: {_first_line(err)}); write those ops out of place") from None
+
+
+def _writes(node: torch.fx.Node) -> list[str]:
+    """The names of the arguments an ATen node writes in place (empty for functional nodes)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return []
+    written = [a.name for a in node.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    flag, tensors = HIDDEN_WRITES.get(str(node.target), (None, ()))
+    if flag is not None and len(node.args) > flag and node.args[flag] is True:
+        written += [node.target._schema.arguments[i].name for i in tensors
+                    if isinstance(node.args[i], torch.fx.Node)]
+    return written
 
 
 def _wrapper(module, model, kwargs, loss_fn, train) -> _LossWrapper:
@@ -143,15 +189,23 @@ def _check_trace_agrees(model: torch.nn.Module, traced: torch.nn.Module, args: t
 
 @contextlib.contextmanager
 def _buffers_restored(model: torch.nn.Module):
-    """Put every buffer back as it was (a training-mode call updates BatchNorm's running statistics;
-    compiling must not)."""
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    """Put every buffer back as it was, the same tensor holding the same values (a training-mode call
+    updates BatchNorm's running statistics; compiling must not). Yields a function naming the buffers
+    changed so far."""
+    saved = [(f"{prefix}{'.' if prefix else ''}{name}", module, name, b, b.detach().clone())
+             for prefix, module in model.named_modules() for name, b in module._buffers.items() if b is not None]
+
+    def changed() -> list[str]:
+        return [full for full, module, name, tensor, value in saved if module._buffers.get(name) is not tensor
+                or (not tensor.is_meta and not torch.equal(tensor, value))]
+
     try:
-        yield
+        yield changed
     finally:
         with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(saved[name])
+            for _, module, name, tensor, value in saved:
+                module._buffers[name] = tensor
+                tensor.copy_(value)
 
 
 def _on_meta(model: torch.nn.Module) -> bool:
@@ -170,10 +224,15 @@ def _symbolic_trace(model: torch.nn.Module, n_pos: int, kwargs: dict) -> torch.n
         if p.name not in kwargs and p.default is not inspect.Parameter.empty:
             concrete[p.name] = p.default
     try:
-        traced = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+        with _buffers_restored(model) as changed:
+            traced = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+            written = changed()
     except Exception as err:  # symbolic_trace raises many kinds on dynamic Python
         raise CaptureError(f"torch.fx.symbolic_trace cannot trace {type(model).__name__}: "
                            f"{_first_line(err)}; use method='export'") from None
+    if written:  # buffers are plain tensors to the tracer: their writes ran once, outside the graph
+        raise CaptureError(f"torch.fx.symbolic_trace cannot record the write of buffer {written[0]} in "
+                           f"{type(model).__name__}; use method='export'")
     traced.train(model.training)
     return traced
 
@@ -225,19 +284,56 @@ def _inputs_for_meta_model(model: torch.nn.Module, flat: tuple) -> tuple:
 def _export(wrapper: torch.nn.Module, flat: tuple, model: torch.nn.Module) -> torch.export.ExportedProgram:
     for dynamic in (_named_dims(flat), tuple(_dynamic_dims(t) for t in flat)):
         try:
-            with _quiet_torch():
+            with _quiet_torch(), _traceable_cumulative_batch_norms(model):
                 return torch.export.export(wrapper, flat, dynamic_shapes=(dynamic,), strict=False)
         except CaptureError:
             raise
         except Exception:  # a shape constraint we guessed does not hold: try looser ones
             continue
     try:
-        with _quiet_torch():
+        with _quiet_torch(), _traceable_cumulative_batch_norms(model):
             return torch.export.export(wrapper, flat, strict=False)
     except CaptureError:
         raise
     except Exception as err:
         raise CaptureError(_describe_capture_failure(model, err)) from None
+
+
+@contextlib.contextmanager
+def _traceable_cumulative_batch_norms(model: torch.nn.Module):
+    """While exporting, BatchNorms with ``momentum=None`` (a cumulative average of the batch statistics)
+    run :func:`_cumulative_batch_norm`: torch computes their averaging factor as the Python float
+    ``1 / num_batches_tracked``, which depends on a buffer's value and so cannot be traced."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    patched = [m for m in model.modules() if isinstance(m, _BatchNorm) and type(m).forward is _BatchNorm.forward
+               and m.momentum is None and m.track_running_stats and "forward" not in m.__dict__]
+    for m in patched:
+        m.forward = functools.partial(_cumulative_batch_norm, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _cumulative_batch_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``_BatchNorm.forward`` computes with ``momentum=None``, the factor kept a tensor: normalise
+    with the batch statistics; the running mean and (unbiased) variance move to ``(1 - f) * running +
+    f * batch`` with ``f = 1 / num_batches_tracked``, counted after this batch."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    if not module.training:
+        return _BatchNorm.forward(module, x)
+    module._check_input_dim(x)
+    module.num_batches_tracked.add_(1)
+    factor = 1.0 / module.num_batches_tracked
+    dims = [0, *range(2, x.ndim)]
+    count = x.numel() // x.shape[1]
+    data = x.detach()
+    mean = data.sum(dims) / count
+    var = (data - mean.reshape([1, -1] + [1] * (x.ndim - 2))).pow(2).sum(dims) / (count - 1)
+    module.running_mean.copy_(module.running_mean * (1 - factor) + mean * factor)
+    module.running_var.copy_(module.running_var * (1 - factor) + var * factor)
+    return torch.nn.functional.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
 
 
 @contextlib.contextmanager
@@ -377,9 +473,12 @@ def _input_names(model: torch.nn.Module, n_pos: int, kwarg_names: list[str]) -> 
 class _Converter:
     """Turns an ExportedProgram's ATen graph into an IR graph."""
 
-    def __init__(self, program: torch.export.ExportedProgram, model: torch.nn.Module, names: list[str]):
+    def __init__(self, program: torch.export.ExportedProgram, model: torch.nn.Module, names: list[str],
+                 functionalized: bool = False):
         self.program = program
         self.model = model
+        self.functionalized = functionalized
+        self.buffers: dict[str, Value] = {}
         self.graph = Graph(name=_graph_name(model))
         self.env: dict[str, Any] = {}
         self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
@@ -452,8 +551,8 @@ class _Converter:
         tensor = self._buffer_or_constant(spec, target)
         weights[target] = tensor.detach().clone()
         in_state_dict = kind == "BUFFER" and spec.persistent is not False  # lifted constants are not
-        self.env[node.name] = self.graph.add_param(target, self.ttype(val), target, "buffer",
-                                                   persistent=in_state_dict)
+        self.env[node.name] = self.buffers[target] = self.graph.add_param(
+            target, self.ttype(val), target, "buffer", persistent=in_state_dict)
 
     def _buffer_or_constant(self, spec, target: str) -> torch.Tensor:
         if spec.kind.name == "BUFFER":
@@ -469,6 +568,14 @@ class _Converter:
         val = node.meta.get("val")
         if op in DROPPED_OPS:
             return
+        written = _writes(node)
+        if written:
+            raise CaptureError(f"op {op} at node {node.name} (module {_module_path(node) or '<top>'}) writes "
+                               f"{', '.join(written)} in place, which torch's functionalization keeps and sbpc "
+                               f"cannot make explicit; {_WRITE_HINTS.get(op, 'write it out of place')}")
+        if self.functionalized and op in RESHAPE_VIEWS:
+            # a rank's shard may be laid out unlike the traced tensor; in a functional graph the two are one
+            op = "aten.reshape.default"
         if op is None or isinstance(val, (torch.SymInt, int, float, bool)):
             self.env[node.name] = self._symbolic_scalar(node, val)
             return
@@ -478,11 +585,28 @@ class _Converter:
         if not all(isinstance(v, torch.Tensor) for v in vals):
             raise CaptureError(f"op {op} at node {node.name} returns a non-tensor; not supported")
         attrs = {"module": _module_path(node)} if _module_path(node) else {}
+        if op == "aten.copy.default":
+            self.env[node.name] = self._copy(node.name, args[0], args[1], attrs)
+            return
         base = node.name if len(vals) == 1 else f"{node.name}_"
         ir_node = self.graph.create_node(op, args, kwargs, [self.ttype(v) for v in vals],
                                          [base if len(vals) == 1 else f"{base}{i}" for i in range(len(vals))],
                                          attrs)
         self.env[node.name] = ir_node.outputs[0] if not isinstance(val, (list, tuple)) else ir_node.outputs
+
+    def _copy(self, name: str, dest: Value, src: Value, attrs: dict) -> Value:
+        """``copy(dest, src)``, what functionalization makes of ``dest.copy_(src)``: ``src`` cast to the
+        dtype of ``dest`` and broadcast to its shape, written with ops that have derivatives (``aten::copy``
+        has none)."""
+        out = src
+        if out.type.dtype != dest.type.dtype:
+            cast = TensorType(out.type.shape, dest.type.dtype)
+            out = self.graph.create_node("aten._to_copy.default", [out], {"dtype": dest.type.torch_dtype}, [cast],
+                                         [f"{name}_cast"], attrs).outputs[0]
+        if out.type.shape != dest.type.shape:
+            out = self.graph.create_node("aten.expand.default", [out, list(dest.type.shape)], {}, [dest.type],
+                                         [f"{name}_expand"], attrs).outputs[0]
+        return out
 
     def _symbolic_scalar(self, node: torch.fx.Node, val: Any) -> Any:
         if isinstance(val, torch.SymInt) or isinstance(val, int):
@@ -501,6 +625,17 @@ class _Converter:
         return a
 
     def _outputs(self, sig, train: bool) -> None:
+        for spec in sig.output_specs:
+            kind = spec.kind.name
+            if kind == "BUFFER_MUTATION":
+                buffer, value = self.buffers[_strip_wrapper(spec.target)], self.env[spec.arg.name]
+                if value is not buffer:
+                    self.graph.buffer_updates[buffer] = value
+            elif kind == "USER_INPUT_MUTATION":
+                continue  # later reads in the graph see the new value; the caller's tensor is not written
+            elif kind != "USER_OUTPUT":
+                raise CaptureError(f"the model writes {spec.target or spec.arg.name} in place ({kind}); only "
+                                   f"buffers may change in a step: make it a buffer or write it out of place")
         user = [s for s in sig.output_specs if s.kind.name == "USER_OUTPUT"]
         outs = [self.env[s.arg.name] for s in user if hasattr(s.arg, "name")]
         self.graph.outputs = [o for o in outs if isinstance(o, Value)]
@@ -511,8 +646,10 @@ class _Converter:
             self.graph.loss = loss
 
 
-def _to_ir(program, model, names, train) -> Captured:
-    return _Converter(program, model, names).convert(train)
+_WRITE_HINTS = {
+    "aten.instance_norm.default": "InstanceNorm with track_running_stats=True updates its running statistics "
+                                  "inside the op in training mode: use track_running_stats=False, or eval mode",
+}
 
 
 def _strip_wrapper(target: str) -> str:

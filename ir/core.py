@@ -128,6 +128,9 @@ class Graph:
     """The values the program returns."""
     loss: Value | None = None
     """In training graphs, the scalar value that is differentiated (one of the outputs)."""
+    buffer_updates: dict = field(default_factory=dict)
+    """Buffers the step writes (running statistics, counters): buffer value -> the value it holds
+    after the step. Printed ``update %bn.running_mean <- %v``; nodes never write a buffer in place."""
     attrs: dict = field(default_factory=dict)
     """Graph-level results of passes: the strategy, gradient buckets, schedules, ..."""
 
@@ -209,11 +212,15 @@ class Graph:
             self.outputs = [new if o is old else o for o in self.outputs]
             if self.loss is old:
                 self.loss = new
+            for buffer, value in self.buffer_updates.items():
+                if value is old:
+                    self.buffer_updates[buffer] = new
 
     def remove_node(self, node: Node) -> None:
         """Remove a node whose outputs are unused."""
+        updates = {id(v) for v in self.buffer_updates.values()}
         for o in node.outputs:
-            if o.uses or o in self.outputs:
+            if o.uses or o in self.outputs or id(o) in updates:
                 raise ValueError(f"cannot remove {node.op} producing %{o.name}: it is still used")
         node.map_values(lambda v: v)
         for v in node.input_values():

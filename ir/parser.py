@@ -134,6 +134,12 @@ class _Builder:
     def on_loss_stmt(self, t: lark.Tree) -> None:
         self.graph.loss = self.ref(t.children[0])
 
+    def on_update_stmt(self, t: lark.Tree) -> None:
+        buffer, value = (self.ref(c) for c in t.children)
+        if buffer in self.graph.buffer_updates:
+            raise self.error(t.meta, f"buffer %{buffer.name} is updated twice")
+        self.graph.buffer_updates[buffer] = value
+
     def ref(self, token: lark.Token) -> Value:
         name = str(token)[1:]
         if name not in self.values:

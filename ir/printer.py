@@ -23,6 +23,7 @@ def print_graph(graph: Graph) -> str:
     lines.append("  output " + ", ".join(f"%{v.name}" for v in graph.outputs))
     if graph.loss is not None:
         lines.append(f"  loss %{graph.loss.name}")
+    lines += [f"  update %{buffer.name} <- %{value.name}" for buffer, value in graph.buffer_updates.items()]
     lines.append("}")
     lines += [f"attr {k} = {format_literal(v)}" for k, v in graph.public_attrs().items()]
     return "\n".join(lines) + "\n"

@@ -32,9 +32,29 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
             raise VerificationError(f"graph output %{v.name} is not defined")
     if graph.loss is not None and graph.loss.type.ndim != 0:
         raise VerificationError(f"the loss %{graph.loss.name} must be a scalar, found {graph.loss.type}")
+    _check_buffer_updates(graph, defined)
     dims = graph.attrs.get("example_dims")
     if check_types and dims:
         check_types_by_meta(graph, dims)
+
+
+def _check_buffer_updates(graph: Graph, defined: set[int]) -> None:
+    """``update %buffer <- %value``: a buffer of the graph takes a defined value of its own type; once
+    boxing has run (no node waits for its input layouts), held as the buffer is, on its mesh."""
+    boxed = not any("_in_sbp" in n.attrs for n in graph.nodes)
+    for buffer, value in graph.buffer_updates.items():
+        where = f"update %{buffer.name} <- %{value.name}"
+        if buffer.kind != "buffer" or not any(buffer is p for p in graph.params):
+            raise VerificationError(f"{where}: %{buffer.name} is a {buffer.kind}, not a buffer of the graph; "
+                                    f"only buffers take new values after a step")
+        if id(value) not in defined:
+            raise VerificationError(f"{where}: %{value.name} is not defined")
+        if value.type != buffer.type:
+            raise VerificationError(f"{where}: the buffer is {buffer.type} but the value is {value.type}")
+        if boxed and value.sbp is not None and buffer.sbp is not None \
+                and (value.sbp, value.mesh) != (buffer.sbp, buffer.mesh):
+            raise VerificationError(f"{where}: the value is held {format_nd_sbp(value.sbp)} @{value.mesh} but the "
+                                    f"buffer {format_nd_sbp(buffer.sbp)} @{buffer.mesh}; run the boxing pass")
 
 
 def _where(node: Node) -> str:

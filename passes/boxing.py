@@ -134,27 +134,31 @@ def _axis_bytes(t: TensorType, sbp: NdSbp, mesh: Mesh, axis: int) -> float:
     return _magnitude(t.numel()) * 4 / ways
 
 
-def insert_conversion(graph: Graph, value: Value, dst: NdSbp, before: Node, cost: CostFn = bytes_cost) -> Value:
-    """Insert the collectives that turn ``value`` into layout ``dst`` just before ``before``."""
+def insert_conversion(graph: Graph, value: Value, dst: NdSbp, before: Node | None, cost: CostFn = bytes_cost,
+                      origin: Node | None = None) -> Value:
+    """Insert the collectives that turn ``value`` into layout ``dst`` just before ``before`` (at the end
+    when None); they carry the module of ``origin`` (default: of ``before``)."""
     mesh = graph.meshes[value.mesh]
     _, steps = boxing_path(value.type, value.sbp, dst, mesh, cost)
     current = value
+    attrs = _origin(origin or before)
     for axis, op, kwargs, new in steps:
         node = graph.create_node(op, [current], {"axis": mesh.axes[axis], **kwargs}, [value.type],
-                                 [f"{value.name}_{op.split('.')[1]}"], attrs=_origin(before), before=before)
+                                 [f"{value.name}_{op.split('.')[1]}"], attrs=attrs, before=before)
         out = node.outputs[0]
         out.sbp, out.mesh = new, value.mesh
         current = out
     return current
 
 
-def _origin(node: Node) -> dict:
-    return {"module": node.attrs["module"]} if "module" in node.attrs else {}
+def _origin(node: Node | None) -> dict:
+    return {"module": node.attrs["module"]} if node is not None and "module" in node.attrs else {}
 
 
 @register_pass("boxing")
 def boxing_pass(graph: Graph, ctx: PassContext) -> None:
-    """Make every node's inputs arrive in the layout its chosen signature needs."""
+    """Make every node's inputs arrive in the layout its chosen signature needs, and every buffer's new
+    value in the buffer's layout."""
     cost = ctx.options.get("boxing_cost", bytes_cost)
     for node in list(graph.nodes):
         wanted = node.attrs.pop("_in_sbp", None)
@@ -169,6 +173,19 @@ def boxing_pass(graph: Graph, ctx: PassContext) -> None:
                 converted[key] = insert_conversion(graph, v, dst, node, cost)
             new = converted[key]
             _replace_one_use(node, v, new)
+    _box_buffer_updates(graph, cost)
+
+
+def _box_buffer_updates(graph: Graph, cost: CostFn) -> None:
+    """A buffer's new value is stored in its place, so it must be held as the buffer is: convert it right
+    after it is made (with the module of its producer, so a pipeline cut keeps them together)."""
+    for buffer, value in list(graph.buffer_updates.items()):
+        if value.sbp == buffer.sbp:
+            continue
+        producer = value.producer
+        position = graph.nodes.index(producer) + 1 if producer is not None else 0
+        before = graph.nodes[position] if position < len(graph.nodes) else None
+        graph.buffer_updates[buffer] = insert_conversion(graph, value, buffer.sbp, before, cost, origin=producer)
 
 
 def _replace_one_use(node: Node, old: Value, new: Value) -> None:

@@ -1,11 +1,17 @@
-"""Rewrites that expose parallelism: mean losses as sum / count, vocabulary-parallel cross entropy.
+"""Rewrites that expose parallelism: mean losses as sum / count, vocabulary-parallel cross entropy,
+batch norm from sums.
 
 A mean over a batch split across ranks is not a local mean: the loss becomes a partial sum divided
 by the global count of counted targets (which ``ignore_index`` makes data dependent). With the
 vocabulary split (Megatron-LM), cross entropy is written with ops whose rules keep the logits
 sharded: the max and the sum of exponentials are reduced across ranks, the logits never gathered.
+Training-mode batch norm is written as per-channel sums over the batch (SyncBatchNorm's
+statistics): on a batch shard they are partial sums, so only the per-channel statistics are
+all-reduced and the convolutions around it stay split over the batch.
 """
 from __future__ import annotations
+
+import math
 
 import sympy
 
@@ -30,6 +36,10 @@ def _ce_args(node: Node) -> dict:
 def decompose_pass(graph: Graph, ctx: PassContext) -> None:
     """Split mean cross entropy into sum / count; expand it for vocabulary parallelism if asked."""
     vocab = bool(ctx.strategy.get("vocab_parallel"))
+    for node in list(graph.nodes):
+        a = _batch_norm_args(node)
+        if a is not None:
+            _batch_norm_from_sums(graph, node, a)
     for node in list(graph.nodes):
         if node.op != CE:
             continue
@@ -90,3 +100,90 @@ def _vocab_parallel_ce(graph: Graph, node: Node, a: dict) -> None:
     total = _op(graph, node, "aten.sum.default", [kept], node.outputs[0].type, "ce_total")
     graph.replace_all_uses(node.outputs[0], total)
     graph.remove_node(node)
+
+
+BATCH_NORMS = {
+    "aten._native_batch_norm_legit_functional.default":
+        ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
+    "aten._native_batch_norm_legit.no_stats": ("input", "weight", "bias", "training", "momentum", "eps"),
+    "aten.batch_norm.default":
+        ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled"),
+}
+"""Batch norms by argument names. Capture makes ``_native_batch_norm_legit_functional`` of a training
+BatchNorm with running statistics (outputs: y, saved mean, saved inverse std, new running mean and
+variance), ``batch_norm`` / ``_native_batch_norm_legit.no_stats`` of one without."""
+
+
+def _batch_norm_args(node: Node) -> dict | None:
+    """The arguments of a batch norm that normalises with batch statistics; None for any other node."""
+    names = BATCH_NORMS.get(node.op)
+    if names is None:
+        return None
+    a = dict.fromkeys(("weight", "bias", "running_mean", "running_var"))
+    a.update(zip(names, node.args))
+    a.update(node.kwargs)
+    if not a["training"] or a["input"].type.ndim < 2:
+        return None
+    if node.op == "aten.batch_norm.default" and a["running_mean"] is not None:
+        return None  # it would update the running statistics in place: hand-written IR only, kept whole
+    tensors = [a[k] for k in ("weight", "bias", "running_mean", "running_var") if isinstance(a[k], Value)]
+    if any(t.type.dtype != a["input"].type.dtype for t in tensors):
+        return None  # mixed precision: the fused op keeps its own accumulation types
+    return a
+
+
+def _batch_norm_from_sums(graph: Graph, node: Node, a: dict) -> None:
+    """Batch norm as sums over every dim but the channels (dim 1), as eager computes it: the mean,
+    then the sum of squared deviations from it (two passes), variance biased for normalising and
+    unbiased (count - 1) for the running variance, which moves by ``momentum`` as in eager."""
+    x = a["input"]
+    shape = x.type.shape
+    reduced = [0] + list(range(2, len(shape)))
+    count = math.prod(shape[d] for d in reduced)
+    kept = TensorType((sympy.Integer(1), shape[1]) + (sympy.Integer(1),) * (len(shape) - 2), x.type.dtype)
+    channels = TensorType((shape[1],), x.type.dtype)
+
+    def op(name: str, args: list, out: TensorType, value_name: str) -> Value:
+        return _op(graph, node, name, args, out, value_name)
+
+    total = op("aten.sum.dim_IntList", [x, reduced, True], kept, "bn_sum")
+    mean = op("aten.div.Scalar", [total, count], kept, "bn_mean")
+    centred = op("aten.sub.Tensor", [x, mean], x.type, "bn_centred")
+    squares = op("aten.pow.Tensor_Scalar", [centred, 2], x.type, "bn_squares")
+    square_sum = op("aten.sum.dim_IntList", [squares, reduced, True], kept, "bn_square_sum")
+    var = op("aten.div.Scalar", [square_sum, count], kept, "bn_var")
+    rstd = op("aten.rsqrt.default", [op("aten.add.Tensor", [var, float(a["eps"])], kept, "bn_var_eps")], kept,
+              "bn_rstd")
+    y = op("aten.mul.Tensor", [centred, rstd], x.type, "bn_normalized")
+    if a["weight"] is not None:
+        weight = op("aten.reshape.default", [a["weight"], list(kept.shape)], kept, "bn_weight")
+        y = op("aten.mul.Tensor", [y, weight], x.type, "bn_scaled")
+    if a["bias"] is not None:
+        bias = op("aten.reshape.default", [a["bias"], list(kept.shape)], kept, "bn_bias")
+        y = op("aten.add.Tensor", [y, bias], x.type, "bn_shifted")
+    outs = node.outputs
+    new = {0: lambda: y,
+           1: lambda: op("aten.reshape.default", [mean, [shape[1]]], channels, "bn_saved_mean"),
+           2: lambda: op("aten.reshape.default", [rstd, [shape[1]]], channels, "bn_saved_rstd")}
+    if a["running_mean"] is not None:
+        momentum = float(a["momentum"])
+
+        def moved(running: Value, statistic: Value, name: str) -> Value:
+            kept_part = op("aten.mul.Tensor", [running, 1.0 - momentum], channels, f"{name}_kept")
+            new_part = op("aten.mul.Tensor", [statistic, momentum], channels, f"{name}_step")
+            return op("aten.add.Tensor", [new_part, kept_part], channels, name)
+
+        new[3] = lambda: moved(a["running_mean"], op("aten.reshape.default", [mean, [shape[1]]], channels,
+                                                     "bn_batch_mean"), "bn_running_mean")
+        new[4] = lambda: moved(a["running_var"], op("aten.div.Scalar", [
+            op("aten.reshape.default", [square_sum, [shape[1]]], channels, "bn_batch_square_sum"), count - 1],
+            channels, "bn_batch_var"), "bn_running_var")
+    for i, o in enumerate(outs):
+        if _read(graph, o):
+            graph.replace_all_uses(o, new[i]())
+    graph.remove_node(node)
+
+
+def _read(graph: Graph, v: Value) -> bool:
+    """Whether anything reads ``v``: a node, the outputs, or a buffer update."""
+    return bool(v.uses) or any(v is o for o in graph.outputs) or any(v is u for u in graph.buffer_updates.values())

@@ -174,6 +174,7 @@ def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
     _make_meshes(graph, world, config)
     _place_inputs(graph)
     tied = _place_params(graph)
+    _place_buffer_updates(graph)
     slots, skippable = _slots(graph, config.num_stages)
     _insert_transfers(graph, slots)
     _regroup_buckets(graph, tied)
@@ -518,6 +519,26 @@ def _place_params(graph: Graph) -> list[list[Value]]:
         if len(copies) > 1 and p.trainable:
             tied.append(copies)
     return tied
+
+
+def _place_buffer_updates(graph: Graph) -> None:
+    """A buffer's new value goes to its copy on the stage that computes the value (each microbatch's
+    forward updates it there, as in eager pipelines). Copies read on other stages would keep the old
+    value, so that is refused."""
+    updates = {}
+    for buffer, value in graph.buffer_updates.items():
+        copies = [p for p in graph.params if p.kind == "buffer" and p.target == buffer.target]
+        home = next((p for p in copies if p.mesh == value.mesh), None)
+        elsewhere = sorted(stage_index(p.mesh) for p in copies if p is not home and p.uses)
+        if elsewhere:
+            raise StrategyError(f"buffer {buffer.target} takes a new value on stage {stage_index(value.mesh)} but is "
+                                f"also read on stage(s) {elsewhere}, whose copies would keep the old value; cut the "
+                                f"pipeline so that its reads and its update share a stage")
+        if home is None:  # nothing reads it (a counter): it lives where it is updated
+            home = copies[0]
+            home.mesh = value.mesh
+        updates[home] = value
+    graph.buffer_updates = updates
 
 
 def _regroup_buckets(graph: Graph, tied: list[list[Value]]) -> None:

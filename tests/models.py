@@ -1,4 +1,5 @@
-"""Models the tests compile: the bundled GPT, transformers' GPT-2 and Llama from tiny configs, a CNN."""
+"""Models the tests compile: the bundled GPT, transformers' GPT-2 and Llama from tiny configs, CNNs (with
+BatchNorm: a hand-written ResNet-style model and transformers' ResNet)."""
 from __future__ import annotations
 
 import sys
@@ -97,6 +98,72 @@ def bn_cnn_model(seed: int = 0) -> nn.Module:
     """:class:`BatchNormCNN`, deterministically initialised."""
     torch.manual_seed(seed)
     return BatchNormCNN()
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the block's input, then ReLU; the ReLUs and the sum run in place."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class ResNetStyle(nn.Module):
+    """A conv-BN-ReLU stem, two residual blocks, global average pooling and a linear head; returns the loss."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(ResidualBlock(width), ResidualBlock(width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(images))
+        return F.cross_entropy(self.head(x.mean((2, 3))), labels)
+
+
+def resnet_style_model(seed: int = 0) -> nn.Module:
+    """:class:`ResNetStyle` with non-trivial running statistics (as after some training)."""
+    torch.manual_seed(seed)
+    model = ResNetStyle()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.num_batches_tracked.fill_(5)
+    return model
+
+
+class ImageClassifierLoss(nn.Module):
+    """Wraps a transformers image classifier so that ``forward(pixel_values, labels)`` returns the loss."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pixel_values=pixel_values, labels=labels).loss
+
+
+def hf_resnet_model(seed: int = 0) -> nn.Module:
+    """transformers' ResNetForImageClassification from a tiny config (basic blocks, 10 classes)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                       num_labels=10)
+    return ImageClassifierLoss(ResNetForImageClassification(cfg))
 
 
 def cnn_model(seed: int = 0) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from ir.core import Node, Value
-from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, broadcast_only, register,
+from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, register,
                              shard_start, default_local)
 from ir.ops.elementwise import aligned_dim
 from ir.sbp import B, P, Split
@@ -226,13 +226,15 @@ def pool(node: Node) -> list[Signature]:
 
 
 @register("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
-          doc="batch norm: channels may be split; the batch too when using running statistics")
+          "aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.no_stats",
+          doc="batch norm: channels may be split; the batch too when using running statistics (``decompose`` "
+              "writes batch statistics as sums, which keep the batch split)")
 def batch_norm(node: Node) -> list[Signature]:
+    """Outputs after the first (saved statistics, new running statistics) are per channel."""
     ins = node.input_values()
     n_out = len(node.outputs)
-    if _batch_statistics(node) and _updates_running_statistics(node):
-        # training updates the running statistics in place: every rank computes them whole, so the
-        # buffers (stored replicated) stay the module's
+    if _batch_statistics(node) and _writes_running_statistics(node):
+        # only hand-written IR: an in-place update of a sliced buffer would miss the other slices
         return [all_b(node)]
     rest = tuple(Split(0) for _ in ins[1:])
     sigs = [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]
@@ -241,17 +243,17 @@ def batch_norm(node: Node) -> list[Signature]:
     return sigs
 
 
-register("aten.add_.Tensor", doc="in-place add (a buffer's counter, e.g. BatchNorm's num_batches_tracked): "
-         "runs replicated, so the replicated buffer stays the module's")(broadcast_only)
+TRAINING_ARGUMENT = {"aten.batch_norm.default": 5, "aten._native_batch_norm_legit_functional.default": 5,
+                     "aten._native_batch_norm_legit.no_stats": 3}
+"""Where each batch norm takes its ``training`` flag (``_no_training`` has none)."""
 
 
-def _updates_running_statistics(node: Node) -> bool:
-    """Whether running mean and variance buffers are passed (and so updated in place)."""
-    return len(node.args) > 4 and isinstance(node.args[3], Value) and isinstance(node.args[4], Value)
+def _writes_running_statistics(node: Node) -> bool:
+    """``batch_norm`` with running mean and variance updates them in place (its functional forms return them)."""
+    return node.op == "aten.batch_norm.default" and isinstance(node.args[3], Value) and isinstance(node.args[4], Value)
 
 
 def _batch_statistics(node: Node) -> bool:
     """Whether the normalisation statistics come from the batch (training) rather than running stats."""
-    if node.op == "aten._native_batch_norm_legit_no_training.default":
-        return False
-    return bool(node.args[5])
+    position = TRAINING_ARGUMENT.get(node.op)
+    return position is not None and bool(node.args[position])

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.backends.test_pipeline_virtual import MEGATRON, skip_path_loss, skip_reference
-from tests.models import gpt2_model, gpt_inputs, gpt_model, lm_inputs
+from compiler import Cluster, compile
+from tests.models import cnn_inputs, gpt2_model, gpt_inputs, gpt_model, lm_inputs, resnet_style_model
 from tests.passes.test_pipeline import compile_cached
 
 STEPS = 3
@@ -88,3 +89,26 @@ def test_emitted_pipeline_trains_like_eager(config, tmp_path):
         expected, _ = skip_reference(trained, batches[0], [[0, 2, 3]] * strategy["microbatches"], train=False)
         assert evaluated == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
 
+
+
+@pytest.mark.multiproc
+def test_emitted_pipeline_moves_batch_norm_statistics_per_microbatch(tmp_path):
+    """Each microbatch's forward updates the running statistics on its stage, as eager (and
+    torch.distributed.pipelining) running the microbatches one after another does."""
+    strategy = {"mesh": {"pp": 2}, "stages": ["blocks.1"], "microbatches": 2}
+    batches = [cnn_inputs(batch=8, seed=30 + step) for step in range(STEPS)]
+    plan = compile(resnet_style_model(), batches[0], cluster=Cluster.local(2), strategy=strategy)
+    program = plan.emit(tmp_path / "program")
+    torch.save(batches, tmp_path / "data.pt")
+    losses = torchrun(program, 2, "--steps", str(STEPS), "--data", str(tmp_path / "data.pt"),
+                      "--save", str(tmp_path / "final.pt"))
+
+    def loss_of(model, batch):
+        return sum(model(*(t.chunk(2)[i] for t in batch)) for i in range(2)) / 2
+
+    expected_losses, expected_state = eager_training(resnet_style_model(), batches, loss_of)
+    assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-6)
+    state = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert set(state) == set(expected_state)
+    for key, value in expected_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")

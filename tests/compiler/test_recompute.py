@@ -79,8 +79,8 @@ def _kept_bytes_and_grads(program_dir, monkeypatch) -> tuple[int, dict]:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = program.forward(params, buffers, program.local_inputs(batch), program.bind_dims(batch),
-                                   program.COORD)
+            loss, _ = program.forward(params, buffers, program.local_inputs(batch), program.bind_dims(batch),
+                                      program.COORD)
         loss.backward()
         return sum(kept), {n: p.grad for n, p in params.items()}
     finally:

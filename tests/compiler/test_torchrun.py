@@ -7,7 +7,7 @@ import torch
 from compiler import Cluster, compile
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
 from tests.launch import assert_state_close, torchrun, train_eager, train_emitted
-from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model
+from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model, resnet_style_model
 
 pytestmark = pytest.mark.multiproc
 SGD = (torch.optim.SGD, {"lr": 0.1})
@@ -49,17 +49,21 @@ def test_sharded_programs_three_adamw_steps(tmp_path, ranks, strategy):
     assert_state_close(saved, reference)
 
 
-@pytest.mark.parametrize("strategy", ["dp", {"mesh": {"tp": 2}}])
-def test_batch_norm_running_statistics_follow_eager(tmp_path, strategy):
-    """Training-mode BatchNorm updates its running statistics in the emitted program as in eager."""
+@pytest.mark.parametrize("make, ranks, strategy", [
+    (bn_cnn_model, 2, "dp"), (bn_cnn_model, 2, {"mesh": {"tp": 2}}), (resnet_style_model, 4, "dp"),
+], ids=["cnn-dp2", "cnn-tp2", "resnet_style-dp4"])
+def test_batch_norm_running_statistics_follow_eager(tmp_path, make, ranks, strategy):
+    """Training-mode BatchNorm (batch statistics all-reduced over the batch shards) updates its running
+    statistics in the emitted program as in eager."""
     data = [cnn_inputs(seed=20 + i) for i in range(3)]
-    plan = compile(bn_cnn_model(), data[0], cluster=Cluster.local(2), strategy=strategy, optimizer=SGD)
+    plan = compile(make(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=SGD)
     losses, saved = train_emitted(plan, tmp_path, data, steps=3)
-    reference = bn_cnn_model()
+    reference = make()
     expected = train_eager(reference, data, 3, SGD)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert_state_close(saved, reference)
-    assert int(saved["bn.num_batches_tracked"]) == 3
+    counters = [name for name in saved if name.endswith("num_batches_tracked")]
+    assert counters and all(int(saved[name]) == int(reference.state_dict()[name]) for name in counters)
 
 
 def test_wrong_world_size_stops_with_both_numbers(tmp_path):

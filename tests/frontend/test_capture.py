@@ -102,7 +102,8 @@ def test_capturing_leaves_the_model_buffers_alone():
     model = bn_cnn_model()
     before = {name: b.clone() for name, b in model.named_buffers()}
     captured = capture(model, cnn_inputs(), train=True)
-    assert any(n.op == "aten.batch_norm.default" for n in captured.graph.nodes)
+    assert any(n.op == "aten._native_batch_norm_legit_functional.default" for n in captured.graph.nodes)
+    assert {b.target for b in captured.graph.buffer_updates} == set(before)
     for name, b in model.named_buffers():
         assert torch.equal(b, before[name]), name
     assert all(torch.equal(captured.weights[name], before[name]) for name in before)

@@ -530,7 +530,10 @@ def _normalisations() -> None:
     add("aten.batch_norm.default", T((4, 6, 3, 3)), *bn, True, 0.1, 1e-5, False)
     add("aten.batch_norm.default", T((4, 6)), None, None, *running, False, 0.1, 1e-5, False)
     add("aten._native_batch_norm_legit_no_training.default", T((4, 6, 2)), *bn, 0.1, 1e-5)
-    add("aten.add_.Tensor", T((6,), grad=False), T((6,), grad=False))  # a buffer updated in place
+    add("aten._native_batch_norm_legit_functional.default", T((4, 6, 3, 3)), *bn, True, 0.1, 1e-5)
+    add("aten._native_batch_norm_legit_functional.default", T((4, 6)), None, None, *running, True, 0.1, 1e-5)
+    add("aten._native_batch_norm_legit.no_stats", T((4, 6, 3)), T((6,), param=True), T((6,), param=True),
+        True, 0.1, 1e-5)
 
 
 def _attention() -> None:

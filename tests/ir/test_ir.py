@@ -102,3 +102,40 @@ def test_verifier_rejects_wrong_collective(tp_ir):
     comm.op = "comm.all_to_all" if comm.op != "comm.all_to_all" else "comm.all_reduce"
     with pytest.raises(VerificationError, match="does not do"):
         verify(graph)
+
+
+@pytest.fixture(scope="module")
+def bn_ir() -> str:
+    from tests.models import bn_cnn_model, cnn_inputs
+    return compile(bn_cnn_model(), cnn_inputs(), cluster=Cluster.local(2), strategy="dp").ir
+
+
+def test_buffer_updates_print_and_parse(bn_ir):
+    graph = parse(bn_ir)
+    assert {b.name: v.sbp for b, v in graph.buffer_updates.items()} == {
+        "bn.running_mean": (B,), "bn.running_var": (B,), "bn.num_batches_tracked": (B,)}
+    assert "  update %bn.num_batches_tracked <- %" in bn_ir
+    assert str(graph) == bn_ir
+    verify(graph)
+
+
+def test_buffer_updated_twice_is_a_syntax_error(bn_ir):
+    line = next(l for l in bn_ir.splitlines() if l.startswith("  update %bn.running_mean"))
+    with pytest.raises(IRSyntaxError, match="updated twice"):
+        parse(bn_ir.replace(line, line + "\n" + line))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g, buffer, value: g.buffer_updates.update({g.param_values()["bn.weight"]: value}),
+     "is a param, not a buffer"),
+    (lambda g, buffer, value: g.buffer_updates.update({buffer: g.param_values()["head.bias"]}),
+     r"the buffer is f32\[8\] but the value is f32\[10\]"),
+    (lambda g, buffer, value: g.buffer_updates.update({buffer: value.producer.input_values()[0]}),
+     r"held \(P\(sum\)\) @world but the buffer \(B\) @world"),
+])
+def test_verifier_rejects_bad_buffer_updates(bn_ir, change, message):
+    graph = parse(bn_ir)
+    buffer, value = next((b, v) for b, v in graph.buffer_updates.items() if b.name == "bn.running_mean")
+    change(graph, buffer, value)
+    with pytest.raises(VerificationError, match=message):
+        verify(graph, check_types=False)
