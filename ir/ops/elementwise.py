@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ir.core import Node
 from ir.ops.registry import Signature, all_b, register
+from ir.ops.schema import arg
 from ir.sbp import B, P, Split
 
 
@@ -55,13 +56,12 @@ BINARY_NONLINEAR = [
     "aten.maximum.default", "aten.minimum.default", "aten.pow.Tensor_Tensor", "aten.where.self",
     "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.remainder.Tensor",
     "aten.floor_divide.default", "aten.remainder.Scalar", "aten.atan2.default", "aten.where.ScalarOther",
-    "aten.where.ScalarSelf",
+    "aten.where.ScalarSelf", "aten.min.other", "aten.max.other",
 ]
 LINEAR_UNARY = [
     "aten.neg.default", "aten.clone.default", "aten.contiguous.default", "aten.to.dtype",
     "aten.to.dtype_layout", "aten.to.device", "aten._to_copy.default", "aten.alias.default",
-    "aten.detach.default", "aten.lift_fresh_copy.default", "aten.dropout.default",
-    "aten.type_as.default", "aten.feature_dropout.default",
+    "aten.detach.default", "aten.lift_fresh_copy.default", "aten.type_as.default",
 ]
 # Linear in the tensor inputs jointly: sums of partial values are partial values.
 LINEAR_SUM = ["aten.add.Tensor", "aten.sub.Tensor"]
@@ -81,15 +81,18 @@ def nonlinear(node: Node) -> list[Signature]:
 @register(*LINEAR_UNARY, *LINEAR_SCALAR, doc="elementwise, linear in its tensor")
 def linear_unary(node: Node) -> list[Signature]:
     sigs = split_signatures(node)
-    if (node.op in DROPOUTS and _dropout_active(node)) or not _cast_is_linear(node):
+    if not _cast_is_linear(node):
         return sigs
     return sigs + [Signature((P,) * len(node.input_values()), (P,))]
 
 
-def _dropout_active(node: Node) -> bool:
+@register(*DROPOUTS, doc="elementwise: linear when inactive")
+def dropout(node: Node) -> list[Signature]:
     """Active dropout draws a mask per rank: a sum of masked partial values is not a masked sum."""
-    p, train = (list(node.args) + [0.0, False])[1:3]
-    return bool(train) and float(p) > 0.0
+    sigs = split_signatures(node)
+    if arg(node, "train") and float(arg(node, "p")) > 0.0:
+        return sigs
+    return sigs + [Signature((P,), (P,))]
 
 
 def _cast_is_linear(node: Node) -> bool:

@@ -4,21 +4,19 @@ from __future__ import annotations
 import re
 
 from ir.core import Node, Value
-from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, broadcast_only, register,
+from ir.ops.registry import (LocalCall, LocalContext, Signature, all_b, broadcast_only, register,
                              shard_start, default_local)
 from ir.ops.elementwise import aligned_dim
+from ir.ops.reductions import along_dim
+from ir.ops.schema import arg, dim_arg
 from ir.sbp import B, P, Split
-
-
-def _has_bias(node: Node, position: int) -> bool:
-    return len(node.input_values()) > position
 
 
 @register("aten.linear.default", doc="y = x W^T + b; column split (W S(0)) or row split (W S(1))")
 def linear(node: Node) -> list[Signature]:
     x = node.input_values()[0]
     last = x.type.ndim - 1
-    bias = _has_bias(node, 2)
+    bias = arg(node, "bias") is not None
 
     def sig(xs, ws, bs, out):
         return Signature((xs, ws, bs) if bias else (xs, ws), (out,))
@@ -70,31 +68,40 @@ def matmul(node: Node) -> list[Signature]:
     return sigs
 
 
-@register("aten.embedding.default", doc="rows of a table; vocabulary split gives partial sums")
-def embedding(node: Node) -> list[Signature]:
-    w, idx = node.input_values()
-    out_last = idx.type.ndim
-    sigs = [all_b(node), Signature((Split(1), B), (Split(out_last),)), Signature((Split(0), B), (P,))]
-    sigs += [Signature((B, Split(i)), (Split(i),)) for i in range(idx.type.ndim)]
-    return sigs
-
-
 def _embedding_local(node: Node, ctx: LocalContext) -> LocalCall:
     w, idx = node.input_values()
     if not any(isinstance(s, Split) and s.dim == 0 for s in ctx.in_sbps[0]):
         return default_local(node, ctx)
-    padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
     return LocalCall("kernels.masked_embedding", [w, idx, shard_start(w.type, ctx.in_sbps[0], ctx.mesh, 0),
-                                                  padding_idx])
+                                                  arg(node, "padding_idx")])
 
 
-RULES["aten.embedding.default"].local = _embedding_local
+@register("aten.embedding.default", local=_embedding_local,
+          doc="rows of a table; vocabulary split gives partial sums")
+def embedding(node: Node) -> list[Signature]:
+    """``scale_grad_by_freq`` divides a row's gradient by its count among all indices: a shard of the
+    indices counts only its own, and the vocabulary-split kernel does not scale; both are left out."""
+    w, idx = node.input_values()
+    out_last = idx.type.ndim
+    sigs = [all_b(node), Signature((Split(1), B), (Split(out_last),))]
+    if not arg(node, "scale_grad_by_freq"):
+        sigs.append(Signature((Split(0), B), (P,)))
+        sigs += [Signature((B, Split(i)), (Split(i),)) for i in range(idx.type.ndim)]
+    return sigs
 
 
-@register("aten.gather.default", doc="gather along dim; a split of that dim gives partial sums")
+def _gather_local(node: Node, ctx: LocalContext) -> LocalCall:
+    x, index = node.input_values()
+    dim = dim_arg(node, "dim", x.type.ndim)
+    if not any(isinstance(s, Split) and s.dim == dim for s in ctx.in_sbps[0]):
+        return default_local(node, ctx)
+    return LocalCall("kernels.masked_gather", [x, dim, index, shard_start(x.type, ctx.in_sbps[0], ctx.mesh, dim)])
+
+
+@register("aten.gather.default", local=_gather_local, doc="gather along dim; a split of that dim gives partial sums")
 def gather(node: Node) -> list[Signature]:
     x, index = node.input_values()
-    dim = int(node.args[1]) % x.type.ndim
+    dim = dim_arg(node, "dim", x.type.ndim)
     # Splitting the index along ``dim`` splits the output alike (each entry reads the whole x).
     sigs = [all_b(node), Signature((Split(dim), B), (P,)), Signature((B, Split(dim)), (Split(dim),))]
     sigs += [Signature((Split(i), Split(i)), (Split(i),)) for i in range(x.type.ndim)
@@ -102,22 +109,11 @@ def gather(node: Node) -> list[Signature]:
     return sigs
 
 
-def _gather_local(node: Node, ctx: LocalContext) -> LocalCall:
-    x, index = node.input_values()
-    dim = int(node.args[1]) % x.type.ndim
-    if not any(isinstance(s, Split) and s.dim == dim for s in ctx.in_sbps[0]):
-        return default_local(node, ctx)
-    return LocalCall("kernels.masked_gather", [x, dim, index, shard_start(x.type, ctx.in_sbps[0], ctx.mesh, dim)])
-
-
-RULES["aten.gather.default"].local = _gather_local
-
-
 @register("aten.layer_norm.default", "aten.rms_norm.default",
           doc="normalise trailing dims; leading dims (batch, sequence) may be split")
 def layer_norm(node: Node) -> list[Signature]:
     x = node.input_values()[0]
-    n_norm = len(node.args[1])
+    n_norm = len(arg(node, "normalized_shape"))
     n_params = len(node.input_values()) - 1
     return [all_b(node)] + [Signature((Split(i),) + (B,) * n_params, (Split(i),))
                             for i in range(x.type.ndim - n_norm)]
@@ -126,21 +122,17 @@ def layer_norm(node: Node) -> list[Signature]:
 @register("aten.softmax.int", "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default",
           doc="softmax over one dim; other dims may be split")
 def softmax(node: Node) -> list[Signature]:
-    x = node.input_values()[0]
-    dim = int(node.args[1]) % x.type.ndim
-    return [all_b(node)] + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim) if i != dim]
+    return along_dim(node, linear=False)
 
 
 @register("aten.scaled_dot_product_attention.default",
           doc="attention: split over batch or heads; queries over sequence when not causal")
 def sdpa(node: Node) -> list[Signature]:
     """Inputs are [..., L, E]: every leading dim (batch, heads) may be split; L too unless causal."""
-    ins = node.input_values()
-    q = ins[0]
+    q, v, mask = arg(node, "query"), arg(node, "value"), arg(node, "attn_mask")
     ndim = q.type.ndim
-    mask = ins[3] if len(ins) > 3 else None
-    out_shape = q.type.shape[:-1] + (ins[2].type.shape[-1],)
-    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal", False))
+    out_shape = q.type.shape[:-1] + (v.type.shape[-1],)
+    causal = bool(arg(node, "is_causal"))
 
     def sig(dim: int, k_split: bool = True) -> Signature:
         qs, ks = Split(dim), (Split(dim) if k_split else B)
@@ -162,7 +154,7 @@ def cross_entropy(node: Node) -> list[Signature]:
     """Input [N, C, d1, ...], target [N, d1, ...] (class indices) or the input's shape (probabilities)."""
     ins = node.input_values()
     x, target = ins[0], ins[1]
-    reduction = int(node.args[3]) if len(node.args) > 3 else int(node.kwargs.get("reduction", 1))
+    reduction = int(arg(node, "reduction"))
     if x.type.ndim < 2 or reduction not in (0, 2):
         return [all_b(node)]  # unbatched, or a mean (divided by a weight sum over the whole batch)
     extra = (B,) * (len(ins) - 2)
@@ -179,22 +171,21 @@ def nll(node: Node) -> list[Signature]:
     return cross_entropy(node)
 
 
-def conv_options(node: Node) -> tuple[bool, int]:
-    """Whether a convolution is transposed, and its groups (``convolution`` has both in other places)."""
-    if node.op == "aten.convolution.default":
-        return bool(node.args[6]), int(node.args[8])
-    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    return False, int(groups or 1)
-
-
-@register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
+@register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
           doc="split over batch, output channels, or input channels (partial sums)")
 def conv(node: Node) -> list[Signature]:
+    return conv_signatures(node, transposed=False, groups=int(arg(node, "groups")))
+
+
+@register("aten.convolution.default", doc="split over batch, output channels, or input channels (partial sums)")
+def convolution(node: Node) -> list[Signature]:
+    return conv_signatures(node, transposed=bool(arg(node, "transposed")), groups=int(arg(node, "groups")))
+
+
+def conv_signatures(node: Node, transposed: bool, groups: int) -> list[Signature]:
     """x [N, C_in, ...] (or unbatched [C_in, ...]); weight [C_out, C_in/g, ...], transposed [C_in, C_out/g, ...]."""
-    ins = node.input_values()
-    x, w = ins[0], ins[1]
-    has_bias = len(ins) > 2
-    transposed, groups = conv_options(node)
+    x, w = arg(node, "input"), arg(node, "weight")
+    has_bias = arg(node, "bias") is not None
     channel = x.type.ndim - w.type.ndim + 1  # 1 for batched inputs, 0 for unbatched ones
 
     def sig(xs, ws, bs, out):
@@ -225,33 +216,34 @@ def pool(node: Node) -> list[Signature]:
     return sigs
 
 
-@register("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
+@register("aten.batch_norm.default",
           doc="batch norm: channels may be split; the batch too when using running statistics")
 def batch_norm(node: Node) -> list[Signature]:
+    updates_running = isinstance(arg(node, "running_mean"), Value) and isinstance(arg(node, "running_var"), Value)
+    return _batch_norm_signatures(node, bool(arg(node, "training")), updates_running)
+
+
+@register("aten._native_batch_norm_legit_no_training.default",
+          doc="batch norm with running statistics: batch or channels may be split")
+def batch_norm_inference(node: Node) -> list[Signature]:
+    return _batch_norm_signatures(node, batch_statistics=False, updates_running=False)
+
+
+def _batch_norm_signatures(node: Node, batch_statistics: bool, updates_running: bool) -> list[Signature]:
+    """``batch_statistics``: normalise by the batch's statistics (training) rather than running ones;
+    ``updates_running``: running mean and variance buffers are passed, and updated in place."""
     ins = node.input_values()
     n_out = len(node.outputs)
-    if _batch_statistics(node) and _updates_running_statistics(node):
+    if batch_statistics and updates_running:
         # training updates the running statistics in place: every rank computes them whole, so the
         # buffers (stored replicated) stay the module's
         return [all_b(node)]
     rest = tuple(Split(0) for _ in ins[1:])
     sigs = [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]
-    if not _batch_statistics(node):
+    if not batch_statistics:
         sigs.append(Signature((Split(0),) + (B,) * len(rest), (Split(0),) + (B,) * (n_out - 1)))
     return sigs
 
 
 register("aten.add_.Tensor", doc="in-place add (a buffer's counter, e.g. BatchNorm's num_batches_tracked): "
          "runs replicated, so the replicated buffer stays the module's")(broadcast_only)
-
-
-def _updates_running_statistics(node: Node) -> bool:
-    """Whether running mean and variance buffers are passed (and so updated in place)."""
-    return len(node.args) > 4 and isinstance(node.args[3], Value) and isinstance(node.args[4], Value)
-
-
-def _batch_statistics(node: Node) -> bool:
-    """Whether the normalisation statistics come from the batch (training) rather than running stats."""
-    if node.op == "aten._native_batch_norm_legit_no_training.default":
-        return False
-    return bool(node.args[5])
