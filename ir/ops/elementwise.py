@@ -96,9 +96,33 @@ def dropout(node: Node) -> list[Signature]:
 
 
 def _cast_is_linear(node: Node) -> bool:
+    """Whether the cast from the first input's dtype to the output's is linear."""
+    return is_linear_cast(node.input_values()[0].type.dtype, node.outputs[0].type.dtype)
+
+
+def is_linear_cast(src: str, dst: str) -> bool:
     """Keeping the dtype or casting to a float dtype is linear; casting floats to ints truncates."""
-    src, dst = node.input_values()[0].type.dtype, node.outputs[0].type.dtype
     return dst == src or dst in FLOAT_DTYPES
+
+
+@register("aten.copy.default", doc="src's values in self's shape and dtype: splits follow broadcasting; linear in src")
+def copy(node: Node) -> list[Signature]:
+    """The functional form of ``copy_``: self gives only its shape and dtype, so with src partial it may be
+    anything (it is taken broadcast)."""
+    sigs = split_signatures(node)
+    src = arg(node, "src")
+    if is_linear_cast(src.type.dtype, node.outputs[0].type.dtype):
+        sigs.append(Signature((B, P), (P,)))
+    return _with_scalars_broadcast(node, sigs)
+
+
+@register("aten.fill.Tensor", doc="a tensor of self's shape filled with a zero-dim value: linear in the value")
+def fill_tensor(node: Node) -> list[Signature]:
+    """The functional form of ``fill_``: self gives its shape (which may be split), value every entry."""
+    self_ = node.input_values()[0]
+    sigs = [all_b(node), Signature((B, P), (P,))]
+    sigs += [Signature((Split(i), B), (Split(i),)) for i in range(self_.type.ndim)]
+    return _with_scalars_broadcast(node, sigs)
 
 
 @register(*LINEAR_SUM, doc="sum/difference: partial + partial is partial")

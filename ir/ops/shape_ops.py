@@ -222,6 +222,28 @@ def slice_(node: Node) -> list[Signature]:
     return sigs
 
 
+def _scattered(node: Node, dim: int, src_drops_dim: bool) -> list[Signature]:
+    """``self`` with a part along ``dim`` replaced by ``src`` (which lacks ``dim`` when ``src_drops_dim``):
+    linear in both together; every other dim may be split in both."""
+    x = node.input_values()[0]
+    sigs = [all_b(node), Signature((P, P), (P,))]
+    for i in range(x.type.ndim):
+        if i != dim:
+            src_dim = i - 1 if src_drops_dim and i > dim else i
+            sigs.append(Signature((Split(i), Split(src_dim)), (Split(i),)))
+    return sigs
+
+
+@register("aten.slice_scatter.default", doc="a range of one dim replaced; other dims may be split")
+def slice_scatter(node: Node) -> list[Signature]:
+    return _scattered(node, dim_arg(node, "dim", node.input_values()[0].type.ndim), src_drops_dim=False)
+
+
+@register("aten.select_scatter.default", doc="one index of one dim replaced; other dims may be split")
+def select_scatter(node: Node) -> list[Signature]:
+    return _scattered(node, dim_arg(node, "dim", node.input_values()[0].type.ndim), src_drops_dim=True)
+
+
 @register("aten.select.int", doc="one index of one dim")
 def select(node: Node) -> list[Signature]:
     x = node.input_values()[0]
@@ -352,7 +374,7 @@ FACTORIES = [
     "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default", "aten.scalar_tensor.default",
     "aten.eye.default",
 ]
-LIKE_FACTORIES = ["aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default"]
+LIKE_FACTORIES = ["aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.fill.Scalar"]
 
 
 @register(*FACTORIES, doc="created tensors are broadcast (new_* read only their input's dtype and device)")
