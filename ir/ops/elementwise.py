@@ -125,6 +125,14 @@ def fill_tensor(node: Node) -> list[Signature]:
     return _with_scalars_broadcast(node, sigs)
 
 
+@register("aten.broadcast_tensors.default", doc="each input expanded to the common shape: splits follow broadcasting")
+def broadcast_tensors(node: Node) -> list[Signature]:
+    """Every output has the broadcast shape (:func:`split_signatures` splits them all alike); each is its
+    input expanded, so partial inputs give partial outputs."""
+    sigs = split_signatures(node) + [Signature((P,) * len(node.input_values()), (P,) * len(node.outputs))]
+    return _with_scalars_broadcast(node, sigs)
+
+
 @register(*LINEAR_SUM, doc="sum/difference: partial + partial is partial")
 def linear_sum(node: Node) -> list[Signature]:
     sigs = split_signatures(node)

@@ -8,7 +8,7 @@ from ir.ops.registry import (LocalCall, LocalContext, Signature, all_b, broadcas
                              shard_start, default_local)
 from ir.ops.elementwise import aligned_dim
 from ir.ops.reductions import along_dim
-from ir.ops.schema import arg, dim_arg
+from ir.ops.schema import arg, dim_arg, with_arg
 from ir.sbp import B, P, Split
 
 
@@ -106,6 +106,60 @@ def gather(node: Node) -> list[Signature]:
     sigs = [all_b(node), Signature((Split(dim), B), (P,)), Signature((B, Split(dim)), (Split(dim),))]
     sigs += [Signature((Split(i), Split(i)), (Split(i),)) for i in range(x.type.ndim)
              if i != dim and x.type.shape[i] == index.type.shape[i]]
+    return sigs
+
+
+@register("aten.index_select.default", doc="entries of one dim picked by a 1-D index; other dims may be split")
+def index_select(node: Node) -> list[Signature]:
+    """Splitting the index splits the picked dim of the output; ``self`` is linear (partial to partial)."""
+    x, index = node.input_values()
+    dim = dim_arg(node, "dim", x.type.ndim)
+    sigs = [all_b(node), Signature((P, B), (P,))]
+    sigs += [Signature((Split(i), B), (Split(i),)) for i in range(x.type.ndim) if i != dim]
+    if index.type.ndim == 1 and x.type.ndim > 0:
+        sigs.append(Signature((B, Split(0)), (Split(dim),)))
+    return sigs
+
+
+ELEMENTWISE_LOSSES = ["aten.mse_loss.default", "aten.l1_loss.default", "aten.smooth_l1_loss.default",
+                      "aten.huber_loss.default", "aten.binary_cross_entropy.default",
+                      "aten.binary_cross_entropy_with_logits.default"]
+NO_REDUCTION, MEAN, SUM = 0, 1, 2
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    lead = len(target) - len(shape)
+    return lead >= 0 and all(d == 1 or d == target[lead + i] for i, d in enumerate(shape))
+
+
+def _elementwise_loss_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """A mean over a split input: each shard sums its losses and divides by the global element count."""
+    x = arg(node, "self")
+    if int(arg(node, "reduction")) != MEAN or not any(isinstance(s, Split) for s in ctx.in_sbps[0]):
+        return default_local(node, ctx)
+    count = 1
+    for d in x.type.shape:
+        count = count * d
+    args, kwargs = with_arg(node, "reduction", SUM)
+    return LocalCall("kernels.mean_loss_share", [node.op.split(".")[1], count, *args], kwargs)
+
+
+@register(*ELEMENTWISE_LOSSES, local=_elementwise_loss_local,
+          doc="a loss per element: split like self; reduced, a split gives partial sums")
+def elementwise_loss(node: Node) -> list[Signature]:
+    """``target`` (and ``weight``, ``pos_weight``) broadcast to ``self``; ``reduction`` none keeps the
+    elements, mean and sum reduce all of them."""
+    x = arg(node, "self")
+    ins = node.input_values()
+    if not all(_broadcasts_to(v.type.shape, x.type.shape) for v in ins):
+        return [all_b(node)]
+    reduced = int(arg(node, "reduction")) != NO_REDUCTION
+    sigs = [all_b(node)]
+    for d in range(x.type.ndim):
+        if x.type.shape[d] != 1:
+            in_sbps = tuple(B if aligned_dim(v.type.shape, x.type.shape, d) is None
+                            else Split(aligned_dim(v.type.shape, x.type.shape, d)) for v in ins)
+            sigs.append(Signature(in_sbps, (P if reduced else Split(d),)))
     return sigs
 
 

@@ -50,7 +50,7 @@ class T:
     dtype: torch.dtype = torch.float32
     fill: str = "normal"
     """``normal`` (multiples of 1/64 in [-2, 2)), ``positive`` ([0.25, 2.5)), ``distinct`` (no ties),
-    ``int`` (in [-high, high)), ``index`` (in [0, high)), ``const`` (every entry ``high``: for arguments
+    ``int`` (in [-high, high)), ``index`` (in [0, high)), ``prob`` (in (0, 1)), ``const`` (every entry ``high``: for arguments
     whose values set output shapes), ``bool``, ``pow2`` (0.5, 1, 2 or 4) or ``sign`` (-1 or 1). Where an op's gradient of a broadcast operand sums terms that are not exact (1 / y), the
     samples pick ``pow2`` or ``sign`` values that make them exact, so that summing in another order
     (per shard, then over ranks) cannot round differently."""
@@ -172,6 +172,8 @@ def make_tensor(spec: T, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(-spec.high, spec.high, shape, generator=gen).to(spec.dtype)
     if spec.fill == "index":
         return torch.randint(0, spec.high, shape, generator=gen).to(spec.dtype)
+    if spec.fill == "prob":
+        return (torch.randint(1, 64, shape, generator=gen) / 64).to(spec.dtype)
     if spec.fill == "const":
         return torch.full(shape, spec.high, dtype=spec.dtype)
     if spec.fill == "positive":
@@ -186,7 +188,7 @@ def make_tensor(spec: T, gen: torch.Generator) -> torch.Tensor:
     if spec.fill == "normal":
         return (torch.randint(-128, 128, shape, generator=gen) / 64).to(spec.dtype)
     raise ValueError(f"unknown fill {spec.fill!r} for a sample input; expected one of normal, positive, "
-                     f"distinct, int, index, const, bool, pow2, sign")
+                     f"distinct, int, index, prob, const, bool, pow2, sign")
 
 
 # -- cutting full tensors into per-rank locals ----------------------------------------------------------
@@ -424,6 +426,8 @@ def _elementwise_binary() -> None:
     add("aten.sub.Tensor", X, 0.5, kw={"alpha": 2})
     add("aten.add.Tensor", T((4, 6), I64, "int"), T((4, 6), I64, "int"))
     # torch has no derivative for aten.copy (functionalization writes it for copy_ outside autograd)
+    add("aten.broadcast_tensors.default", [T((4, 1, 6)), T((3, 1))])
+    add("aten.broadcast_tensors.default", [T((6, 4)), T(()), T((4,))])
     add("aten.copy.default", T((4, 3, 6)), T((3, 1)), differentiable=False)
     add("aten.copy.default", T((4, 6), I64, "int"), T((4, 6)), True, differentiable=False,
         rejects=(rej("2", ["(B)", "(P(sum))"]),), note="copying floats into ints truncates: not linear")
@@ -688,6 +692,10 @@ def _lookups() -> None:
     add("aten.gather.default", T((4, 6)), 1, T((4, 3), I64, "index", high=6))
     add("aten.gather.default", T((4, 6)), 0, T((2, 6), I64, "index", high=4))
     add("aten.gather.default", T((4, 6, 2)), -2, T((4, 12, 2), I64, "index", high=6))
+    add("aten.index_select.default", T((4, 6)), 1, T((3,), I64, "index", high=6))
+    add("aten.index_select.default", T((6, 4, 2)), 0, T((4,), I64, "index", high=6), note="ONNX Gather of rows")
+    add("aten.index_select.default", T((4, 6, 2)), -2, T((2,), I64, "index", high=6))
+    add("aten.index_select.default", T((4, 6)), -1, T((), I64, "index", high=6))
 
 
 def _normalisations() -> None:
@@ -748,6 +756,22 @@ def _losses() -> None:
     add("aten.nll_loss_nd.default", T((4, 6, 2)), T((4, 2), I64, "index", high=6), T((6,), fill="pow2", grad=False),
         0, 1)
     add("aten.nll_loss.default", logits, target, None, 0, -100)
+    x, t = T((4, 6)), T((4, 6))
+    for name in ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]:
+        add(f"aten.{name}.default", x, t)
+        add(f"aten.{name}.default", T((4, 6, 2)), T((4, 6, 2)), 0)
+        add(f"aten.{name}.default", x, T((6,), grad=False), 2,
+            note="the target broadcasts (torch's gradient of a broadcast target is deprecated)")
+    add("aten.smooth_l1_loss.default", x, t, 1, 0.5)
+    add("aten.huber_loss.default", x, t, 2, 0.5)
+    p, y = T((4, 6), fill="prob"), T((4, 6), fill="prob")
+    add("aten.binary_cross_entropy.default", p, y)
+    add("aten.binary_cross_entropy.default", p, y, T((6,), fill="pow2", grad=False), 0)
+    add("aten.binary_cross_entropy.default", T((4, 6, 2), fill="prob"), T((4, 6, 2), fill="prob"), None, 2)
+    add("aten.binary_cross_entropy_with_logits.default", x, y)
+    add("aten.binary_cross_entropy_with_logits.default", x, y, T((4, 1), fill="pow2", grad=False),
+        T((6,), fill="pow2", grad=False), 0)
+    add("aten.binary_cross_entropy_with_logits.default", x, y, None, T((6,), fill="pow2", grad=False), 2)
     add("aten.nll_loss.default", logits, target, T((6,), fill="pow2", grad=False), 2, 3)
 
 
