@@ -89,7 +89,8 @@ def _mean_all_local(node: Node, ctx: LocalContext) -> LocalCall:
 
 register("aten.mean.dim", local=_mean_dims_local,
          doc="mean: a split reduced dim gives P(sum) of local sums over the global count")(sum_dims)
-register("aten.mean.default", local=_mean_all_local, doc="mean of every entry: local sums over the global count")(sum_all)
+register("aten.mean.default", local=_mean_all_local,
+         doc="mean of every entry: local sums over the global count")(sum_all)
 
 
 def along_dim(node: Node, linear: bool) -> list[Signature]:

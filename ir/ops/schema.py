@@ -76,7 +76,10 @@ def arg(node: Node, name: str) -> Any:
 
 def dim_arg(node: Node, name: str, ndim: int) -> int:
     """The dim argument ``name`` of ``node`` in ``[0, ndim)`` (negative dims count from the end)."""
-    return normalize_dim(arg(node, name), ndim)
+    try:
+        return normalize_dim(arg(node, name), ndim)
+    except SchemaError as err:
+        raise SchemaError(f"node {node.name} ({node.op}), argument {name!r}: {err}") from None
 
 
 def normalize_dim(d: Any, ndim: int) -> int:
@@ -85,12 +88,6 @@ def normalize_dim(d: Any, ndim: int) -> int:
     if not -size <= int(d) < size:
         raise SchemaError(f"dim {d} is out of range for a tensor of {ndim} dims")
     return int(d) % size
-
-
-def is_given(node: Node, name: str) -> bool:
-    """Whether ``name`` is written on the node (rather than left to its default)."""
-    i, p = _position(node.op, name)
-    return (not p.kwarg_only and i < len(node.args)) or name in node.kwargs
 
 
 def with_arg(node: Node, name: str, value: Any) -> tuple[list, dict]:
@@ -103,8 +100,3 @@ def with_arg(node: Node, name: str, value: Any) -> tuple[list, dict]:
     else:
         kwargs[name] = value
     return args, kwargs
-
-
-def bound_arguments(node: Node) -> dict[str, Any]:
-    """Every argument of the node by name, defaults filled in (for checks and messages)."""
-    return {p.name: arg(node, p.name) for p in parameters(node.op) if p.has_default or is_given(node, p.name)}

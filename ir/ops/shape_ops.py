@@ -146,7 +146,8 @@ def squeeze_all(node: Node) -> list[Signature]:
     return _squeeze_signatures(node, _squeezed_dims(node, None))
 
 
-@register("aten.squeeze.dim", "aten.squeeze.dims", local=_squeeze_dims_local, doc="drop the named dims that have size 1")
+@register("aten.squeeze.dim", "aten.squeeze.dims", local=_squeeze_dims_local,
+          doc="drop the named dims that have size 1")
 def squeeze_dims(node: Node) -> list[Signature]:
     return _squeeze_signatures(node, _squeezed_dims(node, _requested_dims(node)))
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ir.core import Graph, Node, Value
+from ir.ops.schema import parameters
 from ir.sbp import Broadcast, Split
 from ir.types import DTYPE_NAMES, Mesh, TensorType
 from ir.verifier import resolve_op
@@ -50,10 +51,11 @@ class T:
     dtype: torch.dtype = torch.float32
     fill: str = "normal"
     """``normal`` (multiples of 1/64 in [-2, 2)), ``positive`` ([0.25, 2.5)), ``distinct`` (no ties),
-    ``int`` (in [-high, high)), ``index`` (in [0, high)), ``prob`` (in (0, 1)), ``const`` (every entry ``high``: for arguments
-    whose values set output shapes), ``bool``, ``pow2`` (0.5, 1, 2 or 4) or ``sign`` (-1 or 1). Where an op's gradient of a broadcast operand sums terms that are not exact (1 / y), the
-    samples pick ``pow2`` or ``sign`` values that make them exact, so that summing in another order
-    (per shard, then over ranks) cannot round differently."""
+    ``int`` (in [-high, high)), ``index`` (in [0, high)), ``prob`` (in (0, 1)), ``const`` (every entry
+    ``high``: for arguments whose values set output shapes), ``bool``, ``pow2`` (0.5, 1, 2 or 4) or
+    ``sign`` (-1 or 1). Where an op's gradient of a broadcast operand sums terms that are not exact
+    (1 / y), the samples pick ``pow2`` or ``sign`` values that make them exact, so that summing in
+    another order (per shard, then over ranks) cannot round differently."""
     high: int = 4
     param: bool = False
     """Make it a graph parameter (like a weight) rather than a graph input."""
@@ -273,7 +275,6 @@ UNEXERCISED = {
 
 def given_arguments(sample: OpSample) -> dict[str, tuple[Any, bool]]:
     """The arguments a sample writes, by schema name: ``(value, given by keyword)``."""
-    from ir.ops.schema import parameters
     params = parameters(sample.op)
     positional = [p for p in params if not p.kwarg_only]
     given = {p.name: (a, False) for p, a in zip(positional, sample.args)}
@@ -284,7 +285,6 @@ def given_arguments(sample: OpSample) -> dict[str, tuple[Any, bool]]:
 def coverage_gaps(op: str, samples: list[OpSample]) -> list[str]:
     """What the samples of ``op`` leave unexercised: an argument never given a non-default value, a bool
     never given both ways, a dim never negative or never positive, a defaulted dim never given by keyword."""
-    from ir.ops.schema import parameters
     gaps = []
     given = [given_arguments(s) for s in samples]
     for p in parameters(op):
@@ -306,10 +306,10 @@ def coverage_gaps(op: str, samples: list[OpSample]) -> list[str]:
 
 
 def _differs(value: Any, default: Any) -> bool:
-    if isinstance(value, T):
-        return True
-    return value is not None and (type(value) is not type(default) or value != default) if default is None \
-        else value != default
+    """Whether a sample's value is another than the schema default (a tensor differs from None)."""
+    if isinstance(value, T) or default is None:
+        return value is not None
+    return value != default
 
 
 # -- the database ----------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from ir.ops import known_ops, local_call, nd_signatures, rule_for
 from ir.ops.registry import LocalContext, coord_symbol, local_shape, splits_divide
 from ir.sbp import Broadcast, Partial, Split, format_nd_sbp, nd_dual, parse_nd_sbp
 from ir.types import Mesh
-from tests.ir.opinfos import (MESHES, SAMPLES, BuiltSample, assert_broadcast_agrees, assert_same, coverage_gaps, distribute,
-                              random_like)
+from tests.ir.opinfos import (MESHES, SAMPLES, BuiltSample, assert_broadcast_agrees, assert_same, coverage_gaps,
+                              distribute, random_like)
 
 RULED_OPS = [op for op in known_ops() if not op.startswith("comm.")]
 

@@ -23,7 +23,7 @@ from ir.ops.schema import SchemaError, arg, parameter_names, schema_of, with_arg
 from ir.types import TensorType
 
 ATEN_OPS = sorted(op for op in RULES if op.startswith("aten."))
-ARG_READERS = {"arg": 1, "dim_arg": 1, "is_given": 1, "with_arg": 1}
+ARG_READERS = {"arg": 1, "dim_arg": 1, "with_arg": 1}
 """Functions of :mod:`ir.ops.schema` that read an argument, and the position of its name."""
 NAMES_FROM_TABLES = {default_local: "reads the argument SHAPE_ARGS names (test_shape_arguments_are_in_their_schemas)"}
 """Rule helpers that read an argument named by a table rather than a literal: the table is checked instead."""
