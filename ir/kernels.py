@@ -40,3 +40,9 @@ def sum_over(x, dims, keepdim, count, dtype=None):
 def keep_if(x, keep):
     """``x`` on ranks where ``keep`` is 1, zeros elsewhere (broadcast to partial: B -> P)."""
     return x if keep else x * 0
+
+
+def mean_loss_share(op, count, *args, **kwargs):
+    """A shard's share of a mean-reduced loss: ``aten.<op>`` summed over the shard (the arguments ask
+    for ``reduction=sum``), divided by the global element ``count``; summed over the shards, the mean."""
+    return getattr(torch.ops.aten, op).default(*args, **kwargs) / count

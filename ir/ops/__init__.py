@@ -3,6 +3,10 @@
 Rules are written for one mesh axis (:class:`Signature`: one SBP per tensor input and output) and
 expanded mechanically to N-D meshes by :func:`nd_signatures`. An op without a rule still compiles:
 it runs on broadcast inputs (see :func:`rule_for`).
+
+Rules read a node's arguments by schema name with :func:`ir.ops.schema.arg` (schema defaults filled
+in), never by position, and one rule function serves ops of one argument convention: the tests check
+every name a rule reads against the schema of every op it is registered for.
 """
 from ir.ops.registry import (OpRule, Signature, LocalCall, RULES, register, rule_for, nd_signatures,
                              local_call, known_ops)

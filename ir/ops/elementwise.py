@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ir.core import Node
 from ir.ops.registry import Signature, all_b, register
+from ir.ops.schema import arg
 from ir.sbp import B, P, Split
 
 
@@ -55,13 +56,12 @@ BINARY_NONLINEAR = [
     "aten.maximum.default", "aten.minimum.default", "aten.pow.Tensor_Tensor", "aten.where.self",
     "aten.masked_fill.Scalar", "aten.masked_fill.Tensor", "aten.remainder.Tensor",
     "aten.floor_divide.default", "aten.remainder.Scalar", "aten.atan2.default", "aten.where.ScalarOther",
-    "aten.where.ScalarSelf",
+    "aten.where.ScalarSelf", "aten.min.other", "aten.max.other",
 ]
 LINEAR_UNARY = [
     "aten.neg.default", "aten.clone.default", "aten.contiguous.default", "aten.to.dtype",
     "aten.to.dtype_layout", "aten.to.device", "aten._to_copy.default", "aten.alias.default",
-    "aten.detach.default", "aten.lift_fresh_copy.default", "aten.dropout.default",
-    "aten.type_as.default", "aten.feature_dropout.default",
+    "aten.detach.default", "aten.lift_fresh_copy.default", "aten.type_as.default",
 ]
 # Linear in the tensor inputs jointly: sums of partial values are partial values.
 LINEAR_SUM = ["aten.add.Tensor", "aten.sub.Tensor"]
@@ -81,21 +81,56 @@ def nonlinear(node: Node) -> list[Signature]:
 @register(*LINEAR_UNARY, *LINEAR_SCALAR, doc="elementwise, linear in its tensor")
 def linear_unary(node: Node) -> list[Signature]:
     sigs = split_signatures(node)
-    if (node.op in DROPOUTS and _dropout_active(node)) or not _cast_is_linear(node):
+    if not _cast_is_linear(node):
         return sigs
     return sigs + [Signature((P,) * len(node.input_values()), (P,))]
 
 
-def _dropout_active(node: Node) -> bool:
+@register(*DROPOUTS, doc="elementwise: linear when inactive")
+def dropout(node: Node) -> list[Signature]:
     """Active dropout draws a mask per rank: a sum of masked partial values is not a masked sum."""
-    p, train = (list(node.args) + [0.0, False])[1:3]
-    return bool(train) and float(p) > 0.0
+    sigs = split_signatures(node)
+    if arg(node, "train") and float(arg(node, "p")) > 0.0:
+        return sigs
+    return sigs + [Signature((P,), (P,))]
 
 
 def _cast_is_linear(node: Node) -> bool:
+    """Whether the cast from the first input's dtype to the output's is linear."""
+    return is_linear_cast(node.input_values()[0].type.dtype, node.outputs[0].type.dtype)
+
+
+def is_linear_cast(src: str, dst: str) -> bool:
     """Keeping the dtype or casting to a float dtype is linear; casting floats to ints truncates."""
-    src, dst = node.input_values()[0].type.dtype, node.outputs[0].type.dtype
     return dst == src or dst in FLOAT_DTYPES
+
+
+@register("aten.copy.default", doc="src's values in self's shape and dtype: splits follow broadcasting; linear in src")
+def copy(node: Node) -> list[Signature]:
+    """The functional form of ``copy_``: self gives only its shape and dtype, so with src partial it may be
+    anything (it is taken broadcast)."""
+    sigs = split_signatures(node)
+    src = arg(node, "src")
+    if is_linear_cast(src.type.dtype, node.outputs[0].type.dtype):
+        sigs.append(Signature((B, P), (P,)))
+    return _with_scalars_broadcast(node, sigs)
+
+
+@register("aten.fill.Tensor", doc="a tensor of self's shape filled with a zero-dim value: linear in the value")
+def fill_tensor(node: Node) -> list[Signature]:
+    """The functional form of ``fill_``: self gives its shape (which may be split), value every entry."""
+    self_ = node.input_values()[0]
+    sigs = [all_b(node), Signature((B, P), (P,))]
+    sigs += [Signature((Split(i), B), (Split(i),)) for i in range(self_.type.ndim)]
+    return _with_scalars_broadcast(node, sigs)
+
+
+@register("aten.broadcast_tensors.default", doc="each input expanded to the common shape: splits follow broadcasting")
+def broadcast_tensors(node: Node) -> list[Signature]:
+    """Every output has the broadcast shape (:func:`split_signatures` splits them all alike); each is its
+    input expanded, so partial inputs give partial outputs."""
+    sigs = split_signatures(node) + [Signature((P,) * len(node.input_values()), (P,) * len(node.outputs))]
+    return _with_scalars_broadcast(node, sigs)
 
 
 @register(*LINEAR_SUM, doc="sum/difference: partial + partial is partial")

@@ -4,21 +4,19 @@ from __future__ import annotations
 import re
 
 from ir.core import Node, Value
-from ir.ops.registry import (LocalCall, LocalContext, RULES, Signature, all_b, register,
+from ir.ops.registry import (LocalCall, LocalContext, Signature, all_b, register,
                              shard_start, default_local)
 from ir.ops.elementwise import aligned_dim
+from ir.ops.reductions import along_dim
+from ir.ops.schema import arg, dim_arg, with_arg
 from ir.sbp import B, P, Split
-
-
-def _has_bias(node: Node, position: int) -> bool:
-    return len(node.input_values()) > position
 
 
 @register("aten.linear.default", doc="y = x W^T + b; column split (W S(0)) or row split (W S(1))")
 def linear(node: Node) -> list[Signature]:
     x = node.input_values()[0]
     last = x.type.ndim - 1
-    bias = _has_bias(node, 2)
+    bias = arg(node, "bias") is not None
 
     def sig(xs, ws, bs, out):
         return Signature((xs, ws, bs) if bias else (xs, ws), (out,))
@@ -70,31 +68,40 @@ def matmul(node: Node) -> list[Signature]:
     return sigs
 
 
-@register("aten.embedding.default", doc="rows of a table; vocabulary split gives partial sums")
-def embedding(node: Node) -> list[Signature]:
-    w, idx = node.input_values()
-    out_last = idx.type.ndim
-    sigs = [all_b(node), Signature((Split(1), B), (Split(out_last),)), Signature((Split(0), B), (P,))]
-    sigs += [Signature((B, Split(i)), (Split(i),)) for i in range(idx.type.ndim)]
-    return sigs
-
-
 def _embedding_local(node: Node, ctx: LocalContext) -> LocalCall:
     w, idx = node.input_values()
     if not any(isinstance(s, Split) and s.dim == 0 for s in ctx.in_sbps[0]):
         return default_local(node, ctx)
-    padding_idx = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx", -1)
     return LocalCall("kernels.masked_embedding", [w, idx, shard_start(w.type, ctx.in_sbps[0], ctx.mesh, 0),
-                                                  padding_idx])
+                                                  arg(node, "padding_idx")])
 
 
-RULES["aten.embedding.default"].local = _embedding_local
+@register("aten.embedding.default", local=_embedding_local,
+          doc="rows of a table; vocabulary split gives partial sums")
+def embedding(node: Node) -> list[Signature]:
+    """``scale_grad_by_freq`` divides a row's gradient by its count among all indices: a shard of the
+    indices counts only its own, and the vocabulary-split kernel does not scale; both are left out."""
+    w, idx = node.input_values()
+    out_last = idx.type.ndim
+    sigs = [all_b(node), Signature((Split(1), B), (Split(out_last),))]
+    if not arg(node, "scale_grad_by_freq"):
+        sigs.append(Signature((Split(0), B), (P,)))
+        sigs += [Signature((B, Split(i)), (Split(i),)) for i in range(idx.type.ndim)]
+    return sigs
 
 
-@register("aten.gather.default", doc="gather along dim; a split of that dim gives partial sums")
+def _gather_local(node: Node, ctx: LocalContext) -> LocalCall:
+    x, index = node.input_values()
+    dim = dim_arg(node, "dim", x.type.ndim)
+    if not any(isinstance(s, Split) and s.dim == dim for s in ctx.in_sbps[0]):
+        return default_local(node, ctx)
+    return LocalCall("kernels.masked_gather", [x, dim, index, shard_start(x.type, ctx.in_sbps[0], ctx.mesh, dim)])
+
+
+@register("aten.gather.default", local=_gather_local, doc="gather along dim; a split of that dim gives partial sums")
 def gather(node: Node) -> list[Signature]:
     x, index = node.input_values()
-    dim = int(node.args[1]) % x.type.ndim
+    dim = dim_arg(node, "dim", x.type.ndim)
     # Splitting the index along ``dim`` splits the output alike (each entry reads the whole x).
     sigs = [all_b(node), Signature((Split(dim), B), (P,)), Signature((B, Split(dim)), (Split(dim),))]
     sigs += [Signature((Split(i), Split(i)), (Split(i),)) for i in range(x.type.ndim)
@@ -102,22 +109,65 @@ def gather(node: Node) -> list[Signature]:
     return sigs
 
 
-def _gather_local(node: Node, ctx: LocalContext) -> LocalCall:
+@register("aten.index_select.default", doc="entries of one dim picked by a 1-D index; other dims may be split")
+def index_select(node: Node) -> list[Signature]:
+    """Splitting the index splits the picked dim of the output; ``self`` is linear (partial to partial)."""
     x, index = node.input_values()
-    dim = int(node.args[1]) % x.type.ndim
-    if not any(isinstance(s, Split) and s.dim == dim for s in ctx.in_sbps[0]):
+    dim = dim_arg(node, "dim", x.type.ndim)
+    sigs = [all_b(node), Signature((P, B), (P,))]
+    sigs += [Signature((Split(i), B), (Split(i),)) for i in range(x.type.ndim) if i != dim]
+    if index.type.ndim == 1 and x.type.ndim > 0:
+        sigs.append(Signature((B, Split(0)), (Split(dim),)))
+    return sigs
+
+
+ELEMENTWISE_LOSSES = ["aten.mse_loss.default", "aten.l1_loss.default", "aten.smooth_l1_loss.default",
+                      "aten.huber_loss.default", "aten.binary_cross_entropy.default",
+                      "aten.binary_cross_entropy_with_logits.default"]
+NO_REDUCTION, MEAN, SUM = 0, 1, 2
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    lead = len(target) - len(shape)
+    return lead >= 0 and all(d == 1 or d == target[lead + i] for i, d in enumerate(shape))
+
+
+def _elementwise_loss_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """A mean over a split input: each shard sums its losses and divides by the global element count."""
+    x = arg(node, "self")
+    if int(arg(node, "reduction")) != MEAN or not any(isinstance(s, Split) for s in ctx.in_sbps[0]):
         return default_local(node, ctx)
-    return LocalCall("kernels.masked_gather", [x, dim, index, shard_start(x.type, ctx.in_sbps[0], ctx.mesh, dim)])
+    count = 1
+    for d in x.type.shape:
+        count = count * d
+    args, kwargs = with_arg(node, "reduction", SUM)
+    return LocalCall("kernels.mean_loss_share", [node.op.split(".")[1], count, *args], kwargs)
 
 
-RULES["aten.gather.default"].local = _gather_local
+@register(*ELEMENTWISE_LOSSES, local=_elementwise_loss_local,
+          doc="a loss per element: split like self; reduced, a split gives partial sums")
+def elementwise_loss(node: Node) -> list[Signature]:
+    """``target`` (and ``weight``, ``pos_weight``) broadcast to ``self``; ``reduction`` none keeps the
+    elements, mean and sum reduce all of them."""
+    x = arg(node, "self")
+    ins = node.input_values()
+    if not all(_broadcasts_to(v.type.shape, x.type.shape) for v in ins):
+        return [all_b(node)]
+    reduced = int(arg(node, "reduction")) != NO_REDUCTION
+    sigs = [all_b(node)]
+    for d in range(x.type.ndim):
+        if x.type.shape[d] != 1:
+            in_sbps = tuple(B if aligned_dim(v.type.shape, x.type.shape, d) is None
+                            else Split(aligned_dim(v.type.shape, x.type.shape, d)) for v in ins)
+            sigs.append(Signature(in_sbps, (P if reduced else Split(d),)))
+    return sigs
 
 
 @register("aten.layer_norm.default", "aten.rms_norm.default",
           doc="normalise trailing dims; leading dims (batch, sequence) may be split")
 def layer_norm(node: Node) -> list[Signature]:
     x = node.input_values()[0]
-    n_norm = len(node.args[1])
+    n_norm = len(arg(node, "normalized_shape"))
     n_params = len(node.input_values()) - 1
     return [all_b(node)] + [Signature((Split(i),) + (B,) * n_params, (Split(i),))
                             for i in range(x.type.ndim - n_norm)]
@@ -126,21 +176,17 @@ def layer_norm(node: Node) -> list[Signature]:
 @register("aten.softmax.int", "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default",
           doc="softmax over one dim; other dims may be split")
 def softmax(node: Node) -> list[Signature]:
-    x = node.input_values()[0]
-    dim = int(node.args[1]) % x.type.ndim
-    return [all_b(node)] + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim) if i != dim]
+    return along_dim(node, linear=False)
 
 
 @register("aten.scaled_dot_product_attention.default",
           doc="attention: split over batch or heads; queries over sequence when not causal")
 def sdpa(node: Node) -> list[Signature]:
     """Inputs are [..., L, E]: every leading dim (batch, heads) may be split; L too unless causal."""
-    ins = node.input_values()
-    q = ins[0]
+    q, v, mask = arg(node, "query"), arg(node, "value"), arg(node, "attn_mask")
     ndim = q.type.ndim
-    mask = ins[3] if len(ins) > 3 else None
-    out_shape = q.type.shape[:-1] + (ins[2].type.shape[-1],)
-    causal = bool(node.args[5]) if len(node.args) > 5 else bool(node.kwargs.get("is_causal", False))
+    out_shape = q.type.shape[:-1] + (v.type.shape[-1],)
+    causal = bool(arg(node, "is_causal"))
 
     def sig(dim: int, k_split: bool = True) -> Signature:
         qs, ks = Split(dim), (Split(dim) if k_split else B)
@@ -162,7 +208,7 @@ def cross_entropy(node: Node) -> list[Signature]:
     """Input [N, C, d1, ...], target [N, d1, ...] (class indices) or the input's shape (probabilities)."""
     ins = node.input_values()
     x, target = ins[0], ins[1]
-    reduction = int(node.args[3]) if len(node.args) > 3 else int(node.kwargs.get("reduction", 1))
+    reduction = int(arg(node, "reduction"))
     if x.type.ndim < 2 or reduction not in (0, 2):
         return [all_b(node)]  # unbatched, or a mean (divided by a weight sum over the whole batch)
     extra = (B,) * (len(ins) - 2)
@@ -179,22 +225,21 @@ def nll(node: Node) -> list[Signature]:
     return cross_entropy(node)
 
 
-def conv_options(node: Node) -> tuple[bool, int]:
-    """Whether a convolution is transposed, and its groups (``convolution`` has both in other places)."""
-    if node.op == "aten.convolution.default":
-        return bool(node.args[6]), int(node.args[8])
-    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    return False, int(groups or 1)
-
-
-@register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.convolution.default",
+@register("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
           doc="split over batch, output channels, or input channels (partial sums)")
 def conv(node: Node) -> list[Signature]:
+    return conv_signatures(node, transposed=False, groups=int(arg(node, "groups")))
+
+
+@register("aten.convolution.default", doc="split over batch, output channels, or input channels (partial sums)")
+def convolution(node: Node) -> list[Signature]:
+    return conv_signatures(node, transposed=bool(arg(node, "transposed")), groups=int(arg(node, "groups")))
+
+
+def conv_signatures(node: Node, transposed: bool, groups: int) -> list[Signature]:
     """x [N, C_in, ...] (or unbatched [C_in, ...]); weight [C_out, C_in/g, ...], transposed [C_in, C_out/g, ...]."""
-    ins = node.input_values()
-    x, w = ins[0], ins[1]
-    has_bias = len(ins) > 2
-    transposed, groups = conv_options(node)
+    x, w = arg(node, "input"), arg(node, "weight")
+    has_bias = arg(node, "bias") is not None
     channel = x.type.ndim - w.type.ndim + 1  # 1 for batched inputs, 0 for unbatched ones
 
     def sig(xs, ws, bs, out):
@@ -225,35 +270,39 @@ def pool(node: Node) -> list[Signature]:
     return sigs
 
 
-@register("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
-          "aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.no_stats",
+@register("aten.batch_norm.default", "aten._native_batch_norm_legit_functional.default",
+          "aten._native_batch_norm_legit.no_stats",
           doc="batch norm: channels may be split; the batch too when using running statistics (``decompose`` "
-              "writes batch statistics as sums, which keep the batch split)")
+              "writes training batch statistics as sums, which keep the batch split)")
 def batch_norm(node: Node) -> list[Signature]:
     """Outputs after the first (saved statistics, new running statistics) are per channel."""
-    ins = node.input_values()
-    n_out = len(node.outputs)
-    if _batch_statistics(node) and _writes_running_statistics(node):
-        # only hand-written IR: an in-place update of a sliced buffer would miss the other slices
-        return [all_b(node)]
-    rest = tuple(Split(0) for _ in ins[1:])
-    sigs = [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]
-    if not _batch_statistics(node):
-        sigs.append(Signature((Split(0),) + (B,) * len(rest), (Split(0),) + (B,) * (n_out - 1)))
-    return sigs
+    return _batch_norm_signatures(node, bool(arg(node, "training")), _writes_running_statistics(node))
 
 
-TRAINING_ARGUMENT = {"aten.batch_norm.default": 5, "aten._native_batch_norm_legit_functional.default": 5,
-                     "aten._native_batch_norm_legit.no_stats": 3}
-"""Where each batch norm takes its ``training`` flag (``_no_training`` has none)."""
+@register("aten._native_batch_norm_legit_no_training.default",
+          doc="batch norm with running statistics: batch or channels may be split")
+def batch_norm_inference(node: Node) -> list[Signature]:
+    return _batch_norm_signatures(node, batch_statistics=False, writes_running=False)
 
 
 def _writes_running_statistics(node: Node) -> bool:
     """``batch_norm`` with running mean and variance updates them in place (its functional forms return them)."""
-    return node.op == "aten.batch_norm.default" and isinstance(node.args[3], Value) and isinstance(node.args[4], Value)
+    return (node.op == "aten.batch_norm.default" and isinstance(arg(node, "running_mean"), Value)
+            and isinstance(arg(node, "running_var"), Value))
 
 
-def _batch_statistics(node: Node) -> bool:
-    """Whether the normalisation statistics come from the batch (training) rather than running stats."""
-    position = TRAINING_ARGUMENT.get(node.op)
-    return position is not None and bool(node.args[position])
+def _batch_norm_signatures(node: Node, batch_statistics: bool, writes_running: bool) -> list[Signature]:
+    """``batch_statistics``: normalise by the batch's statistics (training) rather than running ones;
+    ``writes_running``: running mean and variance buffers are updated in place."""
+    ins = node.input_values()
+    n_out = len(node.outputs)
+    if batch_statistics and writes_running:
+        # only hand-written IR: an in-place update of a sliced buffer would miss the other slices
+        return [all_b(node)]
+    rest = tuple(Split(0) for _ in ins[1:])
+    sigs = [all_b(node), Signature((Split(1),) + rest, (Split(1),) + (Split(0),) * (n_out - 1))]
+    if not batch_statistics:
+        sigs.append(Signature((Split(0),) + (B,) * len(rest), (Split(0),) + (B,) * (n_out - 1)))
+    return sigs
+
+

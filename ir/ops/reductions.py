@@ -1,87 +1,118 @@
-"""Reductions: a split of a reduced dim becomes a partial value."""
+"""Reductions and scans: a split of a reduced dim becomes a partial value; a scanned dim stays whole."""
 from __future__ import annotations
 
 import sympy
 
 from ir.core import Node
-from ir.ops.registry import LocalCall, LocalContext, RULES, Signature, all_b, register, default_local
+from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, default_local, register
+from ir.ops.schema import arg, dim_arg, normalize_dim
 from ir.sbp import P, PMAX, Split
 
 
-# Where ``keepdim`` sits among the positional arguments (``*.correction`` take it by keyword only).
-KEEPDIM_POSITION = {"aten.var.dim": 3, "aten.std.dim": 3, "aten.var_mean.dim": 3, "aten.var.correction": None,
-                    "aten.std.correction": None, "aten.var_mean.correction": None}
-
-
 def reduced_dims(node: Node) -> tuple[list[int], bool]:
-    """The dims a reduction reduces, and whether it keeps them."""
-    x = node.input_values()[0]
-    position = KEEPDIM_POSITION.get(node.op, 2)
-    if position is not None and len(node.args) > position:
-        keep = bool(node.args[position])
-    else:
-        keep = bool(node.kwargs.get("keepdim", False))
-    full = node.op in ("aten.sum.default", "aten.mean.default")
-    if full or len(node.args) < 2 or node.args[1] is None or node.args[1] == []:
-        return list(range(x.type.ndim)), keep and not full
-    dims = node.args[1] if isinstance(node.args[1], list) else [node.args[1]]
-    return sorted(int(d) % max(x.type.ndim, 1) for d in dims), keep
+    """The dims a reduction with ``dim`` and ``keepdim`` arguments reduces, and whether it keeps them.
+
+    ``dim`` is one int or a list; None or an empty list reduces every dim.
+    """
+    ndim = node.input_values()[0].type.ndim
+    dims = arg(node, "dim")
+    keep = bool(arg(node, "keepdim"))
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return list(range(ndim)), keep
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return sorted({normalize_dim(d, ndim) for d in dims}), keep
 
 
-def _reduction(node: Node, reduced_partial) -> list[Signature]:
+def every_dim(node: Node) -> tuple[list[int], bool]:
+    """What a reduction without ``dim`` (``sum.default``) reduces: every dim, none kept."""
+    return list(range(node.input_values()[0].type.ndim)), False
+
+
+def _reduction(node: Node, reduced: tuple[list[int], bool], reduced_partial) -> list[Signature]:
+    """Unreduced dims split through (shifted when reduced dims are dropped); a split reduced dim gives
+    ``reduced_partial`` (None: it may not be split); partial inputs reduce to partial outputs."""
     x = node.input_values()[0]
-    dims, keep = reduced_dims(node)
+    dims, keep = reduced
+    n_out = len(node.outputs)
     sigs = [all_b(node)]
     for i in range(x.type.ndim):
-        if i in dims:
-            sigs.append(Signature((Split(i),), (reduced_partial,)))
-        else:
+        if i not in dims:
             out = i if keep else i - sum(1 for d in dims if d < i)
-            sigs.append(Signature((Split(i),), (Split(out),)))
-    if reduced_partial == P:
-        sigs.append(Signature((P,), (P,)))
-    if reduced_partial == PMAX:
-        sigs.append(Signature((PMAX,), (PMAX,)))
+            sigs.append(Signature((Split(i),), (Split(out),) * n_out))
+        elif reduced_partial is not None:
+            sigs.append(Signature((Split(i),), (reduced_partial,) * n_out))
+    if reduced_partial is not None:
+        sigs.append(Signature((reduced_partial,), (reduced_partial,) * n_out))
     return sigs
 
 
-@register("aten.sum.dim_IntList", "aten.sum.default", "aten.mean.dim", "aten.mean.default",
-          doc="sum/mean: a split reduced dim gives P(sum)")
-def sum_mean(node: Node) -> list[Signature]:
-    return _reduction(node, P)
+@register("aten.sum.dim_IntList", doc="sum: a split reduced dim gives P(sum)")
+def sum_dims(node: Node) -> list[Signature]:
+    return _reduction(node, reduced_dims(node), P)
 
 
-@register("aten.amax.default", "aten.amin.default", doc="max: a split reduced dim gives P(max)")
+@register("aten.sum.default", doc="sum of every entry: a split gives P(sum)")
+def sum_all(node: Node) -> list[Signature]:
+    return _reduction(node, every_dim(node), P)
+
+
+@register("aten.amax.default", doc="max: a split reduced dim gives P(max)")
 def amax(node: Node) -> list[Signature]:
-    if node.op == "aten.amin.default":
-        return [s for s in _reduction(node, P) if P not in s.outputs and P not in s.inputs]
-    return _reduction(node, PMAX)
+    return _reduction(node, reduced_dims(node), PMAX)
 
 
-def _mean_local(node: Node, ctx: LocalContext) -> LocalCall:
+@register("aten.amin.default", doc="min: only unreduced dims may be split (no P(min) layout)")
+def amin(node: Node) -> list[Signature]:
+    return _reduction(node, reduced_dims(node), None)
+
+
+def _mean_call(node: Node, ctx: LocalContext, reduced: tuple[list[int], bool]) -> LocalCall:
     """A mean over split dims: local sum over the global count of reduced elements."""
     x = node.input_values()[0]
-    dims, keep = reduced_dims(node)
+    dims, keep = reduced
     split = {s.dim for s in ctx.in_sbps[0] if isinstance(s, Split)}
     if not split & set(dims):
         return default_local(node, ctx)
     count = sympy.Integer(1)
     for d in dims:
         count = count * x.type.shape[d]
-    dtype = node.kwargs.get("dtype")
-    return LocalCall("kernels.sum_over", [x, dims, keep, count, dtype])
+    return LocalCall("kernels.sum_over", [x, dims, keep, count, arg(node, "dtype")])
 
 
-RULES["aten.mean.dim"].local = _mean_local
-RULES["aten.mean.default"].local = _mean_local
+def _mean_dims_local(node: Node, ctx: LocalContext) -> LocalCall:
+    return _mean_call(node, ctx, reduced_dims(node))
 
 
-@register("aten.cumsum.default", doc="prefix sums along one dim; other dims may be split")
-def cumsum(node: Node) -> list[Signature]:
+def _mean_all_local(node: Node, ctx: LocalContext) -> LocalCall:
+    return _mean_call(node, ctx, every_dim(node))
+
+
+register("aten.mean.dim", local=_mean_dims_local,
+         doc="mean: a split reduced dim gives P(sum) of local sums over the global count")(sum_dims)
+register("aten.mean.default", local=_mean_all_local,
+         doc="mean of every entry: local sums over the global count")(sum_all)
+
+
+def along_dim(node: Node, linear: bool) -> list[Signature]:
+    """An op that reads ``dim`` whole (scan, sort, softmax): every other dim may be split; a linear one
+    (cumsum) maps partial values to partial values."""
     x = node.input_values()[0]
-    dim = int(node.args[1]) % x.type.ndim
-    sigs = [all_b(node), Signature((P,), (P,))]
-    return sigs + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim) if i != dim]
+    dim = dim_arg(node, "dim", x.type.ndim)
+    n_out = len(node.outputs)
+    sigs = [all_b(node)] + [Signature((Split(i),), (Split(i),) * n_out) for i in range(x.type.ndim) if i != dim]
+    return sigs + ([Signature((P,), (P,) * n_out)] if linear else [])
+
+
+@register("aten.cumsum.default", doc="prefix sums along one dim: linear; other dims may be split")
+def cumsum(node: Node) -> list[Signature]:
+    return along_dim(node, linear=True)
+
+
+@register("aten.topk.default", "aten.sort.default", "aten.sort.stable", "aten.argsort.default",
+          "aten.argsort.stable", "aten.cumprod.default",
+          doc="ranks or scans along one dim; other dims may be split")
+def ranked(node: Node) -> list[Signature]:
+    return along_dim(node, linear=False)
 
 
 @register("aten.var.correction", "aten.var_mean.correction", "aten.std.correction", "aten.var.dim",
@@ -90,14 +121,5 @@ def cumsum(node: Node) -> list[Signature]:
           "aten.logsumexp.default", "aten.prod.dim_int", "aten.any.dim", "aten.all.dim",
           doc="nonlinear reductions: only unreduced dims may be split")
 def nonlinear_reduction(node: Node) -> list[Signature]:
-    x = node.input_values()[0]
-    dims, keep = reduced_dims(node)
-    if node.op in ("aten.argmax.default", "aten.argmin.default") and (len(node.args) < 2 or node.args[1] is None):
-        return [all_b(node)]
-    n_out = len(node.outputs)
-    sigs = [all_b(node)]
-    for i in range(x.type.ndim):
-        if i not in dims:
-            out = i if keep else i - sum(1 for d in dims if d < i)
-            sigs.append(Signature((Split(i),), (Split(out),) * n_out))
-    return sigs
+    """``argmax`` / ``argmin`` without ``dim`` index the flattened input: every dim counts as reduced."""
+    return _reduction(node, reduced_dims(node), None)

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 import sympy
 
 from ir.core import Node, map_structure
+from ir.ops.schema import with_arg
 from ir.sbp import B, NdSbp, Partial, Split
 from ir.types import Mesh, TensorType
 
@@ -209,21 +210,22 @@ def first_coord_is_zero(nd: NdSbp, mesh: Mesh, which) -> sympy.Expr:
     return expr
 
 
-SHAPE_ARG_OPS = {
-    "aten.view.default": 1, "aten.reshape.default": 1, "aten._unsafe_view.default": 1,
-    "aten.expand.default": 1, "aten.new_zeros.default": 1, "aten.new_ones.default": 1,
-    "aten.new_empty.default": 1, "aten.new_full.default": 1, "aten.zeros.default": 0,
-    "aten.ones.default": 0, "aten.empty.memory_format": 0, "aten.full.default": 0,
+SHAPE_ARGS = {
+    "aten.view.default": "size", "aten.reshape.default": "shape", "aten._unsafe_view.default": "size",
+    "aten.expand.default": "size", "aten.new_zeros.default": "size", "aten.new_ones.default": "size",
+    "aten.new_empty.default": "size", "aten.new_full.default": "size", "aten.zeros.default": "size",
+    "aten.ones.default": "size", "aten.empty.memory_format": "size", "aten.full.default": "size",
 }
+"""Ops whose output shape is an argument (by schema name): a rank passes its shard's shape."""
 
 
 def default_local(node: Node, ctx: LocalContext) -> LocalCall:
     """The same op, with a shape argument (view, expand, zeros, ...) replaced by the local shape."""
-    args = list(node.args)
-    pos = SHAPE_ARG_OPS.get(node.op)
-    if pos is not None and len(node.outputs) == 1:
-        args[pos] = list(local_shape(node.outputs[0].type, ctx.out_sbps[0], ctx.mesh))
-    return LocalCall(node.op, args, dict(node.kwargs))
+    name = SHAPE_ARGS.get(node.op)
+    if name is not None and len(node.outputs) == 1:
+        args, kwargs = with_arg(node, name, list(local_shape(node.outputs[0].type, ctx.out_sbps[0], ctx.mesh)))
+        return LocalCall(node.op, args, kwargs)
+    return LocalCall(node.op, list(node.args), dict(node.kwargs))
 
 
 def local_call(node: Node, ctx: LocalContext) -> LocalCall:

@@ -6,9 +6,9 @@ import functools
 import sympy
 
 from ir.core import Node
-from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, register, default_local
+from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, default_local, local_shape, register
+from ir.ops.schema import arg, dim_arg, normalize_dim, with_arg
 from ir.sbp import B, P, Split
-
 
 
 _SYMBOL_PRIMES: dict[str, int] = {}
@@ -54,7 +54,6 @@ def reshape_groups(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], l
 
 
 @register("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
-          "aten.flatten.using_ints", "aten.unflatten.int",
           doc="a split maps to the outermost dim of its reshape group")
 def reshape(node: Node) -> list[Signature]:
     x = node.input_values()[0]
@@ -66,38 +65,38 @@ def reshape(node: Node) -> list[Signature]:
 
 
 def _flatten_local(node: Node, ctx: LocalContext) -> LocalCall:
-    shape = list(_local_out(node, ctx))
+    """flatten / unflatten of a shard: a reshape to the shard's output shape."""
+    shape = list(local_shape(node.outputs[0].type, ctx.out_sbps[0], ctx.mesh))
     return LocalCall("aten.reshape.default", [node.input_values()[0], shape])
 
 
-def _local_out(node: Node, ctx: LocalContext):
-    from ir.ops.registry import local_shape
-    return local_shape(node.outputs[0].type, ctx.out_sbps[0], ctx.mesh)
-
-
-for _op in ("aten.flatten.using_ints", "aten.unflatten.int"):
-    from ir.ops.registry import RULES as _R
-    _R[_op].local = _flatten_local
+register("aten.flatten.using_ints", "aten.unflatten.int", local=_flatten_local,
+         doc="a reshape: a split maps to the outermost dim of its reshape group")(reshape)
 
 
 @register("aten.transpose.int", doc="swap two dims")
 def transpose(node: Node) -> list[Signature]:
-    x = node.input_values()[0]
-    a, b = (_norm(d, x.type.ndim) for d in node.args[1:3])
-    perm = list(range(x.type.ndim))
+    ndim = node.input_values()[0].type.ndim
+    a, b = dim_arg(node, "dim0", ndim), dim_arg(node, "dim1", ndim)
+    perm = list(range(ndim))
     perm[a], perm[b] = perm[b], perm[a]
     return _permuted(node, perm)
 
 
 @register("aten.permute.default", doc="reorder dims")
 def permute(node: Node) -> list[Signature]:
-    x = node.input_values()[0]
-    return _permuted(node, [_norm(d, x.type.ndim) for d in node.args[1]])
+    ndim = node.input_values()[0].type.ndim
+    return _permuted(node, [normalize_dim(d, ndim) for d in arg(node, "dims")])
 
 
 @register("aten.t.default", doc="2-D transpose")
 def t(node: Node) -> list[Signature]:
     return _permuted(node, [1, 0] if node.input_values()[0].type.ndim == 2 else [0])
+
+
+@register("aten.numpy_T.default", doc="x.T: every dim reversed")
+def numpy_t(node: Node) -> list[Signature]:
+    return _permuted(node, list(reversed(range(node.input_values()[0].type.ndim))))
 
 
 def _permuted(node: Node, perm: list[int]) -> list[Signature]:
@@ -106,37 +105,51 @@ def _permuted(node: Node, perm: list[int]) -> list[Signature]:
     return sigs
 
 
-def _norm(d, ndim: int) -> int:
-    d = int(d)
-    return d + ndim if d < 0 else d
-
-
 @register("aten.unsqueeze.default", doc="insert a size-1 dim")
 def unsqueeze(node: Node) -> list[Signature]:
     x = node.input_values()[0]
-    d = _norm(node.args[1], x.type.ndim + 1)
+    d = dim_arg(node, "dim", x.type.ndim + 1)
     return _dim_map(node, {i: (i if i < d else i + 1) for i in range(x.type.ndim)})
 
 
-@register("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default", doc="drop size-1 dims")
-def squeeze(node: Node) -> list[Signature]:
+def _squeezed_dims(node: Node, requested: list[int] | None) -> list[int]:
+    """The input dims a squeeze drops: those of size 1 among ``requested`` (None: all dims)."""
     x = node.input_values()[0]
-    kept = [i for i, d in enumerate(x.type.shape) if d != 1 or not _squeezed(node, i, x.type.ndim)]
+    return [i for i, d in enumerate(x.type.shape) if d == 1 and (requested is None or i in requested)]
+
+
+def _requested_dims(node: Node) -> list[int]:
+    """The dims a ``squeeze.dim`` / ``squeeze.dims`` names (its ``dim`` is one int or a list)."""
+    ndim = node.input_values()[0].type.ndim
+    dims = arg(node, "dim")
+    return [normalize_dim(d, ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+
+
+def _squeeze_signatures(node: Node, dropped: list[int]) -> list[Signature]:
+    x = node.input_values()[0]
+    kept = [i for i in range(x.type.ndim) if i not in dropped]
     return _dim_map(node, {src: dst for dst, src in enumerate(kept)})
 
 
-def _squeezed(node: Node, i: int, ndim: int) -> bool:
-    if node.op == "aten.squeeze.default":
-        return True
-    dims = node.args[1] if isinstance(node.args[1], list) else [node.args[1]]
-    return i in [_norm(d, ndim) for d in dims]
-
-
-def _squeeze_local(node: Node, ctx: LocalContext) -> LocalCall:
+def _squeeze_all_local(node: Node, ctx: LocalContext) -> LocalCall:
     """Squeeze exactly the dims that are 1 globally: a split dim may hold one row on a rank."""
-    x = node.input_values()[0]
-    dims = [i for i, d in enumerate(x.type.shape) if d == 1 and _squeezed(node, i, x.type.ndim)]
-    return LocalCall("aten.squeeze.dims", [x, dims])
+    return LocalCall("aten.squeeze.dims", [node.input_values()[0], _squeezed_dims(node, None)])
+
+
+def _squeeze_dims_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """Squeeze exactly the named dims that are 1 globally."""
+    return LocalCall("aten.squeeze.dims", [node.input_values()[0], _squeezed_dims(node, _requested_dims(node))])
+
+
+@register("aten.squeeze.default", local=_squeeze_all_local, doc="drop every size-1 dim")
+def squeeze_all(node: Node) -> list[Signature]:
+    return _squeeze_signatures(node, _squeezed_dims(node, None))
+
+
+@register("aten.squeeze.dim", "aten.squeeze.dims", local=_squeeze_dims_local,
+          doc="drop the named dims that have size 1")
+def squeeze_dims(node: Node) -> list[Signature]:
+    return _squeeze_signatures(node, _squeezed_dims(node, _requested_dims(node)))
 
 
 def _dim_map(node: Node, mapping: dict[int, int]) -> list[Signature]:
@@ -161,24 +174,48 @@ def expand(node: Node) -> list[Signature]:
     return sigs
 
 
-@register("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default",
-          "aten.unbind.int", doc="pieces along one dim; other dims may be split")
-def split(node: Node) -> list[Signature]:
-    x = node.input_values()[0]
-    dim = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), x.type.ndim)
-    n_out = len(node.outputs)
-    sigs = [all_b(node), Signature((P,), (P,) * n_out)]
+def _pieces(node: Node, dim: int, drops_dim: bool) -> list[Signature]:
+    """Outputs that are pieces of ``self`` along ``dim`` (which they drop when ``drops_dim``): linear, and
+    every other dim may be split. Other tensor inputs (``tensor_split``'s index tensor) stay broadcast."""
+    x, *rest = node.input_values()
+    n_out, others = len(node.outputs), (B,) * len(rest)
+    sigs = [all_b(node), Signature((P,) + others, (P,) * n_out)]
     for i in range(x.type.ndim):
         if i != dim:
-            out_dim = i if node.op != "aten.unbind.int" or i < dim else i - 1
-            sigs.append(Signature((Split(i),), (Split(out_dim),) * n_out))
+            out_dim = i - 1 if drops_dim and i > dim else i
+            sigs.append(Signature((Split(i),) + others, (Split(out_dim),) * n_out))
     return sigs
 
 
-@register("aten.slice.Tensor", "aten.narrow.default", doc="a range of one dim; others may be split")
+@register("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.tensor_split.sections",
+          "aten.tensor_split.indices", "aten.tensor_split.tensor_indices_or_sections",
+          doc="pieces along one dim; other dims may be split")
+def split(node: Node) -> list[Signature]:
+    return _pieces(node, dim_arg(node, "dim", node.input_values()[0].type.ndim), drops_dim=False)
+
+
+@register("aten.unbind.int", doc="every index of one dim, that dim dropped; other dims may be split")
+def unbind(node: Node) -> list[Signature]:
+    return _pieces(node, dim_arg(node, "dim", node.input_values()[0].type.ndim), drops_dim=True)
+
+
+def _slice_dim(node: Node) -> int:
+    return dim_arg(node, "dim", node.input_values()[0].type.ndim)
+
+
+def _slice_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """A full-range slice of a split dim is the identity on each shard."""
+    dim = _slice_dim(node)
+    if any(isinstance(s, Split) and s.dim == dim for s in ctx.in_sbps[0]):
+        return LocalCall("aten.alias.default", [node.input_values()[0]])
+    return default_local(node, ctx)
+
+
+@register("aten.slice.Tensor", "aten.narrow.default", local=_slice_local,
+          doc="a range of one dim; others may be split")
 def slice_(node: Node) -> list[Signature]:
     x = node.input_values()[0]
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, x.type.ndim)
+    dim = _slice_dim(node)
     sigs = [all_b(node), Signature((P,), (P,))]
     sigs += [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim) if i != dim]
     if node.outputs[0].type.shape[dim] == x.type.shape[dim]:
@@ -186,75 +223,121 @@ def slice_(node: Node) -> list[Signature]:
     return sigs
 
 
-def _slice_local(node: Node, ctx: LocalContext) -> LocalCall:
-    """A full-range slice of a split dim is the identity on each shard."""
+def _scattered(node: Node, dim: int, src_drops_dim: bool) -> list[Signature]:
+    """``self`` with a part along ``dim`` replaced by ``src`` (which lacks ``dim`` when ``src_drops_dim``):
+    linear in both together; every other dim may be split in both."""
     x = node.input_values()[0]
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, x.type.ndim)
-    if any(isinstance(s, Split) and s.dim == dim for s in ctx.in_sbps[0]):
-        return LocalCall("aten.alias.default", [x])
-    return default_local(node, ctx)
+    sigs = [all_b(node), Signature((P, P), (P,))]
+    for i in range(x.type.ndim):
+        if i != dim:
+            src_dim = i - 1 if src_drops_dim and i > dim else i
+            sigs.append(Signature((Split(i), Split(src_dim)), (Split(i),)))
+    return sigs
 
 
-from ir.ops.registry import RULES as _RULES  # noqa: E402
-_RULES["aten.slice.Tensor"].local = _slice_local
-_RULES["aten.narrow.default"].local = _slice_local
-for _op in ("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default"):
-    _RULES[_op].local = _squeeze_local
+@register("aten.slice_scatter.default", doc="a range of one dim replaced; other dims may be split")
+def slice_scatter(node: Node) -> list[Signature]:
+    return _scattered(node, dim_arg(node, "dim", node.input_values()[0].type.ndim), src_drops_dim=False)
+
+
+@register("aten.select_scatter.default", doc="one index of one dim replaced; other dims may be split")
+def select_scatter(node: Node) -> list[Signature]:
+    return _scattered(node, dim_arg(node, "dim", node.input_values()[0].type.ndim), src_drops_dim=True)
 
 
 @register("aten.select.int", doc="one index of one dim")
 def select(node: Node) -> list[Signature]:
     x = node.input_values()[0]
-    dim = _norm(node.args[1], x.type.ndim)
+    dim = dim_arg(node, "dim", x.type.ndim)
     return _dim_map(node, {i: (i if i < dim else i - 1) for i in range(x.type.ndim) if i != dim})
 
 
-@register("aten.cat.default", "aten.stack.default", doc="join along one dim; others may be split")
-def cat(node: Node) -> list[Signature]:
+def _joined(node: Node, dim: int, inserts_dim: bool) -> list[Signature]:
+    """Inputs joined along output dim ``dim`` (a new dim when ``inserts_dim``); others may be split."""
     ins = node.input_values()
-    ndim = node.outputs[0].type.ndim
-    dim = _norm(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), ndim)
     sigs = [all_b(node), Signature((P,) * len(ins), (P,))]
-    for i in range(ndim):
-        if i == dim:
-            continue
-        in_dim = i if node.op == "aten.cat.default" or i < dim else i - 1
-        sigs.append(Signature((Split(in_dim),) * len(ins), (Split(i),)))
+    for i in range(node.outputs[0].type.ndim):
+        if i != dim:
+            in_dim = i - 1 if inserts_dim and i > dim else i
+            sigs.append(Signature((Split(in_dim),) * len(ins), (Split(i),)))
     return sigs
 
 
-@register("aten.pad.default", "aten.constant_pad_nd.default", doc="pad trailing dims; others may be split")
-def pad(node: Node) -> list[Signature]:
+@register("aten.cat.default", doc="join along one dim; others may be split")
+def cat(node: Node) -> list[Signature]:
+    return _joined(node, dim_arg(node, "dim", node.outputs[0].type.ndim), inserts_dim=False)
+
+
+@register("aten.stack.default", doc="join along a new dim; others may be split")
+def stack(node: Node) -> list[Signature]:
+    return _joined(node, dim_arg(node, "dim", node.outputs[0].type.ndim), inserts_dim=True)
+
+
+def _padded(node: Node, linear: bool) -> list[Signature]:
+    """Padding of trailing dims (two ``pad`` entries per dim); the other dims may be split."""
     x = node.input_values()[0]
-    padded = len(node.args[1]) // 2
-    keep = range(x.type.ndim - padded)
-    sigs = [all_b(node)] + [Signature((Split(i),), (Split(i),)) for i in keep]
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-    if node.op == "aten.constant_pad_nd.default":
-        value = node.args[2] if len(node.args) > 2 else 0
-        mode = "constant"
-    if mode != "constant" or not value:
-        # Reflect, replicate and circular padding copy entries; zero padding adds zeros: all linear.
+    padded = len(arg(node, "pad")) // 2
+    sigs = [all_b(node)] + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim - padded)]
+    if linear:
         sigs.append(Signature((P,), (P,)))
     return sigs
+
+
+@register("aten.pad.default", doc="pad trailing dims; others may be split")
+def pad(node: Node) -> list[Signature]:
+    # Reflect, replicate and circular padding copy entries; zero padding adds zeros: all linear.
+    return _padded(node, linear=arg(node, "mode") != "constant" or not arg(node, "value"))
+
+
+@register("aten.constant_pad_nd.default", doc="pad trailing dims with a constant; others may be split")
+def constant_pad_nd(node: Node) -> list[Signature]:
+    return _padded(node, linear=not arg(node, "value"))
 
 
 @register("aten.repeat.default", doc="tile; dims repeated once may be split")
 def repeat(node: Node) -> list[Signature]:
     x = node.input_values()[0]
-    reps = list(node.args[1])
+    reps = list(arg(node, "repeats"))
     lead = len(reps) - x.type.ndim
     sigs = [all_b(node), Signature((P,), (P,))]
     sigs += [Signature((Split(i),), (Split(i + lead),)) for i in range(x.type.ndim) if reps[i + lead] == 1]
     return sigs
 
 
+def _repeat_interleave_dim(node: Node) -> int | None:
+    """The dim whose entries repeat, or None when the input is flattened first."""
+    dim = arg(node, "dim")
+    return None if dim is None else dim_arg(node, "dim", node.input_values()[0].type.ndim)
+
+
+def _repeat_interleave_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """``output_size`` is the global size of the repeated dim: a shard gets its local size."""
+    if arg(node, "output_size") is None:
+        return default_local(node, ctx)
+    dim = _repeat_interleave_dim(node)
+    size = local_shape(node.outputs[0].type, ctx.out_sbps[0], ctx.mesh)[0 if dim is None else dim]
+    args, kwargs = with_arg(node, "output_size", size)
+    return LocalCall(node.op, args, kwargs)
+
+
+@register("aten.repeat_interleave.self_int", local=_repeat_interleave_local,
+          doc="each entry repeated in place: every dim may be split, the repeated one too")
+def repeat_interleave(node: Node) -> list[Signature]:
+    """A shard's entries repeat into a contiguous block of the output, so splits map dim to dim; without
+    ``dim`` the input is flattened first, and only a split of its leading dim stays contiguous."""
+    x = node.input_values()[0]
+    dim = _repeat_interleave_dim(node)
+    sigs = [all_b(node), Signature((P,), (P,))]
+    if dim is None:
+        return sigs + ([Signature((Split(0),), (Split(0),))] if x.type.ndim > 0 else [])
+    return sigs + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim)]
+
+
 @register("aten.diff.default", doc="differences along one dim: linear; other dims may be split")
 def diff(node: Node) -> list[Signature]:
     ins = node.input_values()
     ndim = ins[0].type.ndim
-    dim = _norm(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1), ndim)
+    dim = dim_arg(node, "dim", ndim)
     # prepend / append have the input's shape except along ``dim``, so they split alike.
     sigs = [all_b(node), Signature((P,) * len(ins), (P,))]
     sigs += [Signature((Split(i),) * len(ins), (Split(i),)) for i in range(ndim) if i != dim]
@@ -270,7 +353,7 @@ def index(node: Node) -> list[Signature]:
     """
     from ir.ops.elementwise import aligned_dim
     x, *idx = node.input_values()
-    indices = node.args[1]
+    indices = arg(node, "indices")
     sigs = [all_b(node), Signature((P,) + (B,) * len(idx), (P,))]
     if any(i is None for i in indices) or any(v.type.dtype in ("bool", "u8") for v in idx):
         return sigs  # masks and skipped dims move the result dims around; keep the safe layouts
@@ -289,19 +372,24 @@ def index(node: Node) -> list[Signature]:
 FACTORIES = [
     "aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
     "aten.ones.default", "aten.full.default", "aten.empty.memory_format", "aten.new_zeros.default",
-    "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default", "aten.zeros_like.default",
-    "aten.ones_like.default", "aten.full_like.default", "aten.scalar_tensor.default",
-    "aten.tril.default", "aten.triu.default", "aten.eye.default",
+    "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default", "aten.scalar_tensor.default",
+    "aten.eye.default",
 ]
+LIKE_FACTORIES = ["aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.fill.Scalar"]
 
 
-@register(*FACTORIES, doc="created tensors are broadcast; *_like follow their input's split")
+@register(*FACTORIES, doc="created tensors are broadcast (new_* read only their input's dtype and device)")
 def factory(node: Node) -> list[Signature]:
-    sigs = [all_b(node)]
-    ins = node.input_values()
-    if node.op.endswith("_like.default") and ins:
-        sigs += [Signature((Split(i),), (Split(i),)) for i in range(ins[0].type.ndim)]
-    if node.op in ("aten.tril.default", "aten.triu.default"):
-        sigs += [Signature((Split(i),), (Split(i),)) for i in range(ins[0].type.ndim - 2)]
-        sigs.append(Signature((P,), (P,)))
-    return sigs
+    return [all_b(node)]
+
+
+@register(*LIKE_FACTORIES, doc="a constant tensor of the input's shape: follows the input's split")
+def like_factory(node: Node) -> list[Signature]:
+    return [all_b(node)] + [Signature((Split(i),), (Split(i),)) for i in range(node.input_values()[0].type.ndim)]
+
+
+@register("aten.tril.default", "aten.triu.default", doc="masks the last two dims: linear; batch dims may be split")
+def triangle(node: Node) -> list[Signature]:
+    x = node.input_values()[0]
+    sigs = [all_b(node), Signature((P,), (P,))]
+    return sigs + [Signature((Split(i),), (Split(i),)) for i in range(x.type.ndim - 2)]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ir.core import Graph, Node, Value
+from ir.ops.schema import parameters
 from ir.sbp import Broadcast, Split
 from ir.types import DTYPE_NAMES, Mesh, TensorType
 from ir.verifier import resolve_op
@@ -50,10 +51,11 @@ class T:
     dtype: torch.dtype = torch.float32
     fill: str = "normal"
     """``normal`` (multiples of 1/64 in [-2, 2)), ``positive`` ([0.25, 2.5)), ``distinct`` (no ties),
-    ``int`` (in [-high, high)), ``index`` (in [0, high)), ``bool``, ``pow2`` (0.5, 1, 2 or 4) or ``sign``
-    (-1 or 1). Where an op's gradient of a broadcast operand sums terms that are not exact (1 / y), the
-    samples pick ``pow2`` or ``sign`` values that make them exact, so that summing in another order
-    (per shard, then over ranks) cannot round differently."""
+    ``int`` (in [-high, high)), ``index`` (in [0, high)), ``prob`` (in (0, 1)), ``const`` (every entry
+    ``high``: for arguments whose values set output shapes), ``bool``, ``pow2`` (0.5, 1, 2 or 4) or
+    ``sign`` (-1 or 1). Where an op's gradient of a broadcast operand sums terms that are not exact
+    (1 / y), the samples pick ``pow2`` or ``sign`` values that make them exact, so that summing in
+    another order (per shard, then over ranks) cannot round differently."""
     high: int = 4
     param: bool = False
     """Make it a graph parameter (like a weight) rather than a graph input."""
@@ -172,6 +174,10 @@ def make_tensor(spec: T, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(-spec.high, spec.high, shape, generator=gen).to(spec.dtype)
     if spec.fill == "index":
         return torch.randint(0, spec.high, shape, generator=gen).to(spec.dtype)
+    if spec.fill == "prob":
+        return (torch.randint(1, 64, shape, generator=gen) / 64).to(spec.dtype)
+    if spec.fill == "const":
+        return torch.full(shape, spec.high, dtype=spec.dtype)
     if spec.fill == "positive":
         return (torch.randint(16, 160, shape, generator=gen) / 64).to(spec.dtype)
     if spec.fill == "distinct":
@@ -184,7 +190,7 @@ def make_tensor(spec: T, gen: torch.Generator) -> torch.Tensor:
     if spec.fill == "normal":
         return (torch.randint(-128, 128, shape, generator=gen) / 64).to(spec.dtype)
     raise ValueError(f"unknown fill {spec.fill!r} for a sample input; expected one of normal, positive, "
-                     f"distinct, int, index, bool, pow2, sign")
+                     f"distinct, int, index, prob, const, bool, pow2, sign")
 
 
 # -- cutting full tensors into per-rank locals ----------------------------------------------------------
@@ -246,6 +252,66 @@ def assert_broadcast_agrees(locals_: list, sbp: tuple, mesh: Mesh, what: str) ->
                     assert_same(locals_[r], locals_[group[0]], f"{what}: rank {r} vs rank {group[0]} (B on axis {axis})")
 
 
+# -- argument coverage -------------------------------------------------------------------------------
+
+DIM_ARGUMENTS = ("dim", "dims", "dim0", "dim1", "start_dim", "end_dim")
+"""Arguments that name dims: the samples give each a negative and a positive value somewhere."""
+UNEXERCISED = {
+    "device": "placement: the virtual mesh runs every rank on the CPU",
+    "layout": "dense strided tensors only",
+    "pin_memory": "placement of host memory: values do not change",
+    "memory_format": "memory layout: values do not change",
+    "non_blocking": "a copy's synchronisation: values do not change",
+    "copy": "whether ``to`` copies an unchanged tensor: values do not change",
+    "sparse": "sparse gradients: no backend shards sparse tensors",
+    "sparse_grad": "sparse gradients: no backend shards sparse tensors",
+    "cudnn_enable": "a CUDA kernel choice",
+    "cudnn_enabled": "a CUDA kernel choice",
+    "implicit": "marks an expand torch inserted: values do not change",
+    "half_to_float": "needs a half input on CUDA",
+}
+"""Arguments the samples need not give, by name, and why."""
+
+
+def given_arguments(sample: OpSample) -> dict[str, tuple[Any, bool]]:
+    """The arguments a sample writes, by schema name: ``(value, given by keyword)``."""
+    params = parameters(sample.op)
+    positional = [p for p in params if not p.kwarg_only]
+    given = {p.name: (a, False) for p, a in zip(positional, sample.args)}
+    given.update({k: (v, True) for k, v in sample.kwargs.items()})
+    return given
+
+
+def coverage_gaps(op: str, samples: list[OpSample]) -> list[str]:
+    """What the samples of ``op`` leave unexercised: an argument never given a non-default value, a bool
+    never given both ways, a dim never negative or never positive, a defaulted dim never given by keyword."""
+    gaps = []
+    given = [given_arguments(s) for s in samples]
+    for p in parameters(op):
+        if p.name in UNEXERCISED:
+            continue
+        values = [g[p.name][0] for g in given if p.name in g]
+        seen = values + ([p.default] if p.has_default and len(values) < len(samples) else [])
+        if p.has_default and not any(_differs(v, p.default) for v in values):
+            gaps.append(f"{p.name}: never given a value other than its default {p.default!r}")
+        if any(isinstance(v, bool) for v in seen) and not {True, False} <= {v for v in seen if isinstance(v, bool)}:
+            gaps.append(f"{p.name}: never given both True and False")
+        if p.name in DIM_ARGUMENTS:
+            dims = [d for v in values if v is not None for d in (v if isinstance(v, (list, tuple)) else [v])]
+            if not any(d < 0 for d in dims) or not any(d > 0 for d in dims):
+                gaps.append(f"{p.name}: needs a negative and a positive dim among the samples, found {dims}")
+            if p.has_default and not p.kwarg_only and not any(g[p.name][1] for g in given if p.name in g):
+                gaps.append(f"{p.name}: never given by keyword")
+    return gaps
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether a sample's value is another than the schema default (a tensor differs from None)."""
+    if isinstance(value, T) or default is None:
+        return value is not None
+    return value != default
+
+
 # -- the database ----------------------------------------------------------------------------------
 
 SAMPLES: dict[str, list[OpSample]] = {}
@@ -292,6 +358,8 @@ def _elementwise_unary() -> None:
     add("aten.bitwise_not.default", T((6, 4), I64, "int"))
     add("aten.bitwise_and.Scalar", T((4, 1, 6), I64, "int", high=8), 3)
     add("aten.hardtanh.default", X, -1.0, 1.0)
+    add("aten.hardtanh.default", X, -0.5, 0.75)
+    add("aten.elu.default", X, 0.5, 2.0, 1.5)
     add("aten.leaky_relu.default", X, 0.1)
     add("aten.softplus.default", X, 2.0, 1.0)
     add("aten.clamp.default", X, -1.0, 0.5)
@@ -301,6 +369,7 @@ def _elementwise_unary() -> None:
     add("aten.mul.Scalar", X, 2.5)
     add("aten.div.Scalar", X, 4.0)
     add("aten.rsub.Scalar", X, 1.0)
+    add("aten.rsub.Scalar", X, 1.0, 2)
     add("aten.remainder.Scalar", X, 0.75)
 
 
@@ -329,7 +398,8 @@ def _conversions() -> None:
 def _elementwise_binary() -> None:
     """Broadcasting both ways: [4,1,6] with [3,1] gives [4,3,6]; and a zero-dim tensor operand."""
     left, right = T((4, 1, 6)), T((3, 1))
-    for name in ["maximum.default", "minimum.default", "add.Tensor", "sub.Tensor", "mul.Tensor"]:
+    for name in ["maximum.default", "minimum.default", "add.Tensor", "sub.Tensor", "mul.Tensor", "min.other",
+                 "max.other"]:
         add(f"aten.{name}", left, right)
         add(f"aten.{name}", T((6, 4)), T(()))
     for cmp in ["eq", "ne", "lt", "gt", "le", "ge"]:
@@ -339,6 +409,7 @@ def _elementwise_binary() -> None:
                  "logical_and.default", "logical_or.default"]:
         add(f"aten.{name}", T((4, 1, 6), BOOL, "bool"), T((3, 1), BOOL, "bool"))
     add("aten.bitwise_and.Tensor", T((6, 4), I64, "int", high=8), T((4,), I64, "int", high=8))
+    add("aten.min.other", T((6, 4), I64, "int"), T((6, 1), I64, "int"))
     add("aten.__and__.Tensor", T((), BOOL, "bool"), T((4, 1, 6), BOOL, "bool"))
     add("aten.atan2.default", T((4, 1, 6), fill="sign"), T((3, 1), fill="sign"))
     add("aten.atan2.default", T((6, 4)), T(()))
@@ -354,6 +425,16 @@ def _elementwise_binary() -> None:
     add("aten.add.Tensor", left, right, kw={"alpha": 2})
     add("aten.sub.Tensor", X, 0.5, kw={"alpha": 2})
     add("aten.add.Tensor", T((4, 6), I64, "int"), T((4, 6), I64, "int"))
+    # torch has no derivative for aten.copy (functionalization writes it for copy_ outside autograd)
+    add("aten.broadcast_tensors.default", [T((4, 1, 6)), T((3, 1))])
+    add("aten.broadcast_tensors.default", [T((6, 4)), T(()), T((4,))])
+    add("aten.copy.default", T((4, 3, 6)), T((3, 1)), differentiable=False)
+    add("aten.copy.default", T((4, 6), I64, "int"), T((4, 6)), True, differentiable=False,
+        rejects=(rej("2", ["(B)", "(P(sum))"]),), note="copying floats into ints truncates: not linear")
+    add("aten.copy.default", T((4, 6), F64), T((6,)), differentiable=False)
+    add("aten.fill.Scalar", T((4, 6)), 1.5)
+    add("aten.fill.Scalar", T((4, 1, 6), I64, "int"), 3)
+    add("aten.fill.Tensor", T((4, 6)), T(()))
     add("aten.where.self", T((4, 1, 6), BOOL, "bool"), T((3, 1)), T((4, 3, 1)))
     add("aten.where.ScalarOther", T((4, 1, 6), BOOL, "bool"), T((3, 1)), 0.0)
     add("aten.where.ScalarSelf", T((4, 1, 6), BOOL, "bool"), 1.5, T((3, 1)))
@@ -367,35 +448,78 @@ def _reductions() -> None:
     add("aten.sum.dim_IntList", x3, [-1, 0], True)
     add("aten.sum.dim_IntList", T((4, 6)), [1], False, kw={"dtype": F64})
     add("aten.sum.dim_IntList", T((4, 6), I64, "int"), [0])
+    add("aten.sum.dim_IntList", x3, None, True)
+    add("aten.sum.dim_IntList", x3, [], kw={"keepdim": False})
     add("aten.sum.default", T((4, 6)))
+    add("aten.sum.default", T((4, 6)), kw={"dtype": F64})
     add("aten.mean.dim", x3, [-1], True)
     add("aten.mean.dim", x3, [0, 2])
+    add("aten.mean.dim", T((4, 6)), [1], False, kw={"dtype": F64})
     add("aten.mean.default", T((4, 6)))
-    add("aten.amax.default", T((4, 6, 12), fill="distinct"), [1])
-    add("aten.amax.default", T((4, 6, 12), fill="distinct"), [-1, 0], True)
+    add("aten.mean.default", T((4, 6)), kw={"dtype": F64})
+    xd = T((4, 6, 12), fill="distinct")
+    add("aten.amax.default", xd, [1])
+    add("aten.amax.default", xd, [-1, 0], True)
     add("aten.amax.default", T((4, 6), fill="distinct"))
-    add("aten.amin.default", T((4, 6, 12), fill="distinct"), [0])
+    add("aten.amax.default", xd, kw={"dim": [2], "keepdim": False})
+    add("aten.amin.default", xd, [0])
+    add("aten.amin.default", xd, [-1, 1], True)
+    add("aten.amin.default", xd, kw={"dim": [-2]})
     add("aten.cumsum.default", x3, 1)
     add("aten.cumsum.default", T((4, 6), BOOL, "bool"), -1)
     add("aten.cumsum.default", T((4, 6)), 0, kw={"dtype": F64})
+    add("aten.cumprod.default", T((4, 6, 12), fill="pow2"), 1)
+    add("aten.cumprod.default", T((4, 6), fill="pow2"), -1, kw={"dtype": F64})
     add("aten.var.correction", x3, [1], kw={"correction": 1, "keepdim": True})
     add("aten.var.correction", T((4, 6)), None, kw={"correction": 0})
+    add("aten.var.correction", x3, kw={"dim": [-2], "correction": 2})
     add("aten.var_mean.correction", x3, [1], kw={"correction": 0})
+    add("aten.var_mean.correction", x3, kw={"dim": [-1], "correction": 1, "keepdim": True})
     add("aten.std.correction", x3, [0, -1], kw={"correction": 1})
+    add("aten.std.correction", x3, kw={"dim": [1], "correction": 0, "keepdim": True})
     add("aten.var.dim", x3, [1], True, True)
     add("aten.var.dim", x3, [-1], False)
     add("aten.std.dim", x3, [1])
+    add("aten.std.dim", x3, [-1], False, True)
     add("aten.var_mean.dim", x3, [0], True, True)
-    add("aten.argmax.default", T((4, 6, 12), fill="distinct"), 1)
+    add("aten.var_mean.dim", x3, [-1], False)
+    add("aten.var_mean.dim", x3, [1, 2])
+    add("aten.argmax.default", xd, 1)
     add("aten.argmax.default", T((4, 6), fill="distinct"))
-    add("aten.argmin.default", T((4, 6, 12), fill="distinct"), -1, True)
-    add("aten.max.dim", T((4, 6, 12), fill="distinct"), 1)
-    add("aten.min.dim", T((4, 6, 12), fill="distinct"), 0, True)
+    add("aten.argmax.default", xd, kw={"dim": -1, "keepdim": True})
+    add("aten.argmax.default", xd, None, True, note="no dim: the index into the flattened input")
+    add("aten.argmin.default", xd, -1, True)
+    add("aten.argmin.default", xd, kw={"dim": 1})
+    add("aten.max.dim", xd, 1)
+    add("aten.max.dim", xd, -1, True)
+    add("aten.min.dim", xd, 0, True)
+    add("aten.min.dim", xd, -2)
+    add("aten.min.dim", xd, 2)
     add("aten.logsumexp.default", x3, [1])
     add("aten.logsumexp.default", x3, [0, 2], True)
-    add("aten.prod.dim_int", T((4, 6, 12), fill="positive"), 1)
+    add("aten.logsumexp.default", x3, [-1])
+    add("aten.prod.dim_int", T((4, 6, 12), fill="pow2"), 1)
+    add("aten.prod.dim_int", T((4, 6, 12), fill="pow2"), -1, True, kw={"dtype": F64})
     add("aten.any.dim", T((4, 6, 12), BOOL, "bool"), 1)
+    add("aten.any.dim", T((4, 6, 12), BOOL, "bool"), -2, True)
     add("aten.all.dim", T((4, 6, 12), BOOL, "bool"), 0, True)
+    add("aten.all.dim", T((4, 6, 12), BOOL, "bool"), -1)
+    add("aten.all.dim", T((4, 6, 12), BOOL, "bool"), 1)
+    add("aten.topk.default", xd, 3)
+    add("aten.topk.default", xd, 2, 1, False, False)
+    add("aten.topk.default", xd, 4, kw={"dim": -2})
+    add("aten.topk.default", T((12, 4), fill="distinct"), 2, note="Mixtral's router: top-k experts per token")
+    add("aten.sort.default", xd)
+    add("aten.sort.default", xd, 1, True)
+    add("aten.sort.default", xd, kw={"dim": -3})
+    add("aten.sort.stable", xd, kw={"stable": True, "dim": 0, "descending": True})
+    add("aten.sort.stable", T((4, 6, 12), fill="int"), kw={"stable": True, "dim": -2})
+    add("aten.sort.stable", xd, kw={"stable": False, "dim": 1})
+    add("aten.argsort.default", xd)
+    add("aten.argsort.default", xd, 1, True)
+    add("aten.argsort.default", xd, kw={"dim": -3})
+    add("aten.argsort.stable", T((4, 6, 12), fill="int"), kw={"stable": True, "dim": 1, "descending": True})
+    add("aten.argsort.stable", xd, kw={"stable": False, "dim": -1})
 
 
 def _reshapes() -> None:
@@ -409,16 +533,26 @@ def _reshapes() -> None:
     add("aten._unsafe_view.default", T((4, 6)), [24])
     add("aten.flatten.using_ints", T((2, 6, 4)), 1)
     add("aten.flatten.using_ints", T((4, 6, 2)))
+    add("aten.flatten.using_ints", T((2, 6, 4, 2)), -3, 2)
+    add("aten.flatten.using_ints", T((2, 6, 4, 2)), 1, -2)
+    add("aten.flatten.using_ints", T((4, 6, 2)), kw={"start_dim": 0, "end_dim": 1})
     add("aten.unflatten.int", T((4, 6)), 1, [2, 3], rejects=(rej("3", ["(S(1))"], ["(S(1))"]),))
     add("aten.unflatten.int", T((12, 2)), 0, [4, -1])
+    add("aten.unflatten.int", T((4, 6)), -1, [3, 2])
     add("aten.transpose.int", T((4, 6, 2)), -1, 0)
     add("aten.transpose.int", T((4, 6)), 0, 1)
+    add("aten.transpose.int", T((4, 6, 2, 2)), 2, -3)
+    add("aten.transpose.int", T((4, 6, 2)), -2, 2)
     add("aten.permute.default", T((4, 6, 2)), [2, 0, 1])
     add("aten.permute.default", T((4, 1, 6)), [-1, 1, 0])
     add("aten.t.default", T((4, 6)))
     add("aten.t.default", T((6,)))
+    add("aten.numpy_T.default", T((4, 6)))
+    add("aten.numpy_T.default", T((4, 6, 2)))
+    add("aten.numpy_T.default", T((6,)))
     add("aten.unsqueeze.default", T((4, 6)), -1)
     add("aten.unsqueeze.default", T((4, 6)), 0)
+    add("aten.unsqueeze.default", T((4, 6)), 1)
     add("aten.squeeze.dim", T((4, 1, 6)), 1)
     add("aten.squeeze.dim", T((4, 1, 6)), -1)
     add("aten.squeeze.dims", T((4, 1, 6, 1)), [1, -1])
@@ -431,24 +565,49 @@ def _reshapes() -> None:
 def _slicing() -> None:
     add("aten.split.Tensor", T((4, 6)), 2, 1)
     add("aten.split.Tensor", T((6, 4)), 4)
+    add("aten.split.Tensor", T((4, 6, 2)), 4, -2)
+    add("aten.split.Tensor", T((4, 6)), 3, kw={"dim": 1})
     add("aten.split_with_sizes.default", T((4, 6, 4)), [1, 3], -1)
+    add("aten.split_with_sizes.default", T((4, 6, 4)), [2, 4], kw={"dim": 1})
     add("aten.chunk.default", T((4, 6)), 2, 1)
+    add("aten.chunk.default", T((4, 6, 2)), 3, kw={"dim": -2})
+    add("aten.tensor_split.sections", T((4, 6)), 3, 1)
+    add("aten.tensor_split.sections", T((6, 4)), 2)
+    add("aten.tensor_split.sections", T((4, 6)), 4, kw={"dim": -1}, note="uneven pieces: 2, 2, 1, 1")
+    add("aten.tensor_split.indices", T((4, 6, 8)), [8], 2, note="Mamba: the second piece is empty")
+    add("aten.tensor_split.indices", T((4, 6)), [1, 4], -1)
+    add("aten.tensor_split.indices", T((6, 4)), [2], kw={"dim": 0})
+    add("aten.tensor_split.tensor_indices_or_sections", T((4, 6)), T((), I64, "const", high=3), 1)
+    add("aten.tensor_split.tensor_indices_or_sections", T((4, 6)), T((2,), I64, "const", high=2), kw={"dim": -2})
     add("aten.unbind.int", T((4, 3, 6)), 1)
     add("aten.unbind.int", T((2, 6)))
+    add("aten.unbind.int", T((2, 4, 3, 4)), 2, note="q, k, v = x.view(b, s, 3, d).unbind(2)")
+    add("aten.unbind.int", T((4, 3, 6)), kw={"dim": -2})
     add("aten.slice.Tensor", T((4, 6)), 1, 1, INT_MAX)
+    add("aten.slice.Tensor", T((4, 6)), kw={"dim": -1, "start": 2, "end": 4})
     add("aten.slice.Tensor", T((4, 6)), 0, 0, INT_MAX)
     add("aten.slice.Tensor", T((4, 6)), 1, 0, 6, 2)
     add("aten.slice.Tensor", T((4, 12)), -1, 0, -6)
     add("aten.narrow.default", T((4, 6)), 1, 2, 3)
     add("aten.narrow.default", T((4, 6)), 0, 0, 4)
+    add("aten.narrow.default", T((4, 6)), -1, 1, 4)
+    add("aten.slice_scatter.default", T((4, 6)), T((4, 2)), 1, 2, 4)
+    add("aten.slice_scatter.default", T((6, 4)), T((3, 4)), kw={"dim": 0, "start": 0, "end": 6, "step": 2})
+    add("aten.slice_scatter.default", T((4, 6, 2)), T((4, 3, 2)), -2, 1, None, 2)
+    add("aten.select_scatter.default", T((4, 6)), T((4,)), 1, 2)
+    add("aten.select_scatter.default", T((4, 6, 2)), T((6, 2)), 0, -1)
+    add("aten.select_scatter.default", T((4, 6, 2)), T((4, 2)), -2, 3)
     add("aten.select.int", T((4, 6)), 1, -1)
     add("aten.select.int", T((4, 6, 2)), 0, 2)
+    add("aten.select.int", T((4, 6, 2)), -2, 3)
     add("aten.cat.default", [T((4, 6)), T((4, 2))], 1)
     add("aten.cat.default", [T((4, 6)), T((2, 6))])
     add("aten.cat.default", [T((4, 6, 2)), T((4, 6, 1))], -1)
+    add("aten.cat.default", [T((4, 6)), T((4, 2))], kw={"dim": -1})
     add("aten.stack.default", [T((4, 6)), T((4, 6))], 1)
     add("aten.stack.default", [T((4, 6)), T((4, 6))], -1)
     add("aten.stack.default", [T((4, 6)), T((4, 6)), T((4, 6))])
+    add("aten.stack.default", [T((4, 6)), T((4, 6))], kw={"dim": 2})
     add("aten.pad.default", T((4, 6)), [1, 2])
     add("aten.pad.default", T((2, 4, 6)), [1, 1, 0, 2], "constant", 0.5)
     add("aten.pad.default", T((2, 4, 6)), [1, 1], "reflect")
@@ -457,9 +616,15 @@ def _slicing() -> None:
     add("aten.constant_pad_nd.default", T((4, 6)), [0, 0, 1, 0], 2.0)
     add("aten.repeat.default", T((4, 6)), [2, 1])
     add("aten.repeat.default", T((4, 6)), [3, 1, 1])
+    add("aten.repeat_interleave.self_int", T((4, 6)), 2, note="no dim: the input is flattened")
+    add("aten.repeat_interleave.self_int", T((4, 3, 6)), 3, 1)
+    add("aten.repeat_interleave.self_int", T((4, 6)), 2, -1, kw={"output_size": 12})
+    add("aten.repeat_interleave.self_int", T((4, 6)), 2, kw={"dim": 0})
+    add("aten.repeat_interleave.self_int", T((2, 6, 1, 2)), 2, 3, note="GPT-J's rotary sin/cos")
     add("aten.diff.default", T((4, 6)))
     add("aten.diff.default", T((4, 6), I64, "int"), 1, -1, T((4, 1), I64, "int"))
     add("aten.diff.default", T((4, 6)), 1, 0, None, T((2, 6)))
+    add("aten.diff.default", T((4, 6, 2)), 2, kw={"dim": 1})
     add("aten.index.Tensor", T((4, 6)), [T((4, 1, 1), I64, "index", high=4), T((1, 6), I64, "index", high=6)])
     add("aten.index.Tensor", T((4, 6, 2)), [T((12,), I64, "index", high=4)])
     add("aten.index.Tensor", T((6, 4)), [T((2, 6), I64, "index", high=6), T((6,), I64, "index", high=4)])
@@ -469,20 +634,32 @@ def _factories() -> None:
     cpu = torch.device("cpu")
     add("aten.arange.default", 6, kw={"device": cpu, "pin_memory": False})
     add("aten.arange.start", 2, 8, kw={"dtype": F32})
+    add("aten.arange.default", 6, kw={"dtype": F64})
     add("aten.arange.start_step", 0, 12, 2)
+    add("aten.arange.start_step", 1, 12, 3, kw={"dtype": F32})
     add("aten.zeros.default", [4, 6], kw={"device": cpu, "pin_memory": False})
+    add("aten.zeros.default", [4, 6], kw={"dtype": I64})
     add("aten.ones.default", [4, 6], kw={"dtype": BOOL})
     add("aten.full.default", [4, 6], 1.5)
+    add("aten.full.default", [4, 6], 3, kw={"dtype": F64})
     add("aten.empty.memory_format", [4, 6], exact_values=False)
+    add("aten.empty.memory_format", [4, 6], kw={"dtype": F64}, exact_values=False)
     add("aten.eye.default", 4)
+    add("aten.eye.default", 3, kw={"dtype": I64})
     add("aten.scalar_tensor.default", 2.0, kw={"dtype": F32})
     add("aten.new_zeros.default", T((4, 6)), [3, 2], kw={"pin_memory": False})
+    add("aten.new_zeros.default", T((4, 6)), [2], kw={"dtype": F64})
     add("aten.new_ones.default", T((4, 6), I64, "int"), [], kw={"dtype": BOOL, "pin_memory": False})
     add("aten.new_full.default", T((4, 6)), [6, 2], 2.0)
+    add("aten.new_full.default", T((4, 6)), [6], 2, kw={"dtype": I64})
     add("aten.new_empty.default", T((4, 6)), [4, 6], exact_values=False)
+    add("aten.new_empty.default", T((4, 6)), [4], kw={"dtype": F64}, exact_values=False)
     add("aten.zeros_like.default", T((4, 6)), kw={"pin_memory": False})
+    add("aten.zeros_like.default", T((4, 6)), kw={"dtype": I64})
     add("aten.ones_like.default", T((4, 1, 6)))
+    add("aten.ones_like.default", T((4, 6)), kw={"dtype": BOOL})
     add("aten.full_like.default", T((4, 6)), 3.0)
+    add("aten.full_like.default", T((4, 6)), 3, kw={"dtype": I64})
     add("aten.tril.default", T((2, 4, 4)))
     add("aten.tril.default", T((4, 6)), -1)
     add("aten.triu.default", T((2, 4, 4)), 1)
@@ -496,6 +673,7 @@ def _matmuls() -> None:
     add("aten.addmm.default", T((4, 12)), T((4, 6)), T((6, 12)), rejects=(rej("2", ["(B)", "(S(0))", "(B)"]),),
         note="a full-shaped bias splits with the rows")
     add("aten.addmm.default", T((1, 12)), T((4, 6)), T((6, 12)))
+    add("aten.addmm.default", T((12,)), T((4, 6)), T((6, 12)), kw={"beta": 0.5, "alpha": 2})
     add("aten.mm.default", T((4, 6)), T((6, 12)))
     add("aten.bmm.default", T((4, 2, 6)), T((4, 6, 3)))
     add("aten.matmul.default", T((2, 4, 6)), T((6, 12)))
@@ -508,22 +686,37 @@ def _lookups() -> None:
     add("aten.embedding.default", T((12, 4), param=True), T((2, 6), I64, "index", high=12))
     add("aten.embedding.default", T((12, 4), param=True), T((2, 6), I64, "index", high=12), 7,
         note="padding_idx: that row gets no gradient")
+    add("aten.embedding.default", T((12, 4), param=True), T((2, 6), I64, "index", high=12), -1, True,
+        rejects=(rej("2", ["(S(0))", "(B)"]), rej("2", ["(B)", "(S(0))"])),
+        note="scale_grad_by_freq counts each row among all indices: neither a vocabulary nor an index shard can")
     add("aten.gather.default", T((4, 6)), 1, T((4, 3), I64, "index", high=6))
     add("aten.gather.default", T((4, 6)), 0, T((2, 6), I64, "index", high=4))
     add("aten.gather.default", T((4, 6, 2)), -2, T((4, 12, 2), I64, "index", high=6))
+    add("aten.index_select.default", T((4, 6)), 1, T((3,), I64, "index", high=6))
+    add("aten.index_select.default", T((6, 4, 2)), 0, T((4,), I64, "index", high=6), note="ONNX Gather of rows")
+    add("aten.index_select.default", T((4, 6, 2)), -2, T((2,), I64, "index", high=6))
+    add("aten.index_select.default", T((4, 6)), -1, T((), I64, "index", high=6))
 
 
 def _normalisations() -> None:
     add("aten.layer_norm.default", T((4, 6)), [6], T((6,), param=True), T((6,), param=True), 1e-5, False)
     add("aten.layer_norm.default", T((2, 4, 6)), [4, 6], T((4, 6), param=True), T((4, 6), param=True))
     add("aten.layer_norm.default", T((4, 6, 2)), [2])
+    add("aten.layer_norm.default", T((4, 6)), [6], T((6,), param=True), None, 1e-3)
     add("aten.rms_norm.default", T((4, 6)), [6], T((6,), param=True))
     add("aten.rms_norm.default", T((2, 4, 6)), [6], None, 1e-6)
     add("aten.softmax.int", T((4, 6)), -1)
     add("aten.softmax.int", T((2, 4, 6)), 1)
+    add("aten.softmax.int", T((4, 6)), 1, F64)
+    add("aten.softmax.int", T((2, 4, 6)), -2, kw={"dtype": F64})
     add("aten._softmax.default", T((4, 6)), 0, False)
+    add("aten._softmax.default", T((2, 4, 6)), -2, False)
+    add("aten._softmax.default", T((2, 4, 6)), 2, False)
     add("aten.log_softmax.int", T((2, 4, 6)), 0)
+    add("aten.log_softmax.int", T((2, 4, 6)), -1, F64)
+    add("aten.log_softmax.int", T((2, 4, 6)), 1)
     add("aten._log_softmax.default", T((4, 6)), -1, False)
+    add("aten._log_softmax.default", T((4, 6)), 1, False)
     running = (T((6,), grad=False), T((6,), fill="positive", grad=False))
     bn = (T((6,), param=True), T((6,), param=True), *running)
     add("aten.batch_norm.default", T((4, 6, 3, 3)), *bn, False, 0.1, 1e-5, False)
@@ -540,6 +733,8 @@ def _attention() -> None:
     q4 = T((2, 4, 6, 8))
     add("aten.scaled_dot_product_attention.default", q4, q4, q4)
     add("aten.scaled_dot_product_attention.default", q4, q4, q4, None, 0.0, True)
+    add("aten.scaled_dot_product_attention.default", q4, q4, q4, None, 0.5, exact_values=False, differentiable=False,
+        note="attention dropout draws a mask per rank: only shapes compare")
     add("aten.scaled_dot_product_attention.default", q4, q4, q4, T((6, 6), BOOL, "bool"))
     add("aten.scaled_dot_product_attention.default", q4, q4, q4, T((2, 1, 6, 6)), kw={"scale": 0.5})
     add("aten.scaled_dot_product_attention.default", q4, T((2, 2, 6, 8)), T((2, 2, 6, 8)),
@@ -560,7 +755,26 @@ def _losses() -> None:
         note="an unbatched input: dim 0 is the classes")
     add("aten.nll_loss_nd.default", logits, target, None, 2)
     add("aten.nll_loss_nd.default", logits, target)
+    add("aten.nll_loss_nd.default", T((4, 6, 2)), T((4, 2), I64, "index", high=6), T((6,), fill="pow2", grad=False),
+        0, 1)
     add("aten.nll_loss.default", logits, target, None, 0, -100)
+    x, t = T((4, 6)), T((4, 6))
+    for name in ["mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]:
+        add(f"aten.{name}.default", x, t)
+        add(f"aten.{name}.default", T((4, 6, 2)), T((4, 6, 2)), 0)
+        add(f"aten.{name}.default", x, T((6,), grad=False), 2,
+            note="the target broadcasts (torch's gradient of a broadcast target is deprecated)")
+    add("aten.smooth_l1_loss.default", x, t, 1, 0.5)
+    add("aten.huber_loss.default", x, t, 2, 0.5)
+    p, y = T((4, 6), fill="prob"), T((4, 6), fill="prob")
+    add("aten.binary_cross_entropy.default", p, y)
+    add("aten.binary_cross_entropy.default", p, y, T((6,), fill="pow2", grad=False), 0)
+    add("aten.binary_cross_entropy.default", T((4, 6, 2), fill="prob"), T((4, 6, 2), fill="prob"), None, 2)
+    add("aten.binary_cross_entropy_with_logits.default", x, y)
+    add("aten.binary_cross_entropy_with_logits.default", x, y, T((4, 1), fill="pow2", grad=False),
+        T((6,), fill="pow2", grad=False), 0)
+    add("aten.binary_cross_entropy_with_logits.default", x, y, None, T((6,), fill="pow2", grad=False), 2)
+    add("aten.nll_loss.default", logits, target, T((6,), fill="pow2", grad=False), 2, 3)
 
 
 def _convolutions() -> None:
@@ -569,8 +783,11 @@ def _convolutions() -> None:
     add("aten.conv2d.default", x2, T((4, 2, 3, 3)), None, [1, 1], [0, 0], [1, 1], 2)
     add("aten.conv2d.default", T((4, 5, 5)), T((6, 4, 3, 3)), T((6,)), [1, 1], [1, 1],
         rejects=(rej("2", ["(S(0))", "(B)", "(B)"]),), note="unbatched: dim 0 is the channels")
+    add("aten.conv2d.default", x2, T((6, 4, 3, 3)), None, [2, 1], [1, 0], [1, 2])
     add("aten.conv1d.default", T((4, 6, 8)), T((4, 6, 3)))
+    add("aten.conv1d.default", T((4, 6, 8)), T((4, 3, 3)), T((4,)), [2], [1], [2], 2)
     add("aten.conv3d.default", T((2, 2, 4, 4, 4)), T((4, 2, 3, 3, 3)), T((4,)))
+    add("aten.conv3d.default", T((2, 4, 4, 4, 4)), T((4, 2, 3, 3, 3)), None, [1, 2, 1], [1, 1, 0], [2, 1, 1], 2)
     add("aten.convolution.default", x2, T((6, 4, 3, 3)), T((6,)), [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     add("aten.convolution.default", x2, T((4, 2, 3, 3)), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2,
         rejects=(rej("2", ["(B)", "(S(0))"]),), note="groups=2 is argument 8")
@@ -583,13 +800,18 @@ def _pools() -> None:
     add("aten.max_pool2d.default", x, [2, 2])
     add("aten.max_pool2d.default", T((6, 4, 4)), [2, 2], [1, 1],
         rejects=(rej("2", ["(S(1))"]),), note="unbatched: dim 1 is spatial")
+    add("aten.max_pool2d.default", x, [2, 2], [1, 1], [1, 1], [2, 2], True)
     add("aten.max_pool2d_with_indices.default", x, [2, 2])
+    add("aten.max_pool2d_with_indices.default", x, [2, 2], [1, 1], [1, 1], [2, 2], True)
     add("aten.avg_pool2d.default", x, [2, 2])
+    add("aten.avg_pool2d.default", x, [3, 3], [2, 2], [1, 1], True, False, 2)
     add("aten.avg_pool2d.default", T((6, 4, 4)), [2, 2], rejects=(rej("2", ["(S(1))"]),))
     add("aten.adaptive_avg_pool2d.default", x, [1, 1])
     add("aten.max_pool1d.default", T((4, 6, 8)), [2])
     add("aten.max_pool1d.default", T((6, 8)), [2], rejects=(rej("2", ["(S(1))"]),))
+    add("aten.max_pool1d.default", T((4, 6, 8)), [3], [2], [1], [2], True)
     add("aten.avg_pool1d.default", T((4, 6, 8)), [2])
+    add("aten.avg_pool1d.default", T((4, 6, 8)), [3], [2], [1], True, False)
     add("aten.adaptive_avg_pool1d.default", T((4, 6, 8)), [2])
 
 

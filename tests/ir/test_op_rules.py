@@ -26,8 +26,8 @@ from ir.ops import known_ops, local_call, nd_signatures, rule_for
 from ir.ops.registry import LocalContext, coord_symbol, local_shape, splits_divide
 from ir.sbp import Broadcast, Partial, Split, format_nd_sbp, nd_dual, parse_nd_sbp
 from ir.types import Mesh
-from tests.ir.opinfos import (MESHES, SAMPLES, BuiltSample, assert_broadcast_agrees, assert_same, distribute,
-                              random_like)
+from tests.ir.opinfos import (MESHES, SAMPLES, BuiltSample, assert_broadcast_agrees, assert_same, coverage_gaps,
+                              distribute, random_like)
 
 RULED_OPS = [op for op in known_ops() if not op.startswith("comm.")]
 
@@ -212,3 +212,12 @@ def test_shared_signatures_equal_a_fresh_expansion():
         for node in plan.graph.nodes:
             if not node.op.startswith("comm."):
                 assert nd_signatures(node, mesh) == _expand_nd_signatures(node, mesh), node.name
+
+
+def test_samples_exercise_every_argument():
+    """Each argument of each op is given a non-default value by some sample (bools both ways, dims
+    negative and positive, defaulted dims also by keyword), so no rule reads an argument untested."""
+    gaps = {op: coverage_gaps(op, SAMPLES[op]) for op in sorted(SAMPLES)}
+    gaps = {op: g for op, g in gaps.items() if g}
+    assert not gaps, "samples in tests/ir/opinfos.py leave arguments unexercised:\n" + "\n".join(
+        f"  {op}: {'; '.join(g)}" for op, g in gaps.items())
