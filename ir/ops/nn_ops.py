@@ -270,25 +270,26 @@ def pool(node: Node) -> list[Signature]:
     return sigs
 
 
-@register("aten.batch_norm.default", "aten._native_batch_norm_legit_functional.default",
-          "aten._native_batch_norm_legit.no_stats",
-          doc="batch norm: channels may be split; the batch too when using running statistics (``decompose`` "
-              "writes training batch statistics as sums, which keep the batch split)")
+@register("aten.batch_norm.default",
+          doc="batch norm: channels may be split; the batch too when using running statistics")
 def batch_norm(node: Node) -> list[Signature]:
+    """Training with running mean and variance updates them in place (hand-written IR only: capture
+    functionalizes, and ``decompose`` writes training batch statistics as sums, which keep the batch split)."""
+    writes_running = isinstance(arg(node, "running_mean"), Value) and isinstance(arg(node, "running_var"), Value)
+    return _batch_norm_signatures(node, bool(arg(node, "training")), writes_running)
+
+
+@register("aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.no_stats",
+          doc="functional batch norm: channels may be split; the batch too when using running statistics")
+def batch_norm_functional(node: Node) -> list[Signature]:
     """Outputs after the first (saved statistics, new running statistics) are per channel."""
-    return _batch_norm_signatures(node, bool(arg(node, "training")), _writes_running_statistics(node))
+    return _batch_norm_signatures(node, bool(arg(node, "training")), writes_running=False)
 
 
 @register("aten._native_batch_norm_legit_no_training.default",
           doc="batch norm with running statistics: batch or channels may be split")
 def batch_norm_inference(node: Node) -> list[Signature]:
     return _batch_norm_signatures(node, batch_statistics=False, writes_running=False)
-
-
-def _writes_running_statistics(node: Node) -> bool:
-    """``batch_norm`` with running mean and variance updates them in place (its functional forms return them)."""
-    return (node.op == "aten.batch_norm.default" and isinstance(arg(node, "running_mean"), Value)
-            and isinstance(arg(node, "running_var"), Value))
 
 
 def _batch_norm_signatures(node: Node, batch_statistics: bool, writes_running: bool) -> list[Signature]:
