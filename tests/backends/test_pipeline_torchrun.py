@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tests.backends.test_pipeline_virtual import MEGATRON, skip_path_loss, skip_reference
-from tests.models import gpt2_model, gpt_inputs, gpt_model, lm_inputs
-from tests.passes.test_pipeline import compile_cached
+from tests.models import compile_cached, gpt2_model, gpt_inputs, gpt_model, lm_inputs
 
 STEPS = 3
 LR = 0.1  # compile()'s default optimizer: SGD(lr=0.1)
