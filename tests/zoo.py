@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from tests.models import VOCAB, LabelledLoss, lm_inputs
+from tests.models import VOCAB, LabelledLoss, gpt2_model, llama_model, lm_inputs
 
 HIDDEN = 32
 SEQ = 16
@@ -76,13 +76,6 @@ LLAMA_TP = {**LLAMA_ATTENTION_TP, "lm.model.layers.*.mlp.gate_proj.weight": "S(0
 
 ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
 DECODER = {"hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2, **ATTENTION}
-
-
-def _gpt2() -> nn.Module:
-    import transformers
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=HIDDEN, n_layer=2, n_head=4, use_cache=False,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return LabelledLoss(transformers.GPT2LMHeadModel(cfg))
 
 
 # GPT-2's Conv1D stores its weight as (in, out): column-parallel splits dim 1 and the bias.
@@ -189,9 +182,8 @@ def _lm_inputs(seed: int = 1) -> tuple:
 
 LAYER1 = ("lm.model.layers.1",)
 ZOO: dict[str, ZooModel] = {m.name: m for m in [
-    ZooModel("gpt2", "decoder", _seeded(_gpt2), _lm_inputs, ("lm.transformer.h.1",), GPT2_TP),
-    ZooModel("llama", "decoder", _causal_lm("LlamaForCausalLM", "LlamaConfig", **DECODER), _lm_inputs, LAYER1,
-             LLAMA_TP),
+    ZooModel("gpt2", "decoder", gpt2_model, _lm_inputs, ("lm.transformer.h.1",), GPT2_TP),
+    ZooModel("llama", "decoder", llama_model, _lm_inputs, LAYER1, LLAMA_TP),
     ZooModel("mistral", "decoder", _causal_lm("MistralForCausalLM", "MistralConfig", sliding_window=8, **DECODER),
              _lm_inputs, LAYER1, LLAMA_TP),
     ZooModel("phi3", "decoder", _causal_lm("Phi3ForCausalLM", "Phi3Config", resid_pdrop=0.0, embd_pdrop=0.0,
