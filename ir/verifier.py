@@ -97,12 +97,10 @@ def _check_signature(graph: Graph, node: Node) -> None:
         return
     if "_in_sbp" in node.attrs and len(node.attrs["_in_sbp"]) != len(ins):
         raise VerificationError(f"node {_where(node)}: {len(node.attrs['_in_sbp'])} input layouts for {len(ins)} inputs")
-    meshes = {v.mesh for v in ins + outs}
     if node.op.startswith("comm."):
         _check_comm(graph, node)
         return
-    if len(meshes) > 1:
-        raise VerificationError(f"node {_where(node)} mixes placements {sorted(meshes)}; insert a transfer")
+    _check_placement(graph, node)
     from ir.ops.registry import nd_signatures
     mesh = graph.meshes[outs[0].mesh]
     pending = node.attrs.get("_in_sbp")  # layouts chosen by propagation, before boxing
@@ -111,6 +109,30 @@ def _check_signature(graph: Graph, node: Node) -> None:
         found = ", ".join(format_nd_sbp(s) for s in actual[0]) + " -> " + ", ".join(format_nd_sbp(s) for s in actual[1])
         raise VerificationError(f"node {_where(node)} has layouts {found}, which is not a valid signature of "
                                 f"{node.op}; run the boxing pass or choose layouts from the op's rules")
+
+
+def _check_placement(graph: Graph, node: Node) -> None:
+    """A node's values share one mesh; a transfer moves a value between meshes.
+
+    One exception: a pipeline's ``whole_batch`` node (run once per step on the whole batch) may read
+    a graph input placed on another stage. Every device loads the whole batch of each step, so the
+    input is at hand on every stage in its layout, provided the stage meshes have the same shape.
+    """
+    from ir.ops.pipeline_ops import WHOLE_BATCH
+    outs = node.outputs
+    whole = bool(node.attrs.get(WHOLE_BATCH))
+    home = outs[0].mesh
+    for v in node.input_values() + outs[1:]:
+        if v.mesh == home:
+            continue
+        if whole and v.kind == "input" and _same_shape(graph.meshes[v.mesh], graph.meshes[home]):
+            continue
+        raise VerificationError(f"node {_where(node)} mixes placements {sorted({home, v.mesh})} (%{v.name}); "
+                                "insert a transfer")
+
+
+def _same_shape(a, b) -> bool:
+    return tuple(a.axes) == tuple(b.axes) and tuple(a.shape) == tuple(b.shape)
 
 
 def _check_comm(graph: Graph, node: Node) -> None:

@@ -12,7 +12,8 @@ does steps 1-3 and ``schedule`` step 4:
    ``whole_batch`` (run once per step on the whole batch). Other means are divided by the number
    of microbatches (equal microbatches make that exact); sums need nothing. A cross entropy that
    ``decompose`` left as a mean (class weights, label smoothing) is refused: microbatches count
-   different numbers of targets, so the mean of their means would not be the full mean.
+   different numbers of targets, so the mean of their means would not be the full mean, and so is a
+   training BatchNorm: each microbatch would be normalised with its own statistics.
 2. **Stages.** K = pp x virtual_stages stages, cut where a module begins (``"stages":
    ["blocks.2"]``), at layer ranges (``"stage_layers": [[0, 1], [2, 3]]``), or where the
    per-op FLOP estimate (:func:`passes.cost_model.op_flops`) is best balanced. Stage s runs on
@@ -165,8 +166,10 @@ def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
         raise StrategyError(f"each pipeline position has {len(config.position_devices[0])} devices but the "
                             f"layout mesh has {world.size}")
     loss_split = "none"
-    if ctx.train and graph.loss is not None and config.microbatches > 1:
-        loss_split = split_loss_for_microbatches(graph, config.microbatches)
+    if ctx.train and config.microbatches > 1:
+        refuse_batch_statistics(graph, config.microbatches)
+        if graph.loss is not None:
+            loss_split = split_loss_for_microbatches(graph, config.microbatches)
     costs = node_costs(graph)
     starts = stage_starts(graph, ctx.strategy, config.num_stages, costs)
     stage_flops = _stage_flops(costs, starts, config.microbatches)
@@ -188,6 +191,31 @@ def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
 
 
 # -- microbatches: the loss as each microbatch's share -----------------------------------------------
+
+BATCH_NORM_OPS = ("aten.batch_norm.default", "aten.native_batch_norm.default",
+                  "aten._native_batch_norm_legit.default", "aten._native_batch_norm_legit_functional.default")
+"""Batch norms; ``args[5]`` says whether they normalise with statistics of the batch (training)."""
+
+
+def batch_statistics_node(graph: Graph) -> Node | None:
+    """The first node that normalises with statistics of the whole batch (a training BatchNorm), if any."""
+    return next((n for n in graph.nodes if n.op in BATCH_NORM_OPS and len(n.args) > 5 and n.args[5] is True), None)
+
+
+def refuse_batch_statistics(graph: Graph, microbatches: int) -> None:
+    """Refuse microbatches when an op normalises with statistics of the whole batch (training BatchNorm).
+
+    Each microbatch would be normalised with its own mean and variance (and update the running
+    statistics once per microbatch), which is not the full-batch step the plan must equal.
+    """
+    node = batch_statistics_node(graph)
+    if node is not None:
+        where = f"module {node.attrs['module']}" if node.attrs.get("module") else "the model"
+        raise StrategyError(f"cannot split the batch into {microbatches} microbatches: {node.op} (%{node.name}, "
+                            f"{where}) normalises with statistics of the whole batch in training, and each "
+                            "microbatch would use its own; use microbatches 1, or a norm whose statistics do "
+                            "not span the batch (LayerNorm, GroupNorm)")
+
 
 def split_loss_for_microbatches(graph: Graph, microbatches: int) -> str:
     """Make the loss the share of one microbatch in the full-batch loss; returns how (for the dump).
@@ -491,15 +519,15 @@ def _make_meshes(graph: Graph, world: Mesh, config: PipelineConfig) -> None:
 
 
 def _place_inputs(graph: Graph) -> None:
-    """An input lives on the first stage that reads it (later ones get it relayed)."""
+    """An input lives on the first stage that reads it per microbatch (later ones get it relayed).
+
+    Whole-batch nodes (the loss count) read the step's whole batch, which every device loads, so
+    they read an input wherever it lives: an encoder-decoder that shifts its labels into decoder
+    inputs on stage 0 and counts them for the loss on the last stage needs no relay of the count.
+    """
     for v in graph.inputs:
-        stages = sorted({_stage(n) for n in v.uses})
+        stages = sorted({_stage(n) for n in _relayed_uses(v)} or {_stage(n) for n in v.uses})
         v.mesh = stage_mesh_name(stages[0] if stages else 0)
-        whole = {_stage(n) for n in v.uses if n.attrs.get(WHOLE_BATCH)}
-        if whole and min(whole) != stages[0]:
-            raise StrategyError(f"input {v.name} is read by stage {stages[0]} and by the whole-batch loss count on "
-                                f"stage {min(whole)}; the count needs the input on its own stage: cut so that the "
-                                f"loss and the first use of {v.name} share a stage, or use microbatches 1")
 
 
 def _place_params(graph: Graph) -> list[list[Value]]:
@@ -566,11 +594,23 @@ def _liveness(graph: Graph, num_stages: int) -> dict[int, tuple[Value, int, int]
     values = list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]
     for v in values:
         home = stage_index(v.mesh)
-        last = max([_stage(n) for n in v.uses] + [home])
+        last = max([_stage(n) for n in _relayed_uses(v)] + [home])
         if id(v) in final:
             last = num_stages - 1
         out[id(v)] = (v, home, last)
     return out
+
+
+def _reads_relayed(node: Node, v: Value) -> bool:
+    """Whether ``node`` reads ``v`` per microbatch, so that a later stage needs ``v`` relayed to it.
+
+    Whole-batch nodes read graph inputs whole, where every device loads them (:func:`_place_inputs`).
+    """
+    return not (v.kind == "input" and node.attrs.get(WHOLE_BATCH))
+
+
+def _relayed_uses(v: Value) -> list[Node]:
+    return [n for n in v.uses if _reads_relayed(n, v)]
 
 
 def _slots(graph: Graph, num_stages: int) -> tuple[list[list[Value]], bool]:
@@ -622,7 +662,8 @@ def _insert_transfers(graph: Graph, slots: list[list[Value]]) -> None:
                                      [v.type], [f"{v.name}.s{cut + 1}"], {"stage": cut + 1}, before=anchor)
             out = node.outputs[0]
             out.sbp, out.mesh = v.sbp, stage_mesh_name(cut + 1)
-            graph.replace_all_uses(source, out, only=lambda n, node=node, cut=cut: n is not node and _stage(n) > cut)
+            graph.replace_all_uses(source, out, only=lambda n, node=node, cut=cut, v=v:
+                                   n is not node and _stage(n) > cut and _reads_relayed(n, v))
             current[id(v)] = out
     graph.outputs = [current.get(id(o), o) for o in graph.outputs]
     if graph.loss is not None:

@@ -2,8 +2,10 @@
 BatchNorm: a hand-written ResNet-style model and transformers' ResNet)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -13,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gpt  # noqa: E402
 
 VOCAB = 128
+_CAPTURED: dict = {}
 
 
 def gpt_model(n_layer: int = 2, seed: int = 0) -> nn.Module:
@@ -25,15 +28,20 @@ def gpt_inputs(batch: int = 8, seq: int = 16, seed: int = 1):
     return gpt.example_inputs(batch=batch, seq=seq, seed=seed)
 
 
-class CausalLMLoss(nn.Module):
-    """Wraps a transformers causal LM so that ``forward(input_ids, labels)`` returns the loss."""
+class LabelledLoss(nn.Module):
+    """Wraps a transformers model so that ``forward(inputs, labels)`` returns its ``.loss``.
 
-    def __init__(self, lm: nn.Module):
+    ``input_key`` names the model's input argument: ``input_ids`` (language models),
+    ``input_features`` (Whisper), ``pixel_values`` (image classifiers).
+    """
+
+    def __init__(self, lm: nn.Module, input_key: str = "input_ids"):
         super().__init__()
         self.lm = lm
+        self.input_key = input_key
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, labels=labels).loss
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.lm(**{self.input_key: inputs}, labels=labels).loss
 
 
 def gpt2_model(seed: int = 0, n_layer: int = 2) -> nn.Module:
@@ -42,7 +50,7 @@ def gpt2_model(seed: int = 0, n_layer: int = 2) -> nn.Module:
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=n_layer, n_head=4, use_cache=False,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return CausalLMLoss(GPT2LMHeadModel(cfg))
+    return LabelledLoss(GPT2LMHeadModel(cfg))
 
 
 def llama_model(seed: int = 0, n_layer: int = 2) -> nn.Module:
@@ -52,7 +60,7 @@ def llama_model(seed: int = 0, n_layer: int = 2) -> nn.Module:
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, use_cache=False,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return CausalLMLoss(LlamaForCausalLM(cfg))
+    return LabelledLoss(LlamaForCausalLM(cfg))
 
 
 def lm_inputs(batch: int = 8, seq: int = 16, seed: int = 1):
@@ -179,17 +187,50 @@ def cnn_inputs(batch: int = 8, seed: int = 1):
 
 
 def eager_loss_and_grads(model: nn.Module, inputs: tuple) -> tuple[torch.Tensor, dict]:
-    """Single-device reference: the loss and every trainable parameter's gradient (frozen ones have none)."""
-    model.zero_grad()
+    """Single-device reference: the loss and the gradient of every parameter that gets one.
+
+    Frozen parameters (``requires_grad=False``) get none, so they are not in the dict.
+    """
+    model.zero_grad(set_to_none=True)
     loss = model(*inputs)
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
 
 
-def assert_close_to_eager(result, model: nn.Module, inputs: tuple, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    """A virtual run's loss and every gradient equal eager single-device backward."""
-    loss, grads = eager_loss_and_grads(model, inputs)
+def assert_close_to_eager(result, model: nn.Module, inputs: tuple, rtol: float = 1e-5, atol: float = 1e-6,
+                          reference: tuple[torch.Tensor, dict] | None = None) -> None:
+    """A virtual run's loss and every gradient equal eager single-device backward.
+
+    The run must give exactly eager's set of gradients (none for frozen parameters).
+    ``reference``: eager's ``(loss, grads)`` from :func:`eager_loss_and_grads`, when already computed.
+    """
+    loss, grads = reference if reference is not None else eager_loss_and_grads(model, inputs)
     torch.testing.assert_close(result.loss, loss, rtol=rtol, atol=atol)
-    assert set(result.grads) == set(grads), set(result.grads) ^ set(grads)
+    assert set(result.grads) == set(grads), (f"gradients only in the run: {sorted(set(result.grads) - set(grads))}; "
+                                             f"only in eager: {sorted(set(grads) - set(result.grads))}")
     for name, g in grads.items():
         torch.testing.assert_close(result.grads[name], g, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def compile_cached(model: nn.Module, inputs: tuple, world: int, strategy, **kwargs):
+    """``compile()`` on ``world`` local ranks, capturing each model once per input shapes and mode.
+
+    torch.export dominates compile time on a CPU; the passes, the subject here, run every time on a
+    fresh copy of the captured graph (printed and parsed back). The cache holds the model, so that
+    its ``id`` is never reused by another one.
+    """
+    from compiler import Cluster, api
+    from ir.parser import parse
+    key = (id(model), tuple(tuple(t.shape) for t in inputs), kwargs.get("mode", "train"))
+    original = api.capture_model
+
+    def capture_once(*args, **kw):
+        if key not in _CAPTURED:
+            _CAPTURED[key] = (model, original(*args, **kw))
+        captured = _CAPTURED[key][1]
+        return dataclasses.replace(captured, graph=parse(str(captured.graph)))
+
+    with mock.patch.object(api, "capture_model", capture_once):
+        return api.compile(model, inputs, cluster=Cluster.local(world), strategy=strategy, **kwargs)

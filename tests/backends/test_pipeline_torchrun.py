@@ -12,8 +12,7 @@ import torch
 
 from tests.backends.test_pipeline_virtual import MEGATRON, skip_path_loss, skip_reference
 from compiler import Cluster, compile
-from tests.models import cnn_inputs, gpt2_model, gpt_inputs, gpt_model, lm_inputs, resnet_style_model
-from tests.passes.test_pipeline import compile_cached
+from tests.models import cnn_inputs, compile_cached, gpt2_model, gpt_inputs, gpt_model, lm_inputs, resnet_style_model
 
 STEPS = 3
 LR = 0.1  # compile()'s default optimizer: SGD(lr=0.1)

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from backends.virtual import VirtualRunError, run_virtual
 from ir.parser import parse
+from ir.verifier import VerificationError, verify
 from passes.manager import PassFailed
 from passes.pipeline import apply_paths
-from tests.models import assert_close_to_eager, gpt2_model, gpt_inputs, gpt_model, lm_inputs
-from tests.passes.test_pipeline import compile_cached
+from tests.models import (assert_close_to_eager, bn_cnn_model, cnn_inputs, compile_cached, gpt2_model, gpt_inputs,
+                          gpt_model, lm_inputs)
 
 GPT = gpt_model(n_layer=4)
 GPT_INPUTS = gpt_inputs(batch=8, seq=8)
@@ -96,6 +97,57 @@ def test_a_mean_over_counted_targets_is_not_split_silently():
     with pytest.raises(PassFailed, match="averages over its counted targets"):
         compile_cached(model, inputs, 2, {"mesh": {"pp": 2}, "stages": ["layers.1"], "microbatches": 4})
 
+
+
+class ShiftedLabelsLM(nn.Module):
+    """Reads its labels first, shifted right into decoder inputs (as transformers' T5 and Whisper do),
+    and last, in a mean cross entropy over the labels that are not ignored."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 16)])
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shifted = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1).clamp(min=0)
+        h = self.layers[1](torch.tanh(self.layers[0](self.embed(shifted) + x)))
+        return F.cross_entropy(h.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("mesh", [{"pp": 2}, {"pp": 2, "dp": 2}])
+def test_labels_read_on_the_first_stage_are_counted_whole_on_the_last(mesh):
+    model = ShiftedLabelsLM()
+    g = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 16, (8, 6), generator=g)
+    labels[:3, :4] = -100  # microbatches count different numbers of targets
+    inputs = (torch.randn(8, 6, 8, generator=g), labels)
+    world = 2 * mesh.get("dp", 1)
+    plan = compile_cached(model, inputs, world, {"mesh": mesh, "stages": ["layers.1"], "microbatches": 2})
+    graph = plan.graph
+    assert graph.attrs["pipeline"]["loss_split"] == "global_denominator"
+    labels_value = graph.inputs[1]
+    assert labels_value.mesh == "stage0"  # where the shift reads it; relayed to the loss on stage 1
+    whole = [n for n in graph.nodes if n.attrs.get("whole_batch")]
+    assert whole and {n.attrs["stage"] for n in whole} == {1}
+    reader = next(n for n in whole if labels_value in n.input_values())  # the whole batch, not the relayed one
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+    # only whole-batch nodes may read an input on another stage
+    del reader.attrs["whole_batch"]
+    with pytest.raises(VerificationError, match=rf"node %{reader.name} .* mixes placements \['stage0', 'stage1'\] "
+                                                r"\(%labels\); insert a transfer"):
+        verify(graph)
+
+
+def test_batch_statistics_refuse_microbatches_and_run_whole():
+    """A training BatchNorm normalises with statistics of the whole batch: microbatches would each use
+    their own (silently not the full-batch step), so they are refused; one microbatch equals eager."""
+    model, inputs = bn_cnn_model(), cnn_inputs()
+    with pytest.raises(PassFailed, match=r"cannot split the batch into 2 microbatches: aten.batch_norm.default "
+                                         r"\(%batch_norm, module bn\) normalises with statistics of the whole batch"):
+        compile_cached(model, inputs, 2, {"mesh": {"pp": 2}, "stages": ["head"], "microbatches": 2})
+    plan = compile_cached(model, inputs, 2, {"mesh": {"pp": 2}, "stages": ["head"], "microbatches": 1})
+    assert_close_to_eager(plan.run_virtual(*inputs), bn_cnn_model(), inputs)
 
 # -- SkipPipe ----------------------------------------------------------------------------------------
 

@@ -1,16 +1,13 @@
 """The pipeline pass: stage cuts, stage meshes, transfers, tied copies, the loss split and schedules."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler import api
 from ir.cluster import Cluster
 from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_actions,
                                  stage_mesh_name)
@@ -23,32 +20,10 @@ from passes.schedules import (ScheduleDeadlock, ScheduleError, build_1f1b, build
                               simulate)
 from passes.skippipe import parse_skip_plan
 from passes.strategy import StrategyError
-from tests.models import gpt_inputs, gpt_model
+from tests.models import compile_cached, gpt_inputs, gpt_model
 
 GPT4 = gpt_model(n_layer=4)
 GPT4_INPUTS = gpt_inputs(batch=8, seq=8)
-_CAPTURED: dict = {}
-
-
-
-
-def compile_cached(model, inputs, world: int, strategy, **kwargs):
-    """``compile()`` on ``world`` local ranks, capturing each model once per input shapes and mode.
-
-    torch.export dominates compile time on a CPU; the passes, the subject here, run every time on a
-    fresh copy of the captured graph (printed and parsed back).
-    """
-    key = (id(model), tuple(tuple(t.shape) for t in inputs), kwargs.get("mode", "train"))
-    original = api.capture_model
-
-    def capture_once(*args, **kw):
-        if key not in _CAPTURED:
-            _CAPTURED[key] = original(*args, **kw)
-        captured = _CAPTURED[key]
-        return dataclasses.replace(captured, graph=parse(str(captured.graph)))
-
-    with mock.patch.object(api, "capture_model", capture_once):
-        return api.compile(model, inputs, cluster=Cluster.local(world), strategy=strategy, **kwargs)
 
 
 def gpt_plan(world: int = 2, **strategy):
