@@ -39,6 +39,7 @@ def test_dp4_keeps_every_convolution_split_and_equals_eager(make):
     weighted = weighted_nodes(plan)
     assert len(weighted) >= 6
     assert [n.name for n in weighted if n.outputs[0].sbp != (Split(0),)] == []
+    assert plan.parallelism()["dp"].split_share >= 0.95, str(plan.parallelism())
     channels = {int(n.outputs[0].type.shape[1]) for n in weighted if n.op != "aten.linear.default"}
     for node in plan.graph.nodes:
         if node.op.startswith("comm."):  # only per-channel statistics (and the loss's target count) move
