@@ -16,6 +16,7 @@ import math
 import sympy
 
 from ir.core import Graph, Node, Value
+from ir.ops.schema import arg, parameter_names
 from ir.types import TensorType
 from passes.manager import PassContext, register_pass
 
@@ -24,12 +25,10 @@ MEAN, SUM = 1, 2
 
 
 def _ce_args(node: Node) -> dict:
-    names = ["input", "target", "weight", "reduction", "ignore_index", "label_smoothing"]
-    defaults = [None, None, None, MEAN, -100, 0.0]
-    vals = dict(zip(names, defaults))
-    vals.update(dict(zip(names, node.args)))
-    vals.update(node.kwargs)
-    return vals
+    """Cross entropy's arguments by name (the logits as ``input``), schema defaults filled in."""
+    a = {name: arg(node, name) for name in parameter_names(node.op)}
+    a["input"] = a.pop("self")
+    return a
 
 
 @register_pass("decompose")
@@ -102,26 +101,23 @@ def _vocab_parallel_ce(graph: Graph, node: Node, a: dict) -> None:
     graph.remove_node(node)
 
 
-BATCH_NORMS = {
-    "aten._native_batch_norm_legit_functional.default":
-        ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
-    "aten._native_batch_norm_legit.no_stats": ("input", "weight", "bias", "training", "momentum", "eps"),
-    "aten.batch_norm.default":
-        ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled"),
-}
-"""Batch norms by argument names. Capture makes ``_native_batch_norm_legit_functional`` of a training
-BatchNorm with running statistics (outputs: y, saved mean, saved inverse std, new running mean and
-variance), ``batch_norm`` / ``_native_batch_norm_legit.no_stats`` of one without."""
+BATCH_NORMS = ("aten._native_batch_norm_legit_functional.default", "aten._native_batch_norm_legit.no_stats",
+               "aten.batch_norm.default")
+"""Capture makes ``_native_batch_norm_legit_functional`` of a training BatchNorm with running statistics
+(outputs: y, saved mean, saved inverse std, new running mean and variance), ``batch_norm`` /
+``_native_batch_norm_legit.no_stats`` of one without."""
+
+
+BATCH_STATISTICS_ATTR = "batch_statistics"
+"""Node attribute (printed in the IR) on the sum that starts a training batch norm's statistics."""
 
 
 def _batch_norm_args(node: Node) -> dict | None:
     """The arguments of a batch norm that normalises with batch statistics; None for any other node."""
-    names = BATCH_NORMS.get(node.op)
-    if names is None:
+    if node.op not in BATCH_NORMS:
         return None
-    a = dict.fromkeys(("weight", "bias", "running_mean", "running_var"))
-    a.update(zip(names, node.args))
-    a.update(node.kwargs)
+    names = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+    a = {name: arg(node, name) if name in parameter_names(node.op) else None for name in names}
     if not a["training"] or a["input"].type.ndim < 2:
         return None
     if node.op == "aten.batch_norm.default" and a["running_mean"] is not None:
@@ -147,6 +143,7 @@ def _batch_norm_from_sums(graph: Graph, node: Node, a: dict) -> None:
         return _op(graph, node, name, args, out, value_name)
 
     total = op("aten.sum.dim_IntList", [x, reduced, True], kept, "bn_sum")
+    total.producer.attrs[BATCH_STATISTICS_ATTR] = True  # a pipeline cannot cut this batch into microbatches
     mean = op("aten.div.Scalar", [total, count], kept, "bn_mean")
     centred = op("aten.sub.Tensor", [x, mean], x.type, "bn_centred")
     squares = op("aten.pow.Tensor_Scalar", [centred, 2], x.type, "bn_squares")

@@ -48,6 +48,7 @@ from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages
 from ir.sbp import Split
 from ir.types import Mesh, TensorType, dim_symbol
 from passes.cost_model import op_flops
+from passes.decompose import BATCH_STATISTICS_ATTR
 from passes.manager import PassContext, register_pass
 from passes.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
 from passes.skippipe import SkipPipeProblem, format_skip_plan, plan_skip_paths
@@ -198,8 +199,12 @@ BATCH_NORM_OPS = ("aten.batch_norm.default", "aten.native_batch_norm.default",
 
 
 def batch_statistics_node(graph: Graph) -> Node | None:
-    """The first node that normalises with statistics of the whole batch (a training BatchNorm), if any."""
-    return next((n for n in graph.nodes if n.op in BATCH_NORM_OPS and len(n.args) > 5 and n.args[5] is True), None)
+    """The first node that normalises with statistics of the whole batch (a training BatchNorm, fused or
+    as ``decompose`` writes it), if any."""
+    def takes_batch_statistics(n: Node) -> bool:
+        fused = n.op in BATCH_NORM_OPS and len(n.args) > 5 and n.args[5] is True
+        return fused or bool(n.attrs.get(BATCH_STATISTICS_ATTR))
+    return next((n for n in graph.nodes if takes_batch_statistics(n)), None)
 
 
 def refuse_batch_statistics(graph: Graph, microbatches: int) -> None:
@@ -213,8 +218,9 @@ def refuse_batch_statistics(graph: Graph, microbatches: int) -> None:
         where = f"module {node.attrs['module']}" if node.attrs.get("module") else "the model"
         raise StrategyError(f"cannot split the batch into {microbatches} microbatches: {node.op} (%{node.name}, "
                             f"{where}) normalises with statistics of the whole batch in training, and each "
-                            "microbatch would use its own; use microbatches 1, or a norm whose statistics do "
-                            "not span the batch (LayerNorm, GroupNorm)")
+                            "microbatch would use its own (as torch.distributed.pipelining does), so the step "
+                            "would not equal the full-batch step; use microbatches 1, or a norm whose "
+                            "statistics do not span the batch (LayerNorm, GroupNorm)")
 
 
 def split_loss_for_microbatches(graph: Graph, microbatches: int) -> str:

@@ -15,7 +15,7 @@ from backends.virtual import run_virtual
 from compiler import Cluster, compile
 from frontend.torch_capture import CaptureError, capture
 from ir.parser import parse
-from tests.models import CausalLMLoss, assert_close_to_eager, cnn_inputs, cnn_model, lm_inputs
+from tests.models import LabelledLoss, assert_close_to_eager, cnn_inputs, cnn_model, lm_inputs
 
 
 def in_place_ops(graph) -> list[str]:
@@ -69,7 +69,7 @@ def deepseek_v3_model(seed: int = 0) -> nn.Module:
                            n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
                            qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=32, use_cache=False,
                            bos_token_id=0, eos_token_id=0, pad_token_id=0, experts_implementation="batched_mm")
-    model = CausalLMLoss(DeepseekV3ForCausalLM(cfg))
+    model = LabelledLoss(DeepseekV3ForCausalLM(cfg))
     with torch.no_grad():
         model.lm.model.layers[0].mlp.gate.weight.normal_(0, 0.5)
     return model

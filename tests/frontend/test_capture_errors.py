@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from frontend.torch_capture import CaptureError, capture
-from tests.models import CausalLMLoss, lm_inputs
+from tests.models import LabelledLoss, lm_inputs
 
 LIBRARY = '''
 import torch
@@ -77,7 +77,7 @@ def test_eager_moe_loop_of_transformers_names_the_experts_module():
                         max_position_embeddings=32, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     cfg._experts_implementation = "eager"
     with pytest.raises(CaptureError) as err:
-        capture(CausalLMLoss(MixtralForCausalLM(cfg)), lm_inputs(batch=2, seq=4), method="export")
+        capture(LabelledLoss(MixtralForCausalLM(cfg)), lm_inputs(batch=2, seq=4), method="export")
     message = str(err.value)
     assert "in module lm.model.layers.0.mlp.experts (MixtralExperts)" in message
     assert "at transformers/models/mixtral/modeling_mixtral.py:" in message
