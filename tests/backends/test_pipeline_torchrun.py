@@ -104,7 +104,7 @@ def test_emitted_pipeline_moves_batch_norm_statistics_on_their_stage(tmp_path):
     def loss_of(model, batch):
         return model(*batch)
 
-expected_losses, expected_state = eager_training(resnet_style_model(), batches, loss_of)
+    expected_losses, expected_state = eager_training(resnet_style_model(), batches, loss_of)
     assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-6)
     state = torch.load(tmp_path / "final.pt", weights_only=True)
     assert set(state) == set(expected_state)
