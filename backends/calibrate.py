@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from backends.op_probes import measure_op_efficiency, synchronizer
-from ir.cluster import Cluster
+from cluster import Cluster
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 LATENCY_PROBE_BYTES = 4  # one fp32 element: the time is all latency

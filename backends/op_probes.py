@@ -8,7 +8,7 @@ softmax in between. :func:`measure_op_efficiency` runs one probe per kind of op 
 emitted programs make, at transformer-like sizes), times forward and backward, and reports for each
 key (an op name or a cost category) the *efficiency*: roofline seconds over measured seconds, after
 the per-op dispatch overhead (:func:`measure_op_overhead`) is taken off. A cluster spec carries the
-table (``device_kinds.<kind>.efficiency``) and ``op_overhead``; :meth:`ir.cluster.Device.efficiency_of`
+table (``device_kinds.<kind>.efficiency``) and ``op_overhead``; :meth:`cluster.model.Device.efficiency_of`
 looks an op up by name, then by category.
 
 Operands rotate through a pool larger than the caches, as in a model where an op's inputs were last

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ir.cluster import Cluster
+from cluster import Cluster
 from ir.core import Graph
 from passes.planner.costs import Precision, ir_profile
 from passes.planner.estimate import Estimate

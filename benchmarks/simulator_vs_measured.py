@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from backends.calibrate import calibrate  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from frontend.dsl import load_plan  # noqa: E402
-from ir.cluster import Cluster  # noqa: E402
+from cluster import Cluster  # noqa: E402
 
 WARMUP_STEPS = 2
 GOAL = 0.30

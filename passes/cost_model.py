@@ -1,4 +1,4 @@
-"""Cost model: collective and point-to-point time over a :class:`~ir.cluster.Cluster`, per-op FLOPs and
+"""Cost model: collective and point-to-point time over a :class:`~cluster.model.Cluster`, per-op FLOPs and
 bytes, and per-device memory (including the Megatron-LM activation formula).
 
 Collectives are costed by the links their bytes actually cross. An algorithm is a sequence of steps;
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import sympy
 
-from ir.cluster import COLLECTIVE_KINDS, SELF_LINK, Cluster, Device, Link
+from cluster import COLLECTIVE_KINDS, SELF_LINK, Cluster, Device, Link
 
 COLLECTIVES = COLLECTIVE_KINDS
 ALGORITHMS = ("ring", "tree", "hierarchical")
@@ -169,7 +169,7 @@ def _steps_cost(steps: Iterable[tuple[int, Sequence[Transfer]]], cluster: Cluste
 
 
 def _link_lookup(cluster: Cluster, kind: str) -> Callable[[int, int], Link]:
-    """``cluster.link`` as collective ``kind`` sees it (:meth:`~ir.cluster.Link.for_collective`), memoised
+    """``cluster.link`` as collective ``kind`` sees it (:meth:`~cluster.model.Link.for_collective`), memoised
     for one costing; by node pair when links follow nodes (big collectives)."""
     if not cluster.links_follow_nodes:
         return functools.lru_cache(maxsize=None)(lambda src, dst: cluster.link(src, dst).for_collective(kind))

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ir.cluster import Device
+from cluster import Device
 from ir.core import Graph, Node, Value
 from ir.recompute import RECOMPUTE_ATTR
 from ir.sbp import Split

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ir.cluster import Cluster, Device
+from cluster import Cluster, Device
 from passes import cost_model, schedules
 from passes.planner.costs import Profile, at
 from passes.planner.placement import DATA_AXIS, PlanShape, axis_groups

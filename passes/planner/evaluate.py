@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ir.cluster import Cluster
+from cluster import Cluster
 from ir.core import Graph, Node
 from ir.parser import parse
 from ir.sbp import B, Split, parse_sbp

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ir.cluster import Cluster, Device
+from cluster import Cluster, Device
 from ir.core import Graph, Node, Value
 from ir.ops.registry import nd_signatures, splits_divide
 from ir.sbp import B, Split, format_nd_sbp

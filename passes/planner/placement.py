@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ir.cluster import Cluster
+from cluster import Cluster
 
 PIPELINE_AXIS = "pp"
 DATA_AXIS = "dp"

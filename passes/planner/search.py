@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ir.cluster import Cluster
+from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import B, format_nd_sbp
 from passes.planner.costs import at

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from backends.calibrate import calibrate, fit_collective, spec_from_measurements
-from ir.cluster import Cluster
+from cluster import Cluster
 
 
 @pytest.mark.multiproc

@@ -12,7 +12,7 @@ from backends.simulator import simulate
 from compiler.api import compile
 from frontend.dsl import load_plan
 from frontend.torch_capture import capture
-from ir.cluster import Cluster
+from cluster import Cluster
 from passes import cost_model
 from passes.planner.costs import Precision, concrete_shape, costed_op, ir_profile, is_view
 from passes.planner.placement import axis_groups

@@ -8,7 +8,7 @@ import sympy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ir.cluster import Cluster
+from cluster import Cluster
 from passes.cost_model import (
     MemoryEstimate,
     best_algorithm,

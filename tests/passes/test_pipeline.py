@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compiler import api
-from ir.cluster import Cluster
+from cluster import Cluster
 from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_actions,
                                  stage_mesh_name)
 from ir.parser import parse

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from backends.simulator import simulate
 from compiler.api import compile
 from frontend.torch_capture import capture
-from ir.cluster import Cluster
+from cluster import Cluster
 from ir.core import Graph
 from ir.types import Mesh, TensorType
 from passes.planner import SearchError, search
