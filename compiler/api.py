@@ -47,7 +47,7 @@ class CompiledPlan:
 
     def simulate(self, **options):
         """Estimated step time, throughput, MFU, memory and traffic on the plan's cluster."""
-        from backends.simulator import simulate
+        from compiler.simulate import simulate
         return simulate(self, **options)
 
     def explain(self) -> str:

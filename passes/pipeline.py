@@ -15,7 +15,7 @@ does steps 1-3 and ``schedule`` step 4:
    different numbers of targets, so the mean of their means would not be the full mean.
 2. **Stages.** K = pp x virtual_stages stages, cut where a module begins (``"stages":
    ["blocks.2"]``), at layer ranges (``"stage_layers": [[0, 1], [2, 3]]``), or where the
-   per-op FLOP estimate (:func:`passes.cost_model.op_flops`) is best balanced. Stage s runs on
+   per-op FLOP estimate (:func:`cost.ops.op_flops`) is best balanced. Stage s runs on
    mesh ``stage<s>``: the devices of pipeline position ``s % pp`` (``stage_devices`` overrides),
    with the non-pp axes. Parameters used on several stages get a copy per stage, their gradients
    summed after backward (``attr tied_params``).
@@ -24,11 +24,11 @@ does steps 1-3 and ``schedule`` step 4:
    value passed on keeps its slot and a new value takes the slot of one that died, so when every
    cut carries the same slot types (a residual stream) any stage can be skipped (identity) or
    reordered, which SkipPipe and inference through a subset of stages need.
-4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``passes.schedules``) or SkipPipe paths
+4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``ir.schedules``) or SkipPipe paths
    (``passes.skippipe``; ``skip_ratio``, timed with the per-stage FLOP estimate recorded in
    ``attr pipeline`` and the cluster's links) give each pipeline position its action list; every device
    of a position runs that list, talking to the device at the same mesh coordinates of the peer
-   position. :func:`passes.schedules.check_deadlock` checks each lane of devices.
+   position. :func:`ir.schedules.check_deadlock` checks each lane of devices.
 """
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ from typing import Any, Sequence
 
 import sympy
 
+from cost.ops import op_flops
 from ir.core import Graph, Node, Value
 from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_attr, stage_index,
                                  stage_mesh_name)
 from ir.sbp import Split
+from ir.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
 from ir.types import Mesh, TensorType, dim_symbol
-from passes.cost_model import op_flops
 from passes.manager import PassContext, register_pass
-from passes.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
 from passes.skippipe import SkipPipeProblem, format_skip_plan, plan_skip_paths
 from passes.strategy import StrategyError, closest
 

@@ -30,16 +30,16 @@ from typing import Any, Callable
 import numpy as np
 
 from cluster import Cluster
+from cost.estimate import Estimator, PlanOptions, optimizer_name
+from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, MemoryEstimate
+from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
+                            groups_inside_domains, recomputed_segments)
+from cost.segments import at
 from ir.core import Graph
+from ir.layers import block_param_name
 from ir.sbp import B, format_nd_sbp
-from passes.planner.costs import at
-from passes.planner.estimate import Estimator
-from passes.planner.evaluate import ModelView, PlanOptions, optimizer_name
-from passes import cost_model
+from passes.planner.evaluate import ModelView
 from passes.planner.intra_op import LayoutSolution, describe_layouts
-from passes.planner.layers import block_param_name
-from passes.planner.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
-                                      groups_inside_domains, recomputed_segments)
 
 LOG = logging.getLogger("sbpc.planner")
 AUTO = "auto"
@@ -644,6 +644,6 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
 
 def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
     """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element."""
-    optimizer = shape.optimizer if shape.optimizer in cost_model.OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
-    return float(cost_model.MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer,
+    optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
+    return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer,
                                                     param_dtype_bytes=estimator.profile.precision.param_bytes).total)

@@ -10,17 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compiler import api
 from cluster import Cluster
+from compiler import api
+from cost.timeline import simulate
 from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_actions,
                                  stage_mesh_name)
 from ir.parser import parse
+from ir.schedules import ScheduleDeadlock, ScheduleError, build_1f1b, build_gpipe, check_deadlock
 from ir.verifier import verify
 from passes.manager import PassContext, PassFailed
 from passes.pipeline import (layer_container, lanes, min_max_partition, node_costs, pipeline_config,
                              schedule_pass, stage_starts)
-from passes.schedules import (ScheduleDeadlock, ScheduleError, build_1f1b, build_gpipe, check_deadlock,
-                              simulate)
 from passes.skippipe import parse_skip_plan
 from passes.strategy import StrategyError
 from tests.models import gpt_inputs, gpt_model
