@@ -18,7 +18,7 @@ treats boxing costs that agree to that many places as equal and lets the compute
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster import Cluster
@@ -51,7 +51,7 @@ def axis_bytes(t: TensorType, sbp: NdSbp, mesh: Mesh, axis: int) -> float:
     for i, (s, n) in enumerate(zip(sbp, mesh.shape)):
         if isinstance(s, Split) and i != axis:
             ways *= n
-    return _magnitude(t.numel()) * 4 / ways  # STEP2
+    return _magnitude(t.numel()) * t.torch_dtype.itemsize / ways
 
 
 def wire_factor(op: str, n: int) -> float:
@@ -94,15 +94,20 @@ class ClusterBoxingCost:
     scale: float = 1.0
     backward: bool = False
     digits: int = 12
+    _seconds: dict = field(default_factory=dict, compare=False, repr=False)
+    """(op, bytes, axis) -> seconds already priced (one boxing search asks for the same steps often)."""
 
     def __call__(self, op: str, local_bytes: float, mesh: Mesh, axis: int) -> float:
         if op in LOCAL_COMM_OPS:
             return STEP_EPSILON_S
-        nbytes = local_bytes * self.scale
-        seconds = self._slowest(op, nbytes, axis)
-        if self.backward:
-            seconds += self._slowest(ADJOINTS[op], nbytes, axis)
-        return seconds + STEP_EPSILON_S
+        key = (op, local_bytes, axis)
+        if key not in self._seconds:
+            nbytes = local_bytes * self.scale
+            seconds = self._slowest(op, nbytes, axis)
+            if self.backward:
+                seconds += self._slowest(ADJOINTS[op], nbytes, axis)
+            self._seconds[key] = seconds + STEP_EPSILON_S
+        return self._seconds[key]
 
     def _slowest(self, op: str, nbytes: float, axis: int) -> float:
         return max(collective_seconds(op, nbytes, group, self.cluster) for group in self.groups[axis])
@@ -110,11 +115,21 @@ class ClusterBoxingCost:
 
 def collective_seconds(op: str, nbytes: float, group: tuple, cluster: Cluster) -> float:
     """Seconds of the ``comm.*`` collective ``op`` on ``group`` for a tensor of ``nbytes`` as the group
-    sees it (an all-to-all sends each rank's share of it)."""
+    sees it (an all-to-all sends each rank's share of it).
+
+    An all-reduce costs at most the reduce-scatter and all-gather it can be run as: the collective
+    model prices those two with recursive halving and doubling, which its all-reduce algorithms do not
+    use, and without the bound a chain would split one all-reduce into two collectives to save latency.
+    """
     kind = op.split(".", 1)[1]
     if kind == "all_to_all":
         nbytes /= len(group)
-    return collective_time(kind, nbytes, group, cluster)
+    seconds = collective_time(kind, nbytes, group, cluster)
+    if kind == "all_reduce":
+        halves = collective_time("reduce_scatter", nbytes, group, cluster) + \
+            collective_time("all_gather", nbytes, group, cluster)
+        seconds = min(seconds, halves)
+    return seconds
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,10 +143,27 @@ def mesh_boxing_cost(cluster: Cluster, mesh: Mesh, backward: bool) -> ClusterBox
 
 
 def _distinct_groups(groups: list[tuple], cluster: Cluster) -> tuple:
-    """One group per pattern of nodes when links follow nodes (such groups cost the same), else all."""
+    """One group per :func:`_group_shape` (groups of one shape cost the same), or all groups where links
+    do not follow nodes."""
     if not cluster.links_follow_nodes:
         return tuple(groups)
-    by_nodes: dict[tuple, tuple] = {}
+    by_shape: dict[tuple, tuple] = {}
     for g in groups:
-        by_nodes.setdefault(tuple(cluster.node_of(d) for d in g), g)
-    return tuple(by_nodes.values())
+        by_shape.setdefault(_group_shape(g, cluster), g)
+    return tuple(by_shape.values())
+
+
+def _group_shape(group: tuple, cluster: Cluster) -> tuple:
+    """Per device, its node's links and which of the group's nodes it is on: what a collective's cost
+    depends on when links follow nodes (node identities themselves where node pairs have overrides)."""
+    nodes = [cluster.node_of(d) for d in group]
+    if cluster.link_overrides:
+        return tuple(nodes)
+    first: dict[int, int] = {}
+    return tuple((_node_links(cluster, n), first.setdefault(n, len(first))) for n in nodes)
+
+
+def _node_links(cluster: Cluster, node: int) -> tuple:
+    """What the links of ``node`` are made of (its intra-node link, NICs, device count and region)."""
+    spec = cluster.nodes[node]
+    return spec.intra_link, spec.nics, spec.num_devices, spec.region

@@ -27,7 +27,9 @@ def boxing_cost(ctx: PassContext, mesh: Mesh, backward: bool) -> BoxingCost:
     ``ctx.cluster`` (with the backward adjoint for a value with a gradient, when training), else bytes."""
     if "boxing_cost" in ctx.options:
         return ctx.options["boxing_cost"]
-    return bytes_cost  # STEP2
+    if ctx.cluster is None:
+        return bytes_cost
+    return mesh_boxing_cost(ctx.cluster, mesh, backward and ctx.train)
 
 
 class BoxingError(ValueError):

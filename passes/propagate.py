@@ -2,7 +2,9 @@
 
 Greedy in execution order, as OneFlow does: for every node, among the N-D signatures of its op
 rule, take the one whose required input layouts are cheapest to reach from the layouts the inputs
-already have, breaking ties by the local compute size and against partial outputs. Activation hints
+already have (priced by :func:`passes.boxing.boxing_cost`: time on the cluster being compiled for,
+as the planner prices it, else bytes), breaking ties by the local compute size and against partial
+outputs. Activation hints
 from the strategy (``activations``, ``sequence_parallel``) restrict the choice for their nodes.
 """
 from __future__ import annotations
