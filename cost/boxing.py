@@ -18,14 +18,16 @@ treats boxing costs that agree to that many places as equal and lets the compute
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster import Cluster
 from cost.collectives import collective_time
+from cost.segments import split_ways
 from ir.ops.comm import ADJOINTS, LOCAL_COMM_OPS
 from ir.ops.shape_ops import _magnitude
-from ir.sbp import NdSbp, Split
+from ir.sbp import NdSbp
 from ir.types import Mesh, TensorType
 
 
@@ -47,10 +49,8 @@ STEP_EPSILON_S = 1e-9
 def axis_bytes(t: TensorType, sbp: NdSbp, mesh: Mesh, axis: int) -> float:
     """Bytes of a tensor of type ``t`` held as ``sbp`` as one group along ``axis`` sees it (split by the
     other axes only), at the element size of its dtype."""
-    ways = 1
-    for i, (s, n) in enumerate(zip(sbp, mesh.shape)):
-        if isinstance(s, Split) and i != axis:
-            ways *= n
+    others = [s if i != axis else None for i, s in enumerate(sbp)]
+    ways = math.prod(split_ways(others, mesh.shape, t.ndim))
     return _magnitude(t.numel()) * t.torch_dtype.itemsize / ways
 
 

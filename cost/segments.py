@@ -73,8 +73,10 @@ def local_shape(shape: tuple, nd: Sequence, mesh_shape: Sequence[int]) -> tuple:
     return tuple(d / w for d, w in zip(shape, ways))
 
 
-def axis_bytes(shape: tuple, nd: Sequence, mesh_shape: Sequence[int], axis: int, element_bytes: float) -> float:
-    """Bytes of a tensor as the devices along ``axis`` see it (split by the other axes only)."""
+def concrete_axis_bytes(shape: tuple, nd: Sequence, mesh_shape: Sequence[int], axis: int, element_bytes: float
+                        ) -> float:
+    """Bytes of a tensor of concrete ``shape`` as the devices along ``axis`` see it (split by the other axes
+    only; :func:`cost.boxing.axis_bytes` for a tensor type)."""
     others = [s if i != axis else None for i, s in enumerate(nd)]
     local = local_shape(shape, [s for s in others], mesh_shape)
     return float(np.prod(local)) * element_bytes if local else element_bytes
@@ -332,7 +334,7 @@ def _comm_bytes(record: CommRecord, dims: dict, ctx: CostContext) -> float:
     """Bytes in the cost model's convention: the full buffer (all-reduce, gather output, scatter input);
     each rank's send buffer for all-to-all."""
     shape = concrete_shape(record.type, dims)
-    full = axis_bytes(shape, record.sbp, ctx.mesh.shape, record.axis, ctx.precision.activation_bytes)
+    full = concrete_axis_bytes(shape, record.sbp, ctx.mesh.shape, record.axis, ctx.precision.activation_bytes)
     if record.op == "comm.all_to_all":
         return full / ctx.mesh.shape[record.axis]
     return full
