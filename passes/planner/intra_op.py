@@ -201,9 +201,9 @@ class LayoutProblem:
                                  f"{unit.node.attrs.get('module', '?')}) is not a valid layout of that op")
         self.vars.append(("node", k))
         self.choices.append(candidates)
-        self.unary.append([unit.weight * self._compute_seconds(unit.node, c) for c in candidates])
+        self.unary.append([unit.weight * self._op_seconds(unit.node, c) for c in candidates])
 
-    def _compute_seconds(self, node: Node, choice: tuple) -> float:
+    def _op_seconds(self, node: Node, choice: tuple) -> float:
         req = self.request
         ins = node.input_values()
         record = ComputeRecord(node.op, tuple(v.type for v in ins), tuple(choice[0]),
