@@ -1,55 +1,37 @@
-"""The simulator backend: how long a training step of a plan takes on its cluster, and what it holds.
+"""The simulator backend: how long a training step of a compiled plan takes on its cluster, and what it holds.
 
-``simulate(plan)`` prices a compiled plan from its SBP-annotated IR: every op's time is
-``cost_model.op_time``'s roofline on the local shards the device computes (slowest device kind of a
+:func:`price_ir` prices a plan from its SBP-annotated IR: every op's time is the roofline
+(:func:`cost.ops.compute_seconds`) on the local shards the device computes (slowest device kind of a
 stage), every collective of the IR (and its backward adjoint) is priced with
-``cost_model.collective_time`` on the real device groups of its mesh axis, gradient buckets are
-all-reduced over their axes after the last backward, pipeline stages run the schedule's action lists
-through ``schedules.simulate``, and memory counts parameters, gradients, optimizer state and the
-activations kept by the microbatches in flight (recomputed blocks keep only their input).
+:func:`cost.collectives.collective_time` on the real device groups of its mesh axis, gradient buckets
+are all-reduced over their axes after the last backward, pipeline stages run the schedule's action
+lists through :func:`cost.timeline.simulate`, and memory counts parameters, gradients, optimizer state
+and the activations kept by the microbatches in flight (recomputed blocks keep only their input).
 
-``simulate((graph, strategy, cluster))`` prices a strategy on a captured graph without running the
-passes (what the planner uses; see :mod:`passes.planner.evaluate`), so pipelined strategies can be
-simulated before the pipeline pass exists. That path solves the tensor-parallel layouts the strategy
-leaves open at their optimum (the compiled program's greedy propagation may pick others) and prices
-data parallelism analytically (batch split, gradient all-reduce, FSDP gathers), without the scalar
-all-reduces of the loss over ``dp`` that the IR also holds.
-
-The report has ``step_time_s``, ``tokens_per_s`` / ``samples_per_s``, ``mfu``, ``peak_memory_bytes``
-per device, ``comm_bytes_by_link_class``, and writes a per-device timeline as a Chrome/Perfetto trace
-(:meth:`SimReport.write_trace`) or a PNG Gantt chart (:meth:`SimReport.write_gantt_png`).
+:func:`report` turns an estimate into a :class:`SimReport`: ``step_time_s``, ``tokens_per_s`` /
+``samples_per_s``, ``mfu``, ``peak_memory_bytes`` per device, ``comm_bytes_by_link_class``, and a
+per-device timeline written as a Chrome/Perfetto trace (:meth:`SimReport.write_trace`) or a PNG Gantt
+chart (:meth:`SimReport.write_gantt_png`). ``plan.simulate()`` (:func:`compiler.simulate.simulate`)
+is the entry point; it also prices strategies on graphs the passes have not laid out.
 """
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ir.cluster import Cluster
+from cluster import Cluster
+from cost.estimate import Estimate, PlanOptions, optimizer_name
+from cost.ops import Precision, peak_flops
+from cost.placement import PlanShape, plan_shape
+from cost.segments import Profile, ir_profile
+from cost.timeline import TimelineEvent
 from ir.core import Graph
-from passes.planner.costs import Precision, ir_profile
-from passes.planner.estimate import Estimate
-from passes.planner.evaluate import ModelView, PlanOptions, optimizer_name, plan_shape
-from passes.planner.layers import find_layers
-from passes.planner.placement import PlanShape
-from passes.strategy import normalize_strategy
+from ir.layers import LayerStructure, find_layers
 
 CATEGORIES = ("compute", "comm", "idle")
 COLORS = {"compute": "#4C72B0", "comm": "#DD8452", "idle": "#DDDDDD"}
 MAX_GANTT_ROWS = 64
-_VIEWS: "weakref.WeakKeyDictionary[Graph, ModelView]" = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class TimelineEvent:
-    """One interval of one device's step: ``category`` is compute, comm or idle."""
-
-    start_s: float
-    end_s: float
-    category: str
-    name: str
 
 
 @dataclass
@@ -147,55 +129,19 @@ class SimReport:
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry point
+# Pricing a laid-out plan
 # --------------------------------------------------------------------------------------------------
 
 
-def simulate(target: Any, *, options: PlanOptions | None = None, exact: bool = True, **option_values) -> SimReport:
-    """Simulate a ``CompiledPlan`` or a ``(graph, strategy, cluster)`` triple; see the module docstring.
-
-    ``options`` (or keyword values of :class:`~passes.planner.evaluate.PlanOptions`: ``precision``,
-    ``optimizer``, ``global_batch``, ``overhead_s``, ``memory_headroom``) override what the plan says.
-    """
-    graph, strategy, cluster, defaults = _unpack(target)
-    options = options or PlanOptions(**{**defaults, **option_values})
-    strategy = normalize_strategy(strategy, cluster.world_size)
-    if _laid_out(graph):
-        estimate, shape, source, profile = _from_ir(graph, strategy, cluster, options, exact)
-    else:
-        view = _view(graph)
-        evaluation = view.evaluate(strategy, cluster, options, exact)
-        estimate, shape, source, profile = evaluation.estimate, evaluation.shape, "strategy", evaluation.profile
-    return _report(estimate, shape, profile, cluster, strategy, source, options)
-
-
-def _unpack(target: Any) -> tuple[Graph, dict, Cluster, dict]:
-    if isinstance(target, tuple):
-        if len(target) != 3:
-            raise TypeError(f"expected a CompiledPlan or (graph, strategy, cluster), found a tuple of {len(target)}")
-        graph, strategy, cluster = target
-        cluster = Cluster.load(cluster) if isinstance(cluster, str) else cluster
-        return graph, strategy, cluster, {}
-    if all(hasattr(target, a) for a in ("graph", "strategy", "cluster")):
-        defaults = {"optimizer": optimizer_name(getattr(target, "optimizer", ("SGD", {})))}
-        return target.graph, target.strategy, target.cluster, defaults
-    raise TypeError(f"expected a CompiledPlan or (graph, strategy, cluster), found {type(target).__name__}")
-
-
-def _laid_out(graph: Graph) -> bool:
+def is_laid_out(graph: Graph) -> bool:
+    """Whether the passes have laid the graph out (a mesh, and an SBP on every value)."""
     return bool(graph.meshes) and all(v.sbp is not None for v in graph.all_values())
 
 
-def _view(graph: Graph) -> ModelView:
-    """One :class:`ModelView` per graph: layouts solved for one strategy serve the next."""
-    view = _VIEWS.get(graph)
-    if view is None:
-        view = ModelView(graph, graph.loss is not None)
-        _VIEWS[graph] = view
-    return view
-
-
-def _from_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOptions, exact: bool):
+def price_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOptions, exact: bool = True
+             ) -> tuple[Estimate, PlanShape, Profile]:
+    """The estimate of a laid-out graph compiled with the (normalised) ``strategy``, and the plan shape and
+    profile it priced."""
     structure = find_layers(graph)
     dims = graph.attrs.get("example_dims") or {}
     batch = int(options.global_batch or dims.get("batch", 1))
@@ -211,10 +157,10 @@ def _from_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOption
         raise ValueError(f"the plan's IR mesh {dict(zip(mesh.axes, mesh.shape))} differs from its strategy's stage "
                          f"mesh {dict(zip(shape.axes, shape.shape))}; simulate (graph, strategy, cluster) instead")
     estimate = options.estimator(profile, cluster).estimate(shape, exact)
-    return estimate, shape, "ir", profile
+    return estimate, shape, profile
 
 
-def _stage_layers_of_ir(structure) -> list | None:
+def _stage_layers_of_ir(structure: LayerStructure) -> list | None:
     """Block ranges per stage, from the ``stage`` attribute the pipeline pass puts on every node."""
     stages = [{n.attrs.get("stage") for n in block if not n.op.startswith("comm.")} for block in structure.blocks]
     if not stages or any(None in s for s in stages):
@@ -231,13 +177,13 @@ def _stage_layers_of_ir(structure) -> list | None:
     return ranges
 
 
-def _report(estimate: Estimate, shape: PlanShape, profile, cluster: Cluster, strategy: dict, source: str,
-            options: PlanOptions) -> SimReport:
+def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Cluster, strategy: dict, source: str,
+           options: PlanOptions) -> SimReport:
+    """The :class:`SimReport` of an estimate (``source``: ``ir`` or ``strategy``, what was priced)."""
     step = estimate.step_time_s
     samples = profile.global_batch / step if step > 0 else 0.0
     tokens = samples * profile.tokens_per_sample if profile.tokens_per_sample > 1 else None
     precision = Precision.of(options.precision)
-    from passes.planner.costs import peak_flops
     peak = sum(peak_flops(d, precision) for d in cluster.devices)
     mfu = estimate.flops_per_step / (step * peak) if step > 0 else 0.0
     stage_times = [{"stage": s.index, "rank": s.rank, "layers": s.layers, "fwd_compute_s": s.fwd_compute_s,
@@ -263,10 +209,10 @@ def _rank_events(estimate: Estimate, shape: PlanShape) -> dict[int, list[Timelin
             for e in events:
                 action = e.action
                 if action.is_compute:
-                    out[rank].extend(_split_compute(e.start, e.end, stages[action.stage], action.kind,
+                    out[rank].extend(_split_compute(e.start_s, e.end_s, stages[action.stage], action.kind,
                                                     action.microbatch))
-                elif action.is_recv and e.end > e.start:
-                    out[rank].append(TimelineEvent(e.start, e.end, "idle", f"wait {action}"))
+                elif action.is_recv and e.end_s > e.start_s:
+                    out[rank].append(TimelineEvent(e.start_s, e.end_s, "idle", f"wait {action}", action))
     else:
         stage = estimate.stages[0]
         clock = 0.0

@@ -352,7 +352,7 @@ class PipelineRunner:
 
     The devices of a pipeline position run the same list (talking to the device at the same mesh
     index of the peer position), so one lane of devices is stepped, in the order
-    :func:`passes.schedules.check_deadlock` uses: each device in turn runs until it waits on a
+    :func:`ir.schedules.check_deadlock` uses: each device in turn runs until it waits on a
     receive. An ``F`` runs the stage's nodes for one microbatch on every device of the stage's
     mesh, on leaves made of what it received; its ``B`` back-propagates the received gradients
     (or the loss) into those leaves, whose gradients are what ``SEND_B`` carries back. Parameter
@@ -500,7 +500,7 @@ class PipelineRunner:
         stuck = {rank: str(lists[rank][i]) for rank, i in position.items() if i < len(lists[rank])}
         if stuck:
             raise VirtualRunError(f"the schedule deadlocks: devices wait at {stuck}; check it with "
-                                  "passes.schedules.check_deadlock")
+                                  "ir.schedules.check_deadlock")
 
     def _step(self, rank: int, action: Action, channels: dict) -> bool:
         if action.kind == "F":

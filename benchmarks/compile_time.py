@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from compiler.api import DEFAULT_PASSES, _example_dims, capture_model, passes_for  # noqa: E402
 from gpt_configs import example_batch, meta_model  # noqa: E402
-from ir.cluster import Cluster  # noqa: E402
+from cluster import Cluster  # noqa: E402
 from passes.manager import PassContext, PassFailed, run_passes  # noqa: E402
 from passes.planner import search  # noqa: E402
 from passes.strategy import normalize_strategy  # noqa: E402

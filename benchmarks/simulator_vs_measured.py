@@ -1,6 +1,6 @@
 """Simulated against measured step time of the GPT example's emitted DP and TP programs on ``local:2``.
 
-1. ``backends.calibrate.calibrate(2)`` (``sbpc calibrate``) measures this machine and writes a cluster
+1. ``cost.calibrate.calibrate(2)`` (``sbpc calibrate``) measures this machine and writes a cluster
    spec: matmul FLOP/s and memory bandwidth, per-op efficiency (matmuls by size) and dispatch overhead,
    gloo collectives as a busy step meets them, and how much of an all-reduce hides behind compute.
 2. The GPT example is compiled for that cluster with data parallelism and with Megatron tensor
@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import gpt  # noqa: E402
 import torch  # noqa: E402
-from backends.calibrate import calibrate  # noqa: E402
+from cost.calibrate import calibrate  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from frontend.dsl import load_plan  # noqa: E402
-from ir.cluster import Cluster  # noqa: E402
+from cluster import Cluster  # noqa: E402
 
 WARMUP_STEPS = 2
 GOAL = 0.30

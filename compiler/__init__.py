@@ -1,5 +1,5 @@
 """sbpc: compile a PyTorch model into a distributed program with SBP layouts."""
 from compiler.api import CompiledPlan, compile
-from ir.cluster import Cluster
+from cluster import Cluster
 
 __all__ = ["compile", "Cluster", "CompiledPlan"]

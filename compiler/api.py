@@ -11,7 +11,7 @@ import torch
 from backends import torch_distributed
 from backends.virtual import VirtualResult, run_virtual
 from frontend.torch_capture import Captured, capture
-from ir.cluster import Cluster
+from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
 from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate, recompute  # noqa: F401  (register passes)
@@ -47,7 +47,7 @@ class CompiledPlan:
 
     def simulate(self, **options):
         """Estimated step time, throughput, MFU, memory and traffic on the plan's cluster."""
-        from backends.simulator import simulate
+        from compiler.simulate import simulate
         return simulate(self, **options)
 
     def explain(self) -> str:

@@ -181,7 +181,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from backends.calibrate import calibrate
+    from cost.calibrate import calibrate
     calibrate(world_size=args.world_size, out_path=args.out, quick=args.quick)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

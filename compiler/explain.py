@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from backends.simulator import format_bytes
-from ir.cluster import LINK_CLASSES, Cluster
-from passes.planner.placement import PIPELINE_AXIS, axis_groups, stage_device_lists
+from cluster import LINK_CLASSES, Cluster
+from cost.placement import PIPELINE_AXIS, axis_groups, stage_device_lists
 from passes.strategy import tensor_axis
 
 MAX_LAYOUT_LINES = 40

@@ -16,7 +16,7 @@ from frontend.onnx.convert import OnnxModule
 def compiled_runner(module: OnnxModule, inputs: tuple[torch.Tensor, ...], ranks: int = 1) -> tuple:
     """Compile ``module`` for inference on ``ranks`` CPU ranks and run it on the virtual mesh."""
     from compiler.api import compile
-    from ir.cluster import Cluster
+    from cluster import Cluster
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ops without SBP rules are expected here: one rank
         plan = compile(module, inputs, cluster=Cluster.local(ranks), strategy="dp", mode="infer")

@@ -24,7 +24,7 @@ from ir.core import Graph, Node
 from ir.sbp import Broadcast
 from ir.types import dim_symbol
 # The per-op FLOP formulas of the cost model: the one import to change when it moves (to cost/).
-from passes.cost_model import op_flops
+from cost.ops import op_flops
 
 MAX_LISTED_OPS = 8
 

@@ -1,7 +1,9 @@
 """Boxing: insert the cheapest chain of collectives where a value's layout differs from its use.
 
 The chain is a shortest path over single-axis conversions (``ir.ops.comm.transition``) under a
-pluggable cost. A conversion that changes a split of dim ``d`` on axis ``a`` is only taken when no
+cost from :mod:`cost.boxing`: seconds on the cluster the graph is compiled for (with the backward
+adjoint for values that carry a gradient), bytes on the wire without one (see :func:`boxing_cost`).
+A conversion that changes a split of dim ``d`` on axis ``a`` is only taken when no
 later (inner) axis splits ``d`` too, so nested splits stay contiguous; a reduction of partial values
 on axis ``a`` only when no inner axis holds partial values of the other kind (sum vs max).
 """
@@ -9,34 +11,32 @@ from __future__ import annotations
 
 import heapq
 from functools import lru_cache
-from typing import Callable
 
-import sympy
-
+from cost.boxing import BoxingCost, axis_bytes, bytes_cost, mesh_boxing_cost
 from ir.core import Graph, Node, Value
-from ir.ops.comm import transition, wire_factor
+from ir.gradients import values_with_grad
+from ir.ops.comm import transition
 from ir.ops.registry import splits_divide
-from ir.ops.shape_ops import _magnitude
-from ir.sbp import B, P, PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
+from ir.sbp import PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
 
-CostFn = Callable[[str, float, Mesh, int], float]
-"""(op, bytes of the tensor as the axis group sees it, mesh, axis) -> cost."""
-OP_PENALTY = 1e-3
 
-
-def bytes_cost(op: str, local_bytes: float, mesh: Mesh, axis: int) -> float:
-    """OneFlow-style cost: bytes each rank puts on the wire (plus a small per-op penalty)."""
-    into_partial = 1e-4 * local_bytes if op == "comm.mask" else 0.0
-    return wire_factor(op, mesh.shape[axis]) * local_bytes + OP_PENALTY + into_partial
+def boxing_cost(ctx: PassContext, mesh: Mesh, backward: bool) -> BoxingCost:
+    """The cost boxing chains are chosen by: ``ctx.options["boxing_cost"]`` when given, else seconds on
+    ``ctx.cluster`` (with the backward adjoint for a value with a gradient, when training), else bytes."""
+    if "boxing_cost" in ctx.options:
+        return ctx.options["boxing_cost"]
+    if ctx.cluster is None:
+        return bytes_cost
+    return mesh_boxing_cost(ctx.cluster, mesh, backward and ctx.train)
 
 
 class BoxingError(ValueError):
     """No chain of collectives converts between two layouts."""
 
 
-def boxing_path(t: TensorType, src: NdSbp, dst: NdSbp, mesh: Mesh, cost: CostFn = bytes_cost
+def boxing_path(t: TensorType, src: NdSbp, dst: NdSbp, mesh: Mesh, cost: BoxingCost = bytes_cost
                 ) -> tuple[float, list[tuple[int, str, dict, NdSbp]]]:
     """The cheapest conversion ``src -> dst``: total cost and steps ``(axis, op, kwargs, new sbp)``.
 
@@ -101,7 +101,7 @@ def _search(t, src, dst, mesh, cost):
                 nxt = state[:axis] + (new,) + state[axis + 1:]
                 if not splits_divide(t, nxt, mesh):
                     continue
-                nc = c + cost(step[0], _axis_bytes(t, state, mesh, axis), mesh, axis)
+                nc = c + cost(step[0], axis_bytes(t, state, mesh, axis), mesh, axis)
                 if nc < best.get(nxt, float("inf")):
                     best[nxt] = nc
                     heapq.heappush(heap, (nc, counter, nxt, path + [(axis, step[0], step[1], nxt)]))
@@ -125,16 +125,7 @@ def _reduces_in_order(state: NdSbp, axis: int, op: str) -> bool:
     return all(s == state[axis] for s in state[axis + 1:] if isinstance(s, Partial))
 
 
-def _axis_bytes(t: TensorType, sbp: NdSbp, mesh: Mesh, axis: int) -> float:
-    """Bytes of the tensor as one group along ``axis`` sees it (split by the other axes only)."""
-    ways = 1
-    for i, (s, n) in enumerate(zip(sbp, mesh.shape)):
-        if isinstance(s, Split) and i != axis:
-            ways *= n
-    return _magnitude(t.numel()) * 4 / ways
-
-
-def insert_conversion(graph: Graph, value: Value, dst: NdSbp, before: Node | None, cost: CostFn = bytes_cost,
+def insert_conversion(graph: Graph, value: Value, dst: NdSbp, before: Node | None, cost: BoxingCost = bytes_cost,
                       origin: Node | None = None) -> Value:
     """Insert the collectives that turn ``value`` into layout ``dst`` just before ``before`` (at the end
     when None); they carry the module of ``origin`` (default: of ``before``)."""
@@ -159,7 +150,7 @@ def _origin(node: Node | None) -> dict:
 def boxing_pass(graph: Graph, ctx: PassContext) -> None:
     """Make every node's inputs arrive in the layout its chosen signature needs, and every buffer's new
     value in the buffer's layout."""
-    cost = ctx.options.get("boxing_cost", bytes_cost)
+    grad = values_with_grad(graph)
     for node in list(graph.nodes):
         wanted = node.attrs.pop("_in_sbp", None)
         if wanted is None:
@@ -170,13 +161,14 @@ def boxing_pass(graph: Graph, ctx: PassContext) -> None:
                 continue
             key = (id(v), dst)
             if key not in converted:
+                cost = boxing_cost(ctx, graph.meshes[v.mesh], id(v) in grad)
                 converted[key] = insert_conversion(graph, v, dst, node, cost)
             new = converted[key]
             _replace_one_use(node, v, new)
-    _box_buffer_updates(graph, cost)
+    _box_buffer_updates(graph, ctx)
 
 
-def _box_buffer_updates(graph: Graph, cost: CostFn) -> None:
+def _box_buffer_updates(graph: Graph, ctx: PassContext) -> None:
     """A buffer's new value is stored in its place, so it must be held as the buffer is: convert it right
     after it is made (with the module of its producer, so a pipeline cut keeps them together)."""
     for buffer, value in list(graph.buffer_updates.items()):
@@ -185,6 +177,7 @@ def _box_buffer_updates(graph: Graph, cost: CostFn) -> None:
         producer = value.producer
         position = graph.nodes.index(producer) + 1 if producer is not None else 0
         before = graph.nodes[position] if position < len(graph.nodes) else None
+        cost = boxing_cost(ctx, graph.meshes[value.mesh], backward=False)  # new statistics carry no gradient
         graph.buffer_updates[buffer] = insert_conversion(graph, value, buffer.sbp, before, cost, origin=producer)
 
 

@@ -9,6 +9,8 @@ computed from them and inputs alone.
 from __future__ import annotations
 
 from ir.core import Graph, Value
+from ir.gradients import values_with_grad
+from ir.ops.comm import ADJOINTS
 from ir.ops.shape_ops import _magnitude
 from ir.sbp import Broadcast
 from passes.manager import PassContext, register_pass
@@ -41,10 +43,6 @@ def grad_sync_pass(graph: Graph, ctx: PassContext) -> None:
     graph.attrs["backward_comm"] = backward_collectives(graph)
 
 
-ADJOINTS = {"comm.all_reduce": "comm.all_reduce", "comm.all_gather": "comm.reduce_scatter",
-            "comm.reduce_scatter": "comm.all_gather", "comm.all_to_all": "comm.all_to_all"}
-
-
 def backward_collectives(graph: Graph) -> list[dict]:
     """The collectives backward performs, in order: the adjoint of each forward collective.
 
@@ -54,29 +52,6 @@ def backward_collectives(graph: Graph) -> list[dict]:
     grad = values_with_grad(graph)
     return [{"op": ADJOINTS[n.op], "axis": n.kwargs["axis"], "grad_of": n.outputs[0]}
             for n in reversed(graph.nodes) if n.op in ADJOINTS and id(n.outputs[0]) in grad]
-
-
-def values_with_grad(graph: Graph) -> set[int]:
-    """Ids of the values that depend differentiably on a trainable parameter (and, in a training graph,
-    that the loss depends on: a buffer's new running statistics get no gradient)."""
-    grad = {id(p) for p in graph.params if p.trainable}
-    for node in graph.nodes:
-        if node.op == "aten.detach.default":
-            continue
-        if any(id(v) in grad for v in node.input_values()):
-            grad |= {id(o) for o in node.outputs if o.type.torch_dtype.is_floating_point}
-    if graph.loss is not None:
-        grad &= _loss_depends_on(graph)
-    return grad
-
-
-def _loss_depends_on(graph: Graph) -> set[int]:
-    """Ids of the values the loss is computed from, the loss included."""
-    needed = {id(graph.loss)}
-    for node in reversed(graph.nodes):
-        if any(id(o) in needed for o in node.outputs):
-            needed |= {id(v) for v in node.input_values()}
-    return needed
 
 
 def _backward_order(graph: Graph) -> list[Value]:

@@ -16,7 +16,7 @@ does steps 1-3 and ``schedule`` step 4:
    training BatchNorm: each microbatch would be normalised with its own statistics.
 2. **Stages.** K = pp x virtual_stages stages, cut where a module begins (``"stages":
    ["blocks.2"]``), at layer ranges (``"stage_layers": [[0, 1], [2, 3]]``), or where the
-   per-op FLOP estimate (:func:`passes.cost_model.op_flops`) is best balanced. Stage s runs on
+   per-op FLOP estimate (:func:`cost.ops.op_flops`) is best balanced. Stage s runs on
    mesh ``stage<s>``: the devices of pipeline position ``s % pp`` (``stage_devices`` overrides),
    with the non-pp axes. Parameters used on several stages get a copy per stage, their gradients
    summed after backward (``attr tied_params``).
@@ -25,11 +25,11 @@ does steps 1-3 and ``schedule`` step 4:
    value passed on keeps its slot and a new value takes the slot of one that died, so when every
    cut carries the same slot types (a residual stream) any stage can be skipped (identity) or
    reordered, which SkipPipe and inference through a subset of stages need.
-4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``passes.schedules``) or SkipPipe paths
+4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``ir.schedules``) or SkipPipe paths
    (``passes.skippipe``; ``skip_ratio``, timed with the per-stage FLOP estimate recorded in
    ``attr pipeline`` and the cluster's links) give each pipeline position its action list; every device
    of a position runs that list, talking to the device at the same mesh coordinates of the peer
-   position. :func:`passes.schedules.check_deadlock` checks each lane of devices.
+   position. :func:`ir.schedules.check_deadlock` checks each lane of devices.
 """
 from __future__ import annotations
 
@@ -42,15 +42,17 @@ from typing import Any, Sequence
 
 import sympy
 
+from cost.ops import op_flops
+from cost.partition import balanced_cuts
 from ir.core import Graph, Node, Value
+from ir.layers import LayerStructure, find_layers
 from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_attr, stage_index,
                                  stage_mesh_name)
 from ir.sbp import Split
+from ir.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
 from ir.types import Mesh, TensorType, dim_symbol
-from passes.cost_model import op_flops
 from passes.decompose import BATCH_STATISTICS_ATTR
 from passes.manager import PassContext, register_pass
-from passes.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
 from passes.skippipe import SkipPipeProblem, format_skip_plan, plan_skip_paths
 from passes.strategy import StrategyError, closest
 
@@ -368,42 +370,29 @@ def _starts_at_modules(graph: Graph, names: list[str]) -> list[int]:
     return starts
 
 
-def layer_container(graph: Graph) -> tuple[str, list[int]] | None:
-    """The repeated-layer module list (``blocks``, ``lm.transformer.h``) and its layer numbers."""
-    found: dict[str, set[int]] = {}
-    for node in graph.nodes:
-        parts = _module_of(node).split(".")
-        for i, part in enumerate(parts):
-            if part.isdigit() and i > 0:
-                found.setdefault(".".join(parts[:i]), set()).add(int(part))
-                break
-    if not found:
-        return None
-    prefix = max(found, key=lambda p: len(found[p]))
-    return prefix, sorted(found[prefix])
-
-
-def _layer_start(graph: Graph, prefix: str, layer: int) -> int | None:
-    path = f"{prefix}.{layer}"
-    return next((i for i, n in enumerate(graph.nodes) if _begins(_module_of(n), path)), None)
+def _block_starts(graph: Graph, structure: LayerStructure) -> list[int]:
+    """The index in ``graph.nodes`` where each block of ``structure`` begins."""
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    return [index[id(block[0])] for block in structure.blocks]
 
 
 def _starts_at_layers(graph: Graph, ranges: Sequence) -> list[int]:
-    container = layer_container(graph)
-    if container is None:
+    structure = find_layers(graph)
+    if not structure.blocks:
         raise StrategyError("stage_layers needs repeated layers (modules named like blocks.0, blocks.1); this "
                             "model has none; cut at module names with 'stages' instead")
-    prefix, layers = container
+    prefix, count = structure.prefix, structure.num_layers
     expected = 0
     for s, (first, last) in enumerate(ranges):
         if first != expected or last < first:
             raise StrategyError(f"stage_layers[{s}] = {[first, last]}: ranges must be contiguous from layer 0, "
                                 f"so this one should start at layer {expected}")
         expected = last + 1
-    if expected != len(layers):
-        raise StrategyError(f"stage_layers covers layers 0..{expected - 1} but {prefix} has {len(layers)} layers "
-                            f"(0..{len(layers) - 1}); the last range must end at layer {len(layers) - 1}")
-    return [_layer_start(graph, prefix, int(first)) for first, _ in list(ranges)[1:]]
+    if expected != count:
+        raise StrategyError(f"stage_layers covers layers 0..{expected - 1} but {prefix} has {count} layers "
+                            f"(0..{count - 1}); the last range must end at layer {count - 1}")
+    starts = _block_starts(graph, structure)
+    return [starts[int(first)] for first, _ in list(ranges)[1:]]
 
 
 def node_costs(graph: Graph) -> list[float]:
@@ -440,14 +429,12 @@ def _concrete(t: TensorType, bindings: dict) -> tuple:
 
 def _candidate_starts(graph: Graph) -> list[int]:
     """Layer boundaries (and the end of the last layer); module boundaries when layers are too few."""
-    container = layer_container(graph)
-    if container is None:
+    structure = find_layers(graph)
+    if not structure.blocks:
         return []
-    prefix, layers = container
-    starts = {_layer_start(graph, prefix, layer) for layer in layers}
-    last = max(i for i, n in enumerate(graph.nodes) if _begins(_module_of(n), prefix))
-    starts.add(last + 1)
-    return sorted(s for s in starts if s is not None and 0 < s < len(graph.nodes))
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    starts = set(_block_starts(graph, structure)) | {index[id(structure.blocks[-1][-1])] + 1}
+    return sorted(s for s in starts if 0 < s < len(graph.nodes))
 
 
 def _module_boundaries(graph: Graph) -> list[int]:
@@ -464,31 +451,7 @@ def balanced_starts(graph: Graph, num_stages: int, costs: list[float] | None = N
     if len(candidates) < num_stages - 1:
         raise StrategyError(f"cannot cut the model into {num_stages} stages: it has only {len(candidates)} module "
                             "boundaries to cut at; use fewer stages")
-    return min_max_partition(costs, candidates, num_stages)
-
-
-def min_max_partition(costs: list[float], candidates: list[int], parts: int) -> list[int]:
-    """Choose ``parts - 1`` cut indices among ``candidates`` minimising the largest part (dynamic program)."""
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    points = [0] + candidates + [len(costs)]
-
-    def part(a: int, b: int) -> float:
-        return prefix[points[b]] - prefix[points[a]]
-
-    n = len(points)
-    best = {(0, 0): (0.0, [])}  # (cuts used, point index) -> (max part so far, cut point indices)
-    for used in range(1, parts):
-        for j in range(used, n - 1):
-            options = [(max(best[(used - 1, i)][0], part(i, j)), best[(used - 1, i)][1] + [j])
-                       for i in range(used - 1, j) if (used - 1, i) in best]
-            if options:
-                best[(used, j)] = min(options, key=lambda o: (o[0], o[1]))
-    final = [(max(best[(parts - 1, i)][0], part(i, n - 1)), best[(parts - 1, i)][1])
-             for i in range(parts - 1, n - 1) if (parts - 1, i) in best]
-    _, chosen = min(final, key=lambda o: (o[0], o[1]))
-    return [points[j] for j in chosen]
+    return balanced_cuts(costs, candidates, num_stages)
 
 
 def _stage_flops(costs: list[float], starts: list[int], microbatches: int) -> list[float]:

@@ -19,7 +19,7 @@ import fnmatch
 from ir.core import Graph
 from ir.recompute import RECOMPUTE_ATTR
 from passes.manager import PassContext, register_pass
-from passes.planner.layers import find_layers
+from ir.layers import find_layers
 from passes.strategy import StrategyError
 
 

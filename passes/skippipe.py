@@ -1,7 +1,7 @@
 """SkipPipe-style path scheduling: each microbatch visits only some stages (arXiv 2502.19913).
 
 A plan gives every microbatch an ordered *path* of stages, then builds and times the pipeline
-schedule of those paths (:func:`passes.schedules.build_path_schedule`, :func:`~passes.schedules.simulate`).
+schedule of those paths (:func:`ir.schedules.build_path_schedule`, :func:`cost.timeline.simulate`).
 The rules, and where they differ from SkipPipe's own code:
 
 - **Fixed stages.** With ``keep_first_last=True`` (our default) stage 0 (the input embedding) and
@@ -22,7 +22,7 @@ The rules, and where they differ from SkipPipe's own code:
   microbatch order. Gradients of replicas still need an all-reduce, which is not timed here.
 - **Memory.** In 1F1B order a device keeps at most ``min(memory_limit, K - s)`` microbatches in
   flight, s its lowest stage: the plain 1F1B limit, capped. So with r = 0, one device per stage and
-  no tighter cap the plan is exactly :func:`passes.schedules.build_1f1b`. GPipe order holds all of a
+  no tighter cap the plan is exactly :func:`ir.schedules.build_1f1b`. GPipe order holds all of a
   device's microbatches, so it is infeasible when they exceed ``memory_limit``.
 - **Collisions.** A device runs one F or B at a time in the simulation, so two microbatches never
   overlap on a node; SkipPipe's collision rule (wait) is built in.
@@ -48,14 +48,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from passes.schedules import (
-    PATH_ORDERS,
-    Action,
-    ScheduleError,
-    build_path_schedule,
-    default_in_flight_limits,
-    simulate,
-)
+from cost.timeline import simulate
+from ir.ops.pipeline_ops import Action
+from ir.schedules import PATH_ORDERS, ScheduleError, build_path_schedule, default_in_flight_limits
 
 Paths = tuple  # tuple[tuple[int, ...], ...]: one ordered tuple of stages per microbatch
 LinkFunction = Callable[[int, int], tuple[float, float]]
@@ -140,7 +135,7 @@ class SkipPlan:
     estimated_iteration_time_s: float
     """Simulated makespan of one iteration (see the module docstring)."""
     actions: dict[int, list[Action]] = field(repr=False)
-    """Per device, its ordered actions (from :func:`passes.schedules.build_path_schedule`)."""
+    """Per device, its ordered actions (from :func:`ir.schedules.build_path_schedule`)."""
     visits_per_stage: dict[int, int]
     """Stage -> how many microbatches visit it."""
 

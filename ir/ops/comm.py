@@ -23,6 +23,9 @@ from ir.sbp import B, Broadcast, P, Partial, Sbp, Split
 COMM_OPS = ("comm.all_reduce", "comm.all_gather", "comm.reduce_scatter", "comm.all_to_all",
             "comm.slice", "comm.mask")
 LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
+ADJOINTS = {"comm.all_reduce": "comm.all_reduce", "comm.all_gather": "comm.reduce_scatter",
+            "comm.reduce_scatter": "comm.all_gather", "comm.all_to_all": "comm.all_to_all"}
+"""The collective backward runs for each communicating ``comm`` op (the table above)."""
 
 
 def transition(src: Sbp, dst: Sbp) -> tuple[str, dict] | None:
@@ -40,17 +43,6 @@ def transition(src: Sbp, dst: Sbp) -> tuple[str, dict] | None:
     if isinstance(src, Broadcast) and dst == P:
         return "comm.mask", {}
     return None
-
-
-def wire_factor(op: str, n: int) -> float:
-    """Bytes each rank sends, as a multiple of the logical tensor's bytes (ring algorithms).
-
-    These are OneFlow's byte counts per rank; the cost model prices them on real links.
-    """
-    if n <= 1 or op in LOCAL_COMM_OPS:
-        return 0.0
-    return {"comm.all_reduce": 2 * (n - 1) / n, "comm.all_gather": (n - 1) / n,
-            "comm.reduce_scatter": (n - 1) / n, "comm.all_to_all": (n - 1) / (n * n)}[op]
 
 
 def _comm_signature(node: Node) -> list[Signature]:

@@ -16,67 +16,23 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ir.cluster import Cluster
-from ir.core import Graph, Node
+from cluster import Cluster
+from cost.estimate import Estimate, PlanOptions, optimizer_name
+from cost.ops import Precision
+from cost.placement import DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, plan_shape
+from cost.segments import BATCH_SYMBOL, Profile
+from ir.core import Graph
+from ir.layers import LayerStructure, find_layers
 from ir.parser import parse
 from ir.sbp import B, Split, parse_sbp
 from ir.types import Mesh
 from passes.manager import PassContext
-from passes.planner.costs import BATCH_SYMBOL, Precision, Profile
-from passes.planner.estimate import Estimate, Estimator
 from passes.planner.intra_op import LayoutRequest, LayoutSolution, layout_profile, solve_layouts
-from passes.planner.layers import LayerStructure, find_layers
-from passes.planner.placement import (DATA_AXIS, PIPELINE_AXIS, PlacementError, PlanShape, axis_groups,
-                                      even_layer_ranges, layer_ranges_from_cuts, recomputed_segments,
-                                      stage_device_lists)
 from passes.propagate import last_nodes_of_modules
 from passes.strategy import normalize_strategy, tensor_axis
 
 NORM_OPS = ("aten.layer_norm.default", "aten.rms_norm.default")
 TENSOR_AXIS = "tp"
-
-
-@dataclass
-class PlanOptions:
-    """How to price plans: numbers the graph does not say."""
-
-    global_batch: int | None = None
-    """Samples per step (default: the example inputs' batch size)."""
-    precision: str = "fp32"
-    """``fp32``/``tf32`` or mixed ``bf16``/``fp16`` (2-byte activations and weights, fp32 master copy)."""
-    optimizer: str = "adamw"
-    """Optimizer state to budget memory for: ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``."""
-    reference_batch: int = 1
-    """Samples per replica at which layouts are solved (their costs are then affine in the batch)."""
-    overhead_s: float | None = None
-    """Per-op launch time (backward ops count twice); None: what each device measured (``sbpc
-    calibrate``), else :data:`~passes.planner.costs.DEFAULT_OP_OVERHEAD_S`."""
-    memory_headroom: float = 0.9
-    """Fraction of each device's memory a plan may use."""
-    solver: str = "dp"
-    """Intra-op solver: ``dp`` (fast, exact), ``ilp`` or ``z3`` (exact, slow)."""
-    overlap_grad_sync: bool = True
-    """Gradient all-reduces overlap the last microbatch's backward (DDP-style bucketing); False: they
-    start after it, as in a runtime that synchronises once backward is done."""
-
-    def key(self) -> tuple:
-        """A hashable summary (cache keys)."""
-        return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
-                self.memory_headroom, self.solver, self.overlap_grad_sync)
-
-    def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
-        """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
-        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync)
-
-
-def optimizer_name(spec: Any) -> str:
-    """``("AdamW", {...})`` / ``"SGD"`` / ``("SGD", {"momentum": 0.9})`` -> a cost-model optimizer name."""
-    name, kwargs = (spec if isinstance(spec, tuple) else (spec, {}))
-    name = name if isinstance(name, str) else getattr(name, "__name__", str(name))
-    name = name.lower()
-    if name == "sgd" and (kwargs or {}).get("momentum"):
-        return "sgd_momentum"
-    return name if name in ("sgd", "adam", "adamw") else "adamw"
 
 
 @dataclass
@@ -214,41 +170,6 @@ class ModelView:
             for node in last_nodes_of_modules(graph, pattern):
                 hints[node.name] = parse_sbp(text)
         return pins, hints
-
-
-def plan_shape(strategy: dict, world_size: int, num_layers: int, prefix: str | None, global_batch: int,
-               optimizer: str) -> PlanShape:
-    """The numbers of a (normalised) strategy: stage meshes, stages, devices, microbatches, schedule,
-    recomputation. Stages default to an even cut of the blocks, 1F1B and one microbatch per pipeline
-    position; ``stage_devices`` may list one entry per position or per (virtual) stage."""
-    mesh = {a: int(n) for a, n in strategy["mesh"].items()}
-    axes = tuple(a for a in mesh if a != PIPELINE_AXIS)
-    stage_shape = tuple(mesh[a] for a in axes)
-    pp = mesh.get(PIPELINE_AXIS, 1)
-    schedule = strategy.get("schedule") or ("1f1b" if pp > 1 else "none")
-    if schedule == "auto":
-        schedule = "1f1b" if pp > 1 else "none"
-    virtual = int(strategy.get("virtual_stages") or 2) if schedule == "interleaved" else 1
-    stages = pp * virtual
-    if strategy.get("stage_layers"):
-        ranges = [tuple(r) for r in strategy["stage_layers"]]
-    elif strategy.get("stages"):
-        ranges = layer_ranges_from_cuts(strategy["stages"], prefix, num_layers)
-    else:
-        ranges = even_layer_ranges(num_layers, stages) if stages > 1 or num_layers else [(0, -1)]
-    if len(ranges) != stages:
-        raise PlacementError(f"the strategy has {len(ranges)} stages but pp x virtual_stages = {stages}")
-    given = strategy.get("stage_devices")
-    devices = stage_device_lists(mesh, world_size, given[:pp] if given else None)
-    microbatches = int(strategy.get("microbatches") or pp)  # the pipeline pass's default: one per position
-    dp = mesh.get(DATA_AXIS, 1)
-    if global_batch % (dp * microbatches):
-        raise PlacementError(f"the global batch {global_batch} does not split into {microbatches} microbatches "
-                             f"over dp={dp}; use a batch that is a multiple of {dp * microbatches}")
-    fsdp = strategy.get("fsdp") or None
-    recompute = recomputed_segments(strategy.get("recompute"), prefix, num_layers)
-    return PlanShape(axes, stage_shape, pp, microbatches, schedule if stages > 1 else "none", virtual, ranges,
-                     devices, recompute, fsdp, optimizer)
 
 
 def embedding_tables(graph: Graph, tp: int) -> list[str]:

@@ -3,9 +3,10 @@
 The problem (a :class:`~passes.planner.pairwise.PairwiseProblem`): every op picks one of its N-D
 signatures (``ir.ops.registry.nd_signatures``), at the cost of its forward and backward compute on the
 local shards; every value flowing from a producer to a consumer costs the cheapest boxing between the
-producer's output layout and the layout the consumer reads (``passes.boxing.boxing_path`` with a
-cost that prices each collective on the devices of its mesh axis with ``cost_model.collective_time``,
-its backward adjoint included when the value carries a gradient); a parameter left to the planner
+producer's output layout and the layout the consumer reads (``passes.boxing.boxing_path`` with
+:class:`cost.boxing.ClusterBoxingCost`, which prices each collective on the devices of its mesh axis,
+its backward adjoint included when the value carries a gradient: the cost ``compile()`` chooses
+chains by, so the compiled program runs what was priced here); a parameter left to the planner
 picks its storage layout, and a ``B`` storage costs the all-reduce of its gradient over that axis.
 
 **Repeated blocks.** A stack of ``N`` identical blocks is solved as one block: the problem holds the
@@ -23,58 +24,26 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ir.cluster import Cluster, Device
+from cluster import Cluster, Device
+from cost.boxing import ClusterBoxingCost
+from cost.collectives import collective_time
+from cost.ops import Precision, compute_seconds, peak_flops
+from cost.segments import (BATCH_SYMBOL, CommRecord, ComputeRecord, CostContext, Profile, concrete_shape, op_kind,
+                           op_work, param_record, segment_cost)
 from ir.core import Graph, Node, Value
+from ir.gradients import values_with_grad
+from ir.layers import POST, PRE, LayerStructure
+from ir.ops.comm import LOCAL_COMM_OPS
 from ir.ops.registry import nd_signatures, splits_divide
 from ir.sbp import B, Split, format_nd_sbp
 from ir.types import Mesh, TensorType
-from passes import cost_model
 from passes.boxing import BoxingError, boxing_path
-from passes.grad_sync import values_with_grad
-from passes.planner.costs import (BATCH_SYMBOL, LOCAL_COMM_OPS, CommRecord, ComputeRecord, CostContext, Precision,
-                                  Profile, concrete_shape, op_kind, op_work, param_record, peak_flops,
-                                  segment_cost)
-from passes.planner.layers import POST, PRE, LayerStructure
 from passes.planner.pairwise import PairEdge, PairwiseProblem, Solution, solve_dp, solve_ilp, solve_z3
 
-STEP_EPSILON_S = 1e-9
-"""Added per boxing step so that, at equal time, fewer collectives win."""
-
 
 # --------------------------------------------------------------------------------------------------
-# Costs the solver sees
+# What to assign
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BoxingTimeCost:
-    """A ``boxing_path`` cost: seconds of one collective step on the devices of ``groups[axis]``.
-
-    With ``backward``, the adjoint collective (run on the gradient in the backward pass) is added.
-    Hashable, so boxing's path cache is shared by equal costs.
-    """
-
-    cluster: Cluster
-    groups: tuple
-    scale: float
-    backward: bool
-
-    def __call__(self, op: str, local_bytes: float, mesh: Mesh, axis: int) -> float:
-        from passes.grad_sync import ADJOINTS
-        if op in ("comm.slice", "comm.mask"):
-            return STEP_EPSILON_S
-        group = self.groups[axis]
-        seconds = _collective_seconds(op, local_bytes * self.scale, group, self.cluster)
-        if self.backward:
-            seconds += _collective_seconds(ADJOINTS[op], local_bytes * self.scale, group, self.cluster)
-        return seconds + STEP_EPSILON_S
-
-
-def _collective_seconds(op: str, nbytes: float, group: tuple, cluster: Cluster) -> float:
-    kind = op.split(".", 1)[1]
-    if kind == "all_to_all":
-        nbytes /= len(group)
-    return cost_model.collective_time(kind, nbytes, group, cluster)
 
 
 @dataclass
@@ -97,10 +66,10 @@ class LayoutRequest:
     hints: dict = field(default_factory=dict)
     """Node name -> required N-D SBP of its first output (``None`` entries: free)."""
 
-    def boxing_cost(self, backward: bool) -> BoxingTimeCost:
+    def boxing_cost(self, backward: bool) -> ClusterBoxingCost:
         """The boxing cost for values with (or without) a gradient."""
-        return BoxingTimeCost(self.cluster, tuple(tuple(g) for g in self.groups), self.precision.scale,
-                              backward and self.train)
+        return ClusterBoxingCost(self.cluster, tuple((tuple(g),) for g in self.groups), self.precision.scale,
+                                 backward and self.train)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,8 +185,8 @@ class LayoutProblem:
         total = 0.0
         for axis in record.grad_axes:
             group = req.groups[req.mesh.axis_index(axis)]
-            total += cost_model.collective_time("all_reduce", record.local_elements * req.precision.param_bytes,
-                                                group, req.cluster)
+            total += collective_time("all_reduce", record.local_elements * req.precision.param_bytes, group,
+                                     req.cluster)
         return total
 
     def _add_node_var(self, k: int, unit: _Unit) -> None:
@@ -232,21 +201,20 @@ class LayoutProblem:
                                  f"{unit.node.attrs.get('module', '?')}) is not a valid layout of that op")
         self.vars.append(("node", k))
         self.choices.append(candidates)
-        self.unary.append([unit.weight * self._compute_seconds(unit.node, c) for c in candidates])
+        self.unary.append([unit.weight * self._op_seconds(unit.node, c) for c in candidates])
 
-    def _compute_seconds(self, node: Node, choice: tuple) -> float:
+    def _op_seconds(self, node: Node, choice: tuple) -> float:
         req = self.request
         ins = node.input_values()
         record = ComputeRecord(node.op, tuple(v.type for v in ins), tuple(choice[0]),
                                tuple(o.type for o in node.outputs), tuple(choice[1]),
                                any(id(o) in self.grad for o in node.outputs))
         flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
-        peak = peak_flops(req.device, req.precision)
-        bandwidth = req.device.memory_bandwidth_Bps or math.inf
+        peak, bandwidth = peak_flops(req.device, req.precision), req.device.memory_bandwidth_Bps
         fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(node.op), flops=flops)
-        seconds = max(flops / peak, nbytes / bandwidth) / fwd_efficiency
+        seconds = float(compute_seconds(flops, nbytes, peak, bandwidth, fwd_efficiency))
         if record.has_grad and req.train:
-            seconds += max(backward / peak, 2 * nbytes / bandwidth) / bwd_efficiency
+            seconds += float(compute_seconds(backward, 2 * nbytes, peak, bandwidth, bwd_efficiency))
         return seconds
 
     def _connect(self, k: int, position: int, source: _Source, param_var: dict) -> None:

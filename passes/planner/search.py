@@ -29,17 +29,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ir.cluster import Cluster
+from cluster import Cluster
+from cost.estimate import Estimator, PlanOptions, optimizer_name
+from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, MemoryEstimate
+from cost.partition import min_max_partition
+from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
+                            groups_inside_domains, recomputed_segments)
+from cost.segments import at
 from ir.core import Graph
+from ir.layers import block_param_name
 from ir.sbp import B, format_nd_sbp
-from passes.planner.costs import at
-from passes.planner.estimate import Estimator
-from passes.planner.evaluate import ModelView, PlanOptions, optimizer_name
-from passes import cost_model
+from passes.planner.evaluate import ModelView
 from passes.planner.intra_op import LayoutSolution, describe_layouts
-from passes.planner.layers import block_param_name
-from passes.planner.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
-                                      groups_inside_domains, recomputed_segments)
 
 LOG = logging.getLogger("sbpc.planner")
 AUTO = "auto"
@@ -550,48 +551,19 @@ def _device_order(cluster: Cluster) -> list[int]:
 def partition_layers(estimator: Estimator, shape: PlanShape) -> tuple[list, float] | None:
     """The contiguous cut of the blocks into ``shape.pp`` stages minimising the slowest stage.
 
-    A dynamic program over (stage, last block): ``best[k][l] = min_j max(best[k-1][j-1], T_k(j..l))``
-    where ``T_k`` is the forward + backward time of blocks ``j..l`` on stage ``k``'s devices (the
-    prologue on stage 0, the epilogue on the last), and ``inf`` where those blocks do not fit the
-    stage's memory even with recomputation (then recomputation's forward is added to the time).
-    Returns (ranges, bottleneck seconds) or None when no cut fits.
+    :func:`cost.partition.min_max_partition` over, per stage ``k``, ``T_k(j..l)``: the forward + backward
+    time of blocks ``j..l`` on stage ``k``'s devices (the prologue on stage 0, the epilogue on the last),
+    ``inf`` where those blocks do not fit the stage's memory even with recomputation (then
+    recomputation's forward is added to the time). Returns (ranges, bottleneck seconds) or None when
+    no cut fits.
     """
-    prof = estimator.profile
-    layers = prof.num_layers
-    p = shape.pp
-    if p > layers:
+    if shape.pp > estimator.profile.num_layers:
         return None
-    times, fits = [], []
-    for k in range(p):
-        t, f = _stage_tables(estimator, shape, k)
-        times.append(t)
-        fits.append(f)
-    inf = math.inf
-    best = np.full((p, layers), inf)
-    choice = np.zeros((p, layers), dtype=int)
-    best[0] = times[0][0]
-    for k in range(1, p):
-        for last in range(k, layers):
-            starts = np.arange(k, last + 1)
-            previous = best[k - 1][starts - 1]
-            candidate = np.maximum(previous, times[k][starts, last])
-            j = int(np.argmin(candidate))
-            best[k, last] = candidate[j]
-            choice[k, last] = starts[j]
-    if not math.isfinite(best[p - 1, layers - 1]):
-        return None
-    ranges, last = [], layers - 1
-    for k in range(p - 1, 0, -1):
-        start = int(choice[k, last])
-        ranges.append((start, last))
-        last = start - 1
-    ranges.append((0, last))
-    return ranges[::-1], float(best[p - 1, layers - 1])
+    return min_max_partition([_stage_table(estimator, shape, k) for k in range(shape.pp)])
 
 
-def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``T[j, l]``: seconds per microbatch of blocks j..l on stage k (inf where they cannot fit), and
-    where they fit without recomputation."""
+def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
+    """``T[j, l]``: seconds per microbatch of blocks j..l on stage k (inf where they cannot fit)."""
     prof = estimator.profile
     layers = prof.num_layers
     rank = shape.rank_of_stage(k)
@@ -640,14 +612,11 @@ def _stage_tables(estimator: Estimator, shape: PlanShape, k: int) -> tuple[np.nd
     seconds = total[last + 1] - total[first] + edge_time
     out = np.where(plain_memory <= limit, seconds,
                    np.where(rc_memory <= limit, seconds + forward[last + 1] - forward[first], math.inf))
-    out = np.where(last >= first, out, math.inf)
-    if k == 0:
-        out[1:, :] = math.inf  # stage 0 starts at block 0
-    return out, plain_memory <= limit
+    return np.where(last >= first, out, math.inf)
 
 
 def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
     """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element."""
-    optimizer = shape.optimizer if shape.optimizer in cost_model.OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
-    return float(cost_model.MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer,
+    optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
+    return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer,
                                                     param_dtype_bytes=estimator.profile.precision.param_bytes).total)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from backends.simulator import simulate
+from cluster import Cluster
 from compiler.api import compile
+from compiler.simulate import simulate
+from cost.ops import Precision, op_category, op_time
+from cost.placement import axis_groups
+from cost.segments import concrete_shape, costed_op, ir_profile, is_view
 from frontend.dsl import load_plan
 from frontend.torch_capture import capture
-from ir.cluster import Cluster
-from passes import cost_model
-from passes.planner.costs import Precision, concrete_shape, costed_op, ir_profile, is_view
-from passes.planner.placement import axis_groups
 from passes.strategy import StrategyError
 from tests.models import gpt_inputs, gpt_model
 
@@ -71,8 +71,8 @@ def test_measured_efficiency_and_overhead_price_the_ops(small):
             continue
         ins = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.input_values()]
         outs = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.outputs]
-        seconds = float(cost_model.op_time(costed_op(node), ins, outs, {}, device))
-        matmul = cost_model.op_category(node.op) == "matmul"
+        seconds = float(op_time(costed_op(node), ins, outs, {}, device))
+        matmul = op_category(node.op) == "matmul"
         forward += seconds / (0.5 if matmul else 0.8)
     stage = priced.stage_times[0]
     assert math.isclose(stage["fwd_compute_s"], forward, rel_tol=1e-9)
@@ -122,7 +122,7 @@ def test_forward_time_is_the_sum_of_cost_model_op_times(small):
             continue
         ins = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.input_values()]
         outs = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.outputs]
-        expected += float(cost_model.op_time(costed_op(node), ins, outs, {}, device))
+        expected += float(op_time(costed_op(node), ins, outs, {}, device))
     simulated = sum(s["fwd_compute_s"] for s in report.stage_times)
     assert math.isclose(simulated, expected, rel_tol=1e-9)
 

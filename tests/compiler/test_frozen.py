@@ -170,7 +170,8 @@ def test_frozen_activation_gather_has_no_backward_collective(compiled):
 
 
 def test_planner_counts_no_gradient_or_optimizer_state_for_frozen_params(compiled):
-    from passes.planner.costs import Precision, ir_profile
+    from cost.ops import Precision
+    from cost.segments import ir_profile
     _, plan = compiled("frozen_linear", "dp2")
     records = [r for segment in ir_profile(plan.graph, Precision.of("fp32")).segments for r in segment.params]
     frozen = {r.name: r for r in records if not r.trainable}

@@ -54,7 +54,7 @@ class PooledHead(nn.Module):
 
 
 def test_a_batch_summary_makes_its_consumers_replicated():
-    from passes.cost_model import SOFTMAX_FLOPS_PER_ELEMENT
+    from cost.ops import SOFTMAX_FLOPS_PER_ELEMENT
     torch.manual_seed(0)
     batch = 8
     x, y = torch.randn(batch, 16), torch.randint(0, 4, (batch,))

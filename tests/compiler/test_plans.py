@@ -21,7 +21,7 @@ from compiler.plans import ARGUMENT_SOURCE, TEXT_SOURCE, model_facts, read_strat
 from examples.gpt import CausalSelfAttention, MLP
 from frontend.dsl import PlanError, annotate, format_plan, load_plan, parse_plan, sbp_plan
 from frontend.torch_capture import capture
-from ir.cluster import Cluster
+from cluster import Cluster
 from passes.skippipe import SkipPlan, parse_skip_plan
 from tests.frontend.test_dsl import MALFORMED, assert_points_at
 from tests.models import assert_close_to_eager, gpt_inputs, gpt_model

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.virtual import assemble, collective
+from cost.boxing import BoxingCost, bytes_cost
 from ir.ops.comm import COMM_OPS
 from ir.ops.registry import splits_divide
 from ir.sbp import PMAX, all_sbp_values, format_nd_sbp, parse_nd_sbp
@@ -38,17 +39,18 @@ def conversion_must_exist(t: TensorType, src: tuple, dst: tuple, mesh: Mesh) -> 
     return splits_divide(t, src, mesh) and splits_divide(t, dst, mesh) and PMAX not in dst
 
 
-def check_conversion(shape: tuple, src: tuple, dst: tuple, mesh: Mesh, seed: int) -> list:
-    """Run ``boxing_path`` and the chain it returns; the logical tensor survives every step."""
+def check_conversion(shape: tuple, src: tuple, dst: tuple, mesh: Mesh, seed: int, cost: BoxingCost = bytes_cost
+                     ) -> list:
+    """Run ``boxing_path`` (under ``cost``) and the chain it returns; the logical tensor survives every step."""
     t = TensorType.of(shape, torch.float32)
     where = f"{format_nd_sbp(src)} -> {format_nd_sbp(dst)} for {t} on mesh {mesh.shape}"
     if not conversion_must_exist(t, src, dst, mesh):
         with pytest.raises(BoxingError) as err:
-            boxing_path(t, src, dst, mesh)
+            boxing_path(t, src, dst, mesh, cost)
         assert str(t) in str(err.value) and all(a in str(err.value) for a in mesh.axes), (
             f"{where}: the error should name the tensor type and the mesh, found {err.value}")
         return []
-    _, steps = boxing_path(t, src, dst, mesh)
+    _, steps = boxing_path(t, src, dst, mesh, cost)
     if not splits_divide(t, src, mesh):
         assert src == dst and steps == [], f"{where}: a layout that cannot hold the tensor converts"
         return steps  # nothing to convert, nothing to hold

@@ -10,18 +10,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.simulator import simulate
+from cluster import Cluster
 from compiler.api import compile
+from compiler.simulate import simulate
+from cost.ops import Precision
+from cost.placement import axis_groups
 from frontend.torch_capture import capture
-from ir.cluster import Cluster
 from ir.core import Graph
+from ir.layers import LayerStructure, block_param_name, find_layers
 from ir.types import Mesh, TensorType
 from passes.planner import SearchError, search
-from passes.planner.costs import Precision
 from passes.planner.intra_op import LayoutProblem, LayoutRequest, solve_layouts
-from passes.planner.layers import LayerStructure, block_param_name, find_layers
 from passes.planner.pairwise import PairEdge, PairwiseProblem, solve_dp, solve_ilp, solve_z3
-from passes.planner.placement import axis_groups
 from passes.planner.search import _fixed_parts
 from tests.models import assert_close_to_eager, gpt_inputs, gpt_model
 

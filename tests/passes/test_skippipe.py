@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passes.schedules import ScheduleError, build_1f1b, build_gpipe, check_deadlock, peak_in_flight, simulate
+from cost.timeline import peak_in_flight, simulate
+from ir.schedules import ScheduleError, build_1f1b, build_gpipe, check_deadlock
 from passes.skippipe import (
     SkipPipeProblem,
     format_skip_plan,

@@ -1,4 +1,4 @@
-"""Tests for ir/cluster.py: built-ins, example files, round trips, validation, links and domains."""
+"""Tests for the cluster package: built-ins, example files, round trips, validation, links and domains."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ir.cluster import (
+from cluster import (
     DEFAULT_HOST_ETHERNET_BANDWIDTH_BPS,
     Cluster,
     ClusterSpecError,

@@ -1,4 +1,5 @@
-"""Tests for passes/cost_model.py: collectives over real links, op FLOPs/bytes, memory formulas."""
+"""Tests for cost/collectives.py, cost/ops.py and cost/memory.py: collectives over real links, op
+FLOPs/bytes, memory formulas."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,23 +9,10 @@ import sympy
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ir.cluster import Cluster
-from passes.cost_model import (
-    MemoryEstimate,
-    best_algorithm,
-    collective_cost,
-    collective_time,
-    collective_traffic,
-    in_flight_microbatches,
-    megatron_activation_bytes,
-    op_backward_flops,
-    op_bytes,
-    op_category,
-    op_flops,
-    op_time,
-    p2p_time,
-    param_memory,
-)
+from cluster import Cluster
+from cost.collectives import best_algorithm, collective_cost, collective_time, collective_traffic, p2p_time
+from cost.memory import MemoryEstimate, in_flight_microbatches, megatron_activation_bytes, param_memory
+from cost.ops import op_backward_flops, op_bytes, op_category, op_flops, op_time
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 GiB = 2**30

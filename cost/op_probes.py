@@ -1,14 +1,14 @@
 """Probes of how fast this machine runs each kind of op, measured against the cost model's roofline.
 
 The simulator prices an op at its roofline (FLOPs over peak FLOP/s, or bytes over memory bandwidth,
-whichever is longer, as :mod:`passes.cost_model` counts them) plus a dispatch overhead. Real kernels
+whichever is longer, as :mod:`cost.ops` counts them) plus a dispatch overhead. Real kernels
 reach only part of that roofline, and how much depends on the kind of op: a large matmul comes close
 to peak, ``gelu`` spends its time in ``erf`` rather than in memory traffic, attention computes its
 softmax in between. :func:`measure_op_efficiency` runs one probe per kind of op (the ATen calls the
 emitted programs make, at transformer-like sizes), times forward and backward, and reports for each
 key (an op name or a cost category) the *efficiency*: roofline seconds over measured seconds, after
 the per-op dispatch overhead (:func:`measure_op_overhead`) is taken off. A cluster spec carries the
-table (``device_kinds.<kind>.efficiency``) and ``op_overhead``; :meth:`ir.cluster.Device.efficiency_of`
+table (``device_kinds.<kind>.efficiency``) and ``op_overhead``; :meth:`cluster.model.Device.efficiency_of`
 looks an op up by name, then by category.
 
 Operands rotate through a pool larger than the caches, as in a model where an op's inputs were last
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from passes import cost_model
+from cost.ops import op_backward_flops, op_bytes, op_flops
 
 aten = torch.ops.aten
 POOL_BYTES = 48 * 2**20
@@ -163,9 +163,9 @@ def time_probe(probe: Probe, repeats: int, peak_flops: float, memory_bandwidth: 
             x.grad = None
     ins = [tuple(s) for s in probe.shapes]
     outs = [tuple(out.shape)]
-    flops = float(cost_model.op_flops(probe.op, ins, outs))
-    nbytes = float(cost_model.op_bytes(probe.op, ins, outs))
-    backward_flops = float(cost_model.op_backward_flops(probe.op, ins, outs))
+    flops = float(op_flops(probe.op, ins, outs))
+    nbytes = float(op_bytes(probe.op, ins, outs))
+    backward_flops = float(op_backward_flops(probe.op, ins, outs))
     return ProbeTiming(probe, statistics.median(forward), statistics.median(backward),
                        max(flops / peak_flops, nbytes / memory_bandwidth),
                        max(backward_flops / peak_flops, 2 * nbytes / memory_bandwidth), flops)

@@ -1,12 +1,12 @@
-"""Tests for backends/calibrate.py: a quick real measurement with two gloo processes."""
+"""Tests for cost/calibrate.py: a quick real measurement with two gloo processes."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from backends.calibrate import calibrate, fit_collective, spec_from_measurements
-from ir.cluster import Cluster
+from cluster import Cluster
+from cost.calibrate import calibrate, fit_collective, spec_from_measurements
 
 
 @pytest.mark.multiproc

@@ -1,8 +1,8 @@
 """Per-segment costs of a laid-out graph, affine in the microbatch size.
 
 Both the planner and the simulator price a plan the same way: each segment (``pre``, each block,
-``post``; see :mod:`passes.planner.layers`) becomes a :class:`SegmentCost` holding, per op, its
-forward/backward FLOPs and bytes (:func:`passes.cost_model.op_flops` / ``op_bytes`` on the *local*
+``post``; see :mod:`ir.layers`) becomes a :class:`SegmentCost` holding, per op, its
+forward/backward FLOPs and bytes (:func:`cost.ops.op_flops` / ``op_bytes`` on the *local*
 shapes one device computes), the collectives it runs on each mesh axis (forward, and their adjoints in
 backward), the activation bytes it keeps for backward, and its parameters' local bytes and gradient
 reduction axes. Every quantity is stored as ``(constant, per batch element)``: shapes are linear in
@@ -21,58 +21,21 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ir.cluster import Device
+from cluster import Device
+from cost.ops import (Precision, compute_seconds, normalize_op_name, op_backward_flops, op_bytes, op_category, op_flops,
+                      op_overheads, peak_flops)
 from ir.core import Graph, Node, Value
+from ir.gradients import values_with_grad
+from ir.layers import LayerStructure, find_layers
+from ir.ops.comm import ADJOINTS
 from ir.recompute import RECOMPUTE_ATTR
 from ir.sbp import Split
 from ir.types import Mesh, TensorType, dim_symbol
-from passes import cost_model
-from passes.grad_sync import ADJOINTS, values_with_grad
-from passes.planner.layers import LayerStructure, find_layers
 
 BATCH_SYMBOL = "batch"
 COMM_PREFIX = "comm."
-LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
 UNDISPATCHED_OPS = frozenset({"getitem", "sym_size", "_assert_tensor_metadata"})
 """View-category ops that are Python bookkeeping, not dispatched tensor ops."""
-DEFAULT_OP_OVERHEAD_S = 5e-6
-"""Launch/dispatch time of one eager op when neither the options nor the device say (backward ops
-count twice)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Precision and devices
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How a plan computes: the peak FLOP/s entry to use and bytes per activation and parameter element."""
-
-    name: str
-    activation_bytes: int
-    param_bytes: int
-
-    @staticmethod
-    def of(name: str) -> "Precision":
-        """``fp32`` / ``tf32`` (4-byte tensors) or ``bf16`` / ``fp16`` (2-byte tensors, fp32 master weights)."""
-        table = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
-        if name not in table:
-            raise ValueError(f"expected a precision in {sorted(table)}, found {name!r}")
-        return Precision(name, table[name], table[name])
-
-    @property
-    def scale(self) -> float:
-        """Bytes per element relative to the 4-byte tensors the IR types describe."""
-        return self.activation_bytes / 4
-
-
-def peak_flops(device: Device, precision: Precision) -> float:
-    """The device's peak FLOP/s for the precision (bf16 falls back to fp16, then fp32)."""
-    for name in (precision.name, "fp16" if precision.name == "bf16" else "bf16", "fp32"):
-        if name in device.peak_flops:
-            return device.peak_flops[name]
-    raise ValueError(f"device {device.id} ({device.kind}) lists no peak FLOP/s for {precision.name} or fp32")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,8 +73,10 @@ def local_shape(shape: tuple, nd: Sequence, mesh_shape: Sequence[int]) -> tuple:
     return tuple(d / w for d, w in zip(shape, ways))
 
 
-def axis_bytes(shape: tuple, nd: Sequence, mesh_shape: Sequence[int], axis: int, element_bytes: float) -> float:
-    """Bytes of a tensor as the devices along ``axis`` see it (split by the other axes only)."""
+def concrete_axis_bytes(shape: tuple, nd: Sequence, mesh_shape: Sequence[int], axis: int, element_bytes: float
+                        ) -> float:
+    """Bytes of a tensor of concrete ``shape`` as the devices along ``axis`` see it (split by the other axes
+    only; :func:`cost.boxing.axis_bytes` for a tensor type)."""
     others = [s if i != axis else None for i, s in enumerate(nd)]
     local = local_shape(shape, [s for s in others], mesh_shape)
     return float(np.prod(local)) * element_bytes if local else element_bytes
@@ -213,9 +178,9 @@ class SegmentCost:
         (``overhead_s`` forward and twice that backward when given, else the device's measured pair)."""
         fwd_overhead, bwd_overhead = op_overheads(device, overhead_s)
         fwd_eff, bwd_eff = self._efficiencies(device, batch)
-        return (_roofline(self.fwd_flops, self.fwd_bytes, batch, device, precision, fwd_eff)
+        return (_rows_seconds(self.fwd_flops, self.fwd_bytes, batch, device, precision, fwd_eff)
                 + self.fwd_ops * fwd_overhead,
-                _roofline(self.bwd_flops, self.bwd_bytes, batch, device, precision, bwd_eff)
+                _rows_seconds(self.bwd_flops, self.bwd_bytes, batch, device, precision, bwd_eff)
                 + self.bwd_ops * bwd_overhead)
 
     def _efficiencies(self, device: Device, batch: float) -> tuple:
@@ -228,26 +193,14 @@ class SegmentCost:
                 np.array([device.efficiency_of(*kind, flops=f)[1] for kind, f in zip(self.bwd_kinds, bwd_sizes)]))
 
 
-def op_overheads(device: Device, overhead_s: float | None = None) -> tuple[float, float]:
-    """(forward, backward) dispatch seconds per op: ``overhead_s`` (backward twice it) when given, else
-    what the device measured, else :data:`DEFAULT_OP_OVERHEAD_S`."""
-    if overhead_s is not None:
-        return overhead_s, 2 * overhead_s
-    if device.op_overhead_s is not None:
-        return device.op_overhead_s
-    return DEFAULT_OP_OVERHEAD_S, 2 * DEFAULT_OP_OVERHEAD_S
-
-
-def _roofline(flops: np.ndarray, nbytes: np.ndarray, batch: float, device: Device, precision: Precision,
-              efficiency) -> float:
+def _rows_seconds(flops: np.ndarray, nbytes: np.ndarray, batch: float, device: Device, precision: Precision,
+                  efficiency) -> float:
+    """The summed :func:`~cost.ops.compute_seconds` of ``(constant, per batch)`` rows at batch size ``batch``."""
     if not len(flops):
         return 0.0
-    f = flops[:, 0] + flops[:, 1] * batch
-    compute = f / peak_flops(device, precision)
-    if device.memory_bandwidth_Bps:
-        memory = (nbytes[:, 0] + nbytes[:, 1] * batch) / device.memory_bandwidth_Bps
-        compute = np.maximum(compute, memory)
-    return float((compute / efficiency).sum())
+    seconds = compute_seconds(flops[:, 0] + flops[:, 1] * batch, nbytes[:, 0] + nbytes[:, 1] * batch,
+                              peak_flops(device, precision), device.memory_bandwidth_Bps, efficiency)
+    return float(seconds.sum())
 
 
 def at(affine: np.ndarray, batch: float) -> float:
@@ -293,21 +246,21 @@ def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision,
 
 @functools.lru_cache(maxsize=65536)
 def _work(op: str, ins: tuple, outs: tuple, element_bytes: int, has_grad: bool) -> tuple[float, float, float]:
-    flops = float(cost_model.op_flops(op, ins, outs))
-    nbytes = float(cost_model.op_bytes(op, ins, outs, dtype_bytes=element_bytes))
-    backward = float(cost_model.op_backward_flops(op, ins, outs)) if has_grad else 0.0
+    flops = float(op_flops(op, ins, outs))
+    nbytes = float(op_bytes(op, ins, outs, dtype_bytes=element_bytes))
+    backward = float(op_backward_flops(op, ins, outs)) if has_grad else 0.0
     return flops, nbytes, backward
 
 
 @functools.lru_cache(maxsize=4096)
 def op_kind(op: str) -> tuple[str, str]:
     """(op name, cost category): the keys a device's efficiency table is looked up by."""
-    return cost_model.normalize_op_name(op), cost_model.op_category(op)
+    return normalize_op_name(op), op_category(op)
 
 
 def is_view(op: str) -> bool:
     """Ops that move no data (views, metadata)."""
-    return cost_model.op_category(op) == "view"
+    return op_category(op) == "view"
 
 
 def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[CommRecord],
@@ -384,7 +337,7 @@ def _comm_bytes(record: CommRecord, dims: dict, ctx: CostContext) -> float:
     """Bytes in the cost model's convention: the full buffer (all-reduce, gather output, scatter input);
     each rank's send buffer for all-to-all."""
     shape = concrete_shape(record.type, dims)
-    full = axis_bytes(shape, record.sbp, ctx.mesh.shape, record.axis, ctx.precision.activation_bytes)
+    full = concrete_axis_bytes(shape, record.sbp, ctx.mesh.shape, record.axis, ctx.precision.activation_bytes)
     if record.op == "comm.all_to_all":
         return full / ctx.mesh.shape[record.axis]
     return full

@@ -1,15 +1,15 @@
-"""Step time, memory and traffic of a plan: a :class:`~passes.planner.costs.Profile` placed by a
-:class:`~passes.planner.placement.PlanShape` on a cluster.
+"""Step time, memory and traffic of a plan: a :class:`~cost.segments.Profile` placed by a
+:class:`~cost.placement.PlanShape` on a cluster (the estimator the planner and the simulator share).
 
 Per stage, forward and backward times are the segments' compute (slowest device kind of the stage)
-plus their collectives, priced with ``cost_model.collective_time`` on every group of the mesh axis they
+plus their collectives, priced with :func:`cost.collectives.collective_time` on every group of the mesh axis they
 run on (the slowest group counts); recomputed segments run their forward again in backward. The
-pipeline is timed with ``passes.schedules.simulate`` on the schedule's real action lists (point-to-point
+pipeline is timed with :func:`cost.timeline.simulate` on the schedule's real action lists (point-to-point
 transfers between the stages' devices included), or, with ``exact=False``, with the closed form
 ``sum_k (F_k + B_k) + (m - 1) max_k (F_k + B_k)`` used to rank candidates quickly. Gradient
 all-reduces run per pipeline rank during its last backward, hiding behind it as far as the devices'
 ``comm_overlap`` allows (the rest is exposed after it); the optimizer
-step follows. Memory per device is ``cost_model.MemoryEstimate`` with the activations kept by the
+step follows. Memory per device is :class:`cost.memory.MemoryEstimate` with the activations kept by the
 microbatches in flight on that rank under the schedule.
 
 Data parallelism the profile leaves to the estimator (``profile.analytic_axes``) splits the batch over
@@ -22,18 +22,62 @@ from __future__ import annotations
 import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ir.cluster import Cluster, Device
-from passes import cost_model, schedules
-from passes.planner.costs import Profile, at
-from passes.planner.placement import DATA_AXIS, PlanShape, axis_groups
+from cluster import Cluster, Device
+from cost.collectives import collective_time, collective_traffic, p2p_time
+from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, OPTIMIZER_STEP_BYTES, MemoryEstimate
+from cost.placement import DATA_AXIS, PlanShape, axis_groups
+from cost.segments import Profile, at
+from cost.timeline import ScheduleTimeline, simulate
+from ir.schedules import build_schedule
 
 SCHEDULE_NAMES = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved": "interleaved_1f1b"}
-OPTIMIZER_STEP_BYTES = {"sgd": 12, "sgd_momentum": 20, "adam": 28, "adamw": 28}
-"""Bytes read and written per parameter by one optimizer step (fp32: params, grads, states)."""
+
+
+@dataclass
+class PlanOptions:
+    """How to price plans: numbers the graph does not say."""
+
+    global_batch: int | None = None
+    """Samples per step (default: the example inputs' batch size)."""
+    precision: str = "fp32"
+    """``fp32``/``tf32`` or mixed ``bf16``/``fp16`` (2-byte activations and weights, fp32 master copy)."""
+    optimizer: str = "adamw"
+    """Optimizer state to budget memory for: ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``."""
+    reference_batch: int = 1
+    """Samples per replica at which layouts are solved (their costs are then affine in the batch)."""
+    overhead_s: float | None = None
+    """Per-op launch time (backward ops count twice); None: what each device measured (``sbpc
+    calibrate``), else :data:`~cost.ops.DEFAULT_OP_OVERHEAD_S`."""
+    memory_headroom: float = 0.9
+    """Fraction of each device's memory a plan may use."""
+    solver: str = "dp"
+    """Intra-op solver: ``dp`` (fast, exact), ``ilp`` or ``z3`` (exact, slow)."""
+    overlap_grad_sync: bool = True
+    """Gradient all-reduces overlap the last microbatch's backward (DDP-style bucketing); False: they
+    start after it, as in a runtime that synchronises once backward is done."""
+
+    def key(self) -> tuple:
+        """A hashable summary (cache keys)."""
+        return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
+                self.memory_headroom, self.solver, self.overlap_grad_sync)
+
+    def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
+        """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
+        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync)
+
+
+def optimizer_name(spec: Any) -> str:
+    """``("AdamW", {...})`` / ``"SGD"`` / ``("SGD", {"momentum": 0.9})`` -> a cost-model optimizer name."""
+    name, kwargs = (spec if isinstance(spec, tuple) else (spec, {}))
+    name = name if isinstance(name, str) else getattr(name, "__name__", str(name))
+    name = name.lower()
+    if name == "sgd" and (kwargs or {}).get("momentum"):
+        return "sgd_momentum"
+    return name if name in ("sgd", "adam", "adamw") else "adamw"
 
 
 @dataclass
@@ -76,15 +120,15 @@ class Estimate:
     """Pipeline rank -> (total, exposed) seconds of its gradient all-reduces."""
     optimizer_s: float
     memory: dict
-    """Device -> ``cost_model.MemoryEstimate``."""
+    """Device -> :class:`~cost.memory.MemoryEstimate`."""
     fits: bool
     comm_bytes: dict
     """Link class -> bytes crossing links of that class per step."""
     flops_per_step: float
     rank_end_s: dict
     """Pipeline rank -> when its last backward ends."""
-    timeline: object = None
-    """The ``schedules.ScheduleTimeline`` (exact estimates of pipelines), else None."""
+    timeline: ScheduleTimeline | None = None
+    """The :class:`~cost.timeline.ScheduleTimeline` (exact estimates of pipelines), else None."""
     notes: list = field(default_factory=list)
 
     @property
@@ -193,7 +237,7 @@ class Estimator:
             return 0.0
         key = (kind, nbytes, groups)
         if key not in self._collectives:
-            self._collectives[key] = max(cost_model.collective_time(kind, nbytes, g, self.cluster) for g in groups)
+            self._collectives[key] = max(collective_time(kind, nbytes, g, self.cluster) for g in groups)
         return self._collectives[key]
 
     def _groups(self, devices: tuple, shape: PlanShape, along) -> tuple:
@@ -216,7 +260,7 @@ class Estimator:
         dst = shape.stage_devices[shape.rank_of_stage(k + 1)]
         if nbytes <= 0 or src == dst:
             return 0.0
-        return max(cost_model.p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
+        return max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
 
     # -- whole step --------------------------------------------------------------------------------
     def estimate(self, shape: PlanShape, exact: bool = True) -> Estimate:
@@ -234,7 +278,7 @@ class Estimator:
         elif exact:
             timeline = _simulate(actions, stages, shape)
             makespan = timeline.makespan
-            rank_end = {r: max((e.end for e in events if e.action.kind == "B"), default=0.0)
+            rank_end = {r: max((e.end_s for e in events if e.action.kind == "B"), default=0.0)
                         for r, events in timeline.events.items()}
             bubble = timeline.bubble_fraction
         else:
@@ -301,11 +345,11 @@ class Estimator:
 
     # -- memory ------------------------------------------------------------------------------------
     def memory(self, shape: PlanShape, actions: dict | None = None) -> dict:
-        """Device -> ``cost_model.MemoryEstimate`` at the peak of the step (``actions``: the schedule, if built)."""
+        """Device -> :class:`~cost.memory.MemoryEstimate` at the peak of the step (``actions``: the schedule, if built)."""
         prof = self.profile
         batch = self.microbatch_size(shape)
         pending = _pending_per_stage(shape, actions)
-        optimizer = shape.optimizer if shape.optimizer in cost_model.OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
+        optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
         out = {}
         for rank in range(shape.pp):
             kept = 0.0
@@ -315,11 +359,11 @@ class Estimator:
                 kept += self._stage_activations(shape, k, batch, pending[k])
             elements = self._param_elements(shape, rank)
             if prof.train:
-                estimate = cost_model.MemoryEstimate.estimate(
+                estimate = MemoryEstimate.estimate(
                     elements, kept, optimizer=optimizer, param_dtype_bytes=prof.precision.param_bytes,
                     trainable_params=self._param_elements(shape, rank, trainable_only=True))
             else:
-                estimate = cost_model.MemoryEstimate(prof.precision.param_bytes * elements, 0.0, 0.0, kept)
+                estimate = MemoryEstimate(prof.precision.param_bytes * elements, 0.0, 0.0, kept)
             for d in shape.stage_devices[rank]:
                 out[d] = estimate
         return out
@@ -392,7 +436,7 @@ class Estimator:
         if nbytes <= 0:
             return
         for group in self._groups(devices, shape, along):
-            for link_class, moved in cost_model.collective_traffic(kind, nbytes, group, self.cluster).items():
+            for link_class, moved in collective_traffic(kind, nbytes, group, self.cluster).items():
                 traffic[link_class] += times * moved
 
 
@@ -416,7 +460,7 @@ def _actions(schedule: str, num_stages: int, microbatches: int, pp: int, virtual
     if name is None:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULE_NAMES)}")
     ranks = [k % pp for k in range(num_stages)] if name == "interleaved_1f1b" else list(range(num_stages))
-    return schedules.build_schedule(name, num_stages, microbatches, ranks, virtual)
+    return build_schedule(name, num_stages, microbatches, ranks, virtual)
 
 
 def _simulate(actions: dict, stages: list, shape: PlanShape):
@@ -428,7 +472,7 @@ def _simulate(actions: dict, stages: list, shape: PlanShape):
             pair = (s.rank, shape.rank_of_stage(s.index + 1))
             sends[pair] = max(sends.get(pair, 0.0), s.send_s)
             sends[pair[::-1]] = max(sends.get(pair[::-1], 0.0), s.send_s)
-    return schedules.simulate(actions, fwd, bwd, lambda a, b: sends.get((a, b), 0.0),
+    return simulate(actions, fwd, bwd, lambda a, b: sends.get((a, b), 0.0),
                               link_busy_time=lambda a, b: sends.get((a, b), 0.0))
 
 

@@ -1,14 +1,13 @@
-"""Pipeline schedule builders, the deadlock checker, the timing simulation."""
+"""Pipeline schedule builders and the deadlock checker (ir/schedules.py), their timing (cost/timeline.py)."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passes.schedules import (
-    ACTION_KINDS,
-    Action,
-    ActionSyntaxError,
+from cost.timeline import peak_in_flight, simulate
+from ir.ops.pipeline_ops import ACTION_KINDS, Action, ActionSyntaxError, format_actions, parse_actions
+from ir.schedules import (
     ScheduleDeadlock,
     ScheduleError,
     build_1f1b,
@@ -18,10 +17,6 @@ from passes.schedules import (
     build_schedule,
     check_deadlock,
     default_in_flight_limits,
-    format_actions,
-    parse_actions,
-    peak_in_flight,
-    simulate,
 )
 
 PIPELINE_SIZES = (2, 3, 4)
@@ -364,7 +359,7 @@ def test_simulate_adds_communication_and_link_queueing():
     two = build_gpipe(2, 2, [0, 1])
     timeline = simulate(two, 1.0, 0.0, comm_time=lambda src, dst: 3.0, link_busy_time=3.0)
     second_forward = next(e for e in timeline.events[1] if str(e.action) == "F1@s1")
-    assert second_forward.start == pytest.approx(1 + 3 + 3)
+    assert second_forward.start_s == pytest.approx(1 + 3 + 3)
 
 
 def test_simulate_takes_per_stage_times_and_names_a_missing_stage():

@@ -7,7 +7,7 @@ gets when all ranks work:
 
 - compute: fp32 (and bf16) matmul FLOP/s, memory bandwidth (``c = a + b``), the dispatch overhead of
   one op forward and backward, and per kind of op the *efficiency* (roofline over measured time, see
-  :mod:`backends.op_probes`);
+  :mod:`cost.op_probes`);
 - communication: all_reduce, all_gather, reduce_scatter, all_to_all and one-way send/recv at several
   sizes, each fitted to the cost model's ring formula ``steps * latency + volume / bandwidth`` (see
   :func:`fit_collective`); the fits become the intra-node link's ``collectives`` table, and send/recv's
@@ -16,7 +16,7 @@ gets when all ranks work:
 The result is a one-node cluster whose device kind and link carry those numbers; the raw measurements
 go under ``metadata.calibration`` so the file explains itself::
 
-    python -m backends.calibrate --world-size 2 --out my-machine.yaml
+    python -m cost.calibrate --world-size 2 --out my-machine.yaml
     Cluster.load("my-machine.yaml")
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from backends.op_probes import measure_op_efficiency, synchronizer
-from ir.cluster import Cluster
+from cost.op_probes import measure_op_efficiency, synchronizer
+from cluster import Cluster
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
 LATENCY_PROBE_BYTES = 4  # one fp32 element: the time is all latency
@@ -195,7 +195,7 @@ def measure_collectives(rank: int, world_size: int, sizes: tuple[int, ...], repe
     Collectives are called as the emitted runtime calls them (in-place all-reduce of a copy; on
     CPU a reduce-scatter is an all-reduce and a chunk).
 
-    Bytes follow the cost model's convention (:mod:`passes.cost_model`): the whole buffer for
+    Bytes follow the cost model's convention (:mod:`cost.collectives`): the whole buffer for
     all_reduce, the gathered output for all_gather, the input for reduce_scatter, each rank's send
     buffer for all_to_all, the message for send_recv (one way: half a ping-pong). A kind this
     backend does not implement is left out.
@@ -364,7 +364,7 @@ def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[st
     link_class = ("nvlink" if bandwidth > NVLINK_LIKE_BPS else "pcie") if gpu else "loopback"
     return {
         "name": f"calibrated-local:{world_size}",
-        "description": f"{world_size} x {measured['device']} measured on {socket.gethostname()} by backends.calibrate",
+        "description": f"{world_size} x {measured['device']} measured on {socket.gethostname()} by cost.calibrate",
         "device_kinds": {kind: {
             "peak_flops": {"fp32": max(measured["matmul_fp32_gflops"].values()) * 1e9,
                            "bf16": max(measured["matmul_bf16_gflops"].values()) * 1e9},
@@ -391,7 +391,7 @@ def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m backends.calibrate [--world-size N] [--out FILE] [--quick]``."""
+    """Command line: ``python -m cost.calibrate [--world-size N] [--out FILE] [--quick]``."""
     parser = argparse.ArgumentParser(description="Measure this machine and write a cluster YAML.")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--out", default="calibrated-local.yaml")

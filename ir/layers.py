@@ -1,8 +1,9 @@
 """The layer structure of a graph: a prologue, repeated blocks (``blocks.0``, ``blocks.1``, ...), an epilogue.
 
-Transformers are a stack of identical blocks. The planner and the simulator work per *segment*: the
-nodes before the first block (``pre``: embeddings), each block, and the nodes after the last block
-(``post``: final norm, head, loss). Blocks are found from the ``module`` attribute of nodes
+Transformers are a stack of identical blocks. This is the one layer analysis: the pipeline pass cuts
+stages at block boundaries, ``recompute=True`` recomputes the blocks, and the planner and the
+simulator work per *segment*: the nodes before the first block (``pre``: embeddings), each block,
+and the nodes after the last block (``post``: final norm, head, loss). Blocks are found from the ``module`` attribute of nodes
 (``blocks.3.attn.qkv`` is in block 3 of the container ``blocks``); functional ops captured without a
 module (residual adds, activations, views) belong to the segment of the node before them.
 

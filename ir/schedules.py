@@ -1,4 +1,4 @@
-"""Pipeline schedules as per-rank action lists; their deadlock check and their timing.
+"""Pipeline schedules as per-rank action lists: the standard builders and the deadlock check.
 
 A schedule is a ``dict[rank, list[Action]]``: every rank runs its list from top to bottom.
 ``F``/``B`` are the forward/backward of one (stage, microbatch); ``SEND_F``/``RECV_F`` move the
@@ -25,24 +25,13 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence
 
-from ir.ops.pipeline_ops import (  # noqa: F401  (the action vocabulary is part of the IR; re-exported)
-    ACTION_KINDS,
-    COMPUTE_KINDS,
-    RECV_KINDS,
-    SEND_KINDS,
-    Action,
-    ActionSyntaxError,
-    format_actions,
-    parse_actions,
-)
+from ir.ops.pipeline_ops import Action
 
 PATH_ORDERS = ("1f1b", "gpipe")
 
 Task = tuple  # (kind "F"/"B", stage, microbatch): one compute of a schedule under construction
-TimeSpec = Union[float, Mapping[int, float]]
-CommSpec = Union[float, Callable[[int, int], float]]
 
 
 class ScheduleError(ValueError):
@@ -636,111 +625,3 @@ class _ChannelSimulation:
                 raise ScheduleError(f"rank {sender} action #{index} {send} is never received: rank {receiver} "
                                     f"finished with {len(queue)} message(s) left on channel "
                                     f"r{sender}->r{receiver}; add the matching receive(s) or drop the send(s)")
-
-
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TimelineEvent:
-    """One action as it ran in :func:`simulate`; a receive spans its wait."""
-
-    start: float
-    """Seconds from the start of the iteration."""
-    end: float
-    """Seconds from the start of the iteration (== start for a send, which does not block)."""
-    action: Action
-    """The action."""
-
-
-@dataclass(frozen=True)
-class ScheduleTimeline:
-    """When every action of a schedule runs, under the costs given to :func:`simulate`."""
-
-    events: dict[int, list[TimelineEvent]]
-    """rank -> its events in program order."""
-    makespan: float
-    """End of the last event (the iteration time, optimizer step excluded)."""
-    bubble_fraction: float
-    """Idle share of all ranks' time: 1 - (sum of F/B time) / (number of ranks * makespan)."""
-
-    def busy_time(self, rank: int) -> float:
-        """Seconds ``rank`` spends in F and B."""
-        return sum(e.end - e.start for e in self.events[rank] if e.action.is_compute)
-
-
-def simulate(actions: Mapping[int, Sequence[Action]], fwd_time: TimeSpec, bwd_time: TimeSpec,
-             comm_time: CommSpec = 0.0, *, link_busy_time: CommSpec | None = None) -> ScheduleTimeline:
-    """Time a schedule: each rank runs its list in order, one action at a time.
-
-    ``fwd_time``/``bwd_time``: seconds per F/B, one float or a per-stage mapping. ``comm_time``:
-    seconds from a send to its arrival, a float or ``f(src_rank, dst_rank)``. Sends do not block
-    the sender; a receive waits until its message has arrived. ``link_busy_time`` (optional, same
-    forms) is how long a message occupies its directed link (size / bandwidth): messages on one
-    (src, dst) link then queue behind each other; without it links never congest.
-    """
-    order = check_deadlock(actions)
-    clock = {rank: 0.0 for rank in actions}
-    arrivals: dict[tuple, float] = {}
-    link_free: dict[tuple[int, int], float] = defaultdict(float)
-    events: dict[int, list[TimelineEvent]] = {rank: [] for rank in actions}
-    for rank, action in order:
-        start = clock[rank]
-        end = start
-        if action.is_compute:
-            end = start + _stage_time(fwd_time if action.kind == "F" else bwd_time, action)
-        elif action.is_send:
-            departure = max(start, link_free[(rank, action.peer)])
-            link_free[(rank, action.peer)] = departure + _link_time(link_busy_time, rank, action.peer)
-            arrivals[(rank, action.peer, action.value)] = departure + _link_time(comm_time, rank, action.peer)
-        else:
-            end = max(start, arrivals.pop((action.peer, rank, action.value)))
-        clock[rank] = end
-        events[rank].append(TimelineEvent(start, end, action))
-    return _timeline(events)
-
-
-def _timeline(events: dict[int, list[TimelineEvent]]) -> ScheduleTimeline:
-    makespan = max((e.end for rank_events in events.values() for e in rank_events), default=0.0)
-    busy = sum(e.end - e.start for rank_events in events.values() for e in rank_events if e.action.is_compute)
-    capacity = makespan * len(events)
-    bubble = 1.0 - busy / capacity if capacity > 0 else 0.0
-    return ScheduleTimeline(events, makespan, bubble)
-
-
-def _stage_time(spec: TimeSpec, action: Action) -> float:
-    if isinstance(spec, Mapping):
-        if action.stage not in spec:
-            which = "fwd_time" if action.kind == "F" else "bwd_time"
-            raise ValueError(f"{which} has no entry for stage {action.stage} (needed by {action}); give one "
-                             f"float or a time for every stage, found stages {sorted(spec)}")
-        return float(spec[action.stage])
-    return float(spec)
-
-
-def _link_time(spec: CommSpec | None, src: int, dst: int) -> float:
-    if spec is None:
-        return 0.0
-    return float(spec(src, dst)) if callable(spec) else float(spec)
-
-
-def peak_in_flight(actions: Mapping[int, Sequence[Action]]) -> dict[int, int]:
-    """rank -> the most microbatches at once with a forward done and a backward still to run there.
-
-    A microbatch with several stages on one rank counts once while any of them is pending.
-    """
-    peaks = {}
-    for rank, rank_actions in actions.items():
-        pending: Counter = Counter()
-        peak = 0
-        for action in rank_actions:
-            if action.kind == "F":
-                pending[action.microbatch] += 1
-            elif action.kind == "B":
-                pending[action.microbatch] -= 1
-                if pending[action.microbatch] == 0:
-                    del pending[action.microbatch]
-            peak = max(peak, len(pending))
-        peaks[rank] = peak
-    return peaks

@@ -1,0 +1,292 @@
+"""Per-op FLOPs, bytes and time: the work one ATen op does, and the roofline that prices it.
+
+Op costs take shapes whose entries are ints or sympy symbols and return sympy expressions; see
+:func:`op_flops` for the per-op formulas and :data:`BACKWARD_FLOP_FACTOR` for backward factors.
+:func:`compute_seconds` is the one formula the planner and the simulator price work with: the roofline
+(FLOPs over peak FLOP/s, or bytes over memory bandwidth, whichever is longer) divided by the
+efficiency the device reaches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import sympy
+
+from cluster import Device
+
+DEFAULT_OP_OVERHEAD_S = 5e-6
+"""Launch/dispatch time of one eager op when neither the options nor the device say (backward ops
+count twice)."""
+
+Shape = Sequence[Any]  # entries are ints or sympy expressions
+
+NORM_FLOPS_PER_ELEMENT = 5
+"""layer_norm / rms_norm / group_norm / batch_norm: mean, centre, variance, normalise, scale-and-shift."""
+SOFTMAX_FLOPS_PER_ELEMENT = 5
+"""softmax / log_softmax: max, subtract, exp, sum, divide (or log)."""
+
+BACKWARD_FLOP_FACTOR: dict[str, float] = {
+    "matmul": 2.0,       # grad input and grad weight are one matmul each
+    "conv": 2.0,         # same as matmul
+    "attention": 2.5,    # five matmuls backward against two forward (FlashAttention accounting)
+    "norm": 2.0,
+    "softmax": 2.0,
+    "loss": 1.0,
+    "elementwise": 1.0,  # e.g. the relu mask or one multiply per element
+    "reduction": 1.0,    # broadcasting the gradient back
+    "embedding": 1.0,    # a scatter-add of the output gradient into the table rows
+    "view": 0.0,
+}
+"""Backward FLOPs = factor x forward FLOPs, per op category (see :func:`op_category`)."""
+
+_MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot"}
+_ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_cudnn_attention"}
+_CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d"}
+_NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm", "batch_norm",
+             "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "instance_norm"}
+_SOFTMAX_OPS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"}
+_LOSS_OPS = {"cross_entropy_loss", "cross_entropy", "nll_loss", "nll_loss_forward", "nll_loss2d", "mse_loss"}
+_REDUCTION_OPS = {"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "std", "var_mean", "norm",
+                  "linalg_vector_norm", "logsumexp", "argmax", "argmin", "all", "any"}
+_VIEW_OPS = {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "expand_as", "slice",
+             "select", "squeeze", "unsqueeze", "flatten", "unflatten", "alias", "detach", "split", "chunk",
+             "split_with_sizes", "unbind", "narrow", "as_strided", "view_as", "lift_fresh_copy", "sym_size",
+             "getitem", "_assert_tensor_metadata", "empty", "empty_like", "zeros", "zeros_like", "ones",
+             "ones_like", "full", "full_like", "arange", "scalar_tensor"}
+_COPY_OPS = {"clone", "contiguous", "cat", "stack", "_to_copy", "to", "copy", "copy_", "index_select", "gather",
+             "index", "repeat", "roll", "flip", "pad", "constant_pad_nd", "embedding", "scatter", "index_put"}
+
+
+def normalize_op_name(op: str) -> str:
+    """``aten.linear.default`` / ``aten::linear`` / ``torch.ops.aten.linear`` / ``linear`` -> ``linear``."""
+    name = op.replace("::", ".")
+    for prefix in ("torch.ops.", "aten.", "prims."):
+        name = name[len(prefix):] if name.startswith(prefix) else name
+    return name.split(".")[0]
+
+
+def op_category(op: str) -> str:
+    """The cost category of an op: matmul, attention, conv, norm, softmax, loss, reduction, embedding,
+    view (no FLOPs), copy (no FLOPs, moves bytes) or elementwise (also the fallback for unknown ops)."""
+    name = normalize_op_name(op)
+    for category, names in (("matmul", _MATMUL_OPS), ("attention", _ATTENTION_OPS), ("conv", _CONV_OPS),
+                            ("norm", _NORM_OPS), ("softmax", _SOFTMAX_OPS), ("loss", _LOSS_OPS),
+                            ("reduction", _REDUCTION_OPS), ("view", _VIEW_OPS)):
+        if name in names:
+            return category
+    if name == "embedding":
+        return "embedding"
+    return "copy" if name in _COPY_OPS else "elementwise"
+
+
+def numel(shape: Shape) -> sympy.Expr:
+    """Number of elements of ``shape`` (1 for a scalar)."""
+    return sympy.Mul(*[sympy.sympify(d) for d in shape]) if len(shape) else sympy.Integer(1)
+
+
+def op_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
+             attrs: Mapping[str, Any] | None = None) -> sympy.Expr:
+    """Forward FLOPs of one ATen op (a multiply-add counts 2), as a sympy expression.
+
+    matmul-like (linear, mm, bmm, matmul, addmm, ...): 2·(output elements)·K, i.e. 2·M·K·N; bias adds
+    are not counted (the usual 6·N·D convention). scaled_dot_product_attention: 2·B·L·S·E (QKᵀ) +
+    2·B·L·S·Ev (·V), i.e. 4·b·h·s²·d, counting causal attention as dense and the softmax as free.
+    conv: 2·(output elements)·(C_in/groups)·prod(kernel). Norms and softmax:
+    :data:`NORM_FLOPS_PER_ELEMENT` / :data:`SOFTMAX_FLOPS_PER_ELEMENT` per element. cross_entropy:
+    log-softmax on the logits plus one per target. Reductions: one per input element. Elementwise and
+    unknown ops: one per output element. Views, copies and embedding: 0.
+    """
+    attrs = attrs or {}
+    category = op_category(op)
+    if category == "matmul":
+        return 2 * _contraction_size(op, in_shapes) * _output_numel(op, in_shapes, out_shapes)
+    if category == "attention":
+        return _attention_flops(in_shapes)
+    if category == "conv":
+        weight = in_shapes[1]
+        return 2 * _output_numel(op, in_shapes, out_shapes, attrs) * numel(weight[1:])
+    if category == "norm":
+        return NORM_FLOPS_PER_ELEMENT * numel(in_shapes[0])
+    if category == "softmax":
+        return SOFTMAX_FLOPS_PER_ELEMENT * numel(in_shapes[0])
+    if category == "loss":
+        return _loss_flops(op, in_shapes)
+    if category == "reduction":
+        return numel(in_shapes[0])
+    if category in ("view", "copy", "embedding"):
+        return sympy.Integer(0)
+    return _output_numel(op, in_shapes, out_shapes)
+
+
+def op_backward_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
+                      attrs: Mapping[str, Any] | None = None) -> sympy.Expr:
+    """Backward FLOPs: :data:`BACKWARD_FLOP_FACTOR` of the op's category times the forward FLOPs
+    (embedding: one add per output element, scattered into the table)."""
+    category = op_category(op)
+    if category == "embedding":
+        return _output_numel(op, in_shapes, out_shapes)
+    factor = BACKWARD_FLOP_FACTOR.get(category, 0.0)
+    return sympy.nsimplify(factor) * op_flops(op, in_shapes, out_shapes, attrs)
+
+
+def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
+             attrs: Mapping[str, Any] | None = None, dtype_bytes: int = 4) -> sympy.Expr:
+    """Memory traffic of one op: every input read and output written once, ``dtype_bytes`` each.
+
+    Views move nothing (0). Embedding reads only the looked-up rows: 8-byte indices plus the output
+    read from the table and written (2 x output).
+    """
+    category = op_category(op)
+    if category == "view":
+        return sympy.Integer(0)
+    if category == "embedding":
+        indices = in_shapes[1] if len(in_shapes) > 1 else ()
+        return 8 * numel(indices) + 2 * dtype_bytes * _output_numel(op, in_shapes, out_shapes)
+    elements = sum((numel(s) for s in in_shapes), sympy.Integer(0)) + \
+        sum((numel(s) for s in out_shapes), sympy.Integer(0))
+    return dtype_bytes * elements
+
+
+def op_time(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape], attrs: Mapping[str, Any] | None,
+            device: Device, dtype: str = "fp32", dtype_bytes: int = 4) -> sympy.Expr:
+    """Roofline time of one op on ``device``: max(FLOPs / peak FLOP/s of ``dtype``, bytes / memory bandwidth)."""
+    if dtype not in device.peak_flops:
+        raise ValueError(f"device {device.id} ({device.kind}) has no peak FLOP/s for {dtype}; "
+                         f"known: {sorted(device.peak_flops)}")
+    compute = op_flops(op, in_shapes, out_shapes, attrs) / sympy.Float(device.peak_flops[dtype])
+    if not device.memory_bandwidth_Bps:
+        return compute
+    memory = op_bytes(op, in_shapes, out_shapes, attrs, dtype_bytes) / sympy.Float(device.memory_bandwidth_Bps)
+    return sympy.Max(compute, memory)
+
+
+def _contraction_size(op: str, in_shapes: Sequence[Shape]) -> sympy.Expr:
+    """K of a matmul-like op: the last dim of the left operand (addmm-style ops have the bias first)."""
+    name = normalize_op_name(op)
+    left = in_shapes[1] if name in ("addmm", "baddbmm", "addbmm", "addmv") else in_shapes[0]
+    return sympy.sympify(left[-1])
+
+
+def _output_numel(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
+                  attrs: Mapping[str, Any] | None = None) -> sympy.Expr:
+    """Elements of the first output; inferred from the inputs when no output shape is given."""
+    if out_shapes:
+        return numel(out_shapes[0])
+    name = normalize_op_name(op)
+    inferred = _INFER_OUTPUT.get(name)
+    if inferred is None and op_category(op) == "elementwise":
+        inferred = _broadcast_shape
+    if inferred is None:
+        raise ValueError(f"{op}: expected out_shapes (cannot infer the output shape from the inputs)")
+    return numel(inferred(in_shapes, attrs or {}))
+
+
+def _broadcast_shape(in_shapes: Sequence[Shape], attrs: Mapping[str, Any]) -> tuple:
+    """NumPy broadcasting of the input shapes (symbolic dims must match or be 1)."""
+    rank = max(len(s) for s in in_shapes)
+    padded = [(1,) * (rank - len(s)) + tuple(s) for s in in_shapes]
+    return tuple(next((d for d in dims if d != 1), 1) for dims in zip(*padded))
+
+
+def _conv_output_shape(in_shapes: Sequence[Shape], attrs: Mapping[str, Any]) -> tuple:
+    """(N, C_out, *spatial) from stride/padding/dilation attrs (ints or per-dim lists; PyTorch defaults)."""
+    x, w = in_shapes[0], in_shapes[1]
+    spatial = len(w) - 2
+
+    def per_dim(key: str, default: int) -> list:
+        value = attrs.get(key, default)
+        return list(value) if isinstance(value, (list, tuple)) else [value] * spatial
+
+    stride, padding, dilation = per_dim("stride", 1), per_dim("padding", 0), per_dim("dilation", 1)
+    out = [sympy.floor((sympy.sympify(x[2 + i]) + 2 * padding[i] - dilation[i] * (w[2 + i] - 1) - 1) / stride[i]) + 1
+           for i in range(spatial)]
+    return (x[0], w[0], *out)
+
+
+_INFER_OUTPUT: dict[str, Callable[[Sequence[Shape], Mapping[str, Any]], tuple]] = {
+    "linear": lambda s, a: (*s[0][:-1], s[1][0]),
+    "mm": lambda s, a: (s[0][0], s[1][1]),
+    "addmm": lambda s, a: (s[1][0], s[2][1]),
+    "bmm": lambda s, a: (s[0][0], s[0][1], s[1][2]),
+    "baddbmm": lambda s, a: (s[1][0], s[1][1], s[2][2]),
+    "embedding": lambda s, a: (*s[1], s[0][1]),
+    "conv1d": _conv_output_shape, "conv2d": _conv_output_shape, "conv3d": _conv_output_shape,
+    "convolution": _conv_output_shape,
+}
+
+
+def _attention_flops(in_shapes: Sequence[Shape]) -> sympy.Expr:
+    query, key, value = in_shapes[0], in_shapes[1], in_shapes[2]
+    batch = numel(query[:-2])
+    target_len, head_dim = sympy.sympify(query[-2]), sympy.sympify(query[-1])
+    source_len, value_dim = sympy.sympify(key[-2]), sympy.sympify(value[-1])
+    return 2 * batch * target_len * source_len * head_dim + 2 * batch * target_len * source_len * value_dim
+
+
+def _loss_flops(op: str, in_shapes: Sequence[Shape]) -> sympy.Expr:
+    name = normalize_op_name(op)
+    targets = numel(in_shapes[1]) if len(in_shapes) > 1 else sympy.Integer(0)
+    if name in ("cross_entropy_loss", "cross_entropy"):
+        return SOFTMAX_FLOPS_PER_ELEMENT * numel(in_shapes[0]) + targets
+    if name == "mse_loss":
+        return 3 * numel(in_shapes[0])  # subtract, square, sum
+    return targets  # nll: pick one log-probability per target and sum
+
+
+# ==================================================================================================
+# Precision, peaks and the roofline
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a plan computes: the peak FLOP/s entry to use and bytes per activation and parameter element."""
+
+    name: str
+    activation_bytes: int
+    param_bytes: int
+
+    @staticmethod
+    def of(name: str) -> "Precision":
+        """``fp32`` / ``tf32`` (4-byte tensors) or ``bf16`` / ``fp16`` (2-byte tensors, fp32 master weights)."""
+        table = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+        if name not in table:
+            raise ValueError(f"expected a precision in {sorted(table)}, found {name!r}")
+        return Precision(name, table[name], table[name])
+
+    @property
+    def scale(self) -> float:
+        """Bytes per element relative to the 4-byte tensors the IR types describe."""
+        return self.activation_bytes / 4
+
+
+def peak_flops(device: Device, precision: Precision) -> float:
+    """The device's peak FLOP/s for the precision (bf16 falls back to fp16, then fp32)."""
+    for name in (precision.name, "fp16" if precision.name == "bf16" else "bf16", "fp32"):
+        if name in device.peak_flops:
+            return device.peak_flops[name]
+    raise ValueError(f"device {device.id} ({device.kind}) lists no peak FLOP/s for {precision.name} or fp32")
+
+
+def compute_seconds(flops, nbytes, peak: float, memory_bandwidth: float | None, efficiency=1.0):
+    """Seconds of work at the roofline divided by the efficiency the device reaches on it:
+    ``max(flops / peak, nbytes / memory_bandwidth) / efficiency`` (compute alone without a memory
+    bandwidth). Floats or numpy arrays (element-wise)."""
+    seconds = flops / peak
+    if memory_bandwidth:
+        seconds = np.maximum(seconds, nbytes / memory_bandwidth)
+    return seconds / efficiency
+
+
+def op_overheads(device: Device, overhead_s: float | None = None) -> tuple[float, float]:
+    """(forward, backward) dispatch seconds per op: ``overhead_s`` (backward twice it) when given, else
+    what the device measured, else :data:`DEFAULT_OP_OVERHEAD_S`."""
+    if overhead_s is not None:
+        return overhead_s, 2 * overhead_s
+    if device.op_overhead_s is not None:
+        return device.op_overhead_s
+    return DEFAULT_OP_OVERHEAD_S, 2 * DEFAULT_OP_OVERHEAD_S

@@ -1,0 +1,68 @@
+"""The compiled program runs what the planner priced: on a cluster, ``compile()`` chooses boxing chains by
+the same cluster cost as the planner (cost/boxing.py), so an auto plan's compiled IR holds the planner's
+layouts and tensor-parallel collectives."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cluster import Cluster
+from compiler import compile
+from cost.ops import Precision
+from cost.segments import Profile, at, ir_profile, is_view
+from frontend.torch_capture import capture
+from ir.sbp import format_nd_sbp
+from passes.planner.evaluate import ModelView
+from tests.models import gpt_inputs, gpt_model
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
+LAYOUT_LINE = re.compile(r"^%(?P<name>\S+) (?P<op>\S+) \[.*\]: (?P<outs>.*)$")
+
+
+def planned_layouts(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """Node name -> (op, tensor-axis output layouts) from a search report's ``layouts`` lines."""
+    found = {}
+    for line in lines:
+        match = LAYOUT_LINE.match(line)
+        found[match["name"]] = (match["op"], match["outs"])
+    return found
+
+
+def tensor_collectives(profile: Profile, axis: str, batch: float) -> list[Counter]:
+    """Per segment: the collectives on ``axis`` as (kind, in backward, bytes) at ``batch`` samples."""
+    return [Counter((c.kind, c.backward, round(at(c.nbytes, batch))) for c in segment.comms if c.axis == axis)
+            for segment in profile.segments]
+
+
+@pytest.mark.parametrize("cluster_name", ["dgx-a100:2", str(EXAMPLES / "hetero-a100-v100.yaml")],
+                         ids=["dgx-a100:2", "hetero-a100-v100"])
+def test_compiled_ir_holds_the_layouts_and_collectives_the_planner_priced(cluster_name, tmp_path):
+    cluster = Cluster.load(cluster_name)
+    model, inputs = gpt_model(n_layer=2), gpt_inputs(batch=16, seq=16)
+    graph = capture(model, inputs, train=True).graph
+    graph.attrs["example_dims"] = {"batch": 16, "seq": 16}
+    plan = compile(model, inputs, cluster=cluster, strategy={"mesh": {"dp": "auto", "tp": 4}},
+                   search_options={"cache_dir": tmp_path})
+    mesh = plan.graph.meshes["world"]
+    tp, dp = mesh.axis_index("tp"), plan.strategy["mesh"]["dp"]
+    nodes = {n.name: n for n in plan.graph.nodes}
+
+    # Layouts: every op the planner prices work for (views cost nothing either way, so a tie between
+    # gathering before or after a transpose may fall either way) runs in the layout the planner chose.
+    planned = planned_layouts(plan.search_report.layouts)
+    compute_ops = {name: planned[name] for name in planned if not is_view(planned[name][0])}
+    assert len(compute_ops) > 10
+    for name, (op, outs) in compute_ops.items():
+        compiled = ", ".join(format_nd_sbp((o.sbp[tp],)) for o in nodes[name].outputs)
+        assert compiled == outs, f"%{name} ({op}): the planner priced {outs}, the compiled IR holds {compiled}"
+
+    # Collectives: per segment, the tensor-parallel collectives the planner priced for this strategy
+    # (forward and backward, with their sizes) are the ones in the compiled IR.
+    priced = ModelView(graph).evaluate(plan.strategy, cluster).profile
+    compiled = ir_profile(plan.graph, Precision.of("fp32"))
+    want, got = tensor_collectives(priced, "tp", 16 / dp), tensor_collectives(compiled, "tp", 16)
+    assert sum(len(c) for c in want) > 0
+    assert got == want
