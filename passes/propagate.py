@@ -2,10 +2,15 @@
 
 Greedy in execution order, as OneFlow does: for every node, among the N-D signatures of its op
 rule, take the one whose required input layouts are cheapest to reach from the layouts the inputs
-already have (priced by :func:`passes.boxing.boxing_cost`: time on the cluster being compiled for,
-as the planner prices it, else bytes), breaking ties by the local compute size and against partial
-outputs. Activation hints
+already have, breaking ties by the local compute size and against partial outputs. Activation hints
 from the strategy (``activations``, ``sequence_parallel``) restrict the choice for their nodes.
+
+Signatures are compared by the bytes their conversions move (at each dtype's element size), not by
+time on the cluster: a greedy choice sees one node at a time, and on small tensors, where latency
+dominates, time would prefer gathering a whole activation over all-reducing a few statistics (then
+pay for it in every later node). Bytes grow with the tensors, as the work a wrong layout costs does.
+The collectives that convert between the chosen layouts are then picked by the cluster's cost in the
+``boxing`` pass (:func:`passes.boxing.boxing_cost`), as the planner prices them.
 """
 from __future__ import annotations
 
@@ -13,12 +18,12 @@ import fnmatch
 import functools
 
 from ir.core import Graph, Node
-from ir.gradients import values_with_grad
 from ir.ops.registry import nd_signatures
 from ir.ops.shape_ops import _magnitude
 from ir.sbp import B, Partial, Split, format_nd_sbp, parse_sbp
 from ir.types import Mesh, TensorType, dim_symbol
-from passes.boxing import BoxingError, boxing_cost, boxing_path
+from cost.boxing import bytes_cost
+from passes.boxing import BoxingError, boxing_path
 from passes.manager import PassContext, register_pass
 from passes.strategy import StrategyError, tensor_axis
 
@@ -29,7 +34,6 @@ NORM_OPS = ("aten.layer_norm.default", "aten.rms_norm.default")
 @register_pass("propagate")
 def propagate_pass(graph: Graph, ctx: PassContext) -> None:
     """Give every node output an SBP; remember the input layouts each node needs for boxing."""
-    grad = values_with_grad(graph) if ctx.train else set()
     hints = _activation_hints(graph, ctx.strategy)
     pinned = graph.attrs.get("_pinned", {})
     dims = graph.attrs.get("example_dims") or {}
@@ -40,8 +44,7 @@ def propagate_pass(graph: Graph, ctx: PassContext) -> None:
         hint = hints.get(id(node))
         if hint is not None:
             candidates = [c for c in candidates if _matches(c[1][0], hint)] or _no_hint_fit(node, hint)
-        costs = [boxing_cost(ctx, mesh, id(v) in grad) for v in node.input_values()]
-        ins, outs = min(candidates, key=lambda c: _score(node, c, mesh, costs, pinned, dims))
+        ins, outs = min(candidates, key=lambda c: _score(node, c, mesh, pinned, dims))
         node.attrs["_in_sbp"] = list(ins)
         for v, s in zip(node.outputs, outs):
             v.sbp, v.mesh = s, mesh_name
@@ -54,19 +57,19 @@ def _mesh_of(node: Node, graph: Graph) -> str:
     return next(iter(graph.meshes))
 
 
-def _score(node: Node, cand, mesh: Mesh, costs: list, pinned: dict, dims: dict) -> tuple[float, float]:
-    """(boxing cost, local output size): communication first, compute only breaks ties.
+def _score(node: Node, cand, mesh: Mesh, pinned: dict, dims: dict) -> tuple[float, float]:
+    """(bytes converted, local output size): communication first, compute only breaks ties.
 
-    ``costs`` holds each input's boxing cost. Parameters whose layout at use is pinned (given by the
-    user; gathered, for fsdp) are used in that layout whenever some signature allows it.
+    Parameters whose layout at use is pinned (given by the user; gathered, for fsdp) are used in that
+    layout whenever some signature allows it.
     """
     ins, outs = cand
     comm = 0.0
-    for v, want, cost in zip(node.input_values(), ins, costs):
+    for v, want in zip(node.input_values(), ins):
         if v.name in pinned and pinned[v.name] != want:
             comm += PINNED_PENALTY
         try:
-            comm += boxing_path(at_example_dims(v.type, dims), v.sbp, want, mesh, cost)[0]
+            comm += boxing_path(at_example_dims(v.type, dims), v.sbp, want, mesh, bytes_cost)[0]
         except BoxingError:
             return float("inf"), 0.0
     compute = 0.0
@@ -76,8 +79,7 @@ def _score(node: Node, cand, mesh: Mesh, costs: list, pinned: dict, dims: dict) 
             ways *= n if isinstance(entry, Split) else 1
         partial = any(isinstance(entry, Partial) for entry in s)
         compute += _magnitude(v.type.numel()) / ways * (1.01 if partial else 1.0)
-    digits = max((cost.digits for cost in costs), default=6)  # what differs in fewer digits is noise
-    return round(comm, digits), compute
+    return round(comm, bytes_cost.digits), compute
 
 
 def at_example_dims(t: TensorType, dims: dict) -> TensorType:
