@@ -64,23 +64,14 @@ def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, 
     return path
 
 
-class ValueNames:
-    """Python names of IR values: the path of the module that computes a value (``blocks_0_attn_qkv``,
-    then ``blocks_0_attn_qkv_1`` for its second value), else the value's IR name; never one of
-    ``reserved`` (runtime names, dims, arguments, builtins)."""
+class FreshNames:
+    """Distinct Python identifiers: ``base``, then ``base_1``, ``base_2``, ...; never one of ``reserved``
+    (runtime names, dims, the functions' arguments, builtins, keywords)."""
 
     def __init__(self, reserved: set[str]):
         self.taken = set(reserved)
-        self.names: dict[int, str] = {}
 
-    def __call__(self, value: Value) -> str:
-        """The name of ``value`` (chosen at its first request)."""
-        if id(value) not in self.names:
-            module = value.producer.attrs.get("module") if value.producer is not None else None
-            self.names[id(value)] = self._fresh(_identifier(module or value.name))
-        return self.names[id(value)]
-
-    def _fresh(self, base: str) -> str:
+    def __call__(self, base: str) -> str:
         name, count = base, 0
         while name in self.taken:
             count += 1
@@ -113,7 +104,7 @@ class ProgramWriter:
                             f"{list(meshes)}")
         self.mesh = next(iter(meshes.values()))
         self.dim_names = sorted({str(s) for v in graph.inputs for d in v.type.shape for s in d.free_symbols})
-        self.value_names = ValueNames(self._reserved_names())
+        self.fresh = FreshNames(self._reserved_names())
 
     # -- the whole program ------------------------------------------------------------------------
 
@@ -155,7 +146,7 @@ class ProgramWriter:
     def _reserved_names(self) -> set[str]:
         """Names a value may not take: every runtime name, the plan's, the functions' arguments and locals."""
         names = {name for piece in runtime.pieces().values()
-                 for name in [*piece.definitions, *piece.internal, *piece.external]}
+                 for name in [*piece.definitions, *piece.internal, *piece.external]} | runtime.plan_names()
         names |= set(GENERATED_IMPORTS) | set(FUNCTION_ARGS) | set(dir(builtins)) | set(keyword.kwlist)
         names |= set(self.dim_names) | {f"coord_{a}" for a in self.mesh.axes}
         names |= {_recompute_function(node.attrs[RECOMPUTE_ATTR]) for node in self.graph.nodes
@@ -287,10 +278,26 @@ class ProgramWriter:
                           + "".join(f", {i}" for i in inputs) + ", use_reentrant=False)"])
 
     def _assign(self, value: Value) -> str:
-        """A fresh local variable for ``value``."""
-        self.source[id(value)] = self.value_names(value)
+        """A fresh local variable for ``value``, named after what computes it (see ``_stem``)."""
+        self.source[id(value)] = self.fresh(self._stem(value))
         self.local.add(id(value))
         return self.source[id(value)]
+
+    def _stem(self, value: Value) -> str:
+        """What a value's name starts with: the path of the module computing it (``blocks_0_attn_qkv``;
+        ``FreshNames`` makes a second value of that module ``blocks_0_attn_qkv_1``), else its IR name. A
+        collective computes a new layout of its input and is named after it (``add_reduce_scatter``); a
+        gathered parameter is the parameter (``blocks_0_attn_qkv_weight``)."""
+        node = value.producer
+        if node is not None and node.op.startswith("comm."):
+            source = node.input_values()[0]
+            if source.kind in ("param", "buffer"):
+                stem = _identifier(source.target)
+                return stem if node.op == "comm.all_gather" else f"{stem}_{node.op[len('comm.'):]}"
+            stem = self.source[id(source)] if id(source) in self.local else _identifier(source.name)
+            return f"{stem}_{node.op[len('comm.'):]}"
+        module = node.attrs.get("module") if node is not None else None
+        return _identifier(module or value.name)
 
     def _line(self, node: Node) -> str:
         outs = [self._assign(v) for v in node.outputs]
