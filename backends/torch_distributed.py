@@ -109,14 +109,17 @@ class ProgramWriter:
     # -- the whole program ------------------------------------------------------------------------
 
     def write(self) -> str:
+        """The program: its docstring, the imports it uses, the plan's constants that its runtime reads,
+        that runtime (see ``backends.runtime``), then its own code and entry line."""
         code = self._code() + "\n\n" + f'if __name__ == "__main__":\n    {self._entry_call()}\n'
         defined, reads = global_reads(code)
-        plan_names = runtime.select(reads, self.entry, GENERATED_IMPORTS).plan_names - defined
         constants = self._constants()
-        unknown = plan_names - set(constants)
-        if unknown:
-            raise EmitError(f"internal: the runtime reads {sorted(unknown)}, which the code generator does not write")
-        constants_source = "\n".join(text for name, text in constants.items() if name in plan_names)
+        reads -= set(constants)
+        wanted = runtime.select(reads, self.entry, GENERATED_IMPORTS).plan_names - defined
+        if wanted - set(constants):
+            raise EmitError(f"internal: the runtime reads {sorted(wanted - set(constants))}, which the code "
+                            f"generator does not write")
+        constants_source = "\n".join(text for name, text in constants.items() if name in wanted)
         selection = runtime.select(reads | global_reads(constants_source)[1], self.entry, GENERATED_IMPORTS)
         parts = [self._docstring(), "\n".join(selection.imports),
                  _section("The plan", "its mesh, inputs, tensors and their layouts") + "\n" + constants_source]

@@ -22,7 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of synthetic batches when --data is not given")
     parser.add_argument("--metrics", help="write one JSON line per step (loss, seconds) to this file")
     parser.add_argument("--save", help="save the full, unsharded state_dict here at the end")
-    parser.add_argument("--weights", default=EMITTED_WEIGHTS, help="initial weights (full state_dict) written by sbpc emit")
+    parser.add_argument("--weights", default=EMITTED_WEIGHTS,
+                        help="initial weights (full state_dict) written by sbpc emit")
     parser.add_argument("--comm-timeout", type=int, default=120, help="seconds before a collective gives up")
     parser.add_argument("--infer-stages", help="pipelines: no training; run every batch forward through these "
                         "stages only (comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss")
@@ -107,25 +108,23 @@ def new_buffer_values(updated):
     return {name: t.detach() for name, t in updated.items()}
 
 
-def per_rank(count):
-    """Every rank's value of an integer ``count``, gathered to every rank (in rank order)."""
-    every = [torch.zeros(1, dtype=torch.int64, device=DEVICE) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, torch.tensor([int(count)], dtype=torch.int64, device=DEVICE))
-    return [int(t[0]) for t in every]
-
-
 def first_step_report(params, optimizer):
-    """What step 0 adds to --metrics: the parameter bytes each rank stores, and how many tensors each
-    rank's optimizer updates and keeps state for (its trainable shards only)."""
-    return {"param_bytes_per_rank": per_rank(sum(t.numel() * t.element_size() for t in params.values())),
-            "optimizer_params_per_rank": per_rank(sum(len(g["params"]) for g in optimizer.param_groups) if optimizer else 0),
-            "optimizer_state_per_rank": per_rank(len(optimizer.state) if optimizer else 0)}
+    """What step 0 adds to --metrics, per rank (in rank order): the parameter bytes it stores, and how many
+    tensors its optimizer updates and keeps state for (its trainable shards only)."""
+    mine = [sum(t.numel() * t.element_size() for t in params.values()),
+            sum(len(group["params"]) for group in optimizer.param_groups) if optimizer else 0,
+            len(optimizer.state) if optimizer else 0]
+    every = [torch.zeros(3, dtype=torch.int64, device=DEVICE) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, torch.tensor(mine, dtype=torch.int64, device=DEVICE))
+    keys = ("param_bytes_per_rank", "optimizer_params_per_rank", "optimizer_state_per_rank")
+    return {key: [int(t[i]) for t in every] for i, key in enumerate(keys)}
 
 
 def report_step(metrics, step, loss, started, extra):
     """The loss on rank 0's stdout and, with --metrics, one JSON line per step (rank 0)."""
     if metrics:
-        metrics.write(json.dumps({"step": step, "loss": loss, "seconds": time.perf_counter() - started, **extra}) + "\n")
+        record = {"step": step, "loss": loss, "seconds": time.perf_counter() - started, **extra}
+        metrics.write(json.dumps(record) + "\n")
         metrics.flush()
     if dist.get_rank() == 0:
         print(f"step {step} loss {loss:.6f}", flush=True)
@@ -141,8 +140,8 @@ def logical_loss(loss):
 def full_state_dict(params, buffers):
     """The model's own state_dict: unsharded parameters, persistent buffers, tied aliases."""
     state = {name: unshard(t.detach(), PARAMS[name]).cpu() for name, t in params.items()}
-    state.update({name: unshard(t.detach(), BUFFERS[name]).cpu() for name, t in buffers.items() if name not in NOT_SAVED})
-    return {**state, **{alias: state[name] for alias, name in ALIASES.items()}}
+    state |= {name: unshard(t.detach(), BUFFERS[name]).cpu() for name, t in buffers.items() if name not in NOT_SAVED}
+    return state | {alias: state[name] for alias, name in ALIASES.items()}
 
 
 def finish(args, state):

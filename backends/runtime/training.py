@@ -37,5 +37,6 @@ def main(argv=None, gradient_syncs=()):
         if optimizer:
             optimizer.step()
         buffers.update(new_buffer_values(updated))
-        report_step(metrics, step, logical_loss(loss), started, first_step_report(params, optimizer) if step == 0 else {})
+        extra = first_step_report(params, optimizer) if step == 0 else {}
+        report_step(metrics, step, logical_loss(loss), started, extra)
     finish(args, full_state_dict(params, buffers))

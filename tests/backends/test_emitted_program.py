@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from pyflakes import api as pyflakes
 
 from backends import runtime
-from compiler import Cluster
 from tests.backends.test_pipeline_virtual import MEGATRON
 from tests.compiler.test_frozen import frozen_mlp, gpt_with_frozen_embedding, mlp_inputs
 from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model
@@ -225,7 +224,8 @@ def test_selection_follows_what_the_definitions_read():
     chosen = runtime.global_reads("\n".join(text for _, _, text in selection.sections))[0]
     assert chosen == {"comm_all_reduce", "AllReduce", "_all_reduce", "GROUPS"}
     assert selection.imports == ["import torch", "import torch.distributed as dist"]
-    assert [title for title, _, _ in selection.sections] == ["Process groups and layouts", "Collectives on one mesh axis"]
+    titles = [title for title, _, _ in selection.sections]
+    assert titles == ["Process groups and layouts", "Collectives on one mesh axis"]
     plain = runtime.select({"main"}, "training", {}).plan_names
     assert {"PARAMS", "forward"} <= plain and not {"GRAD_BUCKETS", "STAGE_TENSORS"} & plain
     assert "STAGE_TENSORS" in runtime.select({"main"}, "pipeline", {}).plan_names
