@@ -2,32 +2,42 @@
 
 ``emit(graph, weights, out_dir, ...)`` writes ``out_dir/main.py`` (runs under ``torchrun`` on gloo or
 nccl; imports nothing of sbpc) and ``out_dir/weights.pt`` (the initial full state_dict). The
-program is: a header saying which plan produced it, the plan's constants, the local kernels and
-runtime (copied from :mod:`ir.kernels` and :mod:`backends.emitted_runtime`), and ``forward``: one
-line per IR node, as the rank with coordinates ``coord`` computes it.
+program is: a header saying which plan produced it, the imports it uses, the plan's constants, the
+runtime definitions and local kernels its code reaches (selected from :mod:`backends.runtime` and
+:mod:`ir.kernels`, see there), and ``forward``: one line per IR node, as the rank with coordinates
+``coord`` computes it, each value named after the module that computes it.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
-import inspect
+import keyword
 import math
+import re
 from pathlib import Path
 
 import sympy
 import torch
 
-from ir import kernels
+from backends import runtime
+from backends.runtime import Import, global_reads
 from ir.core import Graph, Node, Value
-from ir.recompute import recompute_regions
+from ir.recompute import RECOMPUTE_ATTR, recompute_regions
 from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
                                  stage_index, tied_groups)
 from ir.ops.registry import LocalContext, local_call, local_shape
 from ir.sbp import format_nd_sbp
-from backends import emitted_runtime
 
 COMM_FUNCS = {"comm.all_reduce": "comm_all_reduce", "comm.all_gather": "comm_all_gather",
               "comm.reduce_scatter": "comm_reduce_scatter", "comm.all_to_all": "comm_all_to_all",
               "comm.slice": "comm_slice", "comm.mask": "comm_mask"}
+GENERATED_IMPORTS = {"math": Import("math", None, "math"),
+                     "checkpoint": Import("torch.utils.checkpoint", "checkpoint", "checkpoint")}
+"""Modules the generated lines use themselves (``math.inf``, recomputed regions' ``checkpoint``)."""
+FUNCTION_ARGS = ("p", "b", "x", "dims", "coord", "entries", "whole")
+"""The arguments of the generated functions (parameters, buffers, inputs, sizes, coordinates, ...)."""
+WIDTH = 110
 
 
 class EmitError(RuntimeError):
@@ -36,7 +46,8 @@ class EmitError(RuntimeError):
 
 def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, input_ranges: dict,
          example_dims: dict, aliases: dict, header: str = "") -> Path:
-    """Write ``main.py`` and ``weights.pt`` into ``out_dir``; returns the path of ``main.py``."""
+    """Write ``main.py`` and ``weights.pt`` into ``out_dir``; returns the path of ``main.py``.
+    ``header``: what the program's docstring says produced it (the plan as DSL text, the passes, ...)."""
     missing = [p.target for p in graph.params if p.target not in weights or weights[p.target].is_meta]
     if missing:
         raise EmitError(f"the plan has no weights for {len(missing)} tensors (e.g. {missing[0]}): it was "
@@ -53,8 +64,27 @@ def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, 
     return path
 
 
+class FreshNames:
+    """Distinct Python identifiers: ``base``, then ``base_1``, ``base_2``, ...; never one of ``reserved``
+    (runtime names, dims, the functions' arguments, builtins, keywords)."""
+
+    def __init__(self, reserved: set[str]):
+        self.taken = set(reserved)
+
+    def __call__(self, base: str) -> str:
+        name, count = base, 0
+        while name in self.taken:
+            count += 1
+            name = f"{base}_{count}"
+        self.taken.add(name)
+        return name
+
+
 class ProgramWriter:
     """Builds the text of one generated program."""
+
+    entry = "training"
+    """The runtime piece holding the program's training loop (``main``)."""
 
     def __init__(self, graph: Graph, optimizer: tuple, input_ranges: dict, example_dims: dict, aliases: dict,
                  header: str):
@@ -64,73 +94,107 @@ class ProgramWriter:
         self.example_dims = example_dims
         self.aliases = aliases
         self.header = header
-        self.names: dict[int, str] = {}
+        self.source: dict[int, str] = {}
+        """Value id -> the expression that reads it in the generated code (a local name, ``p[...]``, ...)."""
+        self.local: set[int] = set()
+        """Ids of the values held in local variables of the generated functions."""
         meshes = graph.meshes
         if len(meshes) != 1 and not is_pipelined(graph):
             raise EmitError(f"this code generator handles one mesh (or one per pipeline stage); the plan has "
                             f"{list(meshes)}")
         self.mesh = next(iter(meshes.values()))
+        self.dim_names = sorted({str(s) for v in graph.inputs for d in v.type.shape for s in d.free_symbols})
+        self.fresh = FreshNames(self._reserved_names())
+
+    # -- the whole program ------------------------------------------------------------------------
 
     def write(self) -> str:
-        parts = [self._docstring(), self._constants(), "# " + "-" * 20 + " local kernels (from sbpc ir/kernels.py)",
-                 _module_body(kernels), "# " + "-" * 20 + " runtime (from sbpc backends/emitted_runtime.py)",
-                 _module_body(emitted_runtime), self._forward(), 'if __name__ == "__main__":\n    main()\n']
-        return "\n\n".join(parts)
+        """The program: its docstring, the imports it uses, the plan's constants that its runtime reads,
+        that runtime (see ``backends.runtime``), then its own code and entry line."""
+        code = self._code() + "\n\n" + f'if __name__ == "__main__":\n    {self._entry_call()}\n'
+        defined, reads = global_reads(code)
+        constants = self._constants()
+        reads -= set(constants)
+        wanted = runtime.select(reads, self.entry, GENERATED_IMPORTS).plan_names - defined
+        if wanted - set(constants):
+            raise EmitError(f"internal: the runtime reads {sorted(wanted - set(constants))}, which the code "
+                            f"generator does not write")
+        constants_source = "\n".join(text for name, text in constants.items() if name in wanted)
+        selection = runtime.select(reads | global_reads(constants_source)[1], self.entry, GENERATED_IMPORTS)
+        parts = [self._docstring(), "\n".join(selection.imports),
+                 _section("The plan", "its mesh, inputs, tensors and their layouts") + "\n" + constants_source]
+        parts += [_section(title, where) + "\n" + text for title, where, text in selection.sections]
+        parts.append(_section(self._code_title(), "one line per IR node") + "\n" + code)
+        return "\n\n\n".join(part.strip("\n") for part in parts) + "\n"
 
     def _docstring(self) -> str:
         g = self.graph
-        text = (f'"""Distributed training program for {g.name}, generated by sbpc.\n\n{self.header}\n'
-                f"Mesh: {dict(zip(self.mesh.axes, self.mesh.shape))} ({self.mesh.size} ranks).\n"
-                f"Run:  torchrun --standalone --nproc-per-node {self.mesh.size} main.py --steps 5 "
-                f"--metrics losses.jsonl --save final.pt\n"
-                f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n"
-                f'"""')
-        return text
+        return _docstring(f"Distributed training program for {g.name}, generated by sbpc.\n\n{self.header}\n"
+                          f"Mesh: {dict(zip(self.mesh.axes, self.mesh.shape))} ({self.mesh.size} ranks).\n"
+                          f"Run:  torchrun --standalone --nproc-per-node {self.mesh.size} main.py --steps 5 "
+                          f"--metrics losses.jsonl --save final.pt\n"
+                          f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n")
 
-    def _constants(self) -> str:
+    def _code_title(self) -> str:
+        return "The forward pass"
+
+    def _entry_call(self) -> str:
+        """``main(...)`` with the gradient collectives the plan runs outside autograd."""
+        syncs = self._gradient_syncs()
+        return f"main(gradient_syncs=[{', '.join(syncs)}])" if syncs else "main()"
+
+    def _gradient_syncs(self) -> list[str]:
+        return ["OverlappedGradientSync"] if self.graph.attrs.get("grad_buckets") else []
+
+    def _reserved_names(self) -> set[str]:
+        """Names a value may not take: every runtime name, the plan's, the functions' arguments and locals."""
+        names = {name for piece in runtime.pieces().values()
+                 for name in [*piece.definitions, *piece.internal, *piece.external]} | runtime.plan_names()
+        names |= set(GENERATED_IMPORTS) | set(FUNCTION_ARGS) | set(dir(builtins)) | set(keyword.kwlist)
+        names |= set(self.dim_names) | {f"coord_{a}" for a in self.mesh.axes}
+        names |= {_recompute_function(node.attrs[RECOMPUTE_ATTR]) for node in self.graph.nodes
+                  if RECOMPUTE_ATTR in node.attrs}
+        return names
+
+    # -- the plan's constants ---------------------------------------------------------------------
+
+    def _constants(self) -> dict[str, str]:
+        """Every constant this program may define, by name (``write`` keeps those its runtime reads)."""
         g = self.graph
-        inputs = self._input_specs()
         params = {p.target: [str(s) for s in p.sbp] for p in g.params if p.kind == "param"}
         buffers = {p.target: [str(s) for s in p.sbp] for p in g.params if p.kind == "buffer"}
-        buckets = [(tuple(b["axes"]), [p.target for p in b["params"]]) for b in g.attrs.get("grad_buckets", [])]
-        lines = [
-            *self._mesh_and_input_lines([list(self.mesh.devices)], inputs),
-            "PARAMS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in params.items()) + "}",
-            self._frozen_and_unsaved_lines(lambda p: p.target),
-            "BUFFERS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in buffers.items()) + "}",
-            *self._training_lines(buckets),
-            "PIPELINE = None",
-        ]
-        return "\n".join(lines)
+        return {**self._mesh_and_inputs([list(self.mesh.devices)]),
+                "PARAMS": _dict("PARAMS", params, "layout per mesh axis"),
+                "BUFFERS": _dict("BUFFERS", buffers, "layout per mesh axis"),
+                **self._frozen_and_unsaved(lambda p: p.target),
+                **self._training(lambda p: p.target)}
 
-    def _frozen_and_unsaved_lines(self, key) -> str:
-        """``FROZEN_PARAMS``: the parameters (by ``key(value)``) the model froze; no gradient, no optimizer.
-        ``NOT_SAVED``: buffers outside the model's state_dict (by state_dict name), left out of --save."""
+    def _mesh_and_inputs(self, mesh_devices: list, note: str = "") -> dict[str, str]:
+        """The mesh, its device lists, the inputs."""
+        inputs = "\n".join(f"    {_py(i)}," for i in self._input_specs())
+        return {"MESH_AXES": f"MESH_AXES = {tuple(self.mesh.axes)!r}",
+                "MESH_SHAPE": f"MESH_SHAPE = {tuple(self.mesh.shape)!r}",
+                "MESH_DEVICES": f"MESH_DEVICES = {mesh_devices!r}{note}",
+                "INPUTS": "# name, dims, dtype, layout per mesh axis, exclusive upper bound of synthetic integer "
+                          f"values\nINPUTS = [\n{inputs}\n]"}
+
+    def _frozen_and_unsaved(self, key) -> dict[str, str]:
+        """Parameters (by ``key(value)``) the model froze; buffers outside its state_dict."""
         frozen = [key(p) for p in self.graph.params if p.kind == "param" and not p.requires_grad]
         unsaved = sorted({p.target for p in self.graph.params if p.kind == "buffer" and not p.persistent})
-        return (f"FROZEN_PARAMS = {frozen!r}  # requires_grad=False in the model: never updated\n"
-                f"NOT_SAVED = {unsaved!r}  # non-persistent buffers and lifted constants: not in the state_dict")
+        return {"FROZEN_PARAMS": f"FROZEN_PARAMS = {frozen!r}  # requires_grad=False in the model: never updated",
+                "NOT_SAVED": f"NOT_SAVED = {unsaved!r}  # non-persistent buffers and lifted constants: "
+                             f"not in the state_dict"}
 
-    def _mesh_and_input_lines(self, mesh_devices: list, inputs: list, note: str = "") -> list[str]:
-        """The constants every program starts with: the mesh, its device lists, the inputs."""
-        return [
-            "import torch  # noqa: E402  (constants below need torch dtypes)",
-            f"MESH_AXES = {tuple(self.mesh.axes)!r}",
-            f"MESH_SHAPE = {tuple(self.mesh.shape)!r}",
-            f"MESH_DEVICES = {mesh_devices!r}{note}",
-            "# name, dims, dtype, layout per mesh axis, exclusive upper bound of synthetic integer values",
-            "INPUTS = [\n" + "".join(f"    {_py(i)},\n" for i in inputs) + "]",
-        ]
-
-    def _training_lines(self, buckets: list) -> list[str]:
-        """Aliases, gradient buckets, the loss layout, the optimizer and the example dims."""
-        return [
-            f"ALIASES = {self.aliases!r}",
-            "GRAD_BUCKETS = [\n" + "".join(f"    ({a!r}, {n!r}),\n" for a, n in buckets) + "]",
-            f"LOSS_SBP = {[str(s) for s in self.graph.loss.sbp]!r}",
-            f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
-            f"EXAMPLE_DIMS = {self.example_dims!r}",
-        ]
+    def _training(self, key) -> dict[str, str]:
+        """Aliases, gradient buckets (parameters by ``key(value)``), the loss layout, the optimizer, example dims."""
+        buckets = "".join(f"    ({tuple(b['axes'])!r}, [\n{_wrapped([repr(key(p)) for p in b['params']], 8)}]),\n"
+                          for b in self.graph.attrs.get("grad_buckets", []))
+        return {"ALIASES": f"ALIASES = {self.aliases!r}",
+                "GRAD_BUCKETS": f"GRAD_BUCKETS = [  # mesh axes, parameters\n{buckets}]",
+                "LOSS_SBP": f"LOSS_SBP = {[str(s) for s in self.graph.loss.sbp]!r}",
+                "OPTIMIZER": f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
+                "EXAMPLE_DIMS": f"EXAMPLE_DIMS = {self.example_dims!r}"}
 
     def _input_specs(self) -> list[tuple]:
         specs = []
@@ -140,26 +204,39 @@ class ProgramWriter:
                           int(self.input_ranges.get(v.name, 2))))
         return specs
 
-    def _forward(self) -> str:
+    # -- the generated functions ------------------------------------------------------------------
+
+    def _code(self) -> str:
         g = self.graph
-        body = [f"    {name} = dims[{name!r}]" for name in sorted(self._dim_names())]
-        body += [f"    coord_{a} = coord[{a!r}]" for a in self.mesh.axes]
-        for v in g.inputs:
-            self.names[id(v)] = f"x[{v.name!r}]"
-        for p in g.params:
-            self.names[id(p)] = f"{'p' if p.kind == 'param' else 'b'}[{p.target!r}]"
+        self._bind_leaves(lambda p: p.target)
         updates = g.buffer_updates
-        body += self._body(g.nodes, [g.loss, *updates.values()])
-        body.append(f"    return {self.names[id(g.loss)]}, {self._updates_dict(updates, 'target')}")
-        sig = "def forward(p, b, x, dims, coord):\n"
-        doc = ('    """One rank\'s forward pass: p parameters and b buffers (local shards), x inputs (local),\n'
-               '    dims the symbolic sizes of this batch, coord this rank\'s mesh coordinates. Returns the loss\n'
-               '    and the buffers\' new values, which replace them after the step."""\n')
-        return sig + doc + "\n".join(body) + "\n"
+        body = self._body(g.nodes, [g.loss, *updates.values()])
+        body.append(f"    return {self.source[id(g.loss)]}, {self._updates_dict(updates, 'target')}")
+        doc = ("One rank's forward pass: p parameters and b buffers (local shards), x inputs (local),\n"
+               "dims the symbolic sizes of this batch, coord this rank's mesh coordinates. Returns the loss\n"
+               "and the buffers' new values, which replace them after the step.")
+        return self._function("forward(p, b, x, dims, coord)", doc, body)
+
+    def _bind_leaves(self, key) -> None:
+        """Inputs read as ``x[name]``, parameters and buffers as ``p[key]`` / ``b[key]``."""
+        for v in self.graph.inputs:
+            self.source[id(v)] = f"x[{v.name!r}]"
+        for p in self.graph.params:
+            self.source[id(p)] = f"{'p' if p.kind == 'param' else 'b'}[{key(p)!r}]"
+
+    def _function(self, signature: str, doc: str, body: list[str]) -> str:
+        """A generated function: the dims and coordinates its body reads, then the body. One that gathers
+        sharded parameters saves them as shards for backward (``regathering_params``)."""
+        read = _names_read(body)
+        preamble = [f"    {d} = dims[{d!r}]" for d in self.dim_names if d in read]
+        preamble += [f"    coord_{a} = coord[{a!r}]" for a in self.mesh.axes if f"coord_{a}" in read]
+        decorator = "@regathering_params\n" if "comm_gather_param" in read else ""
+        doc = "\n".join(("    " + line) if line else line for line in f'"""{doc}"""'.splitlines())
+        return f"{decorator}def {signature}:\n{doc}\n" + "\n".join(preamble + body) + "\n"
 
     def _updates_dict(self, updates: dict, key: str) -> str:
         """Source of the dict of new buffer values, keyed by the buffers' ``target`` or IR ``name``."""
-        return "{" + ", ".join(f"{getattr(b, key)!r}: {self.names[id(v)]}" for b, v in updates.items()) + "}"
+        return "{" + ", ".join(f"{getattr(b, key)!r}: {self.source[id(v)]}" for b, v in updates.items()) + "}"
 
     def _body(self, nodes: list, returned: list) -> list[str]:
         """The lines of ``nodes``; each recomputed region (see ``ir/recompute.py``) becomes a nested
@@ -188,15 +265,14 @@ class ProgramWriter:
         inputs = []
         for node in run:
             for v in node.input_values():
-                name = self.names.get(id(v), "")
-                if id(v) not in produced and name.startswith("v_") and name not in inputs:
-                    inputs.append(name)  # other operands (p[...], x[...], dims) are read from the closure
+                if id(v) not in produced and id(v) in self.local and self.source[id(v)] not in inputs:
+                    inputs.append(self.source[id(v)])  # other operands (p[...], x[...], dims) come from the closure
         body = ["    " + self._line(node) for node in run]
-        outputs = [self.names[id(o)] for n in run for o in n.outputs
+        outputs = [self.source[id(o)] for n in run for o in n.outputs
                    if id(o) in kept or self._readers.get(id(o), set()) - inside]
         if not outputs:
             return [line[4:] for line in body]
-        function = "recompute_" + region.replace(".", "_")
+        function = _recompute_function(region)
         listed = ", ".join(outputs)
         return ([f"    def {function}({', '.join(inputs)}):",
                  f'        """{region}: run again in backward instead of keeping its activations."""']
@@ -204,17 +280,30 @@ class ProgramWriter:
                           f"    {listed} = checkpoint({function}"
                           + "".join(f", {i}" for i in inputs) + ", use_reentrant=False)"])
 
-    def _dim_names(self) -> set[str]:
-        names = set()
-        for v in self.graph.inputs:
-            names |= {str(s) for d in v.type.shape for s in d.free_symbols}
-        return names
+    def _assign(self, value: Value) -> str:
+        """A fresh local variable for ``value``, named after what computes it (see ``_stem``)."""
+        self.source[id(value)] = self.fresh(self._stem(value))
+        self.local.add(id(value))
+        return self.source[id(value)]
+
+    def _stem(self, value: Value) -> str:
+        """What a value's name starts with: the path of the module computing it (``blocks_0_attn_qkv``;
+        ``FreshNames`` makes a second value of that module ``blocks_0_attn_qkv_1``), else its IR name. A
+        collective computes a new layout of its input and is named after it (``add_reduce_scatter``); a
+        gathered parameter is the parameter (``blocks_0_attn_qkv_weight``)."""
+        node = value.producer
+        if node is not None and node.op.startswith("comm."):
+            source = node.input_values()[0]
+            if source.kind in ("param", "buffer"):
+                stem = _identifier(source.target)
+                return stem if node.op == "comm.all_gather" else f"{stem}_{node.op[len('comm.'):]}"
+            stem = self.source[id(source)] if id(source) in self.local else _identifier(source.name)
+            return f"{stem}_{node.op[len('comm.'):]}"
+        module = node.attrs.get("module") if node is not None else None
+        return _identifier(module or value.name)
 
     def _line(self, node: Node) -> str:
-        outs = []
-        for v in node.outputs:
-            self.names[id(v)] = "v_" + v.name.replace(".", "_")
-            outs.append(self.names[id(v)])
+        outs = [self._assign(v) for v in node.outputs]
         comment = f"  # {', '.join(format_nd_sbp(v.sbp) for v in node.outputs)}"
         if node.op.startswith("comm."):
             x = self._arg(node.input_values()[0])
@@ -233,7 +322,7 @@ class ProgramWriter:
 
     def _arg(self, a) -> str:
         if isinstance(a, Value):
-            return self.names[id(a)]
+            return self.source[id(a)]
         if isinstance(a, sympy.Expr):
             return py_int_expr(a)
         if isinstance(a, (list, tuple)):
@@ -249,7 +338,6 @@ class ProgramWriter:
         return repr(a)
 
 
-
 class PipelineProgramWriter(ProgramWriter):
     """A program for a pipelined plan: one function per stage, each rank running its action list.
 
@@ -258,6 +346,8 @@ class PipelineProgramWriter(ProgramWriter):
     sends on (the loss share on the last stage); the runtime makes leaves of what it receives and
     calls ``torch.autograd.backward`` with the gradients that come back.
     """
+
+    entry = "pipeline"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -270,46 +360,50 @@ class PipelineProgramWriter(ProgramWriter):
     def _docstring(self) -> str:
         info = self.graph.attrs["pipeline"]
         ranks = sum(len(d) for d in self.position_devices)
-        return (f'"""Pipelined training program for {self.graph.name}, generated by sbpc.\n\n{self.header}\n'
-                f"Pipeline: {info['stages']} stages on {len(self.position_devices)} positions, "
-                f"{info['microbatches']} microbatches, schedule {info['schedule']}; each position runs the mesh "
-                f"{dict(zip(self.mesh.axes, self.mesh.shape))} ({ranks} ranks in all).\n"
-                f"Run:  torchrun --standalone --nproc-per-node {ranks} main.py --steps 5 "
-                f"--metrics losses.jsonl --save final.pt\n"
-                f"Inference through some stages only: add --infer-stages 0,2,3 (no training).\n"
-                f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n"
-                f'"""')
+        return _docstring(f"Pipelined training program for {self.graph.name}, generated by sbpc.\n\n{self.header}\n"
+                          f"Pipeline: {info['stages']} stages on {len(self.position_devices)} positions, "
+                          f"{info['microbatches']} microbatches, schedule {info['schedule']}; each position runs "
+                          f"the mesh {dict(zip(self.mesh.axes, self.mesh.shape))} ({ranks} ranks in all).\n"
+                          f"Run:  torchrun --standalone --nproc-per-node {ranks} main.py --steps 5 "
+                          f"--metrics losses.jsonl --save final.pt\n"
+                          f"Inference through some stages only: add --infer-stages 0,2,3 (no training).\n"
+                          f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n")
 
-    def _constants(self) -> str:
+    def _code_title(self) -> str:
+        return "The stages"
+
+    def _gradient_syncs(self) -> list[str]:
+        return ((["BucketedGradientSync"] if self.graph.attrs.get("grad_buckets") else [])
+                + (["TiedGradientSync"] if tied_groups(self.graph) else []))
+
+    def _reserved_names(self) -> set[str]:
+        names = super()._reserved_names()
+        for st in pipeline_stages(self.graph):
+            names |= {f"stage_{st.index}", f"prologue_{st.index}", f"entry_shapes_{st.index}",
+                      f"exit_shapes_{st.index}"}
+        return names
+
+    def _constants(self) -> dict[str, str]:
         g = self.graph
         info = g.attrs["pipeline"]
         tensors = {p.name: (p.target, p.kind, [str(s) for s in p.sbp], stage_index(p.mesh)) for p in g.params}
-        buckets = [(tuple(b["axes"]), [p.name for p in b["params"]]) for b in g.attrs.get("grad_buckets", [])]
         schedule = {rank: [(a.kind, a.stage, a.microbatch, a.peer) for a in acts]
                     for rank, acts in schedule_actions(g).items()}
         pipeline = {"stages": int(info["stages"]), "positions": list(self.positions),
                     "microbatches": int(info["microbatches"]), "paths": microbatch_paths(g),
                     "skippable": bool(info.get("skippable"))}
-        lines = [
-            *self._mesh_and_input_lines(self.position_devices, self._input_specs(), "  # per pipeline position"),
-            "PARAMS = {}  # pipelines: see STAGE_TENSORS",
-            self._frozen_and_unsaved_lines(lambda p: p.name),
-            "BUFFERS = {}",
-            "# IR name: (state_dict name, param or buffer, layout per mesh axis, stage)",
-            "STAGE_TENSORS = {\n" + "".join(f"    {n!r}: {s!r},\n" for n, s in tensors.items()) + "}",
-            f"TIED_PARAMS = {[[p.name for p in group] for group in tied_groups(g)]!r}",
-            *self._training_lines(buckets),
-            f"PIPELINE = {pipeline!r}",
-            "SCHEDULE = {\n" + "".join(f"    {r}: {acts!r},\n" for r, acts in schedule.items()) + "}",
-        ]
-        return "\n".join(lines)
+        return {**self._mesh_and_inputs(self.position_devices, "  # per pipeline position"),
+                "STAGE_TENSORS": _dict("STAGE_TENSORS", tensors, "IR name: (state_dict name, param or buffer, "
+                                                                 "layout per mesh axis, stage)"),
+                "TIED_PARAMS": f"TIED_PARAMS = {[[p.name for p in group] for group in tied_groups(g)]!r}",
+                **self._frozen_and_unsaved(lambda p: p.name),
+                **self._training(lambda p: p.name),
+                "PIPELINE": f"PIPELINE = {pipeline!r}",
+                "SCHEDULE": "SCHEDULE = {  # rank: [(action, stage, microbatch, peer)]\n"
+                            + "".join(f"    {r}: {acts!r},\n" for r, acts in schedule.items()) + "}"}
 
-    def _forward(self) -> str:
-        g = self.graph
-        for v in g.inputs:
-            self.names[id(v)] = f"x[{v.name!r}]"
-        for p in g.params:
-            self.names[id(p)] = f"{'p' if p.kind == 'param' else 'b'}[{p.name!r}]"
+    def _code(self) -> str:
+        self._bind_leaves(lambda p: p.name)
         parts = []
         for st in self.stages:
             if st.whole_batch_nodes:
@@ -324,40 +418,31 @@ class PipelineProgramWriter(ProgramWriter):
             "ENTRY_SHAPES = {" + ", ".join(f"{st.index}: entry_shapes_{st.index}" for st in self.stages) + "}",
             "EXIT_SHAPES = {" + ", ".join(f"{st.index}: exit_shapes_{st.index}" for st in self.stages) + "}",
         ]
-        return "\n\n".join(parts) + "\n\n" + "\n".join(tables) + "\n"
-
-    def _dim_lines(self) -> list[str]:
-        return [f"    {name} = dims[{name!r}]" for name in sorted(self._dim_names())]
-
-    def _preamble(self) -> list[str]:
-        return self._dim_lines() + [f"    coord_{a} = coord[{a!r}]" for a in self.mesh.axes]
+        return "\n\n".join(parts) + "\n\n" + "\n".join(tables)
 
     def _prologue(self, st) -> str:
-        body = self._preamble() + [self._line(node) for node in st.whole_batch_nodes]
+        body = [self._line(node) for node in st.whole_batch_nodes]
         outs = [o for node in st.whole_batch_nodes for o in node.outputs]
-        body.append("    return {" + ", ".join(f"{o.name!r}: {self.names[id(o)]}" for o in outs) + "}")
+        body.append("    return {" + ", ".join(f"{o.name!r}: {self.source[id(o)]}" for o in outs) + "}")
         for o in outs:
-            self.names[id(o)] = f"whole[{o.name!r}]"
-        doc = (f'    """Stage {st.index}, once per step on the whole batch: the values of its whole-batch '
-               f'nodes."""\n')
-        return f"def prologue_{st.index}(p, b, x, dims, coord):\n" + doc + "\n".join(body) + "\n"
+            self.source[id(o)] = f"whole[{o.name!r}]"
+            self.local.discard(id(o))
+        doc = f"Stage {st.index}, once per step on the whole batch: the values of its whole-batch nodes."
+        return self._function(f"prologue_{st.index}(p, b, x, dims, coord)", doc, body)
 
     def _stage_function(self, st) -> str:
-        body = self._preamble()
-        for slot, v in enumerate(st.entries):
-            self.names[id(v)] = "v_" + v.name.replace(".", "_")
-            body.append(f"    {self.names[id(v)]} = entries[{slot}]")
+        body = [f"    {self._assign(v)} = entries[{slot}]" for slot, v in enumerate(st.entries)]
         updates = {b: v for b, v in self.graph.buffer_updates.items() if b.mesh == st.mesh}
         body += self._body(st.nodes, (st.exits or [self.graph.loss]) + list(updates.values()))
         if st.exits:
-            result = "[" + ", ".join(self.names[id(v)] for v in st.exits) + "]"
+            result = "[" + ", ".join(self.source[id(v)] for v in st.exits) + "]"
         else:
-            result = self.names[id(self.graph.loss)]
+            result = self.source[id(self.graph.loss)]
         body.append(f"    return {result}, {self._updates_dict(updates, 'name')}")
         what = "the values it sends on, by slot" if st.exits else "this microbatch's share of the loss"
-        doc = (f'    """Stage {st.index} on one microbatch (this rank\'s shards): entries are what it received, '
-               f'by slot;\n    returns {what}, and the new values of the buffers it updates."""\n')
-        return f"def stage_{st.index}(p, b, x, entries, dims, coord, whole):\n" + doc + "\n".join(body) + "\n"
+        doc = (f"Stage {st.index} on one microbatch (this rank's shards): entries are what it received, by slot;\n"
+               f"returns {what}, and the new values of the buffers it updates.")
+        return self._function(f"stage_{st.index}(p, b, x, entries, dims, coord, whole)", doc, body)
 
     def _shapes_function(self, st, kind: str, values: list) -> str:
         mesh = self.graph.meshes[st.mesh]
@@ -366,13 +451,60 @@ class PipelineProgramWriter(ProgramWriter):
             shape = [py_int_expr(d) for d in local_shape(v.type, v.sbp, mesh)]
             items.append(f"(({', '.join(shape)}{',' if len(shape) == 1 else ''}), {v.type.torch_dtype})")
         verb = "receives" if kind == "entry" else "sends"
-        doc = f'    """Local shapes and dtypes of the values stage {st.index} {verb}, by slot."""\n'
-        body = self._dim_lines() + [f"    return [{', '.join(items)}]"]
-        return f"def {kind}_shapes_{st.index}(dims):\n" + doc + "\n".join(body) + "\n"
+        doc = f"Local shapes and dtypes of the values stage {st.index} {verb}, by slot."
+        return self._function(f"{kind}_shapes_{st.index}(dims)", doc, [f"    return [{', '.join(items)}]"])
+
 
 def _returns_list(node: Node) -> bool:
     return len(node.outputs) > 1 or node.op in ("aten.split.Tensor", "aten.split_with_sizes.default",
                                                 "aten.chunk.default", "aten.unbind.int")
+
+
+def _recompute_function(region: str) -> str:
+    """The name of the nested function that a recomputed region becomes."""
+    return "recompute_" + _identifier(region)
+
+
+def _identifier(text: str) -> str:
+    """``text`` (a module path or IR name) as a Python identifier: ``blocks.0.attn`` -> ``blocks_0_attn``."""
+    name = re.sub(r"\W", "_", text)
+    return f"v_{name}" if not name or name[0].isdigit() else name
+
+
+def _names_read(body: list[str]) -> set[str]:
+    """The names the lines of a function body read."""
+    tree = ast.parse("def f():\n" + "\n".join(body))
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _section(title: str, where: str) -> str:
+    """A comment line heading one part of the program: what it is, and where it comes from."""
+    text = f"# ---- {title} ({where}) "
+    return text + "-" * max(4, WIDTH - len(text))
+
+
+def _docstring(text: str) -> str:
+    """``text`` as a module docstring (backslashes and triple quotes escaped)."""
+    return '"""' + text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"') + '"""'
+
+
+def _dict(name: str, entries: dict, comment: str) -> str:
+    """``NAME = {...}``, as many entries per line as fit."""
+    if not entries:
+        return f"{name} = {{}}"
+    return f"{name} = {{  # {comment}\n" + _wrapped([f"{k!r}: {v!r}" for k, v in entries.items()], 4) + "}"
+
+
+def _wrapped(items: list[str], indent: int) -> str:
+    """Comma-separated ``items`` in lines of at most ``WIDTH`` characters, each indented by ``indent``."""
+    lines, line = [], ""
+    for item in items:
+        if line and indent + len(line) + len(item) + 2 > WIDTH:
+            lines.append(line)
+            line = ""
+        line += item + ", "
+    lines.append(line)
+    return "".join(" " * indent + text.rstrip() + "\n" for text in lines)
 
 
 def py_int_expr(e: sympy.Expr) -> str:
@@ -409,13 +541,3 @@ def _py(obj) -> str:
     if isinstance(obj, torch.dtype):
         return str(obj)
     return repr(obj)
-
-
-def _module_body(module) -> str:
-    """A module's source without its docstring (it becomes a section of the generated program)."""
-    source = inspect.getsource(module)
-    doc = module.__doc__
-    if doc:
-        quoted = f'"""{doc}"""'
-        source = source.replace(quoted, "", 1)
-    return source.strip() + "\n"

@@ -77,7 +77,8 @@ class CompiledPlan:
 
     def emit(self, out_dir: str | os.PathLike) -> Path:
         """Write a standalone torchrun program (``main.py`` + ``weights.pt``) into ``out_dir``."""
-        header = (f"Strategy: {self.strategy}\nPasses: {', '.join(self.passes)}\n"
+        plan = "".join(f"    {line}\n" for line in self.to_dsl().splitlines())
+        header = (f"Plan:\n{plan}Passes: {', '.join(self.passes)}\n"
                   f"Optimizer: torch.optim.{self.optimizer[0]}({self.optimizer[1]})")
         return torch_distributed.emit(self.graph, self.weights, out_dir, optimizer=self.optimizer,
                                       input_ranges=self.input_ranges, example_dims=self.example_dims,

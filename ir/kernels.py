@@ -1,6 +1,6 @@
 """Local kernels: what one rank computes when its shard needs more than the plain ATen op.
 
-This module imports only torch: the code generator copies it into every emitted program.
+This module imports only torch: emitted programs carry the kernels they call (see ``backends/runtime``).
 """
 import torch
 

@@ -1,0 +1,126 @@
+"""Collectives on one mesh axis: autograd functions whose backward is the adjoint collective."""
+import torch
+import torch.distributed as dist
+
+from .core import COORD, DEVICE, GROUPS, split_dim
+from .plan import MESH_AXES
+
+
+def _all_reduce(x, axis, op="sum"):
+    group, _, _ = GROUPS[axis]
+    out = x.contiguous().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def _all_gather(x, axis, dim):
+    group, ranks, _ = GROUPS[axis]
+    parts = [torch.empty_like(x.contiguous()) for _ in ranks]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x, axis, dim):
+    group, ranks, me = GROUPS[axis]
+    parts = [p.contiguous() for p in x.chunk(len(ranks), dim=dim)]
+    out = torch.empty_like(parts[me])
+    if DEVICE.type == "cuda":
+        dist.reduce_scatter(out, parts, group=group)
+        return out
+    return _all_reduce(x, axis).chunk(len(ranks), dim=dim)[me].contiguous()
+
+
+def _all_to_all(x, axis, src_dim, dst_dim):
+    group, ranks, _ = GROUPS[axis]
+    sends = [p.contiguous() for p in x.chunk(len(ranks), dim=dst_dim)]
+    recvs = [torch.empty_like(p) for p in sends]
+    dist.all_to_all(recvs, sends, group=group)
+    return torch.cat(recvs, dim=src_dim)
+
+
+class AllReduce(torch.autograd.Function):
+    """P -> B forward; the adjoint all-reduces the (partial) gradients."""
+
+    @staticmethod
+    def forward(ctx, x, axis, op):
+        ctx.axis = axis
+        return _all_reduce(x, axis, op)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.axis), None, None
+
+
+class AllGather(torch.autograd.Function):
+    """S(d) -> B forward; reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x, axis, dim):
+        ctx.axis, ctx.dim = axis, dim
+        return _all_gather(x, axis, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.axis, ctx.dim), None, None
+
+
+class ReduceScatter(torch.autograd.Function):
+    """P -> S(d) forward; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, axis, dim):
+        ctx.axis, ctx.dim = axis, dim
+        return _reduce_scatter(x, axis, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.axis, ctx.dim), None, None
+
+
+class AllToAll(torch.autograd.Function):
+    """S(i) -> S(j) forward; S(j) -> S(i) backward."""
+
+    @staticmethod
+    def forward(ctx, x, axis, src_dim, dst_dim):
+        ctx.args = (axis, src_dim, dst_dim)
+        return _all_to_all(x, axis, src_dim, dst_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        axis, src_dim, dst_dim = ctx.args
+        return _all_to_all(grad, axis, dst_dim, src_dim), None, None, None
+
+
+def comm_all_reduce(x, axis, op="sum"):
+    return AllReduce.apply(x, axis, op)
+
+
+def comm_all_gather(x, axis, dim):
+    return AllGather.apply(x, axis, dim)
+
+
+def comm_reduce_scatter(x, axis, dim):
+    return ReduceScatter.apply(x, axis, dim)
+
+
+def comm_all_to_all(x, axis, src_dim, dst_dim):
+    return AllToAll.apply(x, axis, src_dim, dst_dim)
+
+
+def comm_slice(x, axis, dim):
+    """B -> S(d): keep this rank's slice (no communication)."""
+    n = len(GROUPS[axis][1])
+    return x.chunk(n, dim=dim)[COORD[axis]]
+
+
+def comm_mask(x, axis):
+    """B -> P(sum): the first rank of the axis keeps the value, the others hold zeros."""
+    return x if COORD[axis] == 0 else x * 0
+
+
+def unshard(local, layout):
+    """The full tensor on every rank, from each rank's local shard in ``layout`` (inner axes first)."""
+    for axis, entry in reversed(list(zip(MESH_AXES, layout))):
+        if split_dim(entry) is not None:
+            local = _all_gather(local, axis, split_dim(entry))
+    return local

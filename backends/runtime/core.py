@@ -1,0 +1,62 @@
+"""Process groups and layouts: one group per mesh axis, this rank's shard of a full tensor, failures."""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .plan import MESH_AXES, MESH_DEVICES, MESH_SHAPE
+
+aten = torch.ops.aten
+DEVICE = torch.device("cpu")
+GROUPS = {}  # mesh axis -> (process group, its global ranks, my index among them)
+COORD = {}  # mesh axis -> my coordinate on it
+
+
+def fail(message):
+    """Stop this rank with one clear line (no traceback)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def init_distributed(timeout_s):
+    """Join the world (nccl on CUDA, else gloo) and make one process group per mesh axis."""
+    global DEVICE
+    if torch.cuda.is_available() and os.environ.get("SBPC_FORCE_GLOO") != "1":
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(DEVICE)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", timeout=timeout)
+    want = sum(len(devices) for devices in MESH_DEVICES)
+    if dist.get_world_size() != want:
+        fail(f"this program was compiled for {want} ranks (mesh {dict(zip(MESH_AXES, MESH_SHAPE))} on "
+             f"{len(MESH_DEVICES)} pipeline position(s)) but was launched with world size "
+             f"{dist.get_world_size()}; run torchrun --nproc-per-node {want}")
+    grid = torch.tensor(MESH_DEVICES).view(-1, *MESH_SHAPE)  # pipeline position, then the mesh axes
+    for a, axis in enumerate(MESH_AXES):
+        for ranks in grid.movedim(a + 1, -1).reshape(-1, MESH_SHAPE[a]).tolist():  # each group along the axis
+            group = dist.new_group(ranks, timeout=timeout)
+            if dist.get_rank() in ranks:
+                COORD[axis] = ranks.index(dist.get_rank())
+                GROUPS[axis] = (group, ranks, COORD[axis])
+
+
+def split_dim(entry):
+    """The dim a layout entry splits: ``S(1)`` -> 1; None for ``B`` and ``P(sum)``."""
+    return int(entry[2:-1]) if entry.startswith("S(") else None
+
+
+def shard(full, layout):
+    """This rank's local tensor of a full tensor held in ``layout`` (one entry per mesh axis)."""
+    for axis, entry in zip(MESH_AXES, layout):
+        dim = split_dim(entry)
+        if dim is not None:
+            size = full.shape[dim] // len(GROUPS[axis][1])
+            full = full.narrow(dim, COORD[axis] * size, size)
+    return full.contiguous()
+
+
+def is_seed_rank(layout):
+    """Whether this rank's copy of a value counts: coordinate 0 on the axes where it is broadcast."""
+    return all(COORD[axis] == 0 for axis, entry in zip(MESH_AXES, layout) if entry == "B")

@@ -1,0 +1,152 @@
+"""Training loop parts: the command line, batches, weights, the optimizer, reports, saving."""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from .collectives import unshard
+from .core import DEVICE, GROUPS, fail, is_seed_rank, shard, split_dim
+from .plan import (ALIASES, BUFFERS, EXAMPLE_DIMS, FROZEN_PARAMS, INPUTS, LOSS_SBP, MESH_AXES, NOT_SAVED,
+                   OPTIMIZER, PARAMS)
+
+EMITTED_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="training steps to run")
+    parser.add_argument("--data", help="torch.save'd list of input tuples, one per step (weights_only load)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of synthetic batches when --data is not given")
+    parser.add_argument("--metrics", help="write one JSON line per step (loss, seconds) to this file")
+    parser.add_argument("--save", help="save the full, unsharded state_dict here at the end")
+    parser.add_argument("--weights", default=EMITTED_WEIGHTS,
+                        help="initial weights (full state_dict) written by sbpc emit")
+    parser.add_argument("--comm-timeout", type=int, default=120, help="seconds before a collective gives up")
+    parser.add_argument("--infer-stages", help="pipelines: no training; run every batch forward through these "
+                        "stages only (comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss")
+    return parser.parse_args(argv)
+
+
+def load_batches(args):
+    """The batches of --data, one tuple of inputs per step (None: synthetic batches)."""
+    if args.data is None:
+        return None
+    if not os.path.exists(args.data):
+        fail(f"--data file {args.data} does not exist; pass a torch.save'd list of input tuples")
+    batches = torch.load(args.data, weights_only=True)
+    if not isinstance(batches, (list, tuple)) or len(batches) < args.steps:
+        count = len(batches) if isinstance(batches, (list, tuple)) else type(batches).__name__
+        fail(f"--data {args.data} must hold a list of at least {args.steps} input tuples (one per step), found {count}")
+    return batches
+
+
+def synthetic_batch(seed, step):
+    """Random inputs of the example sizes (integers below each input's bound), the same on every rank."""
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    shapes = [[EXAMPLE_DIMS.get(d, d) for d in dims] for _, dims, _, _, _ in INPUTS]
+    return tuple(torch.randn(shape, generator=g, dtype=dtype) if dtype.is_floating_point
+                 else torch.randint(0, high, shape, generator=g, dtype=dtype)
+                 for shape, (_, _, dtype, _, high) in zip(shapes, INPUTS))
+
+
+def bind_dims(batch):
+    """The symbolic sizes of a batch; one clear error for a shape that does not fit the plan."""
+    dims = {}
+    for (name, spec, _, layout, _), t in zip(INPUTS, batch):
+        if t.ndim != len(spec):
+            fail(f"input {name}: expected {len(spec)} dims, found shape {tuple(t.shape)}")
+        for d, size in zip(spec, t.shape):
+            if isinstance(d, str):
+                dims.setdefault(d, int(size))
+            elif d != size:
+                fail(f"input {name}: expected size {d}, found shape {tuple(t.shape)}")
+        for axis, entry in zip(MESH_AXES, layout):
+            dim, n = split_dim(entry), len(GROUPS[axis][1])
+            if dim is not None and t.shape[dim] % n:
+                fail(f"input {name}: dim {dim} has size {t.shape[dim]}, which does not split over "
+                     f"{n} ranks of mesh axis {axis}; use a multiple of {n}")
+    return dims
+
+
+def local_inputs(batch):
+    return {name: shard(t.to(DEVICE), layout) for (name, _, _, layout, _), t in zip(INPUTS, batch)}
+
+
+def load_weights(path):
+    """The full state_dict to start from. One saved with --save lacks the tensors in NOT_SAVED
+    (non-persistent buffers, lifted constants): those come from the weights.pt emitted with the program."""
+    if not os.path.exists(path):
+        fail(f"initial weights {path} not found; emit the program again or pass --weights")
+    weights = torch.load(path, weights_only=True)
+    missing = [n for n in NOT_SAVED if n not in weights]
+    if missing and os.path.abspath(path) != EMITTED_WEIGHTS:
+        if not os.path.exists(EMITTED_WEIGHTS):
+            fail(f"{path} lacks {missing[0]} (not part of a state_dict), which comes from {EMITTED_WEIGHTS}; "
+                 f"keep the weights.pt emitted beside main.py")
+        emitted = torch.load(EMITTED_WEIGHTS, weights_only=True)
+        weights.update({n: emitted[n] for n in missing})
+    return weights
+
+
+def local_parameters(weights, layouts):
+    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``; frozen ones need no grad."""
+    return {n: shard(weights[target].to(DEVICE), layout).requires_grad_(n not in FROZEN_PARAMS)
+            for n, (target, layout) in layouts.items()}
+
+
+def make_optimizer(params):
+    """The optimizer over the trainable parameters (frozen ones get no state); None when there are none."""
+    trainable = [t for t in params.values() if t.requires_grad]
+    return getattr(torch.optim, OPTIMIZER[0])(trainable, **OPTIMIZER[1]) if trainable else None
+
+
+def new_buffer_values(updated):
+    """The buffers' values after a forward (running statistics, counters), without autograd history."""
+    return {name: t.detach() for name, t in updated.items()}
+
+
+def first_step_report(params, optimizer):
+    """What step 0 adds to --metrics, per rank (in rank order): the parameter bytes it stores, and how many
+    tensors its optimizer updates and keeps state for (its trainable shards only)."""
+    mine = [sum(t.numel() * t.element_size() for t in params.values()),
+            sum(len(group["params"]) for group in optimizer.param_groups) if optimizer else 0,
+            len(optimizer.state) if optimizer else 0]
+    every = [torch.zeros(3, dtype=torch.int64, device=DEVICE) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, torch.tensor(mine, dtype=torch.int64, device=DEVICE))
+    keys = ("param_bytes_per_rank", "optimizer_params_per_rank", "optimizer_state_per_rank")
+    return {key: [int(t[i]) for t in every] for i, key in enumerate(keys)}
+
+
+def report_step(metrics, step, loss, started, extra):
+    """The loss on rank 0's stdout and, with --metrics, one JSON line per step (rank 0)."""
+    if metrics:
+        record = {"step": step, "loss": loss, "seconds": time.perf_counter() - started, **extra}
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    if dist.get_rank() == 0:
+        print(f"step {step} loss {loss:.6f}", flush=True)
+
+
+def logical_loss(loss):
+    """The full loss value, the same on every rank."""
+    total = (loss.detach() if is_seed_rank(LOSS_SBP) else loss.detach() * 0).reshape(1).clone()
+    dist.all_reduce(total)
+    return float(total[0])
+
+
+def full_state_dict(params, buffers):
+    """The model's own state_dict: unsharded parameters, persistent buffers, tied aliases."""
+    state = {name: unshard(t.detach(), PARAMS[name]).cpu() for name, t in params.items()}
+    state |= {name: unshard(t.detach(), BUFFERS[name]).cpu() for name, t in buffers.items() if name not in NOT_SAVED}
+    return state | {alias: state[name] for alias, name in ALIASES.items()}
+
+
+def finish(args, state):
+    """Save the full state_dict (--save, rank 0) and leave the process group."""
+    if args.save and dist.get_rank() == 0:
+        torch.save(state, args.save)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,238 @@
+"""The pipeline training loop: each rank runs its action list of the schedule.
+
+A stage's function computes one microbatch on this rank's shards and returns what it sends on (the
+loss share on the last stage); the runtime makes leaves of what it receives and calls
+``torch.autograd.backward`` with the gradients that come back.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+
+from .collectives import unshard
+from .core import COORD, DEVICE, fail, init_distributed, is_seed_rank, shard
+from .loop import (bind_dims, finish, first_step_report, load_batches, load_weights, local_inputs, local_parameters,
+                   make_optimizer, new_buffer_values, parse_args, report_step, synthetic_batch)
+from .plan import (ALIASES, ENTRY_SHAPES, EXIT_SHAPES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE,
+                   SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS)
+
+
+def my_position():
+    """This rank's pipeline position."""
+    return next(p for p, devices in enumerate(MESH_DEVICES) if dist.get_rank() in devices)
+
+
+def split_microbatches(batch, count):
+    """Batch-like inputs (a symbolic first dim) cut into ``count`` chunks along dim 0; others shared."""
+    parts = []
+    for (name, dims, _, _, _), t in zip(INPUTS, batch):
+        if dims and isinstance(dims[0], str):
+            if t.shape[0] % count:
+                fail(f"input {name}: the batch ({t.shape[0]}) does not split into {count} microbatches; "
+                     f"use a multiple of {count}")
+            parts.append(t.chunk(count, dim=0))
+        else:
+            parts.append([t] * count)
+    return [tuple(p) for p in zip(*parts)]
+
+
+def neighbour(path, stage, step):
+    """The stage before (step -1) or after (+1) ``stage`` on a microbatch's path; None at its ends."""
+    i = path.index(stage) + step
+    return path[i] if 0 <= i < len(path) else None
+
+
+class PipelineStep:
+    """One training step of this rank: its action list over the microbatches of one batch."""
+
+    def __init__(self, params, buffers, micro, dims, whole, paths):
+        self.params, self.buffers, self.micro, self.dims, self.whole = params, buffers, micro, dims, whole
+        self.paths = paths
+        self.inputs = [local_inputs(mb) for mb in micro]
+        self.ready, self.saved, self.sends = {}, {}, []
+        self.loss = None
+
+    def forward(self, stage, mb, train=True):
+        """F: run ``stage`` on microbatch ``mb`` from leaves of what the previous stage sent."""
+        previous = neighbour(self.paths[mb], stage, -1)
+        leaves = []
+        if previous is not None:
+            leaves = [t.detach().requires_grad_(train and t.is_floating_point())
+                      for t in self.ready.pop(("F", previous, mb))]
+        out, updated = STAGE_FORWARD[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims, COORD,
+                                            self.whole.get(stage, {}))
+        self.buffers.update(new_buffer_values(updated))  # each microbatch's forward moves them, as in eager
+        if neighbour(self.paths[mb], stage, +1) is None:
+            share = out.detach()
+            self.loss = share if self.loss is None else self.loss + share
+            self.saved[(stage, mb)] = (leaves, None, out)
+        else:
+            self.ready[("F", stage, mb)] = [o.detach().contiguous() for o in out]
+            self.saved[(stage, mb)] = (leaves, out, None)
+
+    def backward(self, stage, mb):
+        """B: back-propagate the loss share or the gradients that came back; keep the entries' gradients."""
+        leaves, outs, loss = self.saved.pop((stage, mb))
+        if loss is not None:
+            (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
+        else:
+            grads = iter(self.ready.pop(("B", neighbour(self.paths[mb], stage, +1), mb)))
+            pairs = [(o, next(grads)) for o in outs if o.is_floating_point()]
+            pairs = [(o, g) for o, g in pairs if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if leaves:
+            self.ready[("B", stage, mb)] = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+                                            .contiguous() for leaf in leaves if leaf.is_floating_point()]
+
+    def message_shapes(self, kind, stage):
+        """Local (shape, dtype) of each tensor of a message: exits for RECV_F, float entries for RECV_B."""
+        if kind == "RECV_F":
+            return EXIT_SHAPES[stage](self.dims)
+        return [(s, d) for s, d in ENTRY_SHAPES[stage](self.dims) if d.is_floating_point]
+
+    def transfer(self, actions):
+        """A run of sends and receives: post the sends (not waited on), then receive, batched."""
+        sends = [dist.P2POp(dist.isend, t, peer)
+                 for kind, stage, mb, peer in actions if kind.startswith("SEND")
+                 for t in self.ready.pop((kind[-1], stage, mb))]
+        if sends:
+            self.sends.extend(dist.batch_isend_irecv(sends))
+        receives, ops = [], []
+        for kind, stage, mb, peer in actions:
+            if kind.startswith("RECV"):
+                buffers = [torch.empty(shape, dtype=dtype, device=DEVICE)
+                           for shape, dtype in self.message_shapes(kind, stage)]
+                receives.append(((kind[-1], stage, mb), buffers))
+                ops += [dist.P2POp(dist.irecv, b, peer) for b in buffers]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for key, buffers in receives:
+            self.ready[key] = buffers
+
+    def run(self, actions):
+        """Run the action list; returns this rank's sum of loss shares (None off the loss stage)."""
+        i = 0
+        while i < len(actions):
+            kind, stage, mb, _ = actions[i]
+            if kind in ("F", "B"):
+                self.forward(stage, mb) if kind == "F" else self.backward(stage, mb)
+                i += 1
+                continue
+            j = i
+            while j < len(actions) and actions[j][0] not in ("F", "B"):
+                j += 1
+            self.transfer(actions[i:j])
+            i = j
+        for work in self.sends:
+            work.wait()
+        return self.loss
+
+    def infer(self, path):
+        """Forward only: every microbatch through ``path``, sending each stage's exits to the next."""
+        position = my_position()
+        for mb in range(len(self.micro)):
+            for k, stage in enumerate(path):
+                if PIPELINE["positions"][stage] != position:
+                    continue
+                previous = path[k - 1] if k else None
+                if previous is not None and PIPELINE["positions"][previous] != position:
+                    peer = MESH_DEVICES[PIPELINE["positions"][previous]][MESH_DEVICES[position].index(dist.get_rank())]
+                    self.transfer([("RECV_F", previous, mb, peer)])
+                with torch.no_grad():
+                    self.forward(stage, mb, train=False)
+                following = path[k + 1] if k + 1 < len(path) else None
+                if following is not None and PIPELINE["positions"][following] != position:
+                    peer = MESH_DEVICES[PIPELINE["positions"][following]][MESH_DEVICES[position].index(dist.get_rank())]
+                    self.transfer([("SEND_F", stage, mb, peer)])
+        for work in self.sends:
+            work.wait()
+        return self.loss
+
+
+def infer_path(text):
+    """The stages of ``--infer-stages`` (``all`` or a comma list starting at 0, ending at the last)."""
+    count = PIPELINE["stages"]
+    if text == "all":
+        return list(range(count))
+    try:
+        path = [int(s) for s in text.split(",")]
+    except ValueError:
+        fail(f"--infer-stages takes comma-separated stage numbers such as 0,2,3 (or all), found {text!r}")
+    if path[0] != 0 or path[-1] != count - 1 or len(set(path)) != len(path) or not all(0 <= s < count for s in path):
+        fail(f"--infer-stages {text}: expected distinct stages starting at 0 and ending at {count - 1}")
+    if path != list(range(count)) and not PIPELINE["skippable"]:
+        fail("this pipeline's stages cannot be skipped (its cuts carry different values); use --infer-stages all")
+    return path
+
+
+def pipeline_loss(local):
+    """The full loss on every rank: the loss stage's seed ranks contribute their sum of shares."""
+    mine = local is not None and is_seed_rank(LOSS_SBP)
+    total = (local.detach() if mine else torch.zeros((), device=DEVICE)).reshape(1).clone()
+    dist.all_reduce(total)
+    return float(total[0])
+
+
+def pipeline_state_dict(params, buffers):
+    """The full state_dict, assembled on every rank from each position's unsharded tensors."""
+    mine = {}
+    for name, t in list(params.items()) + list(buffers.items()):
+        target, _, layout, _ = STAGE_TENSORS[name]
+        if target not in NOT_SAVED:
+            mine[target] = unshard(t.detach(), layout).cpu()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    state = {}
+    for part in gathered:
+        state.update(part)
+    for alias, name in ALIASES.items():
+        state[alias] = state[name]
+    return state
+
+
+def main(argv=None, gradient_syncs=()):
+    """Train ``--steps`` steps (or, with --infer-stages, run forward only). ``gradient_syncs``: the plan's
+    gradient collectives outside autograd (classes from grad_sync), run once every microbatch's
+    backward is done."""
+    args = parse_args(argv)
+    init_distributed(args.comm_timeout)
+    batches = load_batches(args)
+    weights = load_weights(args.weights)
+    position = my_position()
+    mine = {n: spec for n, spec in STAGE_TENSORS.items() if PIPELINE["positions"][spec[3]] == position}
+    params = local_parameters(weights, {n: (target, layout) for n, (target, kind, layout, _) in mine.items()
+                                        if kind == "param"})
+    buffers = {n: shard(weights[target].to(DEVICE), layout) for n, (target, kind, layout, _) in mine.items()
+               if kind == "buffer"}
+    optimizer = make_optimizer(params)
+    syncs = [make(params, args.comm_timeout) for make in gradient_syncs]
+    actions = SCHEDULE[dist.get_rank()]
+    path = infer_path(args.infer_stages) if args.infer_stages else None
+    metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
+    count = PIPELINE["microbatches"]
+    for step_index in range(args.steps):
+        started = time.perf_counter()
+        batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
+        full_dims = bind_dims(batch)
+        micro = split_microbatches(batch, count)
+        dims = bind_dims(micro[0])
+        whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
+                 for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
+        paths = [path] * count if path else PIPELINE["paths"]
+        step = PipelineStep(params, buffers, micro, dims, whole, paths)
+        if path:
+            local = step.infer(path)
+        else:
+            if optimizer:
+                optimizer.zero_grad(set_to_none=True)
+            local = step.run(actions)
+            for sync in syncs:
+                sync.finish()
+            if optimizer:
+                optimizer.step()
+        value = pipeline_loss(local)
+        report_step(metrics, step_index, value, started,
+                    first_step_report(params, optimizer) if step_index == 0 else {})
+    finish(args, pipeline_state_dict(params, buffers))

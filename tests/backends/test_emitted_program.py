@@ -1,0 +1,237 @@
+"""Emitted programs are lean: pyflakes finds nothing in any plan kind, a program carries only the runtime
+its plan reaches, values are named after their modules, and the header carries the plan as DSL text.
+
+That the programs train like eager PyTorch is checked under torchrun in ``tests/compiler/test_torchrun.py``
+and ``tests/backends/test_pipeline_torchrun.py``; here one program also runs in this process.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from pyflakes import api as pyflakes
+
+from backends import runtime
+from tests.backends.test_pipeline_virtual import MEGATRON
+from tests.compiler.test_frozen import frozen_mlp, gpt_with_frozen_embedding, mlp_inputs
+from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model
+from tests.passes.test_pipeline import compile_cached
+
+TP = {"mesh": {"dp": 2, "tp": 2}, "params": MEGATRON}
+PLANS = {  # name: (model, inputs, ranks, strategy)
+    "dp": (gpt_model, gpt_inputs, 2, "dp"),
+    "fsdp": (gpt_model, gpt_inputs, 4, "fsdp"),
+    "dp_tp": (gpt_model, gpt_inputs, 4, TP),
+    "dp_tp_sp_vocab": (gpt_model, gpt_inputs, 4, {**TP, "sequence_parallel": True, "vocab_parallel": True}),
+    "pipeline_1f1b": (gpt_model, gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 4, "schedule": "1f1b"}),
+    "pipeline_interleaved": (lambda: gpt_model(n_layer=4), gpt_inputs, 4,
+                             {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4,
+                              "schedule": "interleaved", "virtual_stages": 2}),
+    "recompute": (gpt_model, gpt_inputs, 4, {**TP, "recompute": ["blocks.*.mlp"]}),
+    "fsdp_recompute": (gpt_model, gpt_inputs, 2, {"mesh": {"dp": 2}, "fsdp": "dp", "recompute": True}),
+    "batch_norm": (bn_cnn_model, cnn_inputs, 2, "dp"),
+    "frozen": (frozen_mlp, mlp_inputs, 2, "dp"),
+    "frozen_pipeline": (gpt_with_frozen_embedding, gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 2}),
+}
+PIPELINE_RUNTIME = {"PipelineStep", "STAGE_TENSORS", "SCHEDULE", "TiedGradientSync", "BucketedGradientSync",
+                    "split_microbatches", "infer_path"}
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory) -> dict[str, str]:
+    """The text of every plan kind's ``main.py``, emitted once."""
+    out = {}
+    for name, (make, inputs, ranks, strategy) in PLANS.items():
+        plan = compile_cached(make(), inputs(), ranks, strategy)
+        out[name] = plan.emit(tmp_path_factory.mktemp(name)).read_text()
+    return out
+
+
+class Findings:
+    """A pyflakes reporter that keeps every message."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def unexpectedError(self, filename, message):
+        self.messages.append(f"{filename}: {message}")
+
+    def syntaxError(self, filename, message, lineno, offset, text):
+        self.messages.append(f"{filename}:{lineno}: {message}")
+
+    def flake(self, message):
+        self.messages.append(str(message))
+
+
+def pyflakes_findings(source: str, filename: str) -> list[str]:
+    findings = Findings()
+    pyflakes.check(source, filename, findings)
+    return findings.messages
+
+
+def unread_definitions(source: str) -> list[str]:
+    """Top-level names of a program that nothing else in it reads (``main`` is read by its entry line)."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    bound_by, reads = {}, set()
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)) or (isinstance(stmt, ast.Expr) and stmt is tree.body[0]):
+            continue
+        start = min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", [])]) - 1
+        bound, read = runtime.global_reads("".join(lines[start:stmt.end_lineno]))
+        for name in bound:
+            bound_by[name] = stmt
+        reads |= read
+    return sorted(set(bound_by) - reads)
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_pyflakes_finds_nothing_in_any_plan_kind(programs, name):
+    assert pyflakes_findings(programs[name], f"{name}/main.py") == []
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_every_top_level_definition_is_used_and_only_torch_is_imported(programs, name):
+    """No dead code at the top level: each function, class and constant is read by the program itself."""
+    source = programs[name]
+    assert unread_definitions(source) == []
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"torch"}
+
+
+def test_plain_programs_carry_no_pipeline_runtime_and_pipelines_no_plain_loop(programs):
+    for name in ("dp", "fsdp", "dp_tp", "recompute", "batch_norm", "frozen"):
+        assert not PIPELINE_RUNTIME & defined_names(programs[name]), name
+    for name in ("pipeline_1f1b", "pipeline_interleaved", "frozen_pipeline"):
+        assert "PipelineStep" in defined_names(programs[name])
+        assert "OverlappedGradientSync" not in defined_names(programs[name])
+    assert "TiedGradientSync" in defined_names(programs["pipeline_1f1b"])  # the tied embedding and head
+    assert "TiedGradientSync" not in defined_names(programs["frozen_pipeline"])  # frozen: nothing to sum
+
+
+def test_features_come_with_the_plans_that_use_them(programs):
+    """FSDP's regathering, gradient buckets, recomputation and local kernels appear only where used."""
+    names = {name: defined_names(text) for name, text in programs.items()}
+    assert "comm_gather_param" in names["fsdp"] and "comm_gather_param" not in names["dp"]
+    assert "@regathering_params\ndef forward(" in programs["fsdp"]
+    assert "OverlappedGradientSync" in names["dp"] and "OverlappedGradientSync" not in names["fsdp"]
+    assert programs["dp"].endswith("main(gradient_syncs=[OverlappedGradientSync])\n")
+    assert programs["fsdp"].endswith("    main()\n")
+    assert "from torch.utils.checkpoint import checkpoint" in programs["recompute"]
+    assert "checkpoint" not in names["dp"] and "import checkpoint" not in programs["dp"]
+    kernels = set(runtime.pieces()["kernels"].definitions)
+    assert kernels & names["dp_tp_sp_vocab"] == {"masked_embedding", "masked_gather"}  # the vocabulary-split loss
+    assert not kernels & names["dp"]
+    assert "AllGather" not in names["dp"] and "AllReduce" in names["dp"]
+
+
+def test_gpt_dp_program_is_lean(programs):
+    """The bundled GPT (2 layers) under dp: the plan, the runtime it reaches and one line per IR node.
+    Before the runtime was split, this program had 954 lines."""
+    lines = programs["dp"].splitlines()
+    assert len(lines) < 420, len(lines)
+
+
+def test_values_are_named_after_their_modules(programs):
+    dp, fsdp, tp = programs["dp"], programs["fsdp"], programs["dp_tp_sp_vocab"]
+    assert "    blocks_0_attn_qkv = aten.linear.default(blocks_0_ln_1, p['blocks.0.attn.qkv.weight']" in dp
+    assert "    blocks_1_mlp_proj = aten.linear.default(gelu_1, " in dp
+    assert "    blocks_0_attn_qkv_weight = comm_gather_param(p['blocks.0.attn.qkv.weight'], axis='dp', dim=0)" in fsdp
+    assert "    add_reduce_scatter = comm_reduce_scatter(add, axis='tp', dim=1)" in tp
+    assert "aten.layer_norm.default(add_reduce_scatter, " in tp
+    for text in programs.values():
+        assert " v_" not in text
+
+
+def test_header_carries_the_plan_as_dsl_text(programs):
+    dp, tp = programs["dp"], programs["dp_tp_sp_vocab"]
+    assert "\nPlan:\n    mesh dp=2\nPasses: " in dp
+    assert ("\nPlan:\n    mesh dp=2, tp=2\n    param blocks.*.attn.qkv.weight: tp=S(0)\n" in tp
+            and "\n    sequence_parallel\n    vocab_parallel\nPasses: " in tp)
+    assert "Strategy: {" not in dp
+
+
+class Clashing(nn.Module):
+    """Submodules named like runtime functions, the program's arguments and a symbolic dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.shard, self.main, self.torch = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.batch, self.p, self.dims = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.batch(self.torch(self.main(self.shard(x))))
+        return F.cross_entropy(self.dims(torch.relu(self.p(h))), y)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_module_names_that_clash_with_runtime_names_get_fresh_names(tmp_path, monkeypatch):
+    """The program stays valid and computes eager's loss when modules are named ``shard``, ``main``,
+    ``torch``, ``p``, ``dims`` or like a symbolic dim (``batch``): run in this process on one rank."""
+    model, x, y = Clashing(), torch.randn(6, 8), torch.randint(0, 4, (6,))
+    plan = compile_cached(model, (x, y), 1, "dp")
+    path = plan.emit(tmp_path)
+    source = path.read_text()
+    assert pyflakes_findings(source, "main.py") == []
+    assert "    shard_1 = aten.linear.default(" in source and "    torch_1 = aten.linear.default(" in source
+    spec = importlib.util.spec_from_file_location("clashing_program", path)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                            SBPC_FORCE_GLOO="1").items():
+        monkeypatch.setenv(name, value)
+    program.init_distributed(60)
+    try:
+        weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+        params = {n: program.shard(weights[n], layout) for n, layout in program.PARAMS.items()}
+        batch = (x, y)
+        loss, _ = program.forward(params, {}, program.local_inputs(batch), program.bind_dims(batch), program.COORD)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(loss, model(x, y), rtol=1e-5, atol=1e-6)
+
+
+def defined_names(source: str) -> set[str]:
+    """The top-level names a program defines."""
+    return runtime.global_reads(source)[0]
+
+
+# -- the runtime selection ------------------------------------------------------------------------
+
+def test_runtime_modules_are_pyflakes_clean():
+    for piece in [*runtime.pieces().values(), runtime._read_piece(runtime.PLAN)]:
+        path = Path(importlib.util.find_spec(runtime.SOURCES[piece.name]).origin)
+        assert pyflakes_findings(path.read_text(), piece.file) == []
+
+
+def test_selection_follows_what_the_definitions_read():
+    selection = runtime.select({"comm_all_reduce"}, "training", {})
+    chosen = runtime.global_reads("\n".join(text for _, _, text in selection.sections))[0]
+    assert chosen == {"comm_all_reduce", "AllReduce", "_all_reduce", "GROUPS"}
+    assert selection.imports == ["import torch", "import torch.distributed as dist"]
+    titles = [title for title, _, _ in selection.sections]
+    assert titles == ["Process groups and layouts", "Collectives on one mesh axis"]
+    plain = runtime.select({"main"}, "training", {}).plan_names
+    assert {"PARAMS", "forward"} <= plain and not {"GRAD_BUCKETS", "STAGE_TENSORS"} & plain
+    assert "STAGE_TENSORS" in runtime.select({"main"}, "pipeline", {}).plan_names
+
+
+def test_a_name_nothing_defines_is_one_clear_error():
+    with pytest.raises(runtime.RuntimeSourceError, match="the generated code reads no_such_kernel, which no "
+                                                         "runtime piece defines"):
+        runtime.select({"no_such_kernel"}, "training", {})
