@@ -383,7 +383,9 @@ class PipelineRunner:
         if not self.train:
             return self._infer()
         self._run_schedule()
-        result = VirtualResult(loss=sum(self.losses[m] for m in sorted(self.losses)), buffers=self._buffers())
+        # stacked, a low-precision loss's microbatch shares are summed in float32 and rounded once
+        result = VirtualResult(loss=torch.stack([self.losses[m] for m in sorted(self.losses)]).sum(0),
+                               buffers=self._buffers())
         result.grads = synced_gradients(self.graph, {p.name: self.shared[id(p)] for p in self.graph.params})
         return result
 

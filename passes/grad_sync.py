@@ -1,8 +1,8 @@
 """Gradient synchronisation: after backward, reduce each parameter's gradient to its layout.
 
 A parameter held ``B`` on a mesh axis gets a ``P(sum)`` gradient there (the dual layout); those are
-all-reduced over that axis, in buckets of parameters that need the same axes, in the order backward
-produces them (last used first). Parameters held ``S`` get ``S`` gradients and need nothing. Frozen
+all-reduced over that axis, in buckets of parameters that need the same axes and have the same dtype,
+in the order backward produces them (last used first). Parameters held ``S`` get ``S`` gradients and need nothing. Frozen
 parameters (``requires_grad=False``) get no gradient: no bucket, and no adjoint collective for values
 computed from them and inputs alone.
 """
@@ -25,18 +25,19 @@ def grad_sync_pass(graph: Graph, ctx: PassContext) -> None:
         return
     limit = int(ctx.strategy.get("grad_bucket_bytes", DEFAULT_BUCKET_BYTES))
     buckets: list[dict] = []
-    open_by_axes: dict[tuple, dict] = {}
+    open_by_key: dict[tuple, dict] = {}
     for p in _backward_order(graph):
         mesh = graph.meshes[p.mesh]
         axes = tuple(a for a, s in zip(mesh.axes, p.sbp) if isinstance(s, Broadcast) and mesh.shape[mesh.axis_index(a)] > 1)
         if not axes:
             continue
         size = _magnitude(p.type.nbytes())
-        bucket = open_by_axes.get(axes)
+        key = (axes, p.type.dtype)  # a bucket is one flat buffer: one dtype (gradients have their parameter's)
+        bucket = open_by_key.get(key)
         if bucket is None or bucket["_bytes"] + size > limit and bucket["params"]:
             bucket = {"axes": list(axes), "params": [], "_bytes": 0}
             buckets.append(bucket)
-            open_by_axes[axes] = bucket
+            open_by_key[key] = bucket
         bucket["params"].append(p)
         bucket["_bytes"] += size
     graph.attrs["grad_buckets"] = [{"axes": b["axes"], "params": b["params"]} for b in buckets]

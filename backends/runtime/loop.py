@@ -131,8 +131,8 @@ def report_step(metrics, step, loss, started, extra):
 
 
 def logical_loss(loss):
-    """The full loss value, the same on every rank."""
-    total = (loss.detach() if is_seed_rank(LOSS_SBP) else loss.detach() * 0).reshape(1).clone()
+    """The full loss value, the same on every rank (its shares summed in float32: a bf16 loss adds no rounding)."""
+    total = (loss.detach() if is_seed_rank(LOSS_SBP) else loss.detach() * 0).float().reshape(1).clone()
     dist.all_reduce(total)
     return float(total[0])
 
