@@ -8,6 +8,12 @@ sharded: the max and the sum of exponentials are reduced across ranks, the logit
 Training-mode batch norm is written as per-channel sums over the batch (SyncBatchNorm's
 statistics): on a batch shard they are partial sums, so only the per-channel statistics are
 all-reduced and the convolutions around it stay split over the batch.
+
+Each rewrite replaces one fused kernel by several ops, so it also says in which dtype they compute:
+sums, counts and statistics in the dtype the fused kernel accumulates in (float32 for bf16 and f16
+inputs, :func:`ir.precision.accumulation_dtype`), elementwise ops in their inputs' dtype, and each
+result rounded once to the dtype capture declared for it (the verifier's meta execution checks every
+declared type).
 """
 from __future__ import annotations
 
