@@ -1,5 +1,6 @@
 """Training loop parts: the command line, batches, weights, the optimizer, reports, saving."""
 import argparse
+import gc
 import json
 import os
 import time
@@ -145,8 +146,12 @@ def full_state_dict(params, buffers):
 
 
 def finish(args, state):
-    """Save the full state_dict (--save, rank 0) and leave the process group."""
+    """Save the full state_dict (--save, rank 0) and leave the process group. Every process group is
+    destroyed here, while the program runs: a gloo group left for the interpreter to tear down at exit
+    can abort the process ("terminate called without an active exception")."""
     if args.save and dist.get_rank() == 0:
         torch.save(state, args.save)
     dist.barrier()
+    GROUPS.clear()
     dist.destroy_process_group()
+    gc.collect()

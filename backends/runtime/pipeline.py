@@ -235,4 +235,6 @@ def main(argv=None, gradient_syncs=()):
         value = pipeline_loss(local)
         report_step(metrics, step_index, value, started,
                     first_step_report(params, optimizer) if step_index == 0 else {})
-    finish(args, pipeline_state_dict(params, buffers))
+    state = pipeline_state_dict(params, buffers)
+    syncs.clear()  # they hold process groups (tied parameters): finish destroys every group
+    finish(args, state)

@@ -139,7 +139,7 @@ def test_gpt_dp_program_is_lean(programs):
     """The bundled GPT (2 layers) under dp: the plan, the runtime it reaches and one line per IR node.
     Before the runtime was split, this program had 954 lines."""
     lines = programs["dp"].splitlines()
-    assert len(lines) < 420, len(lines)
+    assert len(lines) < 430, len(lines)
 
 
 def test_values_are_named_after_their_modules(programs):
