@@ -28,7 +28,7 @@ from frontend.dsl import (
     validate_plan,
 )
 from ir.core import Graph
-from strategy import AUTO, SHORTHANDS, Strategy, did_you_mean, normalize
+from strategy import SHORTHANDS, Strategy, did_you_mean, normalize
 from strategy.normalize import NO_STRATEGY
 
 PLAN_SUFFIX = ".sbp"

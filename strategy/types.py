@@ -291,7 +291,9 @@ class Strategy:
         return self.shorthand == AUTO or _has_auto(self.to_dict())
 
     def fixed_parts(self) -> Strategy:
-        """The strategy without its ``"auto"`` parts: what the planner must keep."""
+        """What the planner must keep: the strategy without the values left wholly to it (a mesh, layout,
+        switch or pipeline entry that is ``"auto"``); ``"auto"`` sizes in a mesh and per-axis ``"auto"``
+        SBPs stay, as the free parts of what the user fixed."""
         if self.shorthand is not None:
             return Strategy() if self.shorthand == AUTO else self
         mesh = self.mesh if isinstance(self.mesh, MeshSpec) else None

@@ -123,7 +123,7 @@ class _StageStatement:
 
 @dataclass
 class _PlanBuilder:
-    """Turns statements into a strategy dict, recording where each value was written."""
+    """Turns statements into the strategy's dict form, recording where each value was written."""
 
     source: str
     lines: list[str]

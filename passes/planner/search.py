@@ -436,11 +436,11 @@ class _Planner:
         mesh[DATA_AXIS] = setting.dp
         if setting.tp > 1:
             mesh["tp"] = setting.tp
-        params, activations, switches = (), (), {}
-        if setting.tp > 1:
-            params, activations = _layout_strategy(solution, self.view)
-            switches = {"sequence_parallel": setting.sequence_parallel, "vocab_parallel": setting.vocab_parallel}
-        options = Options(fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes, **switches)
+        params, activations = _layout_strategy(solution, self.view) if setting.tp > 1 else ((), ())
+        tensor_parallel = setting.tp > 1  # the switches mean something only with a tensor axis
+        options = Options(sequence_parallel=setting.sequence_parallel if tensor_parallel else None,
+                          vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
+                          fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes)
         pipeline = Pipeline(microbatches=shape.microbatches, skip_ratio=self.fixed.pipeline.skip_ratio)
         if setting.pp > 1:
             default = [tuple(range(r * setting.dp * setting.tp, (r + 1) * setting.dp * setting.tp))
