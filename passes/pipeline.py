@@ -54,9 +54,8 @@ from ir.types import Mesh, TensorType, dim_symbol
 from passes.decompose import BATCH_STATISTICS_ATTR
 from passes.manager import PassContext, register_pass
 from passes.skippipe import SkipPipeProblem, format_skip_plan, plan_skip_paths
-from passes.strategy import StrategyError, closest
+from strategy import PIPELINE_AXIS, MeshSpec, Strategy, StrategyError, closest
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 MEAN_LOSS_OPS = ("aten.mean.default", "aten.mean.dim", "aten.mse_loss.default", "aten.l1_loss.default",
                  "aten.binary_cross_entropy_with_logits.default", "aten.smooth_l1_loss.default")
 """Means over every element: with equal microbatches, the full mean is the mean of their means."""
@@ -99,38 +98,31 @@ class PipelineConfig:
         return stage % self.positions
 
 
-def pipeline_config(strategy: dict, world_size: int) -> PipelineConfig:
-    """Read ``mesh.pp``, ``microbatches``, ``schedule``, ``virtual_stages``, ``skip_ratio``, ``stage_devices``."""
-    mesh = strategy.get("mesh") or {}
-    sizes = {len(ds) for ds in strategy.get("stage_devices") or []}
+def pipeline_config(strategy: Strategy, world_size: int) -> PipelineConfig:
+    """The pipeline record of a strategy resolved against the device count: ``pp``, microbatches,
+    schedule, virtual stages, skip ratio and stage devices (:func:`strategy.normalize` has checked
+    the values; what is left here is what the pass cannot do)."""
+    pipeline, mesh = strategy.pipeline, strategy.mesh_spec
+    sizes = {len(ds) for ds in pipeline.stage_devices or ()}
     if len(sizes) > 1:
         raise NotImplementedError(f"stage_devices gives stages {sorted(sizes)} devices: stages on meshes of "
                                   "different sizes need resharding transfers, which the pipeline pass does not "
                                   "make yet; give every stage the same number of devices")
-    if "pp" not in mesh:
+    if PIPELINE_AXIS not in mesh:
         raise StrategyError(f"a pipelined strategy needs a 'pp' mesh axis (the number of pipeline positions); "
-                            f"the mesh is {mesh}: add e.g. 'pp': 2 and shrink the other axes to match")
-    positions = int(mesh["pp"])
-    schedule = strategy.get("schedule") or "1f1b"
-    if schedule not in SCHEDULES:
-        raise StrategyError(f"unknown schedule {schedule!r}{closest(str(schedule), SCHEDULES)}; "
-                            f"use one of {', '.join(SCHEDULES)}")
-    virtual = int(strategy.get("virtual_stages") or (2 if schedule == "interleaved" else 1))
-    if virtual != 1 and schedule != "interleaved":
-        raise StrategyError(f"virtual_stages={virtual} needs schedule 'interleaved', found {schedule!r}")
-    microbatches = strategy.get("microbatches") or positions
-    if not isinstance(microbatches, int) or microbatches < 1:
-        raise StrategyError(f"microbatches must be a whole number >= 1, found {microbatches!r}")
-    ratio = strategy.get("skip_ratio")
-    if ratio is not None and schedule == "interleaved":
+                            f"the mesh is {mesh.as_dict()}: add e.g. 'pp': 2 and shrink the other axes to match")
+    positions = strategy.positions
+    schedule = pipeline.schedule_name
+    virtual = pipeline.virtual_stage_count
+    if pipeline.skip_ratio is not None and schedule == "interleaved":
         raise StrategyError("skip_ratio (SkipPipe) runs with schedule 'gpipe' or '1f1b', not 'interleaved'")
-    devices = _position_devices(mesh, world_size, strategy.get("stage_devices"), positions, virtual)
-    return PipelineConfig(positions, virtual, microbatches, schedule, None if ratio is None else float(ratio),
+    devices = _position_devices(mesh, world_size, pipeline.stage_devices, positions, virtual)
+    return PipelineConfig(positions, virtual, pipeline.microbatch_count(positions), schedule, pipeline.skip_ratio,
                           devices)
 
 
-def _position_devices(mesh: dict, world_size: int, stage_devices, positions: int, virtual: int) -> tuple:
-    axes, sizes = list(mesh), [int(n) for n in mesh.values()]
+def _position_devices(mesh: MeshSpec, world_size: int, stage_devices, positions: int, virtual: int) -> tuple:
+    axes, sizes = list(mesh.axes), [int(n) for n in mesh.sizes]
     full = Mesh.make(axes, sizes)
     pp = axes.index("pp")
     by_position: list[list[int]] = [[] for _ in range(positions)]
@@ -146,7 +138,8 @@ def _position_devices(mesh: dict, world_size: int, stage_devices, positions: int
     for s, ds in enumerate(per_stage):
         if len(ds) != size:
             raise StrategyError(f"stage_devices[{s}] = {ds} has {len(ds)} devices, but every stage runs on a mesh "
-                                f"of {size} (the non-pp axes of {mesh}); stages of different sizes are not supported")
+                                f"of {size} (the non-pp axes of {mesh.as_dict()}); stages of different sizes are not "
+                                "supported")
         if ds != per_stage[s % positions]:
             raise StrategyError(f"stage {s} shares position {s % positions} with stage {s % positions}, so it needs "
                                 f"the same devices {per_stage[s % positions]}, found {ds}")
@@ -160,7 +153,7 @@ def _position_devices(mesh: dict, world_size: int, stage_devices, positions: int
 
 # -- the pass -------------------------------------------------------------------------------------------
 
-@register_pass("pipeline")
+@register_pass("pipeline", requires=("boxed",), produces=("stages",))
 def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
     """Cut the graph into stages on their own meshes, add transfers and each device's schedule."""
     config = pipeline_config(ctx.strategy, ctx.world_size)
@@ -329,15 +322,15 @@ def _map(obj: Any, clones: dict[int, Value]) -> Any:
 
 # -- where stages begin -----------------------------------------------------------------------------------
 
-def stage_starts(graph: Graph, strategy: dict, num_stages: int, costs: list[float] | None = None) -> list[int]:
+def stage_starts(graph: Graph, strategy: Strategy, num_stages: int, costs: list[float] | None = None) -> list[int]:
     """Indices into ``graph.nodes`` where stages 1 .. K-1 begin (``costs``: :func:`node_costs`, if known)."""
     if num_stages == 1:
         return []
-    cuts = strategy.get("stages")
-    if cuts and cuts != "auto":
+    cuts, layers = strategy.pipeline.stages, strategy.pipeline.stage_layers
+    if isinstance(cuts, tuple):
         starts = _starts_at_modules(graph, list(cuts))
-    elif strategy.get("stage_layers") and strategy["stage_layers"] != "auto":
-        starts = _starts_at_layers(graph, strategy["stage_layers"])
+    elif layers:
+        starts = _starts_at_layers(graph, layers)
     else:
         return balanced_starts(graph, num_stages, costs)
     if len(starts) != num_stages - 1:
@@ -641,7 +634,7 @@ def _insert_transfers(graph: Graph, slots: list[list[Value]]) -> None:
 
 # -- schedules -------------------------------------------------------------------------------------------
 
-@register_pass("schedule")
+@register_pass("schedule", requires=("stages",), produces=("scheduled",))
 def schedule_pass(graph: Graph, ctx: PassContext) -> None:
     """Each device's action list (``attr schedule``): GPipe, 1F1B, interleaved 1F1B or SkipPipe paths.
 

@@ -16,14 +16,14 @@ from cost.placement import axis_groups
 from cost.segments import concrete_shape, costed_op, ir_profile, is_view
 from frontend.dsl import load_plan
 from frontend.torch_capture import capture
-from passes.strategy import StrategyError
+from strategy import StrategyError
 from tests.models import gpt_inputs, gpt_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import gpt_configs  # noqa: E402
 
-MEGATRON = load_plan(str(ROOT / "examples" / "plans" / "megatron_tp.sbp"))["params"]
+MEGATRON = load_plan(str(ROOT / "examples" / "plans" / "megatron_tp.sbp")).to_dict()["params"]
 MIXED = {"precision": "bf16"}
 
 
@@ -239,7 +239,7 @@ def test_trace_and_gantt_cover_every_device(big_graph, tmp_path):
 def test_bad_targets_are_explained(big_graph):
     with pytest.raises(TypeError, match="CompiledPlan or"):
         simulate((big_graph,))
-    with pytest.raises(StrategyError, match="holds 3 devices"):
+    with pytest.raises(StrategyError, match="the mesh dp=3 has 3 devices, but the world has 2"):
         simulate((big_graph, {"mesh": {"dp": 3}}, Cluster.load("local:2")))
     with pytest.raises(ValueError, match="does not split into 3 microbatches"):
         simulate((big_graph, {"mesh": {"dp": 2}, "microbatches": 3}, Cluster.load("local:2")))

@@ -15,7 +15,7 @@ from ir.verifier import verify
 from passes.manager import PassContext, PassFailed
 from passes.pipeline import lanes, node_costs, pipeline_config, schedule_pass, stage_starts
 from passes.skippipe import parse_skip_plan
-from passes.strategy import StrategyError
+from strategy import Strategy, StrategyError
 from tests.models import compile_cached, gpt_inputs, gpt_model
 
 GPT4 = gpt_model(n_layer=4)
@@ -77,11 +77,11 @@ def test_cuts_the_graph_does_not_have_are_refused():
     # compile() validates names against the model first; the pass checks them against the graph too
     graph = compile_cached(GPT4, GPT4_INPUTS, 1, "dp").graph
     with pytest.raises(StrategyError, match=r"stage cut 'blocks\.1': it begins before the previous cut"):
-        stage_starts(graph, {"stages": ["blocks.3", "blocks.1"]}, 3)
+        stage_starts(graph, Strategy.from_dict({"stages": ["blocks.3", "blocks.1"]}), 3)
     with pytest.raises(StrategyError, match=r"stage cut 'block\.2': no node comes from it; did you mean blocks\.2"):
-        stage_starts(graph, {"stages": ["block.2"]}, 2)
+        stage_starts(graph, Strategy.from_dict({"stages": ["block.2"]}), 2)
     with pytest.raises(StrategyError, match="2 stages but the mesh asks for 4"):
-        stage_starts(graph, {"stages": ["blocks.2"]}, 4)
+        stage_starts(graph, Strategy.from_dict({"stages": ["blocks.2"]}), 4)
 
 
 def test_automatic_cuts_balance_the_flop_estimate():
@@ -118,7 +118,7 @@ def test_stage_devices_override_the_placement():
 
 def test_stages_of_different_sizes_are_refused_plainly():
     with pytest.raises(NotImplementedError, match="different sizes"):
-        pipeline_config({"mesh": {"pp": 2, "dp": 2}, "stage_devices": [[0], [1, 2]]}, 4)
+        pipeline_config(Strategy.from_dict({"mesh": {"pp": 2, "dp": 2}, "stage_devices": [[0], [1, 2]]}), 4)
 
 
 def test_interleaved_stages_share_their_positions_devices():
