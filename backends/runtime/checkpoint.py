@@ -72,11 +72,14 @@ class TrainingState:
         self.places, self.model, self.copies = places, model, set(copies)
 
     def local(self, key):
+        """This rank's tensor ``key`` now (buffers are replaced every step), without autograd."""
         return (self.params[key] if key in self.params else self.buffers[key]).detach()
 
     def saved_items(self, step):
         """The flat dict DCP saves: ``model.NAME``, ``optimizer.NAME.KEY``, ``train.*``, ``rng.*.rankR``."""
-        items = {"train.step": step, "train.data_position": step}  # one batch per step (list or synthetic data)
+        # the data position: batches read so far (one per step from --data or synthetic batches; a reader with
+        # an order of its own would record where it is here)
+        items = {"train.step": step, "train.data_position": step}
         items |= {f"rng.{kind}.rank{dist.get_rank()}": state for kind, state in rng_states().items()}
         for key, (name, layout) in self.places.items():
             if key in self.copies:

@@ -119,7 +119,7 @@ def test_a_checkpoint_continues_under_another_plan(reference, tmp_path, name):
                       "--data", str(tmp_path / "data.pt"), "--checkpoint-dir", str(tmp_path / "checkpoints"),
                       "--resume", "--metrics", str(tmp_path / "losses.jsonl"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (f"at step 4, written under mesh {{'dp': 2, 'tp': 2}} on 1 pipeline position(s): resharded on load"
+    assert ("at step 4, written under mesh {'dp': 2, 'tp': 2} on 1 pipeline position(s): resharded on load"
             in proc.stdout)
     losses = losses_by_step(tmp_path / "losses.jsonl")
     assert list(losses) == [4, 5, 6, 7]
