@@ -83,7 +83,7 @@ class CompiledPlan:
                   f"Optimizer: torch.optim.{self.optimizer[0]}({self.optimizer[1]})")
         return torch_distributed.emit(self.graph, self.weights, out_dir, optimizer=self.optimizer,
                                       input_ranges=self.input_ranges, example_dims=self.example_dims,
-                                      aliases=self.aliases, header=header)
+                                      aliases=self.aliases, header=header, plan_text=self.to_dsl())
 
     def parameter_memory(self) -> dict[int, int]:
         """Bytes of parameters each device stores at rest (its shards), by device id."""

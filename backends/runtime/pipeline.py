@@ -10,16 +10,14 @@ import torch
 import torch.distributed as dist
 
 from .collectives import unshard
-from .core import COORD, DEVICE, fail, init_distributed, is_seed_rank, shard
-from .loop import (bind_dims, finish, first_step_report, load_batches, load_weights, local_inputs, local_parameters,
-                   make_optimizer, new_buffer_values, parse_args, report_step, synthetic_batch)
+from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
+from .core import COORD, DEVICE, fail, init_distributed, is_seed_rank, my_position
+from .faults import peer_failures
+from .loop import (bind_dims, finish, first_step_report, load_batches, load_weights, local_copy, local_inputs,
+                   local_parameters, make_optimizer, new_buffer_values, open_metrics, parse_args, report_step,
+                   synthetic_batch)
 from .plan import (ALIASES, ENTRY_SHAPES, EXIT_SHAPES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE,
-                   SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS)
-
-
-def my_position():
-    """This rank's pipeline position."""
-    return next(p for p, devices in enumerate(MESH_DEVICES) if dist.get_rank() in devices)
+                   SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS, TIED_PARAMS)
 
 
 def split_microbatches(batch, count):
@@ -192,49 +190,68 @@ def pipeline_state_dict(params, buffers):
     return state
 
 
+def tied_copies():
+    """The IR names of the second and later copies of each tied parameter: loaded, not saved (they are equal)."""
+    return {n for group in TIED_PARAMS for n in group[1:]}
+
+
+def pipeline_model(shapes):
+    """Every tensor of the model by state_dict name: (shape, layout, stage), a tied parameter's first copy's."""
+    return {target: (shapes[target].shape, layout, stage) for n, (target, _, layout, stage) in STAGE_TENSORS.items()
+            if n not in tied_copies()}
+
+
 def main(argv=None, gradient_syncs=()):
-    """Train ``--steps`` steps (or, with --infer-stages, run forward only). ``gradient_syncs``: the plan's
-    gradient collectives outside autograd (classes from grad_sync), run once every microbatch's
-    backward is done."""
+    """Train up to step ``--steps`` (from the last checkpoint with --resume), or, with --infer-stages, run
+    forward only. ``gradient_syncs``: the plan's gradient collectives outside autograd (classes from
+    grad_sync), run once every microbatch's backward is done."""
     args = parse_args(argv)
     init_distributed(args.comm_timeout)
     batches = load_batches(args)
-    weights = load_weights(args.weights)
+    shapes = load_weights(args.weights, meta=True)
+    model = pipeline_model(shapes)
+    checkpoint = find_checkpoint(args, model) if args.resume else None
+    weights = shapes if checkpoint else load_weights(args.weights)  # a checkpoint fills the uninitialised shards
     position = my_position()
     mine = {n: spec for n, spec in STAGE_TENSORS.items() if PIPELINE["positions"][spec[3]] == position}
     params = local_parameters(weights, {n: (target, layout) for n, (target, kind, layout, _) in mine.items()
                                         if kind == "param"})
-    buffers = {n: shard(weights[target].to(DEVICE), layout) for n, (target, kind, layout, _) in mine.items()
+    buffers = {n: local_copy(weights[target], layout) for n, (target, kind, layout, _) in mine.items()
                if kind == "buffer"}
     optimizer = make_optimizer(params)
     syncs = [make(params, args.comm_timeout) for make in gradient_syncs]
     actions = SCHEDULE[dist.get_rank()]
     path = infer_path(args.infer_stages) if args.infer_stages else None
-    metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
+    places = {n: (STAGE_TENSORS[n][0], STAGE_TENSORS[n][2]) for n in [*params, *buffers]}
+    state = TrainingState(params, buffers, optimizer, places, model, tied_copies() & set(places))
+    start = load_checkpoint(checkpoint, state) if checkpoint else 0
+    metrics = open_metrics(args.metrics, start)
     count = PIPELINE["microbatches"]
-    for step_index in range(args.steps):
-        started = time.perf_counter()
-        batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
-        full_dims = bind_dims(batch)
-        micro = split_microbatches(batch, count)
-        dims = bind_dims(micro[0])
-        whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
-                 for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
-        paths = [path] * count if path else PIPELINE["paths"]
-        step = PipelineStep(params, buffers, micro, dims, whole, paths)
-        if path:
-            local = step.infer(path)
-        else:
-            if optimizer:
-                optimizer.zero_grad(set_to_none=True)
-            local = step.run(actions)
-            for sync in syncs:
-                sync.finish()
-            if optimizer:
-                optimizer.step()
-        value = pipeline_loss(local)
-        report_step(metrics, step_index, value, started,
-                    first_step_report(params, optimizer) if step_index == 0 else {})
-    state = pipeline_state_dict(params, buffers)
+    for step_index in range(0 if path else start, args.steps):  # inference runs every batch
+        with peer_failures(step_index):
+            started = time.perf_counter()
+            batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
+            full_dims = bind_dims(batch)
+            micro = split_microbatches(batch, count)
+            dims = bind_dims(micro[0])
+            whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
+                     for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
+            paths = [path] * count if path else PIPELINE["paths"]
+            step = PipelineStep(params, buffers, micro, dims, whole, paths)
+            if path:
+                local = step.infer(path)
+            else:
+                if optimizer:
+                    optimizer.zero_grad(set_to_none=True)
+                local = step.run(actions)
+                for sync in syncs:
+                    sync.finish()
+                if optimizer:
+                    optimizer.step()
+            value = pipeline_loss(local)
+            report_step(metrics, step_index, value, started,
+                        first_step_report(params, optimizer) if step_index == 0 else {})
+            if not path and checkpoint_due(args, step_index + 1):
+                save_checkpoint(args, state, step_index + 1)
     syncs.clear()  # they hold process groups (tied parameters): finish destroys every group
-    finish(args, state)
+    finish(args, pipeline_state_dict(params, buffers))

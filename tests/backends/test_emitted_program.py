@@ -137,9 +137,10 @@ def test_features_come_with_the_plans_that_use_them(programs):
 
 def test_gpt_dp_program_is_lean(programs):
     """The bundled GPT (2 layers) under dp: the plan, the runtime it reaches and one line per IR node.
-    Before the runtime was split, this program had 954 lines."""
+    Before the runtime was split, this program had 954 lines; split, 420. Every training program also carries
+    sharded checkpoints, resume and the lost-peer report: ~360 lines with their flags, hooks and imports."""
     lines = programs["dp"].splitlines()
-    assert len(lines) < 430, len(lines)
+    assert len(lines) < 820, len(lines)
 
 
 def test_values_are_named_after_their_modules(programs):
@@ -159,6 +160,8 @@ def test_header_carries_the_plan_as_dsl_text(programs):
     assert ("\nPlan:\n    mesh dp=2, tp=2\n    param blocks.*.attn.qkv.weight: tp=S(0)\n" in tp
             and "\n    sequence_parallel\n    vocab_parallel\nPasses: " in tp)
     assert "Strategy: {" not in dp
+    assert "PLAN_TEXT = (  # the plan as DSL text, recorded in checkpoints\n    'mesh dp=2\\n'\n)" in dp
+    assert "    'mesh dp=2, tp=2\\n'\n    'param blocks.*.attn.qkv.weight: tp=S(0)\\n'\n" in tp
 
 
 class Clashing(nn.Module):
