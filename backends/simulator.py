@@ -232,8 +232,8 @@ def _rank_events(estimate: Estimate, shape: PlanShape) -> dict[int, list[Timelin
 
 
 def _split_compute(start: float, end: float, stage, kind: str, microbatch: int) -> list[TimelineEvent]:
-    """A forward/backward interval as its compute part followed by its collectives."""
-    comm = stage.fwd_comm_s if kind == "F" else stage.bwd_comm_s
+    """A forward/backward interval as its compute part followed by its collectives (a W has none)."""
+    comm = {"F": stage.fwd_comm_s, "B": stage.bwd_comm_s}.get(kind, 0.0)
     compute_end = max(start, end - comm)
     label = f"{kind}{microbatch}@s{stage.index}"
     events = [TimelineEvent(start, compute_end, "compute", label)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cluster import Cluster
+from ir.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULES, stage_positions
 
 PIPELINE_AXIS = "pp"
 DATA_AXIS = "dp"
@@ -136,7 +137,7 @@ class PlanShape:
     pp: int
     microbatches: int
     schedule: str
-    """``none`` (no pipeline), ``1f1b``, ``gpipe`` or ``interleaved``."""
+    """``none`` (no pipeline) or a name of :data:`ir.schedules.SCHEDULES` (``1f1b``, ``zbv``, ...)."""
     virtual_stages: int
     stage_layers: list
     """Per stage (``pp * virtual_stages`` of them): inclusive block range ``(first, last)``."""
@@ -157,7 +158,9 @@ class PlanShape:
         return self.shape[self.axes.index(axis)] if axis in self.axes else 1
 
     def rank_of_stage(self, stage: int) -> int:
-        """The pipeline rank running ``stage``."""
+        """The pipeline rank running ``stage`` (s mod pp; V-shaped schedules: the V of :func:`stage_positions`)."""
+        if self.schedule in SCHEDULES and SCHEDULES[self.schedule].v_shape:
+            return stage_positions(self.schedule, self.pp, self.num_stages)[stage]
         return stage % self.pp
 
     def segments_of_stage(self, stage: int, num_layers: int) -> list[int]:
@@ -192,7 +195,8 @@ def plan_shape(strategy: dict, world_size: int, num_layers: int, prefix: str | N
     schedule = strategy.get("schedule") or ("1f1b" if pp > 1 else "none")
     if schedule == "auto":
         schedule = "1f1b" if pp > 1 else "none"
-    virtual = int(strategy.get("virtual_stages") or 2) if schedule == "interleaved" else 1
+    spec = SCHEDULES.get(schedule)
+    virtual = (spec.stages_per_position or int(strategy.get("virtual_stages") or DEFAULT_VIRTUAL_STAGES)) if spec else 1
     stages = pp * virtual
     if strategy.get("stage_layers"):
         ranges = [tuple(r) for r in strategy["stage_layers"]]

@@ -33,6 +33,7 @@ import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from ir.sbp import Broadcast, SbpSyntaxError, Split, parse_sbp
+from ir.schedules import SCHEDULE_NAMES, stages_per_position
 
 AUTO = "auto"
 """The value that leaves a choice to the planner."""
@@ -40,8 +41,8 @@ AUTO = "auto"
 SHORTHANDS = ("dp", "fsdp", "auto")
 """Whole strategies that are a single word (``strategy dp`` in a plan)."""
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "auto")
-"""Pipeline schedule names."""
+SCHEDULES = SCHEDULE_NAMES + ("auto",)
+"""Pipeline schedule names (``ir.schedules`` lists them)."""
 
 STRATEGY_KEYS = (
     "mesh", "params", "activations", "sequence_parallel", "vocab_parallel", "fsdp", "stages",
@@ -891,6 +892,11 @@ def _format_devices(ids: list[int]) -> str:
     return ", ".join(f"{s[0]}..{s[-1]}" if len(s) >= 3 else ", ".join(map(str, s)) for s in spans)
 
 
+def _stages_per_position(schedule: str) -> int:
+    """Stages per pipeline position under a schedule name (1 for ``auto`` and names the checks report)."""
+    return stages_per_position(schedule) if schedule in SCHEDULE_NAMES else 1
+
+
 def _pipeline_lines(strategy: dict) -> Iterator[str]:
     if "microbatches" in strategy:
         yield f"microbatches {strategy['microbatches']}"
@@ -1049,12 +1055,12 @@ class _ModelChecker:
                                              "model; list the cuts in model order")
 
     def virtual_stages(self) -> int | None:
-        """Stages per pipeline position: interleaved 1F1B has 2 unless the plan says otherwise."""
+        """Stages per pipeline position: interleaved 1F1B has 2 unless the plan says otherwise, V shapes 2."""
         virtual = self.strategy.get("virtual_stages")
         if _is_int(virtual):
             return virtual
-        schedule = self.strategy.get("schedule")
-        return {"interleaved": 2, AUTO: None}.get(schedule, 1) if virtual is None else None
+        schedule = self.strategy.get("schedule") or "1f1b"
+        return None if virtual is not None or schedule == AUTO else _stages_per_position(schedule)
 
     def check_stage_count(self) -> None:
         pipeline = self.mesh().get("pp")
@@ -1083,7 +1089,7 @@ class _ModelChecker:
 
     def check_stage_devices(self) -> None:
         holder: dict[int, int] = {}
-        interleaved = self.strategy.get("schedule") == "interleaved"
+        interleaved = _stages_per_position(self.strategy.get("schedule") or "1f1b") > 1
         for index, devices in enumerate(self.strategy.get("stage_devices", [])):
             for slot, device in enumerate(devices):
                 path = ("stage_devices", index, slot)
@@ -1095,7 +1101,7 @@ class _ModelChecker:
                 other = holder.setdefault(device, index)
                 if other != index and not interleaved:
                     self.fail(path, f"device {device} holds both stage {other} and stage {index}; "
-                                    "only `schedule interleaved` puts several stages on one "
+                                    "only `schedule interleaved` (or zbv, dualpipev) puts several stages on one "
                                     "device, so give each stage its own devices or use it")
 
 

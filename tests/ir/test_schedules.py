@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost.timeline import peak_in_flight, simulate
-from ir.ops.pipeline_ops import ACTION_KINDS, Action, ActionSyntaxError, format_actions, parse_actions
+from ir.ops.pipeline_ops import ACTION_KINDS, COMPUTE_KINDS, Action, ActionSyntaxError, format_actions, parse_actions
 from ir.schedules import (
     ScheduleDeadlock,
     ScheduleError,
@@ -46,7 +46,7 @@ def _computes(actions: list[Action]) -> list[str]:
 
 @pytest.mark.parametrize("kind", ACTION_KINDS)
 def test_action_text_round_trips(kind):
-    peer = None if kind in ("F", "B") else 2
+    peer = None if kind in COMPUTE_KINDS else 2
     action = Action(kind, 3, 5, peer)
     assert Action.parse(str(action)) == action
 
