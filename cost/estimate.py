@@ -6,9 +6,8 @@ plus their collectives, priced with :func:`cost.collectives.collective_time` on 
 run on (the slowest group counts); recomputed segments run their forward again in backward. The
 pipeline is timed with :func:`cost.timeline.simulate` on the schedule's real action lists (point-to-point
 transfers between the stages' devices included), or, with ``exact=False``, with the closed form
-``sum_k (F_k + B_k) + (m - 1) max_k (F_k + B_k)`` used to rank candidates quickly (the zero-bubble
-schedules are always simulated: their point is what the closed form leaves out). Their split
-backwards run the weight-gradient part of each backward (``W``: the parameter-gradient share of the
+``sum_k (F_k + B_k) + (m - 1) max_k (F_k + B_k)`` used to rank candidates quickly (less the bubble
+the zero-bubble schedules fill, see :func:`_closed_form`). Their split backwards run the weight-gradient part of each backward (``W``: the parameter-gradient share of the
 segments' backward ops, :meth:`~cost.segments.SegmentCost.weight_gradient_time`) as its own action. Gradient
 all-reduces run per pipeline rank during its last backward, hiding behind it as far as the devices'
 ``comm_overlap`` allows (the rest is exposed after it); the optimizer
@@ -281,15 +280,14 @@ class Estimator:
         prof = self.profile
         stages = [self.stage(shape, k) for k in range(shape.num_stages)]
         actions = None
-        simulated = exact or _splits(shape)
-        if shape.num_stages > 1 and (simulated or shape.schedule == "interleaved"):
+        if shape.num_stages > 1 and (exact or shape.schedule == "interleaved"):
             actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
         timeline = None
         if shape.num_stages == 1:
             makespan = shape.microbatches * (stages[0].fwd_s + stages[0].bwd_s)
             rank_end = {0: makespan}
             bubble = 0.0
-        elif simulated:
+        elif exact:
             timeline = _simulate(actions, stages, shape)
             makespan = timeline.makespan
             rank_end = {r: max((e.end_s for e in events if e.action.kind in ("B", "W")), default=0.0)
@@ -494,7 +492,8 @@ def _simulate(actions: dict, stages: list, shape: PlanShape):
 
 
 def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
-    """Makespan of a pipeline (1F1B/GPipe: the sum of stage times plus m - 1 bottlenecks), and per-rank
+    """Makespan of a pipeline (1F1B/GPipe: the sum of stage times plus m - 1 bottlenecks; ZB-H1 fills
+    2(p - 1) W's of that bubble; the V shapes leave only the fill of the V, p - 1 forwards), and per-rank
     end of the last backward (earlier ranks finish last)."""
     per_rank = defaultdict(float)
     sends = sum(2 * s.send_s for s in stages)
@@ -502,10 +501,15 @@ def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
         per_rank[s.rank] += s.fwd_s + s.bwd_s
     bottleneck = max(per_rank.values())
     m = shape.microbatches
-    if shape.virtual_stages > 1:
+    spec = SCHEDULES.get(shape.schedule)
+    if spec is not None and spec.v_shape:
+        makespan = m * bottleneck + (shape.pp - 1) * max(s.fwd_s for s in stages) + sends
+    elif shape.virtual_stages > 1:
         makespan = m * bottleneck + (shape.pp - 1) * bottleneck / shape.virtual_stages + sends
     else:
         makespan = sum(s.fwd_s + s.bwd_s for s in stages) + (m - 1) * bottleneck + sends
+        if spec is not None and spec.split_backward:
+            makespan -= 2 * (shape.pp - 1) * min(s.weight_s for s in stages)
     ends, drain = {}, 0.0
     for rank in range(shape.pp):
         ends[rank] = makespan - drain
