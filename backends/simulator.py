@@ -188,7 +188,7 @@ def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Clus
     mfu = estimate.flops_per_step / (step * peak) if step > 0 else 0.0
     stage_times = [{"stage": s.index, "rank": s.rank, "layers": s.layers, "fwd_compute_s": s.fwd_compute_s,
                     "fwd_comm_s": s.fwd_comm_s, "bwd_compute_s": s.bwd_compute_s, "bwd_comm_s": s.bwd_comm_s,
-                    "recompute_s": s.recompute_s, "send_s": s.send_s} for s in estimate.stages]
+                    "recompute_s": s.recompute_s, "send_s": s.send_s, "weight_s": s.weight_s} for s in estimate.stages]
     return SimReport(step, samples, tokens, mfu, estimate.peak_memory_bytes, estimate.fits, dict(estimate.comm_bytes),
                      estimate.flops_per_step, estimate.bubble_fraction, stage_times, cluster.name, strategy, source,
                      list(estimate.notes), estimate, shape)
