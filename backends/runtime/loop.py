@@ -92,9 +92,8 @@ def load_weights(path):
 
 
 def local_parameters(weights, layouts):
-    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``; frozen ones need no grad.
-    Each is its own tensor: copies of a tied parameter on two stages of one rank (V-shaped pipelines) must
-    not share a leaf, whose gradient would count twice."""
+    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``, each its own leaf (a tied
+    parameter's copies on one rank must not share one); frozen ones need no grad."""
     return {n: shard(weights[target].to(DEVICE), layout).clone().requires_grad_(n not in FROZEN_PARAMS)
             for n, (target, layout) in layouts.items()}
 
