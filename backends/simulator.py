@@ -189,7 +189,7 @@ def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Clus
     mfu = estimate.flops_per_step / (step * peak) if step > 0 else 0.0
     stage_times = [{"stage": s.index, "rank": s.rank, "layers": s.layers, "fwd_compute_s": s.fwd_compute_s,
                     "fwd_comm_s": s.fwd_comm_s, "bwd_compute_s": s.bwd_compute_s, "bwd_comm_s": s.bwd_comm_s,
-                    "recompute_s": s.recompute_s, "send_s": s.send_s} for s in estimate.stages]
+                    "recompute_s": s.recompute_s, "send_s": s.send_s, "weight_s": s.weight_s} for s in estimate.stages]
     return SimReport(step, samples, tokens, mfu, estimate.peak_memory_bytes, estimate.fits, dict(estimate.comm_bytes),
                      estimate.flops_per_step, estimate.bubble_fraction, stage_times, cluster.name, strategy, source,
                      list(estimate.notes), estimate, shape)
@@ -233,8 +233,8 @@ def _rank_events(estimate: Estimate, shape: PlanShape) -> dict[int, list[Timelin
 
 
 def _split_compute(start: float, end: float, stage, kind: str, microbatch: int) -> list[TimelineEvent]:
-    """A forward/backward interval as its compute part followed by its collectives."""
-    comm = stage.fwd_comm_s if kind == "F" else stage.bwd_comm_s
+    """A forward/backward interval as its compute part followed by its collectives (a W has none)."""
+    comm = {"F": stage.fwd_comm_s, "B": stage.bwd_comm_s}.get(kind, 0.0)
     compute_end = max(start, end - comm)
     label = f"{kind}{microbatch}@s{stage.index}"
     events = [TimelineEvent(start, compute_end, "compute", label)]

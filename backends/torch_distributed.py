@@ -145,9 +145,15 @@ class ProgramWriter:
         return "The forward pass"
 
     def _entry_call(self) -> str:
-        """``main(...)`` with the gradient collectives the plan runs outside autograd."""
+        """``main(...)`` with the gradient collectives the plan runs outside autograd (and what else the
+        plan's runtime takes: :meth:`_entry_arguments`)."""
         syncs = self._gradient_syncs()
-        return f"main(gradient_syncs=[{', '.join(syncs)}])" if syncs else "main()"
+        args = ([f"gradient_syncs=[{', '.join(syncs)}]"] if syncs else []) + self._entry_arguments()
+        return f"main({', '.join(args)})"
+
+    def _entry_arguments(self) -> list[str]:
+        """Further keyword arguments of ``main`` (pipelines: the step type of split backwards)."""
+        return []
 
     def _gradient_syncs(self) -> list[str]:
         return ["OverlappedGradientSync"] if self.graph.attrs.get("grad_buckets") else []
@@ -353,7 +359,8 @@ class PipelineProgramWriter(ProgramWriter):
     Every rank runs the same file; ``SCHEDULE[rank]`` is its list of ``(kind, stage, microbatch,
     peer)``. A stage's function computes one microbatch on that rank's shards and returns what it
     sends on (the loss share on the last stage); the runtime makes leaves of what it receives and
-    calls ``torch.autograd.backward`` with the gradients that come back.
+    calls ``torch.autograd.backward`` with the gradients that come back (zero-bubble schedules: their
+    input-gradient part in ``B`` and the weight gradients in ``W``, ``SplitBackwardStep``).
     """
 
     entry = "pipeline"
@@ -384,6 +391,10 @@ class PipelineProgramWriter(ProgramWriter):
     def _gradient_syncs(self) -> list[str]:
         return ((["BucketedGradientSync"] if self.graph.attrs.get("grad_buckets") else [])
                 + (["TiedGradientSync"] if tied_groups(self.graph) else []))
+
+    def _entry_arguments(self) -> list[str]:
+        splits = any(a.kind == "W" for actions in schedule_actions(self.graph).values() for a in actions)
+        return ["step_type=SplitBackwardStep"] if splits else []
 
     def _reserved_names(self) -> set[str]:
         names = super()._reserved_names()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cluster import Cluster
+from ir.schedules import SCHEDULES, stage_positions
 from strategy import AUTO, DATA_AXIS, PIPELINE_AXIS, Strategy
 
 
@@ -134,7 +135,7 @@ class PlanShape:
     pp: int
     microbatches: int
     schedule: str
-    """``none`` (no pipeline), ``1f1b``, ``gpipe`` or ``interleaved``."""
+    """``none`` (no pipeline) or a name of :data:`ir.schedules.SCHEDULES` (``1f1b``, ``zbv``, ...)."""
     virtual_stages: int
     stage_layers: list
     """Per stage (``pp * virtual_stages`` of them): inclusive block range ``(first, last)``."""
@@ -155,7 +156,9 @@ class PlanShape:
         return self.shape[self.axes.index(axis)] if axis in self.axes else 1
 
     def rank_of_stage(self, stage: int) -> int:
-        """The pipeline rank running ``stage``."""
+        """The pipeline rank running ``stage`` (s mod pp; V-shaped schedules: the V of :func:`stage_positions`)."""
+        if self.schedule in SCHEDULES and SCHEDULES[self.schedule].v_shape:
+            return stage_positions(self.schedule, self.pp, self.num_stages)[stage]
         return stage % self.pp
 
     def segments_of_stage(self, stage: int, num_layers: int) -> list[int]:
@@ -189,7 +192,7 @@ def plan_shape(strategy: Strategy, world_size: int, num_layers: int, prefix: str
     pp = mesh.get(PIPELINE_AXIS, 1)
     pipeline = strategy.pipeline
     schedule = pipeline.schedule_name if pp > 1 or pipeline.schedule not in (None, AUTO) else "none"
-    virtual = pipeline.virtual_stage_count if schedule == "interleaved" else 1
+    virtual = pipeline.virtual_stage_count if schedule in SCHEDULES else 1
     stages = pp * virtual
     if pipeline.stage_layers:
         ranges = [tuple(r) for r in pipeline.stage_layers]

@@ -25,7 +25,8 @@ does steps 1-3 and ``schedule`` step 4:
    value passed on keeps its slot and a new value takes the slot of one that died, so when every
    cut carries the same slot types (a residual stream) any stage can be skipped (identity) or
    reordered, which SkipPipe and inference through a subset of stages need.
-4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``ir.schedules``) or SkipPipe paths
+4. **Schedule.** GPipe, 1F1B, interleaved 1F1B, the zero-bubble ZB-H1, ZB-V and DualPipeV
+   (``ir.schedules.SCHEDULES``; the V-shaped ones put stages s and 2p-1-s on position s) or SkipPipe paths
    (``passes.skippipe``; ``skip_ratio``, timed with the per-stage FLOP estimate recorded in
    ``attr pipeline`` and the cluster's links) give each pipeline position its action list; every device
    of a position runs that list, talking to the device at the same mesh coordinates of the peer
@@ -49,7 +50,8 @@ from ir.layers import LayerStructure, find_layers
 from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_attr, stage_index,
                                  stage_mesh_name)
 from ir.sbp import Split
-from ir.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
+from ir.schedules import (build_path_schedule, build_pipeline_schedule, check_deadlock,
+                          pipeline_schedule, stage_positions, stages_per_position)
 from ir.types import Mesh, TensorType, dim_symbol
 from passes.decompose import BATCH_STATISTICS_ATTR
 from passes.manager import PassContext, register_pass
@@ -78,11 +80,11 @@ class PipelineConfig:
     positions: int
     """Pipeline positions (the ``pp`` size): groups of devices that each hold stages."""
     virtual_stages: int
-    """Stages per position (interleaved schedule); the stage count is positions x virtual_stages."""
+    """Stages per position (interleaved, V-shaped schedules); the stage count is positions x virtual_stages."""
     microbatches: int
     """Microbatches per step."""
     schedule: str
-    """``gpipe``, ``1f1b`` or ``interleaved``."""
+    """A name of :data:`ir.schedules.SCHEDULES` (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ...)."""
     skip_ratio: float | None
     """SkipPipe's share of stages a microbatch may skip; None for a plain schedule."""
     position_devices: tuple
@@ -94,8 +96,8 @@ class PipelineConfig:
         return self.positions * self.virtual_stages
 
     def position_of(self, stage: int) -> int:
-        """The position holding ``stage`` (stage s lives on position s mod pp)."""
-        return stage % self.positions
+        """The position holding ``stage`` (s mod pp; V-shaped schedules: s, then back from 2pp-1-s)."""
+        return stage_positions(self.schedule, self.positions, self.num_stages)[stage]
 
 
 def pipeline_config(strategy: Strategy, world_size: int) -> PipelineConfig:
@@ -113,15 +115,20 @@ def pipeline_config(strategy: Strategy, world_size: int) -> PipelineConfig:
                             f"the mesh is {mesh.as_dict()}: add e.g. 'pp': 2 and shrink the other axes to match")
     positions = strategy.positions
     schedule = pipeline.schedule_name
-    virtual = pipeline.virtual_stage_count
-    if pipeline.skip_ratio is not None and schedule == "interleaved":
-        raise StrategyError("skip_ratio (SkipPipe) runs with schedule 'gpipe' or '1f1b', not 'interleaved'")
-    devices = _position_devices(mesh, world_size, pipeline.stage_devices, positions, virtual)
+    try:
+        virtual = stages_per_position(schedule, pipeline.virtual_stages if isinstance(pipeline.virtual_stages, int)
+                                      else None)
+    except ValueError as error:
+        raise StrategyError(str(error)) from None
+    if pipeline.skip_ratio is not None and not pipeline_schedule(schedule).takes_paths:
+        raise StrategyError(f"skip_ratio (SkipPipe) runs with schedule 'gpipe' or '1f1b', not {schedule!r}")
+    devices = _position_devices(mesh, world_size, pipeline.stage_devices, positions,
+                                stage_positions(schedule, positions, positions * virtual))
     return PipelineConfig(positions, virtual, pipeline.microbatch_count(positions), schedule, pipeline.skip_ratio,
                           devices)
 
 
-def _position_devices(mesh: MeshSpec, world_size: int, stage_devices, positions: int, virtual: int) -> tuple:
+def _position_devices(mesh: MeshSpec, world_size: int, stage_devices, positions: int, placed: list[int]) -> tuple:
     axes, sizes = list(mesh.axes), [int(n) for n in mesh.sizes]
     full = Mesh.make(axes, sizes)
     pp = axes.index("pp")
@@ -131,18 +138,18 @@ def _position_devices(mesh: MeshSpec, world_size: int, stage_devices, positions:
     if not stage_devices:
         return tuple(tuple(ds) for ds in by_position)
     per_stage = [list(ds) for ds in stage_devices]
-    if len(per_stage) not in (positions, positions * virtual):
+    if len(per_stage) not in (positions, len(placed)):
         raise StrategyError(f"stage_devices lists {len(per_stage)} stages; expected {positions} (one per pipeline "
-                            f"position) or {positions * virtual} (one per stage)")
+                            f"position) or {len(placed)} (one per stage)")
     size = len(by_position[0])
     for s, ds in enumerate(per_stage):
         if len(ds) != size:
             raise StrategyError(f"stage_devices[{s}] = {ds} has {len(ds)} devices, but every stage runs on a mesh "
                                 f"of {size} (the non-pp axes of {mesh.as_dict()}); stages of different sizes are not "
                                 "supported")
-        if ds != per_stage[s % positions]:
-            raise StrategyError(f"stage {s} shares position {s % positions} with stage {s % positions}, so it needs "
-                                f"the same devices {per_stage[s % positions]}, found {ds}")
+        if ds != per_stage[placed[s]]:
+            raise StrategyError(f"stage {s} shares position {placed[s]} with stage {placed[s]}, so it needs "
+                                f"the same devices {per_stage[placed[s]]}, found {ds}")
         if any(not 0 <= d < world_size for d in ds):
             raise StrategyError(f"stage_devices[{s}] = {ds} names devices outside 0..{world_size - 1}")
     used = [d for ds in per_stage[:positions] for d in ds]
@@ -636,7 +643,7 @@ def _insert_transfers(graph: Graph, slots: list[list[Value]]) -> None:
 
 @register_pass("schedule", requires=("stages",), produces=("scheduled",))
 def schedule_pass(graph: Graph, ctx: PassContext) -> None:
-    """Each device's action list (``attr schedule``): GPipe, 1F1B, interleaved 1F1B or SkipPipe paths.
+    """Each device's action list (``attr schedule``): a schedule of :data:`ir.schedules.SCHEDULES` or SkipPipe paths.
 
     Reads what the ``pipeline`` pass recorded; SkipPipe plans with the per-stage FLOPs of the dump,
     the cluster's links and the size of what crosses a cut, and records the paths and their
@@ -658,12 +665,11 @@ def schedule_pass(graph: Graph, ctx: PassContext) -> None:
         graph.attrs["paths"] = paths
         graph.attrs["skip_plan"] = format_skip_plan(plan)
         graph.attrs["estimated_iteration_time_s"] = plan.estimated_iteration_time_s
-    elif config.schedule == "gpipe":
-        per_position = build_gpipe(k, m, list(range(p)))
-    elif config.schedule == "1f1b":
-        per_position = build_1f1b(k, m, list(range(p)))
     else:
-        per_position = build_interleaved_1f1b(k, m, [s % p for s in range(k)], config.virtual_stages)
+        try:
+            per_position = build_pipeline_schedule(config.schedule, p, k, m)
+        except ValueError as error:  # e.g. too few microbatches for the schedule
+            raise StrategyError(f"schedule {config.schedule!r}: {error}") from None
     # a position whose stages no path visits (SkipPipe) still gets its (empty) list
     per_position = {q: per_position.get(q, []) for q in range(p)}
     per_device = expand_to_devices(per_position, config.position_devices)

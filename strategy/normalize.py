@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any, NoReturn
 
 from ir.sbp import SbpSyntaxError, Split, parse_sbp
+from ir.schedules import SCHEDULES as SCHEDULE_SPECS
 from strategy.errors import VALUE, KeyPath, StrategyError, did_you_mean
 from strategy.types import (AUTO, DATA_AXIS, KEYS, PIPELINE_AXIS, SCHEDULES, SHORTHANDS, Layout, MeshSpec,
                             Options, Pipeline, Strategy)
@@ -244,9 +245,12 @@ class _Reader:
         if "virtual_stages" in strategy:
             _expect(virtual == AUTO or _is_int(virtual) and virtual >= 1, ("virtual_stages", VALUE),
                     f"virtual_stages is a whole number of at least 1 (or auto), found {virtual!r}")
-            _expect(schedule in ("interleaved", AUTO), ("virtual_stages",),
+            fixed = SCHEDULE_SPECS[schedule].stages_per_position if schedule in SCHEDULE_SPECS else None
+            _expect(schedule in ("interleaved", AUTO) or fixed == virtual, ("virtual_stages",),
                     "virtual_stages only applies to the interleaved schedule, but the schedule is "
-                    f"{schedule or 'not given'}; add `schedule interleaved`")
+                    f"{schedule or 'not given'}"
+                    + (f", which always runs {fixed} stages per position; drop virtual_stages" if fixed and
+                       fixed > 1 else "; add `schedule interleaved`"))
         ratio = strategy.get("skip_ratio")
         if "skip_ratio" in strategy:
             is_number = isinstance(ratio, int | float) and not isinstance(ratio, bool)
@@ -386,12 +390,13 @@ def _check_stage_count(strategy: Strategy, mesh: MeshSpec | None) -> None:
         key = next(k for k in ("stages", "stage_layers", "stage_devices")
                    if isinstance(getattr(strategy.pipeline, k), tuple))
         _fail((key,), f"the plan has {count} stages, but the pp axis has size {positions}; give {positions} "
-                      "stages (or pp x virtual_stages for interleaved)")
+                      "stages (or pp x virtual_stages for interleaved, 2 x pp for zbv and dualpipev)")
 
 
 def _check_stage_devices(strategy: Strategy, world_size: int | None) -> None:
     holder: dict[int, int] = {}
-    interleaved = strategy.pipeline.schedule == "interleaved"
+    schedule = strategy.pipeline.schedule
+    shared = schedule not in (None, AUTO) and strategy.pipeline.virtual_stage_count > 1  # interleaved, V shapes
     for index, devices in enumerate(strategy.pipeline.stage_devices or ()):
         for slot, device in enumerate(devices):
             path = ("stage_devices", index, slot)
@@ -400,10 +405,10 @@ def _check_stage_devices(strategy: Strategy, world_size: int | None) -> None:
                             f"(0..{world_size - 1}), so no device would hold it; use device ids below "
                             f"{world_size}")
             other = holder.setdefault(device, index)
-            if other != index and not interleaved:
-                _fail(path, f"device {device} holds both stage {other} and stage {index}; only `schedule "
-                            "interleaved` puts several stages on one device, so give each stage its own devices "
-                            "or use it")
+            if other != index and not shared:
+                _fail(path, f"device {device} holds both stage {other} and stage {index}; only the schedules "
+                            "with several stages per position (interleaved, zbv, dualpipev) put several stages "
+                            "on one device, so give each stage its own devices or use one of them")
 
 
 def _check_stage_device_counts(strategy: Strategy, mesh: MeshSpec | None) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Literal, Mapping, Union
 
 from ir.sbp import Sbp
+from ir.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULE_NAMES, pipeline_schedule
 
 AUTO = "auto"
 """The value that leaves a choice to the planner (the whole strategy, a field, a size, an SBP)."""
@@ -26,8 +27,8 @@ Auto = Literal["auto"]
 SHORTHANDS = ("dp", "fsdp", "auto")
 """Whole strategies in one word: data parallelism, sharded data parallelism, the planner's choice."""
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "auto")
-"""Pipeline schedule names."""
+SCHEDULES = (*SCHEDULE_NAMES, "auto")
+"""Pipeline schedule names: those of :data:`ir.schedules.SCHEDULES`, or the planner's choice."""
 
 DATA_AXIS = "dp"
 """The mesh axis that splits the batch."""
@@ -38,8 +39,6 @@ PIPELINE_AXIS = "pp"
 DEFAULT_SCHEDULE = "1f1b"
 """The schedule of a pipelined strategy that names none."""
 
-INTERLEAVED_VIRTUAL_STAGES = 2
-"""Stages per pipeline position of the interleaved schedule when ``virtual_stages`` is not given."""
 
 
 @dataclass(frozen=True)
@@ -162,9 +161,11 @@ class Pipeline:
     microbatches: int | Auto | None = None
     """Microbatches per step. Default: one per pipeline position (1 without a pipeline)."""
     schedule: str | None = None
-    """``gpipe``, ``1f1b``, ``interleaved`` or ``auto``. Default: ``1f1b``."""
+    """A name of :data:`ir.schedules.SCHEDULES` (``gpipe``, ``1f1b``, ``interleaved``, the zero-bubble ``zb-h1``,
+    ``zbv``, ``dualpipev``) or ``auto``. Default: ``1f1b``."""
     virtual_stages: int | Auto | None = None
-    """Stages per pipeline position (interleaved schedule only). Default: 2 when interleaved, else 1."""
+    """Stages per pipeline position (interleaved schedule only). Default: 2 when interleaved, the schedule's
+    own count otherwise (2 for the V-shaped zbv and dualpipev, else 1)."""
     skip_ratio: float | Auto | None = None
     """SkipPipe: the share of stages a microbatch may skip, in [0, 1). Default: a plain schedule."""
 
@@ -185,10 +186,10 @@ class Pipeline:
 
     @property
     def virtual_stage_count(self) -> int:
-        """Stages per pipeline position: the number given, else 2 for interleaved and 1 otherwise."""
+        """Stages per pipeline position: the number given, else the schedule's own (2 for interleaved)."""
         if isinstance(self.virtual_stages, int):
             return self.virtual_stages
-        return INTERLEAVED_VIRTUAL_STAGES if self.schedule_name == "interleaved" else 1
+        return pipeline_schedule(self.schedule_name).stages_per_position or DEFAULT_VIRTUAL_STAGES
 
     def microbatch_count(self, positions: int) -> int:
         """Microbatches per step: the number given, else one per pipeline position."""

@@ -109,7 +109,8 @@ def local_copy(full, layout):
 
 
 def local_parameters(weights, layouts):
-    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``; frozen ones need no grad."""
+    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``, each a leaf in memory of its
+    own (a tied parameter's copies on one rank must not share one); frozen ones need no grad."""
     return {n: local_copy(weights[target], layout).requires_grad_(n not in FROZEN_PARAMS)
             for n, (target, layout) in layouts.items()}
 

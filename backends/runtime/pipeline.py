@@ -2,7 +2,9 @@
 
 A stage's function computes one microbatch on this rank's shards and returns what it sends on (the
 loss share on the last stage); the runtime makes leaves of what it receives and calls
-``torch.autograd.backward`` with the gradients that come back.
+``torch.autograd.backward`` with the gradients that come back. Zero-bubble schedules split that
+backward (:class:`SplitBackwardStep`): ``B`` computes the gradients of what the stage received,
+``W`` later those of its parameters.
 """
 import time
 
@@ -18,6 +20,7 @@ from .loop import (bind_dims, finish, first_step_report, load_batches, load_weig
                    synthetic_batch)
 from .plan import (ALIASES, ENTRY_SHAPES, EXIT_SHAPES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE,
                    SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS, TIED_PARAMS)
+from .split_backward import backward_input
 
 
 def split_microbatches(batch, count):
@@ -68,20 +71,36 @@ class PipelineStep:
             self.ready[("F", stage, mb)] = [o.detach().contiguous() for o in out]
             self.saved[(stage, mb)] = (leaves, out, None)
 
-    def backward(self, stage, mb):
-        """B: back-propagate the loss share or the gradients that came back; keep the entries' gradients."""
+    def backward_seeds(self, stage, mb):
+        """What a B back-propagates: the stage's entry leaves, its outputs and their gradients (the loss
+        share, seeded on its seed ranks only, on the last stage of the path)."""
         leaves, outs, loss = self.saved.pop((stage, mb))
         if loss is not None:
-            (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
-        else:
-            grads = iter(self.ready.pop(("B", neighbour(self.paths[mb], stage, +1), mb)))
-            pairs = [(o, next(grads)) for o in outs if o.is_floating_point()]
-            pairs = [(o, g) for o, g in pairs if o.requires_grad]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            return leaves, [loss if is_seed_rank(LOSS_SBP) else loss * 0], [None]
+        grads = iter(self.ready.pop(("B", neighbour(self.paths[mb], stage, +1), mb)))
+        pairs = [(o, next(grads)) for o in outs if o.is_floating_point()]
+        pairs = [(o, g) for o, g in pairs if o.requires_grad]
+        return leaves, [o for o, _ in pairs], [g for _, g in pairs]
+
+    def backward(self, stage, mb):
+        """B: back-propagate the loss share or the gradients that came back; keep the entries' gradients."""
+        leaves, outs, grads = self.backward_seeds(stage, mb)
+        if outs:
+            torch.autograd.backward(outs, grads)
+        self.send_back(stage, mb, leaves, [leaf.grad for leaf in leaves])
+
+    def send_back(self, stage, mb, leaves, grads):
+        """Keep the gradients of the stage's float entries for SEND_B (zeros where one got none)."""
         if leaves:
-            self.ready[("B", stage, mb)] = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
-                                            .contiguous() for leaf in leaves if leaf.is_floating_point()]
+            self.ready[("B", stage, mb)] = [(g if g is not None else torch.zeros_like(leaf)).contiguous()
+                                            for leaf, g in zip(leaves, grads) if leaf.is_floating_point()]
+
+    def compute(self, kind, stage, mb):
+        """One F or B of the action list."""
+        if kind == "F":
+            self.forward(stage, mb)
+        else:
+            self.backward(stage, mb)
 
     def message_shapes(self, kind, stage):
         """Local (shape, dtype) of each tensor of a message: exits for RECV_F, float entries for RECV_B."""
@@ -113,13 +132,13 @@ class PipelineStep:
         """Run the action list; returns this rank's sum of loss shares (None off the loss stage)."""
         i = 0
         while i < len(actions):
-            kind, stage, mb, _ = actions[i]
-            if kind in ("F", "B"):
-                self.forward(stage, mb) if kind == "F" else self.backward(stage, mb)
+            kind, stage, mb, peer = actions[i]
+            if peer is None:  # a compute
+                self.compute(kind, stage, mb)
                 i += 1
                 continue
             j = i
-            while j < len(actions) and actions[j][0] not in ("F", "B"):
+            while j < len(actions) and actions[j][3] is not None:
                 j += 1
             self.transfer(actions[i:j])
             i = j
@@ -147,6 +166,27 @@ class PipelineStep:
         for work in self.sends:
             work.wait()
         return self.loss
+
+
+class SplitBackwardStep(PipelineStep):
+    """A step of a zero-bubble schedule: a B whose W comes later on this rank computes only the gradients
+    of the stage's entries (what goes back to the previous stage); the W then computes the parameters'
+    gradients from what that B kept (``split_backward.py``)."""
+
+    def run(self, actions):
+        self.deferred = {(stage, mb) for kind, stage, mb, _ in actions if kind == "W"}
+        self.weight_work = {}
+        return super().run(actions)
+
+    def compute(self, kind, stage, mb):
+        if kind == "W":
+            self.weight_work.pop((stage, mb)).run()
+        elif kind == "B" and (stage, mb) in self.deferred:
+            leaves, outs, grads = self.backward_seeds(stage, mb)
+            found, self.weight_work[(stage, mb)] = backward_input(outs, grads, leaves)
+            self.send_back(stage, mb, leaves, found)
+        else:
+            super().compute(kind, stage, mb)
 
 
 def infer_path(text):
@@ -201,10 +241,11 @@ def pipeline_model(shapes):
             if n not in tied_copies()}
 
 
-def main(argv=None, gradient_syncs=()):
+def main(argv=None, gradient_syncs=(), step_type=PipelineStep):
     """Train up to step ``--steps`` (from the last checkpoint with --resume), or, with --infer-stages, run
     forward only. ``gradient_syncs``: the plan's gradient collectives outside autograd (classes from
-    grad_sync), run once every microbatch's backward is done."""
+    grad_sync), run once every microbatch's backward is done; ``step_type``: what runs the action list
+    (:class:`SplitBackwardStep` for schedules with W actions)."""
     args = parse_args(argv)
     init_distributed(args.comm_timeout)
     batches = load_batches(args)
@@ -237,7 +278,7 @@ def main(argv=None, gradient_syncs=()):
             whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
                      for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
             paths = [path] * count if path else PIPELINE["paths"]
-            step = PipelineStep(params, buffers, micro, dims, whole, paths)
+            step = step_type(params, buffers, micro, dims, whole, paths)
             if path:
                 local = step.infer(path)
             else:

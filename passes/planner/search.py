@@ -31,7 +31,7 @@ import numpy as np
 
 from cluster import Cluster
 from cost.estimate import Estimator, PlanOptions, optimizer_name
-from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, MemoryEstimate
+from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, MemoryEstimate, in_flight_microbatches
 from cost.partition import min_max_partition
 from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
                             groups_inside_domains, recomputed_segments)
@@ -380,10 +380,11 @@ class _Planner:
         if setting.pp == 1:
             return [("none", 1)]
         fixed = self.fixed.pipeline.schedule
-        options = [("1f1b", 1)]
+        options = [("1f1b", 1), ("zb-h1", 1)]
         layers = self.view.num_layers
-        if m % setting.pp == 0 and layers % (2 * setting.pp) == 0:
-            options.append(("interleaved", 2))
+        if layers % (2 * setting.pp) == 0:  # two stages per position, cut evenly
+            options += [("interleaved", 2)] if m % setting.pp == 0 else []
+            options += [("zbv", 2)] + ([("dualpipev", 2)] if m >= 2 * setting.pp else [])
         if fixed:
             options = [(s, v) for s, v in options + [("gpipe", 1)] if s == fixed]
         return options
@@ -449,7 +450,7 @@ class _Planner:
             pipeline = replace(pipeline, stage_layers=tuple(tuple(r) for r in shape.stage_layers),
                                stage_devices=devices if list(devices) != default else None,
                                schedule=shape.schedule,
-                               virtual_stages=shape.virtual_stages if shape.virtual_stages > 1 else None)
+                               virtual_stages=shape.virtual_stages if shape.schedule == "interleaved" else None)
         return Strategy(MeshSpec.of(mesh), params, activations, options, pipeline,
                         _recompute_value(shape, self.view))
 
@@ -588,7 +589,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     if fsdp:  # the gathered parameters are kept for backward, as the compiled program does
         extra = prefix(prof.segments[j].param_elements() * prof.precision.param_bytes for j in blocks)
         saved = saved + extra
-    in_flight = shape.microbatches if shape.schedule == "gpipe" else min(shape.pp - k, shape.microbatches)
+    in_flight = in_flight_microbatches(shape.schedule, shape.pp, k, shape.microbatches)
     devices = shape.stage_devices[rank]
     limit = min(estimator.cluster.device(d).memory_bytes for d in devices) * estimator.headroom
     shards = shape.size(shape.fsdp_axis) if fsdp else 1

@@ -228,6 +228,8 @@ MALFORMED = [
     ("mesh dp=2\nfsdp tp", 2, 6, "axis 'tp' is not in the mesh"),
     ("schedule foo", 1, 10, "unknown schedule 'foo'; expected one of: gpipe, 1f1b"),
     ("schedule gpip", 1, 10, "did you mean 'gpipe'?"),
+    ("schedule zb_h1", 1, 10, "did you mean 'zb-h1'?"),
+    ("schedule zbv virtual_stages=3", 1, 14, "the schedule is zbv"),
     ("microbatches -3", 1, 14, "microbatches is a whole number of at least 1 (or auto), found -3"),
     ("microbatches 4.5", 1, 15, "expected end of line; found '.5'"),
     ("skip_ratio 1", 1, 12, "skip_ratio is a fraction in [0, 1)"),
@@ -448,6 +450,18 @@ def test_two_stages_on_one_device_need_the_interleaved_schedule() -> None:
     assert_points_at(error, text, 3, 21)
     strategy = parse_plan(text + "\nschedule interleaved")
     validate_plan(strategy, module_names=GPT_MODULES, param_shapes=GPT_PARAMS, world_size=4)
+
+
+def test_v_shaped_schedules_take_two_stages_per_position() -> None:
+    text = "mesh pp=2\nstages at blocks.1, blocks.2, blocks.3\nschedule zb-h1"
+    assert "the plan has 4 stages, but the pp axis has size 2" in validation_error(text, world_size=2).message
+    for schedule in ("zbv", "dualpipev"):
+        strategy = parse_plan(text.replace("zb-h1", schedule))
+        assert strategy.pipeline.schedule == schedule and format_plan(strategy).endswith(f"schedule {schedule}\n")
+        validate_plan(strategy, module_names=GPT_MODULES, param_shapes=GPT_PARAMS, world_size=2)
+    shared = "mesh pp=2\nstage 0: on device 0\nstage 1: on device 1\nstage 2: on device 1\nstage 3: on device 0"
+    validate_plan(parse_plan(shared + "\nschedule zbv"), module_names=GPT_MODULES, param_shapes=GPT_PARAMS,
+                  world_size=2)
 
 
 def test_stage_count_and_layers_must_fit() -> None:

@@ -119,7 +119,7 @@ def test_pipeline_defaults_come_from_the_record():
                               "'microbatches'?); the keys are: mesh, params, activations"),
     ("tp", None, "unknown strategy 'tp'; a one-word strategy is one of: dp, fsdp, auto"),
     ({"schedule": "gpip"}, None, "strategy['schedule']: unknown schedule 'gpip' (did you mean 'gpipe'?); expected "
-                                 "one of: gpipe, 1f1b, interleaved, auto"),
+                                 "one of: gpipe, 1f1b, interleaved, zb-h1, zbv, dualpipev, auto"),
     ({"params": {"w": {"tp": "S(0"}}}, None, "strategy['params']['w']['tp']: expected an SBP value"),
     ({"mesh": {"dp": 2}, "fsdp": "tp"}, None, "strategy['fsdp']: axis 'tp' is not in the mesh; the mesh axes are dp"),
     ({"mesh": {"dp": 3}}, 2, "strategy['mesh']: the mesh dp=3 has 3 devices, but the world has 2"),
