@@ -30,7 +30,7 @@ def test_bf16_gpt_is_priced_with_two_byte_tensors():
     and gradient traffic about half (a few float32 scalars of the loss stay 4 bytes)."""
     model = gpt_model().to(torch.bfloat16)
     plan = compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
-    own, wide = plan.simulate(), plan.simulate(precision="fp32")
+    own, wide = plan.simulate(optimizer="adamw"), plan.simulate(precision="fp32", optimizer="adamw")
     elements = sum(p.numel() for p in model.parameters())
     params, grads, state, activations = memory_parts(own)
     assert (params, grads, state) == (2 * elements, 2 * elements, 4 * elements)
@@ -49,7 +49,7 @@ def test_fp32_model_what_if_bf16_keeps_master_weights():
     model = gpt_model()
     plan = compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
     elements = sum(p.numel() for p in model.parameters())
-    params, grads, state, _ = memory_parts(plan.simulate(precision="bf16"))
+    params, grads, state, _ = memory_parts(plan.simulate(precision="bf16", optimizer="adamw"))
     assert (params, grads, state) == (2 * elements, 2 * elements, 12 * elements)
     assert Precision.resolve(None, plan.graph) == Precision("fp32")
 
@@ -62,7 +62,7 @@ def test_meta_device_bf16_gpt_plans_on_dgx_a100():
     with torch.device("meta"):
         model = gpt.GPT(gpt_configs.config("1.3B", n_layer=24)).to(torch.bfloat16)
     plan = compile(model, gpt_configs.example_batch(64), cluster="dgx-a100:8", strategy="auto")
-    own, wide = plan.simulate(), plan.simulate(precision="fp32")
+    own, wide = plan.simulate(optimizer="adamw"), plan.simulate(precision="fp32", optimizer="adamw")
     params, grads, state, activations = memory_parts(own)
     assert grads == params and state == 2 * params  # every parameter trains; AdamW's moments in bf16
     wide_params, wide_grads, wide_state, wide_activations = memory_parts(wide)
