@@ -14,11 +14,11 @@ from frontend.torch_capture import Captured, capture
 from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
-from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate, recompute  # noqa: F401  (register passes)
+from passes import boxing, decompose, grad_sync, layouts, pipeline, precision, propagate, recompute  # noqa: F401  (register passes)
 from passes.manager import PassContext, as_calls, run_passes
 from strategy import Strategy
 
-DEFAULT_PASSES = ["decompose", "layouts", "propagate", "boxing", "grad_sync"]
+DEFAULT_PASSES = ["precision", "decompose", "layouts", "propagate", "boxing", "grad_sync"]
 PIPELINE_PASSES = ["pipeline", "schedule"]
 OPTIMIZERS = ("SGD", "AdamW", "Adam")
 

@@ -77,3 +77,44 @@ def model_dtype(graph) -> str:
             elements = math.prod(int(d) for d in p.type.shape if d.is_Integer)
             sizes[p.type.dtype] = sizes.get(p.type.dtype, 0) + elements
     return max(sizes, key=sizes.get) if sizes else "f32"
+
+
+# -- mixed precision: where torch.autocast casts ------------------------------------------------------
+
+PRECISION_TO_IR = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+"""A strategy precision's dtype names (the cluster's peak FLOP/s keys) as IR dtype names."""
+
+AUTOCAST_LOWER_OPS = frozenset({
+    "linear", "mm", "bmm", "addmm", "addbmm", "baddbmm", "matmul", "conv1d", "conv2d", "conv3d", "convolution",
+    "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv_tbc", "prelu",
+    "scaled_dot_product_attention", "_native_multi_head_attention", "linalg_vecdot",
+})
+"""Ops (aten base names) ``torch.autocast`` runs in the lower compute dtype: their float inputs are cast
+to it (the matrix products and convolutions; the same list on CUDA and CPU)."""
+
+AUTOCAST_FP32_OPS = frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+    "sinh", "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "group_norm", "norm", "frobenius_norm",
+    "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+    "nll_loss_nd", "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+    "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
+    "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+    "softmax", "_softmax", "log_softmax", "_log_softmax", "cumprod", "cumsum", "prod", "sum",
+    "cross_entropy_loss",
+})
+"""Ops CUDA's ``torch.autocast`` runs in float32: their lower-precision float inputs are cast up (losses,
+norms, softmax, exponentials, sums). CUDA's list, the hardware sbpc plans for; CPU autocast runs
+several of these (layer_norm, softmax, exp, sum) in the input dtype with float32 accumulation, so a
+plan agrees with eager CPU autocast exactly where such an op's input is float32 already (a float32
+residual stream, an upcast loss): the models the tests compare."""
+
+
+def autocast_dtype(op: str, compute: str) -> str | None:
+    """The dtype ``torch.autocast(dtype=compute)`` casts ``op``'s float inputs to (IR names), or None
+    for an op it leaves alone (elementwise ops, views: they follow their inputs' dtypes)."""
+    base = op.split(".")[1] if op.startswith("aten.") else op
+    if base in AUTOCAST_LOWER_OPS:
+        return compute
+    if base in AUTOCAST_FP32_OPS:
+        return "f32"
+    return None

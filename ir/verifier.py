@@ -6,6 +6,7 @@ import torch
 
 from ir.core import Graph, Node, Value
 from ir.sbp import IN_SBP_ATTR, Partial, Split, format_nd_sbp
+from ir.types import DTYPE_NAMES, TensorType
 
 
 class VerificationError(ValueError):
@@ -156,25 +157,46 @@ def _check_comm(graph: Graph, node: Node) -> None:
 
 def check_types_by_meta(graph: Graph, dims: dict) -> None:
     """Run every node on meta tensors at the example dims and compare shapes and dtypes."""
-    bindings = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
-    env: dict[int, torch.Tensor] = {}
-    for v in list(graph.inputs) + list(graph.params):
-        env[id(v)] = torch.empty(v.type.concrete_shape(bindings), dtype=v.type.torch_dtype, device="meta")
-    from ir.core import map_structure
+    typer = MetaTyper(graph, dims)
     for node in graph.nodes:
+        typer.run(node)
+
+
+class MetaTyper:
+    """Runs nodes one by one on meta tensors at the example dims, checking each output's declared type.
+
+    With ``adopt_dtypes`` an output takes the dtype its op gives instead (shapes are still checked): for
+    passes that change some values' dtypes (the casts of mixed precision) and let the rest follow, node
+    by node, so that each node's inputs have their final dtypes when the pass looks at it."""
+
+    def __init__(self, graph: Graph, dims: dict, *, adopt_dtypes: bool = False):
+        self.dims = dims
+        self.adopt_dtypes = adopt_dtypes
+        self.bindings = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
+        self.env: dict[int, torch.Tensor] = {}
+        for v in list(graph.inputs) + list(graph.params):
+            self.env[id(v)] = torch.empty(v.type.concrete_shape(self.bindings), dtype=v.type.torch_dtype,
+                                          device="meta")
+
+    def run(self, node: Node) -> None:
+        """Type ``node``'s outputs (its inputs must have been run or be graph inputs)."""
+        from ir.core import map_structure
+        env = self.env
         if node.op.startswith("comm."):
             for o, i in zip(node.outputs, node.input_values()):
                 env[id(o)] = env[id(i)]
-            continue
+            return
         args = map_structure(node.args, lambda v: env[id(v)])
         kwargs = map_structure(node.kwargs, lambda v: env[id(v)])
-        args, kwargs = _bind(args, bindings), _bind(kwargs, bindings)
+        args, kwargs = _bind(args, self.bindings), _bind(kwargs, self.bindings)
         results = _run_on_meta(node, args, kwargs)
         for o, r in zip(node.outputs, results):
-            want = o.type.concrete_shape(bindings)
+            want = o.type.concrete_shape(self.bindings)
+            if self.adopt_dtypes and isinstance(r, torch.Tensor) and r.dtype != o.type.torch_dtype:
+                o.type = TensorType(o.type.shape, DTYPE_NAMES[r.dtype])
             if tuple(r.shape) != want or r.dtype != o.type.torch_dtype:
                 raise VerificationError(f"node {_where(node)}: %{o.name} is declared {o.type}, but {node.op} "
-                                        f"gives {tuple(r.shape)} {r.dtype} at dims {dims}")
+                                        f"gives {tuple(r.shape)} {r.dtype} at dims {self.dims}")
             env[id(o)] = r
 
 

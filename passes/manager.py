@@ -25,6 +25,8 @@ from ir.verifier import verify
 from strategy import AUTO, Strategy, StrategyError, did_you_mean, normalize
 
 PROPERTIES = {
+    "precision_cast": "the casts of the strategy's mixed precision, where torch.autocast makes them (graph attr "
+                      "precision: the plan's param, compute and reduce dtypes)",
     "decomposed": "mean losses as sum / count, vocabulary-parallel cross entropy and batch norm from sums",
     "laid_out": "a mesh, an SBP on every input and parameter, and the layouts propagation must keep "
                 "(graph attr pinned)",
