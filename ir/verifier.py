@@ -6,7 +6,9 @@ import torch
 
 from ir.core import Graph, Node, Value
 from ir.sbp import IN_SBP_ATTR, Partial, Split, format_nd_sbp
-from ir.types import DTYPE_NAMES, TensorType
+from ir.gradients import values_with_grad
+from ir.ops.comm import GRADIENT_REDUCING
+from ir.types import DTYPE_NAMES, DTYPES_BY_NAME, TensorType
 
 
 class VerificationError(ValueError):
@@ -34,9 +36,36 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
     if graph.loss is not None and graph.loss.type.ndim != 0:
         raise VerificationError(f"the loss %{graph.loss.name} must be a scalar, found {graph.loss.type}")
     _check_buffer_updates(graph, defined)
+    check_reduce_dtype(graph)
     dims = graph.attrs.get("example_dims")
     if check_types and dims:
         check_types_by_meta(graph, dims)
+
+
+def check_reduce_dtype(graph: Graph) -> None:
+    """The plan's precision contract (graph attr ``precision``), once gradient buckets exist: every
+    gradient reduction runs in the ``reduce`` dtype — each bucket (data-parallel all-reduces) and each
+    collective whose adjoint sums gradients (tensor-parallel all-reduces, FSDP's reduce-scatters)."""
+    reduce = graph.attrs.get("precision", {}).get("reduce")
+    if reduce is None or "grad_buckets" not in graph.attrs:
+        return
+    for index, bucket in enumerate(graph.attrs["grad_buckets"]):
+        found = bucket.get("reduce_dtype")
+        if found != reduce:
+            names = ", ".join(f"%{p.name}" for p in bucket["params"][:3])
+            raise VerificationError(f"gradient bucket {index} ({names}{', ...' if len(bucket['params']) > 3 else ''}) "
+                                    f"is reduced in {found or 'its gradients own dtype'}, but the plan's precision "
+                                    f"reduces gradients in {reduce}; set its reduce_dtype to {reduce}")
+    grad = values_with_grad(graph)
+    want = DTYPES_BY_NAME[reduce]
+    for node in graph.nodes:
+        if node.op in GRADIENT_REDUCING and id(node.outputs[0]) in grad and node.kwargs.get("grad_dtype") != want:
+            found = node.kwargs.get("grad_dtype")
+            found = DTYPE_NAMES[found] if found is not None else f"{node.outputs[0].type.dtype} (the value's own)"
+            raise VerificationError(f"node {_where(node)}: the gradient reduction of {node.op} over "
+                                    f"{node.kwargs['axis']} (its adjoint in backward) runs in {found}, but the plan's "
+                                    f"precision reduces gradients in {reduce}; give it grad_dtype=torch.{want}"
+                                    .replace("torch.torch.", "torch."))
 
 
 def _check_buffer_updates(graph: Graph, defined: set[int]) -> None:

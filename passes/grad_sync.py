@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from ir.core import Graph, Value
 from ir.gradients import values_with_grad
-from ir.ops.comm import ADJOINTS
+from ir.ops.comm import ADJOINTS, GRADIENT_REDUCING
 from ir.ops.shape_ops import _magnitude
 from ir.sbp import Broadcast
+from ir.types import DTYPE_NAMES, DTYPES_BY_NAME
 from passes.manager import PassContext, register_pass
+from passes.precision import PRECISION_ATTR
 
 DEFAULT_BUCKET_BYTES = 4 * 2 ** 20  # small enough that reducing early buckets overlaps backward
 
@@ -44,8 +46,26 @@ def grad_sync_pass(graph: Graph, ctx: PassContext, *, bucket_bytes: int | None =
             open_by_key[key] = bucket
         bucket["params"].append(p)
         bucket["_bytes"] += size
-    graph.attrs["grad_buckets"] = [{"axes": b["axes"], "params": b["params"]} for b in buckets]
+    reduce = graph.attrs.get(PRECISION_ATTR, {}).get("reduce")
+    graph.attrs["grad_buckets"] = [{"axes": b["axes"], "params": b["params"]} | ({"reduce_dtype": reduce} if reduce else {})
+                                   for b in buckets]
+    if reduce:
+        mark_gradient_reductions(graph, reduce)
     graph.attrs["backward_comm"] = backward_collectives(graph)
+
+
+def gradient_reductions(graph: Graph) -> list:
+    """The forward collectives whose adjoint sums gradients across ranks (an all-reduce's all-reduce, an
+    all-gather's reduce-scatter: FSDP's and Megatron's), on values that carry gradients."""
+    grad = values_with_grad(graph)
+    return [n for n in graph.nodes if n.op in GRADIENT_REDUCING and id(n.outputs[0]) in grad]
+
+
+def mark_gradient_reductions(graph: Graph, dtype: str) -> None:
+    """Give every gradient reduction of backward the dtype it runs in (kwarg ``grad_dtype``): the partial
+    gradients are cast to it, summed across ranks, and cast back to the value's dtype."""
+    for node in gradient_reductions(graph):
+        node.kwargs["grad_dtype"] = DTYPES_BY_NAME[dtype]
 
 
 def backward_collectives(graph: Graph) -> list[dict]:
@@ -56,6 +76,7 @@ def backward_collectives(graph: Graph) -> list[dict]:
     """
     grad = values_with_grad(graph)
     return [{"op": ADJOINTS[n.op], "axis": n.kwargs["axis"], "grad_of": n.outputs[0]}
+            | ({"dtype": DTYPE_NAMES[n.kwargs["grad_dtype"]]} if "grad_dtype" in n.kwargs else {})
             for n in reversed(graph.nodes) if n.op in ADJOINTS and id(n.outputs[0]) in grad]
 
 

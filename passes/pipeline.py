@@ -558,7 +558,7 @@ def _regroup_buckets(graph: Graph, tied: list[list[Value]]) -> None:
             for q in copies.get(id(p), [p]):
                 by_mesh.setdefault(q.mesh, []).append(q)
         for mesh in sorted(by_mesh, key=lambda m: -stage_index(m)):
-            out.append({"axes": list(bucket["axes"]), "params": by_mesh[mesh]})
+            out.append({**bucket, "axes": list(bucket["axes"]), "params": by_mesh[mesh]})
     graph.attrs["grad_buckets"] = out
 
 

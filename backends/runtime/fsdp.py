@@ -13,9 +13,10 @@ from .collectives import AllGather, _all_gather
 GATHERED = {}  # storage address -> (shard, axis, dim, weak reference to the gathered tensor)
 
 
-def comm_gather_param(shard, axis, dim):
-    """S(d) -> B for a parameter shard; the full tensor is freed after use, gathered again in backward."""
-    full = AllGather.apply(shard, axis, dim)
+def comm_gather_param(shard, axis, dim, grad_dtype=None):
+    """S(d) -> B for a parameter shard; the full tensor is freed after use, gathered again in backward
+    (whose reduce-scatter runs in ``grad_dtype``, default the gradient's)."""
+    full = AllGather.apply(shard, axis, dim, grad_dtype)
     GATHERED[full.untyped_storage().data_ptr()] = (shard.detach(), axis, dim, weakref.ref(full))
     return full
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .core import GROUPS
-from .plan import GRAD_BUCKETS, MESH_DEVICES, PIPELINE, STAGE_TENSORS, TIED_PARAMS
+from .plan import GRAD_BUCKETS, GRAD_REDUCE_DTYPE, MESH_DEVICES, PIPELINE, STAGE_TENSORS, TIED_PARAMS
 
 
 def local_buckets(params):
@@ -19,14 +19,16 @@ def local_buckets(params):
 
 
 def flat_gradients(params, names):
-    return torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
+    """A bucket's gradients in one flat buffer, in the dtype the plan reduces gradients in."""
+    flat = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
                       for n in names])
+    return flat.to(GRAD_REDUCE_DTYPE or flat.dtype)
 
 
 def unflatten_gradients(params, names, flat):
     offset = 0
     for n in names:
-        params[n].grad = flat[offset:offset + params[n].numel()].view_as(params[n]).clone()
+        params[n].grad = flat[offset:offset + params[n].numel()].view_as(params[n]).to(params[n].dtype, copy=True)
         offset += params[n].numel()
 
 
