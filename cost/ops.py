@@ -290,9 +290,13 @@ class Precision:
     @staticmethod
     def resolve(name: str | None, graph) -> "Precision":
         """The precision to price ``graph`` with: its model's own (``name`` None, or the model's dtype, or
-        ``tf32`` for an fp32 model: only the peak differs) or the named what-if."""
+        ``tf32`` for an fp32 model: only the peak differs; a plan with a mixed precision, graph attr ``precision``:
+        its compute dtype's peak, each tensor at its dtype's size) or the named what-if."""
         dtype = model_dtype(graph)
         own = COMPUTE_NAMES.get(dtype, "fp32")
+        planned = graph.attrs.get("precision")  # a plan's mixed precision: casts in the IR, fp32 master weights
+        if planned is not None:
+            own = COMPUTE_NAMES[planned["compute"]]
         if name is None or name == own or (name == "tf32" and own == "fp32"):
             return Precision(name or own)
         named = Precision.of(name)

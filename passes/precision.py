@@ -55,7 +55,7 @@ def check_precision(spec: PrecisionSpec, graph: Graph, cluster) -> None:
     if PRECISION_TO_IR[spec.param] != own:
         found = next((k for k, v in PRECISION_TO_IR.items() if v == own), own)
         raise StrategyError(f"precision param is {spec.param}, but the model's parameters are {found}; cast the "
-                            f"model (model.to(torch.{DTYPES_BY_NAME[PRECISION_TO_IR[spec.param]]}) or write "
+                            f"model (model.to(torch.{DTYPES_BY_NAME[PRECISION_TO_IR[spec.param]]})) or write "
                             f"param={found}".replace("torch.torch.", "torch."), ("precision", "param", VALUE))
     if spec.mixed and spec.param != "fp32":
         raise StrategyError(f"mixed precision keeps fp32 master weights, but param is {spec.param} with compute "

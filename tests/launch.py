@@ -33,14 +33,18 @@ def train_emitted(plan, out: Path, batches: list, steps: int) -> tuple[list[floa
     return losses, torch.load(out / "final.pt", weights_only=True)
 
 
-def train_eager(model: torch.nn.Module, batches: list, steps: int, optimizer: tuple) -> list[float]:
-    """The single-process reference: ``steps`` optimizer steps, returning the losses."""
+def train_eager(model: torch.nn.Module, batches: list, steps: int, optimizer: tuple,
+                autocast: torch.dtype | None = None) -> list[float]:
+    """The single-process reference: ``steps`` optimizer steps, returning the losses; ``autocast``: the
+    forward under ``torch.autocast`` in that dtype (mixed precision, the parameters and optimizer state
+    staying in theirs)."""
     cls, kwargs = optimizer
     opt = cls(model.parameters(), **kwargs)
     losses = []
     for batch in batches[:steps]:
         opt.zero_grad()
-        loss = model(*batch)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(*batch)
         loss.backward()
         opt.step()
         losses.append(loss.item())
