@@ -131,6 +131,8 @@ def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool 
     """
     options = options or PlanOptions(**option_values)
     fixed = _fixed_parts(strategy)
+    if fixed.precision is not None and fixed.precision.mixed and options.precision is None:
+        options = replace(options, precision=fixed.precision.compute)  # priced as the plan will run
     key = _cache_key(graph, cluster, fixed, options, train)
     cache = cache_directory(cache_dir)
     if use_cache:
@@ -454,7 +456,7 @@ class _Planner:
                                schedule=shape.schedule,
                                virtual_stages=shape.virtual_stages if shape.schedule == "interleaved" else None)
         return Strategy(MeshSpec.of(mesh), params, activations, options, pipeline,
-                        _recompute_value(shape, self.view))
+                        _recompute_value(shape, self.view), self.fixed.precision)
 
 
 def _switch(fixed, meaningful: bool) -> list[bool]:
