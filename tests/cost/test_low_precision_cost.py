@@ -3,6 +3,7 @@ state for a bf16 model (as eager training keeps them), the bf16 peak FLOP/s; a n
 the model's is a what-if over every float tensor (``cost.ops.Precision``)."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from compiler import Cluster, compile
 from cost.ops import Precision
+from ir.sbp import Split
 from tests.models import gpt_inputs, gpt_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -70,3 +72,26 @@ def test_meta_device_bf16_gpt_plans_on_dgx_a100():
     assert 0.45 < activations / wide_activations < 0.55
     assert own.step_time_s < wide.step_time_s  # the bf16 peak (312 TFLOP/s) against fp32 (19.5)
     assert "bf16 compute" in own.precision and "bf16 compute" in plan.explain()
+
+
+@pytest.mark.slow
+def test_meta_device_bf16_mixed_gpt_counts_16_bytes_per_parameter():
+    """The issue's figure: a 24-layer, 2048-wide GPT (1.3B) on the meta device planned with
+    ``{"mesh": "auto", "precision": "bf16-mixed"}`` on dgx-a100:8 keeps, per device, fp32 master weights,
+    fp32 gradients and AdamW's two fp32 moments: 4 + 4 + 8 = 16 bytes per parameter it holds (sharded as
+    the plan says); its matrix products' outputs are bf16, so its activations price below the same plan
+    with every float at 4 bytes; its compute is priced at the bf16 peak."""
+    with torch.device("meta"):
+        model = gpt.GPT(gpt_configs.config("1.3B", n_layer=24))
+    plan = compile(model, gpt_configs.example_batch(64), cluster="dgx-a100:8",
+                   strategy={"mesh": "auto", "precision": "bf16-mixed"})
+    assert plan.strategy.precision.mixed and "precision bf16-mixed" in plan.to_dsl()
+    mesh = plan.graph.meshes[plan.graph.params[0].mesh]
+    held = sum(int(p.type.numel()) // math.prod(n for n, s in zip(mesh.shape, p.sbp) if isinstance(s, Split))
+               for p in plan.graph.params if p.kind == "param")
+    mixed, wide = plan.simulate(optimizer="adamw"), plan.simulate(optimizer="adamw", precision="fp32")
+    params, grads, state, activations = memory_parts(mixed)
+    assert (params, grads, state) == (4 * held, 4 * held, 8 * held)
+    assert params + grads + state == 16 * held
+    assert activations < 0.8 * memory_parts(wide)[3]
+    assert mixed.precision.startswith("bf16 compute") and mixed.step_time_s < wide.step_time_s
