@@ -6,6 +6,7 @@ bf16), transformers' GPT-2 and Llama from tiny configs, a BatchNorm CNN.
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -179,6 +180,8 @@ def test_emitted_bf16_dp2_tp2_trains_three_adamw_steps_like_eager(tmp_path):
     plan = compile(model, data[0], cluster=Cluster.local(4), optimizer=BF16_ADAMW,
                    strategy={"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON)})
     losses, saved = train_emitted(plan, tmp_path, data, steps=3)
+    first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])  # --metrics reports the precision
+    assert (first["param_dtypes"], first["grad_dtypes"], first["optimizer_state_dtypes"]) == (["bfloat16"],) * 3
     eager = copy.deepcopy(model)
     eager_losses = train_eager(eager, data, 3, BF16_ADAMW)
     exact = widened(model, ())[0]

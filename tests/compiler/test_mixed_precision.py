@@ -8,6 +8,7 @@ autocast round the same ops to bf16 and differ in the order, and the dtype, of s
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -199,13 +200,16 @@ def test_emitted_bf16_mixed_dp2_tp2_trains_five_adamw_steps_like_eager_autocast(
       whose exact gradient is zero) moves by +-lr either way in any two bf16 computations; over all
       parameters such elements are few (measured: plan 0.35 from fp32, eager autocast 0.31);
     - ``--save`` writes fp32 weights (the parameter dtype), and they hold updates finer than bf16 can
-      (master weights: most elements of each matrix are not bf16 numbers).
+      (master weights: most elements of each matrix are not bf16 numbers); ``--metrics`` reports fp32
+      parameters, gradients and optimizer state.
     """
     data = [gpt_inputs(seed=20 + i) for i in range(5)]
     model = gpt_model()
     plan = compile(model, data[0], cluster=Cluster.local(4), optimizer=BF16_MIXED_ADAMW,
                    strategy={"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "precision": "bf16-mixed"})
     losses, saved = train_emitted(plan, tmp_path, data, steps=5)
+    first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])  # --metrics reports the precision
+    assert (first["param_dtypes"], first["grad_dtypes"], first["optimizer_state_dtypes"]) == (["float32"],) * 3
     virtual_losses, _ = train_virtual(plan, data, 1, BF16_MIXED_ADAMW)
     assert losses[0] == virtual_losses[0]
     eager, exact = copy.deepcopy(model), copy.deepcopy(model)
