@@ -18,7 +18,7 @@ from passes import boxing, decompose, grad_sync, layouts, pipeline, precision, p
 from passes.manager import PassContext, as_calls, run_passes
 from strategy import Strategy
 
-DEFAULT_PASSES = ["precision", "decompose", "layouts", "propagate", "boxing", "grad_sync"]
+DEFAULT_PASSES = ["decompose", "layouts", "propagate", "boxing", "grad_sync"]
 PIPELINE_PASSES = ["pipeline", "schedule"]
 OPTIMIZERS = ("SGD", "AdamW", "Adam")
 
@@ -155,10 +155,12 @@ def check_example_inputs(graph: Graph, inputs: tuple) -> None:
 
 
 def passes_for(strategy: Strategy) -> list[str]:
-    """The pass pipeline for a strategy: pipeline cutting and scheduling when it has stages."""
+    """The pass pipeline for a strategy: the casts of its precision first when it names one, pipeline
+    cutting and scheduling when it has stages."""
+    first = ["precision"] if strategy.precision is not None else []
     if strategy.is_pipelined:
-        return DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
-    return DEFAULT_PASSES + ["recompute"]
+        return first + DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
+    return first + DEFAULT_PASSES + ["recompute"]
 
 
 def search_strategy(graph: Graph, cluster: Cluster, strategy: Strategy, *, train: bool, **options):

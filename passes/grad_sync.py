@@ -46,6 +46,9 @@ def grad_sync_pass(graph: Graph, ctx: PassContext, *, bucket_bytes: int | None =
             open_by_key[key] = bucket
         bucket["params"].append(p)
         bucket["_bytes"] += size
+    if ctx.strategy.precision is not None and PRECISION_ATTR not in graph.attrs:
+        raise ValueError(f"the strategy's precision {ctx.strategy.precision} was not applied: run the 'precision' "
+                         "pass first in the pipeline (compile() does by default)")
     reduce = graph.attrs.get(PRECISION_ATTR, {}).get("reduce")
     graph.attrs["grad_buckets"] = [{"axes": b["axes"], "params": b["params"]} | ({"reduce_dtype": reduce} if reduce else {})
                                    for b in buckets]

@@ -97,9 +97,10 @@ class TiedGradientSync:
     def finish(self):
         for names, group in self.groups:
             local = [n for n in names if n in self.params]
-            total = sum(self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n])
-                        for n in local)
+            own = self.params[local[0]].dtype
+            total = sum((self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n]))
+                        .to(GRAD_REDUCE_DTYPE or own) for n in local)  # summed in the plan's reduce dtype
             if group is not None:
                 dist.all_reduce(total, group=group)
             for n in local:
-                self.params[n].grad = total.clone()
+                self.params[n].grad = total.to(own, copy=True)

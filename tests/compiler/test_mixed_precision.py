@@ -226,3 +226,12 @@ def test_emitted_bf16_mixed_dp2_tp2_trains_five_adamw_steps_like_eager_autocast(
     for name in ("blocks.0.mlp.fc.weight", "blocks.1.attn.qkv.weight", "tok_emb.weight"):
         off_bf16 = (saved[name] != saved[name].bfloat16().float()).float().mean().item()
         assert off_bf16 > 0.9, f"{name}: only {off_bf16:.0%} of the elements are finer than bf16"
+
+
+def test_a_pipeline_without_the_precision_pass_is_refused():
+    """A strategy's precision is never silently dropped: a pass list that leaves out ``precision`` fails in
+    grad_sync, naming the pass to add."""
+    with pytest.raises(Exception, match=r"pass 'grad_sync' failed .*the strategy's precision bf16-mixed was not "
+                                        r"applied: run the 'precision' pass first"):
+        compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy={"precision": "bf16-mixed"},
+                passes="decompose,layouts,propagate,boxing,grad_sync")
