@@ -277,10 +277,10 @@ def synced_gradients(graph: Graph, leaves: dict[str, list]) -> dict[str, torch.T
             for axis in bucket["axes"]:
                 grads[p.name] = collective("comm.all_reduce", grads[p.name], m, m.axis_index(axis), {})
             grads[p.name] = [g.to(own) for g in grads[p.name]]
-    reduce = {DTYPES_BY_NAME[b["reduce_dtype"]] for b in graph.attrs.get("grad_buckets", []) if "reduce_dtype" in b}
+    planned = DTYPES_BY_NAME.get(graph.attrs.get("precision", {}).get("reduce"))
     for group in graph.attrs.get("tied_params", []):
         own = grads[group[0].name][0].dtype
-        wide = next(iter(reduce), own)  # the copies' sum in the plan's reduce dtype
+        wide = planned or own  # the copies' sum in the plan's reduce dtype
         total = [sum(part.to(wide) for part in parts).to(own) for parts in zip(*(grads[p.name] for p in group))]
         for p in group:
             grads[p.name] = total
