@@ -512,6 +512,8 @@ def py_int_expr(e: sympy.Expr) -> str:
     e = sympy.sympify(e)
     if e.is_Integer:
         return str(int(e))
+    if e.is_Float:  # a float computed from sizes (ir.types.is_float_expr): its coefficient
+        return repr(float(e))
     if e.is_Symbol:
         return str(e)
     if isinstance(e, sympy.Piecewise):

@@ -41,7 +41,10 @@ BACKWARD_FLOP_FACTOR: dict[str, float] = {
 }
 """Backward FLOPs = factor x forward FLOPs, per op category (see :func:`op_category`)."""
 
-_MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot"}
+_MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot",
+               "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+"""... grouped matmuls of mixture-of-experts layers included: ``aten._grouped_mm`` and transformers' custom op
+``transformers.grouped_mm_fallback`` ((S, K) rows, each by its expert's (K, N) matrix: 2·S·K·N)."""
 _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
                   "_scaled_dot_product_cudnn_attention"}
@@ -62,11 +65,14 @@ _COPY_OPS = {"clone", "contiguous", "cat", "stack", "_to_copy", "to", "copy", "c
 
 
 def normalize_op_name(op: str) -> str:
-    """``aten.linear.default`` / ``aten::linear`` / ``torch.ops.aten.linear`` / ``linear`` -> ``linear``."""
+    """``aten.linear.default`` / ``aten::linear`` / ``torch.ops.aten.linear`` / ``linear`` -> ``linear``; a custom
+    op's name without its namespace and overload (``transformers.grouped_mm_fallback.default`` ->
+    ``grouped_mm_fallback``)."""
     name = op.replace("::", ".")
     for prefix in ("torch.ops.", "aten.", "prims."):
         name = name[len(prefix):] if name.startswith(prefix) else name
-    return name.split(".")[0]
+    parts = name.split(".")
+    return parts[1] if len(parts) == 3 else parts[0]
 
 
 def op_category(op: str) -> str:
