@@ -29,7 +29,7 @@ from cost.boxing import ClusterBoxingCost
 from cost.collectives import collective_time
 from cost.ops import Precision, compute_seconds, peak_flops
 from cost.segments import (BATCH_SYMBOL, CommRecord, ComputeRecord, CostContext, Profile, concrete_shape, op_kind,
-                           op_work, param_record, segment_cost)
+                           op_work, param_record, reads_param, segment_cost)
 from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.layers import POST, PRE, LayerStructure
@@ -357,7 +357,8 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
         node = unit.node
         computes[unit.segment].append(ComputeRecord(node.op, tuple(v.type for v in node.input_values()), ins,
                                                     tuple(o.type for o in node.outputs), outs,
-                                                    any(id(o) in problem.grad for o in node.outputs)))
+                                                    any(id(o) in problem.grad for o in node.outputs),
+                                                    reads_param=reads_param(node)))
     comms = {key: [] for key in (PRE, "first", "rest", POST)}
     for unit_index, position, value, src, weight, boundary in _boxings(result):
         unit = problem.units[unit_index]
