@@ -1,0 +1,150 @@
+"""Issue 16, item 1: custom ops (``torch.library`` ops outside ATen) that ``torch.export`` leaves in the graph.
+
+A custom op with a fake kernel is captured as one op (typed by its fake kernel), runs replicated through the op
+itself (virtual mesh and emitted program alike) and equals eager; one with a decomposition is decomposed at
+capture (``decompose_custom_ops``, default True) and keeps data parallelism; one with neither is one error
+naming the op, its module and what to register. transformers' MoE models in their default experts
+implementation (``grouped_mm``, which under export calls the custom op ``transformers.grouped_mm_fallback``)
+compile under dp2 and fsdp2 and equal eager, the auxiliary load-balancing loss included.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compiler import Cluster, compile
+from frontend.torch_capture import CaptureError
+from ir.ops import registry
+from ir.parser import parse
+from tests.fixtures.custom_ops import custom_op_inputs, custom_op_model
+from tests.launch import assert_state_close, train_eager, train_emitted
+from tests.models import assert_close_to_eager, compile_cached, eager_loss_and_grads
+from tests.zoo import DECODER, _causal_lm, _lm_inputs
+
+AUX_LOSS = {"output_router_logits": True, "router_aux_loss_coef": 0.02}
+"""The router's load-balancing loss is part of the loss (and of the router's gradient)."""
+MOE_MODELS = {
+    "mixtral": _causal_lm("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
+                          router_jitter_noise=0.0, **AUX_LOSS, **DECODER),
+    "qwen3_moe": _causal_lm("Qwen3MoeForCausalLM", "Qwen3MoeConfig", head_dim=8, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                            norm_topk_prob=True, **AUX_LOSS, **DECODER),
+}
+"""Tiny MoE language models in transformers' default experts implementation."""
+
+
+def custom_nodes(plan) -> list[str]:
+    return [n.op for n in plan.graph.nodes if n.op.startswith("sbpc_test.")]
+
+
+def test_custom_op_with_a_fake_kernel_runs_replicated_and_equals_eager(monkeypatch):
+    monkeypatch.setattr(registry, "_WARNED", set())
+    model, inputs = custom_op_model("scaled_tanh"), custom_op_inputs()
+    with pytest.warns(UserWarning, match=r"custom op sbpc_test\.scaled_tanh\.default .* runs replicated"):
+        plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
+    assert custom_nodes(plan) == ["sbpc_test.scaled_tanh.default"]
+    node = next(n for n in plan.graph.nodes if n.op == "sbpc_test.scaled_tanh.default")
+    assert [str(s) for s in node.outputs[0].sbp] == ["B"]
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.parametrize("op", ["gated", "swiglu"])
+def test_custom_op_with_a_decomposition_is_decomposed_and_stays_batch_split(op):
+    """``gated`` has a CompositeImplicitAutograd kernel, ``swiglu`` a registered Python decomposition."""
+    model, inputs = custom_op_model(op), custom_op_inputs()
+    plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
+    assert custom_nodes(plan) == []
+    assert plan.parallelism()["dp"].split_share == pytest.approx(1.0)
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.parametrize("decompose", [False, ["sbpc_test.gated.default"]])
+def test_decomposing_custom_ops_is_a_compile_option(decompose):
+    model, inputs = custom_op_model("swiglu"), custom_op_inputs()
+    plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp", decompose_custom_ops=decompose)
+    assert custom_nodes(plan) == ["sbpc_test.swiglu.default"]  # kept: not selected
+    assert plan.parallelism()["dp"].split_share < 0.6
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+def test_custom_op_without_fake_kernel_or_decomposition_is_one_error_naming_op_and_module():
+    with pytest.raises(CaptureError) as err:
+        compile(custom_op_model("untyped"), custom_op_inputs(), cluster=Cluster.local(2), strategy="dp")
+    message = str(err.value)
+    assert "custom op sbpc_test.untyped.default" in message
+    assert "in module act (CustomActivation)" in message
+    assert 'torch.library.register_fake("sbpc_test::untyped")' in message
+
+
+def test_ir_text_prints_and_parses_custom_op_names():
+    model, inputs = custom_op_model("scaled_tanh"), custom_op_inputs()
+    plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
+    text = str(plan.graph)
+    assert "sbpc_test.scaled_tanh.default(" in text
+    assert str(parse(text)) == text
+
+
+def test_unknown_custom_op_in_ir_text_is_one_error_saying_what_to_import():
+    from ir.ops.custom import UnknownOpError, resolve_op
+    with pytest.raises(UnknownOpError, match=r"nolib\.frobnicate\.default names no registered op.*import the library"):
+        resolve_op("nolib.frobnicate.default")
+
+
+def test_emitted_program_imports_the_module_that_registers_its_custom_op(tmp_path):
+    model, inputs = custom_op_model("scaled_tanh"), custom_op_inputs()
+    plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp", optimizer=(torch.optim.SGD, {"lr": 0.1}))
+    main = plan.emit(tmp_path)
+    source = main.read_text()
+    binding = "sbpc_test_scaled_tanh = load_custom_op('sbpc_test.scaled_tanh.default', 'tests.fixtures.custom_ops')"
+    assert binding in source and "sbpc_test_scaled_tanh(" in source.split(binding)[1]
+    main.write_text(source.replace("'tests.fixtures.custom_ops'", "'tests.fixtures.no_such_module'"))
+    proc = subprocess.run([sys.executable, str(main)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: this program calls the custom op sbpc_test.scaled_tanh.default, which the Python module "
+        "tests.fixtures.no_such_module registers, but tests.fixtures.no_such_module cannot be imported here (No "
+        "module named 'tests.fixtures.no_such_module'); install it (the version the plan was compiled with) on "
+        "every node"]
+
+
+_MOE: dict[str, tuple] = {}
+
+
+def moe_model_and_reference(name: str) -> tuple:
+    """One model instance per name (its capture is shared by the plans), its inputs, eager (loss, grads)."""
+    if name not in _MOE:
+        inputs = _lm_inputs()
+        _MOE[name] = (MOE_MODELS[name](), inputs, eager_loss_and_grads(MOE_MODELS[name](), inputs))
+    return _MOE[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["dp", "fsdp"])
+@pytest.mark.parametrize("name", list(MOE_MODELS))
+def test_transformers_moe_in_its_default_experts_implementation_equals_eager(name, strategy):
+    model, inputs, reference = moe_model_and_reference(name)
+    assert model.lm.config._experts_implementation == "grouped_mm"
+    plan = compile_cached(model, inputs, 2, strategy)
+    assert "transformers.grouped_mm_fallback.default" in {n.op for n in plan.graph.nodes}
+    result = plan.run_virtual(*inputs)
+    assert any("router" in g or ".gate." in g for g in result.grads)
+    assert_close_to_eager(result, model, inputs, reference=reference)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_emitted_mixtral_with_transformers_custom_op_trains_like_eager(tmp_path):
+    optimizer = (torch.optim.AdamW, {"lr": 1e-3})
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 2, "dp", optimizer=optimizer)
+    batches = [_lm_inputs(seed=s) for s in (1, 2, 3)]
+    losses, saved = train_emitted(plan, tmp_path, batches, 3)
+    assert "load_custom_op('transformers.grouped_mm_fallback.default', 'transformers.integrations.moe')" in \
+        (tmp_path / "main.py").read_text()
+    eager = MOE_MODELS["mixtral"]()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(train_eager(eager, batches, 3, optimizer)),
+                               rtol=1e-5, atol=1e-6)
+    assert_state_close(saved, eager)
