@@ -5,7 +5,8 @@ itself (virtual mesh and emitted program alike) and equals eager; one with a dec
 capture (``decompose_custom_ops``, default True) and keeps data parallelism; one with neither is one error
 naming the op, its module and what to register. transformers' MoE models in their default experts
 implementation (``grouped_mm``, which under export calls the custom op ``transformers.grouped_mm_fallback``)
-compile under dp2 and fsdp2 and equal eager, the auxiliary load-balancing loss included.
+compile under dp2, fsdp2 and tp2 (experts' matrices split: sbpc has SBP rules for that op) and equal eager,
+the auxiliary load-balancing loss included.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ir.parser import parse
 from tests.fixtures.custom_ops import custom_op_inputs, custom_op_model
 from tests.launch import assert_state_close, train_eager, train_emitted
 from tests.models import assert_close_to_eager, compile_cached, eager_loss_and_grads
-from tests.zoo import DECODER, _causal_lm, _lm_inputs
+from tests.zoo import DECODER, ZOO, _causal_lm, _lm_inputs
 
 AUX_LOSS = {"output_router_logits": True, "router_aux_loss_coef": 0.02}
 """The router's load-balancing loss is part of the loss (and of the router's gradient)."""
@@ -122,13 +123,19 @@ def moe_model_and_reference(name: str) -> tuple:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["dp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["dp2", "fsdp2", "tp2"])
 @pytest.mark.parametrize("name", list(MOE_MODELS))
 def test_transformers_moe_in_its_default_experts_implementation_equals_eager(name, strategy):
+    """tp2: Megatron attention, experts' matrices split (``transformers.grouped_mm_fallback`` has SBP rules)."""
     model, inputs, reference = moe_model_and_reference(name)
     assert model.lm.config._experts_implementation == "grouped_mm"
-    plan = compile_cached(model, inputs, 2, strategy)
-    assert "transformers.grouped_mm_fallback.default" in {n.op for n in plan.graph.nodes}
+    spec = {"dp2": "dp", "fsdp2": "fsdp", "tp2": ZOO[name].tp_strategy(2)}[strategy]
+    plan = compile_cached(model, inputs, 2, spec)
+    grouped = [n for n in plan.graph.nodes if n.op == "transformers.grouped_mm_fallback.default"]
+    assert len(grouped) == 4  # gate_up and down of 2 layers
+    if strategy == "tp2":
+        assert all(any(str(s) != "B" for v in n.outputs for s in v.sbp) for n in grouped)
+        assert plan.parallelism()["tp"].split_share > 0.99
     result = plan.run_virtual(*inputs)
     assert any("router" in g or ".gate." in g for g in result.grads)
     assert_close_to_eager(result, model, inputs, reference=reference)
@@ -137,7 +144,7 @@ def test_transformers_moe_in_its_default_experts_implementation_equals_eager(nam
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_emitted_mixtral_with_transformers_custom_op_trains_like_eager(tmp_path):
-    optimizer = (torch.optim.AdamW, {"lr": 1e-3})
+    optimizer = (torch.optim.SGD, {"lr": 0.1})
     model, inputs, _ = moe_model_and_reference("mixtral")
     plan = compile_cached(model, inputs, 2, "dp", optimizer=optimizer)
     batches = [_lm_inputs(seed=s) for s in (1, 2, 3)]
