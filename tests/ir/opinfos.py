@@ -689,8 +689,8 @@ def _matmuls() -> None:
     add("aten.matmul.default", T((2, 1, 4, 6)), T((3, 6, 4)))
     add("aten.matmul.default", T((6,)), T((6, 4)))
     import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
-    add("transformers.grouped_mm_fallback.default", T((6, 4)), T((3, 4, 8), param=True),
-        T((3,), torch.int32, "offsets", high=6), note="a custom op of transformers (MoE experts)")
+    add("transformers.grouped_mm_fallback.default", T((6, 4)), T((4, 4, 8), param=True),
+        T((4,), torch.int32, "offsets", high=6), note="a custom op of transformers (MoE experts)")
 
 
 def _lookups() -> None:
