@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from compiler import Cluster, compile
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
@@ -95,19 +97,20 @@ def eager(data):
     return eager_run(data)
 
 
-def run(out: Path, ranks: int, strategy, data: Path, *args: str) -> Path:
+def run(out: Path, ranks: int, strategy, data: Path, *args: str) -> tuple[Path, str]:
+    """Emit the plan into ``out`` and train; the program and its stdout."""
     main = compile(gpt_model(), gpt_inputs(batch=BATCH, seq=SEQ), cluster=Cluster.local(ranks), strategy=strategy,
                    optimizer=SGD).emit(out)
     proc = torchrun(main, ranks, "--steps", str(STEPS), "--data", str(data), *CONTROLS, "--metrics",
                     str(out / "metrics.jsonl"), "--save", str(out / "final.pt"), *args)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return main
+    return main, proc.stdout
 
 
 @pytest.mark.parametrize("name", list(PLANS))
 def test_schedule_clipping_and_accumulation_equal_eager(name, data, eager, tmp_path):
     ranks, strategy = PLANS[name]
-    run(tmp_path, ranks, strategy, data)
+    _, stdout = run(tmp_path, ranks, strategy, data)
     losses, norms, final = eager
     got = records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(STEPS))
@@ -117,6 +120,10 @@ def test_schedule_clipping_and_accumulation_equal_eager(name, data, eager, tmp_p
     expected_lr = [SGD[1]["lr"] * cosine_with_warmup(s) for s in range(STEPS)]
     assert [r["lr"] for r in got] == pytest.approx(expected_lr, rel=1e-12)
     assert all(r["tokens_per_s"] > 0 and r["memory_bytes"] > 0 for r in got)
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]  # not a terminal: a line per step
+    assert len(lines) == STEPS
+    assert re.fullmatch(r"step 1 loss [0-9.]+ tokens/s \d+ step_time [0-9.]+s memory [0-9.]+MiB lr [0-9.e-]+ "
+                        r"grad_norm [0-9.]+", lines[1]), lines[1]
     saved = torch.load(tmp_path / "final.pt", weights_only=True)
     for key, value in final.items():
         torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -127,13 +134,16 @@ def test_a_resumed_run_continues_the_schedule_and_the_token_stream_bitwise(data,
     steps 2-3 give the same losses, norms and learning rates, bit for bit (the schedule's state and the token
     file's position come from the checkpoint)."""
     full = tmp_path / "full"
-    main = run(full, 2, "dp", data, "--checkpoint-every", "2", "--checkpoint-dir", str(full / "checkpoints"))
+    main, _ = run(full, 2, "dp", data, "--checkpoint-every", "2", "--checkpoint-dir", str(full / "checkpoints"))
     resumed = tmp_path / "resumed"
     shutil.copytree(full / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
     proc = torchrun(main, 2, "--steps", str(STEPS), "--data", str(data), *CONTROLS, "--resume", "--checkpoint-dir",
                     str(resumed / "checkpoints"), "--metrics", str(resumed / "metrics.jsonl"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "at step 2" in proc.stdout
+    position = {"train.data_position": 0, "train.step": 0}
+    dcp.load(position, checkpoint_id=str(full / "checkpoints" / "step-00000002"), no_dist=True)
+    assert position == {"train.data_position": 2 * ACCUM * BATCH, "train.step": 2}  # samples handed out
     fields = ("step", "loss", "grad_norm", "lr")
     expected = [{k: r[k] for k in fields} for r in records(full / "metrics.jsonl")[2:]]
     assert [{k: r[k] for k in fields} for r in records(resumed / "metrics.jsonl")] == expected
