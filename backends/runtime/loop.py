@@ -1,4 +1,4 @@
-"""Training loop parts: the command line, batches, weights, the optimizer, reports, saving."""
+"""Training loop parts: the command line, inputs, weights, the optimizer, the loss, saving."""
 import argparse
 import gc
 import os
