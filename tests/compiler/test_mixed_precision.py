@@ -235,3 +235,17 @@ def test_a_pipeline_without_the_precision_pass_is_refused():
                                         r"applied: run the 'precision' pass first"):
         compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy={"precision": "bf16-mixed"},
                 passes="decompose,layouts,propagate,boxing,grad_sync")
+
+
+@pytest.mark.multiproc
+def test_emitted_fsdp_bf16_reduce_equals_the_virtual_mesh_bitwise(tmp_path):
+    """FSDP over dp2 with bf16 compute and bf16 gradient reduce-scatters: 2 AdamW steps under torchrun equal
+    the virtual mesh's bitwise (2-rank sums: the same order; the same casts and reduce dtype)."""
+    data = [gpt_inputs(seed=30 + i) for i in range(2)]
+    plan = compile(gpt_model(), data[0], cluster=Cluster.local(2), optimizer=BF16_MIXED_ADAMW,
+                   strategy={"mesh": {"dp": 2}, "fsdp": "dp", "precision": {**MIXED, "reduce": "bf16"}})
+    losses, saved = train_emitted(plan, tmp_path, data, steps=2)
+    virtual_losses, trained = train_virtual(plan, data, 2, BF16_MIXED_ADAMW)
+    assert losses == virtual_losses
+    for name, value in trained.items():
+        assert torch.equal(saved[name], value), name
