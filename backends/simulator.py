@@ -59,6 +59,8 @@ class SimReport:
     notes: list = field(default_factory=list)
     estimate: Estimate | None = field(default=None, repr=False)
     shape: PlanShape | None = field(default=None, repr=False)
+    precision: str = ""
+    """What was priced: the compute dtype and bytes per element (:meth:`cost.ops.Precision.describe`)."""
 
     def summary(self) -> str:
         """A few lines for people."""
@@ -70,6 +72,8 @@ class SimReport:
                  f"pipeline bubble {self.bubble_fraction * 100:.1f}%",
                  "traffic per step: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in
                                                   sorted(self.comm_bytes_by_link_class.items()))]
+        if self.precision:
+            lines.append(f"priced with {self.precision}")
         return "\n".join(lines + self.notes)
 
     # -- timelines -------------------------------------------------------------------------------
@@ -146,7 +150,7 @@ def price_ir(graph: Graph, strategy: Strategy, cluster: Cluster, options: PlanOp
     structure = find_layers(graph)
     dims = graph.attrs.get("example_dims") or {}
     batch = int(options.global_batch or dims.get("batch", 1))
-    profile = ir_profile(graph, Precision.of(options.precision), global_batch=batch, structure=structure)
+    profile = ir_profile(graph, Precision.resolve(options.precision, graph), global_batch=batch, structure=structure)
     cut = _stage_layers_of_ir(structure)
     if cut is not None:  # the pipeline pass chose (or honoured) the cut: price the stages it made
         strategy = replace(strategy, pipeline=replace(strategy.pipeline, stage_layers=tuple(map(tuple, cut))))
@@ -184,15 +188,14 @@ def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Clus
     step = estimate.step_time_s
     samples = profile.global_batch / step if step > 0 else 0.0
     tokens = samples * profile.tokens_per_sample if profile.tokens_per_sample > 1 else None
-    precision = Precision.of(options.precision)
-    peak = sum(peak_flops(d, precision) for d in cluster.devices)
+    peak = sum(peak_flops(d, profile.precision) for d in cluster.devices)
     mfu = estimate.flops_per_step / (step * peak) if step > 0 else 0.0
     stage_times = [{"stage": s.index, "rank": s.rank, "layers": s.layers, "fwd_compute_s": s.fwd_compute_s,
                     "fwd_comm_s": s.fwd_comm_s, "bwd_compute_s": s.bwd_compute_s, "bwd_comm_s": s.bwd_comm_s,
                     "recompute_s": s.recompute_s, "send_s": s.send_s, "weight_s": s.weight_s} for s in estimate.stages]
     return SimReport(step, samples, tokens, mfu, estimate.peak_memory_bytes, estimate.fits, dict(estimate.comm_bytes),
                      estimate.flops_per_step, estimate.bubble_fraction, stage_times, cluster.name, strategy, source,
-                     list(estimate.notes), estimate, shape)
+                     list(estimate.notes), estimate, shape, profile.precision.describe())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages
                                  stage_index, tied_groups)
 from ir.ops.registry import LocalContext, local_call, local_shape
 from ir.sbp import format_nd_sbp
+from ir.types import DTYPES_BY_NAME
 
 COMM_FUNCS = {"comm.all_reduce": "comm_all_reduce", "comm.all_gather": "comm_all_gather",
               "comm.reduce_scatter": "comm_reduce_scatter", "comm.all_to_all": "comm_all_to_all",
@@ -260,8 +261,12 @@ class ProgramWriter:
         """Aliases, gradient buckets (parameters by ``key(value)``), the loss layout, the optimizer, example dims."""
         buckets = "".join(f"    ({tuple(b['axes'])!r}, [\n{_wrapped([repr(key(p)) for p in b['params']], 8)}]),\n"
                           for b in self.graph.attrs.get("grad_buckets", []))
+        reduce = {b.get("reduce_dtype") for b in self.graph.attrs.get("grad_buckets", [])} - {None}
+        reduce_dtype = f"torch.{DTYPES_BY_NAME[reduce.pop()]}".replace("torch.torch.", "torch.") if reduce else None
         return {"ALIASES": f"ALIASES = {self.aliases!r}",
                 "GRAD_BUCKETS": f"GRAD_BUCKETS = [  # mesh axes, parameters\n{buckets}]",
+                "GRAD_REDUCE_DTYPE": f"GRAD_REDUCE_DTYPE = {reduce_dtype}  # gradients are summed in this dtype "
+                                     "(the plan's precision)",
                 "LOSS_SBP": f"LOSS_SBP = {[str(s) for s in self.graph.loss.sbp]!r}",
                 "OPTIMIZER": f"OPTIMIZER = ({self.optimizer[0]!r}, {self.optimizer[1]!r})",
                 "EXAMPLE_DIMS": f"EXAMPLE_DIMS = {self.example_dims!r}"}

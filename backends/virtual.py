@@ -21,8 +21,8 @@ from ir.core import Graph, Node, Value
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import LocalContext, coord_symbol, local_call
 from ir.sbp import Broadcast, NdSbp, Partial, Split
-from ir.types import Mesh, is_float_expr
 from ir.ops.custom import resolve_op
+from ir.types import DTYPES_BY_NAME, Mesh, is_float_expr
 
 
 class VirtualRunError(RuntimeError):
@@ -103,6 +103,8 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
     graph): a real rank's result lives in its own memory, so an in-place op on one rank must not
     reach another."""
     n = len(xs)
+    if kw.get("grad_dtype") is not None and op in ("comm.all_reduce", "comm.all_gather") and kw.get("op") != "max":
+        return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], *xs))
     if op == "comm.all_reduce":
         total = torch.stack(xs).amax(0) if kw.get("op") == "max" else torch.stack(xs).sum(0)
         return [total.clone() for _ in range(n)]
@@ -118,6 +120,24 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
     if op == "comm.mask":
         return [x if k == 0 else x * 0 for k, x in enumerate(xs)]
     raise VirtualRunError(f"unknown collective {op}")
+
+
+class GroupCollective(torch.autograd.Function):
+    """One group's all-reduce (sum) or all-gather whose backward sums the ranks' gradients in ``grad_dtype``
+    (the plan's reduce dtype) and rounds the sum to the value's dtype once, as the real program's adjoint
+    collective does; autograd alone would add the gradients up in their own dtype."""
+
+    @staticmethod
+    def forward(ctx, op, dim, grad_dtype, *xs):
+        ctx.op, ctx.dim, ctx.grad_dtype, ctx.dtype = op, dim, grad_dtype, xs[0].dtype
+        whole = torch.stack(xs).sum(0) if op == "comm.all_reduce" else torch.cat(xs, dim=dim)
+        return tuple(whole.clone() for _ in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = torch.stack([g.to(ctx.grad_dtype) for g in grads]).sum(0).to(ctx.dtype)
+        parts = [total] * len(grads) if ctx.op == "comm.all_reduce" else total.chunk(len(grads), dim=ctx.dim)
+        return (None, None, None, *(p.clone() for p in parts))
 
 
 # -- running a graph --------------------------------------------------------------------------------
@@ -249,12 +269,19 @@ def synced_gradients(graph: Graph, leaves: dict[str, list]) -> dict[str, torch.T
     grads = {p.name: [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves[p.name]]
              for p in graph.params if p.trainable}
     for bucket in graph.attrs.get("grad_buckets", []):
+        reduce = DTYPES_BY_NAME.get(bucket.get("reduce_dtype"))
         for p in bucket["params"]:
             m = graph.meshes[p.mesh]
+            own = grads[p.name][0].dtype
+            grads[p.name] = [g.to(reduce or own) for g in grads[p.name]]  # summed in the plan's reduce dtype
             for axis in bucket["axes"]:
                 grads[p.name] = collective("comm.all_reduce", grads[p.name], m, m.axis_index(axis), {})
+            grads[p.name] = [g.to(own) for g in grads[p.name]]
+    planned = DTYPES_BY_NAME.get(graph.attrs.get("precision", {}).get("reduce"))
     for group in graph.attrs.get("tied_params", []):
-        total = [sum(parts) for parts in zip(*(grads[p.name] for p in group))]
+        own = grads[group[0].name][0].dtype
+        wide = planned or own  # the copies' sum in the plan's reduce dtype
+        total = [sum(part.to(wide) for part in parts).to(own) for parts in zip(*(grads[p.name] for p in group))]
         for p in group:
             grads[p.name] = total
     out: dict[str, torch.Tensor] = {}
@@ -391,7 +418,9 @@ class PipelineRunner:
         if not self.train:
             return self._infer()
         self._run_schedule()
-        result = VirtualResult(loss=sum(self.losses[m] for m in sorted(self.losses)), buffers=self._buffers())
+        # stacked, a low-precision loss's microbatch shares are summed in float32 and rounded once
+        result = VirtualResult(loss=torch.stack([self.losses[m] for m in sorted(self.losses)]).sum(0),
+                               buffers=self._buffers())
         result.grads = synced_gradients(self.graph, {p.name: self.shared[id(p)] for p in self.graph.params})
         return result
 

@@ -14,7 +14,7 @@ from frontend.torch_capture import Captured, capture
 from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
-from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate, recompute  # noqa: F401  (register passes)
+from passes import boxing, decompose, grad_sync, layouts, pipeline, precision, propagate, recompute  # noqa: F401  (register passes)
 from passes.manager import PassContext, as_calls, run_passes
 from strategy import Strategy
 
@@ -161,10 +161,12 @@ def check_example_inputs(graph: Graph, inputs: tuple) -> None:
 
 
 def passes_for(strategy: Strategy) -> list[str]:
-    """The pass pipeline for a strategy: pipeline cutting and scheduling when it has stages."""
+    """The pass pipeline for a strategy: the casts of its precision first when it names one, pipeline
+    cutting and scheduling when it has stages."""
+    first = ["precision"] if strategy.precision is not None else []
     if strategy.is_pipelined:
-        return DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
-    return DEFAULT_PASSES + ["recompute"]
+        return first + DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
+    return first + DEFAULT_PASSES + ["recompute"]
 
 
 def search_strategy(graph: Graph, cluster: Cluster, strategy: Strategy, *, train: bool, **options):

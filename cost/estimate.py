@@ -32,7 +32,7 @@ import numpy as np
 
 from cluster import Cluster, Device
 from cost.collectives import collective_time, collective_traffic, p2p_time
-from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, OPTIMIZER_STEP_BYTES, MemoryEstimate
+from cost.memory import OPTIMIZER_STATES, MemoryEstimate, optimizer_step_bytes
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, at
 from cost.timeline import ScheduleTimeline, simulate
@@ -45,8 +45,10 @@ class PlanOptions:
 
     global_batch: int | None = None
     """Samples per step (default: the example inputs' batch size)."""
-    precision: str = "fp32"
-    """``fp32``/``tf32`` or mixed ``bf16``/``fp16`` (2-byte activations and weights, fp32 master copy)."""
+    precision: str | None = None
+    """None: the model's own dtypes (each tensor at its size, compute at the model dtype's peak); or a
+    what-if: ``fp32``/``tf32``, or mixed ``bf16``/``fp16`` (2-byte activations and weights, fp32 master
+    copy and optimizer state) — see :class:`cost.ops.Precision`."""
     optimizer: str = "adamw"
     """Optimizer state to budget memory for: ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``."""
     reference_batch: int = 1
@@ -228,10 +230,9 @@ class Estimator:
             else:
                 fwd += seconds
         if self.fsdp_analytic(shape):  # gather for forward, gather again for backward, reduce-scatter grads
-            nbytes = segment.param_elements() * self.profile.precision.param_bytes
-            gather = self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
+            gather = self._collective("all_gather", segment.param_bytes(), devices, shape, shape.fsdp_axis)
             fwd += gather
-            grads = segment.param_elements(trainable_only=True) * self.profile.precision.param_bytes
+            grads = segment.param_bytes(trainable_only=True)
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
         return fwd, bwd
 
@@ -332,7 +333,7 @@ class Estimator:
             if DATA_AXIS in self.profile.analytic_axes and not fsdp and shape.size(DATA_AXIS) > 1:
                 axes = (DATA_AXIS,) + axes
             if axes:
-                by_axes[axes] += p.local_elements * self.profile.precision.param_bytes
+                by_axes[axes] += p.local_bytes
         devices = shape.stage_devices[rank]
         total = sum(self._collective("all_reduce", nbytes, devices, shape, axes) for axes, nbytes in by_axes.items())
         if not self.overlap_grad_sync:
@@ -344,13 +345,20 @@ class Estimator:
     def _optimizer_time(self, shape: PlanShape, rank: int) -> float:
         if not self.profile.train:
             return 0.0
-        elements = self._param_elements(shape, rank, trainable_only=True)
-        per_param = OPTIMIZER_STEP_BYTES.get(shape.optimizer, 28) + (4 if self.profile.precision.param_bytes < 4 else 0)
+        optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
+        master = self.profile.precision.master_weights
+        moved = sum(p.local_elements * optimizer_step_bytes(optimizer, p.element_bytes, master)
+                    for p in self._stage_params(shape, rank) if p.trainable)
+        if self.fsdp_analytic(shape):
+            moved /= shape.size(shape.fsdp_axis)
         bandwidth = min(self.cluster.device(d).memory_bandwidth_Bps or 1e11 for d in shape.stage_devices[rank])
-        return elements * per_param / bandwidth
+        return moved / bandwidth
 
-    def _param_elements(self, shape: PlanShape, rank: int, trainable_only: bool = False) -> float:
-        elements = sum(p.local_elements for p in self._stage_params(shape, rank) if p.trainable or not trainable_only)
+    def _param_elements(self, shape: PlanShape, rank: int, trainable_only: bool = False, in_bytes: bool = False
+                        ) -> float:
+        """Parameter elements (``in_bytes``: their bytes) a device of pipeline rank ``rank`` stores."""
+        elements = sum(p.local_bytes if in_bytes else p.local_elements for p in self._stage_params(shape, rank)
+                       if p.trainable or not trainable_only)
         if self.fsdp_analytic(shape):
             elements /= shape.size(shape.fsdp_axis)
         return elements
@@ -361,7 +369,7 @@ class Estimator:
         prof = self.profile
         batch = self.microbatch_size(shape)
         pending = _pending_per_stage(shape, actions)
-        optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
+        optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
         out = {}
         for rank in range(shape.pp):
             kept = 0.0
@@ -370,12 +378,15 @@ class Estimator:
                     continue
                 kept += self._stage_activations(shape, k, batch, pending[k])
             elements = self._param_elements(shape, rank)
+            stored = self._param_elements(shape, rank, in_bytes=True)
+            per_element = stored / elements if elements else 4.0
             if prof.train:
                 estimate = MemoryEstimate.estimate(
-                    elements, kept, optimizer=optimizer, param_dtype_bytes=prof.precision.param_bytes,
+                    elements, kept, optimizer=optimizer, param_dtype_bytes=per_element,
+                    master_weights=prof.precision.master_weights,
                     trainable_params=self._param_elements(shape, rank, trainable_only=True))
             else:
-                estimate = MemoryEstimate(prof.precision.param_bytes * elements, 0.0, 0.0, kept)
+                estimate = MemoryEstimate(stored, 0.0, 0.0, kept)
             for d in shape.stage_devices[rank]:
                 out[d] = estimate
         return out
@@ -391,7 +402,7 @@ class Estimator:
         for j in segments:
             saved = at(prof.segments[j].saved_bytes, batch)
             if self.fsdp_analytic(shape):
-                gathered = max(gathered, prof.segments[j].param_elements() * prof.precision.param_bytes)
+                gathered = max(gathered, prof.segments[j].param_bytes())
             part = prof.segments[j].recomputed_part
             if j in shape.recompute:
                 per_microbatch += at(prof.segments[j - 1].output_bytes, batch) if j > 0 else 0.0
@@ -420,9 +431,9 @@ class Estimator:
                 for item in segment.comms + [i for i in rerun if not i.backward]:  # recomputed forwards again
                     self._add_traffic(traffic, item.kind, at(item.nbytes, batch), stage.devices, shape, item.axis, m)
                 if self.fsdp_analytic(shape):
-                    nbytes = segment.param_elements() * prof.precision.param_bytes
-                    self._add_traffic(traffic, "all_gather", nbytes, stage.devices, shape, shape.fsdp_axis, 2 * m)
-                    grads = segment.param_elements(trainable_only=True) * prof.precision.param_bytes
+                    self._add_traffic(traffic, "all_gather", segment.param_bytes(), stage.devices, shape,
+                                      shape.fsdp_axis, 2 * m)
+                    grads = segment.param_bytes(trainable_only=True)
                     self._add_traffic(traffic, "reduce_scatter", grads, stage.devices, shape, shape.fsdp_axis, m)
             if stage.index < shape.num_stages - 1:
                 nxt = shape.stage_devices[shape.rank_of_stage(stage.index + 1)]
@@ -438,7 +449,7 @@ class Estimator:
                 if DATA_AXIS in prof.analytic_axes and not self.fsdp_analytic(shape) and shape.size(DATA_AXIS) > 1:
                     axes = (DATA_AXIS,) + axes
                 if axes and prof.train:
-                    by_axes[axes] += p.local_elements * prof.precision.param_bytes
+                    by_axes[axes] += p.local_bytes
             for axes, nbytes in by_axes.items():
                 self._add_traffic(traffic, "all_reduce", nbytes, shape.stage_devices[rank], shape, axes, 1)
         return dict(traffic)

@@ -11,11 +11,32 @@ import sympy
 from cluster import Device
 from cost.ops import Shape, numel
 
-OPTIMIZER_STATE_BYTES_PER_PARAM = {"sgd": 0, "sgd_momentum": 4, "adam": 8, "adamw": 8}
-"""fp32 optimizer state per parameter: SGD none (momentum: one buffer), Adam/AdamW two moments."""
+OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}
+"""Optimizer state tensors per parameter: SGD none (momentum: one buffer), Adam/AdamW two moments. torch
+keeps them in the parameter's dtype (``zeros_like``); mixed precision keeps them in fp32."""
 
-OPTIMIZER_STEP_BYTES = {"sgd": 12, "sgd_momentum": 20, "adam": 28, "adamw": 28}
-"""Bytes read and written per parameter by one optimizer step (fp32: params, grads, states)."""
+OPTIMIZER_STATE_BYTES_PER_PARAM = {name: 4 * n for name, n in OPTIMIZER_STATES.items()}
+"""fp32 optimizer state per parameter."""
+
+OPTIMIZER_STEP_ACCESSES = {"sgd": 3, "sgd_momentum": 5, "adam": 7, "adamw": 7}
+"""Elements read or written per parameter by one optimizer step: the parameter (read, written), its
+gradient (read) and each state (read, written)."""
+
+OPTIMIZER_STEP_BYTES = {name: 4 * n for name, n in OPTIMIZER_STEP_ACCESSES.items()}
+"""Bytes read and written per parameter by one fp32 optimizer step."""
+
+
+def state_element_bytes(param_bytes: float, master_weights: bool) -> float:
+    """Bytes of one optimizer state element: fp32 beside master weights, else the parameter's size."""
+    return 4 if master_weights else param_bytes
+
+
+def optimizer_step_bytes(optimizer: str, param_bytes: float, master_weights: bool) -> float:
+    """Bytes one optimizer step reads and writes per parameter of ``param_bytes`` (with master weights the
+    update runs on the fp32 copy and its fp32 states, then writes the low-precision parameter)."""
+    if not master_weights:
+        return OPTIMIZER_STEP_ACCESSES[optimizer] * param_bytes
+    return OPTIMIZER_STEP_BYTES[optimizer] + param_bytes
 
 PIPELINE_SCHEDULES = ("none", "1f1b", "gpipe", "zb-h1")
 """The one-stage-per-rank schedules :func:`in_flight_microbatches` knows in closed form."""
@@ -73,16 +94,18 @@ class MemoryEstimate:
         ``activation_bytes`` is what one microbatch keeps for backward on this stage; ``stage_input_bytes``
         the stage's input per microbatch. Without recomputation every in-flight microbatch keeps its
         activations; with it they keep only the stage input, plus one microbatch re-materialised during
-        its backward. Mixed precision (params under 4 bytes) adds an fp32 master copy unless
-        ``master_weights`` says otherwise. Optimizer state is :data:`OPTIMIZER_STATE_BYTES_PER_PARAM`.
+        its backward. Mixed precision (params under 4 bytes) adds an fp32 master copy and keeps the
+        optimizer state (:data:`OPTIMIZER_STATES`) in fp32 unless ``master_weights`` says otherwise
+        (False: pure low-precision training, the state in the parameters' dtype).
         Gradients, optimizer state and master copies exist for the ``trainable_params`` only (default:
         all ``num_params``; frozen parameters have none).
         """
-        if optimizer not in OPTIMIZER_STATE_BYTES_PER_PARAM:
-            raise ValueError(f"expected an optimizer in {sorted(OPTIMIZER_STATE_BYTES_PER_PARAM)}, found {optimizer!r}")
+        if optimizer not in OPTIMIZER_STATES:
+            raise ValueError(f"expected an optimizer in {sorted(OPTIMIZER_STATES)}, found {optimizer!r}")
         master = param_dtype_bytes < 4 if master_weights is None else master_weights
         trainable = num_params if trainable_params is None else trainable_params
-        optimizer_bytes = (OPTIMIZER_STATE_BYTES_PER_PARAM[optimizer] + (4 if master else 0)) * trainable
+        state = OPTIMIZER_STATES[optimizer] * state_element_bytes(param_dtype_bytes, master)
+        optimizer_bytes = (state + (4 if master else 0)) * trainable
         in_flight = in_flight_microbatches(schedule, num_stages, stage_index, num_microbatches)
         kept = in_flight * stage_input_bytes + activation_bytes if recompute else in_flight * activation_bytes
         return cls(parameters=param_dtype_bytes * num_params,

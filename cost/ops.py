@@ -15,6 +15,8 @@ import numpy as np
 import sympy
 
 from cluster import Device
+from ir.precision import model_dtype
+from ir.types import DTYPES_BY_NAME, dtype_size
 
 DEFAULT_OP_OVERHEAD_S = 5e-6
 """Launch/dispatch time of one eager op when neither the options nor the device say (backward ops
@@ -149,26 +151,27 @@ def op_backward_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[
 
 
 def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
-             attrs: Mapping[str, Any] | None = None, dtype_bytes: int = 4) -> sympy.Expr:
-    """Memory traffic of one op: every input read and output written once, ``dtype_bytes`` each.
+             attrs: Mapping[str, Any] | None = None, dtype_bytes: int | Sequence[int] = 4) -> sympy.Expr:
+    """Memory traffic of one op: every input read and output written once, ``dtype_bytes`` per element
+    (one size for all, or one per tensor: the inputs', then the outputs').
 
     Views move nothing (0). Embedding reads only the looked-up rows: 8-byte indices plus the output
     read from the table and written (2 x output).
     """
+    sizes = list(dtype_bytes) if isinstance(dtype_bytes, Sequence) else [dtype_bytes] * (len(in_shapes) + len(out_shapes))
     category = op_category(op)
     if category == "view":
         return sympy.Integer(0)
     if category == "embedding":
         indices = in_shapes[1] if len(in_shapes) > 1 else ()
-        return 8 * numel(indices) + 2 * dtype_bytes * _output_numel(op, in_shapes, out_shapes)
-    elements = sum((numel(s) for s in in_shapes), sympy.Integer(0)) + \
-        sum((numel(s) for s in out_shapes), sympy.Integer(0))
-    return dtype_bytes * elements
+        return 8 * numel(indices) + 2 * sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
+    return sum((size * numel(s) for s, size in zip([*in_shapes, *out_shapes], sizes)), sympy.Integer(0))
 
 
 def op_time(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape], attrs: Mapping[str, Any] | None,
-            device: Device, dtype: str = "fp32", dtype_bytes: int = 4) -> sympy.Expr:
-    """Roofline time of one op on ``device``: max(FLOPs / peak FLOP/s of ``dtype``, bytes / memory bandwidth)."""
+            device: Device, dtype: str = "fp32", dtype_bytes: int | Sequence[int] = 4) -> sympy.Expr:
+    """Roofline time of one op on ``device``: max(FLOPs / peak FLOP/s of ``dtype``, bytes / memory bandwidth)
+    (``dtype_bytes`` as :func:`op_bytes` takes it)."""
     if dtype not in device.peak_flops:
         raise ValueError(f"device {device.id} ({device.kind}) has no peak FLOP/s for {dtype}; "
                          f"known: {sorted(device.peak_flops)}")
@@ -268,26 +271,72 @@ def _loss_flops(op: str, in_shapes: Sequence[Shape]) -> sympy.Expr:
 # ==================================================================================================
 
 
+COMPUTE_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "f64": "fp32"}
+"""IR dtype -> the device's peak FLOP/s entry a model of that dtype computes at (f64 has none: fp32's)."""
+NAMED_FLOAT_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+
+
 @dataclass(frozen=True)
 class Precision:
-    """How a plan computes: the peak FLOP/s entry to use and bytes per activation and parameter element."""
+    """How a plan is priced: the peak FLOP/s entry its arithmetic runs at, and bytes per tensor element.
+
+    A model's own precision (:meth:`resolve` without a name) prices every tensor at its dtype's size: a
+    bf16 model has 2-byte activations, parameters, gradients and optimizer state, as eager training of
+    a bf16 model keeps them, and computes at the bf16 peak. A named precision other than the model's
+    prices a what-if: every float tensor at the named size, and with ``bf16``/``fp16`` an fp32 master
+    copy and fp32 optimizer state beside the 2-byte parameters (mixed-precision training).
+    """
 
     name: str
-    activation_bytes: int
-    param_bytes: int
+    """The peak FLOP/s entry: ``fp32``, ``tf32``, ``bf16`` or ``fp16``."""
+    float_bytes: int | None = None
+    """Bytes of every float tensor (a what-if); None: each tensor at its own dtype's size."""
+    master_weights: bool = False
+    """An fp32 master copy of the parameters and fp32 optimizer state (mixed precision)."""
+    graph_float_bytes: int = 4
+    """Bytes of the graph's own float elements (what :attr:`scale` compares ``float_bytes`` with)."""
 
     @staticmethod
     def of(name: str) -> "Precision":
-        """``fp32`` / ``tf32`` (4-byte tensors) or ``bf16`` / ``fp16`` (2-byte tensors, fp32 master weights)."""
-        table = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
-        if name not in table:
-            raise ValueError(f"expected a precision in {sorted(table)}, found {name!r}")
-        return Precision(name, table[name], table[name])
+        """The named precision on an fp32 graph: ``fp32`` / ``tf32`` (4-byte tensors) or ``bf16`` / ``fp16``
+        (2-byte tensors, fp32 master weights and optimizer state)."""
+        if name not in NAMED_FLOAT_BYTES:
+            raise ValueError(f"expected a precision in {sorted(NAMED_FLOAT_BYTES)}, found {name!r}")
+        size = NAMED_FLOAT_BYTES[name]
+        return Precision(name, None if size == 4 else size, size < 4)
+
+    @staticmethod
+    def resolve(name: str | None, graph) -> "Precision":
+        """The precision to price ``graph`` with: its model's own (``name`` None, or the model's dtype, or
+        ``tf32`` for an fp32 model: only the peak differs; a plan with a mixed precision, graph attr ``precision``:
+        its compute dtype's peak, each tensor at its dtype's size) or the named what-if."""
+        dtype = model_dtype(graph)
+        own = COMPUTE_NAMES.get(dtype, "fp32")
+        planned = graph.attrs.get("precision")  # a plan's mixed precision: casts in the IR, fp32 master weights
+        if planned is not None:
+            own = COMPUTE_NAMES[planned["compute"]]
+        if name is None or name == own or (name == "tf32" and own == "fp32"):
+            return Precision(name or own)
+        named = Precision.of(name)
+        return Precision(named.name, NAMED_FLOAT_BYTES[name], named.master_weights, dtype_size(dtype))
+
+    def element_bytes(self, dtype: str) -> int:
+        """Bytes of one element of a tensor of IR dtype ``dtype`` (``f32``, ``bf16``, ``i64``...) as priced."""
+        if self.float_bytes is not None and DTYPES_BY_NAME[dtype].is_floating_point:
+            return self.float_bytes
+        return dtype_size(dtype)
+
+    def describe(self) -> str:
+        """What is priced, for reports: ``bf16 compute (each tensor at its dtype's size)``, or the what-if."""
+        if self.float_bytes is None:
+            return f"{self.name} compute (each tensor at its dtype's size)"
+        master = ", fp32 master weights and optimizer state" if self.master_weights else ""
+        return f"{self.name} compute ({self.float_bytes}-byte float tensors{master})"
 
     @property
     def scale(self) -> float:
-        """Bytes per element relative to the 4-byte tensors the IR types describe."""
-        return self.activation_bytes / 4
+        """Bytes of a float element relative to the graph's own (for costs computed from the IR types)."""
+        return self.float_bytes / self.graph_float_bytes if self.float_bytes else 1.0
 
 
 def peak_flops(device: Device, precision: Precision) -> float:

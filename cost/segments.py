@@ -30,7 +30,7 @@ from ir.layers import LayerStructure, find_layers
 from ir.ops.comm import ADJOINTS
 from ir.recompute import RECOMPUTE_ATTR
 from ir.sbp import Split
-from ir.types import Mesh, TensorType, dim_symbol
+from ir.types import Mesh, TensorType, dim_symbol, dtype_size
 
 BATCH_SYMBOL = "batch"
 COMM_PREFIX = "comm."
@@ -130,13 +130,20 @@ class CommRecord:
 
 @dataclass
 class ParamRecord:
-    """A parameter: bytes each device stores (4-byte elements) and the mesh axes its gradient is summed over."""
+    """A parameter: the elements each device stores, their size, and the mesh axes its gradient is summed over."""
 
     name: str
     local_elements: float
     grad_axes: tuple
     trainable: bool = True
     """False for a frozen parameter: stored, but no gradient and no optimizer state."""
+    element_bytes: int = 4
+    """Bytes per element as priced (the parameter's dtype, or a what-if precision's); its gradient has as many."""
+
+    @property
+    def local_bytes(self) -> float:
+        """Bytes each device stores (and, trainable, the bytes of its gradient)."""
+        return self.local_elements * self.element_bytes
 
 
 @dataclass
@@ -184,6 +191,11 @@ class SegmentCost:
         """Parameter elements one device stores for this segment (``trainable_only``: those with a
         gradient and optimizer state)."""
         return sum(p.local_elements for p in self.params if p.trainable or not trainable_only)
+
+    def param_bytes(self, trainable_only: bool = False) -> float:
+        """Bytes of the parameters one device stores for this segment (``trainable_only``: as above); a
+        trainable parameter's gradient has as many."""
+        return sum(p.local_bytes for p in self.params if p.trainable or not trainable_only)
 
     def compute_time(self, batch: float, device: Device, precision: Precision,
                      overhead_s: float | None = None) -> tuple[float, float]:
@@ -268,11 +280,13 @@ def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision,
     if local:
         ins = [local_shape(s, nd, mesh.shape) for s, nd in zip(ins, record.in_sbps)]
         outs = [local_shape(s, nd, mesh.shape) for s, nd in zip(outs, record.out_sbps)]
-    return _work(record.op, tuple(ins), tuple(outs), precision.activation_bytes, record.has_grad)
+    element_bytes = tuple(precision.element_bytes(t.dtype) for t in (*record.in_types, *record.out_types))
+    return _work(record.op, tuple(ins), tuple(outs), element_bytes, record.has_grad)
 
 
 @functools.lru_cache(maxsize=65536)
-def _work(op: str, ins: tuple, outs: tuple, element_bytes: int, has_grad: bool) -> tuple[float, float, float]:
+def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool) -> tuple[float, float, float]:
+    """``element_bytes``: per tensor, the inputs' then the outputs'."""
     flops = float(op_flops(op, ins, outs))
     nbytes = float(op_bytes(op, ins, outs, dtype_bytes=element_bytes))
     backward = float(op_backward_flops(op, ins, outs)) if has_grad else 0.0
@@ -300,7 +314,6 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     fwd_ops = bwd_ops = 0
     saved = np.zeros(2)
     model = np.zeros(2)
-    scale = ctx.precision.activation_bytes
     for record in computes:
         if is_view(record.op):  # no work, but a dispatched op (and a backward node) all the same
             dispatched = op_kind(record.op)[0] not in UNDISPATCHED_OPS
@@ -320,7 +333,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
             bwd_kinds.append(kind)
             weight_shares.append(WEIGHT_GRADIENT_SHARE.get(op_category(record.op), 0.0) if record.reads_param else 0.0)
             bwd_ops += 1
-            saved += _local_bytes(record.out_types, record.out_sbps, ctx, scale)
+            saved += _local_bytes(record.out_types, record.out_sbps, ctx)
         full = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision, local=False)))
         model += full[:, 0] + (full[:, 2] if ctx.train else 0.0)
     items = []
@@ -338,7 +351,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
                 saved += nbytes  # the gathered tensor is an input some op keeps for backward
     output = np.zeros(2)
     for t, nd in output_values:
-        output += _local_bytes((t,), (nd,), ctx, scale)
+        output += _local_bytes((t,), (nd,), ctx)
     part = None
     if split_recomputed and any(r.recomputed for r in (*computes, *comms)):
         part = segment_cost(f"{name} (recomputed)", [r for r in computes if r.recomputed],
@@ -352,12 +365,14 @@ def _stack(rows: list) -> np.ndarray:
     return np.array(rows) if rows else np.zeros((0, 2))
 
 
-def _local_bytes(types: Iterable[TensorType], sbps: Iterable, ctx: CostContext, element_bytes: int) -> np.ndarray:
+def _local_bytes(types: Iterable[TensorType], sbps: Iterable, ctx: CostContext) -> np.ndarray:
+    """Bytes of one device's shards of the float tensors among ``types``, each at its element size."""
     total = np.zeros(2)
     for t, nd in zip(types, sbps):
         if t.torch_dtype.is_floating_point:
-            total += ctx.affine(lambda d, t=t, nd=nd: float(np.prod(local_shape(concrete_shape(t, d), nd,
-                                                                                 ctx.mesh.shape))) * element_bytes)
+            size = ctx.precision.element_bytes(t.dtype)
+            total += ctx.affine(lambda d, t=t, nd=nd, size=size: float(
+                np.prod(local_shape(concrete_shape(t, d), nd, ctx.mesh.shape))) * size)
     return total
 
 
@@ -365,19 +380,24 @@ def _comm_bytes(record: CommRecord, dims: dict, ctx: CostContext) -> float:
     """Bytes in the cost model's convention: the full buffer (all-reduce, gather output, scatter input);
     each rank's send buffer for all-to-all."""
     shape = concrete_shape(record.type, dims)
-    full = concrete_axis_bytes(shape, record.sbp, ctx.mesh.shape, record.axis, ctx.precision.activation_bytes)
+    full = concrete_axis_bytes(shape, record.sbp, ctx.mesh.shape, record.axis,
+                               ctx.precision.element_bytes(record.type.dtype))
     if record.op == "comm.all_to_all":
         return full / ctx.mesh.shape[record.axis]
     return full
 
 
-def param_record(value: Value, sbp: tuple, mesh: Mesh, train: bool) -> ParamRecord:
-    """A parameter stored with ``sbp``: local elements, and the axes where it is ``B`` (its gradient is
-    a partial sum there and gets all-reduced; none for a frozen parameter)."""
+def param_record(value: Value, sbp: tuple, mesh: Mesh, train: bool, precision: Precision | None = None
+                 ) -> ParamRecord:
+    """A parameter stored with ``sbp``: local elements and their size (its dtype's, or ``precision``'s), and
+    the axes where it is ``B`` (its gradient is a partial sum there and gets all-reduced; none for a frozen
+    parameter)."""
     shape = tuple(float(d) for d in value.type.shape)
     local = float(np.prod(local_shape(shape, sbp, mesh.shape))) if shape else 1.0
     axes = tuple(a for a, s, n in zip(mesh.axes, sbp, mesh.shape) if not isinstance(s, Split) and n > 1)
-    return ParamRecord(value.target or value.name, local, axes if train and value.trainable else (), value.trainable)
+    size = precision.element_bytes(value.type.dtype) if precision else dtype_size(value.type.dtype)
+    return ParamRecord(value.target or value.name, local, axes if train and value.trainable else (), value.trainable,
+                       size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,6 +430,11 @@ class Profile:
         """Blocks between ``pre`` and ``post``."""
         return len(self.segments) - 2
 
+    def param_element_bytes(self) -> float:
+        """Bytes per parameter element, averaged over every parameter (4.0 for a model without any)."""
+        elements = sum(s.param_elements() for s in self.segments)
+        return sum(s.param_bytes() for s in self.segments) / elements if elements else 4.0
+
 
 def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None = None,
                structure: LayerStructure | None = None) -> Profile:
@@ -426,7 +451,7 @@ def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None =
     params_by_segment: dict[int, list] = {}
     for p in graph.params:
         if p.kind == "param" and id(p) in first_use:
-            params_by_segment.setdefault(first_use[id(p)], []).append(param_record(p, p.sbp, mesh, train))
+            params_by_segment.setdefault(first_use[id(p)], []).append(param_record(p, p.sbp, mesh, train, precision))
     crossing = _crossing_values(graph, structure)
     segments = []
     for index, (name, nodes) in enumerate(structure.segments()):

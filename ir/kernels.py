@@ -48,10 +48,14 @@ def masked_gather(x, dim, index, start):
     return out * inside.to(out.dtype)
 
 
-def sum_over(x, dims, keepdim, count, dtype=None):
-    """The local part of a mean over split dims: the local sum divided by the global count."""
-    out = torch.sum(x, dims, keepdim=keepdim, dtype=dtype)
-    return out / count
+def sum_over(x, dims, keepdim, count, dtype=None, accumulate=None):
+    """The local part of a mean over split dims: the local sum divided by the global count.
+
+    Sum and division run in ``accumulate`` (float32 for a bf16 or f16 mean, see ``ir/precision.py``),
+    and the share is rounded once to the mean's dtype (``dtype``, else the input's)."""
+    out_dtype = dtype or x.dtype
+    out = torch.sum(x, dims, keepdim=keepdim, dtype=accumulate or out_dtype)
+    return (out / count).to(out_dtype)
 
 
 def keep_if(x, keep):
@@ -59,7 +63,9 @@ def keep_if(x, keep):
     return x if keep else x * 0
 
 
-def mean_loss_share(op, count, *args, **kwargs):
+def mean_loss_share(op, count, accumulate, *args, **kwargs):
     """A shard's share of a mean-reduced loss: ``aten.<op>`` summed over the shard (the arguments ask
-    for ``reduction=sum``), divided by the global element ``count``; summed over the shards, the mean."""
-    return getattr(torch.ops.aten, op).default(*args, **kwargs) / count
+    for ``reduction=sum``), divided by the global element ``count`` in ``accumulate`` (float32 for a bf16
+    or f16 loss) and rounded once to the loss's dtype; summed over the shards, the mean."""
+    total = getattr(torch.ops.aten, op).default(*args, **kwargs)
+    return (total.to(accumulate) / count).to(total.dtype)

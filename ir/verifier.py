@@ -7,7 +7,9 @@ import torch
 from ir.core import Graph, Node, Value
 from ir.ops.custom import UnknownOpError, resolve_op
 from ir.sbp import IN_SBP_ATTR, Partial, Split, format_nd_sbp
-from ir.types import is_float_expr
+from ir.gradients import values_with_grad
+from ir.ops.comm import GRADIENT_REDUCING
+from ir.types import DTYPE_NAMES, DTYPES_BY_NAME, TensorType, is_float_expr
 
 
 class VerificationError(ValueError):
@@ -35,9 +37,36 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
     if graph.loss is not None and graph.loss.type.ndim != 0:
         raise VerificationError(f"the loss %{graph.loss.name} must be a scalar, found {graph.loss.type}")
     _check_buffer_updates(graph, defined)
+    check_reduce_dtype(graph)
     dims = graph.attrs.get("example_dims")
     if check_types and dims:
         check_types_by_meta(graph, dims)
+
+
+def check_reduce_dtype(graph: Graph) -> None:
+    """The plan's precision contract (graph attr ``precision``), once gradient buckets exist: every
+    gradient reduction runs in the ``reduce`` dtype — each bucket (data-parallel all-reduces) and each
+    collective whose adjoint sums gradients (tensor-parallel all-reduces, FSDP's reduce-scatters)."""
+    reduce = graph.attrs.get("precision", {}).get("reduce")
+    if reduce is None or "grad_buckets" not in graph.attrs:
+        return
+    for index, bucket in enumerate(graph.attrs["grad_buckets"]):
+        found = bucket.get("reduce_dtype")
+        if found != reduce:
+            names = ", ".join(f"%{p.name}" for p in bucket["params"][:3])
+            raise VerificationError(f"gradient bucket {index} ({names}{', ...' if len(bucket['params']) > 3 else ''}) "
+                                    f"is reduced in {found or 'its gradients own dtype'}, but the plan's precision "
+                                    f"reduces gradients in {reduce}; set its reduce_dtype to {reduce}")
+    grad = values_with_grad(graph)
+    want = DTYPES_BY_NAME[reduce]
+    for node in graph.nodes:
+        if node.op in GRADIENT_REDUCING and id(node.outputs[0]) in grad and node.kwargs.get("grad_dtype") != want:
+            found = node.kwargs.get("grad_dtype")
+            found = DTYPE_NAMES[found] if found is not None else f"{node.outputs[0].type.dtype} (the value's own)"
+            raise VerificationError(f"node {_where(node)}: the gradient reduction of {node.op} over "
+                                    f"{node.kwargs['axis']} (its adjoint in backward) runs in {found}, but the plan's "
+                                    f"precision reduces gradients in {reduce}; give it grad_dtype=torch.{want}"
+                                    .replace("torch.torch.", "torch."))
 
 
 def _check_buffer_updates(graph: Graph, defined: set[int]) -> None:
@@ -158,25 +187,46 @@ def _check_comm(graph: Graph, node: Node) -> None:
 
 def check_types_by_meta(graph: Graph, dims: dict) -> None:
     """Run every node on meta tensors at the example dims and compare shapes and dtypes."""
-    bindings = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
-    env: dict[int, torch.Tensor] = {}
-    for v in list(graph.inputs) + list(graph.params):
-        env[id(v)] = torch.empty(v.type.concrete_shape(bindings), dtype=v.type.torch_dtype, device="meta")
-    from ir.core import map_structure
+    typer = MetaTyper(graph, dims)
     for node in graph.nodes:
+        typer.run(node)
+
+
+class MetaTyper:
+    """Runs nodes one by one on meta tensors at the example dims, checking each output's declared type.
+
+    With ``adopt_dtypes`` an output takes the dtype its op gives instead (shapes are still checked): for
+    passes that change some values' dtypes (the casts of mixed precision) and let the rest follow, node
+    by node, so that each node's inputs have their final dtypes when the pass looks at it."""
+
+    def __init__(self, graph: Graph, dims: dict, *, adopt_dtypes: bool = False):
+        self.dims = dims
+        self.adopt_dtypes = adopt_dtypes
+        self.bindings = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
+        self.env: dict[int, torch.Tensor] = {}
+        for v in list(graph.inputs) + list(graph.params):
+            self.env[id(v)] = torch.empty(v.type.concrete_shape(self.bindings), dtype=v.type.torch_dtype,
+                                          device="meta")
+
+    def run(self, node: Node) -> None:
+        """Type ``node``'s outputs (its inputs must have been run or be graph inputs)."""
+        from ir.core import map_structure
+        env = self.env
         if node.op.startswith("comm."):
             for o, i in zip(node.outputs, node.input_values()):
                 env[id(o)] = env[id(i)]
-            continue
+            return
         args = map_structure(node.args, lambda v: env[id(v)])
         kwargs = map_structure(node.kwargs, lambda v: env[id(v)])
-        args, kwargs = _bind(args, bindings), _bind(kwargs, bindings)
+        args, kwargs = _bind(args, self.bindings), _bind(kwargs, self.bindings)
         results = _run_on_meta(node, args, kwargs)
         for o, r in zip(node.outputs, results):
-            want = o.type.concrete_shape(bindings)
+            want = o.type.concrete_shape(self.bindings)
+            if self.adopt_dtypes and isinstance(r, torch.Tensor) and r.dtype != o.type.torch_dtype:
+                o.type = TensorType(o.type.shape, DTYPE_NAMES[r.dtype])
             if tuple(r.shape) != want or r.dtype != o.type.torch_dtype:
                 raise VerificationError(f"node {_where(node)}: %{o.name} is declared {o.type}, but {node.op} "
-                                        f"gives {tuple(r.shape)} {r.dtype} at dims {dims}")
+                                        f"gives {tuple(r.shape)} {r.dtype} at dims {self.dims}")
             env[id(o)] = r
 
 

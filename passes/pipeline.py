@@ -269,12 +269,20 @@ def _reduction_of(node: Node) -> Node:
 
 
 def _loss_node(graph: Graph) -> Node:
+    """The node computing the loss, under the collectives and the rounding to the loss's dtype that follow it
+    (a bf16 mean is computed in float32 and rounded last, see ``ir/precision.py``)."""
     node = graph.loss.producer
-    while node is not None and node.op.startswith("comm."):
+    while node is not None and (node.op.startswith("comm.") or _is_float_cast(node)):
         node = node.input_values()[0].producer
     if node is None:
         raise StrategyError("the loss is an input or a parameter, not computed; nothing to split into microbatches")
     return node
+
+
+def _is_float_cast(node: Node) -> bool:
+    """A ``_to_copy`` between float dtypes (a rounding that keeps the value)."""
+    return node.op == "aten._to_copy.default" and all(
+        v.type.torch_dtype.is_floating_point for v in (node.input_values()[0], node.outputs[0]))
 
 
 def _module(node: Node) -> dict:
@@ -550,7 +558,7 @@ def _regroup_buckets(graph: Graph, tied: list[list[Value]]) -> None:
             for q in copies.get(id(p), [p]):
                 by_mesh.setdefault(q.mesh, []).append(q)
         for mesh in sorted(by_mesh, key=lambda m: -stage_index(m)):
-            out.append({"axes": list(bucket["axes"]), "params": by_mesh[mesh]})
+            out.append({**bucket, "axes": list(bucket["axes"]), "params": by_mesh[mesh]})
     graph.attrs["grad_buckets"] = out
 
 

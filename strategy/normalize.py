@@ -24,8 +24,9 @@ from typing import Any, NoReturn
 from ir.sbp import SbpSyntaxError, Split, parse_sbp
 from ir.schedules import SCHEDULES as SCHEDULE_SPECS
 from strategy.errors import VALUE, KeyPath, StrategyError, did_you_mean
-from strategy.types import (AUTO, DATA_AXIS, KEYS, PIPELINE_AXIS, SCHEDULES, SHORTHANDS, Layout, MeshSpec,
-                            Options, Pipeline, Strategy)
+from strategy.types import (AUTO, DATA_AXIS, KEYS, PIPELINE_AXIS, PRECISION_DTYPES, PRECISION_KEYS,
+                            PRECISION_SHORTHANDS, SCHEDULES, SHORTHANDS, Layout, MeshSpec, Options, Pipeline,
+                            PrecisionSpec, Strategy)
 
 AXIS_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """A mesh axis name (the plan grammar's ``AXIS``)."""
@@ -114,7 +115,8 @@ class _Reader:
         options = self.options(strategy, axes)
         pipeline = self.pipeline(strategy)
         recompute = self.recompute(strategy["recompute"]) if "recompute" in strategy else None
-        return Strategy(mesh, params, activations, options, pipeline, recompute)
+        precision = self.precision(strategy["precision"]) if "precision" in strategy else None
+        return Strategy(mesh, params, activations, options, pipeline, recompute, precision)
 
     # -- mesh and layouts
     def mesh(self, mesh: Any) -> MeshSpec | str | None:
@@ -311,6 +313,31 @@ class _Reader:
             _expect(glob not in RECOMPUTE_WORDS, ("recompute", index),
                     f"{glob!r} after `recompute` means a switch, not a module; use True, False or 'auto' for those")
         return tuple(recompute)
+
+    # -- precision
+    def precision(self, precision: Any) -> PrecisionSpec:
+        """A shorthand (``"bf16-mixed"``) or ``{"param": ..., "compute": ..., "reduce": ...}``; a dict's
+        ``compute`` defaults to its ``param`` and its ``reduce`` to its ``param``."""
+        if isinstance(precision, PrecisionSpec):
+            return precision
+        if isinstance(precision, str):
+            _expect(precision in PRECISION_SHORTHANDS, ("precision", VALUE),
+                    f"unknown precision {precision!r}{did_you_mean(precision, PRECISION_SHORTHANDS)}; expected "
+                    "one of: " + ", ".join(PRECISION_SHORTHANDS) + " (or a dict of " + ", ".join(PRECISION_KEYS)
+                    + ")")
+            return PRECISION_SHORTHANDS[precision]
+        _expect(isinstance(precision, dict) and len(precision) > 0, ("precision",),
+                "precision is one of " + ", ".join(PRECISION_SHORTHANDS) + " or a dict of "
+                + ", ".join(PRECISION_KEYS) + f" -> dtype, found {precision!r}")
+        for key, dtype in precision.items():
+            _expect(key in PRECISION_KEYS, ("precision", key),
+                    f"unknown precision key {key!r}{did_you_mean(str(key), PRECISION_KEYS)}; the keys are: "
+                    + ", ".join(PRECISION_KEYS))
+            _expect(dtype in PRECISION_DTYPES, ("precision", key, VALUE),
+                    f"precision {key} is one of " + ", ".join(PRECISION_DTYPES) + f", found {dtype!r}"
+                    + did_you_mean(str(dtype), PRECISION_DTYPES))
+        param = precision.get("param", "fp32")
+        return PrecisionSpec(param, precision.get("compute", param), precision.get("reduce", param))
 
 
 # --------------------------------------------------------------------------------------------------

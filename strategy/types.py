@@ -39,6 +39,11 @@ PIPELINE_AXIS = "pp"
 DEFAULT_SCHEDULE = "1f1b"
 """The schedule of a pipelined strategy that names none."""
 
+PRECISION_DTYPES = ("fp32", "bf16", "fp16")
+"""The dtypes a precision names (the cluster's peak FLOP/s keys)."""
+
+PRECISION_KEYS = ("param", "compute", "reduce")
+"""The entries of a precision written as a dict."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,51 @@ class Pipeline:
         return self.microbatches if isinstance(self.microbatches, int) else positions
 
 
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """The dtypes of a training step (mixed precision when ``param`` and ``compute`` differ).
+
+    ``param`` is the dtype parameters, their gradients and the optimizer state are kept in (with
+    ``fp32`` beside a lower ``compute``: fp32 master weights); ``compute`` the dtype the matrix
+    products (and the ops ``torch.autocast`` lowers) run in; ``reduce`` the dtype every gradient
+    reduction runs in (data-parallel buckets, FSDP reduce-scatters, the adjoint all-reduces of tensor
+    parallelism). Written as a shorthand of :data:`PRECISION_SHORTHANDS` or as a dict of
+    :data:`PRECISION_KEYS`.
+    """
+
+    param: str = "fp32"
+    compute: str = "fp32"
+    reduce: str = "fp32"
+
+    @property
+    def mixed(self) -> bool:
+        """Whether compute runs in another dtype than the parameters (casts in the IR, master weights)."""
+        return self.param != self.compute
+
+    @property
+    def shorthand(self) -> str | None:
+        """The shorthand naming exactly these dtypes, if any."""
+        return next((name for name, spec in PRECISION_SHORTHANDS.items() if spec == self), None)
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"param": ..., "compute": ..., "reduce": ...}``."""
+        return {"param": self.param, "compute": self.compute, "reduce": self.reduce}
+
+    def __str__(self) -> str:
+        return self.shorthand or ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+
+
+PRECISION_SHORTHANDS = {
+    "fp32": PrecisionSpec("fp32", "fp32", "fp32"),
+    "bf16": PrecisionSpec("bf16", "bf16", "bf16"),
+    "fp16": PrecisionSpec("fp16", "fp16", "fp16"),
+    "bf16-mixed": PrecisionSpec("fp32", "bf16", "fp32"),
+    "fp16-mixed": PrecisionSpec("fp32", "fp16", "fp32"),
+}
+"""Precisions in one word: pure fp32 / bf16 / fp16 training, or bf16 / fp16 compute on fp32 master
+weights with fp32 gradient reductions (``-mixed``)."""
+
+
 Recompute = Union[bool, Auto, tuple[str, ...], None]
 
 
@@ -217,6 +267,9 @@ class Strategy:
     recompute: Recompute = None
     """Activations recomputed in backward: True (every repeated block), False, ``"auto"``, or module
     globs. Default: none."""
+    precision: PrecisionSpec | None = None
+    """The dtypes of parameters, compute and gradient reductions. Default: the model's own dtype
+    everywhere (no casts)."""
     shorthand: str | None = None
     """One of :data:`SHORTHANDS` when the whole strategy is one word (every other field unset)."""
 
@@ -324,6 +377,8 @@ def _plain(value: Any) -> Any:
     """A field value in the dict form: meshes and layouts as dicts, SBPs as text, tuples as lists."""
     if isinstance(value, MeshSpec):
         return value.as_dict()
+    if isinstance(value, PrecisionSpec):
+        return value.shorthand or value.as_dict()
     if isinstance(value, tuple) and value and isinstance(value[0], Layout):
         return {layout.glob: _plain_layout(layout) for layout in value}
     if isinstance(value, tuple):

@@ -33,14 +33,39 @@ def train_emitted(plan, out: Path, batches: list, steps: int) -> tuple[list[floa
     return losses, torch.load(out / "final.pt", weights_only=True)
 
 
-def train_eager(model: torch.nn.Module, batches: list, steps: int, optimizer: tuple) -> list[float]:
-    """The single-process reference: ``steps`` optimizer steps, returning the losses."""
+def train_virtual(plan, batches: list, steps: int, optimizer: tuple) -> tuple[list[float], dict]:
+    """The plan's own reference: ``steps`` steps on the virtual mesh, the optimizer updating the full
+    parameters (an elementwise update, the same on shards); the losses and the trained parameters."""
+    from backends.virtual import run_virtual
+    weights = {name: value.detach().clone() for name, value in plan.weights.items()}
+    cls, kwargs = optimizer
+    params: dict = {}
+    opt = None
+    losses = []
+    for batch in batches[:steps]:
+        result = run_virtual(plan.graph, {**weights, **{k: p.detach() for k, p in params.items()}}, batch, "train")
+        if opt is None:
+            params = {name: torch.nn.Parameter(weights[name]) for name in result.grads}
+            opt = cls(list(params.values()), **kwargs)
+        for name, p in params.items():
+            p.grad = result.grads[name].clone()
+        opt.step()
+        losses.append(result.loss.item())
+    return losses, {name: p.detach() for name, p in params.items()}
+
+
+def train_eager(model: torch.nn.Module, batches: list, steps: int, optimizer: tuple,
+                autocast: torch.dtype | None = None) -> list[float]:
+    """The single-process reference: ``steps`` optimizer steps, returning the losses; ``autocast``: the
+    forward under ``torch.autocast`` in that dtype (mixed precision, the parameters and optimizer state
+    staying in theirs)."""
     cls, kwargs = optimizer
     opt = cls(model.parameters(), **kwargs)
     losses = []
     for batch in batches[:steps]:
         opt.zero_grad()
-        loss = model(*batch)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(*batch)
         loss.backward()
         opt.step()
         losses.append(loss.item())

@@ -2,6 +2,7 @@
 BatchNorm: a hand-written ResNet-style model and transformers' ResNet)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -212,6 +213,65 @@ def assert_close_to_eager(result, model: nn.Module, inputs: tuple, rtol: float =
                                              f"only in eager: {sorted(set(grads) - set(result.grads))}")
     for name, g in grads.items():
         torch.testing.assert_close(result.grads[name], g, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+LOW_PRECISION_FACTOR = 2.0
+"""How much farther from the exact result than eager low-precision PyTorch a plan may land (see below)."""
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+"""Half the distance between 1 and the next representable number: the relative error of one rounding."""
+
+
+def widened(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
+    """A float32 copy of a low-precision model and its float inputs: the same values, exact arithmetic
+    as far as float32 goes (the reference low-precision results are measured against)."""
+    return copy.deepcopy(model).float(), tuple(t.float() if t.is_floating_point() else t for t in inputs)
+
+
+def low_precision_references(model: nn.Module, inputs: tuple) -> tuple[tuple, tuple]:
+    """Eager ``(loss, grads)`` of the low-precision model, and of its float32 copy (:func:`widened`)."""
+    return eager_loss_and_grads(model, inputs), eager_loss_and_grads(*widened(model, inputs))
+
+
+def assert_low_precision_close(name: str, value: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor,
+                               low: torch.dtype | None = None) -> None:
+    """``value`` is within the low-precision bar of the float32 result ``exact``:
+
+        |value - exact| <= LOW_PRECISION_FACTOR * |eager - exact| + u * |exact|   (2-norms over the tensor)
+
+    where ``eager`` is eager PyTorch's result in the same low precision and u its unit roundoff (of ``low``,
+    the model's dtype, for a value eager computes in float32 from it: transformers' upcast loss). Why this
+    bar: eager low-precision PyTorch and a plan round every op's result alike; they differ only in the
+    order of summation (a reduction split over ranks, partial sums combined by collectives), in one
+    more rounding of each partial result, and in accumulating in float32 where eager CPU kernels
+    accumulate in the low precision (NLL, the division of a mean; ``ir/precision.py``). Each of these
+    errors is of the size of eager's own rounding errors and propagates through the same network, so
+    the plan's distance to the exact result stays within a small multiple of eager's (2: measured
+    worst 1.1 over the GPT, GPT-2 and Llama plans of ``tests/compiler/test_low_precision.py``). The
+    floor ``u * |exact|`` is one rounding of the result itself: where eager happens to be (nearly)
+    exact, a split sum may still round once more. A wrong plan (a missing partial sum, a wrong count)
+    misses by far more: errors of order 1, against eager's ~1e-2.
+    """
+    u = UNIT_ROUNDOFF[low or eager.dtype]
+    assert value.dtype == eager.dtype, f"{name}: dtype {value.dtype}, eager's is {eager.dtype}"
+    value, eager, exact = (t.detach().double() for t in (value, eager, exact))
+    error, eager_error = (value - exact).norm().item(), (eager - exact).norm().item()
+    bound = LOW_PRECISION_FACTOR * eager_error + u * exact.norm().item()
+    assert error <= bound, (f"{name}: {error:.3g} from the float32 result, eager {eager.dtype} is {eager_error:.3g} "
+                            f"from it; the bar is {LOW_PRECISION_FACTOR} x {eager_error:.3g} + {u:.3g} x "
+                            f"{exact.norm().item():.3g} = {bound:.3g}")
+
+
+def assert_low_precision_run_close(result, model: nn.Module, inputs: tuple, references: tuple | None = None) -> None:
+    """A virtual run of a low-precision model: its loss and every gradient within the low-precision bar
+    (:func:`assert_low_precision_close`) of eager's, in eager's dtypes. ``references``: from
+    :func:`low_precision_references`, when already computed."""
+    (loss, grads), (exact_loss, exact_grads) = references or low_precision_references(model, inputs)
+    assert set(result.grads) == set(grads), (f"gradients only in the run: {sorted(set(result.grads) - set(grads))}; "
+                                             f"only in eager: {sorted(set(grads) - set(result.grads))}")
+    low = next(p.dtype for p in model.parameters() if p.dtype in UNIT_ROUNDOFF)
+    assert_low_precision_close("loss", result.loss, loss, exact_loss, low)
+    for name, g in grads.items():
+        assert_low_precision_close(name, result.grads[name], g, exact_grads[name], low)
 
 
 def compile_cached(model: nn.Module, inputs: tuple, world: int, strategy, **kwargs):

@@ -6,11 +6,12 @@ from .core import COORD, DEVICE, GROUPS, split_dim
 from .plan import MESH_AXES
 
 
-def _all_reduce(x, axis, op="sum"):
+def _all_reduce(x, axis, op="sum", dtype=None):
+    """The sum (or max) over the axis, computed in ``dtype`` (default: x's) and returned in x's dtype."""
     group, _, _ = GROUPS[axis]
-    out = x.contiguous().clone()
+    out = x.contiguous().to(dtype or x.dtype, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
-    return out
+    return out.to(x.dtype)
 
 
 def _all_gather(x, axis, dim):
@@ -20,14 +21,15 @@ def _all_gather(x, axis, dim):
     return torch.cat(parts, dim=dim)
 
 
-def _reduce_scatter(x, axis, dim):
+def _reduce_scatter(x, axis, dim, dtype=None):
+    """This rank's part of the sum over the axis, summed in ``dtype`` (default: x's), in x's dtype."""
     group, ranks, me = GROUPS[axis]
-    parts = [p.contiguous() for p in x.chunk(len(ranks), dim=dim)]
+    parts = [p.contiguous().to(dtype or x.dtype) for p in x.chunk(len(ranks), dim=dim)]
     out = torch.empty_like(parts[me])
     if DEVICE.type == "cuda":
         dist.reduce_scatter(out, parts, group=group)
-        return out
-    return _all_reduce(x, axis).chunk(len(ranks), dim=dim)[me].contiguous()
+        return out.to(x.dtype)
+    return _all_reduce(x, axis, dtype=dtype).chunk(len(ranks), dim=dim)[me].contiguous()
 
 
 def _all_to_all(x, axis, src_dim, dst_dim):
@@ -42,26 +44,26 @@ class AllReduce(torch.autograd.Function):
     """P -> B forward; the adjoint all-reduces the (partial) gradients."""
 
     @staticmethod
-    def forward(ctx, x, axis, op):
-        ctx.axis = axis
+    def forward(ctx, x, axis, op, grad_dtype=None):
+        ctx.axis, ctx.grad_dtype = axis, grad_dtype
         return _all_reduce(x, axis, op)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.axis), None, None
+        return _all_reduce(grad, ctx.axis, dtype=ctx.grad_dtype), None, None, None
 
 
 class AllGather(torch.autograd.Function):
     """S(d) -> B forward; reduce-scatter backward."""
 
     @staticmethod
-    def forward(ctx, x, axis, dim):
-        ctx.axis, ctx.dim = axis, dim
+    def forward(ctx, x, axis, dim, grad_dtype=None):
+        ctx.axis, ctx.dim, ctx.grad_dtype = axis, dim, grad_dtype
         return _all_gather(x, axis, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.axis, ctx.dim), None, None
+        return _reduce_scatter(grad, ctx.axis, ctx.dim, ctx.grad_dtype), None, None, None
 
 
 class ReduceScatter(torch.autograd.Function):
@@ -91,12 +93,14 @@ class AllToAll(torch.autograd.Function):
         return _all_to_all(grad, axis, dst_dim, src_dim), None, None, None
 
 
-def comm_all_reduce(x, axis, op="sum"):
-    return AllReduce.apply(x, axis, op)
+def comm_all_reduce(x, axis, op="sum", grad_dtype=None):
+    """P -> B; backward sums the gradients in ``grad_dtype`` (the plan's reduce dtype; default theirs)."""
+    return AllReduce.apply(x, axis, op, grad_dtype)
 
 
-def comm_all_gather(x, axis, dim):
-    return AllGather.apply(x, axis, dim)
+def comm_all_gather(x, axis, dim, grad_dtype=None):
+    """S(d) -> B; backward reduce-scatters the gradients in ``grad_dtype`` (default theirs)."""
+    return AllGather.apply(x, axis, dim, grad_dtype)
 
 
 def comm_reduce_scatter(x, axis, dim):

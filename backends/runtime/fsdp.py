@@ -74,19 +74,21 @@ PREFETCH = GatherPrefetch()
 
 
 class GatherParam(AllGather):
-    """S(d) -> B for a parameter shard in forward, through the prefetcher; reduce-scatter backward."""
+    """S(d) -> B for a parameter shard in forward, through the prefetcher; reduce-scatter backward (in
+    ``grad_dtype``, the plan's reduce dtype, when given)."""
 
     @staticmethod
-    def forward(ctx, x, axis, dim):
-        ctx.axis, ctx.dim = axis, dim
+    def forward(ctx, x, axis, dim, grad_dtype=None):
+        ctx.axis, ctx.dim, ctx.grad_dtype = axis, dim, grad_dtype
         if PREFETCH.phase != "forward":  # outside a regathering forward (a recomputed region): no prefetch
             return _all_gather(x, axis, dim)
         return PREFETCH.gather(x, axis, dim, "forward")
 
 
-def comm_gather_param(shard, axis, dim):
-    """S(d) -> B for a parameter shard; the full tensor is freed after use, gathered again in backward."""
-    full = GatherParam.apply(shard, axis, dim)
+def comm_gather_param(shard, axis, dim, grad_dtype=None):
+    """S(d) -> B for a parameter shard; the full tensor is freed after use, gathered again in backward
+    (whose reduce-scatter runs in ``grad_dtype``, default the gradient's)."""
+    full = GatherParam.apply(shard, axis, dim, grad_dtype)
     GATHERED[full.untyped_storage().data_ptr()] = (shard.detach(), axis, dim, weakref.ref(full))
     return full
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .core import GROUPS
-from .plan import GRAD_BUCKETS, MESH_DEVICES, PIPELINE, STAGE_TENSORS, TIED_PARAMS
+from .plan import GRAD_BUCKETS, GRAD_REDUCE_DTYPE, MESH_DEVICES, PIPELINE, STAGE_TENSORS, TIED_PARAMS
 
 
 def local_buckets(params):
@@ -19,14 +19,16 @@ def local_buckets(params):
 
 
 def flat_gradients(params, names):
-    return torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
+    """A bucket's gradients in one flat buffer, in the dtype the plan reduces gradients in."""
+    flat = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
                       for n in names])
+    return flat.to(GRAD_REDUCE_DTYPE or flat.dtype)
 
 
 def unflatten_gradients(params, names, flat):
     offset = 0
     for n in names:
-        params[n].grad = flat[offset:offset + params[n].numel()].view_as(params[n]).clone()
+        params[n].grad = flat[offset:offset + params[n].numel()].view_as(params[n]).to(params[n].dtype, copy=True)
         offset += params[n].numel()
 
 
@@ -98,9 +100,10 @@ class TiedGradientSync:
     def finish(self):
         for names, group in self.groups:
             local = [n for n in names if n in self.params]
-            total = sum(self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n])
-                        for n in local)
+            own = self.params[local[0]].dtype
+            total = sum((self.params[n].grad if self.params[n].grad is not None else torch.zeros_like(self.params[n]))
+                        .to(GRAD_REDUCE_DTYPE or own) for n in local)  # summed in the plan's reduce dtype
             if group is not None:
                 dist.all_reduce(total, group=group)
             for n in local:
-                self.params[n].grad = total.clone()
+                self.params[n].grad = total.to(own, copy=True)

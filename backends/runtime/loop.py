@@ -123,19 +123,29 @@ def new_buffer_values(updated):
 
 def first_step_report(params, optimizer):
     """What step 0 adds to --metrics, per rank (in rank order): the parameter bytes it stores, and how many
-    tensors its optimizer updates and keeps state for (its trainable shards only)."""
+    tensors its optimizer updates and keeps state for (its trainable shards only); and the precision rank 0
+    trains in: the dtypes of its parameters, of their gradients and of its optimizer state."""
+    precision = {"param_dtypes": _dtypes(params.values()),
+                 "grad_dtypes": _dtypes(t.grad for t in params.values() if t.grad is not None),
+                 "optimizer_state_dtypes": _dtypes(v for s in (optimizer.state.values() if optimizer else ())
+                                                   for v in s.values() if torch.is_tensor(v) and v.ndim > 0)}
     mine = [sum(t.numel() * t.element_size() for t in params.values()),
             sum(len(group["params"]) for group in optimizer.param_groups) if optimizer else 0,
             len(optimizer.state) if optimizer else 0]
     every = [torch.zeros(3, dtype=torch.int64, device=DEVICE) for _ in range(dist.get_world_size())]
     dist.all_gather(every, torch.tensor(mine, dtype=torch.int64, device=DEVICE))
     keys = ("param_bytes_per_rank", "optimizer_params_per_rank", "optimizer_state_per_rank")
-    return {key: [int(t[i]) for t in every] for i, key in enumerate(keys)}
+    return {**{key: [int(t[i]) for t in every] for i, key in enumerate(keys)}, **precision}
+
+
+def _dtypes(tensors):
+    """The dtype names of ``tensors`` (``["float32"]``), sorted."""
+    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
 
 
 def logical_loss(loss):
-    """The full loss value, the same on every rank."""
-    total = (loss.detach() if is_seed_rank(LOSS_SBP) else loss.detach() * 0).reshape(1).clone()
+    """The full loss value, the same on every rank (its shares summed in float32: a bf16 loss adds no rounding)."""
+    total = (loss.detach() if is_seed_rank(LOSS_SBP) else loss.detach() * 0).float().reshape(1).clone()
     dist.all_reduce(total)
     return float(total[0])
 

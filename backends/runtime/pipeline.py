@@ -66,7 +66,7 @@ class PipelineStep:
                                             self.whole.get(stage, {}))
         self.buffers.update(new_buffer_values(updated))  # each microbatch's forward moves them, as in eager
         if neighbour(self.paths[mb], stage, +1) is None:
-            share = out.detach()
+            share = out.detach().float()  # the reported loss: shares summed without rounding
             self.loss = share if self.loss is None else self.loss + share
             self.saved[(stage, mb)] = (leaves, None, out)
         else:
@@ -208,7 +208,8 @@ def infer_path(text):
 
 
 def pipeline_loss(local):
-    """The full loss on every rank: the loss stage's seed ranks contribute their sum of shares."""
+    """The full loss on every rank: the loss stage's seed ranks contribute their sum of shares (float32,
+    whatever the loss's dtype, as every other rank's zero)."""
     mine = local is not None and is_seed_rank(LOSS_SBP)
     total = (local.detach() if mine else torch.zeros((), device=DEVICE)).reshape(1).clone()
     dist.all_reduce(total)

@@ -32,6 +32,8 @@ ALIASES = {}
 """``{alias: state_dict name}`` for tied parameters, restored in the saved state_dict."""
 GRAD_BUCKETS = []
 """``[(mesh axes, [parameter names])]``: gradients all-reduced together, in the order backward makes them."""
+GRAD_REDUCE_DTYPE = None
+"""The dtype gradient buckets are all-reduced in (the plan's precision ``reduce``); None: their own."""
 TIED_PARAMS = []
 """Pipelined programs: the IR names of the copies of each parameter shared by several stages."""
 LOSS_SBP = []

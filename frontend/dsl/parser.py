@@ -21,7 +21,7 @@ from strategy.errors import KeyPath
 STATEMENTS = (
     "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "fsdp",
     "stages", "stage", "microbatches", "schedule", "virtual_stages", "skip_ratio", "recompute",
-    "grad_bucket_bytes",
+    "grad_bucket_bytes", "precision",
 )
 """The words that start a statement."""
 
@@ -305,6 +305,19 @@ class _PlanBuilder:
 
     def _add_grad_bucket_bytes(self, keyword: lark.Token, value: lark.Token) -> None:
         self._set_scalar("grad_bucket_bytes", keyword, value, int(value))
+
+    def _add_precision(self, keyword: lark.Token, *parts: Any) -> None:
+        self.claim(("precision",), keyword, "the precision")
+        if isinstance(parts[0], lark.Token):  # a shorthand
+            self.mark(("precision", VALUE), parts[0])
+            self.strategy["precision"] = str(parts[0])
+            return
+        precision = self.strategy["precision"] = {}
+        for entry in _trees(parts):
+            key, _equal, dtype = entry.children
+            self.claim(("precision", str(key)), key, f"precision {key}")
+            self.mark(("precision", str(key), VALUE), dtype)
+            precision[str(key)] = str(dtype)
 
     def _set_scalar(self, key: str, keyword: lark.Token, value_token: lark.Token,
                     value: Any) -> None:

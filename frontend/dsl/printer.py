@@ -31,6 +31,8 @@ def _plan_lines(strategy: Strategy) -> Iterator[str]:
         recompute = strategy.recompute
         words = {True: "all", False: "none", AUTO: AUTO}
         yield "recompute " + (", ".join(recompute) if isinstance(recompute, tuple) else words[recompute])
+    if strategy.precision is not None:
+        yield f"precision {strategy.precision}"
 
 
 def _pairs(pairs: Iterable[tuple[str, Any]]) -> str:

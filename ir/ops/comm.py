@@ -26,6 +26,9 @@ LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
 ADJOINTS = {"comm.all_reduce": "comm.all_reduce", "comm.all_gather": "comm.reduce_scatter",
             "comm.reduce_scatter": "comm.all_gather", "comm.all_to_all": "comm.all_to_all"}
 """The collective backward runs for each communicating ``comm`` op (the table above)."""
+GRADIENT_REDUCING = ("comm.all_reduce", "comm.all_gather")
+"""The ops whose adjoint sums partial gradients across ranks; ``grad_dtype=`` (a ``torch.dtype``) names
+the dtype that sum runs in (the plan's precision ``reduce``; absent: the gradient's own dtype)."""
 
 
 def transition(src: Sbp, dst: Sbp) -> tuple[str, dict] | None:

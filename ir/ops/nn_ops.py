@@ -9,6 +9,7 @@ from ir.ops.registry import (LocalCall, LocalContext, Signature, all_b, register
 from ir.ops.elementwise import aligned_dim
 from ir.ops.reductions import along_dim
 from ir.ops.schema import arg, dim_arg, with_arg
+from ir.precision import torch_accumulation_dtype
 from ir.sbp import B, P, Split
 
 
@@ -159,7 +160,8 @@ def _elementwise_loss_local(node: Node, ctx: LocalContext) -> LocalCall:
     for d in x.type.shape:
         count = count * d
     args, kwargs = with_arg(node, "reduction", SUM)
-    return LocalCall("kernels.mean_loss_share", [node.op.split(".")[1], count, *args], kwargs)
+    accumulate = torch_accumulation_dtype(node.op, node.outputs[0].type.torch_dtype)
+    return LocalCall("kernels.mean_loss_share", [node.op.split(".")[1], count, accumulate, *args], kwargs)
 
 
 @register(*ELEMENTWISE_LOSSES, local=_elementwise_loss_local,

@@ -6,7 +6,9 @@ import sympy
 from ir.core import Node
 from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, default_local, register
 from ir.ops.schema import arg, dim_arg, normalize_dim
+from ir.precision import accumulation_dtype
 from ir.sbp import P, PMAX, Split
+from ir.types import DTYPES_BY_NAME
 
 
 def reduced_dims(node: Node) -> tuple[list[int], bool]:
@@ -76,7 +78,10 @@ def _mean_call(node: Node, ctx: LocalContext, reduced: tuple[list[int], bool]) -
     count = sympy.Integer(1)
     for d in dims:
         count = count * x.type.shape[d]
-    return LocalCall("kernels.sum_over", [x, dims, keep, count, arg(node, "dtype")])
+    dtype = arg(node, "dtype")
+    accumulate = accumulation_dtype(node.op, node.outputs[0].type.dtype)
+    return LocalCall("kernels.sum_over", [x, dims, keep, count, dtype,
+                                          None if accumulate == node.outputs[0].type.dtype else DTYPES_BY_NAME[accumulate]])
 
 
 def _mean_dims_local(node: Node, ctx: LocalContext) -> LocalCall:

@@ -110,7 +110,8 @@ class ModelView:
             dims = {k: v for k, v in self.example_dims.items()}
             dims[BATCH_SYMBOL] = options.reference_batch
             request = LayoutRequest(mesh, cluster, (tuple(tp_group),), cluster.device(tp_group[0]), dims,
-                                    Precision.of(options.precision), self.train, fixed, free_params, node_hints)
+                                    Precision.resolve(options.precision, self.graph), self.train, fixed, free_params,
+                                    node_hints)
             self._solved[key] = solve_layouts(graph, structure, request, options.solver)
             self.solves += 1
         return self._solved[key]

@@ -181,12 +181,11 @@ class LayoutProblem:
         req = self.request
         if not req.train:
             return 0.0
-        record = param_record(value, storage, req.mesh, True)
+        record = param_record(value, storage, req.mesh, True, req.precision)
         total = 0.0
         for axis in record.grad_axes:
             group = req.groups[req.mesh.axis_index(axis)]
-            total += collective_time("all_reduce", record.local_elements * req.precision.param_bytes, group,
-                                     req.cluster)
+            total += collective_time("all_reduce", record.local_bytes, group, req.cluster)
         return total
 
     def _add_node_var(self, k: int, unit: _Unit) -> None:
@@ -426,7 +425,8 @@ def _param_records(result: LayoutSolution, ctx: CostContext) -> dict:
             if value.kind != "param" or id(value) in seen:
                 continue
             seen.add(id(value))
-            out[unit.segment].append(param_record(value, result.param_sbp[value.target], ctx.mesh, ctx.train))
+            out[unit.segment].append(param_record(value, result.param_sbp[value.target], ctx.mesh, ctx.train,
+                                                       ctx.precision))
     return out
 
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from cluster import Cluster
 from cost.estimate import Estimator, PlanOptions, optimizer_name
-from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, MemoryEstimate, in_flight_microbatches
+from cost.memory import OPTIMIZER_STATES, MemoryEstimate, in_flight_microbatches
+from cost.ops import Precision
 from cost.partition import min_max_partition
 from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
                             groups_inside_domains, recomputed_segments)
@@ -130,6 +131,8 @@ def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool 
     """
     options = options or PlanOptions(**option_values)
     fixed = _fixed_parts(strategy)
+    if fixed.precision is not None and fixed.precision.mixed and options.precision is None:
+        options = replace(options, precision=fixed.precision.compute)  # priced as the plan will run
     key = _cache_key(graph, cluster, fixed, options, train)
     cache = cache_directory(cache_dir)
     if use_cache:
@@ -297,7 +300,8 @@ class _Planner:
             notes.append(f"the time budget ({self.budget}s) ran out; the plan is the best found so far")
         if self.view.num_layers == 0:
             notes.append("the graph has no repeated blocks: no pipeline cuts were considered")
-        notes.append(f"priced with {self.options.precision} compute, {self.options.optimizer} optimizer state, "
+        precision = Precision.resolve(self.options.precision, self.view.graph)
+        notes.append(f"priced with {precision.describe()}, {self.options.optimizer} optimizer state, "
                      f"global batch {self.batch}")
         return notes
 
@@ -452,7 +456,7 @@ class _Planner:
                                schedule=shape.schedule,
                                virtual_stages=shape.virtual_stages if shape.schedule == "interleaved" else None)
         return Strategy(MeshSpec.of(mesh), params, activations, options, pipeline,
-                        _recompute_value(shape, self.view))
+                        _recompute_value(shape, self.view), self.fixed.precision)
 
 
 def _switch(fixed, meaningful: bool) -> list[bool]:
@@ -587,7 +591,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     inputs = prefix(at(prof.segments[j - 1].output_bytes, batch) for j in blocks)
     fsdp = estimator.fsdp_analytic(shape)
     if fsdp:  # the gathered parameters are kept for backward, as the compiled program does
-        extra = prefix(prof.segments[j].param_elements() * prof.precision.param_bytes for j in blocks)
+        extra = prefix(prof.segments[j].param_bytes() for j in blocks)
         saved = saved + extra
     in_flight = in_flight_microbatches(shape.schedule, shape.pp, k, shape.microbatches)
     devices = shape.stage_devices[rank]
@@ -597,7 +601,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     last = np.arange(layers)[None, :]
     elements = (params[last + 1] - params[first] + edge_params) / shards
     trained = (trainable[last + 1] - trainable[first] + edge_trainable) / shards
-    stored = prof.precision.param_bytes  # frozen parameters: stored, without gradient or optimizer state
+    stored = prof.param_element_bytes()  # frozen parameters: stored, without gradient or optimizer state
     state = elements * stored + trained * (_bytes_per_param(estimator, shape) - stored)
     plain_memory = state + in_flight * (saved[last + 1] - saved[first] + edge_saved)
     rc_memory = state + in_flight * (inputs[last + 1] - inputs[first] + edge_saved) + max(saved_each, default=0.0)
@@ -609,6 +613,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
 
 def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
     """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element."""
-    optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATE_BYTES_PER_PARAM else "adamw"
-    return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer,
-                                                    param_dtype_bytes=estimator.profile.precision.param_bytes).total)
+    optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
+    profile = estimator.profile
+    return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer, param_dtype_bytes=profile.param_element_bytes(),
+                                         master_weights=profile.precision.master_weights).total)

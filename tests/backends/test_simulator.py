@@ -16,6 +16,7 @@ from cost.placement import axis_groups
 from cost.segments import concrete_shape, costed_op, ir_profile, is_view
 from frontend.dsl import load_plan
 from frontend.torch_capture import capture
+from ir.types import dtype_size
 from passes.planner.search import search
 from strategy import StrategyError
 from tests.models import gpt_inputs, gpt_model
@@ -72,7 +73,8 @@ def test_measured_efficiency_and_overhead_price_the_ops(small):
             continue
         ins = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.input_values()]
         outs = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.outputs]
-        seconds = float(op_time(costed_op(node), ins, outs, {}, device))
+        sizes = [dtype_size(v.type.dtype) for v in (*node.input_values(), *node.outputs)]  # int64 ids: 8 bytes
+        seconds = float(op_time(costed_op(node), ins, outs, {}, device, dtype_bytes=sizes))
         matmul = op_category(node.op) == "matmul"
         forward += seconds / (0.5 if matmul else 0.8)
     stage = priced.stage_times[0]
@@ -112,7 +114,8 @@ def test_report_of_a_compiled_plan(dp_plan):
 
 
 def test_forward_time_is_the_sum_of_cost_model_op_times(small):
-    """On one device, the forward of every segment is sum(op_time) over the ops on their shapes."""
+    """On one device, the forward of every segment is sum(op_time) over the ops on their shapes, each tensor
+    at its dtype's element size."""
     model, inputs = small
     plan = compile(model, inputs, cluster="local:1", strategy="dp")
     report = simulate(plan, overhead_s=0.0)
@@ -123,7 +126,8 @@ def test_forward_time_is_the_sum_of_cost_model_op_times(small):
             continue
         ins = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.input_values()]
         outs = [concrete_shape(v.type, {"batch": 8, "seq": 16}) for v in node.outputs]
-        expected += float(op_time(costed_op(node), ins, outs, {}, device))
+        sizes = [dtype_size(v.type.dtype) for v in (*node.input_values(), *node.outputs)]
+        expected += float(op_time(costed_op(node), ins, outs, {}, device, dtype_bytes=sizes))
     simulated = sum(s["fwd_compute_s"] for s in report.stage_times)
     assert math.isclose(simulated, expected, rel_tol=1e-9)
 

@@ -132,6 +132,7 @@ def test_statements_map_to_every_strategy_key() -> None:
     virtual_stages 2
     skip_ratio 0
     recompute blocks.*, lm_head
+    precision param=fp32, compute=bf16
     """
     assert parse_plan(text).to_dict() == {
         "mesh": {"pp": 2, "dp": "auto", "tp": 2},
@@ -148,6 +149,7 @@ def test_statements_map_to_every_strategy_key() -> None:
         "virtual_stages": 2,
         "skip_ratio": 0.0,
         "recompute": ["blocks.*", "lm_head"],
+        "precision": "bf16-mixed",
     }
     assert parse_plan(text).mesh.axes == ("pp", "dp", "tp")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ir.sbp import B, P, Split
-from strategy import (AUTO, KEYS, Layout, MeshSpec, Options, Pipeline, Strategy, StrategyError, normalize)
+from strategy import (AUTO, KEYS, Layout, MeshSpec, Options, Pipeline, PrecisionSpec, Strategy, StrategyError, normalize)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +26,7 @@ EVERY_KEY = {
     "schedule": "gpipe",
     "skip_ratio": 0.25,
     "recompute": ["blocks.*.mlp"],
+    "precision": {"param": "fp32", "compute": "bf16", "reduce": "bf16"},
 }
 
 
@@ -38,6 +39,7 @@ def test_every_key_reads_into_its_typed_field_and_back():
     assert strategy.options == Options(True, False, "dp", 1 << 20)
     assert strategy.pipeline == Pipeline(None, ((0, 1), (2, 3)), ((0, 1, 2, 3), (4, 5, 6, 7)), 4, "gpipe", None, 0.25)
     assert strategy.recompute == ("blocks.*.mlp",)
+    assert strategy.precision == PrecisionSpec("fp32", "bf16", "bf16") and strategy.precision.shorthand is None
     assert strategy.to_dict() == EVERY_KEY and list(strategy.to_dict()) == [k for k in KEYS if k in EVERY_KEY]
     assert Strategy.from_dict(strategy.to_dict()) == strategy
     assert strategy.tensor_axis == "tp" and strategy.sequence_parallel and not strategy.vocab_parallel
