@@ -28,6 +28,7 @@ from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
 from ir.ops.comm import ADJOINTS
+from ir.ops.schema import SchemaError, arg
 from ir.recompute import RECOMPUTE_ATTR
 from ir.sbp import Split
 from ir.types import Mesh, TensorType, dim_symbol
@@ -99,6 +100,8 @@ class ComputeRecord:
     has_grad: bool
     recomputed: bool = False
     """In a region the program recomputes in backward (``attrs["recompute"]``)."""
+    attrs: tuple = ()
+    """``(name, value)`` pairs of the op's arguments its cost depends on (see :func:`cost_attrs`)."""
 
 
 @dataclass
@@ -241,15 +244,36 @@ def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision,
     if local:
         ins = [local_shape(s, nd, mesh.shape) for s, nd in zip(ins, record.in_sbps)]
         outs = [local_shape(s, nd, mesh.shape) for s, nd in zip(outs, record.out_sbps)]
-    return _work(record.op, tuple(ins), tuple(outs), precision.activation_bytes, record.has_grad)
+    return _work(record.op, tuple(ins), tuple(outs), precision.activation_bytes, record.has_grad, record.attrs)
 
 
 @functools.lru_cache(maxsize=65536)
-def _work(op: str, ins: tuple, outs: tuple, element_bytes: int, has_grad: bool) -> tuple[float, float, float]:
-    flops = float(op_flops(op, ins, outs))
+def _work(op: str, ins: tuple, outs: tuple, element_bytes: int, has_grad: bool, attrs: tuple = ()
+          ) -> tuple[float, float, float]:
+    flops = float(op_flops(op, ins, outs, dict(attrs)))
     nbytes = float(op_bytes(op, ins, outs, dtype_bytes=element_bytes))
-    backward = float(op_backward_flops(op, ins, outs)) if has_grad else 0.0
+    backward = float(op_backward_flops(op, ins, outs, dict(attrs))) if has_grad else 0.0
     return flops, nbytes, backward
+
+
+def cost_attrs(node: Node) -> tuple:
+    """The arguments of ``node`` its cost depends on, as ``(name, value)`` pairs: ``is_causal`` of attention
+    (a fused causal kernel does half the work)."""
+    if op_category(node.op) == "attention" and node.op.startswith("aten."):
+        try:
+            return (("is_causal", bool(arg(node, "is_causal"))),)
+        except SchemaError:  # an attention op without that argument
+            return ()
+    return ()
+
+
+def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, has_grad: bool, recomputed: bool = False
+                   ) -> ComputeRecord:
+    """The :class:`ComputeRecord` of ``node`` computed with the given layouts (the op as it costs, see
+    :func:`costed_op`, and its :func:`cost_attrs`); the simulator and the planner both make them here."""
+    return ComputeRecord(costed_op(node), tuple(v.type for v in node.input_values()), tuple(in_sbps),
+                         tuple(o.type for o in node.outputs), tuple(out_sbps), has_grad, recomputed,
+                         cost_attrs(node))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -421,10 +445,8 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
                                         has_grad, node.op == "comm.all_gather" and source.kind == "param",
                                         RECOMPUTE_ATTR in node.attrs))
             continue
-        ins = node.input_values()
-        computes.append(ComputeRecord(costed_op(node), tuple(v.type for v in ins), tuple(v.sbp for v in ins),
-                                      tuple(o.type for o in node.outputs), tuple(o.sbp for o in node.outputs),
-                                      has_grad, RECOMPUTE_ATTR in node.attrs))
+        computes.append(compute_record(node, tuple(v.sbp for v in node.input_values()),
+                                       tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs))
     return computes, comms
 
 

@@ -28,7 +28,7 @@ from cluster import Cluster, Device
 from cost.boxing import ClusterBoxingCost
 from cost.collectives import collective_time
 from cost.ops import Precision, compute_seconds, peak_flops
-from cost.segments import (BATCH_SYMBOL, CommRecord, ComputeRecord, CostContext, Profile, concrete_shape, op_kind,
+from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape, op_kind,
                            op_work, param_record, segment_cost)
 from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
@@ -38,6 +38,7 @@ from ir.ops.registry import nd_signatures, splits_divide
 from ir.sbp import B, Split, format_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.boxing import BoxingError, boxing_path
+from passes.grad_sync import DEFAULT_BUCKET_BYTES
 from passes.planner.pairwise import PairEdge, PairwiseProblem, Solution, solve_dp, solve_ilp, solve_z3
 
 
@@ -178,15 +179,18 @@ class LayoutProblem:
         return len(self.vars) - 1
 
     def _param_sync_seconds(self, value: Value, storage: tuple) -> float:
+        """What storing ``value`` as ``storage`` adds to the gradient all-reduces: its bytes' share of a bucket
+        (``grad_sync`` reduces gradients in buckets, so a small parameter does not pay a call's latency)."""
         req = self.request
         if not req.train:
             return 0.0
         record = param_record(value, storage, req.mesh, True)
         total = 0.0
+        nbytes = record.local_elements * req.precision.param_bytes
         for axis in record.grad_axes:
             group = req.groups[req.mesh.axis_index(axis)]
-            total += collective_time("all_reduce", record.local_elements * req.precision.param_bytes, group,
-                                     req.cluster)
+            total += collective_time("all_reduce", DEFAULT_BUCKET_BYTES + nbytes, group, req.cluster) - \
+                collective_time("all_reduce", DEFAULT_BUCKET_BYTES, group, req.cluster)
         return total
 
     def _add_node_var(self, k: int, unit: _Unit) -> None:
@@ -205,13 +209,10 @@ class LayoutProblem:
 
     def _op_seconds(self, node: Node, choice: tuple) -> float:
         req = self.request
-        ins = node.input_values()
-        record = ComputeRecord(node.op, tuple(v.type for v in ins), tuple(choice[0]),
-                               tuple(o.type for o in node.outputs), tuple(choice[1]),
-                               any(id(o) in self.grad for o in node.outputs))
+        record = compute_record(node, choice[0], choice[1], any(id(o) in self.grad for o in node.outputs))
         flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
         peak, bandwidth = peak_flops(req.device, req.precision), req.device.memory_bandwidth_Bps
-        fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(node.op), flops=flops)
+        fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(record.op), flops=flops)
         seconds = float(compute_seconds(flops, nbytes, peak, bandwidth, fwd_efficiency))
         if record.has_grad and req.train:
             seconds += float(compute_seconds(backward, 2 * nbytes, peak, bandwidth, bwd_efficiency))
@@ -355,9 +356,7 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     for unit in problem.units:
         ins, outs = result.node_choice[unit.node.name]
         node = unit.node
-        computes[unit.segment].append(ComputeRecord(node.op, tuple(v.type for v in node.input_values()), ins,
-                                                    tuple(o.type for o in node.outputs), outs,
-                                                    any(id(o) in problem.grad for o in node.outputs)))
+        computes[unit.segment].append(compute_record(node, ins, outs, any(id(o) in problem.grad for o in node.outputs)))
     comms = {key: [] for key in (PRE, "first", "rest", POST)}
     for unit_index, position, value, src, weight, boundary in _boxings(result):
         unit = problem.units[unit_index]
