@@ -17,7 +17,7 @@ is the entry point; it also prices strategies on graphs the passes have not laid
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cluster import Cluster
@@ -28,6 +28,7 @@ from cost.segments import Profile, ir_profile
 from cost.timeline import TimelineEvent
 from ir.core import Graph
 from ir.layers import LayerStructure, find_layers
+from strategy import Strategy
 
 CATEGORIES = ("compute", "comm", "idle")
 COLORS = {"compute": "#4C72B0", "comm": "#DD8452", "idle": "#DDDDDD"}
@@ -52,7 +53,7 @@ class SimReport:
     stage_times: list
     """Per stage: forward/backward compute and communication seconds per microbatch."""
     cluster: str
-    strategy: dict
+    strategy: Strategy
     source: str
     """``ir`` (priced from the plan's laid-out IR) or ``strategy`` (layouts solved from the strategy)."""
     notes: list = field(default_factory=list)
@@ -138,7 +139,7 @@ def is_laid_out(graph: Graph) -> bool:
     return bool(graph.meshes) and all(v.sbp is not None for v in graph.all_values())
 
 
-def price_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOptions, exact: bool = True
+def price_ir(graph: Graph, strategy: Strategy, cluster: Cluster, options: PlanOptions, exact: bool = True
              ) -> tuple[Estimate, PlanShape, Profile]:
     """The estimate of a laid-out graph compiled with the (normalised) ``strategy``, and the plan shape and
     profile it priced."""
@@ -148,8 +149,8 @@ def price_ir(graph: Graph, strategy: dict, cluster: Cluster, options: PlanOption
     profile = ir_profile(graph, Precision.of(options.precision), global_batch=batch, structure=structure)
     cut = _stage_layers_of_ir(structure)
     if cut is not None:  # the pipeline pass chose (or honoured) the cut: price the stages it made
-        strategy = {**strategy, "stage_layers": cut}
-    strategy = {**strategy, "recompute": False}  # the IR's recompute marks are priced op by op
+        strategy = replace(strategy, pipeline=replace(strategy.pipeline, stage_layers=tuple(map(tuple, cut))))
+    strategy = replace(strategy, recompute=False)  # the IR's recompute marks are priced op by op
     shape = plan_shape(strategy, cluster.world_size, structure.num_layers, structure.prefix, batch,
                        optimizer_name(options.optimizer))
     mesh = profile.mesh
@@ -177,7 +178,7 @@ def _stage_layers_of_ir(structure: LayerStructure) -> list | None:
     return ranges
 
 
-def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Cluster, strategy: dict, source: str,
+def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Cluster, strategy: Strategy, source: str,
            options: PlanOptions) -> SimReport:
     """The :class:`SimReport` of an estimate (``source``: ``ir`` or ``strategy``, what was priced)."""
     step = estimate.step_time_s
@@ -188,7 +189,7 @@ def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Clus
     mfu = estimate.flops_per_step / (step * peak) if step > 0 else 0.0
     stage_times = [{"stage": s.index, "rank": s.rank, "layers": s.layers, "fwd_compute_s": s.fwd_compute_s,
                     "fwd_comm_s": s.fwd_comm_s, "bwd_compute_s": s.bwd_compute_s, "bwd_comm_s": s.bwd_comm_s,
-                    "recompute_s": s.recompute_s, "send_s": s.send_s} for s in estimate.stages]
+                    "recompute_s": s.recompute_s, "send_s": s.send_s, "weight_s": s.weight_s} for s in estimate.stages]
     return SimReport(step, samples, tokens, mfu, estimate.peak_memory_bytes, estimate.fits, dict(estimate.comm_bytes),
                      estimate.flops_per_step, estimate.bubble_fraction, stage_times, cluster.name, strategy, source,
                      list(estimate.notes), estimate, shape)
@@ -232,8 +233,8 @@ def _rank_events(estimate: Estimate, shape: PlanShape) -> dict[int, list[Timelin
 
 
 def _split_compute(start: float, end: float, stage, kind: str, microbatch: int) -> list[TimelineEvent]:
-    """A forward/backward interval as its compute part followed by its collectives."""
-    comm = stage.fwd_comm_s if kind == "F" else stage.bwd_comm_s
+    """A forward/backward interval as its compute part followed by its collectives (a W has none)."""
+    comm = {"F": stage.fwd_comm_s, "B": stage.bwd_comm_s}.get(kind, 0.0)
     compute_end = max(start, end - comm)
     label = f"{kind}{microbatch}@s{stage.index}"
     events = [TimelineEvent(start, compute_end, "compute", label)]

@@ -15,6 +15,7 @@ from typing import Any
 import sympy
 import torch
 
+from backends.runtime.split_backward import WeightWork, backward_input
 from ir import kernels
 from ir.core import Graph, Node, Value
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
@@ -355,7 +356,9 @@ class PipelineRunner:
     :func:`ir.schedules.check_deadlock` uses: each device in turn runs until it waits on a
     receive. An ``F`` runs the stage's nodes for one microbatch on every device of the stage's
     mesh, on leaves made of what it received; its ``B`` back-propagates the received gradients
-    (or the loss) into those leaves, whose gradients are what ``SEND_B`` carries back. Parameter
+    (or the loss) into those leaves, whose gradients are what ``SEND_B`` carries back; a ``W``
+    (zero-bubble schedules) computes the parameter gradients of a backward whose ``B`` left them
+    for later. Parameter
     gradients accumulate over microbatches, then the plan's sync (buckets, tied copies) runs.
     """
 
@@ -368,6 +371,9 @@ class PipelineRunner:
         self.ready: dict[tuple, list] = {}
         self.saved: dict[tuple, _Saved] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        self.deferred: set[tuple[int, int]] = set()
+        """(stage, microbatch) whose backward is split: a ``W`` follows its ``B``."""
+        self.weight_work: dict[tuple[int, int], WeightWork] = {}
 
     def run(self, inputs: tuple, mode: str = "train", stages: list[int] | None = None) -> VirtualResult:
         """Forward and backward of every microbatch (train), or forward through ``stages`` (infer)."""
@@ -465,29 +471,48 @@ class PipelineRunner:
         self.saved[(stage, microbatch)] = _Saved(leaves, [], locals_)
 
     def backward(self, stage: int, microbatch: int) -> None:
-        """``B``: back-propagate the loss or the received gradients; keep the entries' gradients to send."""
+        """``B``: back-propagate the loss or the received gradients; keep the entries' gradients to send.
+
+        When the schedule has a ``W`` for this (stage, microbatch), only the entries' gradients are
+        computed here and the parameters' wait for :meth:`weight` (a split backward)."""
         saved = self.saved.pop((stage, microbatch))
+        outs, seeds = self._backward_seeds(stage, microbatch, saved)
+        if (stage, microbatch) in self.deferred:
+            leaves = [leaf for slot in saved.entries for leaf in slot]
+            found, self.weight_work[(stage, microbatch)] = backward_input(outs, seeds, leaves)
+            grads = dict(zip(map(id, leaves), found))
+        else:
+            if outs:
+                torch.autograd.backward(outs, seeds)
+            grads = {id(leaf): leaf.grad for slot in saved.entries for leaf in slot}
+        if saved.entries:
+            self.ready[("B", stage, microbatch)] = [[_entry_grad(leaf, grads[id(leaf)]) for leaf in slot]
+                                                    for slot in saved.entries]
+
+    def weight(self, stage: int, microbatch: int) -> None:
+        """``W``: the parameters' gradients of a split backward, from what its ``B`` kept."""
+        self.weight_work.pop((stage, microbatch)).run()
+
+    def _backward_seeds(self, stage: int, microbatch: int, saved: _Saved) -> tuple[list, list]:
+        """The tensors a backward starts from and their gradients (None: the seeded loss)."""
         if saved.loss is not None:
             loss = self.graph.loss
             mesh = self.graph.meshes[loss.mesh]
             seeded = [t if is_seed_rank(loss.sbp, mesh, r) else t * 0 for r, t in enumerate(saved.loss)]
-            torch.stack(seeded).sum().backward()
-        else:
-            grads = self.ready.pop(("B", self._neighbour(stage, microbatch, +1), microbatch))
-            outs, seeds = [], []
-            for locals_, slot_grads in zip(saved.exits, grads):
-                for t, g in zip(locals_, slot_grads):
-                    if g is not None and t.requires_grad:
-                        outs.append(t)
-                        seeds.append(g)
-            if outs:
-                torch.autograd.backward(outs, seeds)
-        if saved.entries:
-            self.ready[("B", stage, microbatch)] = [[_leaf_grad(leaf) for leaf in slot] for slot in saved.entries]
+            return [torch.stack(seeded).sum()], [None]
+        grads = self.ready.pop(("B", self._neighbour(stage, microbatch, +1), microbatch))
+        outs, seeds = [], []
+        for locals_, slot_grads in zip(saved.exits, grads):
+            for t, g in zip(locals_, slot_grads):
+                if g is not None and t.requires_grad:
+                    outs.append(t)
+                    seeds.append(g)
+        return outs, seeds
 
     # -- the schedule ---------------------------------------------------------------------------------
     def _run_schedule(self) -> None:
         lists = self._lane_lists()
+        self.deferred = {a.value[1:] for actions in lists.values() for a in actions if a.kind == "W"}
         channels: dict[tuple[int, int], deque] = defaultdict(deque)
         position = {rank: 0 for rank in lists}
         progress = True
@@ -507,6 +532,8 @@ class PipelineRunner:
             self.forward(action.stage, action.microbatch)
         elif action.kind == "B":
             self.backward(action.stage, action.microbatch)
+        elif action.kind == "W":
+            self.weight(action.stage, action.microbatch)
         elif action.is_send:
             channels[(rank, action.peer)].append((action.value, self.ready.pop(action.value)))
         else:
@@ -560,7 +587,8 @@ def _leaf(t: torch.Tensor, train: bool) -> torch.Tensor:
     return t.detach().requires_grad_(train and t.is_floating_point())
 
 
-def _leaf_grad(leaf: torch.Tensor) -> torch.Tensor | None:
+def _entry_grad(leaf: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+    """What SEND_B carries for one entry: its gradient, zeros where it got none, None for a non-float one."""
     if not leaf.requires_grad:
         return None
-    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    return grad if grad is not None else torch.zeros_like(leaf)

@@ -30,7 +30,6 @@ from gpt_configs import example_batch, meta_model  # noqa: E402
 from cluster import Cluster  # noqa: E402
 from passes.manager import PassContext, PassFailed, run_passes  # noqa: E402
 from passes.planner import search  # noqa: E402
-from passes.strategy import normalize_strategy  # noqa: E402
 
 
 def compile_phases(layers: int, batch: int, cluster: Cluster) -> dict:
@@ -45,11 +44,10 @@ def compile_phases(layers: int, batch: int, cluster: Cluster) -> dict:
     captured_at = time.perf_counter()
     strategy, report = search(graph, cluster, "auto", train=True, use_cache=False)
     searched_at = time.perf_counter()
-    normalized = normalize_strategy(strategy, cluster.world_size)
-    ctx = PassContext(strategy=normalized, world_size=cluster.world_size, train=True, cluster=cluster)
+    ctx = PassContext(strategy=strategy, world_size=cluster.world_size, train=True, cluster=cluster)
     note = ""
     try:
-        run_passes(graph, passes_for(normalized), ctx)
+        run_passes(graph, passes_for(ctx.strategy), ctx)
     except (PassFailed, NotImplementedError) as error:  # the pipeline pass is not there yet
         note = f"pipeline pass unavailable ({str(error).splitlines()[0][:60]}); stage IR only"
         graph = capture_model(model, inputs, None, loss_fn=None, train=True, method="auto").graph

@@ -15,8 +15,8 @@ from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
 from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate, recompute  # noqa: F401  (register passes)
-from passes.manager import PassContext, run_passes
-from passes.strategy import normalize_strategy
+from passes.manager import PassContext, as_calls, run_passes
+from strategy import Strategy
 
 DEFAULT_PASSES = ["decompose", "layouts", "propagate", "boxing", "grad_sync"]
 PIPELINE_PASSES = ["pipeline", "schedule"]
@@ -29,7 +29,8 @@ class CompiledPlan:
 
     graph: Graph
     weights: dict[str, torch.Tensor]
-    strategy: dict
+    strategy: Strategy
+    """The strategy the passes applied (normalised for the cluster)."""
     cluster: Cluster
     mode: str
     optimizer: tuple
@@ -43,7 +44,7 @@ class CompiledPlan:
     def to_dsl(self) -> str:
         """The plan as DSL text; compiling that text again gives the same IR."""
         from frontend.dsl import format_plan
-        return format_plan(self.graph.attrs.get("strategy", self.strategy))
+        return format_plan(self.strategy)
 
     def simulate(self, **options):
         """Estimated step time, throughput, MFU, memory and traffic on the plan's cluster."""
@@ -82,7 +83,7 @@ class CompiledPlan:
                   f"Optimizer: torch.optim.{self.optimizer[0]}({self.optimizer[1]})")
         return torch_distributed.emit(self.graph, self.weights, out_dir, optimizer=self.optimizer,
                                       input_ranges=self.input_ranges, example_dims=self.example_dims,
-                                      aliases=self.aliases, header=header)
+                                      aliases=self.aliases, header=header, plan_text=self.to_dsl())
 
     def parameter_memory(self) -> dict[int, int]:
         """Bytes of parameters each device stores at rest (its shards), by device id."""
@@ -108,7 +109,7 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
             cluster: Cluster | str | None = None, strategy: Any = "dp", optimizer: Any = None,
             loss_fn: Callable | None = None, mode: str = "train", capture_method: str = "auto",
             dump_after: str | list | None = None, dump_to: TextIO | None = None,
-            search_options: dict | None = None) -> CompiledPlan:
+            search_options: dict | None = None, passes: str | list | None = None) -> CompiledPlan:
     """Compile ``model`` for ``cluster`` with ``strategy``.
 
     ``model``: an ``nn.Module`` (called as ``model(*example_inputs, **example_kwargs)``; in ``train``
@@ -117,6 +118,8 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     parts are searched by the planner, with ``search_options`` (precision, global_batch,
     optimizer, time_budget_s, progress, cache_dir, ...; see ``passes.planner.search``).
     ``optimizer``: ``(torch.optim.SGD, {"lr": 0.1})`` for emitted programs. ``dump_after``: pass name(s), or ``"all"``, whose IR to print.
+    ``passes``: the pass pipeline, as text (``"decompose,layouts,propagate,boxing,grad_sync{bucket_bytes=1048576}"``)
+    or a list of pass texts; by default the one the strategy needs (:func:`passes_for`).
     """
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', found {mode!r}")
@@ -133,14 +136,13 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     strategy = resolve_strategy(strategy, model if isinstance(model, torch.nn.Module) else None, graph,
                                 cluster.world_size)
     report = None
-    if wants_search(strategy):
+    if strategy.wants_search:
         strategy, report = search_strategy(graph, cluster, strategy, train=train, **(search_options or {}))
-    strat = normalize_strategy(strategy, cluster.world_size)
-    ctx = PassContext(strategy=strat, world_size=cluster.world_size, train=train, cluster=cluster)
-    names = passes_for(strat)
+    ctx = PassContext(strategy=strategy, world_size=cluster.world_size, train=train, cluster=cluster)
+    names = [str(call) for call in as_calls(passes if passes is not None else passes_for(ctx.strategy))]
     run_passes(graph, names, ctx, dump_after=dump_after, dump_to=dump_to)
     check_example_inputs(graph, flat_inputs)
-    plan = CompiledPlan(graph, captured.weights, strat, cluster, mode, _optimizer(optimizer),
+    plan = CompiledPlan(graph, captured.weights, ctx.strategy, cluster, mode, _optimizer(optimizer),
                         dict(captured.aliases), names, _input_ranges(graph, flat_inputs), example_dims)
     plan.search_report = report
     return plan
@@ -152,36 +154,20 @@ def check_example_inputs(graph: Graph, inputs: tuple) -> None:
     bind_dims(graph, inputs)
 
 
-def passes_for(strategy: dict) -> list[str]:
+def passes_for(strategy: Strategy) -> list[str]:
     """The pass pipeline for a strategy: pipeline cutting and scheduling when it has stages."""
-    if is_pipelined(strategy):
+    if strategy.is_pipelined:
         return DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
     return DEFAULT_PASSES + ["recompute"]
 
 
-def is_pipelined(strategy: dict) -> bool:
-    """Whether the strategy asks for pipeline stages."""
-    return "pp" in strategy.get("mesh", {}) or bool(strategy.get("stages")) or bool(strategy.get("stage_layers"))
-
-
-def wants_search(strategy: Any) -> bool:
-    """Whether any part of the strategy is left to the planner (``"auto"``)."""
-    if strategy == "auto":
-        return True
-    if isinstance(strategy, dict):
-        return any(wants_search(v) for v in strategy.values())
-    if isinstance(strategy, (list, tuple)):
-        return any(wants_search(v) for v in strategy)
-    return False
-
-
-def search_strategy(graph: Graph, cluster: Cluster, strategy: Any, *, train: bool, **options):
+def search_strategy(graph: Graph, cluster: Cluster, strategy: Strategy, *, train: bool, **options):
     """Fill the ``"auto"`` parts of a strategy with the planner (see ``passes/planner``)."""
     from passes.planner import search
     return search(graph, cluster, strategy, train=train, **options)
 
 
-def resolve_strategy(strategy: Any, model: torch.nn.Module | None, graph: Graph, world_size: int) -> Any:
+def resolve_strategy(strategy: Any, model: torch.nn.Module | None, graph: Graph, world_size: int) -> Strategy:
     """A strategy from a dict, a shorthand, DSL text or a ``*.sbp`` file, merged with the model's annotations."""
     from compiler.plans import resolve
     return resolve(strategy, model, graph, world_size=world_size)

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(comp)
     comp.add_argument("--dump-ir", metavar="PATH", help="write the final IR to PATH ('-' for stdout)")
     comp.add_argument("--dump-after", metavar="PASS", action="append", help="print the IR after this pass ('all' for every pass)")
+    comp.add_argument("--passes", metavar="PIPELINE", help="the pass pipeline as text, e.g. "
+                      "'decompose,layouts,propagate,boxing,grad_sync{bucket_bytes=1048576}' (default: the one the "
+                      "strategy needs)")
     comp.add_argument("--emit", metavar="DIR", help="write a standalone torchrun program into DIR")
     comp.add_argument("--print-plan", action="store_true", help="print the plan as DSL text")
     comp.set_defaults(run=cmd_compile)
@@ -148,7 +151,7 @@ def compile_from_args(args):
     optimizer = (args.optimizer, {"lr": args.lr})
     dump_after = getattr(args, "dump_after", None)
     return compile(model, inputs, cluster=args.cluster, strategy=strategy, optimizer=optimizer, mode=args.mode,
-                   dump_after=dump_after)
+                   dump_after=dump_after, passes=getattr(args, "passes", None))
 
 
 def cmd_compile(args) -> int:

@@ -6,8 +6,8 @@ from typing import Any
 
 from backends.simulator import format_bytes
 from cluster import LINK_CLASSES, Cluster
-from cost.placement import PIPELINE_AXIS, axis_groups, stage_device_lists
-from passes.strategy import tensor_axis
+from cost.placement import axis_groups, stage_device_lists
+from strategy import AUTO, PIPELINE_AXIS, Layout, Strategy
 
 MAX_LAYOUT_LINES = 40
 
@@ -42,16 +42,16 @@ def explain(plan: Any) -> str:
     return "\n".join(lines)
 
 
-def _degrees(strategy: dict) -> list[str]:
-    mesh = strategy["mesh"]
+def _degrees(strategy: Strategy) -> list[str]:
     names = {"dp": "data parallel", "tp": "tensor parallel", PIPELINE_AXIS: "pipeline"}
-    parts = [f"{names.get(a, a)} {n}" for a, n in mesh.items()]
-    return [f"Degrees: {' x '.join(parts)}; microbatches {strategy.get('microbatches', 1)}"]
+    parts = [f"{names.get(a, a)} {n}" for a, n in strategy.mesh_spec.items()]
+    microbatches = strategy.pipeline.microbatches
+    return [f"Degrees: {' x '.join(parts)}; microbatches {1 if microbatches is None else microbatches}"]
 
 
-def _placement(strategy: dict, cluster: Cluster) -> list[str]:
-    mesh = strategy["mesh"]
-    stage_devices = stage_device_lists(mesh, cluster.world_size, strategy.get("stage_devices"))
+def _placement(strategy: Strategy, cluster: Cluster) -> list[str]:
+    mesh = strategy.mesh_spec.as_dict()
+    stage_devices = stage_device_lists(mesh, cluster.world_size, strategy.pipeline.stage_devices)
     axes = tuple(a for a in mesh if a != PIPELINE_AXIS)
     shape = tuple(int(mesh[a]) for a in axes)
     lines = ["Placement:"]
@@ -81,37 +81,34 @@ def _slowest_link(groups, cluster: Cluster) -> str:
     return worst
 
 
-def _layouts(strategy: dict) -> list[str]:
-    axis = tensor_axis({"mesh": {a: n for a, n in strategy["mesh"].items() if a != PIPELINE_AXIS}})
+def _layouts(strategy: Strategy) -> list[str]:
     lines = []
-    params = strategy.get("params") or {}
-    activations = strategy.get("activations") or {}
-    if params or activations:
+    if strategy.params or strategy.activations:
         lines.append("Layouts (anything not listed is replicated, B):")
-        lines += [f"  param {name}: {_spec(spec)}" for name, spec in params.items()]
-        lines += [f"  activation {name}: {_spec(spec)}" for name, spec in activations.items()]
+        lines += [f"  param {layout.glob}: {_spec(layout)}" for layout in strategy.params]
+        lines += [f"  activation {layout.glob}: {_spec(layout)}" for layout in strategy.activations]
     switches = []
-    if axis is not None:
-        switches.append(f"sequence parallel {'on' if strategy.get('sequence_parallel') else 'off'}")
-        switches.append(f"vocabulary parallel {'on' if strategy.get('vocab_parallel') else 'off'}")
-    switches.append(f"fsdp {'over ' + strategy['fsdp'] if strategy.get('fsdp') else 'off'}")
+    if strategy.tensor_axis is not None:
+        switches.append(f"sequence parallel {'on' if strategy.sequence_parallel else 'off'}")
+        switches.append(f"vocabulary parallel {'on' if strategy.vocab_parallel else 'off'}")
+    switches.append(f"fsdp {'over ' + strategy.fsdp_axis if strategy.fsdp_axis else 'off'}")
     lines.append("Switches: " + ", ".join(switches))
     return lines
 
 
-def _spec(spec) -> str:
-    return spec if isinstance(spec, str) else ", ".join(f"{a}={s}" for a, s in spec.items())
+def _spec(layout: Layout) -> str:
+    return AUTO if layout.sbp == AUTO else ", ".join(f"{a}={s}" for a, s in layout.sbp)
 
 
-def _pipeline(strategy: dict, cluster: Cluster) -> list[str]:
-    mesh = strategy["mesh"]
-    if int(mesh.get(PIPELINE_AXIS, 1)) == 1:
+def _pipeline(strategy: Strategy, cluster: Cluster) -> list[str]:
+    if strategy.positions == 1:
         return [f"No pipeline; recompute: {_recompute(strategy)}"]
-    stage_devices = stage_device_lists(mesh, cluster.world_size, strategy.get("stage_devices"))
-    lines = [f"Pipeline: schedule {strategy.get('schedule', '1f1b')}"
-             + (f" with {strategy['virtual_stages']} virtual stages per rank" if strategy.get("virtual_stages") else "")
+    pipeline = strategy.pipeline
+    stage_devices = stage_device_lists(strategy.mesh_spec.as_dict(), cluster.world_size, pipeline.stage_devices)
+    lines = [f"Pipeline: schedule {pipeline.schedule_name}"
+             + (f" with {pipeline.virtual_stages} virtual stages per rank" if pipeline.virtual_stages else "")
              + f", recompute: {_recompute(strategy)}"]
-    ranges = strategy.get("stage_layers") or strategy.get("stages") or []
+    ranges = pipeline.stage_layers or (pipeline.stages if isinstance(pipeline.stages, tuple) else ())
     for k, layers in enumerate(ranges):
         devices = stage_devices[k % len(stage_devices)]
         kinds = sorted({cluster.device(d).kind for d in devices})
@@ -120,8 +117,8 @@ def _pipeline(strategy: dict, cluster: Cluster) -> list[str]:
     return lines
 
 
-def _recompute(strategy: dict) -> str:
-    value = strategy.get("recompute")
+def _recompute(strategy: Strategy) -> str:
+    value = strategy.recompute
     if not value:
         return "none"
     if value is True:

@@ -1,15 +1,14 @@
-"""Turning what the user passed as ``strategy=`` into one checked strategy dict.
+"""Turning what the user passed as ``strategy=`` into one checked :class:`~strategy.Strategy`.
 
 ``strategy=`` may be a dict, a shorthand (``"dp"``, ``"fsdp"``, ``"auto"``), plan text in the
-DSL of :mod:`frontend.dsl` (any statements, one per line), or the path of a ``*.sbp`` plan file.
-:func:`resolve` reads it, merges the statements written on the model's modules (``annotate()``,
-``@sbp_plan``) and checks the result against the captured graph, all before any pass runs: a bad
-plan raises one :class:`~frontend.dsl.PlanError` (a ``ValueError`` that reads
+DSL of :mod:`frontend.dsl` (any statements, one per line), the path of a ``*.sbp`` plan file, or a
+``Strategy``. :func:`resolve` reads it, merges the statements written on the model's modules
+(``annotate()``, ``@sbp_plan``) and checks the result against the captured graph, all before any pass
+runs: a bad plan raises one :class:`~frontend.dsl.PlanError` (a ``ValueError`` that reads
 ``plan.sbp:3:12: error: ...`` with the line and a caret) and nothing is half-applied.
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 from dataclasses import dataclass
@@ -19,21 +18,18 @@ from typing import Any
 import torch
 
 from frontend.dsl import (
-    AUTO,
-    SHORTHANDS,
     STATEMENTS,
     PlanError,
     Positions,
-    Strategy,
     collect_annotations,
-    did_you_mean,
+    located,
     merge_strategies,
-    normalize_strategy,
     parse_plan_with_positions,
     validate_plan,
 )
 from ir.core import Graph
-from passes import strategy as pass_strategy
+from strategy import SHORTHANDS, Strategy, did_you_mean, normalize
+from strategy.normalize import NO_STRATEGY
 
 PLAN_SUFFIX = ".sbp"
 """The file suffix of plan files."""
@@ -44,7 +40,6 @@ ARGUMENT_SOURCE = "the strategy argument"
 TEXT_SOURCE = "<plan>"
 """How errors name plan text given as ``strategy=``."""
 
-_NO_STRATEGY = (None, "none")  # what passes.strategy reads as plain data parallelism
 _ONE_WORD = re.compile(r"[A-Za-z0-9_]+")
 
 
@@ -71,48 +66,51 @@ class ModelFacts:
 
 def resolve(strategy: Any, model: torch.nn.Module | None, graph: Graph,
             world_size: int | None = None) -> Strategy:
-    """The checked strategy for ``compile``: a dict in canonical form, or ``"auto"``.
+    """The checked strategy for ``compile`` (it may hold ``"auto"`` parts for the planner).
 
     Reads ``strategy`` (see :func:`read_strategy`), merges the model's annotations into it,
     and validates the result against ``graph`` (module names, parameter shapes, and, when
-    ``world_size`` is given, the mesh size and stage devices). With ``world_size`` the shorthands
-    ``dp``/``fsdp`` and a dict without a mesh get their mesh here, so that the plan that
-    ``CompiledPlan.to_dsl()`` prints compiles back to the same IR. Raises :class:`PlanError`.
+    ``world_size`` is given, the mesh size and stage devices). With ``world_size`` the strategy is
+    normalised for it (:func:`strategy.normalize`: the shorthands ``dp``/``fsdp`` and a strategy
+    without a mesh get their mesh), so that the plan ``CompiledPlan.to_dsl()`` prints compiles
+    back to the same IR. Raises :class:`PlanError`.
     """
     given = read_strategy(strategy)
     facts = model_facts(graph)
     annotations = collect_annotations(model) if model is not None else []
     # a mesh written in an annotation wins over the default one a plan without a mesh would get
-    annotated_mesh = any("mesh" in a for _, _, a in annotations)
-    base = given.strategy if annotated_mesh and isinstance(given.strategy, dict) \
-        else _with_mesh(given.strategy, world_size)
+    annotated_mesh = any(a.mesh is not None for _, _, a in annotations)
+    base = given.strategy if annotated_mesh and given.strategy.shorthand is None \
+        else _for_world(given.strategy, world_size, given.positions, given.where)
     _validate(base, facts, world_size, given.positions, given.where)
     for _path, where, annotation in annotations:
         _validate(annotation, facts, world_size, None, where)
-    merged = _with_mesh(merge_strategies(base, given.where, annotations, given.positions),
-                        world_size)
-    if annotations:
-        _validate(merged, facts, world_size, given.positions,
-                  f"{given.where} merged with module annotations")
+    merged = merge_strategies(base, given.where, annotations, given.positions)
+    if not annotations:
+        return merged
+    where = f"{given.where} merged with module annotations"
+    merged = _for_world(merged, world_size, given.positions, where)
+    _validate(merged, facts, world_size, given.positions, where)
     return merged
 
 
 def read_strategy(strategy: Any) -> PlanInput:
     """Read ``strategy=`` without looking at the model.
 
-    ``None`` and ``"none"`` mean ``"dp"``; a shorthand stays a string; a ``*.sbp`` path (a string
+    ``None`` and ``"none"`` mean ``"dp"``; a shorthand stays one; a ``*.sbp`` path (a string
     of one line, or an ``os.PathLike``) or an existing file is loaded; other strings are plan
-    text; dicts are checked, with the conventions of Python strategies (``"fsdp": True`` for the
-    dp axis, a bare SBP such as ``"S(0)"`` on a 1-D mesh) written out.
+    text; dicts and ``Strategy`` values are checked by :func:`strategy.normalize` (which reads the
+    conventions of Python strategies: ``"fsdp": True`` for the dp axis, a bare SBP such as
+    ``"S(0)"`` on a 1-D mesh).
     """
-    if strategy in _NO_STRATEGY:
-        return PlanInput("dp", None, ARGUMENT_SOURCE)
+    if strategy in NO_STRATEGY:
+        return PlanInput(Strategy(shorthand="dp"), None, ARGUMENT_SOURCE)
     if isinstance(strategy, os.PathLike):
         return _read_file(Path(strategy))
     if isinstance(strategy, str):
         return _read_text(strategy)
-    if isinstance(strategy, dict):
-        return PlanInput(normalize_strategy(_spelled_out(strategy), ARGUMENT_SOURCE), None,
+    if isinstance(strategy, (dict, Strategy)):
+        return PlanInput(located(None, ARGUMENT_SOURCE, lambda: normalize(strategy)), None,
                          ARGUMENT_SOURCE)
     raise PlanError(f"strategy= takes a dict, one of {', '.join(SHORTHANDS)}, plan text or the "
                     f"path of a {PLAN_SUFFIX} file; found {type(strategy).__name__}",
@@ -139,7 +137,7 @@ def model_facts(graph: Graph) -> ModelFacts:
 def _read_text(text: str) -> PlanInput:
     stripped = text.strip()
     if stripped in SHORTHANDS:
-        return PlanInput(stripped, None, ARGUMENT_SOURCE)
+        return PlanInput(Strategy(shorthand=stripped), None, ARGUMENT_SOURCE)
     if "\n" not in stripped and (stripped.endswith(PLAN_SUFFIX) or Path(stripped).is_file()):
         return _read_file(Path(stripped))
     if _ONE_WORD.fullmatch(stripped) and stripped not in STATEMENTS:
@@ -164,39 +162,12 @@ def _read_file(path: Path) -> PlanInput:
     return PlanInput(strategy, positions, str(path))
 
 
-def _spelled_out(strategy: dict) -> dict:
-    """A Python strategy with the pass conventions written as the plan language states them."""
-    result = copy.deepcopy(strategy)
-    if result.get("fsdp") is True:
-        result["fsdp"] = "dp"  # passes.strategy: True shards over the data-parallel axis
-    mesh = result.get("mesh")
-    # passes.layouts: a bare SBP applies to the only axis of a 1-D mesh (dp when none is given).
-    only_axis = next(iter(mesh)) if isinstance(mesh, dict) and len(mesh) == 1 else (
-        "dp" if mesh is None else None)
-    for key in ("params", "activations"):
-        placements = result.get(key)
-        if not isinstance(placements, dict) or only_axis is None:
-            continue
-        for glob, placement in placements.items():
-            if isinstance(placement, str) and placement != AUTO:
-                placements[glob] = {only_axis: placement}
-    return result
-
-
-def _with_mesh(strategy: Strategy, world_size: int | None) -> Strategy:
-    """Shorthands and mesh-less dicts with the mesh the passes would give them.
-
-    Done here rather than left to the passes so that the strategy keeps its canonical key order
-    (mesh first): the IR records the strategy, and a printed plan must compile to the same IR.
-    """
-    if world_size is None or strategy == AUTO:
+def _for_world(strategy: Strategy, world_size: int | None, positions: Positions | None,
+               source: str) -> Strategy:
+    """The strategy normalised for ``world_size`` (unchanged without one); errors at the plan line."""
+    if world_size is None:
         return strategy
-    if isinstance(strategy, str):
-        return normalize_strategy(pass_strategy.normalize_strategy(strategy, world_size))
-    if "mesh" in strategy:
-        return strategy
-    default_mesh = pass_strategy.normalize_strategy(None, world_size)["mesh"]
-    return normalize_strategy({"mesh": default_mesh, **strategy})
+    return located(positions, source, lambda: normalize(strategy, world_size))
 
 
 def _validate(strategy: Strategy, facts: ModelFacts, world_size: int | None,

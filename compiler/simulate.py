@@ -18,7 +18,7 @@ from cluster import Cluster
 from cost.estimate import PlanOptions, optimizer_name
 from ir.core import Graph
 from passes.planner.evaluate import ModelView
-from passes.strategy import normalize_strategy
+from strategy import Strategy, normalize
 
 _VIEWS: "weakref.WeakKeyDictionary[Graph, ModelView]" = weakref.WeakKeyDictionary()
 
@@ -31,7 +31,7 @@ def simulate(target: Any, *, options: PlanOptions | None = None, exact: bool = T
     """
     graph, strategy, cluster, defaults = _unpack(target)
     options = options or PlanOptions(**{**defaults, **option_values})
-    strategy = normalize_strategy(strategy, cluster.world_size)
+    strategy = normalize(strategy, cluster.world_size)
     if is_laid_out(graph):
         estimate, shape, profile = price_ir(graph, strategy, cluster, options, exact)
         return report(estimate, shape, profile, cluster, strategy, "ir", options)
@@ -39,7 +39,7 @@ def simulate(target: Any, *, options: PlanOptions | None = None, exact: bool = T
     return report(evaluation.estimate, evaluation.shape, evaluation.profile, cluster, strategy, "strategy", options)
 
 
-def _unpack(target: Any) -> tuple[Graph, dict, Cluster, dict]:
+def _unpack(target: Any) -> tuple[Graph, Strategy | dict | str, Cluster, dict]:
     if isinstance(target, tuple):
         if len(target) != 3:
             raise TypeError(f"expected a CompiledPlan or (graph, strategy, cluster), found a tuple of {len(target)}")

@@ -6,11 +6,15 @@ plus their collectives, priced with :func:`cost.collectives.collective_time` on 
 run on (the slowest group counts); recomputed segments run their forward again in backward. The
 pipeline is timed with :func:`cost.timeline.simulate` on the schedule's real action lists (point-to-point
 transfers between the stages' devices included), or, with ``exact=False``, with the closed form
-``sum_k (F_k + B_k) + (m - 1) max_k (F_k + B_k)`` used to rank candidates quickly. Gradient
+``sum_k (F_k + B_k) + (m - 1) max_k (F_k + B_k)`` used to rank candidates quickly (less the bubble
+the zero-bubble schedules fill, see :func:`_closed_form`). Their split backwards run the weight-gradient part of each backward (``W``: the parameter-gradient share of the
+segments' backward ops, :meth:`~cost.segments.SegmentCost.weight_gradient_time`) as its own action. Gradient
 all-reduces run per pipeline rank during its last backward, hiding behind it as far as the devices'
 ``comm_overlap`` allows (the rest is exposed after it); the optimizer
 step follows. Memory per device is :class:`cost.memory.MemoryEstimate` with the activations kept by the
-microbatches in flight on that rank under the schedule.
+microbatches in flight on that rank under the schedule: from a stage's forward to the end of its backward,
+for a split backward to its ``W`` (the runtime keeps the stage's autograd graph, all of its activations,
+until then).
 
 Data parallelism the profile leaves to the estimator (``profile.analytic_axes``) splits the batch over
 ``dp`` and, with ``fsdp``, gathers each segment's parameters before use, frees them after, gathers them
@@ -32,9 +36,7 @@ from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, OPTIMIZER_STEP_BYTES, M
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, at
 from cost.timeline import ScheduleTimeline, simulate
-from ir.schedules import build_schedule
-
-SCHEDULE_NAMES = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved": "interleaved_1f1b"}
+from ir.schedules import SCHEDULES, build_pipeline_schedule
 
 
 @dataclass
@@ -95,6 +97,8 @@ class StageEstimate:
     recompute_s: float
     send_s: float
     """Point-to-point time to hand one microbatch's activations to the next stage."""
+    weight_s: float = 0.0
+    """The part of :attr:`bwd_compute_s` that computes parameter gradients (a split backward's ``W``)."""
 
     @property
     def fwd_s(self) -> float:
@@ -195,8 +199,16 @@ class Estimator:
             elif self.profile.segments[j].recomputed_part is not None:
                 recompute += self._recomputed_part_forward(shape, rank, j)
         send = self._send_time(shape, k, segments[-1], self.microbatch_size(shape))
+        weight = sum(self.segment_weight_time(shape, rank, j) for j in segments) if _splits(shape) else 0.0
         return StageEstimate(k, rank, shape.stage_layers[k], shape.stage_devices[rank], *map(float, totals),
-                             recompute, send)
+                             recompute, send, weight)
+
+    def segment_weight_time(self, shape: PlanShape, rank: int, j: int) -> float:
+        """Seconds of segment ``j``'s backward that compute parameter gradients, per microbatch on ``rank``."""
+        segment = self.profile.segments[j]
+        batch = self.microbatch_size(shape)
+        return max(segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
+                   for d in _representatives(shape.stage_devices[rank], self.cluster))
 
     def _recomputed_part_forward(self, shape: PlanShape, rank: int, j: int) -> float:
         """Seconds of forward (compute and collectives) that segment ``j``'s recomputed ops run again."""
@@ -269,7 +281,7 @@ class Estimator:
         stages = [self.stage(shape, k) for k in range(shape.num_stages)]
         actions = None
         if shape.num_stages > 1 and (exact or shape.schedule == "interleaved"):
-            actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp, shape.virtual_stages)
+            actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
         timeline = None
         if shape.num_stages == 1:
             makespan = shape.microbatches * (stages[0].fwd_s + stages[0].bwd_s)
@@ -278,7 +290,7 @@ class Estimator:
         elif exact:
             timeline = _simulate(actions, stages, shape)
             makespan = timeline.makespan
-            rank_end = {r: max((e.end_s for e in events if e.action.kind == "B"), default=0.0)
+            rank_end = {r: max((e.end_s for e in events if e.action.kind in ("B", "W")), default=0.0)
                         for r, events in timeline.events.items()}
             bubble = timeline.bubble_fraction
         else:
@@ -454,18 +466,21 @@ def _representatives_cached(devices: tuple, cluster: Cluster) -> tuple:
     return tuple(seen.values())
 
 
+def _splits(shape: PlanShape) -> bool:
+    """Whether the shape's schedule splits backwards into B and W."""
+    return shape.schedule in SCHEDULES and SCHEDULES[shape.schedule].split_backward
+
+
 @functools.lru_cache(maxsize=256)
-def _actions(schedule: str, num_stages: int, microbatches: int, pp: int, virtual: int) -> dict:
-    name = SCHEDULE_NAMES.get(schedule)
-    if name is None:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULE_NAMES)}")
-    ranks = [k % pp for k in range(num_stages)] if name == "interleaved_1f1b" else list(range(num_stages))
-    return build_schedule(name, num_stages, microbatches, ranks, virtual)
+def _actions(schedule: str, num_stages: int, microbatches: int, pp: int) -> dict:
+    """The action lists of the strategy's schedule, one per pipeline rank."""
+    return build_pipeline_schedule(schedule, pp, num_stages, microbatches)
 
 
 def _simulate(actions: dict, stages: list, shape: PlanShape):
     fwd = {s.index: s.fwd_s for s in stages}
     bwd = {s.index: s.bwd_s for s in stages}
+    weight = {s.index: s.weight_s for s in stages}
     sends: dict[tuple, float] = {}
     for s in stages:
         if s.index + 1 < shape.num_stages:
@@ -473,11 +488,12 @@ def _simulate(actions: dict, stages: list, shape: PlanShape):
             sends[pair] = max(sends.get(pair, 0.0), s.send_s)
             sends[pair[::-1]] = max(sends.get(pair[::-1], 0.0), s.send_s)
     return simulate(actions, fwd, bwd, lambda a, b: sends.get((a, b), 0.0),
-                              link_busy_time=lambda a, b: sends.get((a, b), 0.0))
+                    link_busy_time=lambda a, b: sends.get((a, b), 0.0), weight_time=weight)
 
 
 def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
-    """Makespan of a pipeline (1F1B/GPipe: the sum of stage times plus m - 1 bottlenecks), and per-rank
+    """Makespan of a pipeline (1F1B/GPipe: the sum of stage times plus m - 1 bottlenecks; ZB-H1 fills
+    2(p - 1) W's of that bubble; the V shapes leave only the fill of the V, p - 1 forwards), and per-rank
     end of the last backward (earlier ranks finish last)."""
     per_rank = defaultdict(float)
     sends = sum(2 * s.send_s for s in stages)
@@ -485,10 +501,15 @@ def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
         per_rank[s.rank] += s.fwd_s + s.bwd_s
     bottleneck = max(per_rank.values())
     m = shape.microbatches
-    if shape.virtual_stages > 1:
+    spec = SCHEDULES.get(shape.schedule)
+    if spec is not None and spec.v_shape:
+        makespan = m * bottleneck + (shape.pp - 1) * max(s.fwd_s for s in stages) + sends
+    elif shape.virtual_stages > 1:
         makespan = m * bottleneck + (shape.pp - 1) * bottleneck / shape.virtual_stages + sends
     else:
         makespan = sum(s.fwd_s + s.bwd_s for s in stages) + (m - 1) * bottleneck + sends
+        if spec is not None and spec.split_backward:
+            makespan -= 2 * (shape.pp - 1) * min(s.weight_s for s in stages)
     ends, drain = {}, 0.0
     for rank in range(shape.pp):
         ends[rank] = makespan - drain
@@ -497,23 +518,24 @@ def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
 
 
 def _pending_per_stage(shape: PlanShape, actions) -> dict:
-    """Stage -> the most microbatches with its forward done and backward pending at once."""
+    """Stage -> the most microbatches with its forward done and backward (a split one: its W) pending at once."""
     if shape.num_stages == 1:
         return {0: 1}
     if shape.schedule == "gpipe":
         return {k: shape.microbatches for k in range(shape.num_stages)}
-    if actions is None and shape.virtual_stages == 1:  # 1F1B: stage k holds at most pp - k microbatches
+    if actions is None and shape.schedule == "1f1b":  # stage k holds at most pp - k microbatches
         return {k: min(shape.pp - k, shape.microbatches) for k in range(shape.num_stages)}
     if actions is None:
-        actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp, shape.virtual_stages)
+        actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
     peaks: dict[int, int] = {}
     for rank_actions in actions.values():
+        last = {a.value[1:]: a.kind for a in rank_actions if a.kind in ("B", "W")}
         pending: Counter = Counter()
         for action in rank_actions:
             if action.kind == "F":
                 pending[action.stage] += 1
-            elif action.kind == "B":
+            elif action.is_compute and last[action.value[1:]] == action.kind:
                 pending[action.stage] -= 1
-            if action.kind in ("F", "B"):
+            if action.is_compute:
                 peaks[action.stage] = max(peaks.get(action.stage, 0), pending[action.stage])
     return peaks

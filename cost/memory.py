@@ -17,7 +17,8 @@ OPTIMIZER_STATE_BYTES_PER_PARAM = {"sgd": 0, "sgd_momentum": 4, "adam": 8, "adam
 OPTIMIZER_STEP_BYTES = {"sgd": 12, "sgd_momentum": 20, "adam": 28, "adamw": 28}
 """Bytes read and written per parameter by one optimizer step (fp32: params, grads, states)."""
 
-PIPELINE_SCHEDULES = ("none", "1f1b", "gpipe")
+PIPELINE_SCHEDULES = ("none", "1f1b", "gpipe", "zb-h1")
+"""The one-stage-per-rank schedules :func:`in_flight_microbatches` knows in closed form."""
 
 
 def param_memory(params: int | sympy.Expr | Iterable[Shape], dtype_bytes: int = 4) -> sympy.Expr:
@@ -30,13 +31,16 @@ def param_memory(params: int | sympy.Expr | Iterable[Shape], dtype_bytes: int = 
 
 
 def in_flight_microbatches(schedule: str, num_stages: int, stage_index: int, num_microbatches: int) -> int:
-    """Microbatches whose activations a stage holds at its peak: 1F1B p - i (at most m), GPipe m, none 1."""
+    """Microbatches whose activations a stage holds at its peak: 1F1B p - i (at most m), GPipe m, none 1,
+    ZB-H1 p (at most m: p - i before their backward, up to i more waiting for their W)."""
     if schedule not in PIPELINE_SCHEDULES:
         raise ValueError(f"expected a pipeline schedule in {PIPELINE_SCHEDULES}, found {schedule!r}")
     if not 0 <= stage_index < num_stages:
         raise ValueError(f"expected stage_index in 0..{num_stages - 1}, found {stage_index}")
     if schedule == "1f1b":
         return min(num_stages - stage_index, num_microbatches)
+    if schedule == "zb-h1":
+        return min(num_stages, num_microbatches)
     return num_microbatches if schedule == "gpipe" else 1
 
 

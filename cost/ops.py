@@ -41,6 +41,14 @@ BACKWARD_FLOP_FACTOR: dict[str, float] = {
 }
 """Backward FLOPs = factor x forward FLOPs, per op category (see :func:`op_category`)."""
 
+WEIGHT_GRADIENT_SHARE: dict[str, float] = {
+    "matmul": 0.5,       # of its two backward matmuls, the one that makes the weight gradient
+    "conv": 0.5,
+    "embedding": 1.0,    # its whole backward is the scatter into the table
+}
+"""Share of the backward FLOPs of an op reading a parameter that compute the parameter's gradient
+(the ``W`` of a split backward); other categories' weight gradients are small reductions (0)."""
+
 _MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot"}
 _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cluster import Cluster
-
-PIPELINE_AXIS = "pp"
-DATA_AXIS = "dp"
+from ir.schedules import SCHEDULES, stage_positions
+from strategy import AUTO, DATA_AXIS, PIPELINE_AXIS, Strategy
 
 
 class PlacementError(ValueError):
@@ -136,7 +135,7 @@ class PlanShape:
     pp: int
     microbatches: int
     schedule: str
-    """``none`` (no pipeline), ``1f1b``, ``gpipe`` or ``interleaved``."""
+    """``none`` (no pipeline) or a name of :data:`ir.schedules.SCHEDULES` (``1f1b``, ``zbv``, ...)."""
     virtual_stages: int
     stage_layers: list
     """Per stage (``pp * virtual_stages`` of them): inclusive block range ``(first, last)``."""
@@ -157,7 +156,9 @@ class PlanShape:
         return self.shape[self.axes.index(axis)] if axis in self.axes else 1
 
     def rank_of_stage(self, stage: int) -> int:
-        """The pipeline rank running ``stage``."""
+        """The pipeline rank running ``stage`` (s mod pp; V-shaped schedules: the V of :func:`stage_positions`)."""
+        if self.schedule in SCHEDULES and SCHEDULES[self.schedule].v_shape:
+            return stage_positions(self.schedule, self.pp, self.num_stages)[stage]
         return stage % self.pp
 
     def segments_of_stage(self, stage: int, num_layers: int) -> list[int]:
@@ -180,36 +181,34 @@ def groups_inside_domains(groups: Sequence[Sequence[int]], cluster: Cluster) -> 
     return all(len({home[d] for d in g}) == 1 for g in groups)
 
 
-def plan_shape(strategy: dict, world_size: int, num_layers: int, prefix: str | None, global_batch: int,
+def plan_shape(strategy: Strategy, world_size: int, num_layers: int, prefix: str | None, global_batch: int,
                optimizer: str) -> PlanShape:
     """The numbers of a (normalised) strategy: stage meshes, stages, devices, microbatches, schedule,
     recomputation. Stages default to an even cut of the blocks, 1F1B and one microbatch per pipeline
     position; ``stage_devices`` may list one entry per position or per (virtual) stage."""
-    mesh = {a: int(n) for a, n in strategy["mesh"].items()}
+    mesh = {a: int(n) for a, n in strategy.mesh_spec.items()}
     axes = tuple(a for a in mesh if a != PIPELINE_AXIS)
     stage_shape = tuple(mesh[a] for a in axes)
     pp = mesh.get(PIPELINE_AXIS, 1)
-    schedule = strategy.get("schedule") or ("1f1b" if pp > 1 else "none")
-    if schedule == "auto":
-        schedule = "1f1b" if pp > 1 else "none"
-    virtual = int(strategy.get("virtual_stages") or 2) if schedule == "interleaved" else 1
+    pipeline = strategy.pipeline
+    schedule = pipeline.schedule_name if pp > 1 or pipeline.schedule not in (None, AUTO) else "none"
+    virtual = pipeline.virtual_stage_count if schedule in SCHEDULES else 1
     stages = pp * virtual
-    if strategy.get("stage_layers"):
-        ranges = [tuple(r) for r in strategy["stage_layers"]]
-    elif strategy.get("stages"):
-        ranges = layer_ranges_from_cuts(strategy["stages"], prefix, num_layers)
+    if pipeline.stage_layers:
+        ranges = [tuple(r) for r in pipeline.stage_layers]
+    elif isinstance(pipeline.stages, tuple):
+        ranges = layer_ranges_from_cuts(pipeline.stages, prefix, num_layers)
     else:
         ranges = even_layer_ranges(num_layers, stages) if stages > 1 or num_layers else [(0, -1)]
     if len(ranges) != stages:
         raise PlacementError(f"the strategy has {len(ranges)} stages but pp x virtual_stages = {stages}")
-    given = strategy.get("stage_devices")
+    given = pipeline.stage_devices
     devices = stage_device_lists(mesh, world_size, given[:pp] if given else None)
-    microbatches = int(strategy.get("microbatches") or pp)  # the pipeline pass's default: one per position
+    microbatches = pipeline.microbatch_count(pp)  # the pipeline pass's default: one per position
     dp = mesh.get(DATA_AXIS, 1)
     if global_batch % (dp * microbatches):
         raise PlacementError(f"the global batch {global_batch} does not split into {microbatches} microbatches "
                              f"over dp={dp}; use a batch that is a multiple of {dp * microbatches}")
-    fsdp = strategy.get("fsdp") or None
-    recompute = recomputed_segments(strategy.get("recompute"), prefix, num_layers)
+    recompute = recomputed_segments(strategy.recompute, prefix, num_layers)
     return PlanShape(axes, stage_shape, pp, microbatches, schedule if stages > 1 else "none", virtual, ranges,
-                     devices, recompute, fsdp, optimizer)
+                     devices, recompute, strategy.fsdp_axis, optimizer)

@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cluster import Device
-from cost.ops import (Precision, compute_seconds, normalize_op_name, op_backward_flops, op_bytes, op_category, op_flops,
-                      op_overheads, peak_flops)
+from cost.ops import (WEIGHT_GRADIENT_SHARE, Precision, compute_seconds, normalize_op_name, op_backward_flops, op_bytes,
+                      op_category, op_flops, op_overheads, peak_flops)
 from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
@@ -100,8 +100,20 @@ class ComputeRecord:
     has_grad: bool
     recomputed: bool = False
     """In a region the program recomputes in backward (``attrs["recompute"]``)."""
+    reads_param: bool = False
+    """Reads a parameter (or its gathered copy): part of its backward is the weight gradient."""
     attrs: tuple = ()
     """``(name, value)`` pairs of the op's arguments its cost depends on (see :func:`cost_attrs`)."""
+
+
+def reads_param(node: Node) -> bool:
+    """Whether ``node`` reads a parameter, directly or as the output of a collective on it (FSDP's gather)."""
+    for v in node.input_values():
+        source = v.producer
+        if v.kind == "param" or (source is not None and source.op.startswith(COMM_PREFIX)
+                                 and any(u.kind == "param" for u in source.input_values())):
+            return True
+    return False
 
 
 @dataclass
@@ -168,6 +180,8 @@ class SegmentCost:
     recomputed_part: "SegmentCost | None" = None
     """The ops of this segment the program recomputes in backward (their forward runs twice; what
     they keep for backward is alive only while their backward runs), or None."""
+    bwd_weight_share: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Per backward row, the share that computes parameter gradients (:data:`~cost.ops.WEIGHT_GRADIENT_SHARE`)."""
 
     def param_elements(self, trainable_only: bool = False) -> float:
         """Parameter elements one device stores for this segment (``trainable_only``: those with a
@@ -186,6 +200,18 @@ class SegmentCost:
                 _rows_seconds(self.bwd_flops, self.bwd_bytes, batch, device, precision, bwd_eff)
                 + self.bwd_ops * bwd_overhead)
 
+    def weight_gradient_time(self, batch: float, device: Device, precision: Precision,
+                             overhead_s: float | None = None) -> float:
+        """Seconds of the backward (part of :meth:`compute_time`'s) that compute parameter gradients:
+        what a split backward's ``W`` runs, the rest being its ``B``."""
+        if not len(self.bwd_weight_share) or not self.bwd_weight_share.any():
+            return 0.0
+        _, bwd_overhead = op_overheads(device, overhead_s)
+        _, bwd_eff = self._efficiencies(device, batch)
+        seconds = _rows_seconds(self.bwd_flops, self.bwd_bytes, batch, device, precision, bwd_eff,
+                                self.bwd_weight_share)
+        return seconds + float(np.count_nonzero(self.bwd_weight_share)) * bwd_overhead
+
     def _efficiencies(self, device: Device, batch: float) -> tuple:
         """Per-row efficiency arrays of ``device`` at batch size ``batch`` (1.0 when it lists none)."""
         if not device.efficiency:
@@ -197,13 +223,14 @@ class SegmentCost:
 
 
 def _rows_seconds(flops: np.ndarray, nbytes: np.ndarray, batch: float, device: Device, precision: Precision,
-                  efficiency) -> float:
-    """The summed :func:`~cost.ops.compute_seconds` of ``(constant, per batch)`` rows at batch size ``batch``."""
+                  efficiency, shares: np.ndarray | None = None) -> float:
+    """The summed :func:`~cost.ops.compute_seconds` of ``(constant, per batch)`` rows at batch size ``batch``
+    (each row weighted by ``shares`` when given)."""
     if not len(flops):
         return 0.0
     seconds = compute_seconds(flops[:, 0] + flops[:, 1] * batch, nbytes[:, 0] + nbytes[:, 1] * batch,
                               peak_flops(device, precision), device.memory_bandwidth_Bps, efficiency)
-    return float(seconds.sum())
+    return float((seconds * shares).sum() if shares is not None else seconds.sum())
 
 
 def at(affine: np.ndarray, batch: float) -> float:
@@ -273,7 +300,7 @@ def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, has_grad: bool, 
     :func:`costed_op`, and its :func:`cost_attrs`); the simulator and the planner both make them here."""
     return ComputeRecord(costed_op(node), tuple(v.type for v in node.input_values()), tuple(in_sbps),
                          tuple(o.type for o in node.outputs), tuple(out_sbps), has_grad, recomputed,
-                         cost_attrs(node))
+                         reads_param(node), cost_attrs(node))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -292,7 +319,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
                  ctx: CostContext, *, split_recomputed: bool = True) -> SegmentCost:
     """The :class:`SegmentCost` of a segment's records (``output_values``: (type, SBP) handed on);
     records marked recomputed also form its ``recomputed_part``."""
-    fwd_flops, fwd_bytes, bwd_flops, bwd_bytes, bwd_sizes = [], [], [], [], []
+    fwd_flops, fwd_bytes, bwd_flops, bwd_bytes, bwd_sizes, weight_shares = [], [], [], [], [], []
     fwd_kinds, bwd_kinds = [], []
     fwd_ops = bwd_ops = 0
     saved = np.zeros(2)
@@ -315,6 +342,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
             bwd_bytes.append(2 * work[:, 1])  # reads the output gradient and the saved inputs, writes input grads
             bwd_sizes.append(work[:, 0])
             bwd_kinds.append(kind)
+            weight_shares.append(WEIGHT_GRADIENT_SHARE.get(op_category(record.op), 0.0) if record.reads_param else 0.0)
             bwd_ops += 1
             saved += _local_bytes(record.out_types, record.out_sbps, ctx, scale)
         full = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision, local=False)))
@@ -341,7 +369,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
                             [r for r in comms if r.recomputed], [], [], ctx, split_recomputed=False)
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
                        bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), _stack(bwd_sizes), items, saved, output,
-                       list(params), model, part)
+                       list(params), model, part, np.array(weight_shares))
 
 
 def _stack(rows: list) -> np.ndarray:

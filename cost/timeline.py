@@ -1,6 +1,7 @@
 """Timing of pipeline schedules: when each action of every rank's list runs, and what the ranks hold.
 
-:func:`simulate` runs the action lists (:mod:`ir.schedules`) with given forward/backward times and
+:func:`simulate` runs the action lists (:mod:`ir.schedules`) with given forward/backward times (and
+the weight-gradient part of a backward, for the split backwards of zero-bubble schedules) and
 point-to-point costs: each rank runs its list in order, sends do not block, a receive waits for its
 message, and messages on one link may queue. The estimator (:mod:`cost.estimate`) and SkipPipe
 (:mod:`passes.skippipe`) price schedules with it; :func:`peak_in_flight` counts what a schedule keeps.
@@ -15,7 +16,7 @@ from ir.ops.pipeline_ops import Action
 from ir.schedules import check_deadlock
 
 TimeSpec = Union[float, Mapping[int, float]]
-"""Seconds per forward (or backward): one float for every stage or a per-stage mapping."""
+"""Seconds per forward (or backward, or W): one float for every stage or a per-stage mapping."""
 CommSpec = Union[float, Callable[[int, int], float]]
 """Seconds per message: one float or ``f(src_rank, dst_rank)``."""
 
@@ -24,7 +25,7 @@ CommSpec = Union[float, Callable[[int, int], float]]
 class TimelineEvent:
     """One interval of one rank's (or device's) step.
 
-    :func:`simulate` makes one per action: ``compute`` for a forward or backward, ``comm`` for a send
+    :func:`simulate` makes one per action: ``compute`` for a forward, backward or W, ``comm`` for a send
     (no length: it does not block), ``idle`` for a receive (it spans its wait). The simulator's device
     timelines split computes into their compute and collective parts and add idle time, the exposed
     gradient all-reduce and the optimizer step.
@@ -51,24 +52,32 @@ class ScheduleTimeline:
     makespan: float
     """End of the last event (the iteration time, optimizer step excluded)."""
     bubble_fraction: float
-    """Idle share of all ranks' time: 1 - (sum of F/B time) / (number of ranks * makespan)."""
+    """Idle share of all ranks' time: 1 - (sum of F/B/W time) / (number of ranks * makespan)."""
 
     def busy_time(self, rank: int) -> float:
-        """Seconds ``rank`` spends in F and B."""
+        """Seconds ``rank`` spends in F, B and W."""
         return sum(e.end_s - e.start_s for e in self.events[rank] if e.category == "compute")
 
 
 def simulate(actions: Mapping[int, Sequence[Action]], fwd_time: TimeSpec, bwd_time: TimeSpec,
-             comm_time: CommSpec = 0.0, *, link_busy_time: CommSpec | None = None) -> ScheduleTimeline:
+             comm_time: CommSpec = 0.0, *, link_busy_time: CommSpec | None = None,
+             weight_time: TimeSpec | None = None) -> ScheduleTimeline:
     """Time a schedule: each rank runs its list in order, one action at a time.
 
-    ``fwd_time``/``bwd_time``: seconds per F/B, one float or a per-stage mapping. ``comm_time``:
-    seconds from a send to its arrival, a float or ``f(src_rank, dst_rank)``. Sends do not block
-    the sender; a receive waits until its message has arrived. ``link_busy_time`` (optional, same
-    forms) is how long a message occupies its directed link (size / bandwidth): messages on one
-    (src, dst) link then queue behind each other; without it links never congest.
+    ``fwd_time``/``bwd_time``: seconds per F / per whole backward, one float or a per-stage mapping.
+    ``weight_time`` (same forms): the weight-gradient part of a backward, for schedules that split
+    backwards: a ``W`` takes it and the ``B`` of the same (stage, microbatch) the rest of ``bwd_time``
+    (a ``B`` without a ``W`` takes all of it). ``comm_time``: seconds from a send to its arrival, a
+    float or ``f(src_rank, dst_rank)``. Sends do not block the sender; a receive waits until its
+    message has arrived. ``link_busy_time`` (optional, same forms) is how long a message occupies its
+    directed link (size / bandwidth): messages on one (src, dst) link then queue behind each other;
+    without it links never congest.
     """
     order = check_deadlock(actions)
+    split = {a.value[1:] for rank_actions in actions.values() for a in rank_actions if a.kind == "W"}
+    if split and weight_time is None:
+        raise ValueError("this schedule splits backwards (it has W actions): give weight_time, the seconds of "
+                         "the weight-gradient part of a backward")
     clock = {rank: 0.0 for rank in actions}
     arrivals: dict[tuple, float] = {}
     link_free: dict[tuple[int, int], float] = defaultdict(float)
@@ -77,7 +86,7 @@ def simulate(actions: Mapping[int, Sequence[Action]], fwd_time: TimeSpec, bwd_ti
         start = clock[rank]
         end = start
         if action.is_compute:
-            end = start + _stage_time(fwd_time if action.kind == "F" else bwd_time, action)
+            end = start + _compute_time(action, fwd_time, bwd_time, weight_time, split)
         elif action.is_send:
             departure = max(start, link_free[(rank, action.peer)])
             link_free[(rank, action.peer)] = departure + _link_time(link_busy_time, rank, action.peer)
@@ -87,6 +96,18 @@ def simulate(actions: Mapping[int, Sequence[Action]], fwd_time: TimeSpec, bwd_ti
         clock[rank] = end
         events[rank].append(TimelineEvent(start, end, _category(action), str(action), action))
     return _timeline(events)
+
+
+def _compute_time(action: Action, fwd_time: TimeSpec, bwd_time: TimeSpec, weight_time: TimeSpec | None,
+                  split: set) -> float:
+    if action.kind == "F":
+        return _stage_time(fwd_time, action, "fwd_time")
+    if action.kind == "W":
+        return _stage_time(weight_time, action, "weight_time")
+    whole = _stage_time(bwd_time, action, "bwd_time")
+    if (action.stage, action.microbatch) in split:
+        return whole - _stage_time(weight_time, action, "weight_time")
+    return whole
 
 
 def _category(action: Action) -> str:
@@ -101,10 +122,9 @@ def _timeline(events: dict[int, list[TimelineEvent]]) -> ScheduleTimeline:
     return ScheduleTimeline(events, makespan, bubble)
 
 
-def _stage_time(spec: TimeSpec, action: Action) -> float:
+def _stage_time(spec: TimeSpec, action: Action, which: str) -> float:
     if isinstance(spec, Mapping):
         if action.stage not in spec:
-            which = "fwd_time" if action.kind == "F" else "bwd_time"
             raise ValueError(f"{which} has no entry for stage {action.stage} (needed by {action}); give one "
                              f"float or a time for every stage, found stages {sorted(spec)}")
         return float(spec[action.stage])
@@ -118,18 +138,20 @@ def _link_time(spec: CommSpec | None, src: int, dst: int) -> float:
 
 
 def peak_in_flight(actions: Mapping[int, Sequence[Action]]) -> dict[int, int]:
-    """rank -> the most microbatches at once with a forward done and a backward still to run there.
+    """rank -> the most microbatches at once with a forward done and a backward still to run there (for
+    a split backward: its W, which reads what the forward kept).
 
     A microbatch with several stages on one rank counts once while any of them is pending.
     """
     peaks = {}
     for rank, rank_actions in actions.items():
+        last = {(a.stage, a.microbatch): a.kind for a in rank_actions if a.kind in ("B", "W")}
         pending: Counter = Counter()
         peak = 0
         for action in rank_actions:
             if action.kind == "F":
                 pending[action.microbatch] += 1
-            elif action.kind == "B":
+            elif action.is_compute and last[(action.stage, action.microbatch)] == action.kind:
                 pending[action.microbatch] -= 1
                 if pending[action.microbatch] == 0:
                     del pending[action.microbatch]

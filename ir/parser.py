@@ -158,6 +158,7 @@ class _Builder:
             "list": lambda: [self.literal(c) for c in t.children if c is not None],
             "dict": lambda: {_key(p.children[0]): self.literal(p.children[1])
                              for p in t.children if p is not None},
+            "nd_sbp": lambda: tuple(parse_sbp(str(s)) for s in t.children),
         }
         return simple[kind]()
 

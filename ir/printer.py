@@ -9,7 +9,7 @@ import sympy
 import torch
 
 from ir.core import Graph, Node, Value
-from ir.sbp import format_nd_sbp
+from ir.sbp import Broadcast, Partial, Split, format_nd_sbp
 from ir.types import format_dim
 
 
@@ -83,6 +83,8 @@ def format_literal(obj: Any) -> str:
         return _format_float(obj)
     if isinstance(obj, str):
         return json.dumps(obj)
+    if is_nd_sbp(obj):
+        return format_nd_sbp(obj)
     if isinstance(obj, (list, tuple)):
         return "[" + ", ".join(format_literal(o) for o in obj) + "]"
     if isinstance(obj, dict):
@@ -94,6 +96,11 @@ def format_literal(obj: Any) -> str:
     if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
         return str(obj)
     raise TypeError(f"cannot print a literal of type {type(obj).__name__}: {obj!r}")
+
+
+def is_nd_sbp(obj: Any) -> bool:
+    """Whether ``obj`` is an N-D SBP (a non-empty tuple of SBP values): printed ``(S(0), B)``."""
+    return isinstance(obj, tuple) and bool(obj) and all(isinstance(s, (Split, Broadcast, Partial)) for s in obj)
 
 
 def _format_float(x: float) -> str:

@@ -49,6 +49,14 @@ P = Partial("sum")
 PMAX = Partial("max")
 PARTIAL_OPS = ("sum", "max")
 
+IN_SBP_ATTR = "in_sbp"
+"""Node attribute: the N-D SBP each input must arrive in for the node's chosen signature (set by
+propagation, reconciled and removed by boxing; printed in the IR)."""
+
+PINNED_ATTR = "pinned"
+"""Graph attribute: value name -> the N-D SBP propagation must use for that value (a parameter layout
+the user gave; the gathered layout of an FSDP-sharded parameter; printed in the IR)."""
+
 _SBP_RE = re.compile(r"^\s*(?:S\(\s*(-?\d+)\s*\)|B|P(?:\(\s*(sum|max)\s*\))?)\s*$")
 
 

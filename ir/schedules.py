@@ -4,6 +4,15 @@ A schedule is a ``dict[rank, list[Action]]``: every rank runs its list from top 
 ``F``/``B`` are the forward/backward of one (stage, microbatch); ``SEND_F``/``RECV_F`` move the
 activation a stage produced to the rank of the next stage on the microbatch's path, and
 ``SEND_B``/``RECV_B`` move the gradient a stage produced back to the rank of the previous stage.
+The zero-bubble schedules split a backward: ``B`` computes the input gradients (what is sent back)
+and ``W``, later on the same rank, the weight gradients (it sends nothing); a ``B`` without a ``W``
+is the whole backward.
+
+The schedules a strategy names (``"schedule": ...``) are listed once, in :data:`SCHEDULES`, with
+where their stages live (:func:`stage_positions`): GPipe, 1F1B, interleaved 1F1B (Megatron-LM),
+ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024, section 3.1), ZB-V (the same
+paper, section 6: two stages per rank in a V, the first and the last stage on rank 0) and
+DualPipeV (DeepSeek-V3 technical report, section 3.2.1, the V-shaped "cut-in-half" DualPipe).
 
 Conventions every consumer of these lists relies on:
 
@@ -31,7 +40,7 @@ from ir.ops.pipeline_ops import Action
 
 PATH_ORDERS = ("1f1b", "gpipe")
 
-Task = tuple  # (kind "F"/"B", stage, microbatch): one compute of a schedule under construction
+Task = tuple  # (kind "F"/"B"/"W", stage, microbatch): one compute of a schedule under construction
 
 
 class ScheduleError(ValueError):
@@ -122,6 +131,8 @@ def _channel_sequences(compute_orders: Mapping[int, Sequence[Task]],
     channels: dict[tuple[int, int], list[Task]] = defaultdict(list)
     for rank, tasks in compute_orders.items():
         for task in tasks:
+            if task[0] == "W":
+                continue
             target = route.consumer(*task)
             if target is not None and target[1] != rank:
                 channels[(rank, target[1])].append(task)
@@ -134,6 +145,9 @@ def _rank_actions(rank: int, tasks: Sequence[Task], route: _Route,
     received: Counter = Counter()  # channel -> how many of its messages this rank has taken
     actions: list[Action] = []
     for kind, stage, microbatch in tasks:
+        if kind == "W":  # weight gradients stay on the rank
+            actions.append(Action(kind, stage, microbatch))
+            continue
         source = route.producer(kind, stage, microbatch)
         if source is not None and source[1] != rank:
             channel = (source[1], rank)
@@ -400,10 +414,189 @@ def _interleaved_rank_ids(stage_ranks: Sequence[int], num_stages: int, num_ranks
     return rank_ids
 
 
+# --------------------------------------------------------------------------------------------
+# Zero-bubble schedules: backward split into B (input gradients) and W (weight gradients)
+# --------------------------------------------------------------------------------------------
+
+def _with_weight_passes(tasks: Sequence[Task], pending: int) -> list[Task]:
+    """``tasks`` (F and whole B) with every B split: after each B, the W of the oldest B whose W has
+    not run, once more than ``pending`` W's wait; the W's still waiting at the end run last."""
+    out: list[Task] = []
+    waiting: deque = deque()
+    for task in tasks:
+        out.append(task)
+        if task[0] == "B":
+            waiting.append(task)
+            if len(waiting) > pending:
+                out.append(("W",) + waiting.popleft()[1:])
+    return out + [("W",) + task[1:] for task in waiting]
+
+
+def build_zb_h1(num_stages: int, num_microbatches: int, stage_ranks: Sequence[int],
+                virtual_stages: int = 1) -> dict[int, list[Action]]:
+    """ZB-H1 (Qi et al., ICLR 2024, section 3.1): 1F1B's order with split backwards, stage i's W's
+    running i places late.
+
+    The first stage runs each W right after its B, as 1F1B does; stage i keeps its i oldest W's
+    waiting, so its B's (which the stages before wait for) come earlier and the W's fill the time
+    1F1B spends waiting for gradients. With equal F, B and W times the idle time of every rank is
+    ``(p-1)(T_F + T_B - T_W)``, a third of 1F1B's ``(p-1)(T_F + T_B + T_W)``, and stage i holds at
+    most p microbatches' activations (p - i before their B, up to i after it, waiting for their
+    W): 1F1B's peak, which its first stage reaches.
+    """
+    _require_one_chunk(virtual_stages, "build_zb_h1")
+    _check_stage_ranks(stage_ranks, num_stages, "build_zb_h1")
+    route = _make_route(_full_paths(num_stages, num_microbatches), stage_ranks, None)
+    orders = _path_compute_orders(route, "1f1b", default_in_flight_limits(route.paths, route.ranks))
+    orders = {rank: _with_weight_passes(tasks, tasks[0][1]) for rank, tasks in orders.items()}
+    actions = _assemble(orders, route)
+    check_deadlock(actions, route.paths)
+    return actions
+
+
+def v_stage_positions(num_positions: int) -> list[int]:
+    """Where the 2p stages of a V-shaped pipeline live: stage s on position s for s < p, then back,
+    stage 2p-1-s on position s (rank 0 holds the first and the last stage)."""
+    return list(range(num_positions)) + list(reversed(range(num_positions)))
+
+
+ZBV_PHASES = (
+    ("F0", lambda p, r, m: 2 * (p - r) - 1),
+    ("F1 F0", lambda p, r, m: r),
+    ("F1 I1 W", lambda p, r, m: p - r),
+    ("F0 I0 W F1 I1 W", lambda p, r, m: m - 2 * p + r + 1),
+    ("I0 W F1 I1 W", lambda p, r, m: p - r - 1),
+    ("I0 I1", lambda p, r, m: r),
+    ("I0 W", lambda p, r, m: p - r),
+)
+"""ZB-V (Qi et al., section 6) as phases of rank r of p over m microbatches: ``(tokens, repeats)``.
+``F0``/``F1``: the forward of the next microbatch on the rank's stage on the way down (r) or up
+(2p-1-r); ``I0``/``I1``: the next backward there, split (its W waits in a queue); ``B0``/``B1``: the
+next whole backward; ``W``: the W of the oldest split backward waiting. Queued W's left at the end
+run last. Warm-up fills the V with 2p - 1 - r forwards of the lower chunk interleaved with the upper
+one; then the rank alternates F, I, W on its two stages; in the cool-down the W's of the last
+backwards fill the bubble."""
+
+DUALPIPEV_PHASES = (
+    ("F0", lambda p, r, m: 2 * (p - r - 1)),
+    ("F0 F1", lambda p, r, m: r + 1),
+    ("I1 W F1", lambda p, r, m: p - r - 1),
+    ("F0 B1 F1 B0", lambda p, r, m: m - 2 * p + r + 1),
+    ("B1 F1 B0", lambda p, r, m: p - r - 1),
+    ("B1 B0", lambda p, r, m: r + 1),
+    ("W B0", lambda p, r, m: p - r - 1),
+    ("W", lambda p, r, m: r + 1),
+)
+"""DualPipeV (DeepSeek-V3 report, section 3.2.1; the V-shaped DualPipe) as phases, tokens as in
+:data:`ZBV_PHASES`. In the steady phase each forward of one stage is paired with a whole backward of
+the rank's other stage (the pair DualPipe overlaps, computation with the other's communication);
+the rank's last p backwards are split (their W's are the ``W`` of the last two phases)."""
+
+
+def _phase_tokens(phases: Sequence, p: int, r: int, m: int) -> list[str]:
+    return [token for text, repeats in phases for _ in range(repeats(p, r, m)) for token in text.split()]
+
+
+def _split_last_backwards(tokens: list[str], count: int) -> list[str]:
+    """The last ``count`` whole backwards (``B0``/``B1``) become split ones (``I0``/``I1``)."""
+    out = list(tokens)
+    for index in reversed(range(len(out))):
+        if count and out[index][0] == "B":
+            out[index] = "I" + out[index][1]
+            count -= 1
+    return out
+
+
+def _v_tasks(tokens: Sequence[str], stages: tuple[int, int], microbatches: int) -> list[Task]:
+    """Tasks from phase tokens; microbatches at or beyond ``microbatches`` (phases may assume more) are dropped."""
+    nxt: Counter = Counter()
+    waiting: deque = deque()
+    tasks: list[Task] = []
+    for token in tokens:
+        if token == "W":
+            tasks.append(("W",) + waiting.popleft()[1:])
+            continue
+        kind, stage = token[0], stages[int(token[1])]
+        counter = ("F" if kind == "F" else "B", stage)
+        task = ("F" if kind == "F" else "B", stage, nxt[counter])
+        nxt[counter] += 1
+        tasks.append(task)
+        if kind == "I":
+            waiting.append(task)
+    tasks += [("W",) + task[1:] for task in waiting]
+    return [t for t in tasks if t[2] < microbatches]
+
+
+def _v_rank_ids(stage_ranks: Sequence[int], num_stages: int, builder: str) -> list[int]:
+    if num_stages % 2:
+        raise ValueError(f"{builder}: a V-shaped pipeline has two stages per rank, so an even number of stages; "
+                         f"found {num_stages}")
+    num_ranks = num_stages // 2
+    if len(stage_ranks) not in (num_ranks, num_stages):
+        raise ValueError(f"{builder}: stage_ranks must list {num_ranks} ranks (one per pipeline position) or "
+                         f"{num_stages} (one per stage), found {len(stage_ranks)}")
+    rank_ids = list(stage_ranks[:num_ranks])
+    if len(set(rank_ids)) != num_ranks:
+        raise ValueError(f"{builder}: the {num_ranks} pipeline ranks must differ, found {rank_ids}")
+    expected = [rank_ids[q] for q in v_stage_positions(num_ranks)]
+    if len(stage_ranks) == num_stages and list(stage_ranks) != expected:
+        raise ValueError(f"{builder}: in a V, stage s lives on the rank of stage {num_stages - 1} - s; expected "
+                         f"stage_ranks {expected}, found {list(stage_ranks)}")
+    return rank_ids
+
+
+def _build_v(phases: Sequence, builder: str, num_stages: int, num_microbatches: int,
+             stage_ranks: Sequence[int], virtual_stages: int, split_last: bool,
+             min_microbatches: Callable[[int], int]) -> dict[int, list[Action]]:
+    _check_counts(num_stages, num_microbatches)
+    if virtual_stages != 2:
+        raise ValueError(f"{builder} runs two stages per rank (virtual_stages=2), found virtual_stages={virtual_stages}")
+    rank_ids = _v_rank_ids(stage_ranks, num_stages, builder)
+    p = len(rank_ids)
+    positions = v_stage_positions(p)
+    route = _Route(tuple(tuple(range(num_stages)) for _ in range(num_microbatches)),
+                   tuple(tuple(rank_ids[q] for q in positions) for _ in range(num_microbatches)))
+    assumed = max(num_microbatches, min_microbatches(p))
+    orders = {}
+    for r, rank in enumerate(rank_ids):
+        tokens = _phase_tokens(phases, p, r, assumed)
+        if split_last:
+            tokens = _split_last_backwards(tokens, p)
+        orders[rank] = _v_tasks(tokens, (r, num_stages - 1 - r), num_microbatches)
+    actions = _assemble(orders, route)
+    check_deadlock(actions, route.paths)
+    return actions
+
+
+def build_zbv(num_stages: int, num_microbatches: int, stage_ranks: Sequence[int],
+              virtual_stages: int = 2) -> dict[int, list[Action]]:
+    """ZB-V: 2p stages on p ranks in a V (:func:`v_stage_positions`), every backward split, the phases of
+    :data:`ZBV_PHASES`. With equal F, B and W times only the fill of the V stays idle (rank i waits i
+    forwards for its first input), and each rank holds at most 2p microbatch-stages of activations,
+    the memory of 1F1B's first stage. Fewer than 2p - 1 microbatches run the phases of 2p - 1 without
+    the missing ones."""
+    return _build_v(ZBV_PHASES, "build_zbv", num_stages, num_microbatches, stage_ranks, virtual_stages,
+                    split_last=False, min_microbatches=lambda p: 2 * p - 1)
+
+
+def build_dualpipev(num_stages: int, num_microbatches: int, stage_ranks: Sequence[int],
+                    virtual_stages: int = 2) -> dict[int, list[Action]]:
+    """DualPipeV: 2p stages on p ranks in a V, the phases of :data:`DUALPIPEV_PHASES`; needs at least
+    2p microbatches (its steady phase pairs the forwards of one wave with the backwards of another)."""
+    if num_microbatches < num_stages:
+        raise ValueError(f"build_dualpipev: DualPipeV needs at least as many microbatches as stages ({num_stages}), "
+                         f"found {num_microbatches}; use microbatches {num_stages} or more")
+    return _build_v(DUALPIPEV_PHASES, "build_dualpipev", num_stages, num_microbatches, stage_ranks, virtual_stages,
+                    split_last=True, min_microbatches=lambda p: 2 * p)
+
+
 SCHEDULE_BUILDERS: dict[str, Callable[..., dict[int, list[Action]]]] = {
     "gpipe": build_gpipe,
     "1f1b": build_1f1b,
     "interleaved_1f1b": build_interleaved_1f1b,
+    "zb_h1": build_zb_h1,
+    "zbv": build_zbv,
+    "dualpipev": build_dualpipev,
 }
 """Schedule name -> builder, for :func:`build_schedule`."""
 
@@ -418,6 +611,83 @@ def build_schedule(name: str, num_stages: int, num_microbatches: int, stage_rank
 
 
 # --------------------------------------------------------------------------------------------
+# The schedules a strategy names
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PipelineSchedule:
+    """A schedule as a strategy names it (``"schedule": "zbv"``): its builder and what it needs."""
+
+    name: str
+    builder: str
+    """Its key in :data:`SCHEDULE_BUILDERS`."""
+    stages_per_position: int | None
+    """Stages each pipeline position holds; None: the strategy's ``virtual_stages`` (default 2)."""
+    v_shape: bool = False
+    """Stages placed in a V (:func:`v_stage_positions`) rather than round-robin (stage s on s mod p)."""
+    split_backward: bool = False
+    """Its ranks run ``W`` actions (backward split into input and weight gradients)."""
+    takes_paths: bool = False
+    """It orders SkipPipe's microbatch paths (``skip_ratio``)."""
+
+
+SCHEDULES: dict[str, PipelineSchedule] = {s.name: s for s in (
+    PipelineSchedule("gpipe", "gpipe", 1, takes_paths=True),
+    PipelineSchedule("1f1b", "1f1b", 1, takes_paths=True),
+    PipelineSchedule("interleaved", "interleaved_1f1b", None),
+    PipelineSchedule("zb-h1", "zb_h1", 1, split_backward=True),
+    PipelineSchedule("zbv", "zbv", 2, v_shape=True, split_backward=True),
+    PipelineSchedule("dualpipev", "dualpipev", 2, v_shape=True, split_backward=True),
+)}
+"""Every schedule a strategy (and the DSL's ``schedule`` statement) may name, by that name."""
+
+SCHEDULE_NAMES = tuple(SCHEDULES)
+"""The schedule names, in the order errors and docs list them."""
+
+DEFAULT_VIRTUAL_STAGES = 2
+"""Stages per position of the interleaved schedule when the strategy does not say."""
+
+
+def pipeline_schedule(name: str) -> PipelineSchedule:
+    """The schedule a strategy calls ``name``; a ``ValueError`` listing the names otherwise."""
+    found = SCHEDULES.get(name)
+    if found is None:
+        raise ValueError(f"unknown pipeline schedule {name!r}; expected one of {', '.join(SCHEDULE_NAMES)}")
+    return found
+
+
+def stages_per_position(name: str, virtual_stages: int | None = None) -> int:
+    """How many stages each position holds under schedule ``name`` (``virtual_stages``: what the strategy
+    gave, for the interleaved schedule). A fixed count that ``virtual_stages`` contradicts is an error."""
+    fixed = pipeline_schedule(name).stages_per_position
+    if fixed is None:
+        return int(virtual_stages or DEFAULT_VIRTUAL_STAGES)
+    if virtual_stages not in (None, fixed):
+        needs = ("needs schedule 'interleaved'" if fixed == 1 else
+                 f"does not apply: schedule {name!r} always runs {fixed} stages per position")
+        raise ValueError(f"virtual_stages={virtual_stages} {needs}, found schedule {name!r}")
+    return fixed
+
+
+def stage_positions(name: str, num_positions: int, num_stages: int) -> list[int]:
+    """The pipeline position of every stage: a V for V-shaped schedules, else stage s on s mod p."""
+    if pipeline_schedule(name).v_shape:
+        if num_stages != 2 * num_positions:
+            raise ValueError(f"schedule {name!r} places 2 stages per position in a V: expected "
+                             f"{2 * num_positions} stages on {num_positions} positions, found {num_stages}")
+        return v_stage_positions(num_positions)
+    return [s % num_positions for s in range(num_stages)]
+
+
+def build_pipeline_schedule(name: str, num_positions: int, num_stages: int,
+                            num_microbatches: int) -> dict[int, list[Action]]:
+    """Each position's action list (ranks are the positions 0..p-1) under the schedule a strategy names."""
+    spec = pipeline_schedule(name)
+    positions = stage_positions(name, num_positions, num_stages)
+    return SCHEDULE_BUILDERS[spec.builder](num_stages, num_microbatches, positions, num_stages // num_positions)
+
+
+# --------------------------------------------------------------------------------------------
 # Checking: structure, paths, and send/recv matching
 # --------------------------------------------------------------------------------------------
 
@@ -426,7 +696,8 @@ def check_deadlock(actions: Mapping[int, Sequence[Action]], paths: Sequence[Sequ
     """Run every rank's list against the others; return a global execution order.
 
     Checks first that every (stage, microbatch) has exactly one F and one B, on one rank, F first,
-    and that each send follows the compute that produced its value. With ``paths``, also that
+    at most one W (split backward), after its B on that rank, and that each send follows the
+    compute that produced its value. With ``paths``, also that
     microbatch m runs F and B on exactly the stages of ``paths[m]`` and that every F/B has its
     input (computed on the rank or received) before it runs. Then simulates the channels (see
     the module docstring: non-blocking sends, in-order matching per (src, dst) channel, at most
@@ -462,7 +733,8 @@ def _record_compute(computes: dict, rank: int, index: int, action: Action) -> No
     if action.value in computes:
         first_rank, first_index = computes[action.value]
         raise ScheduleError(f"{action} appears twice: rank {first_rank} action #{first_index} and rank {rank} "
-                            f"action #{index}; each (stage, microbatch) runs one forward and one backward")
+                            f"action #{index}; each (stage, microbatch) runs one forward and one backward "
+                            "(and at most one W)")
     computes[action.value] = (rank, index)
 
 
@@ -478,19 +750,23 @@ def _check_transfer(actions: Mapping[int, Sequence[Action]], rank: int, index: i
 
 
 def _check_forward_backward_pairs(computes: Mapping[tuple[str, int, int], tuple[int, int]]) -> None:
+    """Every F has its B on the same rank after it; a W (split backward) follows its B there."""
     for (kind, stage, microbatch), (rank, index) in sorted(computes.items()):
-        other = ("B" if kind == "F" else "F", stage, microbatch)
+        other = ("F" if kind == "B" else "B", stage, microbatch)
         label = f"{other[0]}{microbatch}@s{stage}"
         if other not in computes:
+            if kind == "W":
+                raise ScheduleError(f"W{microbatch}@s{stage} on rank {rank} has no {label}; a W computes the weight "
+                                    "gradients of a split backward, so the B before it must exist")
             raise ScheduleError(f"{kind}{microbatch}@s{stage} on rank {rank} has no matching {label}; "
                                 "every stage a microbatch visits needs both its forward and its backward")
         other_rank, other_index = computes[other]
         if other_rank != rank:
             raise ScheduleError(f"{kind}{microbatch}@s{stage} runs on rank {rank} but {label} on rank "
                                 f"{other_rank}; a backward needs the activations its forward kept on its rank")
-        if kind == "B" and index < other_index:
-            raise ScheduleError(f"rank {rank} runs B{microbatch}@s{stage} (action #{index}) before its forward "
-                                f"F{microbatch}@s{stage} (action #{other_index})")
+        if kind != "F" and index < other_index:
+            raise ScheduleError(f"rank {rank} runs {kind}{microbatch}@s{stage} (action #{index}) before "
+                                f"{label} (action #{other_index}); a W follows its B, and a B its F")
 
 
 def _check_against_paths(actions: Mapping[int, Sequence[Action]], paths: Sequence[Sequence[int]]) -> None:
@@ -508,7 +784,7 @@ def _check_against_paths(actions: Mapping[int, Sequence[Action]], paths: Sequenc
 def _check_inputs_present(rank: int, rank_actions: Sequence[Action], paths: Sequence[Sequence[int]]) -> None:
     available: set[tuple[str, int, int]] = set()
     for index, action in enumerate(rank_actions):
-        if action.is_compute:
+        if action.is_compute and action.kind != "W":  # a W reads only what its B kept on the rank
             path = paths[action.microbatch]
             position = path.index(action.stage) + (-1 if action.kind == "F" else 1)
             if 0 <= position < len(path) and (action.kind, path[position], action.microbatch) not in available:

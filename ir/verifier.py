@@ -5,7 +5,7 @@ import sympy
 import torch
 
 from ir.core import Graph, Node, Value
-from ir.sbp import Partial, Split, format_nd_sbp
+from ir.sbp import IN_SBP_ATTR, Partial, Split, format_nd_sbp
 
 
 class VerificationError(ValueError):
@@ -41,7 +41,7 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
 def _check_buffer_updates(graph: Graph, defined: set[int]) -> None:
     """``update %buffer <- %value``: a buffer of the graph takes a defined value of its own type; once
     boxing has run (no node waits for its input layouts), held as the buffer is, on its mesh."""
-    boxed = not any("_in_sbp" in n.attrs for n in graph.nodes)
+    boxed = not any(IN_SBP_ATTR in n.attrs for n in graph.nodes)
     for buffer, value in graph.buffer_updates.items():
         where = f"update %{buffer.name} <- %{value.name}"
         if buffer.kind != "buffer" or not any(buffer is p for p in graph.params):
@@ -95,15 +95,16 @@ def _check_signature(graph: Graph, node: Node) -> None:
     ins, outs = node.input_values(), node.outputs
     if any(v.sbp is None for v in ins + outs):
         return
-    if "_in_sbp" in node.attrs and len(node.attrs["_in_sbp"]) != len(ins):
-        raise VerificationError(f"node {_where(node)}: {len(node.attrs['_in_sbp'])} input layouts for {len(ins)} inputs")
+    if IN_SBP_ATTR in node.attrs and len(node.attrs[IN_SBP_ATTR]) != len(ins):
+        raise VerificationError(f"node {_where(node)}: {len(node.attrs[IN_SBP_ATTR])} input layouts for {len(ins)} "
+                                "inputs")
     if node.op.startswith("comm."):
         _check_comm(graph, node)
         return
     _check_placement(graph, node)
     from ir.ops.registry import nd_signatures
     mesh = graph.meshes[outs[0].mesh]
-    pending = node.attrs.get("_in_sbp")  # layouts chosen by propagation, before boxing
+    pending = node.attrs.get(IN_SBP_ATTR)  # layouts chosen by propagation, before boxing
     actual = (tuple(pending) if pending else tuple(v.sbp for v in ins), tuple(v.sbp for v in outs))
     if actual not in nd_signatures(node, mesh):
         found = ", ".join(format_nd_sbp(s) for s in actual[0]) + " -> " + ", ".join(format_nd_sbp(s) for s in actual[1])

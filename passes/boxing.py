@@ -17,7 +17,7 @@ from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.ops.comm import transition
 from ir.ops.registry import splits_divide
-from ir.sbp import PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
+from ir.sbp import IN_SBP_ATTR, PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
 
@@ -146,13 +146,13 @@ def _origin(node: Node | None) -> dict:
     return {"module": node.attrs["module"]} if node is not None and "module" in node.attrs else {}
 
 
-@register_pass("boxing")
+@register_pass("boxing", requires=("propagated",), produces=("boxed",))
 def boxing_pass(graph: Graph, ctx: PassContext) -> None:
-    """Make every node's inputs arrive in the layout its chosen signature needs, and every buffer's new
-    value in the buffer's layout."""
+    """Make every node's inputs arrive in the layout its chosen signature needs (``in_sbp``), and every
+    buffer's new value in the buffer's layout."""
     grad = values_with_grad(graph)
     for node in list(graph.nodes):
-        wanted = node.attrs.pop("_in_sbp", None)
+        wanted = node.attrs.pop(IN_SBP_ATTR, None)
         if wanted is None:
             continue
         converted: dict[tuple, Value] = {}

@@ -31,10 +31,13 @@ def _ce_args(node: Node) -> dict:
     return a
 
 
-@register_pass("decompose")
-def decompose_pass(graph: Graph, ctx: PassContext) -> None:
-    """Split mean cross entropy into sum / count; expand it for vocabulary parallelism if asked."""
-    vocab = bool(ctx.strategy.get("vocab_parallel"))
+@register_pass("decompose", produces=("decomposed",))
+def decompose_pass(graph: Graph, ctx: PassContext, *, vocab_parallel: bool | None = None) -> None:
+    """Split mean cross entropy into sum / count; expand it for vocabulary parallelism if asked.
+
+    ``vocab_parallel``: write cross entropy for a vocabulary split (None: as the strategy says).
+    """
+    vocab = ctx.strategy.vocab_parallel if vocab_parallel is None else vocab_parallel
     for node in list(graph.nodes):
         a = _batch_norm_args(node)
         if a is not None:

@@ -18,12 +18,16 @@ from passes.manager import PassContext, register_pass
 DEFAULT_BUCKET_BYTES = 4 * 2 ** 20  # small enough that reducing early buckets overlaps backward
 
 
-@register_pass("grad_sync")
-def grad_sync_pass(graph: Graph, ctx: PassContext) -> None:
-    """Record gradient buckets in ``graph.attrs['grad_buckets']``."""
+@register_pass("grad_sync", requires=("boxed",), produces=("grad_buckets",))
+def grad_sync_pass(graph: Graph, ctx: PassContext, *, bucket_bytes: int | None = None) -> None:
+    """Record gradient buckets in ``graph.attrs['grad_buckets']``.
+
+    ``bucket_bytes``: the size of one bucket (None: the strategy's ``grad_bucket_bytes``, else
+    :data:`DEFAULT_BUCKET_BYTES`).
+    """
     if not ctx.train:
         return
-    limit = int(ctx.strategy.get("grad_bucket_bytes", DEFAULT_BUCKET_BYTES))
+    limit = bucket_bytes or ctx.strategy.options.grad_bucket_bytes or DEFAULT_BUCKET_BYTES
     buckets: list[dict] = []
     open_by_axes: dict[tuple, dict] = {}
     for p in _backward_order(graph):

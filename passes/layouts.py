@@ -3,36 +3,36 @@ from __future__ import annotations
 
 import fnmatch
 
-import sympy
 
 from ir.core import Graph, Value
-from ir.sbp import B, Split, parse_sbp, SbpSyntaxError, format_nd_sbp
+from ir.sbp import PINNED_ATTR, B, Split
 from ir.types import Mesh
 from passes.manager import PassContext, register_pass
-from passes.strategy import StrategyError, closest, tensor_axis
+from strategy import DATA_AXIS, PIPELINE_AXIS, Layout, Strategy, StrategyError, closest
 
 MESH_NAME = "world"
-BATCH_AXES = ("dp",)
+BATCH_AXES = (DATA_AXIS,)
 
 
-@register_pass("layouts")
+@register_pass("layouts", produces=("laid_out",))
 def layouts_pass(graph: Graph, ctx: PassContext) -> None:
     """Create the mesh, split batch inputs over data-parallel axes, and lay out parameters."""
     strategy = ctx.strategy
     # a pure pipeline mesh ({"pp": 4}) still needs one axis per stage: a data-parallel axis of size 1
-    mesh_spec = {k: v for k, v in strategy["mesh"].items() if k != "pp"} or {"dp": 1}
-    mesh = Mesh.make(list(mesh_spec), list(mesh_spec.values()))
+    stage_mesh = strategy.mesh_spec.without(PIPELINE_AXIS)
+    mesh = Mesh.make(list(stage_mesh.axes), [int(n) for n in stage_mesh.sizes]) if len(stage_mesh) \
+        else Mesh.make([DATA_AXIS], [1])
     graph.meshes[MESH_NAME] = mesh
     for v in graph.inputs:
         _place(v, tuple(_input_sbp(v, axis) for axis in mesh.axes))
     for v in graph.params:
         _place(v, tuple(B for _ in mesh.axes))
-    if strategy.get("vocab_parallel"):
+    if strategy.vocab_parallel:
         _vocab_parallel(graph, mesh, strategy)
-    _param_globs(graph, mesh, strategy.get("params") or {})
-    if strategy.get("fsdp"):
-        _fsdp(graph, mesh, strategy["fsdp"])
-    graph.attrs["strategy"] = _printable(strategy)
+    _param_globs(graph, mesh, strategy.params)
+    if strategy.fsdp_axis:
+        _fsdp(graph, mesh, strategy.fsdp_axis)
+    graph.attrs["strategy"] = strategy.to_dict()
 
 
 def _place(v: Value, sbp: tuple) -> None:
@@ -51,16 +51,14 @@ def _fsdp(graph: Graph, mesh: Mesh, axis: str) -> None:
     for p in graph.params:
         if p.kind == "param" and p.type.ndim > 0 and int(p.type.shape[0]) % n == 0:
             # used gathered (B) on the fsdp axis, as laid out on the others
-            graph.attrs.setdefault("_pinned", {})[p.name] = p.sbp
+            graph.attrs.setdefault(PINNED_ATTR, {})[p.name] = p.sbp
             p.sbp = p.sbp[:a] + (Split(0),) + p.sbp[a + 1:]
 
 
-def _vocab_parallel(graph: Graph, mesh: Mesh, strategy: dict) -> None:
-    """Embedding tables split over the vocabulary on the tensor-parallel axis."""
-    axis = tensor_axis(strategy)
-    if axis is None:
-        raise StrategyError("vocab_parallel needs a tensor-parallel mesh axis (e.g. mesh {'tp': 2})")
-    a = mesh.axis_index(axis)
+def _vocab_parallel(graph: Graph, mesh: Mesh, strategy: Strategy) -> None:
+    """Embedding tables split over the vocabulary on the tensor-parallel axis (the strategy has one:
+    :func:`strategy.normalize` checks it)."""
+    a = mesh.axis_index(strategy.tensor_axis)
     for node in graph.nodes:
         if node.op == "aten.embedding.default":
             w = node.input_values()[0]
@@ -69,37 +67,29 @@ def _vocab_parallel(graph: Graph, mesh: Mesh, strategy: dict) -> None:
                 w.sbp = w.sbp[:a] + (Split(0),) + w.sbp[a + 1:]
 
 
-def _param_globs(graph: Graph, mesh: Mesh, globs: dict) -> None:
+def _param_globs(graph: Graph, mesh: Mesh, layouts: tuple[Layout, ...]) -> None:
     params = {p.target: p for p in graph.params}
     aliases = graph.attrs.get("aliases", {})
-    for pattern, spec in globs.items():
+    for layout in layouts:
+        pattern = layout.glob
         names = [n for n in params if fnmatch.fnmatchcase(n, pattern)]
         names += [aliases[a] for a in aliases if fnmatch.fnmatchcase(a, pattern) and aliases[a] in params]
         if not names:
             raise StrategyError(f"parameter pattern {pattern!r} matches no parameter"
                                 f"{closest(pattern, list(params) + list(aliases))}")
-        per_axis = _per_axis(pattern, spec, mesh)
+        per_axis = _per_axis(layout, mesh)
         for name in dict.fromkeys(names):
             _set_param_sbp(params[name], per_axis, mesh)
-            graph.attrs.setdefault("_pinned", {})[params[name].name] = params[name].sbp
+            graph.attrs.setdefault(PINNED_ATTR, {})[params[name].name] = params[name].sbp
 
 
-def _per_axis(pattern: str, spec, mesh: Mesh) -> dict[str, object]:
-    if isinstance(spec, str):
-        if mesh.ndim != 1:
-            raise StrategyError(f"params[{pattern!r}] = {spec!r}: a bare SBP needs a 1-D mesh; this mesh has axes "
-                                f"{list(mesh.axes)} — write {{'{mesh.axes[-1]}': {spec!r}}}")
-        spec = {mesh.axes[0]: spec}
-    out = {}
-    for axis, text in spec.items():
+def _per_axis(layout: Layout, mesh: Mesh) -> dict[str, object]:
+    per_axis = layout.per_axis()
+    for axis in per_axis:
         if axis not in mesh.axes:
-            raise StrategyError(f"params[{pattern!r}] names mesh axis {axis!r}{closest(axis, mesh.axes)}; "
+            raise StrategyError(f"params[{layout.glob!r}] names mesh axis {axis!r}{closest(axis, mesh.axes)}; "
                                 f"the mesh has axes {list(mesh.axes)}")
-        try:
-            out[axis] = parse_sbp(text)
-        except SbpSyntaxError as err:
-            raise StrategyError(f"params[{pattern!r}][{axis!r}]: {err}") from None
-    return out
+    return per_axis
 
 
 def _set_param_sbp(p: Value, per_axis: dict, mesh: Mesh) -> None:
@@ -123,6 +113,3 @@ def _set_param_sbp(p: Value, per_axis: dict, mesh: Mesh) -> None:
 def _shape(p: Value) -> list:
     return [int(d) if d.is_Integer else str(d) for d in p.type.shape]
 
-
-def _printable(strategy: dict) -> dict:
-    return {k: v for k, v in strategy.items() if isinstance(v, (str, int, float, bool, list, dict))}

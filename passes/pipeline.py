@@ -25,7 +25,8 @@ does steps 1-3 and ``schedule`` step 4:
    value passed on keeps its slot and a new value takes the slot of one that died, so when every
    cut carries the same slot types (a residual stream) any stage can be skipped (identity) or
    reordered, which SkipPipe and inference through a subset of stages need.
-4. **Schedule.** GPipe, 1F1B, interleaved 1F1B (``ir.schedules``) or SkipPipe paths
+4. **Schedule.** GPipe, 1F1B, interleaved 1F1B, the zero-bubble ZB-H1, ZB-V and DualPipeV
+   (``ir.schedules.SCHEDULES``; the V-shaped ones put stages s and 2p-1-s on position s) or SkipPipe paths
    (``passes.skippipe``; ``skip_ratio``, timed with the per-stage FLOP estimate recorded in
    ``attr pipeline`` and the cluster's links) give each pipeline position its action list; every device
    of a position runs that list, talking to the device at the same mesh coordinates of the peer
@@ -49,14 +50,14 @@ from ir.layers import LayerStructure, find_layers
 from ir.ops.pipeline_ops import (SEND_RECV, WHOLE_BATCH, Action, pipeline_stages, schedule_attr, stage_index,
                                  stage_mesh_name)
 from ir.sbp import Split
-from ir.schedules import build_1f1b, build_gpipe, build_interleaved_1f1b, build_path_schedule, check_deadlock
+from ir.schedules import (build_path_schedule, build_pipeline_schedule, check_deadlock,
+                          pipeline_schedule, stage_positions, stages_per_position)
 from ir.types import Mesh, TensorType, dim_symbol
 from passes.decompose import BATCH_STATISTICS_ATTR
 from passes.manager import PassContext, register_pass
 from passes.skippipe import SkipPipeProblem, format_skip_plan, plan_skip_paths
-from passes.strategy import StrategyError, closest
+from strategy import PIPELINE_AXIS, MeshSpec, Strategy, StrategyError, closest
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 MEAN_LOSS_OPS = ("aten.mean.default", "aten.mean.dim", "aten.mse_loss.default", "aten.l1_loss.default",
                  "aten.binary_cross_entropy_with_logits.default", "aten.smooth_l1_loss.default")
 """Means over every element: with equal microbatches, the full mean is the mean of their means."""
@@ -79,11 +80,11 @@ class PipelineConfig:
     positions: int
     """Pipeline positions (the ``pp`` size): groups of devices that each hold stages."""
     virtual_stages: int
-    """Stages per position (interleaved schedule); the stage count is positions x virtual_stages."""
+    """Stages per position (interleaved, V-shaped schedules); the stage count is positions x virtual_stages."""
     microbatches: int
     """Microbatches per step."""
     schedule: str
-    """``gpipe``, ``1f1b`` or ``interleaved``."""
+    """A name of :data:`ir.schedules.SCHEDULES` (``gpipe``, ``1f1b``, ``interleaved``, ``zb-h1``, ...)."""
     skip_ratio: float | None
     """SkipPipe's share of stages a microbatch may skip; None for a plain schedule."""
     position_devices: tuple
@@ -95,42 +96,40 @@ class PipelineConfig:
         return self.positions * self.virtual_stages
 
     def position_of(self, stage: int) -> int:
-        """The position holding ``stage`` (stage s lives on position s mod pp)."""
-        return stage % self.positions
+        """The position holding ``stage`` (s mod pp; V-shaped schedules: s, then back from 2pp-1-s)."""
+        return stage_positions(self.schedule, self.positions, self.num_stages)[stage]
 
 
-def pipeline_config(strategy: dict, world_size: int) -> PipelineConfig:
-    """Read ``mesh.pp``, ``microbatches``, ``schedule``, ``virtual_stages``, ``skip_ratio``, ``stage_devices``."""
-    mesh = strategy.get("mesh") or {}
-    sizes = {len(ds) for ds in strategy.get("stage_devices") or []}
+def pipeline_config(strategy: Strategy, world_size: int) -> PipelineConfig:
+    """The pipeline record of a strategy resolved against the device count: ``pp``, microbatches,
+    schedule, virtual stages, skip ratio and stage devices (:func:`strategy.normalize` has checked
+    the values; what is left here is what the pass cannot do)."""
+    pipeline, mesh = strategy.pipeline, strategy.mesh_spec
+    sizes = {len(ds) for ds in pipeline.stage_devices or ()}
     if len(sizes) > 1:
         raise NotImplementedError(f"stage_devices gives stages {sorted(sizes)} devices: stages on meshes of "
                                   "different sizes need resharding transfers, which the pipeline pass does not "
                                   "make yet; give every stage the same number of devices")
-    if "pp" not in mesh:
+    if PIPELINE_AXIS not in mesh:
         raise StrategyError(f"a pipelined strategy needs a 'pp' mesh axis (the number of pipeline positions); "
-                            f"the mesh is {mesh}: add e.g. 'pp': 2 and shrink the other axes to match")
-    positions = int(mesh["pp"])
-    schedule = strategy.get("schedule") or "1f1b"
-    if schedule not in SCHEDULES:
-        raise StrategyError(f"unknown schedule {schedule!r}{closest(str(schedule), SCHEDULES)}; "
-                            f"use one of {', '.join(SCHEDULES)}")
-    virtual = int(strategy.get("virtual_stages") or (2 if schedule == "interleaved" else 1))
-    if virtual != 1 and schedule != "interleaved":
-        raise StrategyError(f"virtual_stages={virtual} needs schedule 'interleaved', found {schedule!r}")
-    microbatches = strategy.get("microbatches") or positions
-    if not isinstance(microbatches, int) or microbatches < 1:
-        raise StrategyError(f"microbatches must be a whole number >= 1, found {microbatches!r}")
-    ratio = strategy.get("skip_ratio")
-    if ratio is not None and schedule == "interleaved":
-        raise StrategyError("skip_ratio (SkipPipe) runs with schedule 'gpipe' or '1f1b', not 'interleaved'")
-    devices = _position_devices(mesh, world_size, strategy.get("stage_devices"), positions, virtual)
-    return PipelineConfig(positions, virtual, microbatches, schedule, None if ratio is None else float(ratio),
+                            f"the mesh is {mesh.as_dict()}: add e.g. 'pp': 2 and shrink the other axes to match")
+    positions = strategy.positions
+    schedule = pipeline.schedule_name
+    try:
+        virtual = stages_per_position(schedule, pipeline.virtual_stages if isinstance(pipeline.virtual_stages, int)
+                                      else None)
+    except ValueError as error:
+        raise StrategyError(str(error)) from None
+    if pipeline.skip_ratio is not None and not pipeline_schedule(schedule).takes_paths:
+        raise StrategyError(f"skip_ratio (SkipPipe) runs with schedule 'gpipe' or '1f1b', not {schedule!r}")
+    devices = _position_devices(mesh, world_size, pipeline.stage_devices, positions,
+                                stage_positions(schedule, positions, positions * virtual))
+    return PipelineConfig(positions, virtual, pipeline.microbatch_count(positions), schedule, pipeline.skip_ratio,
                           devices)
 
 
-def _position_devices(mesh: dict, world_size: int, stage_devices, positions: int, virtual: int) -> tuple:
-    axes, sizes = list(mesh), [int(n) for n in mesh.values()]
+def _position_devices(mesh: MeshSpec, world_size: int, stage_devices, positions: int, placed: list[int]) -> tuple:
+    axes, sizes = list(mesh.axes), [int(n) for n in mesh.sizes]
     full = Mesh.make(axes, sizes)
     pp = axes.index("pp")
     by_position: list[list[int]] = [[] for _ in range(positions)]
@@ -139,17 +138,18 @@ def _position_devices(mesh: dict, world_size: int, stage_devices, positions: int
     if not stage_devices:
         return tuple(tuple(ds) for ds in by_position)
     per_stage = [list(ds) for ds in stage_devices]
-    if len(per_stage) not in (positions, positions * virtual):
+    if len(per_stage) not in (positions, len(placed)):
         raise StrategyError(f"stage_devices lists {len(per_stage)} stages; expected {positions} (one per pipeline "
-                            f"position) or {positions * virtual} (one per stage)")
+                            f"position) or {len(placed)} (one per stage)")
     size = len(by_position[0])
     for s, ds in enumerate(per_stage):
         if len(ds) != size:
             raise StrategyError(f"stage_devices[{s}] = {ds} has {len(ds)} devices, but every stage runs on a mesh "
-                                f"of {size} (the non-pp axes of {mesh}); stages of different sizes are not supported")
-        if ds != per_stage[s % positions]:
-            raise StrategyError(f"stage {s} shares position {s % positions} with stage {s % positions}, so it needs "
-                                f"the same devices {per_stage[s % positions]}, found {ds}")
+                                f"of {size} (the non-pp axes of {mesh.as_dict()}); stages of different sizes are not "
+                                "supported")
+        if ds != per_stage[placed[s]]:
+            raise StrategyError(f"stage {s} shares position {placed[s]} with stage {placed[s]}, so it needs "
+                                f"the same devices {per_stage[placed[s]]}, found {ds}")
         if any(not 0 <= d < world_size for d in ds):
             raise StrategyError(f"stage_devices[{s}] = {ds} names devices outside 0..{world_size - 1}")
     used = [d for ds in per_stage[:positions] for d in ds]
@@ -160,7 +160,7 @@ def _position_devices(mesh: dict, world_size: int, stage_devices, positions: int
 
 # -- the pass -------------------------------------------------------------------------------------------
 
-@register_pass("pipeline")
+@register_pass("pipeline", requires=("boxed",), produces=("stages",))
 def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
     """Cut the graph into stages on their own meshes, add transfers and each device's schedule."""
     config = pipeline_config(ctx.strategy, ctx.world_size)
@@ -329,15 +329,15 @@ def _map(obj: Any, clones: dict[int, Value]) -> Any:
 
 # -- where stages begin -----------------------------------------------------------------------------------
 
-def stage_starts(graph: Graph, strategy: dict, num_stages: int, costs: list[float] | None = None) -> list[int]:
+def stage_starts(graph: Graph, strategy: Strategy, num_stages: int, costs: list[float] | None = None) -> list[int]:
     """Indices into ``graph.nodes`` where stages 1 .. K-1 begin (``costs``: :func:`node_costs`, if known)."""
     if num_stages == 1:
         return []
-    cuts = strategy.get("stages")
-    if cuts and cuts != "auto":
+    cuts, layers = strategy.pipeline.stages, strategy.pipeline.stage_layers
+    if isinstance(cuts, tuple):
         starts = _starts_at_modules(graph, list(cuts))
-    elif strategy.get("stage_layers") and strategy["stage_layers"] != "auto":
-        starts = _starts_at_layers(graph, strategy["stage_layers"])
+    elif layers:
+        starts = _starts_at_layers(graph, layers)
     else:
         return balanced_starts(graph, num_stages, costs)
     if len(starts) != num_stages - 1:
@@ -641,9 +641,9 @@ def _insert_transfers(graph: Graph, slots: list[list[Value]]) -> None:
 
 # -- schedules -------------------------------------------------------------------------------------------
 
-@register_pass("schedule")
+@register_pass("schedule", requires=("stages",), produces=("scheduled",))
 def schedule_pass(graph: Graph, ctx: PassContext) -> None:
-    """Each device's action list (``attr schedule``): GPipe, 1F1B, interleaved 1F1B or SkipPipe paths.
+    """Each device's action list (``attr schedule``): a schedule of :data:`ir.schedules.SCHEDULES` or SkipPipe paths.
 
     Reads what the ``pipeline`` pass recorded; SkipPipe plans with the per-stage FLOPs of the dump,
     the cluster's links and the size of what crosses a cut, and records the paths and their
@@ -665,12 +665,11 @@ def schedule_pass(graph: Graph, ctx: PassContext) -> None:
         graph.attrs["paths"] = paths
         graph.attrs["skip_plan"] = format_skip_plan(plan)
         graph.attrs["estimated_iteration_time_s"] = plan.estimated_iteration_time_s
-    elif config.schedule == "gpipe":
-        per_position = build_gpipe(k, m, list(range(p)))
-    elif config.schedule == "1f1b":
-        per_position = build_1f1b(k, m, list(range(p)))
     else:
-        per_position = build_interleaved_1f1b(k, m, [s % p for s in range(k)], config.virtual_stages)
+        try:
+            per_position = build_pipeline_schedule(config.schedule, p, k, m)
+        except ValueError as error:  # e.g. too few microbatches for the schedule
+            raise StrategyError(f"schedule {config.schedule!r}: {error}") from None
     # a position whose stages no path visits (SkipPipe) still gets its (empty) list
     per_position = {q: per_position.get(q, []) for q in range(p)}
     per_device = expand_to_devices(per_position, config.position_devices)

@@ -20,22 +20,22 @@ import functools
 from ir.core import Graph, Node
 from ir.ops.registry import nd_signatures
 from ir.ops.shape_ops import _magnitude
-from ir.sbp import B, Partial, Split, format_nd_sbp, parse_sbp
+from ir.sbp import IN_SBP_ATTR, PINNED_ATTR, B, Partial, Split, format_nd_sbp
 from ir.types import Mesh, TensorType, dim_symbol
 from cost.boxing import bytes_cost
 from passes.boxing import BoxingError, boxing_path
 from passes.manager import PassContext, register_pass
-from passes.strategy import StrategyError, tensor_axis
+from strategy import Strategy, StrategyError, closest
 
 PINNED_PENALTY = 1e30
 NORM_OPS = ("aten.layer_norm.default", "aten.rms_norm.default")
 
 
-@register_pass("propagate")
+@register_pass("propagate", requires=("decomposed", "laid_out"), produces=("propagated",))
 def propagate_pass(graph: Graph, ctx: PassContext) -> None:
-    """Give every node output an SBP; remember the input layouts each node needs for boxing."""
+    """Give every node output an SBP; record the input layouts each node needs (``in_sbp``) for boxing."""
     hints = _activation_hints(graph, ctx.strategy)
-    pinned = graph.attrs.get("_pinned", {})
+    pinned = graph.attrs.get(PINNED_ATTR, {})
     dims = graph.attrs.get("example_dims") or {}
     for node in graph.nodes:
         mesh_name = _mesh_of(node, graph)
@@ -45,7 +45,8 @@ def propagate_pass(graph: Graph, ctx: PassContext) -> None:
         if hint is not None:
             candidates = [c for c in candidates if _matches(c[1][0], hint)] or _no_hint_fit(node, hint)
         ins, outs = min(candidates, key=lambda c: _score(node, c, mesh, pinned, dims))
-        node.attrs["_in_sbp"] = list(ins)
+        if ins:
+            node.attrs[IN_SBP_ATTR] = list(ins)
         for v, s in zip(node.outputs, outs):
             v.sbp, v.mesh = s, mesh_name
 
@@ -105,36 +106,27 @@ def _no_hint_fit(node: Node, hint: tuple):
                         f"{node.attrs.get('module', '?')}) is not a valid layout of that op")
 
 
-def _activation_hints(graph: Graph, strategy: dict) -> dict[int, tuple]:
+def _activation_hints(graph: Graph, strategy: Strategy) -> dict[int, tuple]:
     """Per node id, the wanted output layout (None entries: free)."""
     mesh = graph.meshes[next(iter(graph.meshes))]
     hints: dict[int, tuple] = {}
-    axis = tensor_axis(strategy)
-    if strategy.get("sequence_parallel") and axis is None:
-        raise StrategyError("sequence_parallel needs a tensor-parallel mesh axis (e.g. mesh {'tp': 2})")
+    axis = strategy.tensor_axis  # sequence parallelism has one: strategy.normalize checks it
     if axis is not None:
         # Megatron-LM: norms run on sequence shards with sequence parallelism, else replicated.
         a = mesh.axis_index(axis)
-        norm_layout = Split(1) if strategy.get("sequence_parallel") else B
+        norm_layout = Split(1) if strategy.sequence_parallel else B
         for node in graph.nodes:
             if node.op in NORM_OPS and node.outputs[0].type.ndim >= 3:
                 hints[id(node)] = tuple(norm_layout if i == a else None for i in range(mesh.ndim))
-    for pattern, spec in (strategy.get("activations") or {}).items():
-        last = last_nodes_of_modules(graph, pattern)
+    for layout in strategy.activations:
+        last = last_nodes_of_modules(graph, layout.glob)
         if not last:
             modules = sorted({n.attrs.get("module", "") for n in graph.nodes} - {""})
-            from passes.strategy import closest
-            raise StrategyError(f"activation pattern {pattern!r} matches no module{closest(pattern, modules)}")
-        per_axis = {spec if isinstance(spec, str) else None: spec} if isinstance(spec, str) else spec
+            raise StrategyError(f"activation pattern {layout.glob!r} matches no module{closest(layout.glob, modules)}")
+        per_axis = layout.per_axis()
         for node in last:
-            hints[id(node)] = _hint_tuple(per_axis, mesh)
+            hints[id(node)] = tuple(per_axis.get(a) for a in mesh.axes)
     return hints
-
-
-def _hint_tuple(per_axis: dict, mesh: Mesh) -> tuple:
-    if None in per_axis:
-        return (parse_sbp(per_axis[None]),) if mesh.ndim == 1 else tuple([None] * mesh.ndim)
-    return tuple(parse_sbp(per_axis[a]) if a in per_axis else None for a in mesh.axes)
 
 
 def last_nodes_of_modules(graph: Graph, pattern: str) -> list[Node]:

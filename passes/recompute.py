@@ -1,6 +1,6 @@
 """Activation recomputation: mark the regions of the graph whose activations are recomputed in backward.
 
-``strategy["recompute"]`` is ``True`` (every repeated block, e.g. each ``blocks.<i>`` of a transformer)
+The strategy's ``recompute`` is ``True`` (every repeated block, e.g. each ``blocks.<i>`` of a transformer)
 or a list of module globs (``["blocks.*"]`` for whole blocks, ``["blocks.*.mlp"]`` for only the MLPs,
 ``["blocks.0", "blocks.1"]`` for some blocks). Each node whose module path has a prefix matching a glob
 gets ``attrs["recompute"]`` = that prefix (the region), shown in the IR dump; ops without a module
@@ -20,13 +20,13 @@ from ir.core import Graph
 from ir.recompute import RECOMPUTE_ATTR
 from passes.manager import PassContext, register_pass
 from ir.layers import find_layers
-from passes.strategy import StrategyError
+from strategy import StrategyError
 
 
-@register_pass("recompute")
+@register_pass("recompute", requires=("boxed",), produces=("recompute_marked",))
 def recompute_pass(graph: Graph, ctx: PassContext) -> None:
     """Set ``attrs["recompute"]`` on the nodes of every recomputed region (training only)."""
-    wanted = ctx.strategy.get("recompute")
+    wanted = ctx.strategy.recompute
     if not wanted or not ctx.train:
         return
     globs = _globs(graph, wanted)
@@ -41,21 +41,20 @@ def recompute_pass(graph: Graph, ctx: PassContext) -> None:
             marked += 1
     if not marked:
         modules = sorted({n.attrs["module"].split(".")[0] for n in graph.nodes if n.attrs.get("module")})
-        raise StrategyError(f"recompute {wanted!r} matches no module of the model; top-level modules are "
+        shown = list(wanted) if isinstance(wanted, tuple) else wanted
+        raise StrategyError(f"recompute {shown!r} matches no module of the model; top-level modules are "
                             f"{', '.join(modules) or 'none'} (globs match module paths such as 'blocks.*')")
 
 
 def _globs(graph: Graph, wanted) -> list[str]:
-    if wanted is True or wanted == "all":
+    if wanted is True:
         prefix = find_layers(graph).prefix
         if prefix is None:
             raise StrategyError("recompute=True recomputes the model's repeated blocks, but it has none (no "
                                 "module list such as blocks.0, blocks.1, ...); name the modules to recompute "
                                 "with a list of globs")
         return [f"{prefix}.*"]
-    if isinstance(wanted, str):
-        return [wanted]
-    return [str(g) for g in wanted]
+    return list(wanted)
 
 
 def _matching_prefix(module: str, globs: list[str]) -> str | None:

@@ -12,11 +12,13 @@ import torch
 TIMEOUT_S = 240
 
 
-def torchrun(main: Path, nproc: int, *args: str, timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run ``main.py`` with ``torchrun --standalone --nproc-per-node nproc``; never hangs past ``timeout``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1"}
+def torchrun(main: Path, nproc: int, *args: str, timeout: int = TIMEOUT_S, torchrun_args: tuple[str, ...] = (),
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``main.py`` with ``torchrun --standalone --nproc-per-node nproc [torchrun_args]`` (``env`` added to the
+    environment); never hangs past ``timeout``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(main), *args]
+           *torchrun_args, str(main), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

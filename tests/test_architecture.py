@@ -1,7 +1,8 @@
 """Imports point one way (README, "Layout"): every module's imports, read with ``ast``, stay inside what its
 package may use.
 
-    frontend → ir ← cluster ← cost ← passes;  backends read ir, cluster and cost;  compiler wires them all.
+    ir ← strategy;  frontend → strategy, ir;  ir ← cluster ← cost ← passes (cost and passes read strategy);
+    backends read ir, cluster, cost and strategy;  compiler wires them all.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MAY_IMPORT = {
     "ir": {"ir"},
+    "strategy": {"strategy", "ir"},
     "cluster": {"cluster", "ir"},
-    "cost": {"cost", "ir", "cluster"},
-    "passes": {"passes", "ir", "cluster", "cost"},
-    "backends": {"backends", "ir", "cluster", "cost"},
-    "frontend": {"frontend", "ir"},
-    "compiler": {"compiler", "frontend", "ir", "cluster", "cost", "passes", "backends"},
+    "cost": {"cost", "ir", "cluster", "strategy"},
+    "passes": {"passes", "ir", "cluster", "cost", "strategy"},
+    "backends": {"backends", "ir", "cluster", "cost", "strategy"},
+    "frontend": {"frontend", "ir", "strategy"},
+    "compiler": {"compiler", "frontend", "ir", "strategy", "cluster", "cost", "passes", "backends"},
 }
 """Package -> the sbpc packages its modules may import."""
 NOT_PACKAGES = {"tests", "examples", "benchmarks", "scripts", "build"}

@@ -27,6 +27,11 @@ def init_distributed(timeout_s):
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(DEVICE)
     timeout = datetime.timedelta(seconds=timeout_s)
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if restarted and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        print("warning: torchrun restarted this job on its shared rendezvous store, which in torch 2.13 still holds "
+              "the previous attempt's addresses (pytorch/pytorch#167288); if joining fails, launch torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", timeout=timeout)
     want = sum(len(devices) for devices in MESH_DEVICES)
     if dist.get_world_size() != want:
@@ -40,6 +45,11 @@ def init_distributed(timeout_s):
             if dist.get_rank() in ranks:
                 COORD[axis] = ranks.index(dist.get_rank())
                 GROUPS[axis] = (group, ranks, COORD[axis])
+
+
+def my_position():
+    """This rank's pipeline position (0 without pipelining): the index of the device list holding it."""
+    return next(p for p, devices in enumerate(MESH_DEVICES) if dist.get_rank() in devices)
 
 
 def split_dim(entry):

@@ -18,7 +18,8 @@ EMITTED_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weig
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="training steps to run")
+    parser.add_argument("--steps", type=int, default=5, help="the run's total training steps (a resumed run "
+                        "continues from its checkpoint's step up to this)")
     parser.add_argument("--data", help="torch.save'd list of input tuples, one per step (weights_only load)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthetic batches when --data is not given")
     parser.add_argument("--metrics", help="write one JSON line per step (loss, seconds) to this file")
@@ -26,6 +27,12 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default=EMITTED_WEIGHTS,
                         help="initial weights (full state_dict) written by sbpc emit")
     parser.add_argument("--comm-timeout", type=int, default=120, help="seconds before a collective gives up")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                        help="save a sharded checkpoint every K steps and after the last (0: never)")
+    parser.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints go (step-N directories)")
+    parser.add_argument("--keep", type=int, default=2, metavar="N", help="keep the newest N checkpoints (0: all)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in "
+                        "--checkpoint-dir, under this program's plan whatever plan wrote it (none: start at step 0)")
     parser.add_argument("--infer-stages", help="pipelines: no training; run every batch forward through these "
                         "stages only (comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss")
     return parser.parse_args(argv)
@@ -76,25 +83,35 @@ def local_inputs(batch):
     return {name: shard(t.to(DEVICE), layout) for (name, _, _, layout, _), t in zip(INPUTS, batch)}
 
 
-def load_weights(path):
-    """The full state_dict to start from. One saved with --save lacks the tensors in NOT_SAVED
-    (non-persistent buffers, lifted constants): those come from the weights.pt emitted with the program."""
+def load_weights(path, meta=False):
+    """The full state_dict to start from, memory-mapped (each rank reads only its shards), or with ``meta`` its
+    shapes and dtypes only. One saved with --save lacks the tensors in NOT_SAVED (non-persistent buffers, lifted
+    constants): those come from the weights.pt emitted with the program."""
     if not os.path.exists(path):
         fail(f"initial weights {path} not found; emit the program again or pass --weights")
-    weights = torch.load(path, weights_only=True)
+    options = {"map_location": "meta"} if meta else {"mmap": True}
+    weights = torch.load(path, weights_only=True, **options)
     missing = [n for n in NOT_SAVED if n not in weights]
     if missing and os.path.abspath(path) != EMITTED_WEIGHTS:
         if not os.path.exists(EMITTED_WEIGHTS):
             fail(f"{path} lacks {missing[0]} (not part of a state_dict), which comes from {EMITTED_WEIGHTS}; "
                  f"keep the weights.pt emitted beside main.py")
-        emitted = torch.load(EMITTED_WEIGHTS, weights_only=True)
+        emitted = torch.load(EMITTED_WEIGHTS, weights_only=True, **options)
         weights.update({n: emitted[n] for n in missing})
     return weights
 
 
+def local_copy(full, layout):
+    """This rank's shard of a full tensor, in memory of its own: a copy of its part of ``full`` (memory-mapped),
+    or uninitialised when ``full`` is on the meta device (a checkpoint fills it)."""
+    part = shard(full, layout)
+    return torch.empty_like(part, device=DEVICE) if part.is_meta else part.to(DEVICE, copy=True)
+
+
 def local_parameters(weights, layouts):
-    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``; frozen ones need no grad."""
-    return {n: shard(weights[target].to(DEVICE), layout).requires_grad_(n not in FROZEN_PARAMS)
+    """This rank's shards of the parameters ``{name: (state_dict name, layout)}``, each a leaf in memory of its
+    own (a tied parameter's copies on one rank must not share one); frozen ones need no grad."""
+    return {n: local_copy(weights[target], layout).requires_grad_(n not in FROZEN_PARAMS)
             for n, (target, layout) in layouts.items()}
 
 
@@ -119,6 +136,19 @@ def first_step_report(params, optimizer):
     dist.all_gather(every, torch.tensor(mine, dtype=torch.int64, device=DEVICE))
     keys = ("param_bytes_per_rank", "optimizer_params_per_rank", "optimizer_state_per_rank")
     return {key: [int(t[i]) for t in every] for i, key in enumerate(keys)}
+
+
+def open_metrics(path, start):
+    """The --metrics file (rank 0): new, or, resuming at step ``start``, keeping the lines of earlier steps."""
+    if not path or dist.get_rank() != 0:
+        return None
+    kept = []
+    if start and os.path.exists(path):
+        with open(path) as old:
+            kept = [line for line in old if line.strip() and json.loads(line)["step"] < start]
+    metrics = open(path, "w")
+    metrics.writelines(kept)
+    return metrics
 
 
 def report_step(metrics, step, loss, started, extra):

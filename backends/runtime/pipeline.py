@@ -2,7 +2,9 @@
 
 A stage's function computes one microbatch on this rank's shards and returns what it sends on (the
 loss share on the last stage); the runtime makes leaves of what it receives and calls
-``torch.autograd.backward`` with the gradients that come back.
+``torch.autograd.backward`` with the gradients that come back. Zero-bubble schedules split that
+backward (:class:`SplitBackwardStep`): ``B`` computes the gradients of what the stage received,
+``W`` later those of its parameters.
 """
 import time
 
@@ -10,16 +12,15 @@ import torch
 import torch.distributed as dist
 
 from .collectives import unshard
-from .core import COORD, DEVICE, fail, init_distributed, is_seed_rank, shard
-from .loop import (bind_dims, finish, first_step_report, load_batches, load_weights, local_inputs, local_parameters,
-                   make_optimizer, new_buffer_values, parse_args, report_step, synthetic_batch)
+from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
+from .core import COORD, DEVICE, fail, init_distributed, is_seed_rank, my_position
+from .faults import peer_failures
+from .loop import (bind_dims, finish, first_step_report, load_batches, load_weights, local_copy, local_inputs,
+                   local_parameters, make_optimizer, new_buffer_values, open_metrics, parse_args, report_step,
+                   synthetic_batch)
 from .plan import (ALIASES, ENTRY_SHAPES, EXIT_SHAPES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE,
-                   SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS)
-
-
-def my_position():
-    """This rank's pipeline position."""
-    return next(p for p, devices in enumerate(MESH_DEVICES) if dist.get_rank() in devices)
+                   SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS, TIED_PARAMS)
+from .split_backward import backward_input
 
 
 def split_microbatches(batch, count):
@@ -70,20 +71,36 @@ class PipelineStep:
             self.ready[("F", stage, mb)] = [o.detach().contiguous() for o in out]
             self.saved[(stage, mb)] = (leaves, out, None)
 
-    def backward(self, stage, mb):
-        """B: back-propagate the loss share or the gradients that came back; keep the entries' gradients."""
+    def backward_seeds(self, stage, mb):
+        """What a B back-propagates: the stage's entry leaves, its outputs and their gradients (the loss
+        share, seeded on its seed ranks only, on the last stage of the path)."""
         leaves, outs, loss = self.saved.pop((stage, mb))
         if loss is not None:
-            (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
-        else:
-            grads = iter(self.ready.pop(("B", neighbour(self.paths[mb], stage, +1), mb)))
-            pairs = [(o, next(grads)) for o in outs if o.is_floating_point()]
-            pairs = [(o, g) for o, g in pairs if o.requires_grad]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            return leaves, [loss if is_seed_rank(LOSS_SBP) else loss * 0], [None]
+        grads = iter(self.ready.pop(("B", neighbour(self.paths[mb], stage, +1), mb)))
+        pairs = [(o, next(grads)) for o in outs if o.is_floating_point()]
+        pairs = [(o, g) for o, g in pairs if o.requires_grad]
+        return leaves, [o for o, _ in pairs], [g for _, g in pairs]
+
+    def backward(self, stage, mb):
+        """B: back-propagate the loss share or the gradients that came back; keep the entries' gradients."""
+        leaves, outs, grads = self.backward_seeds(stage, mb)
+        if outs:
+            torch.autograd.backward(outs, grads)
+        self.send_back(stage, mb, leaves, [leaf.grad for leaf in leaves])
+
+    def send_back(self, stage, mb, leaves, grads):
+        """Keep the gradients of the stage's float entries for SEND_B (zeros where one got none)."""
         if leaves:
-            self.ready[("B", stage, mb)] = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
-                                            .contiguous() for leaf in leaves if leaf.is_floating_point()]
+            self.ready[("B", stage, mb)] = [(g if g is not None else torch.zeros_like(leaf)).contiguous()
+                                            for leaf, g in zip(leaves, grads) if leaf.is_floating_point()]
+
+    def compute(self, kind, stage, mb):
+        """One F or B of the action list."""
+        if kind == "F":
+            self.forward(stage, mb)
+        else:
+            self.backward(stage, mb)
 
     def message_shapes(self, kind, stage):
         """Local (shape, dtype) of each tensor of a message: exits for RECV_F, float entries for RECV_B."""
@@ -115,13 +132,13 @@ class PipelineStep:
         """Run the action list; returns this rank's sum of loss shares (None off the loss stage)."""
         i = 0
         while i < len(actions):
-            kind, stage, mb, _ = actions[i]
-            if kind in ("F", "B"):
-                self.forward(stage, mb) if kind == "F" else self.backward(stage, mb)
+            kind, stage, mb, peer = actions[i]
+            if peer is None:  # a compute
+                self.compute(kind, stage, mb)
                 i += 1
                 continue
             j = i
-            while j < len(actions) and actions[j][0] not in ("F", "B"):
+            while j < len(actions) and actions[j][3] is not None:
                 j += 1
             self.transfer(actions[i:j])
             i = j
@@ -149,6 +166,27 @@ class PipelineStep:
         for work in self.sends:
             work.wait()
         return self.loss
+
+
+class SplitBackwardStep(PipelineStep):
+    """A step of a zero-bubble schedule: a B whose W comes later on this rank computes only the gradients
+    of the stage's entries (what goes back to the previous stage); the W then computes the parameters'
+    gradients from what that B kept (``split_backward.py``)."""
+
+    def run(self, actions):
+        self.deferred = {(stage, mb) for kind, stage, mb, _ in actions if kind == "W"}
+        self.weight_work = {}
+        return super().run(actions)
+
+    def compute(self, kind, stage, mb):
+        if kind == "W":
+            self.weight_work.pop((stage, mb)).run()
+        elif kind == "B" and (stage, mb) in self.deferred:
+            leaves, outs, grads = self.backward_seeds(stage, mb)
+            found, self.weight_work[(stage, mb)] = backward_input(outs, grads, leaves)
+            self.send_back(stage, mb, leaves, found)
+        else:
+            super().compute(kind, stage, mb)
 
 
 def infer_path(text):
@@ -192,49 +230,69 @@ def pipeline_state_dict(params, buffers):
     return state
 
 
-def main(argv=None, gradient_syncs=()):
-    """Train ``--steps`` steps (or, with --infer-stages, run forward only). ``gradient_syncs``: the plan's
-    gradient collectives outside autograd (classes from grad_sync), run once every microbatch's
-    backward is done."""
+def tied_copies():
+    """The IR names of the second and later copies of each tied parameter: loaded, not saved (they are equal)."""
+    return {n for group in TIED_PARAMS for n in group[1:]}
+
+
+def pipeline_model(shapes):
+    """Every tensor of the model by state_dict name: (shape, layout, stage), a tied parameter's first copy's."""
+    return {target: (shapes[target].shape, layout, stage) for n, (target, _, layout, stage) in STAGE_TENSORS.items()
+            if n not in tied_copies()}
+
+
+def main(argv=None, gradient_syncs=(), step_type=PipelineStep):
+    """Train up to step ``--steps`` (from the last checkpoint with --resume), or, with --infer-stages, run
+    forward only. ``gradient_syncs``: the plan's gradient collectives outside autograd (classes from
+    grad_sync), run once every microbatch's backward is done; ``step_type``: what runs the action list
+    (:class:`SplitBackwardStep` for schedules with W actions)."""
     args = parse_args(argv)
     init_distributed(args.comm_timeout)
     batches = load_batches(args)
-    weights = load_weights(args.weights)
+    shapes = load_weights(args.weights, meta=True)
+    model = pipeline_model(shapes)
+    checkpoint = find_checkpoint(args, model) if args.resume else None
+    weights = shapes if checkpoint else load_weights(args.weights)  # a checkpoint fills the uninitialised shards
     position = my_position()
     mine = {n: spec for n, spec in STAGE_TENSORS.items() if PIPELINE["positions"][spec[3]] == position}
     params = local_parameters(weights, {n: (target, layout) for n, (target, kind, layout, _) in mine.items()
                                         if kind == "param"})
-    buffers = {n: shard(weights[target].to(DEVICE), layout) for n, (target, kind, layout, _) in mine.items()
+    buffers = {n: local_copy(weights[target], layout) for n, (target, kind, layout, _) in mine.items()
                if kind == "buffer"}
     optimizer = make_optimizer(params)
     syncs = [make(params, args.comm_timeout) for make in gradient_syncs]
     actions = SCHEDULE[dist.get_rank()]
     path = infer_path(args.infer_stages) if args.infer_stages else None
-    metrics = open(args.metrics, "w") if args.metrics and dist.get_rank() == 0 else None
+    places = {n: (STAGE_TENSORS[n][0], STAGE_TENSORS[n][2]) for n in [*params, *buffers]}
+    state = TrainingState(params, buffers, optimizer, places, model, tied_copies() & set(places))
+    start = load_checkpoint(checkpoint, state) if checkpoint else 0
+    metrics = open_metrics(args.metrics, start)
     count = PIPELINE["microbatches"]
-    for step_index in range(args.steps):
-        started = time.perf_counter()
-        batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
-        full_dims = bind_dims(batch)
-        micro = split_microbatches(batch, count)
-        dims = bind_dims(micro[0])
-        whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
-                 for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
-        paths = [path] * count if path else PIPELINE["paths"]
-        step = PipelineStep(params, buffers, micro, dims, whole, paths)
-        if path:
-            local = step.infer(path)
-        else:
-            if optimizer:
-                optimizer.zero_grad(set_to_none=True)
-            local = step.run(actions)
-            for sync in syncs:
-                sync.finish()
-            if optimizer:
-                optimizer.step()
-        value = pipeline_loss(local)
-        report_step(metrics, step_index, value, started,
-                    first_step_report(params, optimizer) if step_index == 0 else {})
-    state = pipeline_state_dict(params, buffers)
+    for step_index in range(0 if path else start, args.steps):  # inference runs every batch
+        with peer_failures(step_index):
+            started = time.perf_counter()
+            batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
+            full_dims = bind_dims(batch)
+            micro = split_microbatches(batch, count)
+            dims = bind_dims(micro[0])
+            whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
+                     for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
+            paths = [path] * count if path else PIPELINE["paths"]
+            step = step_type(params, buffers, micro, dims, whole, paths)
+            if path:
+                local = step.infer(path)
+            else:
+                if optimizer:
+                    optimizer.zero_grad(set_to_none=True)
+                local = step.run(actions)
+                for sync in syncs:
+                    sync.finish()
+                if optimizer:
+                    optimizer.step()
+            value = pipeline_loss(local)
+            report_step(metrics, step_index, value, started,
+                        first_step_report(params, optimizer) if step_index == 0 else {})
+            if not path and checkpoint_due(args, step_index + 1):
+                save_checkpoint(args, state, step_index + 1)
     syncs.clear()  # they hold process groups (tied parameters): finish destroys every group
-    finish(args, state)
+    finish(args, pipeline_state_dict(params, buffers))

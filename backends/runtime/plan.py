@@ -5,6 +5,8 @@ that the program's runtime reads. Nothing of this file is copied into a program:
 placeholders that keep the runtime modules importable and lint-clean, and the docstrings are the
 contract between the generator and the runtime.
 """
+PLAN_TEXT = ""
+"""The plan as DSL text (as in the program's docstring), recorded in checkpoints."""
 MESH_AXES = ()
 """Names of the mesh axes, outermost first, e.g. ``("dp", "tp")``."""
 MESH_SHAPE = ()

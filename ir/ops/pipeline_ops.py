@@ -16,7 +16,11 @@ loss). The graph attributes ``pipeline`` (stage count, positions, microbatches, 
 (per-microbatch stage paths, SkipPipe only) and ``tied_params`` complete the program.
 
 The action vocabulary (``F3@s1``, ``SEND_F3@s1->r2``, ...) lives here, in the IR, because both
-the passes that build schedules and the backends that run them read it.
+the passes that build schedules and the backends that run them read it. ``F`` is a stage's forward
+on one microbatch, ``B`` its backward, ``W`` the weight-gradient part of that backward for the
+zero-bubble schedules: where a schedule has a ``W`` for a (stage, microbatch), its ``B`` computes
+only the gradients of the stage's inputs (what goes back to the previous stage) and the ``W``, later
+on the same rank, the gradients of the stage's parameters; a ``B`` without a ``W`` does both.
 """
 from __future__ import annotations
 
@@ -32,12 +36,12 @@ TRANSFER_OPS = (SEND_RECV,)
 WHOLE_BATCH = "whole_batch"
 """Node attribute: computed once per step on the whole batch, not per microbatch."""
 
-COMPUTE_KINDS = ("F", "B")
+COMPUTE_KINDS = ("F", "B", "W")
 SEND_KINDS = ("SEND_F", "SEND_B")
 RECV_KINDS = ("RECV_F", "RECV_B")
 ACTION_KINDS = COMPUTE_KINDS + SEND_KINDS + RECV_KINDS
 
-_ACTION_RE = re.compile(r"^(F|B|SEND_F|SEND_B|RECV_F|RECV_B)(\d+)@s(\d+)(?:(->|<-)r(\d+))?$")
+_ACTION_RE = re.compile(r"^(F|B|W|SEND_F|SEND_B|RECV_F|RECV_B)(\d+)@s(\d+)(?:(->|<-)r(\d+))?$")
 _RANK_LINE_RE = re.compile(r"^r(\d+):(.*)$")
 
 
@@ -89,13 +93,14 @@ class Action:
     """One step of one rank's pipeline program."""
 
     kind: str
-    """One of ``F``, ``B``, ``SEND_F``, ``RECV_F``, ``SEND_B``, ``RECV_B``."""
+    """One of ``F``, ``B``, ``W`` (the weight gradients of a split backward), ``SEND_F``, ``RECV_F``,
+    ``SEND_B``, ``RECV_B``."""
     stage: int
     """Global stage index (virtual stages included); for send/recv the stage that produced the value."""
     microbatch: int
     """Microbatch index."""
     peer: int | None = None
-    """The rank on the other side of a send/recv; None for F and B."""
+    """The rank on the other side of a send/recv; None for F, B and W."""
 
     def __post_init__(self) -> None:
         if self.kind not in ACTION_KINDS:
@@ -109,7 +114,7 @@ class Action:
 
     @property
     def is_compute(self) -> bool:
-        """True for F and B."""
+        """True for F, B and W."""
         return self.kind in COMPUTE_KINDS
 
     @property
@@ -124,7 +129,8 @@ class Action:
 
     @property
     def direction(self) -> str:
-        """``F`` for forward work and activations, ``B`` for backward work and gradients."""
+        """``F`` for forward work and activations, ``B`` for backward work and gradients, ``W`` for
+        weight-gradient work."""
         return self.kind[-1]
 
     @property
@@ -145,7 +151,7 @@ class Action:
         """Parse ``F3@s1``, ``SEND_F3@s1->r2`` or ``RECV_F3@s1<-r0``; the inverse of ``str``."""
         match = _ACTION_RE.match(text.strip())
         if match is None:
-            raise ActionSyntaxError("expected an action such as F3@s1, B3@s1, SEND_F3@s1->r2 or "
+            raise ActionSyntaxError("expected an action such as F3@s1, B3@s1, W3@s1, SEND_F3@s1->r2 or "
                                     f"RECV_B3@s2<-r1, found {text!r}")
         kind, microbatch, stage, arrow, peer = match.groups()
         expected_arrow = {"SEND": "->", "RECV": "<-"}.get(kind.split("_")[0])

@@ -2,7 +2,7 @@
 
 - :mod:`.pairwise`: pairwise assignment problems; frontier DP, ILP (HiGHS) and z3 solvers.
 - :mod:`.intra_op`: the SBP layout problem of a graph (compacted over identical blocks) and its costs.
-- :mod:`.evaluate`: pricing strategy dicts on a captured graph.
+- :mod:`.evaluate`: pricing strategies on a captured graph.
 - :mod:`.search`: the search ``compile`` calls for ``"auto"`` strategies.
 
 What it prices with lives in :mod:`cost` (segments, placement, the estimator) and its layer structure

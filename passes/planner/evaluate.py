@@ -3,7 +3,7 @@
 :class:`ModelView` holds what the planner derives once per graph: the graph with cross entropy
 decomposed (per ``vocab_parallel`` setting, as the ``decompose`` pass would do it), its layer
 structure, its example sizes, and a cache of solved layouts. :meth:`ModelView.evaluate` turns a
-strategy dict into numbers: the tensor-parallel layouts of one data-parallel replica are solved by
+strategy into numbers: the tensor-parallel layouts of one data-parallel replica are solved by
 :mod:`passes.planner.intra_op` with the strategy's own choices as constraints (pinned parameters,
 activation layouts, sequence parallelism for norms, vocabulary-parallel embeddings; everything else
 at its optimum), and the estimator adds data parallelism, the pipeline and memory.
@@ -19,17 +19,17 @@ from typing import Any
 from cluster import Cluster
 from cost.estimate import Estimate, PlanOptions, optimizer_name
 from cost.ops import Precision
-from cost.placement import DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, plan_shape
+from cost.placement import DATA_AXIS, PlanShape, axis_groups, plan_shape
 from cost.segments import BATCH_SYMBOL, Profile
 from ir.core import Graph
 from ir.layers import LayerStructure, find_layers
 from ir.parser import parse
-from ir.sbp import B, Split, parse_sbp
+from ir.sbp import B, Split
 from ir.types import Mesh
 from passes.manager import PassContext
 from passes.planner.intra_op import LayoutRequest, LayoutSolution, layout_profile, solve_layouts
 from passes.propagate import last_nodes_of_modules
-from passes.strategy import normalize_strategy, tensor_axis
+from strategy import AUTO, Strategy, normalize
 
 NORM_OPS = ("aten.layer_norm.default", "aten.rms_norm.default")
 TENSOR_AXIS = "tp"
@@ -39,7 +39,7 @@ TENSOR_AXIS = "tp"
 class Evaluation:
     """A strategy priced: the estimate and the shape/profile it came from."""
 
-    strategy: dict
+    strategy: Strategy
     shape: PlanShape
     profile: Profile
     estimate: Estimate
@@ -65,7 +65,7 @@ class ModelView:
         if vocab_parallel not in self._variants:
             from passes.decompose import decompose_pass
             graph = parse(str(self.graph))  # a private copy (deepcopy recurses along long use chains)
-            decompose_pass(graph, PassContext({"vocab_parallel": vocab_parallel}, 1, self.train))
+            decompose_pass(graph, PassContext(Strategy(), 1, self.train), vocab_parallel=vocab_parallel)
             self._variants[vocab_parallel] = (graph, find_layers(graph))
         return self._variants[vocab_parallel]
 
@@ -123,18 +123,18 @@ class ModelView:
         return replace(self._profiles[key], batch_divisor=data_parallel)
 
     # -- strategies --------------------------------------------------------------------------------
-    def evaluate(self, strategy: dict, cluster: Cluster, options: PlanOptions | None = None,
+    def evaluate(self, strategy: Strategy | dict | str, cluster: Cluster, options: PlanOptions | None = None,
                  exact: bool = True) -> Evaluation:
-        """Price a concrete strategy dict on ``cluster``."""
+        """Price a concrete strategy on ``cluster`` (anything :func:`strategy.normalize` reads)."""
         options = options or PlanOptions()
-        strategy = normalize_strategy(strategy, cluster.world_size)
+        strategy = normalize(strategy, cluster.world_size)
         shape = self.shape_of(strategy, cluster, options)
-        tp_axis = tensor_axis({"mesh": {a: n for a, n in strategy["mesh"].items() if a != PIPELINE_AXIS}})
+        tp_axis = strategy.tensor_axis
         tp_group = tuple(axis_groups(shape.stage_devices[0], shape.axes, shape.shape, tp_axis)[0]) if tp_axis \
             else (shape.stage_devices[0][0],)
         pins, hints = self.pins_and_hints(strategy, tp_axis)
-        solution = self.layouts(cluster, tp_group, options, vocab_parallel=bool(strategy.get("vocab_parallel")),
-                                sequence_parallel=bool(strategy.get("sequence_parallel")), pins=pins, hints=hints,
+        solution = self.layouts(cluster, tp_group, options, vocab_parallel=strategy.vocab_parallel,
+                                sequence_parallel=strategy.sequence_parallel, pins=pins, hints=hints,
                                 free_params=False)
         profile = self.profile(solution, shape.size(DATA_AXIS), options)
         if tp_axis and tp_axis != TENSOR_AXIS:
@@ -142,33 +142,33 @@ class ModelView:
         estimate = options.estimator(profile, cluster).estimate(shape, exact)
         return Evaluation(strategy, shape, profile, estimate, solution)
 
-    def shape_of(self, strategy: dict, cluster: Cluster, options: PlanOptions) -> PlanShape:
+    def shape_of(self, strategy: Strategy, cluster: Cluster, options: PlanOptions) -> PlanShape:
         """The numbers of a strategy on this model (see :func:`plan_shape`)."""
         return plan_shape(strategy, cluster.world_size, self.num_layers, self.structure.prefix,
                           self.global_batch(options), optimizer_name(options.optimizer))
 
-    def pins_and_hints(self, strategy: dict, tp_axis: str | None) -> tuple[dict, dict]:
+    def pins_and_hints(self, strategy: Strategy, tp_axis: str | None) -> tuple[dict, dict]:
         """Tensor-axis layouts the strategy fixes: parameter targets -> SBP, node names -> output SBP."""
         if tp_axis is None:
             return {}, {}
-        graph, _ = self.variant(bool(strategy.get("vocab_parallel")))
+        graph, _ = self.variant(strategy.vocab_parallel)
         pins = {}
         aliases = graph.attrs.get("aliases", {})
-        for pattern, spec in (strategy.get("params") or {}).items():
-            text = spec if isinstance(spec, str) else spec.get(tp_axis)
-            if text is None or text == "auto" or (isinstance(spec, str) and len(strategy["mesh"]) > 1):
+        for layout in strategy.params:
+            sbp = layout.on(tp_axis)
+            if sbp in (None, AUTO):
                 continue
             for p in graph.params:
                 names = [p.target] + [a for a, c in aliases.items() if c == p.target]
-                if any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                    pins[p.target] = parse_sbp(text)
+                if any(fnmatch.fnmatchcase(n, layout.glob) for n in names):
+                    pins[p.target] = sbp
         hints = {}
-        for pattern, spec in (strategy.get("activations") or {}).items():
-            text = spec if isinstance(spec, str) else spec.get(tp_axis)
-            if text is None or text == "auto":
+        for layout in strategy.activations:
+            sbp = layout.on(tp_axis)
+            if sbp in (None, AUTO):
                 continue
-            for node in last_nodes_of_modules(graph, pattern):
-                hints[node.name] = parse_sbp(text)
+            for node in last_nodes_of_modules(graph, layout.glob):
+                hints[node.name] = sbp
         return pins, hints
 
 

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,21 +31,21 @@ import numpy as np
 
 from cluster import Cluster
 from cost.estimate import Estimator, PlanOptions, optimizer_name
-from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, MemoryEstimate
+from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, MemoryEstimate, in_flight_microbatches
 from cost.partition import min_max_partition
 from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
                             groups_inside_domains, recomputed_segments)
 from cost.segments import at
 from ir.core import Graph
 from ir.layers import block_param_name
-from ir.sbp import B, format_nd_sbp
+from ir.sbp import B
 from passes.planner.evaluate import ModelView
 from passes.planner.intra_op import LayoutSolution, describe_layouts
+from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, normalize
 
 LOG = logging.getLogger("sbpc.planner")
-AUTO = "auto"
 CACHE_DIR_VARIABLE = "SBPC_CACHE_DIR"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MAX_MICROBATCHES = 256
 MATMUL_OPS = ("aten.linear.default", "aten.mm.default", "aten.matmul.default", "aten.addmm.default",
               "aten.bmm.default")
@@ -55,13 +55,22 @@ MATMUL_OPS = ("aten.linear.default", "aten.mm.default", "aten.matmul.default", "
 class Candidate:
     """One plan the search priced."""
 
-    strategy: dict
+    strategy: Strategy
     summary: str
     step_time_s: float
     max_memory_bytes: float
     fits: bool
     exact: bool
     """Priced with the real schedule (True) or the closed form (False)."""
+
+    def to_dict(self) -> dict:
+        """Plain data (for the cache): the strategy in its dict form."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "strategy": self.strategy.to_dict()}
+
+    @staticmethod
+    def from_dict(data: dict) -> "Candidate":
+        """Inverse of :meth:`to_dict`."""
+        return Candidate(**{**data, "strategy": normalize(data["strategy"])})
 
 
 @dataclass
@@ -85,14 +94,17 @@ class SearchReport:
 
     def to_dict(self) -> dict:
         """Plain data (for the cache)."""
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["chosen"] = self.chosen.to_dict()
+        data["alternatives"] = [c.to_dict() for c in self.alternatives]
+        return data
 
     @staticmethod
     def from_dict(data: dict) -> "SearchReport":
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
-        data["chosen"] = Candidate(**data["chosen"])
-        data["alternatives"] = [Candidate(**c) for c in data["alternatives"]]
+        data["chosen"] = Candidate.from_dict(data["chosen"])
+        data["alternatives"] = [Candidate.from_dict(c) for c in data["alternatives"]]
         return SearchReport(**data)
 
 
@@ -108,11 +120,12 @@ class SearchError(ValueError):
 def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool = True,
            time_budget_s: float | None = None, progress: Callable[[str], None] | None = None,
            cache_dir: str | os.PathLike | None = None, use_cache: bool = True, top_k: int = 24,
-           options: PlanOptions | None = None, **option_values) -> tuple[dict, SearchReport]:
-    """Fill the ``"auto"`` parts of ``strategy`` for ``graph`` on ``cluster``; returns (strategy, report).
+           options: PlanOptions | None = None, **option_values) -> tuple[Strategy, SearchReport]:
+    """Fill the ``"auto"`` parts of ``strategy`` (a :class:`~strategy.Strategy`, or anything
+    :func:`strategy.normalize` reads) for ``graph`` on ``cluster``; returns (strategy, report).
 
     ``options`` (or keyword values for :class:`PlanOptions`: ``global_batch``, ``precision``,
-    ``optimizer``, ...) say how to price plans. The returned strategy is a plain strategy dict.
+    ``optimizer``, ...) say how to price plans. The returned strategy leaves nothing to the planner.
     ``cache_dir``: see :func:`cache_directory`; ``use_cache=False`` neither reads nor writes it.
     """
     options = options or PlanOptions(**option_values)
@@ -149,28 +162,17 @@ def _say(progress, message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fixed_parts(strategy: Any) -> dict:
-    """The concrete parts of a (partial) strategy; ``"auto"`` and absent keys are left to the search."""
-    if strategy in (AUTO, None):
-        return {}
-    if not isinstance(strategy, dict):
-        raise SearchError(f"expected 'auto' or a strategy dict with 'auto' parts, found {strategy!r}")
-    out = {}
-    for k, v in strategy.items():
-        if v == AUTO:
-            continue
-        if k == "mesh" and isinstance(v, dict):
-            out[k] = {a: (n if n == AUTO else int(n)) for a, n in v.items()}
-        elif k == "params" and isinstance(v, dict):
-            out[k] = {name: spec for name, spec in v.items() if spec != AUTO}
-        else:
-            out[k] = v
-    return out
+def _fixed_parts(strategy: Any) -> Strategy:
+    """The concrete parts of a (partial) strategy; ``"auto"`` and absent values are left to the search."""
+    strategy = Strategy(shorthand=AUTO) if strategy is None else normalize(strategy)
+    if strategy.shorthand not in (None, AUTO):
+        raise SearchError(f"expected 'auto' or a strategy with 'auto' parts, found {strategy.shorthand!r}")
+    return strategy.fixed_parts()
 
 
-def _cache_key(graph: Graph, cluster: Cluster, fixed: dict, options: PlanOptions, train: bool) -> str:
+def _cache_key(graph: Graph, cluster: Cluster, fixed: Strategy, options: PlanOptions, train: bool) -> str:
     text = json.dumps([CACHE_VERSION, hashlib.sha256(str(graph).encode()).hexdigest(), cluster.fingerprint(),
-                       fixed, options.key(), train], sort_keys=True, default=str)
+                       fixed.to_dict(), options.key(), train], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -184,13 +186,13 @@ def _read_cache(directory: Path, key: str):
     except (ValueError, KeyError, TypeError):  # a stale or damaged entry: plan again
         return None
     report.cached = True
-    return data["strategy"], report
+    return normalize(data["strategy"]), report
 
 
 def _write_cache(directory: Path, key: str, result: tuple) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"plan-{key}.json").write_text(json.dumps({"strategy": result[0],
+        (directory / f"plan-{key}.json").write_text(json.dumps({"strategy": result[0].to_dict(),
                                                                 "report": result[1].to_dict()}, default=str))
     except OSError as error:  # a read-only home: planning still works, only slower next time
         LOG.warning("cannot write the plan cache in %s: %s", directory, error)
@@ -215,7 +217,7 @@ class _Setting:
 
 
 class _Planner:
-    def __init__(self, view: ModelView, cluster: Cluster, fixed: dict, options: PlanOptions,
+    def __init__(self, view: ModelView, cluster: Cluster, fixed: Strategy, options: PlanOptions,
                  time_budget_s: float | None, progress):
         self.view = view
         self.cluster = cluster
@@ -241,12 +243,12 @@ class _Planner:
         return self.truncated
 
     # -- enumeration -------------------------------------------------------------------------------
-    def run(self, top_k: int) -> tuple[dict, SearchReport]:
+    def run(self, top_k: int) -> tuple[Strategy, SearchReport]:
         """Price every candidate quickly, the ``top_k`` best exactly; return the fastest that fits."""
         view = self.view
         _say(self.progress, f"planning {view.graph.name} ({view.num_layers} layers, batch {self.batch}) on "
                             f"{self.cluster.name} ({self.cluster.world_size} devices)")
-        ranked: list[tuple[float, dict, _Setting, Any]] = []
+        ranked: list[tuple[float, PlanShape, _Setting, Any]] = []
         for setting in self.settings():
             if ranked and self.out_of_time():  # always finish one setting, so there is a plan
                 break
@@ -302,7 +304,7 @@ class _Planner:
     def settings(self):
         """Degrees and switches allowed by the fixed parts, by tensor-parallel then pipeline degree."""
         world = self.cluster.world_size
-        mesh = self.fixed.get("mesh") if isinstance(self.fixed.get("mesh"), dict) else None
+        mesh = self.fixed.mesh if isinstance(self.fixed.mesh, MeshSpec) else None
         unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS})
         if unknown:
             raise SearchError(f"the planner searches the mesh axes dp, tp and pp; the strategy names {unknown}. "
@@ -324,20 +326,16 @@ class _Planner:
                 if tp > 1 and not groups_inside_domains([g for d in devices for g in
                                                          axis_groups(d, ("dp", "tp"), (dp, tp), "tp")], self.cluster):
                     continue
-                for sp in self._switch("sequence_parallel", tp > 1):
-                    for vp in self._switch("vocab_parallel", tp > 1):
+                for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
+                    for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
                         yield _Setting(tp, pp, dp, sp, vp, devices)
-
-    def _switch(self, key: str, meaningful: bool) -> list[bool]:
-        if key in self.fixed:
-            return [bool(self.fixed[key])]
-        return [False, True] if meaningful else [False]
 
     def solve(self, setting: _Setting) -> LayoutSolution | None:
         """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
         tp_group = axis_groups(setting.devices[0], ("dp", "tp"), (setting.dp, setting.tp), "tp")[0]
-        pins, hints = self.view.pins_and_hints({**self.fixed, "mesh": {"dp": setting.dp, "tp": setting.tp},
-                                                "vocab_parallel": setting.vocab_parallel}, "tp")
+        chosen = replace(self.fixed, mesh=MeshSpec.of({"dp": setting.dp, "tp": setting.tp}),
+                         options=replace(self.fixed.options, vocab_parallel=setting.vocab_parallel))
+        pins, hints = self.view.pins_and_hints(chosen, "tp")
         try:
             return self.view.layouts(self.cluster, tuple(tp_group), self.options,
                                      vocab_parallel=setting.vocab_parallel,
@@ -359,14 +357,14 @@ class _Planner:
         per_replica = self.batch // setting.dp
         estimator = self.estimator(setting, solution)
         for m in [d for d in _divisors(per_replica) if d <= MAX_MICROBATCHES]:
-            if not _allowed_value(self.fixed, "microbatches", m) or (setting.pp > 1 and m < setting.pp):
+            if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp):
                 continue  # fewer microbatches than stages leaves most of the pipeline idle
             for schedule, virtual in self._schedules(setting, m):
-                for fsdp in self._switch("fsdp", setting.dp > 1):
+                for fsdp in _switch(self.fixed.options.fsdp, setting.dp > 1):
                     base = PlanShape(("dp", "tp"), (setting.dp, setting.tp), setting.pp, m, schedule, virtual, [],
                                      setting.devices, frozenset(), "dp" if fsdp else None,
                                      optimizer_name(self.options.optimizer))
-                    if fsdp and "fsdp" not in self.fixed and self._fits_plainly(base, estimator):
+                    if fsdp and self.fixed.options.fsdp is None and self._fits_plainly(base, estimator):
                         continue  # sharding only buys memory, and this plan does not need it
                     yield from self._cuts(base, estimator)
 
@@ -381,11 +379,12 @@ class _Planner:
     def _schedules(self, setting: _Setting, m: int) -> list[tuple[str, int]]:
         if setting.pp == 1:
             return [("none", 1)]
-        fixed = self.fixed.get("schedule")
-        options = [("1f1b", 1)]
+        fixed = self.fixed.pipeline.schedule
+        options = [("1f1b", 1), ("zb-h1", 1)]
         layers = self.view.num_layers
-        if m % setting.pp == 0 and layers % (2 * setting.pp) == 0:
-            options.append(("interleaved", 2))
+        if layers % (2 * setting.pp) == 0:  # two stages per position, cut evenly
+            options += [("interleaved", 2)] if m % setting.pp == 0 else []
+            options += [("zbv", 2)] + ([("dualpipev", 2)] if m >= 2 * setting.pp else [])
         if fixed:
             options = [(s, v) for s, v in options + [("gpipe", 1)] if s == fixed]
         return options
@@ -394,10 +393,10 @@ class _Planner:
         """The stage cuts to price: given ones, else the memory-aware DP cut and the even cut."""
         layers = self.view.num_layers
         stages = base.pp * base.virtual_stages
-        recompute_fixed = self.fixed.get("recompute")
-        if "stage_layers" in self.fixed or "stages" in self.fixed:
-            shape = self.view.shape_of({**self.fixed, "mesh": {"pp": base.pp, "dp": base.shape[0],
-                                                                "tp": base.shape[1]}}, self.cluster, self.options)
+        recompute_fixed = self.fixed.recompute
+        if self.fixed.pipeline.stage_layers is not None or isinstance(self.fixed.pipeline.stages, tuple):
+            mesh = MeshSpec.of({"pp": base.pp, "dp": base.shape[0], "tp": base.shape[1]})
+            shape = self.view.shape_of(replace(self.fixed, mesh=mesh), self.cluster, self.options)
             base.stage_layers = shape.stage_layers
             yield from self._with_recompute(base, estimator, recompute_fixed)
             return
@@ -430,59 +429,56 @@ class _Planner:
             yield PlanShape(**{**shape.__dict__, "recompute": frozenset(segs)})
 
     # -- strategies --------------------------------------------------------------------------------
-    def strategy_of(self, setting: _Setting, shape: PlanShape, solution: LayoutSolution) -> dict:
-        """The strategy dict of a candidate (what ``compile`` runs)."""
+    def strategy_of(self, setting: _Setting, shape: PlanShape, solution: LayoutSolution) -> Strategy:
+        """The strategy of a candidate (what ``compile`` runs)."""
         mesh = {}
         if setting.pp > 1:
             mesh[PIPELINE_AXIS] = setting.pp
         mesh[DATA_AXIS] = setting.dp
         if setting.tp > 1:
             mesh["tp"] = setting.tp
-        out: dict = {"mesh": mesh}
-        if setting.tp > 1:
-            params, activations = _layout_strategy(solution, self.view)
-            if params:
-                out["params"] = params
-            if activations:
-                out["activations"] = activations
-            out["sequence_parallel"] = setting.sequence_parallel
-            out["vocab_parallel"] = setting.vocab_parallel
-        if shape.fsdp_axis:
-            out["fsdp"] = shape.fsdp_axis
+        params, activations = _layout_strategy(solution, self.view) if setting.tp > 1 else ((), ())
+        tensor_parallel = setting.tp > 1  # the switches mean something only with a tensor axis
+        options = Options(sequence_parallel=setting.sequence_parallel if tensor_parallel else None,
+                          vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
+                          fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes)
+        pipeline = Pipeline(microbatches=shape.microbatches, skip_ratio=self.fixed.pipeline.skip_ratio)
         if setting.pp > 1:
-            out["stage_layers"] = [list(r) for r in shape.stage_layers]
             default = [tuple(range(r * setting.dp * setting.tp, (r + 1) * setting.dp * setting.tp))
                        for r in range(setting.pp)]
-            if [tuple(d) for d in setting.devices] != default:
-                out["stage_devices"] = [list(d) for d in setting.devices]
-            out["schedule"] = shape.schedule
-            if shape.virtual_stages > 1:
-                out["virtual_stages"] = shape.virtual_stages
-        out["microbatches"] = shape.microbatches
-        out["recompute"] = _recompute_value(shape, self.view)
-        for key in ("grad_bucket_bytes", "skip_ratio"):
-            if key in self.fixed:
-                out[key] = self.fixed[key]
-        return out
+            devices = tuple(tuple(d) for d in setting.devices)
+            pipeline = replace(pipeline, stage_layers=tuple(tuple(r) for r in shape.stage_layers),
+                               stage_devices=devices if list(devices) != default else None,
+                               schedule=shape.schedule,
+                               virtual_stages=shape.virtual_stages if shape.schedule == "interleaved" else None)
+        return Strategy(MeshSpec.of(mesh), params, activations, options, pipeline,
+                        _recompute_value(shape, self.view))
 
 
-def _recompute_value(shape: PlanShape, view: ModelView):
+def _switch(fixed, meaningful: bool) -> list[bool]:
+    """The settings of a switch to try: the fixed one, else off and (where it means something) on."""
+    if fixed is not None:
+        return [bool(fixed)]
+    return [False, True] if meaningful else [False]
+
+
+def _recompute_value(shape: PlanShape, view: ModelView) -> bool | tuple[str, ...]:
     blocks = sorted(j - 1 for j in shape.recompute if 1 <= j <= view.num_layers)
     if not blocks:
         return False
     prefix = view.structure.prefix
     if len(blocks) == view.num_layers:
-        return [f"{prefix}.*"]
-    return [f"{prefix}.{i}" for i in blocks]
+        return (f"{prefix}.*",)
+    return tuple(f"{prefix}.{i}" for i in blocks)
 
 
-def _layout_strategy(solution: LayoutSolution, view: ModelView) -> tuple[dict, dict]:
+def _layout_strategy(solution: LayoutSolution, view: ModelView) -> tuple[tuple[Layout, ...], tuple[Layout, ...]]:
     """Parameter layouts (globs over blocks) and the output layouts of matmul modules, on ``tp``."""
     prefix = view.structure.prefix
     params = {}
     for target, sbp in solution.param_sbp.items():
         if sbp[0] != B:
-            params[block_param_name(target, prefix)] = {"tp": format_nd_sbp(sbp)[1:-1]}
+            params[block_param_name(target, prefix)] = Layout(block_param_name(target, prefix), (("tp", sbp[0]),))
     last_of_module = {}
     for unit in solution.problem.units:  # an activation layout applies to a module's last op
         module = unit.node.attrs.get("module", "")
@@ -492,8 +488,8 @@ def _layout_strategy(solution: LayoutSolution, view: ModelView) -> tuple[dict, d
     for module, unit in last_of_module.items():
         if unit.node.op in MATMUL_OPS:
             glob = block_param_name(module, prefix) if unit.segment == "block" else module
-            activations[glob] = {"tp": str(solution.node_choice[unit.node.name][1][0][0])}
-    return params, activations
+            activations[glob] = Layout(glob, (("tp", solution.node_choice[unit.node.name][1][0][0]),))
+    return tuple(params.values()), tuple(activations.values())
 
 
 def _summary(setting: _Setting, shape: PlanShape) -> str:
@@ -526,16 +522,12 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _allowed(mesh: dict | None, axis: str, size: int) -> bool:
+def _allowed(mesh: MeshSpec | None, axis: str, size: int) -> bool:
     """Whether a fixed mesh admits ``size`` on ``axis`` (an axis it does not name has size 1)."""
     if mesh is None:
         return True
-    value = mesh.get(axis, 1)
+    value = mesh.size(axis)
     return value == AUTO or int(value) == size
-
-
-def _allowed_value(fixed: dict, key: str, value) -> bool:
-    return key not in fixed or fixed[key] == value
 
 
 def _device_order(cluster: Cluster) -> list[int]:
@@ -597,7 +589,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     if fsdp:  # the gathered parameters are kept for backward, as the compiled program does
         extra = prefix(prof.segments[j].param_elements() * prof.precision.param_bytes for j in blocks)
         saved = saved + extra
-    in_flight = shape.microbatches if shape.schedule == "gpipe" else min(shape.pp - k, shape.microbatches)
+    in_flight = in_flight_microbatches(shape.schedule, shape.pp, k, shape.microbatches)
     devices = shape.stage_devices[rank]
     limit = min(estimator.cluster.device(d).memory_bytes for d in devices) * estimator.headroom
     shards = shape.size(shape.fsdp_axis) if fsdp else 1

@@ -40,6 +40,8 @@ PLANS = {  # name: (model, inputs, ranks, strategy)
     "batch_norm": (bn_cnn_model, cnn_inputs, 2, "dp"),
     "frozen": (frozen_mlp, mlp_inputs, 2, "dp"),
     "frozen_pipeline": (gpt_with_frozen_embedding, gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 2}),
+    "pipeline_zbv": (lambda: gpt_model(n_layer=4), gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 4,
+                                                                   "schedule": "zbv"}),
 }
 PIPELINE_RUNTIME = {"PipelineStep", "STAGE_TENSORS", "SCHEDULE", "TiedGradientSync", "BucketedGradientSync",
                     "split_microbatches", "infer_path"}
@@ -112,7 +114,7 @@ def test_every_top_level_definition_is_used_and_only_torch_is_imported(programs,
 def test_plain_programs_carry_no_pipeline_runtime_and_pipelines_no_plain_loop(programs):
     for name in ("dp", "fsdp", "dp_tp", "recompute", "batch_norm", "frozen"):
         assert not PIPELINE_RUNTIME & defined_names(programs[name]), name
-    for name in ("pipeline_1f1b", "pipeline_interleaved", "frozen_pipeline"):
+    for name in ("pipeline_1f1b", "pipeline_interleaved", "frozen_pipeline", "pipeline_zbv"):
         assert "PipelineStep" in defined_names(programs[name])
         assert "OverlappedGradientSync" not in defined_names(programs[name])
     assert "TiedGradientSync" in defined_names(programs["pipeline_1f1b"])  # the tied embedding and head
@@ -133,13 +135,17 @@ def test_features_come_with_the_plans_that_use_them(programs):
     assert kernels & names["dp_tp_sp_vocab"] == {"masked_embedding", "masked_gather"}  # the vocabulary-split loss
     assert not kernels & names["dp"]
     assert "AllGather" not in names["dp"] and "AllReduce" in names["dp"]
+    split = {"SplitBackwardStep", "backward_input", "WeightWork"}  # the zero-bubble schedules' split backward
+    assert split <= names["pipeline_zbv"] and programs["pipeline_zbv"].endswith("step_type=SplitBackwardStep)\n")
+    assert not split & (names["pipeline_1f1b"] | names["pipeline_interleaved"])
 
 
 def test_gpt_dp_program_is_lean(programs):
     """The bundled GPT (2 layers) under dp: the plan, the runtime it reaches and one line per IR node.
-    Before the runtime was split, this program had 954 lines."""
+    Before the runtime was split, this program had 954 lines; split, 420. Every training program also carries
+    sharded checkpoints, resume and the lost-peer report: ~360 lines with their flags, hooks and imports."""
     lines = programs["dp"].splitlines()
-    assert len(lines) < 430, len(lines)
+    assert len(lines) < 820, len(lines)
 
 
 def test_values_are_named_after_their_modules(programs):
@@ -159,6 +165,8 @@ def test_header_carries_the_plan_as_dsl_text(programs):
     assert ("\nPlan:\n    mesh dp=2, tp=2\n    param blocks.*.attn.qkv.weight: tp=S(0)\n" in tp
             and "\n    sequence_parallel\n    vocab_parallel\nPasses: " in tp)
     assert "Strategy: {" not in dp
+    assert "PLAN_TEXT = (  # the plan as DSL text, recorded in checkpoints\n    'mesh dp=2\\n'\n)" in dp
+    assert "    'mesh dp=2, tp=2\\n'\n    'param blocks.*.attn.qkv.weight: tp=S(0)\\n'\n" in tp
 
 
 class Clashing(nn.Module):

@@ -12,7 +12,8 @@ import torch
 
 from tests.backends.test_pipeline_virtual import MEGATRON, skip_path_loss, skip_reference
 from compiler import Cluster, compile
-from tests.models import cnn_inputs, compile_cached, gpt2_model, gpt_inputs, gpt_model, lm_inputs, resnet_style_model
+from tests.models import (cnn_inputs, compile_cached, gpt2_model, gpt_inputs, gpt_model, llama_model, lm_inputs,
+                          resnet_style_model)
 
 STEPS = 3
 LR = 0.1  # compile()'s default optimizer: SGD(lr=0.1)
@@ -28,7 +29,15 @@ CONFIGS = {
     "gpt-pp4-skippipe": ("gpt", 4, {"mesh": {"pp": 4}, "stages": ["blocks.1", "blocks.2", "blocks.3"],
                                     "microbatches": 8, "skip_ratio": 0.25}),
 }
-MODELS = {"gpt": (gpt_model, gpt_inputs), "gpt2": (gpt2_model, lm_inputs)}
+ZERO_BUBBLE_CONFIGS = {f"{name}-pp{pp}-{schedule}": (name, pp, {"mesh": {"pp": pp}, "microbatches": 8,
+                                                                  "schedule": schedule})
+                       for name in ("gpt", "llama") for pp in (2, 4) for schedule in ("zb-h1", "zbv", "dualpipev")}
+"""Zero-bubble schedules (split backward; zbv and dualpipev put 2 stages on each rank, in a V): the whole matrix
+passes (``python3 -m tests.backends.test_pipeline_torchrun`` runs it, about 12 torchrun jobs); the suite runs
+one per schedule, model and pipeline size."""
+CONFIGS |= {key: ZERO_BUBBLE_CONFIGS[key] for key in ("gpt-pp2-zbv", "gpt-pp4-dualpipev", "llama-pp2-zb-h1",
+                                                      "llama-pp4-zbv")}
+MODELS = {"gpt": (gpt_model, gpt_inputs), "gpt2": (gpt2_model, lm_inputs), "llama": (llama_model, lm_inputs)}
 
 
 def torchrun(program: Path, ranks: int, *args: str) -> list[float]:
@@ -58,7 +67,11 @@ def eager_training(model, batches: list[tuple], loss_of) -> tuple[list[float], d
 @pytest.mark.multiproc
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_emitted_pipeline_trains_like_eager(config, tmp_path):
-    name, ranks, strategy = CONFIGS[config]
+    check_trains_like_eager(*CONFIGS[config], tmp_path)
+
+
+def check_trains_like_eager(name: str, ranks: int, strategy: dict, tmp_path: Path) -> None:
+    """Emit the plan of ``strategy`` for model ``name``, train STEPS steps under torchrun, compare with eager."""
     make, make_inputs = MODELS[name]
     example = make_inputs(batch=8, seq=8)
     plan = compile_cached(make(n_layer=4), example, ranks, strategy)
@@ -110,3 +123,11 @@ def test_emitted_pipeline_moves_batch_norm_statistics_on_their_stage(tmp_path):
     assert set(state) == set(expected_state)
     for key, value in expected_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+if __name__ == "__main__":  # the whole zero-bubble matrix, one torchrun job per entry
+    import tempfile
+    for key, config in ZERO_BUBBLE_CONFIGS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            check_trains_like_eager(*config, Path(tmp))
+        print(f"{key}: 3 steps equal eager (losses and every weight)", flush=True)

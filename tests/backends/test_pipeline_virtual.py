@@ -15,8 +15,10 @@ from ir.parser import parse
 from ir.verifier import VerificationError, verify
 from passes.manager import PassFailed
 from passes.pipeline import apply_paths
+from ir.ops.pipeline_ops import schedule_actions
+from ir.schedules import stage_positions
 from tests.models import (assert_close_to_eager, bn_cnn_model, cnn_inputs, compile_cached, gpt2_model, gpt_inputs,
-                          gpt_model, lm_inputs)
+                          gpt_model, llama_model, lm_inputs)
 
 GPT = gpt_model(n_layer=4)
 GPT_INPUTS = gpt_inputs(batch=8, seq=8)
@@ -41,10 +43,37 @@ def test_pipeline_equals_eager_full_batch(name, positions, microbatches, schedul
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
 
 
+LLAMA = llama_model(n_layer=4)
+ZERO_BUBBLE_MODELS = {"gpt": (GPT, GPT_INPUTS), "llama": (LLAMA, GPT2_INPUTS)}
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zbv", "dualpipev"])
+@pytest.mark.parametrize("positions", [2, 4])
+@pytest.mark.parametrize("name", list(ZERO_BUBBLE_MODELS))
+def test_zero_bubble_pipelines_equal_eager_full_batch(name, positions, schedule):
+    """Split backwards (B, then W later on the same rank) give eager's loss and every gradient; the V shapes
+    put two stages on each of the pp positions (8 stages on 4 ranks), the first and the last on rank 0."""
+    model, inputs = ZERO_BUBBLE_MODELS[name]
+    strategy = {"mesh": {"pp": positions}, "microbatches": 8, "schedule": schedule}
+    plan = compile_cached(model, inputs, positions, strategy)
+    stages = plan.graph.attrs["pipeline"]["stages"]
+    assert plan.graph.attrs["pipeline"]["positions"] == stage_positions(schedule, positions, stages)
+    kinds = {a.kind for actions in schedule_actions(plan.graph).values() for a in actions}
+    assert {"B", "W"} <= kinds and f"W0@s{stages - 1}" in plan.ir  # the dump shows the split
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
 @pytest.mark.parametrize("mesh, params", [({"pp": 2, "tp": 2}, MEGATRON), ({"pp": 2, "dp": 2}, {})],
                          ids=["pp2xtp2", "pp2xdp2"])
 def test_pipeline_stages_on_sub_meshes_equal_eager(mesh, params):
     strategy = {"mesh": mesh, "params": params, "stages": ["blocks.2"], "microbatches": 4, "schedule": "1f1b"}
+    plan = compile_cached(GPT, GPT_INPUTS, 4, strategy)
+    assert_close_to_eager(plan.run_virtual(*GPT_INPUTS), GPT, GPT_INPUTS)
+
+
+def test_split_backward_on_tensor_parallel_stages_equals_eager():
+    """W on stages whose weights are split over tp (their B all-reduces the input gradient)."""
+    strategy = {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4, "schedule": "zbv"}
     plan = compile_cached(GPT, GPT_INPUTS, 4, strategy)
     assert_close_to_eager(plan.run_virtual(*GPT_INPUTS), GPT, GPT_INPUTS)
 

@@ -16,14 +16,15 @@ from cost.placement import axis_groups
 from cost.segments import concrete_shape, costed_op, ir_profile, is_view
 from frontend.dsl import load_plan
 from frontend.torch_capture import capture
-from passes.strategy import StrategyError
+from passes.planner.search import search
+from strategy import StrategyError
 from tests.models import gpt_inputs, gpt_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import gpt_configs  # noqa: E402
 
-MEGATRON = load_plan(str(ROOT / "examples" / "plans" / "megatron_tp.sbp"))["params"]
+MEGATRON = load_plan(str(ROOT / "examples" / "plans" / "megatron_tp.sbp")).to_dict()["params"]
 MIXED = {"precision": "bf16"}
 
 
@@ -171,6 +172,50 @@ def test_pipeline_bubbles_follow_the_schedule(big_graph):
     assert len(interleaved.stage_times) == 4 and {s["rank"] for s in interleaved.stage_times} == {0, 1}
 
 
+ZERO_BUBBLE = ("zb-h1", "zbv", "dualpipev")
+
+
+def test_zero_bubble_schedules_fill_the_bubble_with_weight_gradients(big_graph):
+    """Split backwards run each backward's weight-gradient part (about half of a matmul's backward; attention
+    and norms have none) as W actions that fill 1F1B's bubble; the quick closed form stays near the timeline."""
+    cluster = Cluster.load("dgx-a100:1")
+    base = {"mesh": {"pp": 2, "dp": 4}, "microbatches": 4}
+    reports = {s: simulate((big_graph, {**base, "schedule": s}, cluster), **MIXED) for s in ("1f1b",) + ZERO_BUBBLE}
+    assert all(stage["weight_s"] == 0 for stage in reports["1f1b"].stage_times)
+    for schedule in ZERO_BUBBLE:
+        report = reports[schedule]
+        assert all(0.25 < stage["weight_s"] / stage["bwd_compute_s"] < 0.5 for stage in report.stage_times)
+        assert report.bubble_fraction < reports["1f1b"].bubble_fraction
+        assert report.step_time_s < reports["1f1b"].step_time_s
+        kinds = {e.action.kind for events in report.estimate.timeline.events.values() for e in events if e.action}
+        assert "W" in kinds
+        quick = simulate((big_graph, {**base, "schedule": schedule}, cluster), exact=False, **MIXED)
+        assert quick.step_time_s == pytest.approx(report.step_time_s, rel=0.1)
+    # ZB-H1 holds up to p microbatches on every rank (counting those waiting for W): 1F1B's first stage
+    assert max(reports["zb-h1"].peak_memory_bytes.values()) == pytest.approx(
+        max(reports["1f1b"].peak_memory_bytes.values()), rel=0.02)
+    assert {s["rank"] for s in reports["zbv"].stage_times if s["stage"] in (0, 3)} == {0}  # the V
+
+
+def test_auto_considers_the_zero_bubble_schedules_under_the_memory_limit(big_graph):
+    cluster = Cluster.load("dgx-a100:1")
+    fixed = {"mesh": {"pp": 2, "dp": 4}}
+    strategy, report = search(big_graph, cluster, fixed, use_cache=False, **MIXED)
+    priced = [report.chosen] + list(report.alternatives)
+    assert strategy.pipeline.schedule in ZERO_BUBBLE and report.chosen.fits
+    assert {"zb-h1", "zbv", "dualpipev", "1f1b"} <= {c.strategy.pipeline.schedule for c in priced}
+    # a memory limit the V shapes (rank 0 keeps the head's logits of its last stage) exceed without recomputation
+    plain = {**fixed, "microbatches": 4, "recompute": False}
+    peaks = {s: max(simulate((big_graph, {**plain, "schedule": s}, cluster), **MIXED).peak_memory_bytes.values())
+             for s in ("zb-h1", "zbv")}
+    assert peaks["zbv"] > peaks["zb-h1"]
+    headroom = (peaks["zb-h1"] + peaks["zbv"]) / 2 / cluster.devices[0].memory_bytes
+    limited, limited_report = search(big_graph, cluster, plain, use_cache=False, memory_headroom=headroom, **MIXED)
+    assert limited.pipeline.schedule == "zb-h1" and limited_report.chosen.fits
+    v_shaped = [c for c in limited_report.alternatives if c.strategy.pipeline.schedule in ("zbv", "dualpipev")]
+    assert all(c.fits and c.strategy.fsdp_axis for c in v_shaped)  # they fit only with sharded weights
+
+
 def test_memory_counts_recompute_schedule_and_sharding(big_graph):
     cluster = Cluster.load("dgx-a100:2")
     base = {"mesh": {"pp": 2, "dp": 8}, "microbatches": 2, "schedule": "1f1b"}
@@ -239,7 +284,7 @@ def test_trace_and_gantt_cover_every_device(big_graph, tmp_path):
 def test_bad_targets_are_explained(big_graph):
     with pytest.raises(TypeError, match="CompiledPlan or"):
         simulate((big_graph,))
-    with pytest.raises(StrategyError, match="holds 3 devices"):
+    with pytest.raises(StrategyError, match="the mesh dp=3 has 3 devices, but the world has 2"):
         simulate((big_graph, {"mesh": {"dp": 3}}, Cluster.load("local:2")))
     with pytest.raises(ValueError, match="does not split into 3 microbatches"):
         simulate((big_graph, {"mesh": {"dp": 2}, "microbatches": 3}, Cluster.load("local:2")))

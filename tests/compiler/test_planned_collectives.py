@@ -47,7 +47,7 @@ def test_compiled_ir_holds_the_layouts_and_collectives_the_planner_priced(cluste
     plan = compile(model, inputs, cluster=cluster, strategy={"mesh": {"dp": "auto", "tp": 4}},
                    search_options={"cache_dir": tmp_path})
     mesh = plan.graph.meshes["world"]
-    tp, dp = mesh.axis_index("tp"), plan.strategy["mesh"]["dp"]
+    tp, dp = mesh.axis_index("tp"), plan.strategy.mesh.size("dp")
     nodes = {n.name: n for n in plan.graph.nodes}
 
     # Layouts: every op the planner prices work for (views cost nothing either way, so a tie between

@@ -18,7 +18,7 @@ from compiler import Cluster, compile
 from frontend.dsl import PlanError
 from passes.manager import PassContext
 from passes.recompute import recompute_pass
-from passes.strategy import StrategyError
+from strategy import StrategyError
 from tests.models import gpt_inputs, gpt_model
 
 

@@ -10,7 +10,7 @@ from cost.boxing import (STEP_EPSILON_S, ClusterBoxingCost, axis_bytes, bytes_co
                          mesh_boxing_cost)
 from cost.collectives import collective_time
 from ir.parser import parse
-from ir.sbp import B, P, Split, parse_nd_sbp
+from ir.sbp import B, P, Split
 from ir.types import Mesh, TensorType
 from passes.boxing import boxing_cost, boxing_path, boxing_pass
 from passes.manager import PassContext
@@ -81,15 +81,14 @@ def test_chains_chosen_by_time_keep_the_tensor(key: str):
 GRAPH = """mesh world = [dp=2, tp=8] devices [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 graph G {
   input %x: f32[16, 16] (B, S(0)) @world
-  %y: f32[16, 16] (S(0), B) @world = aten.relu.default(%x)
+  %y: f32[16, 16] (S(0), B) @world = aten.relu.default(%x) {in_sbp = [(S(0), B)]}
   output %y
 }
 """
 
 
 def _boxed(cluster: Cluster | None) -> list[str]:
-    graph = parse(GRAPH)
-    graph.nodes[0].attrs["_in_sbp"] = [parse_nd_sbp("(S(0), B)")]
+    graph = parse(GRAPH)  # %y waits for its input as (S(0), B), as propagation leaves it
     boxing_pass(graph, PassContext({}, 16, train=False, cluster=cluster))
     return [f"{n.op}({n.kwargs['axis']})" for n in graph.nodes if n.op.startswith("comm.")]
 

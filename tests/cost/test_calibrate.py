@@ -1,8 +1,6 @@
 """Tests for cost/calibrate.py: a quick real measurement with two gloo processes."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from cluster import Cluster
@@ -10,12 +8,10 @@ from cost.calibrate import calibrate, fit_collective, spec_from_measurements
 
 
 @pytest.mark.multiproc
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # about 20 s on a quiet machine; a hang is what the limit is for
 def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
     out = tmp_path / "calibrated.yaml"
-    started = time.perf_counter()
     spec = calibrate(world_size=2, out_path=out, quick=True)
-    assert time.perf_counter() - started < 60  # budget ~20 s; generous for a loaded 2-core machine
 
     cluster = Cluster.load(out)
     assert cluster.to_dict() == spec

@@ -277,7 +277,8 @@ def test_megatron_activation_formula_values():
         megatron_activation_bytes(s, b, h, a, recompute="some")
 
 
-@pytest.mark.parametrize("schedule, stage, expected", [("1f1b", 0, 4), ("1f1b", 3, 1), ("gpipe", 2, 8), ("none", 0, 1)])
+@pytest.mark.parametrize("schedule, stage, expected", [("1f1b", 0, 4), ("1f1b", 3, 1), ("gpipe", 2, 8), ("none", 0, 1),
+                                                       ("zb-h1", 3, 4)])
 def test_in_flight_microbatches(schedule, stage, expected):
     assert in_flight_microbatches(schedule, 4, stage, 8) == expected
 

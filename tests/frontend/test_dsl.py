@@ -1,4 +1,4 @@
-"""Tests for the plan language (frontend/dsl.py, frontend/dsl.lark)."""
+"""Tests for the plan language (frontend/dsl/: the grammar, parser, printer, model checks and annotations)."""
 from __future__ import annotations
 
 import re
@@ -11,21 +11,20 @@ from hypothesis import strategies as st
 
 from examples.gpt import make_model
 from frontend.dsl import (
-    SCHEDULES,
-    SHORTHANDS,
+    GRAMMAR_FILE,
     PlanError,
     annotate,
-    check_strategy,
     collect_annotations,
     format_plan,
     load_plan,
     merge_strategies,
-    normalize_strategy,
     parse_plan,
     parse_plan_with_positions,
     sbp_plan,
     validate_plan,
 )
+from frontend.dsl.parser import terminal_regex
+from strategy import AXIS_PATTERN, GLOB_PATTERN, SCHEDULES, SHORTHANDS, Strategy, normalize
 
 PLANS_DIR = Path(__file__).resolve().parents[2] / "examples" / "plans"
 
@@ -81,11 +80,17 @@ def assert_points_at(error: PlanError, text: str, line: int, column: int) -> Non
 @pytest.mark.parametrize("name", sorted(EXAMPLE_PLANS))
 def test_example_plan_parses_round_trips_and_fits_the_gpt(name: str) -> None:
     strategy = load_plan(PLANS_DIR / name)
-    assert isinstance(strategy, dict) and strategy
+    assert isinstance(strategy, Strategy) and strategy.to_dict()
     assert parse_plan(format_plan(strategy)) == strategy
     n_layer, world_size = EXAMPLE_PLANS[name]
     modules, shapes = gpt_facts(n_layer)
     validate_plan(strategy, module_names=modules, param_shapes=shapes, world_size=world_size)
+
+
+def test_the_strategy_package_reads_names_as_the_grammar_does() -> None:
+    """The dict checks accept exactly the axis names and globs the plan grammar parses."""
+    assert AXIS_PATTERN.pattern == terminal_regex("AXIS").pattern
+    assert GLOB_PATTERN.pattern == terminal_regex("GLOB").pattern
 
 
 def test_every_example_file_is_listed() -> None:
@@ -95,13 +100,13 @@ def test_every_example_file_is_listed() -> None:
 def test_docs_show_the_real_grammar_and_examples() -> None:
     root = PLANS_DIR.parents[1]
     docs = (root / "docs" / "dsl.md").read_text()
-    assert (root / "frontend" / "dsl.lark").read_text() in docs
+    assert GRAMMAR_FILE.read_text() in docs
     for name in EXAMPLE_PLANS:
         assert (PLANS_DIR / name).read_text() in docs, name
 
 
 def test_megatron_example_is_column_then_row_parallel() -> None:
-    strategy = load_plan(PLANS_DIR / "megatron_tp.sbp")
+    strategy = load_plan(PLANS_DIR / "megatron_tp.sbp").to_dict()
     assert strategy["mesh"] == {"tp": 2}
     params = strategy["params"]
     for column_parallel in ("attn.qkv", "mlp.fc"):
@@ -128,7 +133,7 @@ def test_statements_map_to_every_strategy_key() -> None:
     skip_ratio 0
     recompute blocks.*, lm_head
     """
-    assert parse_plan(text) == {
+    assert parse_plan(text).to_dict() == {
         "mesh": {"pp": 2, "dp": "auto", "tp": 2},
         "params": {"blocks.*.attn.qkv.weight": {"tp": "S(0)", "dp": "P(sum)"},
                    "lm_head.weight": "auto"},
@@ -144,7 +149,7 @@ def test_statements_map_to_every_strategy_key() -> None:
         "skip_ratio": 0.0,
         "recompute": ["blocks.*", "lm_head"],
     }
-    assert list(parse_plan(text)["mesh"]) == ["pp", "dp", "tp"]
+    assert parse_plan(text).mesh.axes == ("pp", "dp", "tp")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -166,7 +171,7 @@ def test_statements_map_to_every_strategy_key() -> None:
      {"activations": {"0.fc": {"tp": "S(2)"}}, "recompute": ["1"]}),
 ])
 def test_small_plans(text: str, expected: object) -> None:
-    assert parse_plan(text) == expected
+    assert parse_plan(text).to_dict() == expected
 
 
 def test_format_plan_is_canonical_text() -> None:
@@ -181,8 +186,8 @@ def test_format_plan_is_canonical_text() -> None:
         "schedule interleaved virtual_stages=2\n"
         "recompute all\n"
     )
-    assert parse_plan(format_plan(strategy)) == normalize_strategy(strategy)
-    assert normalize_strategy(strategy)["params"]["lm_head.weight"]["tp"] == "P(sum)"
+    assert parse_plan(format_plan(strategy)) == normalize(strategy)
+    assert normalize(strategy).to_dict()["params"]["lm_head.weight"]["tp"] == "P(sum)"
     assert format_plan("fsdp") == "strategy fsdp\n"
 
 
@@ -223,6 +228,8 @@ MALFORMED = [
     ("mesh dp=2\nfsdp tp", 2, 6, "axis 'tp' is not in the mesh"),
     ("schedule foo", 1, 10, "unknown schedule 'foo'; expected one of: gpipe, 1f1b"),
     ("schedule gpip", 1, 10, "did you mean 'gpipe'?"),
+    ("schedule zb_h1", 1, 10, "did you mean 'zb-h1'?"),
+    ("schedule zbv virtual_stages=3", 1, 14, "the schedule is zbv"),
     ("microbatches -3", 1, 14, "microbatches is a whole number of at least 1 (or auto), found -3"),
     ("microbatches 4.5", 1, 15, "expected end of line; found '.5'"),
     ("skip_ratio 1", 1, 12, "skip_ratio is a fraction in [0, 1)"),
@@ -378,12 +385,12 @@ def strategy_dicts(draw: st.DrawFn) -> dict | str:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(strategy_dicts())
 def test_format_then_parse_gives_back_the_strategy(strategy: dict | str) -> None:
-    check_strategy(strategy)  # the generator only makes valid strategies
+    normalize(strategy)  # the generator only makes valid strategies
     text = format_plan(strategy)
     parsed = parse_plan(text)
-    assert parsed == strategy
+    assert parsed.to_dict() == strategy
     if isinstance(strategy, dict) and isinstance(strategy.get("mesh"), dict):
-        assert list(parsed["mesh"]) == list(strategy["mesh"])
+        assert list(parsed.mesh.axes) == list(strategy["mesh"])
     assert format_plan(parsed) == text
 
 
@@ -445,6 +452,18 @@ def test_two_stages_on_one_device_need_the_interleaved_schedule() -> None:
     validate_plan(strategy, module_names=GPT_MODULES, param_shapes=GPT_PARAMS, world_size=4)
 
 
+def test_v_shaped_schedules_take_two_stages_per_position() -> None:
+    text = "mesh pp=2\nstages at blocks.1, blocks.2, blocks.3\nschedule zb-h1"
+    assert "the plan has 4 stages, but the pp axis has size 2" in validation_error(text, world_size=2).message
+    for schedule in ("zbv", "dualpipev"):
+        strategy = parse_plan(text.replace("zb-h1", schedule))
+        assert strategy.pipeline.schedule == schedule and format_plan(strategy).endswith(f"schedule {schedule}\n")
+        validate_plan(strategy, module_names=GPT_MODULES, param_shapes=GPT_PARAMS, world_size=2)
+    shared = "mesh pp=2\nstage 0: on device 0\nstage 1: on device 1\nstage 2: on device 1\nstage 3: on device 0"
+    validate_plan(parse_plan(shared + "\nschedule zbv"), module_names=GPT_MODULES, param_shapes=GPT_PARAMS,
+                  world_size=2)
+
+
 def test_stage_count_and_layers_must_fit() -> None:
     pp = validation_error("mesh pp=2\nstages at blocks.1, blocks.2", world_size=2)
     assert "the plan has 3 stages, but the pp axis has size 2" in pp.message
@@ -500,7 +519,7 @@ def test_collect_annotations_prefixes_names_with_the_module_path() -> None:
     annotate(net.mlps[1], "param fc.bias: tp=S(0)")
     annotate(net, "mesh tp=2\nmicrobatches 4")
     collected = collect_annotations(net)
-    assert [(path, strategy) for path, _where, strategy in collected] == [
+    assert [(path, strategy.to_dict()) for path, _where, strategy in collected] == [
         ("", {"mesh": {"tp": 2}, "microbatches": 4}),
         ("mlps.0", {"params": {"mlps.0.fc.weight": {"tp": "S(0)"},
                                "mlps.0.proj.weight": {"tp": "S(1)"}},
@@ -521,10 +540,11 @@ def test_annotations_merge_into_the_plan() -> None:
     annotate(net, "mesh tp=auto")
     base = parse_plan("mesh tp=2\nparam head.weight: tp=S(0)\nrecompute head", "plan.sbp")
     merged = merge_strategies(base, "plan.sbp", collect_annotations(net))
-    assert merged["mesh"] == {"tp": 2}
-    assert merged["params"]["head.weight"] == {"tp": "S(0)"}
-    assert merged["params"]["mlps.1.proj.weight"] == {"tp": "S(1)"}
-    assert merged["recompute"] == ["head", "mlps.0", "mlps.1"]
+    plain = merged.to_dict()
+    assert plain["mesh"] == {"tp": 2}
+    assert plain["params"]["head.weight"] == {"tp": "S(0)"}
+    assert plain["params"]["mlps.1.proj.weight"] == {"tp": "S(1)"}
+    assert plain["recompute"] == ["head", "mlps.0", "mlps.1"]
     assert parse_plan(format_plan(merged)) == merged
 
 
@@ -565,8 +585,8 @@ def test_recompute_none_conflicts_with_annotated_modules() -> None:
 
 def test_shorthand_plans_and_annotations() -> None:
     annotations = collect_annotations(TinyNet())
-    assert merge_strategies("dp", "plan.sbp", []) == "dp"
-    assert merge_strategies("auto", "plan.sbp", annotations)["recompute"] == ["mlps.0", "mlps.1"]
+    assert merge_strategies("dp", "plan.sbp", []).to_dict() == "dp"
+    assert merge_strategies("auto", "plan.sbp", annotations).to_dict()["recompute"] == ["mlps.0", "mlps.1"]
     with pytest.raises(PlanError, match="shorthand `strategy dp`"):
         merge_strategies("dp", "plan.sbp", annotations)
 

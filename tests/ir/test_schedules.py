@@ -1,4 +1,7 @@
-"""Pipeline schedule builders and the deadlock checker (ir/schedules.py), their timing (cost/timeline.py)."""
+"""Pipeline schedule builders and the deadlock checker (ir/schedules.py), their timing (cost/timeline.py).
+
+The zero-bubble schedules' bubble is checked against the analytic value of Qi et al., "Zero Bubble Pipeline
+Parallelism" (ICLR 2024), section 3.1 (see test_zb_h1_bubble_is_the_analytic_one_with_equal_f_b_w_times)."""
 from __future__ import annotations
 
 import pytest
@@ -6,17 +9,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost.timeline import peak_in_flight, simulate
-from ir.ops.pipeline_ops import ACTION_KINDS, Action, ActionSyntaxError, format_actions, parse_actions
+from ir.ops.pipeline_ops import ACTION_KINDS, COMPUTE_KINDS, Action, ActionSyntaxError, format_actions, parse_actions
 from ir.schedules import (
     ScheduleDeadlock,
     ScheduleError,
+    _assemble,
+    _Route,
     build_1f1b,
+    build_dualpipev,
     build_gpipe,
     build_interleaved_1f1b,
     build_path_schedule,
+    build_pipeline_schedule,
     build_schedule,
+    build_zb_h1,
+    build_zbv,
     check_deadlock,
     default_in_flight_limits,
+    pipeline_schedule,
+    stage_positions,
+    stages_per_position,
 )
 
 PIPELINE_SIZES = (2, 3, 4)
@@ -46,7 +58,7 @@ def _computes(actions: list[Action]) -> list[str]:
 
 @pytest.mark.parametrize("kind", ACTION_KINDS)
 def test_action_text_round_trips(kind):
-    peer = None if kind in ("F", "B") else 2
+    peer = None if kind in COMPUTE_KINDS else 2
     action = Action(kind, 3, 5, peer)
     assert Action.parse(str(action)) == action
 
@@ -375,3 +387,138 @@ def test_1f1b_keeps_at_most_p_in_flight_and_gpipe_all(p, m):
     assert peaks[0] == min(p, m)
     assert all(peaks[rank] == min(p - rank, m) for rank in range(p))
     assert peak_in_flight(build_gpipe(p, m, list(range(p))))[0] == m
+
+
+# ------------------------------------------------------------------ zero-bubble schedules (split backward)
+
+ZB_CASES = [(name, p, m) for name in ("zb-h1", "zbv", "dualpipev") for p in (1, 2, 3, 4) for m in (1, 2, 3, 8, 9)
+            if name != "dualpipev" or m >= 2 * p]
+
+
+def _stage_count(name: str, p: int) -> int:
+    return p * stages_per_position(name)
+
+
+@pytest.mark.parametrize("name, p, m", ZB_CASES)
+def test_zero_bubble_schedules_split_every_backward_once_and_pass_the_deadlock_check(name, p, m):
+    stages = _stage_count(name, p)
+    schedule = build_pipeline_schedule(name, p, stages, m)
+    check_deadlock(schedule, [list(range(stages))] * m)
+    check_deadlock(schedule, channel_capacity=2)
+    positions = stage_positions(name, p, stages)
+    split = 0
+    for rank, actions in schedule.items():
+        index = {(a.kind, a.stage, a.microbatch): i for i, a in enumerate(actions) if a.is_compute}
+        for kind, stage, microbatch in index:
+            assert positions[stage] == rank
+            if kind == "W":
+                split += 1
+                assert index[("B", stage, microbatch)] < index[("W", stage, microbatch)]
+    # ZB-H1 and ZB-V split every backward; DualPipeV those of its warm-up and the last p of each rank
+    assert split == (stages * m if name != "dualpipev" else sum(2 * p - r - 1 for r in range(p)))
+
+
+def test_the_v_puts_the_first_and_the_last_stage_on_rank_zero():
+    assert stage_positions("zbv", 3, 6) == [0, 1, 2, 2, 1, 0]
+    assert stage_positions("dualpipev", 2, 4) == [0, 1, 1, 0]
+    assert stage_positions("interleaved", 2, 4) == [0, 1, 0, 1]
+    schedule = build_zbv(4, 4, [0, 1])
+    # rank 1 runs the turn of the V (stages 1 and 2) without a transfer; ranks trade both ways
+    transfers = {(a.kind, a.stage, a.peer) for actions in schedule.values() for a in actions if a.is_send}
+    assert transfers == {("SEND_F", 0, 1), ("SEND_F", 2, 0), ("SEND_B", 3, 1), ("SEND_B", 1, 0)}
+
+
+def test_zb_h1_delays_the_weight_passes_of_later_stages():
+    schedule = build_zb_h1(4, 8, [0, 1, 2, 3])
+    assert _computes(schedule[0])[:7] == ["F0@s0", "F1@s0", "F2@s0", "F3@s0", "B0@s0", "W0@s0", "F4@s0"]
+    assert _computes(schedule[3])[:10] == ["F0@s3", "B0@s3", "F1@s3", "B1@s3", "F2@s3", "B2@s3", "F3@s3", "B3@s3",
+                                            "W0@s3", "F4@s3"]
+
+
+@pytest.mark.parametrize("p, m", [(4, 8), (2, 8), (4, 16), (3, 5)])
+def test_zb_h1_bubble_is_the_analytic_one_with_equal_f_b_w_times(p, m):
+    """Qi et al., "Zero Bubble Pipeline Parallelism" (ICLR 2024), section 3.1: with T_F = T_B = T_W, ZB-H1
+    leaves ``(p - 1)(T_F + T_B - T_W)`` idle per rank beside ``m (T_F + T_B + T_W)`` of work, so its bubble
+    fraction is ``(p - 1) / (3m + p - 1)`` (p=4, m=8: 1/9, about 11.1%), a third of 1F1B's
+    ``3(p - 1) / (3m + 3(p - 1))`` (27.3%)."""
+    timeline = simulate(build_pipeline_schedule("zb-h1", p, p, m), 1.0, 2.0, weight_time=1.0)
+    analytic = (p - 1) / (3 * m + p - 1)
+    assert abs(timeline.bubble_fraction - analytic) < 0.01
+    one_f_one_b = simulate(build_pipeline_schedule("1f1b", p, p, m), 1.0, 2.0)
+    assert one_f_one_b.bubble_fraction == pytest.approx(3 * (p - 1) / (3 * m + 3 * (p - 1)), abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["zbv", "dualpipev"])
+@pytest.mark.parametrize("p, m", [(2, 8), (4, 8), (4, 16)])
+def test_v_schedules_idle_only_while_the_v_fills(name, p, m):
+    """With equal F, B and W times per stage (half a rank's layers each), rank p-1 gets its first input
+    after p - 1 forwards and then never waits: the step is ``6m + p - 1`` units."""
+    timeline = simulate(build_pipeline_schedule(name, p, 2 * p, m), 1.0, 2.0, weight_time=1.0)
+    assert timeline.makespan == pytest.approx(6 * m + p - 1)
+
+
+@pytest.mark.parametrize("name, p, m", [("zb-h1", 4, 8), ("zbv", 4, 8), ("dualpipev", 4, 8), ("zb-h1", 3, 2)])
+def test_zero_bubble_memory_stays_at_the_1f1b_peak(name, p, m):
+    """1F1B's first stage holds min(p, m) microbatches of a rank's layers. ZB-H1 holds as many on every rank
+    (counting those waiting for their W); the V shapes hold up to 2p stage-microbatches of half the layers."""
+    schedule = build_pipeline_schedule(name, p, _stage_count(name, p), m)
+    if name == "zb-h1":
+        assert max(peak_in_flight(schedule).values()) == min(p, m)
+        return
+    for actions in schedule.values():
+        pending = peak = 0
+        last = {a.value[1:]: a.kind for a in actions if a.kind in ("B", "W")}
+        for a in actions:
+            pending += (a.kind == "F") - (a.is_compute and a.kind != "F" and last[a.value[1:]] == a.kind)
+            peak = max(peak, pending)
+        assert peak <= 2 * p + (name == "dualpipev")
+
+
+def test_zbv_is_never_slower_than_torch_pipelinings_order_on_these_times():
+    """torch.distributed.pipelining's ZB-V order for p=2, m=4 (read from ScheduleZBVZeroBubble, its B/W
+    and I/W actions as our B/W), timed beside ours under unequal F, B, W times."""
+    theirs = {0: "F0a F1a F2a F0b B0b W0b F1b B1b W1b F3a B0a W0a F2b B2b W2b B1a W1a F3b B3b W3b B2a W2a B3a W3a",
+              1: "F0a F0b F1a F1b B0b W0b F2a B0a W0a F2b B1b W1b F3a B1a W1a F3b B2b W2b B2a B3b B3a W2a W3b W3a"}
+    ours = build_pipeline_schedule("zbv", 2, 4, 4)
+    stage = {0: {"a": 0, "b": 3}, 1: {"a": 1, "b": 2}}
+    tasks = {r: [Action(t[0], stage[r][t[-1]], int(t[1:-1])) for t in text.split()] for r, text in theirs.items()}
+    route = _Route(tuple((0, 1, 2, 3) for _ in range(4)), tuple((0, 1, 1, 0) for _ in range(4)))
+    reference = _assemble({r: [(a.kind, a.stage, a.microbatch) for a in acts] for r, acts in tasks.items()}, route)
+    for fwd, bwd, weight in [(1, 2, 1), (2, 3, 1), (1, 3, 1), (2, 5, 2), (1, 3, 2), (3, 3, 1)]:
+        assert simulate(ours, fwd, bwd, weight_time=weight).makespan <= \
+            simulate(reference, fwd, bwd, weight_time=weight).makespan + 1e-9
+
+
+def test_split_backward_mistakes_are_named():
+    good = build_zb_h1(2, 2, [0, 1])
+    late = {r: list(a) for r, a in good.items()}
+    w = next(a for a in late[1] if a.kind == "W")
+    late[1].remove(w)
+    late[1].insert(0, w)
+    with pytest.raises(ScheduleError, match=r"rank 1 runs W\d@s1 .* before B\d@s1"):
+        check_deadlock(late)
+    orphan = {r: list(a) for r, a in good.items()}
+    orphan[0].append(Action("W", 0, 5))
+    with pytest.raises(ScheduleError, match="W5@s0 on rank 0 has no B5@s0"):
+        check_deadlock(orphan)
+    twice = {r: list(a) for r, a in good.items()}
+    twice[0].append(Action("W", 0, 0))
+    with pytest.raises(ScheduleError, match="W0@s0 appears twice"):
+        check_deadlock(twice)
+    with pytest.raises(ValueError, match="give weight_time"):
+        simulate(good, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: build_dualpipev(4, 3, [0, 1]), "at least as many microbatches as stages \\(4\\), found 3"),
+    (lambda: build_zbv(3, 4, [0, 1]), "an even number of stages; found 3"),
+    (lambda: build_zbv(4, 4, [0, 1, 0, 1]), "expected stage_ranks \\[0, 1, 1, 0\\]"),
+    (lambda: build_zbv(4, 4, [0, 1], virtual_stages=1), "two stages per rank"),
+    (lambda: build_zb_h1(4, 4, [0, 1, 2, 3], virtual_stages=2), "use build_interleaved_1f1b"),
+    (lambda: stages_per_position("zbv", 3), "virtual_stages=3 does not apply: schedule 'zbv' always runs 2"),
+    (lambda: stages_per_position("1f1b", 2), "virtual_stages=2 needs schedule 'interleaved'"),
+    (lambda: pipeline_schedule("zero-bubble"), "expected one of gpipe, 1f1b, interleaved, zb-h1, zbv, dualpipev"),
+])
+def test_zero_bubble_argument_errors(call, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        call()

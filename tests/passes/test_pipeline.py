@@ -15,7 +15,7 @@ from ir.verifier import verify
 from passes.manager import PassContext, PassFailed
 from passes.pipeline import lanes, node_costs, pipeline_config, schedule_pass, stage_starts
 from passes.skippipe import parse_skip_plan
-from passes.strategy import StrategyError
+from strategy import Strategy, StrategyError
 from tests.models import compile_cached, gpt_inputs, gpt_model
 
 GPT4 = gpt_model(n_layer=4)
@@ -77,11 +77,11 @@ def test_cuts_the_graph_does_not_have_are_refused():
     # compile() validates names against the model first; the pass checks them against the graph too
     graph = compile_cached(GPT4, GPT4_INPUTS, 1, "dp").graph
     with pytest.raises(StrategyError, match=r"stage cut 'blocks\.1': it begins before the previous cut"):
-        stage_starts(graph, {"stages": ["blocks.3", "blocks.1"]}, 3)
+        stage_starts(graph, Strategy.from_dict({"stages": ["blocks.3", "blocks.1"]}), 3)
     with pytest.raises(StrategyError, match=r"stage cut 'block\.2': no node comes from it; did you mean blocks\.2"):
-        stage_starts(graph, {"stages": ["block.2"]}, 2)
+        stage_starts(graph, Strategy.from_dict({"stages": ["block.2"]}), 2)
     with pytest.raises(StrategyError, match="2 stages but the mesh asks for 4"):
-        stage_starts(graph, {"stages": ["blocks.2"]}, 4)
+        stage_starts(graph, Strategy.from_dict({"stages": ["blocks.2"]}), 4)
 
 
 def test_automatic_cuts_balance_the_flop_estimate():
@@ -118,13 +118,46 @@ def test_stage_devices_override_the_placement():
 
 def test_stages_of_different_sizes_are_refused_plainly():
     with pytest.raises(NotImplementedError, match="different sizes"):
-        pipeline_config({"mesh": {"pp": 2, "dp": 2}, "stage_devices": [[0], [1, 2]]}, 4)
+        pipeline_config(Strategy.from_dict({"mesh": {"pp": 2, "dp": 2}, "stage_devices": [[0], [1, 2]]}), 4)
 
 
 def test_interleaved_stages_share_their_positions_devices():
     graph = gpt_plan(world=2, schedule="interleaved", virtual_stages=2, microbatches=4).graph
     assert graph.attrs["pipeline"]["positions"] == [0, 1, 0, 1]
     assert [graph.meshes[stage_mesh_name(s)].devices for s in range(4)] == [(0,), (1,), (0,), (1,)]
+
+
+def test_v_shaped_stages_and_their_devices():
+    """zbv and dualpipev: stage s and 2pp-1-s share a position, so the first and the last (with the tied embedding
+    and head copies) run on one device; ``stage_devices`` per stage must follow the V."""
+    graph = gpt_plan(world=2, schedule="zbv", microbatches=4).graph
+    assert graph.attrs["pipeline"]["positions"] == [0, 1, 1, 0]
+    assert [graph.meshes[stage_mesh_name(s)].devices for s in range(4)] == [(0,), (1,), (1,), (0,)]
+    (group,) = graph.attrs["tied_params"]
+    assert [p.mesh for p in group] == ["stage0", "stage3"]
+    config = pipeline_config(Strategy.from_dict({"mesh": {"pp": 2}, "schedule": "dualpipev",
+                                                 "stage_devices": [[1], [0], [0], [1]]}), 2)
+    assert config.position_devices == ((1,), (0,)) and config.position_of(3) == 0
+    with pytest.raises(StrategyError, match=r"stage 2 shares position 1 with stage 1, so it needs the same devices "
+                                            r"\[0\], found \[1\]"):
+        pipeline_config(Strategy.from_dict({"mesh": {"pp": 2}, "schedule": "zbv",
+                                            "stage_devices": [[1], [0], [1], [0]]}), 2)
+
+
+@pytest.mark.parametrize("strategy, fragment", [
+    ({"schedule": "zbv", "virtual_stages": 3}, "the schedule is zbv, which always runs 2 stages per position; drop"),
+    ({"schedule": "zb-h1", "virtual_stages": 2}, "the schedule is zb-h1; add `schedule interleaved`"),
+    ({"schedule": "zbv", "skip_ratio": 0.5}, r"skip_ratio \(SkipPipe\) runs with schedule 'gpipe' or '1f1b', not 'zbv'"),
+    ({"schedule": "zb_h1"}, r"unknown schedule 'zb_h1' \(did you mean 'zb-h1'\?\)"),
+])
+def test_zero_bubble_strategy_errors(strategy, fragment):
+    with pytest.raises(StrategyError, match=fragment):
+        pipeline_config(Strategy.from_dict({"mesh": {"pp": 2}, **strategy}), 2)
+
+
+def test_dualpipev_with_too_few_microbatches_names_the_schedule():
+    with pytest.raises(PassFailed, match="schedule 'dualpipev': .*at least as many microbatches as stages \\(4\\)"):
+        gpt_plan(world=2, schedule="dualpipev", microbatches=2)
 
 
 def test_the_tied_weight_gets_a_copy_on_each_stage_using_it():
@@ -188,7 +221,10 @@ def test_every_device_of_a_stage_runs_the_same_list_with_its_own_peers():
     dict(world=2, schedule="1f1b", microbatches=8),
     dict(world=2, schedule="interleaved", virtual_stages=2, microbatches=4),
     dict(world=4, schedule="1f1b", skip_ratio=0.5, microbatches=8),
-], ids=["gpipe", "1f1b", "interleaved", "skippipe"])
+    dict(world=4, schedule="zb-h1", microbatches=8),
+    dict(world=2, schedule="zbv", microbatches=4),
+    dict(world=2, schedule="dualpipev", microbatches=4),
+], ids=["gpipe", "1f1b", "interleaved", "skippipe", "zb-h1", "zbv", "dualpipev"])
 def test_every_built_in_schedule_passes_the_deadlock_check(strategy):
     graph = gpt_plan(**strategy).graph
     count = graph.attrs["pipeline"]["stages"]

@@ -231,8 +231,8 @@ def test_tensor_parallel_layouts_come_out_megatron_style(tiny_gpt):
     _, _, graph = tiny_gpt
     strategy, report = search(graph, Cluster.load("dgx-a100:1"), {"mesh": {"dp": "auto", "tp": 4}},
                               use_cache=False, global_batch=64)
-    params = strategy["params"]
-    assert strategy["mesh"]["tp"] == 4
+    params = strategy.to_dict()["params"]
+    assert strategy.mesh.size("tp") == 4
     assert params["blocks.*.attn.qkv.weight"] == {"tp": "S(0)"} and params["blocks.*.mlp.fc.weight"] == {"tp": "S(0)"}
     assert params["blocks.*.attn.proj.weight"] == {"tp": "S(1)"} and params["blocks.*.mlp.proj.weight"] == {"tp": "S(1)"}
     assert report.layouts and report.chosen.fits
@@ -254,7 +254,7 @@ def test_auto_plan_compiles_and_matches_eager(tiny_gpt):
     and gradients."""
     model, inputs, _ = tiny_gpt
     plan = compile(model, inputs, cluster="local:4", strategy={"mesh": {"dp": "auto", "tp": 2}})
-    assert plan.search_report is not None and plan.strategy["mesh"]["tp"] == 2
+    assert plan.search_report is not None and plan.strategy.mesh.size("tp") == 2
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
     text = plan.explain()
     assert "tensor parallel 2" in text and "Best alternatives" in text and "tp groups" in text
@@ -266,15 +266,15 @@ def test_fixed_parts_progress_budget_and_cache(tiny_gpt, tmp_path):
     messages = []
     fixed = {"mesh": {"dp": "auto", "tp": 2}, "sequence_parallel": True, "microbatches": 2}
     strategy, report = search(graph, cluster, fixed, cache_dir=tmp_path, progress=messages.append, global_batch=16)
-    assert strategy["mesh"] == {"dp": 4, "tp": 2} and strategy["sequence_parallel"] is True
-    assert strategy["microbatches"] == 2 and messages and "chose" in messages[-1] and not report.cached
+    assert strategy.mesh.as_dict() == {"dp": 4, "tp": 2} and strategy.options.sequence_parallel is True
+    assert strategy.pipeline.microbatches == 2 and messages and "chose" in messages[-1] and not report.cached
     again, cached = search(graph, cluster, fixed, cache_dir=tmp_path, global_batch=16)
     assert again == strategy and cached.cached
     other, fresh = search(graph, Cluster.load("dgx-a100:2"), fixed, cache_dir=tmp_path, global_batch=16)
-    assert not fresh.cached and other["mesh"] == {"dp": 8, "tp": 2}
+    assert not fresh.cached and other.mesh.as_dict() == {"dp": 8, "tp": 2}
     quick, truncated = search(graph, cluster, "auto", time_budget_s=0.0, use_cache=False, global_batch=16)
-    assert truncated.truncated and quick["mesh"]
-    assert _fixed_parts({"mesh": "auto", "recompute": "auto", "schedule": "1f1b"}) == {"schedule": "1f1b"}
+    assert truncated.truncated and quick.mesh
+    assert _fixed_parts({"mesh": "auto", "recompute": "auto", "schedule": "1f1b"}).to_dict() == {"schedule": "1f1b"}
 
 
 def test_impossible_constraints_are_reported(tiny_gpt):

@@ -1,0 +1,13 @@
+"""The parallel strategy: one typed value (:class:`Strategy`) and its one normalisation (:func:`normalize`).
+
+Below the plan language (``frontend``), the passes, the cost model and the backends in the import
+order; it reads only ``ir.sbp``. ``docs/architecture.md`` says how to add a strategy key.
+"""
+from strategy.errors import VALUE, StrategyError, closest, dict_path, did_you_mean
+from strategy.normalize import AXIS_PATTERN, GLOB_PATTERN, WILDCARD_CHARS, check_complete, normalize
+from strategy.types import (AUTO, DATA_AXIS, KEYS, PIPELINE_AXIS, SCHEDULES, SHORTHANDS, Layout, MeshSpec, Options,
+                            Pipeline, Strategy)
+
+__all__ = ["AUTO", "AXIS_PATTERN", "DATA_AXIS", "GLOB_PATTERN", "KEYS", "PIPELINE_AXIS", "SCHEDULES", "SHORTHANDS",
+           "VALUE", "WILDCARD_CHARS", "Layout", "MeshSpec", "Options", "Pipeline", "Strategy", "StrategyError",
+           "check_complete", "closest", "dict_path", "did_you_mean", "normalize"]
