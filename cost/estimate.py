@@ -274,6 +274,67 @@ class Estimator:
             return 0.0
         return max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
 
+    # -- where the time goes -----------------------------------------------------------------------
+    def segment_times(self, shape: PlanShape, rank: int) -> list[dict]:
+        """Per segment of pipeline rank ``rank`` (in stage order), seconds per microbatch: ``forward_s`` and
+        ``backward_s`` (collectives included; backward with the recomputed forward) and their parts."""
+        rows = []
+        for k in range(shape.num_stages):
+            if shape.rank_of_stage(k) != rank:
+                continue
+            for j in shape.segments_of_stage(k, self.profile.num_layers):
+                fwd, fwd_comm, bwd, bwd_comm = self.segment_work(shape, rank, j)
+                if j in shape.recompute:
+                    recompute = fwd + fwd_comm
+                elif self.profile.segments[j].recomputed_part is not None:
+                    recompute = self._recomputed_part_forward(shape, rank, j)
+                else:
+                    recompute = 0.0
+                rows.append({"segment": self.profile.segments[j].name, "index": j, "stage": k,
+                             "forward_compute_s": fwd, "forward_comm_s": fwd_comm, "backward_compute_s": bwd,
+                             "backward_comm_s": bwd_comm, "recompute_s": recompute,
+                             "forward_s": fwd + fwd_comm, "backward_s": bwd + bwd_comm + recompute})
+        return rows
+
+    def breakdown(self, shape: PlanShape, estimate: Estimate) -> dict[str, float]:
+        """Where the step's time goes on the pipeline rank that finishes last: seconds by part, summing to
+        ``estimate.step_time_s``. Parts: forward/backward compute of the blocks, recomputation, the
+        embedding/loss layers (prologue and epilogue compute), exposed collectives by kind and axis (tensor
+        and sequence parallelism; every collective of a stage is on its critical path), FSDP gathers and
+        gradient reduce-scatters, pipeline point-to-point transfers and bubble, the exposed part of the
+        gradient reduction, and the optimizer step."""
+        finish = {r: estimate.rank_end_s[r] + estimate.grad_sync_s[r][1] for r in range(shape.pp)}
+        rank = max(finish, key=finish.get)
+        m = shape.microbatches
+        parts: dict[str, float] = defaultdict(float)
+        last = len(self.profile.segments) - 1
+        for row in self.segment_times(shape, rank):
+            j = row["index"]
+            compute = row["forward_compute_s"] + row["backward_compute_s"]
+            if j in (0, last):
+                parts["embedding/loss compute"] += m * compute
+            else:
+                parts["forward compute"] += m * row["forward_compute_s"]
+                parts["backward compute"] += m * row["backward_compute_s"]
+            parts["recompute"] += m * row["recompute_s"]
+            devices = shape.stage_devices[rank]
+            batch = self.microbatch_size(shape)
+            for item in self.profile.segments[j].comms:
+                seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
+                parts[f"{item.kind} over {item.axis} (exposed)"] += m * seconds
+            if self.fsdp_analytic(shape):
+                parts["fsdp gathers and reduce-scatters"] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
+                    - m * sum(self._collective(i.kind, at(i.nbytes, batch), devices, shape, i.axis)
+                              for i in self.profile.segments[j].comms)
+        busy = sum(parts.values())
+        sends = sum(2 * m * s.send_s for s in estimate.stages if s.rank == rank)
+        idle = max(estimate.rank_end_s[rank] - busy, 0.0)
+        parts["pipeline point-to-point"] = min(sends, idle)
+        parts["pipeline bubble"] = idle - parts["pipeline point-to-point"]
+        parts["gradient reduction (exposed)"] = estimate.grad_sync_s[rank][1]
+        parts["optimizer step"] = estimate.optimizer_s
+        return {k: float(v) for k, v in parts.items() if v > 0}
+
     # -- whole step --------------------------------------------------------------------------------
     def estimate(self, shape: PlanShape, exact: bool = True) -> Estimate:
         """Step time, memory and traffic of ``shape`` (``exact=False``: closed-form pipeline time)."""

@@ -31,6 +31,7 @@ from cost.ops import Precision, compute_seconds, peak_flops
 from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape, op_kind,
                            op_work, param_record, segment_cost)
 from ir.core import Graph, Node, Value
+from ir.recompute import RECOMPUTE_ATTR
 from ir.gradients import values_with_grad
 from ir.layers import POST, PRE, LayerStructure
 from ir.ops.comm import LOCAL_COMM_OPS
@@ -343,8 +344,11 @@ def solve_layouts(graph: Graph, structure: LayerStructure, request: LayoutReques
     return LayoutSolution(problem, solution, node_choice, param_sbp)
 
 
-def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: int) -> Profile:
-    """The :class:`Profile` of solved layouts: ``pre``, block 0, blocks 1.. (one shared cost), ``post``.
+def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: int,
+                   num_layers: int | None = None) -> Profile:
+    """The :class:`Profile` of solved layouts: ``pre``, block 0, blocks 1.. (one shared cost), ``post``
+    (``num_layers`` blocks in all, default the captured number). Ops the graph marks recomputed
+    (``attrs["recompute"]``, e.g. by :func:`passes.recompute.mark_recompute`) form each segment's recomputed part.
 
     The solved mesh prices one data-parallel replica; data parallelism (``data_parallel`` replicas, the
     batch split between them) is added by the estimator.
@@ -356,7 +360,8 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     for unit in problem.units:
         ins, outs = result.node_choice[unit.node.name]
         node = unit.node
-        computes[unit.segment].append(compute_record(node, ins, outs, any(id(o) in problem.grad for o in node.outputs)))
+        computes[unit.segment].append(compute_record(node, ins, outs, any(id(o) in problem.grad for o in node.outputs),
+                                                     RECOMPUTE_ATTR in node.attrs))
     comms = {key: [] for key in (PRE, "first", "rest", POST)}
     for unit_index, position, value, src, weight, boundary in _boxings(result):
         unit = problem.units[unit_index]
@@ -371,7 +376,7 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     outputs = _segment_outputs(result)
     segments = [segment_cost(PRE, computes[PRE], comms[PRE], params[PRE], outputs[PRE], ctx)]
     if problem.repeated:
-        n = problem.structure.num_layers
+        n = num_layers or problem.structure.num_layers
         prefix = problem.structure.prefix
         first = segment_cost(f"{prefix}.0", computes["block"], comms["first"], params["block"], outputs["block"], ctx)
         rest = segment_cost(f"{prefix}.*", computes["block"], comms["rest"], params["block"], outputs["block"], ctx)
