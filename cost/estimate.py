@@ -194,10 +194,7 @@ class Estimator:
         for j in segments:
             work = self.segment_work(shape, rank, j)
             totals += work
-            if j in shape.recompute:
-                recompute += work[0] + work[1]
-            elif self.profile.segments[j].recomputed_part is not None:
-                recompute += self._recomputed_part_forward(shape, rank, j)
+            recompute += self._recompute_time(shape, rank, j, work)
         send = self._send_time(shape, k, segments[-1], self.microbatch_size(shape))
         weight = sum(self.segment_weight_time(shape, rank, j) for j in segments) if _splits(shape) else 0.0
         return StageEstimate(k, rank, shape.stage_layers[k], shape.stage_devices[rank], *map(float, totals),
@@ -228,12 +225,27 @@ class Estimator:
             else:
                 fwd += seconds
         if self.fsdp_analytic(shape):  # gather for forward, gather again for backward, reduce-scatter grads
-            nbytes = segment.param_elements() * self.profile.precision.param_bytes
-            gather = self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
+            gather = self._fsdp_gather(segment, shape, devices)
             fwd += gather
             grads = segment.param_elements(trainable_only=True) * self.profile.precision.param_bytes
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
         return fwd, bwd
+
+    def _fsdp_gather(self, segment, shape: PlanShape, devices: tuple) -> float:
+        """Seconds of one all-gather of the segment's parameters over the FSDP axis (0 without FSDP)."""
+        if not self.fsdp_analytic(shape):
+            return 0.0
+        nbytes = segment.param_elements() * self.profile.precision.param_bytes
+        return self._collective("all_gather", nbytes, devices, shape, shape.fsdp_axis)
+
+    def _recompute_time(self, shape: PlanShape, rank: int, j: int, work: tuple) -> float:
+        """Seconds segment ``j`` spends recomputing its forward in backward (a whole recomputed segment runs
+        its forward again without a gather of its own: the backward's FSDP gather serves it)."""
+        if j in shape.recompute:
+            return work[0] + work[1] - self._fsdp_gather(self.profile.segments[j], shape, shape.stage_devices[rank])
+        if self.profile.segments[j].recomputed_part is not None:
+            return self._recomputed_part_forward(shape, rank, j)
+        return 0.0
 
     def fsdp_analytic(self, shape: PlanShape) -> bool:
         """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""
@@ -283,13 +295,8 @@ class Estimator:
             if shape.rank_of_stage(k) != rank:
                 continue
             for j in shape.segments_of_stage(k, self.profile.num_layers):
-                fwd, fwd_comm, bwd, bwd_comm = self.segment_work(shape, rank, j)
-                if j in shape.recompute:
-                    recompute = fwd + fwd_comm
-                elif self.profile.segments[j].recomputed_part is not None:
-                    recompute = self._recomputed_part_forward(shape, rank, j)
-                else:
-                    recompute = 0.0
+                work = fwd, fwd_comm, bwd, bwd_comm = self.segment_work(shape, rank, j)
+                recompute = self._recompute_time(shape, rank, j, work)
                 rows.append({"segment": self.profile.segments[j].name, "index": j, "stage": k,
                              "forward_compute_s": fwd, "forward_comm_s": fwd_comm, "backward_compute_s": bwd,
                              "backward_comm_s": bwd_comm, "recompute_s": recompute,
