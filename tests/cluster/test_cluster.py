@@ -56,7 +56,7 @@ def test_builtins_have_the_public_numbers():
 
 def test_every_example_file_loads_and_round_trips(tmp_path):
     assert {p.name for p in EXAMPLE_FILES} >= {"dgx-a100-2.yaml", "hetero-ib-ethernet.yaml", "hetero-a100-v100.yaml",
-                                               "two-regions.yaml", "pair-matrix.yaml"}
+                                               "two-regions.yaml", "pair-matrix.yaml", "h100-ethernet.yaml"}
     for path in EXAMPLE_FILES:
         cluster = Cluster.load(path)
         assert cluster.world_size > 0
@@ -74,6 +74,20 @@ def test_builtins_round_trip(name):
 
 def test_written_out_dgx_file_equals_the_builtin():
     assert Cluster.load(EXAMPLES / "dgx-a100-2.yaml") == Cluster.load("dgx-a100:2")
+
+
+def test_mixed_h100_example_prices_nodes_as_the_builtin_and_crosses_at_ethernet_speed():
+    from cost.collectives import collective_time
+    mixed, dgx = Cluster.load(EXAMPLES / "h100-ethernet.yaml"), Cluster.load("dgx-h100:2")
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        for first in (0, 16):  # an InfiniBand node and an Ethernet-only node
+            node = tuple(range(first, first + 8))
+            assert collective_time(kind, 2**28, node, mixed) == pytest.approx(
+                collective_time(kind, 2**28, tuple(range(8)), dgx), rel=1e-12), (kind, first)
+    assert collective_time("all_reduce", 2**28, (0, 8), mixed) == pytest.approx(
+        collective_time("all_reduce", 2**28, (0, 8), dgx), rel=1e-12)
+    assert mixed.link(0, 16).link_class == "ethernet"
+    assert collective_time("all_reduce", 2**28, (0, 16), mixed) > 5 * collective_time("all_reduce", 2**28, (0, 8), mixed)
 
 
 def test_toml_files_load(tmp_path):
