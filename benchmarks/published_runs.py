@@ -10,11 +10,9 @@ for its full depth (the simulator prices one block for every identical block, se
 printed beside the published one (given, or derived from the published TFLOP/s with the paper's own
 FLOP formula) with the error.
 
-    python benchmarks/published_runs.py [--table korthikanti|narayanan|bloom|megatron-h100] [--auto]
+    python benchmarks/published_runs.py [--table korthikanti|narayanan|bloom|megatron-h100] [--rows LABEL ...]
 
-``--auto`` also runs ``strategy="auto"`` for each row on the same cluster and batch and prints its
-simulated step against the published layout's, with ``plan.explain()``'s reasons where auto is more than
-10% faster.
+``MISSES`` names the rows the simulator misses, with the reason.
 """
 from __future__ import annotations
 
@@ -197,6 +195,24 @@ def _megatron_h100() -> list[Run]:
     return rows
 
 
+_ZERO3 = ("DeepSpeed ZeRO-3 (2021): the published step does not shrink from 768 to 1536 GPUs (175B: 66.8 s both), "
+          "so it is bound by its parameter gathers at a rate far below NCCL's measured bandwidth, which the "
+          "simulator uses; DeepSpeed's own gather overheads are not modelled")
+MISSES = {
+    **{f"ZeRO-3 {m} {g} GPUs": _ZERO3 for m, g in [("175B", 384), ("175B", 768), ("175B", 1536), ("530B", 640),
+                                                    ("530B", 1120), ("530B", 2240)]},
+    "BLOOM-176B 384 GPUs": "Jean Zay is priced as DGX A100 nodes (8 x HDR); its nodes have 4 Omni-Path links and "
+                           "Megatron-DeepSpeed's pipeline engine, neither calibrated here",
+    "1.7B 48 GPUs": "a small model at sequence 4096 on H100: fixed per-step costs the simulator does not see "
+                    "(data loading, the distributed optimizer's gathers, kernel launches beyond the 1.2 us gap)",
+    "7.1B 96 GPUs": "as the 1.7B row: unmodelled fixed per-step costs dominate less but still exceed 15%",
+    "32B 384 GPUs": "tp 8 with --tp-comm-overlap: the published run hides tensor-parallel collectives behind GEMMs, "
+                    "the simulator exposes them",
+}
+"""Rows the simulator misses by more than :data:`GOAL`, with the reason (printed beside the row, and in the
+README)."""
+
+
 def published_runs() -> list[Run]:
     """Every row, in table order."""
     return _korthikanti() + _narayanan() + _bloom() + _megatron_h100()
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     """Simulate every row (or one table) and print it beside the published figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", choices=["korthikanti", "narayanan", "bloom", "megatron-h100"])
-    parser.add_argument("--auto", action="store_true", help="also plan each row with strategy='auto'")
+    parser.add_argument("--rows", nargs="*", help="only these rows (by label)")
     args = parser.parse_args(argv)
     print("Table 4 (22B block, tp 8, microbatch 4): simulated / published ms")
     for label, recompute, sp, fwd, bwd in TABLE4:
@@ -261,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     misses = 0
     for run in published_runs():
-        if args.table and run.table != args.table:
+        if (args.table and run.table != args.table) or (args.rows and run.label not in args.rows):
             continue
         start = time.perf_counter()
         sim = simulate_run(run)
@@ -272,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
             (" zero3" if run.fsdp else "") + f" {run.recompute}"
         print(f"| {run.table} | {run.label} | {layout} | {run.published_s:.2f} | {sim.step_time_s:.2f} | "
               f"{error:+.1%}{'' if sim.fits else ' (does not fit)'} | {sim.mfu:.1%} |"
-              f"  ({time.perf_counter() - start:.1f}s)", flush=True)
+              f"  ({time.perf_counter() - start:.1f}s)" + (f" miss: {MISSES.get(run.label, 'not explained')}" if abs(error) > GOAL else ""),
+              flush=True)
     print(f"\n{misses} rows outside +-{GOAL:.0%}")
 
 
