@@ -12,7 +12,9 @@ FLOP formula) with the error.
 
     python benchmarks/published_runs.py [--table korthikanti|narayanan|bloom|megatron-h100] [--rows LABEL ...]
 
-``MISSES`` names the rows the simulator misses, with the reason.
+``MISSES`` names the rows the simulator misses, with the reason. ``--auto`` also plans each row with
+``strategy="auto"`` on its cluster and batch and prints its simulated step against the published layout's,
+and where auto is more than 10% faster, the parts of the step breakdown it saves most on.
 """
 from __future__ import annotations
 
@@ -255,6 +257,21 @@ def layer_times(recompute: str, sequence_parallel: bool) -> dict:
     return {"forward_ms": block["forward_s"] * 1e3, "backward_ms": block["backward_s"] * 1e3}
 
 
+def plan_auto(run: Run) -> tuple:
+    """``strategy="auto"`` on the run's cluster and batch: (its simulation, the published layout's simulation,
+    the chosen plan's summary, why it differs: the breakdown parts that changed most)."""
+    from passes.planner.search import search
+    graph = captured(run.model, run.recompute == "selective")
+    cluster = Cluster.load(run.cluster)
+    options = dict(precision="bf16", optimizer="adam", global_batch=run.batch, overlap_grad_sync=run.overlap_grad_sync)
+    strategy, report = search(graph, cluster, "auto", use_cache=False, **options)
+    auto, published = simulate((graph, strategy, cluster), **options), simulate_run(run)
+    parts = set(auto.breakdown) | set(published.breakdown)
+    deltas = sorted(((auto.breakdown.get(k, 0.0) - published.breakdown.get(k, 0.0), k) for k in parts))
+    why = ", ".join(f"{name} {delta:+.2f} s" for delta, name in deltas[:3] if delta < 0)
+    return auto, published, report.chosen.summary, why
+
+
 TABLE4 = [("Baseline no recompute", "none", False, 7.7, 11.9), ("Sequence Parallelism", "none", True, 7.2, 11.8),
           ("Baseline with recompute", "full", False, 7.7, 19.5), ("Selective Recompute", "selective", False, 7.7, 13.2),
           ("Selective + Sequence", "selective", True, 7.2, 13.1)]
@@ -266,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", choices=["korthikanti", "narayanan", "bloom", "megatron-h100"])
     parser.add_argument("--rows", nargs="*", help="only these rows (by label)")
+    parser.add_argument("--auto", action="store_true", help="also plan each row with strategy='auto'")
     args = parser.parse_args(argv)
     print("Table 4 (22B block, tp 8, microbatch 4): simulated / published ms")
     for label, recompute, sp, fwd, bwd in TABLE4:
@@ -291,6 +309,15 @@ def main(argv: list[str] | None = None) -> None:
               f"  ({time.perf_counter() - start:.1f}s)" + (f" miss: {MISSES.get(run.label, 'not explained')}" if abs(error) > GOAL else ""),
               flush=True)
     print(f"\n{misses} rows outside +-{GOAL:.0%}")
+    if args.auto:
+        print("\nstrategy='auto' on each row's cluster and batch (simulated step, auto / published layout):")
+        for run in published_runs():
+            if (args.table and run.table != args.table) or (args.rows and run.label not in args.rows):
+                continue
+            auto, published, summary, why = plan_auto(run)
+            ratio = auto.step_time_s / published.step_time_s
+            print(f"  {run.label}: {ratio:.2f}x, {'fits' if auto.fits else 'DOES NOT FIT'}: {summary}"
+                  + (f"; gains: {why}" if ratio < 0.9 else ""), flush=True)
 
 
 if __name__ == "__main__":
