@@ -104,16 +104,55 @@ class ComputeRecord:
     """Reads a parameter (or its gathered copy): part of its backward is the weight gradient."""
     attrs: tuple = ()
     """``(name, value)`` pairs of the op's arguments its cost depends on (see :func:`cost_attrs`)."""
+    param_inputs: tuple = ()
+    """Per input, whether it is a parameter (or its gathered copy): not an activation backward keeps."""
 
 
 def reads_param(node: Node) -> bool:
     """Whether ``node`` reads a parameter, directly or as the output of a collective on it (FSDP's gather)."""
+    return any(param_inputs(node))
+
+
+def param_inputs(node: Node) -> tuple[bool, ...]:
+    """Per input value of ``node``: a parameter, directly or as the output of a collective on it."""
+    out = []
     for v in node.input_values():
         source = v.producer
-        if v.kind == "param" or (source is not None and source.op.startswith(COMM_PREFIX)
-                                 and any(u.kind == "param" for u in source.input_values())):
-            return True
-    return False
+        out.append(v.kind == "param" or (source is not None and source.op.startswith(COMM_PREFIX)
+                                         and any(u.kind == "param" for u in source.input_values())))
+    return tuple(out)
+
+
+_NOTHING_SAVED = frozenset({"add", "sub", "neg", "rsub", "sum", "mean", "cat", "stack", "clone", "contiguous",
+                            "_to_copy", "to", "copy", "index_select", "embedding", "full", "triu", "zeros", "ones"})
+"""Ops whose backward reads no saved activation (only shapes, indices or the output gradient)."""
+_MASK_SAVED = frozenset({"dropout", "native_dropout", "feature_dropout"})
+"""Ops whose backward reads a one-byte mask per output element."""
+_OUTPUT_SAVED = frozenset({"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "relu", "sigmoid",
+                           "tanh", "exp"})
+"""Ops whose backward reads their output."""
+
+
+def saved_for_backward(record: ComputeRecord) -> tuple[list, list, int]:
+    """What autograd keeps of one op for its backward: (types, SBPs, bytes per element override or 0).
+    Activation inputs that are not parameters (matmuls, norms, GELU and other nonlinear elementwise ops,
+    the loss's logits, attention's q/k/v), the output (softmax and ops whose derivative is written with it;
+    attention also keeps its output), a one-byte mask (dropout), or nothing (additions, copies, reductions,
+    views). A value read by two ops counts twice; the all-gathered input of a matmul counts gathered."""
+    name = normalize_op_name(record.op)
+    if name in _NOTHING_SAVED or op_category(record.op) in ("view", "copy", "reduction", "embedding"):
+        return [], [], 0
+    if name in _MASK_SAVED:
+        return list(record.out_types[:1]), list(record.out_sbps[:1]), 1
+    outputs = name in _OUTPUT_SAVED
+    params = record.param_inputs or (False,) * len(record.in_types)
+    types = [] if outputs else [t for t, p in zip(record.in_types, params) if not p]
+    sbps = [] if outputs else [nd for nd, p in zip(record.in_sbps, params) if not p]
+    if outputs or op_category(record.op) == "attention":
+        types, sbps = types + list(record.out_types[:1]), sbps + list(record.out_sbps[:1])
+    if op_category(record.op) in ("norm", "loss"):  # the input; weights, targets and statistics are small
+        types, sbps = types[:1], sbps[:1]
+    return types, sbps, 0
 
 
 @dataclass
@@ -300,7 +339,7 @@ def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, has_grad: bool, 
     :func:`costed_op`, and its :func:`cost_attrs`); the simulator and the planner both make them here."""
     return ComputeRecord(costed_op(node), tuple(v.type for v in node.input_values()), tuple(in_sbps),
                          tuple(o.type for o in node.outputs), tuple(out_sbps), has_grad, recomputed,
-                         reads_param(node), cost_attrs(node))
+                         reads_param(node), cost_attrs(node), param_inputs(node))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -344,7 +383,8 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
             bwd_kinds.append(kind)
             weight_shares.append(WEIGHT_GRADIENT_SHARE.get(op_category(record.op), 0.0) if record.reads_param else 0.0)
             bwd_ops += 1
-            saved += _local_bytes(record.out_types, record.out_sbps, ctx, scale)
+            types, sbps, element_bytes = saved_for_backward(record)
+            saved += _local_bytes(types, sbps, ctx, element_bytes or scale)
         full = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision, local=False)))
         model += full[:, 0] + (full[:, 2] if ctx.train else 0.0)
     items = []
@@ -355,11 +395,8 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         items.append(CommItem(kind, axis, nbytes, False))
         if record.has_grad and ctx.train:
             items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True))
-        if kind == "all_gather" and record.has_grad and ctx.train:
-            if record.param:
-                items.append(CommItem(kind, axis, nbytes, True))  # gathered again for backward
-            else:
-                saved += nbytes  # the gathered tensor is an input some op keeps for backward
+        if kind == "all_gather" and record.has_grad and ctx.train and record.param:
+            items.append(CommItem(kind, axis, nbytes, True))  # gathered again for backward
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx, scale)
