@@ -63,3 +63,13 @@ def test_benchmark_prints_a_table(capsys):
     pr.main(["--table", "korthikanti", "--rows", "22B full recompute"])
     out = capsys.readouterr().out
     assert "| korthikanti | 22B full recompute |" in out and "Table 4" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", ["22B full recompute", "22B selective+SP"])
+def test_auto_is_no_slower_than_the_published_layout_and_fits(label):
+    auto, published, summary, why = pr.plan_auto(RUNS[label])
+    assert auto.fits and published.fits
+    assert auto.step_time_s <= published.step_time_s * (1 + 1e-9), summary
+    if auto.step_time_s < 0.9 * published.step_time_s:
+        assert why, summary  # the parts of the step it saves on are named
