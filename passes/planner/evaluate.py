@@ -83,10 +83,13 @@ class ModelView:
 
     @property
     def num_layers(self) -> int:
-        """Blocks in the stack (0 when the graph has no repeated blocks); a graph whose
-        ``attrs[BLOCK_COUNT_ATTR]`` is set stands for that many identical blocks (see :data:`BLOCK_COUNT_ATTR`)."""
-        captured = self.structure.num_layers
-        return int(self.graph.attrs.get(BLOCK_COUNT_ATTR) or captured) if captured >= 2 else captured
+        """Identical blocks in the stack, as the layout problem prices them (0 when the graph has no two or
+        more *uniform* blocks: then everything is one segment, as :class:`LayoutProblem` solves it); a graph
+        whose ``attrs[BLOCK_COUNT_ATTR]`` is set stands for that many identical blocks."""
+        structure = self.structure
+        if not (structure.uniform and structure.num_layers >= 2):
+            return 0
+        return int(self.graph.attrs.get(BLOCK_COUNT_ATTR) or structure.num_layers)
 
     def global_batch(self, options: PlanOptions) -> int:
         """Samples per step."""

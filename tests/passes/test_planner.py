@@ -400,3 +400,14 @@ def test_heterogeneous_clusters(spec):
         for (first, last), kind in zip(shape.stage_layers, kinds):
             layers[next(iter(kind))].append(last - first + 1)
         assert min(layers["a100-80gb"]) > max(layers["v100-32gb"])  # faster devices get larger stages
+
+
+def test_progress_option_prints_a_line_per_step(capsys):
+    from passes.planner.search import _say
+    _say(True, "planning x")
+    _say(None, "silent")
+    seen = []
+    _say(seen.append, "to a callable")
+    assert capsys.readouterr().err == "planning x\n" and seen == ["to a callable"]
+    with pytest.raises(TypeError, match="progress is True, False or a callable"):
+        _say("yes", "bad")
