@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {label:26s} forward {t['forward_ms']:5.2f} / {fwd:4.1f} ({t['forward_ms'] / fwd - 1:+.0%})  "
               f"backward {t['backward_ms']:5.2f} / {bwd:4.1f} ({t['backward_ms'] / bwd - 1:+.0%})")
     print()
-    print(f"| table | run | layout | published s | simulated s | error | simulated MFU |")
+    print("| table | run | layout | published s | simulated s | error | simulated MFU |")
     print("|---|---|---|---|---|---|---|")
     misses = 0
     for run in published_runs():
