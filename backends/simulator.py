@@ -61,6 +61,13 @@ class SimReport:
     shape: PlanShape | None = field(default=None, repr=False)
     precision: str = ""
     """What was priced: the compute dtype and bytes per element (:meth:`cost.ops.Precision.describe`)."""
+    breakdown: dict = field(default_factory=dict)
+    """Where the step goes, seconds by part, summing to ``step_time_s`` (the pipeline rank that finishes
+    last; see :meth:`cost.estimate.Estimator.breakdown`): forward/backward compute, recompute,
+    embedding/loss compute, exposed collectives by kind and axis, FSDP gathers, pipeline p2p and bubble,
+    exposed gradient reduction, optimizer step."""
+    stage_segments: dict = field(default_factory=dict, repr=False)
+    """Pipeline rank -> per segment, seconds per microbatch (:meth:`cost.estimate.Estimator.segment_times`)."""
 
     def summary(self) -> str:
         """A few lines for people."""
@@ -74,7 +81,15 @@ class SimReport:
                                                   sorted(self.comm_bytes_by_link_class.items()))]
         if self.precision:
             lines.append(f"priced with {self.precision}")
+        if self.breakdown:
+            lines.append("step breakdown: " + self.breakdown_text())
         return "\n".join(lines + self.notes)
+
+    def breakdown_text(self) -> str:
+        """The breakdown in one line, largest part first: ``backward compute 61.2 ms (52%), ...``."""
+        total = self.step_time_s or 1.0
+        return ", ".join(f"{name} {seconds * 1e3:.2f} ms ({seconds / total:.0%})"
+                         for name, seconds in sorted(self.breakdown.items(), key=lambda kv: -kv[1]))
 
     # -- timelines -------------------------------------------------------------------------------
     def device_events(self) -> dict[int, list[TimelineEvent]]:
@@ -100,10 +115,25 @@ class SimReport:
                                "ts": e.start_s * 1e6, "dur": max(e.end_s - e.start_s, 0.0) * 1e6})
         events.append({"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"sbpc simulation on "
                                                                                     f"{self.cluster}"}})
+        events += self._breakdown_events()
         path = Path(path)
         path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
-                                    "otherData": {"step_time_s": self.step_time_s, "mfu": self.mfu}}))
+                                    "otherData": {"step_time_s": self.step_time_s, "mfu": self.mfu,
+                                                  "breakdown_s": self.breakdown}}))
         return path
+
+    def _breakdown_events(self) -> list[dict]:
+        """The breakdown as one track of back-to-back slices (pid 1), a stacked bar of the step."""
+        if not self.breakdown:
+            return []
+        events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "step breakdown"}},
+                  {"name": "thread_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "critical rank"}}]
+        clock = 0.0
+        for name, seconds in sorted(self.breakdown.items(), key=lambda kv: -kv[1]):
+            events.append({"name": name, "cat": "breakdown", "ph": "X", "pid": 1, "tid": 0, "ts": clock * 1e6,
+                           "dur": seconds * 1e6})
+            clock += seconds
+        return events
 
     def write_gantt_png(self, path: str | Path, max_rows: int = MAX_GANTT_ROWS) -> Path:
         """Write a Gantt chart (one row per device; per pipeline rank when there are too many devices)."""
@@ -193,9 +223,12 @@ def report(estimate: Estimate, shape: PlanShape, profile: Profile, cluster: Clus
     stage_times = [{"stage": s.index, "rank": s.rank, "layers": s.layers, "fwd_compute_s": s.fwd_compute_s,
                     "fwd_comm_s": s.fwd_comm_s, "bwd_compute_s": s.bwd_compute_s, "bwd_comm_s": s.bwd_comm_s,
                     "recompute_s": s.recompute_s, "send_s": s.send_s, "weight_s": s.weight_s} for s in estimate.stages]
+    estimator = options.estimator(profile, cluster)
+    breakdown = estimator.breakdown(shape, estimate)
+    segments = {rank: estimator.segment_times(shape, rank) for rank in range(shape.pp)}
     return SimReport(step, samples, tokens, mfu, estimate.peak_memory_bytes, estimate.fits, dict(estimate.comm_bytes),
                      estimate.flops_per_step, estimate.bubble_fraction, stage_times, cluster.name, strategy, source,
-                     list(estimate.notes), estimate, shape, profile.precision.describe())
+                     list(estimate.notes), estimate, shape, profile.precision.describe(), breakdown, segments)
 
 
 # --------------------------------------------------------------------------------------------------

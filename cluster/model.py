@@ -51,16 +51,43 @@ class ClusterSpecError(ValueError):
 
 
 @dataclass(frozen=True)
+class CollectivePerf:
+    """How one collective kind performs on a link, as measured: per-step figures and/or a bus-bandwidth curve.
+
+    ``busbw_by_size`` holds ``(bytes, bus bandwidth)`` points of a ring collective of ``ranks`` ranks on
+    this link, as nccl-tests reports them (bytes in the cost model's convention, see
+    :mod:`cost.collectives`; bus bandwidth = algorithm bandwidth x the kind's bus factor). They carry
+    what a latency/bandwidth pair cannot: NCCL's protocols and channel counts change with the message
+    size, so mid-size messages reach well under the plateau bandwidth. The cost model reads the curve
+    (:func:`cost.collectives.hop_bandwidth`).
+    """
+
+    kind: str
+    latency_s: float | None = None
+    """Seconds per algorithm step; None: the link's own."""
+    bandwidth_Bps: float | None = None
+    """Bytes/s per step at large sizes; None: the curve's (or the link's own without a curve)."""
+    busbw_by_size: tuple[tuple[float, float], ...] = ()
+    """Measured ``(bytes, bus bandwidth B/s)`` points, by size."""
+    ranks: int = 0
+    """Ranks of the measurement behind ``busbw_by_size``."""
+
+
+@dataclass(frozen=True)
 class Link:
     """What a byte from one device to another crosses: one-way latency, bandwidth per direction, class."""
 
     latency_s: float
     bandwidth_Bps: float
     link_class: str
-    collectives: tuple[tuple[str, float, float], ...] = ()
-    """Per collective kind, ``(kind, latency_s, bandwidth_Bps)`` that collective's implementation
-    achieves per algorithm step on this link (measured by calibration: software collectives such as
-    gloo's copy, reduce and hand buffers between threads, so they reach less than a raw transfer)."""
+    collectives: tuple[CollectivePerf, ...] = ()
+    """Per collective kind, what that collective's implementation achieves on this link (measured by
+    calibration or published: software collectives such as gloo's copy, reduce and hand buffers between
+    threads, so they reach less than a raw transfer; NCCL's reach less at mid sizes)."""
+    busbw_by_size: tuple[tuple[float, float], ...] = ()
+    """The measured bus-bandwidth curve of the collective this link is seen by (see :meth:`for_collective`)."""
+    busbw_ranks: int = 0
+    """Ranks of that measurement."""
 
     def transfer_time(self, nbytes: float) -> float:
         """Seconds to move ``nbytes`` over this link alone (latency + size / bandwidth)."""
@@ -68,9 +95,12 @@ class Link:
 
     def for_collective(self, kind: str) -> "Link":
         """The link as collective ``kind`` sees it: its measured figures when it has them, else itself."""
-        for name, latency, bandwidth in self.collectives:
-            if name == kind:
-                return Link(latency, bandwidth, self.link_class)
+        for perf in self.collectives:
+            if perf.kind == kind:
+                bandwidth = perf.bandwidth_Bps or (max(b for _, b in perf.busbw_by_size) if perf.busbw_by_size
+                                                   else self.bandwidth_Bps)
+                return Link(self.latency_s if perf.latency_s is None else perf.latency_s, bandwidth,
+                            self.link_class, busbw_by_size=perf.busbw_by_size, busbw_ranks=perf.ranks)
         return self
 
 
@@ -97,6 +127,9 @@ class DeviceKind:
     """Fraction of a collective's time that hides behind compute running at the same time (1: GPUs,
     whose copy engines and spare SMs move data while kernels run; CPU ranks measure far less, as
     their communication threads need the cores the compute uses)."""
+    collective_overhead_s: float = 0.0
+    """Seconds every collective call costs once, before its steps (NCCL's base latency: the kernel
+    launch and the channels' set-up); 0: included in the per-step latencies."""
 
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.peak_flops.items())), self.memory_bytes))
@@ -188,6 +221,8 @@ class Device:
     """Key -> (forward FLOPs, forward, backward) points (see :class:`DeviceKind`)."""
     comm_overlap: float = 1.0
     """Fraction of a collective's time that hides behind concurrent compute (see :class:`DeviceKind`)."""
+    collective_overhead_s: float = 0.0
+    """Seconds every collective call costs once (see :class:`DeviceKind`)."""
 
     def __hash__(self) -> int:
         return hash((self.id, self.node, self.kind))
@@ -247,7 +282,8 @@ class Cluster:
                                       kind.memory_bytes, kind.memory_bandwidth_Bps, local,
                                       op_overhead_s=kind.op_overhead_s, efficiency=dict(kind.efficiency),
                                       efficiency_by_flops=dict(kind.efficiency_by_flops),
-                                      comm_overlap=kind.comm_overlap))
+                                      comm_overlap=kind.comm_overlap,
+                                      collective_overhead_s=kind.collective_overhead_s))
         object.__setattr__(self, "_devices", tuple(devices))
         firsts = [0]
         for node in self.nodes:

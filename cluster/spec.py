@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -17,9 +18,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from cluster.builtins import BUILTINS, DEVICE_KINDS
+from cluster.builtins import BUILTINS, DEVICE_KIND_SPECS
 from cluster.model import (COLLECTIVE_KINDS, DTYPES, INTRA_NODE_CLASSES, LINK_CLASSES, NIC_TYPES, Cluster,
-                           ClusterSpecError, DeviceKind, Link, LinkOverride, Nic, Node, PairMatrix, RegionLink)
+                           ClusterSpecError, CollectivePerf, DeviceKind, Link, LinkOverride, Nic, Node, PairMatrix,
+                           RegionLink)
 
 # --------------------------------------------------------------------------------------------------
 # Human units
@@ -142,7 +144,8 @@ _TOP_KEYS = {"name", "description", "device_kinds", "nodes", "inter_region", "li
 _NODE_KEYS = {"name", "count", "device", "devices", "intra_link", "nics", "region"}
 _LINK_KEYS = {"class", "bandwidth", "latency"}
 _NIC_KEYS = {"type", "count", "bandwidth", "latency"}
-_KIND_KEYS = {"peak_flops", "memory", "memory_bandwidth", "op_overhead", "efficiency", "comm_overlap"}
+_KIND_KEYS = {"peak_flops", "memory", "memory_bandwidth", "op_overhead", "efficiency", "comm_overlap",
+              "collective_overhead"}
 _PHASES = ("forward", "backward")
 
 
@@ -166,38 +169,10 @@ class _SpecParser:
                        metadata=copy.deepcopy(dict(spec.get("metadata") or {})))
 
     def _device_kinds(self, raw: Any) -> dict[str, DeviceKind]:
-        kinds = dict(DEVICE_KINDS)
+        kinds = dict(builtin_device_kinds())
         for name, body in _mapping(raw, "device_kinds").items():
-            kinds[str(name)] = self._device_kind(str(name), body, f"device_kinds.{name}")
+            kinds[str(name)] = parse_device_kind(str(name), body, f"device_kinds.{name}")
         return kinds
-
-    @staticmethod
-    def _device_kind(name: str, body: Any, path: str) -> DeviceKind:
-        body = _mapping(body, path, _KIND_KEYS)
-        flops_raw = _mapping(_required(body, "peak_flops", path), f"{path}.peak_flops")
-        if not flops_raw:
-            raise ClusterSpecError(f"{path}.peak_flops",
-                                   "expected at least one dtype (e.g. fp32: 19.5TFLOPS), found none")
-        flops = {}
-        for dtype, value in flops_raw.items():
-            if dtype not in DTYPES:
-                raise ClusterSpecError(f"{path}.peak_flops.{dtype}",
-                                       f"unknown dtype; expected one of {', '.join(DTYPES)}")
-            flops[dtype] = parse_quantity(value, "flops", f"{path}.peak_flops.{dtype}")
-        memory = int(parse_quantity(_required(body, "memory", path), "bytes", f"{path}.memory"))
-        bandwidth = body.get("memory_bandwidth")
-        bandwidth = None if bandwidth is None else parse_quantity(bandwidth, "bandwidth", f"{path}.memory_bandwidth")
-        overhead = body.get("op_overhead")
-        overhead = None if overhead is None else _per_phase(overhead, f"{path}.op_overhead",
-                                                           lambda v, p: parse_quantity(v, "time", p))
-        efficiency, curves = {}, {}
-        for key, value in _mapping(body.get("efficiency", {}), f"{path}.efficiency").items():
-            efficiency[str(key)], curve = _efficiency_entry(value, f"{path}.efficiency.{key}")
-            if curve:
-                curves[str(key)] = curve
-        overlap = _fraction(body.get("comm_overlap", 1.0), f"{path}.comm_overlap")
-        return DeviceKind(name, flops, memory, bandwidth, op_overhead_s=overhead, efficiency=efficiency,
-                          efficiency_by_flops=curves, comm_overlap=overlap)
 
     def _nodes(self, raw: Any, kinds: Mapping[str, DeviceKind]) -> tuple[Node, ...]:
         entries = _sequence(raw, "nodes")
@@ -293,6 +268,43 @@ class _SpecParser:
         return PairMatrix(latency, bandwidth, classes)
 
 
+def parse_device_kind(name: str, body: Any, path: str) -> DeviceKind:
+    """A ``device_kinds`` entry (``peak_flops``, ``memory``, ...) as a :class:`DeviceKind`; errors name ``path``."""
+    body = _mapping(body, path, _KIND_KEYS)
+    flops_raw = _mapping(_required(body, "peak_flops", path), f"{path}.peak_flops")
+    if not flops_raw:
+        raise ClusterSpecError(f"{path}.peak_flops",
+                               "expected at least one dtype (e.g. fp32: 19.5TFLOPS), found none")
+    flops = {}
+    for dtype, value in flops_raw.items():
+        if dtype not in DTYPES:
+            raise ClusterSpecError(f"{path}.peak_flops.{dtype}",
+                                   f"unknown dtype; expected one of {', '.join(DTYPES)}")
+        flops[dtype] = parse_quantity(value, "flops", f"{path}.peak_flops.{dtype}")
+    memory = int(parse_quantity(_required(body, "memory", path), "bytes", f"{path}.memory"))
+    bandwidth = body.get("memory_bandwidth")
+    bandwidth = None if bandwidth is None else parse_quantity(bandwidth, "bandwidth", f"{path}.memory_bandwidth")
+    overhead = body.get("op_overhead")
+    overhead = None if overhead is None else _per_phase(overhead, f"{path}.op_overhead",
+                                                       lambda v, p: parse_quantity(v, "time", p))
+    efficiency, curves = {}, {}
+    for key, value in _mapping(body.get("efficiency", {}), f"{path}.efficiency").items():
+        efficiency[str(key)], curve = _efficiency_entry(value, f"{path}.efficiency.{key}")
+        if curve:
+            curves[str(key)] = curve
+    overlap = _fraction(body.get("comm_overlap", 1.0), f"{path}.comm_overlap")
+    collective = parse_quantity(body.get("collective_overhead", 0.0), "time", f"{path}.collective_overhead")
+    return DeviceKind(name, flops, memory, bandwidth, op_overhead_s=overhead, efficiency=efficiency,
+                      efficiency_by_flops=curves, comm_overlap=overlap, collective_overhead_s=collective)
+
+
+@functools.lru_cache(maxsize=1)
+def builtin_device_kinds() -> dict[str, DeviceKind]:
+    """The device kinds a spec may name without defining them (:data:`cluster.builtins.DEVICE_KIND_SPECS`)."""
+    return {name: parse_device_kind(name, body, f"built-in device kind {name}")
+            for name, body in DEVICE_KIND_SPECS.items()}
+
+
 def _parse_link(raw: Any, path: str, classes: Iterable[str], extra_keys: Iterable[str] = ()) -> Link:
     """A ``{class, bandwidth, latency}`` mapping; ``extra_keys`` are fields the caller reads itself."""
     raw = _mapping(raw, path, _LINK_KEYS | set(extra_keys))
@@ -301,17 +313,48 @@ def _parse_link(raw: Any, path: str, classes: Iterable[str], extra_keys: Iterabl
                 _choice(_required(raw, "class", path), tuple(classes), f"{path}.class", "link class"))
 
 
-def _link_collectives(raw: Mapping[str, Any], path: str) -> tuple[tuple[str, float, float], ...]:
-    """The ``collectives: {kind: {latency, bandwidth}}`` of a link, as ``(kind, latency, bandwidth)``."""
+def _link_collectives(raw: Mapping[str, Any], path: str) -> tuple[CollectivePerf, ...]:
+    """The ``collectives: {kind: {latency, bandwidth, busbw, ranks}}`` of a link."""
     out = []
     for kind, body in _mapping(raw.get("collectives", {}), f"{path}.collectives").items():
         where = f"{path}.collectives.{kind}"
         if kind not in COLLECTIVE_KINDS:
             raise ClusterSpecError(where, f"unknown collective; expected one of {', '.join(COLLECTIVE_KINDS)}")
-        body = _mapping(body, where, {"latency", "bandwidth"})
-        out.append((str(kind), parse_quantity(_required(body, "latency", where), "time", f"{where}.latency"),
-                    parse_quantity(_required(body, "bandwidth", where), "bandwidth", f"{where}.bandwidth")))
+        body = _mapping(body, where, {"latency", "bandwidth", "busbw", "ranks"})
+        curve = _busbw_curve(body["busbw"], f"{where}.busbw") if body.get("busbw") is not None else ()
+        if not curve and body.get("bandwidth") is None:
+            raise ClusterSpecError(f"{where}.bandwidth", "missing required field (or give busbw: [[bytes, bus "
+                                                         "bandwidth], ...] measured on `ranks` ranks)")
+        if curve and "ranks" not in body:
+            raise ClusterSpecError(f"{where}.ranks", "missing required field (the ranks busbw was measured on)")
+        ranks = _positive_int(body["ranks"], f"{where}.ranks") if curve else 0
+        if curve and ranks < 2:
+            raise ClusterSpecError(f"{where}.ranks", f"expected 2 or more ranks, found {ranks}")
+        latency = body.get("latency")
+        bandwidth = body.get("bandwidth")
+        out.append(CollectivePerf(
+            str(kind), None if latency is None else parse_quantity(latency, "time", f"{where}.latency"),
+            None if bandwidth is None else parse_quantity(bandwidth, "bandwidth", f"{where}.bandwidth"),
+            curve, ranks))
     return tuple(out)
+
+
+def _busbw_curve(raw: Any, path: str) -> tuple[tuple[float, float], ...]:
+    """``[[bytes, bus bandwidth], ...]`` with strictly increasing sizes."""
+    points = []
+    for i, point in enumerate(_sequence(raw, path)):
+        where = f"{path}[{i}]"
+        point = _sequence(point, where)
+        if len(point) != 2:
+            raise ClusterSpecError(where, f"expected [bytes, bus bandwidth], found {point!r}")
+        points.append((parse_quantity(point[0], "bytes", f"{where}[0]"),
+                       parse_quantity(point[1], "bandwidth", f"{where}[1]")))
+    if not points:
+        raise ClusterSpecError(path, "expected at least one [bytes, bus bandwidth] point, found none")
+    sizes = [size for size, _ in points]
+    if sizes != sorted(set(sizes)):
+        raise ClusterSpecError(path, f"expected strictly increasing sizes, found {sizes}")
+    return tuple(points)
 
 
 def _per_phase(raw: Any, path: str, parse: Callable[[Any, str], float]) -> tuple[float, float]:
@@ -424,8 +467,19 @@ def _choice(value: Any, options: tuple[str, ...], path: str, what: str) -> str:
 def _link_dict(link: Link) -> dict[str, Any]:
     body: dict[str, Any] = {"class": link.link_class, "bandwidth": link.bandwidth_Bps, "latency": link.latency_s}
     if link.collectives:
-        body["collectives"] = {kind: {"latency": latency, "bandwidth": bandwidth}
-                               for kind, latency, bandwidth in link.collectives}
+        body["collectives"] = {perf.kind: _collective_dict(perf) for perf in link.collectives}
+    return body
+
+
+def _collective_dict(perf: CollectivePerf) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if perf.latency_s is not None:
+        body["latency"] = perf.latency_s
+    if perf.bandwidth_Bps is not None:
+        body["bandwidth"] = perf.bandwidth_Bps
+    if perf.busbw_by_size:
+        body["busbw"] = [list(point) for point in perf.busbw_by_size]
+        body["ranks"] = perf.ranks
     return body
 
 
@@ -441,6 +495,8 @@ def _kind_dict(kind: DeviceKind) -> dict[str, Any]:
             body["efficiency"][key]["by_flops"] = [list(point) for point in curve]
     if kind.comm_overlap != 1.0:
         body["comm_overlap"] = kind.comm_overlap
+    if kind.collective_overhead_s:
+        body["collective_overhead"] = kind.collective_overhead_s
     return body
 
 

@@ -135,7 +135,12 @@ def _estimate(plan: Any, report) -> list[str]:
         sim = plan.simulate()
     except (ValueError, KeyError, NotImplementedError) as error:  # e.g. a plan the simulator cannot place
         return [f"Estimate unavailable: {error}"]
-    return ["Estimated (simulator): " + sim.summary().replace("\n", "; ")]
+    lines = ["Estimated (simulator): " + sim.summary().replace("\n", "; ")]
+    if sim.breakdown:
+        lines.append("Where the step goes (simulated, the rank that finishes last):")
+        lines += [f"  {name:40s} {seconds * 1e3:10.2f} ms  {seconds / sim.step_time_s:6.1%}"
+                  for name, seconds in sorted(sim.breakdown.items(), key=lambda kv: -kv[1])]
+    return lines
 
 
 def _alternatives(report) -> list[str]:

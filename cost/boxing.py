@@ -115,21 +115,11 @@ class ClusterBoxingCost:
 
 def collective_seconds(op: str, nbytes: float, group: tuple, cluster: Cluster) -> float:
     """Seconds of the ``comm.*`` collective ``op`` on ``group`` for a tensor of ``nbytes`` as the group
-    sees it (an all-to-all sends each rank's share of it).
-
-    An all-reduce costs at most the reduce-scatter and all-gather it can be run as: the collective
-    model prices those two with recursive halving and doubling, which its all-reduce algorithms do not
-    use, and without the bound a chain would split one all-reduce into two collectives to save latency.
-    """
+    sees it (an all-to-all sends each rank's share of it)."""
     kind = op.split(".", 1)[1]
     if kind == "all_to_all":
         nbytes /= len(group)
-    seconds = collective_time(kind, nbytes, group, cluster)
-    if kind == "all_reduce":
-        halves = collective_time("reduce_scatter", nbytes, group, cluster) + \
-            collective_time("all_gather", nbytes, group, cluster)
-        seconds = min(seconds, halves)
-    return seconds
+    return collective_time(kind, nbytes, group, cluster)
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,10 +1,28 @@
 """Collective and point-to-point time over a :class:`~cluster.model.Cluster`, and the bytes each link
 class carries.
 
-Collectives are costed by the links their bytes actually cross. An algorithm is a sequence of steps;
-in one step every participant sends one chunk to one peer at the same time, so a step lasts as long as
-its slowest transfer (latency + chunk / bandwidth of that pair's link). Devices are ordered the way
-NCCL builds its rings and trees: grouped by node, keeping the caller's order inside a node.
+Collectives are priced the way NCCL runs them (its algorithms, and the bandwidth they reach by message
+size), on the links their bytes actually cross. Devices are ordered as NCCL builds its rings: grouped by
+node, keeping the caller's order inside a node.
+
+- **ring** (every kind; broadcast as a pipelined chain, all-to-all as a pairwise exchange): a call costs
+  the devices' collective overhead once (NCCL's base latency), and a chunk crosses ``steps`` hops
+  (all-reduce ``2(p-1)``, reduce-scatter / all-gather ``p-1``), so the latency adds the hops' latencies
+  along that path (NCCL's ``base + (steps - inter) x intra + inter x net``); the data
+  moves at the ring's bus bandwidth, the slowest of its hops, so ``time = latency + factor x n / busbw``
+  with nccl-tests' bus factors (all-reduce ``2(p-1)/p``, the others ``(p-1)/p``). A hop inside a node
+  runs at the link's measured bus bandwidth *for that message size* (:func:`hop_bandwidth`: NCCL's
+  protocols and channel counts change with the size, so a 16 MB all-reduce reaches half the plateau of
+  a 1 GB one); a hop between nodes carries one channel per device of the group on the node, each on its
+  own NIC (NCCL's multi-rail rings), so it runs at the group's devices per node x the per-device NIC
+  share.
+- **tree** (all-reduce across two or more nodes; NCCL's double binary tree): a chain inside each node and
+  a binary tree between nodes, reduced up and broadcast down: ``base + 2 x ((k - 1) intra + ceil(log2 N)
+  net)`` latencies, and ``2 n / busbw`` (NCCL converts tree bus bandwidth to algorithm bandwidth at half).
+
+The two share their bandwidth, so an all-reduce costs the reduce-scatter and all-gather it is made of
+less one call overhead (the tree only shortens latency across many nodes): one all-reduce is cheaper
+than the pair, as it is on the hardware. ``auto`` takes the cheaper algorithm.
 
 Conventions for ``nbytes``: the full buffer on each rank for ``all_reduce`` and ``broadcast``; the
 gathered *output* for ``all_gather``; the *input* for ``reduce_scatter``; each rank's whole send
@@ -16,14 +34,19 @@ import dataclasses
 import functools
 import math
 import operator
-from collections import Counter, defaultdict
+from bisect import bisect_left
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Sequence
 
-from cluster import COLLECTIVE_KINDS, SELF_LINK, Cluster, Link
+from cluster import COLLECTIVE_KINDS, INTRA_NODE_CLASSES, Cluster, Link
 
 COLLECTIVES = COLLECTIVE_KINDS
-ALGORITHMS = ("ring", "tree", "hierarchical")
+ALGORITHMS = ("ring", "tree")
+RING_KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+MIN_BANDWIDTH_SHARE = 0.05
+"""Of a measured point's time, at least this share is taken as data movement (the rest is latency),
+so a latency-bound measurement still gives a finite bandwidth (:func:`hop_bandwidth`)."""
 
 
 @dataclass(frozen=True)
@@ -33,25 +56,6 @@ class CollectiveCost:
     time_s: float
     algorithm: str
     traffic: dict[str, float] = field(default_factory=dict)
-
-    def then(self, later: "CollectiveCost") -> "CollectiveCost":
-        """This phase followed by ``later``: times add, traffic adds."""
-        return CollectiveCost(self.time_s + later.time_s, self.algorithm, _add_traffic(self.traffic, later.traffic))
-
-    @staticmethod
-    def alongside(costs: Iterable["CollectiveCost"], algorithm: str) -> "CollectiveCost":
-        """Phases running at the same time on disjoint devices: the slowest sets the time, traffic adds."""
-        costs = list(costs)
-        traffic: dict[str, float] = {}
-        for cost in costs:
-            traffic = _add_traffic(traffic, cost.traffic)
-        return CollectiveCost(max((c.time_s for c in costs), default=0.0), algorithm, traffic)
-
-
-def _add_traffic(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
-    total = Counter(a)
-    total.update(b)
-    return dict(total)
 
 
 def p2p_time(nbytes: float, src: int, dst: int, cluster: Cluster) -> float:
@@ -92,23 +96,21 @@ def collective_cost(kind: str, nbytes: float, devices: Sequence[int], cluster: C
     return dataclasses.replace(cost, traffic=dict(cost.traffic))  # callers may edit their copy
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=8192)
 def _cached_collective_cost(kind: str, nbytes: float, devices: tuple[int, ...], cluster: Cluster,
                             algorithm: str) -> CollectiveCost:
     if kind == "send_recv":
         return _send_recv_cost(nbytes, devices, cluster)
-    ordered = _node_order(devices, cluster)
-    if len(ordered) == 1 or nbytes == 0:
+    ring = _Ring(devices, cluster)
+    if len(devices) == 1 or nbytes == 0:
         return CollectiveCost(0.0, "ring" if algorithm == "auto" else algorithm, {})
-    if algorithm != "auto":
-        cost = _algorithm_cost(algorithm, kind, nbytes, ordered, cluster)
-        if cost is None:
-            raise ValueError(f"the {algorithm} algorithm is not modelled for {kind} on devices {list(devices)} "
-                             "(hierarchical needs two or more nodes each holding the same number, two or more, of "
-                             "the devices, and is not defined for all_to_all); use 'auto' or 'ring'")
-        return cost
-    candidates = [_algorithm_cost(a, kind, nbytes, ordered, cluster) for a in ALGORITHMS]
-    return min((c for c in candidates if c is not None), key=lambda c: c.time_s)
+    if algorithm == "tree" and not ring.tree_applies(kind):
+        raise ValueError(f"the tree algorithm is modelled for all_reduce across two or more nodes (NCCL's "
+                         f"double binary tree), not for {kind} on devices {list(devices)}; use 'auto' or 'ring'")
+    candidates = [ring.cost(kind, nbytes)] if algorithm != "tree" else []
+    if algorithm in ("auto", "tree") and ring.tree_applies(kind):
+        candidates.append(ring.tree_cost(nbytes))
+    return min(candidates, key=lambda c: c.time_s)
 
 
 def _send_recv_cost(nbytes: float, devices: tuple[int, ...], cluster: Cluster) -> CollectiveCost:
@@ -120,80 +122,180 @@ def _send_recv_cost(nbytes: float, devices: tuple[int, ...], cluster: Cluster) -
     return CollectiveCost(p2p_time(nbytes, src, dst, cluster), "p2p", traffic)
 
 
-def _node_order(devices: Sequence[int], cluster: Cluster) -> tuple[int, ...]:
-    """Devices grouped by node (nodes in order of first appearance), caller's order kept inside a node."""
-    first_seen: dict[int, int] = {}
-    for position, device in enumerate(devices):
-        first_seen.setdefault(cluster.node_of(device), position)
-    return tuple(sorted(devices, key=lambda d: first_seen[cluster.node_of(d)]))
+# --------------------------------------------------------------------------------------------------
+# Bandwidth of one hop
+# --------------------------------------------------------------------------------------------------
 
 
-def _algorithm_cost(algorithm: str, kind: str, nbytes: float, ordered: tuple[int, ...],
-                    cluster: Cluster) -> CollectiveCost | None:
-    if algorithm == "ring":
-        return _ring_cost(kind, nbytes, ordered, cluster)
-    if algorithm == "tree":
-        return _tree_cost(kind, nbytes, ordered, cluster)
-    return _hierarchical_cost(kind, nbytes, ordered, cluster)
+def ring_steps(kind: str, ranks: int) -> int:
+    """Steps of a ring collective: a chunk crosses ``2(p-1)`` hops in an all-reduce, ``p-1`` otherwise."""
+    return 2 * (ranks - 1) if kind == "all_reduce" else ranks - 1
 
 
-# -- steps -----------------------------------------------------------------------------------------
-
-Transfer = tuple[int, int, float]  # (src, dst, bytes), all transfers of a step run at once
-
-
-def _steps_cost(steps: Iterable[tuple[int, Sequence[Transfer]]], cluster: Cluster, algorithm: str,
-                kind: str) -> CollectiveCost:
-    """Cost of ``(repeats, transfers)`` steps of collective ``kind``: each step lasts as long as its
-    slowest transfer."""
-    link_of = _link_lookup(cluster, kind)
-    time_s = 0.0
-    traffic: Counter[str] = Counter()
-    for repeats, transfers in steps:
-        slowest = 0.0
-        for (src, dst, nbytes), count in Counter(transfers).items():
-            link = link_of(src, dst)
-            slowest = max(slowest, link.transfer_time(nbytes))
-            traffic[link.link_class] += repeats * count * nbytes
-        time_s += repeats * slowest
-    return CollectiveCost(time_s, algorithm, dict(traffic))
+def bus_factor(kind: str, ranks: int) -> float:
+    """nccl-tests' bus bandwidth factor: bytes each rank moves per byte of ``nbytes`` (module docstring)."""
+    if kind == "all_reduce":
+        return 2 * (ranks - 1) / ranks
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (ranks - 1) / ranks
+    return 1.0
 
 
-def _link_lookup(cluster: Cluster, kind: str) -> Callable[[int, int], Link]:
-    """``cluster.link`` as collective ``kind`` sees it (:meth:`~cluster.model.Link.for_collective`), memoised
-    for one costing; by node pair when links follow nodes (big collectives)."""
-    if not cluster.links_follow_nodes:
-        return functools.lru_cache(maxsize=None)(lambda src, dst: cluster.link(src, dst).for_collective(kind))
-    node_of = [d.node for d in cluster.devices]
+def hop_bandwidth(link: Link, nbytes: float, call_s: float = 0.0) -> float:
+    """Bytes/s a ring hop over ``link`` (as a collective sees it, :meth:`~cluster.model.Link.for_collective`)
+    moves for a collective of ``nbytes``.
 
-    def link(src: int, dst: int) -> Link:
-        return SELF_LINK if src == dst else cluster.node_link(node_of[src], node_of[dst]).for_collective(kind)
-    return link
-
-
-def _ring_cost(kind: str, n: float, ring: tuple[int, ...], cluster: Cluster) -> CollectiveCost:
-    """Ring algorithms: every step moves one 1/p chunk over every ring link at once.
-
-    all_reduce = reduce-scatter + all-gather: 2(p-1) steps; all_gather / reduce_scatter: p-1 steps;
-    broadcast: a pipelined chain (p-1 hops of latency, the whole buffer once through the slowest hop);
-    all_to_all: pairwise exchange (see :func:`_pairwise_all_to_all_cost`).
+    Without a measured curve: the link's bandwidth. With one (nccl-tests bus bandwidth of a ring of
+    ``busbw_ranks`` ranks by size, interpolated in log size and held flat beyond the ends), the time the
+    curve implies at this size, less the latency this model adds for that ring (``call_s``, the devices'
+    collective call overhead, and its steps), is the data movement:
+    so a collective of the measured size and rank count costs exactly what was measured, and other rank
+    counts move the same bytes per hop at the same rate.
     """
-    p = len(ring)
-    neighbours = [(ring[i], ring[(i + 1) % p], n / p) for i in range(p)]
-    if kind in ("all_reduce", "all_gather", "reduce_scatter"):
-        repeats = 2 * (p - 1) if kind == "all_reduce" else p - 1
-        return _steps_cost([(repeats, neighbours)], cluster, "ring", kind)
-    if kind == "broadcast":
-        return _chain_broadcast_cost(n, ring, cluster)
-    return _pairwise_all_to_all_cost(n, ring, cluster)
+    if not link.busbw_by_size:
+        return link.bandwidth_Bps
+    busbw = _interpolate_log(link.busbw_by_size, nbytes)
+    ranks = link.busbw_ranks
+    measured_s = nbytes * bus_factor("all_reduce", ranks) / busbw  # every factor cancels below
+    latency_s = call_s + ring_steps("all_reduce", ranks) * link.latency_s
+    moving_s = max(measured_s - latency_s, MIN_BANDWIDTH_SHARE * measured_s)
+    return busbw * measured_s / moving_s
 
 
-def _pairwise_all_to_all_cost(n: float, order: tuple[int, ...], cluster: Cluster) -> CollectiveCost:
+def _interpolate_log(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise-linear in log x through ``(x, y)`` points sorted by x; the end values outside them."""
+    sizes = [p[0] for p in points]
+    if x <= sizes[0]:
+        return points[0][1]
+    if x >= sizes[-1]:
+        return points[-1][1]
+    k = bisect_left(sizes, x)
+    (x0, y0), (x1, y1) = points[k - 1], points[k]
+    t = math.log(x / x0) / math.log(x1 / x0)
+    return y0 + t * (y1 - y0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rings and trees
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """One ring hop: the link (as seen by the collective), whether it joins two nodes, and how many
+    channels run over it at once (devices of the group on the smaller side, for NIC hops)."""
+
+    link: Link
+    inter: bool
+    channels: int
+    call_s: float = 0.0
+    """The collective call overhead of the devices at its ends (what the link's measured curve includes)."""
+
+    def bandwidth(self, nbytes: float) -> float:
+        return self.channels * hop_bandwidth(self.link, nbytes, self.call_s)
+
+
+class _Ring:
+    """A group of devices in NCCL's ring order and the hops between consecutive ones."""
+
+    def __init__(self, devices: Sequence[int], cluster: Cluster):
+        first_seen: dict[int, int] = {}
+        for position, device in enumerate(devices):
+            first_seen.setdefault(cluster.node_of(device), position)
+        self.order = tuple(sorted(devices, key=lambda d: first_seen[cluster.node_of(d)]))
+        self.count_on = Counter(cluster.node_of(d) for d in self.order)
+        """Node -> devices of the group on it."""
+        self.cluster = cluster
+        self.call_s = max(cluster.device(d).collective_overhead_s for d in self.order)
+        """What a collective call costs once (the slowest device's overhead)."""
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the group spans."""
+        return len(self.count_on)
+
+    def tree_applies(self, kind: str) -> bool:
+        """NCCL's tree is an all-reduce algorithm between nodes."""
+        return kind == "all_reduce" and self.nodes >= 2
+
+    def hops(self, kind: str, cyclic: bool = True) -> list[_Hop]:
+        """The ring's hops (the chain's without ``cyclic``), as collective ``kind`` sees their links."""
+        order, cluster = self.order, self.cluster
+        pairs = list(zip(order, order[1:])) + ([(order[-1], order[0])] if cyclic and len(order) > 2 else [])
+        out = []
+        for a, b in pairs:
+            link = cluster.link(a, b)
+            inter = cluster.node_of(a) != cluster.node_of(b)
+            out.append(_Hop(link.for_collective(kind), inter, self._channels(a, b, link) if inter else 1,
+                            max(cluster.device(a).collective_overhead_s, cluster.device(b).collective_overhead_s)))
+        return out
+
+    def _channels(self, a: int, b: int, link: Link) -> int:
+        """Rings over a NIC hop: one per device of the group on the smaller node (NCCL's channels each take
+        their own NIC); one over a WAN or a link that does not follow the nodes."""
+        cluster = self.cluster
+        if link.link_class in INTRA_NODE_CLASSES or link.link_class == "wan" or not cluster.links_follow_nodes:
+            return 1
+        return min(self.count_on[cluster.node_of(a)], self.count_on[cluster.node_of(b)])
+
+    def cost(self, kind: str, nbytes: float) -> CollectiveCost:
+        """The ring algorithm of ``kind`` (broadcast: pipelined chain; all-to-all: pairwise exchange)."""
+        if kind == "all_to_all":
+            return _pairwise_all_to_all_cost(nbytes, self.order, self.cluster, self.call_s)
+        if kind == "broadcast":
+            return self._chain_broadcast_cost(nbytes)
+        p = len(self.order)
+        hops = self.hops(kind)
+        steps = ring_steps(kind, p)
+        inter_steps = (2 if kind == "all_reduce" else 1) * (self.nodes - 1)
+        latency = self.call_s + (steps - inter_steps) * _worst_latency(hops, inter=False) + \
+            inter_steps * _worst_latency(hops, inter=True)
+        factor = bus_factor(kind, p)
+        busbw = min(hop.bandwidth(nbytes) for hop in hops)
+        traffic: Counter[str] = Counter()
+        for hop in hops:
+            traffic[hop.link.link_class] += factor * nbytes
+        return CollectiveCost(latency + factor * nbytes / busbw, "ring", dict(traffic))
+
+    def tree_cost(self, nbytes: float) -> CollectiveCost:
+        """NCCL's all-reduce tree: chains inside the nodes, a binary tree between them, up then down (every
+        edge carries the buffer once each way)."""
+        hops = self.hops("all_reduce")
+        depth = math.ceil(math.log2(self.nodes))
+        latency = self.call_s + 2 * ((max(self.count_on.values()) - 1) * _worst_latency(hops, inter=False)
+                                     + depth * _worst_latency(hops, inter=True))
+        busbw = min(hop.bandwidth(nbytes) for hop in hops)
+        edges = {False: len(self.order) - self.nodes, True: self.nodes - 1}  # chain edges, tree edges
+        traffic: Counter[str] = Counter()
+        for inter, count in edges.items():
+            classes = [hop.link.link_class for hop in hops if hop.inter == inter]
+            for link_class in classes:
+                traffic[link_class] += 2 * nbytes * count / len(classes)
+        return CollectiveCost(latency + 2 * nbytes / busbw, "tree", dict(traffic))
+
+    def _chain_broadcast_cost(self, nbytes: float) -> CollectiveCost:
+        """Pipelined chain from the first device: every hop's latency, the buffer once at the slowest hop."""
+        hops = self.hops("broadcast", cyclic=False)
+        latency = self.call_s + sum(hop.link.latency_s for hop in hops)
+        traffic: Counter[str] = Counter()
+        for hop in hops:
+            traffic[hop.link.link_class] += nbytes
+        return CollectiveCost(latency + nbytes / min(hop.bandwidth(nbytes) for hop in hops), "ring", dict(traffic))
+
+
+def _worst_latency(hops: list[_Hop], inter: bool) -> float:
+    """The largest latency among the intra-node (or inter-node) hops; 0 when there are none."""
+    return max((hop.link.latency_s for hop in hops if hop.inter == inter), default=0.0)
+
+
+def _pairwise_all_to_all_cost(n: float, order: tuple[int, ...], cluster: Cluster, call_s: float) -> CollectiveCost:
     """Pairwise exchange: p-1 steps, step s sends rank i's n/p chunk to rank i+s.
 
-    Every step is charged the slowest pair of the group; on a multi-node group every step has a
-    cross-node pair, so this is exact for uniform nodes and an upper bound otherwise. Traffic is exact.
-    Pairs are costed per node pair when links follow nodes, keeping 1000+ device groups cheap.
+    Every step is charged the slowest pair of the group (all-to-all cannot spread one rank's traffic over
+    several NICs: "the performance you should see is the performance of a single NIC", nccl-tests#267);
+    on a multi-node group every step has a cross-node pair, so this is exact for uniform nodes and an
+    upper bound otherwise. Traffic is exact. Pairs are costed per node pair when links follow nodes,
+    keeping 1000+ device groups cheap.
     """
     chunk = n / len(order)
     if cluster.links_follow_nodes:
@@ -206,91 +308,5 @@ def _pairwise_all_to_all_cost(n: float, order: tuple[int, ...], cluster: Cluster
     traffic: Counter[str] = Counter()
     for link, pairs in weighted:
         traffic[link.link_class] += pairs * chunk
-    slowest = max(link.transfer_time(chunk) for link, _ in weighted)
-    return CollectiveCost((len(order) - 1) * slowest, "ring", dict(traffic))
-
-
-def _chain_broadcast_cost(n: float, chain: tuple[int, ...], cluster: Cluster) -> CollectiveCost:
-    """Pipelined chain broadcast from ``chain[0]``: (p-1) latencies + n over the slowest hop."""
-    links = [cluster.link(chain[i], chain[i + 1]).for_collective("broadcast") for i in range(len(chain) - 1)]
-    time_s = sum(link.latency_s for link in links) + n / min(link.bandwidth_Bps for link in links)
-    traffic: Counter[str] = Counter()
-    for link in links:
-        traffic[link.link_class] += n
-    return CollectiveCost(time_s, "ring", dict(traffic))
-
-
-def _tree_cost(kind: str, n: float, order: tuple[int, ...], cluster: Cluster) -> CollectiveCost:
-    """Tree-shaped algorithms with ceil(log2 p) latency terms.
-
-    all_reduce: pipelined binary tree, reduce to the root then broadcast back (2 log p latencies,
-    every tree edge carries the whole buffer up and down); broadcast: the downward half only;
-    all_gather / reduce_scatter: recursive doubling / halving (step k exchanges 2^k/p of the data with
-    the partner 2^k away); all_to_all: Bruck (log p steps of half the buffer each).
-    Non powers of two are approximated by skipping partners past the end.
-    """
-    p = len(order)
-    depth = math.ceil(math.log2(p))
-    if kind in ("all_reduce", "broadcast"):
-        edges = [(order[(i - 1) // 2], order[i]) for i in range(1, p)]  # heap-shaped binary tree
-        directions = 2 if kind == "all_reduce" else 1
-        links = [cluster.link(a, b).for_collective(kind) for a, b in edges]
-        time_s = directions * (depth * max(l.latency_s for l in links) + n / min(l.bandwidth_Bps for l in links))
-        traffic: Counter[str] = Counter()
-        for link in links:
-            traffic[link.link_class] += directions * n
-        return CollectiveCost(time_s, "tree", dict(traffic))
-    if kind == "all_to_all":
-        return _steps_cost([(1, [(order[i], order[(i + 2**k) % p], n / 2) for i in range(p)]) for k in range(depth)],
-                           cluster, "tree", kind)
-    distances = [2**k for k in range(depth)]
-    if kind == "reduce_scatter":
-        distances.reverse()  # halving: the biggest chunks go to the farthest partners first
-    steps = []
-    for distance in distances:
-        chunk = distance * n / p  # doubling grows the chunk with the distance; halving shrinks both
-        pairs = [(order[i], order[i ^ distance]) for i in range(p) if (i ^ distance) < p]
-        steps.append((1, [(a, b, chunk) for a, b in pairs]))
-    return _steps_cost(steps, cluster, "tree", kind)
-
-
-def _hierarchical_cost(kind: str, n: float, order: tuple[int, ...], cluster: Cluster) -> CollectiveCost | None:
-    """Two-level algorithms over nodes; None where not two-level (all_to_all, a single node, one device
-    per node) or not modelled (nodes holding different numbers of the devices).
-
-    all_reduce: intra-node reduce-scatter, then the k devices of a node each all-reduce their 1/k
-    shard with the same-position devices of the other nodes (all k "rails" at once), then intra-node
-    all-gather. reduce_scatter / all_gather: the first / last two of those phases. broadcast: among one
-    device per node, then inside each node. Each phase uses the cheaper of ring and tree.
-    """
-    groups = _node_groups(order, cluster)
-    k = len(groups[0])
-    if kind == "all_to_all" or len(groups) < 2 or k < 2 or any(len(g) != k for g in groups):
-        return None  # with one node, or one device per node, it would just be a flat algorithm
-    rails = [tuple(g[r] for g in groups) for r in range(k)]
-
-    def across(phase_kind: str, nbytes: float, teams: list[tuple[int, ...]]) -> CollectiveCost:
-        return CollectiveCost.alongside((_flat_cost(phase_kind, nbytes, t, cluster) for t in teams), "hierarchical")
-
-    if kind == "all_reduce":
-        return across("reduce_scatter", n, groups).then(across("all_reduce", n / k, rails)) \
-            .then(across("all_gather", n, groups))
-    if kind == "reduce_scatter":
-        return across("reduce_scatter", n, groups).then(across("reduce_scatter", n / k, rails))
-    if kind == "all_gather":
-        return across("all_gather", n / k, rails).then(across("all_gather", n, groups))
-    return across("broadcast", n, rails[:1]).then(across("broadcast", n, groups))
-
-
-def _flat_cost(kind: str, n: float, team: tuple[int, ...], cluster: Cluster) -> CollectiveCost:
-    """The cheaper of ring and tree for one phase of a hierarchical collective."""
-    if len(team) == 1 or n == 0:
-        return CollectiveCost(0.0, "hierarchical", {})
-    return min((_ring_cost(kind, n, team, cluster), _tree_cost(kind, n, team, cluster)), key=lambda c: c.time_s)
-
-
-def _node_groups(order: tuple[int, ...], cluster: Cluster) -> list[tuple[int, ...]]:
-    groups: dict[int, list[int]] = defaultdict(list)
-    for device in order:
-        groups[cluster.node_of(device)].append(device)
-    return [tuple(g) for g in groups.values()]
+    slowest = max(link.latency_s + chunk / hop_bandwidth(link, n, call_s) for link, _ in weighted)
+    return CollectiveCost(call_s + (len(order) - 1) * slowest, "ring", dict(traffic))

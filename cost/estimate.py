@@ -196,10 +196,7 @@ class Estimator:
         for j in segments:
             work = self.segment_work(shape, rank, j)
             totals += work
-            if j in shape.recompute:
-                recompute += work[0] + work[1]
-            elif self.profile.segments[j].recomputed_part is not None:
-                recompute += self._recomputed_part_forward(shape, rank, j)
+            recompute += self._recompute_time(shape, rank, j, work)
         send = self._send_time(shape, k, segments[-1], self.microbatch_size(shape))
         weight = sum(self.segment_weight_time(shape, rank, j) for j in segments) if _splits(shape) else 0.0
         return StageEstimate(k, rank, shape.stage_layers[k], shape.stage_devices[rank], *map(float, totals),
@@ -230,11 +227,26 @@ class Estimator:
             else:
                 fwd += seconds
         if self.fsdp_analytic(shape):  # gather for forward, gather again for backward, reduce-scatter grads
-            gather = self._collective("all_gather", segment.param_bytes(), devices, shape, shape.fsdp_axis)
+            gather = self._fsdp_gather(segment, shape, devices)
             fwd += gather
             grads = segment.param_bytes(trainable_only=True)
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
         return fwd, bwd
+
+    def _fsdp_gather(self, segment, shape: PlanShape, devices: tuple) -> float:
+        """Seconds of one all-gather of the segment's parameters over the FSDP axis (0 without FSDP)."""
+        if not self.fsdp_analytic(shape):
+            return 0.0
+        return self._collective("all_gather", segment.param_bytes(), devices, shape, shape.fsdp_axis)
+
+    def _recompute_time(self, shape: PlanShape, rank: int, j: int, work: tuple) -> float:
+        """Seconds segment ``j`` spends recomputing its forward in backward (a whole recomputed segment runs
+        its forward again without a gather of its own: the backward's FSDP gather serves it)."""
+        if j in shape.recompute:
+            return work[0] + work[1] - self._fsdp_gather(self.profile.segments[j], shape, shape.stage_devices[rank])
+        if self.profile.segments[j].recomputed_part is not None:
+            return self._recomputed_part_forward(shape, rank, j)
+        return 0.0
 
     def fsdp_analytic(self, shape: PlanShape) -> bool:
         """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""
@@ -274,6 +286,62 @@ class Estimator:
         if nbytes <= 0 or src == dst:
             return 0.0
         return max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
+
+    # -- where the time goes -----------------------------------------------------------------------
+    def segment_times(self, shape: PlanShape, rank: int) -> list[dict]:
+        """Per segment of pipeline rank ``rank`` (in stage order), seconds per microbatch: ``forward_s`` and
+        ``backward_s`` (collectives included; backward with the recomputed forward) and their parts."""
+        rows = []
+        for k in range(shape.num_stages):
+            if shape.rank_of_stage(k) != rank:
+                continue
+            for j in shape.segments_of_stage(k, self.profile.num_layers):
+                work = fwd, fwd_comm, bwd, bwd_comm = self.segment_work(shape, rank, j)
+                recompute = self._recompute_time(shape, rank, j, work)
+                rows.append({"segment": self.profile.segments[j].name, "index": j, "stage": k,
+                             "forward_compute_s": fwd, "forward_comm_s": fwd_comm, "backward_compute_s": bwd,
+                             "backward_comm_s": bwd_comm, "recompute_s": recompute,
+                             "forward_s": fwd + fwd_comm, "backward_s": bwd + bwd_comm + recompute})
+        return rows
+
+    def breakdown(self, shape: PlanShape, estimate: Estimate) -> dict[str, float]:
+        """Where the step's time goes on the pipeline rank that finishes last: seconds by part, summing to
+        ``estimate.step_time_s``. Parts: forward/backward compute of the blocks, recomputation, the
+        embedding/loss layers (prologue and epilogue compute), exposed collectives by kind and axis (tensor
+        and sequence parallelism; every collective of a stage is on its critical path), FSDP gathers and
+        gradient reduce-scatters, pipeline point-to-point transfers and bubble, the exposed part of the
+        gradient reduction, and the optimizer step."""
+        finish = {r: estimate.rank_end_s[r] + estimate.grad_sync_s[r][1] for r in range(shape.pp)}
+        rank = max(finish, key=finish.get)
+        m = shape.microbatches
+        parts: dict[str, float] = defaultdict(float)
+        last = len(self.profile.segments) - 1
+        for row in self.segment_times(shape, rank):
+            j = row["index"]
+            compute = row["forward_compute_s"] + row["backward_compute_s"]
+            if j in (0, last):
+                parts["embedding/loss compute"] += m * compute
+            else:
+                parts["forward compute"] += m * row["forward_compute_s"]
+                parts["backward compute"] += m * row["backward_compute_s"]
+            parts["recompute"] += m * row["recompute_s"]
+            devices = shape.stage_devices[rank]
+            batch = self.microbatch_size(shape)
+            for item in self.profile.segments[j].comms:
+                seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
+                parts[f"{item.kind} over {item.axis} (exposed)"] += m * seconds
+            if self.fsdp_analytic(shape):
+                parts["fsdp gathers and reduce-scatters"] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
+                    - m * sum(self._collective(i.kind, at(i.nbytes, batch), devices, shape, i.axis)
+                              for i in self.profile.segments[j].comms)
+        busy = sum(parts.values())
+        sends = sum(2 * m * s.send_s for s in estimate.stages if s.rank == rank)
+        idle = max(estimate.rank_end_s[rank] - busy, 0.0)
+        parts["pipeline point-to-point"] = min(sends, idle)
+        parts["pipeline bubble"] = idle - parts["pipeline point-to-point"]
+        parts["gradient reduction (exposed)"] = estimate.grad_sync_s[rank][1]
+        parts["optimizer step"] = estimate.optimizer_s
+        return {k: float(v) for k, v in parts.items() if v > 0}
 
     # -- whole step --------------------------------------------------------------------------------
     def estimate(self, shape: PlanShape, exact: bool = True) -> Estimate:

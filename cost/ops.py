@@ -111,7 +111,8 @@ def op_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
 
     matmul-like (linear, mm, bmm, matmul, addmm, ...): 2·(output elements)·K, i.e. 2·M·K·N; bias adds
     are not counted (the usual 6·N·D convention). scaled_dot_product_attention: 2·B·L·S·E (QKᵀ) +
-    2·B·L·S·Ev (·V), i.e. 4·b·h·s²·d, counting causal attention as dense and the softmax as free.
+    2·B·L·S·Ev (·V), i.e. 4·b·h·s²·d, the softmax free; with ``is_causal`` half of it, the work a
+    fused causal kernel does (it skips the masked blocks; FlashAttention's benchmarks count it so).
     conv: 2·(output elements)·(C_in/groups)·prod(kernel). Norms and softmax:
     :data:`NORM_FLOPS_PER_ELEMENT` / :data:`SOFTMAX_FLOPS_PER_ELEMENT` per element. cross_entropy:
     log-softmax on the logits plus one per target. Reductions: one per input element. Elementwise and
@@ -122,7 +123,7 @@ def op_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
     if category == "matmul":
         return 2 * _contraction_size(op, in_shapes) * _output_numel(op, in_shapes, out_shapes) * _experts_share(op, in_shapes)
     if category == "attention":
-        return _attention_flops(in_shapes)
+        return _attention_flops(in_shapes) / (2 if attrs.get("is_causal") else 1)
     if category == "conv":
         weight = in_shapes[1]
         return 2 * _output_numel(op, in_shapes, out_shapes, attrs) * numel(weight[1:])
@@ -350,11 +351,14 @@ def peak_flops(device: Device, precision: Precision) -> float:
 def compute_seconds(flops, nbytes, peak: float, memory_bandwidth: float | None, efficiency=1.0):
     """Seconds of work at the roofline divided by the efficiency the device reaches on it:
     ``max(flops / peak, nbytes / memory_bandwidth) / efficiency`` (compute alone without a memory
-    bandwidth). Floats or numpy arrays (element-wise)."""
-    seconds = flops / peak
+    bandwidth), and never less than ``flops / peak``: an efficiency above 1 (a CPU's caches beat the
+    measured memory bandwidth) may speed up memory-bound work, but no op runs above peak FLOP/s.
+    Floats or numpy arrays (element-wise)."""
+    at_peak = flops / peak
+    seconds = at_peak
     if memory_bandwidth:
         seconds = np.maximum(seconds, nbytes / memory_bandwidth)
-    return seconds / efficiency
+    return np.maximum(seconds / efficiency, at_peak)
 
 
 def op_overheads(device: Device, overhead_s: float | None = None) -> tuple[float, float]:

@@ -28,6 +28,7 @@ from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
 from ir.ops.comm import ADJOINTS
+from ir.ops.schema import SchemaError, arg
 from ir.recompute import RECOMPUTE_ATTR
 from ir.sbp import Split
 from ir.types import Mesh, TensorType, dim_symbol, dtype_size
@@ -101,16 +102,57 @@ class ComputeRecord:
     """In a region the program recomputes in backward (``attrs["recompute"]``)."""
     reads_param: bool = False
     """Reads a parameter (or its gathered copy): part of its backward is the weight gradient."""
+    attrs: tuple = ()
+    """``(name, value)`` pairs of the op's arguments its cost depends on (see :func:`cost_attrs`)."""
+    param_inputs: tuple = ()
+    """Per input, whether it is a parameter (or its gathered copy): not an activation backward keeps."""
 
 
 def reads_param(node: Node) -> bool:
     """Whether ``node`` reads a parameter, directly or as the output of a collective on it (FSDP's gather)."""
+    return any(param_inputs(node))
+
+
+def param_inputs(node: Node) -> tuple[bool, ...]:
+    """Per input value of ``node``: a parameter, directly or as the output of a collective on it."""
+    out = []
     for v in node.input_values():
         source = v.producer
-        if v.kind == "param" or (source is not None and source.op.startswith(COMM_PREFIX)
-                                 and any(u.kind == "param" for u in source.input_values())):
-            return True
-    return False
+        out.append(v.kind == "param" or (source is not None and source.op.startswith(COMM_PREFIX)
+                                         and any(u.kind == "param" for u in source.input_values())))
+    return tuple(out)
+
+
+_NOTHING_SAVED = frozenset({"add", "sub", "neg", "rsub", "sum", "mean", "cat", "stack", "clone", "contiguous",
+                            "_to_copy", "to", "copy", "index_select", "embedding", "full", "triu", "zeros", "ones"})
+"""Ops whose backward reads no saved activation (only shapes, indices or the output gradient)."""
+_MASK_SAVED = frozenset({"dropout", "native_dropout", "feature_dropout"})
+"""Ops whose backward reads a one-byte mask per output element."""
+_OUTPUT_SAVED = frozenset({"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "relu", "sigmoid",
+                           "tanh", "exp"})
+"""Ops whose backward reads their output."""
+
+
+def saved_for_backward(record: ComputeRecord) -> tuple[list, list, int]:
+    """What autograd keeps of one op for its backward: (types, SBPs, bytes per element override or 0).
+    Activation inputs that are not parameters (matmuls, norms, GELU and other nonlinear elementwise ops,
+    the loss's logits, attention's q/k/v), the output (softmax and ops whose derivative is written with it;
+    attention also keeps its output), a one-byte mask (dropout), or nothing (additions, copies, reductions,
+    views). A value read by two ops counts twice; the all-gathered input of a matmul counts gathered."""
+    name = normalize_op_name(record.op)
+    if name in _NOTHING_SAVED or op_category(record.op) in ("view", "copy", "reduction", "embedding"):
+        return [], [], 0
+    if name in _MASK_SAVED:
+        return list(record.out_types[:1]), list(record.out_sbps[:1]), 1
+    outputs = name in _OUTPUT_SAVED
+    params = record.param_inputs or (False,) * len(record.in_types)
+    types = [] if outputs else [t for t, p in zip(record.in_types, params) if not p]
+    sbps = [] if outputs else [nd for nd, p in zip(record.in_sbps, params) if not p]
+    if outputs or op_category(record.op) == "attention":
+        types, sbps = types + list(record.out_types[:1]), sbps + list(record.out_sbps[:1])
+    if op_category(record.op) in ("norm", "loss"):  # the input; weights, targets and statistics are small
+        types, sbps = types[:1], sbps[:1]
+    return types, sbps, 0
 
 
 @dataclass
@@ -281,16 +323,37 @@ def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision,
         ins = [local_shape(s, nd, mesh.shape) for s, nd in zip(ins, record.in_sbps)]
         outs = [local_shape(s, nd, mesh.shape) for s, nd in zip(outs, record.out_sbps)]
     element_bytes = tuple(precision.element_bytes(t.dtype) for t in (*record.in_types, *record.out_types))
-    return _work(record.op, tuple(ins), tuple(outs), element_bytes, record.has_grad)
+    return _work(record.op, tuple(ins), tuple(outs), element_bytes, record.has_grad, record.attrs)
 
 
 @functools.lru_cache(maxsize=65536)
-def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool) -> tuple[float, float, float]:
+def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool, attrs: tuple = ()
+          ) -> tuple[float, float, float]:
     """``element_bytes``: per tensor, the inputs' then the outputs'."""
-    flops = float(op_flops(op, ins, outs))
+    flops = float(op_flops(op, ins, outs, dict(attrs)))
     nbytes = float(op_bytes(op, ins, outs, dtype_bytes=element_bytes))
-    backward = float(op_backward_flops(op, ins, outs)) if has_grad else 0.0
+    backward = float(op_backward_flops(op, ins, outs, dict(attrs))) if has_grad else 0.0
     return flops, nbytes, backward
+
+
+def cost_attrs(node: Node) -> tuple:
+    """The arguments of ``node`` its cost depends on, as ``(name, value)`` pairs: ``is_causal`` of attention
+    (a fused causal kernel does half the work)."""
+    if op_category(node.op) == "attention" and node.op.startswith("aten."):
+        try:
+            return (("is_causal", bool(arg(node, "is_causal"))),)
+        except SchemaError:  # an attention op without that argument
+            return ()
+    return ()
+
+
+def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, has_grad: bool, recomputed: bool = False
+                   ) -> ComputeRecord:
+    """The :class:`ComputeRecord` of ``node`` computed with the given layouts (the op as it costs, see
+    :func:`costed_op`, and its :func:`cost_attrs`); the simulator and the planner both make them here."""
+    return ComputeRecord(costed_op(node), tuple(v.type for v in node.input_values()), tuple(in_sbps),
+                         tuple(o.type for o in node.outputs), tuple(out_sbps), has_grad, recomputed,
+                         reads_param(node), cost_attrs(node), param_inputs(node))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -333,7 +396,8 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
             bwd_kinds.append(kind)
             weight_shares.append(WEIGHT_GRADIENT_SHARE.get(op_category(record.op), 0.0) if record.reads_param else 0.0)
             bwd_ops += 1
-            saved += _local_bytes(record.out_types, record.out_sbps, ctx)
+            types, sbps, element_bytes = saved_for_backward(record)
+            saved += _local_bytes(types, sbps, ctx, element_bytes)
         full = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision, local=False)))
         model += full[:, 0] + (full[:, 2] if ctx.train else 0.0)
     items = []
@@ -344,11 +408,8 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         items.append(CommItem(kind, axis, nbytes, False))
         if record.has_grad and ctx.train:
             items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True))
-        if kind == "all_gather" and record.has_grad and ctx.train:
-            if record.param:
-                items.append(CommItem(kind, axis, nbytes, True))  # gathered again for backward
-            else:
-                saved += nbytes  # the gathered tensor is an input some op keeps for backward
+        if kind == "all_gather" and record.has_grad and ctx.train and record.param:
+            items.append(CommItem(kind, axis, nbytes, True))  # gathered again for backward
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx)
@@ -365,12 +426,14 @@ def _stack(rows: list) -> np.ndarray:
     return np.array(rows) if rows else np.zeros((0, 2))
 
 
-def _local_bytes(types: Iterable[TensorType], sbps: Iterable, ctx: CostContext) -> np.ndarray:
-    """Bytes of one device's shards of the float tensors among ``types``, each at its element size."""
+def _local_bytes(types: Iterable[TensorType], sbps: Iterable, ctx: CostContext, element_bytes: int = 0
+                 ) -> np.ndarray:
+    """Bytes of one device's shards of the float tensors among ``types``, each at its element size (or at
+    ``element_bytes`` when given: dropout keeps a one-byte mask)."""
     total = np.zeros(2)
     for t, nd in zip(types, sbps):
         if t.torch_dtype.is_floating_point:
-            size = ctx.precision.element_bytes(t.dtype)
+            size = element_bytes or ctx.precision.element_bytes(t.dtype)
             total += ctx.affine(lambda d, t=t, nd=nd, size=size: float(
                 np.prod(local_shape(concrete_shape(t, d), nd, ctx.mesh.shape))) * size)
     return total
@@ -474,10 +537,8 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
                                         has_grad, node.op == "comm.all_gather" and source.kind == "param",
                                         RECOMPUTE_ATTR in node.attrs))
             continue
-        ins = node.input_values()
-        computes.append(ComputeRecord(costed_op(node), tuple(v.type for v in ins), tuple(v.sbp for v in ins),
-                                      tuple(o.type for o in node.outputs), tuple(o.sbp for o in node.outputs),
-                                      has_grad, RECOMPUTE_ATTR in node.attrs, reads_param(node)))
+        computes.append(compute_record(node, tuple(v.sbp for v in node.input_values()),
+                                       tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs))
     return computes, comms
 
 

@@ -29,7 +29,17 @@ def recompute_pass(graph: Graph, ctx: PassContext) -> None:
     wanted = ctx.strategy.recompute
     if not wanted or not ctx.train:
         return
-    globs = _globs(graph, wanted)
+    if not mark_recompute(graph, _globs(graph, wanted)):
+        modules = sorted({n.attrs["module"].split(".")[0] for n in graph.nodes if n.attrs.get("module")})
+        shown = list(wanted) if isinstance(wanted, tuple) else wanted
+        raise StrategyError(f"recompute {shown!r} matches no module of the model; top-level modules are "
+                            f"{', '.join(modules) or 'none'} (globs match module paths such as 'blocks.*')")
+
+
+def mark_recompute(graph: Graph, globs: list[str]) -> int:
+    """Set ``attrs["recompute"]`` on every node of a module matching one of ``globs`` (the region is the
+    shortest matching module prefix); returns how many nodes were marked. Selective recomputation names a
+    sub-module (``blocks.*.attn.core``), full recomputation the blocks (``blocks.*``)."""
     region = None
     marked = 0
     for node in graph.nodes:
@@ -39,11 +49,7 @@ def recompute_pass(graph: Graph, ctx: PassContext) -> None:
         if region is not None:
             node.attrs[RECOMPUTE_ATTR] = region
             marked += 1
-    if not marked:
-        modules = sorted({n.attrs["module"].split(".")[0] for n in graph.nodes if n.attrs.get("module")})
-        shown = list(wanted) if isinstance(wanted, tuple) else wanted
-        raise StrategyError(f"recompute {shown!r} matches no module of the model; top-level modules are "
-                            f"{', '.join(modules) or 'none'} (globs match module paths such as 'blocks.*')")
+    return marked
 
 
 def _globs(graph: Graph, wanted) -> list[str]:

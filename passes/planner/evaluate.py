@@ -46,6 +46,13 @@ class Evaluation:
     layouts: LayoutSolution | None = None
 
 
+BLOCK_COUNT_ATTR = "block_count"
+"""Graph attribute: the number of identical blocks the captured graph stands for. The view prices the
+first block and one shared cost for every later block (:func:`~passes.planner.intra_op.layout_profile`),
+so a model captured with a few blocks (at least two) prices exactly as the deep one: this lets the
+published-runs benchmark capture 2 blocks of a 128-block model."""
+
+
 class ModelView:
     """A captured graph prepared for pricing many strategies quickly."""
 
@@ -76,8 +83,13 @@ class ModelView:
 
     @property
     def num_layers(self) -> int:
-        """Blocks in the stack (0 when the graph has no repeated blocks)."""
-        return self.structure.num_layers
+        """Identical blocks in the stack, as the layout problem prices them (0 when the graph has no two or
+        more *uniform* blocks: then everything is one segment, as :class:`LayoutProblem` solves it); a graph
+        whose ``attrs[BLOCK_COUNT_ATTR]`` is set stands for that many identical blocks."""
+        structure = self.structure
+        if not (structure.uniform and structure.num_layers >= 2):
+            return 0
+        return int(self.graph.attrs.get(BLOCK_COUNT_ATTR) or structure.num_layers)
 
     def global_batch(self, options: PlanOptions) -> int:
         """Samples per step."""
@@ -120,7 +132,8 @@ class ModelView:
         """The profile of solved layouts, for ``data_parallel`` replicas."""
         key = id(solution)
         if key not in self._profiles:
-            self._profiles[key] = layout_profile(solution, data_parallel=1, global_batch=self.global_batch(options))
+            self._profiles[key] = layout_profile(solution, data_parallel=1, global_batch=self.global_batch(options),
+                                                 num_layers=self.num_layers)
         return replace(self._profiles[key], batch_divisor=data_parallel)
 
     # -- strategies --------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from cluster import Cluster, Device
 from cost.boxing import ClusterBoxingCost
 from cost.collectives import collective_time
 from cost.ops import Precision, compute_seconds, peak_flops
-from cost.segments import (BATCH_SYMBOL, CommRecord, ComputeRecord, CostContext, Profile, concrete_shape, op_kind,
-                           op_work, param_record, reads_param, segment_cost)
+from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape, op_kind,
+                           op_work, param_record, segment_cost)
 from ir.core import Graph, Node, Value
+from ir.recompute import RECOMPUTE_ATTR
 from ir.gradients import values_with_grad
 from ir.layers import POST, PRE, LayerStructure
 from ir.ops.comm import LOCAL_COMM_OPS
@@ -38,6 +39,7 @@ from ir.ops.registry import nd_signatures, splits_divide
 from ir.sbp import B, Split, format_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.boxing import BoxingError, boxing_path
+from passes.grad_sync import DEFAULT_BUCKET_BYTES
 from passes.planner.pairwise import PairEdge, PairwiseProblem, Solution, solve_dp, solve_ilp, solve_z3
 
 
@@ -178,14 +180,18 @@ class LayoutProblem:
         return len(self.vars) - 1
 
     def _param_sync_seconds(self, value: Value, storage: tuple) -> float:
+        """What storing ``value`` as ``storage`` adds to the gradient all-reduces: its bytes' share of a bucket
+        (``grad_sync`` reduces gradients in buckets, so a small parameter does not pay a call's latency)."""
         req = self.request
         if not req.train:
             return 0.0
         record = param_record(value, storage, req.mesh, True, req.precision)
         total = 0.0
+        nbytes = record.local_bytes
         for axis in record.grad_axes:
             group = req.groups[req.mesh.axis_index(axis)]
-            total += collective_time("all_reduce", record.local_bytes, group, req.cluster)
+            total += collective_time("all_reduce", DEFAULT_BUCKET_BYTES + nbytes, group, req.cluster) - \
+                collective_time("all_reduce", DEFAULT_BUCKET_BYTES, group, req.cluster)
         return total
 
     def _add_node_var(self, k: int, unit: _Unit) -> None:
@@ -204,13 +210,10 @@ class LayoutProblem:
 
     def _op_seconds(self, node: Node, choice: tuple) -> float:
         req = self.request
-        ins = node.input_values()
-        record = ComputeRecord(node.op, tuple(v.type for v in ins), tuple(choice[0]),
-                               tuple(o.type for o in node.outputs), tuple(choice[1]),
-                               any(id(o) in self.grad for o in node.outputs))
+        record = compute_record(node, choice[0], choice[1], any(id(o) in self.grad for o in node.outputs))
         flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
         peak, bandwidth = peak_flops(req.device, req.precision), req.device.memory_bandwidth_Bps
-        fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(node.op), flops=flops)
+        fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(record.op), flops=flops)
         seconds = float(compute_seconds(flops, nbytes, peak, bandwidth, fwd_efficiency))
         if record.has_grad and req.train:
             seconds += float(compute_seconds(backward, 2 * nbytes, peak, bandwidth, bwd_efficiency))
@@ -341,8 +344,11 @@ def solve_layouts(graph: Graph, structure: LayerStructure, request: LayoutReques
     return LayoutSolution(problem, solution, node_choice, param_sbp)
 
 
-def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: int) -> Profile:
-    """The :class:`Profile` of solved layouts: ``pre``, block 0, blocks 1.. (one shared cost), ``post``.
+def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: int,
+                   num_layers: int | None = None) -> Profile:
+    """The :class:`Profile` of solved layouts: ``pre``, block 0, blocks 1.. (one shared cost), ``post``
+    (``num_layers`` blocks in all, default the captured number). Ops the graph marks recomputed
+    (``attrs["recompute"]``, e.g. by :func:`passes.recompute.mark_recompute`) form each segment's recomputed part.
 
     The solved mesh prices one data-parallel replica; data parallelism (``data_parallel`` replicas, the
     batch split between them) is added by the estimator.
@@ -354,10 +360,8 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     for unit in problem.units:
         ins, outs = result.node_choice[unit.node.name]
         node = unit.node
-        computes[unit.segment].append(ComputeRecord(node.op, tuple(v.type for v in node.input_values()), ins,
-                                                    tuple(o.type for o in node.outputs), outs,
-                                                    any(id(o) in problem.grad for o in node.outputs),
-                                                    reads_param=reads_param(node)))
+        computes[unit.segment].append(compute_record(node, ins, outs, any(id(o) in problem.grad for o in node.outputs),
+                                                     RECOMPUTE_ATTR in node.attrs))
     comms = {key: [] for key in (PRE, "first", "rest", POST)}
     for unit_index, position, value, src, weight, boundary in _boxings(result):
         unit = problem.units[unit_index]
@@ -372,7 +376,7 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     outputs = _segment_outputs(result)
     segments = [segment_cost(PRE, computes[PRE], comms[PRE], params[PRE], outputs[PRE], ctx)]
     if problem.repeated:
-        n = problem.structure.num_layers
+        n = num_layers or problem.structure.num_layers
         prefix = problem.structure.prefix
         first = segment_cost(f"{prefix}.0", computes["block"], comms["first"], params["block"], outputs["block"], ctx)
         rest = segment_cost(f"{prefix}.*", computes["block"], comms["rest"], params["block"], outputs["block"], ctx)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -119,7 +120,7 @@ class SearchError(ValueError):
 
 
 def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool = True,
-           time_budget_s: float | None = None, progress: Callable[[str], None] | None = None,
+           time_budget_s: float | None = None, progress: Callable[[str], None] | bool | None = None,
            cache_dir: str | os.PathLike | None = None, use_cache: bool = True, top_k: int = 24,
            options: PlanOptions | None = None, **option_values) -> tuple[Strategy, SearchReport]:
     """Fill the ``"auto"`` parts of ``strategy`` (a :class:`~strategy.Strategy`, or anything
@@ -155,9 +156,15 @@ def cache_directory(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _say(progress, message: str) -> None:
+    """Log ``message``; ``progress`` True prints it (a line per step) to stderr, a callable receives it."""
     LOG.info(message)
-    if progress is not None:
+    if progress is True:
+        print(message, file=sys.stderr, flush=True)
+    elif callable(progress):
         progress(message)
+    elif progress not in (None, False):
+        raise TypeError(f"search option progress is True, False or a callable taking one message, "
+                        f"found {type(progress).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------

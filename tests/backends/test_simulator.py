@@ -275,9 +275,12 @@ def test_trace_and_gantt_cover_every_device(big_graph, tmp_path):
     report = simulate((big_graph, {"mesh": {"pp": 2, "dp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4},
                        cluster), **MIXED)
     trace = json.loads(report.write_trace(tmp_path / "step.json").read_text())
-    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == 0]
     assert {e["cat"] for e in spans} == {"compute", "comm", "idle"}
     assert {e["tid"] for e in spans} == set(range(8))
+    parts = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == 1]  # the breakdown track
+    assert {e["name"] for e in parts} == set(report.breakdown) and trace["otherData"]["breakdown_s"] == report.breakdown
+    assert math.isclose(sum(e["dur"] for e in parts), report.step_time_s * 1e6, rel_tol=1e-9)
     for device, events in report.device_events().items():
         assert events[0].start_s == 0 and math.isclose(events[-1].end_s, report.step_time_s)
         assert all(math.isclose(a.end_s, b.start_s, abs_tol=1e-12) for a, b in zip(events, events[1:]))
@@ -318,3 +321,35 @@ def test_recomputed_regions_of_the_ir_are_priced_op_by_op(small):
     # recomputing the blocks repeats less than the whole forward (embeddings and head are not recomputed)
     plain_forward = reports["none"].stage_times[0]["fwd_compute_s"]
     assert again["blocks"] < plain_forward + reports["none"].stage_times[0]["fwd_comm_s"]
+
+
+@pytest.mark.parametrize("strategy", [
+    {"mesh": {"dp": 8}},
+    {"mesh": {"dp": 2, "tp": 4}, "params": MEGATRON, "sequence_parallel": True, "recompute": ["blocks.*"]},
+    {"mesh": {"pp": 2, "dp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4, "schedule": "1f1b"},
+    {"mesh": {"dp": 8}, "fsdp": "dp", "recompute": ["blocks.*"]},
+])
+def test_step_breakdown_sums_to_the_step_and_never_exceeds_peak(big_graph, strategy):
+    """The breakdown covers the whole step (the rank that finishes last), each part where the plan has it;
+    the simulated step never runs faster than the plan's FLOPs at the devices' peak."""
+    cluster = Cluster.load("dgx-a100:1")
+    for overlap in (True, False):
+        report = simulate((big_graph, strategy, cluster), overlap_grad_sync=overlap, **MIXED)
+        parts = report.breakdown
+        assert math.isclose(sum(parts.values()), report.step_time_s, rel_tol=1e-9), parts
+        assert all(v > 0 for v in parts.values())
+        assert {"forward compute", "backward compute", "optimizer step", "embedding/loss compute"} <= set(parts)
+        assert 0 < report.mfu < 1
+        assert report.flops_per_step <= report.step_time_s * 8 * 312e12
+        assert "step breakdown: " in report.summary()
+    mesh = strategy["mesh"]
+    assert ("all_reduce over tp (exposed)" in parts or "all_gather over tp (exposed)" in parts) == ("tp" in mesh)
+    assert ("recompute" in parts) == ("recompute" in strategy)
+    assert ("pipeline bubble" in parts and "pipeline point-to-point" in parts) == ("pp" in mesh)
+    assert ("fsdp gathers and reduce-scatters" in parts) == ("fsdp" in strategy)
+    assert ("gradient reduction (exposed)" in parts) == ("fsdp" not in strategy)  # overlap=False: all exposed
+
+
+def test_explain_shows_the_breakdown(dp_plan):
+    text = dp_plan.explain()
+    assert "Where the step goes" in text and "backward compute" in text and "optimizer step" in text

@@ -38,12 +38,16 @@ def test_builtins_have_the_public_numbers():
     assert device == a100.device(9) and device.node == 1 and device.local_index == 1
     assert device.peak_flops["bf16"] == 312e12 and device.peak_flops["fp16"] == 312e12
     assert device.peak_flops["fp32"] == 19.5e12 and device.memory_bytes == 80 * 2**30
-    assert a100.link(0, 1).bandwidth_Bps == 300e9  # 600 GB/s both ways
-    assert a100.link(0, 8).bandwidth_Bps == 200e9 / 8  # one 200 Gb/s HDR NIC per GPU
+    # calibrated, not data-sheet, figures (cluster/builtins.py cites each): NCCL's ring plateau on NVSwitch
+    # (231.58 GB/s busbw at 8 GB, not the 300 GB/s line rate), ~24 GB/s per 200 Gb/s HDR NIC, one per GPU
+    assert a100.link(0, 1).bandwidth_Bps == 231.58e9
+    assert a100.link(0, 8).bandwidth_Bps == 24e9
+    assert a100.link(0, 1).for_collective("all_reduce").busbw_by_size[-1] == (8 * 2**30, 231.58e9)
+    assert device.efficiency_of("linear", "matmul", flops=2 * 8192**3)[0] == pytest.approx(253.7 / 312)
 
     h100 = Cluster.load("dgx-h100:1")
     assert h100.world_size == 8 and h100.devices[0].peak_flops["bf16"] == 989e12
-    assert h100.link(0, 7).bandwidth_Bps == 450e9
+    assert h100.link(0, 7).bandwidth_Bps == 370e9  # NVLink4 ring without NVLS (nccl-tests#212)
 
     local = Cluster.local(3)
     assert local.world_size == 3 and Cluster.load("local:3") == local
@@ -52,7 +56,7 @@ def test_builtins_have_the_public_numbers():
 
 def test_every_example_file_loads_and_round_trips(tmp_path):
     assert {p.name for p in EXAMPLE_FILES} >= {"dgx-a100-2.yaml", "hetero-ib-ethernet.yaml", "hetero-a100-v100.yaml",
-                                               "two-regions.yaml", "pair-matrix.yaml"}
+                                               "two-regions.yaml", "pair-matrix.yaml", "h100-ethernet.yaml"}
     for path in EXAMPLE_FILES:
         cluster = Cluster.load(path)
         assert cluster.world_size > 0
@@ -70,6 +74,20 @@ def test_builtins_round_trip(name):
 
 def test_written_out_dgx_file_equals_the_builtin():
     assert Cluster.load(EXAMPLES / "dgx-a100-2.yaml") == Cluster.load("dgx-a100:2")
+
+
+def test_mixed_h100_example_prices_nodes_as_the_builtin_and_crosses_at_ethernet_speed():
+    from cost.collectives import collective_time
+    mixed, dgx = Cluster.load(EXAMPLES / "h100-ethernet.yaml"), Cluster.load("dgx-h100:2")
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        for first in (0, 16):  # an InfiniBand node and an Ethernet-only node
+            node = tuple(range(first, first + 8))
+            assert collective_time(kind, 2**28, node, mixed) == pytest.approx(
+                collective_time(kind, 2**28, tuple(range(8)), dgx), rel=1e-12), (kind, first)
+    assert collective_time("all_reduce", 2**28, (0, 8), mixed) == pytest.approx(
+        collective_time("all_reduce", 2**28, (0, 8), dgx), rel=1e-12)
+    assert mixed.link(0, 16).link_class == "ethernet"
+    assert collective_time("all_reduce", 2**28, (0, 16), mixed) > 5 * collective_time("all_reduce", 2**28, (0, 8), mixed)
 
 
 def test_toml_files_load(tmp_path):

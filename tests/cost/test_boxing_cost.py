@@ -47,11 +47,13 @@ def test_the_cluster_cost_is_the_collective_time_on_every_group_with_the_backwar
 
 
 def test_an_all_reduce_costs_at_most_a_reduce_scatter_and_an_all_gather():
+    """The collective model prices all three as NCCL's rings (the all-reduce's tree only across nodes), so
+    the all-reduce never costs more than the pair it is made of, and boxing runs it as one collective."""
     group = tuple(range(4))
     for nbytes in (1024, 2**20, 2**30):
         halves = collective_time("reduce_scatter", nbytes, group, DGX2) + collective_time("all_gather", nbytes, group,
                                                                                           DGX2)
-        assert collective_seconds("comm.all_reduce", nbytes, group, DGX2) <= halves
+        assert collective_seconds("comm.all_reduce", nbytes, group, DGX2) <= halves * (1 + 1e-12)
     cost = mesh_boxing_cost(DGX2, Mesh.make(["tp"], [4]), True)
     _, steps = boxing_path(TensorType.of((16, 64), torch.float32), (P,), (B,), Mesh.make(["tp"], [4]), cost)
     assert [op for _, op, _, _ in steps] == ["comm.all_reduce"]  # one collective, not a scatter-gather pair

@@ -1,0 +1,75 @@
+"""The simulator against published training runs (benchmarks/published_runs.py): a representative subset
+of its table, each row within 15% of the published iteration time, and the ranking between rows kept."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import published_runs as pr  # noqa: E402
+
+RUNS = {run.label: run for run in pr.published_runs()}
+
+
+def error(label: str) -> tuple[float, object]:
+    run = RUNS[label]
+    sim = pr.simulate_run(run)
+    return sim.step_time_s / run.published_s - 1, sim
+
+
+def test_the_table_names_every_published_configuration():
+    tables = {}
+    for run in RUNS.values():
+        tables.setdefault(run.table, []).append(run)
+        assert run.gpus == run.tp * run.pp * run.dp and run.batch == run.dp * run.microbatch * run.microbatches
+    assert {k: len(v) for k, v in tables.items()} == {"korthikanti": 9, "narayanan": 12, "bloom": 1,
+                                                      "megatron-h100": 9}
+    assert set(pr.MISSES) <= set(RUNS)  # rows the simulator misses are named with their reason
+
+
+@pytest.mark.parametrize("label, recompute, sequence_parallel, forward_ms, backward_ms", pr.TABLE4)
+def test_table4_layer_times_of_the_22b_block(label, recompute, sequence_parallel, forward_ms, backward_ms):
+    times = pr.layer_times(recompute, sequence_parallel)
+    assert abs(times["forward_ms"] / forward_ms - 1) <= pr.GOAL, (label, times)
+    assert abs(times["backward_ms"] / backward_ms - 1) <= pr.GOAL, (label, times)
+
+
+def test_22b_rows_within_goal_and_ranked():
+    full, full_sim = error("22B full recompute")
+    selective, selective_sim = error("22B selective+SP")
+    assert abs(full) <= pr.GOAL and abs(selective) <= pr.GOAL
+    assert selective_sim.step_time_s < full_sim.step_time_s  # as published: 1.10 s < 1.42 s
+    assert selective_sim.breakdown["recompute"] < full_sim.breakdown["recompute"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("labels", [("175B full recompute", "175B selective+SP"),
+                                    ("PTD-P 175B 384 GPUs", "PTD-P 175B 1536 GPUs"),
+                                    ("70B 768 GPUs", "119B 1536 GPUs")])
+def test_pipelined_rows_within_goal_and_ranked(labels):
+    results = [error(label) for label in labels]
+    for label, (err, sim) in zip(labels, results):
+        assert abs(err) <= pr.GOAL, (label, err)
+        assert sim.breakdown["pipeline bubble"] > 0
+    published = [RUNS[label].published_s for label in labels]
+    simulated = [sim.step_time_s for _, sim in results]
+    assert (published[0] < published[1]) == (simulated[0] < simulated[1])
+
+
+def test_benchmark_prints_a_table(capsys):
+    pr.main(["--table", "korthikanti", "--rows", "22B full recompute"])
+    out = capsys.readouterr().out
+    assert "| korthikanti | 22B full recompute |" in out and "Table 4" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", ["22B full recompute", "22B selective+SP"])
+def test_auto_is_no_slower_than_the_published_layout_and_fits(label):
+    auto, published, summary, why = pr.plan_auto(RUNS[label])
+    assert auto.fits and published.fits
+    assert auto.step_time_s <= published.step_time_s * (1 + 1e-9), summary
+    if auto.step_time_s < 0.9 * published.step_time_s:
+        assert why, summary  # the parts of the step it saves on are named
