@@ -166,7 +166,7 @@ def _frontier_dp(problem: "_Expanded", max_states: int) -> Solution:
     cheapest can be optimal), and the closing edges' costs are computed once per distinct tuple of
     closing keys rather than once per state."""
     n = problem.num_vars
-    edges = problem.edges
+    edges = [_interned(e) for e in problem.edges]  # small-int keys: states hash fast
     incident: list[list[int]] = [[] for _ in range(n)]
     for k, e in enumerate(edges):
         incident[e.a].append(k)
@@ -182,7 +182,7 @@ def _frontier_dp(problem: "_Expanded", max_states: int) -> Solution:
         position = {k: i for i, k in enumerate(frontier)}
         closing_at = [position[k] for k in closing]
         kept_at = [i for i, k in enumerate(frontier) if last_var[k] != v]
-        groups = _choice_groups(problem, v, closing, opening)
+        groups = _choice_groups(problem.unary[v], edges, v, closing, opening)
         close_cost: dict[tuple, list] = {}
         new_states: dict[tuple, float] = {}
         back: dict[tuple, tuple] = {}
@@ -217,15 +217,15 @@ def _frontier_dp(problem: "_Expanded", max_states: int) -> Solution:
     return Solution(cost, assignment, exact, widest)
 
 
-def _choice_groups(problem: PairwiseProblem, v: int, closing: list, opening: list) -> list[tuple]:
+def _choice_groups(unaries: list, edges: list, v: int, closing: list, opening: list) -> list[tuple]:
     """The choices of ``v`` worth trying: per distinct keys on its incident edges, the cheapest (the
     earliest on ties), as ``(choice, unary, keys on the closing edges, keys on the opening edges)``."""
     best: dict[tuple, tuple] = {}
-    for c, unary in enumerate(problem.unary[v]):
+    for c, unary in enumerate(unaries):
         if unary == math.inf:
             continue
-        side = tuple(_side_key(problem.edges[k], v, c) for k in closing)
-        open_keys = tuple(_side_key(problem.edges[k], v, c) for k in opening)
+        side = tuple(_side_key(edges[k], v, c) for k in closing)
+        open_keys = tuple(_side_key(edges[k], v, c) for k in opening)
         signature = (side, open_keys)
         if signature not in best or unary < best[signature][1]:
             best[signature] = (c, unary, side, open_keys)
@@ -237,8 +237,18 @@ def _closing_cost(edges: list, v: int, closing: list, closed: tuple, side: tuple
     total = 0.0
     for k, other, mine in zip(closing, closed, side):
         e = edges[k]
-        total += e.costs[(other, mine)] if e.b == v else e.costs[(mine, other)]
+        total += e.costs[other][mine] if e.b == v else e.costs[mine][other]
     return total
+
+
+def _interned(edge: PairEdge) -> PairEdge:
+    """The edge with its keys numbered per side and its costs as a table ``costs[a key][b key]``."""
+    a_distinct = list(dict.fromkeys(edge.a_keys))
+    b_distinct = list(dict.fromkeys(edge.b_keys))
+    a_index = {key: i for i, key in enumerate(a_distinct)}
+    b_index = {key: i for i, key in enumerate(b_distinct)}
+    table = [[edge.costs[(ka, kb)] for kb in b_distinct] for ka in a_distinct]
+    return PairEdge(edge.a, edge.b, [a_index[key] for key in edge.a_keys], [b_index[key] for key in edge.b_keys], table)
 
 
 def _side_key(edge: PairEdge, v: int, choice: int) -> Hashable:
