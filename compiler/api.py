@@ -14,7 +14,8 @@ from frontend.torch_capture import Captured, capture
 from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
-from passes import boxing, decompose, grad_sync, layouts, pipeline, propagate, recompute  # noqa: F401  (register passes)
+from passes import (boxing, context_parallel, decompose, grad_sync, layouts, pipeline, propagate,  # noqa: F401
+                    recompute)  # (register passes)
 from passes.manager import PassContext, as_calls, run_passes
 from strategy import Strategy
 
@@ -155,10 +156,14 @@ def check_example_inputs(graph: Graph, inputs: tuple) -> None:
 
 
 def passes_for(strategy: Strategy) -> list[str]:
-    """The pass pipeline for a strategy: pipeline cutting and scheduling when it has stages."""
+    """The pass pipeline for a strategy: attention on sequence shards when it has a cp axis, pipeline
+    cutting and scheduling when it has stages."""
+    passes = list(DEFAULT_PASSES)
+    if strategy.context_parallel > 1:
+        passes.insert(passes.index("layouts") + 1, "context_parallel")
     if strategy.is_pipelined:
-        return DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
-    return DEFAULT_PASSES + ["recompute"]
+        passes += PIPELINE_PASSES
+    return passes + ["recompute"]
 
 
 def search_strategy(graph: Graph, cluster: Cluster, strategy: Strategy, *, train: bool, **options):

@@ -232,6 +232,10 @@ def _bind(obj, bindings):
 
 
 def resolve_op(name: str):
-    """The torch callable of an ``aten.*`` op name such as ``aten.linear.default``."""
+    """The torch callable of an ``aten.*`` op name such as ``aten.linear.default`` (for ring attention,
+    what it computes on logical tensors)."""
+    from ir.ops.attention import RING_ATTENTION, logical_ring_attention
+    if name == RING_ATTENTION:
+        return logical_ring_attention
     _, op, overload = name.split(".", 2) if name.count(".") >= 2 else (*name.split("."), "default")
     return getattr(getattr(torch.ops.aten, op), overload)

@@ -24,6 +24,7 @@ from ir.sbp import IN_SBP_ATTR, PINNED_ATTR, B, Partial, Split, format_nd_sbp
 from ir.types import Mesh, TensorType, dim_symbol
 from cost.boxing import bytes_cost
 from passes.boxing import BoxingError, boxing_path
+from passes.context_parallel import cp_attention_hints
 from passes.manager import PassContext, register_pass
 from strategy import Strategy, StrategyError, closest
 
@@ -118,6 +119,7 @@ def _activation_hints(graph: Graph, strategy: Strategy) -> dict[int, tuple]:
         for node in graph.nodes:
             if node.op in NORM_OPS and node.outputs[0].type.ndim >= 3:
                 hints[id(node)] = tuple(norm_layout if i == a else None for i in range(mesh.ndim))
+    hints.update(cp_attention_hints(graph, strategy))
     for layout in strategy.activations:
         last = last_nodes_of_modules(graph, layout.glob)
         if not last:

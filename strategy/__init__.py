@@ -5,9 +5,9 @@ order; it reads only ``ir.sbp``. ``docs/architecture.md`` says how to add a stra
 """
 from strategy.errors import VALUE, StrategyError, closest, dict_path, did_you_mean
 from strategy.normalize import AXIS_PATTERN, GLOB_PATTERN, WILDCARD_CHARS, check_complete, normalize
-from strategy.types import (AUTO, DATA_AXIS, KEYS, PIPELINE_AXIS, SCHEDULES, SHORTHANDS, Layout, MeshSpec, Options,
+from strategy.types import (AUTO, CONTEXT_AXIS, CP_ATTENTIONS, DATA_AXIS, KEYS, PIPELINE_AXIS, SCHEDULES, SHORTHANDS, Layout, MeshSpec, Options,
                             Pipeline, Strategy)
 
-__all__ = ["AUTO", "AXIS_PATTERN", "DATA_AXIS", "GLOB_PATTERN", "KEYS", "PIPELINE_AXIS", "SCHEDULES", "SHORTHANDS",
+__all__ = ["AUTO", "AXIS_PATTERN", "CONTEXT_AXIS", "CP_ATTENTIONS", "DATA_AXIS", "GLOB_PATTERN", "KEYS", "PIPELINE_AXIS", "SCHEDULES", "SHORTHANDS",
            "VALUE", "WILDCARD_CHARS", "Layout", "MeshSpec", "Options", "Pipeline", "Strategy", "StrategyError",
            "check_complete", "closest", "dict_path", "did_you_mean", "normalize"]

@@ -21,7 +21,7 @@ from strategy.errors import KeyPath
 STATEMENTS = (
     "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "fsdp",
     "stages", "stage", "microbatches", "schedule", "virtual_stages", "skip_ratio", "recompute",
-    "grad_bucket_bytes",
+    "grad_bucket_bytes", "cp_attention",
 )
 """The words that start a statement."""
 
@@ -305,6 +305,9 @@ class _PlanBuilder:
 
     def _add_grad_bucket_bytes(self, keyword: lark.Token, value: lark.Token) -> None:
         self._set_scalar("grad_bucket_bytes", keyword, value, int(value))
+
+    def _add_cp_attention(self, keyword: lark.Token, value: lark.Token) -> None:
+        self._set_scalar("cp_attention", keyword, value, AUTO if value.type == "AUTO" else str(value))
 
     def _set_scalar(self, key: str, keyword: lark.Token, value_token: lark.Token,
                     value: Any) -> None:
