@@ -130,10 +130,10 @@ class RingAttention(torch.autograd.Function):
             keep = block_keep(mask, length, n, me, source, length, causal, q.device)
             if keep is not False:
                 probs = torch.exp(masked_scores(q, block[0], keep, scale) - safe_lse)
-                grad_v = grad_v + _reduce_to(torch.matmul(probs.transpose(-2, -1), grad_out), grad_v.shape)
+                grad_v = grad_v + torch.matmul(probs.transpose(-2, -1), grad_out)
                 grad_scores = probs * (torch.matmul(grad_out, block[1].transpose(-2, -1)) - delta) * scale
                 grad_q = grad_q + torch.matmul(grad_scores, block[0])
-                grad_k = grad_k + _reduce_to(torch.matmul(grad_scores.transpose(-2, -1), q), grad_k.shape)
+                grad_k = grad_k + torch.matmul(grad_scores.transpose(-2, -1), q)
             if pending is not None:
                 received, requests = pending
                 _wait(requests)
@@ -147,16 +147,6 @@ class RingAttention(torch.autograd.Function):
             _wait(requests)
         grad_k, grad_v = carried
         return grad_q, grad_k, grad_v, None, None, None, None
-
-
-def _reduce_to(grad, shape):
-    """A gradient summed over the dims it was broadcast along to reach ``shape``."""
-    while grad.dim() > len(shape):
-        grad = grad.sum(0)
-    for dim, size in enumerate(shape):
-        if size == 1 and grad.shape[dim] != 1:
-            grad = grad.sum(dim, keepdim=True)
-    return grad
 
 
 def ring_attention(q, k, v, mask, axis, causal, scale):
