@@ -20,6 +20,7 @@ from backends.runtime.split_backward import WeightWork, backward_input
 from ir import kernels
 from ir.core import Graph, Node, Value
 from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
+from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import LocalContext, coord_symbol, local_call
 from ir.sbp import Broadcast, NdSbp, Partial, Split
@@ -127,11 +128,11 @@ def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
     queries to the key/value blocks of ranks ``c, c - 1, ...`` (the emitted ring's order), merged online.
     The ops are differentiable, so the one backward gives every rank the ring's gradients."""
     q, k, v, mask = ring_inputs(node)
-    causal, scale = node.kwargs["causal"], node.kwargs["scale"]
+    causal, scale = arg(node, "causal"), arg(node, "scale")
     qs, ks, vs = env[id(q)], env[id(k)], env[id(v)]
     masks = env[id(mask)] if mask is not None else [None] * mesh.size
     out = list(qs)
-    for group in mesh.groups(mesh.axis_index(node.kwargs["axis"])):
+    for group in mesh.groups(mesh.axis_index(arg(node, "axis"))):
         n = len(group)
         for me, rank in enumerate(group):
             length = qs[rank].shape[-2]

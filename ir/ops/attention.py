@@ -13,17 +13,20 @@ from __future__ import annotations
 from ir.core import Node, Value
 from ir.ops.nn_ops import attention_signature
 from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, register
+from ir.ops.schema import arg
 from ir.sbp import Split
 from ir.types import Mesh
 
 RING_ATTENTION = "cp.ring_attention"
 """The op name."""
+RING_ATTENTION_SCHEMA = ("cp::ring_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, *, "
+                         "str axis, bool causal=False, float? scale=None) -> Tensor")
+"""Its arguments, read by name like an ATen op's (``ir.ops.schema.arg``)."""
 
 
 def ring_inputs(node: Node) -> tuple[Value, Value, Value, Value | None]:
     """Query, key, value and the mask (None when the attention has none) of a ring attention node."""
-    q, k, v, mask = node.args[:4]
-    return q, k, v, mask
+    return tuple(arg(node, name) for name in ("query", "key", "value", "attn_mask"))
 
 
 def ring_signatures(node: Node) -> list[Signature]:
@@ -34,7 +37,7 @@ def ring_signatures(node: Node) -> list[Signature]:
 
 def ring_on_axis(node: Node, axis: str) -> list[Signature]:
     """On its own axis, queries, keys and values split over the sequence (the mask over its rows)."""
-    if axis != node.kwargs["axis"]:
+    if axis != arg(node, "axis"):
         return []
     q, _, v, mask = ring_inputs(node)
     return [attention_signature(q, v, mask, q.type.ndim - 2, kv_split=True)]
@@ -42,15 +45,17 @@ def ring_on_axis(node: Node, axis: str) -> list[Signature]:
 
 def runs_ring(node: Node, mesh: Mesh, query_sbp: tuple) -> bool:
     """Whether the ranks exchange blocks: the query is split over the sequence on the node's axis."""
-    axis = mesh.axis_index(node.kwargs["axis"])
-    return query_sbp[axis] == Split(node.args[0].type.ndim - 2) and mesh.shape[axis] > 1
+    if arg(node, "axis") not in mesh.axes:
+        return False
+    axis = mesh.axis_index(arg(node, "axis"))
+    return query_sbp[axis] == Split(ring_inputs(node)[0].type.ndim - 2) and mesh.shape[axis] > 1
 
 
 def _ring_local(node: Node, ctx: LocalContext) -> LocalCall:
     """Without a sequence split on its axis every rank holds whole sequences: plain attention."""
     q, k, v, mask = ring_inputs(node)
-    return LocalCall("aten.scaled_dot_product_attention.default", [q, k, v, mask, 0.0, node.kwargs["causal"]],
-                     {"scale": node.kwargs["scale"]})
+    return LocalCall("aten.scaled_dot_product_attention.default", [q, k, v, mask, 0.0, arg(node, "causal")],
+                     {"scale": arg(node, "scale")})
 
 
 register(RING_ATTENTION, local=_ring_local, on_axis=ring_on_axis,

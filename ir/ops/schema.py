@@ -29,8 +29,13 @@ class SchemaError(ValueError):
 
 @functools.lru_cache(maxsize=None)
 def schema_of(op: str):
-    """The ``torch.FunctionSchema`` of an ``aten.<name>.<overload>`` op name."""
+    """The ``torch.FunctionSchema`` of an ``aten.<name>.<overload>`` op name (or of an sbpc op that
+    declares one, such as ``cp.ring_attention``)."""
     from ir.verifier import resolve_op
+    from ir.ops.attention import RING_ATTENTION, RING_ATTENTION_SCHEMA
+    if op == RING_ATTENTION:
+        import torch
+        return torch._C.parse_schema(RING_ATTENTION_SCHEMA)
     if not op.startswith("aten."):
         raise SchemaError(f"{op} is not an ATen op (expected a name such as aten.unbind.int); it has no schema")
     try:

@@ -30,9 +30,10 @@ NAMES_FROM_TABLES = {default_local: "reads the argument SHAPE_ARGS names (test_s
 
 
 def test_registered_names_are_aten_overloads_or_collectives():
-    other = [op for op in RULES if not op.startswith(("aten.", "comm."))]
-    assert not other, f"rules registered for ops that are neither aten.* nor comm.*: {other}"
-    for op in ATEN_OPS:
+    """Rules are for ATen overloads, collectives, and sbpc's context-parallel ops (which declare a schema)."""
+    other = [op for op in RULES if not op.startswith(("aten.", "comm.", "cp."))]
+    assert not other, f"rules registered for ops that are neither aten.*, comm.* nor cp.*: {other}"
+    for op in ATEN_OPS + [op for op in RULES if op.startswith("cp.")]:
         schema_of(op)  # raises SchemaError naming the op when it is no real overload
 
 
