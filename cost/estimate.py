@@ -32,6 +32,7 @@ import numpy as np
 
 from cluster import Cluster, Device
 from cost.collectives import collective_time, collective_traffic, p2p_time
+from cost.ops import peak_flops
 from cost.memory import OPTIMIZER_STATE_BYTES_PER_PARAM, OPTIMIZER_STEP_BYTES, MemoryEstimate
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, at
@@ -223,6 +224,8 @@ class Estimator:
         fwd = bwd = 0.0
         for item in segment.comms:
             seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
+            if item.hidden_flops is not None:  # ring attention: transfers run under the blocks' computation
+                seconds = max(0.0, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
             if item.backward:
                 bwd += seconds
             else:
@@ -234,6 +237,12 @@ class Estimator:
             grads = segment.param_elements(trainable_only=True) * self.profile.precision.param_bytes
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
         return fwd, bwd
+
+    def _hidden_seconds(self, flops, devices: tuple, batch: float) -> float:
+        """Seconds of the computation a transfer overlaps, on the slowest device (at peak: the transfer
+        hides behind at most that)."""
+        return min(at(flops, batch) / peak_flops(d, self.profile.precision)
+                   for d in _representatives(devices, self.cluster))
 
     def fsdp_analytic(self, shape: PlanShape) -> bool:
         """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""

@@ -52,7 +52,7 @@ WEIGHT_GRADIENT_SHARE: dict[str, float] = {
 _MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot"}
 _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                  "_scaled_dot_product_cudnn_attention"}
+                  "_scaled_dot_product_cudnn_attention", "ring_attention"}
 _CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d"}
 _NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm", "batch_norm",
              "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "instance_norm"}
@@ -72,7 +72,7 @@ _COPY_OPS = {"clone", "contiguous", "cat", "stack", "_to_copy", "to", "copy", "c
 def normalize_op_name(op: str) -> str:
     """``aten.linear.default`` / ``aten::linear`` / ``torch.ops.aten.linear`` / ``linear`` -> ``linear``."""
     name = op.replace("::", ".")
-    for prefix in ("torch.ops.", "aten.", "prims."):
+    for prefix in ("torch.ops.", "aten.", "prims.", "cp."):
         name = name[len(prefix):] if name.startswith(prefix) else name
     return name.split(".")[0]
 

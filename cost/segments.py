@@ -29,7 +29,9 @@ from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
 from ir.ops.comm import ADJOINTS
 from ir.recompute import RECOMPUTE_ATTR
-from ir.sbp import Split
+from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
+from ir.ops.schema import arg
+from ir.sbp import Broadcast, Split
 from ir.types import Mesh, TensorType, dim_symbol
 
 BATCH_SYMBOL = "batch"
@@ -126,6 +128,9 @@ class CommRecord:
     """A parameter's all-gather (FSDP): emitted programs free the gathered weight after its use and
     gather it again for backward, so it costs a second all-gather instead of activation memory."""
     recomputed: bool = False
+    overlaps: "ComputeRecord | None" = None
+    """For ring attention's key/value exchange: the attention whose blocks the transfers run under (each of
+    the key and the value exchange overlaps half of its work); None for a plain collective."""
 
 
 @dataclass
@@ -148,6 +153,9 @@ class CommItem:
     nbytes: np.ndarray
     backward: bool
     """True for collectives that run in the backward pass."""
+    hidden_flops: np.ndarray | None = None
+    """FLOPs (affine in the batch) of the computation the transfers overlap (ring attention's blocks): only
+    the transfer time beyond that computation's is exposed. None: not overlapped."""
 
 
 @dataclass
@@ -328,12 +336,14 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         kind = record.op[len(COMM_PREFIX):]
         nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx))
         axis = ctx.mesh.axes[record.axis]
-        items.append(CommItem(kind, axis, nbytes, False))
+        fwd_hidden, bwd_hidden = _hidden_flops(record, ctx)
+        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden))
         if record.has_grad and ctx.train:
-            items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True))
+            items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True, bwd_hidden))
         if kind == "all_gather" and record.has_grad and ctx.train:
-            if record.param:
-                items.append(CommItem(kind, axis, nbytes, True))  # gathered again for backward
+            if record.param or record.overlaps is not None:
+                # a parameter gathered again for backward; a ring's blocks passed around again
+                items.append(CommItem(kind, axis, nbytes, True, bwd_hidden))
             else:
                 saved += nbytes  # the gathered tensor is an input some op keeps for backward
     output = np.zeros(2)
@@ -346,6 +356,14 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
                        bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), _stack(bwd_sizes), items, saved, output,
                        list(params), model, part, np.array(weight_shares))
+
+
+def _hidden_flops(record: CommRecord, ctx: CostContext) -> tuple:
+    """The (forward, backward) FLOPs a ring exchange overlaps, affine in the batch (None, None otherwise)."""
+    if record.overlaps is None:
+        return None, None
+    work = ctx.affine(lambda d: np.array(op_work(record.overlaps, d, ctx.mesh, ctx.precision)) / 2)
+    return work[:, 0], work[:, 2]
 
 
 def _stack(rows: list) -> np.ndarray:
@@ -450,10 +468,32 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
                                         RECOMPUTE_ATTR in node.attrs))
             continue
         ins = node.input_values()
-        computes.append(ComputeRecord(costed_op(node), tuple(v.type for v in ins), tuple(v.sbp for v in ins),
-                                      tuple(o.type for o in node.outputs), tuple(o.sbp for o in node.outputs),
-                                      has_grad, RECOMPUTE_ATTR in node.attrs, reads_param(node)))
+        ring = node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp)
+        record = ComputeRecord(costed_op(node), tuple(v.type for v in ins),
+                               _ring_work_layouts(node, mesh) if ring else tuple(v.sbp for v in ins),
+                               tuple(o.type for o in node.outputs), tuple(o.sbp for o in node.outputs),
+                               has_grad, RECOMPUTE_ATTR in node.attrs, reads_param(node))
+        computes.append(record)
+        if ring:
+            comms += _ring_exchanges(node, mesh, record)
     return computes, comms
+
+
+def _ring_work_layouts(node: Node, mesh: Mesh) -> tuple:
+    """What ring attention on sequence shards computes costs like: each rank's queries against every key and
+    value (keys and values whole on the ring axis)."""
+    axis = mesh.axis_index(arg(node, "axis"))
+    key, value = ring_inputs(node)[1:3]
+    return tuple(tuple(Broadcast() if i == axis and v in (key, value) else s for i, s in enumerate(v.sbp))
+                 for v in node.input_values())
+
+
+def _ring_exchanges(node: Node, mesh: Mesh, attention: ComputeRecord) -> list[CommRecord]:
+    """The key/value blocks travel the ring ``n - 1`` hops forward (as much traffic as all-gathering them) and
+    again with their gradients backward (an all-gather's and a reduce-scatter's), under the blocks' work."""
+    axis = mesh.axis_index(arg(node, "axis"))
+    return [CommRecord("comm.all_gather", axis, v.type, v.sbp, attention.has_grad, False, attention.recomputed,
+                       overlaps=attention) for v in ring_inputs(node)[1:3]]
 
 
 _STRIDE_CHANGING = ("transpose", "permute", "t")

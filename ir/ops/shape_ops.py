@@ -385,29 +385,31 @@ def factory(node: Node) -> list[Signature]:
     return [all_b(node)]
 
 
-ARANGES = ["aten.arange.default", "aten.arange.start", "aten.arange.start_step"]
-
-
-def _arange_step(node: Node):
-    return arg(node, "step") if node.op == "aten.arange.start_step" else 1
-
-
 def _arange_on_axis(node: Node, axis: str) -> list[Signature]:
     """Positions on sequence shards: on the context-parallel axis each rank makes its block of the range."""
-    return [Signature((), (Split(0),))] if axis == CONTEXT_AXIS and _arange_step(node) == 1 else []
+    return [Signature((), (Split(0),))] if axis == CONTEXT_AXIS else []
 
 
-def _arange_local(node: Node, ctx: LocalContext) -> LocalCall:
+def _arange_block(node: Node, ctx: LocalContext, start) -> LocalCall:
+    """The rank's block of a range beginning at ``start`` (step 1), or the whole range when not split."""
     out = node.outputs[0].type
     if not any(isinstance(s, Split) for s in ctx.out_sbps[0]):
         return default_local(node, ctx)
-    start = arg(node, "start") if node.op != "aten.arange.default" else 0
-    kwargs = {k: v for k, v in node.kwargs.items() if k != "step"}
     return LocalCall("kernels.arange_shard", [start + shard_start(out, ctx.out_sbps[0], ctx.mesh, 0),
-                                              local_shape(out, ctx.out_sbps[0], ctx.mesh)[0]], kwargs)
+                                              local_shape(out, ctx.out_sbps[0], ctx.mesh)[0]], dict(node.kwargs))
 
 
-register(*ARANGES, local=_arange_local, on_axis=_arange_on_axis,
+def _arange_end_local(node: Node, ctx: LocalContext) -> LocalCall:
+    return _arange_block(node, ctx, 0)
+
+
+def _arange_start_local(node: Node, ctx: LocalContext) -> LocalCall:
+    return _arange_block(node, ctx, arg(node, "start"))
+
+
+register("aten.arange.default", local=_arange_end_local, on_axis=_arange_on_axis,
+         doc="created broadcast; on the cp axis, each rank's block of the range (positions of sequence shards)")(factory)
+register("aten.arange.start", local=_arange_start_local, on_axis=_arange_on_axis,
          doc="created broadcast; on the cp axis, each rank's block of the range (positions of sequence shards)")(factory)
 
 
