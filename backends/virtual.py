@@ -181,8 +181,14 @@ def check_even_split(v: Value, mesh: Mesh, bindings: dict) -> None:
         if size % ways:
             names = " x ".join(f"{a}={n}" for a, n in axes)
             raise VirtualRunError(f"input {v.name}: dim {dim} has size {size}, which does not divide evenly "
-                                  f"over {ways} ranks (mesh axes {names}); use a batch size that is a "
+                                  f"over {ways} ranks (mesh axes {names}); use a {_dim_word(dim)} that is a "
                                   f"multiple of {ways}")
+
+
+def _dim_word(dim: int) -> str:
+    """What an input's split dim holds: the batch (dim 0, data parallelism) or the sequence (dim 1, context
+    parallelism)."""
+    return {0: "batch size", 1: "sequence length"}.get(dim, f"size of dim {dim}")
 
 
 class VirtualMesh:

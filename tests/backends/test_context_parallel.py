@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from backends.runtime.context_parallel import attention_block, block_keep, merge_blocks
+from backends.virtual import VirtualRunError
 from compiler import Cluster, compile
 from frontend.dsl import format_plan, parse_plan
 from ir.ops.attention import RING_ATTENTION
 from ir.sbp import Split
 from strategy import StrategyError, normalize
 from tests.launch import assert_state_close, train_eager, train_emitted
-from tests.models import assert_close_to_eager, compile_cached, gpt, llama_model, lm_inputs
+from tests.models import (assert_close_to_eager, compile_cached, gpt, gpt_inputs, gpt_model, llama_model,
+                          lm_inputs)
 
 SEQ = 256
 LLAMA_TP = {"lm.model.layers.*.self_attn.[qkv]_proj.weight": {"tp": "S(0)"},
@@ -139,6 +141,25 @@ def test_cp2_inside_a_two_stage_pipeline_equals_eager(name, stage):
                                              "microbatches": 2})
     assert sum(node.op == RING_ATTENTION for node in plan.graph.nodes) == 2
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.slow
+def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
+    """Sharded parameters over dp, and Megatron sequence parallelism over tp, beside the cp split."""
+    model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
+    fsdp = compile_cached(model, inputs, 4, {"mesh": {"dp": 2, "cp": 2}, "fsdp": "dp"})
+    assert_close_to_eager(fsdp.run_virtual(*inputs), model, inputs)
+    sp = compile_cached(model, inputs, 4, {"mesh": {"cp": 2, "tp": 2}, "params": GPT_TP, "sequence_parallel": True})
+    assert_close_to_eager(sp.run_virtual(*inputs), model, inputs)
+
+
+def test_a_sequence_the_cp_axis_does_not_divide_is_one_clear_error():
+    model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
+    plan = compile_cached(model, inputs, 2, {"mesh": {"cp": 2}})
+    with pytest.raises(VirtualRunError, match=r"input idx: dim 1 has size 15, which does not divide evenly over 2 "
+                                              r"ranks \(mesh axes cp=2\); use a sequence length that is a multiple "
+                                              r"of 2"):
+        plan.run_virtual(*gpt_inputs(batch=4, seq=15))
 
 
 # -- memory -----------------------------------------------------------------------------------------------
