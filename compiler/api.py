@@ -10,6 +10,7 @@ import torch
 
 from backends import torch_distributed
 from backends.virtual import VirtualResult, run_virtual
+from compiler.context_choice import choose_cp_attention, only_cp_attention_open
 from frontend.torch_capture import Captured, capture
 from cluster import Cluster
 from ir.core import Graph
@@ -137,7 +138,10 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     strategy = resolve_strategy(strategy, model if isinstance(model, torch.nn.Module) else None, graph,
                                 cluster.world_size)
     report = None
-    if strategy.wants_search:
+    if only_cp_attention_open(strategy):
+        strategy, report = choose_cp_attention(graph, cluster, strategy, train=train, passes_for=passes_for,
+                                               **(search_options or {}))
+    elif strategy.wants_search:
         strategy, report = search_strategy(graph, cluster, strategy, train=train, **(search_options or {}))
     ctx = PassContext(strategy=strategy, world_size=cluster.world_size, train=train, cluster=cluster)
     names = [str(call) for call in as_calls(passes if passes is not None else passes_for(ctx.strategy))]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cluster import Cluster
+from compiler import compile
 from cost.segments import ir_profile
 from cost.ops import Precision
 from tests.models import compile_cached, gpt
@@ -40,3 +41,16 @@ def test_ring_hides_its_exchange_and_keeps_no_gathered_keys(plans):
     ring, gathered = (plans[m].simulate() for m in ("ring", "allgather"))
     assert ring.step_time_s < gathered.step_time_s
     assert max(ring.peak_memory_bytes.values()) < max(gathered.peak_memory_bytes.values())
+
+
+def test_cp_attention_auto_is_chosen_by_the_cost_model_and_explained():
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(block_size=SEQ, n_layer=2, n_embd=128, n_head=2, vocab_size=512))
+    plan = compile(model, gpt.example_inputs(batch=1, seq=SEQ), cluster="dgx-h100:1",
+                   strategy={"mesh": {"cp": 8}, "cp_attention": "auto"})
+    assert plan.strategy.options.cp_attention == "ring"
+    assert sum(node.op == "cp.ring_attention" for node in plan.graph.nodes) == 2
+    priced = {c.strategy.options.cp_attention: c for c in [plan.search_report.chosen, *plan.search_report.alternatives]}
+    assert set(priced) == {"ring", "allgather", "a2a"}
+    assert priced["ring"].step_time_s < priced["allgather"].step_time_s
+    assert "cp_attention ring chosen: the fastest of cp_attention ring" in plan.explain()
