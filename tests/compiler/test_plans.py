@@ -344,7 +344,7 @@ MISFITS = [
     ("mesh pp=2\nstage 0: layers 0..0\nstage 1: layers 1..2", 2, 3, 17,
      "the model has 2 layers (blocks.0..blocks.1)"),
     ("mesh pp=2, dp=2\nstage 0: on devices 0, 1\nstage 1: on devices 1, 2", 4, 3, 21,
-     "device 1 holds both stage 0 and stage 1; only `schedule interleaved`"),
+     "device 1 holds both stage 0 and stage 1; only the schedules with several stages per position"),
     ("mesh pp=2\nstage 0: on device 0\nstage 1: on device 0\nmicrobatches 2", 2, 3, 20,
      "device 0 holds both stage 0 and stage 1"),
     ("mesh dp=2\nstages at blocks.1", 2, 2, 1,
