@@ -140,7 +140,7 @@ def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
             result = lse = None
             for step in range(n):
                 source = (me - step) % n
-                keep = block_keep(masks[rank], length, n, me, source, length, causal, qs[rank].device)
+                keep = block_keep(masks[rank], length, n, me, source, causal, qs[rank].device)
                 if keep is not False:
                     block = attention_block(qs[rank], ks[group[source]], vs[group[source]], keep, s)
                     result, lse = merge_blocks(result, lse, *block)

@@ -47,8 +47,9 @@ def merge_blocks(out, lse, block_out, block_lse):
     return torch.exp(lse - safe) * out + torch.exp(block_lse - safe) * block_out, total
 
 
-def block_keep(mask, block, blocks, q_rank, kv_rank, length, causal, device):
-    """The keep-mask of one (query block, key block) pair; None when every key counts, False when none does.
+def block_keep(mask, length, ranks, q_rank, kv_rank, causal, device):
+    """The keep-mask of one (query block, key block) pair of a ring of ``ranks`` blocks of ``length``
+    positions; None when every key counts, False when none does.
 
     ``mask`` (the plan's own, or None) holds this rank's query rows and every key column; its columns
     of key block ``kv_rank`` are taken. ``causal``: query position ``q_rank * length + i`` sees key
@@ -60,7 +61,7 @@ def block_keep(mask, block, blocks, q_rank, kv_rank, length, causal, device):
         if kv_rank == q_rank:
             keep = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     if mask is not None:
-        own = mask.narrow(-1, kv_rank * block, block) if mask.shape[-1] == block * blocks else mask
+        own = mask.narrow(-1, kv_rank * length, length) if mask.shape[-1] == length * ranks else mask
         if keep is None:
             keep = own
         elif own.dtype == torch.bool:
@@ -98,7 +99,7 @@ class RingAttention(torch.autograd.Function):
         for step in range(n):
             source = (me - step) % n
             pending = _exchange(block, nxt, prev, group) if step < n - 1 else None
-            keep = block_keep(mask, length, n, me, source, length, causal, q.device)
+            keep = block_keep(mask, length, n, me, source, causal, q.device)
             if keep is not False:
                 out, lse = merge_blocks(out, lse, *attention_block(q, block[0], block[1], keep, scale))
             if pending is not None:
@@ -127,7 +128,7 @@ class RingAttention(torch.autograd.Function):
             sends += list(carried) if carried is not None else []
             pending = _exchange(sends, nxt, prev, group) if sends else None
             grad_k, grad_v = torch.zeros_like(block[0]), torch.zeros_like(block[1])
-            keep = block_keep(mask, length, n, me, source, length, causal, q.device)
+            keep = block_keep(mask, length, n, me, source, causal, q.device)
             if keep is not False:
                 probs = torch.exp(masked_scores(q, block[0], keep, scale) - safe_lse)
                 grad_v = grad_v + torch.matmul(probs.transpose(-2, -1), grad_out)

@@ -6,8 +6,6 @@ torchrun as eager does.
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -86,7 +84,7 @@ def test_ring_blocks_merged_online_equal_attention(causal):
     out = lse = None
     for step in range(n):
         source = (me - step) % n
-        keep = block_keep(mask[..., rows, :], length, n, me, source, length, causal, q.device)
+        keep = block_keep(mask[..., rows, :], length, n, me, source, causal, q.device)
         if keep is not False:
             cols = slice(source * length, (source + 1) * length)
             out, lse = merge_blocks(out, lse, *attention_block(q[..., rows, :], k[..., cols, :], v[..., cols, :],
