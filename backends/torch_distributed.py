@@ -23,6 +23,7 @@ import torch
 from backends import runtime
 from backends.runtime import Import, global_reads
 from ir.core import Graph, Node, Value
+from ir.ops import custom as custom_ops
 from ir.recompute import RECOMPUTE_ATTR, recompute_regions
 from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
                                  stage_index, tied_groups)
@@ -112,13 +113,16 @@ class ProgramWriter:
         self.mesh = next(iter(meshes.values()))
         self.dim_names = sorted({str(s) for v in graph.inputs for d in v.type.shape for s in d.free_symbols})
         self.fresh = FreshNames(self._reserved_names())
+        self.custom_ops = {op: self.fresh(_identifier(op.rsplit(".", 1)[0]))
+                           for op in dict.fromkeys(n.op for n in graph.nodes if custom_ops.is_custom(n.op))}
+        """Custom op name -> the program's variable bound to it (see :meth:`_custom_op_bindings`)."""
 
     # -- the whole program ------------------------------------------------------------------------
 
     def write(self) -> str:
         """The program: its docstring, the imports it uses, the plan's constants that its runtime reads,
         that runtime (see ``backends.runtime``), then its own code and entry line."""
-        code = self._code() + "\n\n" + f'if __name__ == "__main__":\n    {self._entry_call()}\n'
+        code = self._custom_op_bindings() + self._code() + "\n\n" + f'if __name__ == "__main__":\n    {self._entry_call()}\n'
         defined, reads = global_reads(code)
         constants = self._constants()
         reads -= set(constants)
@@ -133,6 +137,19 @@ class ProgramWriter:
         parts += [_section(title, where) + "\n" + text for title, where, text in selection.sections]
         parts.append(_section(self._code_title(), "one line per IR node") + "\n" + code)
         return "\n\n\n".join(part.strip("\n") for part in parts) + "\n"
+
+    def _custom_op_bindings(self) -> str:
+        """One line per custom op the plan calls: the op, loaded by importing the Python module that registers
+        it (the program's one dependency beyond torch; ``load_custom_op`` fails with one line if it is missing)."""
+        lines = []
+        for op, name in self.custom_ops.items():
+            module = custom_ops.defining_module(op)
+            if module is None:
+                raise EmitError(f"the plan calls the custom op {op}, but no importable Python module registers it "
+                                f"(it was defined in the script run as __main__, or by a C++ extension loaded by "
+                                f"other means): define it in a module that the program can import")
+            lines.append(f"{name} = load_custom_op({op!r}, {module!r})")
+        return "\n".join(lines) + "\n\n\n" if lines else ""
 
     def _docstring(self) -> str:
         g = self.graph
@@ -335,7 +352,7 @@ class ProgramWriter:
         ctx = LocalContext(mesh, node.outputs[0].mesh, [v.sbp for v in node.input_values()],
                            [v.sbp for v in node.outputs])
         call = local_call(node, ctx)
-        fn = call.fn.split(".", 1)[1] if call.fn.startswith("kernels.") else call.fn
+        fn = call.fn.split(".", 1)[1] if call.fn.startswith("kernels.") else self.custom_ops.get(call.fn, call.fn)
         args = [self._arg(a) for a in call.args] + [f"{k}={self._arg(v)}" for k, v in call.kwargs.items()]
         lhs = outs[0] if len(outs) == 1 and not _returns_list(node) else ", ".join(outs) + ("," if len(outs) == 1 else "")
         return f"    {lhs} = {fn}({', '.join(args)}){comment}"
@@ -537,6 +554,8 @@ def py_int_expr(e: sympy.Expr) -> str:
     e = sympy.sympify(e)
     if e.is_Integer:
         return str(int(e))
+    if e.is_Float:  # a float computed from sizes (ir.types.is_float_expr): its coefficient
+        return repr(float(e))
     if e.is_Symbol:
         return str(e)
     if isinstance(e, sympy.Piecewise):

@@ -24,8 +24,8 @@ from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import LocalContext, coord_symbol, local_call
 from ir.sbp import Broadcast, NdSbp, Partial, Split
-from ir.types import Mesh
-from ir.verifier import resolve_op
+from ir.types import Mesh, is_float_expr
+from ir.ops.custom import resolve_op
 
 
 class VirtualRunError(RuntimeError):
@@ -312,7 +312,7 @@ def _stored_layout(sbp: NdSbp) -> NdSbp:
 
 
 def resolve_callable(name: str):
-    """An ``aten.*`` op or a ``kernels.*`` function by name."""
+    """A torch op (``aten.*`` or a custom op, see ``ir.ops.custom``) or a ``kernels.*`` function by name."""
     if name.startswith("kernels."):
         return getattr(kernels, name.split(".", 1)[1])
     return resolve_op(name)
@@ -326,6 +326,8 @@ def evaluate(obj: Any, env: dict, rank: int, scope: dict) -> Any:
         result = obj.subs(scope)
         if not result.is_number:
             raise VirtualRunError(f"expression {obj} has unbound symbols {sorted(map(str, result.free_symbols))}")
+        if is_float_expr(obj):
+            return float(result)
         if not result.is_integer:
             raise VirtualRunError(f"expression {obj} is {result} here, not a whole number: a dim does not split evenly")
         return int(result)

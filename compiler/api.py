@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 import torch
 
@@ -111,7 +111,8 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
             cluster: Cluster | str | None = None, strategy: Any = "dp", optimizer: Any = None,
             loss_fn: Callable | None = None, mode: str = "train", capture_method: str = "auto",
             dump_after: str | list | None = None, dump_to: TextIO | None = None,
-            search_options: dict | None = None, passes: str | list | None = None) -> CompiledPlan:
+            search_options: dict | None = None, passes: str | list | None = None,
+            decompose_custom_ops: bool | Iterable[str] = True) -> CompiledPlan:
     """Compile ``model`` for ``cluster`` with ``strategy``.
 
     ``model``: an ``nn.Module`` (called as ``model(*example_inputs, **example_kwargs)``; in ``train``
@@ -120,6 +121,9 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     parts are searched by the planner, with ``search_options`` (precision, global_batch,
     optimizer, time_budget_s, progress, cache_dir, ...; see ``passes.planner.search``).
     ``optimizer``: ``(torch.optim.SGD, {"lr": 0.1})`` for emitted programs. ``dump_after``: pass name(s), or ``"all"``, whose IR to print.
+    ``decompose_custom_ops``: custom ops (``torch.library`` ops outside ATen) that have a decomposition
+    are captured as the ops they decompose into, which keep the plan's parallelism (True, the default);
+    False keeps every custom op as one op, run replicated; a collection of op names decomposes those.
     ``passes``: the pass pipeline, as text (``"decompose,layouts,propagate,boxing,grad_sync{bucket_bytes=1048576}"``)
     or a list of pass texts; by default the one the strategy needs (:func:`passes_for`).
     """
@@ -129,7 +133,7 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     train = mode == "train"
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     captured = capture_model(model, example_inputs, example_kwargs, loss_fn=loss_fn, train=train,
-                             method=capture_method)
+                             method=capture_method, decompose_custom_ops=decompose_custom_ops)
     flat_inputs = example_inputs + tuple((example_kwargs or {}).values())
     graph = captured.graph
     example_dims = _example_dims(graph, flat_inputs)
@@ -182,7 +186,8 @@ def resolve_strategy(strategy: Any, model: torch.nn.Module | None, graph: Graph,
     return resolve(strategy, model, graph, world_size=world_size)
 
 
-def capture_model(model: Any, args: tuple, kwargs: dict | None, *, loss_fn, train: bool, method: str) -> Captured:
+def capture_model(model: Any, args: tuple, kwargs: dict | None, *, loss_fn, train: bool, method: str,
+                  decompose_custom_ops: bool | Iterable[str] = True) -> Captured:
     """Capture a PyTorch module, or an ONNX model (path or ModelProto) through the ONNX frontend."""
     if isinstance(model, (str, os.PathLike)) or type(model).__name__ == "ModelProto":
         from frontend.onnx import onnx_to_torch
@@ -190,7 +195,8 @@ def capture_model(model: Any, args: tuple, kwargs: dict | None, *, loss_fn, trai
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected an nn.Module, an ONNX file path or an onnx.ModelProto, found "
                         f"{type(model).__name__}")
-    return capture(model, args, kwargs, loss_fn=loss_fn, train=train, method=method)
+    return capture(model, args, kwargs, loss_fn=loss_fn, train=train, method=method,
+                   decompose_custom_ops=decompose_custom_ops)
 
 
 def _cluster(cluster) -> Cluster:

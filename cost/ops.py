@@ -49,7 +49,11 @@ WEIGHT_GRADIENT_SHARE: dict[str, float] = {
 """Share of the backward FLOPs of an op reading a parameter that compute the parameter's gradient
 (the ``W`` of a split backward); other categories' weight gradients are small reductions (0)."""
 
-_MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot"}
+_MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot",
+               "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+"""... grouped matmuls of mixture-of-experts layers included: ``aten._grouped_mm`` and transformers' custom op
+``transformers.grouped_mm_fallback`` ((S, K) rows, each by its expert's (K, N) matrix: 2·S·K·N; a shard of
+the experts multiplies its experts' rows only, a share of S: see ``_experts_share``)."""
 _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
                   "_scaled_dot_product_cudnn_attention", "ring_attention"}
@@ -70,11 +74,14 @@ _COPY_OPS = {"clone", "contiguous", "cat", "stack", "_to_copy", "to", "copy", "c
 
 
 def normalize_op_name(op: str) -> str:
-    """``aten.linear.default`` / ``aten::linear`` / ``torch.ops.aten.linear`` / ``linear`` -> ``linear``."""
+    """``aten.linear.default`` / ``aten::linear`` / ``torch.ops.aten.linear`` / ``linear`` -> ``linear``; a custom
+    op's name without its namespace and overload (``transformers.grouped_mm_fallback.default`` ->
+    ``grouped_mm_fallback``)."""
     name = op.replace("::", ".")
     for prefix in ("torch.ops.", "aten.", "prims.", "cp."):
         name = name[len(prefix):] if name.startswith(prefix) else name
-    return name.split(".")[0]
+    parts = name.split(".")
+    return parts[1] if len(parts) == 3 else parts[0]
 
 
 def op_category(op: str) -> str:
@@ -111,7 +118,7 @@ def op_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
     attrs = attrs or {}
     category = op_category(op)
     if category == "matmul":
-        return 2 * _contraction_size(op, in_shapes) * _output_numel(op, in_shapes, out_shapes)
+        return 2 * _contraction_size(op, in_shapes) * _output_numel(op, in_shapes, out_shapes) * _experts_share(op, in_shapes)
     if category == "attention":
         return _attention_flops(in_shapes)
     if category == "conv":
@@ -170,6 +177,17 @@ def op_time(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape], at
         return compute
     memory = op_bytes(op, in_shapes, out_shapes, attrs, dtype_bytes) / sympy.Float(device.memory_bandwidth_Bps)
     return sympy.Max(compute, memory)
+
+
+def _experts_share(op: str, in_shapes: Sequence[Shape]) -> sympy.Expr:
+    """The share of a grouped matmul's rows that a shard of its experts multiplies: experts held / all experts
+    (``offs`` has one entry per expert), assuming tokens are routed evenly; 1 for other matmuls."""
+    if normalize_op_name(op) not in _GROUPED_MATMUL_OPS or len(in_shapes) < 3 or len(in_shapes[1]) != 3:
+        return sympy.Integer(1)
+    return sympy.sympify(in_shapes[1][0]) / sympy.sympify(in_shapes[2][0])
+
+
+_GROUPED_MATMUL_OPS = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
 
 
 def _contraction_size(op: str, in_shapes: Sequence[Shape]) -> sympy.Expr:

@@ -19,7 +19,7 @@ import operator
 import re
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import sympy
 import torch
@@ -27,6 +27,7 @@ import torch.fx
 from torch.export import Dim
 
 from ir.core import Graph, Value
+from ir.ops import custom as custom_ops
 from ir.types import DTYPE_NAMES, TensorType, dim_symbol
 
 DROPPED_OPS = {
@@ -100,12 +101,18 @@ def find_loss(out: Any, loss_fn: Callable | None) -> torch.Tensor:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
-            loss_fn: Callable | None = None, train: bool = True, method: str = "auto") -> Captured:
+            loss_fn: Callable | None = None, train: bool = True, method: str = "auto",
+            decompose_custom_ops: bool | Iterable[str] = True) -> Captured:
     """Capture ``model(*args, **kwargs)`` into an IR graph.
 
     ``method``: ``"export"`` uses ``torch.export``; ``"fx"`` first traces with
     ``torch.fx.symbolic_trace`` (plain models), then lowers that graph to ATen with ``torch.export``;
     ``"auto"`` tries ``"fx"`` and falls back to ``"export"`` for models that do not trace.
+
+    ``decompose_custom_ops``: custom ops (``torch.library`` ops outside ATen) that have a decomposition
+    are replaced by it, ops the SBP rules know, so their work keeps the plan's parallelism; a custom
+    op kept as it is runs replicated (see :mod:`ir.ops.custom`). True: every custom op with a
+    decomposition; False: none; a collection of op names (``"mylib.gated_mlp.default"``): those.
     """
     kwargs = dict(kwargs or {})
     model = _meta_twin_of_fake_model(model)
@@ -125,29 +132,65 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *,
     if program is None:
         wrapper = _wrapper(model, model, kwargs, loss_fn, train)
         program = _export(wrapper, flat, model)
-    program, functionalized = _functionalize(program, model)
+    program, functionalized = _functionalize(program, model, decompose_custom_ops)
     captured = _Converter(program, model, names, functionalized).convert(train)
     captured.output_structure = wrapper.out_spec
     return captured
 
 
-def _functionalize(program: torch.export.ExportedProgram, model: torch.nn.Module
-                   ) -> tuple[torch.export.ExportedProgram, bool]:
-    """The program with every in-place write replaced by new values (torch's functionalization), and
-    whether it had any. A write through a view reaches its base (``slice_scatter``...), later reads
-    see the new value, and each written buffer becomes an output of kind ``BUFFER_MUTATION``.
+def _functionalize(program: torch.export.ExportedProgram, model: torch.nn.Module,
+                   decompose: bool | Iterable[str] = True) -> tuple[torch.export.ExportedProgram, bool]:
+    """The program with every in-place write replaced by new values (torch's functionalization) and the
+    custom ops that ``decompose`` selects replaced by their decompositions (see :func:`capture`), and
+    whether it was rewritten. A write through a view reaches its base (``slice_scatter``...), later
+    reads see the new value, and each written buffer becomes an output of kind ``BUFFER_MUTATION``.
+    Decomposed ops keep their module path: the ops they become carry it.
 
-    Programs that write nothing are returned as exported: functionalization would also rewrite
-    ``reshape`` / ``contiguous`` / ``flatten`` into stride-dependent views and copies.
+    Programs that neither write nor call such a custom op are returned as exported: functionalization
+    would also rewrite ``reshape`` / ``contiguous`` / ``flatten`` into stride-dependent views and copies.
     """
-    if not any(_writes(node) for node in program.graph.nodes):
+    table = _custom_decompositions(program, decompose)
+    if not table and not any(_writes(node) for node in program.graph.nodes):
         return program, False
-    try:
-        with _quiet_torch():
-            return program.run_decompositions({}), True
-    except Exception as err:  # functionalization fails on what it cannot trace again
-        raise CaptureError(f"cannot make the in-place writes of {type(model).__name__} explicit (torch "
-                           f"functionalization failed: {_first_line(err)}); write those ops out of place") from None
+    for _ in range(MAX_DECOMPOSITION_ROUNDS):  # a decomposition may call custom ops with their own
+        try:
+            with _quiet_torch():
+                program = program.run_decompositions(table)
+        except Exception as err:  # functionalization fails on what it cannot trace again
+            raise CaptureError(_rewrite_failure(model, table, err)) from None
+        more = {op: fn for op, fn in _custom_decompositions(program, decompose).items() if op not in table}
+        if not more:
+            return program, True
+        table.update(more)
+    raise CaptureError(f"custom ops of {type(model).__name__} still decompose into custom ops after "
+                       f"{MAX_DECOMPOSITION_ROUNDS} rounds ({', '.join(map(str, table))}); compile with "
+                       f"decompose_custom_ops=False or name the ops to decompose")
+
+
+MAX_DECOMPOSITION_ROUNDS = 8
+
+
+def _custom_decompositions(program: torch.export.ExportedProgram, decompose: bool | Iterable[str]) -> dict:
+    """The custom ops of the program that ``decompose`` selects and that have a decomposition, each with it."""
+    wanted = (lambda name: decompose) if isinstance(decompose, bool) else (lambda name: name in set(decompose))
+    table = {}
+    for node in program.graph.nodes:
+        op = node.target
+        if isinstance(op, torch._ops.OpOverload) and op not in table and custom_ops.is_custom(str(op)) \
+                and wanted(str(op)):
+            found = custom_ops.decomposition(op)
+            if found is not None:
+                table[op] = found
+    return table
+
+
+def _rewrite_failure(model: torch.nn.Module, table: dict, err: Exception) -> str:
+    if table:
+        return (f"cannot decompose the custom ops {', '.join(map(str, table))} of {type(model).__name__} "
+                f"(tracing their decompositions failed: {_first_line(err)}); compile with "
+                f"decompose_custom_ops=False to keep them as ops")
+    return (f"cannot make the in-place writes of {type(model).__name__} explicit (torch functionalization "
+            f"failed: {_first_line(err)}); write those ops out of place")
 
 
 def _writes(node: torch.fx.Node) -> list[str]:
@@ -373,9 +416,31 @@ def _dynamic_dims(t: Any):
 def _describe_capture_failure(model: torch.nn.Module, err: Exception) -> str:
     where = _failure_location(err, model)
     reason = _first_line(err)
+    untyped = _custom_op_without_types(err)
+    if untyped is not None:
+        qualname = untyped.name()
+        return (f"custom op {untyped} called{where or ' by ' + type(model).__name__} has neither a fake kernel "
+                f"nor a decomposition, so its output types cannot be traced ({reason}); register a fake kernel "
+                f"with torch.library.register_fake(\"{qualname}\") (a function of the inputs' shapes and dtypes "
+                f"returning empty outputs), or define the op by other ops (a CompositeImplicitAutograd kernel)")
     return (f"cannot capture {type(model).__name__}{where}: {reason}. torch.export needs a forward "
             f"without data-dependent Python control flow: replace `if tensor...`/`.item()` with "
             f"torch.where or torch.cond, or pass loss_fn= / mode='infer' if the output is the problem")
+
+
+def _custom_op_without_types(err: Exception) -> torch._ops.OpOverload | None:
+    """The custom op that was running when tracing failed, when it has neither a fake kernel nor a
+    decomposition (the innermost op on the failing stack, across the exception chain)."""
+    seen, current = set(), err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for frame, _ in reversed(list(traceback.walk_tb(current.__traceback__))):
+            op = frame.f_locals.get("self")
+            if isinstance(op, torch._ops.OpOverload) and custom_ops.is_custom(str(op)):
+                untyped = not custom_ops.has_fake_kernel(op) and custom_ops.decomposition(op) is None
+                return op if untyped else None
+        current = current.__cause__ or current.__context__
+    return None
 
 
 LIBRARY_DIRS = ("site-packages", "dist-packages")
@@ -564,6 +629,8 @@ class _Converter:
         if target is operator.getitem:
             self.env[node.name] = self.env[node.args[0].name][node.args[1]]
             return
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            raise CaptureError(_higher_order_refusal(node))
         op = str(target) if isinstance(target, torch._ops.OpOverload) else None
         val = node.meta.get("val")
         if op in DROPPED_OPS:
@@ -576,7 +643,7 @@ class _Converter:
         if self.functionalized and op in RESHAPE_VIEWS:
             # a rank's shard may be laid out unlike the traced tensor; in a functional graph the two are one
             op = "aten.reshape.default"
-        if op is None or isinstance(val, (torch.SymInt, int, float, bool)):
+        if op is None or isinstance(val, (torch.SymInt, torch.SymFloat, int, float, bool)):
             self.env[node.name] = self._symbolic_scalar(node, val)
             return
         args = self.arg(list(node.args))
@@ -611,6 +678,10 @@ class _Converter:
     def _symbolic_scalar(self, node: torch.fx.Node, val: Any) -> Any:
         if isinstance(val, torch.SymInt) or isinstance(val, int):
             return self.sym(val)
+        if isinstance(val, torch.SymFloat):
+            expr = _float_of_sizes(val.node.expr)
+            if expr is not None:
+                return expr.subs(self.symbols)
         raise CaptureError(f"node {node.name} ({node.target}) at module "
                            f"{_module_path(node) or '<top>'} computes a Python scalar from tensor data; "
                            f"not supported — keep values as tensors")
@@ -646,10 +717,33 @@ class _Converter:
             self.graph.loss = loss
 
 
+def _higher_order_refusal(node: torch.fx.Node) -> str:
+    """Why a node that calls one of torch's higher-order ops (``auto_functionalized``, ``cond``, ...) is refused."""
+    where = f"node {node.name} (module {_module_path(node) or '<top>'})"
+    inner = node.args[0] if node.args and isinstance(node.args[0], torch._ops.OpOverload) else None
+    if node.target.name().startswith("auto_functionalized") and inner is not None:
+        return (f"{where} calls the custom op {inner}, which writes its arguments in place (its schema "
+                f"{inner._schema}); sbpc captures functional custom ops only: define it with mutates_args=() "
+                f"and return new tensors")
+    return f"{where} calls torch's higher-order op {node.target.name()}, which sbpc does not capture"
+
+
 _WRITE_HINTS = {
     "aten.instance_norm.default": "InstanceNorm with track_running_stats=True updates its running statistics "
                                   "inside the op in training mode: use track_running_stats=False, or eval mode",
 }
+
+
+def _float_of_sizes(expr: sympy.Expr) -> sympy.Expr | None:
+    """A float computed from sizes (``0.0 + x.shape[0]``, ``float(b * s)``: torch's ``ToFloat(s0*s1)``) as a
+    sympy expression with a float coefficient (``1.0*s0*s1``), which the IR prints and backends evaluate to
+    a Python float; None for other functions of sizes."""
+    from torch.utils._sympy.functions import ToFloat
+    out = expr.replace(ToFloat, lambda inner: sympy.Float(1.0) * inner)
+    allowed = (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul, sympy.Pow)
+    if not all(isinstance(e, allowed) for e in sympy.preorder_traversal(out)):
+        return None
+    return out if out.has(sympy.Float) else sympy.Float(1.0) * out
 
 
 def _strip_wrapper(target: str) -> str:

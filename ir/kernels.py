@@ -22,6 +22,23 @@ def masked_embedding(weight, indices, start, padding_idx=-1):
     return out * inside.unsqueeze(-1).to(out.dtype)
 
 
+def grouped_mm_of_experts(input, weight, offs, first):
+    """transformers' grouped matmul (``grouped_mm_fallback``) on a shard of the experts: ``weight`` holds the
+    (K, N) matrices of experts [first, first + E) of all experts; the rows of ``input`` are sorted by expert
+    and ``offs`` holds every expert's cumulative row count. Rows routed to other experts give zeros, so the
+    shards' results summed (a ``P(sum)`` value) are the full grouped matmul, and each shard multiplies only
+    the rows of its own experts."""
+    ends = offs.tolist()
+    start = ends[first - 1] if first > 0 else 0
+    pieces = [input.new_zeros(start, weight.shape[2])]
+    for expert in range(weight.shape[0]):
+        end = ends[first + expert]
+        pieces.append(input[start:end] @ weight[expert])
+        start = end
+    pieces.append(input.new_zeros(input.shape[0] - start, weight.shape[2]))
+    return torch.cat(pieces)
+
+
 def masked_gather(x, dim, index, start):
     """``gather`` from a shard holding [start, start + size) of ``dim``; indices outside give 0."""
     size = x.shape[dim]

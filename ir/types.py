@@ -42,6 +42,12 @@ def parse_dim(text: str, symbols: dict[str, sympy.Symbol] | None = None) -> symp
     return expr.subs({s: dim_symbol(str(s)) for s in expr.free_symbols})
 
 
+def is_float_expr(expr: sympy.Expr) -> bool:
+    """Whether a scalar argument is a float computed from sizes (``1.0*batch*seq``, from ``float(b * s)``
+    in the model) rather than a size: it has a float coefficient, and evaluates to a Python float."""
+    return expr.has(sympy.Float)
+
+
 def dim_symbol(name: str) -> sympy.Symbol:
     """The symbol used for a named dimension; positive integers, so sympy can simplify."""
     return sympy.Symbol(name, integer=True, positive=True)

@@ -5,7 +5,9 @@ import sympy
 import torch
 
 from ir.core import Graph, Node, Value
+from ir.ops.custom import UnknownOpError, resolve_op
 from ir.sbp import IN_SBP_ATTR, Partial, Split, format_nd_sbp
+from ir.types import is_float_expr
 
 
 class VerificationError(ValueError):
@@ -190,7 +192,11 @@ def _run_on_meta(node: Node, args, kwargs) -> list[torch.Tensor]:
     known = _META_RESULTS.get(key)
     if known is None:
         try:
-            result = resolve_op(node.op)(*args, **kwargs)
+            op = resolve_op(node.op)
+        except UnknownOpError as err:
+            raise VerificationError(f"node {_where(node)}: {err}") from None
+        try:
+            result = op(*args, **kwargs)  # a custom op runs its registered fake kernel here
         except Exception as err:  # the op's own shape check failed
             known = str(err).splitlines()[0] if str(err) else type(err).__name__
         else:
@@ -219,7 +225,8 @@ def _describe(obj):
 
 def _bind(obj, bindings):
     if isinstance(obj, sympy.Expr):
-        return int(obj.subs(bindings))
+        value = obj.subs(bindings)
+        return float(value) if is_float_expr(obj) else int(value)
     if isinstance(obj, list):
         return [_bind(o, bindings) for o in obj]
     if isinstance(obj, tuple):
@@ -229,13 +236,3 @@ def _bind(obj, bindings):
     if isinstance(obj, torch.device):
         return torch.device("meta")
     return obj
-
-
-def resolve_op(name: str):
-    """The torch callable of an ``aten.*`` op name such as ``aten.linear.default`` (for ring attention,
-    what it computes on logical tensors)."""
-    from ir.ops.attention import RING_ATTENTION, logical_ring_attention
-    if name == RING_ATTENTION:
-        return logical_ring_attention
-    _, op, overload = name.split(".", 2) if name.count(".") >= 2 else (*name.split("."), "default")
-    return getattr(getattr(torch.ops.aten, op), overload)

@@ -1,5 +1,6 @@
 """Process groups and layouts: one group per mesh axis, this rank's shard of a full tensor, failures."""
 import datetime
+import importlib
 import os
 import sys
 
@@ -45,6 +46,22 @@ def init_distributed(timeout_s):
             if dist.get_rank() in ranks:
                 COORD[axis] = ranks.index(dist.get_rank())
                 GROUPS[axis] = (group, ranks, COORD[axis])
+
+
+def load_custom_op(name, module):
+    """The custom op ``name`` (``namespace.op.overload``, a ``torch.library`` op outside ATen) that the plan
+    calls, registered in this process by importing ``module``, the Python module that defines it."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        fail(f"this program calls the custom op {name}, which the Python module {module} registers, but {module} "
+             f"cannot be imported here ({err}); install it (the version the plan was compiled with) on every node")
+    namespace, op, overload = name.split(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+    except (AttributeError, RuntimeError):
+        fail(f"importing {module} did not register the custom op {name} (torch.ops.{namespace}.{op}.{overload}); "
+             f"install the version of {module.split('.')[0]} the plan was compiled with")
 
 
 def my_position():

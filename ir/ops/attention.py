@@ -26,7 +26,7 @@ RING_ATTENTION_SCHEMA = ("cp::ring_attention(Tensor query, Tensor key, Tensor va
 
 def ring_inputs(node: Node) -> tuple[Value, Value, Value, Value | None]:
     """Query, key, value and the mask (None when the attention has none) of a ring attention node."""
-    return tuple(arg(node, name) for name in ("query", "key", "value", "attn_mask"))
+    return arg(node, "query"), arg(node, "key"), arg(node, "value"), arg(node, "attn_mask")
 
 
 def ring_signatures(node: Node) -> list[Signature]:

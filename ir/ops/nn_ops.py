@@ -68,6 +68,24 @@ def matmul(node: Node) -> list[Signature]:
     return sigs
 
 
+def _grouped_mm_local(node: Node, ctx: LocalContext) -> LocalCall:
+    x, w, offs = node.input_values()
+    if not any(isinstance(s, Split) and s.dim == 0 for s in ctx.in_sbps[1]):
+        return default_local(node, ctx)
+    return LocalCall("kernels.grouped_mm_of_experts", [x, w, offs, shard_start(w.type, ctx.in_sbps[1], ctx.mesh, 0)])
+
+
+@register("transformers.grouped_mm_fallback.default", local=_grouped_mm_local,
+          doc="transformers' grouped matmul of MoE experts: rows (S, K) sorted by expert, each times its expert's "
+              "(K, N) matrix of weight (E, K, N), offs (E,) the cumulative rows per expert; experts split "
+              "(expert parallelism: each shard multiplies its experts' rows, partial sums), or experts' "
+              "matrices split over N (column-parallel) or K (row-parallel, partial sums)")
+def grouped_mm(node: Node) -> list[Signature]:
+    """The rows' grouping by expert (``offs``) is over all rows, so the rows themselves never split."""
+    return [all_b(node), Signature((B, Split(0), B), (P,)), Signature((B, Split(2), B), (Split(1),)),
+            Signature((Split(1), Split(1), B), (P,)), Signature((P, B, B), (P,)), Signature((B, P, B), (P,))]
+
+
 def _embedding_local(node: Node, ctx: LocalContext) -> LocalCall:
     w, idx = node.input_values()
     if not any(isinstance(s, Split) and s.dim == 0 for s in ctx.in_sbps[0]):

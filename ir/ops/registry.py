@@ -23,7 +23,8 @@ class Signature(NamedTuple):
 
 @dataclass
 class LocalCall:
-    """What one rank runs: ``fn(*args, **kwargs)``; ``fn`` is an ``aten.*`` op or a ``kernels.*`` name.
+    """What one rank runs: ``fn(*args, **kwargs)``; ``fn`` names a torch op (``aten.*`` or a custom op) or a
+    ``kernels.*`` function.
 
     Args may hold values (the rank's local tensors), and sympy expressions over the dims and the
     rank's mesh coordinates (symbols ``coord_<axis>``), evaluated by the backend.
@@ -83,9 +84,18 @@ def rule_for(op: str) -> OpRule:
         return RULES[op]
     if op not in _WARNED:
         _WARNED.add(op)
-        warnings.warn(f"sbpc: op {op} has no SBP rules; it runs on broadcast (replicated) inputs",
-                      stacklevel=2)
+        warnings.warn(_no_rules_message(op), stacklevel=2)
     return OpRule(op, broadcast_only)
+
+
+def _no_rules_message(op: str) -> str:
+    from ir.ops.custom import is_custom
+    if not is_custom(op):
+        return f"sbpc: op {op} has no SBP rules; it runs on broadcast (replicated) inputs"
+    return (f"sbpc: custom op {op} (torch.library) has no SBP rules; it runs replicated: every rank runs it on "
+            f"whole (broadcast) inputs. Register rules for it with ir.ops.register, or give it a decomposition "
+            f"(a CompositeImplicitAutograd kernel or torch._decomp.register_decomposition) that "
+            f"compile(decompose_custom_ops=True) inlines")
 
 
 def known_ops() -> list[str]:

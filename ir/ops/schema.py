@@ -1,10 +1,10 @@
 """Reading a node's arguments by name, as its op's schema declares them.
 
-An ``aten.*`` node keeps its arguments as ``torch.export`` wrote them: positional ones in schema
+A node keeps its arguments as ``torch.export`` wrote them: positional ones in schema
 order (trailing defaults left out), keyword-only ones in ``kwargs``. The same argument sits at
 different positions in different ops (``unbind(self, dim)`` vs ``split(self, split_size, dim)``), so
 rules never index ``node.args``: they read :func:`arg` ``(node, "dim")``, which binds the node's
-arguments to ``torch.ops.aten.<op>.<overload>._schema`` and falls back to the schema's default.
+arguments to ``torch.ops.<namespace>.<op>.<overload>._schema`` (ATen or custom ops alike) and falls back to the schema's default.
 """
 from __future__ import annotations
 
@@ -29,19 +29,21 @@ class SchemaError(ValueError):
 
 @functools.lru_cache(maxsize=None)
 def schema_of(op: str):
-    """The ``torch.FunctionSchema`` of an ``aten.<name>.<overload>`` op name (or of an sbpc op that
-    declares one, such as ``cp.ring_attention``)."""
-    from ir.verifier import resolve_op
+    """The ``torch.FunctionSchema`` of an op name: ``aten.<name>.<overload>``, or a custom op registered
+    with ``torch.library`` (``<namespace>.<name>.<overload>``)."""
+    from ir.ops.custom import SBPC_NAMESPACES, UnknownOpError, namespace, resolve_op
     from ir.ops.attention import RING_ATTENTION, RING_ATTENTION_SCHEMA
-    if op == RING_ATTENTION:
+    if op == RING_ATTENTION:  # an sbpc op that declares its arguments like a torch op
         import torch
         return torch._C.parse_schema(RING_ATTENTION_SCHEMA)
-    if not op.startswith("aten."):
-        raise SchemaError(f"{op} is not an ATen op (expected a name such as aten.unbind.int); it has no schema")
+    if namespace(op) in SBPC_NAMESPACES:
+        raise SchemaError(f"{op} is an sbpc op, not a torch op (expected a name such as aten.unbind.int); "
+                          f"it has no schema")
     try:
         return resolve_op(op)._schema
-    except (AttributeError, RuntimeError) as e:
-        raise SchemaError(f"{op} names no ATen overload ({e}); spell it as torch.ops.aten.<name>.<overload>, "
+    except UnknownOpError as e:
+        what = "ATen overload" if op.startswith("aten.") else "registered op overload"
+        raise SchemaError(f"{op} names no {what} ({e}); spell it as torch.ops.<namespace>.<name>.<overload>, "
                           "e.g. aten.unbind.int") from None
 
 

@@ -53,7 +53,7 @@ class T:
     """``normal`` (multiples of 1/64 in [-2, 2)), ``positive`` ([0.25, 2.5)), ``distinct`` (no ties),
     ``int`` (in [-high, high)), ``index`` (in [0, high)), ``prob`` (in (0, 1)), ``const`` (every entry
     ``high``: for arguments whose values set output shapes), ``bool``, ``pow2`` (0.5, 1, 2 or 4) or
-    ``sign`` (-1 or 1). Where an op's gradient of a broadcast operand sums terms that are not exact
+    ``sign`` (-1 or 1), ``offsets`` (the cumulative sizes of groups of ``high`` rows, some groups empty). Where an op's gradient of a broadcast operand sums terms that are not exact
     (1 / y), the samples pick ``pow2`` or ``sign`` values that make them exact, so that summing in
     another order (per shard, then over ranks) cannot round differently."""
     high: int = 4
@@ -189,8 +189,11 @@ def make_tensor(spec: T, gen: torch.Generator) -> torch.Tensor:
         return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(spec.dtype)
     if spec.fill == "normal":
         return (torch.randint(-128, 128, shape, generator=gen) / 64).to(spec.dtype)
+    if spec.fill == "offsets":
+        ends = torch.randint(0, spec.high + 1, (shape[0] - 1,), generator=gen).sort().values
+        return torch.cat([ends, torch.tensor([spec.high])]).to(spec.dtype)
     raise ValueError(f"unknown fill {spec.fill!r} for a sample input; expected one of normal, positive, "
-                     f"distinct, int, index, prob, const, bool, pow2, sign")
+                     f"distinct, int, index, prob, const, bool, pow2, sign, offsets")
 
 
 # -- cutting full tensors into per-rank locals ----------------------------------------------------------
@@ -685,6 +688,9 @@ def _matmuls() -> None:
     add("aten.matmul.default", T((1, 4, 6)), T((3, 6, 2)))
     add("aten.matmul.default", T((2, 1, 4, 6)), T((3, 6, 4)))
     add("aten.matmul.default", T((6,)), T((6, 4)))
+    import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
+    add("transformers.grouped_mm_fallback.default", T((6, 4)), T((4, 4, 8), param=True),
+        T((4,), torch.int32, "offsets", high=6), note="a custom op of transformers (MoE experts)")
 
 
 def _lookups() -> None:
