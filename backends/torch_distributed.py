@@ -51,10 +51,12 @@ class EmitError(RuntimeError):
 
 
 def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, input_ranges: dict,
-         example_dims: dict, aliases: dict, header: str = "", plan_text: str = "") -> Path:
-    """Write ``main.py`` and ``weights.pt`` into ``out_dir``; returns the path of ``main.py``.
+         example_dims: dict, aliases: dict, header: str = "", plan_text: str = "",
+         node_devices: tuple[int, ...] = ()) -> Path:
+    """Write ``main.py``, ``weights.pt`` and ``launch.sh`` into ``out_dir``; returns the path of ``main.py``.
     ``header``: what the program's docstring says produced it (the plan as DSL text, the passes, ...);
-    ``plan_text``: the plan as DSL text, which the program records in its checkpoints."""
+    ``plan_text``: the plan as DSL text, which the program records in its checkpoints; ``node_devices``: the
+    devices of each node of the cluster the plan was made for (one node of all ranks when empty)."""
     missing = [p.target for p in graph.params if p.target not in weights or weights[p.target].is_meta]
     if missing:
         raise EmitError(f"the plan has no weights for {len(missing)} tensors (e.g. {missing[0]}): it was "
@@ -68,7 +70,43 @@ def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, 
     source = writer(graph, optimizer, input_ranges, example_dims, aliases, header, plan_text).write()
     path = out / "main.py"
     path.write_text(source)
+    launch = out / "launch.sh"
+    launch.write_text(launch_script(world_size(graph), node_devices))
+    launch.chmod(0o755)
     return path
+
+
+def world_size(graph: Graph) -> int:
+    """How many ranks the program runs on: every device of its meshes."""
+    return len({d for mesh in graph.meshes.values() for d in mesh.devices})
+
+
+def launch_script(world: int, node_devices: tuple[int, ...]) -> str:
+    """``launch.sh``: torchrun on one node (``--standalone``), or on NNODES nodes through a c10d rendezvous.
+    Processes per node default to the cluster's devices per node (all ranks on one node otherwise)."""
+    nodes = len(node_devices) if node_devices and len(set(node_devices)) == 1 else 1
+    return f"""#!/usr/bin/env bash
+# Launch main.py under torchrun ({world} ranks). Arguments are passed to main.py (see: main.py --help).
+#
+# One node:        ./launch.sh --steps 100
+# {nodes if nodes > 1 else 2} nodes, on each:  NNODES={nodes if nodes > 1 else 2} RDZV_ENDPOINT=host0:29400 ./launch.sh --steps 100
+#
+# Each node runs NPROC_PER_NODE ranks ({world} / NNODES by default); ranks of a node are numbered consecutively,
+# so the innermost mesh axis stays inside a node. MAX_RESTARTS>0 restarts every rank when one fails (pass
+# --checkpoint-every and --resume). TORCHRUN overrides the launcher (e.g. "python -m torch.distributed.run").
+set -euo pipefail
+HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+NNODES="${{NNODES:-1}}"
+NPROC_PER_NODE="${{NPROC_PER_NODE:-$(( {world} / NNODES ))}}"
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${{TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}}"  # pytorch/pytorch#167288
+if [ "$NNODES" = 1 ]; then
+    exec ${{TORCHRUN:-torchrun}} --standalone --nproc-per-node "$NPROC_PER_NODE" \\
+        --max-restarts "${{MAX_RESTARTS:-0}}" "$HERE/main.py" "$@"
+fi
+exec ${{TORCHRUN:-torchrun}} --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \\
+    --rdzv-backend c10d --rdzv-endpoint "${{RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of one node}}" \\
+    --rdzv-id "${{RDZV_ID:-sbpc}}" --max-restarts "${{MAX_RESTARTS:-0}}" "$HERE/main.py" "$@"
+"""
 
 
 class FreshNames:

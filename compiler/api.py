@@ -79,13 +79,15 @@ class CompiledPlan:
         return run_virtual(self.graph, self.weights, tuple(inputs), mode or self.mode, stages=stages)
 
     def emit(self, out_dir: str | os.PathLike) -> Path:
-        """Write a standalone torchrun program (``main.py`` + ``weights.pt``) into ``out_dir``."""
+        """Write a standalone torchrun program (``main.py`` + ``weights.pt``, and ``launch.sh`` with its
+        single-node and multi-node torchrun command lines) into ``out_dir``."""
         plan = "".join(f"    {line}\n" for line in self.to_dsl().splitlines())
         header = (f"Plan:\n{plan}Passes: {', '.join(self.passes)}\n"
                   f"Optimizer: torch.optim.{self.optimizer[0]}({self.optimizer[1]})")
         return torch_distributed.emit(self.graph, self.weights, out_dir, optimizer=self.optimizer,
                                       input_ranges=self.input_ranges, example_dims=self.example_dims,
-                                      aliases=self.aliases, header=header, plan_text=self.to_dsl())
+                                      aliases=self.aliases, header=header, plan_text=self.to_dsl(),
+                                      node_devices=tuple(node.num_devices for node in self.cluster.nodes))
 
     def parameter_memory(self) -> dict[int, int]:
         """Bytes of parameters each device stores at rest (its shards), by device id."""

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from .controls import restore_schedule
 from .core import DEVICE, GROUPS, fail, my_position, split_dim
 from .plan import MESH_AXES, MESH_DEVICES, MESH_SHAPE, OPTIMIZER, PLAN_TEXT
 
@@ -60,16 +61,18 @@ def as_local(value):
 
 class TrainingState:
     """What a checkpoint holds of this rank: its shards of the model's tensors, the optimizer's state of its
-    trainable ones, the step and the data position.
+    trainable ones, the step, the learning-rate schedule's state and the data source's position.
 
     ``places``: local key -> (state_dict name, layout) of each tensor this rank saves and loads (parameters and
     buffers, also those outside the model's state_dict, so that a resumed run reads nothing else); ``copies``:
     local keys of tied copies (pipelines: a parameter on several stages), loaded from their state_dict name
-    but not saved; ``model``: every tensor of the whole model, state_dict name -> (shape, layout, stage)."""
+    but not saved; ``model``: every tensor of the whole model, state_dict name -> (shape, layout, stage);
+    ``schedule``: the learning-rate schedule (``controls.py``); ``data``: the batch source (``data.py``)."""
 
-    def __init__(self, params, buffers, optimizer, places, model, copies=()):
+    def __init__(self, params, buffers, optimizer, places, model, copies=(), schedule=None, data=None):
         self.params, self.buffers, self.optimizer = params, buffers, optimizer
         self.places, self.model, self.copies = places, model, set(copies)
+        self.schedule, self.data = schedule, data
 
     def local(self, key):
         """This rank's tensor ``key`` now (buffers are replaced every step), without autograd."""
@@ -77,9 +80,9 @@ class TrainingState:
 
     def saved_items(self, step):
         """The flat dict DCP saves: ``model.NAME``, ``optimizer.NAME.KEY``, ``train.*``, ``rng.*.rankR``."""
-        # the data position: batches read so far (one per step from --data or synthetic batches; a reader with
-        # an order of its own would record where it is here)
-        items = {"train.step": step, "train.data_position": step}
+        items = {"train.step": step, "train.data_position": self.data.position if self.data else step}
+        if self.schedule is not None:
+            items["train.lr_schedule"] = json.dumps(self.schedule.state_dict())
         items |= {f"rng.{kind}.rank{dist.get_rank()}": state for kind, state in rng_states().items()}
         for key, (name, layout) in self.places.items():
             if key in self.copies:
@@ -97,6 +100,8 @@ class TrainingState:
         """The flat dict DCP loads into: this rank's tensors themselves, new tensors for the optimizer state and
         RNG states the checkpoint holds (shaped by its metadata), placeholders for the counters."""
         items = {"train.step": 0, "train.data_position": 0}
+        if self.schedule is not None and "train.lr_schedule" in metadata.state_dict_metadata:
+            items["train.lr_schedule"] = ""
         items |= {key: torch.empty_like(state) for key, state in
                   ((f"rng.{kind}.rank{dist.get_rank()}", state) for kind, state in rng_states().items())
                   if key in metadata.state_dict_metadata}
@@ -121,7 +126,8 @@ class TrainingState:
 
     def adopt(self, items, same_plan):
         """Take what DCP loaded: tied copies from the loaded tensor, the optimizer state through
-        ``load_state_dict`` (which places it as torch does), and this rank's RNG states under the same plan."""
+        ``load_state_dict`` (which places it as torch does), the schedule's step, the data position, and this
+        rank's RNG states under the same plan."""
         first = {}
         for key, (name, _) in self.places.items():
             if name in first:
@@ -140,6 +146,10 @@ class TrainingState:
                     state[index[id(self.params[key])]] = entries
             self.optimizer.load_state_dict({"state": state,
                                             "param_groups": self.optimizer.state_dict()["param_groups"]})
+        if self.schedule is not None and items.get("train.lr_schedule"):
+            restore_schedule(self.schedule, json.loads(items["train.lr_schedule"]))
+        if self.data is not None:
+            self.data.position = items["train.data_position"]
         if same_plan:
             restore_rng_states({key.split(".")[1]: v for key, v in items.items() if key.startswith("rng.")})
         return items["train.step"]

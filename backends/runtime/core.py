@@ -22,7 +22,9 @@ def fail(message):
 
 
 def init_distributed(timeout_s):
-    """Join the world (nccl on CUDA, else gloo) and make one process group per mesh axis."""
+    """Join the world (nccl on CUDA, else gloo) and make one process group per mesh axis. Only torchrun's
+    environment is read (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the same
+    program runs on one node or many (launch.sh beside it has both command lines)."""
     global DEVICE
     if torch.cuda.is_available() and os.environ.get("SBPC_FORCE_GLOO") != "1":
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -46,6 +48,21 @@ def init_distributed(timeout_s):
             if dist.get_rank() in ranks:
                 COORD[axis] = ranks.index(dist.get_rank())
                 GROUPS[axis] = (group, ranks, COORD[axis])
+    check_node_placement()
+
+
+def check_node_placement():
+    """Warn when the innermost mesh axis (tensor parallelism, the most traffic) spans nodes. torchrun numbers the
+    ranks of a node consecutively (LOCAL_WORLD_SIZE of them), so it stays inside one when its size divides that."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    if len(MESH_AXES) < 2 or per_node >= dist.get_world_size():
+        return
+    inner = MESH_AXES[-1]
+    _, ranks, me = GROUPS[inner]
+    if me == 0 and len({rank // per_node for rank in ranks}) > 1:
+        print(f"warning: mesh axis {inner} (innermost) joins ranks {ranks} on different nodes "
+              f"({per_node} processes per node); launch with --nproc-per-node a multiple of {len(ranks)}",
+              file=sys.stderr, flush=True)
 
 
 def load_custom_op(name, module):

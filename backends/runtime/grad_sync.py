@@ -32,16 +32,19 @@ def unflatten_gradients(params, names, flat):
 
 class OverlappedGradientSync:
     """All-reduce each bucket while backward still runs, as soon as its last gradient is ready. Buckets
-    launch strictly in their order (backward's), so every rank issues the same collectives in that order."""
+    launch strictly in their order (backward's), so every rank issues the same collectives in that order.
+    While ``hold`` is set (the microsteps of an accumulation before its last), gradients only accumulate."""
 
     def __init__(self, params, timeout_s):
-        self.params, self.buckets = params, local_buckets(params)
+        self.params, self.buckets, self.hold = params, local_buckets(params), False
         for index, (_, names) in enumerate(self.buckets):
             for name in names:
                 params[name].register_post_accumulate_grad_hook(functools.partial(self._ready, index, name))
         self.missing, self.launched = [set(names) for _, names in self.buckets], []
 
     def _ready(self, index, name, _param):
+        if self.hold:
+            return
         self.missing[index].discard(name)
         while len(self.launched) < len(self.buckets) and not self.missing[len(self.launched)]:
             self._launch()

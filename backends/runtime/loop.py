@@ -1,17 +1,14 @@
-"""Training loop parts: the command line, batches, weights, the optimizer, reports, saving."""
+"""Training loop parts: the command line, inputs, weights, the optimizer, the loss, saving."""
 import argparse
 import gc
-import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
 from .collectives import unshard
 from .core import DEVICE, GROUPS, fail, is_seed_rank, shard, split_dim
-from .plan import (ALIASES, BUFFERS, EXAMPLE_DIMS, FROZEN_PARAMS, INPUTS, LOSS_SBP, MESH_AXES, NOT_SAVED,
-                   OPTIMIZER, PARAMS)
+from .plan import ALIASES, BUFFERS, FROZEN_PARAMS, INPUTS, LOSS_SBP, MESH_AXES, NOT_SAVED, OPTIMIZER, PARAMS
 
 EMITTED_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt")
 
@@ -20,9 +17,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="the run's total training steps (a resumed run "
                         "continues from its checkpoint's step up to this)")
-    parser.add_argument("--data", help="torch.save'd list of input tuples, one per step (weights_only load)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of synthetic batches when --data is not given")
-    parser.add_argument("--metrics", help="write one JSON line per step (loss, seconds) to this file")
+    parser.add_argument("--data", help="a token file (.bin or .npy of uint16/uint32 token ids, memory-mapped) or "
+                        "a torch.save'd list of input tuples, one per step and microstep (weights_only load)")
+    parser.add_argument("--data-dtype", default="uint16", choices=("uint16", "uint32"),
+                        help="the token ids' type in a .bin token file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the token file's sample order, or of "
+                        "synthetic batches when --data is not given")
+    parser.add_argument("--metrics", help="write one JSON line per step (step, loss, seconds, tokens_per_s, "
+                        "memory_bytes, lr, grad_norm) to this file")
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"),
+                        help="the learning rate after warmup: constant, or decaying to zero at --steps")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warmup")
+    parser.add_argument("--clip-grad-norm", type=float, default=0.0, metavar="MAX",
+                        help="clip the gradients' global 2-norm to MAX (0: no clipping)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                        help="microsteps (batches) per optimizer step; their gradients are averaged")
     parser.add_argument("--save", help="save the full, unsharded state_dict here at the end")
     parser.add_argument("--weights", default=EMITTED_WEIGHTS,
                         help="initial weights (full state_dict) written by sbpc emit")
@@ -35,29 +44,10 @@ def parse_args(argv=None):
                         "--checkpoint-dir, under this program's plan whatever plan wrote it (none: start at step 0)")
     parser.add_argument("--infer-stages", help="pipelines: no training; run every batch forward through these "
                         "stages only (comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss")
-    return parser.parse_args(argv)
-
-
-def load_batches(args):
-    """The batches of --data, one tuple of inputs per step (None: synthetic batches)."""
-    if args.data is None:
-        return None
-    if not os.path.exists(args.data):
-        fail(f"--data file {args.data} does not exist; pass a torch.save'd list of input tuples")
-    batches = torch.load(args.data, weights_only=True)
-    if not isinstance(batches, (list, tuple)) or len(batches) < args.steps:
-        count = len(batches) if isinstance(batches, (list, tuple)) else type(batches).__name__
-        fail(f"--data {args.data} must hold a list of at least {args.steps} input tuples (one per step), found {count}")
-    return batches
-
-
-def synthetic_batch(seed, step):
-    """Random inputs of the example sizes (integers below each input's bound), the same on every rank."""
-    g = torch.Generator().manual_seed(seed * 100003 + step)
-    shapes = [[EXAMPLE_DIMS.get(d, d) for d in dims] for _, dims, _, _, _ in INPUTS]
-    return tuple(torch.randn(shape, generator=g, dtype=dtype) if dtype.is_floating_point
-                 else torch.randint(0, high, shape, generator=g, dtype=dtype)
-                 for shape, (_, _, dtype, _, high) in zip(shapes, INPUTS))
+    args = parser.parse_args(argv)
+    if args.grad_accum < 1:
+        fail(f"--grad-accum takes a positive number of microsteps, found {args.grad_accum}")
+    return args
 
 
 def bind_dims(batch):
@@ -77,6 +67,11 @@ def bind_dims(batch):
                 fail(f"input {name}: dim {dim} has size {t.shape[dim]}, which does not split over "
                      f"{n} ranks of mesh axis {axis}; use a multiple of {n}")
     return dims
+
+
+def token_count(batch):
+    """The tokens of a batch whose first input is token ids (0 for other inputs), for tokens per second."""
+    return 0 if batch[0].is_floating_point() else batch[0].numel()
 
 
 def local_inputs(batch):
@@ -136,29 +131,6 @@ def first_step_report(params, optimizer):
     dist.all_gather(every, torch.tensor(mine, dtype=torch.int64, device=DEVICE))
     keys = ("param_bytes_per_rank", "optimizer_params_per_rank", "optimizer_state_per_rank")
     return {key: [int(t[i]) for t in every] for i, key in enumerate(keys)}
-
-
-def open_metrics(path, start):
-    """The --metrics file (rank 0): new, or, resuming at step ``start``, keeping the lines of earlier steps."""
-    if not path or dist.get_rank() != 0:
-        return None
-    kept = []
-    if start and os.path.exists(path):
-        with open(path) as old:
-            kept = [line for line in old if line.strip() and json.loads(line)["step"] < start]
-    metrics = open(path, "w")
-    metrics.writelines(kept)
-    return metrics
-
-
-def report_step(metrics, step, loss, started, extra):
-    """The loss on rank 0's stdout and, with --metrics, one JSON line per step (rank 0)."""
-    if metrics:
-        record = {"step": step, "loss": loss, "seconds": time.perf_counter() - started, **extra}
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-    if dist.get_rank() == 0:
-        print(f"step {step} loss {loss:.6f}", flush=True)
 
 
 def logical_loss(loss):

@@ -15,9 +15,11 @@ from .collectives import unshard
 from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
 from .core import COORD, DEVICE, fail, init_distributed, is_seed_rank, my_position
 from .faults import peer_failures
-from .loop import (bind_dims, finish, first_step_report, load_batches, load_weights, local_copy, local_inputs,
-                   local_parameters, make_optimizer, new_buffer_values, open_metrics, parse_args, report_step,
-                   synthetic_batch)
+from .controls import finish_gradients, make_schedule
+from .data import open_batches
+from .loop import (bind_dims, finish, first_step_report, load_weights, local_copy, local_inputs, local_parameters,
+                   make_optimizer, new_buffer_values, parse_args, token_count)
+from .progress import open_metrics, report_step
 from .plan import (ALIASES, ENTRY_SHAPES, EXIT_SHAPES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE,
                    SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS, TIED_PARAMS)
 from .split_backward import backward_input
@@ -241,6 +243,18 @@ def pipeline_model(shapes):
             if n not in tied_copies()}
 
 
+def run_batch(batch, params, buffers, path, step_type, actions):
+    """One batch through the pipeline: its microbatches through this rank's action list, or with ``path``
+    forward only through those stages; returns this rank's sum of loss shares (None off the loss stage)."""
+    count = PIPELINE["microbatches"]
+    micro = split_microbatches(batch, count)
+    position = my_position()
+    whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), bind_dims(batch), COORD)
+             for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
+    step = step_type(params, buffers, micro, bind_dims(micro[0]), whole, [path] * count if path else PIPELINE["paths"])
+    return step.infer(path) if path else step.run(actions)
+
+
 def main(argv=None, gradient_syncs=(), step_type=PipelineStep):
     """Train up to step ``--steps`` (from the last checkpoint with --resume), or, with --infer-stages, run
     forward only. ``gradient_syncs``: the plan's gradient collectives outside autograd (classes from
@@ -248,7 +262,7 @@ def main(argv=None, gradient_syncs=(), step_type=PipelineStep):
     (:class:`SplitBackwardStep` for schedules with W actions)."""
     args = parse_args(argv)
     init_distributed(args.comm_timeout)
-    batches = load_batches(args)
+    batches = open_batches(args, args.steps * args.grad_accum, PIPELINE["microbatches"])
     shapes = load_weights(args.weights, meta=True)
     model = pipeline_model(shapes)
     checkpoint = find_checkpoint(args, model) if args.resume else None
@@ -260,38 +274,38 @@ def main(argv=None, gradient_syncs=(), step_type=PipelineStep):
     buffers = {n: local_copy(weights[target], layout) for n, (target, kind, layout, _) in mine.items()
                if kind == "buffer"}
     optimizer = make_optimizer(params)
+    schedule = make_schedule(args, optimizer)
     syncs = [make(params, args.comm_timeout) for make in gradient_syncs]
     actions = SCHEDULE[dist.get_rank()]
     path = infer_path(args.infer_stages) if args.infer_stages else None
     places = {n: (STAGE_TENSORS[n][0], STAGE_TENSORS[n][2]) for n in [*params, *buffers]}
-    state = TrainingState(params, buffers, optimizer, places, model, tied_copies() & set(places))
+    state = TrainingState(params, buffers, optimizer, places, model, tied_copies() & set(places), schedule, batches)
     start = load_checkpoint(checkpoint, state) if checkpoint else 0
     metrics = open_metrics(args.metrics, start)
-    count = PIPELINE["microbatches"]
-    for step_index in range(0 if path else start, args.steps):  # inference runs every batch
+    layouts = {n: STAGE_TENSORS[n][2] for n in params if n not in tied_copies()}  # what the clipping norm counts
+    if path:
+        batches.position = 0  # inference runs every batch
+    for step_index in range(0 if path else start, args.steps):
         with peer_failures(step_index):
             started = time.perf_counter()
-            batch = batches[step_index] if batches is not None else synthetic_batch(args.seed, step_index)
-            full_dims = bind_dims(batch)
-            micro = split_microbatches(batch, count)
-            dims = bind_dims(micro[0])
-            whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), full_dims, COORD)
-                     for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
-            paths = [path] * count if path else PIPELINE["paths"]
-            step = step_type(params, buffers, micro, dims, whole, paths)
-            if path:
-                local = step.infer(path)
-            else:
-                if optimizer:
-                    optimizer.zero_grad(set_to_none=True)
-                local = step.run(actions)
+            if optimizer and not path:
+                optimizer.zero_grad(set_to_none=True)
+            total, tokens = 0.0, 0
+            for _ in range(1 if path else args.grad_accum):
+                batch = batches.next()
+                local = run_batch(batch, params, buffers, path, step_type, actions)
+                total, tokens = total + pipeline_loss(local), tokens + token_count(batch)
+            extra = {"tokens": tokens}
+            if not path:
                 for sync in syncs:
                     sync.finish()
+                extra["lr"] = optimizer.param_groups[0]["lr"] if optimizer else None
+                extra["grad_norm"] = finish_gradients(params, layouts, args.grad_accum, args.clip_grad_norm)
                 if optimizer:
                     optimizer.step()
-            value = pipeline_loss(local)
-            report_step(metrics, step_index, value, started,
-                        first_step_report(params, optimizer) if step_index == 0 else {})
+                    schedule.step()
+            extra |= first_step_report(params, optimizer) if step_index == 0 else {}
+            report_step(metrics, step_index, total / (1 if path else args.grad_accum), started, extra, args.steps)
             if not path and checkpoint_due(args, step_index + 1):
                 save_checkpoint(args, state, step_index + 1)
     syncs.clear()  # they hold process groups (tied parameters): finish destroys every group

@@ -2,12 +2,14 @@
 import time
 
 from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
+from .controls import finish_gradients, make_schedule
 from .core import COORD, fail, init_distributed, is_seed_rank
+from .data import open_batches
 from .faults import peer_failures
-from .loop import (bind_dims, finish, first_step_report, full_state_dict, load_batches, load_weights, local_copy,
-                   local_inputs, local_parameters, logical_loss, make_optimizer, new_buffer_values, open_metrics,
-                   parse_args, report_step, synthetic_batch)
+from .loop import (bind_dims, finish, first_step_report, full_state_dict, load_weights, local_copy, local_inputs,
+                   local_parameters, logical_loss, make_optimizer, new_buffer_values, parse_args, token_count)
 from .plan import BUFFERS, LOSS_SBP, PARAMS, forward
+from .progress import open_metrics, report_step
 
 
 def main(argv=None, gradient_syncs=()):
@@ -18,7 +20,7 @@ def main(argv=None, gradient_syncs=()):
     init_distributed(args.comm_timeout)
     if args.infer_stages:
         fail("--infer-stages chooses pipeline stages, but this program has no pipeline")
-    batches = load_batches(args)
+    batches = open_batches(args, args.steps * args.grad_accum)
     shapes = load_weights(args.weights, meta=True)
     model = {n: (shapes[n].shape, layout, 0) for n, layout in {**PARAMS, **BUFFERS}.items()}
     checkpoint = find_checkpoint(args, model) if args.resume else None
@@ -26,26 +28,35 @@ def main(argv=None, gradient_syncs=()):
     params = local_parameters(weights, {n: (n, layout) for n, layout in PARAMS.items()})
     buffers = {n: local_copy(weights[n], layout) for n, layout in BUFFERS.items()}
     optimizer = make_optimizer(params)
+    schedule = make_schedule(args, optimizer)
     syncs = [make(params, args.comm_timeout) for make in gradient_syncs]
-    state = TrainingState(params, buffers, optimizer, {n: (n, spec[1]) for n, spec in model.items()}, model)
+    state = TrainingState(params, buffers, optimizer, {n: (n, spec[1]) for n, spec in model.items()}, model,
+                          schedule=schedule, data=batches)
     start = load_checkpoint(checkpoint, state) if checkpoint else 0
     metrics = open_metrics(args.metrics, start)
     for step in range(start, args.steps):
         with peer_failures(step):
             started = time.perf_counter()
-            batch = batches[step] if batches is not None else synthetic_batch(args.seed, step)
-            dims = bind_dims(batch)
             if optimizer:
                 optimizer.zero_grad(set_to_none=True)
-            loss, updated = forward(params, buffers, local_inputs(batch), dims, COORD)
-            (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
+            total, tokens = 0.0, 0
+            for micro in range(args.grad_accum):
+                batch = batches.next()
+                for sync in syncs:
+                    sync.hold = micro < args.grad_accum - 1  # sync the gradients once, after the last microstep
+                loss, updated = forward(params, buffers, local_inputs(batch), bind_dims(batch), COORD)
+                (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
+                buffers.update(new_buffer_values(updated))
+                total, tokens = total + logical_loss(loss), tokens + token_count(batch)
             for sync in syncs:
                 sync.finish()
+            extra = {"tokens": tokens, "lr": optimizer.param_groups[0]["lr"] if optimizer else None,
+                     "grad_norm": finish_gradients(params, PARAMS, args.grad_accum, args.clip_grad_norm)}
             if optimizer:
                 optimizer.step()
-            buffers.update(new_buffer_values(updated))
-            extra = first_step_report(params, optimizer) if step == 0 else {}
-            report_step(metrics, step, logical_loss(loss), started, extra)
+                schedule.step()
+            extra |= first_step_report(params, optimizer) if step == 0 else {}
+            report_step(metrics, step, total / args.grad_accum, started, extra, args.steps)
             if checkpoint_due(args, step + 1):
                 save_checkpoint(args, state, step + 1)
     finish(args, full_state_dict(params, buffers))

@@ -148,9 +148,11 @@ def test_features_come_with_the_plans_that_use_them(programs):
 def test_gpt_dp_program_is_lean(programs):
     """The bundled GPT (2 layers) under dp: the plan, the runtime it reaches and one line per IR node.
     Before the runtime was split, this program had 954 lines; split, 420. Every training program also carries
-    sharded checkpoints, resume and the lost-peer report: ~360 lines with their flags, hooks and imports."""
+    sharded checkpoints, resume and the lost-peer report: ~360 lines with their flags, hooks and imports; and the
+    training controls (schedule, clipping, accumulation: ~50), token files (~120) and progress lines (~55), 1,030
+    lines in all."""
     lines = programs["dp"].splitlines()
-    assert len(lines) < 820, len(lines)
+    assert len(lines) < 1060, len(lines)
 
 
 def test_values_are_named_after_their_modules(programs):
