@@ -491,8 +491,8 @@ RANDOM_OP_MARKERS = ("rand", "dropout", "bernoulli", "normal", "uniform", "seed"
 
 def _input_only_nodes(graph: Graph) -> set[int]:
     """Ids of the nodes whose outputs depend only on graph inputs and constants (position ids, aranges,
-    causal masks, rotary tables): nothing trainable, no buffer the step updates, no random draw, and
-    not a step output; whole-batch nodes (the loss count) stay where they are."""
+    causal masks, rotary tables): no parameter (a frozen layer is real work, not a table), no buffer the
+    step updates, no random draw, and not a step output; whole-batch nodes (the loss count) stay where they are."""
     updated = {id(b) for b in graph.buffer_updates} | {id(v) for v in graph.buffer_updates.values()}
     final = {id(v) for v in graph.outputs} | ({id(graph.loss)} if graph.loss is not None else set())
     found: set[int] = set()
@@ -501,7 +501,7 @@ def _input_only_nodes(graph: Graph) -> set[int]:
                 or any(marker in node.op.lower() for marker in RANDOM_OP_MARKERS)
                 or any(id(o) in final or id(o) in updated for o in node.outputs)):
             continue
-        if all(id(v.producer) in found if v.producer is not None else not (v.trainable or id(v) in updated)
+        if all(id(v.producer) in found if v.producer is not None else v.kind in ("input", "buffer") and id(v) not in updated
                for v in node.input_values()):
             found.add(id(node))
     return found
@@ -518,6 +518,8 @@ def _place_input_only_nodes(graph: Graph) -> None:
     ordered by stage, which keeps the graph topological since stages only grow along edges.
     """
     movable = _input_only_nodes(graph)
+    working = {_stage(n) for n in graph.nodes if id(n) not in movable}
+    movable = {id(n) for n in graph.nodes if id(n) in movable and _stage(n) in working}  # no stage left empty
     if not movable:
         return
     readers: dict[int, set[int]] = {}  # node id -> stages reading its outputs (through movable nodes)
