@@ -19,7 +19,9 @@ does steps 1-3 and ``schedule`` step 4:
    per-op FLOP estimate (:func:`cost.ops.op_flops`) is best balanced. Stage s runs on
    mesh ``stage<s>``: the devices of pipeline position ``s % pp`` (``stage_devices`` overrides),
    with the non-pp axes. Parameters used on several stages get a copy per stage, their gradients
-   summed after backward (``attr tied_params``).
+   summed after backward (``attr tied_params``). Values computed from inputs and constants only
+   (position ids, causal masks, rotary tables) are computed on each stage that reads them rather
+   than relayed, so unmodified models cut anywhere send only their residual stream.
 3. **Transfers.** Every value live across a cut crosses it in a ``comm.send_recv`` node (values
    needed further on are relayed stage by stage). The crossing values are ordered in *slots*: a
    value passed on keeps its slot and a new value takes the slot of one that died, so when every
