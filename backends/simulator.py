@@ -28,7 +28,7 @@ from cost.segments import Profile, ir_profile
 from cost.timeline import TimelineEvent
 from ir.core import Graph
 from ir.layers import LayerStructure, find_layers
-from strategy import Strategy
+from strategy import PIPELINE_AXIS, MeshSpec, Strategy
 
 CATEGORIES = ("compute", "comm", "idle")
 COLORS = {"compute": "#4C72B0", "comm": "#DD8452", "idle": "#DDDDDD"}
@@ -173,6 +173,18 @@ def is_laid_out(graph: Graph) -> bool:
     return bool(graph.meshes) and all(v.sbp is not None for v in graph.all_values())
 
 
+def _with_unit_axes(strategy: Strategy, mesh) -> Strategy:
+    """The strategy with the size-1 axes the IR's stage mesh has and it does not name (``{"pp": 8}`` lays
+    each stage out on a ``dp=1`` mesh), in the IR's order after ``pp``."""
+    given = strategy.mesh_spec.as_dict()
+    missing = [a for a, n in zip(mesh.axes, mesh.shape) if int(n) == 1 and a not in given]
+    if not missing:
+        return strategy
+    axes = {a: n for a, n in given.items() if a == PIPELINE_AXIS}
+    axes |= {a: given.get(a, 1) for a in mesh.axes} | {a: n for a, n in given.items() if a not in axes}
+    return replace(strategy, mesh=MeshSpec.of(axes))
+
+
 def price_ir(graph: Graph, strategy: Strategy, cluster: Cluster, options: PlanOptions, exact: bool = True
              ) -> tuple[Estimate, PlanShape, Profile]:
     """The estimate of a laid-out graph compiled with the (normalised) ``strategy``, and the plan shape and
@@ -185,6 +197,7 @@ def price_ir(graph: Graph, strategy: Strategy, cluster: Cluster, options: PlanOp
     if cut is not None:  # the pipeline pass chose (or honoured) the cut: price the stages it made
         strategy = replace(strategy, pipeline=replace(strategy.pipeline, stage_layers=tuple(map(tuple, cut))))
     strategy = replace(strategy, recompute=False)  # the IR's recompute marks are priced op by op
+    strategy = _with_unit_axes(strategy, profile.mesh)
     shape = plan_shape(strategy, cluster.world_size, structure.num_layers, structure.prefix, batch,
                        optimizer_name(options.optimizer))
     mesh = profile.mesh

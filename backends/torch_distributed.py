@@ -27,6 +27,7 @@ from ir.ops import custom as custom_ops
 from ir.recompute import RECOMPUTE_ATTR, recompute_regions
 from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
                                  stage_index, tied_groups)
+from ir.ops.attention import RING_ATTENTION, runs_ring
 from ir.ops.registry import LocalContext, local_call, local_shape
 from ir.sbp import format_nd_sbp
 from ir.types import DTYPES_BY_NAME
@@ -387,8 +388,12 @@ class ProgramWriter:
             if node.op == "comm.all_gather" and node.input_values()[0].kind == "param":
                 func = "comm_gather_param"  # freed after use, gathered again for backward
             return f"    {outs[0]} = {func}({x}, {kw}){comment}"
-        ctx = LocalContext(self.graph.meshes[node.outputs[0].mesh], node.outputs[0].mesh,
-                           [v.sbp for v in node.input_values()], [v.sbp for v in node.outputs])
+        mesh = self.graph.meshes[node.outputs[0].mesh]
+        if node.op == RING_ATTENTION and runs_ring(node, mesh, node.input_values()[0].sbp):
+            args = ", ".join([self._arg(a) for a in node.args] + [f"{k}={self._arg(v)}" for k, v in node.kwargs.items()])
+            return f"    {outs[0]} = ring_attention({args}){comment}"
+        ctx = LocalContext(mesh, node.outputs[0].mesh, [v.sbp for v in node.input_values()],
+                           [v.sbp for v in node.outputs])
         call = local_call(node, ctx)
         fn = call.fn.split(".", 1)[1] if call.fn.startswith("kernels.") else self.custom_ops.get(call.fn, call.fn)
         args = [self._arg(a) for a in call.args] + [f"{k}={self._arg(v)}" for k, v in call.kwargs.items()]

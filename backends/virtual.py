@@ -15,9 +15,12 @@ from typing import Any
 import sympy
 import torch
 
+from backends.runtime.context_parallel import attention_block, block_keep, merge_blocks
 from backends.runtime.split_backward import WeightWork, backward_input
 from ir import kernels
 from ir.core import Graph, Node, Value
+from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
+from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import LocalContext, coord_symbol, local_call
 from ir.sbp import Broadcast, NdSbp, Partial, Split
@@ -140,6 +143,31 @@ class GroupCollective(torch.autograd.Function):
         return (None, None, None, *(p.clone() for p in parts))
 
 
+def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
+    """Every rank's output of ring attention: in each group along the node's axis, rank ``c`` attends its
+    queries to the key/value blocks of ranks ``c, c - 1, ...`` (the emitted ring's order), merged online.
+    The ops are differentiable, so the one backward gives every rank the ring's gradients."""
+    q, k, v, mask = ring_inputs(node)
+    causal, scale = arg(node, "causal"), arg(node, "scale")
+    qs, ks, vs = env[id(q)], env[id(k)], env[id(v)]
+    masks = env[id(mask)] if mask is not None else [None] * mesh.size
+    out = list(qs)
+    for group in mesh.groups(mesh.axis_index(arg(node, "axis"))):
+        n = len(group)
+        for me, rank in enumerate(group):
+            length = qs[rank].shape[-2]
+            s = scale if scale is not None else qs[rank].shape[-1] ** -0.5
+            result = lse = None
+            for step in range(n):
+                source = (me - step) % n
+                keep = block_keep(masks[rank], length, n, me, source, causal, qs[rank].device)
+                if keep is not False:
+                    block = attention_block(qs[rank], ks[group[source]], vs[group[source]], keep, s)
+                    result, lse = merge_blocks(result, lse, *block)
+            out[rank] = result
+    return out
+
+
 # -- running a graph --------------------------------------------------------------------------------
 
 def bind_dims(graph: Graph, inputs: tuple) -> dict:
@@ -173,8 +201,14 @@ def check_even_split(v: Value, mesh: Mesh, bindings: dict) -> None:
         if size % ways:
             names = " x ".join(f"{a}={n}" for a, n in axes)
             raise VirtualRunError(f"input {v.name}: dim {dim} has size {size}, which does not divide evenly "
-                                  f"over {ways} ranks (mesh axes {names}); use a batch size that is a "
+                                  f"over {ways} ranks (mesh axes {names}); use a {_dim_word(dim)} that is a "
                                   f"multiple of {ways}")
+
+
+def _dim_word(dim: int) -> str:
+    """What an input's split dim holds: the batch (dim 0, data parallelism) or the sequence (dim 1, context
+    parallelism)."""
+    return {0: "batch size", 1: "sequence length"}.get(dim, f"size of dim {dim}")
 
 
 class VirtualMesh:
@@ -225,6 +259,9 @@ class VirtualMesh:
             env[id(node.outputs[0])] = collective(node.op, env[id(ins[0])], mesh, axis, node.kwargs)
             return
         mesh = self.mesh(node.outputs[0])
+        if node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp):
+            env[id(node.outputs[0])] = ring_attention(node, env, mesh)
+            return
         call = self._local_call(node, mesh)
         fn = resolve_callable(call.fn)
         per_rank = []

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import gpt  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
 
 
@@ -88,19 +89,14 @@ class MLP(nn.Module):
         return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block."""
+class Block(gpt.Block):
+    """The bundled GPT's pre-norm block with Megatron's attention and MLP in place of its own (the module
+    names, and so the plans' globs, stay those of the bundled GPT)."""
 
     def __init__(self, cfg: MegatronConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        super().__init__(cfg)
         self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
 
 
 class MegatronGPT(GPT):

@@ -10,11 +10,13 @@ import torch
 
 from backends import torch_distributed
 from backends.virtual import VirtualResult, run_virtual
+from compiler.context_choice import choose_cp_attention, only_cp_attention_open
 from frontend.torch_capture import Captured, capture
 from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
-from passes import boxing, decompose, grad_sync, layouts, pipeline, precision, propagate, recompute  # noqa: F401  (register passes)
+from passes import (boxing, context_parallel, decompose, grad_sync, layouts, pipeline, precision,  # noqa: F401
+                    propagate, recompute)  # (register passes)
 from passes.manager import PassContext, as_calls, run_passes
 from strategy import Strategy
 
@@ -142,7 +144,10 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     strategy = resolve_strategy(strategy, model if isinstance(model, torch.nn.Module) else None, graph,
                                 cluster.world_size)
     report = None
-    if strategy.wants_search:
+    if only_cp_attention_open(strategy):
+        strategy, report = choose_cp_attention(graph, cluster, strategy, train=train, passes_for=passes_for,
+                                               **(search_options or {}))
+    elif strategy.wants_search:
         strategy, report = search_strategy(graph, cluster, strategy, train=train, **(search_options or {}))
     ctx = PassContext(strategy=strategy, world_size=cluster.world_size, train=train, cluster=cluster)
     names = [str(call) for call in as_calls(passes if passes is not None else passes_for(ctx.strategy))]
@@ -161,12 +166,14 @@ def check_example_inputs(graph: Graph, inputs: tuple) -> None:
 
 
 def passes_for(strategy: Strategy) -> list[str]:
-    """The pass pipeline for a strategy: the casts of its precision first when it names one, pipeline
-    cutting and scheduling when it has stages."""
-    first = ["precision"] if strategy.precision is not None else []
+    """The pass pipeline for a strategy: the casts of its precision first when it names one, attention on
+    sequence shards when it has a cp axis, pipeline cutting and scheduling when it has stages."""
+    passes = (["precision"] if strategy.precision is not None else []) + list(DEFAULT_PASSES)
+    if strategy.context_parallel > 1:
+        passes.insert(passes.index("layouts") + 1, "context_parallel")
     if strategy.is_pipelined:
-        return first + DEFAULT_PASSES + PIPELINE_PASSES + ["recompute"]
-    return first + DEFAULT_PASSES + ["recompute"]
+        passes += PIPELINE_PASSES
+    return passes + ["recompute"]
 
 
 def search_strategy(graph: Graph, cluster: Cluster, strategy: Strategy, *, train: bool, **options):

@@ -33,6 +33,7 @@ import numpy as np
 from cluster import Cluster, Device
 from cost.collectives import collective_time, collective_traffic, p2p_time
 from cost.memory import OPTIMIZER_STATES, MemoryEstimate, optimizer_step_bytes
+from cost.ops import peak_flops
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, at
 from cost.timeline import ScheduleTimeline, simulate
@@ -222,6 +223,8 @@ class Estimator:
         fwd = bwd = 0.0
         for item in segment.comms:
             seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
+            if item.hidden_flops is not None:  # ring attention: transfers run under the blocks' computation
+                seconds = max(0.0, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
             if item.backward:
                 bwd += seconds
             else:
@@ -247,6 +250,12 @@ class Estimator:
         if self.profile.segments[j].recomputed_part is not None:
             return self._recomputed_part_forward(shape, rank, j)
         return 0.0
+
+    def _hidden_seconds(self, flops, devices: tuple, batch: float) -> float:
+        """Seconds of the computation a transfer overlaps, on the slowest device (at peak: the transfer
+        hides behind at most that)."""
+        return min(at(flops, batch) / peak_flops(d, self.profile.precision)
+                   for d in _representatives(devices, self.cluster))
 
     def fsdp_analytic(self, shape: PlanShape) -> bool:
         """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""

@@ -58,7 +58,7 @@ _MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "a
 the experts multiplies its experts' rows only, a share of S: see ``_experts_share``)."""
 _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                  "_scaled_dot_product_cudnn_attention"}
+                  "_scaled_dot_product_cudnn_attention", "ring_attention"}
 _CONV_OPS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d"}
 _NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm", "batch_norm",
              "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "instance_norm"}
@@ -80,7 +80,7 @@ def normalize_op_name(op: str) -> str:
     op's name without its namespace and overload (``transformers.grouped_mm_fallback.default`` ->
     ``grouped_mm_fallback``)."""
     name = op.replace("::", ".")
-    for prefix in ("torch.ops.", "aten.", "prims."):
+    for prefix in ("torch.ops.", "aten.", "prims.", "cp."):
         name = name[len(prefix):] if name.startswith(prefix) else name
     parts = name.split(".")
     return parts[1] if len(parts) == 3 else parts[0]

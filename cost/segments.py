@@ -27,10 +27,11 @@ from cost.ops import (WEIGHT_GRADIENT_SHARE, Precision, compute_seconds, normali
 from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
+from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
 from ir.ops.comm import ADJOINTS
 from ir.ops.schema import SchemaError, arg
 from ir.recompute import RECOMPUTE_ATTR
-from ir.sbp import Split
+from ir.sbp import Broadcast, Split
 from ir.types import Mesh, TensorType, dim_symbol, dtype_size
 
 BATCH_SYMBOL = "batch"
@@ -138,7 +139,10 @@ def saved_for_backward(record: ComputeRecord) -> tuple[list, list, int]:
     Activation inputs that are not parameters (matmuls, norms, GELU and other nonlinear elementwise ops,
     the loss's logits, attention's q/k/v), the output (softmax and ops whose derivative is written with it;
     attention also keeps its output), a one-byte mask (dropout), or nothing (additions, copies, reductions,
-    views). A value read by two ops counts twice; the all-gathered input of a matmul counts gathered."""
+    views). A value read by two ops counts twice; the all-gathered input of a matmul counts gathered. Ring
+    attention keeps only its own blocks (its record's key/value layouts are those of the work: whole)."""
+    if record.op == RING_ATTENTION:  # its own query, key and value blocks (laid out like the queries) and output
+        return [*record.in_types[:3], *record.out_types[:1]], [record.in_sbps[0]] * 3 + list(record.out_sbps[:1]), 0
     name = normalize_op_name(record.op)
     if name in _NOTHING_SAVED or op_category(record.op) in ("view", "copy", "reduction", "embedding"):
         return [], [], 0
@@ -168,6 +172,9 @@ class CommRecord:
     """A parameter's all-gather (FSDP): emitted programs free the gathered weight after its use and
     gather it again for backward, so it costs a second all-gather instead of activation memory."""
     recomputed: bool = False
+    overlaps: "ComputeRecord | None" = None
+    """For ring attention's key/value exchange: the attention whose blocks the transfers run under (each of
+    the key and the value exchange overlaps half of its work); None for a plain collective."""
 
 
 @dataclass
@@ -197,6 +204,9 @@ class CommItem:
     nbytes: np.ndarray
     backward: bool
     """True for collectives that run in the backward pass."""
+    hidden_flops: np.ndarray | None = None
+    """FLOPs (affine in the batch) of the computation the transfers overlap (ring attention's blocks): only
+    the transfer time beyond that computation's is exposed. None: not overlapped."""
 
 
 @dataclass
@@ -338,7 +348,9 @@ def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool
 
 def cost_attrs(node: Node) -> tuple:
     """The arguments of ``node`` its cost depends on, as ``(name, value)`` pairs: ``is_causal`` of attention
-    (a fused causal kernel does half the work)."""
+    (a fused causal kernel does half the work; ring attention skips the key blocks its mask hides)."""
+    if node.op == RING_ATTENTION:
+        return (("is_causal", bool(arg(node, "causal"))),)
     if op_category(node.op) == "attention" and node.op.startswith("aten."):
         try:
             return (("is_causal", bool(arg(node, "is_causal"))),)
@@ -405,11 +417,13 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         kind = record.op[len(COMM_PREFIX):]
         nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx))
         axis = ctx.mesh.axes[record.axis]
-        items.append(CommItem(kind, axis, nbytes, False))
+        fwd_hidden, bwd_hidden = _hidden_flops(record, ctx)
+        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden))
         if record.has_grad and ctx.train:
-            items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True))
-        if kind == "all_gather" and record.has_grad and ctx.train and record.param:
-            items.append(CommItem(kind, axis, nbytes, True))  # gathered again for backward
+            items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True, bwd_hidden))
+        if kind == "all_gather" and record.has_grad and ctx.train and (record.param or record.overlaps is not None):
+            # a parameter gathered again for backward; a ring's key/value blocks passed around again
+            items.append(CommItem(kind, axis, nbytes, True, bwd_hidden))
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx)
@@ -420,6 +434,14 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
                        bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), _stack(bwd_sizes), items, saved, output,
                        list(params), model, part, np.array(weight_shares))
+
+
+def _hidden_flops(record: CommRecord, ctx: CostContext) -> tuple:
+    """The (forward, backward) FLOPs a ring exchange overlaps, affine in the batch (None, None otherwise)."""
+    if record.overlaps is None:
+        return None, None
+    work = ctx.affine(lambda d: np.array(op_work(record.overlaps, d, ctx.mesh, ctx.precision)) / 2)
+    return work[:, 0], work[:, 2]
 
 
 def _stack(rows: list) -> np.ndarray:
@@ -537,9 +559,31 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
                                         has_grad, node.op == "comm.all_gather" and source.kind == "param",
                                         RECOMPUTE_ATTR in node.attrs))
             continue
-        computes.append(compute_record(node, tuple(v.sbp for v in node.input_values()),
-                                       tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs))
+        ins = node.input_values()
+        ring = node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp)
+        record = compute_record(node, _ring_work_layouts(node, mesh) if ring else tuple(v.sbp for v in ins),
+                                tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs)
+        computes.append(record)
+        if ring:
+            comms += _ring_exchanges(node, mesh, record)
     return computes, comms
+
+
+def _ring_work_layouts(node: Node, mesh: Mesh) -> tuple:
+    """What ring attention on sequence shards computes costs like: each rank's queries against every key and
+    value (keys and values whole on the ring axis)."""
+    axis = mesh.axis_index(arg(node, "axis"))
+    key, value = ring_inputs(node)[1:3]
+    return tuple(tuple(Broadcast() if i == axis and v in (key, value) else s for i, s in enumerate(v.sbp))
+                 for v in node.input_values())
+
+
+def _ring_exchanges(node: Node, mesh: Mesh, attention: ComputeRecord) -> list[CommRecord]:
+    """The key/value blocks travel the ring ``n - 1`` hops forward (as much traffic as all-gathering them) and
+    again with their gradients backward (an all-gather's and a reduce-scatter's), under the blocks' work."""
+    axis = mesh.axis_index(arg(node, "axis"))
+    return [CommRecord("comm.all_gather", axis, v.type, v.sbp, attention.has_grad, False, attention.recomputed,
+                       overlaps=attention) for v in ring_inputs(node)[1:3]]
 
 
 _STRIDE_CHANGING = ("transpose", "permute", "t")

@@ -69,3 +69,23 @@ def mean_loss_share(op, count, accumulate, *args, **kwargs):
     or f16 loss) and rounded once to the loss's dtype; summed over the shards, the mean."""
     total = getattr(torch.ops.aten, op).default(*args, **kwargs)
     return (total.to(accumulate) / count).to(total.dtype)
+
+
+def attention_rows(row_start, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False):
+    """``scaled_dot_product_attention`` of a block of query rows beginning at row ``row_start`` of the
+    sequence, against every key: a causal mask keeps key positions up to each row's own."""
+    if is_causal:
+        rows = torch.arange(query.shape[-2], device=query.device) + row_start
+        keep = rows[:, None] >= torch.arange(key.shape[-2], device=query.device)[None, :]
+        if attn_mask is None or attn_mask.dtype == torch.bool:
+            attn_mask = keep if attn_mask is None else attn_mask & keep
+        else:
+            attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+    return torch.ops.aten.scaled_dot_product_attention.default(query, key, value, attn_mask, dropout_p, False,
+                                                               scale=scale, enable_gqa=enable_gqa)
+
+
+def arange_shard(start, length, **kwargs):
+    """This rank's block of ``arange``: ``length`` numbers from ``start``."""
+    return torch.arange(start, start + length, **kwargs)

@@ -400,13 +400,19 @@ def build_interleaved_1f1b(num_stages: int, num_microbatches: int, stage_ranks: 
     return actions
 
 
-def _interleaved_rank_ids(stage_ranks: Sequence[int], num_stages: int, num_ranks: int) -> list[int]:
+def _position_ranks(stage_ranks: Sequence[int], num_stages: int, num_ranks: int, builder: str) -> list[int]:
+    """The rank of each pipeline position from ``stage_ranks`` (one per position or one per stage)."""
     if len(stage_ranks) not in (num_ranks, num_stages):
-        raise ValueError(f"build_interleaved_1f1b: stage_ranks must list {num_ranks} ranks (one per pipeline "
-                         f"position) or {num_stages} (one per stage), found {len(stage_ranks)}")
+        raise ValueError(f"{builder}: stage_ranks must list {num_ranks} ranks (one per pipeline position) or "
+                         f"{num_stages} (one per stage), found {len(stage_ranks)}")
     rank_ids = list(stage_ranks[:num_ranks])
     if len(set(rank_ids)) != num_ranks:
-        raise ValueError(f"build_interleaved_1f1b: the {num_ranks} pipeline ranks must differ, found {rank_ids}")
+        raise ValueError(f"{builder}: the {num_ranks} pipeline ranks must differ, found {rank_ids}")
+    return rank_ids
+
+
+def _interleaved_rank_ids(stage_ranks: Sequence[int], num_stages: int, num_ranks: int) -> list[int]:
+    rank_ids = _position_ranks(stage_ranks, num_stages, num_ranks, "build_interleaved_1f1b")
     misplaced = [s for s in range(len(stage_ranks)) if stage_ranks[s] != rank_ids[s % num_ranks]]
     if misplaced:
         raise ValueError(f"build_interleaved_1f1b: stage s must live on the rank of stage s % {num_ranks}; "
@@ -532,12 +538,7 @@ def _v_rank_ids(stage_ranks: Sequence[int], num_stages: int, builder: str) -> li
         raise ValueError(f"{builder}: a V-shaped pipeline has two stages per rank, so an even number of stages; "
                          f"found {num_stages}")
     num_ranks = num_stages // 2
-    if len(stage_ranks) not in (num_ranks, num_stages):
-        raise ValueError(f"{builder}: stage_ranks must list {num_ranks} ranks (one per pipeline position) or "
-                         f"{num_stages} (one per stage), found {len(stage_ranks)}")
-    rank_ids = list(stage_ranks[:num_ranks])
-    if len(set(rank_ids)) != num_ranks:
-        raise ValueError(f"{builder}: the {num_ranks} pipeline ranks must differ, found {rank_ids}")
+    rank_ids = _position_ranks(stage_ranks, num_stages, num_ranks, builder)
     expected = [rank_ids[q] for q in v_stage_positions(num_ranks)]
     if len(stage_ranks) == num_stages and list(stage_ranks) != expected:
         raise ValueError(f"{builder}: in a V, stage s lives on the rank of stage {num_stages - 1} - s; expected "

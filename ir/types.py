@@ -105,6 +105,11 @@ def dtype_size(name: str) -> int:
     return DTYPES_BY_NAME[name].itemsize
 
 
+CONTEXT_AXIS = "cp"
+"""The mesh axis of context parallelism: it splits the sequence (dim 1 of inputs, the query/key
+length of attention); op rules offer sequence splits of position ops on it (``OpRule.on_axis``)."""
+
+
 @dataclass(frozen=True)
 class Mesh:
     """A placement: an N-D array of device ids with one name per array axis."""

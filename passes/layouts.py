@@ -8,7 +8,7 @@ from ir.core import Graph, Value
 from ir.sbp import PINNED_ATTR, B, Split
 from ir.types import Mesh
 from passes.manager import PassContext, register_pass
-from strategy import DATA_AXIS, PIPELINE_AXIS, Layout, Strategy, StrategyError, closest
+from strategy import CONTEXT_AXIS, DATA_AXIS, PIPELINE_AXIS, Layout, Strategy, StrategyError, closest
 
 MESH_NAME = "world"
 BATCH_AXES = (DATA_AXIS,)
@@ -16,7 +16,8 @@ BATCH_AXES = (DATA_AXIS,)
 
 @register_pass("layouts", produces=("laid_out",))
 def layouts_pass(graph: Graph, ctx: PassContext) -> None:
-    """Create the mesh, split batch inputs over data-parallel axes, and lay out parameters."""
+    """Create the mesh, split batch inputs over data-parallel axes (their sequence over a cp axis), and lay
+    out parameters."""
     strategy = ctx.strategy
     # a pure pipeline mesh ({"pp": 4}) still needs one axis per stage: a data-parallel axis of size 1
     stage_mesh = strategy.mesh_spec.without(PIPELINE_AXIS)
@@ -40,7 +41,11 @@ def _place(v: Value, sbp: tuple) -> None:
 
 
 def _input_sbp(v: Value, axis: str):
+    """Batch inputs ``[batch, seq, ...]`` split the batch over data-parallel axes and the sequence over
+    the context-parallel axis."""
     batch_like = v.type.ndim > 0 and not v.type.shape[0].is_Integer
+    if axis == CONTEXT_AXIS:
+        return Split(1) if batch_like and v.type.ndim > 1 else B
     return Split(0) if axis in BATCH_AXES and batch_like else B
 
 

@@ -28,6 +28,8 @@ PROPERTIES = {
     "decomposed": "mean losses as sum / count, vocabulary-parallel cross entropy and batch norm from sums",
     "laid_out": "a mesh, an SBP on every input and parameter, and the layouts propagation must keep "
                 "(graph attr pinned)",
+    "context_attention": "attention on sequence shards written as the strategy's cp_attention asks (ring "
+                         "attention ops under cp_attention ring)",
     "propagated": "an SBP on every value and, on every node, the input layouts its signature needs "
                   "(node attr in_sbp)",
     "boxed": "every node's inputs converted to the layouts its signature needs (no in_sbp left)",

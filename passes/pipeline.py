@@ -19,7 +19,9 @@ does steps 1-3 and ``schedule`` step 4:
    per-op FLOP estimate (:func:`cost.ops.op_flops`) is best balanced. Stage s runs on
    mesh ``stage<s>``: the devices of pipeline position ``s % pp`` (``stage_devices`` overrides),
    with the non-pp axes. Parameters used on several stages get a copy per stage, their gradients
-   summed after backward (``attr tied_params``).
+   summed after backward (``attr tied_params``). Values computed from inputs and constants only
+   (position ids, causal masks, rotary tables) are computed on each stage that reads them rather
+   than relayed, so unmodified models cut anywhere send only their residual stream.
 3. **Transfers.** Every value live across a cut crosses it in a ``comm.send_recv`` node (values
    needed further on are relayed stage by stage). The crossing values are ordered in *slots*: a
    value passed on keeps its slot and a new value takes the slot of one that died, so when every
@@ -177,6 +179,7 @@ def pipeline_pass(graph: Graph, ctx: PassContext) -> None:
     starts = stage_starts(graph, ctx.strategy, config.num_stages, costs)
     stage_flops = _stage_flops(costs, starts, config.microbatches)
     _assign_stages(graph, starts)
+    _place_input_only_nodes(graph)
     _make_meshes(graph, world, config)
     _place_inputs(graph)
     tied = _place_params(graph)
@@ -482,6 +485,79 @@ def _assign_stages(graph: Graph, starts: list[int]) -> None:
 
 def _stage(node: Node) -> int:
     return node.attrs["stage"]
+
+
+RANDOM_OP_MARKERS = ("rand", "dropout", "bernoulli", "normal", "uniform", "seed")
+"""Ops drawing random numbers: copying or moving them would change which numbers each draw gets."""
+
+
+def _input_only_nodes(graph: Graph) -> set[int]:
+    """Ids of the nodes whose outputs depend only on graph inputs and constants (position ids, aranges,
+    causal masks, rotary tables): no parameter (a frozen layer is real work, not a table), no buffer the
+    step updates, no random draw, and not a step output; whole-batch nodes (the loss count) stay where they are."""
+    updated = {id(b) for b in graph.buffer_updates} | {id(v) for v in graph.buffer_updates.values()}
+    final = {id(v) for v in graph.outputs} | ({id(graph.loss)} if graph.loss is not None else set())
+    found: set[int] = set()
+    for node in graph.nodes:
+        if (node.op.startswith("comm.") or node.attrs.get(WHOLE_BATCH)
+                or any(marker in node.op.lower() for marker in RANDOM_OP_MARKERS)
+                or any(id(o) in final or id(o) in updated for o in node.outputs)):
+            continue
+        if all(id(v.producer) in found if v.producer is not None else v.kind in ("input", "buffer") and id(v) not in updated
+               for v in node.input_values()):
+            found.add(id(node))
+    return found
+
+
+def _place_input_only_nodes(graph: Graph) -> None:
+    """Compute input-only values on every stage that reads them instead of relaying them across cuts.
+
+    Position ids, causal masks and rotary tables are computed before the first layer but read by every
+    layer; relayed, they would cross each cut once per microbatch (a ``[batch, 1, seq, seq]`` mask
+    outweighs the hidden state at long sequences). They cost next to nothing to compute, so each
+    stage reading one gets its own copy of the chain computing it (its first reader's stage keeps
+    the original; buffers it reads are copied per stage by :func:`_place_params`). The nodes are then
+    ordered by stage, which keeps the graph topological since stages only grow along edges.
+    """
+    movable = _input_only_nodes(graph)
+    working = {_stage(n) for n in graph.nodes if id(n) not in movable}
+    movable = {id(n) for n in graph.nodes if id(n) in movable and _stage(n) in working}  # no stage left empty
+    if not movable:
+        return
+    readers: dict[int, set[int]] = {}  # node id -> stages reading its outputs (through movable nodes)
+    for node in reversed(graph.nodes):
+        if id(node) not in movable:
+            continue
+        stages: set[int] = set()
+        for o in node.outputs:
+            for user in o.uses:
+                stages |= readers.get(id(user), set()) if id(user) in movable else {_stage(user)}
+        readers[id(node)] = stages
+    copies: dict[tuple[int, int], Value] = {}  # (value id, stage) -> the value computed on that stage
+    for node in list(graph.nodes):
+        stages = sorted(readers.get(id(node), ()))
+        if not stages:
+            continue
+        for s in stages[1:]:
+            clone = graph.create_node(node.op, _map_stage(node.args, copies, s), _map_stage(node.kwargs, copies, s),
+                                      [o.type for o in node.outputs], [f"{o.name}_s{s}" for o in node.outputs],
+                                      {**node.attrs, "stage": s}, before=node)
+            for o, c in zip(node.outputs, clone.outputs):
+                c.sbp, c.mesh = o.sbp, o.mesh
+                copies[(id(o), s)] = c
+        node.map_values(lambda v, s=stages[0]: copies.get((id(v), s), v))
+        node.attrs["stage"] = stages[0]
+        for o in node.outputs:
+            copies[(id(o), stages[0])] = o
+    for node in graph.nodes:
+        if id(node) not in movable:
+            node.map_values(lambda v, s=_stage(node): copies.get((id(v), s), v))
+    graph.nodes.sort(key=_stage)
+
+
+def _map_stage(obj: Any, copies: dict[tuple[int, int], Value], stage: int) -> Any:
+    from ir.core import map_structure
+    return map_structure(obj, lambda v: copies.get((id(v), stage), v))
 
 
 def _make_meshes(graph: Graph, world: Mesh, config: PipelineConfig) -> None:

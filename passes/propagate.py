@@ -18,12 +18,13 @@ import fnmatch
 import functools
 
 from ir.core import Graph, Node
-from ir.ops.registry import nd_signatures
+from ir.ops.registry import nd_signatures, splits_divide
 from ir.ops.shape_ops import _magnitude
 from ir.sbp import IN_SBP_ATTR, PINNED_ATTR, B, Partial, Split, format_nd_sbp
 from ir.types import Mesh, TensorType, dim_symbol
 from cost.boxing import bytes_cost
 from passes.boxing import BoxingError, boxing_path
+from passes.context_parallel import cp_attention_hints
 from passes.manager import PassContext, register_pass
 from strategy import Strategy, StrategyError, closest
 
@@ -73,6 +74,9 @@ def _score(node: Node, cand, mesh: Mesh, pinned: dict, dims: dict) -> tuple[floa
             comm += boxing_path(at_example_dims(v.type, dims), v.sbp, want, mesh, bytes_cost)[0]
         except BoxingError:
             return float("inf"), 0.0
+    # a symbolic dim (batch, sequence) that a split does not divide at the example sizes would fail at run time
+    if not all(splits_divide(at_example_dims(v.type, dims), s, mesh) for v, s in zip(node.outputs, outs)):
+        return float("inf"), 0.0
     compute = 0.0
     for v, s in zip(node.outputs, outs):
         ways = 1
@@ -118,6 +122,7 @@ def _activation_hints(graph: Graph, strategy: Strategy) -> dict[int, tuple]:
         for node in graph.nodes:
             if node.op in NORM_OPS and node.outputs[0].type.ndim >= 3:
                 hints[id(node)] = tuple(norm_layout if i == a else None for i in range(mesh.ndim))
+    hints.update(cp_attention_hints(graph, strategy))
     for layout in strategy.activations:
         last = last_nodes_of_modules(graph, layout.glob)
         if not last:

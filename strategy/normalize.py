@@ -24,9 +24,9 @@ from typing import Any, NoReturn
 from ir.sbp import SbpSyntaxError, Split, parse_sbp
 from ir.schedules import SCHEDULES as SCHEDULE_SPECS
 from strategy.errors import VALUE, KeyPath, StrategyError, did_you_mean
-from strategy.types import (AUTO, DATA_AXIS, KEYS, PIPELINE_AXIS, PRECISION_DTYPES, PRECISION_KEYS,
-                            PRECISION_SHORTHANDS, SCHEDULES, SHORTHANDS, Layout, MeshSpec, Options, Pipeline,
-                            PrecisionSpec, Strategy)
+from strategy.types import (AUTO, CONTEXT_AXIS, CP_ATTENTIONS, DATA_AXIS, KEYS, PIPELINE_AXIS, PRECISION_DTYPES,
+                            PRECISION_KEYS, PRECISION_SHORTHANDS, SCHEDULES, SHORTHANDS, Layout, MeshSpec, Options,
+                            Pipeline, PrecisionSpec, Strategy)
 
 AXIS_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """A mesh axis name (the plan grammar's ``AXIS``)."""
@@ -210,7 +210,13 @@ class _Reader:
         if "grad_bucket_bytes" in strategy:
             _expect(_is_int(bucket) and bucket >= 1, ("grad_bucket_bytes", VALUE),
                     f"grad_bucket_bytes is a whole number of bytes, at least 1, found {bucket!r}")
-        return Options(fsdp=fsdp, grad_bucket_bytes=bucket, **switches)
+        cp_attention = strategy.get("cp_attention")
+        if "cp_attention" in strategy:
+            choices = (*CP_ATTENTIONS, AUTO)
+            _expect(cp_attention in choices, ("cp_attention", VALUE),
+                    f"unknown cp_attention {cp_attention!r}{did_you_mean(str(cp_attention), choices)}; expected one "
+                    "of: " + ", ".join(choices))
+        return Options(fsdp=fsdp, grad_bucket_bytes=bucket, cp_attention=cp_attention, **switches)
 
     # -- pipeline
     def pipeline(self, strategy: dict) -> Pipeline:
@@ -360,6 +366,15 @@ def check_mesh_fits(strategy: Strategy, world_size: int | None) -> None:
         _fail(("mesh",), f"the mesh {mesh} has {mesh.device_count} devices, but the world has {world_size}; "
                          f"make the axis sizes multiply to {world_size}")
     _check_tensor_axis(strategy, mesh)
+    _check_context_axis(strategy, mesh)
+
+
+def _check_context_axis(strategy: Strategy, mesh: MeshSpec) -> None:
+    """``cp_attention`` chooses how attention runs on sequence shards, which needs a cp axis."""
+    if strategy.options.cp_attention not in (None, AUTO) and CONTEXT_AXIS not in mesh:
+        _fail(("cp_attention",), f"cp_attention {strategy.options.cp_attention} runs attention on sequence shards "
+                                 f"over a cp mesh axis, but the mesh has only {', '.join(mesh)}; add an axis such "
+                                 "as cp=2 to the mesh or drop cp_attention")
 
 
 def check_stages_fit(strategy: Strategy, world_size: int | None) -> None:

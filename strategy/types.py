@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Literal, Mapping, Union
 
 from ir.sbp import Sbp
+from ir.types import CONTEXT_AXIS
 from ir.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULE_NAMES, pipeline_schedule
 
 AUTO = "auto"
@@ -44,6 +45,15 @@ PRECISION_DTYPES = ("fp32", "bf16", "fp16")
 
 PRECISION_KEYS = ("param", "compute", "reduce")
 """The entries of a precision written as a dict."""
+
+CP_ATTENTIONS = ("ring", "allgather", "a2a")
+"""How attention runs on sequence shards (``cp_attention``): ``ring`` passes key/value blocks around
+the cp ranks and merges the partial softmaxes online; ``allgather`` gathers keys and values;
+``a2a`` (Ulysses) swaps the sequence split for a head split by all-to-all around attention."""
+
+DEFAULT_CP_ATTENTION = "ring"
+"""The attention of a strategy with a ``cp`` axis that names none."""
+
 
 
 @dataclass(frozen=True)
@@ -106,10 +116,10 @@ class MeshSpec:
     @property
     def tensor_axis(self) -> str | None:
         """The axis of tensor (and sequence, vocabulary) parallelism: ``tp`` if present, else the last
-        axis that is neither ``dp`` nor ``pp``; None when there is none."""
+        axis that is none of ``dp``, ``pp``, ``cp``; None when there is none."""
         if "tp" in self.axes:
             return "tp"
-        others = [a for a in self.axes if a not in (DATA_AXIS, PIPELINE_AXIS)]
+        others = [a for a in self.axes if a not in (DATA_AXIS, PIPELINE_AXIS, CONTEXT_AXIS)]
         return others[-1] if others else None
 
     def __str__(self) -> str:
@@ -149,6 +159,9 @@ class Options:
     parallelism; ``True`` in a dict means ``"dp"``). Default: none."""
     grad_bucket_bytes: int | None = None
     """The size of one gradient all-reduce bucket in bytes. Default: the ``grad_sync`` pass's (4 MiB)."""
+    cp_attention: str | Auto | None = None
+    """Attention under context parallelism (a ``cp`` mesh axis): one of :data:`CP_ATTENTIONS` or
+    ``auto``. Default: :data:`DEFAULT_CP_ATTENTION`."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +339,18 @@ class Strategy:
     def fsdp_axis(self) -> str | None:
         """The axis parameters are sharded over, or None."""
         return self.options.fsdp if self.options.fsdp not in (None, AUTO) else None
+
+    @property
+    def context_parallel(self) -> int:
+        """The size of the ``cp`` axis (1 without one)."""
+        size = self.mesh_spec.size(CONTEXT_AXIS)
+        return int(size) if size != AUTO else 1
+
+    @property
+    def cp_attention(self) -> str:
+        """The attention method under context parallelism: the one given, else :data:`DEFAULT_CP_ATTENTION`."""
+        method = self.options.cp_attention
+        return method if method not in (None, AUTO) else DEFAULT_CP_ATTENTION
 
     @property
     def positions(self) -> int:

@@ -21,7 +21,7 @@ from strategy.errors import KeyPath
 STATEMENTS = (
     "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "fsdp",
     "stages", "stage", "microbatches", "schedule", "virtual_stages", "skip_ratio", "recompute",
-    "grad_bucket_bytes", "precision",
+    "grad_bucket_bytes", "precision", "cp_attention",
 )
 """The words that start a statement."""
 
@@ -318,6 +318,9 @@ class _PlanBuilder:
             self.claim(("precision", str(key)), key, f"precision {key}")
             self.mark(("precision", str(key), VALUE), dtype)
             precision[str(key)] = str(dtype)
+
+    def _add_cp_attention(self, keyword: lark.Token, value: lark.Token) -> None:
+        self._set_scalar("cp_attention", keyword, value, AUTO if value.type == "AUTO" else str(value))
 
     def _set_scalar(self, key: str, keyword: lark.Token, value_token: lark.Token,
                     value: Any) -> None:

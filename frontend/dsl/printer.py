@@ -48,6 +48,8 @@ def _option_lines(options: Options) -> Iterator[str]:
         yield f"fsdp {options.fsdp}"
     if options.grad_bucket_bytes is not None:
         yield f"grad_bucket_bytes {options.grad_bucket_bytes}"
+    if options.cp_attention is not None:
+        yield f"cp_attention {options.cp_attention}"
 
 
 def _pipeline_lines(pipeline: Pipeline) -> Iterator[str]:

@@ -199,28 +199,38 @@ def softmax(node: Node) -> list[Signature]:
     return along_dim(node, linear=False)
 
 
-@register("aten.scaled_dot_product_attention.default",
-          doc="attention: split over batch or heads; queries over sequence when not causal")
-def sdpa(node: Node) -> list[Signature]:
-    """Inputs are [..., L, E]: every leading dim (batch, heads) may be split; L too unless causal."""
-    q, v, mask = arg(node, "query"), arg(node, "value"), arg(node, "attn_mask")
+def _attention_rows_local(node: Node, ctx: LocalContext) -> LocalCall:
+    """Query rows split, keys whole: a causal mask is aligned to the rows this rank holds."""
+    q = arg(node, "query")
+    rows = q.type.ndim - 2
+    if not arg(node, "is_causal") or not any(isinstance(s, Split) and s.dim == rows for s in ctx.in_sbps[0]):
+        return default_local(node, ctx)
+    start = shard_start(q.type, ctx.in_sbps[0], ctx.mesh, rows)
+    return LocalCall("kernels.attention_rows", [start, *node.args], dict(node.kwargs))
+
+
+def attention_signature(q: Value, v: Value, mask: Value | None, dim: int, kv_split: bool) -> Signature:
+    """Attention inputs ``[..., L, E]`` split on ``dim`` (keys and values too when ``kv_split``, else
+    whole), the mask split where it spans that dim; the output split alike."""
     ndim = q.type.ndim
     out_shape = q.type.shape[:-1] + (v.type.shape[-1],)
-    causal = bool(arg(node, "is_causal"))
+    kv = Split(dim) if kv_split else B
+    mask_sbp = ()
+    if mask is not None:
+        j = dim - (ndim - mask.type.ndim)
+        mask_sbp = (Split(j) if j >= 0 and mask.type.shape[j] == out_shape[dim] else B,)
+    return Signature((Split(dim), kv, kv) + mask_sbp, (Split(dim),))
 
-    def sig(dim: int, k_split: bool = True) -> Signature:
-        qs, ks = Split(dim), (Split(dim) if k_split else B)
-        mask_sbp = ()
-        if mask is not None:
-            j = dim - (ndim - mask.type.ndim)
-            mask_sbp = (Split(j) if j >= 0 and mask.type.shape[j] == out_shape[dim] else B,)
-        return Signature((qs, ks, ks) + mask_sbp, (Split(dim),))
 
-    sigs = [all_b(node)] + [sig(d) for d in range(ndim - 2)]
-    if not causal:
-        # Each rank attends its queries to all keys; a causal mask would be aligned to the shard.
-        sigs.append(sig(ndim - 2, k_split=False))
-    return sigs
+@register("aten.scaled_dot_product_attention.default", local=_attention_rows_local,
+          doc="attention: split over batch or heads, or queries over the sequence with keys whole")
+def sdpa(node: Node) -> list[Signature]:
+    """Inputs are [..., L, E]: every leading dim (batch, heads) may be split; L too with the keys and values
+    whole (each rank attends its queries to all keys; a causal mask is aligned to the rank's rows)."""
+    q, v, mask = arg(node, "query"), arg(node, "value"), arg(node, "attn_mask")
+    ndim = q.type.ndim
+    return [all_b(node)] + [attention_signature(q, v, mask, d, kv_split=True) for d in range(ndim - 2)] \
+        + [attention_signature(q, v, mask, ndim - 2, kv_split=False)]
 
 
 @register("aten.cross_entropy_loss.default", doc="per-sample loss split over the batch and extra dims")

@@ -37,6 +37,7 @@ class LocalCall:
 
 SignatureFn = Callable[[Node], list]
 LocalFn = Callable[[Node, "LocalContext"], LocalCall]
+AxisSignatureFn = Callable[[Node, str], list]
 
 
 @dataclass
@@ -49,17 +50,20 @@ class OpRule:
     local: LocalFn | None = None
     """How a rank computes its shard; None: the same op with shape arguments localised."""
     doc: str = ""
+    on_axis: AxisSignatureFn | None = None
+    """Further 1-D signatures valid only on one mesh axis, by name (``fn(node, axis)``): a split of the
+    sequence on the context-parallel axis, a ring op on the axis it communicates over."""
 
 
 RULES: dict[str, OpRule] = {}
 _WARNED: set[str] = set()
 
 
-def register(*names: str, local: LocalFn | None = None, doc: str = ""):
-    """Decorator: register a signature function for one or more op names."""
+def register(*names: str, local: LocalFn | None = None, doc: str = "", on_axis: AxisSignatureFn | None = None):
+    """Decorator: register a signature function for one or more op names (``on_axis``: see :class:`OpRule`)."""
     def wrap(fn: SignatureFn) -> SignatureFn:
         for name in names:
-            RULES[name] = OpRule(name, fn, local, doc)
+            RULES[name] = OpRule(name, fn, local, doc, on_axis)
         return fn
     return wrap
 
@@ -131,15 +135,22 @@ def _signature_key(node: Node, mesh: Mesh) -> tuple:
 
 
 def _expand_nd_signatures(node: Node, mesh: Mesh) -> list[tuple[tuple, tuple]]:
-    one_d = [s for s in _dedupe(rule_for(node.op).signatures(node)) if partials_are_numbers(node, s)]
+    per_axis = [axis_signatures(node, axis) for axis in mesh.axes]
     out = []
-    for combo in itertools.product(one_d, repeat=mesh.ndim):
+    for combo in itertools.product(*per_axis):
         ins = tuple(tuple(sig.inputs[i] for sig in combo) for i in range(len(combo[0].inputs)))
         outs = tuple(tuple(sig.outputs[i] for sig in combo) for i in range(len(combo[0].outputs)))
         types = [v.type for v in node.input_values()] + [v.type for v in node.outputs]
         if all(splits_divide(t, s, mesh) for t, s in zip(types, ins + outs)):
             out.append((ins, outs))
     return out
+
+
+def axis_signatures(node: Node, axis: str) -> list[Signature]:
+    """The 1-D signatures of a node on one mesh axis: the op's own, and those valid on that axis only."""
+    rule = rule_for(node.op)
+    sigs = rule.signatures(node) + (rule.on_axis(node, axis) if rule.on_axis else [])
+    return [s for s in _dedupe(sigs) if partials_are_numbers(node, s)]
 
 
 def partials_are_numbers(node: Node, sig: Signature) -> bool:

@@ -32,6 +32,10 @@ def schema_of(op: str):
     """The ``torch.FunctionSchema`` of an op name: ``aten.<name>.<overload>``, or a custom op registered
     with ``torch.library`` (``<namespace>.<name>.<overload>``)."""
     from ir.ops.custom import SBPC_NAMESPACES, UnknownOpError, namespace, resolve_op
+    from ir.ops.attention import RING_ATTENTION, RING_ATTENTION_SCHEMA
+    if op == RING_ATTENTION:  # an sbpc op that declares its arguments like a torch op
+        import torch
+        return torch._C.parse_schema(RING_ATTENTION_SCHEMA)
     if namespace(op) in SBPC_NAMESPACES:
         raise SchemaError(f"{op} is an sbpc op, not a torch op (expected a name such as aten.unbind.int); "
                           f"it has no schema")

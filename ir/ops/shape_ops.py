@@ -6,9 +6,11 @@ import functools
 import sympy
 
 from ir.core import Node
-from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, default_local, local_shape, register
+from ir.ops.registry import (LocalCall, LocalContext, Signature, all_b, default_local, local_shape, register,
+                             shard_start)
 from ir.ops.schema import arg, dim_arg, normalize_dim, with_arg
 from ir.sbp import B, P, Split
+from ir.types import CONTEXT_AXIS
 
 
 _SYMBOL_PRIMES: dict[str, int] = {}
@@ -381,6 +383,34 @@ LIKE_FACTORIES = ["aten.zeros_like.default", "aten.ones_like.default", "aten.ful
 @register(*FACTORIES, doc="created tensors are broadcast (new_* read only their input's dtype and device)")
 def factory(node: Node) -> list[Signature]:
     return [all_b(node)]
+
+
+def _arange_on_axis(node: Node, axis: str) -> list[Signature]:
+    """Positions on sequence shards: on the context-parallel axis each rank makes its block of the range."""
+    return [Signature((), (Split(0),))] if axis == CONTEXT_AXIS else []
+
+
+def _arange_block(node: Node, ctx: LocalContext, start) -> LocalCall:
+    """The rank's block of a range beginning at ``start`` (step 1), or the whole range when not split."""
+    out = node.outputs[0].type
+    if not any(isinstance(s, Split) for s in ctx.out_sbps[0]):
+        return default_local(node, ctx)
+    return LocalCall("kernels.arange_shard", [start + shard_start(out, ctx.out_sbps[0], ctx.mesh, 0),
+                                              local_shape(out, ctx.out_sbps[0], ctx.mesh)[0]], dict(node.kwargs))
+
+
+def _arange_end_local(node: Node, ctx: LocalContext) -> LocalCall:
+    return _arange_block(node, ctx, 0)
+
+
+def _arange_start_local(node: Node, ctx: LocalContext) -> LocalCall:
+    return _arange_block(node, ctx, arg(node, "start"))
+
+
+register("aten.arange.default", local=_arange_end_local, on_axis=_arange_on_axis,
+         doc="created broadcast; on the cp axis, each rank's block of the range (positions of sequence shards)")(factory)
+register("aten.arange.start", local=_arange_start_local, on_axis=_arange_on_axis,
+         doc="created broadcast; on the cp axis, each rank's block of the range (positions of sequence shards)")(factory)
 
 
 @register(*LIKE_FACTORIES, doc="a constant tensor of the input's shape: follows the input's split")

@@ -42,6 +42,8 @@ PLANS = {  # name: (model, inputs, ranks, strategy)
     "frozen_pipeline": (gpt_with_frozen_embedding, gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 2}),
     "pipeline_zbv": (lambda: gpt_model(n_layer=4), gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 4,
                                                                    "schedule": "zbv"}),
+    "dp_cp_ring": (gpt_model, gpt_inputs, 4, {"mesh": {"dp": 2, "cp": 2}, "cp_attention": "ring"}),
+    "cp_allgather": (gpt_model, gpt_inputs, 2, {"mesh": {"cp": 2}, "cp_attention": "allgather"}),
 }
 PIPELINE_RUNTIME = {"PipelineStep", "STAGE_TENSORS", "SCHEDULE", "TiedGradientSync", "BucketedGradientSync",
                     "split_microbatches", "infer_path"}
@@ -138,6 +140,9 @@ def test_features_come_with_the_plans_that_use_them(programs):
     split = {"SplitBackwardStep", "backward_input", "WeightWork"}  # the zero-bubble schedules' split backward
     assert split <= names["pipeline_zbv"] and programs["pipeline_zbv"].endswith("step_type=SplitBackwardStep)\n")
     assert not split & (names["pipeline_1f1b"] | names["pipeline_interleaved"])
+    ring = {"ring_attention", "RingAttention", "attention_block", "merge_blocks"}  # context parallelism's ring
+    assert ring <= names["dp_cp_ring"] and not ring & (names["cp_allgather"] | names["dp"] | names["dp_tp"])
+    assert {"attention_rows", "arange_shard"} <= names["cp_allgather"]  # causal rows of a shard, its positions
 
 
 def test_gpt_dp_program_is_lean(programs):

@@ -353,3 +353,12 @@ def test_step_breakdown_sums_to_the_step_and_never_exceeds_peak(big_graph, strat
 def test_explain_shows_the_breakdown(dp_plan):
     text = dp_plan.explain()
     assert "Where the step goes" in text and "backward compute" in text and "optimizer step" in text
+
+
+def test_a_pipeline_mesh_naming_only_pp_is_priced():
+    """``{"mesh": {"pp": 8}}`` lays each stage out on a ``dp=1`` mesh the strategy does not name: the compiled
+    plan is priced with that unit axis (it was refused as a different mesh)."""
+    plan = compile(gpt_model(n_layer=8), gpt_inputs(), cluster="dgx-a100:1",
+                   strategy={"mesh": {"pp": 8}, "microbatches": 4})
+    report = plan.simulate()
+    assert report.step_time_s > 0 and len(report.peak_memory_bytes) == 8

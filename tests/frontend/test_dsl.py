@@ -24,7 +24,7 @@ from frontend.dsl import (
     validate_plan,
 )
 from frontend.dsl.parser import terminal_regex
-from strategy import AXIS_PATTERN, GLOB_PATTERN, SCHEDULES, SHORTHANDS, Strategy, normalize
+from strategy import AXIS_PATTERN, CP_ATTENTIONS, GLOB_PATTERN, SCHEDULES, SHORTHANDS, Strategy, normalize
 
 PLANS_DIR = Path(__file__).resolve().parents[2] / "examples" / "plans"
 
@@ -308,7 +308,7 @@ def test_load_plan_errors_name_the_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Round trip of random strategies over the GPT example's names
 
-AXES = ("pp", "dp", "tp")
+AXES = ("pp", "dp", "cp", "tp")
 SBP_TEXTS = ("B", "P(sum)", "P(max)", "S(0)", "S(1)", "S(2)", "auto")
 PARAM_GLOBS = sorted(set(GPT_PARAMS) | {re.sub(r"\.\d+\.", ".*.", n) for n in GPT_PARAMS} | {"*"})
 MODULE_GLOBS = sorted(set(GPT_MODULES) | {"blocks.*", "blocks.[0-1]", "blocks.?.mlp"})
@@ -371,6 +371,7 @@ def strategy_dicts(draw: st.DrawFn) -> dict | str:
         "skip_ratio": auto_or(st.floats(0, 1, exclude_max=True)),
         "recompute": st.booleans() | st.just("auto")
         | st.lists(st.sampled_from(MODULE_GLOBS), min_size=1, max_size=3),
+        "cp_attention": auto_or(st.sampled_from(CP_ATTENTIONS)),
     }
     for key, values in optional.items():
         if draw(st.booleans()):

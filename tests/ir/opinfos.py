@@ -753,6 +753,12 @@ def _attention() -> None:
         kw={"enable_gqa": True})
     add("aten.scaled_dot_product_attention.default", T((4, 6, 8)), T((4, 6, 8)), T((4, 6, 8)),
         rejects=(rej("2", ["(S(1))", "(S(1))", "(S(1))"]),), note="3-D: dim 1 is the sequence")
+    # Ring attention off its own axis (these meshes have no axis "cp"): split like attention; its ring
+    # on the cp axis is checked against eager in tests/backends/test_context_parallel.py.
+    ring = "cp.ring_attention"
+    add(ring, q4, q4, q4, None, kw={"axis": "cp", "causal": True, "scale": None},
+        rejects=(rej("2", ["(S(2))", "(S(2))", "(S(2))"]),))
+    add(ring, q4, q4, q4, T((2, 1, 6, 6)), kw={"axis": "cp", "causal": False, "scale": 0.5})
 
 
 def _losses() -> None:

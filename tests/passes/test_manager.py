@@ -51,7 +51,7 @@ def test_a_pipeline_reads_like_an_mlir_pass_pipeline():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("decompose,layots", "unknown pass 'layots' (did you mean 'layouts'?); known passes: boxing, decompose, "),
+    ("decompose,layots", "unknown pass 'layots' (did you mean 'layouts'?); known passes: boxing, context_parallel, decompose, "),
     ("grad_sync{bucket=4}", "pass 'grad_sync' has no option 'bucket' (did you mean 'bucket_bytes'?); its options: bucket_bytes"),
     ("layouts{x=1}", "pass 'layouts' has no option 'x'; its options: none"),
     ("grad_sync{bucket_bytes=many}", "option bucket_bytes of pass 'grad_sync' takes an int (or none), found 'many'"),

@@ -1,0 +1,218 @@
+"""Context parallelism: the sequence split over a cp mesh axis, attention by ring, all-gather or all-to-all.
+
+Loss and every gradient equal eager on the virtual mesh (GPT and transformers' Llama at sequence 256), the
+ring's blocks equal attention, no rank holds a full-sequence score matrix, and emitted programs train under
+torchrun as eager does.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.runtime.context_parallel import attention_block, block_keep, merge_blocks
+from backends.virtual import VirtualRunError
+from compiler import Cluster, compile
+from frontend.dsl import format_plan, parse_plan
+from ir.ops.attention import RING_ATTENTION
+from ir.sbp import Split
+from strategy import StrategyError, normalize
+from tests.launch import assert_state_close, train_eager, train_emitted
+from tests.models import (assert_close_to_eager, compile_cached, gpt, gpt_inputs, gpt_model, llama_model,
+                          lm_inputs)
+
+SEQ = 256
+LLAMA_TP = {"lm.model.layers.*.self_attn.[qkv]_proj.weight": {"tp": "S(0)"},
+            "lm.model.layers.*.self_attn.o_proj.weight": {"tp": "S(1)"}}
+GPT_TP = {"blocks.*.attn.qkv.weight": {"tp": "S(0)"}, "blocks.*.attn.proj.weight": {"tp": "S(1)"}}
+
+
+def long_gpt(seed: int = 0) -> torch.nn.Module:
+    """The bundled GPT with positions for :data:`SEQ` tokens."""
+    torch.manual_seed(seed)
+    return gpt.GPT(gpt.GPTConfig(block_size=SEQ, n_layer=2))
+
+
+def gpt_batch(batch: int = 2, seed: int = 1) -> tuple:
+    return gpt.example_inputs(batch=batch, seq=SEQ, seed=seed)
+
+
+GPT = long_gpt()
+LLAMA = llama_model()
+MODELS = {"gpt": (GPT, gpt_batch()), "llama": (LLAMA, lm_inputs(batch=2, seq=SEQ))}
+
+
+def cp_plan(name: str, mesh: dict, method: str, **extra):
+    model, inputs = MODELS[name]
+    world = 1
+    for size in mesh.values():
+        world *= size
+    return compile_cached(model, inputs, world, {"mesh": mesh, "cp_attention": method, **extra})
+
+
+# -- the strategy and the plan language ------------------------------------------------------------------
+
+
+def test_cp_axis_and_attention_round_trip_through_the_plan_language():
+    strategy = parse_plan("mesh dp=2, cp=2\ncp_attention allgather\n")
+    assert strategy.context_parallel == 2 and strategy.cp_attention == "allgather"
+    assert strategy.tensor_axis is None  # cp splits the sequence, it is no tensor-parallel axis
+    assert parse_plan(format_plan(strategy)) == strategy
+    assert normalize({"mesh": {"cp": 2}}).cp_attention == "ring"
+
+
+def test_bad_cp_attention_is_one_clear_error():
+    with pytest.raises(Exception, match=r"unknown cp_attention 'rng' \(did you mean 'ring'\?\); expected one of: "
+                                        r"ring, allgather, a2a, auto"):
+        parse_plan("mesh cp=2\ncp_attention rng\n")
+    with pytest.raises(StrategyError, match="cp_attention ring runs attention on sequence shards over a cp mesh "
+                                            "axis, but the mesh has only dp; add an axis such as cp=2"):
+        compile(*MODELS["gpt"], cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "cp_attention": "ring"})
+
+
+# -- the ring's blocks ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ring_blocks_merged_online_equal_attention(causal):
+    """Rank 2 of a ring of 4: its queries against every block, merged in ring order, equal attention's rows."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 32, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 32, 32, generator=g) > 0.3
+    mask |= torch.eye(32, dtype=torch.bool)  # every query sees some key
+    n, length, me = 4, 8, 2
+    rows = slice(me * length, (me + 1) * length)
+    out = lse = None
+    for step in range(n):
+        source = (me - step) % n
+        keep = block_keep(mask[..., rows, :], length, n, me, source, causal, q.device)
+        if keep is not False:
+            cols = slice(source * length, (source + 1) * length)
+            out, lse = merge_blocks(out, lse, *attention_block(q[..., rows, :], k[..., cols, :], v[..., cols, :],
+                                                               keep, 8 ** -0.5))
+    full = mask & torch.ones(32, 32, dtype=torch.bool).tril() if causal else mask
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)[..., rows, :]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+# -- the virtual mesh equals eager ----------------------------------------------------------------------
+
+CASES = [("gpt", {"cp": 2}, "ring"), ("gpt", {"cp": 2}, "allgather"), ("gpt", {"cp": 2}, "a2a"),
+         ("gpt", {"cp": 4}, "ring"), ("gpt", {"cp": 4}, "allgather"), ("gpt", {"cp": 4}, "a2a"),
+         ("llama", {"cp": 2}, "ring"), ("llama", {"cp": 2}, "allgather"), ("llama", {"cp": 2}, "a2a"),
+         ("llama", {"cp": 4}, "ring"), ("llama", {"cp": 4}, "allgather"), ("llama", {"cp": 4}, "a2a"),
+         ("gpt", {"dp": 2, "cp": 2}, "ring"), ("llama", {"dp": 2, "cp": 2}, "ring")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, mesh, method", CASES,
+                         ids=[f"{n}-{'x'.join(f'{a}{s}' for a, s in m.items())}-{k}" for n, m, k in CASES])
+def test_context_parallel_equals_eager(name, mesh, method):
+    plan = cp_plan(name, mesh, method)
+    ops = [node.op for node in plan.graph.nodes]
+    if method == "ring":
+        assert ops.count(RING_ATTENTION) == 2 and "aten.scaled_dot_product_attention.default" not in ops
+    elif method == "allgather":  # keys and values gathered per layer, queries stay split
+        assert ops.count("comm.all_gather") >= 4 and RING_ATTENTION not in ops
+    else:
+        assert ops.count("comm.all_to_all") >= 8  # q, k, v in and the output back, per layer
+    model, inputs = MODELS[name]
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, params", [("gpt", GPT_TP), ("llama", LLAMA_TP)])
+def test_cp2_with_tensor_parallel_equals_eager(name, params):
+    plan = cp_plan(name, {"cp": 2, "tp": 2}, "ring", params=params)
+    attention = [n for n in plan.graph.nodes if n.op == RING_ATTENTION]
+    assert len(attention) == 2 and all(n.outputs[0].sbp[0] == Split(2) for n in attention)  # sequence on cp
+    assert all(isinstance(n.outputs[0].sbp[1], Split) for n in attention)  # heads (or batch) on tp
+    model, inputs = MODELS[name]
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, stage", [("gpt", "blocks.1"), ("llama", "lm.model.layers.1")])
+def test_cp2_inside_a_two_stage_pipeline_equals_eager(name, stage):
+    model = MODELS[name][0]
+    inputs = gpt_batch(batch=4) if name == "gpt" else lm_inputs(batch=4, seq=SEQ)
+    plan = compile_cached(model, inputs, 4, {"mesh": {"pp": 2, "cp": 2}, "cp_attention": "ring", "stages": [stage],
+                                             "microbatches": 2})
+    assert sum(node.op == RING_ATTENTION for node in plan.graph.nodes) == 2
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.slow
+def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
+    """Sharded parameters over dp, and Megatron sequence parallelism over tp, beside the cp split."""
+    model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
+    fsdp = compile_cached(model, inputs, 4, {"mesh": {"dp": 2, "cp": 2}, "fsdp": "dp"})
+    assert_close_to_eager(fsdp.run_virtual(*inputs), model, inputs)
+    sp = compile_cached(model, inputs, 4, {"mesh": {"cp": 2, "tp": 2}, "params": GPT_TP, "sequence_parallel": True})
+    assert_close_to_eager(sp.run_virtual(*inputs), model, inputs)
+
+
+def test_a_sequence_the_cp_axis_does_not_divide_is_one_clear_error():
+    model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
+    plan = compile_cached(model, inputs, 2, {"mesh": {"cp": 2}})
+    with pytest.raises(VirtualRunError, match=r"input idx: dim 1 has size 15, which does not divide evenly over 2 "
+                                              r"ranks \(mesh axes cp=2\); use a sequence length that is a multiple "
+                                              r"of 2"):
+        plan.run_virtual(*gpt_inputs(batch=4, seq=15))
+
+
+# -- memory -----------------------------------------------------------------------------------------------
+
+
+def _activation_bytes(plan, inputs) -> tuple[int, int, int]:
+    """Rank 0's bytes of every value a step computes (all of them, and the largest one), and the largest
+    tensor any rank saves for backward (inside ops too: attention's scores)."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] = max(saved[0], t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = plan.run_virtual(*inputs)
+    computed = {node.outputs[0].name for node in plan.graph.nodes}
+    sizes = [t[0].numel() * t[0].element_size() for name, t in result.local.items() if name in computed]
+    return sum(sizes), max(sizes), saved[0]
+
+
+def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix():
+    """Every value a rank computes is at most a quarter of cp1's; all of them together a little more than a
+    quarter (the loss's inputs are moved from sequence to vocabulary shards by all-to-all: one more copy);
+    attention's scores exist per block only."""
+    model, inputs = MODELS["gpt"]
+    whole, whole_peak, _ = _activation_bytes(compile_cached(model, inputs, 1, "dp"), inputs)
+    split, split_peak, split_saved = _activation_bytes(cp_plan("gpt", {"cp": 4}, "ring"), inputs)
+    assert split_peak == whole_peak / 4
+    assert 0.24 < split / whole < 0.32, split / whole
+    scores = inputs[0].shape[0] * GPT.cfg.n_head * SEQ * SEQ * 4  # one layer's full score matrix, fp32
+    assert split_saved <= scores / 8
+
+
+# -- emitted programs under torchrun -----------------------------------------------------------------------
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name, mesh, method", [("gpt", {"dp": 2, "cp": 2}, "ring"),
+                                                ("gpt", {"dp": 2, "cp": 2}, "allgather"),
+                                                ("llama", {"cp": 2}, "ring")])
+def test_emitted_context_parallel_trains_like_eager(tmp_path, name, mesh, method):
+    make = long_gpt if name == "gpt" else llama_model
+    data = [gpt_batch(batch=2, seed=10 + i) if name == "gpt" else lm_inputs(batch=2, seq=SEQ, seed=10 + i)
+            for i in range(3)]
+    sgd = (torch.optim.SGD, {"lr": 0.1})
+    world = 1
+    for size in mesh.values():
+        world *= size
+    plan = compile(make(), data[0], cluster=Cluster.local(world), optimizer=sgd,
+                   strategy={"mesh": mesh, "cp_attention": method})
+    losses, saved = train_emitted(plan, tmp_path, data, steps=3)
+    program = (tmp_path / "main.py").read_text()
+    assert ("batch_isend_irecv" in program) == (method == "ring")
+    reference = make()
+    expected = train_eager(reference, data, 3, sgd)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert_state_close(saved, reference)
