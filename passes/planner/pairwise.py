@@ -159,33 +159,44 @@ class _Expanded(PairwiseProblem):
 
 def _frontier_dp(problem: "_Expanded", max_states: int) -> Solution:
     """Variable elimination in index order; returns an assignment of the *original* variables (folded
-    ones left at 0 for the caller to fill)."""
+    ones left at 0 for the caller to fill).
+
+    A state is the tuple of the open edges' keys on their processed side, in the order of ``frontier``.
+    Per variable, choices that show the same keys on every incident edge are merged first (only the
+    cheapest can be optimal), and the closing edges' costs are computed once per distinct tuple of
+    closing keys rather than once per state."""
     n = problem.num_vars
+    edges = [_interned(e) for e in problem.edges]  # small-int keys: states hash fast
     incident: list[list[int]] = [[] for _ in range(n)]
-    for k, e in enumerate(problem.edges):
+    for k, e in enumerate(edges):
         incident[e.a].append(k)
         incident[e.b].append(k)
-    last_var = [max(problem.edges[k].a, problem.edges[k].b) for k in range(len(problem.edges))]
-    # A state is a tuple of (edge index, key) pairs: the open edges' keys on their processed side.
+    last_var = [max(e.a, e.b) for e in edges]
+    frontier: list[int] = []
     states: dict[tuple, float] = {(): 0.0}
     history: list[dict] = []
     exact, widest = True, 1
     for v in range(n):
         closing = [k for k in incident[v] if last_var[k] == v]
         opening = [k for k in incident[v] if last_var[k] != v]
+        position = {k: i for i, k in enumerate(frontier)}
+        closing_at = [position[k] for k in closing]
+        kept_at = [i for i, k in enumerate(frontier) if last_var[k] != v]
+        groups = _choice_groups(problem.unary[v], edges, v, closing, opening)
+        close_cost: dict[tuple, list] = {}
         new_states: dict[tuple, float] = {}
         back: dict[tuple, tuple] = {}
         for state, base in states.items():
-            open_keys = dict(state)
-            kept = tuple((k, key) for k, key in state if k not in closing)
-            for c, unary in enumerate(problem.unary[v]):
-                cost = base + unary
-                for k in closing:
-                    e = problem.edges[k]
-                    cost += e.costs[(open_keys[k], e.b_keys[c])] if e.b == v else e.costs[(e.a_keys[c], open_keys[k])]
+            kept = tuple([state[i] for i in kept_at])
+            closed = tuple([state[i] for i in closing_at])
+            costs = close_cost.get(closed)
+            if costs is None:
+                costs = close_cost[closed] = [_closing_cost(edges, v, closing, closed, side) for _, _, side, _ in groups]
+            for (c, unary, _, open_keys), extra in zip(groups, costs):
+                cost = base + unary + extra
                 if cost == math.inf:
                     continue
-                new = tuple(sorted(kept + tuple((k, _side_key(problem.edges[k], v, c)) for k in opening)))
+                new = kept + open_keys
                 if cost < new_states.get(new, math.inf):
                     new_states[new] = cost
                     back[new] = (state, c)
@@ -198,11 +209,46 @@ def _frontier_dp(problem: "_Expanded", max_states: int) -> Solution:
         widest = max(widest, len(new_states))
         history.append(back)
         states = new_states
+        frontier = [frontier[i] for i in kept_at] + opening
     final, cost = min(states.items(), key=lambda item: item[1])
     assignment = [0] * problem.total_vars
     for v in range(n - 1, -1, -1):
         final, assignment[problem.kept[v]] = history[v][final]
     return Solution(cost, assignment, exact, widest)
+
+
+def _choice_groups(unaries: list, edges: list, v: int, closing: list, opening: list) -> list[tuple]:
+    """The choices of ``v`` worth trying: per distinct keys on its incident edges, the cheapest (the
+    earliest on ties), as ``(choice, unary, keys on the closing edges, keys on the opening edges)``."""
+    best: dict[tuple, tuple] = {}
+    for c, unary in enumerate(unaries):
+        if unary == math.inf:
+            continue
+        side = tuple(_side_key(edges[k], v, c) for k in closing)
+        open_keys = tuple(_side_key(edges[k], v, c) for k in opening)
+        signature = (side, open_keys)
+        if signature not in best or unary < best[signature][1]:
+            best[signature] = (c, unary, side, open_keys)
+    return sorted(best.values())
+
+
+def _closing_cost(edges: list, v: int, closing: list, closed: tuple, side: tuple) -> float:
+    """The cost of the closing edges when their processed ends hold ``closed`` and ``v`` shows ``side``."""
+    total = 0.0
+    for k, other, mine in zip(closing, closed, side):
+        e = edges[k]
+        total += e.costs[other][mine] if e.b == v else e.costs[mine][other]
+    return total
+
+
+def _interned(edge: PairEdge) -> PairEdge:
+    """The edge with its keys numbered per side and its costs as a table ``costs[a key][b key]``."""
+    a_distinct = list(dict.fromkeys(edge.a_keys))
+    b_distinct = list(dict.fromkeys(edge.b_keys))
+    a_index = {key: i for i, key in enumerate(a_distinct)}
+    b_index = {key: i for i, key in enumerate(b_distinct)}
+    table = [[edge.costs[(ka, kb)] for kb in b_distinct] for ka in a_distinct]
+    return PairEdge(edge.a, edge.b, [a_index[key] for key in edge.a_keys], [b_index[key] for key in edge.b_keys], table)
 
 
 def _side_key(edge: PairEdge, v: int, choice: int) -> Hashable:
