@@ -1,6 +1,6 @@
 """Training controls and token files in emitted programs under a real torchrun (gloo): a cosine schedule with
 warmup, global-norm clipping and gradient accumulation equal eager PyTorch on the same token-file batches under
-dp2, fsdp2 (prefetching its gathers), dp2 x tp2 and a 2-stage pipeline; a run resumed mid-schedule continues
+dp2, dp4, tp2, fsdp2 (prefetching its gathers), dp2 x tp2 and a 2-stage pipeline; a run resumed mid-schedule continues
 the same schedule and data stream bit for bit.
 
 The eager reference reads the token file as the programs document it (windows of ``seq + 1`` tokens every
@@ -32,6 +32,8 @@ CONTROLS = ["--lr-schedule", "cosine", "--warmup-steps", str(WARMUP), "--clip-gr
             "--grad-accum", str(ACCUM), "--seed", str(SEED)]
 PLANS = {  # name: (ranks, strategy)
     "dp2": (2, "dp"),
+    "dp4": (4, "dp"),
+    "tp2": (2, {"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON)}),
     "fsdp2": (2, "fsdp"),
     "dp2_tp2": (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON)}),
     "pipeline_1f1b": (2, {"mesh": {"pp": 2}, "microbatches": 4, "schedule": "1f1b"}),
