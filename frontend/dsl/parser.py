@@ -177,12 +177,7 @@ class _PlanBuilder:
         if isinstance(parts[0], lark.Token) and parts[0].type == "AUTO":
             self.strategy["mesh"] = AUTO
             return
-        mesh = self.strategy["mesh"] = {}
-        for axis_size in _trees(parts):
-            axis, _equal, size = axis_size.children
-            self.claim(("mesh", str(axis)), axis, f"mesh axis {str(axis)!r}")
-            self.mark(("mesh", str(axis), VALUE), size)
-            mesh[str(axis)] = _int_or_auto(size)
+        self.strategy["mesh"] = self._entries("mesh", parts, lambda axis: f"mesh axis {axis!r}", _int_or_auto)
 
     def _add_param(self, keyword: lark.Token, glob: lark.Token, _colon: Any,
                    placement: lark.Tree) -> None:
@@ -312,12 +307,18 @@ class _PlanBuilder:
             self.mark(("precision", VALUE), parts[0])
             self.strategy["precision"] = str(parts[0])
             return
-        precision = self.strategy["precision"] = {}
+        self.strategy["precision"] = self._entries("precision", parts, lambda key: f"precision {key}", str)
+
+    def _entries(self, key: str, parts: Any, describe: Any, value: Any) -> dict:
+        """The ``name=value`` entries of a statement (``mesh dp=2, tp=4``), each claimed and marked at its
+        position under ``key``."""
+        entries = {}
         for entry in _trees(parts):
-            key, _equal, dtype = entry.children
-            self.claim(("precision", str(key)), key, f"precision {key}")
-            self.mark(("precision", str(key), VALUE), dtype)
-            precision[str(key)] = str(dtype)
+            name, _equal, given = entry.children
+            self.claim((key, str(name)), name, describe(str(name)))
+            self.mark((key, str(name), VALUE), given)
+            entries[str(name)] = value(given)
+        return entries
 
     def _add_cp_attention(self, keyword: lark.Token, value: lark.Token) -> None:
         self._set_scalar("cp_attention", keyword, value, AUTO if value.type == "AUTO" else str(value))
