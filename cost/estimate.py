@@ -222,9 +222,7 @@ class Estimator:
     def _segment_comm(self, segment, shape: PlanShape, devices: tuple, batch: float) -> tuple[float, float]:
         fwd = bwd = 0.0
         for item in segment.comms:
-            seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
-            if item.hidden_flops is not None:  # ring attention: transfers run under the blocks' computation
-                seconds = max(0.0, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
+            seconds = self._exposed_seconds(item, devices, shape, batch)
             if item.backward:
                 bwd += seconds
             else:
@@ -250,6 +248,14 @@ class Estimator:
         if self.profile.segments[j].recomputed_part is not None:
             return self._recomputed_part_forward(shape, rank, j)
         return 0.0
+
+    def _exposed_seconds(self, item, devices: tuple, shape: PlanShape, batch: float) -> float:
+        """Seconds of one collective of a segment that the step waits for: all of it, or for ring attention's
+        transfers, what the blocks' computation does not hide."""
+        seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
+        if item.hidden_flops is not None:  # ring attention: transfers run under the blocks' computation
+            seconds = max(0.0, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
+        return seconds
 
     def _hidden_seconds(self, flops, devices: tuple, batch: float) -> float:
         """Seconds of the computation a transfer overlaps, on the slowest device (at peak: the transfer
@@ -337,8 +343,8 @@ class Estimator:
             devices = shape.stage_devices[rank]
             batch = self.microbatch_size(shape)
             for item in self.profile.segments[j].comms:
-                seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
-                parts[f"{item.kind} over {item.axis} (exposed)"] += m * seconds
+                parts[f"{item.kind} over {item.axis} (exposed)"] += m * self._exposed_seconds(item, devices, shape,
+                                                                                                batch)
             if self.fsdp_analytic(shape):
                 parts["fsdp gathers and reduce-scatters"] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
                     - m * sum(self._collective(i.kind, at(i.nbytes, batch), devices, shape, i.axis)

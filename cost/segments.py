@@ -437,10 +437,15 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
 
 
 def _hidden_flops(record: CommRecord, ctx: CostContext) -> tuple:
-    """The (forward, backward) FLOPs a ring exchange overlaps, affine in the batch (None, None otherwise)."""
+    """The (forward, backward) FLOPs a ring exchange overlaps, affine in the batch (None, None otherwise).
+
+    Under the load-balanced split every one of the ring's ``n`` steps computes the same share of the rank's
+    (causal: half) work, and ``n - 1`` of them have a block in flight; the key and the value transfer share
+    that computation, half each."""
     if record.overlaps is None:
         return None, None
-    work = ctx.affine(lambda d: np.array(op_work(record.overlaps, d, ctx.mesh, ctx.precision)) / 2)
+    n = ctx.mesh.shape[record.axis]
+    work = ctx.affine(lambda d: np.array(op_work(record.overlaps, d, ctx.mesh, ctx.precision)) * (n - 1) / n / 2)
     return work[:, 0], work[:, 2]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.runtime.context_parallel import attention_block, block_keep, merge_blocks
+from backends.runtime.context_parallel import block_plan, merge_blocks, ring_block, ring_positions
 from backends.virtual import VirtualRunError
 from compiler import Cluster, compile
 from frontend.dsl import format_plan, parse_plan
@@ -72,26 +72,49 @@ def test_bad_cp_attention_is_one_clear_error():
 # -- the ring's blocks ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("balanced", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_ring_blocks_merged_online_equal_attention(causal):
-    """Rank 2 of a ring of 4: its queries against every block, merged in ring order, equal attention's rows."""
+def test_ring_blocks_merged_online_equal_attention(causal, balanced):
+    """Rank 2 of a ring of 4: its queries against every block, merged in ring order, equal attention's rows
+    (load-balanced: chunks 2 and 5 of 8; contiguous: block 2 of 4)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 32, 8, generator=g) for _ in range(3))
     mask = torch.rand(2, 1, 32, 32, generator=g) > 0.3
     mask |= torch.eye(32, dtype=torch.bool)  # every query sees some key
     n, length, me = 4, 8, 2
-    rows = slice(me * length, (me + 1) * length)
+    rows = ring_positions(me, n, length, balanced)
+    assert rows.tolist() == (list(range(8, 12)) + list(range(20, 24)) if balanced else list(range(16, 24)))
     out = lse = None
     for step in range(n):
-        source = (me - step) % n
-        keep = block_keep(mask[..., rows, :], length, n, me, source, causal, q.device)
-        if keep is not False:
-            cols = slice(source * length, (source + 1) * length)
-            out, lse = merge_blocks(out, lse, *attention_block(q[..., rows, :], k[..., cols, :], v[..., cols, :],
-                                                               keep, 8 ** -0.5))
+        cols = ring_positions((me - step) % n, n, length, balanced)
+        part = ring_block(q[..., rows, :], k[..., cols, :], v[..., cols, :], mask[..., rows, :], rows, cols, causal,
+                          8 ** -0.5)
+        if part is not None:
+            out, lse = merge_blocks(out, lse, *part)
     full = mask & torch.ones(32, 32, dtype=torch.bool).tril() if causal else mask
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)[..., rows, :]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_balanced_causal_ring_gives_every_rank_the_same_work(n):
+    """Causal, load-balanced: each rank computes its own block's two chunks and half of every other block, the
+    same number of scores; contiguous blocks give the last rank n times the first's."""
+    length = 8
+
+    def work(rank, balanced):
+        q_pos = ring_positions(rank, n, length, balanced)
+        total = 0
+        for source in range(n):
+            plan = block_plan(None, q_pos, ring_positions(source, n, length, balanced), True, "cpu")
+            if plan is not None:
+                total += len(range(length)[plan[0]]) * len(range(length)[plan[1]])
+        return total
+
+    balanced = [work(r, True) for r in range(n)]
+    assert len(set(balanced)) == 1 and balanced[0] == length * length * (n + 1) // 2
+    contiguous = [work(r, False) for r in range(n)]
+    assert contiguous == [length * length * (r + 1) for r in range(n)]
 
 
 # -- the virtual mesh equals eager ----------------------------------------------------------------------
@@ -154,10 +177,10 @@ def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
 def test_a_sequence_the_cp_axis_does_not_divide_is_one_clear_error():
     model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
     plan = compile_cached(model, inputs, 2, {"mesh": {"cp": 2}})
-    with pytest.raises(VirtualRunError, match=r"input idx: dim 1 has size 15, which does not divide evenly over 2 "
-                                              r"ranks \(mesh axes cp=2\); use a sequence length that is a multiple "
-                                              r"of 2"):
-        plan.run_virtual(*gpt_inputs(batch=4, seq=15))
+    with pytest.raises(VirtualRunError, match=r"input idx: dim 1 has size 14, which does not divide evenly over 2 "
+                                              r"ranks \(mesh axes cp=2, two load-balanced chunks per cp rank\); use a "
+                                              r"sequence length that is a multiple of 4"):
+        plan.run_virtual(*gpt_inputs(batch=4, seq=14))
 
 
 # -- memory -----------------------------------------------------------------------------------------------
