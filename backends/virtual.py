@@ -268,7 +268,9 @@ class VirtualMesh:
         return self.graph.meshes[v.mesh]
 
     def balanced(self, v: Value) -> tuple[bool, ...]:
-        """Per mesh axis, whether ``v``'s split there is load-balanced."""
+        """Per mesh axis, whether ``v``'s split there is load-balanced (never for parameters and buffers)."""
+        if v.kind in ("param", "buffer"):
+            return ()
         return balanced_axes(v.type, v.sbp, self.mesh(v), self.sequences)
 
     def _scatter(self, v: Value, full: torch.Tensor) -> list:

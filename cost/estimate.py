@@ -37,6 +37,7 @@ from cost.ops import peak_flops
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, at
 from cost.timeline import ScheduleTimeline, simulate
+from ir.types import CONTEXT_AXIS
 from ir.schedules import SCHEDULES, build_pipeline_schedule
 
 
@@ -263,6 +264,14 @@ class Estimator:
         return min(at(flops, batch) / peak_flops(d, self.profile.precision)
                    for d in _representatives(devices, self.cluster))
 
+    def _batch_axes(self, shape: PlanShape) -> tuple:
+        """The axes the estimator adds whose ranks share the parameters and sum their gradients by all-reduce:
+        data parallelism and context parallelism (each rank a share of the tokens) where the profile leaves
+        them to it, except the FSDP axis (whose reduce-scatter is priced with the segments)."""
+        fsdp = shape.fsdp_axis if self.fsdp_analytic(shape) else None
+        return tuple(a for a in (DATA_AXIS, CONTEXT_AXIS)
+                     if a in self.profile.analytic_axes and a != fsdp and shape.size(a) > 1)
+
     def fsdp_analytic(self, shape: PlanShape) -> bool:
         """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""
         return bool(shape.fsdp_axis) and shape.fsdp_axis in self.profile.analytic_axes \
@@ -347,8 +356,7 @@ class Estimator:
                                                                                                 batch)
             if self.fsdp_analytic(shape):
                 parts["fsdp gathers and reduce-scatters"] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
-                    - m * sum(self._collective(i.kind, at(i.nbytes, batch), devices, shape, i.axis)
-                              for i in self.profile.segments[j].comms)
+                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in self.profile.segments[j].comms)
         busy = sum(parts.values())
         sends = sum(2 * m * s.send_s for s in estimate.stages if s.rank == rank)
         idle = max(estimate.rank_end_s[rank] - busy, 0.0)
@@ -410,11 +418,8 @@ class Estimator:
         if not self.profile.train:
             return 0.0, 0.0
         by_axes: dict[tuple, float] = defaultdict(float)
-        fsdp = self.fsdp_analytic(shape)
         for p in self._stage_params(shape, rank):
-            axes = tuple(p.grad_axes)
-            if DATA_AXIS in self.profile.analytic_axes and not fsdp and shape.size(DATA_AXIS) > 1:
-                axes = (DATA_AXIS,) + axes
+            axes = self._batch_axes(shape) + tuple(p.grad_axes)
             if axes:
                 by_axes[axes] += p.local_bytes
         devices = shape.stage_devices[rank]
@@ -528,9 +533,7 @@ class Estimator:
         for rank in range(shape.pp):
             by_axes: dict[tuple, float] = defaultdict(float)
             for p in self._stage_params(shape, rank):
-                axes = tuple(p.grad_axes)
-                if DATA_AXIS in prof.analytic_axes and not self.fsdp_analytic(shape) and shape.size(DATA_AXIS) > 1:
-                    axes = (DATA_AXIS,) + axes
+                axes = self._batch_axes(shape) + tuple(p.grad_axes)
                 if axes and prof.train:
                     by_axes[axes] += p.local_bytes
             for axes, nbytes in by_axes.items():

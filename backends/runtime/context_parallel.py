@@ -172,13 +172,13 @@ class RingAttention(torch.autograd.Function):
             plan = block_plan(mask, q_pos, ring_positions(source, n, length, balanced), causal, q.device)
             if plan is not None:  # the part of the block forward computed
                 rows, cols, keep = plan
-                q_rows, g_rows, k_cols, v_cols = q[..., rows, :], grad_out[..., rows, :], block[0][..., cols, :], \
-                    block[1][..., cols, :]
-                probs = torch.exp(masked_scores(q_rows, k_cols, keep, scale) - safe_lse[..., rows, :])
-                grad_v[..., cols, :] += torch.matmul(probs.transpose(-2, -1), g_rows)
-                grad_scores = probs * (torch.matmul(g_rows, v_cols.transpose(-2, -1)) - delta[..., rows, :]) * scale
-                grad_q[..., rows, :] += torch.matmul(grad_scores, k_cols)
-                grad_k[..., cols, :] += torch.matmul(grad_scores.transpose(-2, -1), q_rows)
+                queries, grads = q[..., rows, :], grad_out[..., rows, :]
+                keys, values = block[0][..., cols, :], block[1][..., cols, :]
+                probs = torch.exp(masked_scores(queries, keys, keep, scale) - safe_lse[..., rows, :])
+                grad_v[..., cols, :] += torch.matmul(probs.transpose(-2, -1), grads)
+                grad_scores = probs * (torch.matmul(grads, values.transpose(-2, -1)) - delta[..., rows, :]) * scale
+                grad_q[..., rows, :] += torch.matmul(grad_scores, keys)
+                grad_k[..., cols, :] += torch.matmul(grad_scores.transpose(-2, -1), queries)
             if pending is not None:
                 received, requests = pending
                 _wait(requests)

@@ -91,12 +91,12 @@ def split_dim(entry):
     return int(entry[2:-1]) if entry.startswith("S(") else None
 
 
-def shard(full, layout):
-    """This rank's local tensor of a full tensor held in ``layout`` (one entry per mesh axis). The inputs'
-    sequence split over the cp axis is load-balanced (:func:`balanced_part`)."""
+def shard(full, layout, balanced=False):
+    """This rank's local tensor of a full tensor held in ``layout`` (one entry per mesh axis). ``balanced``:
+    an input, whose sequence split over the cp axis is load-balanced (:func:`balanced_part`)."""
     for axis, entry in zip(MESH_AXES, layout):
         dim = split_dim(entry)
-        if dim is not None and axis == "cp":
+        if dim is not None and axis == "cp" and balanced:
             full = balanced_part(full, dim, len(GROUPS[axis][1]), COORD[axis])
         elif dim is not None:
             size = full.shape[dim] // len(GROUPS[axis][1])

@@ -76,7 +76,7 @@ def token_count(batch):
 
 
 def local_inputs(batch):
-    return {name: shard(t.to(DEVICE), layout) for (name, _, _, layout, _), t in zip(INPUTS, batch)}
+    return {name: shard(t.to(DEVICE), layout, balanced=True) for (name, _, _, layout, _), t in zip(INPUTS, batch)}
 
 
 def load_weights(path, meta=False):

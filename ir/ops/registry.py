@@ -230,7 +230,8 @@ def sequence_sizes(graph) -> frozenset:
     On the cp axis a split of a dim of one of these sizes is load-balanced for causal attention: of ``2n`` equal
     chunks, rank ``c`` of ``n`` holds chunks ``c`` and ``2n - 1 - c`` (as Megatron-Core and torchtitan lay
     out context parallelism), so every rank attends as many earlier positions. Other splits are contiguous.
-    The logical tensor stays in sequence order; only which rows a rank holds changes."""
+    The logical tensor stays in sequence order; only which rows a rank holds changes. Parameters and buffers
+    (sharded over cp by FSDP) are stored in contiguous shards."""
     sizes = set()
     for v in graph.inputs:
         mesh = graph.meshes.get(v.mesh) if v.mesh else None
@@ -257,7 +258,10 @@ def balanced_comm_kwargs(node: Node, sequences: frozenset) -> dict:
     """What a ``comm.*`` node needs to know of load-balanced splits (see :func:`sequence_sizes`): ``balanced``
     (a bool; for ``all_to_all`` a pair: its source and its destination split), or nothing when none is."""
     axis = node.kwargs.get("axis")
-    t = node.input_values()[0].type
+    source = node.input_values()[0]
+    if source.kind in ("param", "buffer"):
+        return {}  # parameters are stored in contiguous shards (see sequence_sizes)
+    t = source.type
     if node.op == "comm.all_to_all":
         pair = tuple(is_balanced(t.shape[node.kwargs[k]], axis, sequences) for k in ("src_dim", "dst_dim"))
         return {"balanced": pair} if any(pair) else {}

@@ -186,9 +186,9 @@ def test_a_sequence_the_cp_axis_does_not_divide_is_one_clear_error():
 # -- memory -----------------------------------------------------------------------------------------------
 
 
-def _activation_bytes(plan, inputs) -> tuple[int, int, int]:
-    """Rank 0's bytes of every value a step computes (all of them, and the largest one), and the largest
-    tensor any rank saves for backward (inside ops too: attention's scores)."""
+def _activation_bytes(plan, inputs) -> tuple[int, int, int, list]:
+    """Rank 0's bytes of every value a step computes (all of them, and the largest one), the largest tensor any
+    rank saves for backward (inside ops too: attention's scores), and every rank's computed local shapes."""
     saved = [0]
 
     def pack(t):
@@ -199,20 +199,26 @@ def _activation_bytes(plan, inputs) -> tuple[int, int, int]:
         result = plan.run_virtual(*inputs)
     computed = {node.outputs[0].name for node in plan.graph.nodes}
     sizes = [t[0].numel() * t[0].element_size() for name, t in result.local.items() if name in computed]
-    return sum(sizes), max(sizes), saved[0]
+    shapes = [tuple(local.shape) for name, t in result.local.items() if name in computed for local in t]
+    return sum(sizes), max(sizes), saved[0], shapes
 
 
-def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix():
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix(name):
     """Every value a rank computes is at most a quarter of cp1's; all of them together a little more than a
     quarter (the loss's inputs are moved from sequence to vocabulary shards by all-to-all: one more copy);
-    attention's scores exist per block only."""
-    model, inputs = MODELS["gpt"]
-    whole, whole_peak, _ = _activation_bytes(compile_cached(model, inputs, 1, "dp"), inputs)
-    split, split_peak, split_saved = _activation_bytes(cp_plan("gpt", {"cp": 4}, "ring"), inputs)
+    attention's scores exist per block only, and no rank holds a [..., seq, seq] tensor: Llama's boolean
+    causal mask, which transformers writes for the whole sequence, is built on each rank for its rows only."""
+    model, inputs = MODELS[name]
+    whole, whole_peak, whole_saved, whole_shapes = _activation_bytes(compile_cached(model, inputs, 1, "dp"), inputs)
+    split, split_peak, split_saved, shapes = _activation_bytes(cp_plan(name, {"cp": 4}, "ring"), inputs)
     assert split_peak == whole_peak / 4
     assert 0.24 < split / whole < 0.32, split / whole
-    scores = inputs[0].shape[0] * GPT.cfg.n_head * SEQ * SEQ * 4  # one layer's full score matrix, fp32
-    assert split_saved <= scores / 8
+    heads = GPT.cfg.n_head if name == "gpt" else LLAMA.lm.config.num_attention_heads
+    scores = inputs[0].shape[0] * heads * SEQ * SEQ * 4  # one layer's full score matrix, fp32
+    assert split_saved <= scores / 8 and split_saved <= whole_saved / 4
+    assert name == "gpt" or any(s[-2:] == (SEQ, SEQ) for s in whole_shapes)  # Llama's mask, whole at cp1
+    assert not any(s[-2:] == (SEQ, SEQ) for s in shapes)
 
 
 # -- emitted programs under torchrun -----------------------------------------------------------------------
