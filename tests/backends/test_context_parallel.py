@@ -174,6 +174,19 @@ def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
     assert_close_to_eager(sp.run_virtual(*inputs), model, inputs)
 
 
+@pytest.mark.slow
+def test_a_cp_degree_the_planner_chooses_compiles_and_equals_eager():
+    """The planner's cp candidate (here the only one: dp fixed to 1 on two devices) becomes a strategy that
+    compiles to ring attention and trains as eager does."""
+    model, inputs = MODELS["gpt"]
+    plan = compile(model, inputs, cluster=Cluster.local(2), search_options={"use_cache": False},
+                   strategy={"mesh": {"dp": 1, "tp": 1, "pp": 1, "cp": "auto"}})
+    assert plan.strategy.context_parallel == 2 and plan.strategy.cp_attention == "ring"
+    assert "cp=2" in plan.search_report.chosen.summary
+    assert sum(node.op == RING_ATTENTION for node in plan.graph.nodes) == 2
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
 def test_a_sequence_the_cp_axis_does_not_divide_is_one_clear_error():
     model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
     plan = compile_cached(model, inputs, 2, {"mesh": {"cp": 2}})
