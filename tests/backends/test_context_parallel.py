@@ -170,6 +170,12 @@ def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
     model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
     fsdp = compile_cached(model, inputs, 4, {"mesh": {"dp": 2, "cp": 2}, "fsdp": "dp"})
     assert_close_to_eager(fsdp.run_virtual(*inputs), model, inputs)
+    # sharded over cp itself (the planner's choice without dp): parameters in contiguous shards, even the
+    # position table whose rows are as many as the sequence's positions
+    model, inputs = MODELS["gpt"]
+    over_cp = cp_plan("gpt", {"cp": 2}, "ring", fsdp="cp")
+    assert any(p.target == "pos_emb.weight" and p.sbp == (Split(0),) for p in over_cp.graph.params)
+    assert_close_to_eager(over_cp.run_virtual(*inputs), model, inputs)
     sp = compile_cached(model, inputs, 4, {"mesh": {"cp": 2, "tp": 2}, "params": GPT_TP, "sequence_parallel": True})
     assert_close_to_eager(sp.run_virtual(*inputs), model, inputs)
 
