@@ -26,6 +26,10 @@ from .plan import (ALIASES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE,
 from .split_backward import backward_input
 
 
+PIPELINE_OPTIONS = {"--infer-stages": "no training; run every batch forward through these stages only "
+                                      "(comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss"}
+
+
 class Stages(NamedTuple):
     """The generated functions of a pipelined program (its main.py), each a dict by stage index."""
 
@@ -274,7 +278,7 @@ def main(stages, gradient_syncs=(), step_type=PipelineStep, description="", argv
     outside autograd (classes from grad_sync), run once every microbatch's backward is done; ``step_type``: what
     runs the action list (:class:`SplitBackwardStep` for schedules with W actions); ``description``: the
     program's docstring, for ``--help``."""
-    args = parse_args(argv, description, pipelined=True)
+    args = parse_args(argv, description, PIPELINE_OPTIONS)
     init_distributed(args.comm_timeout)
     batches = open_batches(args, args.steps * args.grad_accum, PIPELINE["microbatches"])
     shapes = load_weights(args.weights, meta=True)
