@@ -50,6 +50,9 @@ CHECKPOINT_USAGE = ("Checkpoints: add --checkpoint-every 100 --resume (sharded, 
                     "the newest whole one, written under this plan or any other plan of the model). Elastic restarts:\n"
                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts 3 ... main.py ... --resume\n")
 """How a program's docstring says to checkpoint, resume and restart it (the variable: pytorch/pytorch#167288)."""
+BACKEND_NOTE = ("It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo). Its runtime is\n"
+                f"{RUNTIME_MODULE}.py beside it: keep the two files together.\n")
+"""The last lines of a program's docstring: its backend, and the file it imports from."""
 
 
 class EmitError(RuntimeError):
@@ -223,7 +226,7 @@ class ProgramWriter:
                           f"Mesh: {dict(zip(self.mesh.axes, self.mesh.shape))} ({self.mesh.size} ranks).\n"
                           f"Run:  torchrun --standalone --nproc-per-node {self.mesh.size} main.py --steps 5 "
                           f"--metrics losses.jsonl --save final.pt\n{CHECKPOINT_USAGE}"
-                          f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n")
+                          f"{BACKEND_NOTE}")
 
     def _code_title(self) -> str:
         return "The forward pass"
@@ -480,7 +483,7 @@ class PipelineProgramWriter(ProgramWriter):
                           f"Run:  torchrun --standalone --nproc-per-node {ranks} main.py --steps 5 "
                           f"--metrics losses.jsonl --save final.pt\n"
                           f"{CHECKPOINT_USAGE}Inference through some stages only: add --infer-stages 0,2,3 (no training).\n"
-                          f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n")
+                          f"{BACKEND_NOTE}")
 
     def _code_title(self) -> str:
         return "The stages"
