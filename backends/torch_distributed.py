@@ -107,7 +107,8 @@ def launch_script(world: int, node_devices: tuple[int, ...]) -> str:
     Processes per node default to the cluster's devices per node (all ranks on one node otherwise)."""
     nodes = len(node_devices) if node_devices and len(set(node_devices)) == 1 else 1
     return f"""#!/usr/bin/env bash
-# Launch main.py (with runtime.py beside it) under torchrun ({world} ranks). Arguments are passed to main.py (see: main.py --help).
+# Launch main.py (with runtime.py beside it) under torchrun ({world} ranks). Arguments are passed to main.py
+# (see: main.py --help).
 #
 # One node:        ./launch.sh --steps 100
 # {nodes if nodes > 1 else 2} nodes, on each:  NNODES={nodes if nodes > 1 else 2} RDZV_ENDPOINT=host0:29400 ./launch.sh --steps 100
@@ -183,7 +184,7 @@ class ProgramWriter:
         code and entry line. ``runtime.py``: its docstring, imports, the plan's constants that the runtime reads,
         then that runtime (see ``backends.runtime``)."""
         code = self._custom_op_bindings() + self._code() + "\n\n" + f'if __name__ == "__main__":\n    {self._entry_call()}\n'
-        defined, reads = global_reads(code)
+        reads = global_reads(code)[1]
         constants = self._constants()
         wanted = runtime.select(reads, self.entry, GENERATED_IMPORTS).plan_names
         if wanted - set(constants):
@@ -191,12 +192,8 @@ class ProgramWriter:
                             f"generator does not write")
         constants_source = "\n".join(text for name, text in constants.items() if name in wanted)
         selection = runtime.select(reads, self.entry, GENERATED_IMPORTS, global_reads(constants_source)[1])
-        from_runtime = f"from {RUNTIME_MODULE} import "
-        imports = selection.entry_imports + ([""] if selection.entry_imports else [])
-        imports += [from_runtime + "(\n" + _wrapped(selection.entry_names, 4) + ")"
-                    if len(from_runtime) + len(", ".join(selection.entry_names)) > WIDTH
-                    else from_runtime + ", ".join(selection.entry_names)]
-        main = [self._docstring(), "\n".join(imports), _section(self._code_title(), "one line per IR node") + "\n" + code]
+        main = [self._docstring(), _main_imports(selection),
+                _section(self._code_title(), "one line per IR node") + "\n" + code]
         parts = [self._runtime_docstring(), "\n".join(selection.imports),
                  _section("The plan", "its mesh, inputs, tensors and their layouts") + "\n" + constants_source]
         parts += [_section(title, where) + "\n" + text for title, where, text in selection.sections]
@@ -598,6 +595,14 @@ def _names_read(body: list[str]) -> set[str]:
     """The names the lines of a function body read."""
     tree = ast.parse("def f():\n" + "\n".join(body))
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _main_imports(selection: runtime.Selection) -> str:
+    """``main.py``'s imports: the modules its code reads itself, then the runtime names it reads, by name."""
+    from_runtime = f"from {RUNTIME_MODULE} import "
+    names = ", ".join(selection.entry_names)
+    line = from_runtime + (f"(\n{_wrapped(selection.entry_names, 4)})" if len(from_runtime + names) > WIDTH else names)
+    return "\n".join(selection.entry_imports + ([""] if selection.entry_imports else []) + [line])
 
 
 def _join_parts(parts: list[str]) -> str:
