@@ -218,7 +218,8 @@ class Walk:
                 self.need(pieces()[definition.piece], name, f"{definition.piece}.{definition.names[0]}")
 
 
-def select(reads: set[str], entry: str, extra_imports: dict[str, Import], plan_reads: set[str] = frozenset()) -> Selection:
+def select(reads: set[str], entry: str, extra_imports: dict[str, Import],
+           plan_reads: set[str] = frozenset()) -> Selection:
     """The runtime a program needs. ``reads``: the names its generated code reads and does not define,
     looked up in the piece ``entry`` (its training loop), then in the one piece defining each (a name
     two pieces define must be found in ``entry``), then in ``extra_imports`` (modules the generated code

@@ -268,7 +268,8 @@ def run_batch(stages, batch, params, buffers, path, step_type, actions):
     position = my_position()
     whole = {s: prologue(params, buffers, local_inputs(batch), bind_dims(batch), COORD)
              for s, prologue in stages.prologue.items() if PIPELINE["positions"][s] == position}
-    step = step_type(stages, params, buffers, micro, bind_dims(micro[0]), whole, [path] * count if path else PIPELINE["paths"])
+    paths = [path] * count if path else PIPELINE["paths"]
+    step = step_type(stages, params, buffers, micro, bind_dims(micro[0]), whole, paths)
     return step.infer(path) if path else step.run(actions)
 
 
