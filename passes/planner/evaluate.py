@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
@@ -143,6 +144,7 @@ class ModelView:
                                                      num_layers=self.num_layers)
         return replace(self._profiles[key], batch_divisor=data_parallel * context_parallel)
 
+    @functools.cached_property
     def sequence_length(self) -> int | None:
         """The example sequence length a cp axis would split (dim 1 of the batch-like inputs), None when the
         model has no attention or its inputs no common sequence dim."""

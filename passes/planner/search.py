@@ -372,7 +372,7 @@ class _Planner:
                     continue
                 if pp > 1 and self.view.num_layers == 0:
                     continue
-                for cp in self._context_degrees(mesh, world // (tp * pp)):
+                for cp in self._context_degrees(mesh, world // (tp * pp), pp):
                     dp = world // (tp * pp * cp)
                     if not _allowed(mesh, DATA_AXIS, dp) or self.batch % dp:
                         continue
@@ -386,12 +386,26 @@ class _Planner:
                         for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
                             yield _Setting(tp, pp, dp, sp, vp, devices, cp)
 
-    def _context_degrees(self, mesh: MeshSpec | None, ranks: int) -> list[int]:
-        """The cp degrees to try on ``ranks`` devices: those the fixed mesh allows whose load-balanced split
-        (two chunks per rank) divides the sequence, for a model with attention (1 always, where allowed)."""
-        sequence = self.view.sequence_length()
-        return [cp for cp in _divisors(ranks) if _allowed(mesh, CONTEXT_AXIS, cp)
-                and (cp == 1 or (sequence is not None and sequence % (2 * cp) == 0))]
+    def _context_degrees(self, mesh: MeshSpec | None, ranks: int, pp: int) -> list[int]:
+        """The cp degrees to try on ``ranks`` devices of each of ``pp`` pipeline positions: those the fixed mesh
+        allows whose load-balanced split (two chunks per rank) divides the sequence, for a model with attention
+        (1 always, where allowed). A cp rank costs what a data-parallel rank does plus the ring's exchange, so
+        unless the mesh fixes cp, cp > 1 is tried only where data parallelism cannot take those ranks: the batch
+        does not split over them, or would leave fewer microbatches than pipeline positions (long sequences, few
+        of them)."""
+        sequence = self.view.sequence_length
+        fixed = mesh is not None and mesh.size(CONTEXT_AXIS) not in (1, AUTO)
+        out = []
+        for cp in _divisors(ranks):
+            if not _allowed(mesh, CONTEXT_AXIS, cp):
+                continue
+            if cp > 1 and (sequence is None or sequence % (2 * cp)):
+                continue
+            if cp > 1 and not fixed and _allowed(mesh, DATA_AXIS, ranks) and self.batch % ranks == 0 \
+                    and self.batch // ranks >= pp:
+                continue  # dp over all the ranks does what cp would, without the exchange
+            out.append(cp)
+        return out
 
     def solve(self, setting: _Setting) -> LayoutSolution | None:
         """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
@@ -420,7 +434,8 @@ class _Planner:
         per_replica = self.batch // setting.dp
         estimator = self.estimator(setting, solution)
         for m in [d for d in _divisors(per_replica) if d <= MAX_MICROBATCHES]:
-            if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < min(setting.pp, per_replica)):
+            whole_batch = setting.dp == 1 and m == per_replica  # as many microbatches as the batch has samples
+            if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp and not whole_batch):
                 continue  # fewer microbatches than stages leaves most of the pipeline idle (unless no more exist)
             for schedule, virtual in self._schedules(setting, m):
                 for fsdp in _switch(self.fixed.options.fsdp, setting.dp > 1 or setting.cp > 1):
