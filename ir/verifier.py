@@ -37,10 +37,27 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
     if graph.loss is not None and graph.loss.type.ndim != 0:
         raise VerificationError(f"the loss %{graph.loss.name} must be a scalar, found {graph.loss.type}")
     _check_buffer_updates(graph, defined)
+    check_routed_rows(graph)
     check_reduce_dtype(graph)
     dims = graph.attrs.get("example_dims")
     if check_types and dims:
         check_types_by_meta(graph, dims)
+
+
+def check_routed_rows(graph: Graph) -> None:
+    """Expert parallelism's routed rows (``ir/ops/moe.py``) are split in uneven, data-dependent pieces: no
+    collective may convert them, and where a dispatch exchanges rows its rows and route stay on its axis."""
+    from ir.ops.moe import DISPATCH, routed_values
+    for node in graph.nodes:
+        if node.op != DISPATCH:
+            continue
+        for v in routed_values(node):
+            for user in v.uses:
+                if user.op.startswith("comm."):
+                    raise VerificationError(f"node {_where(user)} converts %{v.name}, rows routed to their experts by "
+                                            f"%{node.name} (moe.dispatch): they are split unevenly by the routing, so "
+                                            f"no collective may convert them; only row-wise ops, moe.expert_mm and "
+                                            f"moe.combine read them")
 
 
 def check_reduce_dtype(graph: Graph) -> None:

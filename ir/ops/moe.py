@@ -1,0 +1,134 @@
+"""Expert parallelism: the token dispatch and combine of a mixture-of-experts layer, and its experts' matmul.
+
+The ``experts`` pass writes a MoE layer whose experts are split over a mesh axis as
+
+    %rows, %route = moe.dispatch(%hidden, %top_k_index, experts=E, axis="ep", ranks=n)
+    %h = moe.expert_mm(%rows, %w1, %route, axis="ep")      (and the activation, the second matmul)
+    %out = moe.combine(%y, %top_k_index, %top_k_weights, %route, axis="ep")
+
+On logical tensors: ``rows`` are the (token, expert) pairs' hidden states sorted by expert (stably;
+``T * k`` rows), ``route[s, e]`` counts the pairs of token block ``s`` (of ``n`` equal blocks) routed to
+expert ``e``, ``expert_mm`` multiplies each expert's rows by its matrix and ``combine`` puts the rows back
+in pair order and sums each token's ``k`` rows weighted by the router.
+
+On their ``axis`` (tokens and experts split, ``S(0)``) dispatch and combine are the all-to-all of expert
+parallelism (``backends/runtime/moe.py``): rank ``d`` ends up with the rows of its own experts, from every
+rank's tokens, expert by expert. Those rows are *routed*: ``S(0)`` in uneven, data-dependent pieces
+(the routing decides how many rows each rank gets), so no boxing may convert them; they flow only through
+row-wise ops into ``moe.expert_mm`` and ``moe.combine`` (a verifier rule). ``route`` is ``S(1)`` there
+(each rank holds the counts of its experts, per source). On another batch axis (``dp``) every group of
+ranks routes its own tokens (rows ``S(0)`` the same way, ``route`` partial sums); on other axes
+(``tp``) the experts' matrices split like a matmul's.
+"""
+from __future__ import annotations
+
+from ir.core import Node
+from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, register
+from ir.ops.schema import arg
+from ir.sbp import B, P, Split
+from ir.types import EXPERT_AXIS, Mesh
+
+DISPATCH, EXPERT_MM, COMBINE = "moe.dispatch", "moe.expert_mm", "moe.combine"
+"""The op names."""
+SCHEMAS = {
+    DISPATCH: "moe::dispatch(Tensor hidden, Tensor top_k_index, *, int experts, str axis, int ranks) -> (Tensor, Tensor)",
+    EXPERT_MM: "moe::expert_mm(Tensor rows, Tensor weight, Tensor route, *, str axis) -> Tensor",
+    COMBINE: "moe::combine(Tensor rows, Tensor top_k_index, Tensor top_k_weights, Tensor route, *, int experts, "
+             "str axis) -> Tensor",
+}
+"""Their arguments, read by name like an ATen op's (``ir.ops.schema.arg``)."""
+EXCHANGING = (DISPATCH, COMBINE)
+"""The ops whose ranks exchange rows on their axis (all-to-all)."""
+TOKEN_AXES = ("dp", EXPERT_AXIS)
+"""Mesh axes that split the batch (the strategy's data and expert axes): off its own axis, a MoE op keeps a
+token split on these (each group of ranks routes its own tokens)."""
+
+
+def exchanges(node: Node, mesh: Mesh, hidden_sbp: tuple) -> bool:
+    """Whether the ranks of the node's axis exchange rows: its token input is split there."""
+    axis = arg(node, "axis")
+    return axis in mesh.axes and hidden_sbp[mesh.axis_index(axis)] == Split(0) and mesh.shape[mesh.axis_index(axis)] > 1
+
+
+def routed_values(node: Node) -> list:
+    """The values of a dispatch that hold routed rows, and those computed row by row from them up to the
+    combine (the rows no collective may convert)."""
+    seen, stack = [], [node.outputs[0]]
+    while stack:
+        v = stack.pop()
+        if any(v is s for s in seen):
+            continue
+        seen.append(v)
+        for user in v.uses:
+            if user.op not in (COMBINE, EXPERT_MM) or user.op == EXPERT_MM and user.input_values()[0] is v:
+                if user.op != COMBINE:
+                    stack.extend(o for o in user.outputs if o.type.ndim >= 1)
+    return seen
+
+
+def _dispatch(node: Node) -> list[Signature]:
+    return [all_b(node)]
+
+
+def _dispatch_on_axis(node: Node, axis: str) -> list[Signature]:
+    if axis == arg(node, "axis"):
+        return [Signature((Split(0), Split(0)), (Split(0), Split(1)))]
+    return [Signature((Split(0), Split(0)), (Split(0), P))] if axis in TOKEN_AXES else []
+
+
+def _expert_mm(node: Node) -> list[Signature]:
+    """Experts' matrices split over N (column-parallel) or K (row-parallel, partial sums)."""
+    return [all_b(node), Signature((B, Split(2), B), (Split(1),)), Signature((Split(1), Split(1), B), (P,)),
+            Signature((P, B, B), (P,))]
+
+
+def _expert_mm_on_axis(node: Node, axis: str) -> list[Signature]:
+    if axis == arg(node, "axis"):
+        return [Signature((Split(0), Split(0), Split(1)), (Split(0),))]
+    return [Signature((Split(0), B, P), (Split(0),))] if axis in TOKEN_AXES else []
+
+
+def _combine(node: Node) -> list[Signature]:
+    """Linear in the rows: partial rows give partial tokens, rows split over features split them alike."""
+    return [all_b(node), Signature((P, B, B, B), (P,)), Signature((Split(1), B, B, B), (Split(1),))]
+
+
+def _combine_on_axis(node: Node, axis: str) -> list[Signature]:
+    if axis == arg(node, "axis"):
+        return [Signature((Split(0), Split(0), Split(0), Split(1)), (Split(0),))]
+    return [Signature((Split(0), Split(0), Split(0), P), (Split(0),))] if axis in TOKEN_AXES else []
+
+
+def _run_by_backends(node: Node, ctx: LocalContext) -> LocalCall:
+    raise NotImplementedError(f"{node.op} is run by the backends (backends/runtime/moe.py), not as a local call")
+
+
+def _expert_mm_local(node: Node, ctx: LocalContext) -> LocalCall:
+    return LocalCall("kernels.expert_mm", [arg(node, "rows"), arg(node, "weight"), arg(node, "route")])
+
+
+register(DISPATCH, local=_run_by_backends, on_axis=_dispatch_on_axis,
+         doc="expert parallelism's dispatch: (token, expert) rows sorted by expert; all-to-all on its axis")(_dispatch)
+register(EXPERT_MM, local=_expert_mm_local, on_axis=_expert_mm_on_axis,
+         doc="the grouped matmul of the experts on rows sorted by expert")(_expert_mm)
+register(COMBINE, local=_run_by_backends, on_axis=_combine_on_axis,
+         doc="expert parallelism's combine: rows back to their tokens, weighted and summed; all-to-all on its "
+             "axis")(_combine)
+
+
+def logical_op(name: str):
+    """What a MoE op computes on logical tensors, for types (meta tensors): output shapes and dtypes."""
+    import torch
+
+    def dispatch(hidden, top_k_index, *, experts: int, axis: str, ranks: int):
+        rows = hidden.new_empty(top_k_index.numel(), hidden.shape[-1])
+        return rows, torch.empty(ranks, experts, dtype=torch.int64, device=hidden.device)
+
+    def expert_mm(rows, weight, route, *, axis: str):
+        return rows.new_empty(rows.shape[0], weight.shape[2], dtype=torch.promote_types(rows.dtype, weight.dtype))
+
+    def combine(rows, top_k_index, top_k_weights, route, *, experts: int, axis: str):
+        dtype = torch.promote_types(rows.dtype, top_k_weights.dtype)
+        return rows.new_empty(top_k_index.shape[0], rows.shape[-1], dtype=dtype)
+
+    return {DISPATCH: dispatch, EXPERT_MM: expert_mm, COMBINE: combine}[name]
