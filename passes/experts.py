@@ -12,12 +12,13 @@ every token and summing partial results.
 """
 from __future__ import annotations
 
+import warnings
+
 import sympy
 
 from ir.core import Graph, Node, Value
 from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM
-from ir.ops.schema import arg
-from ir.sbp import Split
+from ir.sbp import PINNED_ATTR, Split
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
 
@@ -26,7 +27,8 @@ SORTS = ("aten.sort.default", "aten.sort.stable")
 
 
 class ExpertsPatternError(ValueError):
-    """A MoE layer with split experts whose graph is not transformers' grouped experts (named)."""
+    """A MoE layer with split experts whose graph is not transformers' grouped experts (named); it keeps the
+    grouped matmul's own expert-parallel rule (``kernels.grouped_mm_of_experts``, partial sums)."""
 
 
 @register_pass("experts", requires=("laid_out",), produces=("expert_dispatch",))
@@ -35,9 +37,12 @@ def experts_pass(graph: Graph, ctx: PassContext) -> None:
     mesh = graph.meshes[next(iter(graph.meshes))]
     for sort in [n for n in graph.nodes if n.op in SORTS]:
         matmuls = _grouped_matmuls(sort)
-        axis = _expert_axis(matmuls, mesh)
+        axis = _expert_axis(matmuls, mesh, graph.attrs.get(PINNED_ATTR, {}))
         if axis is not None:
-            _rewrite(graph, sort, matmuls, axis, mesh)
+            try:
+                _rewrite(graph, sort, matmuls, axis, mesh)
+            except ExpertsPatternError as err:  # still correct: rows gathered, experts' results summed
+                warnings.warn(f"sbpc: {err}; its experts run on gathered rows with partial sums instead", stacklevel=2)
 
 
 def _users(v: Value, op: str) -> list[Node]:
@@ -71,11 +76,13 @@ def _expert_weight(node: Node) -> Value:
     return w
 
 
-def _expert_axis(matmuls: list[Node], mesh: Mesh) -> str | None:
-    """The mesh axis over which the layer's expert weights are split (``S(0)``), or None."""
+def _expert_axis(matmuls: list[Node], mesh: Mesh, pinned: dict) -> str | None:
+    """The mesh axis over which the layer's expert weights are used split (``S(0)``; not FSDP's storage,
+    gathered at use), or None."""
     if not matmuls:
         return None
-    axes = {a for n in matmuls for a, s in zip(mesh.axes, _expert_weight(n).sbp or ()) if s == Split(0)}
+    used = [pinned.get(w.name, w.sbp) or () for w in map(_expert_weight, matmuls)]
+    axes = {a for layout in used for a, s in zip(mesh.axes, layout) if s == Split(0)}
     return next((a for a in mesh.axes if a in axes and mesh.shape[mesh.axis_index(a)] > 1), None)
 
 
