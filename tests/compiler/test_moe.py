@@ -20,7 +20,7 @@ from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM, exchanges
 from ir.sbp import format_nd_sbp
 from tests.launch import assert_state_close, train_eager, train_emitted
 from tests.models import assert_close_to_eager, compile_cached, eager_loss_and_grads
-from tests.zoo import DECODER, _causal_lm, _lm_inputs
+from tests.zoo import DECODER, LLAMA_ATTENTION_TP, MOE_EXPERTS_TP, _causal_lm, _lm_inputs
 
 AUX_LOSS = {"output_router_logits": True, "router_aux_loss_coef": 0.02}
 """The router's load-balancing loss is part of the loss (and of the router's gradient)."""
@@ -30,8 +30,14 @@ MOE_MODELS = {
     "qwen3_moe": _causal_lm("Qwen3MoeForCausalLM", "Qwen3MoeConfig", head_dim=8, num_experts=4,
                             num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
                             norm_topk_prob=True, **AUX_LOSS, **DECODER),
+    "deepseek_v3": _causal_lm("DeepseekV3ForCausalLM", "DeepseekV3Config", n_routed_experts=4, num_experts_per_tok=2,
+                              n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
+                              moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                              qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.0,
+                              **{**DECODER, "num_key_value_heads": 4}),
 }
-"""Tiny MoE language models in transformers' default experts implementation (``grouped_mm``)."""
+"""Tiny MoE language models in transformers' default experts implementation (``grouped_mm``); DeepSeek-V3 with a
+shared expert beside the routed ones (replicated: a plain MLP) and no auxiliary loss (it balances with a bias)."""
 EXPERTS = ("lm.model.layers.*.mlp.experts.gate_up_proj", "lm.model.layers.*.mlp.experts.down_proj")
 """The stacked (experts, ...) weights of every MoE layer."""
 
@@ -41,9 +47,22 @@ def expert_parallel(axis: str, mesh: dict, **more) -> dict:
     return {"mesh": mesh, "params": {name: {axis: "S(0)"} for name in EXPERTS}, **more}
 
 
+def expert_and_tensor_parallel() -> dict:
+    """ep2 x tp2: experts over ep, each expert's matrices split over tp (column- then row-parallel), Megatron
+    attention on tp."""
+    params = {name: {"tp": sbp} for name, sbp in LLAMA_ATTENTION_TP.items()}
+    params |= {name: {"ep": "S(0)", "tp": sbp} for name, sbp in MOE_EXPERTS_TP.items()}
+    return {"mesh": {"ep": 2, "tp": 2}, "params": params}
+
+
 PLANS = {"ep2": (2, expert_parallel("ep", {"ep": 2})),
          "experts_over_dp2": (2, expert_parallel("dp", {"dp": 2})),
-         "dp2_ep2": (4, expert_parallel("ep", {"dp": 2, "ep": 2}))}
+         "dp2_ep2": (4, expert_parallel("ep", {"dp": 2, "ep": 2})),
+         "fsdp4": (4, "fsdp"),
+         "ep2_tp2": (4, expert_and_tensor_parallel()),
+         # one microbatch: the auxiliary loss balances over the whole batch (not a mean of microbatches' losses)
+         "pp2_ep2": (4, expert_parallel("ep", {"pp": 2, "ep": 2}, stages=["lm.model.layers.1"], microbatches=1,
+                                        schedule="1f1b"))}
 
 _MOE: dict[str, tuple] = {}
 
@@ -60,6 +79,7 @@ def layer_nodes(plan, layer: int) -> list:
     return [n for n in plan.graph.nodes if n.attrs.get("module", "").startswith(f"lm.model.layers.{layer}.mlp")]
 
 
+@pytest.mark.slow
 def test_one_moe_layer_under_ep2_dispatches_and_combines_with_one_all_to_all_each():
     """The collectives of one MoE layer in an ep2 plan: one dispatch and one combine exchanging rows on ep (each
     an all-to-all; the dispatch's split sizes go first), the experts' matmuls local, nothing else."""
@@ -146,14 +166,17 @@ def test_routing_in_process_equals_the_logical_grouped_experts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, plan_name", [("mixtral", "ep2"), ("mixtral", "dp2_ep2"), ("qwen3_moe", "ep2"),
-                                             ("qwen3_moe", "dp2_ep2"), ("qwen3_moe", "experts_over_dp2")])
-def test_expert_parallel_plans_equal_eager(name, plan_name):
-    """Loss (with the auxiliary loss) and every gradient, router included, equal eager."""
+@pytest.mark.parametrize("name, plan_name", [
+    ("mixtral", "ep2"), ("mixtral", "dp2_ep2"), ("mixtral", "fsdp4"), ("mixtral", "ep2_tp2"), ("mixtral", "pp2_ep2"),
+    ("qwen3_moe", "ep2"), ("qwen3_moe", "experts_over_dp2"), ("qwen3_moe", "ep2_tp2"), ("qwen3_moe", "pp2_ep2"),
+    ("deepseek_v3", "ep2")])
+def test_moe_plans_equal_eager(name, plan_name):
+    """Loss (with the auxiliary loss) and every gradient, router included, equal eager. Experts split over an axis
+    dispatch by all-to-all (one dispatch per layer); under fsdp4 they are gathered like every parameter."""
     model, inputs, reference = moe_model_and_reference(name)
     world, spec = PLANS[plan_name]
     plan = compile_cached(model, inputs, world, spec)
-    assert sum(n.op == DISPATCH for n in plan.graph.nodes) == 2  # one per layer
+    assert sum(n.op == DISPATCH for n in plan.graph.nodes) == (0 if plan_name == "fsdp4" else 2)
     result = plan.run_virtual(*inputs)
     assert any(".gate." in g for g in result.grads)
     assert_close_to_eager(result, model, inputs, reference=reference)
