@@ -209,3 +209,34 @@ def test_emitted_expert_parallel_program_trains_like_eager(tmp_path, name, plan_
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(train_eager(eager, batches, 3, ADAMW)),
                                rtol=1e-5, atol=1e-6)
     assert_state_close(saved, eager)
+
+
+@pytest.mark.slow
+def test_simulator_prices_dispatch_and_combine_as_all_to_all_scaled_by_the_imbalance():
+    """Per MoE layer: the split sizes, the dispatch and the combine as all-to-alls on ep (the two row exchanges
+    again in backward); the expert matmuls by the rows routed to a rank; ``moe_imbalance`` scales both."""
+    from compiler.simulate import simulate
+    from cost.ops import Precision
+    from cost.segments import ir_profile
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 2, PLANS["ep2"][1])
+    balanced, skewed = (ir_profile(plan.graph, Precision.of("fp32"), moe_imbalance=f) for f in (1.0, 2.0))
+    exchanges_of = [[c for s in p.segments for c in s.comms if c.kind == "all_to_all"] for p in (balanced, skewed)]
+    assert [(c.axis, c.backward) for c in exchanges_of[0]] == [("ep", False), ("ep", False), ("ep", True),
+                                                               ("ep", False), ("ep", True)] * 2
+    rows = [c for c in exchanges_of[0] if c.nbytes[1] > 0]
+    assert all(c.nbytes[1] == 16 * 2 * 32 * 4 / 2 for c in rows)  # a rank's (token, expert) rows: seq 16, k 2, 32 f32
+    assert all((b.nbytes == a.nbytes * (2.0 if a.nbytes[1] > 0 else 1.0)).all() for a, b in zip(*exchanges_of))
+    assert simulate(plan, moe_imbalance=2.0).step_time_s > simulate(plan).step_time_s
+
+
+def test_all_to_all_between_nodes_costs_more_than_inside_one():
+    """The dispatch's all-to-all is priced on the links it crosses: 8 ranks of one DGX-H100 (NVLink) against 8
+    ranks spread over 4 nodes (InfiniBand; each rank sends 6 of its 7 chunks off its node)."""
+    from compiler import Cluster
+    from cost.collectives import collective_cost
+    cluster = Cluster.load("dgx-h100:4")
+    inside = collective_cost("all_to_all", 64e6, list(range(8)), cluster)
+    across = collective_cost("all_to_all", 64e6, [0, 1, 8, 9, 16, 17, 24, 25], cluster)
+    assert across.time_s > 2 * inside.time_s
+    assert set(inside.traffic) == {"nvswitch"} and across.traffic["infiniband"] == 6 * across.traffic["nvswitch"]
