@@ -17,13 +17,11 @@ import warnings
 import sympy
 
 from ir.core import Graph, Node, Value
-from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM
+from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM, expert_layers, expert_weight
 from ir.sbp import PINNED_ATTR, Split
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
 
-GROUPED_MM = "transformers.grouped_mm_fallback.default"
-SORTS = ("aten.sort.default", "aten.sort.stable")
 
 
 class ExpertsPatternError(ValueError):
@@ -35,8 +33,7 @@ class ExpertsPatternError(ValueError):
 def experts_pass(graph: Graph, ctx: PassContext) -> None:
     """Each MoE layer whose experts are split over a mesh axis: dispatch and combine by all-to-all there."""
     mesh = graph.meshes[next(iter(graph.meshes))]
-    for sort in [n for n in graph.nodes if n.op in SORTS]:
-        matmuls = _grouped_matmuls(sort)
+    for sort, matmuls in expert_layers(graph):
         axis = _expert_axis(matmuls, mesh, graph.attrs.get(PINNED_ATTR, {}))
         if axis is not None:
             try:
@@ -57,31 +54,12 @@ def _only(nodes: list[Node], what: str, sort: Node) -> Node:
     return nodes[0]
 
 
-def _grouped_matmuls(sort: Node) -> list[Node]:
-    """The grouped matmuls whose expert offsets come from this sort's sorted expert ids (none: not a MoE
-    layer): ``cumsum(histc(sorted ids as float))``."""
-    out = []
-    frontier = [sort.outputs[0]]
-    for _ in range(4):  # _to_copy -> histc -> cumsum -> grouped_mm
-        frontier = [o for v in frontier for u in v.uses for o in u.outputs]
-        out += [u for v in frontier for u in v.uses if u.op == GROUPED_MM and u.input_values()[2] is v]
-    return list(dict.fromkeys(out))
-
-
-def _expert_weight(node: Node) -> Value:
-    """The stacked parameter behind a grouped matmul's weight (read through transposes and copies)."""
-    w = node.input_values()[1]
-    while w.producer is not None and w.producer.input_values():
-        w = w.producer.input_values()[0]
-    return w
-
-
 def _expert_axis(matmuls: list[Node], mesh: Mesh, pinned: dict) -> str | None:
     """The mesh axis over which the layer's expert weights are used split (``S(0)``; not FSDP's storage,
     gathered at use), or None."""
     if not matmuls:
         return None
-    used = [pinned.get(w.name, w.sbp) or () for w in map(_expert_weight, matmuls)]
+    used = [pinned.get(w.name, w.sbp) or () for w in map(expert_weight, matmuls)]
     axes = {a for layout in used for a, s in zip(mesh.axes, layout) if s == Split(0)}
     return next((a for a in mesh.axes if a in axes and mesh.shape[mesh.axis_index(a)] > 1), None)
 
@@ -99,7 +77,7 @@ def _rewrite(graph: Graph, sort: Node, matmuls: list[Node], axis: str, mesh: Mes
     top_k_weights = weight_gather.input_values()[0].producer.input_values()[0]
     weighting = _only(_following(weight_gather.outputs[0], "aten.mul.Tensor"), "router weighting", sort)
     total = _only(_following(weighting.outputs[0], "aten.sum.dim_IntList"), "sum over each token's experts", sort)
-    experts = int(_expert_weight(matmuls[0]).type.shape[0])
+    experts = int(expert_weight(matmuls[0]).type.shape[0])
     ranks = mesh.shape[mesh.axis_index(axis)]
     attrs = {"module": sort.attrs.get("module", "")}
 

@@ -22,7 +22,7 @@ ranks routes its own tokens (rows ``S(0)`` the same way, ``route`` partial sums)
 """
 from __future__ import annotations
 
-from ir.core import Node
+from ir.core import Node, Value
 from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, register
 from ir.ops.schema import arg
 from ir.sbp import B, P, Split
@@ -42,6 +42,39 @@ EXCHANGING = (DISPATCH, COMBINE)
 TOKEN_AXES = ("dp", EXPERT_AXIS)
 """Mesh axes that split the batch (the strategy's data and expert axes): off its own axis, a MoE op keeps a
 token split on these (each group of ranks routes its own tokens)."""
+
+
+GROUPED_MMS = ("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default")
+"""Grouped matmuls of stacked experts in transformers' default experts implementation (``grouped_mm``): its own
+op, or ``torch._grouped_mm`` where that runs (bf16)."""
+SORTS = ("aten.sort.default", "aten.sort.stable")
+
+
+def grouped_matmuls(sort: Node) -> list[Node]:
+    """The grouped matmuls whose expert offsets come from this sort's sorted expert ids (none: not a MoE
+    layer): ``cumsum(histc(sorted ids as float))``."""
+    out = []
+    frontier = [sort.outputs[0]]
+    for _ in range(4):  # _to_copy -> histc -> cumsum -> grouped_mm
+        frontier = [o for v in frontier for u in v.uses for o in u.outputs]
+        out += [u for v in frontier for u in v.uses if u.op in GROUPED_MMS and len(u.input_values()) > 2
+                and u.input_values()[2] is v]
+    return list(dict.fromkeys(out))
+
+
+def expert_weight(node: Node) -> Value:
+    """The stacked parameter behind a grouped matmul's weight (read through transposes and copies)."""
+    w = node.input_values()[1]
+    while w.producer is not None and w.producer.input_values():
+        w = w.producer.input_values()[0]
+    return w
+
+
+def expert_layers(graph) -> list[tuple[Node, list[Node]]]:
+    """transformers' grouped-experts MoE layers of a captured graph: (the sort of the pairs' expert ids, the
+    grouped matmuls using its offsets)."""
+    layers = [(n, grouped_matmuls(n)) for n in graph.nodes if n.op in SORTS]
+    return [(sort, matmuls) for sort, matmuls in layers if matmuls]
 
 
 def exchanges(node: Node, mesh: Mesh, hidden_sbp: tuple) -> bool:
