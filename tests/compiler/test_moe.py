@@ -240,3 +240,42 @@ def test_all_to_all_between_nodes_costs_more_than_inside_one():
     across = collective_cost("all_to_all", 64e6, [0, 1, 8, 9, 16, 17, 24, 25], cluster)
     assert across.time_s > 2 * inside.time_s
     assert set(inside.traffic) == {"nvswitch"} and across.traffic["infiniband"] == 6 * across.traffic["nvswitch"]
+
+
+def captured_graph(name: str):
+    """A private copy of the model's captured graph (before any pass), at the example sizes."""
+    from ir.parser import parse
+    from tests.models import _CAPTURED
+    model, inputs, _ = moe_model_and_reference(name)
+    compile_cached(model, inputs, 2, PLANS["ep2"][1])  # captures it once
+    captured = next(c for m, c in _CAPTURED.values() if m is model)
+    graph = parse(str(captured.graph))
+    graph.attrs["example_dims"] = {"batch": 8, "seq": 16}
+    return graph
+
+
+@pytest.mark.slow
+def test_planner_folds_experts_over_ep_inside_a_node_and_its_plan_equals_eager():
+    """``auto`` considers ep degrees (ep groups inside a node: with tp=4 on 8-GPU nodes, ep stays <= 2), prices
+    them (all-to-all on ep, experts' memory / ep), and writes a plan that compiles and equals eager."""
+    from compiler import Cluster
+    from cost.estimate import PlanOptions
+    from passes.planner.evaluate import ModelView
+    from passes.planner.search import _Planner, search
+    from strategy import normalize
+    graph = captured_graph("mixtral")
+    cluster = Cluster.load("dgx-h100:2")
+    fixed = normalize({"mesh": {"dp": "auto", "ep": "auto", "tp": 4}}, cluster.world_size)
+    planner = _Planner(ModelView(graph), cluster, fixed, PlanOptions(global_batch=64), None, None)
+    assert sorted({s.ep for s in planner.settings()}) == [1, 2]  # ep=4 x tp=4 would span both nodes
+    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": "auto"}},
+                              use_cache=False, global_batch=64)
+    assert {"ep=2", "ep=4"} <= {part for c in [report.chosen, *report.alternatives] for part in c.summary.split()}
+    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": 4}}, use_cache=False,
+                              global_batch=64)
+    plan_dict = strategy.to_dict()
+    assert plan_dict["mesh"] == {"dp": 2, "ep": 4}
+    assert plan_dict["params"] == {name: {"ep": "S(0)"} for name in sorted(EXPERTS)}
+    model, inputs, reference = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 8, plan_dict)
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs, reference=reference)
