@@ -150,8 +150,17 @@ register(COMBINE, local=_run_by_backends, on_axis=_combine_on_axis,
 
 
 def logical_op(name: str):
-    """What a MoE op computes on logical tensors, for types (meta tensors): output shapes and dtypes."""
+    """A MoE op on meta tensors, for types: its output shapes and dtypes. Its values come from the backends
+    (``backends/runtime/moe.py``, which the virtual mesh runs too)."""
     import torch
+
+    def typed_only(fn):
+        def run(*args, **kwargs):
+            if any(isinstance(a, torch.Tensor) and a.device.type != "meta" for a in args):
+                raise NotImplementedError(f"{name} is computed by the backends (virtual mesh, emitted programs); "
+                                          "called here on real tensors, it types them only (meta tensors)")
+            return fn(*args, **kwargs)
+        return run
 
     def dispatch(hidden, top_k_index, *, experts: int, axis: str, ranks: int):
         rows = hidden.new_empty(top_k_index.numel(), hidden.shape[-1])
@@ -164,4 +173,4 @@ def logical_op(name: str):
         dtype = torch.promote_types(rows.dtype, top_k_weights.dtype)
         return rows.new_empty(top_k_index.shape[0], rows.shape[-1], dtype=dtype)
 
-    return {DISPATCH: dispatch, EXPERT_MM: expert_mm, COMBINE: combine}[name]
+    return typed_only({DISPATCH: dispatch, EXPERT_MM: expert_mm, COMBINE: combine}[name])
