@@ -93,9 +93,8 @@ def routed_values(node: Node) -> list:
             continue
         seen.append(v)
         for user in v.uses:
-            if user.op not in (COMBINE, EXPERT_MM) or user.op == EXPERT_MM and user.input_values()[0] is v:
-                if user.op != COMBINE:
-                    stack.extend(o for o in user.outputs if o.type.ndim >= 1)
+            if user.op != COMBINE:  # the combine's output holds tokens again
+                stack.extend(o for o in user.outputs if o.type.ndim >= 1)
     return seen
 
 
