@@ -148,8 +148,9 @@ def test_emitted_dispatch_and_combine_exchange_split_sizes_then_rows_and_reverse
 
 def test_routing_in_process_equals_the_logical_grouped_experts():
     """The virtual mesh's exchange (two sources) gives each destination its experts' rows, expert by expert, and
-    combining them back gives every token its weighted experts' sum."""
-    from backends.runtime.moe import combine_in_process, dispatch_in_process
+    combining them back gives every token its weighted experts' sum; so does one rank holding everything."""
+    from backends.runtime.moe import (combine_in_process, dispatch_in_process, moe_replicated_combine,
+                                      moe_replicated_dispatch)
     from ir.kernels import expert_mm
     g = torch.Generator().manual_seed(1)
     hidden, index = torch.randn(8, 4, generator=g), torch.randint(0, 4, (8, 2), generator=g)
@@ -163,6 +164,11 @@ def test_routing_in_process_equals_the_logical_grouped_experts():
     combined = torch.cat(combine_in_process(outs, received, list(index.chunk(2)), list(weights.chunk(2)), 4))
     expected = sum(weights[:, j:j + 1] * torch.einsum("tk,tkn->tn", hidden, w[index[:, j]]) for j in range(2))
     torch.testing.assert_close(combined, expected)
+    # a rank holding every token and expert (the ops' all-B layout) computes the same, locally
+    rows, route = moe_replicated_dispatch(hidden, index, 4, 2)
+    assert route.shape == (2, 4) and torch.equal(route.sum(0), torch.bincount(flat, minlength=4))
+    alone = moe_replicated_combine(expert_mm(rows, w, route), index, weights, route, 4)
+    torch.testing.assert_close(alone, expected)
 
 
 @pytest.mark.slow
