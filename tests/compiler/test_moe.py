@@ -58,6 +58,8 @@ def expert_and_tensor_parallel() -> dict:
 PLANS = {"ep2": (2, expert_parallel("ep", {"ep": 2})),
          "experts_over_dp2": (2, expert_parallel("dp", {"dp": 2})),
          "dp2_ep2": (4, expert_parallel("ep", {"dp": 2, "ep": 2})),
+         # FSDP over dp: every parameter stored sharded, the experts over dp and ep (gathered over dp at use)
+         "dp2_ep2_fsdp": (4, expert_parallel("ep", {"dp": 2, "ep": 2}, fsdp="dp")),
          "fsdp4": (4, "fsdp"),
          "ep2_tp2": (4, expert_and_tensor_parallel()),
          # one microbatch: the auxiliary loss balances over the whole batch (not a mean of microbatches' losses)
@@ -173,7 +175,7 @@ def test_routing_in_process_equals_the_logical_grouped_experts():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, plan_name", [
-    ("mixtral", "ep2"), ("mixtral", "dp2_ep2"), ("mixtral", "fsdp4"), ("mixtral", "ep2_tp2"), ("mixtral", "pp2_ep2"),
+    ("mixtral", "ep2"), ("mixtral", "dp2_ep2"), ("mixtral", "dp2_ep2_fsdp"), ("mixtral", "fsdp4"), ("mixtral", "ep2_tp2"), ("mixtral", "pp2_ep2"),
     ("qwen3_moe", "ep2"), ("qwen3_moe", "experts_over_dp2"), ("qwen3_moe", "ep2_tp2"), ("qwen3_moe", "pp2_ep2"),
     ("deepseek_v3", "ep2")])
 def test_moe_plans_equal_eager(name, plan_name):
