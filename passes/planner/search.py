@@ -32,6 +32,7 @@ import numpy as np
 
 from cluster import Cluster
 from cost.estimate import Estimator, PlanOptions, optimizer_name
+from cost.experts import EXPERT_AXIS, ExpertBlocks, with_expert_parallelism
 from cost.memory import OPTIMIZER_STATES, MemoryEstimate, in_flight_microbatches
 from cost.ops import Precision
 from cost.partition import min_max_partition
@@ -41,7 +42,7 @@ from ir.types import CONTEXT_AXIS
 from cost.segments import at
 from ir.core import Graph
 from ir.layers import block_param_name
-from ir.sbp import B
+from ir.sbp import B, Split
 from passes.planner.evaluate import ModelView
 from passes.planner.intra_op import LayoutSolution, describe_layouts
 from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, normalize
@@ -224,16 +225,22 @@ class _Setting:
     sequence_parallel: bool
     vocab_parallel: bool
     devices: list
-    """Per pipeline rank, its devices (row-major over :attr:`axes`)."""
+    """Per pipeline rank, its devices (row-major over :attr:`stage_axes`)."""
     cp: int = 1
     """Context parallelism: ranks sharing every sequence (ring attention, the load-balanced split)."""
+    ep: int = 1
+    """Ranks of ``dp`` the MoE experts are folded over (the mesh ``dp / ep, ep, tp``); 1: no expert parallelism."""
 
     @property
-    def axes(self) -> tuple[tuple, tuple]:
-        """The stage mesh's axes and sizes: dp, cp (when used) and tp, tp innermost."""
+    def stage_axes(self) -> tuple[tuple, tuple]:
+        """The stage mesh's axes and sizes: ``dp, tp``, with experts folded over ``ep`` (``dp / ep, ep, tp``) or
+        sequences split over ``cp`` (``dp, cp, tp``); tp innermost."""
+        axes, sizes = [DATA_AXIS], [self.dp // self.ep]
+        if self.ep > 1:
+            axes, sizes = axes + [EXPERT_AXIS], sizes + [self.ep]
         if self.cp > 1:
-            return (DATA_AXIS, CONTEXT_AXIS, "tp"), (self.dp, self.cp, self.tp)
-        return (DATA_AXIS, "tp"), (self.dp, self.tp)
+            axes, sizes = axes + [CONTEXT_AXIS], sizes + [self.cp]
+        return tuple(axes) + ("tp",), tuple(sizes) + (self.tp,)
 
 
 class _Planner:
@@ -251,6 +258,8 @@ class _Planner:
         self.order = _device_order(cluster)
         self.batch = view.global_batch(options)
         self._estimators: dict[tuple, Estimator] = {}
+        self.experts = view.experts(options)
+        """The MoE blocks' experts (None: no mixture-of-experts blocks; expert parallelism is not searched)."""
 
     def elapsed(self) -> float:
         """Seconds since the search started."""
@@ -358,9 +367,9 @@ class _Planner:
         """Degrees and switches allowed by the fixed parts, by tensor-parallel then pipeline degree."""
         world = self.cluster.world_size
         mesh = self.fixed.mesh if isinstance(self.fixed.mesh, MeshSpec) else None
-        unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS, CONTEXT_AXIS})
+        unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS, EXPERT_AXIS, CONTEXT_AXIS})
         if unknown:
-            raise SearchError(f"the planner searches the mesh axes dp, cp, tp and pp; the strategy names {unknown}. "
+            raise SearchError(f"the planner searches the mesh axes dp, tp, pp, ep and cp; the strategy names {unknown}. "
                               f"Rename them or give the whole mesh without 'auto'")
         domain = min(len(d) for d in self.cluster.fast_domains())
         layers = max(self.view.num_layers, 1)
@@ -374,17 +383,18 @@ class _Planner:
                     continue
                 for cp in self._context_degrees(mesh, world // (tp * pp), pp):
                     dp = world // (tp * pp * cp)
-                    if not _allowed(mesh, DATA_AXIS, dp) or self.batch % dp:
+                    if self.batch % dp:
                         continue
                     ranks = dp * cp * tp
                     devices = [tuple(self.order[r * ranks:(r + 1) * ranks]) for r in range(pp)]
-                    axes, sizes = _Setting(tp, pp, dp, False, False, devices, cp).axes
+                    axes, sizes = _Setting(tp, pp, dp, False, False, devices, cp=cp).stage_axes
                     if tp > 1 and not groups_inside_domains([g for d in devices for g in axis_groups(d, axes, sizes, "tp")],
                                                             self.cluster):
                         continue
-                    for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
-                        for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
-                            yield _Setting(tp, pp, dp, sp, vp, devices, cp)
+                    for ep in self._expert_degrees(mesh, dp, tp, devices, cp):
+                        for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
+                            for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
+                                yield _Setting(tp, pp, dp, sp, vp, devices, cp=cp, ep=ep)
 
     def _context_degrees(self, mesh: MeshSpec | None, ranks: int, pp: int) -> list[int]:
         """The cp degrees to try on ``ranks`` devices of each of ``pp`` pipeline positions: those the fixed mesh
@@ -407,9 +417,25 @@ class _Planner:
             out.append(cp)
         return out
 
+    def _expert_degrees(self, mesh: MeshSpec | None, dp: int, tp: int, devices: list, cp: int = 1) -> list[int]:
+        """The ``ep`` degrees to try: divisors of ``dp`` that divide the experts, their ``ep x tp`` groups inside a
+        fast-link domain (a node), as the fixed mesh allows; 1 without MoE blocks, with FSDP asked for, or with
+        sequences split over cp (the planner does not combine the two)."""
+        if self.experts is None or self.fixed.options.fsdp or cp > 1:
+            return [1] if _allowed(mesh, DATA_AXIS, dp) and _allowed(mesh, EXPERT_AXIS, 1) else []
+        out = []
+        for ep in _divisors(dp):
+            if self.experts.experts % ep or not _allowed(mesh, DATA_AXIS, dp // ep) or not _allowed(mesh, EXPERT_AXIS, ep):
+                continue
+            axes = (("dp", EXPERT_AXIS, "tp"), (dp // ep, ep, tp))
+            if ep == 1 or groups_inside_domains([g for d in devices for g in axis_groups(d, *axes, EXPERT_AXIS)],
+                                                self.cluster):
+                out.append(ep)
+        return out
+
     def solve(self, setting: _Setting) -> LayoutSolution | None:
         """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
-        tp_group = axis_groups(setting.devices[0], *setting.axes, "tp")[0]
+        tp_group = axis_groups(setting.devices[0], *setting.stage_axes, "tp")[0]
         chosen = replace(self.fixed, mesh=MeshSpec.of({"dp": setting.dp, "tp": setting.tp}),
                          options=replace(self.fixed.options, vocab_parallel=setting.vocab_parallel))
         pins, hints = self.view.pins_and_hints(chosen, "tp")
@@ -423,9 +449,11 @@ class _Planner:
 
     def estimator(self, setting: _Setting, solution: LayoutSolution) -> Estimator:
         """The estimator of a setting's profile (one per layouts and data-parallel degree)."""
-        key = (id(solution), setting.dp, setting.cp)
+        key = (id(solution), setting.dp, setting.cp, setting.ep)
         if key not in self._estimators:
             profile = self.view.profile(solution, setting.dp, self.options, setting.cp)
+            if setting.ep > 1:
+                profile = with_expert_parallelism(profile, self.experts, setting.ep, self.options.moe_imbalance)
             self._estimators[key] = self.options.estimator(profile, self.cluster)
         return self._estimators[key]
 
@@ -438,10 +466,10 @@ class _Planner:
             if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp and not whole_batch):
                 continue  # fewer microbatches than stages leaves most of the pipeline idle (unless no more exist)
             for schedule, virtual in self._schedules(setting, m):
-                for fsdp in _switch(self.fixed.options.fsdp, setting.dp > 1 or setting.cp > 1):
+                for fsdp in _switch(self.fixed.options.fsdp, (setting.dp > 1 or setting.cp > 1) and setting.ep == 1):
                     # parameters shard over the data-parallel ranks, or without them over the cp ranks
                     fsdp_axis = (DATA_AXIS if setting.dp > 1 else CONTEXT_AXIS) if fsdp else None
-                    base = PlanShape(*setting.axes, setting.pp, m, schedule, virtual, [], setting.devices,
+                    base = PlanShape(*setting.stage_axes, setting.pp, m, schedule, virtual, [], setting.devices,
                                      frozenset(), fsdp_axis, optimizer_name(self.options.optimizer))
                     if fsdp and self.fixed.options.fsdp is None and self._fits_plainly(base, estimator):
                         continue  # sharding only buys memory, and this plan does not need it
@@ -513,12 +541,16 @@ class _Planner:
         mesh = {}
         if setting.pp > 1:
             mesh[PIPELINE_AXIS] = setting.pp
-        mesh[DATA_AXIS] = setting.dp
+        mesh[DATA_AXIS] = setting.dp // setting.ep
+        if setting.ep > 1:
+            mesh[EXPERT_AXIS] = setting.ep
         if setting.cp > 1:
             mesh[CONTEXT_AXIS] = setting.cp
         if setting.tp > 1:
             mesh["tp"] = setting.tp
         params, activations = _layout_strategy(solution, self.view) if setting.tp > 1 else ((), ())
+        if setting.ep > 1:
+            params = _with_experts_split(params, self.experts, self.view.structure.prefix)
         tensor_parallel = setting.tp > 1  # the switches mean something only with a tensor axis
         options = Options(sequence_parallel=setting.sequence_parallel if tensor_parallel else None,
                           vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
@@ -585,9 +617,21 @@ def _layout_strategy(solution: LayoutSolution, view: ModelView) -> tuple[tuple[L
     return tuple(params.values()), tuple(activations.values())
 
 
+def _with_experts_split(params: tuple[Layout, ...], experts: ExpertBlocks, prefix: str) -> tuple[Layout, ...]:
+    """The parameter layouts with every block's stacked expert weights split ``S(0)`` over ``ep`` (kept with a
+    ``tp`` split the layouts give them)."""
+    by_glob = {layout.glob: layout for layout in params}
+    for tail in experts.param_tails:
+        glob = f"{prefix}.*.{tail}"
+        tp = dict(by_glob[glob].sbp) if glob in by_glob else {}
+        by_glob[glob] = Layout(glob, ((EXPERT_AXIS, Split(0)), *tp.items()))
+    return tuple(by_glob.values())
+
+
 def _summary(setting: _Setting, shape: PlanShape) -> str:
-    parts = [f"dp={setting.dp}"] + ([f"cp={setting.cp}"] if setting.cp > 1 else []) + \
-        [f"tp={setting.tp}", f"pp={setting.pp}", f"microbatches={shape.microbatches}"]
+    parts = [f"dp={setting.dp // setting.ep}", *([f"ep={setting.ep}"] if setting.ep > 1 else []),
+             *([f"cp={setting.cp}"] if setting.cp > 1 else []), f"tp={setting.tp}", f"pp={setting.pp}",
+             f"microbatches={shape.microbatches}"]
     if setting.tp > 1:
         parts.append(f"sequence_parallel={'on' if setting.sequence_parallel else 'off'}")
         parts.append(f"vocab_parallel={'on' if setting.vocab_parallel else 'off'}")
