@@ -61,7 +61,7 @@ def pairwise_problems(draw, max_vars: int = 30):
 
 @settings(max_examples=40, deadline=None)
 @given(pairwise_problems())
-def test_frontier_dp_matches_the_ilp_on_random_problems(problem):
+def test_dp_matches_the_ilp_on_random_problems(problem):
     dp, ilp = solve_dp(problem), solve_ilp(problem)
     assert dp.exact and close(dp.cost, ilp.cost)
     assert close(problem.total(dp.assignment), dp.cost)
@@ -69,7 +69,7 @@ def test_frontier_dp_matches_the_ilp_on_random_problems(problem):
 
 @settings(max_examples=8, deadline=None)
 @given(pairwise_problems(max_vars=6))
-def test_frontier_dp_matches_z3_on_tiny_problems(problem):
+def test_dp_matches_z3_on_tiny_problems(problem):
     assert close(solve_dp(problem).cost, solve_z3(problem).cost)
 
 
