@@ -64,6 +64,7 @@ class ModelView:
         self._variants: dict[bool, tuple[Graph, LayerStructure]] = {}
         self._solved: dict[tuple, LayoutSolution] = {}
         self._profiles: dict[tuple, Profile] = {}
+        self._prices: dict[tuple, dict] = {}
         self.solves = 0
 
     # -- graph variants ----------------------------------------------------------------------------
@@ -121,9 +122,10 @@ class ModelView:
                 node_hints.update(norm_hints(graph, sequence_parallel))
             dims = {k: v for k, v in self.example_dims.items()}
             dims[BATCH_SYMBOL] = options.reference_batch
+            prices = self._prices.setdefault(key[:4], {})  # the switches and constraints change no price
             request = LayoutRequest(mesh, cluster, (tuple(tp_group),), cluster.device(tp_group[0]), dims,
                                     Precision.resolve(options.precision, self.graph), self.train, fixed, free_params,
-                                    node_hints)
+                                    node_hints, prices)
             self._solved[key] = solve_layouts(graph, structure, request, options.solver)
             self.solves += 1
         return self._solved[key]
