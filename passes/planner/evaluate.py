@@ -146,17 +146,26 @@ class ModelView:
         strategy = normalize(strategy, cluster.world_size)
         shape = self.shape_of(strategy, cluster, options)
         tp_axis = strategy.tensor_axis
-        tp_group = tuple(axis_groups(shape.stage_devices[0], shape.axes, shape.shape, tp_axis)[0]) if tp_axis \
-            else (shape.stage_devices[0][0],)
-        pins, hints = self.pins_and_hints(strategy, tp_axis)
-        solution = self.layouts(cluster, tp_group, options, vocab_parallel=strategy.vocab_parallel,
-                                sequence_parallel=strategy.sequence_parallel, pins=pins, hints=hints,
-                                free_params=False)
+        solution = self.strategy_layouts(strategy, cluster, options, shape)
         profile = self.profile(solution, shape.size(DATA_AXIS), options)
         if tp_axis and tp_axis != TENSOR_AXIS:
             profile = _rename_axis(profile, TENSOR_AXIS, tp_axis)
         estimate = options.estimator(profile, cluster).estimate(shape, exact)
         return Evaluation(strategy, shape, profile, estimate, solution)
+
+    def strategy_layouts(self, strategy: Strategy, cluster: Cluster, options: PlanOptions,
+                         shape: PlanShape | None = None) -> LayoutSolution:
+        """The tensor-axis layouts a concrete strategy runs: solved on its first tensor-parallel group with
+        the strategy's own choices as constraints (pinned parameters, activation layouts, sequence
+        parallelism), everything else at its optimum. The planner prices these, and ``compile()``'s
+        propagation lays the tensor axis out by them (one home for the choice)."""
+        shape = shape or self.shape_of(strategy, cluster, options)
+        tp_axis = strategy.tensor_axis
+        tp_group = tuple(axis_groups(shape.stage_devices[0], shape.axes, shape.shape, tp_axis)[0]) if tp_axis \
+            else (shape.stage_devices[0][0],)
+        pins, hints = self.pins_and_hints(strategy, tp_axis)
+        return self.layouts(cluster, tp_group, options, vocab_parallel=strategy.vocab_parallel,
+                            sequence_parallel=strategy.sequence_parallel, pins=pins, hints=hints, free_params=False)
 
     def shape_of(self, strategy: Strategy, cluster: Cluster, options: PlanOptions) -> PlanShape:
         """The numbers of a strategy on this model (see :func:`plan_shape`)."""

@@ -356,6 +356,18 @@ class LayoutSolution:
         """The objective (seconds per step of the solved part, one microbatch at the reference size)."""
         return self.solution.cost
 
+    def every_node_choice(self) -> dict:
+        """:attr:`node_choice` for every node of the graph: the nodes of blocks 1.. take their block-0
+        twin's layouts (the compact problem solves one block for all)."""
+        choices = dict(self.node_choice)
+        problem = self.problem
+        if problem.repeated:
+            first = problem.structure.blocks[0]
+            for block in problem.structure.blocks[1:]:
+                for twin, node in zip(first, block):
+                    choices[node.name] = self.node_choice[twin.name]
+        return choices
+
 
 def solve_layouts(graph: Graph, structure: LayerStructure, request: LayoutRequest, solver: str = "dp"
                   ) -> LayoutSolution:
