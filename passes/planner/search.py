@@ -274,6 +274,8 @@ class _Planner:
             _say(self.progress, f"  tp={setting.tp} pp={setting.pp} dp={setting.dp} sp={setting.sequence_parallel} "
                                 f"vp={setting.vocab_parallel}: {self.evaluated} plans priced, best so far "
                                 f"{best * 1e3:.1f} ms ({self.elapsed():.1f}s)")
+        if not ranked and self.evaluated == 0:
+            raise SearchError(self.why_nothing_was_priced())
         if not ranked:
             raise SearchError(f"no plan fits in memory on {self.cluster.name} for batch {self.batch}: tried "
                               f"{self.evaluated} plans; use more devices, a smaller batch, or give fewer fixed "
@@ -299,6 +301,19 @@ class _Planner:
                             f"{chosen.max_memory_bytes / 2**30:.1f} GiB peak ({self.evaluated} plans, "
                             f"{self.elapsed():.1f}s)")
         return chosen.strategy, report
+
+    def why_nothing_was_priced(self) -> str:
+        """Why the fixed parts left no degree to price (for the error)."""
+        mesh = self.fixed.mesh if isinstance(self.fixed.mesh, MeshSpec) else None
+        fixed = {a: mesh.size(a) for a in (mesh or {}) if mesh.size(a) != AUTO}
+        pp = fixed.get(PIPELINE_AXIS, 1)
+        if pp != 1 and self.view.num_layers == 0:
+            return (f"the strategy fixes pp={pp}, but {self.view.graph.name} has no stack of identical blocks the "
+                    f"planner could cut into stages (it cuts pipelines only between identical blocks); give the "
+                    f"stages (\"stages\": [module, ...]) or leave pp to the planner")
+        return (f"no degrees fit the fixed mesh {fixed or 'auto'} on {self.cluster.name} ({self.cluster.world_size} "
+                f"devices, fast-link domains of {min(len(d) for d in self.cluster.fast_domains())}) with batch "
+                f"{self.batch}: sizes must multiply to the device count, tp must divide a domain and dp the batch")
 
     def notes(self) -> list[str]:
         """Lines for the report: budget, structure, and the pricing assumptions."""
