@@ -5,12 +5,12 @@ rule, take the one whose required input layouts are cheapest to reach from the l
 already have, breaking ties by the local compute size and against partial outputs. Activation hints
 from the strategy (``activations``, ``sequence_parallel``) restrict the choice for their nodes.
 
-**The tensor axis is laid out by the planner's solver.** With a cluster and a tensor-parallel axis, the
-layouts of that axis are not chosen greedily: :meth:`passes.planner.evaluate.ModelView.strategy_layouts`
-solves them exactly, by the cluster's cost, with the strategy's choices as constraints, the solve the
-planner prices every candidate with. Each node then takes the signature its solved tensor-axis layouts
-allow (the other axes still greedily), so the compiled program runs the layouts and collectives the
-planner priced, whether the strategy came from ``"auto"`` or was written out.
+**Solved layouts.** With ``solved_layouts`` (which every ``"auto"`` plan with a tensor axis says), the
+tensor axis is not laid out greedily: :meth:`passes.planner.evaluate.ModelView.strategy_layouts` solves
+it exactly, by the cluster's cost, with the strategy's choices as constraints, the solve the planner
+prices every candidate with. Each node then takes the signature its solved tensor-axis layouts allow
+(the other axes still greedily), so the compiled program runs the layouts and collectives the planner
+priced, whether compiled from ``"auto"`` or from the plan's text.
 
 Elsewhere signatures are compared by the bytes their conversions move (at each dtype's element size),
 not by time on the cluster: a greedy choice sees one node at a time, and on small tensors, where latency
@@ -72,7 +72,7 @@ def _solved_tensor_axis(graph: Graph, ctx: PassContext) -> dict[str, tuple]:
     this strategy on ``ctx.cluster``; empty without a cluster or a tensor axis of more than one device."""
     strategy, cluster = ctx.strategy, ctx.cluster
     axis = strategy.tensor_axis
-    if cluster is None or axis is None or strategy.mesh_spec.size(axis) == 1:
+    if not strategy.options.solved_layouts or cluster is None or axis is None or strategy.mesh_spec.size(axis) == 1:
         return {}
     from cost.estimate import PlanOptions
     from passes.planner.evaluate import ModelView

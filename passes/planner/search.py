@@ -467,6 +467,7 @@ class _Planner:
         tensor_parallel = setting.tp > 1  # the switches mean something only with a tensor axis
         options = Options(sequence_parallel=setting.sequence_parallel if tensor_parallel else None,
                           vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
+                          solved_layouts=_solved_layouts(self.fixed.options.solved_layouts, tensor_parallel),
                           fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes)
         pipeline = Pipeline(microbatches=shape.microbatches, skip_ratio=self.fixed.pipeline.skip_ratio)
         if setting.pp > 1:
@@ -479,6 +480,13 @@ class _Planner:
                                virtual_stages=shape.virtual_stages if shape.schedule == "interleaved" else None)
         return Strategy(MeshSpec.of(mesh), params, activations, options, pipeline,
                         _recompute_value(shape, self.view), self.fixed.precision)
+
+
+def _solved_layouts(fixed: bool | None, tensor_parallel: bool) -> bool | None:
+    """A plan with a tensor axis is compiled with the layouts the planner priced (unless the user said off)."""
+    if not tensor_parallel:
+        return None
+    return True if fixed is None else fixed
 
 
 def _switch(fixed, meaningful: bool) -> list[bool]:

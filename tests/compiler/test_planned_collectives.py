@@ -71,3 +71,8 @@ def test_compiled_ir_holds_the_layouts_and_collectives_the_planner_priced(cluste
     want, got = tensor_collectives(priced, "tp", 16 / dp), tensor_collectives(compiled, "tp", 16)
     assert sum(len(c) for c in want) > 0
     assert got == want
+
+    # The plan's text (which says solved_layouts) compiles to the same program.
+    assert "solved_layouts" in plan.to_dsl()
+    if cluster_name == "dgx-a100:2":
+        assert compile(model, inputs, cluster=cluster, strategy=plan.to_dsl()).ir == plan.ir
