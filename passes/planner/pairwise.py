@@ -107,7 +107,12 @@ def solve_dp(problem: PairwiseProblem, max_table: int = 4_000_000) -> Solution:
     of ``v``'s best choice. When the next table would exceed ``max_table`` entries the problem is solved
     by :func:`solve_ilp` instead (logged)."""
     problem.check()
-    domains = [_distinct_choices(problem, v) for v in range(problem.num_vars)]
+    incident: list[list[PairEdge]] = [[] for _ in range(problem.num_vars)]
+    for e in problem.edges:
+        incident[e.a].append(e)
+        if e.b != e.a:
+            incident[e.b].append(e)
+    domains = [_distinct_choices(problem.unary[v], incident[v], v) for v in range(problem.num_vars)]
     factors = _factors(problem, domains)
     order, tables, widest = _elimination_order(factors, [len(d) for d in domains], max_table)
     if order is None:
@@ -124,12 +129,10 @@ def solve_dp(problem: PairwiseProblem, max_table: int = 4_000_000) -> Solution:
     return Solution(total, assignment, True, widest)
 
 
-def _distinct_choices(problem: PairwiseProblem, v: int) -> list[int]:
-    """The choices of ``v`` worth keeping: per distinct keys on its incident edges, the cheapest (the
+def _distinct_choices(unary: list, incident: list, v: int) -> list[int]:
+    """The choices of ``v`` worth keeping: per distinct keys on its ``incident`` edges, the cheapest (the
     earliest on ties)."""
-    incident = [e for e in problem.edges if v in (e.a, e.b)]
     best: dict[tuple, int] = {}
-    unary = problem.unary[v]
     for c, cost in enumerate(unary):
         signature = tuple((e.a_keys[c] if e.a == v else None, e.b_keys[c] if e.b == v else None) for e in incident)
         if signature not in best or cost < unary[best[signature]]:
@@ -156,47 +159,54 @@ def _factors(problem: PairwiseProblem, domains: list) -> list[tuple[tuple, "np.n
 def _elimination_order(factors: list, sizes: list[int], max_table: int):
     """Eliminate every variable, smallest table first; returns (order, per variable (v, scope, argmin
     table over its scope), largest table) or (None, None, 0) when a table would exceed ``max_table``."""
+    import heapq
+
     import numpy as np
     live = {k: f for k, f in enumerate(factors)}
     of_var: list[set] = [set() for _ in sizes]
+    adjacent: list[set] = [set() for _ in sizes]
     for k, (scope, _) in live.items():
         for u in scope:
             of_var[u].add(k)
-    remaining = set(range(len(sizes)))
-    tables, widest, next_key = [], 1, len(factors)
-
-    def neighbours(v: int) -> set:
-        return {u for k in of_var[v] for u in live[k][0]} - {v}
+            adjacent[u].update(w for w in scope if w != u)
 
     def weight(v: int) -> int:
-        return sizes[v] * math.prod(sizes[u] for u in neighbours(v))
+        return sizes[v] * math.prod(sizes[u] for u in adjacent[v])
 
-    while remaining:
-        v = min(remaining, key=lambda u: (weight(u), u))
-        scope = tuple(sorted(neighbours(v)))
-        size = sizes[v] * math.prod(sizes[u] for u in scope)
+    current = [weight(v) for v in range(len(sizes))]
+    heap = [(w, v) for v, w in enumerate(current)]
+    heapq.heapify(heap)
+    eliminated = [False] * len(sizes)
+    tables, widest, next_key = [], 1, len(factors)
+    while heap:
+        size, v = heapq.heappop(heap)
+        if eliminated[v] or size != current[v]:
+            continue  # a stale entry: v was eliminated or its neighbourhood changed
         if size > max_table:
             return None, None, 0
+        eliminated[v] = True
+        scope = tuple(sorted(adjacent[v]))
         widest = max(widest, size)
         axes = scope + (v,)
         total = np.zeros([sizes[u] for u in axes])
         for k in of_var[v]:
             f_scope, table = live.pop(k)
             perm = sorted(range(len(f_scope)), key=lambda i: axes.index(f_scope[i]))
-            aligned = table.transpose(perm)
             shape = [sizes[u] if u in f_scope else 1 for u in axes]
-            total = total + aligned.reshape(shape)
+            total = total + table.transpose(perm).reshape(shape)
             for u in f_scope:
                 if u != v:
                     of_var[u].discard(k)
         of_var[v].clear()
-        best = np.argmin(total, axis=-1)
         live[next_key] = (scope, np.min(total, axis=-1))
         for u in scope:
             of_var[u].add(next_key)
+            adjacent[u].discard(v)
+            adjacent[u].update(w for w in scope if w != u)
+            current[u] = weight(u)
+            heapq.heappush(heap, (current[u], u))
         next_key += 1
-        tables.append((v, scope, best))
-        remaining.discard(v)
+        tables.append((v, scope, np.argmin(total, axis=-1)))
     return [t[0] for t in tables], tables, widest
 
 
