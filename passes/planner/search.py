@@ -41,9 +41,10 @@ from cost.segments import at
 from ir.core import Graph
 from ir.layers import block_param_name
 from ir.sbp import B
+from passes.pipeline import batch_statistics_node, refuse_batch_statistics
 from passes.planner.evaluate import ModelView
 from passes.planner.intra_op import LayoutSolution, describe_layouts
-from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, normalize
+from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, StrategyError, normalize
 
 LOG = logging.getLogger("sbpc.planner")
 CACHE_DIR_VARIABLE = "SBPC_CACHE_DIR"
@@ -241,6 +242,20 @@ class _Planner:
         self.order = _device_order(cluster)
         self.batch = view.global_batch(options)
         self._estimators: dict[tuple, Estimator] = {}
+        self.max_microbatches = self._microbatch_limit()
+
+    def _microbatch_limit(self) -> int:
+        """1 where an op normalises with statistics of the whole batch (training BatchNorm: each microbatch
+        would use its own, so compile() refuses more), else :data:`MAX_MICROBATCHES`."""
+        node = batch_statistics_node(self.view.variant(False)[0]) if self.view.train else None
+        if node is None:
+            return MAX_MICROBATCHES
+        if self.fixed.pipeline.microbatches not in (None, 1):
+            try:
+                refuse_batch_statistics(self.view.variant(False)[0], self.fixed.pipeline.microbatches)
+            except StrategyError as error:
+                raise SearchError(str(error)) from None
+        return 1
 
     def elapsed(self) -> float:
         """Seconds since the search started."""
@@ -382,7 +397,7 @@ class _Planner:
         """Microbatches x schedule x fsdp, each with its stage cut and recomputation."""
         per_replica = self.batch // setting.dp
         estimator = self.estimator(setting, solution)
-        for m in [d for d in _divisors(per_replica) if d <= MAX_MICROBATCHES]:
+        for m in [d for d in _divisors(per_replica) if d <= self.max_microbatches]:
             if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp):
                 continue  # fewer microbatches than stages leaves most of the pipeline idle
             for schedule, virtual in self._schedules(setting, m):
