@@ -124,7 +124,7 @@ class LayoutProblem:
         self.edge_info: list = []     # per edge: (value, consumer unit, input position, weight, boundary, producer side)
         self.fixed_boxing: list = []  # (unit, input position, value, src sbp, weight, boundary)
         self.self_boxing: list = []   # (unit, input position, value, weight, boundary): reads its own output
-        self._types: dict[int, TensorType] = {}  # value id -> its type at the request's dims
+        self._types: dict[int, tuple] = {}  # value id -> its type at the request's dims, its sizes
         self._build()
 
     # -- structure ------------------------------------------------------------------------------
@@ -293,9 +293,9 @@ class LayoutProblem:
     def _boxing_path(self, value: Value, src: tuple, dst: tuple):
         """``boxing_path``'s (seconds, steps), or None where no conversion exists; priced once per concrete
         type, layouts and gradient (many values of a model share a shape)."""
-        concrete = self._concrete_type(value)
+        concrete, sizes = self._concrete(value)
         grad = id(value) in self.grad
-        key = ("boxing", concrete.shape, concrete.dtype, src, dst, grad)
+        key = ("boxing", sizes, concrete.dtype, src, dst, grad)
         prices = self.request.prices
         if key not in prices:
             try:
@@ -305,9 +305,13 @@ class LayoutProblem:
         return prices[key]
 
     def _concrete_type(self, value: Value) -> TensorType:
+        return self._concrete(value)[0]
+
+    def _concrete(self, value: Value) -> tuple[TensorType, tuple]:
+        """The value's type at the request's dims, and its sizes as plain ints (a cheap key)."""
         if id(value) not in self._types:
-            shape = concrete_shape(value.type, self.request.dims)
-            self._types[id(value)] = TensorType.of([max(1, int(round(d))) for d in shape], value.type.dtype)
+            sizes = tuple(max(1, int(round(d))) for d in concrete_shape(value.type, self.request.dims))
+            self._types[id(value)] = (TensorType.of(list(sizes), value.type.dtype), sizes)
         return self._types[id(value)]
 
     def pairwise(self) -> PairwiseProblem:

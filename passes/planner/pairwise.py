@@ -171,7 +171,14 @@ def _elimination_order(factors: list, sizes: list[int], max_table: int):
             adjacent[u].update(w for w in scope if w != u)
 
     def weight(v: int) -> int:
-        return sizes[v] * math.prod(sizes[u] for u in adjacent[v])
+        """The size of v's table, or ``max_table + 1`` for any larger (a value many ops read would
+        otherwise multiply out to a huge integer that is never used)."""
+        size = sizes[v]
+        for u in adjacent[v]:
+            size *= sizes[u]
+            if size > max_table:
+                return max_table + 1
+        return size
 
     current = [weight(v) for v in range(len(sizes))]
     heap = [(w, v) for v, w in enumerate(current)]
