@@ -1,11 +1,13 @@
 """Code generation: a standalone, readable torch.distributed program for a plan.
 
-``emit(graph, weights, out_dir, ...)`` writes ``out_dir/main.py`` (runs under ``torchrun`` on gloo or
-nccl; imports nothing of sbpc) and ``out_dir/weights.pt`` (the initial full state_dict). The
-program is: a header saying which plan produced it, the imports it uses, the plan's constants, the
-runtime definitions and local kernels its code reaches (selected from :mod:`backends.runtime` and
-:mod:`ir.kernels`, see there), and ``forward``: one line per IR node, as the rank with coordinates
-``coord`` computes it, each value named after the module that computes it.
+``emit(graph, weights, out_dir, ...)`` writes into ``out_dir`` the program — ``main.py`` and ``runtime.py``,
+which runs under ``torchrun`` on gloo or nccl and imports nothing of sbpc — with ``weights.pt`` (the
+initial full state_dict) and ``launch.sh``. ``main.py`` is what is particular to the plan: a header saying
+which plan produced it, the names it imports from ``runtime.py``, and ``forward`` (or one function per
+pipeline stage): one line per IR node, as the rank with coordinates ``coord`` computes it, each value named
+after the module that computes it; then its entry line. ``runtime.py`` holds the plan's tables (mesh,
+inputs, layouts, buckets, schedule) and the runtime definitions and local kernels that code reaches
+(selected from :mod:`backends.runtime` and :mod:`ir.kernels`, see there).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import functools
 import keyword
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import sympy
@@ -41,20 +44,36 @@ GENERATED_IMPORTS = {"math": Import("math", None, "math"),
 FUNCTION_ARGS = ("p", "b", "x", "dims", "coord", "entries", "whole")
 """The arguments of the generated functions (parameters, buffers, inputs, sizes, coordinates, ...)."""
 WIDTH = 110
+RUNTIME_MODULE = "runtime"
+"""The program's runtime module, beside ``main.py`` (``runtime.py``)."""
 CHECKPOINT_USAGE = ("Checkpoints: add --checkpoint-every 100 --resume (sharded, into --checkpoint-dir; --resume goes on from\n"
                     "the newest whole one, written under this plan or any other plan of the model). Elastic restarts:\n"
                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts 3 ... main.py ... --resume\n")
 """How a program's docstring says to checkpoint, resume and restart it (the variable: pytorch/pytorch#167288)."""
+BACKEND_NOTE = ("It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo). Its runtime is\n"
+                f"{RUNTIME_MODULE}.py beside it: keep the two files together.\n")
+"""The last lines of a program's docstring: its backend, and the file it imports from."""
 
 
 class EmitError(RuntimeError):
     """The plan cannot be written as a program (named reason)."""
 
 
+@dataclass(frozen=True)
+class Program:
+    """The text of a generated program's two files."""
+
+    main: str
+    """``main.py``: the plan's own code and its entry line."""
+    runtime: str
+    """``runtime.py``: the plan's tables and the runtime definitions ``main.py`` reaches."""
+
+
 def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, input_ranges: dict,
          example_dims: dict, aliases: dict, header: str = "", plan_text: str = "",
          node_devices: tuple[int, ...] = ()) -> Path:
-    """Write ``main.py``, ``weights.pt`` and ``launch.sh`` into ``out_dir``; returns the path of ``main.py``.
+    """Write ``main.py``, ``runtime.py``, ``weights.pt`` and ``launch.sh`` into ``out_dir``; returns the path of
+    ``main.py``.
     ``header``: what the program's docstring says produced it (the plan as DSL text, the passes, ...);
     ``plan_text``: the plan as DSL text, which the program records in its checkpoints; ``node_devices``: the
     devices of each node of the cluster the plan was made for (one node of all ranks when empty)."""
@@ -68,9 +87,10 @@ def emit(graph: Graph, weights: dict, out_dir: str | Path, *, optimizer: tuple, 
     out.mkdir(parents=True, exist_ok=True)
     torch.save({p.target: weights[p.target].detach().cpu().contiguous() for p in graph.params}, out / "weights.pt")
     writer = PipelineProgramWriter if is_pipelined(graph) else ProgramWriter
-    source = writer(graph, optimizer, input_ranges, example_dims, aliases, header, plan_text).write()
+    program = writer(graph, optimizer, input_ranges, example_dims, aliases, header, plan_text).write()
+    (out / f"{RUNTIME_MODULE}.py").write_text(program.runtime)
     path = out / "main.py"
-    path.write_text(source)
+    path.write_text(program.main)
     launch = out / "launch.sh"
     launch.write_text(launch_script(world_size(graph), node_devices))
     launch.chmod(0o755)
@@ -87,7 +107,8 @@ def launch_script(world: int, node_devices: tuple[int, ...]) -> str:
     Processes per node default to the cluster's devices per node (all ranks on one node otherwise)."""
     nodes = len(node_devices) if node_devices and len(set(node_devices)) == 1 else 1
     return f"""#!/usr/bin/env bash
-# Launch main.py under torchrun ({world} ranks). Arguments are passed to main.py (see: main.py --help).
+# Launch main.py (with runtime.py beside it) under torchrun ({world} ranks). Arguments are passed to main.py
+# (see: main.py --help).
 #
 # One node:        ./launch.sh --steps 100
 # {nodes if nodes > 1 else 2} nodes, on each:  NNODES={nodes if nodes > 1 else 2} RDZV_ENDPOINT=host0:29400 ./launch.sh --steps 100
@@ -158,24 +179,30 @@ class ProgramWriter:
 
     # -- the whole program ------------------------------------------------------------------------
 
-    def write(self) -> str:
-        """The program: its docstring, the imports it uses, the plan's constants that its runtime reads,
-        that runtime (see ``backends.runtime``), then its own code and entry line."""
+    def write(self) -> Program:
+        """The program. ``main.py``: its docstring, its imports (the runtime names it reads, by name), its own
+        code and entry line. ``runtime.py``: its docstring, imports, the plan's constants that the runtime reads,
+        then that runtime (see ``backends.runtime``)."""
         code = self._custom_op_bindings() + self._code() + "\n\n" + f'if __name__ == "__main__":\n    {self._entry_call()}\n'
-        defined, reads = global_reads(code)
+        reads = global_reads(code)[1]
         constants = self._constants()
-        reads -= set(constants)
-        wanted = runtime.select(reads, self.entry, GENERATED_IMPORTS).plan_names - defined
+        wanted = runtime.select(reads, self.entry, GENERATED_IMPORTS).plan_names
         if wanted - set(constants):
             raise EmitError(f"internal: the runtime reads {sorted(wanted - set(constants))}, which the code "
                             f"generator does not write")
         constants_source = "\n".join(text for name, text in constants.items() if name in wanted)
-        selection = runtime.select(reads | global_reads(constants_source)[1], self.entry, GENERATED_IMPORTS)
-        parts = [self._docstring(), "\n".join(selection.imports),
+        selection = runtime.select(reads, self.entry, GENERATED_IMPORTS, global_reads(constants_source)[1])
+        main = [self._docstring(), _main_imports(selection),
+                _section(self._code_title(), "one line per IR node") + "\n" + code]
+        parts = [self._runtime_docstring(), "\n".join(selection.imports),
                  _section("The plan", "its mesh, inputs, tensors and their layouts") + "\n" + constants_source]
         parts += [_section(title, where) + "\n" + text for title, where, text in selection.sections]
-        parts.append(_section(self._code_title(), "one line per IR node") + "\n" + code)
-        return "\n\n\n".join(part.strip("\n") for part in parts) + "\n"
+        return Program(_join_parts(main), _join_parts(parts))
+
+    def _runtime_docstring(self) -> str:
+        return _docstring(f"The runtime of main.py beside it ({self.graph.name}), generated by sbpc: the plan's "
+                          f"tables, then the\ndefinitions of sbpc's emitted runtime that this plan reaches, each "
+                          f"section named after the module\nit comes from. It imports nothing of sbpc.\n")
 
     def _custom_op_bindings(self) -> str:
         """One line per custom op the plan calls: the op, loaded by importing the Python module that registers
@@ -196,7 +223,7 @@ class ProgramWriter:
                           f"Mesh: {dict(zip(self.mesh.axes, self.mesh.shape))} ({self.mesh.size} ranks).\n"
                           f"Run:  torchrun --standalone --nproc-per-node {self.mesh.size} main.py --steps 5 "
                           f"--metrics losses.jsonl --save final.pt\n{CHECKPOINT_USAGE}"
-                          f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n")
+                          f"{BACKEND_NOTE}")
 
     def _code_title(self) -> str:
         return "The forward pass"
@@ -205,8 +232,13 @@ class ProgramWriter:
         """``main(...)`` with the gradient collectives the plan runs outside autograd (and what else the
         plan's runtime takes: :meth:`_entry_arguments`)."""
         syncs = self._gradient_syncs()
-        args = ([f"gradient_syncs=[{', '.join(syncs)}]"] if syncs else []) + self._entry_arguments()
+        args = ([self._entry_functions()] + ([f"gradient_syncs=[{', '.join(syncs)}]"] if syncs else [])
+                + self._entry_arguments() + ["description=__doc__"])
         return f"main({', '.join(args)})"
+
+    def _entry_functions(self) -> str:
+        """What ``main`` calls to run the plan: ``forward`` (a pipeline: its stage functions)."""
+        return "forward"
 
     def _entry_arguments(self) -> list[str]:
         """Further keyword arguments of ``main`` (pipelines: the step type of split backwards)."""
@@ -448,7 +480,7 @@ class PipelineProgramWriter(ProgramWriter):
                           f"Run:  torchrun --standalone --nproc-per-node {ranks} main.py --steps 5 "
                           f"--metrics losses.jsonl --save final.pt\n"
                           f"{CHECKPOINT_USAGE}Inference through some stages only: add --infer-stages 0,2,3 (no training).\n"
-                          f"It uses nccl when CUDA is available, else gloo (SBPC_FORCE_GLOO=1 forces gloo).\n")
+                          f"{BACKEND_NOTE}")
 
     def _code_title(self) -> str:
         return "The stages"
@@ -462,7 +494,7 @@ class PipelineProgramWriter(ProgramWriter):
         return ["step_type=SplitBackwardStep"] if splits else []
 
     def _reserved_names(self) -> set[str]:
-        names = super()._reserved_names()
+        names = super()._reserved_names() | {"STAGES"}
         for st in pipeline_stages(self.graph):
             names |= {f"stage_{st.index}", f"prologue_{st.index}", f"entry_shapes_{st.index}",
                       f"exit_shapes_{st.index}"}
@@ -497,13 +529,16 @@ class PipelineProgramWriter(ProgramWriter):
             parts.append(self._shapes_function(st, "entry", st.entries))
             parts.append(self._shapes_function(st, "exit", st.exits))
         tables = [
-            "STAGE_FORWARD = {" + ", ".join(f"{st.index}: stage_{st.index}" for st in self.stages) + "}",
-            "STAGE_PROLOGUE = {" + ", ".join(f"{st.index}: prologue_{st.index}" for st in self.stages
-                                             if st.whole_batch_nodes) + "}",
-            "ENTRY_SHAPES = {" + ", ".join(f"{st.index}: entry_shapes_{st.index}" for st in self.stages) + "}",
-            "EXIT_SHAPES = {" + ", ".join(f"{st.index}: exit_shapes_{st.index}" for st in self.stages) + "}",
+            "    forward={" + ", ".join(f"{st.index}: stage_{st.index}" for st in self.stages) + "},",
+            "    prologue={" + ", ".join(f"{st.index}: prologue_{st.index}" for st in self.stages
+                                         if st.whole_batch_nodes) + "},",
+            "    entry_shapes={" + ", ".join(f"{st.index}: entry_shapes_{st.index}" for st in self.stages) + "},",
+            "    exit_shapes={" + ", ".join(f"{st.index}: exit_shapes_{st.index}" for st in self.stages) + "},",
         ]
-        return "\n\n".join(parts) + "\n\n" + "\n".join(tables)
+        return "\n\n".join(parts) + "\n\n" + "STAGES = Stages(\n" + "\n".join(tables) + "\n)\n"
+
+    def _entry_functions(self) -> str:
+        return "STAGES"
 
     def _prologue(self, st) -> str:
         body = [self._line(node) for node in st.whole_batch_nodes]
@@ -560,6 +595,19 @@ def _names_read(body: list[str]) -> set[str]:
     """The names the lines of a function body read."""
     tree = ast.parse("def f():\n" + "\n".join(body))
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _main_imports(selection: runtime.Selection) -> str:
+    """``main.py``'s imports: the modules its code reads itself, then the runtime names it reads, by name."""
+    from_runtime = f"from {RUNTIME_MODULE} import "
+    names = ", ".join(selection.entry_names)
+    line = from_runtime + (f"(\n{_wrapped(selection.entry_names, 4)})" if len(from_runtime + names) > WIDTH else names)
+    return "\n".join(selection.entry_imports + ([""] if selection.entry_imports else []) + [line])
+
+
+def _join_parts(parts: list[str]) -> str:
+    """A file's parts, two blank lines apart."""
+    return "\n\n\n".join(part.strip("\n") for part in parts) + "\n"
 
 
 def _section(title: str, where: str) -> str:

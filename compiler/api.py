@@ -80,8 +80,9 @@ class CompiledPlan:
         return run_virtual(self.graph, self.weights, tuple(inputs), mode or self.mode, stages=stages)
 
     def emit(self, out_dir: str | os.PathLike) -> Path:
-        """Write a standalone torchrun program (``main.py`` + ``weights.pt``, and ``launch.sh`` with its
-        single-node and multi-node torchrun command lines) into ``out_dir``."""
+        """Write a standalone torchrun program into ``out_dir``: ``main.py`` (the plan's own code) and the
+        ``runtime.py`` it imports from, ``weights.pt``, and ``launch.sh`` with its single-node and multi-node
+        torchrun command lines. Returns the path of ``main.py``."""
         plan = "".join(f"    {line}\n" for line in self.to_dsl().splitlines())
         header = (f"Plan:\n{plan}Passes: {', '.join(self.passes)}\n"
                   f"Optimizer: torch.optim.{self.optimizer[0]}({self.optimizer[1]})")

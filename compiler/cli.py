@@ -163,7 +163,9 @@ def cmd_compile(args) -> int:
     if args.emit:
         path = plan.emit(args.emit)
         n = plan.cluster.world_size
-        print(f"wrote {path}; run: torchrun --standalone --nproc-per-node {n} {path} --steps 5", file=sys.stderr)
+        print(f"wrote {path} and runtime.py, weights.pt, launch.sh beside it in {path.parent}; run: "
+              f"torchrun --standalone --nproc-per-node {n} {path} --steps 5 (or {path.parent / 'launch.sh'} --steps 5)",
+              file=sys.stderr)
     return 0
 
 

@@ -1,11 +1,13 @@
 """Launching emitted programs under a real torchrun (gloo), for the multi-process tests."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -20,6 +22,21 @@ def torchrun(main: Path, nproc: int, *args: str, timeout: int = TIMEOUT_S, torch
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            *torchrun_args, str(main), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def import_program(main: Path) -> tuple[ModuleType, ModuleType]:
+    """An emitted program imported into this process: its ``main.py`` (not run: it is no ``__main__``) and the
+    ``runtime.py`` beside it that ``main.py`` imports from. Several programs may be imported one after another:
+    each gets its own runtime module (removed from ``sys.modules`` again)."""
+    sys.path.insert(0, str(main.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"emitted_{abs(hash(str(main)))}", main)
+        program = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(program)
+        return program, sys.modules["runtime"]
+    finally:
+        sys.path.remove(str(main.parent))
+        sys.modules.pop("runtime", None)
 
 
 def train_emitted(plan, out: Path, batches: list, steps: int) -> tuple[list[float], dict]:

@@ -1,16 +1,19 @@
 """The runtime of emitted programs, one module per feature, and the selection of what a program carries.
 
-The modules of this package (``core``, ``collectives``, ``context_parallel``, ``fsdp``, ``grad_sync``, ``faults``, ``controls``,
-``data``, ``checkpoint``, ``loop``, ``progress``, ``training``, ``split_backward``, ``pipeline``) are never imported by a program: they are the source the code generator copies from. A
-program carries only the top-level definitions its own code reaches — the names its ``forward`` (or
-stage functions) and its entry line read, then, transitively, the names those definitions read — as
-Thunder prints only the symbols a trace uses. The local kernels of :mod:`ir.kernels` are one more
-such source.
+The modules of this package (``core``, ``collectives``, ``context_parallel``, ``fsdp``, ``grad_sync``,
+``faults``, ``controls``, ``data``, ``checkpoint``, ``loop``, ``progress``, ``training``, ``split_backward``,
+``pipeline``) are never imported by a program: they are the source the code generator copies from. A program
+is two files: ``main.py`` (the plan's own code: its ``forward`` or stage functions and its entry line) and
+``runtime.py`` beside it, which carries only the top-level definitions that code reaches — the names it
+reads, then, transitively, the names those definitions read — as Thunder prints only the symbols a trace
+uses. ``main.py`` imports the names it reads from ``runtime.py`` by name. The local kernels of
+:mod:`ir.kernels` are one more such source.
 
 Each runtime module is valid Python on its own: its relative imports (``from .core import fail``) say
-where a name lives and are dropped from programs, where all pieces share one namespace. Names
-imported from ``.plan`` are the plan's constants and functions, which the generator writes (see
-``plan.py``). Standard-library and torch imports are gathered at the top of a program, only those used.
+where a name lives and are dropped from programs, where all pieces share the one namespace of
+``runtime.py``. Names imported from ``.plan`` are the plan's constants, which the generator writes at the
+top of ``runtime.py`` (see ``plan.py``); the generated functions reach the training loop as arguments of its
+``main``. Standard-library and torch imports are gathered at the top of each file, only those it uses.
 
 A new runtime feature is a new module here (named in ``ORDER``) whose functions the generated code
 or a training loop calls; nothing else needs to know about it.
@@ -93,12 +96,17 @@ class Piece:
 
 @dataclass
 class Selection:
-    """What a program carries: its import lines, a section per piece it uses, the plan names they read."""
+    """What a program carries: the runtime module's import lines, a section per piece it uses, the plan names
+    they read; and what the generated code imports itself and from the runtime module."""
 
     imports: list[str]
     sections: list[tuple[str, str, str]]
     """(piece title, its file in sbpc, the source of the chosen definitions), in ``ORDER``."""
     plan_names: set[str]
+    entry_imports: list[str] = field(default_factory=list)
+    """The import lines of the generated code (modules it reads itself: ``math``, ``torch``, ...)."""
+    entry_names: list[str] = field(default_factory=list)
+    """The runtime names the generated code reads (``from runtime import ...``), sorted."""
 
 
 def global_reads(source: str) -> tuple[set[str], set[str]]:
@@ -210,35 +218,46 @@ class Walk:
                 self.need(pieces()[definition.piece], name, f"{definition.piece}.{definition.names[0]}")
 
 
-def select(reads: set[str], entry: str, extra_imports: dict[str, Import]) -> Selection:
+def select(reads: set[str], entry: str, extra_imports: dict[str, Import],
+           plan_reads: set[str] = frozenset()) -> Selection:
     """The runtime a program needs. ``reads``: the names its generated code reads and does not define,
     looked up in the piece ``entry`` (its training loop), then in the one piece defining each (a name
     two pieces define must be found in ``entry``), then in ``extra_imports`` (modules the generated code
-    itself uses), then among the runtime's imports."""
+    itself uses), then among the runtime's imports. ``plan_reads``: names the plan's constants read (they
+    open the runtime module: ``torch`` for a dtype)."""
     walk = Walk()
     homes: dict[str, list[Piece]] = {}
     for piece in pieces().values():
         for name in piece.definitions:
             homes.setdefault(name, []).append(piece)
     imports = {name: imp for piece in pieces().values() for name, imp in piece.external.items()} | extra_imports
+    entry_imports: dict[str, Import] = {}
+    entry_names: set[str] = set()
     for name in sorted(reads):
-        if pieces()[entry].binds(name):
-            walk.need(pieces()[entry], name, "the generated code")
-        elif len(homes.get(name, [])) == 1:
-            walk.need(homes[name][0], name, "the generated code")
-        elif name in homes:
+        home = pieces()[entry] if pieces()[entry].binds(name) else None
+        if home is None and len(homes.get(name, [])) > 1:
             raise RuntimeSourceError(f"the generated code reads {name}, which several runtime pieces define "
                                      f"({', '.join(p.name for p in homes[name])}) and {entry} does not")
+        home = home or (homes[name][0] if name in homes else None)
+        if home is not None and name not in home.external:
+            walk.need(home, name, "the generated code")
+            entry_names.add(name)
         elif name in imports:
-            walk.imports[name] = imports[name]
+            entry_imports[name] = imports[name]
         elif not hasattr(builtins, name) and name not in MODULE_NAMES:
             raise RuntimeSourceError(f"the generated code reads {name}, which no runtime piece defines")
+    for name in sorted(plan_reads):
+        if name in imports:
+            walk.imports[name] = imports[name]
+        elif not hasattr(builtins, name):
+            raise RuntimeSourceError(f"the plan's constants read {name}, which is no module the runtime imports")
     sections = []
     for piece in pieces().values():
         chosen = sorted((d for d in walk.chosen.values() if d.piece == piece.name), key=lambda d: d.line)
         if chosen:
             sections.append((piece.title, piece.file, _join(chosen)))
-    return Selection(_import_lines(walk.imports.values()), sections, walk.plan_names)
+    return Selection(_import_lines(walk.imports.values()), sections, walk.plan_names,
+                     _import_lines(entry_imports.values()), sorted(entry_names))
 
 
 def _join(definitions: list[Definition]) -> str:

@@ -7,6 +7,9 @@ text, the mesh, every tensor's shape, dtype and layout). It is written as ``step
 when whole, so a directory without the suffix is complete; ``--keep`` keeps the newest N. A load goes by the
 chunks DCP recorded: each rank reads the saved chunks overlapping its own shards, whatever plan wrote them,
 so no rank ever gathers the model.
+
+DCP and DTensor are imported inside the functions that use them: a run that never checkpoints does not pay
+their import (about 0.8 s of CPU per rank).
 """
 import functools
 import json
@@ -17,10 +20,6 @@ import shutil
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .controls import restore_schedule
 from .core import DEVICE, GROUPS, fail, my_position, split_dim
@@ -33,6 +32,7 @@ WHOLE_CHECKPOINT = re.compile(r"step-(\d+)$")  # a checkpoint directory; step-N.
 @functools.cache
 def plan_mesh():
     """This rank's pipeline position's mesh as a DeviceMesh over the process groups of its axes."""
+    from torch.distributed.device_mesh import DeviceMesh
     devices = torch.tensor(MESH_DEVICES[my_position()]).view(MESH_SHAPE)
     return DeviceMesh.from_group([GROUPS[axis][0] for axis in MESH_AXES], DEVICE.type, mesh=devices,
                                  mesh_dim_names=MESH_AXES)
@@ -41,6 +41,7 @@ def plan_mesh():
 def as_global(local, layout, name):
     """``local`` as DCP sees it: a DTensor of the full shape when some mesh axis splits it (DCP writes and reads
     this rank's chunk), else the tensor itself (replicated: one rank's copy is written)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     if "P(sum)" in layout:
         fail(f"{name} is a partial sum ({layout}) at the end of a step, which a checkpoint cannot hold")
     if all(split_dim(entry) is None for entry in layout):
@@ -56,6 +57,7 @@ def as_global(local, layout, name):
 
 def as_local(value):
     """A loaded value without its DTensor wrapper."""
+    from torch.distributed.tensor import DTensor
     return value.to_local() if isinstance(value, DTensor) else value
 
 
@@ -99,6 +101,7 @@ class TrainingState:
     def load_items(self, metadata):
         """The flat dict DCP loads into: this rank's tensors themselves, new tensors for the optimizer state and
         RNG states the checkpoint holds (shaped by its metadata), placeholders for the counters."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
         items = {"train.step": 0, "train.data_position": 0}
         if self.schedule is not None and "train.lr_schedule" in metadata.state_dict_metadata:
             items["train.lr_schedule"] = ""
@@ -178,6 +181,7 @@ def checkpoint_due(args, done):
 def save_checkpoint(args, state, step):
     """Write ``step-N.tmp`` (every rank its own shards), then, on rank 0, the plan, the rename that makes it
     visible, and the removal of checkpoints beyond --keep (only now that a newer one is whole)."""
+    import torch.distributed.checkpoint as dcp
     final = os.path.join(args.checkpoint_dir, f"step-{step:08d}")
     partial = final + ".tmp"
     if dist.get_rank() == 0:
@@ -233,6 +237,7 @@ def whole_checkpoints(directory):
 def damage(path, metadata):
     """What makes a checkpoint unreadable: a shard file missing or shorter than its index says, or a tensor
     whose chunks do not cover it; None when whole."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     sizes = {}
     for info in metadata.storage_data.values():
         file = os.path.join(path, info.relative_path)
@@ -253,6 +258,7 @@ def damage(path, metadata):
 
 def read_checkpoint(path):
     """The DCP metadata and the plan of a checkpoint; raises OSError or ValueError when they are unreadable."""
+    import torch.distributed.checkpoint as dcp
     metadata = dcp.FileSystemReader(path).read_metadata()
     with open(os.path.join(path, "plan.json")) as f:
         plan = json.load(f)
@@ -320,6 +326,7 @@ def find_checkpoint(args, model):
 def load_checkpoint(path, state):
     """Fill this rank's tensors and optimizer state from the checkpoint at ``path``, each rank reading the saved
     chunks that overlap its own shards; returns the step to continue from."""
+    import torch.distributed.checkpoint as dcp
     metadata, plan = read_checkpoint(path)
     items = state.load_items(metadata)
     dcp.load(items, checkpoint_id=path)

@@ -10,7 +10,9 @@ import torch.distributed as dist
 from .plan import MESH_AXES, MESH_DEVICES, MESH_SHAPE
 
 aten = torch.ops.aten
-DEVICE = torch.device("cpu")
+# this rank's device, fixed when the program starts (torchrun has set LOCAL_RANK): nccl on CUDA, else gloo
+DEVICE = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+          if torch.cuda.is_available() and os.environ.get("SBPC_FORCE_GLOO") != "1" else torch.device("cpu"))
 GROUPS = {}  # mesh axis -> (process group, its global ranks, my index among them)
 COORD = {}  # mesh axis -> my coordinate on it
 
@@ -25,9 +27,7 @@ def init_distributed(timeout_s):
     """Join the world (nccl on CUDA, else gloo) and make one process group per mesh axis. Only torchrun's
     environment is read (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so the same
     program runs on one node or many (launch.sh beside it has both command lines)."""
-    global DEVICE
-    if torch.cuda.is_available() and os.environ.get("SBPC_FORCE_GLOO") != "1":
-        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if DEVICE.type == "cuda":
         torch.cuda.set_device(DEVICE)
     timeout = datetime.timedelta(seconds=timeout_s)
     restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"

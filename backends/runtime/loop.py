@@ -13,8 +13,10 @@ from .plan import ALIASES, BUFFERS, FROZEN_PARAMS, INPUTS, LOSS_SBP, MESH_AXES, 
 EMITTED_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights.pt")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, description="", options=None):
+    """The program's command line; ``description``: its docstring (``--help``); ``options``: the flags of one
+    kind of program only, ``{flag: help}`` (pipelines: ``--infer-stages``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="the run's total training steps (a resumed run "
                         "continues from its checkpoint's step up to this)")
     parser.add_argument("--data", help="a token file (.bin or .npy of uint16/uint32 token ids, memory-mapped) or "
@@ -42,8 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--keep", type=int, default=2, metavar="N", help="keep the newest N checkpoints (0: all)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in "
                         "--checkpoint-dir, under this program's plan whatever plan wrote it (none: start at step 0)")
-    parser.add_argument("--infer-stages", help="pipelines: no training; run every batch forward through these "
-                        "stages only (comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss")
+    for flag, text in (options or {}).items():
+        parser.add_argument(flag, help=text)
     args = parser.parse_args(argv)
     if args.grad_accum < 1:
         fail(f"--grad-accum takes a positive number of microsteps, found {args.grad_accum}")

@@ -7,6 +7,7 @@ backward (:class:`SplitBackwardStep`): ``B`` computes the gradients of what the 
 ``W`` later those of its parameters.
 """
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,9 +21,23 @@ from .data import open_batches
 from .loop import (bind_dims, finish, first_step_report, load_weights, local_copy, local_inputs, local_parameters,
                    make_optimizer, new_buffer_values, parse_args, token_count)
 from .progress import open_metrics, report_step
-from .plan import (ALIASES, ENTRY_SHAPES, EXIT_SHAPES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE,
-                   SCHEDULE, STAGE_FORWARD, STAGE_PROLOGUE, STAGE_TENSORS, TIED_PARAMS)
+from .plan import (ALIASES, INPUTS, LOSS_SBP, MESH_DEVICES, NOT_SAVED, PIPELINE, SCHEDULE, STAGE_TENSORS,
+                   TIED_PARAMS)
 from .split_backward import backward_input
+
+
+PIPELINE_OPTIONS = {"--infer-stages": "no training; run every batch forward through these stages only "
+                                      "(comma-separated, e.g. 0,2,3; 'all' for every stage) and report the loss"}
+
+
+class Stages(NamedTuple):
+    """The generated functions of a pipelined program (its main.py), each a dict by stage index."""
+
+    forward: dict  # function(p, b, x, entries, dims, coord, whole): a stage on one microbatch; returns its
+    # exits (the loss share on the last stage) and the new values of the buffers it updates
+    prologue: dict  # function(p, b, x, dims, coord): a stage's whole-batch values, once per step
+    entry_shapes: dict  # function(dims): local (shape, dtype) of each value a stage receives
+    exit_shapes: dict  # function(dims): local (shape, dtype) of each value a stage sends
 
 
 def split_microbatches(batch, count):
@@ -48,7 +63,8 @@ def neighbour(path, stage, step):
 class PipelineStep:
     """One training step of this rank: its action list over the microbatches of one batch."""
 
-    def __init__(self, params, buffers, micro, dims, whole, paths):
+    def __init__(self, stages, params, buffers, micro, dims, whole, paths):
+        self.stages = stages
         self.params, self.buffers, self.micro, self.dims, self.whole = params, buffers, micro, dims, whole
         self.paths = paths
         self.inputs = [local_inputs(mb) for mb in micro]
@@ -62,8 +78,8 @@ class PipelineStep:
         if previous is not None:
             leaves = [t.detach().requires_grad_(train and t.is_floating_point())
                       for t in self.ready.pop(("F", previous, mb))]
-        out, updated = STAGE_FORWARD[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims, COORD,
-                                            self.whole.get(stage, {}))
+        out, updated = self.stages.forward[stage](self.params, self.buffers, self.inputs[mb], leaves, self.dims,
+                                                  COORD, self.whole.get(stage, {}))
         self.buffers.update(new_buffer_values(updated))  # each microbatch's forward moves them, as in eager
         if neighbour(self.paths[mb], stage, +1) is None:
             share = out.detach().float()  # the reported loss: shares summed without rounding
@@ -107,8 +123,8 @@ class PipelineStep:
     def message_shapes(self, kind, stage):
         """Local (shape, dtype) of each tensor of a message: exits for RECV_F, float entries for RECV_B."""
         if kind == "RECV_F":
-            return EXIT_SHAPES[stage](self.dims)
-        return [(s, d) for s, d in ENTRY_SHAPES[stage](self.dims) if d.is_floating_point]
+            return self.stages.exit_shapes[stage](self.dims)
+        return [(s, d) for s, d in self.stages.entry_shapes[stage](self.dims) if d.is_floating_point]
 
     def transfer(self, actions):
         """A run of sends and receives: post the sends (not waited on), then receive, batched."""
@@ -244,24 +260,26 @@ def pipeline_model(shapes):
             if n not in tied_copies()}
 
 
-def run_batch(batch, params, buffers, path, step_type, actions):
+def run_batch(stages, batch, params, buffers, path, step_type, actions):
     """One batch through the pipeline: its microbatches through this rank's action list, or with ``path``
     forward only through those stages; returns this rank's sum of loss shares (None off the loss stage)."""
     count = PIPELINE["microbatches"]
     micro = split_microbatches(batch, count)
     position = my_position()
-    whole = {s: STAGE_PROLOGUE[s](params, buffers, local_inputs(batch), bind_dims(batch), COORD)
-             for s in STAGE_PROLOGUE if PIPELINE["positions"][s] == position}
-    step = step_type(params, buffers, micro, bind_dims(micro[0]), whole, [path] * count if path else PIPELINE["paths"])
+    whole = {s: prologue(params, buffers, local_inputs(batch), bind_dims(batch), COORD)
+             for s, prologue in stages.prologue.items() if PIPELINE["positions"][s] == position}
+    paths = [path] * count if path else PIPELINE["paths"]
+    step = step_type(stages, params, buffers, micro, bind_dims(micro[0]), whole, paths)
     return step.infer(path) if path else step.run(actions)
 
 
-def main(argv=None, gradient_syncs=(), step_type=PipelineStep):
+def main(stages, gradient_syncs=(), step_type=PipelineStep, description="", argv=None):
     """Train up to step ``--steps`` (from the last checkpoint with --resume), or, with --infer-stages, run
-    forward only. ``gradient_syncs``: the plan's gradient collectives outside autograd (classes from
-    grad_sync), run once every microbatch's backward is done; ``step_type``: what runs the action list
-    (:class:`SplitBackwardStep` for schedules with W actions)."""
-    args = parse_args(argv)
+    forward only. ``stages``: the program's stage functions; ``gradient_syncs``: the plan's gradient collectives
+    outside autograd (classes from grad_sync), run once every microbatch's backward is done; ``step_type``: what
+    runs the action list (:class:`SplitBackwardStep` for schedules with W actions); ``description``: the
+    program's docstring, for ``--help``."""
+    args = parse_args(argv, description, PIPELINE_OPTIONS)
     init_distributed(args.comm_timeout)
     batches = open_batches(args, args.steps * args.grad_accum, PIPELINE["microbatches"])
     shapes = load_weights(args.weights, meta=True)
@@ -294,7 +312,7 @@ def main(argv=None, gradient_syncs=(), step_type=PipelineStep):
             total, tokens = 0.0, 0
             for _ in range(1 if path else args.grad_accum):
                 batch = batches.next()
-                local = run_batch(batch, params, buffers, path, step_type, actions)
+                local = run_batch(stages, batch, params, buffers, path, step_type, actions)
                 total, tokens = total + pipeline_loss(local), tokens + token_count(batch)
             extra = {"tokens": tokens}
             if not path:

@@ -1,9 +1,10 @@
-"""The plan: the constants and functions the code generator writes into each program.
+"""The plan: the constants the code generator writes into each program (at the top of its runtime module).
 
 The runtime pieces read these names; ``backends/torch_distributed.py`` writes their values, only those
-that the program's runtime reads. Nothing of this file is copied into a program: the values below are
-placeholders that keep the runtime modules importable and lint-clean, and the docstrings are the
-contract between the generator and the runtime.
+that the program's runtime reads, at the top of the program's ``runtime.py``. Nothing of this file is copied
+into a program: the values below are placeholders that keep the runtime modules importable and lint-clean,
+and the docstrings are the contract between the generator and the runtime. The generated functions
+(``forward``, a pipeline's stage functions) stay in ``main.py``, which passes them to the training loop.
 """
 PLAN_TEXT = ""
 """The plan as DSL text (as in the program's docstring), recorded in checkpoints."""
@@ -48,19 +49,3 @@ each microbatch], "skippable": whether stages may be skipped at inference}``."""
 SCHEDULE = {}
 """``{rank: [(kind, stage, microbatch, peer)]}``: each rank's actions, kinds ``F``, ``B``, ``SEND_F``,
 ``RECV_F``, ``SEND_B``, ``RECV_B``."""
-STAGE_FORWARD = {}
-"""``{stage: function(p, b, x, entries, dims, coord, whole)}``: a stage on one microbatch; returns its
-exits (the loss share on the last stage) and the new values of the buffers it updates."""
-STAGE_PROLOGUE = {}
-"""``{stage: function(p, b, x, dims, coord)}``: a stage's whole-batch values, once per step."""
-ENTRY_SHAPES = {}
-"""``{stage: function(dims)}``: local ``(shape, dtype)`` of each value a stage receives."""
-EXIT_SHAPES = {}
-"""``{stage: function(dims)}``: local ``(shape, dtype)`` of each value a stage sends."""
-
-
-def forward(p, b, x, dims, coord):
-    """One rank's forward pass: ``p`` parameters and ``b`` buffers (local shards), ``x`` inputs (local),
-    ``dims`` the symbolic sizes of this batch, ``coord`` this rank's mesh coordinates. Returns the loss
-    and the buffers' new values. Plain programs define it; this placeholder only states the signature."""
-    raise NotImplementedError("the generated program defines forward")

@@ -3,23 +3,22 @@ import time
 
 from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
 from .controls import finish_gradients, make_schedule
-from .core import COORD, fail, init_distributed, is_seed_rank
+from .core import COORD, init_distributed, is_seed_rank
 from .data import open_batches
 from .faults import peer_failures
 from .loop import (bind_dims, finish, first_step_report, full_state_dict, load_weights, local_copy, local_inputs,
                    local_parameters, logical_loss, make_optimizer, new_buffer_values, parse_args, token_count)
-from .plan import BUFFERS, LOSS_SBP, PARAMS, forward
+from .plan import BUFFERS, LOSS_SBP, PARAMS
 from .progress import open_metrics, report_step
 
 
-def main(argv=None, gradient_syncs=()):
-    """Train up to step ``--steps`` (from the last checkpoint with --resume). ``gradient_syncs``: the plan's
-    gradient collectives outside autograd (classes from grad_sync, built from this rank's parameters), run
-    after backward."""
-    args = parse_args(argv)
+def main(forward, gradient_syncs=(), description="", argv=None):
+    """Train up to step ``--steps`` (from the last checkpoint with --resume). ``forward``: the program's
+    ``forward(p, b, x, dims, coord)`` (one rank's forward pass: its loss and its buffers' new values);
+    ``gradient_syncs``: the plan's gradient collectives outside autograd (classes from grad_sync, built from
+    this rank's parameters), run after backward; ``description``: the program's docstring, for ``--help``."""
+    args = parse_args(argv, description)
     init_distributed(args.comm_timeout)
-    if args.infer_stages:
-        fail("--infer-stages chooses pipeline stages, but this program has no pipeline")
     batches = open_batches(args, args.steps * args.grad_accum)
     shapes = load_weights(args.weights, meta=True)
     model = {n: (shapes[n].shape, layout, 0) for n, layout in {**PARAMS, **BUFFERS}.items()}

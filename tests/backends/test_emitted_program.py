@@ -1,5 +1,6 @@
-"""Emitted programs are lean: pyflakes finds nothing in any plan kind, a program carries only the runtime
-its plan reaches, values are named after their modules, and the header carries the plan as DSL text.
+"""Emitted programs are lean: ``main.py`` holds the plan's own code, ``runtime.py`` beside it only the runtime
+that code reaches; pyflakes finds nothing in either file of any plan kind, values are named after their
+modules, and the header carries the plan as DSL text.
 
 That the programs train like eager PyTorch is checked under torchrun in ``tests/compiler/test_torchrun.py``
 and ``tests/backends/test_pipeline_torchrun.py``; here one program also runs in this process.
@@ -11,6 +12,7 @@ import importlib.util
 import socket
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from pyflakes import api as pyflakes
 
 from backends import runtime
 from tests.backends.test_pipeline_virtual import MEGATRON
+from tests.launch import import_program
 from tests.compiler.test_frozen import frozen_mlp, gpt_with_frozen_embedding, mlp_inputs
 from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model
 from tests.passes.test_pipeline import compile_cached
@@ -49,13 +52,24 @@ PIPELINE_RUNTIME = {"PipelineStep", "STAGE_TENSORS", "SCHEDULE", "TiedGradientSy
                     "split_microbatches", "infer_path"}
 
 
+class Program(NamedTuple):
+    """The text of an emitted program's two files."""
+
+    main: str
+    runtime: str
+
+
+def read_program(main: Path) -> Program:
+    return Program(main.read_text(), (main.parent / "runtime.py").read_text())
+
+
 @pytest.fixture(scope="module")
-def programs(tmp_path_factory) -> dict[str, str]:
-    """The text of every plan kind's ``main.py``, emitted once."""
+def programs(tmp_path_factory) -> dict[str, Program]:
+    """Every plan kind's program, emitted once."""
     out = {}
     for name, (make, inputs, ranks, strategy) in PLANS.items():
         plan = compile_cached(make(), inputs(), ranks, strategy)
-        out[name] = plan.emit(tmp_path_factory.mktemp(name)).read_text()
+        out[name] = read_program(plan.emit(tmp_path_factory.mktemp(name)))
     return out
 
 
@@ -81,8 +95,9 @@ def pyflakes_findings(source: str, filename: str) -> list[str]:
     return findings.messages
 
 
-def unread_definitions(source: str) -> list[str]:
-    """Top-level names of a program that nothing else in it reads (``main`` is read by its entry line)."""
+def unread_definitions(source: str, read_elsewhere: set[str] = frozenset()) -> list[str]:
+    """Top-level names of a file that nothing else in it reads (``main`` is read by its entry line), but for
+    ``read_elsewhere`` (the runtime names that main.py imports)."""
     tree = ast.parse(source)
     lines = source.splitlines(keepends=True)
     bound_by, reads = {}, set()
@@ -94,51 +109,80 @@ def unread_definitions(source: str) -> list[str]:
         for name in bound:
             bound_by[name] = stmt
         reads |= read
-    return sorted(set(bound_by) - reads)
+    return sorted(set(bound_by) - reads - set(read_elsewhere))
+
+
+def imports(source: str) -> tuple[set[str], set[str]]:
+    """The top-level packages a file imports, and the names it imports from ``runtime``."""
+    tree = ast.parse(source)
+    packages = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    packages |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    from_runtime = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module == "runtime" for alias in node.names}
+    return packages, from_runtime
 
 
 @pytest.mark.parametrize("name", list(PLANS))
 def test_pyflakes_finds_nothing_in_any_plan_kind(programs, name):
-    assert pyflakes_findings(programs[name], f"{name}/main.py") == []
+    assert pyflakes_findings(programs[name].main, f"{name}/main.py") == []
+    assert pyflakes_findings(programs[name].runtime, f"{name}/runtime.py") == []
 
 
 @pytest.mark.parametrize("name", list(PLANS))
 def test_every_top_level_definition_is_used_and_only_torch_is_imported(programs, name):
-    """No dead code at the top level: each function, class and constant is read by the program itself."""
-    source = programs[name]
-    assert unread_definitions(source) == []
-    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
-    assert imported - set(sys.stdlib_module_names) == {"torch"}
+    """No dead code at the top level: each function, class and constant of runtime.py is read by runtime.py
+    or imported by main.py, each of main.py read by main.py; main.py imports torch, the standard library
+    and runtime.py, runtime.py only torch and the standard library."""
+    program = programs[name]
+    packages, from_runtime = imports(program.main)
+    assert packages - set(sys.stdlib_module_names) <= {"torch", "runtime"} and "runtime" in packages
+    assert from_runtime <= defined_names(program.runtime)
+    assert unread_definitions(program.main) == []
+    assert unread_definitions(program.runtime, from_runtime) == []
+    assert imports(program.runtime)[0] - set(sys.stdlib_module_names) == {"torch"}
 
 
 def test_plain_programs_carry_no_pipeline_runtime_and_pipelines_no_plain_loop(programs):
     for name in ("dp", "fsdp", "dp_tp", "recompute", "batch_norm", "frozen"):
-        assert not PIPELINE_RUNTIME & defined_names(programs[name]), name
+        assert not PIPELINE_RUNTIME & defined_names(programs[name].runtime), name
+        assert "\"--infer-stages\"" not in programs[name].runtime, name  # a pipeline's flag
     for name in ("pipeline_1f1b", "pipeline_interleaved", "frozen_pipeline", "pipeline_zbv"):
-        assert "PipelineStep" in defined_names(programs[name])
-        assert "OverlappedGradientSync" not in defined_names(programs[name])
-    assert "TiedGradientSync" in defined_names(programs["pipeline_1f1b"])  # the tied embedding and head
-    assert "TiedGradientSync" not in defined_names(programs["frozen_pipeline"])  # frozen: nothing to sum
+        assert "PipelineStep" in defined_names(programs[name].runtime)
+        assert "OverlappedGradientSync" not in defined_names(programs[name].runtime)
+        assert "\nSTAGES = Stages(\n    forward={0: stage_0, 1: stage_1" in programs[name].main
+    assert "TiedGradientSync" in defined_names(programs["pipeline_1f1b"].runtime)  # the tied embedding and head
+    assert "TiedGradientSync" not in defined_names(programs["frozen_pipeline"].runtime)  # frozen: nothing to sum
+
+
+def test_main_py_holds_the_plans_own_code_and_imports_the_runtime_by_name(programs):
+    """main.py: the docstring, its imports, forward, the entry line; runtime.py: the plan's tables and the
+    runtime (no generated function, no entry line)."""
+    dp = programs["dp"]
+    assert "\nfrom runtime import DEVICE, OverlappedGradientSync, aten, comm_all_reduce, main\n" in dp.main
+    body = ast.parse(dp.main).body
+    assert [type(s).__name__ for s in body] == ["Expr", "Import", "ImportFrom", "FunctionDef", "If"]
+    assert '"--infer-stages"' in programs["pipeline_1f1b"].runtime
+    assert "PARAMS = {" in dp.runtime and "\ndef forward(" not in dp.runtime and "__main__" not in dp.runtime
 
 
 def test_features_come_with_the_plans_that_use_them(programs):
     """FSDP's regathering, gradient buckets, recomputation and local kernels appear only where used."""
-    names = {name: defined_names(text) for name, text in programs.items()}
+    names = {name: defined_names(program.runtime) for name, program in programs.items()}
     assert "comm_gather_param" in names["fsdp"] and "comm_gather_param" not in names["dp"]
-    assert "@regathering_params\ndef forward(" in programs["fsdp"]
+    assert "@regathering_params\ndef forward(" in programs["fsdp"].main
     assert "OverlappedGradientSync" in names["dp"] and "OverlappedGradientSync" not in names["fsdp"]
-    assert programs["dp"].endswith("main(gradient_syncs=[OverlappedGradientSync])\n")
-    assert programs["fsdp"].endswith("    main()\n")
-    assert "from torch.utils.checkpoint import checkpoint" in programs["recompute"]
-    assert "checkpoint" not in names["dp"] and "import checkpoint" not in programs["dp"]
+    assert programs["dp"].main.endswith("main(forward, gradient_syncs=[OverlappedGradientSync], description=__doc__)\n")
+    assert programs["fsdp"].main.endswith("    main(forward, description=__doc__)\n")
+    assert "from torch.utils.checkpoint import checkpoint" in programs["recompute"].main
+    assert "checkpoint" not in names["dp"] and "import checkpoint" not in programs["dp"].main
     kernels = set(runtime.pieces()["kernels"].definitions)
     assert kernels & names["dp_tp_sp_vocab"] == {"masked_embedding", "masked_gather"}  # the vocabulary-split loss
     assert not kernels & names["dp"]
     assert "AllGather" not in names["dp"] and "AllReduce" in names["dp"]
     split = {"SplitBackwardStep", "backward_input", "WeightWork"}  # the zero-bubble schedules' split backward
-    assert split <= names["pipeline_zbv"] and programs["pipeline_zbv"].endswith("step_type=SplitBackwardStep)\n")
+    assert split <= names["pipeline_zbv"]
+    assert programs["pipeline_zbv"].main.endswith("step_type=SplitBackwardStep, description=__doc__)\n")
     assert not split & (names["pipeline_1f1b"] | names["pipeline_interleaved"])
     ring = {"ring_attention", "RingAttention", "attention_block", "merge_blocks"}  # context parallelism's ring
     assert ring <= names["dp_cp_ring"] and not ring & (names["cp_allgather"] | names["dp"] | names["dp_tp"])
@@ -146,35 +190,34 @@ def test_features_come_with_the_plans_that_use_them(programs):
 
 
 def test_gpt_dp_program_is_lean(programs):
-    """The bundled GPT (2 layers) under dp: the plan, the runtime it reaches and one line per IR node.
-    Before the runtime was split, this program had 954 lines; split, 420. Every training program also carries
-    sharded checkpoints, resume and the lost-peer report: ~360 lines with their flags, hooks and imports; and the
-    training controls (schedule, clipping, accumulation: ~50), token files (~120), progress lines (~55) and the
-    precision (gradients summed in the plan's reduce dtype, the dtypes --metrics reports: ~25), 1,060 lines in
-    all."""
-    lines = programs["dp"].splitlines()
-    assert len(lines) < 1090, len(lines)
+    """The bundled GPT (2 layers) under dp: main.py is the plan's own code — its docstring with the plan as DSL
+    text, its imports, one line per IR node in forward, the entry line — 80 lines. Its runtime.py holds the
+    plan's tables and the runtime it reaches: 997 lines, of which ~360 are sharded checkpoints, resume and the
+    lost-peer report, ~120 token files, ~55 progress lines, ~50 training controls. (One file, before the
+    runtime was split: 954 lines; split, 420; with all of issue 14's runtime, 1,060.)"""
+    assert len(programs["dp"].main.splitlines()) < 300, len(programs["dp"].main.splitlines())
+    assert len(programs["dp"].runtime.splitlines()) < 1050, len(programs["dp"].runtime.splitlines())
 
 
 def test_values_are_named_after_their_modules(programs):
-    dp, fsdp, tp = programs["dp"], programs["fsdp"], programs["dp_tp_sp_vocab"]
+    dp, fsdp, tp = programs["dp"].main, programs["fsdp"].main, programs["dp_tp_sp_vocab"].main
     assert "    blocks_0_attn_qkv = aten.linear.default(blocks_0_ln_1, p['blocks.0.attn.qkv.weight']" in dp
     assert "    blocks_1_mlp_proj = aten.linear.default(gelu_1, " in dp
     assert "    blocks_0_attn_qkv_weight = comm_gather_param(p['blocks.0.attn.qkv.weight'], axis='dp', dim=0)" in fsdp
     assert "    add_reduce_scatter = comm_reduce_scatter(add, axis='tp', dim=1)" in tp
     assert "aten.layer_norm.default(add_reduce_scatter, " in tp
-    for text in programs.values():
-        assert " v_" not in text
+    for program in programs.values():
+        assert " v_" not in program.main
 
 
 def test_header_carries_the_plan_as_dsl_text(programs):
     dp, tp = programs["dp"], programs["dp_tp_sp_vocab"]
-    assert "\nPlan:\n    mesh dp=2\nPasses: " in dp
-    assert ("\nPlan:\n    mesh dp=2, tp=2\n    param blocks.*.attn.qkv.weight: tp=S(0)\n" in tp
-            and "\n    sequence_parallel\n    vocab_parallel\nPasses: " in tp)
-    assert "Strategy: {" not in dp
-    assert "PLAN_TEXT = (  # the plan as DSL text, recorded in checkpoints\n    'mesh dp=2\\n'\n)" in dp
-    assert "    'mesh dp=2, tp=2\\n'\n    'param blocks.*.attn.qkv.weight: tp=S(0)\\n'\n" in tp
+    assert "\nPlan:\n    mesh dp=2\nPasses: " in dp.main
+    assert ("\nPlan:\n    mesh dp=2, tp=2\n    param blocks.*.attn.qkv.weight: tp=S(0)\n" in tp.main
+            and "\n    sequence_parallel\n    vocab_parallel\nPasses: " in tp.main)
+    assert "Strategy: {" not in dp.main
+    assert "PLAN_TEXT = (  # the plan as DSL text, recorded in checkpoints\n    'mesh dp=2\\n'\n)" in dp.runtime
+    assert "    'mesh dp=2, tp=2\\n'\n    'param blocks.*.attn.qkv.weight: tp=S(0)\\n'\n" in tp.runtime
 
 
 class Clashing(nn.Module):
@@ -202,21 +245,20 @@ def test_module_names_that_clash_with_runtime_names_get_fresh_names(tmp_path, mo
     model, x, y = Clashing(), torch.randn(6, 8), torch.randint(0, 4, (6,))
     plan = compile_cached(model, (x, y), 1, "dp")
     path = plan.emit(tmp_path)
-    source = path.read_text()
-    assert pyflakes_findings(source, "main.py") == []
-    assert "    shard_1 = aten.linear.default(" in source and "    torch_1 = aten.linear.default(" in source
-    spec = importlib.util.spec_from_file_location("clashing_program", path)
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
+    source = read_program(path)
+    assert pyflakes_findings(source.main, "main.py") == [] and pyflakes_findings(source.runtime, "runtime.py") == []
+    assert "    shard_1 = aten.linear.default(" in source.main and "    torch_1 = aten.linear.default(" in source.main
+    program, runtime_module = import_program(path)
     for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                             SBPC_FORCE_GLOO="1").items():
         monkeypatch.setenv(name, value)
-    program.init_distributed(60)
+    runtime_module.init_distributed(60)
     try:
         weights = torch.load(tmp_path / "weights.pt", weights_only=True)
-        params = {n: program.shard(weights[n], layout) for n, layout in program.PARAMS.items()}
+        params = {n: runtime_module.shard(weights[n], layout) for n, layout in runtime_module.PARAMS.items()}
         batch = (x, y)
-        loss, _ = program.forward(params, {}, program.local_inputs(batch), program.bind_dims(batch), program.COORD)
+        loss, _ = program.forward(params, {}, runtime_module.local_inputs(batch), runtime_module.bind_dims(batch),
+                                  runtime_module.COORD)
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(loss, model(x, y), rtol=1e-5, atol=1e-6)
@@ -240,10 +282,11 @@ def test_selection_follows_what_the_definitions_read():
     chosen = runtime.global_reads("\n".join(text for _, _, text in selection.sections))[0]
     assert chosen == {"comm_all_reduce", "AllReduce", "_all_reduce", "GROUPS"}
     assert selection.imports == ["import torch", "import torch.distributed as dist"]
+    assert selection.entry_names == ["comm_all_reduce"] and selection.entry_imports == []
     titles = [title for title, _, _ in selection.sections]
     assert titles == ["Process groups and layouts", "Collectives on one mesh axis"]
     plain = runtime.select({"main"}, "training", {}).plan_names
-    assert {"PARAMS", "forward"} <= plain and not {"GRAD_BUCKETS", "STAGE_TENSORS"} & plain
+    assert "PARAMS" in plain and not {"GRAD_BUCKETS", "STAGE_TENSORS", "forward"} & plain  # forward: an argument
     assert "STAGE_TENSORS" in runtime.select({"main"}, "pipeline", {}).plan_names
 
 

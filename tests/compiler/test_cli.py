@@ -23,7 +23,7 @@ def test_compile_dumps_ir_and_emits(tmp_path, capsys):
     out = capsys.readouterr().out
     graph = parse(out)
     assert graph.meshes["world"].shape == (4,)
-    assert (tmp_path / "prog" / "main.py").exists() and (tmp_path / "prog" / "weights.pt").exists()
+    assert {p.name for p in (tmp_path / "prog").iterdir()} == {"main.py", "runtime.py", "weights.pt", "launch.sh"}
 
 
 def test_dump_after_and_dump_command(tmp_path, capsys):

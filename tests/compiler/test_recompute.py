@@ -7,7 +7,6 @@ gradients.
 """
 from __future__ import annotations
 
-import importlib.util
 import socket
 
 import pytest
@@ -19,6 +18,7 @@ from frontend.dsl import PlanError
 from passes.manager import PassContext
 from passes.recompute import recompute_pass
 from strategy import StrategyError
+from tests.launch import import_program
 from tests.models import gpt_inputs, gpt_model
 
 
@@ -60,18 +60,16 @@ def _free_port() -> int:
 def _kept_bytes_and_grads(program_dir, monkeypatch) -> tuple[int, dict]:
     """Import an emitted one-rank program, run forward and backward in this process; the bytes autograd
     keeps for backward outside checkpointed regions, and the gradients."""
-    spec = importlib.util.spec_from_file_location(f"emitted_{abs(hash(str(program_dir)))}", program_dir / "main.py")
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
+    program, runtime = import_program(program_dir / "main.py")
     for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                             SBPC_FORCE_GLOO="1").items():
         monkeypatch.setenv(name, value)
-    program.init_distributed(60)
+    runtime.init_distributed(60)
     try:
         weights = torch.load(program_dir / "weights.pt", weights_only=True)
-        params = {n: program.shard(weights[n], layout).requires_grad_(True) for n, layout in program.PARAMS.items()}
-        buffers = {n: weights[n] for n in program.BUFFERS}
-        batch = program.synthetic_batch(0, 0)
+        params = {n: runtime.shard(weights[n], layout).requires_grad_(True) for n, layout in runtime.PARAMS.items()}
+        buffers = {n: weights[n] for n in runtime.BUFFERS}
+        batch = runtime.synthetic_batch(0, 0)
         kept = []
 
         def pack(t):
@@ -79,8 +77,8 @@ def _kept_bytes_and_grads(program_dir, monkeypatch) -> tuple[int, dict]:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = program.forward(params, buffers, program.local_inputs(batch), program.bind_dims(batch),
-                                      program.COORD)
+            loss, _ = program.forward(params, buffers, runtime.local_inputs(batch), runtime.bind_dims(batch),
+                                      runtime.COORD)
         loss.backward()
         return sum(kept), {n: p.grad for n, p in params.items()}
     finally:
