@@ -94,6 +94,8 @@ def _on_axis(candidates: list, solved: tuple, axis: int) -> list:
     ins, outs = solved
     matching = [c for c in candidates if len(c[0]) == len(ins) and len(c[1]) == len(outs)
                 and all(a[axis] == b for a, b in zip(c[0], ins)) and all(a[axis] == b for a, b in zip(c[1], outs))]
+    if not matching:  # e.g. the other axes' layouts rule it out at the example sizes
+        LOG.info("no signature keeps the solved tensor-axis layouts %s; choosing greedily", solved)
     return matching or candidates
 
 
