@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,6 +64,13 @@ class PlanOptions:
     overlap_grad_sync: bool = True
     """Gradient all-reduces overlap the last microbatch's backward (DDP-style bucketing); False: they
     start after it, as in a runtime that synchronises once backward is done."""
+
+    def for_plan_precision(self, precision: Any) -> "PlanOptions":
+        """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
+        precision is priced as the plan runs (its compute dtype) unless these options name one."""
+        if precision is not None and precision.mixed and self.precision is None:
+            return replace(self, precision=precision.compute)
+        return self
 
     def key(self) -> tuple:
         """A hashable summary (cache keys)."""

@@ -69,17 +69,15 @@ def propagate_pass(graph: Graph, ctx: PassContext) -> None:
 
 def _solved_tensor_axis(graph: Graph, ctx: PassContext) -> dict[str, tuple]:
     """Node name -> (input SBPs, output SBPs) on the tensor axis, as the planner's solver lays it out for
-    this strategy on ``ctx.cluster``; empty without a cluster or a tensor axis of more than one device."""
+    this strategy on ``ctx.cluster``; empty unless the strategy says ``solved_layouts`` and there is a cluster
+    and a tensor axis of more than one device."""
     strategy, cluster = ctx.strategy, ctx.cluster
     axis = strategy.tensor_axis
     if not strategy.options.solved_layouts or cluster is None or axis is None or strategy.mesh_spec.size(axis) == 1:
         return {}
     from cost.estimate import PlanOptions
     from passes.planner.evaluate import ModelView
-    options = ctx.options.get(PLAN_OPTIONS)
-    if options is None:
-        mixed = strategy.precision is not None and strategy.precision.mixed
-        options = PlanOptions(precision=strategy.precision.compute if mixed else None)
+    options = ctx.options.get(PLAN_OPTIONS) or PlanOptions().for_plan_precision(strategy.precision)
     try:
         solution = ModelView(graph, ctx.train).strategy_layouts(strategy, cluster, options)
     except ValueError as error:  # a layout the solver cannot honour: the greedy choice reports it below

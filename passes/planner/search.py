@@ -133,8 +133,7 @@ def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool 
     """
     options = options or PlanOptions(**option_values)
     fixed = _fixed_parts(strategy)
-    if fixed.precision is not None and fixed.precision.mixed and options.precision is None:
-        options = replace(options, precision=fixed.precision.compute)  # priced as the plan will run
+    options = options.for_plan_precision(fixed.precision)  # priced as the plan will run
     key = _cache_key(graph, cluster, fixed, options, train)
     cache = cache_directory(cache_dir)
     if use_cache:
