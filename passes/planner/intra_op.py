@@ -14,8 +14,8 @@ prologue, block 0 and the epilogue; the block's unary and internal edge costs co
 edge from the prologue into the block once, and a *loop edge* from the block's output back to its own
 input ``N - 1`` times (that is what block ``k`` reads from block ``k - 1``). The optimum is the best
 assignment that gives every block the same layouts, which is what a strategy's ``blocks.*`` globs
-express; :func:`passes.planner.pairwise.solve_dp` solves it exactly (the loop edge only widens its
-frontier by the block's boundary).
+express; :func:`passes.planner.pairwise.solve_dp` solves it exactly (the loop edge only joins the
+block's output to its input in the elimination).
 """
 from __future__ import annotations
 
