@@ -192,7 +192,8 @@ def price_ir(graph: Graph, strategy: Strategy, cluster: Cluster, options: PlanOp
     structure = find_layers(graph)
     dims = graph.attrs.get("example_dims") or {}
     batch = int(options.global_batch or dims.get("batch", 1))
-    profile = ir_profile(graph, Precision.resolve(options.precision, graph), global_batch=batch, structure=structure)
+    profile = ir_profile(graph, Precision.resolve(options.precision, graph), global_batch=batch, structure=structure,
+                         moe_imbalance=options.moe_imbalance)
     cut = _stage_layers_of_ir(structure)
     if cut is not None:  # the pipeline pass chose (or honoured) the cut: price the stages it made
         strategy = replace(strategy, pipeline=replace(strategy.pipeline, stage_layers=tuple(map(tuple, cut))))

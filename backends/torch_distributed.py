@@ -31,6 +31,7 @@ from ir.recompute import RECOMPUTE_ATTR, recompute_regions
 from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
                                  stage_index, tied_groups)
 from ir.ops.attention import RING_ATTENTION, runs_ring
+from ir.ops.moe import DISPATCH, EXCHANGING, exchanges
 from ir.ops.registry import LocalContext, local_call, local_shape
 from ir.sbp import format_nd_sbp
 from ir.types import DTYPES_BY_NAME
@@ -424,6 +425,8 @@ class ProgramWriter:
         if node.op == RING_ATTENTION and runs_ring(node, mesh, node.input_values()[0].sbp):
             args = ", ".join([self._arg(a) for a in node.args] + [f"{k}={self._arg(v)}" for k, v in node.kwargs.items()])
             return f"    {outs[0]} = ring_attention({args}){comment}"
+        if node.op in EXCHANGING:
+            return f"    {', '.join(outs)} = {self._expert_exchange(node, mesh)}{comment}"
         ctx = LocalContext(mesh, node.outputs[0].mesh, [v.sbp for v in node.input_values()],
                            [v.sbp for v in node.outputs])
         call = local_call(node, ctx)
@@ -431,6 +434,17 @@ class ProgramWriter:
         args = [self._arg(a) for a in call.args] + [f"{k}={self._arg(v)}" for k, v in call.kwargs.items()]
         lhs = outs[0] if len(outs) == 1 and not _returns_list(node) else ", ".join(outs) + ("," if len(outs) == 1 else "")
         return f"    {lhs} = {fn}({', '.join(args)}){comment}"
+
+    def _expert_exchange(self, node: Node, mesh) -> str:
+        """A MoE dispatch or combine (``backends/runtime/moe.py``): all-to-all where its tokens are split over
+        its axis, else this rank routes its own tokens to every expert."""
+        args = [self._arg(a) for a in node.args]
+        experts, axis = node.kwargs["experts"], node.kwargs["axis"]
+        if exchanges(node, mesh, node.input_values()[0].sbp):
+            return f"moe_{node.op.split('.')[1]}({', '.join(args)}, experts={experts}, axis={axis!r})"
+        if node.op == DISPATCH:
+            return f"moe_replicated_dispatch({', '.join(args)}, experts={experts}, ranks={node.kwargs['ranks']})"
+        return f"moe_replicated_combine({', '.join(args)}, experts={experts})"
 
     def _arg(self, a) -> str:
         if isinstance(a, Value):

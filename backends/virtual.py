@@ -16,10 +16,13 @@ import sympy
 import torch
 
 from backends.runtime.context_parallel import attention_block, block_keep, merge_blocks
+from backends.runtime.moe import (combine_in_process, dispatch_in_process, moe_replicated_combine,
+                                  moe_replicated_dispatch)
 from backends.runtime.split_backward import WeightWork, backward_input
 from ir import kernels
 from ir.core import Graph, Node, Value
 from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
+from ir.ops.moe import DISPATCH, EXCHANGING, exchanges
 from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import LocalContext, coord_symbol, local_call
@@ -168,6 +171,32 @@ def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
     return out
 
 
+def expert_exchange(node: Node, env: dict, mesh: Mesh) -> list[list]:
+    """Every rank's outputs of a MoE dispatch or combine (``ir/ops/moe.py``): where tokens are split over the
+    node's axis, each group of that axis exchanges rows in this process as the emitted all-to-alls do (the ops
+    are differentiable: one backward is the reverse exchange); elsewhere each rank routes its own tokens."""
+    ins = [env[id(v)] for v in node.input_values()]
+    experts = arg(node, "experts")
+    if not exchanges(node, mesh, node.input_values()[0].sbp):
+        if node.op == DISPATCH:
+            outs = [moe_replicated_dispatch(h, i, experts, arg(node, "ranks")) for h, i in zip(*ins)]
+        else:
+            outs = [moe_replicated_combine(*locals_, experts) for locals_ in zip(*ins)]
+        return [list(o) for o in zip(*outs)] if node.op == DISPATCH else [outs]
+    results = [[None] * mesh.size for _ in node.outputs]
+    for group in mesh.groups(mesh.axis_index(arg(node, "axis"))):
+        mine = [[locals_[i] for i in group] for locals_ in ins]
+        if node.op == DISPATCH:
+            outs = dispatch_in_process(*mine, experts)
+        else:
+            rows, index, weights, route = mine
+            outs = (combine_in_process(rows, route, index, weights, experts),)
+        for result, per_rank in zip(results, outs):
+            for i, t in zip(group, per_rank):
+                result[i] = t
+    return results
+
+
 # -- running a graph --------------------------------------------------------------------------------
 
 def bind_dims(graph: Graph, inputs: tuple) -> dict:
@@ -261,6 +290,10 @@ class VirtualMesh:
         mesh = self.mesh(node.outputs[0])
         if node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp):
             env[id(node.outputs[0])] = ring_attention(node, env, mesh)
+            return
+        if node.op in EXCHANGING:
+            for o, locals_ in zip(node.outputs, expert_exchange(node, env, mesh)):
+                env[id(o)] = locals_
             return
         call = self._local_call(node, mesh)
         fn = resolve_callable(call.fn)

@@ -16,7 +16,7 @@ from frontend.torch_capture import Captured, capture
 from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
-from passes import (boxing, context_parallel, decompose, grad_sync, layouts, pipeline, precision,  # noqa: F401
+from passes import (boxing, context_parallel, decompose, experts, grad_sync, layouts, pipeline, precision,  # noqa: F401
                     propagate, recompute)  # (register passes)
 from passes.manager import PassContext, as_calls, run_passes
 from strategy import Strategy
@@ -173,6 +173,7 @@ def passes_for(strategy: Strategy) -> list[str]:
     """The pass pipeline for a strategy: the casts of its precision first when it names one, attention on
     sequence shards when it has a cp axis, pipeline cutting and scheduling when it has stages."""
     passes = (["precision"] if strategy.precision is not None else []) + list(DEFAULT_PASSES)
+    passes.insert(passes.index("layouts") + 1, "experts")  # a no-op without experts split over an axis
     if strategy.context_parallel > 1:
         passes.insert(passes.index("layouts") + 1, "context_parallel")
     if strategy.is_pipelined:

@@ -64,6 +64,9 @@ class PlanOptions:
     overlap_grad_sync: bool = True
     """Gradient all-reduces overlap the last microbatch's backward (DDP-style bucketing); False: they
     start after it, as in a runtime that synchronises once backward is done."""
+    moe_imbalance: float = 1.0
+    """Expert parallelism's routing imbalance: rows the busiest rank gets over the balanced share (>= 1); its
+    experts' matmuls and its all-to-all bytes scale by it. 1: tokens spread evenly over the experts."""
 
     def for_plan_precision(self, precision: Any) -> "PlanOptions":
         """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
@@ -75,7 +78,7 @@ class PlanOptions:
     def key(self) -> tuple:
         """A hashable summary (cache keys)."""
         return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
-                self.memory_headroom, self.solver, self.overlap_grad_sync)
+                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance)
 
     def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
         """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""

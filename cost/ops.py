@@ -54,10 +54,11 @@ WEIGHT_GRADIENT_SHARE: dict[str, float] = {
 (the ``W`` of a split backward); other categories' weight gradients are small reductions (0)."""
 
 _MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot",
-               "_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+               "_grouped_mm", "grouped_mm", "grouped_mm_fallback", "expert_mm"}
 """... grouped matmuls of mixture-of-experts layers included: ``aten._grouped_mm`` and transformers' custom op
 ``transformers.grouped_mm_fallback`` ((S, K) rows, each by its expert's (K, N) matrix: 2·S·K·N; a shard of
-the experts multiplies its experts' rows only, a share of S: see ``_experts_share``)."""
+the experts multiplies its experts' rows only, a share of S: see ``_experts_share``); expert parallelism's
+``moe.expert_mm`` multiplies the rows routed to a rank (its local rows: balanced routing)."""
 _ATTENTION_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
                   "_scaled_dot_product_cudnn_attention", "ring_attention"}

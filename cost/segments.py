@@ -29,6 +29,7 @@ from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
 from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
 from ir.ops.comm import ADJOINTS
+from ir.ops.moe import DISPATCH, EXCHANGING, EXPERT_MM, exchanges
 from ir.ops.schema import SchemaError, arg
 from ir.recompute import RECOMPUTE_ATTR
 from ir.sbp import Broadcast, Split
@@ -175,6 +176,9 @@ class CommRecord:
     overlaps: "ComputeRecord | None" = None
     """For ring attention's key/value exchange: the attention whose blocks the transfers run under (each of
     the key and the value exchange overlaps half of its work); None for a plain collective."""
+    routed: bool = False
+    """Expert parallelism's exchange of routed rows (``moe.dispatch`` / ``moe.combine``): its bytes grow with the
+    routing's imbalance (:attr:`CostContext.moe_imbalance`)."""
 
 
 @dataclass
@@ -313,6 +317,9 @@ class CostContext:
     """Bindings of the non-batch symbols (``seq``) at the example sizes."""
     precision: Precision
     train: bool = True
+    moe_imbalance: float = 1.0
+    """Rows the busiest rank of expert parallelism gets, over the balanced share: its experts' matmuls and its
+    all-to-all traffic scale by it (1: tokens spread evenly over experts)."""
 
     def dims_at(self, batch: float) -> dict:
         """The bindings with the batch symbol at ``batch``."""
@@ -396,6 +403,8 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
             bwd_ops += dispatched and record.has_grad and ctx.train
             continue
         work = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision)))
+        if record.op == EXPERT_MM:
+            work = work * ctx.moe_imbalance
         kind = op_kind(record.op)
         fwd_flops.append(work[:, 0])
         fwd_bytes.append(work[:, 1])
@@ -415,7 +424,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     items = []
     for record in comms:
         kind = record.op[len(COMM_PREFIX):]
-        nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx))
+        nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx)) * (ctx.moe_imbalance if record.routed else 1.0)
         axis = ctx.mesh.axes[record.axis]
         fwd_hidden, bwd_hidden = _hidden_flops(record, ctx)
         items.append(CommItem(kind, axis, nbytes, False, fwd_hidden))
@@ -522,14 +531,15 @@ class Profile:
 
 
 def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None = None,
-               structure: LayerStructure | None = None) -> Profile:
-    """The profile of a graph the layout passes have annotated (every value has an SBP on one mesh)."""
+               structure: LayerStructure | None = None, moe_imbalance: float = 1.0) -> Profile:
+    """The profile of a graph the layout passes have annotated (every value has an SBP on one mesh);
+    ``moe_imbalance``: see :attr:`CostContext.moe_imbalance`."""
     if not graph.meshes:
         raise ValueError("expected a laid-out graph (run the layout passes first); found no mesh")
     mesh = next(iter(graph.meshes.values()))
     dims = {k: v for k, v in (graph.attrs.get("example_dims") or {}).items() if k != BATCH_SYMBOL}
     train = graph.loss is not None
-    ctx = CostContext(mesh, dims, precision, train)
+    ctx = CostContext(mesh, dims, precision, train, moe_imbalance)
     structure = structure or find_layers(graph)
     grad = values_with_grad(graph)
     first_use = _first_use_segment(graph, structure)
@@ -560,6 +570,9 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
                                         RECOMPUTE_ATTR in node.attrs))
             continue
         ins = node.input_values()
+        if node.op in EXCHANGING and exchanges(node, mesh, ins[0].sbp):
+            comms += _expert_exchanges(node, mesh, has_grad)
+            continue
         ring = node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp)
         record = compute_record(node, _ring_work_layouts(node, mesh) if ring else tuple(v.sbp for v in ins),
                                 tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs)
@@ -567,6 +580,18 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
         if ring:
             comms += _ring_exchanges(node, mesh, record)
     return computes, comms
+
+
+def _expert_exchanges(node: Node, mesh: Mesh, has_grad: bool) -> list[CommRecord]:
+    """A MoE dispatch or combine exchanging rows on its axis: one all-to-all of each rank's rows (adjoint: the
+    reverse all-to-all), the dispatch's small all-to-all of split sizes first (no gradient)."""
+    axis = mesh.axis_index(arg(node, "axis"))
+    rows = node.outputs[0] if node.op == DISPATCH else node.input_values()[0]
+    exchange = CommRecord("comm.all_to_all", axis, rows.type, rows.sbp, has_grad, routed=True)
+    if node.op != DISPATCH:
+        return [exchange]
+    route = node.outputs[1]
+    return [CommRecord("comm.all_to_all", axis, route.type, route.sbp, False), exchange]
 
 
 def _ring_work_layouts(node: Node, mesh: Mesh) -> tuple:

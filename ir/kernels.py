@@ -39,6 +39,14 @@ def grouped_mm_of_experts(input, weight, offs, first):
     return torch.cat(pieces)
 
 
+def expert_mm(rows, weight, route):
+    """The grouped matmul of a rank's experts (expert parallelism, ``moe.expert_mm``): ``rows`` sorted by
+    expert, ``route.sum(0)`` of them for each of the ``weight.shape[0]`` experts, each block of rows times
+    its expert's ``(K, N)`` matrix of ``weight``."""
+    blocks = rows.split(route.sum(0).tolist())
+    return torch.cat([block @ weight[e] for e, block in enumerate(blocks)])
+
+
 def masked_gather(x, dim, index, start):
     """``gather`` from a shard holding [start, start + size) of ``dim``; indices outside give 0."""
     size = x.shape[dim]

@@ -108,6 +108,9 @@ def dtype_size(name: str) -> int:
 CONTEXT_AXIS = "cp"
 """The mesh axis of context parallelism: it splits the sequence (dim 1 of inputs, the query/key
 length of attention); op rules offer sequence splits of position ops on it (``OpRule.on_axis``)."""
+EXPERT_AXIS = "ep"
+"""The mesh axis of expert parallelism: it splits the experts of mixture-of-experts layers and, like the
+data-parallel axis, the batch (tokens reach their experts by all-to-all, ``ir/ops/moe.py``)."""
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ from ir.core import Graph, Value
 from ir.sbp import PINNED_ATTR, B, Split
 from ir.types import Mesh
 from passes.manager import PassContext, register_pass
-from strategy import CONTEXT_AXIS, DATA_AXIS, PIPELINE_AXIS, Layout, Strategy, StrategyError, closest
+from strategy import CONTEXT_AXIS, DATA_AXIS, EXPERT_AXIS, PIPELINE_AXIS, Layout, Strategy, StrategyError, closest
 
 MESH_NAME = "world"
-BATCH_AXES = (DATA_AXIS,)
+BATCH_AXES = (DATA_AXIS, EXPERT_AXIS)
+"""Axes that split the batch: data parallelism, and expert parallelism (whose tokens go to their experts by
+all-to-all; elsewhere it is data parallelism)."""
 
 
 @register_pass("layouts", produces=("laid_out",))

@@ -30,6 +30,8 @@ PROPERTIES = {
                 "(graph attr pinned)",
     "context_attention": "attention on sequence shards written as the strategy's cp_attention asks (ring "
                          "attention ops under cp_attention ring)",
+    "expert_dispatch": "mixture-of-experts layers with experts split over a mesh axis written as moe.dispatch, "
+                       "moe.expert_mm and moe.combine (all-to-all on that axis)",
     "propagated": "an SBP on every value and, on every node, the input layouts its signature needs "
                   "(node attr in_sbp)",
     "boxed": "every node's inputs converted to the layouts its signature needs (no in_sbp left)",

@@ -26,6 +26,7 @@ import functools
 import logging
 
 from ir.core import Graph, Node
+from ir.ops.moe import DISPATCH, routed_values
 from ir.ops.registry import nd_signatures, splits_divide
 from ir.ops.shape_ops import _magnitude
 from ir.sbp import IN_SBP_ATTR, PINNED_ATTR, B, Partial, Split, format_nd_sbp
@@ -51,10 +52,13 @@ def propagate_pass(graph: Graph, ctx: PassContext) -> None:
     pinned = graph.attrs.get(PINNED_ATTR, {})
     dims = graph.attrs.get("example_dims") or {}
     solved = _solved_tensor_axis(graph, ctx)
+    routed = routed_rows(graph)
     for node in graph.nodes:
         mesh_name = _mesh_of(node, graph)
         mesh = graph.meshes[mesh_name]
         candidates = nd_signatures(node, mesh)
+        if any(id(v) in routed for v in node.input_values()):
+            candidates = _keeping_routed_rows(node, candidates, routed)
         hint = hints.get(id(node))
         if hint is not None:
             candidates = [c for c in candidates if _matches(c[1][0], hint)] or _no_hint_fit(node, hint)
@@ -95,6 +99,20 @@ def _on_axis(candidates: list, solved: tuple, axis: int) -> list:
     if not matching:  # e.g. the other axes' layouts rule it out at the example sizes
         LOG.info("no signature keeps the solved tensor-axis layouts %s; choosing greedily", solved)
     return matching or candidates
+
+
+def routed_rows(graph: Graph) -> set[int]:
+    """Ids of the values holding expert parallelism's routed rows (``ir/ops/moe.py``)."""
+    return {id(v) for node in graph.nodes if node.op == DISPATCH for v in routed_values(node)}
+
+
+def _keeping_routed_rows(node: Node, candidates: list, routed: set[int]) -> list:
+    """Signatures that read routed rows split over dim 0 exactly where they are: their pieces are uneven and
+    data-dependent, so no collective may split or gather their rows (other dims convert as usual)."""
+    def keeps(cand) -> bool:
+        return all(id(v) not in routed or all((s == Split(0)) == (w == Split(0)) for s, w in zip(v.sbp, want))
+                   for v, want in zip(node.input_values(), cand[0]))
+    return [c for c in candidates if keeps(c)] or candidates
 
 
 def _mesh_of(node: Node, graph: Graph) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Literal, Mapping, Union
 
 from ir.sbp import Sbp
-from ir.types import CONTEXT_AXIS
+from ir.types import CONTEXT_AXIS, EXPERT_AXIS
 from ir.schedules import DEFAULT_VIRTUAL_STAGES, SCHEDULE_NAMES, pipeline_schedule
 
 AUTO = "auto"
@@ -116,10 +116,10 @@ class MeshSpec:
     @property
     def tensor_axis(self) -> str | None:
         """The axis of tensor (and sequence, vocabulary) parallelism: ``tp`` if present, else the last
-        axis that is none of ``dp``, ``pp``, ``cp``; None when there is none."""
+        axis that is none of ``dp``, ``pp``, ``cp``, ``ep``; None when there is none."""
         if "tp" in self.axes:
             return "tp"
-        others = [a for a in self.axes if a not in (DATA_AXIS, PIPELINE_AXIS, CONTEXT_AXIS)]
+        others = [a for a in self.axes if a not in (DATA_AXIS, PIPELINE_AXIS, CONTEXT_AXIS, EXPERT_AXIS)]
         return others[-1] if others else None
 
     def __str__(self) -> str:

@@ -13,6 +13,7 @@ from ir.ops.registry import (OpRule, Signature, LocalCall, RULES, register, rule
 from ir.ops import elementwise, shape_ops, nn_ops, reductions, comm  # noqa: F401  (registers rules)
 from ir.ops import pipeline_ops  # noqa: F401  (registers the pipeline transfer op)
 from ir.ops import attention  # noqa: F401  (registers ring attention)
+from ir.ops import moe  # noqa: F401  (registers expert parallelism's dispatch, experts' matmul and combine)
 
 __all__ = ["OpRule", "Signature", "LocalCall", "RULES", "register", "rule_for", "nd_signatures",
            "local_call", "known_ops"]

@@ -24,7 +24,7 @@ import torch
 
 BUILTIN_NAMESPACES = ("aten", "prims")
 """Namespaces of torch's own op sets; every other namespace holds custom ops."""
-SBPC_NAMESPACES = ("comm", "kernels", "cp")
+SBPC_NAMESPACES = ("comm", "kernels", "cp", "moe")
 """Names of the compiler's own: boxing collectives, local kernels and context-parallel attention (never
 ``torch.ops``)."""
 TORCH_DIR = Path(torch.__file__).resolve().parent
@@ -71,6 +71,9 @@ def resolve_op(name: str) -> torch._ops.OpOverload:
     from ir.ops.attention import RING_ATTENTION, logical_ring_attention
     if name == RING_ATTENTION:  # what it computes on logical tensors (for types and reference values)
         return logical_ring_attention
+    from ir.ops.moe import SCHEMAS as MOE_OPS, logical_op
+    if name in MOE_OPS:
+        return logical_op(name)
     if ns in SBPC_NAMESPACES:
         raise UnknownOpError(f"{name} is an sbpc {ns} op, not a torch op")
     packet = getattr(getattr(torch.ops, ns), op, None) if _has_op(ns, op) else None

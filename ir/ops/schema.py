@@ -36,6 +36,10 @@ def schema_of(op: str):
     if op == RING_ATTENTION:  # an sbpc op that declares its arguments like a torch op
         import torch
         return torch._C.parse_schema(RING_ATTENTION_SCHEMA)
+    from ir.ops.moe import SCHEMAS as MOE_SCHEMAS
+    if op in MOE_SCHEMAS:
+        import torch
+        return torch._C.parse_schema(MOE_SCHEMAS[op])
     if namespace(op) in SBPC_NAMESPACES:
         raise SchemaError(f"{op} is an sbpc op, not a torch op (expected a name such as aten.unbind.int); "
                           f"it has no schema")

@@ -18,6 +18,7 @@ from typing import Any
 
 from cluster import Cluster
 from cost.estimate import Estimate, PlanOptions, optimizer_name
+from cost.experts import EXPERT_AXIS, ExpertBlocks, expert_blocks, with_expert_parallelism
 from cost.ops import Precision
 from cost.placement import DATA_AXIS, PlanShape, axis_groups, plan_shape
 from cost.segments import BATCH_SYMBOL, Profile
@@ -147,9 +148,12 @@ class ModelView:
         shape = self.shape_of(strategy, cluster, options)
         tp_axis = strategy.tensor_axis
         solution = self.strategy_layouts(strategy, cluster, options, shape)
-        profile = self.profile(solution, shape.size(DATA_AXIS), options)
+        ep = shape.size(EXPERT_AXIS)
+        profile = self.profile(solution, shape.size(DATA_AXIS) * ep, options)
         if tp_axis and tp_axis != TENSOR_AXIS:
             profile = _rename_axis(profile, TENSOR_AXIS, tp_axis)
+        if ep > 1 and self.experts(options) is not None:
+            profile = with_expert_parallelism(profile, self.experts(options), ep, options.moe_imbalance)
         estimate = options.estimator(profile, cluster).estimate(shape, exact)
         return Evaluation(strategy, shape, profile, estimate, solution)
 
@@ -166,6 +170,12 @@ class ModelView:
         pins, hints = self.pins_and_hints(strategy, tp_axis)
         return self.layouts(cluster, tp_group, options, vocab_parallel=strategy.vocab_parallel,
                             sequence_parallel=strategy.sequence_parallel, pins=pins, hints=hints, free_params=False)
+
+    def experts(self, options: PlanOptions) -> ExpertBlocks | None:
+        """The blocks' mixture-of-experts layers (None: none, or no repeated blocks)."""
+        if not self.num_layers:
+            return None
+        return expert_blocks(self.graph, self.structure.prefix, Precision.resolve(options.precision, self.graph))
 
     def shape_of(self, strategy: Strategy, cluster: Cluster, options: PlanOptions) -> PlanShape:
         """The numbers of a strategy on this model (see :func:`plan_shape`)."""

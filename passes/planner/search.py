@@ -32,6 +32,7 @@ import numpy as np
 
 from cluster import Cluster
 from cost.estimate import Estimator, PlanOptions, optimizer_name
+from cost.experts import EXPERT_AXIS, ExpertBlocks, with_expert_parallelism
 from cost.memory import OPTIMIZER_STATES, MemoryEstimate, in_flight_microbatches
 from cost.ops import Precision
 from cost.partition import min_max_partition
@@ -40,7 +41,7 @@ from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, ev
 from cost.segments import at
 from ir.core import Graph
 from ir.layers import block_param_name
-from ir.sbp import B
+from ir.sbp import B, Split
 from passes.pipeline import batch_statistics_node, refuse_batch_statistics
 from passes.planner.evaluate import ModelView
 from passes.planner.intra_op import LayoutSolution, describe_layouts
@@ -224,6 +225,15 @@ class _Setting:
     vocab_parallel: bool
     devices: list
     """Per pipeline rank, its devices (row-major over dp, tp)."""
+    ep: int = 1
+    """Ranks of ``dp`` the MoE experts are folded over (the mesh ``dp / ep, ep, tp``); 1: no expert parallelism."""
+
+    @property
+    def stage_axes(self) -> tuple[tuple, tuple]:
+        """The stage mesh's axes and sizes: ``dp, tp``, or ``dp / ep, ep, tp`` with experts folded over ``ep``."""
+        if self.ep > 1:
+            return ("dp", EXPERT_AXIS, "tp"), (self.dp // self.ep, self.ep, self.tp)
+        return ("dp", "tp"), (self.dp, self.tp)
 
 
 class _Planner:
@@ -241,6 +251,8 @@ class _Planner:
         self.order = _device_order(cluster)
         self.batch = view.global_batch(options)
         self._estimators: dict[tuple, Estimator] = {}
+        self.experts = view.experts(options)
+        """The MoE blocks' experts (None: no mixture-of-experts blocks; expert parallelism is not searched)."""
         self.max_microbatches = self._microbatch_limit()
 
     def _microbatch_limit(self) -> int:
@@ -345,9 +357,9 @@ class _Planner:
         """Degrees and switches allowed by the fixed parts, by tensor-parallel then pipeline degree."""
         world = self.cluster.world_size
         mesh = self.fixed.mesh if isinstance(self.fixed.mesh, MeshSpec) else None
-        unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS})
+        unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS, EXPERT_AXIS})
         if unknown:
-            raise SearchError(f"the planner searches the mesh axes dp, tp and pp; the strategy names {unknown}. "
+            raise SearchError(f"the planner searches the mesh axes dp, tp, pp and ep; the strategy names {unknown}. "
                               f"Rename them or give the whole mesh without 'auto'")
         domain = min(len(d) for d in self.cluster.fast_domains())
         layers = max(self.view.num_layers, 1)
@@ -360,15 +372,31 @@ class _Planner:
                 if pp > 1 and self.view.num_layers == 0:
                     continue
                 dp = world // (tp * pp)
-                if not _allowed(mesh, DATA_AXIS, dp) or self.batch % dp:
+                if self.batch % dp:
                     continue
                 devices = [tuple(self.order[r * dp * tp:(r + 1) * dp * tp]) for r in range(pp)]
                 if tp > 1 and not groups_inside_domains([g for d in devices for g in
                                                          axis_groups(d, ("dp", "tp"), (dp, tp), "tp")], self.cluster):
                     continue
-                for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
-                    for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
-                        yield _Setting(tp, pp, dp, sp, vp, devices)
+                for ep in self._expert_degrees(mesh, dp, tp, devices):
+                    for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
+                        for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
+                            yield _Setting(tp, pp, dp, sp, vp, devices, ep)
+
+    def _expert_degrees(self, mesh: MeshSpec | None, dp: int, tp: int, devices: list) -> list[int]:
+        """The ``ep`` degrees to try: divisors of ``dp`` that divide the experts, their ``ep x tp`` groups inside a
+        fast-link domain (a node), as the fixed mesh allows; 1 without MoE blocks or with FSDP asked for."""
+        if self.experts is None or self.fixed.options.fsdp:
+            return [1] if _allowed(mesh, DATA_AXIS, dp) and _allowed(mesh, EXPERT_AXIS, 1) else []
+        out = []
+        for ep in _divisors(dp):
+            if self.experts.experts % ep or not _allowed(mesh, DATA_AXIS, dp // ep) or not _allowed(mesh, EXPERT_AXIS, ep):
+                continue
+            axes = (("dp", EXPERT_AXIS, "tp"), (dp // ep, ep, tp))
+            if ep == 1 or groups_inside_domains([g for d in devices for g in axis_groups(d, *axes, EXPERT_AXIS)],
+                                                self.cluster):
+                out.append(ep)
+        return out
 
     def solve(self, setting: _Setting) -> LayoutSolution | None:
         """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
@@ -386,9 +414,11 @@ class _Planner:
 
     def estimator(self, setting: _Setting, solution: LayoutSolution) -> Estimator:
         """The estimator of a setting's profile (one per layouts and data-parallel degree)."""
-        key = (id(solution), setting.dp)
+        key = (id(solution), setting.dp, setting.ep)
         if key not in self._estimators:
             profile = self.view.profile(solution, setting.dp, self.options)
+            if setting.ep > 1:
+                profile = with_expert_parallelism(profile, self.experts, setting.ep, self.options.moe_imbalance)
             self._estimators[key] = self.options.estimator(profile, self.cluster)
         return self._estimators[key]
 
@@ -400,8 +430,8 @@ class _Planner:
             if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp):
                 continue  # fewer microbatches than stages leaves most of the pipeline idle
             for schedule, virtual in self._schedules(setting, m):
-                for fsdp in _switch(self.fixed.options.fsdp, setting.dp > 1):
-                    base = PlanShape(("dp", "tp"), (setting.dp, setting.tp), setting.pp, m, schedule, virtual, [],
+                for fsdp in _switch(self.fixed.options.fsdp, setting.dp > 1 and setting.ep == 1):
+                    base = PlanShape(*setting.stage_axes, setting.pp, m, schedule, virtual, [],
                                      setting.devices, frozenset(), "dp" if fsdp else None,
                                      optimizer_name(self.options.optimizer))
                     if fsdp and self.fixed.options.fsdp is None and self._fits_plainly(base, estimator):
@@ -435,7 +465,7 @@ class _Planner:
         stages = base.pp * base.virtual_stages
         recompute_fixed = self.fixed.recompute
         if self.fixed.pipeline.stage_layers is not None or isinstance(self.fixed.pipeline.stages, tuple):
-            mesh = MeshSpec.of({"pp": base.pp, "dp": base.shape[0], "tp": base.shape[1]})
+            mesh = MeshSpec.of({"pp": base.pp, **dict(zip(base.axes, base.shape))})
             shape = self.view.shape_of(replace(self.fixed, mesh=mesh), self.cluster, self.options)
             base.stage_layers = shape.stage_layers
             yield from self._with_recompute(base, estimator, recompute_fixed)
@@ -474,10 +504,14 @@ class _Planner:
         mesh = {}
         if setting.pp > 1:
             mesh[PIPELINE_AXIS] = setting.pp
-        mesh[DATA_AXIS] = setting.dp
+        mesh[DATA_AXIS] = setting.dp // setting.ep
+        if setting.ep > 1:
+            mesh[EXPERT_AXIS] = setting.ep
         if setting.tp > 1:
             mesh["tp"] = setting.tp
         params, activations = _layout_strategy(solution, self.view) if setting.tp > 1 else ((), ())
+        if setting.ep > 1:
+            params = _with_experts_split(params, self.experts, self.view.structure.prefix)
         tensor_parallel = setting.tp > 1  # the switches mean something only with a tensor axis
         options = Options(sequence_parallel=setting.sequence_parallel if tensor_parallel else None,
                           vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
@@ -540,8 +574,20 @@ def _layout_strategy(solution: LayoutSolution, view: ModelView) -> tuple[tuple[L
     return tuple(params.values()), tuple(activations.values())
 
 
+def _with_experts_split(params: tuple[Layout, ...], experts: ExpertBlocks, prefix: str) -> tuple[Layout, ...]:
+    """The parameter layouts with every block's stacked expert weights split ``S(0)`` over ``ep`` (kept with a
+    ``tp`` split the layouts give them)."""
+    by_glob = {layout.glob: layout for layout in params}
+    for tail in experts.param_tails:
+        glob = f"{prefix}.*.{tail}"
+        tp = dict(by_glob[glob].sbp) if glob in by_glob else {}
+        by_glob[glob] = Layout(glob, ((EXPERT_AXIS, Split(0)), *tp.items()))
+    return tuple(by_glob.values())
+
+
 def _summary(setting: _Setting, shape: PlanShape) -> str:
-    parts = [f"dp={setting.dp}", f"tp={setting.tp}", f"pp={setting.pp}", f"microbatches={shape.microbatches}"]
+    parts = [f"dp={setting.dp // setting.ep}", *([f"ep={setting.ep}"] if setting.ep > 1 else []), f"tp={setting.tp}",
+             f"pp={setting.pp}", f"microbatches={shape.microbatches}"]
     if setting.tp > 1:
         parts.append(f"sequence_parallel={'on' if setting.sequence_parallel else 'off'}")
         parts.append(f"vocab_parallel={'on' if setting.vocab_parallel else 'off'}")

@@ -1,0 +1,289 @@
+"""Issue 16, items 2-3: expert parallelism with all-to-all token dispatch and combine.
+
+transformers' MoE layers (Mixtral, Qwen3-MoE, DeepSeek-V3's routed experts beside its shared ones) whose
+stacked expert weights are split over a mesh axis are written as ``moe.dispatch`` -> ``moe.expert_mm`` ->
+``moe.combine`` (``passes/experts.py``, ``ir/ops/moe.py``): on the virtual mesh and under torchrun the ranks
+of the axis exchange (token, expert) rows with one all-to-all each way (after one small all-to-all of split
+sizes), and loss and every gradient (router included, the auxiliary load-balancing loss in the loss) equal
+eager.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM, exchanges
+from ir.sbp import format_nd_sbp
+from tests.launch import assert_state_close, train_eager, train_emitted
+from tests.models import assert_close_to_eager, compile_cached, eager_loss_and_grads
+from tests.zoo import DECODER, LLAMA_ATTENTION_TP, MOE_EXPERTS_TP, _causal_lm, _lm_inputs
+
+AUX_LOSS = {"output_router_logits": True, "router_aux_loss_coef": 0.02}
+"""The router's load-balancing loss is part of the loss (and of the router's gradient)."""
+MOE_MODELS = {
+    "mixtral": _causal_lm("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
+                          router_jitter_noise=0.0, **AUX_LOSS, **DECODER),
+    "qwen3_moe": _causal_lm("Qwen3MoeForCausalLM", "Qwen3MoeConfig", head_dim=8, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                            norm_topk_prob=True, **AUX_LOSS, **DECODER),
+    "deepseek_v3": _causal_lm("DeepseekV3ForCausalLM", "DeepseekV3Config", n_routed_experts=4, num_experts_per_tok=2,
+                              n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
+                              moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                              qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.0,
+                              **{**DECODER, "num_key_value_heads": 4}),
+}
+"""Tiny MoE language models in transformers' default experts implementation (``grouped_mm``); DeepSeek-V3 with a
+shared expert beside the routed ones (replicated: a plain MLP) and no auxiliary loss (it balances with a bias)."""
+EXPERTS = ("lm.model.layers.*.mlp.experts.gate_up_proj", "lm.model.layers.*.mlp.experts.down_proj")
+"""The stacked (experts, ...) weights of every MoE layer."""
+
+
+def expert_parallel(axis: str, mesh: dict, **more) -> dict:
+    """A strategy on ``mesh`` with the experts split over ``axis`` (each rank holds experts/n of every layer)."""
+    return {"mesh": mesh, "params": {name: {axis: "S(0)"} for name in EXPERTS}, **more}
+
+
+def expert_and_tensor_parallel() -> dict:
+    """ep2 x tp2: experts over ep, each expert's matrices split over tp (column- then row-parallel), Megatron
+    attention on tp."""
+    params = {name: {"tp": sbp} for name, sbp in LLAMA_ATTENTION_TP.items()}
+    params |= {name: {"ep": "S(0)", "tp": sbp} for name, sbp in MOE_EXPERTS_TP.items()}
+    return {"mesh": {"ep": 2, "tp": 2}, "params": params}
+
+
+PLANS = {"ep2": (2, expert_parallel("ep", {"ep": 2})),
+         "experts_over_dp2": (2, expert_parallel("dp", {"dp": 2})),
+         "dp2_ep2": (4, expert_parallel("ep", {"dp": 2, "ep": 2})),
+         # FSDP over dp: every parameter stored sharded, the experts over dp and ep (gathered over dp at use)
+         "dp2_ep2_fsdp": (4, expert_parallel("ep", {"dp": 2, "ep": 2}, fsdp="dp")),
+         "fsdp4": (4, "fsdp"),
+         "ep2_tp2": (4, expert_and_tensor_parallel()),
+         # one microbatch: the auxiliary loss balances over the whole batch (not a mean of microbatches' losses)
+         "pp2_ep2": (4, expert_parallel("ep", {"pp": 2, "ep": 2}, stages=["lm.model.layers.1"], microbatches=1,
+                                        schedule="1f1b"))}
+
+_MOE: dict[str, tuple] = {}
+
+
+def moe_model_and_reference(name: str) -> tuple:
+    """One model instance per name (its capture is shared by the plans), its inputs, eager (loss, grads)."""
+    if name not in _MOE:
+        inputs = _lm_inputs()
+        _MOE[name] = (MOE_MODELS[name](), inputs, eager_loss_and_grads(MOE_MODELS[name](), inputs))
+    return _MOE[name]
+
+
+def layer_nodes(plan, layer: int) -> list:
+    return [n for n in plan.graph.nodes if n.attrs.get("module", "").startswith(f"lm.model.layers.{layer}.mlp")]
+
+
+@pytest.mark.slow
+def test_one_moe_layer_under_ep2_dispatches_and_combines_with_one_all_to_all_each():
+    """The collectives of one MoE layer in an ep2 plan: one dispatch and one combine exchanging rows on ep (each
+    an all-to-all; the dispatch's split sizes go first), the experts' matmuls local, nothing else."""
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 2, PLANS["ep2"][1])
+    mesh = plan.graph.meshes["world"]
+    nodes = layer_nodes(plan, 0)
+    ops = [n.op for n in nodes]
+    assert ops.count(DISPATCH) == 1 and ops.count(COMBINE) == 1 and ops.count(EXPERT_MM) == 2
+    assert [n.op for n in nodes if n.op.startswith("comm.")] == []
+    assert all(exchanges(n, mesh, n.input_values()[0].sbp) for n in nodes if n.op in (DISPATCH, COMBINE))
+    assert "transformers.grouped_mm_fallback.default" not in ops and "aten.sort.default" not in ops
+    text = str(plan.graph)
+    assert 'moe.dispatch(%view_5, %topk_1, experts=4, axis="ep", ranks=2)' in text
+    dispatch = next(n for n in nodes if n.op == DISPATCH)
+    assert [format_nd_sbp(v.sbp) for v in dispatch.outputs] == ["(S(0))", "(S(1))"]
+
+
+class _CountingExchanges:
+    """``dist.all_to_all_single`` counted, by phase (forward, backward)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, str]] = []
+        self.phase = "forward"
+        real = dist.all_to_all_single
+
+        def counted(out, x, *args, **kwargs):
+            self.calls.append((self.phase, "counts" if x.dtype == torch.int64 else "rows"))
+            return real(out, x, *args, **kwargs)
+        monkeypatch.setattr(dist, "all_to_all_single", counted)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_emitted_dispatch_and_combine_exchange_split_sizes_then_rows_and_reverse_in_backward(monkeypatch):
+    """The emitted runtime (``backends/runtime/moe.py``) on a gloo group: forward exchanges the split sizes, the
+    rows (dispatch) and the rows back (combine); backward only the two row exchanges reversed (the adjoints)."""
+    from backends.runtime import moe
+    from backends.runtime.core import GROUPS
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, True, timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        monkeypatch.setitem(GROUPS, "ep", (dist.group.WORLD, [0], 0))
+        exchanges_seen = _CountingExchanges(monkeypatch)
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(6, 4, generator=g, requires_grad=True)
+        index = torch.randint(0, 4, (6, 2), generator=g)
+        weights = torch.rand(6, 2, generator=g)
+        w = torch.randn(4, 4, 3, generator=g)
+        rows, received = moe.moe_dispatch(hidden, index, experts=4, axis="ep")
+        from ir.kernels import expert_mm
+        out = moe.moe_combine(expert_mm(rows, w, received), index, weights, received, experts=4, axis="ep")
+        expected = sum(weights[:, j:j + 1] * torch.einsum("tk,tkn->tn", hidden, w[index[:, j]]) for j in range(2))
+        torch.testing.assert_close(out, expected)
+        assert exchanges_seen.calls == [("forward", "counts"), ("forward", "rows"), ("forward", "rows")]
+        exchanges_seen.phase = "backward"
+        out.sum().backward()
+        assert exchanges_seen.calls[3:] == [("backward", "rows"), ("backward", "rows")]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_routing_in_process_equals_the_logical_grouped_experts():
+    """The virtual mesh's exchange (two sources) gives each destination its experts' rows, expert by expert, and
+    combining them back gives every token its weighted experts' sum; so does one rank holding everything."""
+    from backends.runtime.moe import (combine_in_process, dispatch_in_process, moe_replicated_combine,
+                                      moe_replicated_dispatch)
+    from ir.kernels import expert_mm
+    g = torch.Generator().manual_seed(1)
+    hidden, index = torch.randn(8, 4, generator=g), torch.randint(0, 4, (8, 2), generator=g)
+    weights, w = torch.rand(8, 2, generator=g), torch.randn(4, 4, 3, generator=g)
+    rows, received = dispatch_in_process(list(hidden.chunk(2)), list(index.chunk(2)), 4)
+    flat = index.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    torch.testing.assert_close(torch.cat(rows), hidden[order // 2])  # the logical rows: sorted by expert
+    assert [int(r.sum()) for r in received] == [int((flat < 2).sum()), int((flat >= 2).sum())]
+    outs = [expert_mm(r, w[2 * d:2 * d + 2], got) for d, (r, got) in enumerate(zip(rows, received))]
+    combined = torch.cat(combine_in_process(outs, received, list(index.chunk(2)), list(weights.chunk(2)), 4))
+    expected = sum(weights[:, j:j + 1] * torch.einsum("tk,tkn->tn", hidden, w[index[:, j]]) for j in range(2))
+    torch.testing.assert_close(combined, expected)
+    # a rank holding every token and expert (the ops' all-B layout) computes the same, locally
+    rows, route = moe_replicated_dispatch(hidden, index, 4, 2)
+    assert route.shape == (2, 4) and torch.equal(route.sum(0), torch.bincount(flat, minlength=4))
+    alone = moe_replicated_combine(expert_mm(rows, w, route), index, weights, route, 4)
+    torch.testing.assert_close(alone, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, plan_name", [
+    ("mixtral", "ep2"), ("mixtral", "dp2_ep2"), ("mixtral", "dp2_ep2_fsdp"), ("mixtral", "fsdp4"), ("mixtral", "ep2_tp2"), ("mixtral", "pp2_ep2"),
+    ("qwen3_moe", "ep2"), ("qwen3_moe", "experts_over_dp2"), ("qwen3_moe", "ep2_tp2"), ("qwen3_moe", "pp2_ep2"),
+    ("deepseek_v3", "ep2")])
+def test_moe_plans_equal_eager(name, plan_name):
+    """Loss (with the auxiliary loss) and every gradient, router included, equal eager. Experts split over an axis
+    dispatch by all-to-all (one dispatch per layer); under fsdp4 they are gathered like every parameter."""
+    model, inputs, reference = moe_model_and_reference(name)
+    world, spec = PLANS[plan_name]
+    plan = compile_cached(model, inputs, world, spec)
+    assert sum(n.op == DISPATCH for n in plan.graph.nodes) == (0 if plan_name == "fsdp4" else 2)
+    result = plan.run_virtual(*inputs)
+    assert any(".gate." in g for g in result.grads)
+    assert_close_to_eager(result, model, inputs, reference=reference)
+
+
+ADAMW = (torch.optim.AdamW, {"lr": 1e-3, "eps": 1e-6})
+"""AdamW whose update cannot magnify fp32 rounding past the test's tolerance. Adam moves a weight by about
+``lr * g / (|g| + eps)``: for a gradient within ``eps`` of zero that is ``lr / eps`` times any rounding of ``g``.
+Summing a data-parallel gradient over ranks rounds differently from eager's one backward (~1e-10 here), so
+with the default ``eps=1e-8`` and ``lr=1e-2`` the weights of a few such elements land up to 6e-5 from eager
+after 3 steps under plain dp2 (no experts split; 38 elements), dp4 (21), ep2 (24) and dp2 x ep2 (28) alike,
+while every gradient matches eager at rtol 1e-5, atol 1e-6. ``lr / eps = 1e3`` keeps that below 2e-7."""
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("name, plan_name", [("mixtral", "dp2_ep2"), ("qwen3_moe", "ep2")])
+def test_emitted_expert_parallel_program_trains_like_eager(tmp_path, name, plan_name):
+    """3 AdamW steps under torchrun (gloo): losses and saved weights equal eager. The program dispatches and
+    combines with ``all_to_all_single`` (each token's expert output is computed whole on one rank)."""
+    model, inputs, _ = moe_model_and_reference(name)
+    world, spec = PLANS[plan_name]
+    plan = compile_cached(model, inputs, world, spec, optimizer=ADAMW)
+    batches = [_lm_inputs(seed=s) for s in (1, 2, 3)]
+    losses, saved = train_emitted(plan, tmp_path, batches, 3)
+    forward = (tmp_path / "main.py").read_text().split("\ndef forward(")[1]
+    assert "moe_dispatch(" in forward and "moe_combine(" in forward and "expert_mm(" in forward
+    assert "grouped_mm_fallback" not in forward
+    eager = MOE_MODELS[name]()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(train_eager(eager, batches, 3, ADAMW)),
+                               rtol=1e-5, atol=1e-6)
+    assert_state_close(saved, eager)
+
+
+@pytest.mark.slow
+def test_simulator_prices_dispatch_and_combine_as_all_to_all_scaled_by_the_imbalance():
+    """Per MoE layer: the split sizes, the dispatch and the combine as all-to-alls on ep (the two row exchanges
+    again in backward); the expert matmuls by the rows routed to a rank; ``moe_imbalance`` scales both."""
+    from compiler.simulate import simulate
+    from cost.ops import Precision
+    from cost.segments import ir_profile
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 2, PLANS["ep2"][1])
+    balanced, skewed = (ir_profile(plan.graph, Precision.of("fp32"), moe_imbalance=f) for f in (1.0, 2.0))
+    exchanges_of = [[c for s in p.segments for c in s.comms if c.kind == "all_to_all"] for p in (balanced, skewed)]
+    assert [(c.axis, c.backward) for c in exchanges_of[0]] == [("ep", False), ("ep", False), ("ep", True),
+                                                               ("ep", False), ("ep", True)] * 2
+    rows = [c for c in exchanges_of[0] if c.nbytes[1] > 0]
+    assert all(c.nbytes[1] == 16 * 2 * 32 * 4 / 2 for c in rows)  # a rank's (token, expert) rows: seq 16, k 2, 32 f32
+    assert all((b.nbytes == a.nbytes * (2.0 if a.nbytes[1] > 0 else 1.0)).all() for a, b in zip(*exchanges_of))
+    assert simulate(plan, moe_imbalance=2.0).step_time_s > simulate(plan).step_time_s
+
+
+def test_all_to_all_between_nodes_costs_more_than_inside_one():
+    """The dispatch's all-to-all is priced on the links it crosses: 8 ranks of one DGX-H100 (NVLink) against 8
+    ranks spread over 4 nodes (InfiniBand; each rank sends 6 of its 7 chunks off its node)."""
+    from compiler import Cluster
+    from cost.collectives import collective_cost
+    cluster = Cluster.load("dgx-h100:4")
+    inside = collective_cost("all_to_all", 64e6, list(range(8)), cluster)
+    across = collective_cost("all_to_all", 64e6, [0, 1, 8, 9, 16, 17, 24, 25], cluster)
+    assert across.time_s > 2 * inside.time_s
+    assert set(inside.traffic) == {"nvswitch"} and across.traffic["infiniband"] == 6 * across.traffic["nvswitch"]
+
+
+def captured_graph(name: str):
+    """A private copy of the model's captured graph (before any pass), at the example sizes."""
+    from ir.parser import parse
+    from tests.models import _CAPTURED
+    model, inputs, _ = moe_model_and_reference(name)
+    compile_cached(model, inputs, 2, PLANS["ep2"][1])  # captures it once
+    captured = next(c for m, c in _CAPTURED.values() if m is model)
+    graph = parse(str(captured.graph))
+    graph.attrs["example_dims"] = {"batch": 8, "seq": 16}
+    return graph
+
+
+@pytest.mark.slow
+def test_planner_folds_experts_over_ep_inside_a_node_and_its_plan_equals_eager():
+    """``auto`` considers ep degrees (ep groups inside a node: with tp=4 on 8-GPU nodes, ep stays <= 2), prices
+    them (all-to-all on ep, experts' memory / ep), and writes a plan that compiles and equals eager."""
+    from compiler import Cluster
+    from cost.estimate import PlanOptions
+    from passes.planner.evaluate import ModelView
+    from passes.planner.search import _Planner, search
+    from strategy import normalize
+    graph = captured_graph("mixtral")
+    cluster = Cluster.load("dgx-h100:2")
+    fixed = normalize({"mesh": {"dp": "auto", "ep": "auto", "tp": 4}}, cluster.world_size)
+    planner = _Planner(ModelView(graph), cluster, fixed, PlanOptions(global_batch=64), None, None)
+    assert sorted({s.ep for s in planner.settings()}) == [1, 2]  # ep=4 x tp=4 would span both nodes
+    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": "auto"}},
+                              use_cache=False, global_batch=64)
+    assert {"ep=2", "ep=4"} <= {part for c in [report.chosen, *report.alternatives] for part in c.summary.split()}
+    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": 4}}, use_cache=False,
+                              global_batch=64)
+    plan_dict = strategy.to_dict()
+    assert plan_dict["mesh"] == {"dp": 2, "ep": 4}
+    assert plan_dict["params"] == {name: {"ep": "S(0)"} for name in sorted(EXPERTS)}
+    model, inputs, reference = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 8, plan_dict)
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs, reference=reference)
