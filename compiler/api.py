@@ -11,6 +11,7 @@ import torch
 from backends import torch_distributed
 from backends.virtual import VirtualResult, run_virtual
 from compiler.context_choice import choose_cp_attention, only_cp_attention_open
+from cost.estimate import PlanOptions
 from frontend.torch_capture import Captured, capture
 from cluster import Cluster
 from ir.core import Graph
@@ -151,6 +152,8 @@ def compile(model: Any, example_inputs: tuple = (), example_kwargs: dict | None 
     elif strategy.wants_search:
         strategy, report = search_strategy(graph, cluster, strategy, train=train, **(search_options or {}))
     ctx = PassContext(strategy=strategy, world_size=cluster.world_size, train=train, cluster=cluster)
+    if strategy_was_searched(report):  # lay the tensor axis out as the planner priced it
+        ctx.options[propagate.PLAN_OPTIONS] = PlanOptions(**report.options)
     names = [str(call) for call in as_calls(passes if passes is not None else passes_for(ctx.strategy))]
     run_passes(graph, names, ctx, dump_after=dump_after, dump_to=dump_to)
     check_example_inputs(graph, flat_inputs)
@@ -176,6 +179,12 @@ def passes_for(strategy: Strategy) -> list[str]:
     if strategy.is_pipelined:
         passes += PIPELINE_PASSES
     return passes + ["recompute"]
+
+
+def strategy_was_searched(report: Any) -> bool:
+    """Whether ``report`` is the planner's (a :class:`~passes.planner.SearchReport`, with its pricing options)."""
+    from passes.planner import SearchReport
+    return isinstance(report, SearchReport) and bool(report.options)
 
 
 def search_strategy(graph: Graph, cluster: Cluster, strategy: Strategy, *, train: bool, **options):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,6 +68,13 @@ class PlanOptions:
     moe_imbalance: float = 1.0
     """Expert parallelism's routing imbalance: rows the busiest rank gets over the balanced share (>= 1); its
     experts' matmuls and its all-to-all bytes scale by it. 1: tokens spread evenly over the experts."""
+
+    def for_plan_precision(self, precision: Any) -> "PlanOptions":
+        """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
+        precision is priced as the plan runs (its compute dtype) unless these options name one."""
+        if precision is not None and precision.mixed and self.precision is None:
+            return replace(self, precision=precision.compute)
+        return self
 
     def key(self) -> tuple:
         """A hashable summary (cache keys)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import functools
+
 import numpy as np
 import sympy
 
@@ -149,7 +151,13 @@ def op_backward_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[
     if category == "embedding":
         return _output_numel(op, in_shapes, out_shapes)
     factor = BACKWARD_FLOP_FACTOR.get(category, 0.0)
-    return sympy.nsimplify(factor) * op_flops(op, in_shapes, out_shapes, attrs)
+    return _exact(factor) * op_flops(op, in_shapes, out_shapes, attrs)
+
+
+@functools.lru_cache(maxsize=None)
+def _exact(factor: float) -> sympy.Expr:
+    """``factor`` as an exact sympy number (``nsimplify`` is slow: a few of these constants, asked often)."""
+    return sympy.nsimplify(factor)
 
 
 def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],

@@ -5,8 +5,15 @@ rule, take the one whose required input layouts are cheapest to reach from the l
 already have, breaking ties by the local compute size and against partial outputs. Activation hints
 from the strategy (``activations``, ``sequence_parallel``) restrict the choice for their nodes.
 
-Signatures are compared by the bytes their conversions move (at each dtype's element size), not by
-time on the cluster: a greedy choice sees one node at a time, and on small tensors, where latency
+**Solved layouts.** With ``solved_layouts`` (which every ``"auto"`` plan with a tensor axis says), the
+tensor axis is not laid out greedily: :meth:`passes.planner.evaluate.ModelView.strategy_layouts` solves
+it exactly, by the cluster's cost, with the strategy's choices as constraints, the solve the planner
+prices every candidate with. Each node then takes the signature its solved tensor-axis layouts allow
+(the other axes still greedily), so the compiled program runs the layouts and collectives the planner
+priced, whether compiled from ``"auto"`` or from the plan's text.
+
+Elsewhere signatures are compared by the bytes their conversions move (at each dtype's element size),
+not by time on the cluster: a greedy choice sees one node at a time, and on small tensors, where latency
 dominates, time would prefer gathering a whole activation over all-reducing a few statistics (then
 pay for it in every later node). Bytes grow with the tensors, as the work a wrong layout costs does.
 The collectives that convert between the chosen layouts are then picked by the cluster's cost in the
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import logging
 
 from ir.core import Graph, Node
 from ir.ops.moe import DISPATCH, routed_values
@@ -31,6 +39,10 @@ from strategy import Strategy, StrategyError, closest
 
 PINNED_PENALTY = 1e30
 NORM_OPS = ("aten.layer_norm.default", "aten.rms_norm.default")
+PLAN_OPTIONS = "plan_options"
+"""``PassContext.options`` key: the :class:`cost.estimate.PlanOptions` the planner priced with (the
+tensor axis is solved with them; default ``PlanOptions()`` at the strategy's precision)."""
+LOG = logging.getLogger("sbpc.propagate")
 
 
 @register_pass("propagate", requires=("decomposed", "laid_out"), produces=("propagated",))
@@ -39,6 +51,7 @@ def propagate_pass(graph: Graph, ctx: PassContext) -> None:
     hints = _activation_hints(graph, ctx.strategy)
     pinned = graph.attrs.get(PINNED_ATTR, {})
     dims = graph.attrs.get("example_dims") or {}
+    solved = _solved_tensor_axis(graph, ctx)
     routed = routed_rows(graph)
     for node in graph.nodes:
         mesh_name = _mesh_of(node, graph)
@@ -49,11 +62,43 @@ def propagate_pass(graph: Graph, ctx: PassContext) -> None:
         hint = hints.get(id(node))
         if hint is not None:
             candidates = [c for c in candidates if _matches(c[1][0], hint)] or _no_hint_fit(node, hint)
+        if node.name in solved and ctx.strategy.tensor_axis in mesh.axes:
+            candidates = _on_axis(candidates, solved[node.name], mesh.axis_index(ctx.strategy.tensor_axis))
         ins, outs = min(candidates, key=lambda c: _score(node, c, mesh, pinned, dims))
         if ins:
             node.attrs[IN_SBP_ATTR] = list(ins)
         for v, s in zip(node.outputs, outs):
             v.sbp, v.mesh = s, mesh_name
+
+
+def _solved_tensor_axis(graph: Graph, ctx: PassContext) -> dict[str, tuple]:
+    """Node name -> (input SBPs, output SBPs) on the tensor axis, as the planner's solver lays it out for
+    this strategy on ``ctx.cluster``; empty unless the strategy says ``solved_layouts`` and there is a cluster
+    and a tensor axis of more than one device."""
+    strategy, cluster = ctx.strategy, ctx.cluster
+    axis = strategy.tensor_axis
+    if not strategy.options.solved_layouts or cluster is None or axis is None or strategy.mesh_spec.size(axis) == 1:
+        return {}
+    from cost.estimate import PlanOptions
+    from passes.planner.evaluate import ModelView
+    options = ctx.options.get(PLAN_OPTIONS) or PlanOptions().for_plan_precision(strategy.precision)
+    try:
+        solution = ModelView(graph, ctx.train).strategy_layouts(strategy, cluster, options)
+    except ValueError as error:  # a layout the solver cannot honour: the greedy choice reports it below
+        LOG.info("tensor axis %s not solved (%s); laying it out greedily", axis, error)
+        return {}
+    return {name: (tuple(i[0] for i in ins), tuple(o[0] for o in outs))
+            for name, (ins, outs) in solution.every_node_choice().items()}
+
+
+def _on_axis(candidates: list, solved: tuple, axis: int) -> list:
+    """The candidates whose layouts on ``axis`` are the solved ones (all of them when none is)."""
+    ins, outs = solved
+    matching = [c for c in candidates if len(c[0]) == len(ins) and len(c[1]) == len(outs)
+                and all(a[axis] == b for a, b in zip(c[0], ins)) and all(a[axis] == b for a, b in zip(c[1], outs))]
+    if not matching:  # e.g. the other axes' layouts rule it out at the example sizes
+        LOG.info("no signature keeps the solved tensor-axis layouts %s; choosing greedily", solved)
+    return matching or candidates
 
 
 def routed_rows(graph: Graph) -> set[int]:

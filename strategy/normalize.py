@@ -194,7 +194,7 @@ class _Reader:
     def options(self, strategy: dict, axes: list[str] | None) -> Options:
         """Sequence and vocabulary parallelism, fsdp and the gradient bucket size."""
         switches = {}
-        for key in ("sequence_parallel", "vocab_parallel"):
+        for key in ("sequence_parallel", "vocab_parallel", "solved_layouts"):
             if key in strategy:
                 value = strategy[key]
                 _expect(isinstance(value, bool) or value == AUTO, (key, VALUE),

@@ -162,6 +162,10 @@ class Options:
     cp_attention: str | Auto | None = None
     """Attention under context parallelism (a ``cp`` mesh axis): one of :data:`CP_ATTENTIONS` or
     ``auto``. Default: :data:`DEFAULT_CP_ATTENTION`."""
+    solved_layouts: bool | Auto | None = None
+    """The tensor axis's layouts that the strategy leaves free are solved exactly by the planner's cost
+    model on the cluster (``passes/propagate.py``), as ``"auto"`` prices them (its plans turn this on);
+    off, the propagation picks them greedily, op by op. Default off."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from strategy import AUTO, VALUE, Strategy, did_you_mean, normalize
 from strategy.errors import KeyPath
 
 STATEMENTS = (
-    "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "fsdp",
+    "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "solved_layouts", "fsdp",
     "stages", "stage", "microbatches", "schedule", "virtual_stages", "skip_ratio", "recompute",
     "grad_bucket_bytes", "precision", "cp_attention",
 )
@@ -207,6 +207,9 @@ class _PlanBuilder:
 
     def _add_vocab_parallel(self, keyword: lark.Token, switch: lark.Tree | None) -> None:
         self._add_switch("vocab_parallel", keyword, switch)
+
+    def _add_solved_layouts(self, keyword: lark.Token, switch: lark.Tree | None) -> None:
+        self._add_switch("solved_layouts", keyword, switch)
 
     def _add_switch(self, key: str, keyword: lark.Token, switch: lark.Tree | None) -> None:
         self.claim((key,), keyword, key)

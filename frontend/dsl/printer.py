@@ -40,7 +40,7 @@ def _pairs(pairs: Iterable[tuple[str, Any]]) -> str:
 
 
 def _option_lines(options: Options) -> Iterator[str]:
-    for key in ("sequence_parallel", "vocab_parallel"):
+    for key in ("sequence_parallel", "vocab_parallel", "solved_layouts"):
         value = getattr(options, key)
         if value is not None:
             yield {True: key, False: f"{key} off", AUTO: f"{key} auto"}[value]

@@ -68,6 +68,7 @@ class ModelView:
         self._variants: dict[bool, tuple[Graph, LayerStructure]] = {}
         self._solved: dict[tuple, LayoutSolution] = {}
         self._profiles: dict[tuple, Profile] = {}
+        self._prices: dict[tuple, dict] = {}
         self.solves = 0
 
     # -- graph variants ----------------------------------------------------------------------------
@@ -125,9 +126,10 @@ class ModelView:
                 node_hints.update(norm_hints(graph, sequence_parallel))
             dims = {k: v for k, v in self.example_dims.items()}
             dims[BATCH_SYMBOL] = options.reference_batch
+            prices = self._prices.setdefault(key[:4], {})  # the switches and constraints change no price
             request = LayoutRequest(mesh, cluster, (tuple(tp_group),), cluster.device(tp_group[0]), dims,
                                     Precision.resolve(options.precision, self.graph), self.train, fixed, free_params,
-                                    node_hints)
+                                    node_hints, prices)
             self._solved[key] = solve_layouts(graph, structure, request, options.solver)
             self.solves += 1
         return self._solved[key]
@@ -167,12 +169,7 @@ class ModelView:
         strategy = normalize(strategy, cluster.world_size)
         shape = self.shape_of(strategy, cluster, options)
         tp_axis = strategy.tensor_axis
-        tp_group = tuple(axis_groups(shape.stage_devices[0], shape.axes, shape.shape, tp_axis)[0]) if tp_axis \
-            else (shape.stage_devices[0][0],)
-        pins, hints = self.pins_and_hints(strategy, tp_axis)
-        solution = self.layouts(cluster, tp_group, options, vocab_parallel=strategy.vocab_parallel,
-                                sequence_parallel=strategy.sequence_parallel, pins=pins, hints=hints,
-                                free_params=False)
+        solution = self.strategy_layouts(strategy, cluster, options, shape)
         ep = shape.size(EXPERT_AXIS)
         profile = self.profile(solution, shape.size(DATA_AXIS) * ep, options, shape.size(CONTEXT_AXIS))
         if tp_axis and tp_axis != TENSOR_AXIS:
@@ -181,6 +178,20 @@ class ModelView:
             profile = with_expert_parallelism(profile, self.experts(options), ep, options.moe_imbalance)
         estimate = options.estimator(profile, cluster).estimate(shape, exact)
         return Evaluation(strategy, shape, profile, estimate, solution)
+
+    def strategy_layouts(self, strategy: Strategy, cluster: Cluster, options: PlanOptions,
+                         shape: PlanShape | None = None) -> LayoutSolution:
+        """The tensor-axis layouts a concrete strategy runs: solved on its first tensor-parallel group with
+        the strategy's own choices as constraints (pinned parameters, activation layouts, sequence
+        parallelism), everything else at its optimum. The planner prices these, and ``compile()``'s
+        propagation lays the tensor axis out by them (one home for the choice)."""
+        shape = shape or self.shape_of(strategy, cluster, options)
+        tp_axis = strategy.tensor_axis
+        tp_group = tuple(axis_groups(shape.stage_devices[0], shape.axes, shape.shape, tp_axis)[0]) if tp_axis \
+            else (shape.stage_devices[0][0],)
+        pins, hints = self.pins_and_hints(strategy, tp_axis)
+        return self.layouts(cluster, tp_group, options, vocab_parallel=strategy.vocab_parallel,
+                            sequence_parallel=strategy.sequence_parallel, pins=pins, hints=hints, free_params=False)
 
     def experts(self, options: PlanOptions) -> ExpertBlocks | None:
         """The blocks' mixture-of-experts layers (None: none, or no repeated blocks)."""

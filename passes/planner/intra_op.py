@@ -14,8 +14,8 @@ prologue, block 0 and the epilogue; the block's unary and internal edge costs co
 edge from the prologue into the block once, and a *loop edge* from the block's output back to its own
 input ``N - 1`` times (that is what block ``k`` reads from block ``k - 1``). The optimum is the best
 assignment that gives every block the same layouts, which is what a strategy's ``blocks.*`` globs
-express; :func:`passes.planner.pairwise.solve_dp` solves it exactly (the loop edge only widens its
-frontier by the block's boundary).
+express; :func:`passes.planner.pairwise.solve_dp` solves it exactly (the loop edge only joins the
+block's output to its input in the elimination).
 """
 from __future__ import annotations
 
@@ -67,11 +67,19 @@ class LayoutRequest:
     """Whether parameters not in ``fixed`` are decision variables (else they are stored ``B``)."""
     hints: dict = field(default_factory=dict)
     """Node name -> required N-D SBP of its first output (``None`` entries: free)."""
+    prices: dict = field(default_factory=dict, compare=False, repr=False)
+    """Conversions and op times already priced. Prices depend only on the mesh, cluster, groups,
+    device, dims, precision and ``train``, so requests that share those (the planner's switches on one
+    degree) may share this dict; the constraints (``fixed``, ``hints``) never enter a price."""
 
     def boxing_cost(self, backward: bool) -> ClusterBoxingCost:
-        """The boxing cost for values with (or without) a gradient."""
-        return ClusterBoxingCost(self.cluster, tuple((tuple(g),) for g in self.groups), self.precision.scale,
-                                 backward and self.train)
+        """The boxing cost for values with (or without) a gradient (one per request: it remembers the
+        collectives it priced)."""
+        key = ("boxing cost", backward and self.train)
+        if key not in self.prices:
+            self.prices[key] = ClusterBoxingCost(self.cluster, tuple((tuple(g),) for g in self.groups),
+                                                 self.precision.scale, backward and self.train)
+        return self.prices[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +124,7 @@ class LayoutProblem:
         self.edge_info: list = []     # per edge: (value, consumer unit, input position, weight, boundary, producer side)
         self.fixed_boxing: list = []  # (unit, input position, value, src sbp, weight, boundary)
         self.self_boxing: list = []   # (unit, input position, value, weight, boundary): reads its own output
+        self._types: dict[int, tuple] = {}  # value id -> its type at the request's dims, its sizes
         self._build()
 
     # -- structure ------------------------------------------------------------------------------
@@ -209,8 +218,15 @@ class LayoutProblem:
         self.unary.append([unit.weight * self._op_seconds(unit.node, c) for c in candidates])
 
     def _op_seconds(self, node: Node, choice: tuple) -> float:
+        has_grad = any(id(o) in self.grad for o in node.outputs)
+        key = ("op", id(self.graph), node.name, choice, has_grad)
+        if key not in self.request.prices:
+            self.request.prices[key] = self._price_op(node, choice, has_grad)
+        return self.request.prices[key]
+
+    def _price_op(self, node: Node, choice: tuple, has_grad: bool) -> float:
         req = self.request
-        record = compute_record(node, choice[0], choice[1], any(id(o) in self.grad for o in node.outputs))
+        record = compute_record(node, choice[0], choice[1], has_grad)
         flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
         peak, bandwidth = peak_flops(req.device, req.precision), req.device.memory_bandwidth_Bps
         fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(record.op), flops=flops)
@@ -262,22 +278,41 @@ class LayoutProblem:
         """Seconds to convert ``value`` from ``src`` to ``dst`` (forward, plus backward when it has a gradient)."""
         if src == dst:
             return 0.0
-        try:
-            return boxing_path(self._concrete_type(value), src, dst, self.request.mesh,
-                               self.request.boxing_cost(id(value) in self.grad))[0]
-        except BoxingError:
-            return math.inf
+        path = self._boxing_path(value, src, dst)
+        return math.inf if path is None else path[0]
 
     def boxing_steps(self, value: Value, src: tuple, dst: tuple) -> list:
         """The collective steps of the cheapest conversion (as ``boxing_path`` returns them)."""
         if src == dst:
             return []
-        return boxing_path(self._concrete_type(value), src, dst, self.request.mesh,
-                           self.request.boxing_cost(id(value) in self.grad))[1]
+        path = self._boxing_path(value, src, dst)
+        if path is None:
+            raise BoxingError(f"no conversion of %{value.name} from {format_nd_sbp(src)} to {format_nd_sbp(dst)}")
+        return path[1]
+
+    def _boxing_path(self, value: Value, src: tuple, dst: tuple):
+        """``boxing_path``'s (seconds, steps), or None where no conversion exists; priced once per concrete
+        type, layouts and gradient (many values of a model share a shape)."""
+        concrete, sizes = self._concrete(value)
+        grad = id(value) in self.grad
+        key = ("boxing", sizes, concrete.dtype, src, dst, grad)
+        prices = self.request.prices
+        if key not in prices:
+            try:
+                prices[key] = boxing_path(concrete, src, dst, self.request.mesh, self.request.boxing_cost(grad))
+            except BoxingError:
+                prices[key] = None
+        return prices[key]
 
     def _concrete_type(self, value: Value) -> TensorType:
-        shape = concrete_shape(value.type, self.request.dims)
-        return TensorType.of([max(1, int(round(d))) for d in shape], value.type.dtype)
+        return self._concrete(value)[0]
+
+    def _concrete(self, value: Value) -> tuple[TensorType, tuple]:
+        """The value's type at the request's dims, and its sizes as plain ints (a cheap key)."""
+        if id(value) not in self._types:
+            sizes = tuple(max(1, int(round(d))) for d in concrete_shape(value.type, self.request.dims))
+            self._types[id(value)] = (TensorType.of(list(sizes), value.type.dtype), sizes)
+        return self._types[id(value)]
 
     def pairwise(self) -> PairwiseProblem:
         """The problem for the generic solvers (variables in graph order, parameters before first use)."""
@@ -324,6 +359,18 @@ class LayoutSolution:
     def cost(self) -> float:
         """The objective (seconds per step of the solved part, one microbatch at the reference size)."""
         return self.solution.cost
+
+    def every_node_choice(self) -> dict:
+        """:attr:`node_choice` for every node of the graph: the nodes of blocks 1.. take their block-0
+        twin's layouts (the compact problem solves one block for all)."""
+        choices = dict(self.node_choice)
+        problem = self.problem
+        if problem.repeated:
+            first = problem.structure.blocks[0]
+            for block in problem.structure.blocks[1:]:
+                for twin, node in zip(first, block):
+                    choices[node.name] = self.node_choice[twin.name]
+        return choices
 
 
 def solve_layouts(graph: Graph, structure: LayerStructure, request: LayoutRequest, solver: str = "dp"

@@ -8,23 +8,26 @@ into the layout the consumer's choice reads. The total is
     sum_v unary[v][choice_v] + sum_e cost_e(key_e(src choice), key_e(dst choice)).
 
 Edge costs depend on the choices only through *keys* (the two SBPs at the edge), which lets the
-dynamic program merge choices that look the same to the rest of the graph.
+solvers merge choices that look the same to the rest of the graph.
 
 Solvers:
 
-- :func:`solve_dp`: variable elimination along the given order (a frontier dynamic program). A state is
-  the keys of the *live* variables (processed, with an edge to an unprocessed one); exact whatever the
-  graph shape, in time exponential only in the frontier width, which is small for layer stacks.
+- :func:`solve_dp`: variable elimination (a dynamic program over cost tables), smallest table first;
+  exact whatever the graph shape, in time exponential only in the graph's elimination width, which is
+  small for layer stacks (a transformer block: a few variables at a time).
 - :func:`solve_ilp`: the textbook integer program over the local polytope (one-hot choices, one
   pair variable per edge and key pair), solved with HiGHS (``scipy.optimize.milp``) to zero gap.
 - :func:`solve_z3`: the same model as a z3 ``Optimize`` problem; exact but slow, for tiny problems.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Hashable, Sequence
+
+LOG = logging.getLogger("sbpc.planner")
 
 
 @dataclass
@@ -84,175 +87,134 @@ class Solution:
     assignment: list
     exact: bool = True
     states: int = 0
-    """The largest number of DP states held at once (0 for the other solvers)."""
+    """The largest cost table the elimination built (0 for the other solvers)."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Frontier dynamic program
+# Variable elimination
 # --------------------------------------------------------------------------------------------------
 
 
-def solve_dp(problem: PairwiseProblem, max_states: int = 50_000) -> Solution:
-    """Exact minimum: variables with one neighbour (parameters, chain ends) are folded into it first,
-    then the rest are eliminated in index order by the frontier DP; beyond ``max_states`` states the DP
-    keeps the cheapest ones (and reports ``exact=False``)."""
+def solve_dp(problem: PairwiseProblem, max_table: int = 4_000_000) -> Solution:
+    """Exact minimum by variable elimination (bucket elimination over cost tables).
+
+    Choices of a variable that show the same keys on every incident edge are merged first (only the
+    cheapest can be optimal). Then variables are eliminated greedily, always the one whose table (its
+    choices times those of its current neighbours) is smallest: a chain of views, a leaf parameter or
+    an op whose inputs have all been eliminated costs a handful of entries, whatever the graph order,
+    so values that many ops read (masks, rotary tables) no longer keep a wide frontier open.
+    Eliminating ``v`` replaces its factors by one over its neighbours: per neighbour choices, the cost
+    of ``v``'s best choice. When the next table would exceed ``max_table`` entries the problem is solved
+    by :func:`solve_ilp` instead (logged)."""
     problem.check()
-    reduced, folds = _fold_leaves(problem)
-    solution = _frontier_dp(reduced, max_states)
-    assignment = solution.assignment
-    for v, neighbour, best in reversed(folds):
-        assignment[v] = best[assignment[neighbour]] if neighbour is not None else best[0]
-    return Solution(problem.total(assignment), assignment, solution.exact, solution.states)
+    incident: list[list[PairEdge]] = [[] for _ in range(problem.num_vars)]
+    for e in problem.edges:
+        incident[e.a].append(e)
+        if e.b != e.a:
+            incident[e.b].append(e)
+    domains = [_distinct_choices(problem.unary[v], incident[v], v) for v in range(problem.num_vars)]
+    factors = _factors(problem, domains)
+    order, tables, widest = _elimination_order(factors, [len(d) for d in domains], max_table)
+    if order is None:
+        LOG.warning("layout problem too wide for variable elimination (a table of more than %d entries); "
+                    "solving it as an integer program", max_table)
+        return solve_ilp(problem)
+    reduced = [0] * problem.num_vars
+    for v, scope, best in reversed(tables):
+        reduced[v] = int(best[tuple(reduced[u] for u in scope)])
+    assignment = [domains[v][c] for v, c in enumerate(reduced)]
+    total = problem.total(assignment)
+    if total == math.inf:
+        raise ValueError("no finite-cost assignment: every combination of layouts needs an impossible conversion")
+    return Solution(total, assignment, True, widest)
 
 
-def _fold_leaves(problem: PairwiseProblem) -> tuple[PairwiseProblem, list]:
-    """Eliminate variables with at most one incident edge (exactly: per choice of the neighbour, the leaf
-    takes its best choice). Returns the remaining problem (eliminated variables keep one zero-cost
-    choice) and the folds ``(variable, neighbour or None, best choice per neighbour choice)``."""
-    unary = [list(costs) for costs in problem.unary]
-    incident: list[set] = [set() for _ in unary]
-    for k, e in enumerate(problem.edges):
-        incident[e.a].add(k)
-        incident[e.b].add(k)
-    alive = [True] * len(unary)
-    folds = []
-    queue = [v for v in range(len(unary)) if len(incident[v]) <= 1]
-    while queue:
-        v = queue.pop()
-        if not alive[v] or len(incident[v]) > 1:
-            continue
-        alive[v] = False
-        if not incident[v]:
-            best = min(range(len(unary[v])), key=lambda c: unary[v][c])
-            folds.append((v, None, [best]))
-            continue
-        k = incident[v].pop()
-        e = problem.edges[k]
-        u = e.b if e.a == v else e.a
-        incident[u].discard(k)
-        best_for = []
-        for cu in range(len(unary[u])):
-            options = [(unary[v][cv] + (e.cost(cv, cu) if e.a == v else e.cost(cu, cv)), cv)
-                       for cv in range(len(unary[v]))]
-            cost, cv = min(options)
-            unary[u][cu] += cost
-            best_for.append(cv)
-        folds.append((v, u, best_for))
-        if len(incident[u]) <= 1:
-            queue.append(u)
-    kept = [v for v in range(len(unary)) if alive[v]]
-    index = {v: i for i, v in enumerate(kept)}
-    edges = [PairEdge(index[e.a], index[e.b], e.a_keys, e.b_keys, e.costs)
-             for e in problem.edges if alive[e.a] and alive[e.b]]
-    reduced = PairwiseProblem([unary[v] for v in kept], edges)
-    return _Expanded(reduced, kept, len(unary)), folds
-
-
-class _Expanded(PairwiseProblem):
-    """The reduced problem, remembering which original variable each of its variables is."""
-
-    def __init__(self, reduced: PairwiseProblem, kept: list, total_vars: int):
-        super().__init__(reduced.unary, reduced.edges, reduced.names)
-        self.kept = kept
-        self.total_vars = total_vars
-
-
-def _frontier_dp(problem: "_Expanded", max_states: int) -> Solution:
-    """Variable elimination in index order; returns an assignment of the *original* variables (folded
-    ones left at 0 for the caller to fill).
-
-    A state is the tuple of the open edges' keys on their processed side, in the order of ``frontier``.
-    Per variable, choices that show the same keys on every incident edge are merged first (only the
-    cheapest can be optimal), and the closing edges' costs are computed once per distinct tuple of
-    closing keys rather than once per state."""
-    n = problem.num_vars
-    edges = [_interned(e) for e in problem.edges]  # small-int keys: states hash fast
-    incident: list[list[int]] = [[] for _ in range(n)]
-    for k, e in enumerate(edges):
-        incident[e.a].append(k)
-        incident[e.b].append(k)
-    last_var = [max(e.a, e.b) for e in edges]
-    frontier: list[int] = []
-    states: dict[tuple, float] = {(): 0.0}
-    history: list[dict] = []
-    exact, widest = True, 1
-    for v in range(n):
-        closing = [k for k in incident[v] if last_var[k] == v]
-        opening = [k for k in incident[v] if last_var[k] != v]
-        position = {k: i for i, k in enumerate(frontier)}
-        closing_at = [position[k] for k in closing]
-        kept_at = [i for i, k in enumerate(frontier) if last_var[k] != v]
-        groups = _choice_groups(problem.unary[v], edges, v, closing, opening)
-        close_cost: dict[tuple, list] = {}
-        new_states: dict[tuple, float] = {}
-        back: dict[tuple, tuple] = {}
-        for state, base in states.items():
-            kept = tuple([state[i] for i in kept_at])
-            closed = tuple([state[i] for i in closing_at])
-            costs = close_cost.get(closed)
-            if costs is None:
-                costs = close_cost[closed] = [_closing_cost(edges, v, closing, closed, side) for _, _, side, _ in groups]
-            for (c, unary, _, open_keys), extra in zip(groups, costs):
-                cost = base + unary + extra
-                if cost == math.inf:
-                    continue
-                new = kept + open_keys
-                if cost < new_states.get(new, math.inf):
-                    new_states[new] = cost
-                    back[new] = (state, c)
-        if not new_states:
-            raise ValueError(f"no finite-cost assignment reaches variable {problem.kept[v]}")
-        if len(new_states) > max_states:
-            exact = False
-            best = sorted(new_states, key=new_states.get)[:max_states]
-            new_states = {s: new_states[s] for s in best}
-        widest = max(widest, len(new_states))
-        history.append(back)
-        states = new_states
-        frontier = [frontier[i] for i in kept_at] + opening
-    final, cost = min(states.items(), key=lambda item: item[1])
-    assignment = [0] * problem.total_vars
-    for v in range(n - 1, -1, -1):
-        final, assignment[problem.kept[v]] = history[v][final]
-    return Solution(cost, assignment, exact, widest)
-
-
-def _choice_groups(unaries: list, edges: list, v: int, closing: list, opening: list) -> list[tuple]:
-    """The choices of ``v`` worth trying: per distinct keys on its incident edges, the cheapest (the
-    earliest on ties), as ``(choice, unary, keys on the closing edges, keys on the opening edges)``."""
-    best: dict[tuple, tuple] = {}
-    for c, unary in enumerate(unaries):
-        if unary == math.inf:
-            continue
-        side = tuple(_side_key(edges[k], v, c) for k in closing)
-        open_keys = tuple(_side_key(edges[k], v, c) for k in opening)
-        signature = (side, open_keys)
-        if signature not in best or unary < best[signature][1]:
-            best[signature] = (c, unary, side, open_keys)
+def _distinct_choices(unary: list, incident: list, v: int) -> list[int]:
+    """The choices of ``v`` worth keeping: per distinct keys on its ``incident`` edges, the cheapest (the
+    earliest on ties)."""
+    best: dict[tuple, int] = {}
+    for c, cost in enumerate(unary):
+        signature = tuple((e.a_keys[c] if e.a == v else None, e.b_keys[c] if e.b == v else None) for e in incident)
+        if signature not in best or cost < unary[best[signature]]:
+            best[signature] = c
     return sorted(best.values())
 
 
-def _closing_cost(edges: list, v: int, closing: list, closed: tuple, side: tuple) -> float:
-    """The cost of the closing edges when their processed ends hold ``closed`` and ``v`` shows ``side``."""
-    total = 0.0
-    for k, other, mine in zip(closing, closed, side):
-        e = edges[k]
-        total += e.costs[other][mine] if e.b == v else e.costs[mine][other]
-    return total
+def _factors(problem: PairwiseProblem, domains: list) -> list[tuple[tuple, "np.ndarray"]]:
+    """Cost tables over the kept choices: one per variable, one per pair of variables with edges."""
+    import numpy as np
+    factors = [((v,), np.array([problem.unary[v][c] for c in domain], dtype=float)) for v, domain in enumerate(domains)]
+    pairs: dict[tuple[int, int], "np.ndarray"] = {}
+    for e in problem.edges:
+        table = np.array([[e.costs[(e.a_keys[ca], e.b_keys[cb])] for cb in domains[e.b]] for ca in domains[e.a]],
+                         dtype=float).reshape(len(domains[e.a]), len(domains[e.b]))
+        if e.a == e.b:  # a variable reading its own output: only the diagonal happens
+            factors[e.a] = ((e.a,), factors[e.a][1] + np.diagonal(table))
+            continue
+        key, table = ((e.a, e.b), table) if e.a < e.b else ((e.b, e.a), table.T)
+        pairs[key] = pairs[key] + table if key in pairs else table
+    return factors + list(pairs.items())
 
 
-def _interned(edge: PairEdge) -> PairEdge:
-    """The edge with its keys numbered per side and its costs as a table ``costs[a key][b key]``."""
-    a_distinct = list(dict.fromkeys(edge.a_keys))
-    b_distinct = list(dict.fromkeys(edge.b_keys))
-    a_index = {key: i for i, key in enumerate(a_distinct)}
-    b_index = {key: i for i, key in enumerate(b_distinct)}
-    table = [[edge.costs[(ka, kb)] for kb in b_distinct] for ka in a_distinct]
-    return PairEdge(edge.a, edge.b, [a_index[key] for key in edge.a_keys], [b_index[key] for key in edge.b_keys], table)
+def _elimination_order(factors: list, sizes: list[int], max_table: int):
+    """Eliminate every variable, smallest table first; returns (order, per variable (v, scope, argmin
+    table over its scope), largest table) or (None, None, 0) when a table would exceed ``max_table``."""
+    import heapq
 
+    import numpy as np
+    live = {k: f for k, f in enumerate(factors)}
+    of_var: list[set] = [set() for _ in sizes]
+    adjacent: list[set] = [set() for _ in sizes]
+    for k, (scope, _) in live.items():
+        for u in scope:
+            of_var[u].add(k)
+            adjacent[u].update(w for w in scope if w != u)
 
-def _side_key(edge: PairEdge, v: int, choice: int) -> Hashable:
-    return edge.a_keys[choice] if edge.a == v else edge.b_keys[choice]
+    def weight(v: int) -> int:
+        """The size of v's table, or ``max_table + 1`` for any larger (a value many ops read would
+        otherwise multiply out to a huge integer that is never used)."""
+        size = sizes[v]
+        for u in adjacent[v]:
+            size *= sizes[u]
+            if size > max_table:
+                return max_table + 1
+        return size
+
+    current = [weight(v) for v in range(len(sizes))]
+    heap = [(w, v) for v, w in enumerate(current)]
+    heapq.heapify(heap)
+    eliminated = [False] * len(sizes)
+    tables, widest, next_key = [], 1, len(factors)
+    while heap:
+        size, v = heapq.heappop(heap)
+        if eliminated[v] or size != current[v]:
+            continue  # a stale entry: v was eliminated or its neighbourhood changed
+        if size > max_table:
+            return None, None, 0
+        eliminated[v] = True
+        scope = tuple(sorted(adjacent[v]))
+        widest = max(widest, size)
+        axes = scope + (v,)
+        total = np.zeros([sizes[u] for u in axes])
+        for k in of_var[v]:
+            f_scope, table = live.pop(k)
+            perm = sorted(range(len(f_scope)), key=lambda i: axes.index(f_scope[i]))
+            shape = [sizes[u] if u in f_scope else 1 for u in axes]
+            total = total + table.transpose(perm).reshape(shape)
+            for u in f_scope:
+                if u != v:
+                    of_var[u].discard(k)
+        of_var[v].clear()
+        live[next_key] = (scope, np.min(total, axis=-1))
+        for u in scope:
+            of_var[u].add(next_key)
+            adjacent[u].discard(v)
+            adjacent[u].update(w for w in scope if w != u)
+            current[u] = weight(u)
+            heapq.heappush(heap, (current[u], u))
+        next_key += 1
+        tables.append((v, scope, np.argmin(total, axis=-1)))
+    return [t[0] for t in tables], tables, widest
 
 
 # --------------------------------------------------------------------------------------------------

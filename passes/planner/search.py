@@ -43,9 +43,10 @@ from cost.segments import at
 from ir.core import Graph
 from ir.layers import block_param_name
 from ir.sbp import B, Split
+from passes.pipeline import batch_statistics_node, refuse_batch_statistics
 from passes.planner.evaluate import ModelView
 from passes.planner.intra_op import LayoutSolution, describe_layouts
-from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, normalize
+from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, StrategyError, normalize
 
 LOG = logging.getLogger("sbpc.planner")
 CACHE_DIR_VARIABLE = "SBPC_CACHE_DIR"
@@ -134,8 +135,7 @@ def search(graph: Graph, cluster: Cluster, strategy: Any = AUTO, *, train: bool 
     """
     options = options or PlanOptions(**option_values)
     fixed = _fixed_parts(strategy)
-    if fixed.precision is not None and fixed.precision.mixed and options.precision is None:
-        options = replace(options, precision=fixed.precision.compute)  # priced as the plan will run
+    options = options.for_plan_precision(fixed.precision)  # priced as the plan will run
     key = _cache_key(graph, cluster, fixed, options, train)
     cache = cache_directory(cache_dir)
     if use_cache:
@@ -260,6 +260,20 @@ class _Planner:
         self._estimators: dict[tuple, Estimator] = {}
         self.experts = view.experts(options)
         """The MoE blocks' experts (None: no mixture-of-experts blocks; expert parallelism is not searched)."""
+        self.max_microbatches = self._microbatch_limit()
+
+    def _microbatch_limit(self) -> int:
+        """1 where an op normalises with statistics of the whole batch (training BatchNorm: each microbatch
+        would use its own, so compile() refuses more), else :data:`MAX_MICROBATCHES`."""
+        node = batch_statistics_node(self.view.variant(False)[0]) if self.view.train else None
+        if node is None:
+            return MAX_MICROBATCHES
+        if self.fixed.pipeline.microbatches not in (None, 1):
+            try:
+                refuse_batch_statistics(self.view.variant(False)[0], self.fixed.pipeline.microbatches)
+            except StrategyError as error:
+                raise SearchError(str(error)) from None
+        return 1
 
     def elapsed(self) -> float:
         """Seconds since the search started."""
@@ -293,6 +307,8 @@ class _Planner:
             _say(self.progress, f"  tp={setting.tp} pp={setting.pp} dp={setting.dp} sp={setting.sequence_parallel} "
                                 f"vp={setting.vocab_parallel}: {self.evaluated} plans priced, best so far "
                                 f"{best * 1e3:.1f} ms ({self.elapsed():.1f}s)")
+        if not ranked and self.evaluated == 0:
+            raise SearchError(self.why_nothing_was_priced())
         if not ranked:
             raise SearchError(f"no plan fits in memory on {self.cluster.name} for batch {self.batch}: tried "
                               f"{self.evaluated} plans; use more devices, a smaller batch, or give fewer fixed "
@@ -350,6 +366,19 @@ class _Planner:
     def _breakdown(self, setting: _Setting, shape: PlanShape, estimate, solution: LayoutSolution) -> dict:
         """Where a candidate's step goes (seconds by part, the rank that finishes last)."""
         return self.estimator(setting, solution).breakdown(shape, estimate)
+
+    def why_nothing_was_priced(self) -> str:
+        """Why the fixed parts left no degree to price (for the error)."""
+        mesh = self.fixed.mesh if isinstance(self.fixed.mesh, MeshSpec) else None
+        fixed = {a: mesh.size(a) for a in (mesh or {}) if mesh.size(a) != AUTO}
+        pp = fixed.get(PIPELINE_AXIS, 1)
+        if pp != 1 and self.view.num_layers == 0:
+            return (f"the strategy fixes pp={pp}, but {self.view.graph.name} has no stack of identical blocks the "
+                    f"planner could cut into stages (it cuts pipelines only between identical blocks); give the "
+                    f"stages (\"stages\": [module, ...]) or leave pp to the planner")
+        return (f"no degrees fit the fixed mesh {fixed or 'auto'} on {self.cluster.name} ({self.cluster.world_size} "
+                f"devices, fast-link domains of {min(len(d) for d in self.cluster.fast_domains())}) with batch "
+                f"{self.batch}: sizes must multiply to the device count, tp must divide a domain and dp the batch")
 
     def notes(self) -> list[str]:
         """Lines for the report: budget, structure, and the pricing assumptions."""
@@ -461,7 +490,7 @@ class _Planner:
         """Microbatches x schedule x fsdp, each with its stage cut and recomputation."""
         per_replica = self.batch // setting.dp
         estimator = self.estimator(setting, solution)
-        for m in [d for d in _divisors(per_replica) if d <= MAX_MICROBATCHES]:
+        for m in [d for d in _divisors(per_replica) if d <= self.max_microbatches]:
             whole_batch = setting.dp == 1 and m == per_replica  # as many microbatches as the batch has samples
             if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp and not whole_batch):
                 continue  # fewer microbatches than stages leaves most of the pipeline idle (unless no more exist)
@@ -554,6 +583,7 @@ class _Planner:
         tensor_parallel = setting.tp > 1  # the switches mean something only with a tensor axis
         options = Options(sequence_parallel=setting.sequence_parallel if tensor_parallel else None,
                           vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
+                          solved_layouts=_solved_layouts(self.fixed.options.solved_layouts, tensor_parallel),
                           fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes,
                           cp_attention="ring" if setting.cp > 1 else None)
         pipeline = Pipeline(microbatches=shape.microbatches, skip_ratio=self.fixed.pipeline.skip_ratio)
@@ -578,6 +608,13 @@ def _with_rivals(ranked: list, top_k: int) -> list:
         longer = [r for r in plain if r[2].pp > chosen[0][2].pp]
         chosen += [r for r in plain[:1] + longer[:1] if all(r is not c for c in chosen)]
     return chosen
+
+
+def _solved_layouts(fixed: bool | None, tensor_parallel: bool) -> bool | None:
+    """A plan with a tensor axis is compiled with the layouts the planner priced (unless the user said off)."""
+    if not tensor_parallel:
+        return None
+    return True if fixed is None else fixed
 
 
 def _switch(fixed, meaningful: bool) -> list[bool]:

@@ -366,6 +366,7 @@ def strategy_dicts(draw: st.DrawFn) -> dict | str:
         "activations": placements(MODULE_GLOBS, axes),
         "sequence_parallel": auto_or(st.booleans()),
         "vocab_parallel": auto_or(st.booleans()),
+        "solved_layouts": auto_or(st.booleans()),
         "fsdp": auto_or(st.sampled_from(axes)),
         "microbatches": auto_or(st.integers(1, 64)),
         "skip_ratio": auto_or(st.floats(0, 1, exclude_max=True)),

@@ -61,7 +61,7 @@ def pairwise_problems(draw, max_vars: int = 30):
 
 @settings(max_examples=40, deadline=None)
 @given(pairwise_problems())
-def test_frontier_dp_matches_the_ilp_on_random_problems(problem):
+def test_dp_matches_the_ilp_on_random_problems(problem):
     dp, ilp = solve_dp(problem), solve_ilp(problem)
     assert dp.exact and close(dp.cost, ilp.cost)
     assert close(problem.total(dp.assignment), dp.cost)
@@ -69,7 +69,7 @@ def test_frontier_dp_matches_the_ilp_on_random_problems(problem):
 
 @settings(max_examples=8, deadline=None)
 @given(pairwise_problems(max_vars=6))
-def test_frontier_dp_matches_z3_on_tiny_problems(problem):
+def test_dp_matches_z3_on_tiny_problems(problem):
     assert close(solve_dp(problem).cost, solve_z3(problem).cost)
 
 
@@ -411,3 +411,18 @@ def test_progress_option_prints_a_line_per_step(capsys):
     assert capsys.readouterr().err == "planning x\n" and seen == ["to a callable"]
     with pytest.raises(TypeError, match="progress is True, False or a callable"):
         _say("yes", "bad")
+
+
+def test_auto_never_splits_a_batch_whose_norm_needs_all_of_it():
+    """A training BatchNorm normalises with statistics of the whole batch, so compile() refuses microbatches:
+    the planner prices only one microbatch per step for it, and its plan equals eager."""
+    from tests.models import bn_cnn_model, cnn_inputs
+    model, inputs = bn_cnn_model(), cnn_inputs(batch=8)
+    plan = compile(model, inputs, cluster=Cluster.local(2), strategy="auto", search_options={"use_cache": False})
+    report = plan.search_report
+    assert report.evaluated >= 1
+    assert all(c.strategy.pipeline.microbatches == 1 for c in [report.chosen, *report.alternatives])
+    assert_close_to_eager(plan.run_virtual(*inputs), bn_cnn_model(), inputs)
+    with pytest.raises(SearchError, match="statistics of the whole batch"):
+        compile(model, inputs, cluster=Cluster.local(2), strategy={"mesh": "auto", "microbatches": 2},
+                search_options={"use_cache": False})
