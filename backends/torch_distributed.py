@@ -32,7 +32,7 @@ from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages
                                  stage_index, tied_groups)
 from ir.ops.attention import RING_ATTENTION, runs_ring
 from ir.ops.moe import DISPATCH, EXCHANGING, exchanges
-from ir.ops.registry import LocalContext, local_call, local_shape
+from ir.ops.registry import LocalContext, balanced_comm_kwargs, local_call, local_shape, sequence_sizes
 from ir.sbp import format_nd_sbp
 from ir.types import DTYPES_BY_NAME
 
@@ -163,6 +163,8 @@ class ProgramWriter:
         self.example_dims = example_dims
         self.aliases = aliases
         self.header = header
+        self.sequences = sequence_sizes(graph)
+        """The sequence lengths whose splits over the cp axis are load-balanced (collectives reorder them)."""
         self.source: dict[int, str] = {}
         """Value id -> the expression that reads it in the generated code (a local name, ``p[...]``, ...)."""
         self.local: set[int] = set()
@@ -416,7 +418,8 @@ class ProgramWriter:
         comment = f"  # {', '.join(format_nd_sbp(v.sbp) for v in node.outputs)}"
         if node.op.startswith("comm."):
             x = self._arg(node.input_values()[0])
-            kw = ", ".join(f"{k}={self._arg(v)}" for k, v in node.kwargs.items())
+            kwargs = {**node.kwargs, **balanced_comm_kwargs(node, self.sequences)}  # load-balanced cp splits
+            kw = ", ".join(f"{k}={self._arg(v)}" for k, v in kwargs.items())
             func = COMM_FUNCS[node.op]
             if node.op == "comm.all_gather" and node.input_values()[0].kind == "param":
                 func = "comm_gather_param"  # freed after use, gathered again for backward
@@ -428,7 +431,7 @@ class ProgramWriter:
         if node.op in EXCHANGING:
             return f"    {', '.join(outs)} = {self._expert_exchange(node, mesh)}{comment}"
         ctx = LocalContext(mesh, node.outputs[0].mesh, [v.sbp for v in node.input_values()],
-                           [v.sbp for v in node.outputs])
+                           [v.sbp for v in node.outputs], self.sequences)
         call = local_call(node, ctx)
         fn = call.fn.split(".", 1)[1] if call.fn.startswith("kernels.") else self.custom_ops.get(call.fn, call.fn)
         args = [self._arg(a) for a in call.args] + [f"{k}={self._arg(v)}" for k, v in call.kwargs.items()]

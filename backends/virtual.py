@@ -15,7 +15,8 @@ from typing import Any
 import sympy
 import torch
 
-from backends.runtime.context_parallel import attention_block, block_keep, merge_blocks
+from backends.runtime.context_parallel import ring_block, merge_blocks, ring_positions
+from backends.runtime.core import balance, balanced_part, unbalance
 from backends.runtime.moe import (combine_in_process, dispatch_in_process, moe_replicated_combine,
                                   moe_replicated_dispatch)
 from backends.runtime.split_backward import WeightWork, backward_input
@@ -25,10 +26,11 @@ from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
 from ir.ops.moe import DISPATCH, EXCHANGING, exchanges
 from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
-from ir.ops.registry import LocalContext, coord_symbol, local_call
+from ir.ops.registry import (LocalContext, balanced_axes, balanced_comm_kwargs, coord_symbol, local_call,
+                             sequence_sizes)
 from ir.sbp import Broadcast, NdSbp, Partial, Split
 from ir.ops.custom import resolve_op
-from ir.types import DTYPES_BY_NAME, Mesh, is_float_expr
+from ir.types import CONTEXT_AXIS, DTYPES_BY_NAME, Mesh, is_float_expr
 
 
 class VirtualRunError(RuntimeError):
@@ -55,15 +57,19 @@ class VirtualResult:
 
 # -- layouts of local tensors ---------------------------------------------------------------------
 
-def shard(full: torch.Tensor, sbp: NdSbp, mesh: Mesh, position: int) -> torch.Tensor:
-    """The local tensor of the device at ``position`` for a value held in ``sbp``.
+def shard(full: torch.Tensor, sbp: NdSbp, mesh: Mesh, position: int, balanced: tuple = ()) -> torch.Tensor:
+    """The local tensor of the device at ``position`` for a value held in ``sbp`` (``balanced``: per mesh axis,
+    whether its split is load-balanced, see :func:`ir.ops.registry.sequence_sizes`).
 
     It may share memory with ``full`` (a view); callers that hand it to a rank copy it (see
     :meth:`VirtualMesh._scatter`)."""
     coords = mesh.coords(position)
+    balanced = balanced or (False,) * mesh.ndim
     out = full
-    for s, n, c in zip(sbp, mesh.shape, coords):
-        if isinstance(s, Split):
+    for s, n, c, even in zip(sbp, mesh.shape, coords, balanced):
+        if isinstance(s, Split) and even:
+            out = balanced_part(out, s.dim, n, c)
+        elif isinstance(s, Split):
             size = out.shape[s.dim] // n
             out = out.narrow(s.dim, c * size, size)
         elif isinstance(s, Partial):
@@ -71,20 +77,22 @@ def shard(full: torch.Tensor, sbp: NdSbp, mesh: Mesh, position: int) -> torch.Te
     return out
 
 
-def assemble(locals_: list, sbp: NdSbp, mesh: Mesh) -> torch.Tensor:
+def assemble(locals_: list, sbp: NdSbp, mesh: Mesh, balanced: tuple = ()) -> torch.Tensor:
     """The logical tensor from every device's local tensor (the inverse of :func:`shard`)."""
     grid = {mesh.coords(i): t for i, t in enumerate(locals_)}
+    balanced = balanced or (False,) * mesh.ndim
     for axis in reversed(range(mesh.ndim)):
         merged: dict[tuple, list] = {}
         for coords, t in sorted(grid.items()):
             merged.setdefault(coords[:axis], []).append(t)
-        grid = {k: _combine(v, sbp[axis]) for k, v in merged.items()}
+        grid = {k: _combine(v, sbp[axis], balanced[axis]) for k, v in merged.items()}
     return grid[()]
 
 
-def _combine(parts: list, s) -> torch.Tensor:
+def _combine(parts: list, s, balanced: bool = False) -> torch.Tensor:
     if isinstance(s, Split):
-        return torch.cat(parts, dim=s.dim)
+        whole = torch.cat(parts, dim=s.dim)
+        return unbalance(whole, s.dim, len(parts)) if balanced else whole
     if isinstance(s, Broadcast):
         return parts[0]
     if s.op == "max":
@@ -107,8 +115,13 @@ def collective(op: str, xs: list, mesh: Mesh, axis: int, kwargs: dict) -> list:
 def _group_collective(op: str, xs: list, kw: dict) -> list:
     """The outputs of one group. Every rank gets a tensor of its own (``clone`` keeps the autograd
     graph): a real rank's result lives in its own memory, so an in-place op on one rank must not
-    reach another."""
+    reach another. ``kw["balanced"]``: the split (for all-to-all: the source and the destination split) is
+    load-balanced (:func:`ir.ops.registry.balanced_comm_kwargs`), put in sequence order as the emitted
+    program's collectives do."""
     n = len(xs)
+    balanced = kw.get("balanced", False)
+    if op == "comm.all_gather" and balanced:
+        return [unbalance(x, kw["dim"], n) for x in _group_collective(op, xs, {**kw, "balanced": False})]
     if kw.get("grad_dtype") is not None and op in ("comm.all_reduce", "comm.all_gather") and kw.get("op") != "max":
         return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], *xs))
     if op == "comm.all_reduce":
@@ -118,10 +131,16 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
         gathered = torch.cat(xs, dim=kw["dim"])
         return [gathered.clone() for _ in range(n)]
     if op == "comm.reduce_scatter":
-        return [part.clone() for part in torch.stack(xs).sum(0).chunk(n, dim=kw["dim"])]
+        total = torch.stack(xs).sum(0)
+        return [part.clone() for part in (balance(total, kw["dim"], n) if balanced else total).chunk(n, dim=kw["dim"])]
     if op == "comm.all_to_all":
-        return [part.clone() for part in torch.cat(xs, dim=kw["src_dim"]).chunk(n, dim=kw["dst_dim"])]
+        source, dest = balanced or (False, False)
+        sends = [balance(x, kw["dst_dim"], n) if dest else x for x in xs]
+        parts = torch.cat(sends, dim=kw["src_dim"]).chunk(n, dim=kw["dst_dim"])
+        return [unbalance(p, kw["src_dim"], n) if source else p.clone() for p in parts]
     if op == "comm.slice":
+        if balanced:
+            return [balanced_part(x, kw["dim"], n, k) for k, x in enumerate(xs)]
         return [x.chunk(n, dim=kw["dim"])[k] for k, x in enumerate(xs)]
     if op == "comm.mask":
         return [x if k == 0 else x * 0 for k, x in enumerate(xs)]
@@ -148,10 +167,11 @@ class GroupCollective(torch.autograd.Function):
 
 def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
     """Every rank's output of ring attention: in each group along the node's axis, rank ``c`` attends its
-    queries to the key/value blocks of ranks ``c, c - 1, ...`` (the emitted ring's order), merged online.
-    The ops are differentiable, so the one backward gives every rank the ring's gradients."""
+    queries to the key/value blocks of ranks ``c, c - 1, ...`` (the emitted ring's order, each block's part its
+    masks keep), merged online. The ops are differentiable, so the one backward gives every rank the ring's
+    gradients."""
     q, k, v, mask = ring_inputs(node)
-    causal, scale = arg(node, "causal"), arg(node, "scale")
+    causal, scale, balanced = arg(node, "causal"), arg(node, "scale"), bool(arg(node, "balanced"))
     qs, ks, vs = env[id(q)], env[id(k)], env[id(v)]
     masks = env[id(mask)] if mask is not None else [None] * mesh.size
     out = list(qs)
@@ -160,13 +180,14 @@ def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
         for me, rank in enumerate(group):
             length = qs[rank].shape[-2]
             s = scale if scale is not None else qs[rank].shape[-1] ** -0.5
+            q_pos = ring_positions(me, n, length, balanced)
             result = lse = None
             for step in range(n):
                 source = (me - step) % n
-                keep = block_keep(masks[rank], length, n, me, source, causal, qs[rank].device)
-                if keep is not False:
-                    block = attention_block(qs[rank], ks[group[source]], vs[group[source]], keep, s)
-                    result, lse = merge_blocks(result, lse, *block)
+                part = ring_block(qs[rank], ks[group[source]], vs[group[source]], masks[rank], q_pos,
+                                  ring_positions(source, n, length, balanced), causal, s)
+                if part is not None:
+                    result, lse = merge_blocks(result, lse, *part)
             out[rank] = result
     return out
 
@@ -226,12 +247,14 @@ def check_even_split(v: Value, mesh: Mesh, bindings: dict) -> None:
         ways = 1
         for _, n in axes:
             ways *= n
+        chunks = ways * (2 if any(a == CONTEXT_AXIS for a, _ in axes) else 1)  # cp: two chunks per rank
         size = int(v.type.shape[dim].subs(bindings))
-        if size % ways:
+        if size % chunks:
             names = " x ".join(f"{a}={n}" for a, n in axes)
+            balanced = ", two load-balanced chunks per cp rank" if chunks > ways else ""
             raise VirtualRunError(f"input {v.name}: dim {dim} has size {size}, which does not divide evenly "
-                                  f"over {ways} ranks (mesh axes {names}); use a {_dim_word(dim)} that is a "
-                                  f"multiple of {ways}")
+                                  f"over {ways} ranks (mesh axes {names}{balanced}); use a {_dim_word(dim)} that "
+                                  f"is a multiple of {chunks}")
 
 
 def _dim_word(dim: int) -> str:
@@ -247,6 +270,8 @@ class VirtualMesh:
         self.graph = graph
         self.weights = weights
         self.calls: dict[int, Any] = {}
+        self.sequences = sequence_sizes(graph)
+        """The sequence lengths whose splits over the cp axis are load-balanced."""
 
     def run(self, inputs: tuple, mode: str = "train") -> VirtualResult:
         """Run forward (and backward plus gradient sync in ``train`` mode)."""
@@ -265,16 +290,22 @@ class VirtualMesh:
         if mode == "train":
             self._backward(env, result)
         else:
-            result.outputs = tuple(assemble(env[id(o)], o.sbp, self.mesh(o)) for o in graph.outputs)
+            result.outputs = tuple(assemble(env[id(o)], o.sbp, self.mesh(o), self.balanced(o)) for o in graph.outputs)
         return result
 
     def mesh(self, v: Value) -> Mesh:
         return self.graph.meshes[v.mesh]
 
+    def balanced(self, v: Value) -> tuple[bool, ...]:
+        """Per mesh axis, whether ``v``'s split there is load-balanced (never for parameters and buffers)."""
+        if v.kind in ("param", "buffer"):
+            return ()
+        return balanced_axes(v.type, v.sbp, self.mesh(v), self.sequences)
+
     def _scatter(self, v: Value, full: torch.Tensor) -> list:
         """Every rank's own copy of its shard (never the caller's tensor, nor another rank's)."""
         mesh = self.mesh(v)
-        return [shard(full, v.sbp, mesh, r).clone() for r in range(mesh.size)]
+        return [shard(full, v.sbp, mesh, r, self.balanced(v)).clone() for r in range(mesh.size)]
 
     def _param_leaves(self, p: Value, train: bool) -> list:
         full = self.weights[p.target]
@@ -285,7 +316,8 @@ class VirtualMesh:
         if node.op.startswith("comm."):
             mesh = self.mesh(ins[0])
             axis = mesh.axis_index(node.kwargs["axis"])
-            env[id(node.outputs[0])] = collective(node.op, env[id(ins[0])], mesh, axis, node.kwargs)
+            kwargs = {**node.kwargs, **balanced_comm_kwargs(node, self.sequences)}
+            env[id(node.outputs[0])] = collective(node.op, env[id(ins[0])], mesh, axis, kwargs)
             return
         mesh = self.mesh(node.outputs[0])
         if node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp):
@@ -315,7 +347,7 @@ class VirtualMesh:
         key = id(node)
         if key not in self.calls:
             ctx = LocalContext(mesh, node.outputs[0].mesh, [v.sbp for v in node.input_values()],
-                               [v.sbp for v in node.outputs])
+                               [v.sbp for v in node.outputs], self.sequences)
             self.calls[key] = local_call(node, ctx)
         return self.calls[key]
 
@@ -673,7 +705,7 @@ class PipelineRunner:
                     self.forward(stage, microbatch)
         outputs = []
         for i, o in enumerate(self.graph.outputs):
-            parts = [assemble(self.ready[("out", m)][i], o.sbp, self.graph.meshes[o.mesh])
+            parts = [assemble(self.ready[("out", m)][i], o.sbp, self.graph.meshes[o.mesh], self.mesh_runner.balanced(o))
                      for m in range(self.microbatches)]
             if o is self.graph.loss:
                 outputs.append(sum(parts))

@@ -37,6 +37,7 @@ from cost.ops import peak_flops
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, at
 from cost.timeline import ScheduleTimeline, simulate
+from ir.types import CONTEXT_AXIS
 from ir.schedules import SCHEDULES, build_pipeline_schedule
 
 
@@ -232,9 +233,7 @@ class Estimator:
     def _segment_comm(self, segment, shape: PlanShape, devices: tuple, batch: float) -> tuple[float, float]:
         fwd = bwd = 0.0
         for item in segment.comms:
-            seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
-            if item.hidden_flops is not None:  # ring attention: transfers run under the blocks' computation
-                seconds = max(0.0, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
+            seconds = self._exposed_seconds(item, devices, shape, batch)
             if item.backward:
                 bwd += seconds
             else:
@@ -261,11 +260,27 @@ class Estimator:
             return self._recomputed_part_forward(shape, rank, j)
         return 0.0
 
+    def _exposed_seconds(self, item, devices: tuple, shape: PlanShape, batch: float) -> float:
+        """Seconds of one collective of a segment that the step waits for: all of it, or for ring attention's
+        transfers, what the blocks' computation does not hide."""
+        seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
+        if item.hidden_flops is not None:  # ring attention: transfers run under the blocks' computation
+            seconds = max(0.0, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
+        return seconds
+
     def _hidden_seconds(self, flops, devices: tuple, batch: float) -> float:
         """Seconds of the computation a transfer overlaps, on the slowest device (at peak: the transfer
         hides behind at most that)."""
         return min(at(flops, batch) / peak_flops(d, self.profile.precision)
                    for d in _representatives(devices, self.cluster))
+
+    def _batch_axes(self, shape: PlanShape) -> tuple:
+        """The axes the estimator adds whose ranks share the parameters and sum their gradients by all-reduce:
+        data parallelism and context parallelism (each rank a share of the tokens) where the profile leaves
+        them to it, except the FSDP axis (whose reduce-scatter is priced with the segments)."""
+        fsdp = shape.fsdp_axis if self.fsdp_analytic(shape) else None
+        return tuple(a for a in (DATA_AXIS, CONTEXT_AXIS)
+                     if a in self.profile.analytic_axes and a != fsdp and shape.size(a) > 1)
 
     def fsdp_analytic(self, shape: PlanShape) -> bool:
         """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""
@@ -347,12 +362,11 @@ class Estimator:
             devices = shape.stage_devices[rank]
             batch = self.microbatch_size(shape)
             for item in self.profile.segments[j].comms:
-                seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
-                parts[f"{item.kind} over {item.axis} (exposed)"] += m * seconds
+                parts[f"{item.kind} over {item.axis} (exposed)"] += m * self._exposed_seconds(item, devices, shape,
+                                                                                                batch)
             if self.fsdp_analytic(shape):
                 parts["fsdp gathers and reduce-scatters"] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
-                    - m * sum(self._collective(i.kind, at(i.nbytes, batch), devices, shape, i.axis)
-                              for i in self.profile.segments[j].comms)
+                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in self.profile.segments[j].comms)
         busy = sum(parts.values())
         sends = sum(2 * m * s.send_s for s in estimate.stages if s.rank == rank)
         idle = max(estimate.rank_end_s[rank] - busy, 0.0)
@@ -414,11 +428,8 @@ class Estimator:
         if not self.profile.train:
             return 0.0, 0.0
         by_axes: dict[tuple, float] = defaultdict(float)
-        fsdp = self.fsdp_analytic(shape)
         for p in self._stage_params(shape, rank):
-            axes = tuple(p.grad_axes)
-            if DATA_AXIS in self.profile.analytic_axes and not fsdp and shape.size(DATA_AXIS) > 1:
-                axes = (DATA_AXIS,) + axes
+            axes = self._batch_axes(shape) + tuple(p.grad_axes)
             if axes:
                 by_axes[axes] += p.local_bytes
         devices = shape.stage_devices[rank]
@@ -532,9 +543,7 @@ class Estimator:
         for rank in range(shape.pp):
             by_axes: dict[tuple, float] = defaultdict(float)
             for p in self._stage_params(shape, rank):
-                axes = tuple(p.grad_axes)
-                if DATA_AXIS in prof.analytic_axes and not self.fsdp_analytic(shape) and shape.size(DATA_AXIS) > 1:
-                    axes = (DATA_AXIS,) + axes
+                axes = self._batch_axes(shape) + tuple(p.grad_axes)
                 if axes and prof.train:
                     by_axes[axes] += p.local_bytes
             for axes, nbytes in by_axes.items():

@@ -446,11 +446,39 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
 
 
 def _hidden_flops(record: CommRecord, ctx: CostContext) -> tuple:
-    """The (forward, backward) FLOPs a ring exchange overlaps, affine in the batch (None, None otherwise)."""
+    """The (forward, backward) FLOPs a ring exchange overlaps, affine in the batch (None, None otherwise).
+
+    Under the load-balanced split every one of the ring's ``n`` steps computes the same share of the rank's
+    (causal: half) work, and ``n - 1`` of them have a block in flight; the key and the value transfer share
+    that computation, half each."""
     if record.overlaps is None:
         return None, None
-    work = ctx.affine(lambda d: np.array(op_work(record.overlaps, d, ctx.mesh, ctx.precision)) / 2)
+    return _ring_hidden_flops(record.overlaps, ctx.mesh.shape[record.axis], ctx)
+
+
+def _ring_hidden_flops(attention: ComputeRecord, ways: int, ctx: CostContext) -> tuple:
+    """(forward, backward) FLOPs of ``attention`` that one of its key or value transfers on a ring of ``ways``
+    ranks runs under (see :func:`_hidden_flops`)."""
+    work = ctx.affine(lambda d: np.array(op_work(attention, d, ctx.mesh, ctx.precision)) * (ways - 1) / ways / 2)
     return work[:, 0], work[:, 2]
+
+
+def ring_exchange_items(attention: ComputeRecord, key_value: Sequence[tuple], ways: int, axis: str,
+                        ctx: CostContext) -> list[CommItem]:
+    """The key/value exchange of ring attention over a cp axis that the estimator adds like data parallelism
+    (``ways`` ranks; ``ctx``'s mesh has no cp axis and the batch symbol stands for each rank's share of the
+    tokens, ``profile.batch_divisor`` counting the cp ranks): per key and value (``key_value``: their
+    (type, SBP)), a forward all-gather and in training a backward all-gather and reduce-scatter, hidden behind
+    the blocks' computation as in a compiled plan (:func:`_hidden_flops`)."""
+    fwd_hidden, bwd_hidden = _ring_hidden_flops(attention, ways, ctx)
+    items = []
+    for t, nd in key_value:
+        nbytes = ways * _local_bytes((t,), (nd,), ctx)  # the gathered blocks: the whole sequence
+        items.append(CommItem("all_gather", axis, nbytes, False, fwd_hidden))
+        if attention.has_grad and ctx.train:
+            items += [CommItem("reduce_scatter", axis, nbytes, True, bwd_hidden),
+                      CommItem("all_gather", axis, nbytes, True, bwd_hidden)]
+    return items
 
 
 def _stack(rows: list) -> np.ndarray:

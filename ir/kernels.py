@@ -79,13 +79,14 @@ def mean_loss_share(op, count, accumulate, *args, **kwargs):
     return (total.to(accumulate) / count).to(total.dtype)
 
 
-def attention_rows(row_start, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+def attention_rows(rows, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False):
-    """``scaled_dot_product_attention`` of a block of query rows beginning at row ``row_start`` of the
-    sequence, against every key: a causal mask keeps key positions up to each row's own."""
+    """``scaled_dot_product_attention`` of a shard of query rows against every key: ``rows`` the shard's
+    positions in the sequence as ``(start, length)`` ranges (two under a load-balanced cp split); a causal
+    mask keeps key positions up to each row's own."""
     if is_causal:
-        rows = torch.arange(query.shape[-2], device=query.device) + row_start
-        keep = rows[:, None] >= torch.arange(key.shape[-2], device=query.device)[None, :]
+        positions = positions_of(rows, query.device)
+        keep = positions[:, None] >= torch.arange(key.shape[-2], device=query.device)[None, :]
         if attn_mask is None or attn_mask.dtype == torch.bool:
             attn_mask = keep if attn_mask is None else attn_mask & keep
         else:
@@ -94,6 +95,12 @@ def attention_rows(row_start, query, key, value, attn_mask=None, dropout_p=0.0, 
                                                                scale=scale, enable_gqa=enable_gqa)
 
 
-def arange_shard(start, length, **kwargs):
-    """This rank's block of ``arange``: ``length`` numbers from ``start``."""
-    return torch.arange(start, start + length, **kwargs)
+def positions_of(ranges, device=None):
+    """The positions of ``(start, length)`` ranges, one after another."""
+    return torch.cat([torch.arange(start, start + length, device=device) for start, length in ranges])
+
+
+def arange_shard(start, ranges, **kwargs):
+    """This rank's part of ``arange`` from ``start``: the numbers at its ``(start, length)`` ranges of positions
+    (two under a load-balanced cp split)."""
+    return torch.cat([torch.arange(start + a, start + a + n, **kwargs) for a, n in ranges])

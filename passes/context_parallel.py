@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ir.core import Graph, Node
 from ir.ops.attention import RING_ATTENTION
+from ir.ops.registry import is_balanced, sequence_sizes
 from ir.ops.schema import arg
 from ir.sbp import Split
 from ir.types import CONTEXT_AXIS
@@ -32,9 +33,10 @@ def context_parallel_pass(graph: Graph, ctx: PassContext) -> None:
     mesh = graph.meshes[next(iter(graph.meshes))]
     if CONTEXT_AXIS not in mesh.axes or ctx.strategy.cp_attention != "ring":
         return
+    sequences = sequence_sizes(graph)
     for node in list(graph.nodes):
         if node.op == ATTENTION and _ring_can_run(node):
-            _to_ring(graph, node)
+            _to_ring(graph, node, sequences)
 
 
 def _ring_can_run(node: Node) -> bool:
@@ -42,9 +44,11 @@ def _ring_can_run(node: Node) -> bool:
     return not arg(node, "dropout_p") and not arg(node, "enable_gqa")
 
 
-def _to_ring(graph: Graph, node: Node) -> None:
+def _to_ring(graph: Graph, node: Node, sequences: frozenset) -> None:
+    """``balanced``: the queries' length is the sequence, whose split over cp is load-balanced."""
     q, k, v, mask = (arg(node, name) for name in ("query", "key", "value", "attn_mask"))
-    kwargs = {"axis": CONTEXT_AXIS, "causal": bool(arg(node, "is_causal")), "scale": arg(node, "scale")}
+    kwargs = {"axis": CONTEXT_AXIS, "causal": bool(arg(node, "is_causal")), "scale": arg(node, "scale"),
+              "balanced": is_balanced(q.type.shape[-2], CONTEXT_AXIS, sequences)}
     ring = graph.create_node(RING_ATTENTION, [q, k, v, mask], kwargs, [node.outputs[0].type],
                              out_names=["ring_attention"], attrs=dict(node.attrs), before=node)
     graph.replace_all_uses(node.outputs[0], ring.outputs[0])

@@ -2,7 +2,7 @@
 import torch
 import torch.distributed as dist
 
-from .core import COORD, DEVICE, GROUPS, split_dim
+from .core import COORD, DEVICE, GROUPS, balance, balanced_part, split_dim, unbalance
 from .plan import MESH_AXES
 
 
@@ -98,23 +98,29 @@ def comm_all_reduce(x, axis, op="sum", grad_dtype=None):
     return AllReduce.apply(x, axis, op, grad_dtype)
 
 
-def comm_all_gather(x, axis, dim, grad_dtype=None):
-    """S(d) -> B; backward reduce-scatters the gradients in ``grad_dtype`` (default theirs)."""
-    return AllGather.apply(x, axis, dim, grad_dtype)
+def comm_all_gather(x, axis, dim, grad_dtype=None, balanced=False):
+    """S(d) -> B; backward reduce-scatters the gradients in ``grad_dtype`` (default theirs). ``balanced``: the
+    split is a load-balanced sequence split, put back in sequence order."""
+    out = AllGather.apply(x, axis, dim, grad_dtype)
+    return unbalance(out, dim, len(GROUPS[axis][1])) if balanced else out
 
 
-def comm_reduce_scatter(x, axis, dim):
-    return ReduceScatter.apply(x, axis, dim)
+def comm_reduce_scatter(x, axis, dim, balanced=False):
+    """P -> S(d) (``balanced``: each rank's load-balanced part of the sequence)."""
+    return ReduceScatter.apply(balance(x, dim, len(GROUPS[axis][1])) if balanced else x, axis, dim)
 
 
-def comm_all_to_all(x, axis, src_dim, dst_dim):
-    return AllToAll.apply(x, axis, src_dim, dst_dim)
-
-
-def comm_slice(x, axis, dim):
-    """B -> S(d): keep this rank's slice (no communication)."""
+def comm_all_to_all(x, axis, src_dim, dst_dim, balanced=(False, False)):
+    """S(src_dim) -> S(dst_dim); ``balanced``: whether each of the two splits is a load-balanced sequence split."""
     n = len(GROUPS[axis][1])
-    return x.chunk(n, dim=dim)[COORD[axis]]
+    out = AllToAll.apply(balance(x, dst_dim, n) if balanced[1] else x, axis, src_dim, dst_dim)
+    return unbalance(out, src_dim, n) if balanced[0] else out
+
+
+def comm_slice(x, axis, dim, balanced=False):
+    """B -> S(d): keep this rank's slice (no communication; ``balanced``: its load-balanced part)."""
+    n = len(GROUPS[axis][1])
+    return balanced_part(x, dim, n, COORD[axis]) if balanced else x.chunk(n, dim=dim)[COORD[axis]]
 
 
 def comm_mask(x, axis):

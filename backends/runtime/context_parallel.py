@@ -1,19 +1,21 @@
 """Context-parallel attention: queries on sequence shards, key/value blocks passed around a ring.
 
-Every rank of the ``cp`` axis holds one contiguous block of the sequence (rank ``c`` the positions
-``[c * L, (c + 1) * L)``) of its queries, keys and values. ``ring_attention`` runs ``n`` steps: at
-step ``s`` a rank attends its queries to the key/value block of rank ``c - s``, while the block of
-the next step is already on its way (one ``batch_isend_irecv`` to the next rank and from the
-previous one, waited for after the block's computation). Partial results are merged with the online
-softmax (each block's output weighted by its share of the log-sum-exp). Under a causal mask the
-blocks of later ranks are skipped. Backward runs the same ring: each rank recomputes its queries'
-probabilities against each block from the saved log-sum-exp, and the key/value gradients travel
-with their block until they return to its owner.
+Every rank of the ``cp`` axis holds one block of the sequence of its queries, keys and values: under the
+load-balanced split two chunks of ``2n``, chunks ``c`` and ``2n - 1 - c`` (:func:`balanced_part`), so that
+under a causal mask every rank attends as many keys. ``ring_attention`` runs ``n`` steps: at step ``s`` a
+rank attends its queries to the key/value block of rank ``c - s``, while the block of the next step is
+already on its way (one ``batch_isend_irecv`` to the next rank and from the previous one, waited for after
+the block's computation). Each step computes only the rows and columns of the block its mask keeps (from
+the positions the two blocks hold: under a causal mask and the balanced split, half of every block but the
+rank's own), and partial results are merged with the online softmax (each block's output weighted by its
+share of the log-sum-exp). Backward runs the same ring: each rank recomputes its queries' probabilities
+against each block from the saved log-sum-exp, and the key/value gradients travel with their block until
+they return to its owner.
 """
 import torch
 import torch.distributed as dist
 
-from .core import GROUPS
+from .core import GROUPS, balanced_part
 
 
 def attention_block(q, k, v, keep, scale):
@@ -47,30 +49,66 @@ def merge_blocks(out, lse, block_out, block_lse):
     return torch.exp(lse - safe) * out + torch.exp(block_lse - safe) * block_out, total
 
 
-def block_keep(mask, length, ranks, q_rank, kv_rank, causal, device):
-    """The keep-mask of one (query block, key block) pair of a ring of ``ranks`` blocks of ``length``
-    positions; None when every key counts, False when none does.
+def ring_positions(rank, ways, length, balanced):
+    """The sequence positions of the block of rank ``rank`` of a ring of ``ways`` blocks of ``length``."""
+    whole = torch.arange(length * ways)
+    return balanced_part(whole, 0, ways, rank) if balanced else whole.narrow(0, rank * length, length)
 
-    ``mask`` (the plan's own, or None) holds this rank's query rows and every key column; its columns
-    of key block ``kv_rank`` are taken. ``causal``: query position ``q_rank * length + i`` sees key
-    positions up to itself."""
-    keep = None
-    if causal:
-        if kv_rank > q_rank:
-            return False
-        if kv_rank == q_rank:
-            keep = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+def block_plan(mask, q_pos, kv_pos, causal, device):
+    """Which part of the (query block, key block) pair at positions ``q_pos`` and ``kv_pos`` to compute:
+    ``(rows, cols, keep)`` -- the slices of query rows and key columns holding every kept pair, and the keep
+    mask on them (a bool mask, True: attend, or a float one to add; None: every pair) -- or None when the
+    masks hide the whole block.
+
+    ``mask`` (the plan's own, or None) holds this rank's query rows and every key column of the sequence."""
+    keep = (q_pos[:, None] >= kv_pos[None, :]).to(device) if causal else None
     if mask is not None:
-        own = mask.narrow(-1, kv_rank * length, length) if mask.shape[-1] == length * ranks else mask
+        own = mask.index_select(-1, kv_pos.to(mask.device)) if mask.shape[-1] > 1 else mask
         if keep is None:
             keep = own
         elif own.dtype == torch.bool:
             keep = keep & own
         else:
             keep = own.masked_fill(~keep, float("-inf"))
-    if keep is not None and keep.dtype == torch.bool and not bool(keep.any()):
-        return False  # a block the mask hides wholly (e.g. later positions under a causal mask)
-    return keep
+    if keep is None:
+        return slice(None), slice(None), None
+    seen = keep if keep.dtype == torch.bool else keep > float("-inf")
+    seen = seen.reshape(-1, *seen.shape[-2:]).any(0)
+    rows, cols = _span(seen.any(-1)), _span(seen.any(-2))
+    if rows is None:
+        return None  # a block the masks hide wholly (under the causal mask: later positions)
+    keep = keep[..., rows if keep.shape[-2] > 1 else slice(None), cols if keep.shape[-1] > 1 else slice(None)]
+    return rows, cols, None if keep.dtype == torch.bool and bool(keep.all()) else keep
+
+
+def _span(seen):
+    """The slice from the first to the last True of a 1-D bool tensor (all of a broadcast one), None if none."""
+    where = seen.nonzero()
+    if len(where) == 0:
+        return None
+    return slice(None) if len(seen) == 1 else slice(int(where[0]), int(where[-1]) + 1)
+
+
+def ring_block(q, k, v, mask, q_pos, kv_pos, causal, scale):
+    """The output and log-sum-exp of every query row of ``q`` against one key/value block, computing only the
+    part :func:`block_plan` keeps (rows outside it: zero output, log-sum-exp ``-inf``); None when nothing is."""
+    plan = block_plan(mask, q_pos, kv_pos, causal, q.device)
+    if plan is None:
+        return None
+    rows, cols, keep = plan
+    out, lse = attention_block(q[..., rows, :], k[..., cols, :], v[..., cols, :], keep, scale)
+    return _all_rows(out, rows, q.shape[-2], 0.0), _all_rows(lse, rows, q.shape[-2], float("-inf"))
+
+
+def _all_rows(part, rows, length, fill):
+    """``part`` (the rows ``rows`` of a ``length``-row result) with ``fill`` in the other rows."""
+    start, stop, _ = rows.indices(length)
+    if start == 0 and stop == length:
+        return part
+    before = part.new_full((*part.shape[:-2], start, part.shape[-1]), fill)
+    after = part.new_full((*part.shape[:-2], length - stop, part.shape[-1]), fill)
+    return torch.cat([before, part, after], dim=-2)
 
 
 def _exchange(send, peer_to, peer_from, group):
@@ -90,31 +128,34 @@ class RingAttention(torch.autograd.Function):
     """Ring attention on the sequence shards of one mesh axis (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, axis, causal, scale):
+    def forward(ctx, q, k, v, mask, axis, causal, scale, balanced):
         group, ranks, me = GROUPS[axis]
         n, length = len(ranks), q.shape[-2]
         nxt, prev = ranks[(me + 1) % n], ranks[(me - 1) % n]
         out = lse = None
+        q_pos = ring_positions(me, n, length, balanced)
         block = (k.contiguous(), v.contiguous())
         for step in range(n):
             source = (me - step) % n
             pending = _exchange(block, nxt, prev, group) if step < n - 1 else None
-            keep = block_keep(mask, length, n, me, source, causal, q.device)
-            if keep is not False:
-                out, lse = merge_blocks(out, lse, *attention_block(q, block[0], block[1], keep, scale))
+            part = ring_block(q, block[0], block[1], mask, q_pos, ring_positions(source, n, length, balanced),
+                              causal, scale)
+            if part is not None:
+                out, lse = merge_blocks(out, lse, *part)
             if pending is not None:
                 block, requests = pending
                 _wait(requests)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.args = (axis, causal, scale)
+        ctx.args = (axis, causal, scale, balanced)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        axis, causal, scale = ctx.args
+        axis, causal, scale, balanced = ctx.args
         group, ranks, me = GROUPS[axis]
         n, length = len(ranks), q.shape[-2]
+        q_pos = ring_positions(me, n, length, balanced)
         nxt, prev = ranks[(me + 1) % n], ranks[(me - 1) % n]
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1, keepdim=True)
@@ -128,13 +169,16 @@ class RingAttention(torch.autograd.Function):
             sends += list(carried) if carried is not None else []
             pending = _exchange(sends, nxt, prev, group) if sends else None
             grad_k, grad_v = torch.zeros_like(block[0]), torch.zeros_like(block[1])
-            keep = block_keep(mask, length, n, me, source, causal, q.device)
-            if keep is not False:
-                probs = torch.exp(masked_scores(q, block[0], keep, scale) - safe_lse)
-                grad_v = grad_v + torch.matmul(probs.transpose(-2, -1), grad_out)
-                grad_scores = probs * (torch.matmul(grad_out, block[1].transpose(-2, -1)) - delta) * scale
-                grad_q = grad_q + torch.matmul(grad_scores, block[0])
-                grad_k = grad_k + torch.matmul(grad_scores.transpose(-2, -1), q)
+            plan = block_plan(mask, q_pos, ring_positions(source, n, length, balanced), causal, q.device)
+            if plan is not None:  # the part of the block forward computed
+                rows, cols, keep = plan
+                queries, grads = q[..., rows, :], grad_out[..., rows, :]
+                keys, values = block[0][..., cols, :], block[1][..., cols, :]
+                probs = torch.exp(masked_scores(queries, keys, keep, scale) - safe_lse[..., rows, :])
+                grad_v[..., cols, :] += torch.matmul(probs.transpose(-2, -1), grads)
+                grad_scores = probs * (torch.matmul(grads, values.transpose(-2, -1)) - delta[..., rows, :]) * scale
+                grad_q[..., rows, :] += torch.matmul(grad_scores, keys)
+                grad_k[..., cols, :] += torch.matmul(grad_scores.transpose(-2, -1), queries)
             if pending is not None:
                 received, requests = pending
                 _wait(requests)
@@ -147,11 +191,12 @@ class RingAttention(torch.autograd.Function):
             carried, requests = _exchange(list(carried), nxt, prev, group)
             _wait(requests)
         grad_k, grad_v = carried
-        return grad_q, grad_k, grad_v, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
-def ring_attention(q, k, v, mask, axis, causal, scale):
+def ring_attention(q, k, v, mask, axis, causal, scale, balanced=False):
     """Attention of this rank's query block to every key/value block of the ``axis`` ring (``scale``
-    None: ``1 / sqrt(head_dim)``, as ``scaled_dot_product_attention``)."""
+    None: ``1 / sqrt(head_dim)``, as ``scaled_dot_product_attention``; ``balanced``: the blocks are
+    load-balanced sequence splits)."""
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    return RingAttention.apply(q, k, v, mask, axis, causal, scale)
+    return RingAttention.apply(q, k, v, mask, axis, causal, scale, balanced)

@@ -91,14 +91,37 @@ def split_dim(entry):
     return int(entry[2:-1]) if entry.startswith("S(") else None
 
 
-def shard(full, layout):
-    """This rank's local tensor of a full tensor held in ``layout`` (one entry per mesh axis)."""
+def shard(full, layout, balanced=False):
+    """This rank's local tensor of a full tensor held in ``layout`` (one entry per mesh axis). ``balanced``:
+    an input, whose sequence split over the cp axis is load-balanced (:func:`balanced_part`)."""
     for axis, entry in zip(MESH_AXES, layout):
         dim = split_dim(entry)
-        if dim is not None:
+        if dim is not None and axis == "cp" and balanced:
+            full = balanced_part(full, dim, len(GROUPS[axis][1]), COORD[axis])
+        elif dim is not None:
             size = full.shape[dim] // len(GROUPS[axis][1])
             full = full.narrow(dim, COORD[axis] * size, size)
     return full.contiguous()
+
+
+def balanced_part(x, dim, ways, index):
+    """Rank ``index``'s part of ``x`` under a load-balanced sequence split over ``ways`` ranks: of ``2 * ways``
+    equal chunks of ``dim``, chunks ``index`` and ``2 * ways - 1 - index`` (early and late positions alike, so
+    causal attention costs every rank the same)."""
+    chunks = x.chunk(2 * ways, dim=dim)
+    return torch.cat([chunks[index], chunks[2 * ways - 1 - index]], dim=dim)
+
+
+def balance(x, dim, ways):
+    """``x`` in sequence order along ``dim`` -> the ranks' load-balanced parts one after another."""
+    return torch.cat([balanced_part(x, dim, ways, i) for i in range(ways)], dim=dim)
+
+
+def unbalance(x, dim, ways):
+    """The inverse of :func:`balance`: the ranks' load-balanced parts one after another -> sequence order."""
+    halves = x.chunk(2 * ways, dim=dim)  # rank i's chunks i and 2 * ways - 1 - i are halves 2i and 2i + 1
+    return torch.cat([halves[2 * i] for i in range(ways)] + [halves[2 * i + 1] for i in reversed(range(ways))],
+                     dim=dim)
 
 
 def is_seed_rank(layout):

@@ -121,7 +121,7 @@ def needed_rows(batch, length, microbatches):
     rows = set()
     for _, _, _, layout, _ in INPUTS:
         for micro in torch.arange(batch).chunk(microbatches):
-            rows.update(shard(micro.view(-1, 1).expand(-1, length), layout)[:, 0].tolist())
+            rows.update(shard(micro.view(-1, 1).expand(-1, length), layout, balanced=True)[:, 0].tolist())
     return sorted(rows)
 
 

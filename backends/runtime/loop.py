@@ -64,10 +64,11 @@ def bind_dims(batch):
             elif d != size:
                 fail(f"input {name}: expected size {d}, found shape {tuple(t.shape)}")
         for axis, entry in zip(MESH_AXES, layout):
-            dim, n = split_dim(entry), len(GROUPS[axis][1])
+            dim, n = split_dim(entry), len(GROUPS[axis][1]) * (2 if axis == "cp" else 1)  # cp: 2 chunks a rank
             if dim is not None and t.shape[dim] % n:
                 fail(f"input {name}: dim {dim} has size {t.shape[dim]}, which does not split over "
-                     f"{n} ranks of mesh axis {axis}; use a multiple of {n}")
+                     f"{n} {'load-balanced chunks' if axis == 'cp' else 'ranks'} of mesh axis {axis}; "
+                     f"use a multiple of {n}")
     return dims
 
 
@@ -77,7 +78,7 @@ def token_count(batch):
 
 
 def local_inputs(batch):
-    return {name: shard(t.to(DEVICE), layout) for (name, _, _, layout, _), t in zip(INPUTS, batch)}
+    return {name: shard(t.to(DEVICE), layout, balanced=True) for (name, _, _, layout, _), t in zip(INPUTS, batch)}
 
 
 def load_weights(path, meta=False):

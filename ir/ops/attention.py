@@ -1,9 +1,10 @@
 """Ring attention: attention whose queries, keys and values are split over the sequence on one mesh axis.
 
-``cp.ring_attention(query, key, value, attn_mask, axis=, causal=, scale=)`` computes what
+``cp.ring_attention(query, key, value, attn_mask, axis=, causal=, scale=, balanced=)`` computes what
 ``aten.scaled_dot_product_attention(query, key, value, attn_mask, 0.0, causal, scale=scale)`` does on
 the logical tensors. On its ``axis`` the inputs may all be split over the sequence (``S(L)``, the
-mask over its query rows): the ranks of the axis then pass key/value blocks around a ring and merge
+mask over its query rows; ``balanced``: the sequence split load-balanced, two mirrored chunks per rank,
+see :func:`ir.ops.registry.sequence_sizes`): the ranks of the axis then pass key/value blocks around a ring and merge
 partial softmaxes online (``backends/runtime/context_parallel.py``; the virtual mesh runs the same
 blocks). On the other axes it splits like attention, over batch and heads. The ``context_parallel``
 pass writes it in place of ``scaled_dot_product_attention`` under ``cp_attention ring``.
@@ -20,7 +21,7 @@ from ir.types import Mesh
 RING_ATTENTION = "cp.ring_attention"
 """The op name."""
 RING_ATTENTION_SCHEMA = ("cp::ring_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, *, "
-                         "str axis, bool causal=False, float? scale=None) -> Tensor")
+                         "str axis, bool causal=False, float? scale=None, bool balanced=False) -> Tensor")
 """Its arguments, read by name like an ATen op's (``ir.ops.schema.arg``)."""
 
 
@@ -62,7 +63,8 @@ register(RING_ATTENTION, local=_ring_local, on_axis=ring_on_axis,
          doc="attention with key/value blocks passed around a ring of sequence shards")(ring_signatures)
 
 
-def logical_ring_attention(query, key, value, attn_mask=None, *, axis: str, causal: bool, scale: float | None):
+def logical_ring_attention(query, key, value, attn_mask=None, *, axis: str, causal: bool, scale: float | None,
+                           balanced: bool = False):
     """What the op computes on logical tensors (for shape checks): ``scaled_dot_product_attention``."""
     import torch
     return torch.ops.aten.scaled_dot_product_attention.default(query, key, value, attn_mask, 0.0, causal,

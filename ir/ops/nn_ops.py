@@ -5,7 +5,7 @@ import re
 
 from ir.core import Node, Value
 from ir.ops.registry import (LocalCall, LocalContext, Signature, all_b, register,
-                             shard_start, default_local)
+                             shard_ranges, shard_start, default_local)
 from ir.ops.elementwise import aligned_dim
 from ir.ops.reductions import along_dim
 from ir.ops.schema import arg, dim_arg, with_arg
@@ -205,8 +205,8 @@ def _attention_rows_local(node: Node, ctx: LocalContext) -> LocalCall:
     rows = q.type.ndim - 2
     if not arg(node, "is_causal") or not any(isinstance(s, Split) and s.dim == rows for s in ctx.in_sbps[0]):
         return default_local(node, ctx)
-    start = shard_start(q.type, ctx.in_sbps[0], ctx.mesh, rows)
-    return LocalCall("kernels.attention_rows", [start, *node.args], dict(node.kwargs))
+    ranges = shard_ranges(q.type, ctx.in_sbps[0], ctx.mesh, rows, ctx.sequences)
+    return LocalCall("kernels.attention_rows", [[list(r) for r in ranges], *node.args], dict(node.kwargs))
 
 
 def attention_signature(q: Value, v: Value, mask: Value | None, dim: int, kv_split: bool) -> Signature:

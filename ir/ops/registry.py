@@ -11,7 +11,7 @@ import sympy
 from ir.core import Node, map_structure
 from ir.ops.schema import with_arg
 from ir.sbp import B, NdSbp, Partial, Split
-from ir.types import Mesh, TensorType
+from ir.types import CONTEXT_AXIS, Mesh, TensorType
 
 
 class Signature(NamedTuple):
@@ -196,6 +196,8 @@ class LocalContext:
     in_sbps: list
     """The N-D SBP of each input value, in ``node.input_values()`` order."""
     out_sbps: list
+    sequences: frozenset = frozenset()
+    """The graph's sequence lengths (:func:`sequence_sizes`): on the cp axis their splits are load-balanced."""
 
 
 def coord_symbol(axis: str) -> sympy.Symbol:
@@ -220,6 +222,75 @@ def shard_start(t: TensorType, nd: NdSbp, mesh: Mesh, dim: int) -> sympy.Expr:
             block = block * n + coord_symbol(axis)
             ways *= n
     return sympy.simplify(block * t.shape[dim] / ways)
+
+
+def sequence_sizes(graph) -> frozenset:
+    """The sequence lengths of a graph with a cp axis: the sizes of the input dims split over it (empty without).
+
+    On the cp axis a split of a dim of one of these sizes is load-balanced for causal attention: of ``2n`` equal
+    chunks, rank ``c`` of ``n`` holds chunks ``c`` and ``2n - 1 - c`` (as Megatron-Core and torchtitan lay
+    out context parallelism), so every rank attends as many earlier positions. Other splits are contiguous.
+    The logical tensor stays in sequence order; only which rows a rank holds changes. Parameters and buffers
+    (sharded over cp by FSDP) are stored in contiguous shards."""
+    sizes = set()
+    for v in graph.inputs:
+        mesh = graph.meshes.get(v.mesh) if v.mesh else None
+        if mesh is None or CONTEXT_AXIS not in mesh.axes or not v.sbp:
+            continue
+        s = v.sbp[mesh.axis_index(CONTEXT_AXIS)]
+        if isinstance(s, Split):
+            sizes.add(sympy.sympify(v.type.shape[s.dim]))
+    return frozenset(sizes)
+
+
+def is_balanced(size, axis: str, sequences: frozenset) -> bool:
+    """Whether a split of a dim of ``size`` over mesh axis ``axis`` is load-balanced (see :func:`sequence_sizes`)."""
+    return axis == CONTEXT_AXIS and sympy.sympify(size) in sequences
+
+
+def balanced_axes(t: TensorType, nd: NdSbp, mesh: Mesh, sequences: frozenset) -> tuple[bool, ...]:
+    """Per mesh axis, whether ``t`` laid out in ``nd`` is split there load-balanced."""
+    return tuple(isinstance(s, Split) and is_balanced(t.shape[s.dim], axis, sequences)
+                 for s, axis in zip(nd, mesh.axes))
+
+
+def balanced_comm_kwargs(node: Node, sequences: frozenset) -> dict:
+    """What a ``comm.*`` node needs to know of load-balanced splits (see :func:`sequence_sizes`): ``balanced``
+    (a bool; for ``all_to_all`` a pair: its source and its destination split), or nothing when none is."""
+    axis = node.kwargs.get("axis")
+    source = node.input_values()[0]
+    if source.kind in ("param", "buffer"):
+        return {}  # parameters are stored in contiguous shards (see sequence_sizes)
+    t = source.type
+    if node.op == "comm.all_to_all":
+        pair = tuple(is_balanced(t.shape[node.kwargs[k]], axis, sequences) for k in ("src_dim", "dst_dim"))
+        return {"balanced": pair} if any(pair) else {}
+    if node.op in ("comm.all_gather", "comm.reduce_scatter", "comm.slice") and \
+            is_balanced(t.shape[node.kwargs["dim"]], axis, sequences):
+        return {"balanced": True}
+    return {}
+
+
+def shard_ranges(t: TensorType, nd: NdSbp, mesh: Mesh, dim: int, sequences: frozenset) -> list[tuple]:
+    """The global positions of this rank's shard of ``dim``, as ``(start, length)`` ranges in the order the
+    shard holds them (coordinate symbols in the starts): one range for contiguous splits, two for a
+    load-balanced one (see :func:`sequence_sizes`)."""
+    ranges = [(sympy.Integer(0), sympy.sympify(t.shape[dim]))]
+    for s, n, axis in zip(nd, mesh.shape, mesh.axes):
+        if not isinstance(s, Split) or s.dim != dim or n == 1:
+            continue
+        c = coord_symbol(axis)
+        if len(ranges) > 1:
+            raise ValueError(f"dim {dim} of {t} is split over axis {axis} inside a load-balanced cp split; put "
+                             f"the cp axis last in the mesh or split the sequence over cp only")
+        start, length = ranges[0]
+        if is_balanced(t.shape[dim], axis, sequences):
+            part = sympy.simplify(length / (2 * n))
+            ranges = [(sympy.simplify(start + c * part), part), (sympy.simplify(start + (2 * n - 1 - c) * part), part)]
+        else:
+            part = sympy.simplify(length / n)
+            ranges = [(sympy.simplify(start + c * part), part)]
+    return ranges
 
 
 def first_coord_is_zero(nd: NdSbp, mesh: Mesh, which) -> sympy.Expr:

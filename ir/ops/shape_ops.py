@@ -7,7 +7,7 @@ import sympy
 
 from ir.core import Node
 from ir.ops.registry import (LocalCall, LocalContext, Signature, all_b, default_local, local_shape, register,
-                             shard_start)
+                             shard_ranges)
 from ir.ops.schema import arg, dim_arg, normalize_dim, with_arg
 from ir.sbp import B, P, Split
 from ir.types import CONTEXT_AXIS
@@ -395,8 +395,8 @@ def _arange_block(node: Node, ctx: LocalContext, start) -> LocalCall:
     out = node.outputs[0].type
     if not any(isinstance(s, Split) for s in ctx.out_sbps[0]):
         return default_local(node, ctx)
-    return LocalCall("kernels.arange_shard", [start + shard_start(out, ctx.out_sbps[0], ctx.mesh, 0),
-                                              local_shape(out, ctx.out_sbps[0], ctx.mesh)[0]], dict(node.kwargs))
+    ranges = shard_ranges(out, ctx.out_sbps[0], ctx.mesh, 0, ctx.sequences)
+    return LocalCall("kernels.arange_shard", [start, [list(r) for r in ranges]], dict(node.kwargs))
 
 
 def _arange_end_local(node: Node, ctx: LocalContext) -> LocalCall:

@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
+
+import sympy
 
 from cluster import Cluster
 from cost.estimate import Estimate, PlanOptions, optimizer_name
 from cost.experts import EXPERT_AXIS, ExpertBlocks, expert_blocks, with_expert_parallelism
 from cost.ops import Precision
 from cost.placement import DATA_AXIS, PlanShape, axis_groups, plan_shape
-from cost.segments import BATCH_SYMBOL, Profile
+from cost.segments import BATCH_SYMBOL, CostContext, Profile, compute_record, op_kind, ring_exchange_items
 from ir.core import Graph
-from ir.layers import LayerStructure, find_layers
+from ir.layers import POST, PRE, LayerStructure, find_layers
 from ir.parser import parse
 from ir.sbp import B, Split
-from ir.types import Mesh
+from ir.types import CONTEXT_AXIS, Mesh
 from passes.manager import PassContext
 from passes.planner.intra_op import LayoutRequest, LayoutSolution, layout_profile, solve_layouts
 from passes.propagate import last_nodes_of_modules
@@ -131,13 +134,32 @@ class ModelView:
             self.solves += 1
         return self._solved[key]
 
-    def profile(self, solution: LayoutSolution, data_parallel: int, options: PlanOptions) -> Profile:
-        """The profile of solved layouts, for ``data_parallel`` replicas."""
-        key = id(solution)
+    def profile(self, solution: LayoutSolution, data_parallel: int, options: PlanOptions,
+                context_parallel: int = 1) -> Profile:
+        """The profile of solved layouts, for ``data_parallel`` replicas of ``context_parallel`` ranks each."""
+        key = (id(solution), context_parallel)
         if key not in self._profiles:
-            self._profiles[key] = layout_profile(solution, data_parallel=1, global_batch=self.global_batch(options),
-                                                 num_layers=self.num_layers)
-        return replace(self._profiles[key], batch_divisor=data_parallel)
+            if context_parallel > 1:  # the layouts' profile, with the ring's exchange
+                plain = self.profile(solution, 1, options)
+                self._profiles[key] = with_ring_attention(plain, solution, context_parallel)
+            else:
+                self._profiles[key] = layout_profile(solution, data_parallel=1, global_batch=self.global_batch(options),
+                                                     num_layers=self.num_layers)
+        return replace(self._profiles[key], batch_divisor=data_parallel * context_parallel)
+
+    @functools.cached_property
+    def sequence_length(self) -> int | None:
+        """The example sequence length a cp axis would split (dim 1 of the batch-like inputs), None when the
+        model has no attention or its inputs no common sequence dim."""
+        if not any(op_kind(n.op)[1] == "attention" for n in self.graph.nodes):
+            return None
+        lengths = {sympy.sympify(v.type.shape[1]) for v in self.graph.inputs
+                   if v.type.ndim > 1 and not v.type.shape[0].is_Integer}
+        if len(lengths) != 1:
+            return None
+        length = lengths.pop()
+        length = length.subs({s: self.example_dims[str(s)] for s in length.free_symbols if str(s) in self.example_dims})
+        return int(length) if length.is_Integer else None
 
     # -- strategies --------------------------------------------------------------------------------
     def evaluate(self, strategy: Strategy | dict | str, cluster: Cluster, options: PlanOptions | None = None,
@@ -149,7 +171,7 @@ class ModelView:
         tp_axis = strategy.tensor_axis
         solution = self.strategy_layouts(strategy, cluster, options, shape)
         ep = shape.size(EXPERT_AXIS)
-        profile = self.profile(solution, shape.size(DATA_AXIS) * ep, options)
+        profile = self.profile(solution, shape.size(DATA_AXIS) * ep, options, shape.size(CONTEXT_AXIS))
         if tp_axis and tp_axis != TENSOR_AXIS:
             profile = _rename_axis(profile, TENSOR_AXIS, tp_axis)
         if ep > 1 and self.experts(options) is not None:
@@ -205,6 +227,34 @@ class ModelView:
             for node in last_nodes_of_modules(graph, layout.glob):
                 hints[node.name] = sbp
         return pins, hints
+
+
+def with_ring_attention(profile: Profile, solution: LayoutSolution, ways: int) -> Profile:
+    """``profile`` with context parallelism over ``ways`` ranks added the way the estimator adds data
+    parallelism (axis ``cp`` analytic: each rank a share of every sequence's tokens, gradients summed over it):
+    every attention's key/value exchange of ring attention (:func:`cost.segments.ring_exchange_items`) joins
+    its segment's collectives."""
+    problem = solution.problem
+    req = problem.request
+    ctx = CostContext(req.mesh, {k: v for k, v in req.dims.items() if k != BATCH_SYMBOL}, req.precision, req.train)
+    items: dict[str, list] = {PRE: [], "block": [], POST: []}
+    for unit in problem.units:
+        node = unit.node
+        if op_kind(node.op)[1] != "attention":
+            continue
+        ins, outs = solution.node_choice[node.name]
+        record = compute_record(node, ins, outs, any(id(o) in problem.grad for o in node.outputs))
+        values = node.input_values()
+        items[unit.segment] += ring_exchange_items(record, [(values[i].type, ins[i]) for i in (1, 2)], ways,
+                                                   CONTEXT_AXIS, ctx)
+    count = len(profile.segments)
+    segments, copies = [], {}
+    for j, segment in enumerate(profile.segments):
+        extra = items[PRE if j == 0 else POST if j == count - 1 else "block"]
+        if extra and id(segment) not in copies:
+            copies[id(segment)] = replace(segment, comms=list(segment.comms) + extra)
+        segments.append(copies.get(id(segment), segment))
+    return replace(profile, segments=segments, analytic_axes=tuple(profile.analytic_axes) + (CONTEXT_AXIS,))
 
 
 def embedding_tables(graph: Graph, tp: int) -> list[str]:

@@ -38,6 +38,7 @@ from cost.ops import Precision
 from cost.partition import min_max_partition
 from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
                             groups_inside_domains, recomputed_segments)
+from ir.types import CONTEXT_AXIS
 from cost.segments import at
 from ir.core import Graph
 from ir.layers import block_param_name
@@ -224,16 +225,22 @@ class _Setting:
     sequence_parallel: bool
     vocab_parallel: bool
     devices: list
-    """Per pipeline rank, its devices (row-major over dp, tp)."""
+    """Per pipeline rank, its devices (row-major over :attr:`stage_axes`)."""
+    cp: int = 1
+    """Context parallelism: ranks sharing every sequence (ring attention, the load-balanced split)."""
     ep: int = 1
     """Ranks of ``dp`` the MoE experts are folded over (the mesh ``dp / ep, ep, tp``); 1: no expert parallelism."""
 
     @property
     def stage_axes(self) -> tuple[tuple, tuple]:
-        """The stage mesh's axes and sizes: ``dp, tp``, or ``dp / ep, ep, tp`` with experts folded over ``ep``."""
+        """The stage mesh's axes and sizes: ``dp, tp``, with experts folded over ``ep`` (``dp / ep, ep, tp``) or
+        sequences split over ``cp`` (``dp, cp, tp``); tp innermost."""
+        axes, sizes = [DATA_AXIS], [self.dp // self.ep]
         if self.ep > 1:
-            return ("dp", EXPERT_AXIS, "tp"), (self.dp // self.ep, self.ep, self.tp)
-        return ("dp", "tp"), (self.dp, self.tp)
+            axes, sizes = axes + [EXPERT_AXIS], sizes + [self.ep]
+        if self.cp > 1:
+            axes, sizes = axes + [CONTEXT_AXIS], sizes + [self.cp]
+        return tuple(axes) + ("tp",), tuple(sizes) + (self.tp,)
 
 
 class _Planner:
@@ -308,25 +315,57 @@ class _Planner:
                               f"choices")
         ranked.sort(key=lambda r: r[0])
         exact = []
-        for quick_time, shape, setting, solution in ranked[:top_k]:
+        for quick_time, shape, setting, solution in _with_rivals(ranked, top_k):
             estimate = self.estimator(setting, solution).estimate(shape, exact=True)
             strategy = self.strategy_of(setting, shape, solution)
             exact.append((Candidate(strategy, _summary(setting, shape), estimate.step_time_s,
-                                    estimate.max_memory_bytes, estimate.fits, True), solution))
+                                    estimate.max_memory_bytes, estimate.fits, True), solution,
+                          (setting, shape, estimate)))
         feasible = sorted((c for c in exact if c[0].fits), key=lambda c: c[0].step_time_s)
         if not feasible:
             raise SearchError("every candidate exceeded memory once priced with its real schedule; give a smaller "
                               "batch or more devices")
-        chosen, best_solution = feasible[0]
-        alternatives = _distinct([c for c, _ in feasible[1:]], 6)
+        chosen, best_solution, _ = feasible[0]
+        alternatives = _distinct([c for c, _, _ in feasible[1:]], 6)
         report = SearchReport(chosen, alternatives, self.evaluated, view.solves, self.elapsed(), self.truncated,
                               cluster=self.cluster.name, options=asdict(self.options),
                               layouts=describe_layouts(best_solution) if best_solution.problem.request.mesh.size > 1
-                              else [], notes=self.notes())
+                              else [], notes=self.notes() + self._context_note(feasible))
         _say(self.progress, f"chose {chosen.summary}: {chosen.step_time_s * 1e3:.1f} ms/step, "
                             f"{chosen.max_memory_bytes / 2**30:.1f} GiB peak ({self.evaluated} plans, "
                             f"{self.elapsed():.1f}s)")
         return chosen.strategy, report
+
+    def _context_note(self, feasible: list) -> list[str]:
+        """Why the chosen plan splits sequences over cp: what the best plans without cp (and the best with a
+        longer pipeline) cost, and where their steps spend the time the chosen one saves."""
+        chosen, _, (setting, shape, estimate) = feasible[0]
+        if setting.cp == 1:
+            return []
+        mine = self._breakdown(setting, shape, estimate, feasible[0][1])
+        rivals = [c for c in feasible if c[2][0].cp == 1]
+        line = (f"context parallelism cp={setting.cp} (ring attention, load-balanced sequence chunks) chosen: "
+                f"{chosen.step_time_s:.3g} s per step, {chosen.max_memory_bytes / 2**30:.1f} GiB peak")
+        if not rivals:
+            line += "; no plan without cp fits the devices' memory"
+            rivals = [None]
+        picked = [("the best plan without cp", rivals[0])] if rivals[0] is not None else []
+        longer = [c for c in rivals if c is not None and c[2][0].pp > setting.pp]
+        if longer and longer[0] is not rivals[0]:
+            picked.append(("the best longer pipeline", longer[0]))
+        recomputing = [c for c in feasible[1:] if len(c[2][1].recompute) > len(shape.recompute)]
+        if recomputing:
+            picked.append(("the best plan recomputing more", recomputing[0]))
+        for label, (rival, solution, (r_setting, r_shape, r_estimate)) in picked:
+            theirs = self._breakdown(r_setting, r_shape, r_estimate, solution)
+            worse = sorted(((theirs.get(k, 0.0) - mine.get(k, 0.0), k) for k in set(theirs) | set(mine)), reverse=True)
+            why = ", ".join(f"{k} +{d:.3g} s" for d, k in worse[:3] if d > 0)
+            line += f"; {label}, {rival.summary}, takes {rival.step_time_s:.3g} s" + (f" ({why})" if why else "")
+        return [line]
+
+    def _breakdown(self, setting: _Setting, shape: PlanShape, estimate, solution: LayoutSolution) -> dict:
+        """Where a candidate's step goes (seconds by part, the rank that finishes last)."""
+        return self.estimator(setting, solution).breakdown(shape, estimate)
 
     def why_nothing_was_priced(self) -> str:
         """Why the fixed parts left no degree to price (for the error)."""
@@ -357,9 +396,9 @@ class _Planner:
         """Degrees and switches allowed by the fixed parts, by tensor-parallel then pipeline degree."""
         world = self.cluster.world_size
         mesh = self.fixed.mesh if isinstance(self.fixed.mesh, MeshSpec) else None
-        unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS, EXPERT_AXIS})
+        unknown = sorted(set(mesh or {}) - {DATA_AXIS, "tp", PIPELINE_AXIS, EXPERT_AXIS, CONTEXT_AXIS})
         if unknown:
-            raise SearchError(f"the planner searches the mesh axes dp, tp, pp and ep; the strategy names {unknown}. "
+            raise SearchError(f"the planner searches the mesh axes dp, tp, pp, ep and cp; the strategy names {unknown}. "
                               f"Rename them or give the whole mesh without 'auto'")
         domain = min(len(d) for d in self.cluster.fast_domains())
         layers = max(self.view.num_layers, 1)
@@ -371,22 +410,47 @@ class _Planner:
                     continue
                 if pp > 1 and self.view.num_layers == 0:
                     continue
-                dp = world // (tp * pp)
-                if self.batch % dp:
-                    continue
-                devices = [tuple(self.order[r * dp * tp:(r + 1) * dp * tp]) for r in range(pp)]
-                if tp > 1 and not groups_inside_domains([g for d in devices for g in
-                                                         axis_groups(d, ("dp", "tp"), (dp, tp), "tp")], self.cluster):
-                    continue
-                for ep in self._expert_degrees(mesh, dp, tp, devices):
-                    for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
-                        for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
-                            yield _Setting(tp, pp, dp, sp, vp, devices, ep)
+                for cp in self._context_degrees(mesh, world // (tp * pp), pp):
+                    dp = world // (tp * pp * cp)
+                    if self.batch % dp:
+                        continue
+                    ranks = dp * cp * tp
+                    devices = [tuple(self.order[r * ranks:(r + 1) * ranks]) for r in range(pp)]
+                    axes, sizes = _Setting(tp, pp, dp, False, False, devices, cp=cp).stage_axes
+                    if tp > 1 and not groups_inside_domains([g for d in devices for g in axis_groups(d, axes, sizes, "tp")],
+                                                            self.cluster):
+                        continue
+                    for ep in self._expert_degrees(mesh, dp, tp, devices, cp):
+                        for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
+                            for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
+                                yield _Setting(tp, pp, dp, sp, vp, devices, cp=cp, ep=ep)
 
-    def _expert_degrees(self, mesh: MeshSpec | None, dp: int, tp: int, devices: list) -> list[int]:
+    def _context_degrees(self, mesh: MeshSpec | None, ranks: int, pp: int) -> list[int]:
+        """The cp degrees to try on ``ranks`` devices of each of ``pp`` pipeline positions: those the fixed mesh
+        allows whose load-balanced split (two chunks per rank) divides the sequence, for a model with attention
+        (1 always, where allowed). A cp rank costs what a data-parallel rank does plus the ring's exchange, so
+        unless the mesh fixes cp, cp > 1 is tried only where data parallelism cannot take those ranks: the batch
+        does not split over them, or would leave fewer microbatches than pipeline positions (long sequences, few
+        of them)."""
+        sequence = self.view.sequence_length
+        fixed = mesh is not None and mesh.size(CONTEXT_AXIS) not in (1, AUTO)
+        out = []
+        for cp in _divisors(ranks):
+            if not _allowed(mesh, CONTEXT_AXIS, cp):
+                continue
+            if cp > 1 and (sequence is None or sequence % (2 * cp)):
+                continue
+            if cp > 1 and not fixed and _allowed(mesh, DATA_AXIS, ranks) and self.batch % ranks == 0 \
+                    and self.batch // ranks >= pp:
+                continue  # dp over all the ranks does what cp would, without the exchange
+            out.append(cp)
+        return out
+
+    def _expert_degrees(self, mesh: MeshSpec | None, dp: int, tp: int, devices: list, cp: int = 1) -> list[int]:
         """The ``ep`` degrees to try: divisors of ``dp`` that divide the experts, their ``ep x tp`` groups inside a
-        fast-link domain (a node), as the fixed mesh allows; 1 without MoE blocks or with FSDP asked for."""
-        if self.experts is None or self.fixed.options.fsdp:
+        fast-link domain (a node), as the fixed mesh allows; 1 without MoE blocks, with FSDP asked for, or with
+        sequences split over cp (the planner does not combine the two)."""
+        if self.experts is None or self.fixed.options.fsdp or cp > 1:
             return [1] if _allowed(mesh, DATA_AXIS, dp) and _allowed(mesh, EXPERT_AXIS, 1) else []
         out = []
         for ep in _divisors(dp):
@@ -400,7 +464,7 @@ class _Planner:
 
     def solve(self, setting: _Setting) -> LayoutSolution | None:
         """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
-        tp_group = axis_groups(setting.devices[0], ("dp", "tp"), (setting.dp, setting.tp), "tp")[0]
+        tp_group = axis_groups(setting.devices[0], *setting.stage_axes, "tp")[0]
         chosen = replace(self.fixed, mesh=MeshSpec.of({"dp": setting.dp, "tp": setting.tp}),
                          options=replace(self.fixed.options, vocab_parallel=setting.vocab_parallel))
         pins, hints = self.view.pins_and_hints(chosen, "tp")
@@ -414,9 +478,9 @@ class _Planner:
 
     def estimator(self, setting: _Setting, solution: LayoutSolution) -> Estimator:
         """The estimator of a setting's profile (one per layouts and data-parallel degree)."""
-        key = (id(solution), setting.dp, setting.ep)
+        key = (id(solution), setting.dp, setting.cp, setting.ep)
         if key not in self._estimators:
-            profile = self.view.profile(solution, setting.dp, self.options)
+            profile = self.view.profile(solution, setting.dp, self.options, setting.cp)
             if setting.ep > 1:
                 profile = with_expert_parallelism(profile, self.experts, setting.ep, self.options.moe_imbalance)
             self._estimators[key] = self.options.estimator(profile, self.cluster)
@@ -427,13 +491,15 @@ class _Planner:
         per_replica = self.batch // setting.dp
         estimator = self.estimator(setting, solution)
         for m in [d for d in _divisors(per_replica) if d <= self.max_microbatches]:
-            if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp):
-                continue  # fewer microbatches than stages leaves most of the pipeline idle
+            whole_batch = setting.dp == 1 and m == per_replica  # as many microbatches as the batch has samples
+            if self.fixed.pipeline.microbatches not in (None, m) or (setting.pp > 1 and m < setting.pp and not whole_batch):
+                continue  # fewer microbatches than stages leaves most of the pipeline idle (unless no more exist)
             for schedule, virtual in self._schedules(setting, m):
-                for fsdp in _switch(self.fixed.options.fsdp, setting.dp > 1 and setting.ep == 1):
-                    base = PlanShape(*setting.stage_axes, setting.pp, m, schedule, virtual, [],
-                                     setting.devices, frozenset(), "dp" if fsdp else None,
-                                     optimizer_name(self.options.optimizer))
+                for fsdp in _switch(self.fixed.options.fsdp, (setting.dp > 1 or setting.cp > 1) and setting.ep == 1):
+                    # parameters shard over the data-parallel ranks, or without them over the cp ranks
+                    fsdp_axis = (DATA_AXIS if setting.dp > 1 else CONTEXT_AXIS) if fsdp else None
+                    base = PlanShape(*setting.stage_axes, setting.pp, m, schedule, virtual, [], setting.devices,
+                                     frozenset(), fsdp_axis, optimizer_name(self.options.optimizer))
                     if fsdp and self.fixed.options.fsdp is None and self._fits_plainly(base, estimator):
                         continue  # sharding only buys memory, and this plan does not need it
                     yield from self._cuts(base, estimator)
@@ -507,6 +573,8 @@ class _Planner:
         mesh[DATA_AXIS] = setting.dp // setting.ep
         if setting.ep > 1:
             mesh[EXPERT_AXIS] = setting.ep
+        if setting.cp > 1:
+            mesh[CONTEXT_AXIS] = setting.cp
         if setting.tp > 1:
             mesh["tp"] = setting.tp
         params, activations = _layout_strategy(solution, self.view) if setting.tp > 1 else ((), ())
@@ -516,11 +584,12 @@ class _Planner:
         options = Options(sequence_parallel=setting.sequence_parallel if tensor_parallel else None,
                           vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
                           solved_layouts=_solved_layouts(self.fixed.options.solved_layouts, tensor_parallel),
-                          fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes)
+                          fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes,
+                          cp_attention="ring" if setting.cp > 1 else None)
         pipeline = Pipeline(microbatches=shape.microbatches, skip_ratio=self.fixed.pipeline.skip_ratio)
         if setting.pp > 1:
-            default = [tuple(range(r * setting.dp * setting.tp, (r + 1) * setting.dp * setting.tp))
-                       for r in range(setting.pp)]
+            ranks = setting.dp * setting.cp * setting.tp
+            default = [tuple(range(r * ranks, (r + 1) * ranks)) for r in range(setting.pp)]
             devices = tuple(tuple(d) for d in setting.devices)
             pipeline = replace(pipeline, stage_layers=tuple(tuple(r) for r in shape.stage_layers),
                                stage_devices=devices if list(devices) != default else None,
@@ -528,6 +597,17 @@ class _Planner:
                                virtual_stages=shape.virtual_stages if shape.schedule == "interleaved" else None)
         return Strategy(MeshSpec.of(mesh), params, activations, options, pipeline,
                         _recompute_value(shape, self.view), self.fixed.precision)
+
+
+def _with_rivals(ranked: list, top_k: int) -> list:
+    """The ``top_k`` fastest quick-priced candidates, and where they all split sequences over cp, the fastest
+    without cp and the fastest longer pipeline without it (the choice of cp is explained against them)."""
+    chosen = list(ranked[:top_k])
+    if chosen and all(r[2].cp > 1 for r in chosen):
+        plain = [r for r in ranked if r[2].cp == 1]
+        longer = [r for r in plain if r[2].pp > chosen[0][2].pp]
+        chosen += [r for r in plain[:1] + longer[:1] if all(r is not c for c in chosen)]
+    return chosen
 
 
 def _solved_layouts(fixed: bool | None, tensor_parallel: bool) -> bool | None:
@@ -586,13 +666,14 @@ def _with_experts_split(params: tuple[Layout, ...], experts: ExpertBlocks, prefi
 
 
 def _summary(setting: _Setting, shape: PlanShape) -> str:
-    parts = [f"dp={setting.dp // setting.ep}", *([f"ep={setting.ep}"] if setting.ep > 1 else []), f"tp={setting.tp}",
-             f"pp={setting.pp}", f"microbatches={shape.microbatches}"]
+    parts = [f"dp={setting.dp // setting.ep}", *([f"ep={setting.ep}"] if setting.ep > 1 else []),
+             *([f"cp={setting.cp}"] if setting.cp > 1 else []), f"tp={setting.tp}", f"pp={setting.pp}",
+             f"microbatches={shape.microbatches}"]
     if setting.tp > 1:
         parts.append(f"sequence_parallel={'on' if setting.sequence_parallel else 'off'}")
         parts.append(f"vocab_parallel={'on' if setting.vocab_parallel else 'off'}")
     if shape.fsdp_axis:
-        parts.append("fsdp")
+        parts.append("fsdp" if shape.fsdp_axis == DATA_AXIS else f"fsdp over {shape.fsdp_axis}")
     if setting.pp > 1:
         sched = shape.schedule + (f"(v={shape.virtual_stages})" if shape.virtual_stages > 1 else "")
         parts.append(f"schedule={sched}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.runtime.context_parallel import attention_block, block_keep, merge_blocks
+from backends.runtime.context_parallel import block_plan, merge_blocks, ring_block, ring_positions
 from backends.virtual import VirtualRunError
 from compiler import Cluster, compile
 from frontend.dsl import format_plan, parse_plan
@@ -72,26 +72,49 @@ def test_bad_cp_attention_is_one_clear_error():
 # -- the ring's blocks ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("balanced", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_ring_blocks_merged_online_equal_attention(causal):
-    """Rank 2 of a ring of 4: its queries against every block, merged in ring order, equal attention's rows."""
+def test_ring_blocks_merged_online_equal_attention(causal, balanced):
+    """Rank 2 of a ring of 4: its queries against every block, merged in ring order, equal attention's rows
+    (load-balanced: chunks 2 and 5 of 8; contiguous: block 2 of 4)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 32, 8, generator=g) for _ in range(3))
     mask = torch.rand(2, 1, 32, 32, generator=g) > 0.3
     mask |= torch.eye(32, dtype=torch.bool)  # every query sees some key
     n, length, me = 4, 8, 2
-    rows = slice(me * length, (me + 1) * length)
+    rows = ring_positions(me, n, length, balanced)
+    assert rows.tolist() == (list(range(8, 12)) + list(range(20, 24)) if balanced else list(range(16, 24)))
     out = lse = None
     for step in range(n):
-        source = (me - step) % n
-        keep = block_keep(mask[..., rows, :], length, n, me, source, causal, q.device)
-        if keep is not False:
-            cols = slice(source * length, (source + 1) * length)
-            out, lse = merge_blocks(out, lse, *attention_block(q[..., rows, :], k[..., cols, :], v[..., cols, :],
-                                                               keep, 8 ** -0.5))
+        cols = ring_positions((me - step) % n, n, length, balanced)
+        part = ring_block(q[..., rows, :], k[..., cols, :], v[..., cols, :], mask[..., rows, :], rows, cols, causal,
+                          8 ** -0.5)
+        if part is not None:
+            out, lse = merge_blocks(out, lse, *part)
     full = mask & torch.ones(32, 32, dtype=torch.bool).tril() if causal else mask
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)[..., rows, :]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_balanced_causal_ring_gives_every_rank_the_same_work(n):
+    """Causal, load-balanced: each rank computes its own block's two chunks and half of every other block, the
+    same number of scores; contiguous blocks give the last rank n times the first's."""
+    length = 8
+
+    def work(rank, balanced):
+        q_pos = ring_positions(rank, n, length, balanced)
+        total = 0
+        for source in range(n):
+            plan = block_plan(None, q_pos, ring_positions(source, n, length, balanced), True, "cpu")
+            if plan is not None:
+                total += len(range(length)[plan[0]]) * len(range(length)[plan[1]])
+        return total
+
+    balanced = [work(r, True) for r in range(n)]
+    assert len(set(balanced)) == 1 and balanced[0] == length * length * (n + 1) // 2
+    contiguous = [work(r, False) for r in range(n)]
+    assert contiguous == [length * length * (r + 1) for r in range(n)]
 
 
 # -- the virtual mesh equals eager ----------------------------------------------------------------------
@@ -147,25 +170,44 @@ def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
     model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
     fsdp = compile_cached(model, inputs, 4, {"mesh": {"dp": 2, "cp": 2}, "fsdp": "dp"})
     assert_close_to_eager(fsdp.run_virtual(*inputs), model, inputs)
+    # sharded over cp itself (the planner's choice without dp): parameters in contiguous shards, even the
+    # position table whose rows are as many as the sequence's positions
+    model, inputs = MODELS["gpt"]
+    over_cp = cp_plan("gpt", {"cp": 2}, "ring", fsdp="cp")
+    assert any(p.target == "pos_emb.weight" and p.sbp == (Split(0),) for p in over_cp.graph.params)
+    assert_close_to_eager(over_cp.run_virtual(*inputs), model, inputs)
     sp = compile_cached(model, inputs, 4, {"mesh": {"cp": 2, "tp": 2}, "params": GPT_TP, "sequence_parallel": True})
     assert_close_to_eager(sp.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.slow
+def test_a_cp_degree_the_planner_chooses_compiles_and_equals_eager():
+    """The planner's cp candidate (here the only one: dp fixed to 1 on two devices) becomes a strategy that
+    compiles to ring attention and trains as eager does."""
+    model, inputs = MODELS["gpt"]
+    plan = compile(model, inputs, cluster=Cluster.local(2), search_options={"use_cache": False},
+                   strategy={"mesh": {"dp": 1, "tp": 1, "pp": 1, "cp": "auto"}})
+    assert plan.strategy.context_parallel == 2 and plan.strategy.cp_attention == "ring"
+    assert "cp=2" in plan.search_report.chosen.summary
+    assert sum(node.op == RING_ATTENTION for node in plan.graph.nodes) == 2
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
 
 
 def test_a_sequence_the_cp_axis_does_not_divide_is_one_clear_error():
     model, inputs = gpt_model(), gpt_inputs(batch=4, seq=16)
     plan = compile_cached(model, inputs, 2, {"mesh": {"cp": 2}})
-    with pytest.raises(VirtualRunError, match=r"input idx: dim 1 has size 15, which does not divide evenly over 2 "
-                                              r"ranks \(mesh axes cp=2\); use a sequence length that is a multiple "
-                                              r"of 2"):
-        plan.run_virtual(*gpt_inputs(batch=4, seq=15))
+    with pytest.raises(VirtualRunError, match=r"input idx: dim 1 has size 14, which does not divide evenly over 2 "
+                                              r"ranks \(mesh axes cp=2, two load-balanced chunks per cp rank\); use a "
+                                              r"sequence length that is a multiple of 4"):
+        plan.run_virtual(*gpt_inputs(batch=4, seq=14))
 
 
 # -- memory -----------------------------------------------------------------------------------------------
 
 
-def _activation_bytes(plan, inputs) -> tuple[int, int, int]:
-    """Rank 0's bytes of every value a step computes (all of them, and the largest one), and the largest
-    tensor any rank saves for backward (inside ops too: attention's scores)."""
+def _activation_bytes(plan, inputs) -> tuple[int, int, int, list]:
+    """Rank 0's bytes of every value a step computes (all of them, and the largest one), the largest tensor any
+    rank saves for backward (inside ops too: attention's scores), and every rank's computed local shapes."""
     saved = [0]
 
     def pack(t):
@@ -176,20 +218,26 @@ def _activation_bytes(plan, inputs) -> tuple[int, int, int]:
         result = plan.run_virtual(*inputs)
     computed = {node.outputs[0].name for node in plan.graph.nodes}
     sizes = [t[0].numel() * t[0].element_size() for name, t in result.local.items() if name in computed]
-    return sum(sizes), max(sizes), saved[0]
+    shapes = [tuple(local.shape) for name, t in result.local.items() if name in computed for local in t]
+    return sum(sizes), max(sizes), saved[0], shapes
 
 
-def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix():
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix(name):
     """Every value a rank computes is at most a quarter of cp1's; all of them together a little more than a
     quarter (the loss's inputs are moved from sequence to vocabulary shards by all-to-all: one more copy);
-    attention's scores exist per block only."""
-    model, inputs = MODELS["gpt"]
-    whole, whole_peak, _ = _activation_bytes(compile_cached(model, inputs, 1, "dp"), inputs)
-    split, split_peak, split_saved = _activation_bytes(cp_plan("gpt", {"cp": 4}, "ring"), inputs)
+    attention's scores exist per block only, and no rank holds a [..., seq, seq] tensor: Llama's boolean
+    causal mask, which transformers writes for the whole sequence, is built on each rank for its rows only."""
+    model, inputs = MODELS[name]
+    whole, whole_peak, whole_saved, whole_shapes = _activation_bytes(compile_cached(model, inputs, 1, "dp"), inputs)
+    split, split_peak, split_saved, shapes = _activation_bytes(cp_plan(name, {"cp": 4}, "ring"), inputs)
     assert split_peak == whole_peak / 4
     assert 0.24 < split / whole < 0.32, split / whole
-    scores = inputs[0].shape[0] * GPT.cfg.n_head * SEQ * SEQ * 4  # one layer's full score matrix, fp32
-    assert split_saved <= scores / 8
+    heads = GPT.cfg.n_head if name == "gpt" else LLAMA.lm.config.num_attention_heads
+    scores = inputs[0].shape[0] * heads * SEQ * SEQ * 4  # one layer's full score matrix, fp32
+    assert split_saved <= scores / 8 and split_saved <= whole_saved / 4
+    assert name == "gpt" or any(s[-2:] == (SEQ, SEQ) for s in whole_shapes)  # Llama's mask, whole at cp1
+    assert not any(s[-2:] == (SEQ, SEQ) for s in shapes)
 
 
 # -- emitted programs under torchrun -----------------------------------------------------------------------

@@ -758,7 +758,7 @@ def _attention() -> None:
     ring = "cp.ring_attention"
     add(ring, q4, q4, q4, None, kw={"axis": "cp", "causal": True, "scale": None},
         rejects=(rej("2", ["(S(2))", "(S(2))", "(S(2))"]),))
-    add(ring, q4, q4, q4, T((2, 1, 6, 6)), kw={"axis": "cp", "causal": False, "scale": 0.5})
+    add(ring, q4, q4, q4, T((2, 1, 6, 6)), kw={"axis": "cp", "causal": False, "scale": 0.5, "balanced": True})
 
 
 def _losses() -> None:
