@@ -4,6 +4,7 @@ Checked on a model with one frozen ``nn.Linear`` and on transformers' Whisper, w
 sinusoidal ``encoder.embed_positions``: the IR marks them, the virtual mesh equals eager (frozen
 parameters have no gradient), and emitted programs leave them bit-identical.
 """
+import functools
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from compiler import Cluster, compile
 from ir.parser import IRSyntaxError, parse
 from tests.compiler.test_tensor_parallel import tp
 from tests.launch import assert_state_close, train_eager, train_emitted
-from tests.models import assert_close_to_eager, gpt_inputs, gpt_model
+from tests.models import assert_close_to_eager, compile_cached, gpt_inputs, gpt_model
 
 SGD = (torch.optim.SGD, {"lr": 0.1})
 ADAMW = (torch.optim.AdamW, {"lr": 1e-3, "eps": 1e-6})
@@ -91,6 +92,19 @@ STRATEGIES = {"dp2": lambda globs: "dp", "tp2": lambda globs: {"mesh": {"tp": 2}
               "fsdp2": lambda globs: "fsdp"}
 
 
+@functools.cache
+def shared_model(model_name: str) -> nn.Module:
+    """One instance per model for the plans of this module, so that each is captured once (``compile_cached``);
+    nothing here changes its weights (references are fresh instances)."""
+    return MODELS[model_name][0]()
+
+
+def compile_frozen(model_name: str, strategy_name: str, inputs: tuple, optimizer):
+    """The plan of ``model_name`` under ``strategy_name`` on 2 ranks, from the model's one capture."""
+    globs = MODELS[model_name][2]
+    return compile_cached(shared_model(model_name), inputs, 2, STRATEGIES[strategy_name](globs), optimizer=optimizer)
+
+
 def frozen_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if not p.requires_grad}
 
@@ -125,10 +139,8 @@ def compiled():
     def get(model_name: str, strategy_name: str, optimizer=SGD):
         key = (model_name, strategy_name)
         if key not in cache:
-            make, inputs, globs = MODELS[model_name]
-            model = make()
-            cache[key] = (model, compile(model, inputs(), cluster=Cluster.local(2),
-                                         strategy=STRATEGIES[strategy_name](globs), optimizer=optimizer))
+            cache[key] = (shared_model(model_name), compile_frozen(model_name, strategy_name, MODELS[model_name][1](),
+                                                                   optimizer))
         return cache[key]
     return get
 
@@ -227,11 +239,10 @@ def test_text_format_round_trips_and_rejects_bad_options(compiled):
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_emitted_program_keeps_frozen_weights_bit_identical(tmp_path, model_name, strategy):
-    make, inputs, globs = MODELS[model_name]
+    make, inputs, _ = MODELS[model_name]
     data = [inputs(seed=10 + i) for i in range(3)]
-    model = make()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    plan = compile(model, data[0], cluster=Cluster.local(2), strategy=STRATEGIES[strategy](globs), optimizer=ADAMW)
+    initial = {n: p.detach().clone() for n, p in make().named_parameters() if not p.requires_grad}
+    plan = compile_frozen(model_name, strategy, data[0], ADAMW)
     losses, saved = train_emitted(plan, tmp_path, data, steps=3)
     reference = make()
     expected = train_eager(reference, data, 3, ADAMW)
