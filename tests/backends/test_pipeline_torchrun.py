@@ -27,7 +27,7 @@ CONFIGS = {
     "gpt-pp2xtp2-1f1b-recompute": ("gpt", 4, {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4,
                                               "recompute": True}),
     "gpt-pp4-skippipe": ("gpt", 4, {"mesh": {"pp": 4}, "stages": ["blocks.1", "blocks.2", "blocks.3"],
-                                    "microbatches": 8, "skip_ratio": 0.25}),
+                                    "microbatches": 4, "skip_ratio": 0.25}),
 }
 ZERO_BUBBLE_CONFIGS = {f"{name}-pp{pp}-{schedule}": (name, pp, {"mesh": {"pp": pp}, "microbatches": 8,
                                                                   "schedule": schedule})
