@@ -58,19 +58,17 @@ def exchange_in_process(parts):
 
 
 def dispatch_sends(hidden, top_k_index, experts, ranks):
-    """What one source sends: its rows sorted by expert, split by destination rank, and its counts per
-    (destination, local expert)."""
+    """What one source sends: its rows sorted by expert (so destination by destination, each destination's
+    ``counts.sum(1)`` rows), and its counts per (destination, local expert)."""
     order, counts = route_by_expert(top_k_index, experts)
-    counts = counts.view(ranks, experts // ranks)
-    rows = hidden[order // top_k_index.shape[-1]]
-    return list(rows.split(counts.sum(1).tolist())), counts
+    return hidden[order // top_k_index.shape[-1]], counts.view(ranks, experts // ranks)
 
 
 def dispatch_in_process(hiddens, indexes, experts):
     """Every destination's rows (expert by expert) and received counts ``(sources, local experts)``, for
     the sources' tokens and top-k expert indices (the virtual mesh's group, or one rank's token blocks)."""
     sends = [dispatch_sends(h, i, experts, len(hiddens)) for h, i in zip(hiddens, indexes)]
-    arrived = exchange_in_process([parts for parts, _ in sends])
+    arrived = exchange_in_process([rows.split(counts.sum(1).tolist()) for rows, counts in sends])
     received = [torch.stack([counts[d] for _, counts in sends]) for d in range(len(hiddens))]
     return [rows[expert_major(r)] for rows, r in zip(arrived, received)], received
 
@@ -122,10 +120,10 @@ def moe_dispatch(hidden, top_k_index, experts, axis):
     all-to-all of counts per (rank, expert)), then the rows. Returns the rows received, expert by expert,
     and the counts received per (source, local expert)."""
     group, ranks, _ = GROUPS[axis]
-    parts, counts = dispatch_sends(hidden, top_k_index, experts, len(ranks))
+    sent, counts = dispatch_sends(hidden, top_k_index, experts, len(ranks))
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts, group=group)
-    rows = RowExchange.apply(torch.cat(parts), counts.sum(1).tolist(), received.sum(1).tolist(), axis)
+    rows = RowExchange.apply(sent, counts.sum(1).tolist(), received.sum(1).tolist(), axis)
     return rows[expert_major(received)], received
 
 
