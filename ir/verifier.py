@@ -48,17 +48,14 @@ def check_routed_rows(graph: Graph) -> None:
     """Expert parallelism's routed rows (``ir/ops/moe.py``) are split in uneven, data-dependent pieces: no
     collective may split or gather their rows (dim 0); other dims (a tensor-parallel split of the features)
     convert as usual."""
-    from ir.ops.moe import DISPATCH, routed_values
-    for node in graph.nodes:
-        if node.op != DISPATCH:
-            continue
-        for v in routed_values(node):
-            for user in v.uses:
-                if user.op.startswith("comm.") and 0 in (user.kwargs.get(k) for k in ("dim", "src_dim", "dst_dim")):
-                    raise VerificationError(f"node {_where(user)} splits or gathers the rows of %{v.name}, rows routed "
-                                            f"to their experts by %{node.name} (moe.dispatch): they are split unevenly "
-                                            f"by the routing, so no collective may move rows between ranks; only "
-                                            f"row-wise ops, moe.expert_mm and moe.combine read them")
+    from ir.ops.moe import routed_rows
+    for v, node in routed_rows(graph).values():
+        for user in v.uses:
+            if user.op.startswith("comm.") and 0 in (user.kwargs.get(k) for k in ("dim", "src_dim", "dst_dim")):
+                raise VerificationError(f"node {_where(user)} splits or gathers the rows of %{v.name}, rows routed "
+                                        f"to their experts by %{node.name} (moe.dispatch): they are split unevenly "
+                                        f"by the routing, so no collective may move rows between ranks; only "
+                                        f"row-wise ops, moe.expert_mm and moe.combine read them")
 
 
 def check_reduce_dtype(graph: Graph) -> None:

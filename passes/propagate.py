@@ -26,7 +26,7 @@ import functools
 import logging
 
 from ir.core import Graph, Node
-from ir.ops.moe import DISPATCH, routed_values
+from ir.ops.moe import routed_rows
 from ir.ops.registry import nd_signatures, splits_divide
 from ir.ops.shape_ops import _magnitude
 from ir.sbp import IN_SBP_ATTR, PINNED_ATTR, B, Partial, Split, format_nd_sbp
@@ -99,11 +99,6 @@ def _on_axis(candidates: list, solved: tuple, axis: int) -> list:
     if not matching:  # e.g. the other axes' layouts rule it out at the example sizes
         LOG.info("no signature keeps the solved tensor-axis layouts %s; choosing greedily", solved)
     return matching or candidates
-
-
-def routed_rows(graph: Graph) -> set[int]:
-    """Ids of the values holding expert parallelism's routed rows (``ir/ops/moe.py``)."""
-    return {id(v) for node in graph.nodes if node.op == DISPATCH for v in routed_values(node)}
 
 
 def _keeping_routed_rows(node: Node, candidates: list, routed: set[int]) -> list:

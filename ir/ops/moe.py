@@ -86,16 +86,21 @@ def exchanges(node: Node, mesh: Mesh, hidden_sbp: tuple) -> bool:
 def routed_values(node: Node) -> list:
     """The values of a dispatch that hold routed rows, and those computed row by row from them up to the
     combine (the rows no collective may convert)."""
-    seen, stack = [], [node.outputs[0]]
+    seen, stack = {}, [node.outputs[0]]
     while stack:
         v = stack.pop()
-        if any(v is s for s in seen):
+        if id(v) in seen:
             continue
-        seen.append(v)
+        seen[id(v)] = v
         for user in v.uses:
             if user.op != COMBINE:  # the combine's output holds tokens again
                 stack.extend(o for o in user.outputs if o.type.ndim >= 1)
-    return seen
+    return list(seen.values())
+
+
+def routed_rows(graph) -> dict[int, tuple]:
+    """Every value holding routed rows in ``graph``, by id: ``(value, the dispatch that routed them)``."""
+    return {id(v): (v, node) for node in graph.nodes if node.op == DISPATCH for v in routed_values(node)}
 
 
 def _dispatch(node: Node) -> list[Signature]:
