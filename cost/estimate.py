@@ -19,7 +19,9 @@ until then).
 Data parallelism the profile leaves to the estimator (``profile.analytic_axes``) splits the batch over
 ``dp`` and, with ``fsdp``, gathers each segment's parameters before use, frees them after, gathers them
 again for backward and reduce-scatters the gradients, as the emitted programs do (one segment's gathered
-parameters are alive at a time).
+parameters are alive at a time). Those programs prefetch the gathers: the next segment's gathers run while
+the current segment computes, so only what its compute does not hide is exposed (see
+:meth:`Estimator.prefetch_hidden`); the reduce-scatters are waited for where backward produces them.
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ from cost.segments import Profile, at
 from cost.timeline import ScheduleTimeline, simulate
 from ir.types import CONTEXT_AXIS
 from ir.schedules import SCHEDULES, build_pipeline_schedule
+
+
+FSDP_PART = "fsdp gathers and reduce-scatters"
+"""The breakdown's part for FSDP's parameter collectives (what of them is exposed)."""
 
 
 @dataclass
@@ -68,6 +74,9 @@ class PlanOptions:
     moe_imbalance: float = 1.0
     """Expert parallelism's routing imbalance: rows the busiest rank gets over the balanced share (>= 1); its
     experts' matmuls and its all-to-all bytes scale by it. 1: tokens spread evenly over the experts."""
+    prefetch_gathers: bool = True
+    """FSDP's parameter gathers are launched one segment ahead and run while the previous segment computes
+    (as the emitted runtime does); False: each is waited for where it is used (all of it exposed)."""
 
     def for_plan_precision(self, precision: Any) -> "PlanOptions":
         """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
@@ -79,11 +88,12 @@ class PlanOptions:
     def key(self) -> tuple:
         """A hashable summary (cache keys)."""
         return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
-                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance)
+                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance, self.prefetch_gathers)
 
     def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
         """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
-        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync)
+        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync,
+                         self.prefetch_gathers)
 
 
 def optimizer_name(spec: Any) -> str:
@@ -164,12 +174,13 @@ class Estimator:
     """Prices plans of one profile on one cluster (caches collective and device look-ups)."""
 
     def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float | None = None,
-                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True):
+                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True, prefetch_gathers: bool = True):
         self.profile = profile
         self.cluster = cluster
         self.overhead_s = overhead_s
         self.headroom = memory_headroom
         self.overlap_grad_sync = overlap_grad_sync
+        self.prefetch_gathers = prefetch_gathers
         self._collectives: dict[tuple, float] = {}
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
@@ -205,9 +216,11 @@ class Estimator:
         totals = np.zeros(4)
         recompute = 0.0
         segments = shape.segments_of_stage(k, self.profile.num_layers)
-        for j in segments:
+        for j, (fwd_hidden, bwd_hidden) in zip(segments, self.prefetch_hidden(shape, rank, segments)):
             work = self.segment_work(shape, rank, j)
             totals += work
+            totals[1] -= fwd_hidden
+            totals[3] -= bwd_hidden
             recompute += self._recompute_time(shape, rank, j, work)
         send = self._send_time(shape, k, segments[-1], self.microbatch_size(shape))
         weight = sum(self.segment_weight_time(shape, rank, j) for j in segments) if _splits(shape) else 0.0
@@ -243,6 +256,39 @@ class Estimator:
             fwd += gather
             grads = segment.param_bytes(trainable_only=True)
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
+        return fwd, bwd
+
+    def prefetch_hidden(self, shape: PlanShape, rank: int, segments: Sequence[int]) -> list[tuple[float, float]]:
+        """Per segment of ``segments`` (one stage's, in forward order), the (forward, backward) seconds of its FSDP
+        parameter gathers that run while the segment before it in that pass computes, per microbatch.
+
+        The program launches a segment's gathers when the previous one starts computing (forward: segment
+        ``i - 1``; backward, which runs the segments in reverse: segment ``i + 1``), so a gather waits only for
+        what that compute does not cover, as far as the devices hide communication behind compute at all
+        (``comm_overlap``). A pass's first segment has nothing to hide behind; nor does any gather of a plan
+        priced without prefetching (:attr:`PlanOptions.prefetch_gathers`)."""
+        if not self.prefetch_gathers or len(segments) < 2:
+            return [(0.0, 0.0)] * len(segments)
+        devices = shape.stage_devices[rank]
+        overlap = min(self.cluster.device(d).comm_overlap for d in devices)
+        work = [self.segment_work(shape, rank, j) for j in segments]
+        gathers = [self.param_gathers(shape, rank, j) for j in segments]
+        last = len(segments) - 1
+        return [(overlap * min(fwd, work[p - 1][0]) if p > 0 else 0.0,
+                 overlap * min(bwd, work[p + 1][2]) if p < last else 0.0)
+                for p, (fwd, bwd) in enumerate(gathers)]
+
+    def param_gathers(self, shape: PlanShape, rank: int, j: int) -> tuple[float, float]:
+        """(forward, backward) seconds of segment ``j``'s FSDP parameter gathers per microbatch on ``rank``: the
+        IR's parameter all-gathers, or the estimator's own gather of the segment (analytic FSDP)."""
+        segment = self.profile.segments[j]
+        devices = shape.stage_devices[rank]
+        batch = self.microbatch_size(shape)
+        fwd = bwd = self._fsdp_gather(segment, shape, devices)
+        for item in segment.comms:
+            if item.fsdp and item.kind == "all_gather":
+                seconds = self._exposed_seconds(item, devices, shape, batch)
+                fwd, bwd = (fwd, bwd + seconds) if item.backward else (fwd + seconds, bwd)
         return fwd, bwd
 
     def _fsdp_gather(self, segment, shape: PlanShape, devices: tuple) -> float:
@@ -329,9 +375,11 @@ class Estimator:
         for k in range(shape.num_stages):
             if shape.rank_of_stage(k) != rank:
                 continue
-            for j in shape.segments_of_stage(k, self.profile.num_layers):
+            segments = shape.segments_of_stage(k, self.profile.num_layers)
+            for j, (fwd_hidden, bwd_hidden) in zip(segments, self.prefetch_hidden(shape, rank, segments)):
                 work = fwd, fwd_comm, bwd, bwd_comm = self.segment_work(shape, rank, j)
                 recompute = self._recompute_time(shape, rank, j, work)
+                fwd_comm, bwd_comm = fwd_comm - fwd_hidden, bwd_comm - bwd_hidden
                 rows.append({"segment": self.profile.segments[j].name, "index": j, "stage": k,
                              "forward_compute_s": fwd, "forward_comm_s": fwd_comm, "backward_compute_s": bwd,
                              "backward_comm_s": bwd_comm, "recompute_s": recompute,
@@ -361,12 +409,14 @@ class Estimator:
             parts["recompute"] += m * row["recompute_s"]
             devices = shape.stage_devices[rank]
             batch = self.microbatch_size(shape)
-            for item in self.profile.segments[j].comms:
-                parts[f"{item.kind} over {item.axis} (exposed)"] += m * self._exposed_seconds(item, devices, shape,
-                                                                                                batch)
-            if self.fsdp_analytic(shape):
-                parts["fsdp gathers and reduce-scatters"] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
-                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in self.profile.segments[j].comms)
+            comms = self.profile.segments[j].comms
+            for item in comms:
+                label = FSDP_PART if item.fsdp else f"{item.kind} over {item.axis} (exposed)"
+                parts[label] += m * self._exposed_seconds(item, devices, shape, batch)
+            if self.fsdp_analytic(shape) or any(item.fsdp for item in comms):
+                # the estimator's own gathers and reduce-scatter (analytic FSDP), less what prefetching hides
+                parts[FSDP_PART] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
+                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in comms)
         busy = sum(parts.values())
         sends = sum(2 * m * s.send_s for s in estimate.stages if s.rank == rank)
         idle = max(estimate.rank_end_s[rank] - busy, 0.0)

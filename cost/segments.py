@@ -211,6 +211,9 @@ class CommItem:
     hidden_flops: np.ndarray | None = None
     """FLOPs (affine in the batch) of the computation the transfers overlap (ring attention's blocks): only
     the transfer time beyond that computation's is exposed. None: not overlapped."""
+    fsdp: bool = False
+    """One of an FSDP parameter's collectives: its gathers (which programs prefetch, see
+    :meth:`cost.estimate.Estimator.prefetch_hidden`) or its gradient's reduce-scatter."""
 
 
 @dataclass
@@ -427,12 +430,13 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx)) * (ctx.moe_imbalance if record.routed else 1.0)
         axis = ctx.mesh.axes[record.axis]
         fwd_hidden, bwd_hidden = _hidden_flops(record, ctx)
-        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden))
+        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden, record.param))
         if record.has_grad and ctx.train:
-            items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True, bwd_hidden))
+            items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True, bwd_hidden,
+                                  record.param))
         if kind == "all_gather" and record.has_grad and ctx.train and (record.param or record.overlaps is not None):
             # a parameter gathered again for backward; a ring's key/value blocks passed around again
-            items.append(CommItem(kind, axis, nbytes, True, bwd_hidden))
+            items.append(CommItem(kind, axis, nbytes, True, bwd_hidden, record.param))
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx)
