@@ -516,15 +516,15 @@ class Estimator:
         """Device -> :class:`~cost.memory.MemoryEstimate` at the peak of the step (``actions``: the schedule, if built)."""
         prof = self.profile
         batch = self.microbatch_size(shape)
-        pending = _pending_per_stage(shape, actions)
+        kept_by_stage = {k: self._stage_activations(shape, k, batch) for k in range(shape.num_stages)}
+        per_microbatch = {k: kept[0] for k, kept in kept_by_stage.items()}
+        pending = _peak_pending_bytes(shape, actions, per_microbatch)
         optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
         out = {}
         for rank in range(shape.pp):
-            kept = 0.0
-            for k in range(shape.num_stages):
-                if shape.rank_of_stage(k) != rank:
-                    continue
-                kept += self._stage_activations(shape, k, batch, pending[k])
+            # one backward at a time re-materialises a recomputed segment or holds a gathered one
+            kept = pending[rank] + max(kept_by_stage[k][1] for k in range(shape.num_stages)
+                                       if shape.rank_of_stage(k) == rank)
             elements = self._param_elements(shape, rank)
             stored = self._param_elements(shape, rank, in_bytes=True)
             per_element = stored / elements if elements else 4.0
@@ -539,11 +539,11 @@ class Estimator:
                 out[d] = estimate
         return out
 
-    def _stage_activations(self, shape: PlanShape, k: int, batch: float, in_flight: int) -> float:
-        """Bytes stage ``k`` keeps: per in-flight microbatch, each segment's activations (or only its input
-        when it recomputes), plus one recomputed segment re-materialised during its backward. With FSDP
-        one segment's gathered parameters are alive at a time (freed after use, gathered again for
-        backward)."""
+    def _stage_activations(self, shape: PlanShape, k: int, batch: float) -> tuple[float, float]:
+        """(bytes per in-flight microbatch, bytes at most once) that stage ``k`` keeps: per microbatch, each
+        segment's activations (or only its input when it recomputes); once, a recomputed segment re-materialised
+        during its backward and, with FSDP, one segment's gathered parameters (freed after use, gathered
+        again for backward)."""
         prof = self.profile
         segments = shape.segments_of_stage(k, prof.num_layers)
         per_microbatch = rematerialised = gathered = 0.0
@@ -562,8 +562,8 @@ class Estimator:
             else:
                 per_microbatch += saved
         if not prof.train:
-            return per_microbatch + gathered
-        return in_flight * per_microbatch + rematerialised + gathered
+            return per_microbatch, gathered
+        return per_microbatch, rematerialised + gathered
 
     # -- traffic -----------------------------------------------------------------------------------
     def _traffic(self, shape: PlanShape, stages: list) -> dict:
@@ -674,25 +674,31 @@ def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
     return makespan, ends
 
 
-def _pending_per_stage(shape: PlanShape, actions) -> dict:
-    """Stage -> the most microbatches with its forward done and backward (a split one: its W) pending at once."""
+def _peak_pending_bytes(shape: PlanShape, actions, per_microbatch: dict) -> dict:
+    """Pipeline rank -> the most bytes its stages keep at once for microbatches whose forward is done and whose
+    backward (a split one: its W) is pending, each stage ``k``'s microbatch keeping ``per_microbatch[k]``. With
+    several stages per rank (interleaved, V shapes) their peaks come at different times: the rank's own
+    actions are walked, not each stage's peak summed."""
     if shape.num_stages == 1:
-        return {0: 1}
+        return {0: per_microbatch[0]}
     if shape.schedule == "gpipe":
-        return {k: shape.microbatches for k in range(shape.num_stages)}
+        return {r: shape.microbatches * sum(per_microbatch[k] for k in range(shape.num_stages)
+                                            if shape.rank_of_stage(k) == r) for r in range(shape.pp)}
     if actions is None and shape.schedule == "1f1b":  # stage k holds at most pp - k microbatches
-        return {k: min(shape.pp - k, shape.microbatches) for k in range(shape.num_stages)}
+        return {shape.rank_of_stage(k): min(shape.pp - k, shape.microbatches) * per_microbatch[k]
+                for k in range(shape.num_stages)}
     if actions is None:
         actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
-    peaks: dict[int, int] = {}
-    for rank_actions in actions.values():
+    peaks: dict[int, float] = {}
+    for rank, rank_actions in actions.items():
         last = {a.value[1:]: a.kind for a in rank_actions if a.kind in ("B", "W")}
-        pending: Counter = Counter()
+        held = peak = 0.0
         for action in rank_actions:
             if action.kind == "F":
-                pending[action.stage] += 1
+                held += per_microbatch[action.stage]
             elif action.is_compute and last[action.value[1:]] == action.kind:
-                pending[action.stage] -= 1
+                held -= per_microbatch[action.stage]
             if action.is_compute:
-                peaks[action.stage] = max(peaks.get(action.stage, 0), pending[action.stage])
+                peak = max(peak, held)
+        peaks[rank] = peak
     return peaks

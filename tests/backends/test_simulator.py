@@ -11,7 +11,8 @@ import pytest
 from cluster import Cluster
 from compiler.api import compile
 from compiler.simulate import simulate
-from cost.estimate import PlanOptions
+from cost.estimate import PlanOptions, _actions, _peak_pending_bytes
+from cost.placement import PlanShape
 from cost.ops import Precision, op_category, op_time
 from cost.placement import axis_groups
 from cost.segments import concrete_shape, costed_op, ir_profile, is_view
@@ -300,6 +301,17 @@ def test_fsdp_gathers_hide_behind_the_previous_segments_compute(small, latency_s
         assert math.isclose(sum(report.breakdown.values()), report.step_time_s, rel_tol=1e-9), report.breakdown
     part = "fsdp gathers and reduce-scatters"
     assert waited.breakdown[part] - prefetched.breakdown[part] == pytest.approx(saved, rel=1e-6)
+
+
+@pytest.mark.parametrize("pp, v, m", [(2, 2, 4), (4, 3, 8), (35, 3, 280)])
+def test_an_interleaved_rank_holds_its_warm_up_not_each_chunks_peak(pp, v, m):
+    """A rank's model chunks peak at different times: its first pipeline position holds the microbatch-chunks of
+    Megatron's interleaved warm-up, (p - 1) * 2 + (v - 1) * p, plus the one in flight, not the sum of each chunk's
+    own peak."""
+    stages = pp * v
+    shape = PlanShape(("dp",), (1,), pp, m, "interleaved", v, [(k, k) for k in range(stages)], [(r,) for r in range(pp)])
+    held = _peak_pending_bytes(shape, _actions("interleaved", stages, m, pp), {k: 1.0 for k in range(stages)})
+    assert held[0] == min(m * v, (pp - 1) * 2 + (v - 1) * pp + 1)
 
 
 def test_slower_devices_take_longer_per_layer(big_graph):
