@@ -273,8 +273,9 @@ class VirtualMesh:
         self.sequences = sequence_sizes(graph)
         """The sequence lengths whose splits over the cp axis are load-balanced."""
 
-    def run(self, inputs: tuple, mode: str = "train") -> VirtualResult:
-        """Run forward (and backward plus gradient sync in ``train`` mode)."""
+    def run(self, inputs: tuple, mode: str = "train", loss_scale: torch.Tensor | None = None) -> VirtualResult:
+        """Run forward (and backward plus gradient sync in ``train`` mode, from the loss times ``loss_scale``
+        when given: the gradients come back scaled, see :func:`run_virtual`)."""
         graph = self.graph
         bindings = bind_dims(graph, inputs)
         env: dict[int, list] = {}
@@ -288,7 +289,7 @@ class VirtualMesh:
         result.buffers = {b.target: assemble([t.detach() for t in env[id(v)]], v.sbp, self.mesh(v))
                           for b, v in graph.buffer_updates.items()}
         if mode == "train":
-            self._backward(env, result)
+            self._backward(env, result, loss_scale)
         else:
             result.outputs = tuple(assemble(env[id(o)], o.sbp, self.mesh(o), self.balanced(o)) for o in graph.outputs)
         return result
@@ -351,13 +352,12 @@ class VirtualMesh:
             self.calls[key] = local_call(node, ctx)
         return self.calls[key]
 
-    def _backward(self, env: dict, result: VirtualResult) -> None:
+    def _backward(self, env: dict, result: VirtualResult, loss_scale: torch.Tensor | None) -> None:
         loss = self.graph.loss
         mesh = self.mesh(loss)
         locals_ = env[id(loss)]
         result.loss = assemble([t.detach() for t in locals_], loss.sbp, mesh)
-        seeded = [t if is_seed_rank(loss.sbp, mesh, r) else t * 0 for r, t in enumerate(locals_)]
-        torch.stack(seeded).sum().backward()
+        seeded_loss(locals_, loss.sbp, mesh, loss_scale).backward()
         result.grads = synced_gradients(self.graph, {p.name: env[id(p)] for p in self.graph.params})
 
 
@@ -391,6 +391,16 @@ def synced_gradients(graph: Graph, leaves: dict[str, list]) -> dict[str, torch.T
         if p.trainable and p.target not in out:
             out[p.target] = assemble(grads[p.name], _stored_layout(p.sbp), graph.meshes[p.mesh])
     return out
+
+
+def seeded_loss(locals_: list, sbp: NdSbp, mesh: Mesh, loss_scale: torch.Tensor | None) -> torch.Tensor:
+    """What backward starts from: every rank's loss share (zero off the seed ranks), times the loss scale
+    (fp16 plans), as each rank of a program starts its own backward; stacked, each share's gradient is
+    the scale exactly."""
+    seeded = [t if is_seed_rank(sbp, mesh, r) else t * 0 for r, t in enumerate(locals_)]
+    if loss_scale is not None:
+        seeded = [t * loss_scale for t in seeded]
+    return torch.stack(seeded).sum()
 
 
 def is_seed_rank(sbp: NdSbp, mesh: Mesh, position: int) -> bool:
@@ -433,17 +443,21 @@ def evaluate(obj: Any, env: dict, rank: int, scope: dict) -> Any:
 
 
 def run_virtual(graph: Graph, weights: dict, inputs: tuple, mode: str = "train", *,
-                stages: list[int] | None = None) -> VirtualResult:
+                stages: list[int] | None = None, loss_scale: torch.Tensor | None = None) -> VirtualResult:
     """Simulate every rank of ``graph`` in this process.
 
     A pipelined graph runs its schedule (see :class:`PipelineRunner`); ``stages`` (pipelines,
-    ``infer`` mode) runs every microbatch through that subset of stages only.
+    ``infer`` mode) runs every microbatch through that subset of stages only. ``loss_scale`` (fp16
+    plans' dynamic loss scaling, ``DynamicLossScaler.scale`` of ``backends/runtime/loss_scaling.py``):
+    backward starts from the loss times it, and the gradients come back synced but still scaled, as
+    an emitted program's are before its scaler unscales them (``DynamicLossScaler.unscale``, whose
+    found-inf over the full gradients is the flag's all-reduce over every rank).
     """
     if is_pipelined(graph):
-        return PipelineRunner(graph, weights).run(inputs, mode, stages)
+        return PipelineRunner(graph, weights).run(inputs, mode, stages, loss_scale)
     if stages is not None:
         raise VirtualRunError("stages= chooses pipeline stages, but this plan has no pipeline")
-    return VirtualMesh(graph, weights).run(inputs, mode)
+    return VirtualMesh(graph, weights).run(inputs, mode, loss_scale)
 
 
 # -- pipelines -----------------------------------------------------------------------------------------
@@ -502,12 +516,17 @@ class PipelineRunner:
         self.ready: dict[tuple, list] = {}
         self.saved: dict[tuple, _Saved] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        self.loss_scale: torch.Tensor | None = None
+        """fp16 plans: what the losses backward starts from are multiplied by."""
         self.deferred: set[tuple[int, int]] = set()
         """(stage, microbatch) whose backward is split: a ``W`` follows its ``B``."""
         self.weight_work: dict[tuple[int, int], WeightWork] = {}
 
-    def run(self, inputs: tuple, mode: str = "train", stages: list[int] | None = None) -> VirtualResult:
-        """Forward and backward of every microbatch (train), or forward through ``stages`` (infer)."""
+    def run(self, inputs: tuple, mode: str = "train", stages: list[int] | None = None,
+            loss_scale: torch.Tensor | None = None) -> VirtualResult:
+        """Forward and backward of every microbatch (train, from the losses times ``loss_scale`` when given),
+        or forward through ``stages`` (infer)."""
+        self.loss_scale = loss_scale
         self.full_dims = bind_dims(self.graph, inputs)
         self.micro = split_microbatches(self.graph, inputs, self.microbatches)
         self.micro_dims = [bind_dims(self.graph, mb) for mb in self.micro]
@@ -631,8 +650,7 @@ class PipelineRunner:
         if saved.loss is not None:
             loss = self.graph.loss
             mesh = self.graph.meshes[loss.mesh]
-            seeded = [t if is_seed_rank(loss.sbp, mesh, r) else t * 0 for r, t in enumerate(saved.loss)]
-            return [torch.stack(seeded).sum()], [None]
+            return [seeded_loss(saved.loss, loss.sbp, mesh, self.loss_scale)], [None]
         grads = self.ready.pop(("B", self._neighbour(stage, microbatch, +1), microbatch))
         outs, seeds = [], []
         for locals_, slot_grads in zip(saved.exits, grads):

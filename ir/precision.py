@@ -118,3 +118,11 @@ def autocast_dtype(op: str, compute: str) -> str | None:
     if base in AUTOCAST_FP32_OPS:
         return "f32"
     return None
+
+
+def scales_loss(precision: dict | None) -> bool:
+    """Whether a plan of ``precision`` (the graph's ``precision`` attr: IR dtype names) scales its loss
+    dynamically, as ``torch.amp.GradScaler``: fp16 compute on fp32 master weights (fp16's narrow range
+    flushes small gradients to zero; bf16 has fp32's range). Pure fp16 training (fp16 parameters) is not
+    scaled: its gradients could not be unscaled without rounding, which GradScaler refuses too."""
+    return bool(precision) and precision.get("compute") == "f16" and precision.get("param") == "f32"

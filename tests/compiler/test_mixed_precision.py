@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 
+from backends.runtime.loss_scaling import DynamicLossScaler
 from cluster import Cluster as ClusterModel
 from cluster.builtins import local_spec
 from compiler import Cluster, compile
@@ -22,6 +23,7 @@ from ir.verifier import VerificationError, verify
 from passes.grad_sync import gradient_reductions
 from strategy import normalize
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, LLAMA_MEGATRON, tp
+from backends.virtual import run_virtual
 from tests.launch import train_eager, train_emitted, train_virtual
 from tests.models import (assert_low_precision_close, eager_loss_and_grads, gpt_inputs, gpt_model, llama_model,
                           lm_inputs)
@@ -253,3 +255,83 @@ def test_emitted_fsdp_bf16_reduce_equals_the_virtual_mesh_bitwise(tmp_path):
     assert losses == virtual_losses
     for name, value in trained.items():
         assert torch.equal(saved[name], value), name
+
+
+SCALER = {"init_scale": 2.0 ** 10, "growth_factor": 2.0 ** 60, "backoff_factor": 2.0 ** -60, "growth_interval": 2}
+"""Two good steps at 2**10, then the scale grows to 2**70, at which fp16 backward overflows whatever the
+weights (a gradient element of 1e-16 times 2**70 is past fp16's 65504): the third step is skipped on both
+sides and the scale backs off to 2**10 again."""
+
+
+def train_virtual_loss_scaled(plan, batches: list, optimizer: tuple) -> tuple[list, list, dict, dict]:
+    """The virtual mesh with fp16 dynamic loss scaling, as an emitted program runs it: backward from the scaled
+    loss, the synced gradients unscaled, the step skipped where one overflowed; the losses, the (scale, skipped)
+    of each step, the first step's (unscaled) gradients, the trained parameters."""
+    scaler, weights = DynamicLossScaler(**SCALER), {n: v.detach().clone() for n, v in plan.weights.items()}
+    params, opt, losses, steps, first = {}, None, [], [], {}
+    for batch in batches:
+        result = plan.run_virtual(*batch, loss_scale=scaler.scale) if not params else run_virtual(
+            plan.graph, {**weights, **{n: p.detach() for n, p in params.items()}}, batch, "train",
+            loss_scale=scaler.scale)
+        if opt is None:
+            params = {n: torch.nn.Parameter(weights[n]) for n in result.grads}
+            opt = optimizer[0](list(params.values()), **optimizer[1])
+        for n, p in params.items():
+            p.grad = result.grads[n].clone()
+        skipped = bool(scaler.unscale(p.grad for p in params.values()))
+        first = first or {n: p.grad.clone() for n, p in params.items()}
+        if not skipped:
+            opt.step()
+        losses.append(result.loss.item())
+        steps.append((float(scaler.scale), skipped))
+        scaler.update(skipped)
+    return losses, steps, first, {n: p.detach() for n, p in params.items()}
+
+
+def train_eager_grad_scaler(model, batches: list, optimizer: tuple,
+                            skip: set | None = None) -> tuple[list, list, dict]:
+    """Eager ``torch.autocast(float16)`` + ``torch.amp.GradScaler`` training; the losses, the (scale, skipped) of
+    each step and the first step's (unscaled) gradients. With ``skip``: float32 training without a scaler,
+    skipping those steps (the exact reference)."""
+    opt, scaler = optimizer[0](model.parameters(), **optimizer[1]), torch.amp.GradScaler("cpu", **SCALER)
+    losses, steps, first = [], [], {}
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=skip is None):
+            loss = model(*batch)
+        losses.append(loss.item())
+        if skip is not None:
+            loss.backward()
+            if step not in skip:
+                opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale()
+            scaler.step(opt)  # unscales the gradients in place first
+            scaler.update()
+            steps.append((scale, scaler.get_scale() < scale))
+        first = first or {n: p.grad.clone() for n, p in model.named_parameters()}
+    return losses, steps, first
+
+
+def test_fp16_mixed_dp2_scales_its_loss_like_eager_grad_scaler():
+    """fp16-mixed GPT under dp2 on the virtual mesh with dynamic loss scaling, 4 AdamW steps against eager
+    autocast(fp16) + GradScaler with the same scaler settings (:data:`SCALER`): the same scales and the
+    same skipped step (the third, an overflow), each loss and all updates within the low-precision bar of
+    eager's (the exact reference: fp32 training without that step)."""
+    data = [gpt_inputs(seed=40 + i) for i in range(4)]
+    model = gpt_model()
+    plan = compile(model, data[0], cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "precision": "fp16-mixed"})
+    losses, steps, grads, trained = train_virtual_loss_scaled(plan, data, BF16_MIXED_ADAMW)
+    eager, exact = copy.deepcopy(model), copy.deepcopy(model)
+    eager_losses, eager_steps, eager_grads = train_eager_grad_scaler(eager, data, BF16_MIXED_ADAMW)
+    exact_losses, _, exact_grads = train_eager_grad_scaler(exact, data, BF16_MIXED_ADAMW, skip={2})
+    assert steps == eager_steps == [(2.0 ** 10, False), (2.0 ** 10, False), (2.0 ** 70, True), (2.0 ** 10, False)]
+    for step, values in enumerate(zip(losses, eager_losses, exact_losses)):
+        assert_low_precision_close(f"step {step} loss", *map(torch.tensor, values), low=torch.float16)
+    for name, grad in grads.items():  # unscaled: Adam's update alone would hardly show a missing unscale
+        assert_low_precision_close(f"step 0 {name}", grad, eager_grads[name], exact_grads[name], low=torch.float16)
+    initial, references = model.state_dict(), (eager.state_dict(), exact.state_dict())
+    flat = [torch.cat([d[k].reshape(-1).double() - initial[k].reshape(-1).double() for k in trained])
+            for d in (trained, *references)]
+    assert_low_precision_close("all updates", *flat, low=torch.float16)
