@@ -13,6 +13,8 @@ import re
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from backends.runtime.loss_scaling import DynamicLossScaler
 from cluster import Cluster as ClusterModel
@@ -335,3 +337,39 @@ def test_fp16_mixed_dp2_scales_its_loss_like_eager_grad_scaler():
     flat = [torch.cat([d[k].reshape(-1).double() - initial[k].reshape(-1).double() for k in trained])
             for d in (trained, *references)]
     assert_low_precision_close("all updates", *flat, low=torch.float16)
+
+
+class LowPrecisionInputs(nn.Module):
+    """layer_norm, softmax, exp and sum reached by bf16 values (a linear's output) under autocast: CPU autocast
+    runs them in bf16, CUDA autocast in float32."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.ln, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+
+    def forward(self, x, y):
+        h = self.ln(self.fc1(x))
+        p = torch.softmax(self.fc2(h), dim=-1)
+        return F.mse_loss(p * torch.exp(h).sum(-1, keepdim=True), y)
+
+
+def test_the_casts_follow_the_autocast_lists_of_the_clusters_device_type():
+    """On CPU ranks a bf16-mixed plan casts as torch.autocast("cpu"): layer_norm, softmax, exp and sum read the
+    bf16 values they are given, and a one-rank plan's loss and every gradient equal eager CPU autocast's
+    bitwise (the same ops on the same dtypes). The same model planned for GPUs casts as CUDA autocast:
+    layer_norm and softmax read float32 casts of the linears' outputs, and exp and sum run in float32."""
+    model, inputs = LowPrecisionInputs(), (torch.randn(8, 16), torch.randn(8, 8))
+    plan = compile(model, inputs, cluster=Cluster.local(1), strategy={"mesh": {"dp": 1}, "precision": "bf16-mixed"})
+    low = r"%(layer_norm|softmax|exp|sum_1): bf16\[batch, \d+\] .* = aten\.\w+\.\w+\(%(linear|linear_1|layer_norm|exp)[,)]"
+    assert len(re.findall(low, plan.ir)) == 4, plan.ir
+    result = plan.run_virtual(*inputs)
+    loss, grads = autocast_loss_and_grads(model, inputs)
+    assert torch.equal(result.loss, loss)
+    assert [n for n, g in grads.items() if not torch.equal(result.grads[n], g)] == []
+    spec = local_spec(2)
+    spec["nodes"][0]["device"] = "a100-80gb"
+    gpus = compile(model, inputs, cluster=ClusterModel.from_dict(spec),
+                   strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
+    assert len(re.findall(r"%(layer_norm|softmax|exp|sum_1): f32\[batch, \d+\]", gpus.ir)) == 4, gpus.ir
+    assert len(re.findall(r"aten\.(layer_norm|softmax)\.\w+\(%linear(_1)?_f32[,)]", gpus.ir)) == 2, gpus.ir
