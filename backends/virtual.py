@@ -123,15 +123,15 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
     if op == "comm.all_gather" and balanced:
         return [unbalance(x, kw["dim"], n) for x in _group_collective(op, xs, {**kw, "balanced": False})]
     if kw.get("grad_dtype") is not None and op in ("comm.all_reduce", "comm.all_gather") and kw.get("op") != "max":
-        return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], *xs))
+        return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], kw.get("reduce_dtype"), *xs))
     if op == "comm.all_reduce":
-        total = torch.stack(xs).amax(0) if kw.get("op") == "max" else torch.stack(xs).sum(0)
+        total = torch.stack(xs).amax(0) if kw.get("op") == "max" else partial_sum(xs, kw.get("reduce_dtype"))
         return [total.clone() for _ in range(n)]
     if op == "comm.all_gather":
         gathered = torch.cat(xs, dim=kw["dim"])
         return [gathered.clone() for _ in range(n)]
     if op == "comm.reduce_scatter":
-        total = torch.stack(xs).sum(0)
+        total = partial_sum(xs, kw.get("reduce_dtype"))
         return [part.clone() for part in (balance(total, kw["dim"], n) if balanced else total).chunk(n, dim=kw["dim"])]
     if op == "comm.all_to_all":
         source, dest = balanced or (False, False)
@@ -147,22 +147,30 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
     raise VirtualRunError(f"unknown collective {op}")
 
 
+def partial_sum(xs: list, dtype: torch.dtype | None) -> torch.Tensor:
+    """The ranks' partial values summed in ``dtype`` (the plan's forward_reduce; None: their own) and rounded
+    back to their dtype once, as the program's collective does."""
+    if dtype is None:
+        return torch.stack(xs).sum(0)
+    return torch.stack([x.to(dtype) for x in xs]).sum(0).to(xs[0].dtype)
+
+
 class GroupCollective(torch.autograd.Function):
     """One group's all-reduce (sum) or all-gather whose backward sums the ranks' gradients in ``grad_dtype``
     (the plan's reduce dtype) and rounds the sum to the value's dtype once, as the real program's adjoint
     collective does; autograd alone would add the gradients up in their own dtype."""
 
     @staticmethod
-    def forward(ctx, op, dim, grad_dtype, *xs):
+    def forward(ctx, op, dim, grad_dtype, reduce_dtype, *xs):
         ctx.op, ctx.dim, ctx.grad_dtype, ctx.dtype = op, dim, grad_dtype, xs[0].dtype
-        whole = torch.stack(xs).sum(0) if op == "comm.all_reduce" else torch.cat(xs, dim=dim)
+        whole = partial_sum(xs, reduce_dtype) if op == "comm.all_reduce" else torch.cat(xs, dim=dim)
         return tuple(whole.clone() for _ in xs)
 
     @staticmethod
     def backward(ctx, *grads):
         total = torch.stack([g.to(ctx.grad_dtype) for g in grads]).sum(0).to(ctx.dtype)
         parts = [total] * len(grads) if ctx.op == "comm.all_reduce" else total.chunk(len(grads), dim=ctx.dim)
-        return (None, None, None, *(p.clone() for p in parts))
+        return (None, None, None, None, *(p.clone() for p in parts))
 
 
 def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:

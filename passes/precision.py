@@ -19,6 +19,7 @@ Without a precision in the strategy the pass changes nothing.
 from __future__ import annotations
 
 from ir.core import Graph, Node, Value
+from ir.ops.comm import sums_partials
 from ir.precision import PRECISION_TO_IR, autocast_device_type, autocast_dtype, model_dtype
 from ir.types import DTYPES_BY_NAME, TensorType
 from ir.verifier import MetaTyper
@@ -95,3 +96,15 @@ def _cast_before(graph: Graph, node: Node, v: Value, dtype: str) -> Value:
     attrs = {"module": node.attrs["module"]} if "module" in node.attrs else {}
     return graph.create_node("aten._to_copy.default", [v], {"dtype": DTYPES_BY_NAME[dtype]},
                              [TensorType(v.type.shape, dtype)], [f"{v.name}_{dtype}"], attrs, before=node).outputs[0]
+
+
+def mark_forward_reductions(graph: Graph) -> None:
+    """With a precision ``forward_reduce``: give every collective that sums partial values in forward (tensor
+    parallelism's all-reduces, sequence parallelism's reduce-scatters; :func:`ir.ops.comm.sums_partials`) the
+    dtype its sum runs in (kwarg ``reduce_dtype``): the partials are cast to it, summed across ranks, and
+    rounded back to the value's dtype once. Boxing calls this once it has inserted the collectives."""
+    forward = graph.attrs.get(PRECISION_ATTR, {}).get("forward_reduce")
+    if forward is None:
+        return
+    for node in filter(sums_partials, graph.nodes):
+        node.kwargs["reduce_dtype"] = DTYPES_BY_NAME[forward]

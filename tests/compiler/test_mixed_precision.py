@@ -21,14 +21,15 @@ from cluster import Cluster as ClusterModel
 from cluster.builtins import local_spec
 from compiler import Cluster, compile
 from frontend.dsl import PlanError, parse_plan
+from ir.ops.comm import sums_partials
 from ir.verifier import VerificationError, verify
 from passes.grad_sync import gradient_reductions
 from strategy import normalize
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, LLAMA_MEGATRON, tp
 from backends.virtual import run_virtual
 from tests.launch import train_eager, train_emitted, train_virtual
-from tests.models import (assert_low_precision_close, eager_loss_and_grads, gpt_inputs, gpt_model, llama_model,
-                          lm_inputs)
+from tests.models import (assert_low_precision_close, assert_low_precision_run_close, eager_loss_and_grads,
+                          gpt_inputs, gpt_model, llama_model, lm_inputs)
 
 MIXED = {"param": "fp32", "compute": "bf16", "reduce": "fp32"}
 
@@ -373,3 +374,34 @@ def test_the_casts_follow_the_autocast_lists_of_the_clusters_device_type():
                    strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
     assert len(re.findall(r"%(layer_norm|softmax|exp|sum_1): f32\[batch, \d+\]", gpus.ir)) == 4, gpus.ir
     assert len(re.findall(r"aten\.(layer_norm|softmax)\.\w+\(%linear(_1)?_f32[,)]", gpus.ir)) == 2, gpus.ir
+
+
+@pytest.mark.slow
+def test_forward_reduce_sums_every_forward_partial_in_its_dtype(tmp_path):
+    """``forward_reduce=fp32`` on a pure bf16 GPT: every forward sum of partials across ranks (tp2's all-reduces;
+    with sequence parallelism its reduce-scatters) runs in fp32 (``reduce_dtype=``, in the IR and in the emitted
+    program's collectives), the verifier rejects one that does not, the plan language round-trips it, and the
+    virtual run stays within the low-precision bar of eager bf16. (On 2 ranks a bf16 sum rounds once either
+    way; the dtype matters from 3 ranks on, where a bf16 all-reduce rounds after every addition.)"""
+    model, x = gpt_model().to(torch.bfloat16), gpt_inputs()
+    precision = {"param": "bf16", "compute": "bf16", "reduce": "bf16", "forward_reduce": "fp32"}
+    plan = compile(model, x, cluster=Cluster.local(2),
+                   strategy={"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "precision": precision})
+    assert_low_precision_run_close(plan.run_virtual(*x), model, x)
+    sequence = compile(model, x, cluster=Cluster.local(2), strategy={
+        "mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "sequence_parallel": True, "precision": precision})
+    for compiled, op in ((plan, "all_reduce"), (sequence, "reduce_scatter")):
+        sums = [n for n in compiled.graph.nodes if sums_partials(n)]
+        assert len(sums) >= 4 and {n.op for n in sums} == {f"comm.{op}"}
+        assert {n.kwargs["reduce_dtype"] for n in sums} == {torch.float32}
+        assert compiled.ir.count("reduce_dtype=torch.float32") == len(sums)
+    main = sequence.emit(tmp_path).read_text()
+    assert main.count("comm_reduce_scatter(") == main.count("reduce_dtype=torch.float32)") >= 4
+    assert "precision param=bf16, compute=bf16, reduce=bf16, forward_reduce=fp32" in plan.to_dsl()
+    assert parse_plan(plan.to_dsl()).precision == normalize({"precision": precision}).precision
+    node = next(n for n in plan.graph.nodes if sums_partials(n))
+    node.kwargs.pop("reduce_dtype")
+    with pytest.raises(VerificationError, match=rf"%{node.outputs[0].name} .*comm\.all_reduce over tp sums its partial "
+                                                r"values in bf16 \(the value's own\), but the plan's precision sums "
+                                                r"forward partials in f32"):
+        verify(plan.graph)
