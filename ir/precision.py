@@ -153,7 +153,7 @@ def autocast_device_type(device_kinds) -> str:
     if kinds == {"cpu"}:
         return "cpu"
     raise ValueError(f"the cluster mixes CPU ranks with {', '.join(sorted(kinds - {'cpu'}))} devices, whose "
-                     f"autocast casts differ; a mixed precision plan runs on one kind of device")
+                     f"autocast casts differ; plan a mixed precision on CPU ranks only or on accelerators only")
 
 
 def autocast_dtype(op: str, compute: str, device_type: str = "cuda") -> str | None:

@@ -163,7 +163,8 @@ def test_bad_precision_is_one_clear_error(bad, message):
 
 
 def test_a_compute_dtype_the_cluster_lacks_is_refused():
-    """V100s list no bf16 peak: bf16 compute there is one error naming the key and the dtypes they list."""
+    """V100s list no bf16 peak: bf16 compute there is one error naming the key and the dtypes they list; a
+    param dtype other than the model's, and a cluster of CPU ranks and GPUs, likewise."""
     spec = local_spec(2)
     spec["nodes"][0]["device"] = "v100-32gb"
     with pytest.raises(Exception, match=r"strategy\['precision'\]\['compute'\]: compute dtype bf16 is not one the "
@@ -174,6 +175,12 @@ def test_a_compute_dtype_the_cluster_lacks_is_refused():
                                         r"model's parameters are fp32; cast the model \(model\.to\(torch\.bfloat16\)\) or "
                                         r"write param=fp32"):
         compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy={"precision": "bf16"})
+    spec = local_spec(1)  # a CPU rank and a GPU: their autocast lists differ
+    spec["nodes"].append({**copy.deepcopy(spec["nodes"][0]), "name": "gpu", "device": "a100-80gb"})
+    with pytest.raises(Exception, match=r"strategy\['precision'\]\['compute'\]: the cluster mixes CPU ranks with "
+                                        r"a100-80gb devices, whose autocast casts differ"):
+        compile(gpt_model(), gpt_inputs(), cluster=ClusterModel.from_dict(spec),
+                strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
 
 
 def test_the_simulator_prices_the_plans_precision():
