@@ -27,7 +27,8 @@ from passes.grad_sync import gradient_reductions
 from strategy import normalize
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, LLAMA_MEGATRON, tp
 from backends.virtual import run_virtual
-from tests.launch import train_eager, train_emitted, train_virtual
+from tests.backends.test_emitted_program import _free_port as free_port
+from tests.launch import import_program, train_eager, train_emitted, train_virtual
 from tests.models import (assert_low_precision_close, assert_low_precision_run_close, eager_loss_and_grads,
                           gpt_inputs, gpt_model, llama_model, lm_inputs)
 
@@ -412,3 +413,38 @@ def test_forward_reduce_sums_every_forward_partial_in_its_dtype(tmp_path):
                                                 r"values in bf16 \(the value's own\), but the plan's precision sums "
                                                 r"forward partials in f32"):
         verify(plan.graph)
+
+
+@pytest.mark.slow
+def test_an_emitted_fp16_program_scales_skips_and_resumes_like_the_virtual_mesh(tmp_path, monkeypatch):
+    """The emitted program of a one-rank fp16-mixed GPT, its training loop run in this process (no launch): 4 AdamW
+    steps with the scaler flags of :data:`SCALER` log the virtual mesh's losses, scales and skipped step
+    bitwise in ``--metrics`` and save its weights; 2 steps with a checkpoint, then ``--resume`` to 4, continue
+    with the checkpointed scale (2**70: the resumed third step is skipped too) to the same weights."""
+    data = [gpt_inputs(seed=40 + i) for i in range(4)]
+    plan = compile(gpt_model(), data[0], cluster=Cluster.local(1), optimizer=BF16_MIXED_ADAMW,
+                   strategy={"mesh": {"dp": 1}, "precision": "fp16-mixed"})
+    path = plan.emit(tmp_path / "program")
+    torch.save(data, tmp_path / "data.pt")
+    program, runtime_module = import_program(path)
+    flags = ["--data", str(tmp_path / "data.pt"), "--loss-scale", str(SCALER["init_scale"]), "--loss-scale-growth",
+             str(SCALER["growth_factor"]), "--loss-scale-backoff", str(SCALER["backoff_factor"]),
+             "--loss-scale-interval", str(SCALER["growth_interval"]), "--checkpoint-dir", str(tmp_path / "ck")]
+
+    def train(*args: str) -> list[dict]:
+        for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                                LOCAL_RANK="0", SBPC_FORCE_GLOO="1").items():
+            monkeypatch.setenv(name, value)
+        metrics = tmp_path / f"metrics{len(list(tmp_path.glob('metrics*')))}.jsonl"
+        runtime_module.main(program.forward, loss_scaler=runtime_module.DynamicLossScaler,
+                            argv=[*flags, "--metrics", str(metrics), *args])
+        return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    losses, steps, _, trained = train_virtual_loss_scaled(plan, data, BF16_MIXED_ADAMW)
+    whole = train("--steps", "4", "--save", str(tmp_path / "whole.pt"))
+    assert [r["loss"] for r in whole] == losses and [(r["loss_scale"], r["skipped"]) for r in whole] == steps
+    train("--steps", "2", "--checkpoint-every", "2")
+    resumed = train("--steps", "4", "--resume", "--save", str(tmp_path / "resumed.pt"))
+    assert [(r["step"], r["loss_scale"], r["skipped"]) for r in resumed] == [(2, 2.0 ** 70, True), (3, 2.0 ** 10, False)]
+    for saved in (torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")):
+        assert [n for n, value in trained.items() if not torch.equal(saved[n], value)] == []
