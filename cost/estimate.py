@@ -267,7 +267,7 @@ class Estimator:
         what that compute does not cover, as far as the devices hide communication behind compute at all
         (``comm_overlap``). A pass's first segment has nothing to hide behind; nor does any gather of a plan
         priced without prefetching (:attr:`PlanOptions.prefetch_gathers`)."""
-        if not self.prefetch_gathers or len(segments) < 2:
+        if not self.prefetch_gathers or len(segments) < 2 or not (self.fsdp_analytic(shape) or self._gathers_params):
             return [(0.0, 0.0)] * len(segments)
         devices = shape.stage_devices[rank]
         overlap = min(self.cluster.device(d).comm_overlap for d in devices)
@@ -277,6 +277,11 @@ class Estimator:
         return [(overlap * min(fwd, work[p - 1][0]) if p > 0 else 0.0,
                  overlap * min(bwd, work[p + 1][2]) if p < last else 0.0)
                 for p, (fwd, bwd) in enumerate(gathers)]
+
+    @functools.cached_property
+    def _gathers_params(self) -> bool:
+        """Whether the profile's own collectives gather parameters (an FSDP plan's IR)."""
+        return any(item.fsdp for segment in self.profile.segments for item in segment.comms)
 
     def param_gathers(self, shape: PlanShape, rank: int, j: int) -> tuple[float, float]:
         """(forward, backward) seconds of segment ``j``'s FSDP parameter gathers per microbatch on ``rank``: the
