@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .collectives import _all_gather
 from .core import GROUPS
 
-GATHERED = {}  # storage address -> (shard, axis, dim, dtype, weak reference to the gathered tensor)
+GATHERED = {}  # storage address -> (shard, axis, dim, dtype, weak reference to the gathered tensor, forward position)
 LAYER_PREFIX = re.compile(r"^(.*?[._]\d+)(?:[._]|$)")  # a name up to its first index: blocks.0, layers_3
 
 
@@ -86,21 +86,32 @@ class GatherShard(torch.autograd.Function):
 
 
 class FlatGather:
-    """One asynchronous all-gather of several shards on one mesh axis: cast, flattened and concatenated into one
-    buffer; ``result()`` waits for it and splits each rank's buffer into the full tensors."""
+    """One asynchronous all-gather of several shards on one mesh axis: each cast to its dtype of ``dtypes`` (None:
+    its own), flattened and concatenated into one
+    buffer (as bytes when their dtypes differ, each padded to 8 bytes so that every one starts aligned);
+    ``result()`` waits for it and splits each rank's buffer into the full tensors."""
 
-    def __init__(self, shards, axis, dims, dtype):
+    def __init__(self, shards, axis, dims, dtypes):
         group, ranks, _ = GROUPS[axis]
-        flat = torch.cat([_cast(s.detach(), dtype).reshape(-1) for s in shards])
+        flats = [_cast(s.detach(), dtype).reshape(-1) for s, dtype in zip(shards, dtypes)]
+        self.as_bytes = len({f.dtype for f in flats}) > 1
+        if self.as_bytes:
+            flats = [torch.nn.functional.pad(f.view(torch.uint8), (0, -f.nbytes % 8)) for f in flats]
+        self.dtypes, self.sizes = [dtype or s.dtype for s, dtype in zip(shards, dtypes)], [f.numel() for f in flats]
+        flat = torch.cat(flats)
         self.parts = [torch.empty_like(flat) for _ in ranks]
         self.work = dist.all_gather(self.parts, flat, group=group, async_op=True)
         self.shapes, self.dims = [s.shape for s in shards], dims
 
     def result(self):
         self.work.wait()
-        pieces = [part.split([shape.numel() for shape in self.shapes]) for part in self.parts]
-        return [torch.cat([rank[i].view(shape) for rank in pieces], dim=dim)
-                for i, (shape, dim) in enumerate(zip(self.shapes, self.dims))]
+        pieces = [part.split(self.sizes) for part in self.parts]
+        return [torch.cat([self._piece(rank[i], i) for rank in pieces], dim=self.dims[i]) for i in range(len(self.shapes))]
+
+    def _piece(self, flat, i):
+        if self.as_bytes:
+            flat = flat[:self.shapes[i].numel() * self.dtypes[i].itemsize].view(self.dtypes[i])
+        return flat.view(self.shapes[i])
 
 
 class GatherLayer(torch.autograd.Function):
@@ -122,14 +133,17 @@ class Gathered:
     """One gather of the learned order: the shard (forward: the parameter itself), how it is gathered, and
     what groups it with its neighbours into a segment."""
 
-    def __init__(self, shard, axis, dim, dtype, grad_dtype, layer):
+    def __init__(self, shard, axis, dim, dtype, grad_dtype, layer, source=None):
         self.key = (shard.data_ptr(), axis, dim)
         self.shard, self.axis, self.dim, self.dtype, self.grad_dtype = shard, axis, dim, dtype, grad_dtype
-        self.group = (layer, axis, _cast(shard, None).dtype, dtype, grad_dtype, shard.requires_grad)
+        reduced = shard.requires_grad  # forward: the gradients of a segment are reduce-scattered together
+        self.group = (layer, axis, reduced, (grad_dtype or dtype or shard.dtype) if reduced else None)
+        self.source = source  # backward: the position in forward's order of the gather that made the tensor
 
 
 def _segments(order):
-    """The learned order cut into runs of consecutive gathers of one group (one layer, axis and dtype)."""
+    """The learned order cut into runs of consecutive gathers of one group: one layer and axis, and in forward
+    one dtype their gradients are reduce-scattered in (frozen parameters apart)."""
     runs = []
     for i, gathered in enumerate(order):
         if runs and order[runs[-1][0]].group == gathered.group:
@@ -160,6 +174,8 @@ class GatherPrefetch:
         launched before is waited for; forward's first segment is launched."""
         for phase, order in self.orders.items():
             if order and phase not in self.segments:
+                if phase == "backward":  # what forward's last segment gathers is kept for backward, not gathered again
+                    order[:] = [g for g in order if not self.keeps(g.source)]
                 self.segments[phase] = _segments(order)
                 self.segment_of[phase] = [s for s, run in enumerate(self.segments[phase]) for _ in run]
         for flat in self.launched.values():
@@ -173,27 +189,33 @@ class GatherPrefetch:
         self.launch("forward", 0)
 
     def forward_gather(self, shard, axis, dim, dtype, grad_dtype):
-        """The full tensor of a parameter ``shard`` in forward: with its segment (one collective, launched ahead),
-        or alone while learning or off the order."""
+        """The full tensor of a parameter ``shard`` in forward, and its position in forward's order (None off it):
+        with its segment (one collective, launched ahead), or alone while learning or off the order."""
         if "forward" not in self.segments:
             self._record("forward", shard, axis, dim, dtype, grad_dtype)
-            return GatherShard.apply(shard, axis, dim, dtype, grad_dtype)
+            return GatherShard.apply(shard, axis, dim, dtype, grad_dtype), len(self.orders["forward"]) - 1
         position = self._position("forward", (shard.data_ptr(), axis, dim))
         if ("forward", position) in self.ready:
-            return self.ready.pop(("forward", position))
+            return self.ready.pop(("forward", position)), position
         segment = self.segment_of["forward"][position] if position is not None else None
         if segment is None or self.segments["forward"][segment][0] != position or ("forward", segment) in self.taken:
-            return GatherShard.apply(shard, axis, dim, dtype, grad_dtype)
+            return GatherShard.apply(shard, axis, dim, dtype, grad_dtype), position
         members = [self.orders["forward"][i] for i in self.segments["forward"][segment]]
         fulls = GatherLayer.apply(self._take("forward", segment), axis, [m.dim for m in members], grad_dtype,
                                   *[m.shard for m in members])
         self.ready.update({("forward", i): full for i, full in zip(self.segments["forward"][segment][1:], fulls[1:])})
-        return fulls[0]
+        return fulls[0], position
 
-    def backward_gather(self, shard, axis, dim, dtype):
-        """The full tensor of a shard saved in forward, for backward: from its segment's gather, launched ahead."""
+    def keeps(self, position):
+        """Whether the tensor gathered at ``position`` of forward's order stays for backward: forward's last
+        segment, which backward needs first (as ``fully_shard`` keeps the root's parameters)."""
+        return position is not None and "forward" in self.segments and position in self.segments["forward"][-1]
+
+    def backward_gather(self, shard, axis, dim, dtype, source):
+        """The full tensor of a shard saved in forward (gathered at ``source`` in forward's order), for backward:
+        from its segment's gather, launched ahead."""
         if "backward" not in self.segments:
-            self._record("backward", shard, axis, dim, dtype, None)
+            self._record("backward", shard, axis, dim, dtype, None, source)
             return _gather_shard(shard, axis, dim, dtype)
         position = self._position("backward", (shard.data_ptr(), axis, dim))
         if position is None:
@@ -213,7 +235,7 @@ class GatherPrefetch:
             return
         members = [self.orders[phase][i] for i in self.segments[phase][segment]]
         self.launched[(phase, segment)] = FlatGather([m.shard for m in members], members[0].axis,
-                                                     [m.dim for m in members], members[0].dtype)
+                                                     [m.dim for m in members], [m.dtype for m in members])
 
     def _take(self, phase, segment):
         """The segment's gather (launched now if it was not ahead), and the launch of the one after it."""
@@ -226,10 +248,10 @@ class GatherPrefetch:
             self.launch("backward", 0)
         return flat
 
-    def _record(self, phase, shard, axis, dim, dtype, grad_dtype):
+    def _record(self, phase, shard, axis, dim, dtype, grad_dtype, source=None):
         layer = layer_of(self.names.get(shard.data_ptr(), ""))
         self.orders[phase].append(Gathered(shard if phase == "forward" else shard.detach(), axis, dim, dtype,
-                                           grad_dtype, layer))
+                                           grad_dtype, layer, source))
 
     def _position(self, phase, key):
         order = self.orders[phase]
@@ -247,26 +269,26 @@ def comm_gather_param(shard, axis, dim, dtype=None, grad_dtype=None):
     given; the full tensor is freed after use, gathered again in backward (whose reduce-scatter runs in
     ``grad_dtype``, default the gradient's)."""
     if PREFETCH.phase == "forward":
-        full = PREFETCH.forward_gather(shard, axis, dim, dtype, grad_dtype)
+        full, position = PREFETCH.forward_gather(shard, axis, dim, dtype, grad_dtype)
     else:  # outside a regathering forward (a recomputed region): alone, now
-        full = GatherShard.apply(shard, axis, dim, dtype, grad_dtype)
-    GATHERED[full.untyped_storage().data_ptr()] = (shard.detach(), axis, dim, dtype, weakref.ref(full))
+        full, position = GatherShard.apply(shard, axis, dim, dtype, grad_dtype), None
+    GATHERED[full.untyped_storage().data_ptr()] = (shard.detach(), axis, dim, dtype, weakref.ref(full), position)
     return full
 
 
 def pack_saved(tensor):
     entry = GATHERED.get(tensor.untyped_storage().data_ptr())
-    if entry is None or entry[4]() is None:
+    if entry is None or entry[4]() is None or PREFETCH.keeps(entry[5]):
         return tensor
-    shard, axis, dim, dtype, _ = entry
-    return ("regather", shard, axis, dim, dtype, tensor.size(), tensor.stride(), tensor.storage_offset())
+    shard, axis, dim, dtype, _, position = entry
+    return ("regather", shard, axis, dim, dtype, position, tensor.size(), tensor.stride(), tensor.storage_offset())
 
 
 def unpack_saved(packed):
     if not (isinstance(packed, tuple) and packed and packed[0] == "regather"):
         return packed
-    _, shard, axis, dim, dtype, size, stride, offset = packed
-    return PREFETCH.backward_gather(shard, axis, dim, dtype).as_strided(size, stride, offset)
+    _, shard, axis, dim, dtype, position, size, stride, offset = packed
+    return PREFETCH.backward_gather(shard, axis, dim, dtype, position).as_strided(size, stride, offset)
 
 
 def regathering_params(function):
