@@ -7,19 +7,20 @@ Gathers go by layer, as ``fully_shard`` on each block does. The first step gathe
 records, per phase (``forward``, ``backward``), the order of the gathers; the order is then cut into
 segments: the longest runs of consecutive gathers of one layer (parameters whose names share the prefix up
 to their first index, ``blocks.0`` of ``blocks.0.attn.qkv.weight``; parameters outside indexed layers form
-runs of their own) on one mesh axis, in one dtype. From the second step on, a segment is one collective:
-its shards, flattened and concatenated, are all-gathered at once and split again; in backward, the
-gradients of a forward segment's parameters are reduce-scattered together, with one collective, once the
-layer's backward has made them all. Each segment's gather is launched asynchronously one segment ahead:
-forward's first when forward starts, each next one when the tensors of the one before it are taken, and
-backward's first when forward's last is taken, so their communication runs while the current layer
-computes. Every rank runs the same forward and backward, so all launch the same collectives in the same
-order.
+runs of their own) on one mesh axis. From the second step on, a segment is one collective: its shards,
+flattened and concatenated (as bytes where bf16 and fp32 shards mix), are all-gathered at once and split
+again; in backward, the gradients of a forward segment's parameters are reduce-scattered together, with one
+collective, once the layer's backward has made them all. Each segment's gather is launched asynchronously
+one segment ahead: forward's first when forward starts, each next one when the tensors of the one before it
+are taken, and backward's first when forward's last is taken, so their communication runs while the
+current layer computes. Forward's last segment is not gathered again: backward needs it first, so it stays
+(as ``fully_shard`` keeps the root's parameters). Every rank runs the same forward and backward, so all
+launch the same collectives in the same order.
 
-A plan that computes in a lower precision than its parameters (``bf16-mixed``) casts each shard before
+A plan that computes in a lower precision than its parameters (``bf16-mixed``) casts such a shard before
 gathering it (``dtype``): the gather moves half the bytes, and the fp32 shard stays what the optimizer
 updates; the gradients are reduce-scattered in ``grad_dtype`` (the plan's reduce dtype) and reach the
-parameter in its own dtype.
+parameter unrounded, in its own dtype.
 """
 import functools
 import re
