@@ -26,9 +26,9 @@ from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
 from ir.ops.moe import DISPATCH, EXCHANGING, exchanges
 from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
-from ir.precision import cast_parameter
 from ir.ops.registry import (LocalContext, balanced_axes, balanced_comm_kwargs, coord_symbol, local_call,
                              sequence_sizes)
+from ir.precision import cast_parameter
 from ir.sbp import Broadcast, NdSbp, Partial, Split
 from ir.ops.custom import resolve_op
 from ir.types import CONTEXT_AXIS, DTYPES_BY_NAME, Mesh, is_float_expr
