@@ -88,9 +88,9 @@ class GatherShard(torch.autograd.Function):
 
 class FlatGather:
     """One asynchronous all-gather of several shards on one mesh axis: each cast to its dtype of ``dtypes`` (None:
-    its own), flattened and concatenated into one
-    buffer (as bytes when their dtypes differ, each padded to 8 bytes so that every one starts aligned);
-    ``result()`` waits for it and splits each rank's buffer into the full tensors."""
+    its own), flattened and concatenated into one buffer (as bytes when their dtypes differ, each padded to 8
+    bytes so that every one starts aligned); ``result()`` waits for it and splits each rank's buffer into the
+    full tensors."""
 
     def __init__(self, shards, axis, dims, dtypes):
         group, ranks, _ = GROUPS[axis]
