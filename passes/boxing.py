@@ -21,6 +21,7 @@ from ir.precision import narrowing_cast
 from ir.sbp import IN_SBP_ATTR, PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
+from passes.precision import mark_forward_reductions
 
 
 def boxing_cost(ctx: PassContext, mesh: Mesh, backward: bool) -> BoxingCost:
@@ -168,6 +169,7 @@ def boxing_pass(graph: Graph, ctx: PassContext) -> None:
             _replace_one_use(node, v, new)
     _box_buffer_updates(graph, ctx)
     _cast_shards_before_gathers(graph)
+    mark_forward_reductions(graph)  # the sums of partials in the plan's forward_reduce dtype, if it names one
 
 
 def _box_buffer_updates(graph: Graph, ctx: PassContext) -> None:
