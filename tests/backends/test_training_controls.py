@@ -26,8 +26,9 @@ from tests.models import gpt_inputs, gpt_model
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 SGD = (torch.optim.SGD, {"lr": 0.5, "momentum": 0.9})
-BATCH, SEQ, STEPS, ACCUM, WARMUP, MAX_NORM, SEED = 8, 16, 4, 2, 2, 0.5, 3
-TOKENS = 600  # 37 windows: the 64 samples of a run cross into a second epoch
+BATCH, SEQ, STEPS, ACCUM, WARMUP, MAX_NORM, SEED = 8, 16, 10, 2, 2, 0.5, 3
+RESUME_AT = 5  # the step the resumed run continues from
+TOKENS = 600  # 37 windows: the 160 samples of a run cross into a fifth epoch
 CONTROLS = ["--lr-schedule", "cosine", "--warmup-steps", str(WARMUP), "--clip-grad-norm", str(MAX_NORM),
             "--grad-accum", str(ACCUM), "--seed", str(SEED)]
 PLANS = {  # name: (ranks, strategy)
@@ -133,20 +134,20 @@ def test_schedule_clipping_and_accumulation_equal_eager(name, data, eager, tmp_p
 
 
 def test_a_resumed_run_continues_the_schedule_and_the_token_stream_bitwise(data, tmp_path):
-    """Uninterrupted: 4 steps with a checkpoint after step 2. Resumed from that checkpoint in a fresh directory:
-    steps 2-3 give the same losses, norms and learning rates, bit for bit (the schedule's state and the token
+    """Uninterrupted: 10 steps with a checkpoint after step 5. Resumed from that checkpoint in a fresh directory:
+    steps 5-9 give the same losses, norms and learning rates, bit for bit (the schedule's state and the token
     file's position come from the checkpoint)."""
-    full = tmp_path / "full"
-    main, _ = run(full, 2, "dp", data, "--checkpoint-every", "2", "--checkpoint-dir", str(full / "checkpoints"))
+    full, step_dir = tmp_path / "full", f"step-{RESUME_AT:08d}"
+    main, _ = run(full, 2, "dp", data, "--checkpoint-every", str(RESUME_AT), "--checkpoint-dir", str(full / "checkpoints"))
     resumed = tmp_path / "resumed"
-    shutil.copytree(full / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    shutil.copytree(full / "checkpoints" / step_dir, resumed / "checkpoints" / step_dir)
     proc = torchrun(main, 2, "--steps", str(STEPS), "--data", str(data), *CONTROLS, "--resume", "--checkpoint-dir",
                     str(resumed / "checkpoints"), "--metrics", str(resumed / "metrics.jsonl"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "at step 2" in proc.stdout
+    assert f"at step {RESUME_AT}" in proc.stdout
     position = {"train.data_position": 0, "train.step": 0}
-    dcp.load(position, checkpoint_id=str(full / "checkpoints" / "step-00000002"), no_dist=True)
-    assert position == {"train.data_position": 2 * ACCUM * BATCH, "train.step": 2}  # samples handed out
+    dcp.load(position, checkpoint_id=str(full / "checkpoints" / step_dir), no_dist=True)
+    assert position == {"train.data_position": RESUME_AT * ACCUM * BATCH, "train.step": RESUME_AT}  # samples handed out
     fields = ("step", "loss", "grad_norm", "lr")
-    expected = [{k: r[k] for k in fields} for r in records(full / "metrics.jsonl")[2:]]
+    expected = [{k: r[k] for k in fields} for r in records(full / "metrics.jsonl")[RESUME_AT:]]
     assert [{k: r[k] for k in fields} for r in records(resumed / "metrics.jsonl")] == expected
