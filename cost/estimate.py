@@ -246,17 +246,31 @@ class Estimator:
     def _segment_comm(self, segment, shape: PlanShape, devices: tuple, batch: float) -> tuple[float, float]:
         fwd = bwd = 0.0
         for item in segment.comms:
+            if item.fsdp:
+                continue
             seconds = self._exposed_seconds(item, devices, shape, batch)
             if item.backward:
                 bwd += seconds
             else:
                 fwd += seconds
+        for (kind, axis, backward), seconds in self._grouped_fsdp(segment, shape, devices, batch).items():
+            fwd, bwd = (fwd, bwd + seconds) if backward else (fwd + seconds, bwd)
         if self.fsdp_analytic(shape):  # gather for forward, gather again for backward, reduce-scatter grads
             gather = self._fsdp_gather(segment, shape, devices)
             fwd += gather
             grads = segment.param_bytes(trainable_only=True)
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
         return fwd, bwd
+
+    def _grouped_fsdp(self, segment, shape: PlanShape, devices: tuple, batch: float) -> dict:
+        """(kind, axis, backward) -> seconds of the segment's FSDP parameter collectives of that kind: one
+        collective of all their bytes, as the emitted runtime gathers a layer's shards (and reduce-scatters
+        their gradients) together."""
+        nbytes: dict[tuple, float] = defaultdict(float)
+        for item in segment.comms:
+            if item.fsdp:
+                nbytes[(item.kind, item.axis, item.backward)] += at(item.nbytes, batch)
+        return {key: self._collective(key[0], n, devices, shape, key[1]) for key, n in nbytes.items()}
 
     def prefetch_hidden(self, shape: PlanShape, rank: int, segments: Sequence[int]) -> list[tuple[float, float]]:
         """Per segment of ``segments`` (one stage's, in forward order), the (forward, backward) seconds of its FSDP
@@ -265,8 +279,9 @@ class Estimator:
         The program launches a segment's gathers when the previous one starts computing (forward: segment
         ``i - 1``; backward, which runs the segments in reverse: segment ``i + 1``), so a gather waits only for
         what that compute does not cover, as far as the devices hide communication behind compute at all
-        (``comm_overlap``). A pass's first segment has nothing to hide behind; nor does any gather of a plan
-        priced without prefetching (:attr:`PlanOptions.prefetch_gathers`)."""
+        (``comm_overlap``). Forward's first segment has nothing to hide behind; forward's last is not gathered
+        again for backward (its parameters are kept: all of its backward gather is saved). A plan priced without
+        prefetching (:attr:`PlanOptions.prefetch_gathers`) hides nothing."""
         if not self.prefetch_gathers or len(segments) < 2 or not (self.fsdp_analytic(shape) or self._gathers_params):
             return [(0.0, 0.0)] * len(segments)
         devices = shape.stage_devices[rank]
@@ -275,7 +290,7 @@ class Estimator:
         gathers = [self.param_gathers(shape, rank, j) for j in segments]
         last = len(segments) - 1
         return [(overlap * min(fwd, work[p - 1][0]) if p > 0 else 0.0,
-                 overlap * min(bwd, work[p + 1][2]) if p < last else 0.0)
+                 overlap * min(bwd, work[p + 1][2]) if p < last else bwd)
                 for p, (fwd, bwd) in enumerate(gathers)]
 
     @functools.cached_property
@@ -290,10 +305,9 @@ class Estimator:
         devices = shape.stage_devices[rank]
         batch = self.microbatch_size(shape)
         fwd = bwd = self._fsdp_gather(segment, shape, devices)
-        for item in segment.comms:
-            if item.fsdp and item.kind == "all_gather":
-                seconds = self._exposed_seconds(item, devices, shape, batch)
-                fwd, bwd = (fwd, bwd + seconds) if item.backward else (fwd + seconds, bwd)
+        for (kind, _, backward), seconds in self._grouped_fsdp(segment, shape, devices, batch).items():
+            if kind == "all_gather":
+                fwd, bwd = (fwd, bwd + seconds) if backward else (fwd + seconds, bwd)
         return fwd, bwd
 
     def _fsdp_gather(self, segment, shape: PlanShape, devices: tuple) -> float:
@@ -415,13 +429,13 @@ class Estimator:
             devices = shape.stage_devices[rank]
             batch = self.microbatch_size(shape)
             comms = self.profile.segments[j].comms
-            for item in comms:
-                label = FSDP_PART if item.fsdp else f"{item.kind} over {item.axis} (exposed)"
-                parts[label] += m * self._exposed_seconds(item, devices, shape, batch)
-            if self.fsdp_analytic(shape) or any(item.fsdp for item in comms):
-                # the estimator's own gathers and reduce-scatter (analytic FSDP), less what prefetching hides
+            plain = [item for item in comms if not item.fsdp]
+            for item in plain:
+                parts[f"{item.kind} over {item.axis} (exposed)"] += m * self._exposed_seconds(item, devices, shape, batch)
+            if self.fsdp_analytic(shape) or len(plain) < len(comms):
+                # the layers' gathers and reduce-scatters (the IR's, or the estimator's own), less what prefetching hides
                 parts[FSDP_PART] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
-                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in comms)
+                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in plain)
         busy = sum(parts.values())
         sends = sum(2 * m * s.send_s for s in estimate.stages if s.rank == rank)
         idle = max(estimate.rank_end_s[rank] - busy, 0.0)

@@ -271,8 +271,9 @@ def _gathering_at(latency_s: float) -> Cluster:
 
 @pytest.mark.parametrize("latency_s", [1e-7, 0.05])  # gathers shorter than a segment's compute, and longer
 def test_fsdp_gathers_hide_behind_the_previous_segments_compute(small, latency_s):
-    """Prefetching: a segment's parameter gathers run while the segment before it (in that pass) computes, so
-    only what that compute does not cover is exposed; the first segment of each pass waits for all of its own.
+    """Prefetching: a segment's parameter gathers (one collective per segment, as the runtime gathers a layer) run
+    while the segment before it (in that pass) computes, so only what that compute does not cover is exposed;
+    forward's first segment waits for all of its own, forward's last is not gathered again for backward.
     Without prefetching every gather is exposed; the breakdown still sums to the step."""
     model, inputs = small
     plan = compile(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "fsdp": "dp"})
@@ -286,7 +287,9 @@ def test_fsdp_gathers_hide_behind_the_previous_segments_compute(small, latency_s
     work = [estimator.segment_work(shape, 0, j) for j in segments]
     hidden = estimator.prefetch_hidden(shape, 0, segments)
     assert all(g[0] > 0 and g[1] > 0 for g in gathers)
-    assert hidden[0][0] == 0 and hidden[-1][1] == 0  # the first segment of forward and of backward
+    if latency_s > 1e-3:  # latency-bound: a block's dozen shards are one collective, one latency, not twelve
+        assert latency_s <= gathers[1][0] < 2 * latency_s
+    assert hidden[0][0] == 0 and hidden[-1][1] == gathers[-1][1]  # forward's first; forward's last kept for backward
     for p in range(1, len(segments)):
         compute = work[p - 1][0]  # the forward of the segment before
         assert hidden[p][0] == pytest.approx(min(gathers[p][0], compute))
