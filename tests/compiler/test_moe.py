@@ -57,8 +57,11 @@ def expert_and_tensor_parallel() -> dict:
 
 PLANS = {"dp2": (2, "dp"),
          "ep2": (2, expert_parallel("ep", {"ep": 2})),
+         "ep2_chunks2": (2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=2)),
          "experts_over_dp2": (2, expert_parallel("dp", {"dp": 2})),
          "dp2_ep2": (4, expert_parallel("ep", {"dp": 2, "ep": 2})),
+         # each layer's dispatch and combine in 2 chunks of tokens, overlapping the experts' compute
+         "dp2_ep2_chunks2": (4, expert_parallel("ep", {"dp": 2, "ep": 2}, moe_overlap_chunks=2)),
          # FSDP over dp: every parameter stored sharded, the experts over dp and ep (gathered over dp at use)
          "dp2_ep2_fsdp": (4, expert_parallel("ep", {"dp": 2, "ep": 2}, fsdp="dp")),
          "fsdp4": (4, "fsdp"),
@@ -152,6 +155,87 @@ def test_emitted_dispatch_and_combine_exchange_split_sizes_then_rows_and_reverse
         dist.destroy_process_group()
 
 
+def test_overlapped_chunks_start_every_dispatch_then_combine_each_chunk_and_equal_one_chunk(monkeypatch):
+    """``moe_overlapped`` (``moe_overlap_chunks=2``) on a gloo group: the split sizes of both chunks in one
+    all-to-all, both chunks' rows sent at once (async), each chunk's outputs sent back after its experts; backward
+    sends the four row exchanges back. Output and gradients equal the unchunked dispatch, experts and combine."""
+    from backends.runtime import moe
+    from backends.runtime.core import GROUPS
+    from ir.kernels import expert_mm
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, True, timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        monkeypatch.setitem(GROUPS, "ep", (dist.group.WORLD, [0], 0))
+        g = torch.Generator().manual_seed(2)
+        hidden = torch.randn(7, 4, generator=g, requires_grad=True)  # 7 tokens: chunks of 4 and 3
+        index, weights = torch.randint(0, 4, (7, 2), generator=g), torch.rand(7, 2, generator=g)
+        w = torch.randn(4, 4, 3, generator=g, requires_grad=True)
+        rows, received = moe.moe_dispatch(hidden, index, experts=4, axis="ep")
+        whole = moe.moe_combine(expert_mm(rows, w, received), index, weights, received, experts=4, axis="ep")
+        expected = torch.autograd.grad(whole.square().sum(), (hidden, w))
+        seen = _CountingExchanges(monkeypatch)
+        started = []
+        real = dist.all_to_all_single
+        monkeypatch.setattr(dist, "all_to_all_single", lambda *a, **kw: started.append(kw.get("async_op", False))
+                            or real(*a, **kw))
+        out = moe.moe_overlapped(hidden, index, weights, lambda r, got: expert_mm(r, w, got), experts=4, axis="ep",
+                                 chunks=2)
+        assert seen.calls == [("forward", "counts")] + [("forward", "rows")] * 4 and started == [False] + [True] * 4
+        seen.phase = "backward"
+        grads = torch.autograd.grad(out.square().sum(), (hidden, w))
+        assert seen.calls[5:] == [("backward", "rows")] * 4 and started[5:] == [True] * 4
+        torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_moe_overlap_chunks_run_each_layer_in_chunks_and_equal_eager():
+    """Mixtral ep2 with ``moe_overlap_chunks 2``: the plan round-trips, every dispatch and combine carries
+    ``chunks=2``, the emitted forward runs each layer's experts as a function of one chunk under
+    ``moe_overlapped``, and the virtual mesh (which runs the same chunks) equals eager."""
+    from frontend.dsl import parse_plan
+    model, inputs, reference = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 2, PLANS["ep2_chunks2"][1])
+    assert "moe_overlap_chunks 2" in plan.to_dsl() and parse_plan(plan.to_dsl()).moe_overlap_chunks == 2
+    exchanging = [n for n in plan.graph.nodes if n.op in (DISPATCH, COMBINE)]
+    assert len(exchanging) == 4 and all(n.kwargs["chunks"] == 2 for n in exchanging)
+    assert 'axis="ep", ranks=2, chunks=2)' in str(plan.graph)
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs, reference=reference)
+
+
+@pytest.mark.slow
+def test_simulator_prices_chunked_dispatch_and_combine_under_the_experts_compute():
+    """``moe_overlap_chunks``: each row exchange runs as K all-to-alls (K latencies) overlapping the experts'
+    compute of the other chunks, one chunk exposed. Where the exchange is bandwidth-bound (4096 samples) the
+    exposed all-to-all time and the step fall with K; where it is latency-bound (8 samples) K costs more; K=1 is
+    today's plan and price (no chunks in the IR, every exchange wholly exposed)."""
+    from compiler.simulate import simulate
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    plans = {k: compile_cached(model, inputs, 2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=k))
+             for k in (2, 4)}
+    plans[1] = compile_cached(model, inputs, 2, PLANS["ep2"][1])
+
+    def all_to_all(report) -> float:
+        return sum(v for key, v in report.breakdown.items() if "all_to_all" in key)
+    heavy = {k: simulate(plan, global_batch=4096) for k, plan in plans.items()}
+    assert heavy[4].step_time_s < heavy[2].step_time_s < heavy[1].step_time_s
+    assert all_to_all(heavy[4]) < all_to_all(heavy[2]) < 0.6 * all_to_all(heavy[1])
+    light = {k: simulate(plan, global_batch=8) for k, plan in plans.items()}
+    assert all_to_all(light[1]) < all_to_all(light[2]) < all_to_all(light[4])
+    one = compile_cached(model, inputs, 2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=1))
+    assert [str(n) for n in one.graph.nodes] == [str(n) for n in plans[1].graph.nodes]
+    assert simulate(one, global_batch=4096).step_time_s == heavy[1].step_time_s
+    # the planner's pricing of a strategy (experts folded over ep of the captured model) falls alike
+    from compiler import Cluster
+    graph, cluster = captured_graph("mixtral"), Cluster.load("local:2")
+    steps = [simulate((graph, PLANS["ep2"][1] | {"moe_overlap_chunks": k}, cluster), global_batch=4096).step_time_s
+             for k in (1, 2, 4)]
+    assert steps[2] < steps[1] < steps[0]
+
+
 def test_routing_in_process_equals_the_logical_grouped_experts():
     """The virtual mesh's exchange (two sources) gives each destination its experts' rows, expert by expert, and
     combining them back gives every token its weighted experts' sum; so does one rank holding everything."""
@@ -204,17 +288,20 @@ while every gradient matches eager at rtol 1e-5, atol 1e-6. ``lr / eps = 1e3`` k
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("name, plan_name", [("mixtral", "dp2_ep2"), ("qwen3_moe", "ep2")])
+@pytest.mark.parametrize("name, plan_name", [("mixtral", "dp2_ep2_chunks2"), ("qwen3_moe", "ep2")])
 def test_emitted_expert_parallel_program_trains_like_eager(tmp_path, name, plan_name):
     """3 AdamW steps under torchrun (gloo): losses and saved weights equal eager. The program dispatches and
-    combines with ``all_to_all_single`` (each token's expert output is computed whole on one rank)."""
+    combines with ``all_to_all_single`` (each token's expert output is computed whole on one rank); Mixtral's in 2
+    chunks of tokens per layer (``moe_overlap_chunks``: async all-to-alls overlapping the experts' compute)."""
     model, inputs, _ = moe_model_and_reference(name)
     world, spec = PLANS[plan_name]
     plan = compile_cached(model, inputs, world, spec, optimizer=ADAMW)
     batches = [_lm_inputs(seed=s) for s in (1, 2, 3)]
     losses, saved = train_emitted(plan, tmp_path, batches, 3)
     forward = (tmp_path / "main.py").read_text().split("\ndef forward(")[1]
-    assert "moe_dispatch(" in forward and "moe_combine(" in forward and "expert_mm(" in forward
+    chunked = "moe_overlap_chunks" in spec
+    assert ("moe_overlapped(" in forward) == chunked and ("moe_dispatch(" in forward) != chunked
+    assert "expert_mm(" in forward
     assert "grouped_mm_fallback" not in forward
     eager = MOE_MODELS[name]()
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(train_eager(eager, batches, 3, ADAMW)),
