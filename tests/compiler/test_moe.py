@@ -107,6 +107,30 @@ def test_one_moe_layer_under_ep2_dispatches_and_combines_with_one_all_to_all_eac
     assert [format_nd_sbp(v.sbp) for v in dispatch.outputs] == ["(S(0))", "(S(1))"]
 
 
+@pytest.mark.slow
+def test_verifier_refuses_a_collective_moving_routed_rows_between_ranks():
+    """Routed rows are split unevenly by the routing: an all-gather of them over ep (as a layout asking for the
+    experts' rows whole would box) is refused with one error naming the collective, the rows, the dispatch, the
+    axis and what to do."""
+    from ir.parser import parse
+    from ir.verifier import VerificationError, verify
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    text = str(compile_cached(model, inputs, 2, PLANS["ep2"][1]).graph)
+    verify(parse(text))
+    first_mm = next(line for line in text.splitlines() if "= moe.expert_mm(%routed," in line)
+    gather = ('  %routed_whole: f32[`2*batch*seq`, 32] (B) @world = comm.all_gather(%routed, axis="ep", dim=0) '
+              '{module = "lm.model.layers.0.mlp.experts"}')
+    with pytest.raises(VerificationError) as refused:
+        verify(parse(text.replace(first_mm, gather + "\n" + first_mm)))
+    message = str(refused.value)
+    assert message.startswith("node %routed_whole (comm.all_gather, module lm.model.layers.0.mlp.experts) moves rows "
+                              "of %routed between the ranks of axis 'ep' (comm.all_gather on dim 0), but those rows "
+                              "were routed to their experts by %routed (moe.dispatch on axis 'ep'): the routing splits "
+                              "them unevenly, so no collective may split or gather them"), message
+    assert message.endswith("Keep the experts' activations split S(0) on that axis (remove the layout or collective "
+                            "that gathers them), or do not split the experts over it")
+
+
 class _CountingExchanges:
     """``dist.all_to_all_single`` counted, by phase (forward, backward)."""
 
