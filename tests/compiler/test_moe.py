@@ -380,9 +380,10 @@ def captured_graph(name: str):
 
 
 @pytest.mark.slow
-def test_planner_folds_experts_over_ep_inside_a_node_and_its_plan_equals_eager():
-    """``auto`` considers ep degrees (ep groups inside a node: with tp=4 on 8-GPU nodes, ep stays <= 2), prices
-    them (all-to-all on ep, experts' memory / ep), and writes a plan that compiles and equals eager."""
+def test_planner_folds_experts_over_ep_and_its_plan_equals_eager():
+    """``auto`` considers ep degrees, each with the all-to-alls in 1, 2 or 4 chunks (``moe_overlap_chunks``), prices
+    them (all-to-all on ep, experts' memory / ep), and writes a plan that compiles and equals eager; a fixed
+    ``moe_overlap_chunks`` is kept in the plan it writes."""
     from compiler import Cluster
     from cost.estimate import PlanOptions
     from passes.planner.evaluate import ModelView
@@ -392,15 +393,35 @@ def test_planner_folds_experts_over_ep_inside_a_node_and_its_plan_equals_eager()
     cluster = Cluster.load("dgx-h100:2")
     fixed = normalize({"mesh": {"dp": "auto", "ep": "auto", "tp": 4}}, cluster.world_size)
     planner = _Planner(ModelView(graph), cluster, fixed, PlanOptions(global_batch=64), None, None)
-    assert sorted({s.ep for s in planner.settings()}) == [1, 2]  # ep=4 x tp=4 would span both nodes
+    assert {(s.ep, s.chunks) for s in planner.settings()} == {(1, 1), *((ep, k) for ep in (2, 4) for k in (1, 2, 4))}
     strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": "auto"}},
                               use_cache=False, global_batch=64)
     assert {"ep=2", "ep=4"} <= {part for c in [report.chosen, *report.alternatives] for part in c.summary.split()}
-    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": 4}}, use_cache=False,
+    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": 4},
+                                                                   "moe_overlap_chunks": 2}, use_cache=False,
                               global_batch=64)
     plan_dict = strategy.to_dict()
-    assert plan_dict["mesh"] == {"dp": 2, "ep": 4}
+    assert plan_dict["mesh"] == {"dp": 2, "ep": 4} and plan_dict["moe_overlap_chunks"] == 2
     assert plan_dict["params"] == {name: {"ep": "S(0)"} for name in sorted(EXPERTS)}
     model, inputs, reference = moe_model_and_reference("mixtral")
     plan = compile_cached(model, inputs, 8, plan_dict)
+    assert all(n.kwargs["chunks"] == 2 for n in plan.graph.nodes if n.op in (DISPATCH, COMBINE))
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs, reference=reference)
+
+
+@pytest.mark.slow
+def test_planner_lets_an_ep_group_span_nodes_priced_on_the_links_between_them():
+    """On two 8-GPU nodes with tp=4, ep=4 puts each ep x tp group across both nodes: the planner plans it (it
+    used to refuse), its all-to-alls priced on InfiniBand, so they cost more than ep=4 inside a node (tp=2)."""
+    from compiler import Cluster
+    from compiler.simulate import simulate
+    from passes.planner.search import search
+    graph, cluster = captured_graph("mixtral"), Cluster.load("dgx-h100:2")
+    exposed = {}
+    for tp in (4, 2):
+        strategy, report = search(graph, cluster, {"mesh": {"dp": "auto", "ep": 4, "tp": tp}}, use_cache=False,
+                                  global_batch=64)
+        assert strategy.mesh.as_dict() == {"dp": 16 // (4 * tp), "ep": 4, "tp": tp}
+        priced = simulate((graph, strategy.to_dict() | {"moe_overlap_chunks": 1}, cluster), global_batch=64)
+        exposed[tp] = sum(v for key, v in priced.breakdown.items() if "all_to_all over ep" in key)
+    assert exposed[4] > 1.5 * exposed[2]
