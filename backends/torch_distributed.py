@@ -380,7 +380,7 @@ class ProgramWriter:
             for v in node.input_values():
                 if id(v) not in produced and id(v) in self.local and self.source[id(v)] not in inputs:
                     inputs.append(self.source[id(v)])  # other operands (p[...], x[...], dims) come from the closure
-        body = ["    " + self._line(node) for node in run]
+        body = ["    " + line for node in run for line in self._line(node).splitlines()]  # a line may be several
         outputs = [self.source[id(o)] for n in run for o in n.outputs
                    if id(o) in kept or self._readers.get(id(o), set()) - inside]
         if not outputs:

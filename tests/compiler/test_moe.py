@@ -57,7 +57,8 @@ def expert_and_tensor_parallel() -> dict:
 
 PLANS = {"dp2": (2, "dp"),
          "ep2": (2, expert_parallel("ep", {"ep": 2})),
-         "ep2_chunks2": (2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=2)),
+         # 2 chunks per layer, every block recomputed (the chunked layer inside a checkpointed region)
+         "ep2_chunks2_recompute": (2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=2, recompute=True)),
          "experts_over_dp2": (2, expert_parallel("dp", {"dp": 2})),
          "dp2_ep2": (4, expert_parallel("ep", {"dp": 2, "ep": 2})),
          # each layer's dispatch and combine in 2 chunks of tokens, overlapping the experts' compute
@@ -216,17 +217,24 @@ def test_overlapped_chunks_start_every_dispatch_then_combine_each_chunk_and_equa
 
 
 @pytest.mark.slow
-def test_moe_overlap_chunks_run_each_layer_in_chunks_and_equal_eager():
-    """Mixtral ep2 with ``moe_overlap_chunks 2``: the plan round-trips, every dispatch and combine carries
-    ``chunks=2``, the emitted forward runs each layer's experts as a function of one chunk under
-    ``moe_overlapped``, and the virtual mesh (which runs the same chunks) equals eager."""
+def test_moe_overlap_chunks_run_each_layer_in_chunks_and_equal_eager(tmp_path):
+    """Mixtral ep2 with ``moe_overlap_chunks 2`` (and every block recomputed): the plan round-trips, every dispatch
+    and combine carries ``chunks=2``, the emitted forward runs each layer's experts as a nested function of one
+    chunk's rows under ``moe_overlapped`` (inside the block's checkpointed function), and the virtual mesh (which
+    runs the same chunks) equals eager."""
+    import ast
     from frontend.dsl import parse_plan
     model, inputs, reference = moe_model_and_reference("mixtral")
-    plan = compile_cached(model, inputs, 2, PLANS["ep2_chunks2"][1])
+    plan = compile_cached(model, inputs, 2, PLANS["ep2_chunks2_recompute"][1])
     assert "moe_overlap_chunks 2" in plan.to_dsl() and parse_plan(plan.to_dsl()).moe_overlap_chunks == 2
     exchanging = [n for n in plan.graph.nodes if n.op in (DISPATCH, COMBINE)]
     assert len(exchanging) == 4 and all(n.kwargs["chunks"] == 2 for n in exchanging)
     assert 'axis="ep", ranks=2, chunks=2)' in str(plan.graph)
+    plan.emit(tmp_path)
+    forward = (tmp_path / "main.py").read_text().split("\ndef forward(")[1]
+    ast.parse("def forward(" + forward)
+    assert forward.count("moe_overlapped(") == 2 and "moe_dispatch(" not in forward
+    assert "        def lm_model_layers_0_mlp_experts_chunk(routed, route):" in forward  # nested in the checkpoint
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs, reference=reference)
 
 
