@@ -230,6 +230,8 @@ def test_moe_overlap_chunks_run_each_layer_in_chunks_and_equal_eager(tmp_path):
     exchanging = [n for n in plan.graph.nodes if n.op in (DISPATCH, COMBINE)]
     assert len(exchanging) == 4 and all(n.kwargs["chunks"] == 2 for n in exchanging)
     assert 'axis="ep", ranks=2, chunks=2)' in str(plan.graph)
+    from ir.parser import parse
+    assert str(parse(str(plan.graph))) == str(plan.graph)  # the IR text prints and parses the chunks
     plan.emit(tmp_path)
     forward = (tmp_path / "main.py").read_text().split("\ndef forward(")[1]
     ast.parse("def forward(" + forward)
