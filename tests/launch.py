@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -15,13 +17,69 @@ TIMEOUT_S = 240
 
 
 def torchrun(main: Path, nproc: int, *args: str, timeout: int = TIMEOUT_S, torchrun_args: tuple[str, ...] = (),
-             env: dict | None = None) -> subprocess.CompletedProcess:
+             env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``main.py`` with ``torchrun --standalone --nproc-per-node nproc [torchrun_args]`` (``env`` added to the
-    environment); never hangs past ``timeout``."""
+    environment, in ``cwd``); never hangs past ``timeout``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            *torchrun_args, str(main), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+@dataclass(frozen=True)
+class Program:
+    """One emitted program to run: ``torchrun --nproc-per-node nproc main.py *args`` in ``cwd``."""
+
+    main: Path
+    nproc: int
+    args: tuple[str, ...] = ()
+    cwd: Path | None = None
+    timeout: int = field(default=TIMEOUT_S, compare=False)
+
+
+def run_programs(programs: dict) -> dict[object, subprocess.CompletedProcess]:
+    """Run every program of ``programs`` (key -> :class:`Program`) under a real torchrun; the result of each, as
+    :func:`torchrun` gives it (exit status and the program's own stdout/stderr, every rank's).
+
+    The programs of one world size share one launch (``tests/torchrun_batch.py`` runs them one after another
+    in each rank), which saves each program after the first the ~2 s of CPU per rank that importing torch
+    costs and the agent's ~1.5 s. When a program fails, the programs before it have their results, the
+    failing one is run again alone (so its error is exactly what a launch of its own gives) and the rest
+    share a new launch."""
+    results = {}
+    for nproc in sorted({program.nproc for program in programs.values()}):
+        pending = [(key, program) for key, program in programs.items() if program.nproc == nproc]
+        while pending:
+            done = run_batch(pending, nproc)
+            results.update(done)
+            pending = pending[len(done):]
+            if pending:
+                key, program = pending.pop(0)
+                results[key] = torchrun(program.main, nproc, *program.args, cwd=program.cwd, timeout=program.timeout)
+    return results
+
+
+def run_batch(programs: list, nproc: int) -> dict[object, subprocess.CompletedProcess]:
+    """One launch running ``programs`` (key, Program) in order; the results of those that finished on every
+    rank (a prefix of ``programs``)."""
+    with tempfile.TemporaryDirectory(prefix="sbpc-batch-") as folder:
+        jobs = [{"main": str(program.main), "args": list(program.args), "cwd": str(program.cwd or ""),
+                 "out": f"{folder}/{index}"} for index, (_, program) in enumerate(programs)]
+        (Path(folder) / "jobs.json").write_text(json.dumps(jobs))
+        try:
+            torchrun(Path(__file__).with_name("torchrun_batch.py"), nproc, f"{folder}/jobs.json",
+                     timeout=sum(program.timeout for _, program in programs))
+        except subprocess.TimeoutExpired:
+            pass  # the programs that finished have their results; the one running is run again alone
+        results = {}
+        for job, (key, program) in zip(jobs, programs):
+            out = Path(job["out"])
+            if not all((out / f"rank{rank}.ok").exists() for rank in range(nproc)):
+                break
+            text = {stream: "".join((out / f"rank{rank}.{stream}").read_text() for rank in range(nproc))
+                    for stream in ("out", "err")}
+            results[key] = subprocess.CompletedProcess([str(program.main), *program.args], 0, text["out"], text["err"])
+        return results
 
 
 def import_program(main: Path) -> tuple[ModuleType, ModuleType]:
@@ -41,13 +99,33 @@ def import_program(main: Path) -> tuple[ModuleType, ModuleType]:
 
 def train_emitted(plan, out: Path, batches: list, steps: int) -> tuple[list[float], dict]:
     """Emit ``plan`` into ``out``, train ``steps`` steps on ``batches``; the logged losses and saved weights."""
+    program = training_program(plan, out, batches, steps)
+    return training_result(out, torchrun(program.main, program.nproc, *program.args))
+
+
+def training_program(plan, out: Path, batches: list, steps: int, *args: str) -> Program:
+    """``plan`` emitted into ``out`` with ``batches`` saved beside it: the program training ``steps`` steps on
+    them (``args`` added), logging its losses and saving its weights (see :func:`training_result`)."""
     main = plan.emit(out)
     torch.save(batches, out / "data.pt")
-    proc = torchrun(main, plan.cluster.world_size, "--steps", str(steps), "--data", str(out / "data.pt"),
-                    "--metrics", str(out / "losses.jsonl"), "--save", str(out / "final.pt"))
+    return Program(main, plan.cluster.world_size, ("--steps", str(steps), "--data", str(out / "data.pt"),
+                                                   "--metrics", str(out / "losses.jsonl"),
+                                                   "--save", str(out / "final.pt"), *args))
+
+
+def training_result(out: Path, proc: subprocess.CompletedProcess) -> tuple[list[float], dict]:
+    """What a :func:`training_program` run logged: its losses and saved weights (the run must have succeeded)."""
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = [json.loads(line)["loss"] for line in (out / "losses.jsonl").read_text().splitlines()]
     return losses, torch.load(out / "final.pt", weights_only=True)
+
+
+def selected_tests(request, test_name: str) -> dict[str, dict]:
+    """The tests of the function ``test_name`` in the requesting module that this session runs: test name (as
+    ``request.node.name`` gives it) -> its parameters. What a module-scoped fixture running their programs in
+    shared launches prepares."""
+    return {item.name: item.callspec.params if hasattr(item, "callspec") else {} for item in request.session.items
+            if item.module is request.module and item.originalname == test_name}
 
 
 def train_virtual(plan, batches: list, steps: int, optimizer: tuple) -> tuple[list[float], dict]:

@@ -6,6 +6,8 @@ torchrun as eager does.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ from frontend.dsl import format_plan, parse_plan
 from ir.ops.attention import RING_ATTENTION
 from ir.sbp import Split
 from strategy import StrategyError, normalize
-from tests.launch import assert_state_close, train_eager, train_emitted
+from tests.launch import (assert_state_close, run_programs, selected_tests, train_eager, training_program,
+                          training_result)
 from tests.models import (assert_close_to_eager, compile_cached, gpt, gpt_inputs, gpt_model, llama_model,
                           lm_inputs)
 
@@ -243,24 +246,43 @@ def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix(name):
 # -- emitted programs under torchrun -----------------------------------------------------------------------
 
 
-@pytest.mark.multiproc
-@pytest.mark.parametrize("name, mesh, method", [("gpt", {"dp": 2, "cp": 2}, "ring"),
-                                                ("gpt", {"dp": 2, "cp": 2}, "allgather"),
-                                                ("llama", {"cp": 2}, "ring")])
-def test_emitted_context_parallel_trains_like_eager(tmp_path, name, mesh, method):
-    make = long_gpt if name == "gpt" else llama_model
-    data = [gpt_batch(batch=2, seed=10 + i) if name == "gpt" else lm_inputs(batch=2, seq=SEQ, seed=10 + i)
+EMITTED = {"gpt-mesh0-ring": ("gpt", {"dp": 2, "cp": 2}, "ring"),
+           "gpt-mesh1-allgather": ("gpt", {"dp": 2, "cp": 2}, "allgather"),
+           "llama-mesh2-ring": ("llama", {"cp": 2}, "ring")}
+SGD = (torch.optim.SGD, {"lr": 0.1})
+
+
+def emitted_batches(name: str) -> list:
+    """The 3 training batches of the emitted programs of ``name``."""
+    return [gpt_batch(batch=2, seed=10 + i) if name == "gpt" else lm_inputs(batch=2, seq=SEQ, seed=10 + i)
             for i in range(3)]
-    sgd = (torch.optim.SGD, {"lr": 0.1})
-    world = 1
-    for size in mesh.values():
-        world *= size
-    plan = compile(make(), data[0], cluster=Cluster.local(world), optimizer=sgd,
-                   strategy={"mesh": mesh, "cp_attention": method})
-    losses, saved = train_emitted(plan, tmp_path, data, steps=3)
-    program = (tmp_path / "runtime.py").read_text()  # the ring's runtime, which main.py's forward calls
+
+
+@pytest.fixture(scope="module")
+def emitted_runs(request, tmp_path_factory) -> dict:
+    """The emitted programs this session's tests check, trained 3 SGD steps under torchrun (those of one world
+    size sharing a launch): case -> (folder, losses, saved weights)."""
+    programs, folders = {}, {}
+    for params in selected_tests(request, "test_emitted_context_parallel_trains_like_eager").values():
+        case = params["case"]
+        name, mesh, method = EMITTED[case]
+        data = emitted_batches(name)
+        plan = compile((long_gpt if name == "gpt" else llama_model)(), data[0], cluster=Cluster.local(math.prod(
+            mesh.values())), optimizer=SGD, strategy={"mesh": mesh, "cp_attention": method})
+        folders[case] = tmp_path_factory.mktemp(case)
+        programs[case] = training_program(plan, folders[case], data, 3)
+    results = run_programs(programs)
+    return {case: (folders[case], *training_result(folders[case], results[case])) for case in programs}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", list(EMITTED))
+def test_emitted_context_parallel_trains_like_eager(emitted_runs, case):
+    name, _, method = EMITTED[case]
+    folder, losses, saved = emitted_runs[case]
+    program = (folder / "runtime.py").read_text()  # the ring's runtime, which main.py's forward calls
     assert ("batch_isend_irecv" in program) == (method == "ring")
-    reference = make()
-    expected = train_eager(reference, data, 3, sgd)
+    reference = (long_gpt if name == "gpt" else llama_model)()
+    expected = train_eager(reference, emitted_batches(name), 3, SGD)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert_state_close(saved, reference)

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from tests.backends.test_pipeline_virtual import MEGATRON, skip_path_loss, skip_reference
 from compiler import Cluster, compile
+from tests.launch import Program, run_programs, selected_tests, torchrun
 from tests.models import (cnn_inputs, compile_cached, gpt2_model, gpt_inputs, gpt_model, llama_model, lm_inputs,
                           resnet_style_model)
 
@@ -40,13 +40,13 @@ CONFIGS |= {key: ZERO_BUBBLE_CONFIGS[key] for key in ("gpt-pp2-zbv", "gpt-pp4-du
 MODELS = {"gpt": (gpt_model, gpt_inputs), "gpt2": (gpt2_model, lm_inputs), "llama": (llama_model, lm_inputs)}
 
 
-def torchrun(program: Path, ranks: int, *args: str) -> list[float]:
-    """Run the emitted program; returns the loss of every step."""
-    metrics = program.parent / "metrics.jsonl"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               str(program), "--metrics", str(metrics), "--comm-timeout", "60", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=program.parent,
-                          env={**os.environ, "SBPC_FORCE_GLOO": "1", "OMP_NUM_THREADS": "1"})
+def pipeline_program(program: Path, ranks: int, metrics: Path, *args: str) -> Program:
+    """The emitted program run with ``args``, logging its losses to ``metrics``."""
+    return Program(program, ranks, ("--metrics", str(metrics), "--comm-timeout", "60", *args), cwd=program.parent)
+
+
+def logged_losses(metrics: Path, done: subprocess.CompletedProcess) -> list[float]:
+    """The loss of every step a run of :func:`pipeline_program` logged to ``metrics``."""
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
@@ -64,22 +64,30 @@ def eager_training(model, batches: list[tuple], loss_of) -> tuple[list[float], d
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.multiproc
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_emitted_pipeline_trains_like_eager(config, tmp_path):
-    check_trains_like_eager(*CONFIGS[config], tmp_path)
+@dataclass
+class PipelineCase:
+    """One emitted pipeline program, its training run and eager's; for SkipPipe also the run evaluating eager's
+    trained weights along a path that skips stage 1."""
+
+    make: object
+    batches: list
+    training: Program
+    folder: Path
+    expected_losses: list[float]
+    expected_state: dict
+    evaluation: Program | None = None
+    paths: list | None = None
 
 
-def check_trains_like_eager(name: str, ranks: int, strategy: dict, tmp_path: Path) -> None:
-    """Emit the plan of ``strategy`` for model ``name``, train STEPS steps under torchrun, compare with eager."""
+def prepare_case(name: str, ranks: int, strategy: dict, folder: Path) -> PipelineCase:
+    """Emit the plan of ``strategy`` for model ``name`` into ``folder``, its data and eager's training."""
     make, make_inputs = MODELS[name]
-    example = make_inputs(batch=8, seq=8)
-    plan = compile_cached(make(n_layer=4), example, ranks, strategy)
-    program = plan.emit(tmp_path / "program")
+    plan = compile_cached(make(n_layer=4), make_inputs(batch=8, seq=8), ranks, strategy)
+    program = plan.emit(folder / "program")
     batches = [make_inputs(batch=8, seq=8, seed=step + 1) for step in range(STEPS)]
-    torch.save(batches, tmp_path / "data.pt")
-    losses = torchrun(program, ranks, "--steps", str(STEPS), "--data", str(tmp_path / "data.pt"),
-                      "--save", str(tmp_path / "final.pt"))
+    torch.save(batches, folder / "data.pt")
+    training = pipeline_program(program, ranks, folder / "training.jsonl", "--steps", str(STEPS),
+                                "--data", str(folder / "data.pt"), "--save", str(folder / "final.pt"))
     paths = plan.graph.attrs.get("paths")
     if paths:
         def loss_of(model, batch):
@@ -87,20 +95,58 @@ def check_trains_like_eager(name: str, ranks: int, strategy: dict, tmp_path: Pat
     else:
         def loss_of(model, batch):
             return model(*batch)
-    expected_losses, expected_state = eager_training(make(n_layer=4), batches, loss_of)
-    assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-6)
-    state = torch.load(tmp_path / "final.pt", weights_only=True)
-    for key, value in expected_state.items():
+    case = PipelineCase(make, batches, training, folder, *eager_training(make(n_layer=4), batches, loss_of))
+    if paths:  # the same program, forward only through stages 0, 2 and 3 of eager's trained weights
+        case.paths = [[0, 2, 3]] * strategy["microbatches"]
+        torch.save(case.expected_state, folder / "eager.pt")
+        case.evaluation = pipeline_program(program, ranks, folder / "evaluation.jsonl", "--steps", "1", "--data",
+                                           str(folder / "data.pt"), "--weights", str(folder / "eager.pt"),
+                                           "--infer-stages", "0,2,3")
+    return case
+
+
+def run_cases(configs: dict, folder: Path) -> tuple[dict, dict]:
+    """Every case of ``configs`` prepared under ``folder``, and the result of every program they run (programs
+    of one world size share a torchrun launch)."""
+    cases = {}
+    for key, config in configs.items():
+        (folder / key).mkdir()
+        cases[key] = prepare_case(*config, folder / key)
+    programs = {(key, "training"): case.training for key, case in cases.items()}
+    programs |= {(key, "evaluation"): case.evaluation for key, case in cases.items() if case.evaluation}
+    return cases, run_programs(programs)
+
+
+def check_case(case: PipelineCase, training: subprocess.CompletedProcess,
+               evaluation: subprocess.CompletedProcess | None) -> None:
+    """STEPS SGD steps of the emitted program equal eager training (every loss and every final weight); a
+    SkipPipe program's forward along a path skipping stage 1 equals eager's along it."""
+    losses = logged_losses(case.folder / "training.jsonl", training)
+    assert losses == pytest.approx(case.expected_losses, rel=1e-5, abs=1e-6)
+    state = torch.load(case.folder / "final.pt", weights_only=True)
+    for key, value in case.expected_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    if paths:
-        # the same program, forward only through stages 0, 2 and 3 of the trained model
-        (evaluated,) = torchrun(program, ranks, "--steps", "1", "--data", str(tmp_path / "data.pt"),
-                                "--weights", str(tmp_path / "final.pt"), "--infer-stages", "0,2,3")
-        trained = make(n_layer=4)
-        trained.load_state_dict(expected_state)
-        expected, _ = skip_reference(trained, batches[0], [[0, 2, 3]] * strategy["microbatches"], train=False)
+    if case.evaluation:
+        (evaluated,) = logged_losses(case.folder / "evaluation.jsonl", evaluation)
+        trained = case.make(n_layer=4)
+        trained.load_state_dict(case.expected_state)
+        expected, _ = skip_reference(trained, case.batches[0], case.paths, train=False)
         assert evaluated == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
 
+
+@pytest.fixture(scope="module")
+def launched(request, tmp_path_factory) -> tuple[dict, dict]:
+    """The cases this session tests, run."""
+    selected = selected_tests(request, "test_emitted_pipeline_trains_like_eager").values()
+    return run_cases({params["config"]: CONFIGS[params["config"]] for params in selected},
+                     tmp_path_factory.mktemp("pipelines"))
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_emitted_pipeline_trains_like_eager(config, launched):
+    cases, results = launched
+    check_case(cases[config], results[config, "training"], results.get((config, "evaluation")))
 
 
 @pytest.mark.multiproc
@@ -111,8 +157,9 @@ def test_emitted_pipeline_moves_batch_norm_statistics_on_their_stage(tmp_path):
     plan = compile(resnet_style_model(), batches[0], cluster=Cluster.local(2), strategy=strategy)
     program = plan.emit(tmp_path / "program")
     torch.save(batches, tmp_path / "data.pt")
-    losses = torchrun(program, 2, "--steps", str(STEPS), "--data", str(tmp_path / "data.pt"),
-                      "--save", str(tmp_path / "final.pt"))
+    run = pipeline_program(program, 2, tmp_path / "metrics.jsonl", "--steps", str(STEPS), "--data",
+                           str(tmp_path / "data.pt"), "--save", str(tmp_path / "final.pt"))
+    losses = logged_losses(tmp_path / "metrics.jsonl", torchrun(run.main, 2, *run.args, cwd=run.cwd))
 
     def loss_of(model, batch):
         return model(*batch)
@@ -125,9 +172,10 @@ def test_emitted_pipeline_moves_batch_norm_statistics_on_their_stage(tmp_path):
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
-if __name__ == "__main__":  # the whole zero-bubble matrix, one torchrun job per entry
+if __name__ == "__main__":  # the whole zero-bubble matrix
     import tempfile
-    for key, config in ZERO_BUBBLE_CONFIGS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            check_trains_like_eager(*config, Path(tmp))
-        print(f"{key}: 3 steps equal eager (losses and every weight)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases, results = run_cases(ZERO_BUBBLE_CONFIGS, Path(tmp))
+        for key, case in cases.items():
+            check_case(case, results[key, "training"], None)
+            print(f"{key}: 3 steps equal eager (losses and every weight)", flush=True)

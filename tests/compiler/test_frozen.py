@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from compiler import Cluster, compile
 from ir.parser import IRSyntaxError, parse
 from tests.compiler.test_tensor_parallel import tp
-from tests.launch import assert_state_close, train_eager, train_emitted
+from tests.launch import (assert_state_close, run_programs, selected_tests, train_eager, training_program,
+                          training_result)
 from tests.models import assert_close_to_eager, compile_cached, gpt_inputs, gpt_model
 
 SGD = (torch.optim.SGD, {"lr": 0.1})
@@ -235,38 +236,60 @@ def test_text_format_round_trips_and_rejects_bad_options(compiled):
 
 # -- emitted programs under torchrun ----------------------------------------------------------------
 
+def frozen_pipeline_plan():
+    """The 2-stage pipeline of a GPT whose tied embedding is frozen."""
+    return compile(gpt_with_frozen_embedding(), gpt_inputs(seed=10), cluster=Cluster.local(2), strategy=PIPELINE,
+                   optimizer=ADAMW)
+
+
+@pytest.fixture(scope="module")
+def emitted_runs(request, tmp_path_factory) -> dict:
+    """The emitted programs this session's tests check, trained 3 AdamW steps under torchrun (sharing one
+    launch): key -> (plan, folder, logged losses, saved weights)."""
+    plans = {(params["model_name"], params["strategy"]): None
+             for params in selected_tests(request, "test_emitted_program_keeps_frozen_weights_bit_identical").values()}
+    for model_name, strategy in plans:
+        plans[model_name, strategy] = compile_frozen(model_name, strategy, MODELS[model_name][1](seed=10), ADAMW)
+    if selected_tests(request, "test_emitted_pipeline_keeps_a_frozen_tied_embedding_on_both_stages"):
+        plans["pipeline"] = frozen_pipeline_plan()
+    programs, folders = {}, {}
+    for key, plan in plans.items():
+        folders[key] = tmp_path_factory.mktemp("frozen")
+        inputs = gpt_inputs if key == "pipeline" else MODELS[key[0]][1]
+        programs[key] = training_program(plan, folders[key], [inputs(seed=10 + i) for i in range(3)], 3)
+    results = run_programs(programs)
+    return {key: (plans[key], folders[key], *training_result(folders[key], results[key])) for key in plans}
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_emitted_program_keeps_frozen_weights_bit_identical(tmp_path, model_name, strategy):
+def test_emitted_program_keeps_frozen_weights_bit_identical(emitted_runs, model_name, strategy):
     make, inputs, _ = MODELS[model_name]
     data = [inputs(seed=10 + i) for i in range(3)]
     initial = {n: p.detach().clone() for n, p in make().named_parameters() if not p.requires_grad}
-    plan = compile_frozen(model_name, strategy, data[0], ADAMW)
-    losses, saved = train_emitted(plan, tmp_path, data, steps=3)
+    plan, folder, losses, saved = emitted_runs[model_name, strategy]
     reference = make()
     expected = train_eager(reference, data, 3, ADAMW)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert_state_close(saved, reference)
     for name, value in initial.items():
         assert torch.equal(saved[name], value), name
-    first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])
+    first = json.loads((folder / "losses.jsonl").read_text().splitlines()[0])
     trainable_shards = sum(p.trainable for p in plan.graph.params)
     assert first["optimizer_params_per_rank"] == [trainable_shards] * 2
     assert first["optimizer_state_per_rank"] == [trainable_shards] * 2
 
 
 @pytest.mark.multiproc
-def test_emitted_pipeline_keeps_a_frozen_tied_embedding_on_both_stages(tmp_path):
+def test_emitted_pipeline_keeps_a_frozen_tied_embedding_on_both_stages(emitted_runs):
     data = [gpt_inputs(seed=10 + i) for i in range(3)]
-    plan = compile(gpt_with_frozen_embedding(), data[0], cluster=Cluster.local(2), strategy=PIPELINE,
-                   optimizer=ADAMW)
-    losses, saved = train_emitted(plan, tmp_path, data, steps=3)
+    plan, folder, losses, saved = emitted_runs["pipeline"]
     reference = gpt_with_frozen_embedding()
     expected = train_eager(reference, data, 3, ADAMW)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert_state_close(saved, reference)
     assert torch.equal(saved["tok_emb.weight"], gpt_with_frozen_embedding().tok_emb.weight.detach())
-    first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])
+    first = json.loads((folder / "losses.jsonl").read_text().splitlines()[0])
     per_stage = [sum(p.trainable for p in plan.graph.params if p.mesh == f"stage{s}") for s in range(2)]
     assert first["optimizer_params_per_rank"] == per_stage == first["optimizer_state_per_rank"]

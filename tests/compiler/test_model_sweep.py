@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ir.ops.registry import RULES
-from tests.launch import train_eager, train_emitted
+from tests.launch import run_programs, selected_tests, train_eager, training_program, training_result
 from tests.models import assert_close_to_eager, compile_cached, eager_loss_and_grads
 from tests.zoo import ZOO, ZooModel
 
@@ -103,29 +103,38 @@ EMITTED = {"qwen3-tp2": ("qwen3", "tp2"), "t5-pp2": ("t5", "pp2")}
 """A decoder-only LM (Megatron layout) and an encoder-decoder whose labels are read on both stages."""
 STEPS = 3
 SGD = (torch.optim.SGD, {"lr": 0.1})
-_RUNS: dict[str, tuple] = {}
 
 
-def emitted_and_eager(case: str, tmp_path_factory) -> tuple:
-    """Train ``case`` 3 SGD steps as an emitted program and eagerly (run once per session):
-    (emitted losses, saved state, eager losses, eager model)."""
-    if case not in _RUNS:
+@pytest.fixture(scope="module")
+def emitted_runs(request, tmp_path_factory) -> dict:
+    """Each case this session's tests check, trained 3 SGD steps as an emitted program (the programs sharing a
+    torchrun launch) and eagerly: case -> (emitted losses, saved state, eager losses, eager model)."""
+    cases = {params["case"] for test in ("test_emitted_program_trains_like_eager",
+                                         "test_saved_state_loads_strictly_into_a_fresh_model")
+             for params in selected_tests(request, test).values()}
+    programs, folders, batches = {}, {}, {}
+    for case in sorted(cases):
         name, strategy = EMITTED[case]
         zoo = ZOO[name]
         model, inputs, _ = model_and_reference(name)
         ranks, spec = strategies(zoo)[strategy]
         plan = compile_cached(model, inputs, ranks, spec, optimizer=SGD)
-        batches = [zoo.inputs(seed=seed) for seed in range(1, STEPS + 1)]
-        losses, saved = train_emitted(plan, tmp_path_factory.mktemp(case), batches, STEPS)
-        eager = zoo.build()
-        _RUNS[case] = (losses, saved, train_eager(eager, batches, STEPS, SGD), eager)
-    return _RUNS[case]
+        batches[case] = [zoo.inputs(seed=seed) for seed in range(1, STEPS + 1)]
+        folders[case] = tmp_path_factory.mktemp(case)
+        programs[case] = training_program(plan, folders[case], batches[case], STEPS)
+    results = run_programs(programs)
+    runs = {}
+    for case in programs:
+        eager = ZOO[EMITTED[case][0]].build()
+        runs[case] = (*training_result(folders[case], results[case]), train_eager(eager, batches[case], STEPS, SGD),
+                      eager)
+    return runs
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", list(EMITTED))
-def test_emitted_program_trains_like_eager(case, tmp_path_factory):
-    losses, saved, eager_losses, eager = emitted_and_eager(case, tmp_path_factory)
+def test_emitted_program_trains_like_eager(case, emitted_runs):
+    losses, saved, eager_losses, eager = emitted_runs[case]
     assert losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
@@ -133,6 +142,6 @@ def test_emitted_program_trains_like_eager(case, tmp_path_factory):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", list(EMITTED))
-def test_saved_state_loads_strictly_into_a_fresh_model(case, tmp_path_factory):
-    _, saved, _, _ = emitted_and_eager(case, tmp_path_factory)
+def test_saved_state_loads_strictly_into_a_fresh_model(case, emitted_runs):
+    _, saved, _, _ = emitted_runs[case]
     ZOO[EMITTED[case][0]].build().load_state_dict(saved, strict=True)

@@ -5,7 +5,7 @@ import torch
 
 from compiler import Cluster, compile
 from ir.parser import parse
-from tests.launch import torchrun, train_eager
+from tests.launch import Program, run_programs, selected_tests, train_eager, training_program
 from tests.models import llama_model, lm_inputs
 
 SGD = (torch.optim.SGD, {"lr": 0.1})
@@ -22,25 +22,44 @@ def test_ir_marks_buffers_outside_the_state_dict():
     assert str(graph) == plan.ir
 
 
+def eager_reference(data: list) -> torch.nn.Module:
+    """The Llama trained eagerly on ``data`` (one SGD step per batch)."""
+    reference = llama_model()
+    train_eager(reference, data, len(data), SGD)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory) -> dict:
+    """Each strategy's program trained 2 SGD steps, saving its weights; and the dp2 program started from eager's
+    trained ``state_dict`` (``--weights``), saving again. All share one torchrun launch: key -> folder."""
+    data = [lm_inputs(seed=30 + i) for i in range(2)]
+    programs, folders = {}, {}
+    for params in selected_tests(request, "test_saved_state_loads_strictly_into_a_fresh_model").values():
+        strategy = params["strategy"]
+        plan = compile(llama_model(), data[0], cluster=Cluster.local(2), strategy=STRATEGIES[strategy], optimizer=SGD)
+        folders[strategy] = tmp_path_factory.mktemp(strategy)
+        programs[strategy] = training_program(plan, folders[strategy], data, 2)
+        if strategy == "dp2":
+            torch.save(eager_reference(data).state_dict(), folders[strategy] / "eager.pt")
+            programs["dp2-restart"] = Program(programs[strategy].main, 2, (
+                "--steps", "1", "--data", str(folders[strategy] / "data.pt"), "--weights",
+                str(folders[strategy] / "eager.pt"), "--save", str(folders[strategy] / "again.pt")))
+    results = run_programs(programs)
+    for key, result in results.items():
+        assert result.returncode == 0, f"{key}: {result.stderr[-4000:]}"
+    return folders
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_saved_state_loads_strictly_into_a_fresh_model(tmp_path, strategy):
-    data = [lm_inputs(seed=30 + i) for i in range(2)]
-    plan = compile(llama_model(), data[0], cluster=Cluster.local(2), strategy=STRATEGIES[strategy], optimizer=SGD)
-    main = plan.emit(tmp_path)
-    torch.save(data, tmp_path / "data.pt")
-    proc = torchrun(main, 2, "--steps", "2", "--data", str(tmp_path / "data.pt"), "--save", str(tmp_path / "final.pt"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_saved_state_loads_strictly_into_a_fresh_model(runs, strategy):
+    folder = runs[strategy]
     fresh = llama_model(seed=5)
-    fresh.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True), strict=True)
-    reference = llama_model()
-    train_eager(reference, data, 2, SGD)
+    fresh.load_state_dict(torch.load(folder / "final.pt", weights_only=True), strict=True)
+    reference = eager_reference([lm_inputs(seed=30 + i) for i in range(2)])
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    if strategy != "dp2":
-        return
-    # the saved state is a starting point too: the rotary buffers it lacks come from the emitted weights
-    proc = torchrun(main, 2, "--steps", "1", "--data", str(tmp_path / "data.pt"),
-                    "--weights", str(tmp_path / "final.pt"), "--save", str(tmp_path / "again.pt"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert set(torch.load(tmp_path / "again.pt", weights_only=True)) == set(reference.state_dict())
+    if strategy == "dp2":  # a saved state is a starting point too: the rotary buffers it lacks come from the
+        # emitted weights
+        assert set(torch.load(folder / "again.pt", weights_only=True)) == set(reference.state_dict())

@@ -6,7 +6,8 @@ import torch
 
 from compiler import Cluster, compile
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
-from tests.launch import assert_state_close, torchrun, train_eager, train_emitted
+from tests.launch import (assert_state_close, run_programs, selected_tests, torchrun, train_eager, training_program,
+                          training_result)
 from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model, resnet_style_model
 
 pytestmark = pytest.mark.multiproc
@@ -21,34 +22,71 @@ def batches(n: int) -> list:
     return [gpt_inputs(seed=10 + i) for i in range(n)]
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_data_parallel_five_sgd_steps(tmp_path, ranks):
-    data = batches(5)
-    plan = compile(gpt_model(), data[0], cluster=Cluster.local(ranks), strategy="dp", optimizer=SGD)
-    losses, saved = train_emitted(plan, tmp_path, data, steps=5)
+DATA_PARALLEL = [2, 4]
+SHARDED = {
+    "tp2": (2, {"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON)}),
+    "dp2_tp2_vocab": (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}),
+    "fsdp4": (4, "fsdp"),
+    "dp2_tp2_recompute_mlp": (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON),
+                                  "recompute": ["blocks.*.mlp"]}),
+    "fsdp2_recompute": (2, {"mesh": {"dp": 2}, "fsdp": "dp", "recompute": True}),
+}
+BATCH_NORM = {"cnn-dp2": (bn_cnn_model, 2, "dp"), "cnn-tp2": (bn_cnn_model, 2, {"mesh": {"tp": 2}}),
+              "resnet_style-dp4": (resnet_style_model, 4, "dp")}
+TP4_VOCAB = {"mesh": {"tp": 4}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}
+
+
+def training_case(test_name: str, params: dict) -> tuple:
+    """What the test ``test_name`` with ``params`` trains: (plan, batches, steps)."""
+    if test_name == "test_data_parallel_five_sgd_steps":
+        data = batches(5)
+        plan = compile(gpt_model(), data[0], cluster=Cluster.local(params["ranks"]), strategy="dp", optimizer=SGD)
+        return plan, data, 5
+    if test_name == "test_sharded_programs_three_adamw_steps":
+        ranks, strategy = SHARDED[params["name"]]
+        data = batches(3)
+        return compile(gpt_model(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=ADAMW), data, 3
+    if test_name == "test_batch_norm_running_statistics_follow_eager":
+        make, ranks, strategy = BATCH_NORM[params["name"]]
+        data = [cnn_inputs(seed=20 + i) for i in range(3)]
+        return compile(make(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=SGD), data, 3
+    data = batches(1)  # test_emitted_shards_match_the_reported_parameter_memory
+    return compile(gpt_model(), data[0], cluster=Cluster.local(4), strategy=TP4_VOCAB), data, 1
+
+
+@pytest.fixture(scope="module")
+def trained(request, tmp_path_factory) -> dict:
+    """The training programs this session's tests check, run under torchrun (those of one world size sharing a
+    launch): test name -> (plan, folder, logged losses, saved weights)."""
+    cases = {name: training_case(test_name, params)
+             for test_name in ("test_data_parallel_five_sgd_steps", "test_sharded_programs_three_adamw_steps",
+                               "test_batch_norm_running_statistics_follow_eager",
+                               "test_emitted_shards_match_the_reported_parameter_memory")
+             for name, params in selected_tests(request, test_name).items()}
+    folders = {name: tmp_path_factory.mktemp("program") for name in cases}
+    results = run_programs({name: training_program(plan, folders[name], data, steps)
+                            for name, (plan, data, steps) in cases.items()})
+    return {name: (cases[name][0], folders[name], *training_result(folders[name], results[name])) for name in cases}
+
+
+@pytest.mark.parametrize("ranks", DATA_PARALLEL)
+def test_data_parallel_five_sgd_steps(request, trained, ranks):
+    _, _, losses, saved = trained[request.node.name]
     reference = gpt_model()
-    expected = train_eager(reference, data, 5, SGD)
+    expected = train_eager(reference, batches(5), 5, SGD)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert_state_close(saved, reference)
 
 
-@pytest.mark.parametrize("ranks, strategy", [
-    (2, {"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON)}),
-    (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}),
-    (4, "fsdp"),
-    (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "recompute": ["blocks.*.mlp"]}),
-    (2, {"mesh": {"dp": 2}, "fsdp": "dp", "recompute": True}),
-], ids=["tp2", "dp2_tp2_vocab", "fsdp4", "dp2_tp2_recompute_mlp", "fsdp2_recompute"])
-def test_sharded_programs_three_adamw_steps(tmp_path, ranks, strategy):
+@pytest.mark.parametrize("name", list(SHARDED))
+def test_sharded_programs_three_adamw_steps(request, trained, name):
     """Losses and saved weights equal eager; each rank stores the parameter bytes the plan reports for it."""
-    data = batches(3)
-    plan = compile(gpt_model(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=ADAMW)
-    losses, saved = train_emitted(plan, tmp_path, data, steps=3)
+    plan, folder, losses, saved = trained[request.node.name]
     reference = gpt_model()
-    expected = train_eager(reference, data, 3, ADAMW)
+    expected = train_eager(reference, batches(3), 3, ADAMW)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert_state_close(saved, reference)
-    assert_reported_parameter_memory(plan, tmp_path / "losses.jsonl")
+    assert_reported_parameter_memory(plan, folder / "losses.jsonl")
 
 
 def assert_reported_parameter_memory(plan, metrics) -> None:
@@ -58,17 +96,13 @@ def assert_reported_parameter_memory(plan, metrics) -> None:
     assert first["param_bytes_per_rank"] == [expected[r] for r in range(plan.cluster.world_size)]
 
 
-@pytest.mark.parametrize("make, ranks, strategy", [
-    (bn_cnn_model, 2, "dp"), (bn_cnn_model, 2, {"mesh": {"tp": 2}}), (resnet_style_model, 4, "dp"),
-], ids=["cnn-dp2", "cnn-tp2", "resnet_style-dp4"])
-def test_batch_norm_running_statistics_follow_eager(tmp_path, make, ranks, strategy):
+@pytest.mark.parametrize("name", list(BATCH_NORM))
+def test_batch_norm_running_statistics_follow_eager(request, trained, name):
     """Training-mode BatchNorm (batch statistics all-reduced over the batch shards) updates its running
     statistics in the emitted program as in eager."""
-    data = [cnn_inputs(seed=20 + i) for i in range(3)]
-    plan = compile(make(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=SGD)
-    losses, saved = train_emitted(plan, tmp_path, data, steps=3)
-    reference = make()
-    expected = train_eager(reference, data, 3, SGD)
+    _, _, losses, saved = trained[request.node.name]
+    reference = BATCH_NORM[name][0]()
+    expected = train_eager(reference, [cnn_inputs(seed=20 + i) for i in range(3)], 3, SGD)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert_state_close(saved, reference)
     counters = [name for name in saved if name.endswith("num_batches_tracked")]
@@ -107,12 +141,9 @@ def _rank_output(stderr: str) -> str:
                      and "elastic" not in line and not line.startswith(("[", "  ", "Traceback", "torch.", "=")))
 
 
-def test_emitted_shards_match_the_reported_parameter_memory(tmp_path):
+def test_emitted_shards_match_the_reported_parameter_memory(request, trained):
     """tp4 with a vocabulary-parallel head: every rank stores under 30% of the model, as the plan reports (the
     sharded programs above check the same on their plans, fsdp4 among them)."""
-    data = batches(1)
-    strategy = {"mesh": {"tp": 4}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}
-    plan = compile(gpt_model(), data[0], cluster=Cluster.local(4), strategy=strategy)
-    train_emitted(plan, tmp_path, data, steps=1)
-    assert_reported_parameter_memory(plan, tmp_path / "losses.jsonl")
+    plan, folder, _, _ = trained[request.node.name]
+    assert_reported_parameter_memory(plan, folder / "losses.jsonl")
     assert max(plan.parameter_memory().values()) <= 0.30 * plan.total_parameter_bytes()
