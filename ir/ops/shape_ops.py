@@ -396,10 +396,10 @@ def scatter_value(node: Node) -> list[Signature]:
     """``out[..., index[i], ...] = value`` along ``dim``: the positions along ``dim`` are data-dependent, so it
     stays whole; another dim may be split in x and index alike where index spans all of it (each rank writes
     its own rows)."""
-    x, index = node.input_values()
+    x, positions = node.input_values()
     dim = dim_arg(node, "dim", x.type.ndim)
     return [all_b(node)] + [Signature((Split(i), Split(i)), (Split(i),)) for i in range(x.type.ndim)
-                            if i != dim and _magnitude(index.type.shape[i]) == _magnitude(x.type.shape[i])]
+                            if i != dim and _magnitude(positions.type.shape[i]) == _magnitude(x.type.shape[i])]
 
 
 FACTORIES = [
