@@ -32,6 +32,7 @@ from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages
                                  stage_index, tied_groups)
 from ir.ops.attention import RING_ATTENTION, runs_ring
 from ir.ops.moe import DISPATCH, EXCHANGING, OverlappedLayer, exchanges, overlapped_layers
+from ir.precision import scales_loss
 from ir.ops.registry import LocalContext, balanced_comm_kwargs, local_call, local_shape, sequence_sizes
 from ir.sbp import format_nd_sbp
 from ir.types import DTYPES_BY_NAME
@@ -246,8 +247,9 @@ class ProgramWriter:
         return "forward"
 
     def _entry_arguments(self) -> list[str]:
-        """Further keyword arguments of ``main`` (pipelines: the step type of split backwards)."""
-        return []
+        """Further keyword arguments of ``main``: fp16 plans' loss scaler (pipelines add the step type of
+        split backwards)."""
+        return ["loss_scaler=DynamicLossScaler"] if scales_loss(self.graph.attrs.get("precision")) else []
 
     def _gradient_syncs(self) -> list[str]:
         return ["OverlappedGradientSync"] if self.graph.attrs.get("grad_buckets") else []
@@ -537,7 +539,7 @@ class PipelineProgramWriter(ProgramWriter):
 
     def _entry_arguments(self) -> list[str]:
         splits = any(a.kind == "W" for actions in schedule_actions(self.graph).values() for a in actions)
-        return ["step_type=SplitBackwardStep"] if splits else []
+        return (["step_type=SplitBackwardStep"] if splits else []) + super()._entry_arguments()
 
     def _reserved_names(self) -> set[str]:
         names = super()._reserved_names() | {"STAGES"}

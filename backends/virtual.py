@@ -123,15 +123,15 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
     if op == "comm.all_gather" and balanced:
         return [unbalance(x, kw["dim"], n) for x in _group_collective(op, xs, {**kw, "balanced": False})]
     if kw.get("grad_dtype") is not None and op in ("comm.all_reduce", "comm.all_gather") and kw.get("op") != "max":
-        return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], *xs))
+        return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], kw.get("reduce_dtype"), *xs))
     if op == "comm.all_reduce":
-        total = torch.stack(xs).amax(0) if kw.get("op") == "max" else torch.stack(xs).sum(0)
+        total = torch.stack(xs).amax(0) if kw.get("op") == "max" else partial_sum(xs, kw.get("reduce_dtype"))
         return [total.clone() for _ in range(n)]
     if op == "comm.all_gather":
         gathered = torch.cat(xs, dim=kw["dim"])
         return [gathered.clone() for _ in range(n)]
     if op == "comm.reduce_scatter":
-        total = torch.stack(xs).sum(0)
+        total = partial_sum(xs, kw.get("reduce_dtype"))
         return [part.clone() for part in (balance(total, kw["dim"], n) if balanced else total).chunk(n, dim=kw["dim"])]
     if op == "comm.all_to_all":
         source, dest = balanced or (False, False)
@@ -147,22 +147,30 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
     raise VirtualRunError(f"unknown collective {op}")
 
 
+def partial_sum(xs: list, dtype: torch.dtype | None) -> torch.Tensor:
+    """The ranks' partial values summed in ``dtype`` (the plan's forward_reduce; None: their own) and rounded
+    back to their dtype once, as the program's collective does."""
+    if dtype is None:
+        return torch.stack(xs).sum(0)
+    return torch.stack([x.to(dtype) for x in xs]).sum(0).to(xs[0].dtype)
+
+
 class GroupCollective(torch.autograd.Function):
     """One group's all-reduce (sum) or all-gather whose backward sums the ranks' gradients in ``grad_dtype``
     (the plan's reduce dtype) and rounds the sum to the value's dtype once, as the real program's adjoint
     collective does; autograd alone would add the gradients up in their own dtype."""
 
     @staticmethod
-    def forward(ctx, op, dim, grad_dtype, *xs):
+    def forward(ctx, op, dim, grad_dtype, reduce_dtype, *xs):
         ctx.op, ctx.dim, ctx.grad_dtype, ctx.dtype = op, dim, grad_dtype, xs[0].dtype
-        whole = torch.stack(xs).sum(0) if op == "comm.all_reduce" else torch.cat(xs, dim=dim)
+        whole = partial_sum(xs, reduce_dtype) if op == "comm.all_reduce" else torch.cat(xs, dim=dim)
         return tuple(whole.clone() for _ in xs)
 
     @staticmethod
     def backward(ctx, *grads):
         total = torch.stack([g.to(ctx.grad_dtype) for g in grads]).sum(0).to(ctx.dtype)
         parts = [total] * len(grads) if ctx.op == "comm.all_reduce" else total.chunk(len(grads), dim=ctx.dim)
-        return (None, None, None, *(p.clone() for p in parts))
+        return (None, None, None, None, *(p.clone() for p in parts))
 
 
 def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
@@ -282,8 +290,9 @@ class VirtualMesh:
         self.overlapped = overlapped_layers(graph)
         """MoE layers run in chunks (``moe_overlap_chunks``), by the ids of their nodes."""
 
-    def run(self, inputs: tuple, mode: str = "train") -> VirtualResult:
-        """Run forward (and backward plus gradient sync in ``train`` mode)."""
+    def run(self, inputs: tuple, mode: str = "train", loss_scale: torch.Tensor | None = None) -> VirtualResult:
+        """Run forward (and backward plus gradient sync in ``train`` mode, from the loss times ``loss_scale``
+        when given: the gradients come back scaled, see :func:`run_virtual`)."""
         graph = self.graph
         bindings = bind_dims(graph, inputs)
         env: dict[int, list] = {}
@@ -297,7 +306,7 @@ class VirtualMesh:
         result.buffers = {b.target: assemble([t.detach() for t in env[id(v)]], v.sbp, self.mesh(v))
                           for b, v in graph.buffer_updates.items()}
         if mode == "train":
-            self._backward(env, result)
+            self._backward(env, result, loss_scale)
         else:
             result.outputs = tuple(assemble(env[id(o)], o.sbp, self.mesh(o), self.balanced(o)) for o in graph.outputs)
         return result
@@ -379,13 +388,12 @@ class VirtualMesh:
             self.calls[key] = local_call(node, ctx)
         return self.calls[key]
 
-    def _backward(self, env: dict, result: VirtualResult) -> None:
+    def _backward(self, env: dict, result: VirtualResult, loss_scale: torch.Tensor | None) -> None:
         loss = self.graph.loss
         mesh = self.mesh(loss)
         locals_ = env[id(loss)]
         result.loss = assemble([t.detach() for t in locals_], loss.sbp, mesh)
-        seeded = [t if is_seed_rank(loss.sbp, mesh, r) else t * 0 for r, t in enumerate(locals_)]
-        torch.stack(seeded).sum().backward()
+        seeded_loss(locals_, loss.sbp, mesh, loss_scale).backward()
         result.grads = synced_gradients(self.graph, {p.name: env[id(p)] for p in self.graph.params})
 
 
@@ -419,6 +427,16 @@ def synced_gradients(graph: Graph, leaves: dict[str, list]) -> dict[str, torch.T
         if p.trainable and p.target not in out:
             out[p.target] = assemble(grads[p.name], _stored_layout(p.sbp), graph.meshes[p.mesh])
     return out
+
+
+def seeded_loss(locals_: list, sbp: NdSbp, mesh: Mesh, loss_scale: torch.Tensor | None) -> torch.Tensor:
+    """What backward starts from: every rank's loss share (zero off the seed ranks), times the loss scale
+    (fp16 plans), as each rank of a program starts its own backward; stacked, each share's gradient is
+    the scale exactly."""
+    seeded = [t if is_seed_rank(sbp, mesh, r) else t * 0 for r, t in enumerate(locals_)]
+    if loss_scale is not None:
+        seeded = [t * loss_scale for t in seeded]
+    return torch.stack(seeded).sum()
 
 
 def is_seed_rank(sbp: NdSbp, mesh: Mesh, position: int) -> bool:
@@ -461,17 +479,21 @@ def evaluate(obj: Any, env: dict, rank: int, scope: dict) -> Any:
 
 
 def run_virtual(graph: Graph, weights: dict, inputs: tuple, mode: str = "train", *,
-                stages: list[int] | None = None) -> VirtualResult:
+                stages: list[int] | None = None, loss_scale: torch.Tensor | None = None) -> VirtualResult:
     """Simulate every rank of ``graph`` in this process.
 
     A pipelined graph runs its schedule (see :class:`PipelineRunner`); ``stages`` (pipelines,
-    ``infer`` mode) runs every microbatch through that subset of stages only.
+    ``infer`` mode) runs every microbatch through that subset of stages only. ``loss_scale`` (fp16
+    plans' dynamic loss scaling, ``DynamicLossScaler.scale`` of ``backends/runtime/loss_scaling.py``):
+    backward starts from the loss times it, and the gradients come back synced but still scaled, as
+    an emitted program's are before its scaler unscales them (``DynamicLossScaler.unscale``, whose
+    found-inf over the full gradients is the flag's all-reduce over every rank).
     """
     if is_pipelined(graph):
-        return PipelineRunner(graph, weights).run(inputs, mode, stages)
+        return PipelineRunner(graph, weights).run(inputs, mode, stages, loss_scale)
     if stages is not None:
         raise VirtualRunError("stages= chooses pipeline stages, but this plan has no pipeline")
-    return VirtualMesh(graph, weights).run(inputs, mode)
+    return VirtualMesh(graph, weights).run(inputs, mode, loss_scale)
 
 
 # -- pipelines -----------------------------------------------------------------------------------------
@@ -530,12 +552,17 @@ class PipelineRunner:
         self.ready: dict[tuple, list] = {}
         self.saved: dict[tuple, _Saved] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        self.loss_scale: torch.Tensor | None = None
+        """fp16 plans: what the losses backward starts from are multiplied by."""
         self.deferred: set[tuple[int, int]] = set()
         """(stage, microbatch) whose backward is split: a ``W`` follows its ``B``."""
         self.weight_work: dict[tuple[int, int], WeightWork] = {}
 
-    def run(self, inputs: tuple, mode: str = "train", stages: list[int] | None = None) -> VirtualResult:
-        """Forward and backward of every microbatch (train), or forward through ``stages`` (infer)."""
+    def run(self, inputs: tuple, mode: str = "train", stages: list[int] | None = None,
+            loss_scale: torch.Tensor | None = None) -> VirtualResult:
+        """Forward and backward of every microbatch (train, from the losses times ``loss_scale`` when given),
+        or forward through ``stages`` (infer)."""
+        self.loss_scale = loss_scale
         self.full_dims = bind_dims(self.graph, inputs)
         self.micro = split_microbatches(self.graph, inputs, self.microbatches)
         self.micro_dims = [bind_dims(self.graph, mb) for mb in self.micro]
@@ -659,8 +686,7 @@ class PipelineRunner:
         if saved.loss is not None:
             loss = self.graph.loss
             mesh = self.graph.meshes[loss.mesh]
-            seeded = [t if is_seed_rank(loss.sbp, mesh, r) else t * 0 for r, t in enumerate(saved.loss)]
-            return [torch.stack(seeded).sum()], [None]
+            return [seeded_loss(saved.loss, loss.sbp, mesh, self.loss_scale)], [None]
         grads = self.ready.pop(("B", self._neighbour(stage, microbatch, +1), microbatch))
         outs, seeds = [], []
         for locals_, slot_grads in zip(saved.exits, grads):

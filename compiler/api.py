@@ -72,12 +72,14 @@ class CompiledPlan:
         return str(self.graph)
 
     def run_virtual(self, *inputs: torch.Tensor, mode: str | None = None,
-                    stages: list[int] | None = None) -> VirtualResult:
+                    stages: list[int] | None = None, loss_scale: torch.Tensor | None = None) -> VirtualResult:
         """Simulate every rank in this process: loss and full gradients (train) or outputs (infer).
 
         ``stages`` (pipelined plans, ``mode="infer"``): run every microbatch through those stages only.
+        ``loss_scale`` (fp16 plans): backward from the loss times it; the gradients come back scaled.
         """
-        return run_virtual(self.graph, self.weights, tuple(inputs), mode or self.mode, stages=stages)
+        return run_virtual(self.graph, self.weights, tuple(inputs), mode or self.mode, stages=stages,
+                           loss_scale=loss_scale)
 
     def emit(self, out_dir: str | os.PathLike) -> Path:
         """Write a standalone torchrun program into ``out_dir``: ``main.py`` (the plan's own code) and the

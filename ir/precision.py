@@ -10,14 +10,16 @@ accumulate in :func:`accumulation_dtype` and round to the op's declared output d
 fused kernel does. Elementwise ops keep their input dtype: eager computes each in float and rounds
 its result, which is what the same op does when a decomposition writes it.
 
-Where eager CPU and CUDA differ, sbpc follows CUDA (the hardware it plans for), which is never less
-accurate than the CPU kernel: CPU ``nll_loss`` sums bf16 losses in a bf16 cascade and divides by a
-bf16 token count (``aten/src/ATen/native/LossNLL.cpp``), and CPU ``mean`` rounds its sum before
+Where eager CPU and CUDA kernels differ in what they accumulate in, sbpc follows CUDA (the hardware
+it plans for), which is never less accurate than the CPU kernel: CPU ``nll_loss`` sums bf16 losses in a
+bf16 cascade and divides by a bf16 token count (``aten/src/ATen/native/LossNLL.cpp``), and CPU ``mean`` rounds its sum before
 dividing; CUDA accumulates both in float32. Tests against eager bf16 on CPU therefore bound sbpc's
 error by a multiple of eager's own error against float32 (see ``tests/compiler/test_low_precision.py``).
 
 Mixed precision (parameters in one dtype, compute in another) builds on this module: the dtype an
-op runs in under ``torch.autocast`` belongs here, beside the accumulation dtype.
+op runs in under ``torch.autocast`` belongs here, beside the accumulation dtype. Those casts do depend on
+the device: a plan follows the autocast lists of the device type its cluster's devices are
+(:func:`autocast_device_type`: CPU ranks cast as ``torch.autocast("cpu")``, accelerators as ``"cuda"``).
 """
 from __future__ import annotations
 
@@ -84,37 +86,90 @@ def model_dtype(graph) -> str:
 PRECISION_TO_IR = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 """A strategy precision's dtype names (the cluster's peak FLOP/s keys) as IR dtype names."""
 
-AUTOCAST_LOWER_OPS = frozenset({
-    "linear", "mm", "bmm", "addmm", "addbmm", "baddbmm", "matmul", "conv1d", "conv2d", "conv3d", "convolution",
-    "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv_tbc", "prelu",
-    "scaled_dot_product_attention", "_native_multi_head_attention", "linalg_vecdot",
+AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
+"""The torch device types whose ``torch.autocast`` cast lists a plan can follow (:func:`autocast_device_type`)."""
+
+AUTOCAST_LOWER_OPS = {
+    "cuda": frozenset({
+        "linear", "mm", "mv", "bmm", "addmm", "addmv", "addr", "addbmm", "baddbmm", "matmul", "einsum",
+        "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "conv1d", "conv2d", "conv3d", "convolution",
+        "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv_tbc", "prelu",
+        "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "_native_multi_head_attention",
+        "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell",
+    }),
+    "cpu": frozenset({
+        "linear", "mm", "bmm", "addmm", "_addmm_activation", "addbmm", "baddbmm", "matmul", "linalg_vecdot",
+        "conv1d", "conv2d", "conv3d", "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+        "conv_tbc", "prelu", "scaled_dot_product_attention", "_native_multi_head_attention", "mkldnn_rnn_layer",
+    }),
+}
+"""Ops (aten base names) ``torch.autocast`` runs in the lower compute dtype on each device type: their float
+inputs are cast to it (the matrix products and convolutions; ``aten/src/ATen/autocast_mode.h`` and
+``autocast_mode.cpp`` of torch 2.13)."""
+
+_LOSSES = frozenset({
+    "nll_loss", "nll_loss2d", "nll_loss_nd", "cross_entropy_loss", "mse_loss", "l1_loss", "smooth_l1_loss",
+    "huber_loss", "kl_div", "poisson_nll_loss", "cosine_embedding_loss", "hinge_embedding_loss",
+    "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits",
 })
-"""Ops (aten base names) ``torch.autocast`` runs in the lower compute dtype: their float inputs are cast
-to it (the matrix products and convolutions; the same list on CUDA and CPU)."""
+AUTOCAST_FP32_OPS = {
+    "cuda": _LOSSES | frozenset({
+        "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+        "sinh", "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "rms_norm", "group_norm", "norm",
+        "frobenius_norm", "nuclear_norm", "cosine_similarity", "dist", "pdist", "cdist", "renorm", "logsumexp",
+        "softmax", "_softmax", "log_softmax", "_log_softmax", "cumprod", "cumsum", "prod", "sum",
+        "linalg_vector_norm", "linalg_matrix_norm",
+    }),
+    "cpu": _LOSSES | frozenset({
+        "binary_cross_entropy", "ctc_loss", "multilabel_margin_loss_forward", "prod", "cdist", "trace", "quantile",
+        "nanquantile", "stft", "polar", "view_as_complex", "avg_pool3d", "max_pool3d", "max_unpool2d", "max_unpool3d",
+        "adaptive_avg_pool3d", "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d",
+        "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d", "replication_pad3d",
+        "grid_sampler", "grid_sampler_2d", "grid_sampler_3d", "cholesky", "cholesky_inverse", "cholesky_solve",
+        "inverse", "lu_solve", "orgqr", "ormqr", "pinverse", "geqrf", "_lu_with_info", "qr", "svd",
+        "triangular_solve", "fake_quantize_per_tensor_affine", "fft_fft", "fft_ifft", "fft_fft2", "fft_ifft2",
+        "fft_fftn", "fft_ifftn", "fft_rfft", "fft_irfft", "fft_rfft2", "fft_irfft2", "fft_rfftn", "fft_irfftn",
+        "fft_hfft", "fft_ihfft", "linalg_cond", "linalg_matrix_rank", "linalg_solve", "linalg_cholesky",
+        "linalg_cholesky_ex", "linalg_svdvals", "linalg_svd", "linalg_eigvals", "linalg_eigvalsh", "linalg_eig",
+        "linalg_eigh", "linalg_inv", "linalg_inv_ex", "linalg_householder_product", "linalg_tensorinv",
+        "linalg_tensorsolve", "linalg_qr", "linalg_lstsq",
+    }),
+}
+"""Ops ``torch.autocast`` runs in float32 on each device type: their lower-precision float inputs are cast up.
+Both lists hold the losses; CUDA's also norms, softmax, exponentials and sums, which CPU autocast runs in
+their input's dtype (its kernels accumulate in float32 and round the result, :func:`accumulation_dtype`),
+while its list holds the linear algebra, FFTs and 3-d pooling instead."""
 
-AUTOCAST_FP32_OPS = frozenset({
-    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
-    "sinh", "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "group_norm", "norm", "frobenius_norm",
-    "nuclear_norm", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
-    "nll_loss_nd", "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
-    "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
-    "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
-    "softmax", "_softmax", "log_softmax", "_log_softmax", "cumprod", "cumsum", "prod", "sum",
-    "cross_entropy_loss",
-})
-"""Ops CUDA's ``torch.autocast`` runs in float32: their lower-precision float inputs are cast up (losses,
-norms, softmax, exponentials, sums). CUDA's list, the hardware sbpc plans for; CPU autocast runs
-several of these (layer_norm, softmax, exp, sum) in the input dtype with float32 accumulation, so a
-plan agrees with eager CPU autocast exactly where such an op's input is float32 already (a float32
-residual stream, an upcast loss): the models the tests compare."""
+
+def autocast_device_type(device_kinds) -> str:
+    """The device type whose autocast lists a plan on devices of ``device_kinds`` (the cluster's
+    ``Device.kind``) follows: ``"cpu"`` when every device is a CPU rank (kind ``cpu``: ``local:N`` clusters,
+    and what ``sbpc calibrate`` names a CPU), ``"cuda"`` when none is (the accelerators the built-in clusters
+    describe; also without a cluster). A cluster of both is an error: its ranks would cast differently."""
+    kinds = set(device_kinds)
+    if not kinds or "cpu" not in kinds:
+        return "cuda"
+    if kinds == {"cpu"}:
+        return "cpu"
+    raise ValueError(f"the cluster mixes CPU ranks with {', '.join(sorted(kinds - {'cpu'}))} devices, whose "
+                     f"autocast casts differ; plan a mixed precision on CPU ranks only or on accelerators only")
 
 
-def autocast_dtype(op: str, compute: str) -> str | None:
-    """The dtype ``torch.autocast(dtype=compute)`` casts ``op``'s float inputs to (IR names), or None
-    for an op it leaves alone (elementwise ops, views: they follow their inputs' dtypes)."""
+def autocast_dtype(op: str, compute: str, device_type: str = "cuda") -> str | None:
+    """The dtype ``torch.autocast(device_type, dtype=compute)`` casts ``op``'s float inputs to (IR names), or
+    None for an op it leaves alone (elementwise ops, views: they follow their inputs' dtypes)."""
     base = op.split(".")[1] if op.startswith("aten.") else op
-    if base in AUTOCAST_LOWER_OPS:
+    if base in AUTOCAST_LOWER_OPS[device_type]:
         return compute
-    if base in AUTOCAST_FP32_OPS:
+    if base in AUTOCAST_FP32_OPS[device_type]:
         return "f32"
     return None
+
+
+def scales_loss(precision: dict | None) -> bool:
+    """Whether a plan of ``precision`` (the graph's ``precision`` attr: IR dtype names) scales its loss
+    dynamically, as ``torch.amp.GradScaler``: fp16 compute on fp32 master weights (fp16's narrow range
+    flushes small gradients to zero; bf16 has fp32's range). Pure fp16 training (fp16 parameters) is not
+    scaled: its gradients could not be unscaled without rounding, which GradScaler refuses too."""
+    return bool(precision) and precision.get("compute") == "f16" and precision.get("param") == "f32"

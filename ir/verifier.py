@@ -8,7 +8,7 @@ from ir.core import Graph, Node, Value
 from ir.ops.custom import UnknownOpError, resolve_op
 from ir.sbp import IN_SBP_ATTR, Partial, Split, format_nd_sbp
 from ir.gradients import values_with_grad
-from ir.ops.comm import GRADIENT_REDUCING
+from ir.ops.comm import GRADIENT_REDUCING, sums_partials
 from ir.types import DTYPE_NAMES, DTYPES_BY_NAME, TensorType, is_float_expr
 
 
@@ -65,6 +65,7 @@ def check_reduce_dtype(graph: Graph) -> None:
     """The plan's precision contract (graph attr ``precision``), once gradient buckets exist: every
     gradient reduction runs in the ``reduce`` dtype — each bucket (data-parallel all-reduces) and each
     collective whose adjoint sums gradients (tensor-parallel all-reduces, FSDP's reduce-scatters)."""
+    check_forward_reduce_dtype(graph)
     reduce = graph.attrs.get("precision", {}).get("reduce")
     if reduce is None or "grad_buckets" not in graph.attrs:
         return
@@ -85,6 +86,22 @@ def check_reduce_dtype(graph: Graph) -> None:
                                     f"{node.kwargs['axis']} (its adjoint in backward) runs in {found}, but the plan's "
                                     f"precision reduces gradients in {reduce}; give it grad_dtype=torch.{want}"
                                     .replace("torch.torch.", "torch."))
+
+
+def check_forward_reduce_dtype(graph: Graph) -> None:
+    """With a precision ``forward_reduce``: every collective summing partial values in forward (an all-reduce
+    of a ``P(sum)`` value, a reduce-scatter) runs in that dtype (kwarg ``reduce_dtype``)."""
+    forward = graph.attrs.get("precision", {}).get("forward_reduce")
+    if forward is None:
+        return
+    want = DTYPES_BY_NAME[forward]
+    for node in graph.nodes:
+        if sums_partials(node) and node.kwargs.get("reduce_dtype") != want:
+            found = node.kwargs.get("reduce_dtype")
+            found = DTYPE_NAMES[found] if found is not None else f"{node.input_values()[0].type.dtype} (the value's own)"
+            raise VerificationError(f"node {_where(node)}: {node.op} over {node.kwargs['axis']} sums its partial "
+                                    f"values in {found}, but the plan's precision sums forward partials in "
+                                    f"{forward}; give it reduce_dtype=torch.{want}".replace("torch.torch.", "torch."))
 
 
 def _check_buffer_updates(graph: Graph, defined: set[int]) -> None:

@@ -20,6 +20,7 @@ from ir.ops.registry import splits_divide
 from ir.sbp import IN_SBP_ATTR, PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
+from passes.precision import mark_forward_reductions
 
 
 def boxing_cost(ctx: PassContext, mesh: Mesh, backward: bool) -> BoxingCost:
@@ -166,6 +167,7 @@ def boxing_pass(graph: Graph, ctx: PassContext) -> None:
             new = converted[key]
             _replace_one_use(node, v, new)
     _box_buffer_updates(graph, ctx)
+    mark_forward_reductions(graph)  # the sums of partials in the plan's forward_reduce dtype, if it names one
 
 
 def _box_buffer_updates(graph: Graph, ctx: PassContext) -> None:

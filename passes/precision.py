@@ -3,8 +3,9 @@
 With a strategy ``precision`` whose ``compute`` dtype differs from its ``param`` dtype (``bf16-mixed``:
 fp32 parameters, bf16 compute), every float input of an op autocast lowers (matrix products,
 convolutions, attention) is cast to the compute dtype right before it, and every lower-precision input
-of an op autocast runs in float32 (losses, norms, softmax) is cast up
-(:func:`ir.precision.autocast_dtype`). Each cast is an ``aten._to_copy`` node of the reader's module,
+of an op autocast runs in float32 (losses; on GPUs also norms, softmax, exponentials, sums) is cast up
+(:func:`ir.precision.autocast_dtype`), by the lists of the device type the cluster's devices are: a plan
+on CPU ranks casts as ``torch.autocast("cpu")``, one on accelerators as ``torch.autocast("cuda")``. Each cast is an ``aten._to_copy`` node of the reader's module,
 named after the value and the dtype (``%blocks.0.mlp.fc.weight_bf16``), so the IR dump shows it and
 later passes lay it out like any elementwise op: sharded as its input. The dtypes of the values after
 a cast follow by PyTorch's own rules (meta execution), as they do in eager autocast. Parameters stay in
@@ -18,7 +19,8 @@ Without a precision in the strategy the pass changes nothing.
 from __future__ import annotations
 
 from ir.core import Graph, Node, Value
-from ir.precision import PRECISION_TO_IR, autocast_dtype, model_dtype
+from ir.ops.comm import sums_partials
+from ir.precision import PRECISION_TO_IR, autocast_device_type, autocast_dtype, model_dtype
 from ir.types import DTYPES_BY_NAME, TensorType
 from ir.verifier import MetaTyper
 from passes.manager import PassContext, register_pass
@@ -39,9 +41,10 @@ def precision_pass(graph: Graph, ctx: PassContext) -> None:
     graph.attrs[PRECISION_ATTR] = dtypes
     if not spec.mixed:
         return
+    device_type = plan_device_type(ctx.cluster)
     typer = MetaTyper(graph, graph.attrs.get("example_dims") or {}, adopt_dtypes=True)
     for node in list(graph.nodes):  # in order: each node sees its inputs' dtypes after the casts before it
-        target = autocast_dtype(node.op, dtypes["compute"])
+        target = autocast_dtype(node.op, dtypes["compute"], device_type)
         if target is not None:
             for cast in _cast_inputs(graph, node, target):
                 typer.run(cast)
@@ -68,6 +71,15 @@ def check_precision(spec: PrecisionSpec, graph: Graph, cluster) -> None:
                                 ("precision", "compute", VALUE))
 
 
+def plan_device_type(cluster) -> str:
+    """The device type whose autocast cast lists the plan follows (``"cpu"`` on CPU ranks, else ``"cuda"``;
+    :func:`ir.precision.autocast_device_type`)."""
+    try:
+        return autocast_device_type(d.kind for d in getattr(cluster, "devices", ()))
+    except ValueError as err:
+        raise StrategyError(str(err), ("precision", "compute", VALUE)) from None
+
+
 def _cast_inputs(graph: Graph, node: Node, dtype: str) -> list[Node]:
     """Read every float tensor input of ``node`` in ``dtype`` (a cast before it); the casts made."""
     casts: dict[int, Value] = {}
@@ -84,3 +96,15 @@ def _cast_before(graph: Graph, node: Node, v: Value, dtype: str) -> Value:
     attrs = {"module": node.attrs["module"]} if "module" in node.attrs else {}
     return graph.create_node("aten._to_copy.default", [v], {"dtype": DTYPES_BY_NAME[dtype]},
                              [TensorType(v.type.shape, dtype)], [f"{v.name}_{dtype}"], attrs, before=node).outputs[0]
+
+
+def mark_forward_reductions(graph: Graph) -> None:
+    """With a precision ``forward_reduce``: give every collective that sums partial values in forward (tensor
+    parallelism's all-reduces, sequence parallelism's reduce-scatters; :func:`ir.ops.comm.sums_partials`) the
+    dtype its sum runs in (kwarg ``reduce_dtype``): the partials are cast to it, summed across ranks, and
+    rounded back to the value's dtype once. Boxing calls this once it has inserted the collectives."""
+    forward = graph.attrs.get(PRECISION_ATTR, {}).get("forward_reduce")
+    if forward is None:
+        return
+    for node in filter(sums_partials, graph.nodes):
+        node.kwargs["reduce_dtype"] = DTYPES_BY_NAME[forward]

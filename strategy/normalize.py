@@ -348,7 +348,8 @@ class _Reader:
                     f"precision {key} is one of " + ", ".join(PRECISION_DTYPES) + f", found {dtype!r}"
                     + did_you_mean(str(dtype), PRECISION_DTYPES))
         param = precision.get("param", "fp32")
-        return PrecisionSpec(param, precision.get("compute", param), precision.get("reduce", param))
+        return PrecisionSpec(param, precision.get("compute", param), precision.get("reduce", param),
+                             precision.get("forward_reduce"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ DEFAULT_SCHEDULE = "1f1b"
 PRECISION_DTYPES = ("fp32", "bf16", "fp16")
 """The dtypes a precision names (the cluster's peak FLOP/s keys)."""
 
-PRECISION_KEYS = ("param", "compute", "reduce")
+PRECISION_KEYS = ("param", "compute", "reduce", "forward_reduce")
 """The entries of a precision written as a dict."""
 
 CP_ATTENTIONS = ("ring", "allgather", "a2a")
@@ -230,13 +230,16 @@ class PrecisionSpec:
     ``fp32`` beside a lower ``compute``: fp32 master weights); ``compute`` the dtype the matrix
     products (and the ops ``torch.autocast`` lowers) run in; ``reduce`` the dtype every gradient
     reduction runs in (data-parallel buckets, FSDP reduce-scatters, the adjoint all-reduces of tensor
-    parallelism). Written as a shorthand of :data:`PRECISION_SHORTHANDS` or as a dict of
-    :data:`PRECISION_KEYS`.
+    parallelism). ``forward_reduce``, when given, the dtype forward's partial sums across ranks run in
+    (tensor-parallel all-reduces and sequence-parallel reduce-scatters: the partials are cast to it, summed,
+    and rounded back to their own dtype once); None: their own dtype. Written as a shorthand of
+    :data:`PRECISION_SHORTHANDS` or as a dict of :data:`PRECISION_KEYS`.
     """
 
     param: str = "fp32"
     compute: str = "fp32"
     reduce: str = "fp32"
+    forward_reduce: str | None = None
 
     @property
     def mixed(self) -> bool:
@@ -249,8 +252,9 @@ class PrecisionSpec:
         return next((name for name, spec in PRECISION_SHORTHANDS.items() if spec == self), None)
 
     def as_dict(self) -> dict[str, str]:
-        """``{"param": ..., "compute": ..., "reduce": ...}``."""
-        return {"param": self.param, "compute": self.compute, "reduce": self.reduce}
+        """``{"param": ..., "compute": ..., "reduce": ...}`` (and ``"forward_reduce"`` when given)."""
+        forward = {"forward_reduce": self.forward_reduce} if self.forward_reduce else {}
+        return {"param": self.param, "compute": self.compute, "reduce": self.reduce} | forward
 
     def __str__(self) -> str:
         return self.shorthand or ", ".join(f"{k}={v}" for k, v in self.as_dict().items())

@@ -9,7 +9,9 @@ its own ``runtime.py`` imported afresh, its own ``sys.argv`` and working directo
 state as a fresh process has it, and its own process group, which the program creates and destroys). Each
 program joins through a rendezvous store of its own (:func:`fresh_store`): process groups created again in
 the same processes take the same names, so keys the previous program left in torchrun's store would pair
-them with that program's closed connections.
+them with that program's closed connections. What a shared launch cannot see is how a program's own
+process ends (interpreter teardown with its process groups); the tests that launch one program alone (the
+checkpoint, restart, multi-node, precision, MoE and error-path tests) cover that.
 
 Usage (see ``tests.launch.run_programs``): ``torchrun ... torchrun_batch.py JOBS.json`` where JOBS.json lists
 ``{"main": path, "args": [...], "cwd": path, "out": folder}``. Rank r writes the program's stdout and stderr to

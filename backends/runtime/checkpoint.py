@@ -69,12 +69,14 @@ class TrainingState:
     buffers, also those outside the model's state_dict, so that a resumed run reads nothing else); ``copies``:
     local keys of tied copies (pipelines: a parameter on several stages), loaded from their state_dict name
     but not saved; ``model``: every tensor of the whole model, state_dict name -> (shape, layout, stage);
-    ``schedule``: the learning-rate schedule (``controls.py``); ``data``: the batch source (``data.py``)."""
+    ``schedule``: the learning-rate schedule (``controls.py``); ``data``: the batch source (``data.py``);
+    ``loss_scaler``: fp16 programs' loss scale (``loss_scaling.py``)."""
 
-    def __init__(self, params, buffers, optimizer, places, model, copies=(), schedule=None, data=None):
+    def __init__(self, params, buffers, optimizer, places, model, copies=(), schedule=None, data=None,
+                 loss_scaler=None):
         self.params, self.buffers, self.optimizer = params, buffers, optimizer
         self.places, self.model, self.copies = places, model, set(copies)
-        self.schedule, self.data = schedule, data
+        self.schedule, self.data, self.loss_scaler = schedule, data, loss_scaler
 
     def local(self, key):
         """This rank's tensor ``key`` now (buffers are replaced every step), without autograd."""
@@ -85,6 +87,8 @@ class TrainingState:
         items = {"train.step": step, "train.data_position": self.data.position if self.data else step}
         if self.schedule is not None:
             items["train.lr_schedule"] = json.dumps(self.schedule.state_dict())
+        if self.loss_scaler is not None:
+            items["train.loss_scaler"] = json.dumps(self.loss_scaler.state_dict())
         items |= {f"rng.{kind}.rank{dist.get_rank()}": state for kind, state in rng_states().items()}
         for key, (name, layout) in self.places.items():
             if key in self.copies:
@@ -105,6 +109,8 @@ class TrainingState:
         items = {"train.step": 0, "train.data_position": 0}
         if self.schedule is not None and "train.lr_schedule" in metadata.state_dict_metadata:
             items["train.lr_schedule"] = ""
+        if self.loss_scaler is not None and "train.loss_scaler" in metadata.state_dict_metadata:
+            items["train.loss_scaler"] = ""
         items |= {key: torch.empty_like(state) for key, state in
                   ((f"rng.{kind}.rank{dist.get_rank()}", state) for kind, state in rng_states().items())
                   if key in metadata.state_dict_metadata}
@@ -129,8 +135,8 @@ class TrainingState:
 
     def adopt(self, items, same_plan):
         """Take what DCP loaded: tied copies from the loaded tensor, the optimizer state through
-        ``load_state_dict`` (which places it as torch does), the schedule's step, the data position, and this
-        rank's RNG states under the same plan."""
+        ``load_state_dict`` (which places it as torch does), the schedule's step, the loss scale, the data
+        position, and this rank's RNG states under the same plan."""
         first = {}
         for key, (name, _) in self.places.items():
             if name in first:
@@ -151,6 +157,8 @@ class TrainingState:
                                             "param_groups": self.optimizer.state_dict()["param_groups"]})
         if self.schedule is not None and items.get("train.lr_schedule"):
             restore_schedule(self.schedule, json.loads(items["train.lr_schedule"]))
+        if self.loss_scaler is not None and items.get("train.loss_scaler"):
+            self.loss_scaler.load_state_dict(json.loads(items["train.loss_scaler"]))
         if self.data is not None:
             self.data.position = items["train.data_position"]
         if same_plan:

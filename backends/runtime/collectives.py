@@ -44,13 +44,13 @@ class AllReduce(torch.autograd.Function):
     """P -> B forward; the adjoint all-reduces the (partial) gradients."""
 
     @staticmethod
-    def forward(ctx, x, axis, op, grad_dtype=None):
+    def forward(ctx, x, axis, op, grad_dtype=None, reduce_dtype=None):
         ctx.axis, ctx.grad_dtype = axis, grad_dtype
-        return _all_reduce(x, axis, op)
+        return _all_reduce(x, axis, op, reduce_dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.axis, dtype=ctx.grad_dtype), None, None, None
+        return _all_reduce(grad, ctx.axis, dtype=ctx.grad_dtype), None, None, None, None
 
 
 class AllGather(torch.autograd.Function):
@@ -70,13 +70,13 @@ class ReduceScatter(torch.autograd.Function):
     """P -> S(d) forward; all-gather backward."""
 
     @staticmethod
-    def forward(ctx, x, axis, dim):
+    def forward(ctx, x, axis, dim, reduce_dtype=None):
         ctx.axis, ctx.dim = axis, dim
-        return _reduce_scatter(x, axis, dim)
+        return _reduce_scatter(x, axis, dim, reduce_dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, ctx.axis, ctx.dim), None, None
+        return _all_gather(grad, ctx.axis, ctx.dim), None, None, None
 
 
 class AllToAll(torch.autograd.Function):
@@ -93,9 +93,10 @@ class AllToAll(torch.autograd.Function):
         return _all_to_all(grad, axis, dst_dim, src_dim), None, None, None
 
 
-def comm_all_reduce(x, axis, op="sum", grad_dtype=None):
-    """P -> B; backward sums the gradients in ``grad_dtype`` (the plan's reduce dtype; default theirs)."""
-    return AllReduce.apply(x, axis, op, grad_dtype)
+def comm_all_reduce(x, axis, op="sum", grad_dtype=None, reduce_dtype=None):
+    """P -> B, summed in ``reduce_dtype`` (the plan's forward_reduce; default x's); backward sums the gradients
+    in ``grad_dtype`` (the plan's reduce dtype; default theirs)."""
+    return AllReduce.apply(x, axis, op, grad_dtype, reduce_dtype)
 
 
 def comm_all_gather(x, axis, dim, grad_dtype=None, balanced=False):
@@ -105,9 +106,10 @@ def comm_all_gather(x, axis, dim, grad_dtype=None, balanced=False):
     return unbalance(out, dim, len(GROUPS[axis][1])) if balanced else out
 
 
-def comm_reduce_scatter(x, axis, dim, balanced=False):
-    """P -> S(d) (``balanced``: each rank's load-balanced part of the sequence)."""
-    return ReduceScatter.apply(balance(x, dim, len(GROUPS[axis][1])) if balanced else x, axis, dim)
+def comm_reduce_scatter(x, axis, dim, balanced=False, reduce_dtype=None):
+    """P -> S(d), summed in ``reduce_dtype`` (the plan's forward_reduce; default x's); ``balanced``: each rank's
+    load-balanced part of the sequence."""
+    return ReduceScatter.apply(balance(x, dim, len(GROUPS[axis][1])) if balanced else x, axis, dim, reduce_dtype)
 
 
 def comm_all_to_all(x, axis, src_dim, dst_dim, balanced=(False, False)):

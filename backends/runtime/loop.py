@@ -15,7 +15,8 @@ EMITTED_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weig
 
 def parse_args(argv=None, description="", options=None):
     """The program's command line; ``description``: its docstring (``--help``); ``options``: the flags of one
-    kind of program only, ``{flag: help}`` (pipelines: ``--infer-stages``)."""
+    kind of program only, ``{flag: help}`` (pipelines: ``--infer-stages``) or ``{flag: add_argument's keyword
+    arguments}`` (fp16 loss scaling)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="the run's total training steps (a resumed run "
                         "continues from its checkpoint's step up to this)")
@@ -26,7 +27,7 @@ def parse_args(argv=None, description="", options=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the token file's sample order, or of "
                         "synthetic batches when --data is not given")
     parser.add_argument("--metrics", help="write one JSON line per step (step, loss, seconds, tokens_per_s, "
-                        "memory_bytes, lr, grad_norm) to this file")
+                        "memory_bytes, lr, grad_norm; fp16 programs: loss_scale, skipped) to this file")
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"),
                         help="the learning rate after warmup: constant, or decaying to zero at --steps")
     parser.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warmup")
@@ -44,8 +45,8 @@ def parse_args(argv=None, description="", options=None):
     parser.add_argument("--keep", type=int, default=2, metavar="N", help="keep the newest N checkpoints (0: all)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest whole checkpoint in "
                         "--checkpoint-dir, under this program's plan whatever plan wrote it (none: start at step 0)")
-    for flag, text in (options or {}).items():
-        parser.add_argument(flag, help=text)
+    for flag, spec in (options or {}).items():
+        parser.add_argument(flag, **(spec if isinstance(spec, dict) else {"help": spec}))
     args = parser.parse_args(argv)
     if args.grad_accum < 1:
         fail(f"--grad-accum takes a positive number of microsteps, found {args.grad_accum}")

@@ -70,6 +70,7 @@ class PipelineStep:
         self.inputs = [local_inputs(mb) for mb in micro]
         self.ready, self.saved, self.sends = {}, {}, []
         self.loss = None
+        self.scaler = None  # fp16 plans: the loss scaler (run_batch sets it)
 
     def forward(self, stage, mb, train=True):
         """F: run ``stage`` on microbatch ``mb`` from leaves of what the previous stage sent."""
@@ -94,7 +95,8 @@ class PipelineStep:
         share, seeded on its seed ranks only, on the last stage of the path)."""
         leaves, outs, loss = self.saved.pop((stage, mb))
         if loss is not None:
-            return leaves, [loss if is_seed_rank(LOSS_SBP) else loss * 0], [None]
+            seeded = loss if is_seed_rank(LOSS_SBP) else loss * 0
+            return leaves, [self.scaler.scaled(seeded) if self.scaler else seeded], [None]
         grads = iter(self.ready.pop(("B", neighbour(self.paths[mb], stage, +1), mb)))
         pairs = [(o, next(grads)) for o in outs if o.is_floating_point()]
         pairs = [(o, g) for o, g in pairs if o.requires_grad]
@@ -260,9 +262,10 @@ def pipeline_model(shapes):
             if n not in tied_copies()}
 
 
-def run_batch(stages, batch, params, buffers, path, step_type, actions):
+def run_batch(stages, batch, params, buffers, path, step_type, actions, scaler=None):
     """One batch through the pipeline: its microbatches through this rank's action list, or with ``path``
-    forward only through those stages; returns this rank's sum of loss shares (None off the loss stage)."""
+    forward only through those stages; returns this rank's sum of loss shares (None off the loss stage).
+    ``scaler``: fp16 plans' loss scaler, whose scale multiplies the loss shares backward starts from."""
     count = PIPELINE["microbatches"]
     micro = split_microbatches(batch, count)
     position = my_position()
@@ -270,16 +273,18 @@ def run_batch(stages, batch, params, buffers, path, step_type, actions):
              for s, prologue in stages.prologue.items() if PIPELINE["positions"][s] == position}
     paths = [path] * count if path else PIPELINE["paths"]
     step = step_type(stages, params, buffers, micro, bind_dims(micro[0]), whole, paths)
+    step.scaler = scaler
     return step.infer(path) if path else step.run(actions)
 
 
-def main(stages, gradient_syncs=(), step_type=PipelineStep, description="", argv=None):
+def main(stages, gradient_syncs=(), step_type=PipelineStep, loss_scaler=None, description="", argv=None):
     """Train up to step ``--steps`` (from the last checkpoint with --resume), or, with --infer-stages, run
     forward only. ``stages``: the program's stage functions; ``gradient_syncs``: the plan's gradient collectives
     outside autograd (classes from grad_sync), run once every microbatch's backward is done; ``step_type``: what
-    runs the action list (:class:`SplitBackwardStep` for schedules with W actions); ``description``: the
-    program's docstring, for ``--help``."""
-    args = parse_args(argv, description, PIPELINE_OPTIONS)
+    runs the action list (:class:`SplitBackwardStep` for schedules with W actions); ``loss_scaler``: fp16
+    plans' dynamic loss scaling (the class from loss_scaling); ``description``: the program's docstring, for
+    ``--help``."""
+    args = parse_args(argv, description, {**PIPELINE_OPTIONS, **(loss_scaler.OPTIONS if loss_scaler else {})})
     init_distributed(args.comm_timeout)
     batches = open_batches(args, args.steps * args.grad_accum, PIPELINE["microbatches"])
     shapes = load_weights(args.weights, meta=True)
@@ -295,10 +300,12 @@ def main(stages, gradient_syncs=(), step_type=PipelineStep, description="", argv
     optimizer = make_optimizer(params)
     schedule = make_schedule(args, optimizer)
     syncs = [make(params, args.comm_timeout) for make in gradient_syncs]
+    scaler = loss_scaler.from_args(args, DEVICE) if loss_scaler else None
     actions = SCHEDULE[dist.get_rank()]
     path = infer_path(args.infer_stages) if args.infer_stages else None
     places = {n: (STAGE_TENSORS[n][0], STAGE_TENSORS[n][2]) for n in [*params, *buffers]}
-    state = TrainingState(params, buffers, optimizer, places, model, tied_copies() & set(places), schedule, batches)
+    state = TrainingState(params, buffers, optimizer, places, model, tied_copies() & set(places), schedule, batches,
+                          scaler)
     start = load_checkpoint(checkpoint, state) if checkpoint else 0
     metrics = open_metrics(args.metrics, start)
     layouts = {n: STAGE_TENSORS[n][2] for n in params if n not in tied_copies()}  # what the clipping norm counts
@@ -312,17 +319,22 @@ def main(stages, gradient_syncs=(), step_type=PipelineStep, description="", argv
             total, tokens = 0.0, 0
             for _ in range(1 if path else args.grad_accum):
                 batch = batches.next()
-                local = run_batch(stages, batch, params, buffers, path, step_type, actions)
+                local = run_batch(stages, batch, params, buffers, path, step_type, actions, scaler)
                 total, tokens = total + pipeline_loss(local), tokens + token_count(batch)
             extra = {"tokens": tokens}
             if not path:
                 for sync in syncs:
                     sync.finish()
+                skipped = scaler.unscale_all_ranks(params) if scaler else False  # unscaled before clipping
                 extra["lr"] = optimizer.param_groups[0]["lr"] if optimizer else None
                 extra["grad_norm"] = finish_gradients(params, layouts, args.grad_accum, args.clip_grad_norm)
                 if optimizer:
-                    optimizer.step()
+                    if not skipped:  # a gradient overflowed on some rank: no update this step
+                        optimizer.step()
                     schedule.step()
+                if scaler:
+                    extra |= {"loss_scale": float(scaler.scale), "skipped": skipped}
+                    scaler.update(skipped)
             extra |= first_step_report(params, optimizer) if step_index == 0 else {}
             report_step(metrics, step_index, total / (1 if path else args.grad_accum), started, extra, args.steps)
             if not path and checkpoint_due(args, step_index + 1):

@@ -3,7 +3,7 @@ import time
 
 from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
 from .controls import finish_gradients, make_schedule
-from .core import COORD, init_distributed, is_seed_rank
+from .core import COORD, DEVICE, init_distributed, is_seed_rank
 from .data import open_batches
 from .faults import peer_failures
 from .loop import (bind_dims, finish, first_step_report, full_state_dict, load_weights, local_copy, local_inputs,
@@ -12,12 +12,13 @@ from .plan import BUFFERS, LOSS_SBP, PARAMS
 from .progress import open_metrics, report_step
 
 
-def main(forward, gradient_syncs=(), description="", argv=None):
+def main(forward, gradient_syncs=(), loss_scaler=None, description="", argv=None):
     """Train up to step ``--steps`` (from the last checkpoint with --resume). ``forward``: the program's
     ``forward(p, b, x, dims, coord)`` (one rank's forward pass: its loss and its buffers' new values);
     ``gradient_syncs``: the plan's gradient collectives outside autograd (classes from grad_sync, built from
-    this rank's parameters), run after backward; ``description``: the program's docstring, for ``--help``."""
-    args = parse_args(argv, description)
+    this rank's parameters), run after backward; ``loss_scaler``: fp16 plans' dynamic loss scaling (the class
+    from loss_scaling); ``description``: the program's docstring, for ``--help``."""
+    args = parse_args(argv, description, loss_scaler.OPTIONS if loss_scaler else None)
     init_distributed(args.comm_timeout)
     batches = open_batches(args, args.steps * args.grad_accum)
     shapes = load_weights(args.weights, meta=True)
@@ -29,8 +30,9 @@ def main(forward, gradient_syncs=(), description="", argv=None):
     optimizer = make_optimizer(params)
     schedule = make_schedule(args, optimizer)
     syncs = [make(params, args.comm_timeout) for make in gradient_syncs]
+    scaler = loss_scaler.from_args(args, DEVICE) if loss_scaler else None
     state = TrainingState(params, buffers, optimizer, {n: (n, spec[1]) for n, spec in model.items()}, model,
-                          schedule=schedule, data=batches)
+                          schedule=schedule, data=batches, loss_scaler=scaler)
     start = load_checkpoint(checkpoint, state) if checkpoint else 0
     metrics = open_metrics(args.metrics, start)
     for step in range(start, args.steps):
@@ -44,16 +46,22 @@ def main(forward, gradient_syncs=(), description="", argv=None):
                 for sync in syncs:
                     sync.hold = micro < args.grad_accum - 1  # sync the gradients once, after the last microstep
                 loss, updated = forward(params, buffers, local_inputs(batch), bind_dims(batch), COORD)
-                (loss if is_seed_rank(LOSS_SBP) else loss * 0).backward()
+                seeded = loss if is_seed_rank(LOSS_SBP) else loss * 0
+                (scaler.scaled(seeded) if scaler else seeded).backward()
                 buffers.update(new_buffer_values(updated))
                 total, tokens = total + logical_loss(loss), tokens + token_count(batch)
             for sync in syncs:
                 sync.finish()
+            skipped = scaler.unscale_all_ranks(params) if scaler else False  # unscaled before clipping
             extra = {"tokens": tokens, "lr": optimizer.param_groups[0]["lr"] if optimizer else None,
                      "grad_norm": finish_gradients(params, PARAMS, args.grad_accum, args.clip_grad_norm)}
             if optimizer:
-                optimizer.step()
+                if not skipped:  # a gradient overflowed: no update this step
+                    optimizer.step()
                 schedule.step()
+            if scaler:
+                extra |= {"loss_scale": float(scaler.scale), "skipped": skipped}
+                scaler.update(skipped)
             extra |= first_step_report(params, optimizer) if step == 0 else {}
             report_step(metrics, step, total / args.grad_accum, started, extra, args.steps)
             if checkpoint_due(args, step + 1):

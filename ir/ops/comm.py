@@ -31,6 +31,15 @@ GRADIENT_REDUCING = ("comm.all_reduce", "comm.all_gather")
 the dtype that sum runs in (the plan's precision ``reduce``; absent: the gradient's own dtype)."""
 
 
+def sums_partials(node: Node) -> bool:
+    """Whether ``node`` sums partial float values across ranks in forward: an all-reduce of a ``P(sum)`` value
+    (tensor parallelism's row-parallel outputs) or a reduce-scatter (sequence parallelism's); its kwarg
+    ``reduce_dtype=`` (a ``torch.dtype``, the plan's precision ``forward_reduce``) names the dtype that sum
+    runs in (absent: the value's own)."""
+    summing = node.op == "comm.reduce_scatter" or node.op == "comm.all_reduce" and node.kwargs.get("op", "sum") == "sum"
+    return summing and node.input_values()[0].type.torch_dtype.is_floating_point
+
+
 def transition(src: Sbp, dst: Sbp) -> tuple[str, dict] | None:
     """The one-collective conversion from ``src`` to ``dst`` on one axis, or None."""
     if isinstance(src, Split) and isinstance(dst, Broadcast):

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from compiler import Cluster, compile
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
-from tests.launch import torchrun
+from tests.launch import Program, run_programs, selected_tests, torchrun
 from tests.models import gpt, gpt_inputs, gpt_model
 
 pytestmark = pytest.mark.multiproc
@@ -107,17 +107,32 @@ def test_a_rank_killed_mid_run_restarts_and_the_job_ends_as_if_uninterrupted(ref
     assert sorted(os.listdir(checkpoints)) == ["step-00000009", "step-00000012"]  # --keep 2
 
 
+@pytest.fixture(scope="module")
+def continued(reference, request, tmp_path_factory) -> dict:
+    """Each continuation this session tests, run from the reference's checkpoint of step 4 to step 8 (those of one
+    world size sharing a torchrun launch): name -> (folder, result)."""
+    programs, folders = {}, {}
+    for params in selected_tests(request, "test_a_checkpoint_continues_under_another_plan").values():
+        name = params["name"]
+        ranks, strategy = CONTINUATIONS[name]
+        folders[name] = folder = tmp_path_factory.mktemp(name)
+        main = emit(folder, ranks, strategy)
+        shutil.copytree(reference.checkpoint(4), folder / "checkpoints" / "step-00000004")
+        programs[name] = Program(HARNESS, ranks, (str(main), "--measure-load", str(folder / "load"), "--", "--steps",
+                                                  "8", "--data", str(folder / "data.pt"), "--checkpoint-dir",
+                                                  str(folder / "checkpoints"), "--resume", "--metrics",
+                                                  str(folder / "losses.jsonl")))
+    results = run_programs(programs)
+    return {name: (folders[name], results[name]) for name in programs}
+
+
 @pytest.mark.parametrize("name", list(CONTINUATIONS))
-def test_a_checkpoint_continues_under_another_plan(reference, tmp_path, name):
+def test_a_checkpoint_continues_under_another_plan(reference, continued, name):
     """The dp2 x tp2 checkpoint of step 4 continues under dp4, tp2 (with sequence and vocabulary parallelism),
     fsdp4 and a 2-stage 1F1B pipeline: steps 4-7 give the uninterrupted run's losses. No rank holds more than
     its own shards plus what DCP reads at once (two saved chunks), measured by the CPU allocator."""
-    ranks, strategy = CONTINUATIONS[name]
-    main = emit(tmp_path, ranks, strategy)
-    shutil.copytree(reference.checkpoint(4), tmp_path / "checkpoints" / "step-00000004")
-    proc = run_hooked(main, ranks, ["--measure-load", str(tmp_path / "load")], "--steps", "8",
-                      "--data", str(tmp_path / "data.pt"), "--checkpoint-dir", str(tmp_path / "checkpoints"),
-                      "--resume", "--metrics", str(tmp_path / "losses.jsonl"))
+    ranks, _ = CONTINUATIONS[name]
+    tmp_path, proc = continued[name]
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert ("at step 4, written under mesh {'dp': 2, 'tp': 2} on 1 pipeline position(s): resharded on load"
             in proc.stdout)

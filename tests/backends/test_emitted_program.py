@@ -47,6 +47,9 @@ PLANS = {  # name: (model, inputs, ranks, strategy)
                                                                    "schedule": "zbv"}),
     "dp_cp_ring": (gpt_model, gpt_inputs, 4, {"mesh": {"dp": 2, "cp": 2}, "cp_attention": "ring"}),
     "cp_allgather": (gpt_model, gpt_inputs, 2, {"mesh": {"cp": 2}, "cp_attention": "allgather"}),
+    "fp16_mixed": (gpt_model, gpt_inputs, 2, {"mesh": {"dp": 2}, "precision": "fp16-mixed"}),
+    "pipeline_fp16_mixed": (gpt_model, gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 2,
+                                                       "precision": "fp16-mixed"}),
 }
 PIPELINE_RUNTIME = {"PipelineStep", "STAGE_TENSORS", "SCHEDULE", "TiedGradientSync", "BucketedGradientSync",
                     "split_microbatches", "infer_path"}
@@ -167,7 +170,8 @@ def test_main_py_holds_the_plans_own_code_and_imports_the_runtime_by_name(progra
 
 
 def test_features_come_with_the_plans_that_use_them(programs):
-    """FSDP's regathering, gradient buckets, recomputation and local kernels appear only where used."""
+    """FSDP's regathering, gradient buckets, recomputation, local kernels and loss scaling appear only where
+    used."""
     names = {name: defined_names(program.runtime) for name, program in programs.items()}
     assert "comm_gather_param" in names["fsdp"] and "comm_gather_param" not in names["dp"]
     assert "@regathering_params\ndef forward(" in programs["fsdp"].main
@@ -187,6 +191,10 @@ def test_features_come_with_the_plans_that_use_them(programs):
     ring = {"ring_attention", "RingAttention", "attention_block", "merge_blocks"}  # context parallelism's ring
     assert ring <= names["dp_cp_ring"] and not ring & (names["cp_allgather"] | names["dp"] | names["dp_tp"])
     assert {"attention_rows", "arange_shard"} <= names["cp_allgather"]  # causal rows of a shard, its positions
+    for name in ("fp16_mixed", "pipeline_fp16_mixed"):  # fp16 compute: dynamic loss scaling, its flags
+        assert "DynamicLossScaler" in names[name] and '"--loss-scale"' in programs[name].runtime
+        assert programs[name].main.endswith("loss_scaler=DynamicLossScaler, description=__doc__)\n")
+    assert not any("DynamicLossScaler" in names[name] for name in names if "fp16" not in name)
 
 
 def test_gpt_dp_program_is_lean(programs):

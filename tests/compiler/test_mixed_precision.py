@@ -13,18 +13,24 @@ import re
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+from backends.runtime.loss_scaling import DynamicLossScaler
 from cluster import Cluster as ClusterModel
 from cluster.builtins import local_spec
 from compiler import Cluster, compile
 from frontend.dsl import PlanError, parse_plan
+from ir.ops.comm import sums_partials
 from ir.verifier import VerificationError, verify
 from passes.grad_sync import gradient_reductions
 from strategy import normalize
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, LLAMA_MEGATRON, tp
-from tests.launch import train_eager, train_emitted, train_virtual
-from tests.models import (assert_low_precision_close, eager_loss_and_grads, gpt_inputs, gpt_model, llama_model,
-                          lm_inputs)
+from backends.virtual import run_virtual
+from tests.backends.test_emitted_program import _free_port as free_port
+from tests.launch import import_program, train_eager, train_emitted, train_virtual
+from tests.models import (assert_low_precision_close, assert_low_precision_run_close, eager_loss_and_grads,
+                          gpt_inputs, gpt_model, llama_model, lm_inputs)
 
 MIXED = {"param": "fp32", "compute": "bf16", "reduce": "fp32"}
 
@@ -158,7 +164,8 @@ def test_bad_precision_is_one_clear_error(bad, message):
 
 
 def test_a_compute_dtype_the_cluster_lacks_is_refused():
-    """V100s list no bf16 peak: bf16 compute there is one error naming the key and the dtypes they list."""
+    """V100s list no bf16 peak: bf16 compute there is one error naming the key and the dtypes they list; a
+    param dtype other than the model's, and a cluster of CPU ranks and GPUs, likewise."""
     spec = local_spec(2)
     spec["nodes"][0]["device"] = "v100-32gb"
     with pytest.raises(Exception, match=r"strategy\['precision'\]\['compute'\]: compute dtype bf16 is not one the "
@@ -169,6 +176,12 @@ def test_a_compute_dtype_the_cluster_lacks_is_refused():
                                         r"model's parameters are fp32; cast the model \(model\.to\(torch\.bfloat16\)\) or "
                                         r"write param=fp32"):
         compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy={"precision": "bf16"})
+    spec = local_spec(1)  # a CPU rank and a GPU: their autocast lists differ
+    spec["nodes"].append({**copy.deepcopy(spec["nodes"][0]), "name": "gpu", "device": "a100-80gb"})
+    with pytest.raises(Exception, match=r"strategy\['precision'\]\['compute'\]: the cluster mixes CPU ranks with "
+                                        r"a100-80gb devices, whose autocast casts differ"):
+        compile(gpt_model(), gpt_inputs(), cluster=ClusterModel.from_dict(spec),
+                strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
 
 
 def test_the_simulator_prices_the_plans_precision():
@@ -192,7 +205,9 @@ def test_emitted_bf16_mixed_dp2_tp2_trains_five_adamw_steps_like_eager_autocast(
     """dp2 x tp2 bf16-mixed under torchrun (gloo), 5 AdamW steps, against eager torch.autocast training with
     fp32 master weights (and fp32 training of the same weights as the exact reference):
 
-    - the first loss equals the virtual mesh's bitwise (the same ops, and 2-rank sums: the same order);
+    - every loss and the trained weights equal the virtual mesh's bitwise (the same ops, the same sums in the
+      same order: 2-rank all-reduces, dp then tp, and one intra-op thread on both sides, as CPU layer_norm's
+      backward adds its weight and bias gradients up in one partial sum per thread);
     - each step's loss is within the low-precision bar of eager autocast's;
     - the updates (final - initial weights, all parameters as one vector) are within the bar: per tensor
       the bar does not hold after several Adam steps, as Adam divides each gradient element by its own
@@ -210,8 +225,10 @@ def test_emitted_bf16_mixed_dp2_tp2_trains_five_adamw_steps_like_eager_autocast(
     losses, saved = train_emitted(plan, tmp_path, data, steps=5)
     first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])  # --metrics reports the precision
     assert (first["param_dtypes"], first["grad_dtypes"], first["optimizer_state_dtypes"]) == (["float32"],) * 3
-    virtual_losses, _ = train_virtual(plan, data, 1, BF16_MIXED_ADAMW)
-    assert losses[0] == virtual_losses[0]
+    assert torch.get_num_threads() == 1  # as every torchrun rank (OMP_NUM_THREADS=1; tests/conftest.py)
+    virtual_losses, virtual_trained = train_virtual(plan, data, 5, BF16_MIXED_ADAMW)
+    assert losses == virtual_losses
+    assert [n for n, value in virtual_trained.items() if not torch.equal(saved[n], value)] == []
     eager, exact = copy.deepcopy(model), copy.deepcopy(model)
     eager_losses = train_eager(eager, data, 5, BF16_MIXED_ADAMW, autocast=torch.bfloat16)
     exact_losses = train_eager(exact, data, 5, BF16_MIXED_ADAMW)
@@ -249,3 +266,185 @@ def test_emitted_fsdp_bf16_reduce_equals_the_virtual_mesh_bitwise(tmp_path):
     assert losses == virtual_losses
     for name, value in trained.items():
         assert torch.equal(saved[name], value), name
+
+
+SCALER = {"init_scale": 2.0 ** 10, "growth_factor": 2.0 ** 60, "backoff_factor": 2.0 ** -60, "growth_interval": 2}
+"""Two good steps at 2**10, then the scale grows to 2**70, at which fp16 backward overflows whatever the
+weights (a gradient element of 1e-16 times 2**70 is past fp16's 65504): the third step is skipped on both
+sides and the scale backs off to 2**10 again."""
+
+
+def train_virtual_loss_scaled(plan, batches: list, optimizer: tuple) -> tuple[list, list, dict, dict]:
+    """The virtual mesh with fp16 dynamic loss scaling, as an emitted program runs it: backward from the scaled
+    loss, the synced gradients unscaled, the step skipped where one overflowed; the losses, the (scale, skipped)
+    of each step, the first step's (unscaled) gradients, the trained parameters."""
+    scaler, weights = DynamicLossScaler(**SCALER), {n: v.detach().clone() for n, v in plan.weights.items()}
+    params, opt, losses, steps, first = {}, None, [], [], {}
+    for batch in batches:
+        result = plan.run_virtual(*batch, loss_scale=scaler.scale) if not params else run_virtual(
+            plan.graph, {**weights, **{n: p.detach() for n, p in params.items()}}, batch, "train",
+            loss_scale=scaler.scale)
+        if opt is None:
+            params = {n: torch.nn.Parameter(weights[n]) for n in result.grads}
+            opt = optimizer[0](list(params.values()), **optimizer[1])
+        for n, p in params.items():
+            p.grad = result.grads[n].clone()
+        skipped = bool(scaler.unscale(p.grad for p in params.values()))
+        first = first or {n: p.grad.clone() for n, p in params.items()}
+        if not skipped:
+            opt.step()
+        losses.append(result.loss.item())
+        steps.append((float(scaler.scale), skipped))
+        scaler.update(skipped)
+    return losses, steps, first, {n: p.detach() for n, p in params.items()}
+
+
+def train_eager_grad_scaler(model, batches: list, optimizer: tuple,
+                            skip: set | None = None) -> tuple[list, list, dict]:
+    """Eager ``torch.autocast(float16)`` + ``torch.amp.GradScaler`` training; the losses, the (scale, skipped) of
+    each step and the first step's (unscaled) gradients. With ``skip``: float32 training without a scaler,
+    skipping those steps (the exact reference)."""
+    opt, scaler = optimizer[0](model.parameters(), **optimizer[1]), torch.amp.GradScaler("cpu", **SCALER)
+    losses, steps, first = [], [], {}
+    for step, batch in enumerate(batches):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=skip is None):
+            loss = model(*batch)
+        losses.append(loss.item())
+        if skip is not None:
+            loss.backward()
+            if step not in skip:
+                opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale()
+            scaler.step(opt)  # unscales the gradients in place first
+            scaler.update()
+            steps.append((scale, scaler.get_scale() < scale))
+        first = first or {n: p.grad.clone() for n, p in model.named_parameters()}
+    return losses, steps, first
+
+
+def test_fp16_mixed_dp2_scales_its_loss_like_eager_grad_scaler():
+    """fp16-mixed GPT under dp2 on the virtual mesh with dynamic loss scaling, 4 AdamW steps against eager
+    autocast(fp16) + GradScaler with the same scaler settings (:data:`SCALER`): the same scales and the
+    same skipped step (the third, an overflow), each loss and all updates within the low-precision bar of
+    eager's (the exact reference: fp32 training without that step)."""
+    data = [gpt_inputs(seed=40 + i) for i in range(4)]
+    model = gpt_model()
+    plan = compile(model, data[0], cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "precision": "fp16-mixed"})
+    losses, steps, grads, trained = train_virtual_loss_scaled(plan, data, BF16_MIXED_ADAMW)
+    eager, exact = copy.deepcopy(model), copy.deepcopy(model)
+    eager_losses, eager_steps, eager_grads = train_eager_grad_scaler(eager, data, BF16_MIXED_ADAMW)
+    exact_losses, _, exact_grads = train_eager_grad_scaler(exact, data, BF16_MIXED_ADAMW, skip={2})
+    assert steps == eager_steps == [(2.0 ** 10, False), (2.0 ** 10, False), (2.0 ** 70, True), (2.0 ** 10, False)]
+    for step, values in enumerate(zip(losses, eager_losses, exact_losses)):
+        assert_low_precision_close(f"step {step} loss", *map(torch.tensor, values), low=torch.float16)
+    for name, grad in grads.items():  # unscaled: Adam's update alone would hardly show a missing unscale
+        assert_low_precision_close(f"step 0 {name}", grad, eager_grads[name], exact_grads[name], low=torch.float16)
+    initial, references = model.state_dict(), (eager.state_dict(), exact.state_dict())
+    flat = [torch.cat([d[k].reshape(-1).double() - initial[k].reshape(-1).double() for k in trained])
+            for d in (trained, *references)]
+    assert_low_precision_close("all updates", *flat, low=torch.float16)
+
+
+class LowPrecisionInputs(nn.Module):
+    """layer_norm, softmax, exp and sum reached by bf16 values (a linear's output) under autocast: CPU autocast
+    runs them in bf16, CUDA autocast in float32."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.ln, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+
+    def forward(self, x, y):
+        h = self.ln(self.fc1(x))
+        p = torch.softmax(self.fc2(h), dim=-1)
+        return F.mse_loss(p * torch.exp(h).sum(-1, keepdim=True), y)
+
+
+def test_the_casts_follow_the_autocast_lists_of_the_clusters_device_type():
+    """On CPU ranks a bf16-mixed plan casts as torch.autocast("cpu"): layer_norm, softmax, exp and sum read the
+    bf16 values they are given, and a one-rank plan's loss and every gradient equal eager CPU autocast's
+    bitwise (the same ops on the same dtypes). The same model planned for GPUs casts as CUDA autocast:
+    layer_norm and softmax read float32 casts of the linears' outputs, and exp and sum run in float32."""
+    model, inputs = LowPrecisionInputs(), (torch.randn(8, 16), torch.randn(8, 8))
+    plan = compile(model, inputs, cluster=Cluster.local(1), strategy={"mesh": {"dp": 1}, "precision": "bf16-mixed"})
+    low = r"%(layer_norm|softmax|exp|sum_1): bf16\[batch, \d+\] .* = aten\.\w+\.\w+\(%(linear|linear_1|layer_norm|exp)[,)]"
+    assert len(re.findall(low, plan.ir)) == 4, plan.ir
+    result = plan.run_virtual(*inputs)
+    loss, grads = autocast_loss_and_grads(model, inputs)
+    assert torch.equal(result.loss, loss)
+    assert [n for n, g in grads.items() if not torch.equal(result.grads[n], g)] == []
+    spec = local_spec(2)
+    spec["nodes"][0]["device"] = "a100-80gb"
+    gpus = compile(model, inputs, cluster=ClusterModel.from_dict(spec),
+                   strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
+    assert len(re.findall(r"%(layer_norm|softmax|exp|sum_1): f32\[batch, \d+\]", gpus.ir)) == 4, gpus.ir
+    assert len(re.findall(r"aten\.(layer_norm|softmax)\.\w+\(%linear(_1)?_f32[,)]", gpus.ir)) == 2, gpus.ir
+
+
+@pytest.mark.slow
+def test_forward_reduce_sums_every_forward_partial_in_its_dtype(tmp_path):
+    """``forward_reduce=fp32`` on a pure bf16 GPT: every forward sum of partials across ranks (tp2's all-reduces;
+    with sequence parallelism its reduce-scatters) runs in fp32 (``reduce_dtype=``, in the IR and in the emitted
+    program's collectives), the verifier rejects one that does not, the plan language round-trips it, and the
+    virtual run stays within the low-precision bar of eager bf16. (On 2 ranks a bf16 sum rounds once either
+    way; the dtype matters from 3 ranks on, where a bf16 all-reduce rounds after every addition.)"""
+    model, x = gpt_model().to(torch.bfloat16), gpt_inputs()
+    precision = {"param": "bf16", "compute": "bf16", "reduce": "bf16", "forward_reduce": "fp32"}
+    plan = compile(model, x, cluster=Cluster.local(2),
+                   strategy={"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "precision": precision})
+    assert_low_precision_run_close(plan.run_virtual(*x), model, x)
+    sequence = compile(model, x, cluster=Cluster.local(2), strategy={
+        "mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "sequence_parallel": True, "precision": precision})
+    for compiled, op in ((plan, "all_reduce"), (sequence, "reduce_scatter")):
+        sums = [n for n in compiled.graph.nodes if sums_partials(n)]
+        assert len(sums) >= 4 and {n.op for n in sums} == {f"comm.{op}"}
+        assert {n.kwargs["reduce_dtype"] for n in sums} == {torch.float32}
+        assert compiled.ir.count("reduce_dtype=torch.float32") == len(sums)
+    main = sequence.emit(tmp_path).read_text()
+    assert main.count("comm_reduce_scatter(") == main.count("reduce_dtype=torch.float32)") >= 4
+    assert "precision param=bf16, compute=bf16, reduce=bf16, forward_reduce=fp32" in plan.to_dsl()
+    assert parse_plan(plan.to_dsl()).precision == normalize({"precision": precision}).precision
+    node = next(n for n in plan.graph.nodes if sums_partials(n))
+    node.kwargs.pop("reduce_dtype")
+    with pytest.raises(VerificationError, match=rf"%{node.outputs[0].name} .*comm\.all_reduce over tp sums its partial "
+                                                r"values in bf16 \(the value's own\), but the plan's precision sums "
+                                                r"forward partials in f32"):
+        verify(plan.graph)
+
+
+@pytest.mark.slow
+def test_an_emitted_fp16_program_scales_skips_and_resumes_like_the_virtual_mesh(tmp_path, monkeypatch):
+    """The emitted program of a one-rank fp16-mixed GPT, its training loop run in this process (no launch): 4 AdamW
+    steps with the scaler flags of :data:`SCALER` log the virtual mesh's losses, scales and skipped step
+    bitwise in ``--metrics`` and save its weights; 2 steps with a checkpoint, then ``--resume`` to 4, continue
+    with the checkpointed scale (2**70: the resumed third step is skipped too) to the same weights."""
+    data = [gpt_inputs(seed=40 + i) for i in range(4)]
+    plan = compile(gpt_model(), data[0], cluster=Cluster.local(1), optimizer=BF16_MIXED_ADAMW,
+                   strategy={"mesh": {"dp": 1}, "precision": "fp16-mixed"})
+    path = plan.emit(tmp_path / "program")
+    torch.save(data, tmp_path / "data.pt")
+    program, runtime_module = import_program(path)
+    flags = ["--data", str(tmp_path / "data.pt"), "--loss-scale", str(SCALER["init_scale"]), "--loss-scale-growth",
+             str(SCALER["growth_factor"]), "--loss-scale-backoff", str(SCALER["backoff_factor"]),
+             "--loss-scale-interval", str(SCALER["growth_interval"]), "--checkpoint-dir", str(tmp_path / "ck")]
+
+    def train(*args: str) -> list[dict]:
+        for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                                LOCAL_RANK="0", SBPC_FORCE_GLOO="1").items():
+            monkeypatch.setenv(name, value)
+        metrics = tmp_path / f"metrics{len(list(tmp_path.glob('metrics*')))}.jsonl"
+        runtime_module.main(program.forward, loss_scaler=runtime_module.DynamicLossScaler,
+                            argv=[*flags, "--metrics", str(metrics), *args])
+        return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    losses, steps, _, trained = train_virtual_loss_scaled(plan, data, BF16_MIXED_ADAMW)
+    whole = train("--steps", "4", "--save", str(tmp_path / "whole.pt"))
+    assert [r["loss"] for r in whole] == losses and [(r["loss_scale"], r["skipped"]) for r in whole] == steps
+    train("--steps", "2", "--checkpoint-every", "2")
+    resumed = train("--steps", "4", "--resume", "--save", str(tmp_path / "resumed.pt"))
+    assert [(r["step"], r["loss_scale"], r["skipped"]) for r in resumed] == [(2, 2.0 ** 70, True), (3, 2.0 ** 10, False)]
+    for saved in (torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "resumed.pt")):
+        assert [n for n, value in trained.items() if not torch.equal(saved[n], value)] == []

@@ -6,8 +6,8 @@ import torch
 
 from compiler import Cluster, compile
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
-from tests.launch import (assert_state_close, run_programs, selected_tests, torchrun, train_eager, training_program,
-                          training_result)
+from tests.launch import (Program, assert_state_close, run_programs, selected_tests, torchrun, train_eager,
+                          training_program, training_result)
 from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model, resnet_style_model
 
 pytestmark = pytest.mark.multiproc
@@ -56,17 +56,23 @@ def training_case(test_name: str, params: dict) -> tuple:
 
 @pytest.fixture(scope="module")
 def trained(request, tmp_path_factory) -> dict:
-    """The training programs this session's tests check, run under torchrun (those of one world size sharing a
-    launch): test name -> (plan, folder, logged losses, saved weights)."""
+    """The programs this session's tests check, run under torchrun (those of one world size sharing a launch):
+    test name -> (plan, folder, logged losses, saved weights); the synthetic-batch run -> its result."""
     cases = {name: training_case(test_name, params)
              for test_name in ("test_data_parallel_five_sgd_steps", "test_sharded_programs_three_adamw_steps",
                                "test_batch_norm_running_statistics_follow_eager",
                                "test_emitted_shards_match_the_reported_parameter_memory")
              for name, params in selected_tests(request, test_name).items()}
     folders = {name: tmp_path_factory.mktemp("program") for name in cases}
-    results = run_programs({name: training_program(plan, folders[name], data, steps)
-                            for name, (plan, data, steps) in cases.items()})
-    return {name: (cases[name][0], folders[name], *training_result(folders[name], results[name])) for name in cases}
+    programs = {name: training_program(plan, folders[name], data, steps) for name, (plan, data, steps) in cases.items()}
+    if selected_tests(request, "test_synthetic_batches_run"):
+        folders["synthetic"] = tmp_path_factory.mktemp("synthetic")
+        plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+        programs["synthetic"] = Program(plan.emit(folders["synthetic"]), 2, (
+            "--steps", "2", "--seed", "3", "--metrics", str(folders["synthetic"] / "m.jsonl")))
+    results = run_programs(programs)
+    runs = {name: (cases[name][0], folders[name], *training_result(folders[name], results[name])) for name in cases}
+    return runs | ({"synthetic": (folders["synthetic"], results["synthetic"])} if "synthetic" in results else {})
 
 
 @pytest.mark.parametrize("ranks", DATA_PARALLEL)
@@ -127,12 +133,10 @@ def test_missing_data_file_is_one_clear_error(tmp_path):
     assert "Traceback" not in _rank_output(proc.stderr)
 
 
-def test_synthetic_batches_run(tmp_path):
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
-    main = plan.emit(tmp_path)
-    proc = torchrun(main, 2, "--steps", "2", "--seed", "3", "--metrics", str(tmp_path / "m.jsonl"))
+def test_synthetic_batches_run(trained):
+    folder, proc = trained["synthetic"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+    assert len((folder / "m.jsonl").read_text().splitlines()) == 2
 
 
 def _rank_output(stderr: str) -> str:

@@ -2,6 +2,7 @@
 criteria of issue 5 (auto vs the Megatron grid on dgx-a100:2, heterogeneous clusters)."""
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -325,7 +326,9 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+@functools.cache
 def captured_config(name: str, batch: int = BATCH) -> Graph:
+    """The meta-device GPT ``name`` captured for ``batch`` (once per session: the planner only reads it)."""
     graph = capture(gpt_configs.meta_model(name), gpt_configs.example_batch(batch), train=True).graph
     graph.attrs["example_dims"] = {"batch": batch, "seq": gpt_configs.SEQUENCE}
     return graph
