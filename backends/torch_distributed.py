@@ -32,8 +32,8 @@ from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages
                                  stage_index, tied_groups)
 from ir.ops.attention import RING_ATTENTION, runs_ring
 from ir.ops.moe import DISPATCH, EXCHANGING, OverlappedLayer, exchanges, overlapped_layers
-from ir.precision import scales_loss
 from ir.ops.registry import LocalContext, balanced_comm_kwargs, local_call, local_shape, sequence_sizes
+from ir.precision import cast_parameter, narrowing_cast, scales_loss
 from ir.sbp import format_nd_sbp
 from ir.types import DTYPES_BY_NAME
 
@@ -358,6 +358,7 @@ class ProgramWriter:
         function run under ``checkpoint``. ``returned``: values the caller returns after these lines."""
         kept = {id(v) for v in returned}
         lines: list[str] = []
+        nodes = [n for n in nodes if not _cast_in_gather(n)]
         for region, run in recompute_regions(nodes):
             if region is None:
                 lines += [line for line in map(self._line, run) if line]
@@ -413,6 +414,8 @@ class ProgramWriter:
         node = value.producer
         if node is not None and node.op.startswith("comm."):
             source = node.input_values()[0]
+            if cast_parameter(source) is not None and node.op == "comm.all_gather":  # the gathered cast parameter
+                return f"{_identifier(cast_parameter(source).target)}_{source.type.dtype}"
             if source.kind in ("param", "buffer"):
                 stem = _identifier(source.target)
                 return stem if node.op == "comm.all_gather" else f"{stem}_{node.op[len('comm.'):]}"
@@ -431,12 +434,18 @@ class ProgramWriter:
         outs = [self._assign(v) for v in node.outputs]
         comment = f"  # {', '.join(format_nd_sbp(v.sbp) for v in node.outputs)}"
         if node.op.startswith("comm."):
-            x = self._arg(node.input_values()[0])
+            source = node.input_values()[0]
             kwargs = {**node.kwargs, **balanced_comm_kwargs(node, self.sequences)}  # load-balanced cp splits
-            kw = ", ".join(f"{k}={self._arg(v)}" for k, v in kwargs.items())
             func = COMM_FUNCS[node.op]
-            if node.op == "comm.all_gather" and node.input_values()[0].kind == "param":
+            param = cast_parameter(source) if node.op == "comm.all_gather" else None
+            if param is not None:  # a parameter's shard cast, then gathered: one call casts and gathers
+                kwargs = {"axis": kwargs.pop("axis"), "dim": kwargs.pop("dim"), "dtype": source.type.torch_dtype,
+                          **kwargs}
+                source = param
+            if node.op == "comm.all_gather" and source.kind == "param":
                 func = "comm_gather_param"  # freed after use, gathered again for backward
+            x = self._arg(source)
+            kw = ", ".join(f"{k}={self._arg(v)}" for k, v in kwargs.items())
             return f"    {outs[0]} = {func}({x}, {kw}){comment}"
         mesh = self.graph.meshes[node.outputs[0].mesh]
         if node.op == RING_ATTENTION and runs_ring(node, mesh, node.input_values()[0].sbp):
@@ -621,6 +630,12 @@ class PipelineProgramWriter(ProgramWriter):
         verb = "receives" if kind == "entry" else "sends"
         doc = f"Local shapes and dtypes of the values stage {st.index} {verb}, by slot."
         return self._function(f"{kind}_shapes_{st.index}(dims)", doc, [f"    return [{', '.join(items)}]"])
+
+
+def _cast_in_gather(node: Node) -> bool:
+    """A parameter's cast that the gathers of its value do themselves (``comm_gather_param(..., dtype=)``)."""
+    return (narrowing_cast(node) and node.input_values()[0].kind == "param"
+            and all(use.op == "comm.all_gather" for use in node.outputs[0].uses))
 
 
 def _returns_list(node: Node) -> bool:

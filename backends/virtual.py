@@ -28,6 +28,7 @@ from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import (LocalContext, balanced_axes, balanced_comm_kwargs, coord_symbol, local_call,
                              sequence_sizes)
+from ir.precision import cast_parameter
 from ir.sbp import Broadcast, NdSbp, Partial, Split
 from ir.ops.custom import resolve_op
 from ir.types import CONTEXT_AXIS, DTYPES_BY_NAME, Mesh, is_float_expr
@@ -122,8 +123,11 @@ def _group_collective(op: str, xs: list, kw: dict) -> list:
     balanced = kw.get("balanced", False)
     if op == "comm.all_gather" and balanced:
         return [unbalance(x, kw["dim"], n) for x in _group_collective(op, xs, {**kw, "balanced": False})]
+    if kw.get("cast") is not None and kw.get("grad_dtype") is None:  # no reduce dtype: autograd casts back
+        xs = [x.to(kw["cast"]) for x in xs]
     if kw.get("grad_dtype") is not None and op in ("comm.all_reduce", "comm.all_gather") and kw.get("op") != "max":
-        return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], kw.get("reduce_dtype"), *xs))
+        return list(GroupCollective.apply(op, kw.get("dim"), kw["grad_dtype"], kw.get("reduce_dtype"), kw.get("cast"),
+                                          *xs))
     if op == "comm.all_reduce":
         total = torch.stack(xs).amax(0) if kw.get("op") == "max" else partial_sum(xs, kw.get("reduce_dtype"))
         return [total.clone() for _ in range(n)]
@@ -158,11 +162,13 @@ def partial_sum(xs: list, dtype: torch.dtype | None) -> torch.Tensor:
 class GroupCollective(torch.autograd.Function):
     """One group's all-reduce (sum) or all-gather whose backward sums the ranks' gradients in ``grad_dtype``
     (the plan's reduce dtype) and rounds the sum to the value's dtype once, as the real program's adjoint
-    collective does; autograd alone would add the gradients up in their own dtype."""
+    collective does; autograd alone would add the gradients up in their own dtype. ``cast``: a dtype the
+    inputs (parameter shards) are cast to before the gather; their gradients come back in their own dtype."""
 
     @staticmethod
-    def forward(ctx, op, dim, grad_dtype, reduce_dtype, *xs):
+    def forward(ctx, op, dim, grad_dtype, reduce_dtype, cast, *xs):
         ctx.op, ctx.dim, ctx.grad_dtype, ctx.dtype = op, dim, grad_dtype, xs[0].dtype
+        xs = [x.to(cast) for x in xs] if cast is not None else xs
         whole = partial_sum(xs, reduce_dtype) if op == "comm.all_reduce" else torch.cat(xs, dim=dim)
         return tuple(whole.clone() for _ in xs)
 
@@ -170,7 +176,7 @@ class GroupCollective(torch.autograd.Function):
     def backward(ctx, *grads):
         total = torch.stack([g.to(ctx.grad_dtype) for g in grads]).sum(0).to(ctx.dtype)
         parts = [total] * len(grads) if ctx.op == "comm.all_reduce" else total.chunk(len(grads), dim=ctx.dim)
-        return (None, None, None, None, *(p.clone() for p in parts))
+        return (None, None, None, None, None, *(p.clone() for p in parts))
 
 
 def ring_attention(node: Node, env: dict, mesh: Mesh) -> list:
@@ -354,7 +360,11 @@ class VirtualMesh:
             mesh = self.mesh(ins[0])
             axis = mesh.axis_index(node.kwargs["axis"])
             kwargs = {**node.kwargs, **balanced_comm_kwargs(node, self.sequences)}
-            env[id(node.outputs[0])] = collective(node.op, env[id(ins[0])], mesh, axis, kwargs)
+            param = cast_parameter(ins[0]) if node.op == "comm.all_gather" else None
+            if param is not None:  # a parameter's shard cast, then gathered: one collective from the parameter
+                kwargs["cast"] = ins[0].type.torch_dtype
+            xs = env[id(param if param is not None else ins[0])]
+            env[id(node.outputs[0])] = collective(node.op, xs, mesh, axis, kwargs)
             return
         mesh = self.mesh(node.outputs[0])
         if node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp):

@@ -1,16 +1,20 @@
 """Emitted DP / TP / FSDP programs against DDP, parallelize_module and fully_shard (2 ranks, gloo).
 
-    python benchmarks/parallel_vs_torch.py [--ranks 2] [--steps 10]
+    python benchmarks/parallel_vs_torch.py [--ranks 2] [--steps 10] [--repeat 3]
 
-The emitted programs' step time is measured from two runs that differ only in their step count
-(start-up cancels out); the native baselines time their own loop. Prints one ratio per strategy:
-emitted / native step time (below 1 means the compiler's program is faster).
+Both sides time their own steady-state loop after 2 warmup steps: the emitted program from its --metrics
+lines (each step's seconds), the native baseline from a barrier before and after its timed steps; start-up is
+not counted on either side. Prints one ratio per strategy: emitted / native step time (below 1 means the
+compiler's program is faster). With --repeat N the two are measured N times in turn (a shared machine's load
+changes from minute to minute) and the median of the N ratios is printed after them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,19 +49,29 @@ def launch(script: Path, ranks: int, *args: str) -> tuple[float, str]:
     return time.perf_counter() - start, proc.stdout
 
 
-def emitted_step_time(strategy, ranks: int, steps: int, workdir: Path) -> float:
-    batches = [bench_batch(i) for i in range(steps + 2)]
+WARMUP = 2
+
+
+def emit_program(strategy, ranks: int, steps: int, workdir: Path) -> Path:
+    """The emitted program of the benchmark GPT under ``strategy``, with its batches beside it."""
+    batches = [bench_batch(i) for i in range(steps + WARMUP)]
     plan = compile(bench_model(), batches[0], cluster=Cluster.local(ranks), strategy=strategy,
                    optimizer=(torch.optim.SGD, {"lr": 0.1}))
     main = plan.emit(workdir)
     torch.save(batches, workdir / "data.pt")
-    short, _ = launch(main, ranks, "--steps", "2", "--data", str(workdir / "data.pt"))
-    long, _ = launch(main, ranks, "--steps", str(steps + 2), "--data", str(workdir / "data.pt"))
-    return (long - short) / steps
+    return main
+
+
+def emitted_step_time(main: Path, ranks: int, steps: int) -> float:
+    """The mean of the program's own step times (its --metrics seconds) after the warmup steps."""
+    metrics = main.parent / "metrics.jsonl"
+    launch(main, ranks, "--steps", str(steps + WARMUP), "--data", str(main.parent / "data.pt"), "--metrics", str(metrics))
+    seconds = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()][WARMUP:]
+    return sum(seconds) / len(seconds)
 
 
 def native_step_time(mode: str, ranks: int, steps: int) -> float:
-    _, out = launch(HERE / "torch_native.py", ranks, "--mode", mode, "--steps", str(steps))
+    _, out = launch(HERE / "torch_native.py", ranks, "--mode", mode, "--steps", str(steps), "--warmup", str(WARMUP))
     return float(re.search(r"step_time_s ([0-9.]+)", out).group(1))
 
 
@@ -66,16 +80,23 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only", choices=list(STRATEGIES), action="append")
+    parser.add_argument("--repeat", type=int, default=1, help="measure both sides this many times, in turn")
     args = parser.parse_args()
-    print(f"GPT {BENCH_CONFIG}, {args.ranks} ranks on gloo, {args.steps} timed steps")
+    print(f"GPT {BENCH_CONFIG}, {args.ranks} ranks on gloo, {args.steps} timed steps after {WARMUP} warmup steps")
     print(f"{'strategy':>8} {'emitted s/step':>15} {'native s/step':>14} {'native':>16} {'ratio':>7}")
     for name in args.only or list(STRATEGIES):
         native_mode, strategy = STRATEGIES[name]
-        with tempfile.TemporaryDirectory() as tmp:
-            emitted = emitted_step_time(strategy(args.ranks), args.ranks, args.steps, Path(tmp))
-        native = native_step_time(native_mode, args.ranks, args.steps)
         label = {"ddp": "DDP", "tp": "parallelize_module", "fsdp": "fully_shard"}[native_mode]
-        print(f"{name:>8} {emitted:>15.4f} {native:>14.4f} {label:>16} {emitted / native:>7.2f}")
+        ratios = []
+        with tempfile.TemporaryDirectory() as tmp:
+            main = emit_program(strategy(args.ranks), args.ranks, args.steps, Path(tmp))
+            for _ in range(args.repeat):
+                emitted = emitted_step_time(main, args.ranks, args.steps)
+                native = native_step_time(native_mode, args.ranks, args.steps)
+                ratios.append(emitted / native)
+                print(f"{name:>8} {emitted:>15.4f} {native:>14.4f} {label:>16} {ratios[-1]:>7.2f}", flush=True)
+        if args.repeat > 1:
+            print(f"{name:>8} {'median of ' + str(args.repeat):>47} {statistics.median(ratios):>7.2f}", flush=True)
 
 
 if __name__ == "__main__":

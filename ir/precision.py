@@ -173,3 +173,27 @@ def scales_loss(precision: dict | None) -> bool:
     flushes small gradients to zero; bf16 has fp32's range). Pure fp16 training (fp16 parameters) is not
     scaled: its gradients could not be unscaled without rounding, which GradScaler refuses too."""
     return bool(precision) and precision.get("compute") == "f16" and precision.get("param") == "f32"
+
+
+CAST_OP = "aten._to_copy.default"
+"""The op of a dtype cast (what the precision pass inserts)."""
+
+
+def narrowing_cast(node) -> bool:
+    """Whether ``node`` only casts its input to a float dtype of fewer bytes (fp32 -> bf16)."""
+    if node is None or node.op != CAST_OP or set(node.kwargs) != {"dtype"}:
+        return False
+    source, out = node.input_values()[0].type, node.outputs[0].type
+    return out.torch_dtype.is_floating_point and out.torch_dtype.itemsize < source.torch_dtype.itemsize
+
+
+def cast_parameter(value):
+    """The parameter ``value`` is a narrowing cast of (see :func:`narrowing_cast`), else None. FSDP gathers such
+    a value from the parameter's shard, cast before the gather (``passes/boxing.py``): the emitted program and
+    the virtual mesh gather the parameter in one call that casts first and returns the gradient of the
+    reduce-scatter in its reduce dtype, never rounded to the cast's dtype on its way to the parameter."""
+    node = value.producer
+    if not narrowing_cast(node):
+        return None
+    source = node.input_values()[0]
+    return source if source.kind == "param" else None

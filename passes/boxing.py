@@ -17,6 +17,7 @@ from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.ops.comm import transition
 from ir.ops.registry import splits_divide
+from ir.precision import narrowing_cast
 from ir.sbp import IN_SBP_ATTR, PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
@@ -167,6 +168,7 @@ def boxing_pass(graph: Graph, ctx: PassContext) -> None:
             new = converted[key]
             _replace_one_use(node, v, new)
     _box_buffer_updates(graph, ctx)
+    _cast_shards_before_gathers(graph)
     mark_forward_reductions(graph)  # the sums of partials in the plan's forward_reduce dtype, if it names one
 
 
@@ -181,6 +183,27 @@ def _box_buffer_updates(graph: Graph, ctx: PassContext) -> None:
         before = graph.nodes[position] if position < len(graph.nodes) else None
         cost = boxing_cost(ctx, graph.meshes[value.mesh], backward=False)  # new statistics carry no gradient
         graph.buffer_updates[buffer] = insert_conversion(graph, value, buffer.sbp, before, cost, origin=producer)
+
+
+def _cast_shards_before_gathers(graph: Graph) -> None:
+    """A parameter gathered only to be cast to a narrower dtype (FSDP under ``bf16-mixed``: fp32 shards, bf16
+    compute) is cast on its shard and gathered in the narrow dtype, as ``fully_shard`` with ``param_dtype``
+    does: half the bytes on the wire, the same values (a cast commutes with a gather). The parameter stays in its
+    dtype (the fp32 master shard the optimizer updates); its gradient is reduce-scattered in the gather's
+    ``grad_dtype`` (``grad_sync``) and reaches the parameter unrounded (``ir.precision.cast_parameter``)."""
+    for gather in [n for n in graph.nodes if n.op == "comm.all_gather"]:
+        param, full = gather.input_values()[0], gather.outputs[0]
+        cast = full.uses[0] if len(full.uses) == 1 else None
+        if param.kind != "param" or not narrowing_cast(cast) or full in graph.outputs:
+            continue
+        narrow = cast.outputs[0]
+        graph.replace_all_uses(narrow, full)  # its readers read the gathered narrow tensor
+        cast.map_values(lambda v: param if v is full else v)
+        gather.map_values(lambda v: narrow if v is param else v)
+        narrow.sbp, narrow.mesh = param.sbp, param.mesh
+        full.type = TensorType(full.type.shape, narrow.type.dtype)
+        graph.nodes.remove(cast)
+        graph.nodes.insert(graph.nodes.index(gather), cast)
 
 
 def _replace_one_use(node: Node, old: Value, new: Value) -> None:

@@ -21,13 +21,14 @@ import torch.distributed.checkpoint as dcp
 
 from compiler import Cluster, compile
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
-from tests.launch import torchrun
+from tests.launch import Program, run_programs, selected_tests, torchrun
 from tests.models import gpt_inputs, gpt_model
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 SGD = (torch.optim.SGD, {"lr": 0.5, "momentum": 0.9})
-BATCH, SEQ, STEPS, ACCUM, WARMUP, MAX_NORM, SEED = 8, 16, 4, 2, 2, 0.5, 3
-TOKENS = 600  # 37 windows: the 64 samples of a run cross into a second epoch
+BATCH, SEQ, STEPS, ACCUM, WARMUP, MAX_NORM, SEED = 8, 16, 10, 2, 2, 0.5, 3
+RESUME_AT = 5  # the step the resumed run continues from
+TOKENS = 600  # 37 windows: the 160 samples of a run cross into a fifth epoch
 CONTROLS = ["--lr-schedule", "cosine", "--warmup-steps", str(WARMUP), "--clip-grad-norm", str(MAX_NORM),
             "--grad-accum", str(ACCUM), "--seed", str(SEED)]
 PLANS = {  # name: (ranks, strategy)
@@ -100,20 +101,35 @@ def eager(data):
     return eager_run(data)
 
 
-def run(out: Path, ranks: int, strategy, data: Path, *args: str) -> tuple[Path, str]:
-    """Emit the plan into ``out`` and train; the program and its stdout."""
+def program(out: Path, ranks: int, strategy, data: Path, *args: str) -> Program:
+    """Emit the plan into ``out``: the program training it on ``data`` with the controls."""
     main = compile(gpt_model(), gpt_inputs(batch=BATCH, seq=SEQ), cluster=Cluster.local(ranks), strategy=strategy,
                    optimizer=SGD).emit(out)
-    proc = torchrun(main, ranks, "--steps", str(STEPS), "--data", str(data), *CONTROLS, "--metrics",
-                    str(out / "metrics.jsonl"), "--save", str(out / "final.pt"), *args)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return main, proc.stdout
+    return Program(main, ranks, ("--steps", str(STEPS), "--data", str(data), *CONTROLS, "--metrics",
+                                 str(out / "metrics.jsonl"), "--save", str(out / "final.pt"), *args))
+
+
+@pytest.fixture(scope="module")
+def runs(request, data, tmp_path_factory) -> dict:
+    """The runs this session's tests check (those of one world size sharing a torchrun launch): plan name ->
+    (folder, program, stdout); "uninterrupted" is the dp2 run checkpointing after step RESUME_AT."""
+    programs, folders = {}, {}
+    for params in selected_tests(request, "test_schedule_clipping_and_accumulation_equal_eager").values():
+        folders[params["name"]] = tmp_path_factory.mktemp(params["name"])
+        programs[params["name"]] = program(folders[params["name"]], *PLANS[params["name"]], data)
+    if selected_tests(request, "test_a_resumed_run_continues_the_schedule_and_the_token_stream_bitwise"):
+        folders["uninterrupted"] = full = tmp_path_factory.mktemp("uninterrupted")
+        programs["uninterrupted"] = program(full, 2, "dp", data, "--checkpoint-every", str(RESUME_AT),
+                                            "--checkpoint-dir", str(full / "checkpoints"))
+    results = run_programs(programs)
+    for name, proc in results.items():
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-4000:]}"
+    return {name: (folders[name], programs[name], results[name].stdout) for name in programs}
 
 
 @pytest.mark.parametrize("name", list(PLANS))
-def test_schedule_clipping_and_accumulation_equal_eager(name, data, eager, tmp_path):
-    ranks, strategy = PLANS[name]
-    _, stdout = run(tmp_path, ranks, strategy, data)
+def test_schedule_clipping_and_accumulation_equal_eager(name, runs, eager):
+    tmp_path, _, stdout = runs[name]
     losses, norms, final = eager
     got = records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(STEPS))
@@ -132,21 +148,21 @@ def test_schedule_clipping_and_accumulation_equal_eager(name, data, eager, tmp_p
         torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
-def test_a_resumed_run_continues_the_schedule_and_the_token_stream_bitwise(data, tmp_path):
-    """Uninterrupted: 4 steps with a checkpoint after step 2. Resumed from that checkpoint in a fresh directory:
-    steps 2-3 give the same losses, norms and learning rates, bit for bit (the schedule's state and the token
+def test_a_resumed_run_continues_the_schedule_and_the_token_stream_bitwise(runs, data, tmp_path):
+    """Uninterrupted: 10 steps with a checkpoint after step 5. Resumed from that checkpoint in a fresh directory:
+    steps 5-9 give the same losses, norms and learning rates, bit for bit (the schedule's state and the token
     file's position come from the checkpoint)."""
-    full = tmp_path / "full"
-    main, _ = run(full, 2, "dp", data, "--checkpoint-every", "2", "--checkpoint-dir", str(full / "checkpoints"))
+    full, uninterrupted, _ = runs["uninterrupted"]
+    step_dir = f"step-{RESUME_AT:08d}"
     resumed = tmp_path / "resumed"
-    shutil.copytree(full / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    proc = torchrun(main, 2, "--steps", str(STEPS), "--data", str(data), *CONTROLS, "--resume", "--checkpoint-dir",
-                    str(resumed / "checkpoints"), "--metrics", str(resumed / "metrics.jsonl"))
+    shutil.copytree(full / "checkpoints" / step_dir, resumed / "checkpoints" / step_dir)
+    proc = torchrun(uninterrupted.main, 2, "--steps", str(STEPS), "--data", str(data), *CONTROLS, "--resume",
+                    "--checkpoint-dir", str(resumed / "checkpoints"), "--metrics", str(resumed / "metrics.jsonl"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "at step 2" in proc.stdout
+    assert f"at step {RESUME_AT}" in proc.stdout
     position = {"train.data_position": 0, "train.step": 0}
-    dcp.load(position, checkpoint_id=str(full / "checkpoints" / "step-00000002"), no_dist=True)
-    assert position == {"train.data_position": 2 * ACCUM * BATCH, "train.step": 2}  # samples handed out
+    dcp.load(position, checkpoint_id=str(full / "checkpoints" / step_dir), no_dist=True)
+    assert position == {"train.data_position": RESUME_AT * ACCUM * BATCH, "train.step": RESUME_AT}  # samples handed out
     fields = ("step", "loss", "grad_norm", "lr")
-    expected = [{k: r[k] for k in fields} for r in records(full / "metrics.jsonl")[2:]]
+    expected = [{k: r[k] for k in fields} for r in records(full / "metrics.jsonl")[RESUME_AT:]]
     assert [{k: r[k] for k in fields} for r in records(resumed / "metrics.jsonl")] == expected

@@ -22,6 +22,7 @@ from cluster.builtins import local_spec
 from compiler import Cluster, compile
 from frontend.dsl import PlanError, parse_plan
 from ir.ops.comm import sums_partials
+from ir.sbp import Split
 from ir.verifier import VerificationError, verify
 from passes.grad_sync import gradient_reductions
 from strategy import normalize
@@ -94,6 +95,34 @@ def test_casts_are_in_the_ir_sharded_as_their_inputs():
                      r"dtype=torch\.float32\)", ir)
     assert {p.type.dtype for p in plan.graph.params} == {"f32"}
     assert 'attr precision = {param = "f32", compute = "bf16", reduce = "f32"}' in ir
+
+
+def test_fsdp_bf16_mixed_gathers_bf16_cast_on_the_shard(tmp_path):
+    """FSDP over dp2 under bf16-mixed gathers what autocast computes in bf16 as bf16 (half the bytes, as
+    fully_shard with param_dtype=bf16): the cast runs on the fp32 shard, before the gather, in the IR and in the
+    emitted program (one comm_gather_param call casts and gathers). Of the 2-layer GPT's 29 gathers, the 8
+    matrices and vectors of the linear layers of each block and the tied head's weight gather bf16 (17); layer
+    norms and embeddings, which run in fp32, gather fp32 (12). Parameters stay fp32 (master weights)."""
+    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2),
+                   strategy={"mesh": {"dp": 2}, "fsdp": "dp", "precision": "bf16-mixed"})
+    gathers = [n for n in plan.graph.nodes if n.op == "comm.all_gather" and n.kwargs["axis"] == "dp"]
+    dtypes = [n.outputs[0].type.dtype for n in gathers]
+    assert (dtypes.count("bf16"), dtypes.count("f32")) == (17, 12)
+    for gather in gathers:
+        source = gather.input_values()[0]
+        if gather.outputs[0].type.dtype == "bf16":  # a cast of the parameter's shard, before the gather
+            assert source.producer.op == "aten._to_copy.default" and source.sbp == (Split(0),), source
+            assert source.producer.input_values()[0].kind == "param"
+        else:
+            assert source.kind == "param" and source.type.dtype == "f32"
+    assert {p.type.dtype for p in plan.graph.params} == {"f32"}
+    assert re.search(r"%blocks\.0\.mlp\.fc\.weight_bf16: bf16\[256, 64\] \(S\(0\)\) @world = aten\._to_copy\.default\("
+                     r"%blocks\.0\.mlp\.fc\.weight, dtype=torch\.bfloat16\)", plan.ir)
+    main = plan.emit(tmp_path).read_text()
+    assert main.count("dtype=torch.bfloat16, grad_dtype=torch.float32)") == 17
+    assert "    blocks_0_mlp_fc_weight_bf16 = comm_gather_param(p['blocks.0.mlp.fc.weight'], axis='dp', dim=0, " \
+           "dtype=torch.bfloat16, grad_dtype=torch.float32)  # (B)" in main
+    assert "_to_copy.default(p[" not in main  # the cast is part of the gather
 
 
 @pytest.mark.parametrize("reduce, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
