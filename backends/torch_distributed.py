@@ -31,7 +31,7 @@ from ir.recompute import RECOMPUTE_ATTR, recompute_regions
 from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
                                  stage_index, tied_groups)
 from ir.ops.attention import RING_ATTENTION, runs_ring
-from ir.ops.moe import DISPATCH, EXCHANGING, exchanges
+from ir.ops.moe import DISPATCH, EXCHANGING, OverlappedLayer, exchanges, overlapped_layers
 from ir.ops.registry import LocalContext, balanced_comm_kwargs, local_call, local_shape, sequence_sizes
 from ir.precision import cast_parameter, narrowing_cast, scales_loss
 from ir.sbp import format_nd_sbp
@@ -180,6 +180,8 @@ class ProgramWriter:
         self.custom_ops = {op: self.fresh(_identifier(op.rsplit(".", 1)[0]))
                            for op in dict.fromkeys(n.op for n in graph.nodes if custom_ops.is_custom(n.op))}
         """Custom op name -> the program's variable bound to it (see :meth:`_custom_op_bindings`)."""
+        self.overlapped = overlapped_layers(graph)
+        """MoE layers run in chunks (``moe_overlap_chunks``), by the ids of their nodes."""
 
     # -- the whole program ------------------------------------------------------------------------
 
@@ -359,7 +361,7 @@ class ProgramWriter:
         nodes = [n for n in nodes if not _cast_in_gather(n)]
         for region, run in recompute_regions(nodes):
             if region is None:
-                lines += [self._line(node) for node in run]
+                lines += [line for line in map(self._line, run) if line]
             else:
                 lines += self._checkpointed(region, run, kept)
         return lines
@@ -381,7 +383,7 @@ class ProgramWriter:
             for v in node.input_values():
                 if id(v) not in produced and id(v) in self.local and self.source[id(v)] not in inputs:
                     inputs.append(self.source[id(v)])  # other operands (p[...], x[...], dims) come from the closure
-        body = ["    " + self._line(node) for node in run]
+        body = ["    " + line for node in run for line in self._line(node).splitlines()]  # a line may be several
         outputs = [self.source[id(o)] for n in run for o in n.outputs
                    if id(o) in kept or self._readers.get(id(o), set()) - inside]
         if not outputs:
@@ -396,7 +398,11 @@ class ProgramWriter:
 
     def _assign(self, value: Value) -> str:
         """A fresh local variable for ``value``, named after what computes it (see ``_stem``)."""
-        self.source[id(value)] = self.fresh(self._stem(value))
+        return self._named(value, self._stem(value))
+
+    def _named(self, value: Value, stem: str) -> str:
+        """A fresh local variable for ``value`` named ``stem`` (or ``stem_1``, ...)."""
+        self.source[id(value)] = self.fresh(stem)
         self.local.add(id(value))
         return self.source[id(value)]
 
@@ -419,6 +425,12 @@ class ProgramWriter:
         return _identifier(module or value.name)
 
     def _line(self, node: Node) -> str:
+        layer = self.overlapped.get(id(node))
+        if layer is not None:  # the whole layer is written at its combine; its other nodes write nothing
+            return self._overlapped_layer(layer) if node is layer.combine else ""
+        return self._node_line(node)
+
+    def _node_line(self, node: Node) -> str:
         outs = [self._assign(v) for v in node.outputs]
         comment = f"  # {', '.join(format_nd_sbp(v.sbp) for v in node.outputs)}"
         if node.op.startswith("comm."):
@@ -459,6 +471,23 @@ class ProgramWriter:
         if node.op == DISPATCH:
             return f"moe_replicated_dispatch({', '.join(args)}, experts={experts}, ranks={node.kwargs['ranks']})"
         return f"moe_replicated_combine({', '.join(args)}, experts={experts})"
+
+    def _overlapped_layer(self, layer: OverlappedLayer) -> str:
+        """A MoE layer in chunks (``moe_overlap_chunks``): its experts' lines as a nested function of one chunk's
+        rows, which ``moe_overlapped`` calls chunk by chunk between the chunks' exchanges."""
+        dispatch, combine = layer.dispatch, layer.combine
+        hidden, top_k_index = (self._arg(a) for a in dispatch.args[:2])
+        top_k_weights = self._arg(combine.args[2])
+        rows, route = (self._named(v, stem) for v, stem in zip(dispatch.outputs, ("routed", "route")))
+        function = self.fresh(_identifier(f"{dispatch.attrs.get('module') or dispatch.name}_chunk"))
+        body = ["    " + self._node_line(node) for node in layer.experts]
+        out = self._assign(combine.outputs[0])
+        kwargs = f"experts={combine.kwargs['experts']}, axis={combine.kwargs['axis']!r}, chunks={layer.chunks}"
+        return "\n".join([f"    def {function}({rows}, {route}):",
+                          f'        """The experts on one chunk of tokens\' rows (expert by expert)."""',
+                          *body, f"        return {self.source[id(layer.expert_rows)]}",
+                          f"    {out} = moe_overlapped({hidden}, {top_k_index}, {top_k_weights}, {function}, {kwargs})"
+                          f"  # {format_nd_sbp(combine.outputs[0].sbp)}"])
 
     def _arg(self, a) -> str:
         if isinstance(a, Value):

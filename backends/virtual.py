@@ -23,7 +23,7 @@ from backends.runtime.split_backward import WeightWork, backward_input
 from ir import kernels
 from ir.core import Graph, Node, Value
 from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
-from ir.ops.moe import DISPATCH, EXCHANGING, exchanges
+from ir.ops.moe import DISPATCH, EXCHANGING, OverlappedLayer, exchanges, overlapped_layers
 from ir.ops.schema import arg
 from ir.ops.pipeline_ops import Action, is_pipelined, microbatch_paths, pipeline_stages, schedule_actions
 from ir.ops.registry import (LocalContext, balanced_axes, balanced_comm_kwargs, coord_symbol, local_call,
@@ -232,6 +232,13 @@ def expert_exchange(node: Node, env: dict, mesh: Mesh) -> list[list]:
     return results
 
 
+def chunked_layer_inputs(layer: OverlappedLayer, env: dict, chunks: int) -> list[dict]:
+    """Per chunk, the layer's token inputs (hidden states, top-k indices and weights) cut as
+    ``moe_overlapped`` cuts them: every rank's tokens in ``chunks`` pieces (``tensor_split``)."""
+    tokens = {id(v) for v in (*layer.dispatch.input_values(), layer.combine.input_values()[2])}
+    return [{key: [t.tensor_split(chunks)[c] for t in env[key]] for key in tokens} for c in range(chunks)]
+
+
 # -- running a graph --------------------------------------------------------------------------------
 
 def bind_dims(graph: Graph, inputs: tuple) -> dict:
@@ -286,6 +293,8 @@ class VirtualMesh:
         self.calls: dict[int, Any] = {}
         self.sequences = sequence_sizes(graph)
         """The sequence lengths whose splits over the cp axis are load-balanced."""
+        self.overlapped = overlapped_layers(graph)
+        """MoE layers run in chunks (``moe_overlap_chunks``), by the ids of their nodes."""
 
     def run(self, inputs: tuple, mode: str = "train", loss_scale: torch.Tensor | None = None) -> VirtualResult:
         """Run forward (and backward plus gradient sync in ``train`` mode, from the loss times ``loss_scale``
@@ -327,6 +336,25 @@ class VirtualMesh:
         return [local.detach().requires_grad_(train) for local in self._scatter(p, full)]
 
     def _run_node(self, node: Node, env: dict, bindings: dict) -> None:
+        layer = self.overlapped.get(id(node))
+        if layer is not None:  # the whole layer runs at its combine, chunk by chunk
+            if node is layer.combine:
+                self._run_chunked_layer(layer, env, bindings)
+            return
+        self._run_one(node, env, bindings)
+
+    def _run_chunked_layer(self, layer: OverlappedLayer, env: dict, bindings: dict) -> None:
+        """A MoE layer in chunks of every rank's tokens, as ``moe_overlapped`` runs it: per chunk, dispatch, the
+        experts' nodes and combine; the chunks' outputs concatenated."""
+        outs = []
+        for tokens in chunked_layer_inputs(layer, env, layer.chunks):
+            chunk_env = {**env, **tokens}
+            for node in (layer.dispatch, *layer.experts, layer.combine):
+                self._run_one(node, chunk_env, bindings)
+            outs.append(chunk_env[id(layer.combine.outputs[0])])
+        env[id(layer.combine.outputs[0])] = [torch.cat(parts) for parts in zip(*outs)]
+
+    def _run_one(self, node: Node, env: dict, bindings: dict) -> None:
         ins = node.input_values()
         if node.op.startswith("comm."):
             mesh = self.mesh(ins[0])

@@ -10,9 +10,10 @@ experts over ``ep`` of the data-parallel ranks; its dispatch and combine are all
 
     python benchmarks/moe_mixtral.py [--batch 256] [--imbalance 1.0]
 
-Measured (2-core shared machine, planning 258 s): auto chose dp=4 ep=8 tp=1 pp=1, 2 microbatches, every block
-recomputed: 6.68 s/step, 70.0 GiB peak, all-to-all 2.5% of the step; the Megatron-style layout 7.66 s/step,
-19.3 GiB, all-to-all 2.4%: auto / Megatron-style 0.87x.
+Measured (2-core shared machine, planning 158 s): auto chose dp=4 ep=8 tp=1 pp=1 with the all-to-alls in 4 chunks
+(``moe_overlap_chunks 4``: each chunk's exchange overlaps the experts' compute of another), 2 microbatches, every
+block recomputed: 6.50 s/step, 70.0 GiB peak, all-to-all 0.7% of the step (6.68 s and 2.5% in one chunk); the
+Megatron-style layout (one chunk) 7.66 s/step, 19.3 GiB, all-to-all 2.4%: auto / Megatron-style 0.85x.
 """
 from __future__ import annotations
 

@@ -327,10 +327,12 @@ class Estimator:
 
     def _exposed_seconds(self, item, devices: tuple, shape: PlanShape, batch: float) -> float:
         """Seconds of one collective of a segment that the step waits for: all of it, or for ring attention's
-        transfers, what the blocks' computation does not hide."""
-        seconds = self._collective(item.kind, at(item.nbytes, batch), devices, shape, item.axis)
-        if item.hidden_flops is not None:  # ring attention: transfers run under the blocks' computation
-            seconds = max(0.0, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
+        transfers and MoE exchanges in chunks (``moe_overlap_chunks``), what the computation does not hide."""
+        chunks = item.chunks  # MoE exchanges in chunks: each chunk pays the latency, one stays exposed
+        seconds = chunks * self._collective(item.kind, at(item.nbytes, batch) / chunks, devices, shape, item.axis)
+        if item.hidden_flops is not None:  # transfers run under computation (ring attention's blocks, experts)
+            exposed = seconds / chunks if chunks > 1 else 0.0
+            seconds = max(exposed, seconds - self._hidden_seconds(item.hidden_flops, devices, batch))
         return seconds
 
     def _hidden_seconds(self, flops, devices: tuple, batch: float) -> float:

@@ -12,7 +12,9 @@ The planner prices one replica (its tensor-parallel layouts) and adds data paral
   reverse ones in backward), priced on the links the ``ep`` group crosses;
 - the experts' matmuls do not change with balanced routing (a rank multiplies as many rows either way); with
   ``moe_imbalance`` the busiest rank gets that many times its share, so its expert matmuls and its
-  all-to-all bytes scale by it.
+  all-to-all bytes scale by it;
+- with ``moe_overlap_chunks`` (``chunks``) each row exchange runs as that many all-to-alls of a chunk of the
+  tokens, overlapping the experts' compute of the other chunks (:func:`cost.segments.chunked_exchange_hidden_flops`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cost.ops import Precision
-from cost.segments import BATCH_SYMBOL, CommItem, Profile, SegmentCost
+from cost.segments import BATCH_SYMBOL, CommItem, Profile, SegmentCost, chunked_exchange_hidden_flops
 from ir.core import Graph
 from ir.ops.moe import expert_layers, expert_weight
 from ir.types import dim_symbol
@@ -69,9 +71,11 @@ def _block_of(target: str, prefix: str) -> str:
     return target[len(prefix) + 1:].split(".", 1)[0] if target.startswith(prefix + ".") else ""
 
 
-def with_expert_parallelism(profile: Profile, blocks: ExpertBlocks, ep: int, imbalance: float = 1.0) -> Profile:
-    """``profile`` (one data-parallel replica) with its MoE blocks' experts folded over ``ep`` ranks."""
-    segments = [_folded(s, blocks, ep, imbalance) if 1 <= j <= profile.num_layers else _data_parallel_over_ep(s)
+def with_expert_parallelism(profile: Profile, blocks: ExpertBlocks, ep: int, imbalance: float = 1.0,
+                            chunks: int = 1) -> Profile:
+    """``profile`` (one data-parallel replica) with its MoE blocks' experts folded over ``ep`` ranks (their
+    exchanges in ``chunks`` chunks)."""
+    segments = [_folded(s, blocks, ep, imbalance, chunks) if 1 <= j <= profile.num_layers else _data_parallel_over_ep(s)
                 for j, s in enumerate(profile.segments)]
     return dataclasses.replace(profile, segments=segments,
                                notes=[*profile.notes, f"experts folded over ep={ep} of the data-parallel ranks"])
@@ -84,7 +88,7 @@ def _data_parallel_over_ep(segment: SegmentCost) -> SegmentCost:
     return dataclasses.replace(segment, params=params)
 
 
-def _folded(segment: SegmentCost, blocks: ExpertBlocks, ep: int, imbalance: float) -> SegmentCost:
+def _folded(segment: SegmentCost, blocks: ExpertBlocks, ep: int, imbalance: float, chunks: int) -> SegmentCost:
     """A block: expert weights stored ``1 / ep`` (gradients summed over ``dp`` only), the others over ``ep`` too;
     per MoE layer the split sizes, dispatch and combine exchanges (backward: the reverse two)."""
     if not any(p.name.endswith(blocks.param_tails) for p in segment.params):
@@ -94,16 +98,26 @@ def _folded(segment: SegmentCost, blocks: ExpertBlocks, ep: int, imbalance: floa
     params = [dataclasses.replace(p, grad_axes=tuple(a for a in p.grad_axes if a != EXPERT_AXIS))
               if p.name.endswith(blocks.param_tails) else p for p in params]
     comms = list(segment.comms)
+    fwd_flops = _scaled(segment.fwd_flops, segment.fwd_kinds, imbalance)
+    bwd_flops = _scaled(segment.bwd_flops, segment.bwd_kinds, imbalance)
+    layers = len(blocks.row_bytes)
+    fwd_hidden, bwd_hidden = (chunked_exchange_hidden_flops(_grouped(flops, kinds) / layers, chunks) if chunks > 1
+                              else None for flops, kinds in ((fwd_flops, segment.fwd_kinds),
+                                                              (bwd_flops, segment.bwd_kinds)))
     for row_bytes in blocks.row_bytes:
         rows = np.array([0.0, row_bytes * imbalance])
-        counts = np.array([blocks.experts * 8.0, 0.0])  # the split sizes: one int64 per (rank, expert)
-        comms += [CommItem("all_to_all", EXPERT_AXIS, counts, False), CommItem("all_to_all", EXPERT_AXIS, rows, False),
-                  CommItem("all_to_all", EXPERT_AXIS, rows, False)]
+        counts = np.array([blocks.experts * 8.0 * chunks, 0.0])  # the split sizes: one int64 per (rank, expert, chunk)
+        comms += [CommItem("all_to_all", EXPERT_AXIS, counts, False),
+                  *[CommItem("all_to_all", EXPERT_AXIS, rows, False, fwd_hidden, chunks)] * 2]
         if segment.bwd_ops:
-            comms += [CommItem("all_to_all", EXPERT_AXIS, rows, True), CommItem("all_to_all", EXPERT_AXIS, rows, True)]
-    return dataclasses.replace(segment, params=params, comms=comms,
-                               fwd_flops=_scaled(segment.fwd_flops, segment.fwd_kinds, imbalance),
-                               bwd_flops=_scaled(segment.bwd_flops, segment.bwd_kinds, imbalance))
+            comms += [CommItem("all_to_all", EXPERT_AXIS, rows, True, bwd_hidden, chunks)] * 2
+    return dataclasses.replace(segment, params=params, comms=comms, fwd_flops=fwd_flops, bwd_flops=bwd_flops)
+
+
+def _grouped(flops: np.ndarray, kinds: tuple) -> np.ndarray:
+    """The FLOPs (constant, per sample) of the grouped (expert) matmuls among a segment's rows."""
+    rows = [f for f, kind in zip(flops, kinds) if kind[0] in _GROUPED]
+    return np.sum(rows, axis=0) if rows else np.zeros(2)
 
 
 def _scaled(flops: np.ndarray, kinds: tuple, factor: float) -> np.ndarray:

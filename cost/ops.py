@@ -81,9 +81,9 @@ _COPY_OPS = {"clone", "contiguous", "cat", "stack", "_to_copy", "to", "copy", "c
 def normalize_op_name(op: str) -> str:
     """``aten.linear.default`` / ``aten::linear`` / ``torch.ops.aten.linear`` / ``linear`` -> ``linear``; a custom
     op's name without its namespace and overload (``transformers.grouped_mm_fallback.default`` ->
-    ``grouped_mm_fallback``)."""
+    ``grouped_mm_fallback``); an sbpc op without its namespace (``moe.expert_mm`` -> ``expert_mm``)."""
     name = op.replace("::", ".")
-    for prefix in ("torch.ops.", "aten.", "prims.", "cp."):
+    for prefix in ("torch.ops.", "aten.", "prims.", "cp.", "moe."):  # sbpc's own ops have no overload
         name = name[len(prefix):] if name.startswith(prefix) else name
     parts = name.split(".")
     return parts[1] if len(parts) == 3 else parts[0]

@@ -179,6 +179,9 @@ class CommRecord:
     routed: bool = False
     """Expert parallelism's exchange of routed rows (``moe.dispatch`` / ``moe.combine``): its bytes grow with the
     routing's imbalance (:attr:`CostContext.moe_imbalance`)."""
+    chunks: int = 1
+    """Routed rows exchanged in this many chunks of tokens (``moe_overlap_chunks``), overlapping the layer's
+    expert compute (:func:`chunked_exchange_hidden_flops`)."""
 
 
 @dataclass
@@ -211,6 +214,10 @@ class CommItem:
     hidden_flops: np.ndarray | None = None
     """FLOPs (affine in the batch) of the computation the transfers overlap (ring attention's blocks): only
     the transfer time beyond that computation's is exposed. None: not overlapped."""
+    chunks: int = 1
+    """Run as this many collectives of ``nbytes / chunks`` each, pipelined with ``hidden_flops`` (MoE
+    dispatch and combine under ``moe_overlap_chunks``): each chunk pays the collective's latency, and at least
+    one chunk's transfer is exposed (the first dispatched, the last combined)."""
     fsdp: bool = False
     """One of an FSDP parameter's collectives: its gathers (which programs prefetch, see
     :meth:`cost.estimate.Estimator.prefetch_hidden`) or its gradient's reduce-scatter."""
@@ -425,18 +432,19 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         full = ctx.affine(lambda d, r=record: np.array(op_work(r, d, ctx.mesh, ctx.precision, local=False)))
         model += full[:, 0] + (full[:, 2] if ctx.train else 0.0)
     items = []
+    expert_hidden = _expert_hidden_flops(computes, comms, ctx)
     for record in comms:
         kind = record.op[len(COMM_PREFIX):]
         nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx)) * (ctx.moe_imbalance if record.routed else 1.0)
         axis = ctx.mesh.axes[record.axis]
-        fwd_hidden, bwd_hidden = _hidden_flops(record, ctx)
-        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden, record.param))
+        fwd_hidden, bwd_hidden = expert_hidden(record) if record.chunks > 1 else _hidden_flops(record, ctx)
+        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden, record.chunks, fsdp=record.param))
         if record.has_grad and ctx.train:
             items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True, bwd_hidden,
-                                  record.param))
+                                  record.chunks, fsdp=record.param))
         if kind == "all_gather" and record.has_grad and ctx.train and (record.param or record.overlaps is not None):
             # a parameter gathered again for backward; a ring's key/value blocks passed around again
-            items.append(CommItem(kind, axis, nbytes, True, bwd_hidden, record.param))
+            items.append(CommItem(kind, axis, nbytes, True, bwd_hidden, fsdp=record.param))
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx)
@@ -447,6 +455,27 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
                        bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), _stack(bwd_sizes), items, saved, output,
                        list(params), model, part, np.array(weight_shares))
+
+
+def chunked_exchange_hidden_flops(expert_flops: np.ndarray, chunks: int) -> np.ndarray:
+    """The FLOPs one of a MoE layer's two row exchanges (dispatch or combine) in ``chunks`` chunks runs under,
+    of its experts' ``expert_flops``: while one chunk computes, the next chunk's dispatch and the previous
+    chunk's combine are in flight, so ``chunks - 1`` chunks' compute hides transfers, shared by the two
+    exchanges (half each). One chunk of each exchange stays exposed (:attr:`CommItem.chunks`)."""
+    return expert_flops * (chunks - 1) / chunks / 2
+
+
+def _expert_hidden_flops(computes: Sequence[ComputeRecord], comms: Sequence[CommRecord], ctx: CostContext):
+    """A function giving a chunked routed exchange's (forward, backward) hidden FLOPs: the segment's expert
+    matmuls (``moe.expert_mm``) per chunked layer (each has a dispatch and a combine)."""
+    layers = sum(r.routed and r.chunks > 1 for r in comms) / 2
+    if not layers:
+        return lambda record: (None, None)
+    work = [ctx.affine(lambda d, r=r: np.array(op_work(r, d, ctx.mesh, ctx.precision))) * ctx.moe_imbalance
+            for r in computes if r.op == EXPERT_MM]
+    total = sum(work) / layers if work else np.zeros((2, 3))
+    return lambda record: (chunked_exchange_hidden_flops(total[:, 0], record.chunks),
+                           chunked_exchange_hidden_flops(total[:, 2], record.chunks))
 
 
 def _hidden_flops(record: CommRecord, ctx: CostContext) -> tuple:
@@ -619,7 +648,8 @@ def _expert_exchanges(node: Node, mesh: Mesh, has_grad: bool) -> list[CommRecord
     reverse all-to-all), the dispatch's small all-to-all of split sizes first (no gradient)."""
     axis = mesh.axis_index(arg(node, "axis"))
     rows = node.outputs[0] if node.op == DISPATCH else node.input_values()[0]
-    exchange = CommRecord("comm.all_to_all", axis, rows.type, rows.sbp, has_grad, routed=True)
+    exchange = CommRecord("comm.all_to_all", axis, rows.type, rows.sbp, has_grad, routed=True,
+                          chunks=int(arg(node, "chunks")))
     if node.op != DISPATCH:
         return [exchange]
     route = node.outputs[1]

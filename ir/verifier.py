@@ -52,10 +52,13 @@ def check_routed_rows(graph: Graph) -> None:
     for v, node in routed_rows(graph).values():
         for user in v.uses:
             if user.op.startswith("comm.") and 0 in (user.kwargs.get(k) for k in ("dim", "src_dim", "dst_dim")):
-                raise VerificationError(f"node {_where(user)} splits or gathers the rows of %{v.name}, rows routed "
-                                        f"to their experts by %{node.name} (moe.dispatch): they are split unevenly "
-                                        f"by the routing, so no collective may move rows between ranks; only "
-                                        f"row-wise ops, moe.expert_mm and moe.combine read them")
+                raise VerificationError(
+                    f"node {_where(user)} moves rows of %{v.name} between the ranks of axis "
+                    f"{user.kwargs.get('axis')!r} ({user.op} on dim 0), but those rows were routed to their experts "
+                    f"by %{node.name} (moe.dispatch on axis {node.kwargs.get('axis')!r}): the routing splits them "
+                    "unevenly, so no collective may split or gather them; only row-wise ops, moe.expert_mm and "
+                    "moe.combine may read them. Keep the experts' activations split S(0) on that axis (remove the "
+                    "layout or collective that gathers them), or do not split the experts over it")
 
 
 def check_reduce_dtype(graph: Graph) -> None:

@@ -17,7 +17,7 @@ import warnings
 import sympy
 
 from ir.core import Graph, Node, Value
-from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM, expert_layers, expert_weight
+from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM, OverlapError, expert_layers, expert_weight, overlapped_layer
 from ir.sbp import PINNED_ATTR, Split
 from ir.types import Mesh, TensorType
 from passes.manager import PassContext, register_pass
@@ -31,15 +31,32 @@ class ExpertsPatternError(ValueError):
 
 @register_pass("experts", requires=("laid_out",), produces=("expert_dispatch",))
 def experts_pass(graph: Graph, ctx: PassContext) -> None:
-    """Each MoE layer whose experts are split over a mesh axis: dispatch and combine by all-to-all there."""
+    """Each MoE layer whose experts are split over a mesh axis: dispatch and combine by all-to-all there (in the
+    strategy's ``moe_overlap_chunks`` chunks of tokens)."""
     mesh = graph.meshes[next(iter(graph.meshes))]
     for sort, matmuls in expert_layers(graph):
         axis = _expert_axis(matmuls, mesh, graph.attrs.get(PINNED_ATTR, {}))
         if axis is not None:
             try:
-                _rewrite(graph, sort, matmuls, axis, mesh)
+                dispatch = _rewrite(graph, sort, matmuls, axis, mesh)
             except ExpertsPatternError as err:  # still correct: rows gathered, experts' results summed
                 warnings.warn(f"sbpc: {err}; its experts run on gathered rows with partial sums instead", stacklevel=2)
+                continue
+            _chunk(graph, dispatch, ctx.strategy.moe_overlap_chunks)
+
+
+def _chunk(graph: Graph, dispatch: Node, chunks: int) -> None:
+    """Mark the layer's dispatch and combine to run in ``chunks`` chunks of tokens (where the experts' nodes
+    between them can run chunk by chunk; else one warning and one chunk)."""
+    if chunks <= 1:
+        return
+    try:
+        layer = overlapped_layer(graph, dispatch)
+    except OverlapError as err:
+        warnings.warn(f"sbpc: {err}; it runs in one chunk", stacklevel=3)
+        return
+    for node in (layer.dispatch, layer.combine):
+        node.kwargs["chunks"] = chunks
 
 
 def _users(v: Value, op: str) -> list[Node]:
@@ -64,8 +81,9 @@ def _expert_axis(matmuls: list[Node], mesh: Mesh, pinned: dict) -> str | None:
     return next((a for a in mesh.axes if a in axes and mesh.shape[mesh.axis_index(a)] > 1), None)
 
 
-def _rewrite(graph: Graph, sort: Node, matmuls: list[Node], axis: str, mesh: Mesh) -> None:
-    """Replace the layer's sort, gathers, offsets and un-permutation by dispatch and combine."""
+def _rewrite(graph: Graph, sort: Node, matmuls: list[Node], axis: str, mesh: Mesh) -> Node:
+    """Replace the layer's sort, gathers, offsets and un-permutation by dispatch and combine (returned: the
+    dispatch)."""
     flat_ids = sort.input_values()[0]
     top_k_index = flat_ids.producer.input_values()[0]
     perm = sort.outputs[1]
@@ -99,6 +117,7 @@ def _rewrite(graph: Graph, sort: Node, matmuls: list[Node], axis: str, mesh: Mes
     _remove_dead(graph, start=graph.nodes.index(dispatch), stop=graph.nodes.index(total))
     if not flat_ids.uses:
         graph.remove_node(flat_ids.producer)
+    return dispatch
 
 
 def _route_type(ranks: int, experts: int) -> TensorType:

@@ -216,7 +216,12 @@ class _Reader:
             _expect(cp_attention in choices, ("cp_attention", VALUE),
                     f"unknown cp_attention {cp_attention!r}{did_you_mean(str(cp_attention), choices)}; expected one "
                     "of: " + ", ".join(choices))
-        return Options(fsdp=fsdp, grad_bucket_bytes=bucket, cp_attention=cp_attention, **switches)
+        chunks = strategy.get("moe_overlap_chunks")
+        if "moe_overlap_chunks" in strategy:
+            _expect(_is_int(chunks) and chunks >= 1, ("moe_overlap_chunks", VALUE),
+                    f"moe_overlap_chunks is a whole number of chunks, at least 1, found {chunks!r}")
+        return Options(fsdp=fsdp, grad_bucket_bytes=bucket, cp_attention=cp_attention, moe_overlap_chunks=chunks,
+                       **switches)
 
     # -- pipeline
     def pipeline(self, strategy: dict) -> Pipeline:

@@ -166,6 +166,10 @@ class Options:
     """The tensor axis's layouts that the strategy leaves free are solved exactly by the planner's cost
     model on the cluster (``passes/propagate.py``), as ``"auto"`` prices them (its plans turn this on);
     off, the propagation picks them greedily, op by op. Default off."""
+    moe_overlap_chunks: int | None = None
+    """Expert parallelism: each MoE layer's tokens dispatched and combined in this many chunks, so the
+    all-to-all of one chunk runs while the experts compute another (FSMoE-style overlap, forward and
+    backward). Default 1 (one all-to-all each way)."""
 
 
 @dataclass(frozen=True)
@@ -347,6 +351,11 @@ class Strategy:
     def fsdp_axis(self) -> str | None:
         """The axis parameters are sharded over, or None."""
         return self.options.fsdp if self.options.fsdp not in (None, AUTO) else None
+
+    @property
+    def moe_overlap_chunks(self) -> int:
+        """Chunks of each MoE layer's dispatch and combine (1 when not given)."""
+        return self.options.moe_overlap_chunks or 1
 
     @property
     def context_parallel(self) -> int:

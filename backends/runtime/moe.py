@@ -11,6 +11,15 @@ its token lives on (the reverse all-to-all), puts the rows in pair order and sum
 rows weighted by the router. Backward is the same two exchanges reversed (autograd of
 :class:`RowExchange`). The virtual mesh runs the same functions with the exchange done in one process
 (:func:`exchange_in_process`).
+
+With ``moe_overlap_chunks`` (FSMoE's idea) ``moe_overlapped`` runs a layer in chunks of the rank's tokens: the
+split sizes of every chunk go in one small all-to-all, then every chunk's rows leave at once
+(``all_to_all_single(async_op=True)``); the experts run on chunk ``i`` as soon as its rows have arrived, while
+the later chunks are still in flight, and chunk ``i``'s outputs start back while chunk ``i + 1`` computes. In
+backward each exchange is again started by one autograd node and waited for by another (:class:`StartExchange`,
+:class:`WaitExchange`), so the reverse exchange of one chunk runs while autograd computes another chunk's
+gradients. On gloo (CPU) an async collective runs on the process group's own worker thread, so the overlap is
+real there too: the exchange proceeds while the calling thread multiplies; on nccl it runs on its own stream.
 """
 import torch
 import torch.distributed as dist
@@ -135,3 +144,84 @@ def moe_combine(rows, top_k_index, top_k_weights, received, experts, axis):
     back = RowExchange.apply(rows[inverse(expert_major(received))], sent,
                              counts.view(len(sent), -1).sum(1).tolist(), axis)
     return weighted_sum_of_pairs(back[inverse(order)], top_k_weights)
+
+
+class Pending:
+    """An exchange started and not yet waited for: its ``Work`` and the tensors it reads and writes (kept alive
+    until it finishes), forward and backward."""
+
+    def __init__(self, send, receive, axis):
+        self.send, self.receive, self.axis = send, receive, axis
+        self.work = self.back_work = None
+        self.keep = ()
+
+
+def _start(rows, send, receive, axis):
+    """``all_to_all_single`` of ``rows`` started (``async_op=True``): the buffer it fills, and its Work."""
+    out = rows.new_empty(sum(receive), *rows.shape[1:])
+    rows = rows.contiguous()
+    work = dist.all_to_all_single(out, rows, receive, send, group=GROUPS[axis][0], async_op=True)
+    return out, work, rows
+
+
+class StartExchange(torch.autograd.Function):
+    """Starts sending rows (see :class:`WaitExchange`); in backward, waits for the reverse exchange that
+    :class:`WaitExchange`'s backward started."""
+
+    @staticmethod
+    def forward(ctx, rows, pending):
+        ctx.pending = pending
+        out, pending.work, sent = _start(rows, pending.send, pending.receive, pending.axis)
+        pending.keep = (sent, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # ``grad`` is what WaitExchange's backward is sending back; wait for its arrival
+        pending = ctx.pending
+        pending.back_work.wait()
+        back, pending.keep = pending.keep[1], ()
+        return back, None
+
+
+class WaitExchange(torch.autograd.Function):
+    """Waits for the rows :class:`StartExchange` sent; in backward, starts sending the gradients back."""
+
+    @staticmethod
+    def forward(ctx, rows, pending):
+        ctx.pending = pending
+        pending.work.wait()
+        pending.keep = ()
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):  # the gradients leave now; StartExchange's backward waits for them
+        pending = ctx.pending
+        back, pending.back_work, sent = _start(grad, pending.receive, pending.send, pending.axis)
+        pending.keep = (sent, back)
+        return grad, None
+
+
+def moe_overlapped(hidden, top_k_index, top_k_weights, experts_fn, experts, axis, chunks):
+    """A MoE layer on ``axis`` in ``chunks`` chunks of this rank's tokens, each chunk's exchanges overlapping
+    another chunk's expert compute: ``experts_fn(rows, received)`` computes one chunk's rows (expert by expert,
+    ``received`` its counts per source and local expert). Equal to :func:`moe_dispatch`, the experts and
+    :func:`moe_combine` on all tokens at once."""
+    group, ranks, _ = GROUPS[axis]
+    hiddens, indexes = hidden.tensor_split(chunks), top_k_index.tensor_split(chunks)
+    sends = [dispatch_sends(h, i, experts, len(ranks)) for h, i in zip(hiddens, indexes)]
+    counts = torch.stack([c for _, c in sends], dim=1)  # (destination, chunk, local expert)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)  # every chunk's split sizes at once
+    dispatched = []
+    for (rows, sent), got in zip(sends, received.unbind(1)):  # every chunk's rows leave now
+        pending = Pending(sent.sum(1).tolist(), got.sum(1).tolist(), axis)
+        dispatched.append((StartExchange.apply(rows, pending), pending, got))
+    returning = []
+    for (sent, _), (rows, pending, got) in zip(sends, dispatched):
+        order = expert_major(got)
+        out = experts_fn(WaitExchange.apply(rows, pending)[order], got)  # later chunks still in flight
+        back = Pending(pending.receive, pending.send, axis)
+        returning.append((StartExchange.apply(out[inverse(order)], back), back))
+    outs = [weighted_sum_of_pairs(WaitExchange.apply(rows, back)[inverse(route_by_expert(i, experts)[0])], w)
+            for (rows, back), i, w in zip(returning, indexes, top_k_weights.tensor_split(chunks))]
+    return torch.cat(outs)

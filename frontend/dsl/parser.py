@@ -21,7 +21,7 @@ from strategy.errors import KeyPath
 STATEMENTS = (
     "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "solved_layouts", "fsdp",
     "stages", "stage", "microbatches", "schedule", "virtual_stages", "skip_ratio", "recompute",
-    "grad_bucket_bytes", "precision", "cp_attention",
+    "grad_bucket_bytes", "precision", "cp_attention", "moe_overlap_chunks",
 )
 """The words that start a statement."""
 
@@ -303,6 +303,9 @@ class _PlanBuilder:
 
     def _add_grad_bucket_bytes(self, keyword: lark.Token, value: lark.Token) -> None:
         self._set_scalar("grad_bucket_bytes", keyword, value, int(value))
+
+    def _add_moe_overlap_chunks(self, keyword: lark.Token, value: lark.Token) -> None:
+        self._set_scalar("moe_overlap_chunks", keyword, value, int(value))
 
     def _add_precision(self, keyword: lark.Token, *parts: Any) -> None:
         self.claim(("precision",), keyword, "the precision")

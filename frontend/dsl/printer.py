@@ -50,6 +50,8 @@ def _option_lines(options: Options) -> Iterator[str]:
         yield f"grad_bucket_bytes {options.grad_bucket_bytes}"
     if options.cp_attention is not None:
         yield f"cp_attention {options.cp_attention}"
+    if options.moe_overlap_chunks is not None:
+        yield f"moe_overlap_chunks {options.moe_overlap_chunks}"
 
 
 def _pipeline_lines(pipeline: Pipeline) -> Iterator[str]:

@@ -22,6 +22,8 @@ ranks routes its own tokens (rows ``S(0)`` the same way, ``route`` partial sums)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ir.core import Node, Value
 from ir.ops.registry import LocalCall, LocalContext, Signature, all_b, register
 from ir.ops.schema import arg
@@ -31,10 +33,11 @@ from ir.types import EXPERT_AXIS, Mesh
 DISPATCH, EXPERT_MM, COMBINE = "moe.dispatch", "moe.expert_mm", "moe.combine"
 """The op names."""
 SCHEMAS = {
-    DISPATCH: "moe::dispatch(Tensor hidden, Tensor top_k_index, *, int experts, str axis, int ranks) -> (Tensor, Tensor)",
+    DISPATCH: "moe::dispatch(Tensor hidden, Tensor top_k_index, *, int experts, str axis, int ranks, int chunks=1) "
+              "-> (Tensor, Tensor)",
     EXPERT_MM: "moe::expert_mm(Tensor rows, Tensor weight, Tensor route, *, str axis) -> Tensor",
     COMBINE: "moe::combine(Tensor rows, Tensor top_k_index, Tensor top_k_weights, Tensor route, *, int experts, "
-             "str axis) -> Tensor",
+             "str axis, int chunks=1) -> Tensor",
 }
 """Their arguments, read by name like an ATen op's (``ir.ops.schema.arg``)."""
 EXCHANGING = (DISPATCH, COMBINE)
@@ -96,6 +99,62 @@ def routed_values(node: Node) -> list:
             if user.op != COMBINE:  # the combine's output holds tokens again
                 stack.extend(o for o in user.outputs if o.type.ndim >= 1)
     return list(seen.values())
+
+
+@dataclass(frozen=True)
+class OverlappedLayer:
+    """A MoE layer run in ``chunks`` chunks of tokens (``moe_overlap_chunks``): the experts' nodes between its
+    dispatch and combine run once per chunk, so one chunk's all-to-all overlaps another's compute."""
+
+    dispatch: Node
+    experts: tuple[Node, ...]
+    """The nodes reading routed rows (the experts' matmuls, their activation), in graph order."""
+    combine: Node
+
+    @property
+    def chunks(self) -> int:
+        """Chunks of tokens the layer's dispatch and combine are split into."""
+        return int(arg(self.dispatch, "chunks"))
+
+    @property
+    def expert_rows(self) -> Value:
+        """What the experts compute per chunk: the rows the combine sends back."""
+        return self.combine.input_values()[0]
+
+
+class OverlapError(ValueError):
+    """A MoE layer whose routed rows are read after its combine: it cannot run chunk by chunk (named)."""
+
+
+def overlapped_layer(graph, dispatch: Node) -> OverlappedLayer:
+    """The chunked layer of a dispatch: the nodes reading its routed rows, and its combine; raises
+    :class:`OverlapError` when a value they compute is read outside them (the layer cannot be run in chunks)."""
+    routed = {id(v) for v in routed_values(dispatch)}
+    combine = next((u for u in dispatch.outputs[1].uses if u.op == COMBINE), None)
+    experts = [n for n in graph.nodes if n is not dispatch and n is not combine
+               and any(id(v) in routed for v in n.input_values())]
+    inside = {id(n) for n in experts} | {id(combine)}
+    outside = [u for n in experts for o in n.outputs for u in o.uses if id(u) not in inside]
+    outside += [u for u in dispatch.outputs[1].uses if id(u) not in inside]
+    if combine is None or outside or any(o in graph.outputs for n in experts for o in n.outputs):
+        where = f"%{dispatch.name} (module {dispatch.attrs.get('module', '?')})"
+        raise OverlapError(f"MoE layer at {where}: moe_overlap_chunks runs its experts chunk by chunk, but "
+                           f"{', '.join('%' + u.name for u in outside) or 'a graph output'} reads their rows outside "
+                           "the layer; drop moe_overlap_chunks for this model")
+    return OverlappedLayer(dispatch, tuple(experts), combine)
+
+
+def overlapped_layers(graph) -> dict[int, OverlappedLayer]:
+    """Every layer that exchanges rows in more than one chunk, by the ids of its dispatch, expert nodes and
+    combine (what the backends run as one chunked unit at the combine's place)."""
+    out = {}
+    for node in graph.nodes:
+        if node.op == DISPATCH and arg(node, "chunks") > 1 \
+                and exchanges(node, graph.meshes[node.outputs[0].mesh], node.input_values()[0].sbp):
+            layer = overlapped_layer(graph, node)
+            for n in (layer.dispatch, *layer.experts, layer.combine):
+                out[id(n)] = layer
+    return out
 
 
 def routed_rows(graph) -> dict[int, tuple]:
@@ -166,14 +225,14 @@ def logical_op(name: str):
             return fn(*args, **kwargs)
         return run
 
-    def dispatch(hidden, top_k_index, *, experts: int, axis: str, ranks: int):
+    def dispatch(hidden, top_k_index, *, experts: int, axis: str, ranks: int, chunks: int = 1):
         rows = hidden.new_empty(top_k_index.numel(), hidden.shape[-1])
         return rows, torch.empty(ranks, experts, dtype=torch.int64, device=hidden.device)
 
     def expert_mm(rows, weight, route, *, axis: str):
         return rows.new_empty(rows.shape[0], weight.shape[2], dtype=torch.promote_types(rows.dtype, weight.dtype))
 
-    def combine(rows, top_k_index, top_k_weights, route, *, experts: int, axis: str):
+    def combine(rows, top_k_index, top_k_weights, route, *, experts: int, axis: str, chunks: int = 1):
         dtype = torch.promote_types(rows.dtype, top_k_weights.dtype)
         return rows.new_empty(top_k_index.shape[0], rows.shape[-1], dtype=dtype)
 

@@ -128,3 +128,13 @@ def ranked(node: Node) -> list[Signature]:
 def nonlinear_reduction(node: Node) -> list[Signature]:
     """``argmax`` / ``argmin`` without ``dim`` index the flattened input: every dim counts as reduced."""
     return _reduction(node, reduced_dims(node), None)
+
+
+@register("aten.histc.default", doc="a histogram over fixed bounds: split inputs give partial counts")
+def histc(node: Node) -> list[Signature]:
+    """With bounds given (``min < max``) each shard's counts add up to the whole input's (P(sum)); with the
+    default bounds the data's own min and max set the bins, which a shard does not know."""
+    x = node.input_values()[0]
+    if not arg(node, "min") < arg(node, "max"):
+        return [all_b(node)]
+    return [all_b(node)] + [Signature((Split(i),), (P,)) for i in range(x.type.ndim)]

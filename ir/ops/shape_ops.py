@@ -371,13 +371,45 @@ def index(node: Node) -> list[Signature]:
     return sigs
 
 
+@register("aten.index_put.default", doc="x[i0, i1, ...] = values with integer index tensors for the leading dims")
+def index_put(node: Node) -> list[Signature]:
+    """The indices pick data-dependent positions of the indexed (leading) dims, so those stay whole; a dim of
+    x that is not indexed may be split with x and the matching dim of ``values`` (indices broadcast; ``values``
+    broadcast where it has no such dim or size 1). With ``accumulate`` the op adds ``values`` at the positions:
+    linear in x and values together."""
+    x, *idx, values = node.input_values()
+    indices = arg(node, "indices")
+    sigs = [all_b(node)]
+    if arg(node, "accumulate"):
+        sigs.append(Signature((P,) + (B,) * len(idx) + (P,), (P,)))
+    if any(i is None for i in indices) or any(v.type.dtype in ("bool", "u8") for v in idx):
+        return sigs  # masks and skipped dims move the indexed dims around; keep the safe layouts
+    for j in range(len(indices), x.type.ndim):
+        k = values.type.ndim - (x.type.ndim - j)  # values broadcast against x's trailing dims
+        same = k >= 0 and _magnitude(values.type.shape[k]) == _magnitude(x.type.shape[j])
+        sigs.append(Signature((Split(j),) + (B,) * len(idx) + (Split(k) if same else B,), (Split(j),)))
+    return sigs
+
+
+@register("aten.scatter.value", doc="x with a scalar written at index's positions along one dim; other dims split")
+def scatter_value(node: Node) -> list[Signature]:
+    """``out[..., index[i], ...] = value`` along ``dim``: the positions along ``dim`` are data-dependent, so it
+    stays whole; another dim may be split in x and index alike where index spans all of it (each rank writes
+    its own rows)."""
+    x, positions = node.input_values()
+    dim = dim_arg(node, "dim", x.type.ndim)
+    return [all_b(node)] + [Signature((Split(i), Split(i)), (Split(i),)) for i in range(x.type.ndim)
+                            if i != dim and _magnitude(positions.type.shape[i]) == _magnitude(x.type.shape[i])]
+
+
 FACTORIES = [
     "aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.zeros.default",
     "aten.ones.default", "aten.full.default", "aten.empty.memory_format", "aten.new_zeros.default",
     "aten.new_ones.default", "aten.new_full.default", "aten.new_empty.default", "aten.scalar_tensor.default",
     "aten.eye.default",
 ]
-LIKE_FACTORIES = ["aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.fill.Scalar"]
+LIKE_FACTORIES = ["aten.zeros_like.default", "aten.ones_like.default", "aten.full_like.default", "aten.fill.Scalar",
+                  "aten.empty_like.default"]
 
 
 @register(*FACTORIES, doc="created tensors are broadcast (new_* read only their input's dtype and device)")
@@ -413,7 +445,8 @@ register("aten.arange.start", local=_arange_start_local, on_axis=_arange_on_axis
          doc="created broadcast; on the cp axis, each rank's block of the range (positions of sequence shards)")(factory)
 
 
-@register(*LIKE_FACTORIES, doc="a constant tensor of the input's shape: follows the input's split")
+@register(*LIKE_FACTORIES, doc="a constant (or, empty_like, uninitialised) tensor of the input's shape: follows the "
+                              "input's split")
 def like_factory(node: Node) -> list[Signature]:
     return [all_b(node)] + [Signature((Split(i),), (Split(i),)) for i in range(node.input_values()[0].type.ndim)]
 

@@ -175,7 +175,8 @@ class ModelView:
         if tp_axis and tp_axis != TENSOR_AXIS:
             profile = _rename_axis(profile, TENSOR_AXIS, tp_axis)
         if ep > 1 and self.experts(options) is not None:
-            profile = with_expert_parallelism(profile, self.experts(options), ep, options.moe_imbalance)
+            profile = with_expert_parallelism(profile, self.experts(options), ep, options.moe_imbalance,
+                                              strategy.moe_overlap_chunks)
         estimate = options.estimator(profile, cluster).estimate(shape, exact)
         return Evaluation(strategy, shape, profile, estimate, solution)
 

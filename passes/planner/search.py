@@ -218,6 +218,10 @@ def _write_cache(directory: Path, key: str, result: tuple) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+OVERLAP_CHUNKS = (1, 2, 4)
+"""The ``moe_overlap_chunks`` the planner tries for a plan with expert parallelism."""
+
+
 @dataclass
 class _Setting:
     """Degrees and layout switches; one layout solve each."""
@@ -233,6 +237,8 @@ class _Setting:
     """Context parallelism: ranks sharing every sequence (ring attention, the load-balanced split)."""
     ep: int = 1
     """Ranks of ``dp`` the MoE experts are folded over (the mesh ``dp / ep, ep, tp``); 1: no expert parallelism."""
+    chunks: int = 1
+    """``moe_overlap_chunks``: chunks of tokens each MoE layer's all-to-alls run in (with ``ep > 1``)."""
 
     @property
     def stage_axes(self) -> tuple[tuple, tuple]:
@@ -423,10 +429,11 @@ class _Planner:
                     if tp > 1 and not groups_inside_domains([g for d in devices for g in axis_groups(d, axes, sizes, "tp")],
                                                             self.cluster):
                         continue
-                    for ep in self._expert_degrees(mesh, dp, tp, devices, cp):
-                        for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
-                            for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
-                                yield _Setting(tp, pp, dp, sp, vp, devices, cp=cp, ep=ep)
+                    for ep in self._expert_degrees(mesh, dp, cp):
+                        for chunks in self._overlap_chunks(ep):
+                            for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
+                                for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
+                                    yield _Setting(tp, pp, dp, sp, vp, devices, cp=cp, ep=ep, chunks=chunks)
 
     def _context_degrees(self, mesh: MeshSpec | None, ranks: int, pp: int) -> list[int]:
         """The cp degrees to try on ``ranks`` devices of each of ``pp`` pipeline positions: those the fixed mesh
@@ -449,21 +456,25 @@ class _Planner:
             out.append(cp)
         return out
 
-    def _expert_degrees(self, mesh: MeshSpec | None, dp: int, tp: int, devices: list, cp: int = 1) -> list[int]:
-        """The ``ep`` degrees to try: divisors of ``dp`` that divide the experts, their ``ep x tp`` groups inside a
-        fast-link domain (a node), as the fixed mesh allows; 1 without MoE blocks, with FSDP asked for, or with
-        sequences split over cp (the planner does not combine the two)."""
+    def _expert_degrees(self, mesh: MeshSpec | None, dp: int, cp: int = 1) -> list[int]:
+        """The ``ep`` degrees to try: divisors of ``dp`` that divide the experts, as the fixed mesh allows; 1
+        without MoE blocks, with FSDP asked for, or with sequences split over cp (the planner does not combine the
+        two). The ``ep`` ranks are consecutive devices (``ep`` inside ``dp``, outside ``tp``), so an ``ep x tp``
+        group stays inside a node where it fits; a larger one spans nodes, and its all-to-alls are priced on the
+        links between them, so it wins only where that pays (the experts' memory and gradient reduction shrink
+        with ``ep``)."""
         if self.experts is None or self.fixed.options.fsdp or cp > 1:
             return [1] if _allowed(mesh, DATA_AXIS, dp) and _allowed(mesh, EXPERT_AXIS, 1) else []
-        out = []
-        for ep in _divisors(dp):
-            if self.experts.experts % ep or not _allowed(mesh, DATA_AXIS, dp // ep) or not _allowed(mesh, EXPERT_AXIS, ep):
-                continue
-            axes = (("dp", EXPERT_AXIS, "tp"), (dp // ep, ep, tp))
-            if ep == 1 or groups_inside_domains([g for d in devices for g in axis_groups(d, *axes, EXPERT_AXIS)],
-                                                self.cluster):
-                out.append(ep)
-        return out
+        return [ep for ep in _divisors(dp) if not self.experts.experts % ep and _allowed(mesh, DATA_AXIS, dp // ep)
+                and _allowed(mesh, EXPERT_AXIS, ep)]
+
+    def _overlap_chunks(self, ep: int) -> tuple[int, ...]:
+        """The ``moe_overlap_chunks`` to try with ``ep``: the strategy's, else :data:`OVERLAP_CHUNKS` (the same
+        layouts and shapes priced again with the exchanges in chunks: cheap); 1 without expert parallelism."""
+        given = self.fixed.options.moe_overlap_chunks
+        if given is not None:
+            return (given,)
+        return OVERLAP_CHUNKS if ep > 1 else (1,)
 
     def solve(self, setting: _Setting) -> LayoutSolution | None:
         """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
@@ -481,11 +492,12 @@ class _Planner:
 
     def estimator(self, setting: _Setting, solution: LayoutSolution) -> Estimator:
         """The estimator of a setting's profile (one per layouts and data-parallel degree)."""
-        key = (id(solution), setting.dp, setting.cp, setting.ep)
+        key = (id(solution), setting.dp, setting.cp, setting.ep, setting.chunks)
         if key not in self._estimators:
             profile = self.view.profile(solution, setting.dp, self.options, setting.cp)
             if setting.ep > 1:
-                profile = with_expert_parallelism(profile, self.experts, setting.ep, self.options.moe_imbalance)
+                profile = with_expert_parallelism(profile, self.experts, setting.ep, self.options.moe_imbalance,
+                                                  setting.chunks)
             self._estimators[key] = self.options.estimator(profile, self.cluster)
         return self._estimators[key]
 
@@ -589,7 +601,8 @@ class _Planner:
                           vocab_parallel=setting.vocab_parallel if tensor_parallel else None,
                           solved_layouts=_solved_layouts(self.fixed.options.solved_layouts, tensor_parallel),
                           fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes,
-                          cp_attention="ring" if setting.cp > 1 else None)
+                          cp_attention="ring" if setting.cp > 1 else None,
+                          moe_overlap_chunks=setting.chunks if setting.chunks > 1 else self.fixed.options.moe_overlap_chunks)
         pipeline = Pipeline(microbatches=shape.microbatches, skip_ratio=self.fixed.pipeline.skip_ratio)
         if setting.pp > 1:
             ranks = setting.dp * setting.cp * setting.tp
@@ -671,6 +684,7 @@ def _with_experts_split(params: tuple[Layout, ...], experts: ExpertBlocks, prefi
 
 def _summary(setting: _Setting, shape: PlanShape) -> str:
     parts = [f"dp={setting.dp // setting.ep}", *([f"ep={setting.ep}"] if setting.ep > 1 else []),
+             *([f"moe_overlap_chunks={setting.chunks}"] if setting.chunks > 1 else []),
              *([f"cp={setting.cp}"] if setting.cp > 1 else []), f"tp={setting.tp}", f"pp={setting.pp}",
              f"microbatches={shape.microbatches}"]
     if setting.tp > 1:

@@ -57,8 +57,12 @@ def expert_and_tensor_parallel() -> dict:
 
 PLANS = {"dp2": (2, "dp"),
          "ep2": (2, expert_parallel("ep", {"ep": 2})),
+         # 2 chunks per layer, every block recomputed (the chunked layer inside a checkpointed region)
+         "ep2_chunks2_recompute": (2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=2, recompute=True)),
          "experts_over_dp2": (2, expert_parallel("dp", {"dp": 2})),
          "dp2_ep2": (4, expert_parallel("ep", {"dp": 2, "ep": 2})),
+         # each layer's dispatch and combine in 2 chunks of tokens, overlapping the experts' compute
+         "dp2_ep2_chunks2": (4, expert_parallel("ep", {"dp": 2, "ep": 2}, moe_overlap_chunks=2)),
          # FSDP over dp: every parameter stored sharded, the experts over dp and ep (gathered over dp at use)
          "dp2_ep2_fsdp": (4, expert_parallel("ep", {"dp": 2, "ep": 2}, fsdp="dp")),
          "fsdp4": (4, "fsdp"),
@@ -102,6 +106,30 @@ def test_one_moe_layer_under_ep2_dispatches_and_combines_with_one_all_to_all_eac
     assert 'moe.dispatch(%view_5, %topk_1, experts=4, axis="ep", ranks=2)' in text
     dispatch = next(n for n in nodes if n.op == DISPATCH)
     assert [format_nd_sbp(v.sbp) for v in dispatch.outputs] == ["(S(0))", "(S(1))"]
+
+
+@pytest.mark.slow
+def test_verifier_refuses_a_collective_moving_routed_rows_between_ranks():
+    """Routed rows are split unevenly by the routing: an all-gather of them over ep (as a layout asking for the
+    experts' rows whole would box) is refused with one error naming the collective, the rows, the dispatch, the
+    axis and what to do."""
+    from ir.parser import parse
+    from ir.verifier import VerificationError, verify
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    text = str(compile_cached(model, inputs, 2, PLANS["ep2"][1]).graph)
+    verify(parse(text))
+    first_mm = next(line for line in text.splitlines() if "= moe.expert_mm(%routed," in line)
+    gather = ('  %routed_whole: f32[`2*batch*seq`, 32] (B) @world = comm.all_gather(%routed, axis="ep", dim=0) '
+              '{module = "lm.model.layers.0.mlp.experts"}')
+    with pytest.raises(VerificationError) as refused:
+        verify(parse(text.replace(first_mm, gather + "\n" + first_mm)))
+    message = str(refused.value)
+    assert message.startswith("node %routed_whole (comm.all_gather, module lm.model.layers.0.mlp.experts) moves rows "
+                              "of %routed between the ranks of axis 'ep' (comm.all_gather on dim 0), but those rows "
+                              "were routed to their experts by %routed (moe.dispatch on axis 'ep'): the routing splits "
+                              "them unevenly, so no collective may split or gather them"), message
+    assert message.endswith("Keep the experts' activations split S(0) on that axis (remove the layout or collective "
+                            "that gathers them), or do not split the experts over it")
 
 
 class _CountingExchanges:
@@ -152,6 +180,96 @@ def test_emitted_dispatch_and_combine_exchange_split_sizes_then_rows_and_reverse
         dist.destroy_process_group()
 
 
+def test_overlapped_chunks_start_every_dispatch_then_combine_each_chunk_and_equal_one_chunk(monkeypatch):
+    """``moe_overlapped`` (``moe_overlap_chunks=2``) on a gloo group: the split sizes of both chunks in one
+    all-to-all, both chunks' rows sent at once (async), each chunk's outputs sent back after its experts; backward
+    sends the four row exchanges back. Output and gradients equal the unchunked dispatch, experts and combine."""
+    from backends.runtime import moe
+    from backends.runtime.core import GROUPS
+    from ir.kernels import expert_mm
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, True, timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        monkeypatch.setitem(GROUPS, "ep", (dist.group.WORLD, [0], 0))
+        g = torch.Generator().manual_seed(2)
+        hidden = torch.randn(7, 4, generator=g, requires_grad=True)  # 7 tokens: chunks of 4 and 3
+        index, weights = torch.randint(0, 4, (7, 2), generator=g), torch.rand(7, 2, generator=g)
+        w = torch.randn(4, 4, 3, generator=g, requires_grad=True)
+        rows, received = moe.moe_dispatch(hidden, index, experts=4, axis="ep")
+        whole = moe.moe_combine(expert_mm(rows, w, received), index, weights, received, experts=4, axis="ep")
+        expected = torch.autograd.grad(whole.square().sum(), (hidden, w))
+        seen = _CountingExchanges(monkeypatch)
+        started = []
+        real = dist.all_to_all_single
+        monkeypatch.setattr(dist, "all_to_all_single", lambda *a, **kw: started.append(kw.get("async_op", False))
+                            or real(*a, **kw))
+        out = moe.moe_overlapped(hidden, index, weights, lambda r, got: expert_mm(r, w, got), experts=4, axis="ep",
+                                 chunks=2)
+        assert seen.calls == [("forward", "counts")] + [("forward", "rows")] * 4 and started == [False] + [True] * 4
+        seen.phase = "backward"
+        grads = torch.autograd.grad(out.square().sum(), (hidden, w))
+        assert seen.calls[5:] == [("backward", "rows")] * 4 and started[5:] == [True] * 4
+        torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_moe_overlap_chunks_run_each_layer_in_chunks_and_equal_eager(tmp_path):
+    """Mixtral ep2 with ``moe_overlap_chunks 2`` (and every block recomputed): the plan round-trips, every dispatch
+    and combine carries ``chunks=2``, the emitted forward runs each layer's experts as a nested function of one
+    chunk's rows under ``moe_overlapped`` (inside the block's checkpointed function), and the virtual mesh (which
+    runs the same chunks) equals eager."""
+    import ast
+    from frontend.dsl import parse_plan
+    model, inputs, reference = moe_model_and_reference("mixtral")
+    plan = compile_cached(model, inputs, 2, PLANS["ep2_chunks2_recompute"][1])
+    assert "moe_overlap_chunks 2" in plan.to_dsl() and parse_plan(plan.to_dsl()).moe_overlap_chunks == 2
+    exchanging = [n for n in plan.graph.nodes if n.op in (DISPATCH, COMBINE)]
+    assert len(exchanging) == 4 and all(n.kwargs["chunks"] == 2 for n in exchanging)
+    assert 'axis="ep", ranks=2, chunks=2)' in str(plan.graph)
+    from ir.parser import parse
+    assert str(parse(str(plan.graph))) == str(plan.graph)  # the IR text prints and parses the chunks
+    plan.emit(tmp_path)
+    forward = (tmp_path / "main.py").read_text().split("\ndef forward(")[1]
+    ast.parse("def forward(" + forward)
+    assert forward.count("moe_overlapped(") == 2 and "moe_dispatch(" not in forward
+    assert "        def lm_model_layers_0_mlp_experts_chunk(routed, route):" in forward  # nested in the checkpoint
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs, reference=reference)
+
+
+@pytest.mark.slow
+def test_simulator_prices_chunked_dispatch_and_combine_under_the_experts_compute():
+    """``moe_overlap_chunks``: each row exchange runs as K all-to-alls (K latencies) overlapping the experts'
+    compute of the other chunks, one chunk exposed. Where the exchange is bandwidth-bound (4096 samples) the
+    exposed all-to-all time and the step fall with K; where it is latency-bound (8 samples) K costs more; K=1 is
+    today's plan and price (no chunks in the IR, every exchange wholly exposed)."""
+    from compiler.simulate import simulate
+    model, inputs, _ = moe_model_and_reference("mixtral")
+    plans = {k: compile_cached(model, inputs, 2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=k))
+             for k in (2, 4)}
+    plans[1] = compile_cached(model, inputs, 2, PLANS["ep2"][1])
+
+    def all_to_all(report) -> float:
+        return sum(v for key, v in report.breakdown.items() if "all_to_all" in key)
+    heavy = {k: simulate(plan, global_batch=4096) for k, plan in plans.items()}
+    assert heavy[4].step_time_s < heavy[2].step_time_s < heavy[1].step_time_s
+    assert all_to_all(heavy[4]) < all_to_all(heavy[2]) < 0.6 * all_to_all(heavy[1])
+    light = {k: simulate(plan, global_batch=8) for k, plan in plans.items()}
+    assert all_to_all(light[1]) < all_to_all(light[2]) < all_to_all(light[4])
+    one = compile_cached(model, inputs, 2, expert_parallel("ep", {"ep": 2}, moe_overlap_chunks=1))
+    assert [str(n) for n in one.graph.nodes] == [str(n) for n in plans[1].graph.nodes]
+    assert simulate(one, global_batch=4096).step_time_s == heavy[1].step_time_s
+    # the planner's pricing of a strategy (experts folded over ep of the captured model) falls alike
+    from compiler import Cluster
+    graph, cluster = captured_graph("mixtral"), Cluster.load("local:2")
+    steps = [simulate((graph, PLANS["ep2"][1] | {"moe_overlap_chunks": k}, cluster), global_batch=4096).step_time_s
+             for k in (1, 2, 4)]
+    assert steps[2] < steps[1] < steps[0]
+
+
 def test_routing_in_process_equals_the_logical_grouped_experts():
     """The virtual mesh's exchange (two sources) gives each destination its experts' rows, expert by expert, and
     combining them back gives every token its weighted experts' sum; so does one rank holding everything."""
@@ -183,11 +301,14 @@ def test_routing_in_process_equals_the_logical_grouped_experts():
     ("mixtral", "dp2_ep2_fsdp"), ("qwen3_moe", "experts_over_dp2")])
 def test_moe_plans_equal_eager(name, plan_name):
     """Loss (with the auxiliary loss) and every gradient, router included, equal eager. Experts split over an axis
-    dispatch by all-to-all (one dispatch per layer); under fsdp4 they are gathered like every parameter."""
+    dispatch by all-to-all (one dispatch per layer); under fsdp4 they are gathered like every parameter. Every op
+    has SBP rules (the routers' index_put, scatter and histc, too: none runs replicated with a warning)."""
     model, inputs, reference = moe_model_and_reference(name)
     world, spec = PLANS[plan_name]
     plan = compile_cached(model, inputs, world, spec)
     assert sum(n.op == DISPATCH for n in plan.graph.nodes) == (0 if plan_name in ("dp2", "fsdp4") else 2)
+    from ir.ops.registry import RULES
+    assert [n.op for n in plan.graph.nodes if n.op not in RULES] == []  # every op laid out by its rules (no warning)
     result = plan.run_virtual(*inputs)
     assert any(".gate." in g for g in result.grads)
     assert_close_to_eager(result, model, inputs, reference=reference)
@@ -204,17 +325,20 @@ while every gradient matches eager at rtol 1e-5, atol 1e-6. ``lr / eps = 1e3`` k
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("name, plan_name", [("mixtral", "dp2_ep2"), ("qwen3_moe", "ep2")])
+@pytest.mark.parametrize("name, plan_name", [("mixtral", "dp2_ep2_chunks2"), ("qwen3_moe", "ep2")])
 def test_emitted_expert_parallel_program_trains_like_eager(tmp_path, name, plan_name):
     """3 AdamW steps under torchrun (gloo): losses and saved weights equal eager. The program dispatches and
-    combines with ``all_to_all_single`` (each token's expert output is computed whole on one rank)."""
+    combines with ``all_to_all_single`` (each token's expert output is computed whole on one rank); Mixtral's in 2
+    chunks of tokens per layer (``moe_overlap_chunks``: async all-to-alls overlapping the experts' compute)."""
     model, inputs, _ = moe_model_and_reference(name)
     world, spec = PLANS[plan_name]
     plan = compile_cached(model, inputs, world, spec, optimizer=ADAMW)
     batches = [_lm_inputs(seed=s) for s in (1, 2, 3)]
     losses, saved = train_emitted(plan, tmp_path, batches, 3)
     forward = (tmp_path / "main.py").read_text().split("\ndef forward(")[1]
-    assert "moe_dispatch(" in forward and "moe_combine(" in forward and "expert_mm(" in forward
+    chunked = "moe_overlap_chunks" in spec
+    assert ("moe_overlapped(" in forward) == chunked and ("moe_dispatch(" in forward) != chunked
+    assert "expert_mm(" in forward
     assert "grouped_mm_fallback" not in forward
     eager = MOE_MODELS[name]()
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(train_eager(eager, batches, 3, ADAMW)),
@@ -266,9 +390,10 @@ def captured_graph(name: str):
 
 
 @pytest.mark.slow
-def test_planner_folds_experts_over_ep_inside_a_node_and_its_plan_equals_eager():
-    """``auto`` considers ep degrees (ep groups inside a node: with tp=4 on 8-GPU nodes, ep stays <= 2), prices
-    them (all-to-all on ep, experts' memory / ep), and writes a plan that compiles and equals eager."""
+def test_planner_folds_experts_over_ep_and_its_plan_equals_eager():
+    """``auto`` considers ep degrees, each with the all-to-alls in 1, 2 or 4 chunks (``moe_overlap_chunks``), prices
+    them (all-to-all on ep, experts' memory / ep), and writes a plan that compiles and equals eager; a fixed
+    ``moe_overlap_chunks`` is kept in the plan it writes."""
     from compiler import Cluster
     from cost.estimate import PlanOptions
     from passes.planner.evaluate import ModelView
@@ -278,15 +403,35 @@ def test_planner_folds_experts_over_ep_inside_a_node_and_its_plan_equals_eager()
     cluster = Cluster.load("dgx-h100:2")
     fixed = normalize({"mesh": {"dp": "auto", "ep": "auto", "tp": 4}}, cluster.world_size)
     planner = _Planner(ModelView(graph), cluster, fixed, PlanOptions(global_batch=64), None, None)
-    assert sorted({s.ep for s in planner.settings()}) == [1, 2]  # ep=4 x tp=4 would span both nodes
+    assert {(s.ep, s.chunks) for s in planner.settings()} == {(1, 1), *((ep, k) for ep in (2, 4) for k in (1, 2, 4))}
     strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": "auto"}},
                               use_cache=False, global_batch=64)
     assert {"ep=2", "ep=4"} <= {part for c in [report.chosen, *report.alternatives] for part in c.summary.split()}
-    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": 4}}, use_cache=False,
+    strategy, report = search(graph, Cluster.load("dgx-h100:1"), {"mesh": {"dp": "auto", "ep": 4},
+                                                                   "moe_overlap_chunks": 2}, use_cache=False,
                               global_batch=64)
     plan_dict = strategy.to_dict()
-    assert plan_dict["mesh"] == {"dp": 2, "ep": 4}
+    assert plan_dict["mesh"] == {"dp": 2, "ep": 4} and plan_dict["moe_overlap_chunks"] == 2
     assert plan_dict["params"] == {name: {"ep": "S(0)"} for name in sorted(EXPERTS)}
     model, inputs, reference = moe_model_and_reference("mixtral")
     plan = compile_cached(model, inputs, 8, plan_dict)
+    assert all(n.kwargs["chunks"] == 2 for n in plan.graph.nodes if n.op in (DISPATCH, COMBINE))
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs, reference=reference)
+
+
+@pytest.mark.slow
+def test_planner_lets_an_ep_group_span_nodes_priced_on_the_links_between_them():
+    """On two 8-GPU nodes with tp=4, ep=4 puts each ep x tp group across both nodes: the planner plans it (it
+    used to refuse), its all-to-alls priced on InfiniBand, so they cost more than ep=4 inside a node (tp=2)."""
+    from compiler import Cluster
+    from compiler.simulate import simulate
+    from passes.planner.search import search
+    graph, cluster = captured_graph("mixtral"), Cluster.load("dgx-h100:2")
+    exposed = {}
+    for tp in (4, 2):
+        strategy, report = search(graph, cluster, {"mesh": {"dp": "auto", "ep": 4, "tp": tp}}, use_cache=False,
+                                  global_batch=64)
+        assert strategy.mesh.as_dict() == {"dp": 16 // (4 * tp), "ep": 4, "tp": tp}
+        priced = simulate((graph, strategy.to_dict() | {"moe_overlap_chunks": 1}, cluster), global_batch=64)
+        exposed[tp] = sum(v for key, v in priced.breakdown.items() if "all_to_all over ep" in key)
+    assert exposed[4] > 1.5 * exposed[2]

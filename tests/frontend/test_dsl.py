@@ -611,3 +611,15 @@ def test_recompute_none_on_a_submodule_is_rejected() -> None:
     annotate(net.head, "recompute none")
     with pytest.raises(PlanError, match="cannot be limited to that module"):
         collect_annotations(net)
+
+
+def test_moe_overlap_chunks_round_trips_and_rejects_a_count_below_one() -> None:
+    """``moe_overlap_chunks K``: the strategy option (issue 16, FSMoE-style overlap), printed back as written."""
+    strategy = parse_plan("mesh dp=2, ep=2\nmoe_overlap_chunks 4\n")
+    assert strategy.to_dict() == {"mesh": {"dp": 2, "ep": 2}, "moe_overlap_chunks": 4}
+    assert strategy.moe_overlap_chunks == 4 and parse_plan("mesh ep=2").moe_overlap_chunks == 1
+    assert format_plan(strategy) == "mesh dp=2, ep=2\nmoe_overlap_chunks 4\n"
+    assert Strategy.from_dict(strategy.to_dict()) == strategy
+    error = parse_error("moe_overlap_chunks 0\n")
+    assert "moe_overlap_chunks is a whole number of chunks, at least 1, found 0" in str(error)
+    assert_points_at(error, "moe_overlap_chunks 0\n", 1, 20)

@@ -636,6 +636,19 @@ def _slicing() -> None:
     add("aten.index.Tensor", T((4, 6)), [T((4, 1, 1), I64, "index", high=4), T((1, 6), I64, "index", high=6)])
     add("aten.index.Tensor", T((4, 6, 2)), [T((12,), I64, "index", high=4)])
     add("aten.index.Tensor", T((6, 4)), [T((2, 6), I64, "index", high=6), T((6,), I64, "index", high=4)])
+    add("aten.index_put.default", T((6, 4)), [T((3,), I64, "index", high=6)], T((3, 4)))
+    add("aten.index_put.default", T((4, 6, 2)), [T((3,), I64, "index", high=4), T((3,), I64, "index", high=6)],
+        T((2,)), True)
+    add("aten.index_put.default", T((6, 4)), [T((2,), I64, "index", high=6)], T((1,)), kw={"accumulate": True})
+    add("aten.index_put.default", T((8,), I64, "int"), [T((8,), I64, "index", high=8)], T((8,), I64, "int"),
+        note="MoE routing (transformers' grouped experts): the inverse of a sort's permutation")
+    add("aten.scatter.value", T((4, 6)), 1, T((4, 3), I64, "index", high=6), 1.5)
+    add("aten.scatter.value", T((6, 4, 2)), -3, T((2, 4, 2), I64, "index", high=6), -1.0)
+    add("aten.scatter.value", T((4, 6)), -1, T((2, 6), I64, "index", high=6), 0.0,
+        note="index spans 2 of the 4 rows: rows may not split")
+    add("aten.histc.default", T((4, 6)), 4, 0, 3, differentiable=False)
+    add("aten.histc.default", T((8,)), kw={"bins": 5, "min": -2, "max": 2}, differentiable=False)
+    add("aten.histc.default", T((6,)), differentiable=False, note="bounds from the data: no split")
 
 
 def _factories() -> None:
@@ -664,6 +677,8 @@ def _factories() -> None:
     add("aten.new_empty.default", T((4, 6)), [4], kw={"dtype": F64}, exact_values=False)
     add("aten.zeros_like.default", T((4, 6)), kw={"pin_memory": False})
     add("aten.zeros_like.default", T((4, 6)), kw={"dtype": I64})
+    add("aten.empty_like.default", T((4, 6)), kw={"pin_memory": False}, exact_values=False)
+    add("aten.empty_like.default", T((4, 6)), kw={"dtype": I64}, exact_values=False)
     add("aten.ones_like.default", T((4, 1, 6)))
     add("aten.ones_like.default", T((4, 6)), kw={"dtype": BOOL})
     add("aten.full_like.default", T((4, 6)), 3.0)

@@ -22,6 +22,7 @@ EVERY_KEY = {
     "grad_bucket_bytes": 1 << 20,
     "cp_attention": "a2a",
     "solved_layouts": True,
+    "moe_overlap_chunks": 2,
     "stage_layers": [[0, 1], [2, 3]],
     "stage_devices": [[0, 1, 2, 3], [4, 5, 6, 7]],
     "microbatches": 4,
@@ -38,7 +39,7 @@ def test_every_key_reads_into_its_typed_field_and_back():
     assert strategy.mesh == MeshSpec(("pp", "dp", "tp"), (2, 2, 2))
     assert strategy.params[0] == Layout("blocks.*.attn.qkv.weight", (("tp", Split(0)),))
     assert strategy.params[1].sbp == AUTO and strategy.params[1].on("tp") == AUTO
-    assert strategy.options == Options(True, False, "dp", 1 << 20, "a2a", True)
+    assert strategy.options == Options(True, False, "dp", 1 << 20, "a2a", True, 2)
     assert strategy.pipeline == Pipeline(None, ((0, 1), (2, 3)), ((0, 1, 2, 3), (4, 5, 6, 7)), 4, "gpipe", None, 0.25)
     assert strategy.recompute == ("blocks.*.mlp",)
     assert strategy.precision == PrecisionSpec("fp32", "bf16", "bf16") and strategy.precision.shorthand is None
