@@ -19,7 +19,9 @@ until then).
 Data parallelism the profile leaves to the estimator (``profile.analytic_axes``) splits the batch over
 ``dp`` and, with ``fsdp``, gathers each segment's parameters before use, frees them after, gathers them
 again for backward and reduce-scatters the gradients, as the emitted programs do (one segment's gathered
-parameters are alive at a time).
+parameters are alive at a time). Those programs prefetch the gathers: the next segment's gathers run while
+the current segment computes, so only what its compute does not hide is exposed (see
+:meth:`Estimator.prefetch_hidden`); the reduce-scatters are waited for where backward produces them.
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ from cost.segments import Profile, at
 from cost.timeline import ScheduleTimeline, simulate
 from ir.types import CONTEXT_AXIS
 from ir.schedules import SCHEDULES, build_pipeline_schedule
+
+
+FSDP_PART = "fsdp gathers and reduce-scatters"
+"""The breakdown's part for FSDP's parameter collectives (what of them is exposed)."""
 
 
 @dataclass
@@ -68,6 +74,9 @@ class PlanOptions:
     moe_imbalance: float = 1.0
     """Expert parallelism's routing imbalance: rows the busiest rank gets over the balanced share (>= 1); its
     experts' matmuls and its all-to-all bytes scale by it. 1: tokens spread evenly over the experts."""
+    prefetch_gathers: bool = True
+    """FSDP's parameter gathers are launched one segment ahead and run while the previous segment computes
+    (as the emitted runtime does); False: each is waited for where it is used (all of it exposed)."""
 
     def for_plan_precision(self, precision: Any) -> "PlanOptions":
         """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
@@ -79,11 +88,12 @@ class PlanOptions:
     def key(self) -> tuple:
         """A hashable summary (cache keys)."""
         return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
-                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance)
+                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance, self.prefetch_gathers)
 
     def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
         """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
-        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync)
+        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync,
+                         self.prefetch_gathers)
 
 
 def optimizer_name(spec: Any) -> str:
@@ -164,12 +174,13 @@ class Estimator:
     """Prices plans of one profile on one cluster (caches collective and device look-ups)."""
 
     def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float | None = None,
-                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True):
+                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True, prefetch_gathers: bool = True):
         self.profile = profile
         self.cluster = cluster
         self.overhead_s = overhead_s
         self.headroom = memory_headroom
         self.overlap_grad_sync = overlap_grad_sync
+        self.prefetch_gathers = prefetch_gathers
         self._collectives: dict[tuple, float] = {}
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
@@ -205,9 +216,11 @@ class Estimator:
         totals = np.zeros(4)
         recompute = 0.0
         segments = shape.segments_of_stage(k, self.profile.num_layers)
-        for j in segments:
+        for j, (fwd_hidden, bwd_hidden) in zip(segments, self.prefetch_hidden(shape, rank, segments)):
             work = self.segment_work(shape, rank, j)
             totals += work
+            totals[1] -= fwd_hidden
+            totals[3] -= bwd_hidden
             recompute += self._recompute_time(shape, rank, j, work)
         send = self._send_time(shape, k, segments[-1], self.microbatch_size(shape))
         weight = sum(self.segment_weight_time(shape, rank, j) for j in segments) if _splits(shape) else 0.0
@@ -233,16 +246,68 @@ class Estimator:
     def _segment_comm(self, segment, shape: PlanShape, devices: tuple, batch: float) -> tuple[float, float]:
         fwd = bwd = 0.0
         for item in segment.comms:
+            if item.fsdp:
+                continue
             seconds = self._exposed_seconds(item, devices, shape, batch)
             if item.backward:
                 bwd += seconds
             else:
                 fwd += seconds
+        for (kind, axis, backward), seconds in self._grouped_fsdp(segment, shape, devices, batch).items():
+            fwd, bwd = (fwd, bwd + seconds) if backward else (fwd + seconds, bwd)
         if self.fsdp_analytic(shape):  # gather for forward, gather again for backward, reduce-scatter grads
             gather = self._fsdp_gather(segment, shape, devices)
             fwd += gather
             grads = segment.param_bytes(trainable_only=True)
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
+        return fwd, bwd
+
+    def _grouped_fsdp(self, segment, shape: PlanShape, devices: tuple, batch: float) -> dict:
+        """(kind, axis, backward) -> seconds of the segment's FSDP parameter collectives of that kind: one
+        collective of all their bytes, as the emitted runtime gathers a layer's shards (and reduce-scatters
+        their gradients) together."""
+        nbytes: dict[tuple, float] = defaultdict(float)
+        for item in segment.comms:
+            if item.fsdp:
+                nbytes[(item.kind, item.axis, item.backward)] += at(item.nbytes, batch)
+        return {key: self._collective(key[0], n, devices, shape, key[1]) for key, n in nbytes.items()}
+
+    def prefetch_hidden(self, shape: PlanShape, rank: int, segments: Sequence[int]) -> list[tuple[float, float]]:
+        """Per segment of ``segments`` (one stage's, in forward order), the (forward, backward) seconds of its FSDP
+        parameter gathers that run while the segment before it in that pass computes, per microbatch.
+
+        The program launches a segment's gathers when the previous one starts computing (forward: segment
+        ``i - 1``; backward, which runs the segments in reverse: segment ``i + 1``), so a gather waits only for
+        what that compute does not cover, as far as the devices hide communication behind compute at all
+        (``comm_overlap``). Forward's first segment has nothing to hide behind; forward's last is not gathered
+        again for backward (its parameters are kept: all of its backward gather is saved). A plan priced without
+        prefetching (:attr:`PlanOptions.prefetch_gathers`) hides nothing."""
+        if not self.prefetch_gathers or len(segments) < 2 or not (self.fsdp_analytic(shape) or self._gathers_params):
+            return [(0.0, 0.0)] * len(segments)
+        devices = shape.stage_devices[rank]
+        overlap = min(self.cluster.device(d).comm_overlap for d in devices)
+        work = [self.segment_work(shape, rank, j) for j in segments]
+        gathers = [self.param_gathers(shape, rank, j) for j in segments]
+        last = len(segments) - 1
+        return [(overlap * min(fwd, work[p - 1][0]) if p > 0 else 0.0,
+                 overlap * min(bwd, work[p + 1][2]) if p < last else bwd)
+                for p, (fwd, bwd) in enumerate(gathers)]
+
+    @functools.cached_property
+    def _gathers_params(self) -> bool:
+        """Whether the profile's own collectives gather parameters (an FSDP plan's IR)."""
+        return any(item.fsdp for segment in self.profile.segments for item in segment.comms)
+
+    def param_gathers(self, shape: PlanShape, rank: int, j: int) -> tuple[float, float]:
+        """(forward, backward) seconds of segment ``j``'s FSDP parameter gathers per microbatch on ``rank``: the
+        IR's parameter all-gathers, or the estimator's own gather of the segment (analytic FSDP)."""
+        segment = self.profile.segments[j]
+        devices = shape.stage_devices[rank]
+        batch = self.microbatch_size(shape)
+        fwd = bwd = self._fsdp_gather(segment, shape, devices)
+        for (kind, _, backward), seconds in self._grouped_fsdp(segment, shape, devices, batch).items():
+            if kind == "all_gather":
+                fwd, bwd = (fwd, bwd + seconds) if backward else (fwd + seconds, bwd)
         return fwd, bwd
 
     def _fsdp_gather(self, segment, shape: PlanShape, devices: tuple) -> float:
@@ -331,9 +396,11 @@ class Estimator:
         for k in range(shape.num_stages):
             if shape.rank_of_stage(k) != rank:
                 continue
-            for j in shape.segments_of_stage(k, self.profile.num_layers):
+            segments = shape.segments_of_stage(k, self.profile.num_layers)
+            for j, (fwd_hidden, bwd_hidden) in zip(segments, self.prefetch_hidden(shape, rank, segments)):
                 work = fwd, fwd_comm, bwd, bwd_comm = self.segment_work(shape, rank, j)
                 recompute = self._recompute_time(shape, rank, j, work)
+                fwd_comm, bwd_comm = fwd_comm - fwd_hidden, bwd_comm - bwd_hidden
                 rows.append({"segment": self.profile.segments[j].name, "index": j, "stage": k,
                              "forward_compute_s": fwd, "forward_comm_s": fwd_comm, "backward_compute_s": bwd,
                              "backward_comm_s": bwd_comm, "recompute_s": recompute,
@@ -363,12 +430,14 @@ class Estimator:
             parts["recompute"] += m * row["recompute_s"]
             devices = shape.stage_devices[rank]
             batch = self.microbatch_size(shape)
-            for item in self.profile.segments[j].comms:
-                parts[f"{item.kind} over {item.axis} (exposed)"] += m * self._exposed_seconds(item, devices, shape,
-                                                                                                batch)
-            if self.fsdp_analytic(shape):
-                parts["fsdp gathers and reduce-scatters"] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
-                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in self.profile.segments[j].comms)
+            comms = self.profile.segments[j].comms
+            plain = [item for item in comms if not item.fsdp]
+            for item in plain:
+                parts[f"{item.kind} over {item.axis} (exposed)"] += m * self._exposed_seconds(item, devices, shape, batch)
+            if self.fsdp_analytic(shape) or len(plain) < len(comms):
+                # the layers' gathers and reduce-scatters (the IR's, or the estimator's own), less what prefetching hides
+                parts[FSDP_PART] += m * (row["forward_comm_s"] + row["backward_comm_s"]) \
+                    - m * sum(self._exposed_seconds(i, devices, shape, batch) for i in plain)
         busy = sum(parts.values())
         sends = sum(2 * m * s.send_s for s in estimate.stages if s.rank == rank)
         idle = max(estimate.rank_end_s[rank] - busy, 0.0)
@@ -468,15 +537,15 @@ class Estimator:
         """Device -> :class:`~cost.memory.MemoryEstimate` at the peak of the step (``actions``: the schedule, if built)."""
         prof = self.profile
         batch = self.microbatch_size(shape)
-        pending = _pending_per_stage(shape, actions)
+        kept_by_stage = {k: self._stage_activations(shape, k, batch) for k in range(shape.num_stages)}
+        per_microbatch = {k: kept[0] for k, kept in kept_by_stage.items()}
+        pending = _peak_pending_bytes(shape, actions, per_microbatch)
         optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
         out = {}
         for rank in range(shape.pp):
-            kept = 0.0
-            for k in range(shape.num_stages):
-                if shape.rank_of_stage(k) != rank:
-                    continue
-                kept += self._stage_activations(shape, k, batch, pending[k])
+            # one backward at a time re-materialises a recomputed segment or holds a gathered one
+            kept = pending[rank] + max(kept_by_stage[k][1] for k in range(shape.num_stages)
+                                       if shape.rank_of_stage(k) == rank)
             elements = self._param_elements(shape, rank)
             stored = self._param_elements(shape, rank, in_bytes=True)
             per_element = stored / elements if elements else 4.0
@@ -491,11 +560,11 @@ class Estimator:
                 out[d] = estimate
         return out
 
-    def _stage_activations(self, shape: PlanShape, k: int, batch: float, in_flight: int) -> float:
-        """Bytes stage ``k`` keeps: per in-flight microbatch, each segment's activations (or only its input
-        when it recomputes), plus one recomputed segment re-materialised during its backward. With FSDP
-        one segment's gathered parameters are alive at a time (freed after use, gathered again for
-        backward)."""
+    def _stage_activations(self, shape: PlanShape, k: int, batch: float) -> tuple[float, float]:
+        """(bytes per in-flight microbatch, bytes at most once) that stage ``k`` keeps: per microbatch, each
+        segment's activations (or only its input when it recomputes); once, a recomputed segment re-materialised
+        during its backward and, with FSDP, one segment's gathered parameters (freed after use, gathered
+        again for backward)."""
         prof = self.profile
         segments = shape.segments_of_stage(k, prof.num_layers)
         per_microbatch = rematerialised = gathered = 0.0
@@ -514,8 +583,8 @@ class Estimator:
             else:
                 per_microbatch += saved
         if not prof.train:
-            return per_microbatch + gathered
-        return in_flight * per_microbatch + rematerialised + gathered
+            return per_microbatch, gathered
+        return per_microbatch, rematerialised + gathered
 
     # -- traffic -----------------------------------------------------------------------------------
     def _traffic(self, shape: PlanShape, stages: list) -> dict:
@@ -626,25 +695,31 @@ def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
     return makespan, ends
 
 
-def _pending_per_stage(shape: PlanShape, actions) -> dict:
-    """Stage -> the most microbatches with its forward done and backward (a split one: its W) pending at once."""
+def _peak_pending_bytes(shape: PlanShape, actions, per_microbatch: dict) -> dict:
+    """Pipeline rank -> the most bytes its stages keep at once for microbatches whose forward is done and whose
+    backward (a split one: its W) is pending, each stage ``k``'s microbatch keeping ``per_microbatch[k]``. With
+    several stages per rank (interleaved, V shapes) their peaks come at different times: the rank's own
+    actions are walked, not each stage's peak summed."""
     if shape.num_stages == 1:
-        return {0: 1}
+        return {0: per_microbatch[0]}
     if shape.schedule == "gpipe":
-        return {k: shape.microbatches for k in range(shape.num_stages)}
+        return {r: shape.microbatches * sum(per_microbatch[k] for k in range(shape.num_stages)
+                                            if shape.rank_of_stage(k) == r) for r in range(shape.pp)}
     if actions is None and shape.schedule == "1f1b":  # stage k holds at most pp - k microbatches
-        return {k: min(shape.pp - k, shape.microbatches) for k in range(shape.num_stages)}
+        return {shape.rank_of_stage(k): min(shape.pp - k, shape.microbatches) * per_microbatch[k]
+                for k in range(shape.num_stages)}
     if actions is None:
         actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
-    peaks: dict[int, int] = {}
-    for rank_actions in actions.values():
+    peaks: dict[int, float] = {}
+    for rank, rank_actions in actions.items():
         last = {a.value[1:]: a.kind for a in rank_actions if a.kind in ("B", "W")}
-        pending: Counter = Counter()
+        held = peak = 0.0
         for action in rank_actions:
             if action.kind == "F":
-                pending[action.stage] += 1
+                held += per_microbatch[action.stage]
             elif action.is_compute and last[action.value[1:]] == action.kind:
-                pending[action.stage] -= 1
+                held -= per_microbatch[action.stage]
             if action.is_compute:
-                peaks[action.stage] = max(peaks.get(action.stage, 0), pending[action.stage])
+                peak = max(peak, held)
+        peaks[rank] = peak
     return peaks

@@ -218,6 +218,9 @@ class CommItem:
     """Run as this many collectives of ``nbytes / chunks`` each, pipelined with ``hidden_flops`` (MoE
     dispatch and combine under ``moe_overlap_chunks``): each chunk pays the collective's latency, and at least
     one chunk's transfer is exposed (the first dispatched, the last combined)."""
+    fsdp: bool = False
+    """One of an FSDP parameter's collectives: its gathers (which programs prefetch, see
+    :meth:`cost.estimate.Estimator.prefetch_hidden`) or its gradient's reduce-scatter."""
 
 
 @dataclass
@@ -435,13 +438,13 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         nbytes = ctx.affine(lambda d, r=record: _comm_bytes(r, d, ctx)) * (ctx.moe_imbalance if record.routed else 1.0)
         axis = ctx.mesh.axes[record.axis]
         fwd_hidden, bwd_hidden = expert_hidden(record) if record.chunks > 1 else _hidden_flops(record, ctx)
-        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden, record.chunks))
+        items.append(CommItem(kind, axis, nbytes, False, fwd_hidden, record.chunks, fsdp=record.param))
         if record.has_grad and ctx.train:
             items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True, bwd_hidden,
-                                  record.chunks))
+                                  record.chunks, fsdp=record.param))
         if kind == "all_gather" and record.has_grad and ctx.train and (record.param or record.overlaps is not None):
             # a parameter gathered again for backward; a ring's key/value blocks passed around again
-            items.append(CommItem(kind, axis, nbytes, True, bwd_hidden))
+            items.append(CommItem(kind, axis, nbytes, True, bwd_hidden, fsdp=record.param))
     output = np.zeros(2)
     for t, nd in output_values:
         output += _local_bytes((t,), (nd,), ctx)

@@ -392,12 +392,20 @@ def _quiet_torch():
         logger.setLevel(level)
 
 
+SEQUENCE_MIN = 3
+"""The smallest ``seq`` the shared dims declare. torch treats sizes 0 and 1 apart (a dynamic size is at least
+2), so a sequence shifted by one position (a causal LM's labels, an encoder-decoder's decoder inputs) guards
+``seq >= 3``; declared from 1, that guard fails the whole export at its end, and a second export follows."""
+
+
 def _named_dims(flat: tuple) -> tuple:
-    """Shared ``batch`` / ``seq`` dims for inputs whose leading sizes match the first input's."""
+    """Shared ``batch`` / ``seq`` dims for inputs whose leading sizes match the first input's (``seq`` from
+    :data:`SEQUENCE_MIN`, or the first input's length when shorter)."""
     first = next((t for t in flat if isinstance(t, torch.Tensor) and t.ndim), None)
     if first is None:
         return tuple(None for _ in flat)
-    names = [Dim(n, min=1) for n in INPUT_DIM_NAMES]
+    lowest = {"seq": min(SEQUENCE_MIN, first.shape[1]) if first.ndim > 1 else 1}
+    names = [Dim(n, min=lowest.get(n, 1)) for n in INPUT_DIM_NAMES]
     out = []
     for t in flat:
         spec = _dynamic_dims(t)

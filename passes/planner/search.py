@@ -51,7 +51,10 @@ from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, Strate
 LOG = logging.getLogger("sbpc.planner")
 CACHE_DIR_VARIABLE = "SBPC_CACHE_DIR"
 CACHE_VERSION = 2
-MAX_MICROBATCHES = 256
+MAX_MICROBATCHES = 512
+"""The most microbatches per step the planner tries (the 1T-parameter run of Korthikanti et al. used 512)."""
+MAX_INTERLEAVING = 4
+"""The most model chunks per pipeline position the interleaved schedule is tried with."""
 MATMUL_OPS = ("aten.linear.default", "aten.mm.default", "aten.matmul.default", "aten.addmm.default",
               "aten.bmm.default")
 
@@ -530,8 +533,9 @@ class _Planner:
         fixed = self.fixed.pipeline.schedule
         options = [("1f1b", 1), ("zb-h1", 1)]
         layers = self.view.num_layers
-        if layers % (2 * setting.pp) == 0:  # two stages per position, cut evenly
-            options += [("interleaved", 2)] if m % setting.pp == 0 else []
+        if m % setting.pp == 0:  # interleaving takes whole rounds of microbatches, and v chunks cut evenly
+            options += [("interleaved", v) for v in range(2, MAX_INTERLEAVING + 1) if layers % (v * setting.pp) == 0]
+        if layers % (2 * setting.pp) == 0:  # the V shapes: two stages per position, cut evenly
             options += [("zbv", 2)] + ([("dualpipev", 2)] if m >= 2 * setting.pp else [])
         if fixed:
             options = [(s, v) for s, v in options + [("gpipe", 1)] if s == fixed]

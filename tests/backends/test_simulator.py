@@ -11,6 +11,8 @@ import pytest
 from cluster import Cluster
 from compiler.api import compile
 from compiler.simulate import simulate
+from cost.estimate import PlanOptions, _actions, _peak_pending_bytes
+from cost.placement import PlanShape
 from cost.ops import Precision, op_category, op_time
 from cost.placement import axis_groups
 from cost.segments import concrete_shape, costed_op, ir_profile, is_view
@@ -258,6 +260,61 @@ def test_fsdp_gathers_parameters_again_for_backward(big_graph, small):
     forward_gathers = [c for c in comms if c.kind == "all_gather" and not c.backward]
     backward_gathers = [c for c in comms if c.kind == "all_gather" and c.backward]
     assert forward_gathers and len(backward_gathers) == len(forward_gathers)
+
+
+def _gathering_at(latency_s: float) -> Cluster:
+    """``local:2`` whose all-gathers take ``latency_s`` each (plus a fast transfer)."""
+    spec = Cluster.local(2).to_dict()
+    spec["nodes"][0]["intra_link"]["collectives"] = {"all_gather": {"latency": latency_s, "bandwidth": 1e12}}
+    return Cluster.from_dict(spec)
+
+
+@pytest.mark.parametrize("latency_s", [1e-7, 0.05])  # gathers shorter than a segment's compute, and longer
+def test_fsdp_gathers_hide_behind_the_previous_segments_compute(small, latency_s):
+    """Prefetching: a segment's parameter gathers (one collective per segment, as the runtime gathers a layer) run
+    while the segment before it (in that pass) computes, so only what that compute does not cover is exposed;
+    forward's first segment waits for all of its own, forward's last is not gathered again for backward.
+    Without prefetching every gather is exposed; the breakdown still sums to the step."""
+    model, inputs = small
+    plan = compile(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "fsdp": "dp"})
+    cluster = _gathering_at(latency_s)
+    prefetched = simulate((plan.graph, plan.strategy, cluster))
+    waited = simulate((plan.graph, plan.strategy, cluster), prefetch_gathers=False)
+    shape = prefetched.shape
+    estimator = PlanOptions().estimator(ir_profile(plan.graph, Precision.of("fp32")), cluster)
+    segments = shape.segments_of_stage(0, estimator.profile.num_layers)
+    gathers = [estimator.param_gathers(shape, 0, j) for j in segments]
+    work = [estimator.segment_work(shape, 0, j) for j in segments]
+    hidden = estimator.prefetch_hidden(shape, 0, segments)
+    assert all(g[0] > 0 and g[1] > 0 for g in gathers)
+    if latency_s > 1e-3:  # latency-bound: a block's dozen shards are one collective, one latency, not twelve
+        assert latency_s <= gathers[1][0] < 2 * latency_s
+    assert hidden[0][0] == 0 and hidden[-1][1] == gathers[-1][1]  # forward's first; forward's last kept for backward
+    for p in range(1, len(segments)):
+        compute = work[p - 1][0]  # the forward of the segment before
+        assert hidden[p][0] == pytest.approx(min(gathers[p][0], compute))
+        assert (hidden[p][0] == pytest.approx(gathers[p][0])) == (gathers[p][0] < compute)
+    for p in range(len(segments) - 1):
+        assert hidden[p][1] == pytest.approx(min(gathers[p][1], work[p + 1][2]))  # backward runs in reverse
+    fully_hidden = all(h == pytest.approx(g) for h, g in zip([h[0] for h in hidden[1:]], [g[0] for g in gathers[1:]]))
+    assert fully_hidden == (latency_s < 1e-3)
+    saved = sum(f + b for f, b in hidden)
+    assert waited.step_time_s - prefetched.step_time_s == pytest.approx(saved, rel=1e-6)
+    for report in (prefetched, waited):
+        assert math.isclose(sum(report.breakdown.values()), report.step_time_s, rel_tol=1e-9), report.breakdown
+    part = "fsdp gathers and reduce-scatters"
+    assert waited.breakdown[part] - prefetched.breakdown[part] == pytest.approx(saved, rel=1e-6)
+
+
+@pytest.mark.parametrize("pp, v, m", [(2, 2, 4), (4, 3, 8), (35, 3, 280)])
+def test_an_interleaved_rank_holds_its_warm_up_not_each_chunks_peak(pp, v, m):
+    """A rank's model chunks peak at different times: its first pipeline position holds the microbatch-chunks of
+    Megatron's interleaved warm-up, (p - 1) * 2 + (v - 1) * p, plus the one in flight, not the sum of each chunk's
+    own peak."""
+    stages = pp * v
+    shape = PlanShape(("dp",), (1,), pp, m, "interleaved", v, [(k, k) for k in range(stages)], [(r,) for r in range(pp)])
+    held = _peak_pending_bytes(shape, _actions("interleaved", stages, m, pp), {k: 1.0 for k in range(stages)})
+    assert held[0] == min(m * v, (pp - 1) * 2 + (v - 1) * pp + 1)
 
 
 def test_slower_devices_take_longer_per_layer(big_graph):
