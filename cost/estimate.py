@@ -185,6 +185,7 @@ class Estimator:
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
         self._pinned: list = []  # device tuples whose ids key self._work
+        self._copied = _copied_params(profile)
 
     # -- per stage ---------------------------------------------------------------------------------
     def microbatch_size(self, shape: PlanShape) -> float:
@@ -505,11 +506,27 @@ class Estimator:
                 by_axes[axes] += p.local_bytes
         devices = shape.stage_devices[rank]
         total = sum(self._collective("all_reduce", nbytes, devices, shape, axes) for axes, nbytes in by_axes.items())
+        copies = self._copies_sum(shape, rank)
         if not self.overlap_grad_sync:
-            return total, total
+            return total + copies, total + copies
         last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
         overlap = min(self.cluster.device(d).comm_overlap for d in devices)
-        return total, total - overlap * min(total, last_backward)
+        return total + copies, total - overlap * min(total, last_backward) + copies
+
+    def _copies_sum(self, shape: PlanShape, rank: int) -> float:
+        """Seconds of summing the gradients of parameters with a copy on this and on other pipeline ranks (a
+        tied embedding on the first and the last stage): one all-reduce among the ranks holding a copy, device
+        by device, after the last backward — Megatron's embedding all-reduce, the emitted programs' tied sum."""
+        seconds = 0.0
+        for name, segments in self._copied.items():
+            ranks = sorted({shape.rank_of_stage(k) for k in range(shape.num_stages)
+                            for j in shape.segments_of_stage(k, self.profile.num_layers) if j in segments})
+            if rank not in ranks or len(ranks) < 2:
+                continue
+            nbytes = segments[min(segments)].local_bytes
+            groups = [tuple(shape.stage_devices[r][i] for r in ranks) for i in range(len(shape.stage_devices[rank]))]
+            seconds += max(collective_time("all_reduce", nbytes, g, self.cluster) for g in groups)
+        return seconds
 
     def _optimizer_time(self, shape: PlanShape, rank: int) -> float:
         if not self.profile.train:
@@ -628,6 +645,17 @@ class Estimator:
         for group in self._groups(devices, shape, along):
             for link_class, moved in collective_traffic(kind, nbytes, group, self.cluster).items():
                 traffic[link_class] += times * moved
+
+
+def _copied_params(profile: Profile) -> dict[str, dict]:
+    """Trainable parameters held by several segments (copies the pipeline pass made for other stages, such as a
+    tied embedding): name -> {segment index: its record}."""
+    held: dict[str, dict] = defaultdict(dict)
+    for j, segment in enumerate(profile.segments):
+        for record in segment.params:
+            if record.trainable:
+                held[record.name][j] = record
+    return {name: segments for name, segments in held.items() if len(segments) > 1}
 
 
 def _representatives(devices: Sequence[int], cluster: Cluster) -> list[Device]:

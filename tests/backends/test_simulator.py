@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster import Cluster
 from compiler.api import compile
@@ -419,3 +420,22 @@ def test_a_pipeline_mesh_naming_only_pp_is_priced():
                    strategy={"mesh": {"pp": 8}, "microbatches": 4})
     report = plan.simulate()
     assert report.step_time_s > 0 and len(report.peak_memory_bytes) == 8
+
+
+def test_a_tied_embedding_split_over_pipeline_stages_pays_one_gradient_all_reduce():
+    """The GPT's embedding, tied to its head, has a copy on the first and on the last stage: after the last
+    backward the two gradients are summed (as the emitted program and Megatron do), one all-reduce of the
+    embedding between the two stages' devices; untied, the pipeline has no gradient reduction at all."""
+    from cost.collectives import collective_time
+    cluster = Cluster.local(2)
+    strategy = {"mesh": {"pp": 2}, "microbatches": 4}
+    tied = compile(gpt_model(), gpt_inputs(), cluster=cluster, strategy=strategy)
+    untied_model = gpt_model()
+    untied_model.lm_head.weight = torch.nn.Parameter(untied_model.lm_head.weight.detach().clone())
+    untied = compile(untied_model, gpt_inputs(), cluster=cluster, strategy=strategy)
+    assert tied.graph.attrs["tied_params"] and not untied.graph.attrs.get("tied_params")
+    embedding = tied.weights["tok_emb.weight"]
+    expected = collective_time("all_reduce", embedding.numel() * embedding.element_size(), (0, 1), cluster)
+    assert tied.simulate().breakdown["gradient reduction (exposed)"] == pytest.approx(expected, rel=1e-9)
+    assert "gradient reduction (exposed)" not in untied.simulate().breakdown
+    assert tied.simulate().step_time_s > untied.simulate().step_time_s - 1e-12
