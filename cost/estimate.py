@@ -648,14 +648,16 @@ class Estimator:
 
 
 def _copied_params(profile: Profile) -> dict[str, dict]:
-    """Trainable parameters held by several segments (copies the pipeline pass made for other stages, such as a
-    tied embedding): name -> {segment index: its record}."""
+    """Trainable parameters with copies in several segments (the pipeline pass's copies for other stages, such
+    as a tied embedding: records of their own under one name): name -> {segment index: its record}. A record
+    several segments share (the planner's view prices every later identical block with block 0's records) is
+    one parameter, not copies."""
     held: dict[str, dict] = defaultdict(dict)
     for j, segment in enumerate(profile.segments):
         for record in segment.params:
             if record.trainable:
                 held[record.name][j] = record
-    return {name: segments for name, segments in held.items() if len(segments) > 1}
+    return {name: segments for name, segments in held.items() if len({id(r) for r in segments.values()}) > 1}
 
 
 def _representatives(devices: Sequence[int], cluster: Cluster) -> list[Device]:

@@ -439,3 +439,16 @@ def test_a_tied_embedding_split_over_pipeline_stages_pays_one_gradient_all_reduc
     assert tied.simulate().breakdown["gradient reduction (exposed)"] == pytest.approx(expected, rel=1e-9)
     assert "gradient reduction (exposed)" not in untied.simulate().breakdown
     assert tied.simulate().step_time_s > untied.simulate().step_time_s - 1e-12
+
+
+def test_identical_blocks_sharing_their_records_are_no_copies_to_sum(big_graph):
+    """The planner's view prices every later identical block with block 0's records: one parameter each, so a
+    pipeline over those blocks sums no block gradients between its ranks (only the tied embedding's copies)."""
+    from cost.estimate import PlanOptions, _copied_params
+    from passes.planner.evaluate import ModelView
+    evaluation = ModelView(big_graph).evaluate({"mesh": {"pp": 2, "dp": 4}, "microbatches": 4},
+                                               Cluster.load("dgx-a100:1"), PlanOptions(**MIXED))
+    shared = [record for segment in evaluation.profile.segments[1:] for record in segment.params
+              if record.name.startswith("blocks.")]
+    assert len({id(record) for record in shared}) < len(shared)  # later blocks reuse block 0's records
+    assert not any(name.startswith("blocks.") for name in _copied_params(evaluation.profile))
