@@ -32,8 +32,10 @@ def eager_reference(data: list) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory) -> dict:
     """Each strategy's program trained 2 SGD steps, saving its weights; and the dp2 program started from eager's
-    trained ``state_dict`` (``--weights``), saving again. All share one torchrun launch: key -> folder."""
+    trained ``state_dict`` (``--weights``), saving again. All share one torchrun launch: (key -> folder, eager's
+    trained model)."""
     data = [lm_inputs(seed=30 + i) for i in range(2)]
+    reference = eager_reference(data)
     programs, folders = {}, {}
     for params in selected_tests(request, "test_saved_state_loads_strictly_into_a_fresh_model").values():
         strategy = params["strategy"]
@@ -41,25 +43,24 @@ def runs(request, tmp_path_factory) -> dict:
         folders[strategy] = tmp_path_factory.mktemp(strategy)
         programs[strategy] = training_program(plan, folders[strategy], data, 2)
         if strategy == "dp2":
-            torch.save(eager_reference(data).state_dict(), folders[strategy] / "eager.pt")
+            torch.save(reference.state_dict(), folders[strategy] / "eager.pt")
             programs["dp2-restart"] = Program(programs[strategy].main, 2, (
                 "--steps", "1", "--data", str(folders[strategy] / "data.pt"), "--weights",
                 str(folders[strategy] / "eager.pt"), "--save", str(folders[strategy] / "again.pt")))
     results = run_programs(programs)
     for key, result in results.items():
         assert result.returncode == 0, f"{key}: {result.stderr[-4000:]}"
-    return folders
+    return folders, reference
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_saved_state_loads_strictly_into_a_fresh_model(runs, strategy):
-    folder = runs[strategy]
+    folders, reference = runs
+    folder = folders[strategy]
     fresh = llama_model(seed=5)
     fresh.load_state_dict(torch.load(folder / "final.pt", weights_only=True), strict=True)
-    reference = eager_reference([lm_inputs(seed=30 + i) for i in range(2)])
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    if strategy == "dp2":  # a saved state is a starting point too: the rotary buffers it lacks come from the
-        # emitted weights
+    if strategy == "dp2":  # a saved state is a starting point too: the buffers it lacks come from the emitted weights
         assert set(torch.load(folder / "again.pt", weights_only=True)) == set(reference.state_dict())
