@@ -79,6 +79,15 @@ class Run:
     fsdp: bool = False
     overlap_grad_sync: bool = False
     published_note: str = ""
+    precision: str = "bf16"
+    """The what-if precision it is priced at: ``bf16`` (2-byte gradient reductions) or ``bf16-mixed`` (fp32 ones)."""
+    distributed_optimizer: bool = False
+    """Optimizer state and master weights sharded over the data-parallel ranks (ZeRO-1)."""
+
+    def options(self) -> dict:
+        """The pricing options of the run (besides its layout)."""
+        return dict(precision=self.precision, optimizer="adam", global_batch=self.batch,
+                    overlap_grad_sync=self.overlap_grad_sync, distributed_optimizer=self.distributed_optimizer)
 
     @property
     def dp(self) -> int:
@@ -171,17 +180,21 @@ def _narayanan() -> list[Run]:
 
 
 def _bloom() -> list[Run]:
-    """BLOOM-176B: tp 4, pp 12, dp 8, microbatch 2, batch 2048, full recompute, 384 A100 80GB."""
+    """BLOOM-176B: tp 4, pp 12, dp 8, microbatch 2, batch 2048, full recompute, 384 A100 80GB; DeepSpeed's BF16
+    optimizer shards its state over the data-parallel ranks (ZeRO-1)."""
     model = Model("BLOOM-176B", 70, 14336, 112, 250880, S2K)
     return [Run("bloom", "BLOOM-176B 384 GPUs", model, "dgx-a100:48", 384, 4, 12, 2048, 2, "full", 104.70,
-                published_note="elapsed time per iteration")]
+                published_note="elapsed time per iteration", distributed_optimizer=True)]
 
 
 def _megatron_h100() -> list[Run]:
     """Megatron-LM README (H100, vocabulary 131072, sequence 4096): microbatch, recompute and virtual stages
     are not published: microbatch 1, no recomputation, 1F1B, sequence parallelism with tp, flash attention,
-    gradient reduction overlapped (--overlap-grad-reduce). Times derived from the published TFLOP/s with the
-    model-FLOP formula (it reproduces the table's MFU at 989 TFLOP/s)."""
+    gradient reduction overlapped (--overlap-grad-reduce). ``--overlap-param-gather`` exists only with Megatron's
+    distributed optimizer, so the rows shard the optimizer over dp and gather the parameters back; Megatron-LM
+    reduces bf16 models' gradients in fp32 unless told otherwise (``accumulate_allreduce_grads_in_fp32``,
+    megatron/training/arguments.py), so they are priced ``bf16-mixed``. Times derived from the published
+    TFLOP/s with the model-FLOP formula (it reproduces the table's MFU at 989 TFLOP/s)."""
     rows = []
     table = [("1.7B", 16, 2048, 24, 1, 1, 192, 408.8), ("7.1B", 32, 4096, 30, 2, 1, 192, 465.9),
              ("16B", 48, 6144, 32, 4, 1, 192, 489.1), ("32B", 56, 7168, 48, 8, 1, 192, 459.6),
@@ -193,7 +206,8 @@ def _megatron_h100() -> list[Run]:
         gpus = tp * pp * 48
         rows.append(Run("megatron-h100", f"{name} {gpus} GPUs", model, f"dgx-h100:{gpus // 8}", gpus, tp, pp, batch,
                         1, "none", model_flops(model, batch) / (tflops * 1e12 * gpus), sequence_parallel=tp > 1,
-                        overlap_grad_sync=True, published_note=f"{tflops} TFLOP/s"))
+                        overlap_grad_sync=True, published_note=f"{tflops} TFLOP/s", precision="bf16-mixed",
+                        distributed_optimizer=True))
     return rows
 
 
@@ -204,10 +218,12 @@ _ZERO3 = ("DeepSpeed ZeRO-3 (2021): the published step does not shrink from 768 
 MISSES = {
     **{f"ZeRO-3 {m} {g} GPUs": _ZERO3 for m, g in [("175B", 384), ("175B", 768), ("175B", 1536), ("530B", 640),
                                                     ("530B", 1120), ("530B", 2240)]},
-    "BLOOM-176B 384 GPUs": "Jean Zay is priced as DGX A100 nodes (8 x HDR); its nodes have 4 Omni-Path links and "
-                           "Megatron-DeepSpeed's pipeline engine, neither calibrated here",
+    "BLOOM-176B 384 GPUs": "not explained: the simulated step is compute (forward, backward and recomputation: 73 "
+                           "of 83 s at the A100 efficiencies that put Megatron-LM's Selene rows within 10%); pricing "
+                           "Jean Zay's 4 Omni-Path links instead of 8 HDR would not close it (inter-node traffic is "
+                           "under 1 s of the step); Megatron-DeepSpeed's pipeline engine is not calibrated here",
     "1.7B 48 GPUs": "a small model at sequence 4096 on H100: fixed per-step costs the simulator does not see "
-                    "(data loading, the distributed optimizer's gathers, kernel launches beyond the 1.2 us gap)",
+                    "(data loading, kernel launches beyond the 1.2 us gap, the distributed optimizer's own work)",
     "7.1B 96 GPUs": "as the 1.7B row: unmodelled fixed per-step costs dominate less but still exceed 15%",
     "32B 384 GPUs": "tp 8 with --tp-comm-overlap: the published run hides tensor-parallel collectives behind GEMMs, "
                     "the simulator exposes them",
@@ -245,8 +261,7 @@ def simulate_run(run: Run, strategy: dict | str | None = None):
     """The :class:`~backends.simulator.SimReport` of ``run`` (its published layout, or ``strategy``)."""
     graph = captured(run.model, run.recompute == "selective")
     cluster = Cluster.load(run.cluster)
-    return simulate((graph, strategy or run.strategy(), cluster), precision="bf16", optimizer="adam",
-                    global_batch=run.batch, overlap_grad_sync=run.overlap_grad_sync)
+    return simulate((graph, strategy or run.strategy(), cluster), **run.options())
 
 
 def layer_times(recompute: str, sequence_parallel: bool) -> dict:
@@ -264,7 +279,7 @@ def plan_auto(run: Run) -> tuple:
     from passes.planner.search import search
     graph = captured(run.model, run.recompute == "selective")
     cluster = Cluster.load(run.cluster)
-    options = dict(precision="bf16", optimizer="adam", global_batch=run.batch, overlap_grad_sync=run.overlap_grad_sync)
+    options = run.options()
     strategy, report = search(graph, cluster, "auto", use_cache=False, **options)
     auto, published = simulate((graph, strategy, cluster), **options), simulate_run(run)
     parts = set(auto.breakdown) | set(published.breakdown)

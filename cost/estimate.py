@@ -77,6 +77,12 @@ class PlanOptions:
     prefetch_gathers: bool = True
     """FSDP's parameter gathers are launched one segment ahead and run while the previous segment computes
     (as the emitted runtime does); False: each is waited for where it is used (all of it exposed)."""
+    distributed_optimizer: bool = False
+    """A what-if for comparing with Megatron-LM's ``--use-distributed-optimizer`` (ZeRO-1): each
+    data-parallel rank keeps and updates only its share of the optimizer state and master weights; gradients
+    are reduce-scattered (in the reduce dtype) instead of all-reduced and the updated parameters all-gathered
+    (overlapping the next forward as ``--overlap-param-gather`` does, when ``overlap_grad_sync``). sbpc's own
+    programs shard optimizer state only with FSDP."""
 
     def for_plan_precision(self, precision: Any) -> "PlanOptions":
         """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
@@ -88,12 +94,13 @@ class PlanOptions:
     def key(self) -> tuple:
         """A hashable summary (cache keys)."""
         return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
-                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance, self.prefetch_gathers)
+                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance, self.prefetch_gathers,
+                self.distributed_optimizer)
 
     def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
         """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
         return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync,
-                         self.prefetch_gathers)
+                         self.prefetch_gathers, self.distributed_optimizer)
 
 
 def optimizer_name(spec: Any) -> str:
@@ -174,13 +181,15 @@ class Estimator:
     """Prices plans of one profile on one cluster (caches collective and device look-ups)."""
 
     def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float | None = None,
-                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True, prefetch_gathers: bool = True):
+                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True, prefetch_gathers: bool = True,
+                 distributed_optimizer: bool = False):
         self.profile = profile
         self.cluster = cluster
         self.overhead_s = overhead_s
         self.headroom = memory_headroom
         self.overlap_grad_sync = overlap_grad_sync
         self.prefetch_gathers = prefetch_gathers
+        self.distributed_optimizer = distributed_optimizer
         self._collectives: dict[tuple, float] = {}
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
@@ -259,7 +268,7 @@ class Estimator:
         if self.fsdp_analytic(shape):  # gather for forward, gather again for backward, reduce-scatter grads
             gather = self._fsdp_gather(segment, shape, devices)
             fwd += gather
-            grads = segment.param_bytes(trainable_only=True)
+            grads = segment.reduced_grad_bytes()
             bwd += gather + self._collective("reduce_scatter", grads, devices, shape, shape.fsdp_axis)
         return fwd, bwd
 
@@ -496,22 +505,52 @@ class Estimator:
         return out
 
     def _grad_sync(self, shape: PlanShape, rank: int, stages: list) -> tuple[float, float]:
-        """(total, exposed) seconds of the rank's gradient reductions after its last backward."""
+        """(total, exposed) seconds of the rank's gradient reductions after its last backward (with a
+        distributed optimizer, also the parameter all-gathers before the next forward)."""
         if not self.profile.train:
             return 0.0, 0.0
-        by_axes: dict[tuple, float] = defaultdict(float)
+        devices = shape.stage_devices[rank]
+        reduction = gather = 0.0
+        for kind, nbytes, axes in self._sync_collectives(shape, rank):
+            seconds = self._collective(kind, nbytes, devices, shape, axes)
+            reduction, gather = (reduction, gather + seconds) if kind == "all_gather" else (reduction + seconds, gather)
+        total = reduction + gather + self._copies_sum(shape, rank)
+        if not self.overlap_grad_sync:
+            return total, total
+        overlap = min(self.cluster.device(d).comm_overlap for d in devices)
+        last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
+        first_forward = min((s.fwd_s for s in stages if s.rank == rank), default=0.0)
+        hidden = overlap * (min(reduction, last_backward) + min(gather, first_forward))
+        return total, total - hidden
+
+    def _sync_collectives(self, shape: PlanShape, rank: int) -> list[tuple[str, float, tuple]]:
+        """(kind, bytes, mesh axes) of the collectives that sum the rank's gradients: one all-reduce per group of
+        axes; with a distributed optimizer (:attr:`PlanOptions.distributed_optimizer`), a group that includes
+        the data axis is a reduce-scatter of the gradients and an all-gather of the updated parameters."""
+        reduced: dict[tuple, float] = defaultdict(float)
+        gathered: dict[tuple, float] = defaultdict(float)
         for p in self._stage_params(shape, rank):
             axes = self._batch_axes(shape) + tuple(p.grad_axes)
             if axes:
-                by_axes[axes] += p.local_bytes
-        devices = shape.stage_devices[rank]
-        total = sum(self._collective("all_reduce", nbytes, devices, shape, axes) for axes, nbytes in by_axes.items())
-        copies = self._copies_sum(shape, rank)
-        if not self.overlap_grad_sync:
-            return total + copies, total + copies
-        last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
-        overlap = min(self.cluster.device(d).comm_overlap for d in devices)
-        return total + copies, total - overlap * min(total, last_backward) + copies
+                reduced[axes] += p.reduced_bytes
+                gathered[axes] += p.local_bytes
+        out = []
+        for axes, nbytes in reduced.items():
+            if self.distributed_optimizer and DATA_AXIS in axes:
+                out += [("reduce_scatter", nbytes, axes), ("all_gather", gathered[axes], axes)]
+            else:
+                out.append(("all_reduce", nbytes, axes))
+        return out
+
+    def optimizer_shards(self, shape: PlanShape) -> int:
+        """Data-parallel ranks that split the optimizer state and update between them: the data axis's size with
+        a distributed optimizer (:attr:`PlanOptions.distributed_optimizer`) where parameters' gradients are
+        summed over it (not FSDP's, sharded by the plan itself), else 1."""
+        if not self.distributed_optimizer or shape.size(DATA_AXIS) < 2:
+            return 1
+        summed = DATA_AXIS in self._batch_axes(shape) or any(
+            DATA_AXIS in p.grad_axes for segment in self.profile.segments for p in segment.params)
+        return shape.size(DATA_AXIS) if summed else 1
 
     def _copies_sum(self, shape: PlanShape, rank: int) -> float:
         """Seconds of summing the gradients of parameters with a copy on this and on other pipeline ranks (a
@@ -523,7 +562,7 @@ class Estimator:
                             for j in shape.segments_of_stage(k, self.profile.num_layers) if j in segments})
             if rank not in ranks or len(ranks) < 2:
                 continue
-            nbytes = segments[min(segments)].local_bytes
+            nbytes = segments[min(segments)].reduced_bytes
             groups = [tuple(shape.stage_devices[r][i] for r in ranks) for i in range(len(shape.stage_devices[rank]))]
             seconds += max(collective_time("all_reduce", nbytes, g, self.cluster) for g in groups)
         return seconds
@@ -537,6 +576,8 @@ class Estimator:
                     for p in self._stage_params(shape, rank) if p.trainable)
         if self.fsdp_analytic(shape):
             moved /= shape.size(shape.fsdp_axis)
+        else:
+            moved /= self.optimizer_shards(shape)
         bandwidth = min(self.cluster.device(d).memory_bandwidth_Bps or 1e11 for d in shape.stage_devices[rank])
         return moved / bandwidth
 
@@ -569,8 +610,9 @@ class Estimator:
             if prof.train:
                 estimate = MemoryEstimate.estimate(
                     elements, kept, optimizer=optimizer, param_dtype_bytes=per_element,
-                    master_weights=prof.precision.master_weights,
-                    trainable_params=self._param_elements(shape, rank, trainable_only=True))
+                    master_weights=prof.precision.master_weights, grad_dtype_bytes=prof.precision.reduce_bytes,
+                    trainable_params=self._param_elements(shape, rank, trainable_only=True),
+                    optimizer_shards=self.optimizer_shards(shape))
             else:
                 estimate = MemoryEstimate(stored, 0.0, 0.0, kept)
             for d in shape.stage_devices[rank]:
@@ -619,7 +661,7 @@ class Estimator:
                 if self.fsdp_analytic(shape):
                     self._add_traffic(traffic, "all_gather", segment.param_bytes(), stage.devices, shape,
                                       shape.fsdp_axis, 2 * m)
-                    grads = segment.param_bytes(trainable_only=True)
+                    grads = segment.reduced_grad_bytes()
                     self._add_traffic(traffic, "reduce_scatter", grads, stage.devices, shape, shape.fsdp_axis, m)
             if stage.index < shape.num_stages - 1:
                 nxt = shape.stage_devices[shape.rank_of_stage(stage.index + 1)]
@@ -629,13 +671,8 @@ class Estimator:
                     if a != b and nbytes > 0:
                         traffic[self.cluster.link(a, b).link_class] += 2 * m * nbytes
         for rank in range(shape.pp):
-            by_axes: dict[tuple, float] = defaultdict(float)
-            for p in self._stage_params(shape, rank):
-                axes = self._batch_axes(shape) + tuple(p.grad_axes)
-                if axes and prof.train:
-                    by_axes[axes] += p.local_bytes
-            for axes, nbytes in by_axes.items():
-                self._add_traffic(traffic, "all_reduce", nbytes, shape.stage_devices[rank], shape, axes, 1)
+            for kind, nbytes, axes in self._sync_collectives(shape, rank) if prof.train else ():
+                self._add_traffic(traffic, kind, nbytes, shape.stage_devices[rank], shape, axes, 1)
         return dict(traffic)
 
     def _add_traffic(self, traffic: Counter, kind: str, nbytes: float, devices: tuple, shape: PlanShape, along,

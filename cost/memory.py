@@ -88,7 +88,7 @@ class MemoryEstimate:
                  optimizer: str = "adamw", param_dtype_bytes: int = 4, grad_dtype_bytes: int | None = None,
                  master_weights: bool | None = None, schedule: str = "none", num_stages: int = 1,
                  stage_index: int = 0, num_microbatches: int = 1, recompute: bool = False,
-                 trainable_params: Any = None) -> "MemoryEstimate":
+                 trainable_params: Any = None, optimizer_shards: int = 1) -> "MemoryEstimate":
         """Memory of one device holding ``num_params`` parameters of a pipeline stage.
 
         ``activation_bytes`` is what one microbatch keeps for backward on this stage; ``stage_input_bytes``
@@ -98,14 +98,15 @@ class MemoryEstimate:
         optimizer state (:data:`OPTIMIZER_STATES`) in fp32 unless ``master_weights`` says otherwise
         (False: pure low-precision training, the state in the parameters' dtype).
         Gradients, optimizer state and master copies exist for the ``trainable_params`` only (default:
-        all ``num_params``; frozen parameters have none).
+        all ``num_params``; frozen parameters have none). ``optimizer_shards``: the ranks that split the optimizer
+        state and master copies between them (a distributed optimizer; 1: each keeps all of it).
         """
         if optimizer not in OPTIMIZER_STATES:
             raise ValueError(f"expected an optimizer in {sorted(OPTIMIZER_STATES)}, found {optimizer!r}")
         master = param_dtype_bytes < 4 if master_weights is None else master_weights
         trainable = num_params if trainable_params is None else trainable_params
         state = OPTIMIZER_STATES[optimizer] * state_element_bytes(param_dtype_bytes, master)
-        optimizer_bytes = (state + (4 if master else 0)) * trainable
+        optimizer_bytes = (state + (4 if master else 0)) * trainable / optimizer_shards
         in_flight = in_flight_microbatches(schedule, num_stages, stage_index, num_microbatches)
         kept = in_flight * stage_input_bytes + activation_bytes if recompute else in_flight * activation_bytes
         return cls(parameters=param_dtype_bytes * num_params,

@@ -8,7 +8,7 @@ efficiency the device reaches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import functools
@@ -284,6 +284,10 @@ def _loss_flops(op: str, in_shapes: Sequence[Shape]) -> sympy.Expr:
 COMPUTE_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "f64": "fp32"}
 """IR dtype -> the device's peak FLOP/s entry a model of that dtype computes at (f64 has none: fp32's)."""
 NAMED_FLOAT_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2}
+MIXED_WHAT_IFS = {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}
+"""Named mixed precisions priced as what-ifs: the compute precision's 2-byte tensors and fp32 master weights,
+with gradients reduced in fp32 (what ``Strategy.precision`` ``bf16-mixed`` plans, and what Megatron-LM does
+for bf16 training by default: ``accumulate_allreduce_grads_in_fp32``, megatron/training/arguments.py)."""
 
 
 @dataclass(frozen=True)
@@ -305,13 +309,20 @@ class Precision:
     """An fp32 master copy of the parameters and fp32 optimizer state (mixed precision)."""
     graph_float_bytes: int = 4
     """Bytes of the graph's own float elements (what :attr:`scale` compares ``float_bytes`` with)."""
+    reduce_bytes: int | None = None
+    """Bytes per gradient element as gradient reductions move it (data-parallel all-reduces, FSDP
+    reduce-scatters, tied-copy sums); None: the gradient's own size, the parameter's."""
 
     @staticmethod
     def of(name: str) -> "Precision":
-        """The named precision on an fp32 graph: ``fp32`` / ``tf32`` (4-byte tensors) or ``bf16`` / ``fp16``
-        (2-byte tensors, fp32 master weights and optimizer state)."""
+        """The named precision on an fp32 graph: ``fp32`` / ``tf32`` (4-byte tensors), ``bf16`` / ``fp16``
+        (2-byte tensors, fp32 master weights and optimizer state, 2-byte gradient reductions) or
+        ``bf16-mixed`` / ``fp16-mixed`` (the same with gradients reduced in fp32)."""
+        if name in MIXED_WHAT_IFS:
+            return replace(Precision.of(MIXED_WHAT_IFS[name]), reduce_bytes=4)
         if name not in NAMED_FLOAT_BYTES:
-            raise ValueError(f"expected a precision in {sorted(NAMED_FLOAT_BYTES)}, found {name!r}")
+            raise ValueError(f"expected a precision in {sorted([*NAMED_FLOAT_BYTES, *MIXED_WHAT_IFS])}, "
+                             f"found {name!r}")
         size = NAMED_FLOAT_BYTES[name]
         return Precision(name, None if size == 4 else size, size < 4)
 
@@ -323,12 +334,15 @@ class Precision:
         dtype = model_dtype(graph)
         own = COMPUTE_NAMES.get(dtype, "fp32")
         planned = graph.attrs.get("precision")  # a plan's mixed precision: casts in the IR, fp32 master weights
+        reduce_bytes = None
         if planned is not None:
             own = COMPUTE_NAMES[planned["compute"]]
+            reduce_bytes = dtype_size(planned["reduce"]) if planned.get("reduce") else None
         if name is None or name == own or (name == "tf32" and own == "fp32"):
-            return Precision(name or own)
+            return Precision(name or own, reduce_bytes=reduce_bytes)
         named = Precision.of(name)
-        return Precision(named.name, NAMED_FLOAT_BYTES[name], named.master_weights, dtype_size(dtype))
+        return replace(named, float_bytes=named.float_bytes or NAMED_FLOAT_BYTES[named.name],
+                       graph_float_bytes=dtype_size(dtype))
 
     def element_bytes(self, dtype: str) -> int:
         """Bytes of one element of a tensor of IR dtype ``dtype`` (``f32``, ``bf16``, ``i64``...) as priced."""
@@ -341,7 +355,8 @@ class Precision:
         if self.float_bytes is None:
             return f"{self.name} compute (each tensor at its dtype's size)"
         master = ", fp32 master weights and optimizer state" if self.master_weights else ""
-        return f"{self.name} compute ({self.float_bytes}-byte float tensors{master})"
+        reduced = f", {self.reduce_bytes}-byte gradient reductions" if self.reduce_bytes else ""
+        return f"{self.name} compute ({self.float_bytes}-byte float tensors{master}{reduced})"
 
     @property
     def scale(self) -> float:

@@ -195,11 +195,18 @@ class ParamRecord:
     """False for a frozen parameter: stored, but no gradient and no optimizer state."""
     element_bytes: int = 4
     """Bytes per element as priced (the parameter's dtype, or a what-if precision's); its gradient has as many."""
+    reduce_bytes: int | None = None
+    """Bytes per gradient element as gradient reductions move it (None: :attr:`element_bytes`)."""
 
     @property
     def local_bytes(self) -> float:
         """Bytes each device stores (and, trainable, the bytes of its gradient)."""
         return self.local_elements * self.element_bytes
+
+    @property
+    def reduced_bytes(self) -> float:
+        """Bytes of the gradient as a reduction moves it (the precision's reduce dtype)."""
+        return self.local_elements * (self.reduce_bytes or self.element_bytes)
 
 
 @dataclass
@@ -262,6 +269,10 @@ class SegmentCost:
         """Bytes of the parameters one device stores for this segment (``trainable_only``: as above); a
         trainable parameter's gradient has as many."""
         return sum(p.local_bytes for p in self.params if p.trainable or not trainable_only)
+
+    def reduced_grad_bytes(self) -> float:
+        """Bytes of this segment's gradients as a reduction moves them (the precision's reduce dtype)."""
+        return sum(p.reduced_bytes for p in self.params if p.trainable)
 
     def compute_time(self, batch: float, device: Device, precision: Precision,
                      overhead_s: float | None = None) -> tuple[float, float]:
@@ -552,7 +563,7 @@ def param_record(value: Value, sbp: tuple, mesh: Mesh, train: bool, precision: P
     axes = tuple(a for a, s, n in zip(mesh.axes, sbp, mesh.shape) if not isinstance(s, Split) and n > 1)
     size = precision.element_bytes(value.type.dtype) if precision else dtype_size(value.type.dtype)
     return ParamRecord(value.target or value.name, local, axes if train and value.trainable else (), value.trainable,
-                       size)
+                       size, precision.reduce_bytes if precision else None)
 
 
 # --------------------------------------------------------------------------------------------------

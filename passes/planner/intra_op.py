@@ -196,7 +196,7 @@ class LayoutProblem:
             return 0.0
         record = param_record(value, storage, req.mesh, True, req.precision)
         total = 0.0
-        nbytes = record.local_bytes
+        nbytes = record.reduced_bytes
         for axis in record.grad_axes:
             group = req.groups[req.mesh.axis_index(axis)]
             total += collective_time("all_reduce", DEFAULT_BUCKET_BYTES + nbytes, group, req.cluster) - \

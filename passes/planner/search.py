@@ -801,8 +801,11 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
 
 
 def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
-    """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element."""
+    """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element (the state's share
+    where a distributed optimizer splits it)."""
     optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
     profile = estimator.profile
     return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer, param_dtype_bytes=profile.param_element_bytes(),
-                                         master_weights=profile.precision.master_weights).total)
+                                         master_weights=profile.precision.master_weights,
+                                         grad_dtype_bytes=profile.precision.reduce_bytes,
+                                         optimizer_shards=estimator.optimizer_shards(shape)).total)

@@ -95,3 +95,34 @@ def test_meta_device_bf16_mixed_gpt_counts_16_bytes_per_parameter():
     assert params + grads + state == 16 * held
     assert activations < 0.8 * memory_parts(wide)[3]
     assert mixed.precision.startswith("bf16 compute") and mixed.step_time_s < wide.step_time_s
+
+
+def test_mixed_what_if_reduces_gradients_in_fp32():
+    """``bf16-mixed`` as a what-if prices the ``bf16`` what-if with gradients reduced (and kept) in fp32, as
+    Megatron-LM trains bf16 by default: twice the gradient bytes and twice dp's all-reduce traffic, the rest
+    alike."""
+    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    elements = sum(p.numel() for p in gpt_model().parameters())
+    half, mixed = (plan.simulate(precision=p, optimizer="adamw") for p in ("bf16", "bf16-mixed"))
+    assert memory_parts(mixed)[:3] == (2 * elements, 4 * elements, 12 * elements)
+    assert memory_parts(mixed)[3] == memory_parts(half)[3]
+    traffic = sum(mixed.comm_bytes_by_link_class.values()) / sum(half.comm_bytes_by_link_class.values())
+    assert traffic == pytest.approx(2.0, rel=1e-4)  # the loss's few bytes are not gradients
+    assert mixed.precision == "bf16 compute (2-byte float tensors, fp32 master weights and optimizer state, " \
+                              "4-byte gradient reductions)"
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        Precision.of("bf16-mixd")
+
+
+def test_planned_reduce_dtype_is_priced():
+    """A compiled mixed-precision plan's gradient reductions are priced in its reduce dtype: bf16 reductions
+    move half the bytes of fp32 ones, and take less time (priced exposed, not overlapped with backward)."""
+    model = gpt_model()
+    reports = {reduce: compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy={
+        "mesh": {"dp": 2}, "precision": {"param": "fp32", "compute": "bf16", "reduce": reduce}}).simulate(overlap_grad_sync=False)
+        for reduce in ("fp32", "bf16")}
+    traffic = {k: sum(r.comm_bytes_by_link_class.values()) for k, r in reports.items()}
+    assert traffic["bf16"] / traffic["fp32"] == pytest.approx(0.5, rel=1e-3)
+    exposed = {k: r.breakdown["gradient reduction (exposed)"] for k, r in reports.items()}
+    assert exposed["bf16"] < exposed["fp32"]
+    assert reports["bf16"].step_time_s == pytest.approx(reports["fp32"].step_time_s - exposed["fp32"] + exposed["bf16"])

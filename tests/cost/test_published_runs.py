@@ -54,6 +54,8 @@ def test_pipelined_rows_within_goal_and_ranked(labels):
     for label, (err, sim) in zip(labels, results):
         assert abs(err) <= pr.GOAL, (label, err)
         assert sim.breakdown["pipeline bubble"] > 0
+        if RUNS[label].distributed_optimizer:  # Megatron's H100 runs: they fit with the optimizer sharded
+            assert sim.fits, label
     published = [RUNS[label].published_s for label in labels]
     simulated = [sim.step_time_s for _, sim in results]
     assert (published[0] < published[1]) == (simulated[0] < simulated[1])
