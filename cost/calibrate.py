@@ -51,8 +51,14 @@ COMPUTE_BURST = (512, 512, 1024)
 """The matmul (m, k, n) every rank runs before each timed collective (a few milliseconds on a core)."""
 NVLINK_LIKE_BPS = 50e9
 """GPU pairs measured faster than this (one way) are labelled ``nvlink``, slower ones ``pcie``."""
+OVERLAP_MLP = (512, 256)
+"""(tokens, width) of the MLP whose backward :func:`measure_comm_overlap` reduces gradients during."""
+OVERLAP_LAYERS = 8
+"""Its linear layers (alternately 4x wider and back; 1 MiB weights on CPU)."""
 OVERLAP_BUCKET_BYTES = 4 * 2**20
-"""The all-reduce :func:`measure_comm_overlap` hides: one default gradient bucket."""
+"""Gradients are all-reduced in buckets of this size (the programs' default), each once its gradients are in."""
+GPU_OVERLAP_SCALE = 8
+"""On GPUs the MLP's sides are this much longer."""
 GPU_BURST_SCALE = 16
 """On GPUs the burst's sides are this much longer (a few milliseconds there too)."""
 
@@ -118,7 +124,7 @@ def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: 
         measured = measure_compute(quick, dist.barrier, device)
         measured["collectives"] = measure_collectives(rank, world_size, QUICK_MESSAGE_SIZES if quick else
                                                       MESSAGE_SIZES, repeats=5 if quick else 10, device=device)
-        measured["comm_overlap"] = measure_comm_overlap(device, repeats=6 if quick else 20)
+        measured["comm_overlap"] = measure_comm_overlap(device, repeats=10 if quick else 30)
         measured["backend"] = backend
         measured["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         measured["device_memory"] = (torch.cuda.get_device_properties(device).total_memory
@@ -241,39 +247,62 @@ def _burst_operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure_comm_overlap(device: torch.device, repeats: int) -> float:
-    """Fraction of a gradient bucket's all-reduce (4 MiB) that hides behind matmuls running meanwhile:
-    ``(compute + all-reduce - both at once) / the shorter of the two``, from 0 (none) to 1 (all)."""
+    """Fraction of the gradient all-reduces that hides behind the backward producing them, measured the way the
+    emitted programs overlap them: an MLP's backward whose gradient hooks launch each bucket's all-reduce
+    (asynchronous) once its gradients are in, all waited for after backward. ``(reduced after backward - reduced from the hooks) /
+    (reduced after backward - not reduced)``, from 0 (none hides: on CPU ranks gloo needs the cores backward
+    uses) to 1 (all)."""
     sync = synchronizer(device)
-    bucket = torch.ones(OVERLAP_BUCKET_BYTES // 4, device=device)
-    left, right = _burst_operands(device)
+    scale = GPU_OVERLAP_SCALE if device.type == "cuda" else 1
+    tokens, width = (side * scale for side in OVERLAP_MLP)
+    inputs = torch.randn(tokens, width, device=device)
+    weights = [torch.randn(*((4 * width, width) if i % 2 == 0 else (width, 4 * width)), device=device,
+                           requires_grad=True) for i in range(OVERLAP_LAYERS)]
+    per_bucket = max(1, OVERLAP_BUCKET_BYTES // (weights[0].numel() * weights[0].element_size()))
+    buckets = [weights[::-1][i:i + per_bucket] for i in range(0, len(weights), per_bucket)]  # backward's order
+    pending: list = []
+    hooked = [False]
 
-    def timed(work: Callable[[], None]) -> float:
-        times = []
-        for _ in range(repeats + 1):
-            dist.barrier()
-            sync()
-            begin = time.perf_counter()
-            work()
-            sync()
-            times.append(time.perf_counter() - begin)
-        return statistics.fmean(times[1:])
+    def ready(weight: torch.Tensor) -> None:  # launch a bucket once its last gradient is in, as the programs do
+        bucket = next(b for b in buckets if any(w is weight for w in b))
+        if hooked[0] and weight is bucket[-1]:
+            flat = torch.cat([w.grad.reshape(-1) for w in bucket])
+            pending.append(dist.all_reduce(flat, async_op=True))
 
-    communicate = timed(lambda: dist.all_reduce(bucket))
-    one_burst = timed(lambda: torch.mm(left, right))
-    bursts = max(1, math.ceil(2 * communicate / max(one_burst, 1e-9)))  # compute outlasts the all-reduce
+    hooks = [w.register_post_accumulate_grad_hook(ready) for w in weights]
 
-    def compute() -> None:
-        for _ in range(bursts):
-            torch.mm(left, right)
+    def step(mode: str) -> float:
+        dist.barrier()
+        sync()
+        begin = time.perf_counter()
+        hooked[0] = mode == "hooked"
+        hidden = inputs
+        for i, weight in enumerate(weights):
+            hidden = hidden @ weight.t()
+            hidden = torch.nn.functional.gelu(hidden) if i % 2 == 0 else hidden
+        hidden.sum().backward()
+        for bucket in buckets if mode == "after" else ():
+            dist.all_reduce(torch.cat([w.grad.reshape(-1) for w in bucket]))
+        for work in pending:
+            work.wait()
+        sync()
+        seconds = time.perf_counter() - begin
+        pending.clear()
+        for weight in weights:
+            weight.grad = None
+        return seconds
 
-    def both() -> None:
-        work = dist.all_reduce(bucket, async_op=True)
-        compute()
-        work.wait()
-
-    computing = timed(compute)
-    hidden = computing + communicate - timed(both)
-    return min(1.0, max(0.0, hidden / max(min(computing, communicate), 1e-9)))
+    modes = ("alone", "after", "hooked")
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for repeat in range(repeats + 1):  # the modes in turn, so that a slow spell falls on all three
+        for mode in modes:
+            seconds = step(mode)
+            if repeat:
+                times[mode].append(seconds)
+    for hook in hooks:
+        hook.remove()
+    alone, after, overlapped = (statistics.median(times[mode]) for mode in modes)
+    return min(1.0, max(0.0, (after - overlapped) / max(after - alone, 1e-9)))
 
 
 def _all_reduce(tensor: torch.Tensor, rank: int, world_size: int) -> None:

@@ -2,7 +2,7 @@
 
 A parameter held ``B`` on a mesh axis gets a ``P(sum)`` gradient there (the dual layout); those are
 all-reduced over that axis, in buckets of parameters that need the same axes and have the same dtype,
-in the order backward produces them (last used first). Parameters held ``S`` get ``S`` gradients and need nothing. Frozen
+in the order backward completes them (latest first use first). Parameters held ``S`` get ``S`` gradients and need nothing. Frozen
 parameters (``requires_grad=False``) get no gradient: no bucket, and no adjoint collective for values
 computed from them and inputs alone.
 """
@@ -84,10 +84,13 @@ def backward_collectives(graph: Graph) -> list[dict]:
 
 
 def _backward_order(graph: Graph) -> list[Value]:
-    """Trainable parameters, the last used first (their gradients are ready first)."""
-    last_use: dict[int, int] = {}
+    """Trainable parameters in the order backward completes their gradients: a gradient is whole once backward
+    has passed the parameter's first use, so the latest first use comes first (a tied embedding, used first
+    by the token lookup and last by the output layer, is complete only at the end of backward; ordered by its
+    last use it would lead the first bucket, and no bucket could launch before backward ends)."""
+    first_use: dict[int, int] = {}
     for i, node in enumerate(graph.nodes):
         for v in node.input_values():
-            last_use[id(v)] = i
-    params = [p for p in graph.params if p.trainable and id(p) in last_use]
-    return sorted(params, key=lambda p: -last_use[id(p)])
+            first_use.setdefault(id(v), i)
+    params = [p for p in graph.params if p.trainable and id(p) in first_use]
+    return sorted(params, key=lambda p: -first_use[id(p)])

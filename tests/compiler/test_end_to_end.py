@@ -89,6 +89,17 @@ def test_grad_buckets_respect_size():
         assert sum(sizes) <= 64 * 1024 or len(sizes) == 1
 
 
+def test_grad_buckets_follow_backward_completion():
+    """Buckets launch in order as their gradients complete: the tied embedding (first used by the token lookup,
+    last by the output layer) is whole only when backward ends, so it goes last, after the position embedding
+    and block 0; leading the first bucket, it kept every bucket waiting until backward was over."""
+    strategy = {"mesh": {"dp": 2}, "grad_bucket_bytes": 64 * 1024}
+    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy=strategy)
+    order = [p.target for b in plan.graph.attrs["grad_buckets"] for p in b["params"]]
+    assert order[-2:] == ["pos_emb.weight", "tok_emb.weight"]
+    assert order[0] == "ln_f.weight" and order.index("blocks.1.ln_1.bias") < order.index("blocks.0.mlp.proj.weight")
+
+
 def test_inference_outputs_match():
     model, (idx, _) = gpt_model(), gpt_inputs()
     plan = compile(model, (idx,), cluster=Cluster.local(2), strategy="dp", mode="infer")
