@@ -56,7 +56,8 @@ class PlanOptions:
     precision: str | None = None
     """None: the model's own dtypes (each tensor at its size, compute at the model dtype's peak); or a
     what-if: ``fp32``/``tf32``, or mixed ``bf16``/``fp16`` (2-byte activations and weights, fp32 master
-    copy and optimizer state) — see :class:`cost.ops.Precision`."""
+    copy and optimizer state), or ``bf16-mixed``/``fp16-mixed`` (the same with gradients reduced in fp32) —
+    see :class:`cost.ops.Precision`."""
     optimizer: str = "adamw"
     """Optimizer state to budget memory for: ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``."""
     reference_batch: int = 1
@@ -610,7 +611,7 @@ class Estimator:
             if prof.train:
                 estimate = MemoryEstimate.estimate(
                     elements, kept, optimizer=optimizer, param_dtype_bytes=per_element,
-                    master_weights=prof.precision.master_weights, grad_dtype_bytes=prof.precision.reduce_bytes,
+                    master_weights=prof.precision.master_weights, grad_dtype_bytes=prof.precision.grad_bytes(per_element),
                     trainable_params=self._param_elements(shape, rank, trainable_only=True),
                     optimizer_shards=self.optimizer_shards(shape))
             else:

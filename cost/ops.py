@@ -344,6 +344,12 @@ class Precision:
         return replace(named, float_bytes=named.float_bytes or NAMED_FLOAT_BYTES[named.name],
                        graph_float_bytes=dtype_size(dtype))
 
+    def grad_bytes(self, param_bytes: float) -> float:
+        """Bytes per element of a stored gradient of a ``param_bytes`` parameter: the parameter's size, or the
+        reduce dtype's where wider (gradients accumulated in fp32 for an fp32 reduction, as Megatron keeps
+        bf16 models' ``main_grad``); a narrower reduce dtype is a cast made for the reduction only."""
+        return max(param_bytes, self.reduce_bytes or 0)
+
     def element_bytes(self, dtype: str) -> int:
         """Bytes of one element of a tensor of IR dtype ``dtype`` (``f32``, ``bf16``, ``i64``...) as priced."""
         if self.float_bytes is not None and DTYPES_BY_NAME[dtype].is_floating_point:

@@ -805,7 +805,8 @@ def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
     where a distributed optimizer splits it)."""
     optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
     profile = estimator.profile
-    return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer, param_dtype_bytes=profile.param_element_bytes(),
+    param_bytes = profile.param_element_bytes()
+    return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer, param_dtype_bytes=param_bytes,
                                          master_weights=profile.precision.master_weights,
-                                         grad_dtype_bytes=profile.precision.reduce_bytes,
+                                         grad_dtype_bytes=profile.precision.grad_bytes(param_bytes),
                                          optimizer_shards=estimator.optimizer_shards(shape)).total)

@@ -123,6 +123,8 @@ def test_planned_reduce_dtype_is_priced():
         for reduce in ("fp32", "bf16")}
     traffic = {k: sum(r.comm_bytes_by_link_class.values()) for k, r in reports.items()}
     assert traffic["bf16"] / traffic["fp32"] == pytest.approx(0.5, rel=1e-3)
+    grads = {k: float(r.estimate.memory[0].gradients) for k, r in reports.items()}
+    assert grads["bf16"] == grads["fp32"]  # fp32 gradients either way: bf16 is the reduction's cast only
     exposed = {k: r.breakdown["gradient reduction (exposed)"] for k, r in reports.items()}
     assert exposed["bf16"] < exposed["fp32"]
     assert reports["bf16"].step_time_s == pytest.approx(reports["fp32"].step_time_s - exposed["fp32"] + exposed["bf16"])
