@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cost.collectives import bus_factor
 from cost.op_probes import measure_op_efficiency, synchronizer
 from cluster import Cluster
 
@@ -383,6 +384,20 @@ def _physical_memory_bytes() -> int:
         return 8 * 2**30
 
 
+def collective_spec(kind: str, world_size: int, points: list[list[float]], fit: tuple[float, float]) -> dict:
+    """The link's figures for collective ``kind``: the fitted per-step latency and bandwidth and, for the
+    all-reduce, the measured ``[bytes, seconds]`` points themselves as a bus-bandwidth curve, so that a message
+    of a measured size costs what was measured and one in between what the curve interpolates (gloo's
+    all-reduce time on CPU ranks is not linear in size, and one odd point pulls a line through all of them)."""
+    latency, bandwidth = fit
+    body: dict[str, Any] = {"latency": latency, "bandwidth": bandwidth}
+    if kind == "all_reduce":
+        factor = bus_factor(kind, world_size)
+        body |= {"busbw": [[nbytes, nbytes * factor / seconds] for nbytes, seconds in sorted(points)],
+                 "ranks": world_size}
+    return body
+
+
 def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[str, Any]:
     """The cluster spec of what :func:`measure_compute` and :func:`measure_collectives` found."""
     fits = {kind: fit_collective(kind, world_size, points) for kind, points in measured["collectives"].items()}
@@ -406,8 +421,8 @@ def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[st
         "nodes": [{
             "name": "localhost", "device": kind, "devices": world_size,
             "intra_link": {"class": link_class, "bandwidth": bandwidth, "latency": latency,
-                           "collectives": {name: {"latency": lat, "bandwidth": bw}
-                                           for name, (lat, bw) in fits.items() if name != "send_recv"}},
+                           "collectives": {name: collective_spec(name, world_size, measured["collectives"][name], fit)
+                                           for name, fit in fits.items() if name != "send_recv"}},
             "nics": [{"type": "ethernet", "count": 1, "bandwidth": "10Gb/s", "latency": "30us"}],
         }],
         "metadata": {"calibration": {

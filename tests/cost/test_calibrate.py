@@ -5,6 +5,7 @@ import pytest
 
 from cluster import Cluster
 from cost.calibrate import calibrate, fit_collective, spec_from_measurements
+from cost.collectives import collective_time
 
 
 @pytest.mark.multiproc
@@ -81,3 +82,20 @@ def test_gpu_measurements_make_a_gpu_node():
     link = cluster.link(0, 7)
     assert link.link_class == "nvlink" and link.bandwidth_Bps == pytest.approx(200e9)
     assert link.for_collective("all_reduce").bandwidth_Bps == pytest.approx(150e9)
+
+
+def test_calibrated_all_reduce_follows_the_measured_curve():
+    """gloo's all-reduce time on CPU ranks is not linear in size (numbers as measured here): the spec keeps the
+    measured points, so each measured size costs what was measured and one in between lies between its
+    neighbours (a latency/bandwidth line through them can miss any of them)."""
+    points = [[8.0, 1.27e-3], [65536.0, 1.93e-3], [1048576.0, 3.2e-3], [4194304.0, 7.3e-3], [16777216.0, 21.2e-3]]
+    measured = {
+        "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": 100.0},
+        "matmul_bf16_gflops": {"256": 200.0}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
+        "efficiency": {}, "comm_overlap": 0.0,
+        "collectives": {"all_reduce": points, "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]},
+    }
+    cluster = Cluster.from_dict(spec_from_measurements(2, measured))
+    for nbytes, seconds in points[1:]:  # the smallest is all latency, which the model adds per step
+        assert collective_time("all_reduce", nbytes, (0, 1), cluster) == pytest.approx(seconds, rel=1e-6)
+    assert 3.2e-3 < collective_time("all_reduce", 3.5e6, (0, 1), cluster) < 7.3e-3
