@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GPT example: {args.layers} layers of width {args.width}, batch {args.batch}, sequence {args.seq}; "
               f"median over {args.rounds} rounds of the median of {args.steps - WARMUP_STEPS} steps after "
               f"{WARMUP_STEPS} warm-up steps")
-        compiled = {name: compile(model, inputs, cluster=cluster, strategy=strategy) for name, strategy in plans.items()}
+        compiled = {name: compile(model, inputs, cluster=cluster, strategy=strategy)
+                    for name, strategy in plans.items()}
         # The emitted runtime launches gradient all-reduces during backward; how much of them hides behind it
         # is the calibrated comm_overlap (on CPU ranks, little: gloo needs the busy cores).
         simulated = {name: plan.simulate().step_time_s for name, plan in compiled.items()}

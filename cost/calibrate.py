@@ -247,61 +247,76 @@ def _burst_operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(m, k, device=device), torch.randn(k, n, device=device)
 
 
-def measure_comm_overlap(device: torch.device, repeats: int) -> float:
-    """Fraction of the gradient all-reduces that hides behind the backward producing them, measured the way the
-    emitted programs overlap them: an MLP's backward whose gradient hooks launch each bucket's all-reduce
-    (asynchronous) once its gradients are in, all waited for after backward. ``(reduced after backward - reduced from the hooks) /
-    (reduced after backward - not reduced)``, from 0 (none hides: on CPU ranks gloo needs the cores backward
-    uses) to 1 (all)."""
-    sync = synchronizer(device)
-    scale = GPU_OVERLAP_SCALE if device.type == "cuda" else 1
-    tokens, width = (side * scale for side in OVERLAP_MLP)
-    inputs = torch.randn(tokens, width, device=device)
-    weights = [torch.randn(*((4 * width, width) if i % 2 == 0 else (width, 4 * width)), device=device,
-                           requires_grad=True) for i in range(OVERLAP_LAYERS)]
-    per_bucket = max(1, OVERLAP_BUCKET_BYTES // (weights[0].numel() * weights[0].element_size()))
-    buckets = [weights[::-1][i:i + per_bucket] for i in range(0, len(weights), per_bucket)]  # backward's order
-    pending: list = []
-    hooked = [False]
+class BucketedBackward:
+    """An MLP's forward and backward whose gradients are all-reduced in buckets as the emitted programs do: each
+    bucket (:data:`OVERLAP_BUCKET_BYTES`, in backward's order) launched asynchronously from a gradient hook once
+    its gradients are in (``hooked``), or all after backward (``after``), or not at all (``alone``)."""
 
-    def ready(weight: torch.Tensor) -> None:  # launch a bucket once its last gradient is in, as the programs do
-        bucket = next(b for b in buckets if any(w is weight for w in b))
-        if hooked[0] and weight is bucket[-1]:
-            flat = torch.cat([w.grad.reshape(-1) for w in bucket])
-            pending.append(dist.all_reduce(flat, async_op=True))
+    def __init__(self, device: torch.device):
+        self.sync = synchronizer(device)
+        scale = GPU_OVERLAP_SCALE if device.type == "cuda" else 1
+        tokens, width = (side * scale for side in OVERLAP_MLP)
+        self.inputs = torch.randn(tokens, width, device=device)
+        shapes = [(4 * width, width) if i % 2 == 0 else (width, 4 * width) for i in range(OVERLAP_LAYERS)]
+        self.weights = [torch.randn(*shape, device=device, requires_grad=True) for shape in shapes]
+        per_bucket = max(1, OVERLAP_BUCKET_BYTES // (self.weights[0].numel() * self.weights[0].element_size()))
+        backward_order = self.weights[::-1]
+        self.buckets = [backward_order[i:i + per_bucket] for i in range(0, len(backward_order), per_bucket)]
+        self.pending: list = []
+        self.hooked = False
+        self.hooks = [w.register_post_accumulate_grad_hook(self._ready) for w in self.weights]
 
-    hooks = [w.register_post_accumulate_grad_hook(ready) for w in weights]
+    def _ready(self, weight: torch.Tensor) -> None:
+        bucket = next(b for b in self.buckets if any(w is weight for w in b))
+        if self.hooked and weight is bucket[-1]:
+            self.pending.append(dist.all_reduce(_flat_gradients(bucket), async_op=True))
 
-    def step(mode: str) -> float:
+    def step(self, mode: str) -> float:
+        """Seconds of one forward and backward with the gradients reduced as ``mode`` says."""
         dist.barrier()
-        sync()
+        self.sync()
         begin = time.perf_counter()
-        hooked[0] = mode == "hooked"
-        hidden = inputs
-        for i, weight in enumerate(weights):
+        self.hooked = mode == "hooked"
+        hidden = self.inputs
+        for i, weight in enumerate(self.weights):
             hidden = hidden @ weight.t()
             hidden = torch.nn.functional.gelu(hidden) if i % 2 == 0 else hidden
         hidden.sum().backward()
-        for bucket in buckets if mode == "after" else ():
-            dist.all_reduce(torch.cat([w.grad.reshape(-1) for w in bucket]))
-        for work in pending:
+        for bucket in self.buckets if mode == "after" else ():
+            dist.all_reduce(_flat_gradients(bucket))
+        for work in self.pending:
             work.wait()
-        sync()
+        self.sync()
         seconds = time.perf_counter() - begin
-        pending.clear()
-        for weight in weights:
+        self.pending.clear()
+        for weight in self.weights:
             weight.grad = None
         return seconds
 
+    def close(self) -> None:
+        """Remove the gradient hooks."""
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _flat_gradients(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([w.grad.reshape(-1) for w in weights])
+
+
+def measure_comm_overlap(device: torch.device, repeats: int) -> float:
+    """Fraction of the gradient all-reduces that hides behind the backward producing them, measured the way the
+    emitted programs overlap them (:class:`BucketedBackward`): ``(reduced after backward - reduced from the
+    hooks) / (reduced after backward - not reduced)``, medians over ``repeats``, from 0 (none hides: on CPU
+    ranks gloo needs the cores backward uses) to 1 (all)."""
+    probe = BucketedBackward(device)
     modes = ("alone", "after", "hooked")
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for repeat in range(repeats + 1):  # the modes in turn, so that a slow spell falls on all three
         for mode in modes:
-            seconds = step(mode)
+            seconds = probe.step(mode)
             if repeat:
                 times[mode].append(seconds)
-    for hook in hooks:
-        hook.remove()
+    probe.close()
     alone, after, overlapped = (statistics.median(times[mode]) for mode in modes)
     return min(1.0, max(0.0, (after - overlapped) / max(after - alone, 1e-9)))
 

@@ -611,7 +611,8 @@ class Estimator:
             if prof.train:
                 estimate = MemoryEstimate.estimate(
                     elements, kept, optimizer=optimizer, param_dtype_bytes=per_element,
-                    master_weights=prof.precision.master_weights, grad_dtype_bytes=prof.precision.grad_bytes(per_element),
+                    master_weights=prof.precision.master_weights,
+                    grad_dtype_bytes=prof.precision.grad_bytes(per_element),
                     trainable_params=self._param_elements(shape, rank, trainable_only=True),
                     optimizer_shards=self.optimizer_shards(shape))
             else:

@@ -2,9 +2,9 @@
 
 A parameter held ``B`` on a mesh axis gets a ``P(sum)`` gradient there (the dual layout); those are
 all-reduced over that axis, in buckets of parameters that need the same axes and have the same dtype,
-in the order backward completes them (latest first use first). Parameters held ``S`` get ``S`` gradients and need nothing. Frozen
-parameters (``requires_grad=False``) get no gradient: no bucket, and no adjoint collective for values
-computed from them and inputs alone.
+in the order backward completes them (latest first use first). Parameters held ``S`` get ``S`` gradients
+and need nothing. Frozen parameters (``requires_grad=False``) get no gradient: no bucket, and no adjoint
+collective for values computed from them and inputs alone.
 """
 from __future__ import annotations
 

@@ -118,9 +118,10 @@ def test_planned_reduce_dtype_is_priced():
     """A compiled mixed-precision plan's gradient reductions are priced in its reduce dtype: bf16 reductions
     move half the bytes of fp32 ones, and take less time (priced exposed, not overlapped with backward)."""
     model = gpt_model()
-    reports = {reduce: compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy={
-        "mesh": {"dp": 2}, "precision": {"param": "fp32", "compute": "bf16", "reduce": reduce}}).simulate(overlap_grad_sync=False)
-        for reduce in ("fp32", "bf16")}
+    strategies = {reduce: {"mesh": {"dp": 2}, "precision": {"param": "fp32", "compute": "bf16", "reduce": reduce}}
+                  for reduce in ("fp32", "bf16")}
+    reports = {reduce: compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy=strategy).simulate(
+        overlap_grad_sync=False) for reduce, strategy in strategies.items()}
     traffic = {k: sum(r.comm_bytes_by_link_class.values()) for k, r in reports.items()}
     assert traffic["bf16"] / traffic["fp32"] == pytest.approx(0.5, rel=1e-3)
     grads = {k: float(r.estimate.memory[0].gradients) for k, r in reports.items()}
