@@ -2,7 +2,8 @@
 
 1. ``cost.calibrate.calibrate(2)`` (``sbpc calibrate``) measures this machine and writes a cluster
    spec: matmul FLOP/s and memory bandwidth, per-op efficiency (matmuls by size) and dispatch overhead,
-   gloo collectives as a busy step meets them, and how much of an all-reduce hides behind compute.
+   gloo collectives as a busy step meets them (the all-reduce as its measured curve), and how much of the
+   gradient all-reduces hides behind the backward that produces them.
 2. The GPT example is compiled for that cluster under eight plans (dp, fsdp, Megatron tp from
    ``examples/plans/megatron_tp.sbp``, tp with sequence parallelism, dp and tp with full recomputation,
    2-stage 1F1B and GPipe pipelines); ``plan.simulate()`` prices each step. (dp x tp needs 4 ranks, which
