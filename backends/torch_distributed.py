@@ -484,7 +484,7 @@ class ProgramWriter:
         out = self._assign(combine.outputs[0])
         kwargs = f"experts={combine.kwargs['experts']}, axis={combine.kwargs['axis']!r}, chunks={layer.chunks}"
         return "\n".join([f"    def {function}({rows}, {route}):",
-                          f'        """The experts on one chunk of tokens\' rows (expert by expert)."""',
+                          '        """The experts on one chunk of tokens\' rows (expert by expert)."""',
                           *body, f"        return {self.source[id(layer.expert_rows)]}",
                           f"    {out} = moe_overlapped({hidden}, {top_k_index}, {top_k_weights}, {function}, {kwargs})"
                           f"  # {format_nd_sbp(combine.outputs[0].sbp)}"])

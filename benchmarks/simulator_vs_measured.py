@@ -57,10 +57,8 @@ def ranking_plans(megatron: dict) -> dict:
             "PP 1F1B": {**pipeline, "schedule": "1f1b"}, "PP GPipe": {**pipeline, "schedule": "gpipe"}}
 
 
-def measure(plan, workdir: Path, steps: int) -> float:
-    """Median seconds per step of the emitted program under torchrun (gloo, two CPU ranks)."""
-    if not (workdir / "main.py").exists():
-        plan.emit(workdir)
+def measure(workdir: Path, steps: int) -> float:
+    """Median seconds per step of the program emitted in ``workdir``, under torchrun (gloo, two CPU ranks)."""
     metrics = workdir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     threads = max(1, (os.cpu_count() or 2) // 2)  # what calibration gave each rank
@@ -75,13 +73,16 @@ def measure(plan, workdir: Path, steps: int) -> float:
 
 
 def measure_rounds(plans: dict, scratch: Path, steps: int, rounds: int) -> dict[str, list[float]]:
-    """Each plan's median step seconds per round; every round runs all plans, starting one further along."""
+    """Each plan's median step seconds per round (each plan emitted once); every round runs all plans, starting
+    one further along."""
+    workdirs = {name: scratch / "".join(c for c in name.lower() if c.isalnum()) for name in plans}
+    for name, plan in plans.items():
+        plan.emit(workdirs[name])
     names = list(plans)
     measured: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            workdir = scratch / "".join(c for c in name.lower() if c.isalnum())
-            measured[name].append(measure(plans[name], workdir, steps))
+            measured[name].append(measure(workdirs[name], steps))
         print(f"round {r + 1} of {rounds} measured", flush=True)
     return measured
 

@@ -370,8 +370,10 @@ class Estimator:
         if nbytes <= 0:
             return 0.0
         groups = self._groups(devices, shape, along)
-        if not groups:
-            return 0.0
+        return self._slowest_group(kind, nbytes, groups) if groups else 0.0
+
+    def _slowest_group(self, kind: str, nbytes: float, groups: tuple) -> float:
+        """Seconds of a collective of ``nbytes`` run by every group of ``groups`` at once (the slowest one)."""
         key = (kind, nbytes, groups)
         if key not in self._collectives:
             self._collectives[key] = max(collective_time(kind, nbytes, g, self.cluster) for g in groups)
@@ -549,9 +551,13 @@ class Estimator:
         summed over it (not FSDP's, sharded by the plan itself), else 1."""
         if not self.distributed_optimizer or shape.size(DATA_AXIS) < 2:
             return 1
-        summed = DATA_AXIS in self._batch_axes(shape) or any(
-            DATA_AXIS in p.grad_axes for segment in self.profile.segments for p in segment.params)
+        summed = DATA_AXIS in self._batch_axes(shape) or self._grads_summed_over_data
         return shape.size(DATA_AXIS) if summed else 1
+
+    @functools.cached_property
+    def _grads_summed_over_data(self) -> bool:
+        """Whether the profile's own layouts sum some parameter's gradient over the data axis (a dp plan's IR)."""
+        return any(DATA_AXIS in p.grad_axes for segment in self.profile.segments for p in segment.params)
 
     def _copies_sum(self, shape: PlanShape, rank: int) -> float:
         """Seconds of summing the gradients of parameters with a copy on this and on other pipeline ranks (a
@@ -564,8 +570,8 @@ class Estimator:
             if rank not in ranks or len(ranks) < 2:
                 continue
             nbytes = segments[min(segments)].reduced_bytes
-            groups = [tuple(shape.stage_devices[r][i] for r in ranks) for i in range(len(shape.stage_devices[rank]))]
-            seconds += max(collective_time("all_reduce", nbytes, g, self.cluster) for g in groups)
+            groups = tuple(tuple(shape.stage_devices[r][i] for r in ranks) for i in range(len(shape.stage_devices[rank])))
+            seconds += self._slowest_group("all_reduce", nbytes, groups)
         return seconds
 
     def _optimizer_time(self, shape: PlanShape, rank: int) -> float:
@@ -599,7 +605,6 @@ class Estimator:
         kept_by_stage = {k: self._stage_activations(shape, k, batch) for k in range(shape.num_stages)}
         per_microbatch = {k: kept[0] for k, kept in kept_by_stage.items()}
         pending = _peak_pending_bytes(shape, actions, per_microbatch)
-        optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
         out = {}
         for rank in range(shape.pp):
             # one backward at a time re-materialises a recomputed segment or holds a gathered one
@@ -609,17 +614,26 @@ class Estimator:
             stored = self._param_elements(shape, rank, in_bytes=True)
             per_element = stored / elements if elements else 4.0
             if prof.train:
-                estimate = MemoryEstimate.estimate(
-                    elements, kept, optimizer=optimizer, param_dtype_bytes=per_element,
-                    master_weights=prof.precision.master_weights,
-                    grad_dtype_bytes=prof.precision.grad_bytes(per_element),
-                    trainable_params=self._param_elements(shape, rank, trainable_only=True),
-                    optimizer_shards=self.optimizer_shards(shape))
+                estimate = self.training_memory(shape, elements, kept, per_element,
+                                                self._param_elements(shape, rank, trainable_only=True))
             else:
                 estimate = MemoryEstimate(stored, 0.0, 0.0, kept)
             for d in shape.stage_devices[rank]:
                 out[d] = estimate
         return out
+
+    def training_memory(self, shape: PlanShape, elements: float, activations: float, param_bytes: float,
+                        trainable: float | None = None) -> MemoryEstimate:
+        """The memory of a device training ``elements`` parameters of ``param_bytes`` each (``trainable`` of them
+        with gradients and optimizer state; default all) and keeping ``activations`` bytes, under this profile's
+        precision (master weights, gradients at the reduce dtype where wider), the plan's optimizer and the
+        distributed optimizer's split of its state."""
+        precision = self.profile.precision
+        optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
+        return MemoryEstimate.estimate(elements, activations, optimizer=optimizer, param_dtype_bytes=param_bytes,
+                                       master_weights=precision.master_weights,
+                                       grad_dtype_bytes=precision.grad_bytes(param_bytes),
+                                       trainable_params=trainable, optimizer_shards=self.optimizer_shards(shape))
 
     def _stage_activations(self, shape: PlanShape, k: int, batch: float) -> tuple[float, float]:
         """(bytes per in-flight microbatch, bytes at most once) that stage ``k`` keeps: per microbatch, each

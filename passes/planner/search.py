@@ -33,7 +33,7 @@ import numpy as np
 from cluster import Cluster
 from cost.estimate import Estimator, PlanOptions, optimizer_name
 from cost.experts import EXPERT_AXIS, ExpertBlocks, with_expert_parallelism
-from cost.memory import OPTIMIZER_STATES, MemoryEstimate, in_flight_microbatches
+from cost.memory import in_flight_microbatches
 from cost.ops import Precision
 from cost.partition import min_max_partition
 from cost.placement import (DATA_AXIS, PIPELINE_AXIS, PlanShape, axis_groups, even_layer_ranges,
@@ -803,10 +803,4 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
 def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
     """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element (the state's share
     where a distributed optimizer splits it)."""
-    optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
-    profile = estimator.profile
-    param_bytes = profile.param_element_bytes()
-    return float(MemoryEstimate.estimate(1.0, 0.0, optimizer=optimizer, param_dtype_bytes=param_bytes,
-                                         master_weights=profile.precision.master_weights,
-                                         grad_dtype_bytes=profile.precision.grad_bytes(param_bytes),
-                                         optimizer_shards=estimator.optimizer_shards(shape)).total)
+    return float(estimator.training_memory(shape, 1.0, 0.0, estimator.profile.param_element_bytes()).total)
