@@ -57,6 +57,24 @@ def finish_gradients(params, layouts, microsteps, max_norm):
     return norm
 
 
+def apply_gradients(params, layouts, optimizer, schedule, scaler, microsteps, max_norm):
+    """After the gradient collectives: unscale them (``scaler``: fp16 plans' loss scaler; a gradient that
+    overflowed on any rank skips the update on every rank), average and clip them (:func:`finish_gradients`),
+    step the optimizer and the schedule. Returns the step's metrics: ``lr``, ``grad_norm`` and, with a scaler,
+    ``loss_scale`` and ``skipped``."""
+    skipped = scaler.unscale_all_ranks(params) if scaler else False  # unscaled before clipping
+    extra = {"lr": optimizer.param_groups[0]["lr"] if optimizer else None,
+             "grad_norm": finish_gradients(params, layouts, microsteps, max_norm)}
+    if optimizer:
+        if not skipped:  # a gradient overflowed: no update this step
+            optimizer.step()
+        schedule.step()
+    if scaler:
+        extra |= {"loss_scale": float(scaler.scale), "skipped": skipped}
+        scaler.update(skipped)
+    return extra
+
+
 def global_grad_norm(params, layouts):
     """The 2-norm of every gradient of the model, whatever its layout (see the module's docstring)."""
     squares = torch.zeros(1, dtype=torch.float64, device=DEVICE)

@@ -16,7 +16,7 @@ from .collectives import unshard
 from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
 from .core import COORD, DEVICE, fail, init_distributed, is_seed_rank, my_position
 from .faults import peer_failures
-from .controls import finish_gradients, make_schedule
+from .controls import apply_gradients, make_schedule
 from .data import open_batches
 from .loop import (bind_dims, finish, first_step_report, load_weights, local_copy, local_inputs, local_parameters,
                    make_optimizer, new_buffer_values, parse_args, token_count)
@@ -325,16 +325,8 @@ def main(stages, gradient_syncs=(), step_type=PipelineStep, loss_scaler=None, de
             if not path:
                 for sync in syncs:
                     sync.finish()
-                skipped = scaler.unscale_all_ranks(params) if scaler else False  # unscaled before clipping
-                extra["lr"] = optimizer.param_groups[0]["lr"] if optimizer else None
-                extra["grad_norm"] = finish_gradients(params, layouts, args.grad_accum, args.clip_grad_norm)
-                if optimizer:
-                    if not skipped:  # a gradient overflowed on some rank: no update this step
-                        optimizer.step()
-                    schedule.step()
-                if scaler:
-                    extra |= {"loss_scale": float(scaler.scale), "skipped": skipped}
-                    scaler.update(skipped)
+                extra |= apply_gradients(params, layouts, optimizer, schedule, scaler, args.grad_accum,
+                                         args.clip_grad_norm)
             extra |= first_step_report(params, optimizer) if step_index == 0 else {}
             report_step(metrics, step_index, total / (1 if path else args.grad_accum), started, extra, args.steps)
             if not path and checkpoint_due(args, step_index + 1):

@@ -2,7 +2,7 @@
 import time
 
 from .checkpoint import TrainingState, checkpoint_due, find_checkpoint, load_checkpoint, save_checkpoint
-from .controls import finish_gradients, make_schedule
+from .controls import apply_gradients, make_schedule
 from .core import COORD, DEVICE, init_distributed, is_seed_rank
 from .data import open_batches
 from .faults import peer_failures
@@ -52,16 +52,8 @@ def main(forward, gradient_syncs=(), loss_scaler=None, description="", argv=None
                 total, tokens = total + logical_loss(loss), tokens + token_count(batch)
             for sync in syncs:
                 sync.finish()
-            skipped = scaler.unscale_all_ranks(params) if scaler else False  # unscaled before clipping
-            extra = {"tokens": tokens, "lr": optimizer.param_groups[0]["lr"] if optimizer else None,
-                     "grad_norm": finish_gradients(params, PARAMS, args.grad_accum, args.clip_grad_norm)}
-            if optimizer:
-                if not skipped:  # a gradient overflowed: no update this step
-                    optimizer.step()
-                schedule.step()
-            if scaler:
-                extra |= {"loss_scale": float(scaler.scale), "skipped": skipped}
-                scaler.update(skipped)
+            extra = {"tokens": tokens} | apply_gradients(params, PARAMS, optimizer, schedule, scaler, args.grad_accum,
+                                                         args.clip_grad_norm)
             extra |= first_step_report(params, optimizer) if step == 0 else {}
             report_step(metrics, step, total / args.grad_accum, started, extra, args.steps)
             if checkpoint_due(args, step + 1):
