@@ -430,6 +430,8 @@ class Cluster:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _check_device(self, device_id: int) -> None:
+        if type(device_id) is int and 0 <= device_id < len(self._devices):
+            return  # the common case, without the abstract-class check below
         if isinstance(device_id, bool) or not isinstance(device_id, numbers.Integral) \
                 or not 0 <= device_id < self.world_size:
             raise IndexError(f"expected a device id in 0..{self.world_size - 1} of cluster {self.name!r}, "

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from cost.collectives import collective_time, collective_traffic, p2p_time
 from cost.memory import OPTIMIZER_STATES, MemoryEstimate, optimizer_step_bytes
 from cost.ops import peak_flops
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
-from cost.segments import Profile, at
+from cost.segments import Profile, SegmentCost, at
 from cost.timeline import ScheduleTimeline, simulate
 from ir.types import CONTEXT_AXIS
 from ir.schedules import SCHEDULES, build_pipeline_schedule
@@ -112,6 +112,15 @@ def optimizer_name(spec: Any) -> str:
     if name == "sgd" and (kwargs or {}).get("momentum"):
         return "sgd_momentum"
     return name if name in ("sgd", "adam", "adamw") else "adamw"
+
+
+class ParamSums(NamedTuple):
+    """A segment's parameters as one device stores them."""
+
+    elements: float
+    trainable: float
+    """Elements with a gradient and optimizer state."""
+    nbytes: float
 
 
 @dataclass
@@ -195,6 +204,7 @@ class Estimator:
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
         self._pinned: list = []  # device tuples whose ids key self._work
+        self._per_rank: dict[tuple, Any] = {}  # parameter sums, sends and device limits, by what they depend on
         self._copied = _copied_params(profile)
 
     # -- per stage ---------------------------------------------------------------------------------
@@ -242,8 +252,12 @@ class Estimator:
         """Seconds of segment ``j``'s backward that compute parameter gradients, per microbatch on ``rank``."""
         segment = self.profile.segments[j]
         batch = self.microbatch_size(shape)
-        return max(segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
-                   for d in _representatives(shape.stage_devices[rank], self.cluster))
+        devices = shape.stage_devices[rank]
+        key = ("weight", id(segment), tuple(devices), batch)
+        if key not in self._per_rank:
+            self._per_rank[key] = max(segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
+                                      for d in _representatives(devices, self.cluster))
+        return self._per_rank[key]
 
     def _recomputed_part_forward(self, shape: PlanShape, rank: int, j: int) -> float:
         """Seconds of forward (compute and collectives) that segment ``j``'s recomputed ops run again."""
@@ -296,7 +310,7 @@ class Estimator:
         if not self.prefetch_gathers or len(segments) < 2 or not (self.fsdp_analytic(shape) or self._gathers_params):
             return [(0.0, 0.0)] * len(segments)
         devices = shape.stage_devices[rank]
-        overlap = min(self.cluster.device(d).comm_overlap for d in devices)
+        overlap = self._least(devices, "comm_overlap")
         work = [self.segment_work(shape, rank, j) for j in segments]
         gathers = [self.param_gathers(shape, rank, j) for j in segments]
         last = len(segments) - 1
@@ -325,7 +339,21 @@ class Estimator:
         """Seconds of one all-gather of the segment's parameters over the FSDP axis (0 without FSDP)."""
         if not self.fsdp_analytic(shape):
             return 0.0
-        return self._collective("all_gather", segment.param_bytes(), devices, shape, shape.fsdp_axis)
+        return self._collective("all_gather", self.param_sums(segment).nbytes, devices, shape, shape.fsdp_axis)
+
+    def param_sums(self, segment: SegmentCost) -> "ParamSums":
+        """The parameter elements, trainable elements and bytes one device stores for ``segment`` (a segment of
+        this estimator's profile, or its recomputed part), summed once."""
+        key = ("params", id(segment))
+        if key not in self._per_rank:
+            self._per_rank[key] = ParamSums(segment.param_elements(), segment.param_elements(trainable_only=True),
+                                            segment.param_bytes())
+        return self._per_rank[key]
+
+    @functools.cached_property
+    def param_element_bytes(self) -> float:
+        """Bytes per parameter element over the whole profile (:meth:`~cost.segments.Profile.param_element_bytes`)."""
+        return self.profile.param_element_bytes()
 
     def _recompute_time(self, shape: PlanShape, rank: int, j: int, work: tuple) -> float:
         """Seconds segment ``j`` spends recomputing its forward in backward (a whole recomputed segment runs
@@ -399,7 +427,18 @@ class Estimator:
         dst = shape.stage_devices[shape.rank_of_stage(k + 1)]
         if nbytes <= 0 or src == dst:
             return 0.0
-        return max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
+        key = ("send", nbytes, tuple(src), tuple(dst))
+        if key not in self._per_rank:
+            self._per_rank[key] = max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
+        return self._per_rank[key]
+
+    def _least(self, devices: tuple, attribute: str, default: float | None = None) -> float:
+        """The smallest ``attribute`` of the devices (``default`` where a device's is unset)."""
+        key = ("least", attribute, tuple(devices), default)
+        if key not in self._per_rank:
+            values = (getattr(self.cluster.device(d), attribute) for d in devices)
+            self._per_rank[key] = min((v or default) if default is not None else v for v in values)
+        return self._per_rank[key]
 
     # -- where the time goes -----------------------------------------------------------------------
     def segment_times(self, shape: PlanShape, rank: int) -> list[dict]:
@@ -465,16 +504,13 @@ class Estimator:
         """Step time, memory and traffic of ``shape`` (``exact=False``: closed-form pipeline time)."""
         prof = self.profile
         stages = [self.stage(shape, k) for k in range(shape.num_stages)]
-        actions = None
-        if shape.num_stages > 1 and (exact or shape.schedule == "interleaved"):
-            actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
         timeline = None
         if shape.num_stages == 1:
             makespan = shape.microbatches * (stages[0].fwd_s + stages[0].bwd_s)
             rank_end = {0: makespan}
             bubble = 0.0
         elif exact:
-            timeline = _simulate(actions, stages, shape)
+            timeline = _simulate(_actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp), stages, shape)
             makespan = timeline.makespan
             rank_end = {r: max((e.end_s for e in events if e.action.kind in ("B", "W")), default=0.0)
                         for r, events in timeline.events.items()}
@@ -486,7 +522,7 @@ class Estimator:
         grad_sync = {r: self._grad_sync(shape, r, stages) for r in range(shape.pp)}
         optimizer = max(self._optimizer_time(shape, r) for r in range(shape.pp))
         finish = max(rank_end[r] + grad_sync[r][1] for r in range(shape.pp))
-        memory = self.memory(shape, actions)
+        memory = self.memory(shape)
         fits = self.fits(memory)
         flops = sum(at(seg.model_flops, self.microbatch_size(shape)) for seg in prof.segments) \
             * prof.batch_divisor * shape.microbatches
@@ -500,12 +536,21 @@ class Estimator:
         return all(float(m.total) <= self.headroom * devices[d].memory_bytes for d, m in memory.items())
 
     def _stage_params(self, shape: PlanShape, rank: int) -> list:
-        out = []
-        for k in range(shape.num_stages):
-            if shape.rank_of_stage(k) == rank:
-                for j in shape.segments_of_stage(k, self.profile.num_layers):
-                    out.extend(self.profile.segments[j].params)
-        return out
+        return [p for j in self._rank_segments(shape, rank) for p in self.profile.segments[j].params]
+
+    def _rank_segments(self, shape: PlanShape, rank: int) -> tuple[int, ...]:
+        """The segments pipeline rank ``rank`` runs, stage by stage."""
+        key = ("segments", tuple(map(tuple, shape.stage_layers)), shape.pp, shape.schedule)
+        if key not in self._per_rank:
+            by_rank: dict[int, list] = defaultdict(list)
+            for k in range(shape.num_stages):
+                by_rank[shape.rank_of_stage(k)] += shape.segments_of_stage(k, self.profile.num_layers)
+            self._per_rank[key] = {r: tuple(segments) for r, segments in by_rank.items()}
+        return self._per_rank[key].get(rank, ())
+
+    def _rank_key(self, shape: PlanShape, rank: int, *more) -> tuple:
+        """What a sum over the rank's parameters depends on (its segments and the stage mesh), plus ``more``."""
+        return (self._rank_segments(shape, rank), shape.axes, shape.shape, shape.fsdp_axis) + more
 
     def _grad_sync(self, shape: PlanShape, rank: int, stages: list) -> tuple[float, float]:
         """(total, exposed) seconds of the rank's gradient reductions after its last backward (with a
@@ -520,7 +565,7 @@ class Estimator:
         total = reduction + gather + self._copies_sum(shape, rank)
         if not self.overlap_grad_sync:
             return total, total
-        overlap = min(self.cluster.device(d).comm_overlap for d in devices)
+        overlap = self._least(devices, "comm_overlap")
         last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
         first_forward = min((s.fwd_s for s in stages if s.rank == rank), default=0.0)
         hidden = overlap * (min(reduction, last_backward) + min(gather, first_forward))
@@ -530,6 +575,12 @@ class Estimator:
         """(kind, bytes, mesh axes) of the collectives that sum the rank's gradients: one all-reduce per group of
         axes; with a distributed optimizer (:attr:`PlanOptions.distributed_optimizer`), a group that includes
         the data axis is a reduce-scatter of the gradients and an all-gather of the updated parameters."""
+        key = ("sync",) + self._rank_key(shape, rank)
+        if key not in self._per_rank:
+            self._per_rank[key] = self._summed_gradients(shape, rank)
+        return self._per_rank[key]
+
+    def _summed_gradients(self, shape: PlanShape, rank: int) -> list[tuple[str, float, tuple]]:
         reduced: dict[tuple, float] = defaultdict(float)
         gathered: dict[tuple, float] = defaultdict(float)
         for p in self._stage_params(shape, rank):
@@ -577,6 +628,12 @@ class Estimator:
     def _optimizer_time(self, shape: PlanShape, rank: int) -> float:
         if not self.profile.train:
             return 0.0
+        key = ("optimizer", shape.optimizer, tuple(shape.stage_devices[rank])) + self._rank_key(shape, rank)
+        if key not in self._per_rank:
+            self._per_rank[key] = self._optimizer_seconds(shape, rank)
+        return self._per_rank[key]
+
+    def _optimizer_seconds(self, shape: PlanShape, rank: int) -> float:
         optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
         master = self.profile.precision.master_weights
         moved = sum(p.local_elements * optimizer_step_bytes(optimizer, p.element_bytes, master)
@@ -585,12 +642,18 @@ class Estimator:
             moved /= shape.size(shape.fsdp_axis)
         else:
             moved /= self.optimizer_shards(shape)
-        bandwidth = min(self.cluster.device(d).memory_bandwidth_Bps or 1e11 for d in shape.stage_devices[rank])
+        bandwidth = self._least(shape.stage_devices[rank], "memory_bandwidth_Bps", 1e11)
         return moved / bandwidth
 
     def _param_elements(self, shape: PlanShape, rank: int, trainable_only: bool = False, in_bytes: bool = False
                         ) -> float:
         """Parameter elements (``in_bytes``: their bytes) a device of pipeline rank ``rank`` stores."""
+        key = ("elements", trainable_only, in_bytes) + self._rank_key(shape, rank)
+        if key not in self._per_rank:
+            self._per_rank[key] = self._summed_elements(shape, rank, trainable_only, in_bytes)
+        return self._per_rank[key]
+
+    def _summed_elements(self, shape: PlanShape, rank: int, trainable_only: bool, in_bytes: bool) -> float:
         elements = sum(p.local_bytes if in_bytes else p.local_elements for p in self._stage_params(shape, rank)
                        if p.trainable or not trainable_only)
         if self.fsdp_analytic(shape):
@@ -598,13 +661,13 @@ class Estimator:
         return elements
 
     # -- memory ------------------------------------------------------------------------------------
-    def memory(self, shape: PlanShape, actions: dict | None = None) -> dict:
-        """Device -> :class:`~cost.memory.MemoryEstimate` at the peak of the step (``actions``: the schedule, if built)."""
+    def memory(self, shape: PlanShape) -> dict:
+        """Device -> :class:`~cost.memory.MemoryEstimate` at the peak of the step."""
         prof = self.profile
         batch = self.microbatch_size(shape)
         kept_by_stage = {k: self._stage_activations(shape, k, batch) for k in range(shape.num_stages)}
         per_microbatch = {k: kept[0] for k, kept in kept_by_stage.items()}
-        pending = _peak_pending_bytes(shape, actions, per_microbatch)
+        pending = _peak_pending_bytes(shape, per_microbatch)
         out = {}
         for rank in range(shape.pp):
             # one backward at a time re-materialises a recomputed segment or holds a gathered one
@@ -646,7 +709,7 @@ class Estimator:
         for j in segments:
             saved = at(prof.segments[j].saved_bytes, batch)
             if self.fsdp_analytic(shape):
-                gathered = max(gathered, prof.segments[j].param_bytes())
+                gathered = max(gathered, self.param_sums(prof.segments[j]).nbytes)
             part = prof.segments[j].recomputed_part
             if j in shape.recompute:
                 per_microbatch += at(prof.segments[j - 1].output_bytes, batch) if j > 0 else 0.0
@@ -778,31 +841,41 @@ def _closed_form(stages: list, shape: PlanShape) -> tuple[float, dict]:
     return makespan, ends
 
 
-def _peak_pending_bytes(shape: PlanShape, actions, per_microbatch: dict) -> dict:
+def _peak_pending_bytes(shape: PlanShape, per_microbatch: dict) -> dict:
     """Pipeline rank -> the most bytes its stages keep at once for microbatches whose forward is done and whose
     backward (a split one: its W) is pending, each stage ``k``'s microbatch keeping ``per_microbatch[k]``. With
     several stages per rank (interleaved, V shapes) their peaks come at different times: the rank's own
-    actions are walked, not each stage's peak summed."""
+    actions are walked (once per schedule shape, see :func:`_held_counts`), not each stage's peak summed."""
     if shape.num_stages == 1:
         return {0: per_microbatch[0]}
     if shape.schedule == "gpipe":
         return {r: shape.microbatches * sum(per_microbatch[k] for k in range(shape.num_stages)
                                             if shape.rank_of_stage(k) == r) for r in range(shape.pp)}
-    if actions is None and shape.schedule == "1f1b":  # stage k holds at most pp - k microbatches
+    if shape.schedule == "1f1b":  # stage k holds at most pp - k microbatches
         return {shape.rank_of_stage(k): min(shape.pp - k, shape.microbatches) * per_microbatch[k]
                 for k in range(shape.num_stages)}
-    if actions is None:
-        actions = _actions(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
-    peaks: dict[int, float] = {}
-    for rank, rank_actions in actions.items():
+    held = _held_counts(shape.schedule, shape.num_stages, shape.microbatches, shape.pp)
+    return {rank: float((counts @ np.array([per_microbatch[k] for k in stages])).max(initial=0.0))
+            for rank, (stages, counts) in held.items()}
+
+
+@functools.lru_cache(maxsize=4096)
+def _held_counts(schedule: str, num_stages: int, microbatches: int, pp: int) -> dict:
+    """Pipeline rank -> (its stages, the distinct counts of microbatches each of them holds after one of the
+    rank's compute actions: one row per distinct state). A rank's peak under any per-microbatch sizes is the
+    largest row times the sizes, so the schedule is walked once per shape, not once per priced plan."""
+    out = {}
+    for rank, rank_actions in _actions(schedule, num_stages, microbatches, pp).items():
+        stages = sorted({a.stage for a in rank_actions if a.is_compute})
+        column = {k: i for i, k in enumerate(stages)}
         last = {a.value[1:]: a.kind for a in rank_actions if a.kind in ("B", "W")}
-        held = peak = 0.0
+        counts, states = [0] * len(stages), set()
         for action in rank_actions:
             if action.kind == "F":
-                held += per_microbatch[action.stage]
+                counts[column[action.stage]] += 1
             elif action.is_compute and last[action.value[1:]] == action.kind:
-                held -= per_microbatch[action.stage]
+                counts[column[action.stage]] -= 1
             if action.is_compute:
-                peak = max(peak, held)
-        peaks[rank] = peak
-    return peaks
+                states.add(tuple(counts))
+        out[rank] = (stages, np.array(sorted(states), dtype=float).reshape(-1, len(stages)))
+    return out

@@ -13,6 +13,7 @@ Conventions (the simulator and the planner share them):
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -158,7 +159,7 @@ class PlanShape:
     def rank_of_stage(self, stage: int) -> int:
         """The pipeline rank running ``stage`` (s mod pp; V-shaped schedules: the V of :func:`stage_positions`)."""
         if self.schedule in SCHEDULES and SCHEDULES[self.schedule].v_shape:
-            return stage_positions(self.schedule, self.pp, self.num_stages)[stage]
+            return _stage_positions(self.schedule, self.pp, self.num_stages)[stage]
         return stage % self.pp
 
     def segments_of_stage(self, stage: int, num_layers: int) -> list[int]:
@@ -170,6 +171,12 @@ class PlanShape:
         if stage == self.num_stages - 1:
             out.append(num_layers + 1)
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_positions(schedule: str, pp: int, num_stages: int) -> tuple[int, ...]:
+    """:func:`~ir.schedules.stage_positions`, once per schedule shape (plan shapes ask for it per stage)."""
+    return tuple(stage_positions(schedule, pp, num_stages))
 
 
 def groups_inside_domains(groups: Sequence[Sequence[int]], cluster: Cluster) -> bool:

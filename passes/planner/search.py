@@ -525,7 +525,7 @@ class _Planner:
         stages = base.pp * base.virtual_stages
         ranges = even_layer_ranges(layers, stages) if stages > 1 else [(0, layers - 1)]
         plain = PlanShape(**{**base.__dict__, "fsdp_axis": None, "stage_layers": ranges})
-        return estimator.fits(estimator.memory(plain, None))
+        return estimator.fits(estimator.memory(plain))
 
     def _schedules(self, setting: _Setting, m: int) -> list[tuple[str, int]]:
         if setting.pp == 1:
@@ -569,7 +569,7 @@ class _Planner:
             return
         plain = PlanShape(**{**shape.__dict__, "recompute": frozenset()})
         yield plain
-        memory = estimator.memory(plain, None)
+        memory = estimator.memory(plain)
         crowded = {plain.rank_of_stage(k) for k in range(plain.num_stages)
                    if not estimator.fits({d: memory[d] for d in plain.stage_devices[plain.rank_of_stage(k)]})}
         if crowded:
@@ -761,8 +761,9 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
             distinct[id(segment)] = estimator.segment_work(shape, rank, j)
         work.append(distinct[id(segment)])
     edges = ([0] if k == 0 else []) + ([layers + 1] if k == shape.num_stages - 1 else [])
+    sums = [estimator.param_sums(segment) for segment in prof.segments]
     edge_time = sum(sum(work[j]) for j in edges)
-    edge_params = sum(prof.segments[j].param_elements() for j in edges)
+    edge_params = sum(sums[j].elements for j in edges)
     edge_saved = sum(at(prof.segments[j].saved_bytes, batch) for j in edges)
     blocks = range(1, layers + 1)
 
@@ -772,15 +773,15 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
 
     total = prefix(sum(work[j]) for j in blocks)
     forward = prefix(work[j][0] + work[j][1] for j in blocks)
-    params = prefix(prof.segments[j].param_elements() for j in blocks)
-    trainable = prefix(prof.segments[j].param_elements(trainable_only=True) for j in blocks)
-    edge_trainable = sum(prof.segments[j].param_elements(trainable_only=True) for j in edges)
+    params = prefix(sums[j].elements for j in blocks)
+    trainable = prefix(sums[j].trainable for j in blocks)
+    edge_trainable = sum(sums[j].trainable for j in edges)
     saved_each = [at(prof.segments[j].saved_bytes, batch) for j in blocks]
     saved = prefix(saved_each)
     inputs = prefix(at(prof.segments[j - 1].output_bytes, batch) for j in blocks)
     fsdp = estimator.fsdp_analytic(shape)
     if fsdp:  # the gathered parameters are kept for backward, as the compiled program does
-        extra = prefix(prof.segments[j].param_bytes() for j in blocks)
+        extra = prefix(sums[j].nbytes for j in blocks)
         saved = saved + extra
     in_flight = in_flight_microbatches(shape.schedule, shape.pp, k, shape.microbatches)
     devices = shape.stage_devices[rank]
@@ -790,7 +791,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     last = np.arange(layers)[None, :]
     elements = (params[last + 1] - params[first] + edge_params) / shards
     trained = (trainable[last + 1] - trainable[first] + edge_trainable) / shards
-    stored = prof.param_element_bytes()  # frozen parameters: stored, without gradient or optimizer state
+    stored = estimator.param_element_bytes  # frozen parameters: stored, without gradient or optimizer state
     state = elements * stored + trained * (_bytes_per_param(estimator, shape) - stored)
     plain_memory = state + in_flight * (saved[last + 1] - saved[first] + edge_saved)
     rc_memory = state + in_flight * (inputs[last + 1] - inputs[first] + edge_saved) + max(saved_each, default=0.0)
@@ -803,4 +804,4 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
 def _bytes_per_param(estimator: Estimator, shape: PlanShape) -> float:
     """Bytes of parameter, gradient, optimizer state (and master copy) per parameter element (the state's share
     where a distributed optimizer splits it)."""
-    return float(estimator.training_memory(shape, 1.0, 0.0, estimator.profile.param_element_bytes()).total)
+    return float(estimator.training_memory(shape, 1.0, 0.0, estimator.param_element_bytes).total)

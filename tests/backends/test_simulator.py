@@ -12,7 +12,7 @@ import torch
 from cluster import Cluster
 from compiler.api import compile
 from compiler.simulate import simulate
-from cost.estimate import PlanOptions, _actions, _peak_pending_bytes
+from cost.estimate import PlanOptions, _peak_pending_bytes
 from cost.placement import PlanShape
 from cost.ops import Precision, op_category, op_time
 from cost.placement import axis_groups
@@ -314,7 +314,7 @@ def test_an_interleaved_rank_holds_its_warm_up_not_each_chunks_peak(pp, v, m):
     own peak."""
     stages = pp * v
     shape = PlanShape(("dp",), (1,), pp, m, "interleaved", v, [(k, k) for k in range(stages)], [(r,) for r in range(pp)])
-    held = _peak_pending_bytes(shape, _actions("interleaved", stages, m, pp), {k: 1.0 for k in range(stages)})
+    held = _peak_pending_bytes(shape, {k: 1.0 for k in range(stages)})
     assert held[0] == min(m * v, (pp - 1) * 2 + (v - 1) * pp + 1)
 
 
