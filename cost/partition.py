@@ -25,13 +25,15 @@ def min_max_partition(tables: Sequence[np.ndarray]) -> tuple[list[tuple[int, int
     best = np.full((parts, items), math.inf)
     choice = np.zeros((parts, items), dtype=int)
     best[0] = tables[0][0]
+    start = np.arange(items)[:, None]
+    last_item = np.arange(items)[None, :]
+    columns = np.arange(items)
     for k in range(1, parts):
-        for last in range(k, items):
-            starts = np.arange(k, last + 1)
-            candidate = np.maximum(best[k - 1][starts - 1], tables[k][starts, last])
-            j = int(np.argmin(candidate))
-            best[k, last] = candidate[j]
-            choice[k, last] = starts[j]
+        # candidate[j, l]: part k takes items j..l after parts 0..k-1 took 0..j-1 (k <= j <= l)
+        before = np.concatenate([[math.inf], best[k - 1][:-1]])[:, None]
+        candidate = np.where((start >= k) & (start <= last_item), np.maximum(before, tables[k]), math.inf)
+        choice[k] = np.argmin(candidate, axis=0)  # the earliest start at equal cost
+        best[k] = candidate[choice[k], columns]
     if not math.isfinite(best[parts - 1, items - 1]):
         return None
     ranges, last = [], items - 1
