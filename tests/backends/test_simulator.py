@@ -19,6 +19,7 @@ from cost.placement import axis_groups
 from cost.segments import concrete_shape, costed_op, ir_profile, is_view
 from frontend.dsl import load_plan
 from frontend.torch_capture import capture
+from ir.schedules import build_pipeline_schedule
 from ir.types import dtype_size
 from passes.planner.search import search
 from strategy import StrategyError
@@ -316,6 +317,30 @@ def test_an_interleaved_rank_holds_its_warm_up_not_each_chunks_peak(pp, v, m):
     shape = PlanShape(("dp",), (1,), pp, m, "interleaved", v, [(k, k) for k in range(stages)], [(r,) for r in range(pp)])
     held = _peak_pending_bytes(shape, {k: 1.0 for k in range(stages)})
     assert held[0] == min(m * v, (pp - 1) * 2 + (v - 1) * pp + 1)
+
+
+@pytest.mark.parametrize("schedule, pp, v, m", [("zb-h1", 4, 1, 8), ("interleaved", 2, 2, 4), ("interleaved", 4, 2, 8),
+                                                 ("zbv", 4, 2, 8), ("dualpipev", 2, 2, 6), ("dualpipev", 4, 2, 12)])
+def test_a_ranks_peak_is_the_most_its_actions_hold_at_once(schedule, pp, v, m):
+    """The held-microbatch states walked once per schedule shape give, for any per-stage sizes, the largest
+    sum the rank holds after one of its compute actions (a forward adds its stage's size; the last backward
+    pass of a microbatch, B or W, frees it)."""
+    stages = pp * v
+    shape = PlanShape(("dp",), (1,), pp, m, schedule, v, [(k, k) for k in range(stages)], [(r,) for r in range(pp)])
+    actions = build_pipeline_schedule(schedule, pp, stages, m)
+    for trial in range(3):
+        sizes = {k: float((7 * k + 3 * trial) % 5 + 1) for k in range(stages)}
+        for rank, rank_actions in actions.items():
+            last = {a.value[1:]: a.kind for a in rank_actions if a.kind in ("B", "W")}
+            held, peak = 0.0, 0.0
+            for action in rank_actions:
+                if action.kind == "F":
+                    held += sizes[action.stage]
+                elif action.is_compute and last[action.value[1:]] == action.kind:
+                    held -= sizes[action.stage]
+                if action.is_compute:
+                    peak = max(peak, held)
+            assert _peak_pending_bytes(shape, sizes)[rank] == pytest.approx(peak)
 
 
 def test_slower_devices_take_longer_per_layer(big_graph):
