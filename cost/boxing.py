@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from cluster import Cluster
 from cost.collectives import collective_time
@@ -128,13 +128,13 @@ def mesh_boxing_cost(cluster: Cluster, mesh: Mesh, backward: bool) -> ClusterBox
     groups = []
     for axis in range(mesh.ndim):
         found = [tuple(mesh.devices[i] for i in g) for g in mesh.groups(axis)]
-        groups.append(_distinct_groups(found, cluster))
+        groups.append(distinct_groups(found, cluster))
     return ClusterBoxingCost(cluster, tuple(groups), 1.0, backward)
 
 
-def _distinct_groups(groups: list[tuple], cluster: Cluster) -> tuple:
-    """One group per :func:`_group_shape` (groups of one shape cost the same), or all groups where links
-    do not follow nodes."""
+def distinct_groups(groups: Sequence[tuple], cluster: Cluster) -> tuple:
+    """One group per :func:`_group_shape` (groups of one shape cost the same in any collective), or all groups
+    where links do not follow nodes."""
     if not cluster.links_follow_nodes:
         return tuple(groups)
     by_shape: dict[tuple, tuple] = {}
@@ -154,6 +154,8 @@ def _group_shape(group: tuple, cluster: Cluster) -> tuple:
 
 
 def _node_links(cluster: Cluster, node: int) -> tuple:
-    """What the links of ``node`` are made of (its intra-node link, NICs, device count and region)."""
+    """What the links of ``node`` are made of (its intra-node link, NICs, device count and region), and what a
+    collective call costs on its devices."""
     spec = cluster.nodes[node]
-    return spec.intra_link, spec.nics, spec.num_devices, spec.region
+    overhead = cluster.device(cluster.devices_of_node(node)[0]).collective_overhead_s
+    return spec.intra_link, spec.nics, spec.num_devices, spec.region, overhead

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from cluster import Cluster, Device
+from cost.boxing import distinct_groups
 from cost.collectives import collective_time, collective_traffic, p2p_time
 from cost.memory import OPTIMIZER_STATES, MemoryEstimate, optimizer_step_bytes
 from cost.ops import peak_flops
@@ -201,6 +202,7 @@ class Estimator:
         self.prefetch_gathers = prefetch_gathers
         self.distributed_optimizer = distributed_optimizer
         self._collectives: dict[tuple, float] = {}
+        self._distinct_groups: dict[tuple, tuple] = {}  # a collective's groups -> one of each kind on the cluster
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
         self._pinned: list = []  # device tuples whose ids key self._work
@@ -400,23 +402,28 @@ class Estimator:
         groups = self._groups(devices, shape, along)
         return self._slowest_group(kind, nbytes, groups) if groups else 0.0
 
-    def _slowest_group(self, kind: str, nbytes: float, groups: tuple) -> float:
-        """Seconds of a collective of ``nbytes`` run by every group of ``groups`` at once (the slowest one)."""
+    def _slowest_group(self, kind: str, nbytes: float, groups: "_Groups") -> float:
+        """Seconds of a collective of ``nbytes`` run by every group of ``groups`` at once (the slowest one; groups
+        alike on the cluster priced once)."""
         key = (kind, nbytes, groups)
         if key not in self._collectives:
-            self._collectives[key] = max(collective_time(kind, nbytes, g, self.cluster) for g in groups)
+            if groups not in self._distinct_groups:
+                self._distinct_groups[groups] = distinct_groups(groups, self.cluster)
+            self._collectives[key] = max(collective_time(kind, nbytes, g, self.cluster)
+                                         for g in self._distinct_groups[groups])
         return self._collectives[key]
 
-    def _groups(self, devices: tuple, shape: PlanShape, along) -> tuple:
+    def _groups(self, devices: tuple, shape: PlanShape, along) -> "_Groups":
         """Groups (of two or more devices) along the axes ``along`` of a stage's mesh."""
         along = (along,) if isinstance(along, str) else tuple(along)
         along = tuple(a for a in along if a in shape.axes)
         if not along:
-            return ()
-        key = (devices, shape.axes, shape.shape, along)
+            return _Groups()
+        key = (id(devices), shape.axes, shape.shape, along)
         if key not in self._groups_cache:
-            self._groups_cache[key] = tuple(g for g in axis_groups(devices, shape.axes, shape.shape, along)
-                                            if len(g) > 1)
+            self._pinned.append(devices)  # keeps the id unique while it keys the cache
+            self._groups_cache[key] = _Groups(g for g in axis_groups(devices, shape.axes, shape.shape, along)
+                                              if len(g) > 1)
         return self._groups_cache[key]
 
     def _send_time(self, shape: PlanShape, k: int, last_segment: int, batch: float) -> float:
@@ -621,7 +628,7 @@ class Estimator:
             if rank not in ranks or len(ranks) < 2:
                 continue
             nbytes = segments[min(segments)].reduced_bytes
-            groups = tuple(tuple(shape.stage_devices[r][i] for r in ranks) for i in range(len(shape.stage_devices[rank])))
+            groups = _Groups(tuple(shape.stage_devices[r][i] for r in ranks) for i in range(len(shape.stage_devices[rank])))
             seconds += self._slowest_group("all_reduce", nbytes, groups)
         return seconds
 
@@ -774,6 +781,17 @@ def _copied_params(profile: Profile) -> dict[str, dict]:
             if record.trainable:
                 held[record.name][j] = record
     return {name: segments for name, segments in held.items() if len({id(r) for r in segments.values()}) > 1}
+
+
+class _Groups(tuple):
+    """The device groups of one collective that runs on all of them at once, hashed once: they key the
+    estimator's caches on every pricing call, and a stage of a large cluster has thousands of devices."""
+
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("hash")
+        if cached is None:
+            cached = self.__dict__["hash"] = tuple.__hash__(self)
+        return cached
 
 
 def _representatives(devices: Sequence[int], cluster: Cluster) -> list[Device]:
