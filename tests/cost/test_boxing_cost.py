@@ -9,6 +9,9 @@ from cluster import Cluster
 from cost.boxing import (STEP_EPSILON_S, ClusterBoxingCost, axis_bytes, bytes_cost, collective_seconds,
                          mesh_boxing_cost)
 from cost.collectives import collective_time
+from cost.estimate import Estimator, _Groups
+from cost.ops import Precision
+from cost.segments import Profile
 from ir.parser import parse
 from ir.sbp import B, P, Split
 from ir.types import Mesh, TensorType
@@ -108,3 +111,22 @@ def test_pass_context_picks_the_cost():
     assert not boxing_cost(PassContext({}, 16, train=False, cluster=DGX2), mesh, True).backward
     given = ClusterBoxingCost(DGX2, ((tuple(range(0, 16, 8)),), (tuple(range(8)),)))
     assert boxing_cost(PassContext({}, 16, options={"boxing_cost": given}, cluster=DGX2), mesh, True) is given
+
+
+def test_groups_alike_in_links_but_not_in_devices_are_priced_apart():
+    """Nodes with the same links whose devices pay different call overheads are not one kind of group: the
+    estimator's slowest group (priced once per kind of group) is the slowest of every group."""
+    node = {"devices": 4, "intra_link": {"class": "nvswitch", "bandwidth": "300GB/s", "latency": "2us"},
+            "nics": [{"type": "infiniband", "count": 4, "bandwidth": "200Gb/s", "latency": "5us"}]}
+    kinds = {name: {"peak_flops": {"fp32": "19.5TFLOPS"}, "memory": "80GiB", "memory_bandwidth": "2TB/s",
+                    "collective_overhead": overhead} for name, overhead in (("quick", "5us"), ("slow", "60us"))}
+    cluster = Cluster.from_dict({"name": "overheads", "device_kinds": kinds,
+                                 "nodes": [{**node, "name": "quick", "device": "quick", "count": 2},
+                                           {**node, "name": "slow", "device": "slow", "count": 2}]})
+    nothing = Profile([], Mesh.make(["dp"], [1]), 1, 1, 1, True, Precision.of("fp32"))
+    estimator = Estimator(nothing, cluster)
+    groups = _Groups(tuple(range(n * 4, n * 4 + 4)) for n in range(4))
+    for kind in ("all_reduce", "all_gather", "all_to_all"):
+        every = [collective_time(kind, 2**12, g, cluster) for g in groups]
+        assert len(set(every)) == 2
+        assert estimator._slowest_group(kind, 2**12, groups) == max(every)
