@@ -3,7 +3,8 @@
 1. ``cost.calibrate.calibrate(2)`` (``sbpc calibrate``) measures this machine and writes a cluster
    spec: matmul FLOP/s and memory bandwidth, per-op efficiency (matmuls by size) and dispatch overhead,
    gloo collectives as a busy step meets them (the all-reduce as its measured curve), and how much of the
-   gradient all-reduces hides behind the backward that produces them.
+   gradient all-reduces hides behind the backward that produces them; ``--calibration-sessions`` times
+   (default 3), keeping the median of every number.
 2. The GPT example is compiled for that cluster under eight plans (dp, fsdp, Megatron tp from
    ``examples/plans/megatron_tp.sbp``, tp with sequence parallelism, dp and tp with full recomputation,
    2-stage 1F1B and GPipe pipelines); ``plan.simulate()`` prices each step. (dp x tp needs 4 ranks, which
@@ -13,8 +14,8 @@
    on every plan rather than on the few measured during it; a plan's step time is the median over its
    rounds of the median per-step seconds the program records after warm-up steps.
 
-    python benchmarks/simulator_vs_measured.py [--steps 14] [--rounds 3] [--layers 2] [--width 256] [--batch 8]
-        [--seq 64] [--spec calibrated-local.yaml]   # a spec from `sbpc calibrate` instead of calibrating now
+    python benchmarks/simulator_vs_measured.py [--steps 14] [--rounds 3] [--calibration-sessions 3] [--layers 2]
+        [--width 256] [--batch 8] [--seq 64] [--spec calibrated-local.yaml]   # a spec from `sbpc calibrate` instead of calibrating now
 
 The goals: every plan within 20% (the earlier goal for dp and tp alone was 30%), and the simulated order
 of the plans the measured one (Kendall's tau >= 0.8). Every pair of plans the two orders disagree on is
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="quick calibration (fewer repeats)")
+    parser.add_argument("--calibration-sessions", type=int, default=3,
+                        help="calibrate this many times and keep the medians (one session's gloo latency and "
+                        "probe efficiencies moved simulated steps by up to 25%% between runs)")
     parser.add_argument("--spec", help="a spec written by `sbpc calibrate --world-size 2` (default: calibrate now)")
     parser.add_argument("--default-allocator", action="store_true",
                         help=f"leave glibc's allocator thresholds at their defaults (else {ALLOCATOR_ENV})")
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         spec_path = Path(args.spec) if args.spec else Path(scratch) / "calibrated-local.yaml"
         if not args.spec:
-            calibrate(2, spec_path, quick=args.quick)
+            calibrate(2, spec_path, quick=args.quick, sessions=args.calibration_sessions)
         cluster = Cluster.load(spec_path)
         if cluster.world_size != 2 or "calibration" not in cluster.metadata:
             parser.error(f"--spec {spec_path}: expected a 2-rank spec from `sbpc calibrate`, found {cluster!r}")

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--world-size", type=int, default=2)
     cal.add_argument("--out", default="cluster.yaml", help="where to write the cluster YAML")
     cal.add_argument("--quick", action="store_true")
+    cal.add_argument("--sessions", type=int, default=1, help="measure this many times and keep the medians")
     cal.set_defaults(run=cmd_calibrate)
     return parser
 
@@ -187,7 +188,7 @@ def cmd_explain(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from cost.calibrate import calibrate
-    calibrate(world_size=args.world_size, out_path=args.out, quick=args.quick)
+    calibrate(world_size=args.world_size, out_path=args.out, quick=args.quick, sessions=args.sessions)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -63,20 +63,41 @@ GPU_BURST_SCALE = 16
 """On GPUs the burst's sides are this much longer (a few milliseconds there too)."""
 
 
-def calibrate(world_size: int = 2, out_path: str | Path | None = None, quick: bool = False) -> dict[str, Any]:
+def calibrate(world_size: int = 2, out_path: str | Path | None = None, quick: bool = False,
+              sessions: int = 1) -> dict[str, Any]:
     """Measure compute, memory bandwidth and communication; return (and optionally write) the spec.
 
     The returned dict is a cluster spec (``Cluster.from_dict`` accepts it) whose
     ``metadata.calibration`` holds the raw measurements. ``quick`` repeats less and leaves out the largest message.
+    ``sessions`` > 1 measures that many times, in fresh processes, and keeps the median of every number
+    (:func:`median_measurements`): on a shared machine one session's collectives and probes can be off by a
+    third.
     """
     if world_size < 2:
         raise ValueError(f"expected world_size >= 2 to measure communication, found {world_size}")
-    measured = _run_ranks(world_size, quick)
+    if sessions < 1:
+        raise ValueError(f"expected at least 1 calibration session, found {sessions}")
+    measured = median_measurements([_run_ranks(world_size, quick) for _ in range(sessions)])
     spec = spec_from_measurements(world_size, measured)
     cluster = Cluster.from_dict(spec)  # validates what we measured
     if out_path is not None:
         cluster.dump_yaml(out_path)
     return cluster.to_dict()
+
+
+def median_measurements(sessions: list) -> Any:
+    """The median of every number across sessions' measurements of the same shape (dicts with the same keys,
+    lists of the same length); anything else is the first session's. A single session is returned as is."""
+    first = sessions[0]
+    if len(sessions) == 1:
+        return first
+    if isinstance(first, dict):
+        return {key: median_measurements([s[key] for s in sessions]) for key in first}
+    if isinstance(first, list):
+        return [median_measurements(list(items)) for items in zip(*sessions)]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(sessions)
+    return first
 
 
 def threads_per_rank(world_size: int) -> int:
@@ -449,13 +470,14 @@ def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m cost.calibrate [--world-size N] [--out FILE] [--quick]``."""
+    """Command line: ``python -m cost.calibrate [--world-size N] [--out FILE] [--quick] [--sessions N]``."""
     parser = argparse.ArgumentParser(description="Measure this machine and write a cluster YAML.")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--out", default="calibrated-local.yaml")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sessions", type=int, default=1, help="measure this many times and keep the medians")
     args = parser.parse_args(argv)
-    spec = calibrate(args.world_size, args.out, args.quick)
+    spec = calibrate(args.world_size, args.out, args.quick, args.sessions)
     print(json.dumps(spec["metadata"]["calibration"], indent=2))
     print(f"wrote {args.out}")
 
