@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import Cluster
-from cost.calibrate import calibrate, fit_collective, spec_from_measurements
+from cost.calibrate import calibrate, fit_collective, median_measurements, spec_from_measurements
 from cost.collectives import collective_time
 
 
@@ -50,6 +50,17 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
 def test_calibration_needs_two_ranks():
     with pytest.raises(ValueError, match="world_size >= 2"):
         calibrate(world_size=1)
+
+
+def test_sessions_combine_into_the_median_of_every_number():
+    sessions = [{"device": "cpu", "matmul": {"256": 90.0}, "points": [[8.0, 1e-3], [4096.0, 2e-3]], "n": 3},
+                {"device": "cpu", "matmul": {"256": 120.0}, "points": [[8.0, 9e-3], [4096.0, 1e-3]], "n": 5},
+                {"device": "cpu", "matmul": {"256": 100.0}, "points": [[8.0, 2e-3], [4096.0, 3e-3]], "n": 4}]
+    assert median_measurements(sessions) == {"device": "cpu", "matmul": {"256": 100.0},
+                                             "points": [[8.0, 2e-3], [4096.0, 2e-3]], "n": 4}
+    assert median_measurements(sessions[:1]) is sessions[0]
+    with pytest.raises(ValueError, match="at least 1 calibration session"):
+        calibrate(2, sessions=0)
 
 
 def test_fit_collective_recovers_latency_and_bandwidth():
