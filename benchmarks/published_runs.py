@@ -85,9 +85,12 @@ class Run:
     """Optimizer state and master weights sharded over the data-parallel ranks (ZeRO-1)."""
 
     def options(self) -> dict:
-        """The pricing options of the run (besides its layout)."""
+        """The pricing options of the run (besides its layout). The microbatches' gradients are summed inside
+        the weight-gradient GEMMs (Megatron-LM's gradient-accumulation fusion; for the DeepSpeed rows, ZeRO-3
+        and BLOOM, an assumption: their sums are not priced either)."""
         return dict(precision=self.precision, optimizer="adam", global_batch=self.batch,
-                    overlap_grad_sync=self.overlap_grad_sync, distributed_optimizer=self.distributed_optimizer)
+                    overlap_grad_sync=self.overlap_grad_sync, distributed_optimizer=self.distributed_optimizer,
+                    fused_grad_accumulation=True)
 
     @property
     def dp(self) -> int:

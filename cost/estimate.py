@@ -86,6 +86,12 @@ class PlanOptions:
     (overlapping the next forward as ``--overlap-param-gather`` does, when ``overlap_grad_sync``). sbpc's own
     programs shard optimizer state only with FSDP."""
 
+    fused_grad_accumulation: bool = False
+    """The plan sums its microbatches' weight gradients inside the weight-gradient GEMMs (Megatron-LM's
+    ``--gradient-accumulation-fusion``), at no cost of its own; False: every microbatch after the first adds
+    each parameter's gradient into the previous ones' (autograd's accumulation, what sbpc's programs run), a
+    memory-bound read of both and write of the sum priced with the backward."""
+
     def for_plan_precision(self, precision: Any) -> "PlanOptions":
         """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
         precision is priced as the plan runs (its compute dtype) unless these options name one."""
@@ -97,12 +103,12 @@ class PlanOptions:
         """A hashable summary (cache keys)."""
         return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
                 self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance, self.prefetch_gathers,
-                self.distributed_optimizer)
+                self.distributed_optimizer, self.fused_grad_accumulation)
 
     def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
         """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
         return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync,
-                         self.prefetch_gathers, self.distributed_optimizer)
+                         self.prefetch_gathers, self.distributed_optimizer, self.fused_grad_accumulation)
 
 
 def optimizer_name(spec: Any) -> str:
@@ -193,7 +199,7 @@ class Estimator:
 
     def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float | None = None,
                  memory_headroom: float = 0.9, overlap_grad_sync: bool = True, prefetch_gathers: bool = True,
-                 distributed_optimizer: bool = False):
+                 distributed_optimizer: bool = False, fused_grad_accumulation: bool = False):
         self.profile = profile
         self.cluster = cluster
         self.overhead_s = overhead_s
@@ -201,6 +207,7 @@ class Estimator:
         self.overlap_grad_sync = overlap_grad_sync
         self.prefetch_gathers = prefetch_gathers
         self.distributed_optimizer = distributed_optimizer
+        self.fused_grad_accumulation = fused_grad_accumulation
         self._collectives: dict[tuple, float] = {}
         self._distinct_groups: dict[tuple, tuple] = {}  # a collective's groups -> one of each kind on the cluster
         self._work: dict[tuple, tuple] = {}
@@ -229,6 +236,7 @@ class Estimator:
             times = [segment.compute_time(batch, d, prof.precision, self.overhead_s)
                      for d in _representatives(devices, self.cluster)]
             fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
+            bwd += self.accumulation_time(segment, shape, devices)
             fwd_comm, bwd_comm = self._segment_comm(segment, shape, devices, batch)
             cache[key] = (fwd, fwd_comm, bwd, bwd_comm)
         return cache[key]
@@ -258,8 +266,24 @@ class Estimator:
         key = ("weight", id(segment), tuple(devices), batch)
         if key not in self._per_rank:
             self._per_rank[key] = max(segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
-                                      for d in _representatives(devices, self.cluster))
+                                      for d in _representatives(devices, self.cluster)) \
+                + self.accumulation_time(segment, shape, devices)
         return self._per_rank[key]
+
+    def accumulation_time(self, segment: SegmentCost, shape: PlanShape, devices: tuple) -> float:
+        """Seconds per microbatch of summing ``segment``'s weight gradients across the step's microbatches: each
+        microbatch after the first reads its gradient and the sum so far and writes the new sum (autograd's
+        accumulation), at the devices' memory bandwidth, averaged over the microbatches; 0 with one microbatch,
+        without training, or where the sum is fused into the weight-gradient GEMMs
+        (:attr:`PlanOptions.fused_grad_accumulation`)."""
+        m = shape.microbatches
+        if m < 2 or self.fused_grad_accumulation or not self.profile.train:
+            return 0.0
+        precision = self.profile.precision
+        nbytes = sum(p.local_elements * precision.grad_bytes(p.element_bytes) for p in segment.params if p.trainable)
+        if self.fsdp_analytic(shape):
+            nbytes /= shape.size(shape.fsdp_axis)
+        return (m - 1) / m * 3 * nbytes / self._least(devices, "memory_bandwidth_Bps", 1e11)
 
     def _recomputed_part_forward(self, shape: PlanShape, rank: int, j: int) -> float:
         """Seconds of forward (compute and collectives) that segment ``j``'s recomputed ops run again."""

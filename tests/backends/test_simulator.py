@@ -180,6 +180,25 @@ def test_pipeline_bubbles_follow_the_schedule(big_graph):
     assert len(interleaved.stage_times) == 4 and {s["rank"] for s in interleaved.stage_times} == {0, 1}
 
 
+def test_the_gradient_sum_across_microbatches_is_priced_unless_fused(big_graph):
+    """Every microbatch after the first adds each weight gradient into the sum so far (a read of both, a write):
+    per microbatch, (m - 1) / m of three passes over the stage's gradients at memory bandwidth; nothing with one
+    microbatch or with the sum fused into the weight-gradient GEMMs."""
+    cluster = Cluster.load("dgx-a100:1")
+    extra = {}
+    for m in (1, 2, 4):
+        strategy = {"mesh": {"pp": 4, "dp": 2}, "microbatches": m, "schedule": "1f1b"}
+        summed, fused = (simulate((big_graph, strategy, cluster), fused_grad_accumulation=f, **MIXED) for f in (False, True))
+        extra[m] = [a["bwd_compute_s"] - b["bwd_compute_s"] for a, b in zip(summed.stage_times, fused.stage_times)]
+        assert [a["fwd_compute_s"] for a in summed.stage_times] == [b["fwd_compute_s"] for b in fused.stage_times]
+    assert extra[1] == [0.0] * 4
+    bandwidth = cluster.device(0).memory_bandwidth_Bps
+    model_bytes = 4 * sum(p.numel() for p in gpt_configs.meta_model("1.3B", n_layer=4).parameters())
+    for k in range(4):
+        assert extra[2][k] > 0 and extra[4][k] == pytest.approx(1.5 * extra[2][k], rel=1e-9)
+        assert 2 * extra[2][k] * bandwidth / 3 < model_bytes  # the stage's gradient bytes, under the model's
+
+
 ZERO_BUBBLE = ("zb-h1", "zbv", "dualpipev")
 
 
