@@ -213,7 +213,7 @@ class Estimator:
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
         self._pinned: list = []  # device tuples whose ids key self._work
-        self._per_rank: dict[tuple, Any] = {}  # parameter sums, sends and device limits, by what they depend on
+        self._memo: dict[tuple, Any] = {}  # sums, sends, device limits, rank layouts: by what they read
         self._copied = _copied_params(profile)
 
     # -- per stage ---------------------------------------------------------------------------------
@@ -264,11 +264,11 @@ class Estimator:
         batch = self.microbatch_size(shape)
         devices = shape.stage_devices[rank]
         key = ("weight", id(segment), tuple(devices), batch)
-        if key not in self._per_rank:
-            self._per_rank[key] = max(segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
+        if key not in self._memo:
+            self._memo[key] = max(segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
                                       for d in _representatives(devices, self.cluster)) \
                 + self.accumulation_time(segment, shape, devices)
-        return self._per_rank[key]
+        return self._memo[key]
 
     def accumulation_time(self, segment: SegmentCost, shape: PlanShape, devices: tuple) -> float:
         """Seconds per microbatch of summing ``segment``'s weight gradients across the step's microbatches: each
@@ -371,10 +371,10 @@ class Estimator:
         """The parameter elements, trainable elements and bytes one device stores for ``segment`` (a segment of
         this estimator's profile, or its recomputed part), summed once."""
         key = ("params", id(segment))
-        if key not in self._per_rank:
-            self._per_rank[key] = ParamSums(segment.param_elements(), segment.param_elements(trainable_only=True),
+        if key not in self._memo:
+            self._memo[key] = ParamSums(segment.param_elements(), segment.param_elements(trainable_only=True),
                                             segment.param_bytes())
-        return self._per_rank[key]
+        return self._memo[key]
 
     @functools.cached_property
     def param_element_bytes(self) -> float:
@@ -459,17 +459,17 @@ class Estimator:
         if nbytes <= 0 or src == dst:
             return 0.0
         key = ("send", nbytes, tuple(src), tuple(dst))
-        if key not in self._per_rank:
-            self._per_rank[key] = max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
-        return self._per_rank[key]
+        if key not in self._memo:
+            self._memo[key] = max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
+        return self._memo[key]
 
     def _least(self, devices: tuple, attribute: str, default: float | None = None) -> float:
         """The smallest ``attribute`` of the devices (``default`` where a device's is unset)."""
         key = ("least", attribute, tuple(devices), default)
-        if key not in self._per_rank:
+        if key not in self._memo:
             values = (getattr(self.cluster.device(d), attribute) for d in devices)
-            self._per_rank[key] = min((v or default) if default is not None else v for v in values)
-        return self._per_rank[key]
+            self._memo[key] = min((v or default) if default is not None else v for v in values)
+        return self._memo[key]
 
     # -- where the time goes -----------------------------------------------------------------------
     def segment_times(self, shape: PlanShape, rank: int) -> list[dict]:
@@ -572,16 +572,16 @@ class Estimator:
     def _rank_segments(self, shape: PlanShape, rank: int) -> tuple[int, ...]:
         """The segments pipeline rank ``rank`` runs, stage by stage."""
         key = ("segments", tuple(map(tuple, shape.stage_layers)), shape.pp, shape.schedule)
-        if key not in self._per_rank:
+        if key not in self._memo:
             by_rank: dict[int, list] = defaultdict(list)
             for k in range(shape.num_stages):
                 by_rank[shape.rank_of_stage(k)] += shape.segments_of_stage(k, self.profile.num_layers)
-            self._per_rank[key] = {r: tuple(segments) for r, segments in by_rank.items()}
-        return self._per_rank[key].get(rank, ())
+            self._memo[key] = {r: tuple(segments) for r, segments in by_rank.items()}
+        return self._memo[key].get(rank, ())
 
-    def _rank_key(self, shape: PlanShape, rank: int, *more) -> tuple:
-        """What a sum over the rank's parameters depends on (its segments and the stage mesh), plus ``more``."""
-        return (self._rank_segments(shape, rank), shape.axes, shape.shape, shape.fsdp_axis) + more
+    def _rank_key(self, shape: PlanShape, rank: int) -> tuple:
+        """What a sum over the rank's parameters depends on: its segments and the stage mesh."""
+        return (self._rank_segments(shape, rank), shape.axes, shape.shape, shape.fsdp_axis)
 
     def _grad_sync(self, shape: PlanShape, rank: int, stages: list) -> tuple[float, float]:
         """(total, exposed) seconds of the rank's gradient reductions after its last backward (with a
@@ -607,9 +607,9 @@ class Estimator:
         axes; with a distributed optimizer (:attr:`PlanOptions.distributed_optimizer`), a group that includes
         the data axis is a reduce-scatter of the gradients and an all-gather of the updated parameters."""
         key = ("sync",) + self._rank_key(shape, rank)
-        if key not in self._per_rank:
-            self._per_rank[key] = self._summed_gradients(shape, rank)
-        return self._per_rank[key]
+        if key not in self._memo:
+            self._memo[key] = self._summed_gradients(shape, rank)
+        return self._memo[key]
 
     def _summed_gradients(self, shape: PlanShape, rank: int) -> list[tuple[str, float, tuple]]:
         reduced: dict[tuple, float] = defaultdict(float)
@@ -660,9 +660,9 @@ class Estimator:
         if not self.profile.train:
             return 0.0
         key = ("optimizer", shape.optimizer, tuple(shape.stage_devices[rank])) + self._rank_key(shape, rank)
-        if key not in self._per_rank:
-            self._per_rank[key] = self._optimizer_seconds(shape, rank)
-        return self._per_rank[key]
+        if key not in self._memo:
+            self._memo[key] = self._optimizer_seconds(shape, rank)
+        return self._memo[key]
 
     def _optimizer_seconds(self, shape: PlanShape, rank: int) -> float:
         optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
@@ -680,9 +680,9 @@ class Estimator:
                         ) -> float:
         """Parameter elements (``in_bytes``: their bytes) a device of pipeline rank ``rank`` stores."""
         key = ("elements", trainable_only, in_bytes) + self._rank_key(shape, rank)
-        if key not in self._per_rank:
-            self._per_rank[key] = self._summed_elements(shape, rank, trainable_only, in_bytes)
-        return self._per_rank[key]
+        if key not in self._memo:
+            self._memo[key] = self._summed_elements(shape, rank, trainable_only, in_bytes)
+        return self._memo[key]
 
     def _summed_elements(self, shape: PlanShape, rank: int, trainable_only: bool, in_bytes: bool) -> float:
         elements = sum(p.local_bytes if in_bytes else p.local_elements for p in self._stage_params(shape, rank)
