@@ -280,9 +280,8 @@ class Estimator:
         if m < 2 or self.fused_grad_accumulation or not self.profile.train:
             return 0.0
         precision = self.profile.precision
-        nbytes = sum(p.local_elements * precision.grad_bytes(p.element_bytes) for p in segment.params if p.trainable)
-        if self.fsdp_analytic(shape):
-            nbytes /= shape.size(shape.fsdp_axis)
+        nbytes = sum(p.local_elements * precision.grad_bytes(p.element_bytes) for p in segment.params
+                     if p.trainable) / self.fsdp_shards(shape)
         return (m - 1) / m * 3 * nbytes / self._least(devices, "memory_bandwidth_Bps", 1e11)
 
     def _recomputed_part_forward(self, shape: PlanShape, rank: int, j: int) -> float:
@@ -418,6 +417,10 @@ class Estimator:
         """Whether the estimator adds FSDP itself (the profile does not model the fsdp axis)."""
         return bool(shape.fsdp_axis) and shape.fsdp_axis in self.profile.analytic_axes \
             and shape.size(shape.fsdp_axis) > 1
+
+    def fsdp_shards(self, shape: PlanShape) -> int:
+        """How many ways the estimator's FSDP splits each parameter, gradient and optimizer state (1 without)."""
+        return shape.size(shape.fsdp_axis) if self.fsdp_analytic(shape) else 1
 
     def _collective(self, kind: str, nbytes: float, devices: tuple, shape: PlanShape, along) -> float:
         """Seconds of a collective run by every group along ``along`` at once (the slowest group)."""
@@ -669,10 +672,7 @@ class Estimator:
         master = self.profile.precision.master_weights
         moved = sum(p.local_elements * optimizer_step_bytes(optimizer, p.element_bytes, master)
                     for p in self._stage_params(shape, rank) if p.trainable)
-        if self.fsdp_analytic(shape):
-            moved /= shape.size(shape.fsdp_axis)
-        else:
-            moved /= self.optimizer_shards(shape)
+        moved /= self.fsdp_shards(shape) if self.fsdp_analytic(shape) else self.optimizer_shards(shape)
         bandwidth = self._least(shape.stage_devices[rank], "memory_bandwidth_Bps", 1e11)
         return moved / bandwidth
 
@@ -685,11 +685,8 @@ class Estimator:
         return self._memo[key]
 
     def _summed_elements(self, shape: PlanShape, rank: int, trainable_only: bool, in_bytes: bool) -> float:
-        elements = sum(p.local_bytes if in_bytes else p.local_elements for p in self._stage_params(shape, rank)
-                       if p.trainable or not trainable_only)
-        if self.fsdp_analytic(shape):
-            elements /= shape.size(shape.fsdp_axis)
-        return elements
+        return sum(p.local_bytes if in_bytes else p.local_elements for p in self._stage_params(shape, rank)
+                   if p.trainable or not trainable_only) / self.fsdp_shards(shape)
 
     # -- memory ------------------------------------------------------------------------------------
     def memory(self, shape: PlanShape) -> dict:

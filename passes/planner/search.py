@@ -786,7 +786,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     in_flight = in_flight_microbatches(shape.schedule, shape.pp, k, shape.microbatches)
     devices = shape.stage_devices[rank]
     limit = min(estimator.cluster.device(d).memory_bytes for d in devices) * estimator.headroom
-    shards = shape.size(shape.fsdp_axis) if fsdp else 1
+    shards = estimator.fsdp_shards(shape)
     first = np.arange(layers)[:, None]
     last = np.arange(layers)[None, :]
     elements = (params[last + 1] - params[first] + edge_params) / shards
