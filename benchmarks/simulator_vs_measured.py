@@ -1,21 +1,23 @@
-"""Simulated against measured step time of the GPT example's emitted programs on ``local:2``: eight plans.
+"""Simulated against measured step time of the GPT example's emitted programs on this machine: nine plans.
 
-1. ``cost.calibrate.calibrate(2)`` (``sbpc calibrate``) measures this machine and writes a cluster
-   spec: matmul FLOP/s and memory bandwidth, per-op efficiency (matmuls by size) and dispatch overhead,
-   gloo collectives as a busy step meets them (the all-reduce as its measured curve), and how much of the
-   gradient all-reduces hides behind the backward that produces them; ``--calibration-sessions`` times
-   (default 3), keeping the median of every number.
-2. The GPT example is compiled for that cluster under eight plans (dp, fsdp, Megatron tp from
+1. ``cost.calibrate.calibrate(2)`` and ``calibrate(4)`` (``sbpc calibrate --world-size 2`` / ``4``) measure
+   this machine and write a cluster spec each: matmul FLOP/s and memory bandwidth, per-op efficiency (matmuls
+   by size) and dispatch overhead, gloo collectives as a busy step meets them (the all-reduce as its measured
+   curve), and how much of the gradient all-reduces hides behind the backward that produces them;
+   ``--calibration-sessions`` times (default 3), keeping the median of every number. Four ranks on a 2-core
+   machine share the cores; calibration measures them sharing, as the program runs them.
+2. The GPT example is compiled under nine plans: on the 2-rank cluster dp, fsdp, Megatron tp from
    ``examples/plans/megatron_tp.sbp``, tp with sequence parallelism, dp and tp with full recomputation,
-   2-stage 1F1B and GPipe pipelines); ``plan.simulate()`` prices each step. (dp x tp needs 4 ranks, which
-   two CPU cores cannot run without oversubscription, so it is not among them.)
-3. Each program is emitted and run under ``torchrun --nproc-per-node 2`` on gloo, in ``--rounds`` rounds
+   2-stage 1F1B and GPipe pipelines; on the 4-rank cluster dp x tp (2 x 2, the Megatron layout on tp).
+   ``plan.simulate()`` prices each step.
+3. Each program is emitted and run under ``torchrun --nproc-per-node <its ranks>`` on gloo, in ``--rounds`` rounds
    that take the plans in turn (each round in a rotated order), so that a slow spell of the machine falls
    on every plan rather than on the few measured during it; a plan's step time is the median over its
    rounds of the median per-step seconds the program records after warm-up steps.
 
     python benchmarks/simulator_vs_measured.py [--steps 14] [--rounds 3] [--calibration-sessions 3] [--layers 2]
-        [--width 256] [--batch 8] [--seq 64] [--spec calibrated-local.yaml]   # a spec from `sbpc calibrate` instead of calibrating now
+        [--width 256] [--batch 8] [--seq 64]
+        [--spec calibrated-local-2.yaml calibrated-local-4.yaml]   # specs from `sbpc calibrate` instead of calibrating now
 
 The goals: every plan within 20% (the earlier goal for dp and tp alone was 30%), and the simulated order
 of the plans the measured one (Kendall's tau >= 0.8). Every pair of plans the two orders disagree on is
@@ -45,7 +47,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import gpt  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
-from cost.calibrate import calibrate  # noqa: E402
+from cost.calibrate import calibrate, threads_per_rank  # noqa: E402
 from compiler.api import compile  # noqa: E402
 from frontend.dsl import load_plan  # noqa: E402
 from cluster import Cluster  # noqa: E402
@@ -58,23 +60,29 @@ GOAL = 0.20
 RANKING_GOAL = 0.8
 
 
+RANKS = (2, 4)
+"""The world sizes the plans run on (one calibrated cluster each)."""
+
+
 def ranking_plans(megatron: dict) -> dict:
-    """The eight plans whose simulated and measured step times are compared (all on two ranks)."""
+    """The nine plans whose simulated and measured step times are compared: name -> (ranks, strategy)."""
     pipeline = {"mesh": {"pp": 2}, "microbatches": 4}
-    return {"DP": "dp", "FSDP": "fsdp", "TP (Megatron)": megatron,
-            "TP + SP": {**megatron, "sequence_parallel": True},
-            "DP + recompute": {"mesh": {"dp": 2}, "recompute": True},
-            "TP + recompute": {**megatron, "recompute": True},
-            "PP 1F1B": {**pipeline, "schedule": "1f1b"}, "PP GPipe": {**pipeline, "schedule": "gpipe"}}
+    on_two = {"DP": "dp", "FSDP": "fsdp", "TP (Megatron)": megatron,
+              "TP + SP": {**megatron, "sequence_parallel": True},
+              "DP + recompute": {"mesh": {"dp": 2}, "recompute": True},
+              "TP + recompute": {**megatron, "recompute": True},
+              "PP 1F1B": {**pipeline, "schedule": "1f1b"}, "PP GPipe": {**pipeline, "schedule": "gpipe"}}
+    return {**{name: (2, strategy) for name, strategy in on_two.items()},
+            "DP x TP": (4, {**megatron, "mesh": {"dp": 2, "tp": 2}})}
 
 
-def measure(workdir: Path, steps: int) -> float:
-    """Median seconds per step of the program emitted in ``workdir``, under torchrun (gloo, two CPU ranks)."""
+def measure(workdir: Path, steps: int, ranks: int) -> float:
+    """Median seconds per step of the program emitted in ``workdir``, under torchrun (gloo, ``ranks`` CPU ranks,
+    each with the threads calibration gave it)."""
     metrics = workdir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // 2)  # what calibration gave each rank
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(ranks))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                str(workdir / "main.py"), "--steps", str(steps), "--metrics", str(metrics)]
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
@@ -93,7 +101,7 @@ def measure_rounds(plans: dict, scratch: Path, steps: int, rounds: int) -> dict[
     measured: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            measured[name].append(measure(workdirs[name], steps))
+            measured[name].append(measure(workdirs[name], steps, plans[name].cluster.world_size))
         print(f"round {r + 1} of {rounds} measured", flush=True)
     return measured
 
@@ -112,28 +120,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-sessions", type=int, default=3,
                         help="calibrate this many times and keep the medians (one session's gloo latency and "
                         "probe efficiencies moved simulated steps by up to 25%% between runs)")
-    parser.add_argument("--spec", help="a spec written by `sbpc calibrate --world-size 2` (default: calibrate now)")
+    parser.add_argument("--spec", nargs=2, metavar=("SPEC2", "SPEC4"),
+                        help="specs written by `sbpc calibrate --world-size 2` and `--world-size 4` (default: "
+                        "calibrate now)")
     parser.add_argument("--default-allocator", action="store_true",
                         help=f"leave glibc's allocator thresholds at their defaults (else {ALLOCATOR_ENV})")
     args = parser.parse_args(argv)
     if not args.default_allocator:
         os.environ.update(ALLOCATOR_ENV)  # the calibration's and the programs' processes inherit it
     with tempfile.TemporaryDirectory() as scratch:
-        spec_path = Path(args.spec) if args.spec else Path(scratch) / "calibrated-local.yaml"
-        if not args.spec:
-            calibrate(2, spec_path, quick=args.quick, sessions=args.calibration_sessions)
-        cluster = Cluster.load(spec_path)
-        if cluster.world_size != 2 or "calibration" not in cluster.metadata:
-            parser.error(f"--spec {spec_path}: expected a 2-rank spec from `sbpc calibrate`, found {cluster!r}")
-        calibration = cluster.metadata.get("calibration", {})
-        device = cluster.devices[0]
-        all_reduce = cluster.nodes[0].intra_link.for_collective("all_reduce")
-        print(f"calibrated {cluster.name}: matmul {max(calibration['matmul_fp32_gflops'].values()):.1f} GFLOP/s "
-              f"peak per rank (probe matmuls reach {device.efficiency_of('matmul')[0]:.2f} of it), memory "
-              f"{calibration['elementwise_bytes_per_s'] / 1e9:.1f} GB/s, op dispatch "
-              f"{device.op_overhead_s[0] * 1e6:.1f}/{device.op_overhead_s[1] * 1e6:.1f} us forward/backward; "
-              f"gloo all-reduce steps {all_reduce.latency_s * 1e6:.0f} us + {all_reduce.bandwidth_Bps / 1e9:.2f} GB/s, "
-              f"{device.comm_overlap:.0%} of it hidden behind compute")
+        clusters = {}
+        for ranks, given in zip(RANKS, args.spec or [None] * len(RANKS)):
+            spec_path = Path(given) if given else Path(scratch) / f"calibrated-local-{ranks}.yaml"
+            if not given:
+                calibrate(ranks, spec_path, quick=args.quick, sessions=args.calibration_sessions)
+            cluster = Cluster.load(spec_path)
+            if cluster.world_size != ranks or "calibration" not in cluster.metadata:
+                parser.error(f"--spec {spec_path}: expected a {ranks}-rank spec from `sbpc calibrate`, found "
+                             f"{cluster!r}")
+            print(describe_calibration(cluster))
+            clusters[ranks] = cluster
         torch.manual_seed(0)
         model = gpt.GPT(gpt.GPTConfig(n_layer=args.layers, n_embd=args.width, block_size=max(64, args.seq)))
         inputs = gpt.example_inputs(batch=args.batch, seq=args.seq)
@@ -141,28 +147,48 @@ def main(argv: list[str] | None = None) -> None:
         print(f"GPT example: {args.layers} layers of width {args.width}, batch {args.batch}, sequence {args.seq}; "
               f"median over {args.rounds} rounds of the median of {args.steps - WARMUP_STEPS} steps after "
               f"{WARMUP_STEPS} warm-up steps")
-        compiled = {name: compile(model, inputs, cluster=cluster, strategy=strategy)
-                    for name, strategy in plans.items()}
+        compiled = {name: compile(model, inputs, cluster=clusters[ranks], strategy=strategy)
+                    for name, (ranks, strategy) in plans.items()}
         # The emitted runtime launches gradient all-reduces during backward; how much of them hides behind it
         # is the calibrated comm_overlap (on CPU ranks, little: gloo needs the busy cores).
         simulated = {name: plan.simulate().step_time_s for name, plan in compiled.items()}
         measured = measure_rounds(compiled, Path(scratch), args.steps, args.rounds)
-        print(f"{'program':<16} {'simulated ms':>13} {'measured ms':>12} {'sim/measured':>13}  rounds (ms)")
-        worst = 0.0
-        times = []
+        print(f"{'program':<16} {'ranks':>5} {'simulated ms':>13} {'measured ms':>12} {'sim/measured':>13}  rounds (ms)")
         for name in plans:
-            times.append((simulated[name], statistics.median(measured[name])))
-            ratio = times[-1][0] / times[-1][1]
-            worst = max(worst, abs(ratio - 1))
+            ratio = simulated[name] / statistics.median(measured[name])
             rounds = " ".join(f"{m * 1e3:.1f}" for m in measured[name])
-            print(f"{name:<16} {times[-1][0] * 1e3:>13.2f} {times[-1][1] * 1e3:>12.2f} {ratio:>13.2f}  {rounds}")
-        print(f"largest disagreement {worst * 100:.0f}% ({'within' if worst <= GOAL else 'outside'} the "
-              f"{GOAL * 100:.0f}% goal)")
-        tau = kendalltau([t[0] for t in times], [t[1] for t in times]).statistic
-        print(f"Kendall's tau of simulated against measured order: {tau:.2f} ({'meets' if tau >= RANKING_GOAL else 'misses'} "
-              f"the {RANKING_GOAL} goal)")
+            print(f"{name:<16} {plans[name][0]:>5} {simulated[name] * 1e3:>13.2f} "
+                  f"{statistics.median(measured[name]) * 1e3:>12.2f} {ratio:>13.2f}  {rounds}")
+        print(agreement(simulated, measured, "every plan"))
+        two_ranks = [name for name, (ranks, _) in plans.items() if ranks == 2]
+        print(agreement({n: simulated[n] for n in two_ranks}, {n: measured[n] for n in two_ranks},
+                        "the 2-rank plans alone (4 ranks share 2 cores)"))
         for line in discordant_pairs(simulated, measured):
             print(line)
+
+
+def agreement(simulated: dict, measured: dict, which: str) -> str:
+    """The two goals on ``which`` plans: the largest simulated/measured disagreement, and Kendall's tau of the
+    simulated against the measured order."""
+    medians = {name: statistics.median(times) for name, times in measured.items()}
+    worst = max(abs(simulated[name] / medians[name] - 1) for name in simulated)
+    tau = kendalltau([simulated[n] for n in simulated], [medians[n] for n in simulated]).statistic
+    return (f"{which}: largest disagreement {worst * 100:.0f}% ({'within' if worst <= GOAL else 'outside'} the "
+            f"{GOAL * 100:.0f}% goal); Kendall's tau {tau:.2f} ({'meets' if tau >= RANKING_GOAL else 'misses'} the "
+            f"{RANKING_GOAL} goal)")
+
+
+def describe_calibration(cluster: Cluster) -> str:
+    """A line of what calibration measured for ``cluster``'s ranks."""
+    calibration = cluster.metadata["calibration"]
+    device = cluster.devices[0]
+    all_reduce = cluster.nodes[0].intra_link.for_collective("all_reduce")
+    return (f"calibrated {cluster.name}: matmul {max(calibration['matmul_fp32_gflops'].values()):.1f} GFLOP/s "
+            f"peak per rank (probe matmuls reach {device.efficiency_of('matmul')[0]:.2f} of it), memory "
+            f"{calibration['elementwise_bytes_per_s'] / 1e9:.1f} GB/s, op dispatch "
+            f"{device.op_overhead_s[0] * 1e6:.1f}/{device.op_overhead_s[1] * 1e6:.1f} us forward/backward; "
+            f"gloo all-reduce steps {all_reduce.latency_s * 1e6:.0f} us + {all_reduce.bandwidth_Bps / 1e9:.2f} GB/s, "
+            f"{device.comm_overlap:.0%} of it hidden behind compute")
 
 
 def discordant_pairs(simulated: dict, measured: dict) -> list[str]:
