@@ -36,8 +36,12 @@ CPU_PROBE_SIZE = (512, 256)
 """(tokens, width) of the default probes on CPU ranks."""
 GPU_PROBE_SIZE = (8192, 2048)
 """(tokens, width) of the default probes on a GPU: large enough to keep it busy."""
-MATMUL_SIZE_SCAN = (0.25, 4.0)
-"""Matmuls are probed again at these multiples of the token count: their efficiency grows with size."""
+SIZE_SCAN = (0.125, 0.25)
+"""Every probe is measured again at these multiples of the token count: ops reach less of their roofline on
+fewer rows (a pipeline's microbatch, a small per-rank batch), and the efficiency of every kind is then read by
+the op's size."""
+MATMUL_SIZE_SCAN = (4.0,)
+"""Matmuls are also probed at these larger multiples: their efficiency keeps growing with size."""
 
 
 @dataclass(frozen=True)
@@ -77,17 +81,18 @@ def default_probes(tokens: int = 512, width: int = 256) -> tuple[Probe, ...]:
     vocab = 2 * h
     return (
         *matmul_probes(tokens, width),
-        Probe("attention", "scaled_dot_product_attention", ((batch, heads, seq, head_dim),) * 3, _causal_attention),
-        Probe("norm", "layer_norm", ((t, w), (w,), (w,)), _layer_norm),
-        Probe("softmax", "softmax", ((t, vocab),), lambda x: aten._softmax.default(x, -1, False)),
-        Probe("loss", "cross_entropy_loss", ((t, vocab), (t,)), _cross_entropy, {1: vocab}),
-        Probe("embedding", "embedding", ((vocab, w), (t,)), aten.embedding.default, {1: vocab}),
-        Probe("elementwise", "add", ((t, h), (t, h)), aten.add.Tensor),
-        Probe("elementwise", "mul", ((t, h), (t, h)), aten.mul.Tensor),
-        Probe("gelu", "gelu", ((t, h),), aten.gelu.default),
-        Probe("silu", "silu", ((t, h),), aten.silu.default),
-        Probe("reduction", "sum", ((t, h),), aten.sum.default),
-        Probe("copy", "cat", ((t, w), (t, w)), lambda a, b: aten.cat.default([a, b], -1)),
+        Probe("attention", "scaled_dot_product_attention", ((batch, heads, seq, head_dim),) * 3, _causal_attention,
+              size=t),
+        Probe("norm", "layer_norm", ((t, w), (w,), (w,)), _layer_norm, size=t),
+        Probe("softmax", "softmax", ((t, vocab),), lambda x: aten._softmax.default(x, -1, False), size=t),
+        Probe("loss", "cross_entropy_loss", ((t, vocab), (t,)), _cross_entropy, {1: vocab}, size=t),
+        Probe("embedding", "embedding", ((vocab, w), (t,)), aten.embedding.default, {1: vocab}, size=t),
+        Probe("elementwise", "add", ((t, h), (t, h)), aten.add.Tensor, size=t),
+        Probe("elementwise", "mul", ((t, h), (t, h)), aten.mul.Tensor, size=t),
+        Probe("gelu", "gelu", ((t, h),), aten.gelu.default, size=t),
+        Probe("silu", "silu", ((t, h),), aten.silu.default, size=t),
+        Probe("reduction", "sum", ((t, h),), aten.sum.default, size=t),
+        Probe("copy", "cat", ((t, w), (t, w)), lambda a, b: aten.cat.default([a, b], -1), size=t),
     )
 
 
@@ -194,15 +199,16 @@ def _numel(shape: Sequence[int]) -> int:
 def efficiency_table(timings: Sequence[ProbeTiming], overhead_s: tuple[float, float]) -> dict[str, dict]:
     """``{key: {forward, backward}}``: per key, summed roofline seconds over summed measured seconds
     less the dispatch overhead (so big probes weigh more), clamped to a sane range. Keys probed at
-    several sizes also get ``by_flops``: ``[mean forward FLOPs, forward, backward]`` per size."""
+    several sizes (whose ops the cost model counts FLOPs for) also get ``by_flops``: ``[mean forward FLOPs,
+    forward, backward]`` per size."""
     table = {}
     for key, group in _grouped(timings, lambda t: t.probe.key).items():
         table[key] = _efficiency(group, overhead_s)
         sizes = _grouped(group, lambda t: t.probe.size)
-        if len(sizes) > 1:
-            points = [[statistics.fmean(t.flops for t in g), *_efficiency(g, overhead_s).values()]
-                      for g in sizes.values()]
-            table[key]["by_flops"] = sorted(points)
+        points = sorted([statistics.fmean(t.flops for t in g), *_efficiency(g, overhead_s).values()]
+                        for g in sizes.values())
+        if len(points) > 1 and points[0][0] > 0:
+            table[key]["by_flops"] = points
     return table
 
 
@@ -239,8 +245,9 @@ def measure_op_efficiency(peak_flops: float, memory_bandwidth: float, repeats: i
     overhead = measure_op_overhead(device=device)
     if probes is None:
         tokens, width = GPU_PROBE_SIZE if device.type == "cuda" else CPU_PROBE_SIZE
-        scan = [p for factor in MATMUL_SIZE_SCAN for p in matmul_probes(int(tokens * factor), width)]
-        probes = default_probes(tokens, width) + tuple(scan)
+        smaller = [p for factor in SIZE_SCAN for p in default_probes(int(tokens * factor), width)]
+        larger = [p for factor in MATMUL_SIZE_SCAN for p in matmul_probes(int(tokens * factor), width)]
+        probes = default_probes(tokens, width) + tuple(smaller + larger)
     timings = []
     for probe in probes:
         barrier()

@@ -43,8 +43,11 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
         assert all(0.01 <= e <= 10 for e in device.efficiency_of(key)), key
     assert device.efficiency_of("linear", "matmul") == device.efficiency_of("matmul")
     assert 0 <= device.comm_overlap <= 1
-    sizes = [point[0] for point in device.efficiency_by_flops["matmul"]]  # matmuls probed at three sizes
-    assert len(sizes) == 3 and sizes == sorted(sizes)
+    sizes = [point[0] for point in device.efficiency_by_flops["matmul"]]  # matmuls probed at four sizes
+    assert len(sizes) == 4 and sizes == sorted(sizes)
+    for key in ("attention", "norm", "softmax", "gelu", "elementwise"):  # every kind at three token counts
+        assert len(device.efficiency_by_flops[key]) == 3, key
+    assert "embedding" not in device.efficiency_by_flops  # no FLOPs to read its size by
 
 
 def test_calibration_needs_two_ranks():
