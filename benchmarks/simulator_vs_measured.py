@@ -1,8 +1,8 @@
 """Simulated against measured step time of the GPT example's emitted programs on this machine: nine plans.
 
 1. ``cost.calibrate.calibrate(2)`` and ``calibrate(4)`` (``sbpc calibrate --world-size 2`` / ``4``) measure
-   this machine and write a cluster spec each: matmul FLOP/s and memory bandwidth, per-op efficiency (matmuls
-   by size) and dispatch overhead, gloo collectives as a busy step meets them (the all-reduce as its measured
+   this machine and write a cluster spec each: matmul FLOP/s and memory bandwidth, every op kind's efficiency
+   by op size and dispatch overhead, gloo collectives as a busy step meets them (the all-reduce as its measured
    curve), and how much of the gradient all-reduces hides behind the backward that produces them;
    ``--calibration-sessions`` times (default 3), keeping the median of every number. Four ranks on a 2-core
    machine share the cores; calibration measures them sharing, as the program runs them.
