@@ -570,21 +570,34 @@ class Estimator:
         return all(float(m.total) <= self.headroom * devices[d].memory_bytes for d, m in memory.items())
 
     def _stage_params(self, shape: PlanShape, rank: int) -> list:
-        return [p for j in self._rank_segments(shape, rank) for p in self.profile.segments[j].params]
+        """The parameter records a device of pipeline rank ``rank`` holds, stage by stage. A parameter with
+        records in several segments (a tied embedding, read by the first and the last segment) is one tensor
+        within a stage and a copy on each further stage, as the pipeline pass places it."""
+        params = []
+        for segments in self._rank_stages(shape, rank):
+            held = set()
+            for j in segments:
+                for p in self.profile.segments[j].params:
+                    if p.name in self._copied:
+                        if p.name in held:
+                            continue
+                        held.add(p.name)
+                    params.append(p)
+        return params
 
-    def _rank_segments(self, shape: PlanShape, rank: int) -> tuple[int, ...]:
-        """The segments pipeline rank ``rank`` runs, stage by stage."""
+    def _rank_stages(self, shape: PlanShape, rank: int) -> tuple[tuple[int, ...], ...]:
+        """The segments of each stage pipeline rank ``rank`` runs."""
         key = ("segments", tuple(map(tuple, shape.stage_layers)), shape.pp, shape.schedule)
         if key not in self._memo:
             by_rank: dict[int, list] = defaultdict(list)
             for k in range(shape.num_stages):
-                by_rank[shape.rank_of_stage(k)] += shape.segments_of_stage(k, self.profile.num_layers)
-            self._memo[key] = {r: tuple(segments) for r, segments in by_rank.items()}
+                by_rank[shape.rank_of_stage(k)].append(tuple(shape.segments_of_stage(k, self.profile.num_layers)))
+            self._memo[key] = {r: tuple(stages) for r, stages in by_rank.items()}
         return self._memo[key].get(rank, ())
 
     def _rank_key(self, shape: PlanShape, rank: int) -> tuple:
-        """What a sum over the rank's parameters depends on: its segments and the stage mesh."""
-        return (self._rank_segments(shape, rank), shape.axes, shape.shape, shape.fsdp_axis)
+        """What a sum over the rank's parameters depends on: its stages' segments and the stage mesh."""
+        return (self._rank_stages(shape, rank), shape.axes, shape.shape, shape.fsdp_axis)
 
     def _grad_sync(self, shape: PlanShape, rank: int, stages: list) -> tuple[float, float]:
         """(total, exposed) seconds of the rank's gradient reductions after its last backward (with a

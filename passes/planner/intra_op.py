@@ -468,14 +468,19 @@ def _steps_with_sources(steps: list, src: tuple):
 
 
 def _param_records(result: LayoutSolution, ctx: CostContext) -> dict:
+    """Per segment, the records of the parameters it reads first; a parameter the first and the last segment
+    both read (a tied embedding) has a record in each, as a pipeline holds a copy on each of their stages."""
     problem = result.problem
     out = {PRE: [], "block": [], POST: []}
-    seen: set[int] = set()
+    recorded: dict[int, set] = {}
     for unit in problem.units:
         for value in unit.node.input_values():
-            if value.kind != "param" or id(value) in seen:
+            if value.kind != "param":
                 continue
-            seen.add(id(value))
+            segments = recorded.setdefault(id(value), set())
+            if segments and not (segments == {PRE} and unit.segment == POST):
+                continue
+            segments.add(unit.segment)
             out[unit.segment].append(param_record(value, result.param_sbp[value.target], ctx.mesh, ctx.train,
                                                        ctx.precision))
     return out
