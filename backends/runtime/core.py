@@ -17,9 +17,14 @@ GROUPS = {}  # mesh axis -> (process group, its global ranks, my index among the
 COORD = {}  # mesh axis -> my coordinate on it
 
 
-def fail(message):
-    """Stop this rank with one clear line (no traceback)."""
+def fail(message, abandon=False):
+    """Stop this rank with one clear line (no traceback). ``abandon``: exit at once, without the interpreter's
+    teardown, for a rank whose process group lost a peer (destroying it then can abort the process with
+    "terminate called without an active exception" instead of exit status 2)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if abandon:
+        sys.stdout.flush()
+        os._exit(2)
     sys.exit(2)
 
 

@@ -27,7 +27,7 @@ def peer_failures(step):
         if not is_collective_failure(error):
             raise
         fail(f"step {step}: {failed_collective(error)} failed: {reason(error)} (a peer rank is gone, or the "
-             f"collective outlived --comm-timeout; see the other ranks' logs)")
+             f"collective outlived --comm-timeout; see the other ranks' logs)", abandon=True)
 
 
 def is_collective_failure(error):
