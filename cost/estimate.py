@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -209,7 +209,6 @@ class Estimator:
         self.distributed_optimizer = distributed_optimizer
         self.fused_grad_accumulation = fused_grad_accumulation
         self._collectives: dict[tuple, float] = {}
-        self._distinct_groups: dict[tuple, tuple] = {}  # a collective's groups -> one of each kind on the cluster
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
         self._pinned: list = []  # device tuples whose ids key self._work
@@ -263,12 +262,9 @@ class Estimator:
         segment = self.profile.segments[j]
         batch = self.microbatch_size(shape)
         devices = shape.stage_devices[rank]
-        key = ("weight", id(segment), tuple(devices), batch)
-        if key not in self._memo:
-            self._memo[key] = max(segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
-                                      for d in _representatives(devices, self.cluster)) \
-                + self.accumulation_time(segment, shape, devices)
-        return self._memo[key]
+        return self._remembered(("weight", id(segment), tuple(devices), batch), lambda: max(
+            segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
+            for d in _representatives(devices, self.cluster)) + self.accumulation_time(segment, shape, devices))
 
     def accumulation_time(self, segment: SegmentCost, shape: PlanShape, devices: tuple) -> float:
         """Seconds per microbatch of summing ``segment``'s weight gradients across the step's microbatches: each
@@ -369,11 +365,8 @@ class Estimator:
     def param_sums(self, segment: SegmentCost) -> "ParamSums":
         """The parameter elements, trainable elements and bytes one device stores for ``segment`` (a segment of
         this estimator's profile, or its recomputed part), summed once."""
-        key = ("params", id(segment))
-        if key not in self._memo:
-            self._memo[key] = ParamSums(segment.param_elements(), segment.param_elements(trainable_only=True),
-                                            segment.param_bytes())
-        return self._memo[key]
+        return self._remembered(("params", id(segment)), lambda: ParamSums(
+            segment.param_elements(), segment.param_elements(trainable_only=True), segment.param_bytes()))
 
     @functools.cached_property
     def param_element_bytes(self) -> float:
@@ -434,10 +427,8 @@ class Estimator:
         alike on the cluster priced once)."""
         key = (kind, nbytes, groups)
         if key not in self._collectives:
-            if groups not in self._distinct_groups:
-                self._distinct_groups[groups] = distinct_groups(groups, self.cluster)
-            self._collectives[key] = max(collective_time(kind, nbytes, g, self.cluster)
-                                         for g in self._distinct_groups[groups])
+            distinct = self._remembered(("distinct", groups), lambda: distinct_groups(groups, self.cluster))
+            self._collectives[key] = max(collective_time(kind, nbytes, g, self.cluster) for g in distinct)
         return self._collectives[key]
 
     def _groups(self, devices: tuple, shape: PlanShape, along) -> "_Groups":
@@ -461,17 +452,21 @@ class Estimator:
         dst = shape.stage_devices[shape.rank_of_stage(k + 1)]
         if nbytes <= 0 or src == dst:
             return 0.0
-        key = ("send", nbytes, tuple(src), tuple(dst))
-        if key not in self._memo:
-            self._memo[key] = max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst))
-        return self._memo[key]
+        return self._remembered(("send", nbytes, tuple(src), tuple(dst)),
+                                lambda: max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst)))
 
     def _least(self, devices: tuple, attribute: str, default: float | None = None) -> float:
         """The smallest ``attribute`` of the devices (``default`` where a device's is unset)."""
-        key = ("least", attribute, tuple(devices), default)
-        if key not in self._memo:
+        def least() -> float:
             values = (getattr(self.cluster.device(d), attribute) for d in devices)
-            self._memo[key] = min((v or default) if default is not None else v for v in values)
+            return min((v or default) if default is not None else v for v in values)
+
+        return self._remembered(("least", attribute, tuple(devices), default), least)
+
+    def _remembered(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per ``key`` (which holds everything the value reads) for this estimator."""
+        if key not in self._memo:
+            self._memo[key] = compute()
         return self._memo[key]
 
     # -- where the time goes -----------------------------------------------------------------------
@@ -587,13 +582,14 @@ class Estimator:
 
     def _rank_stages(self, shape: PlanShape, rank: int) -> tuple[tuple[int, ...], ...]:
         """The segments of each stage pipeline rank ``rank`` runs."""
-        key = ("segments", tuple(map(tuple, shape.stage_layers)), shape.pp, shape.schedule)
-        if key not in self._memo:
-            by_rank: dict[int, list] = defaultdict(list)
+        def by_rank() -> dict[int, tuple]:
+            stages: dict[int, list] = defaultdict(list)
             for k in range(shape.num_stages):
-                by_rank[shape.rank_of_stage(k)].append(tuple(shape.segments_of_stage(k, self.profile.num_layers)))
-            self._memo[key] = {r: tuple(stages) for r, stages in by_rank.items()}
-        return self._memo[key].get(rank, ())
+                stages[shape.rank_of_stage(k)].append(tuple(shape.segments_of_stage(k, self.profile.num_layers)))
+            return {r: tuple(held) for r, held in stages.items()}
+
+        key = ("segments", tuple(map(tuple, shape.stage_layers)), shape.pp, shape.schedule)
+        return self._remembered(key, by_rank).get(rank, ())
 
     def _rank_key(self, shape: PlanShape, rank: int) -> tuple:
         """What a sum over the rank's parameters depends on: its stages' segments and the stage mesh."""
@@ -622,10 +618,7 @@ class Estimator:
         """(kind, bytes, mesh axes) of the collectives that sum the rank's gradients: one all-reduce per group of
         axes; with a distributed optimizer (:attr:`PlanOptions.distributed_optimizer`), a group that includes
         the data axis is a reduce-scatter of the gradients and an all-gather of the updated parameters."""
-        key = ("sync",) + self._rank_key(shape, rank)
-        if key not in self._memo:
-            self._memo[key] = self._summed_gradients(shape, rank)
-        return self._memo[key]
+        return self._remembered(("sync",) + self._rank_key(shape, rank), lambda: self._summed_gradients(shape, rank))
 
     def _summed_gradients(self, shape: PlanShape, rank: int) -> list[tuple[str, float, tuple]]:
         reduced: dict[tuple, float] = defaultdict(float)
@@ -676,9 +669,7 @@ class Estimator:
         if not self.profile.train:
             return 0.0
         key = ("optimizer", shape.optimizer, tuple(shape.stage_devices[rank])) + self._rank_key(shape, rank)
-        if key not in self._memo:
-            self._memo[key] = self._optimizer_seconds(shape, rank)
-        return self._memo[key]
+        return self._remembered(key, lambda: self._optimizer_seconds(shape, rank))
 
     def _optimizer_seconds(self, shape: PlanShape, rank: int) -> float:
         optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
@@ -693,9 +684,7 @@ class Estimator:
                         ) -> float:
         """Parameter elements (``in_bytes``: their bytes) a device of pipeline rank ``rank`` stores."""
         key = ("elements", trainable_only, in_bytes) + self._rank_key(shape, rank)
-        if key not in self._memo:
-            self._memo[key] = self._summed_elements(shape, rank, trainable_only, in_bytes)
-        return self._memo[key]
+        return self._remembered(key, lambda: self._summed_elements(shape, rank, trainable_only, in_bytes))
 
     def _summed_elements(self, shape: PlanShape, rank: int, trainable_only: bool, in_bytes: bool) -> float:
         return sum(p.local_bytes if in_bytes else p.local_elements for p in self._stage_params(shape, rank)
