@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -79,21 +79,20 @@ def default_probes(tokens: int = 512, width: int = 256) -> tuple[Probe, ...]:
     heads, head_dim = max(1, width // 64), min(64, width)
     batch, seq = max(1, tokens // 128), min(128, tokens)
     vocab = 2 * h
-    return (
-        *matmul_probes(tokens, width),
-        Probe("attention", "scaled_dot_product_attention", ((batch, heads, seq, head_dim),) * 3, _causal_attention,
-              size=t),
-        Probe("norm", "layer_norm", ((t, w), (w,), (w,)), _layer_norm, size=t),
-        Probe("softmax", "softmax", ((t, vocab),), lambda x: aten._softmax.default(x, -1, False), size=t),
-        Probe("loss", "cross_entropy_loss", ((t, vocab), (t,)), _cross_entropy, {1: vocab}, size=t),
-        Probe("embedding", "embedding", ((vocab, w), (t,)), aten.embedding.default, {1: vocab}, size=t),
-        Probe("elementwise", "add", ((t, h), (t, h)), aten.add.Tensor, size=t),
-        Probe("elementwise", "mul", ((t, h), (t, h)), aten.mul.Tensor, size=t),
-        Probe("gelu", "gelu", ((t, h),), aten.gelu.default, size=t),
-        Probe("silu", "silu", ((t, h),), aten.silu.default, size=t),
-        Probe("reduction", "sum", ((t, h),), aten.sum.default, size=t),
-        Probe("copy", "cat", ((t, w), (t, w)), lambda a, b: aten.cat.default([a, b], -1), size=t),
+    others = (
+        Probe("attention", "scaled_dot_product_attention", ((batch, heads, seq, head_dim),) * 3, _causal_attention),
+        Probe("norm", "layer_norm", ((t, w), (w,), (w,)), _layer_norm),
+        Probe("softmax", "softmax", ((t, vocab),), lambda x: aten._softmax.default(x, -1, False)),
+        Probe("loss", "cross_entropy_loss", ((t, vocab), (t,)), _cross_entropy, {1: vocab}),
+        Probe("embedding", "embedding", ((vocab, w), (t,)), aten.embedding.default, {1: vocab}),
+        Probe("elementwise", "add", ((t, h), (t, h)), aten.add.Tensor),
+        Probe("elementwise", "mul", ((t, h), (t, h)), aten.mul.Tensor),
+        Probe("gelu", "gelu", ((t, h),), aten.gelu.default),
+        Probe("silu", "silu", ((t, h),), aten.silu.default),
+        Probe("reduction", "sum", ((t, h),), aten.sum.default),
+        Probe("copy", "cat", ((t, w), (t, w)), lambda a, b: aten.cat.default([a, b], -1)),
     )
+    return matmul_probes(tokens, width) + tuple(replace(probe, size=tokens) for probe in others)
 
 
 def matmul_probes(tokens: int, width: int) -> tuple[Probe, ...]:
