@@ -360,6 +360,20 @@ class LayoutSolution:
         """The objective (seconds per step of the solved part, one microbatch at the reference size)."""
         return self.solution.cost
 
+    def storage_options(self) -> dict:
+        """The parameters whose storage the solver chose: ``state_dict`` name -> the storages it could
+        have chosen (N-D SBPs; the chosen one among them)."""
+        return {ref[1].target: [choice[1][0] for choice in self.problem.choices[v]]
+                for v, ref in enumerate(self.problem.vars) if ref[0] == "param"}
+
+    def storage_groups(self) -> list[tuple[str, ...]]:
+        """The parameters of :meth:`storage_options` that one op reads together (a norm's weight and bias, a
+        linear layer's weight and bias), as tuples of ``state_dict`` names."""
+        free = self.storage_options()
+        groups = {tuple(sorted({v.target for v in node.input_values() if v.kind == "param" and v.target in free}))
+                  for node in self.problem.graph.nodes}
+        return sorted(g for g in groups if len(g) > 1)
+
     def every_node_choice(self) -> dict:
         """:attr:`node_choice` for every node of the graph: the nodes of blocks 1.. take their block-0
         twin's layouts (the compact problem solves one block for all)."""

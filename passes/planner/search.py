@@ -9,7 +9,10 @@ parallelism, FSDP) the tensor-parallel layouts of every op and parameter are sol
 every microbatch count and schedule, the layers are cut into stages by a dynamic program that
 minimises the slowest stage under each device's memory limit, recomputing a stage only when it does
 not fit otherwise; faster devices therefore get more layers. Candidates are ranked with the closed-form
-pipeline time; the best ``top_k`` are priced exactly (``schedules.simulate``) and the fastest wins.
+pipeline time; the best ``top_k`` are priced exactly (``schedules.simulate``). The best candidates of the
+first few settings are then refined: the solver prices one reference microbatch, so the storage of the
+parameters it chose is changed, a parameter (or the parameters one op reads) at a time, while the exactly
+priced step gets faster and fits. The fastest wins.
 
 Progress goes to the ``progress`` callback and the ``sbpc.planner`` logger; ``time_budget_s`` stops
 the enumeration early (the report says so); results are cached on disk keyed by the graph text, the
@@ -50,7 +53,22 @@ from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, Strate
 
 LOG = logging.getLogger("sbpc.planner")
 CACHE_DIR_VARIABLE = "SBPC_CACHE_DIR"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+REFINED_SETTINGS = 3
+"""The best plans of this many settings (degrees and switches) are refined after exact pricing: the storage of
+the parameters the layout solver chose is changed while that makes the step faster (:meth:`_Planner._refined`)."""
+REFINE_MIN_STEP_RATIO = 8
+"""Refine only where a replica runs at least this many reference batches a step: below, the solver's weighting
+of once-a-step costs is off by less than that factor (and the descent, a layout solve per move, costs more than
+the search itself on a model without repeated blocks)."""
+REFINE_STEPS = 8
+"""At most this many changes of storage in that refinement."""
+REFINE_EXACT = 4
+"""Each refinement step prices at most this many of its quickest moves exactly."""
+QUICK_MARGIN = 1e-3
+"""A refinement move is priced exactly only if its quick (closed-form pipeline) price is at most this share
+above the quickest move's: the two can order plans that differ in one parameter's storage differently, by
+hundredths of a percent (a 530B pipeline's position embedding: 0.004%), not by a tenth."""
 MAX_MICROBATCHES = 512
 """The most microbatches per step the planner tries (the 1T-parameter run of Korthikanti et al. used 512)."""
 MAX_INTERLEAVING = 4
@@ -334,6 +352,7 @@ class _Planner:
         if not feasible:
             raise SearchError("every candidate exceeded memory once priced with its real schedule; give a smaller "
                               "batch or more devices")
+        feasible = self._with_refined(feasible)
         chosen, best_solution, _ = feasible[0]
         alternatives = _distinct([c for c, _, _ in feasible[1:]], 6)
         report = SearchReport(chosen, alternatives, self.evaluated, view.solves, self.elapsed(), self.truncated,
@@ -344,6 +363,65 @@ class _Planner:
                             f"{chosen.max_memory_bytes / 2**30:.1f} GiB peak ({self.evaluated} plans, "
                             f"{self.elapsed():.1f}s)")
         return chosen.strategy, report
+
+    def _with_refined(self, feasible: list) -> list:
+        """``feasible`` (fastest first) with the best candidate of each of its first :data:`REFINED_SETTINGS`
+        settings refined (:meth:`_refined`), sorted again."""
+        firsts = {}
+        for k, (_, _, (setting, _, _)) in enumerate(feasible):
+            firsts.setdefault(_setting_key(setting), k)
+        for k in sorted(firsts.values())[:REFINED_SETTINGS]:
+            feasible[k] = self._refined(*feasible[k])
+        return sorted(feasible, key=lambda c: c[0].step_time_s)
+
+    def _refined(self, candidate: Candidate, solution: LayoutSolution, priced: tuple) -> tuple:
+        """The candidate after a descent over the storage of the parameters the layout solver chose: each
+        move stores one of them another way it could be, or keeps whole (``B``) the ones an op reads together;
+        every move is laid out as ``compile()`` lays out the strategy it stands for and priced quickly, the
+        quickest (within :data:`QUICK_MARGIN`) exactly, and the best is taken while it makes the step faster
+        and fits (at most :data:`REFINE_STEPS` moves).
+
+        The solver's objective is one reference microbatch, in which a parameter's gradient all-reduce (once
+        a step) weighs as much as the ops (every microbatch): with many microbatches it shards norms or a
+        position embedding to spare that all-reduce and pays a conversion in every microbatch instead, or splits
+        a table by its hidden dim where a split by rows costs the step less. The estimator prices the step."""
+        setting, shape, estimate = priced
+        if self.batch // setting.dp < REFINE_MIN_STEP_RATIO * self.options.reference_batch:
+            return candidate, solution, priced  # the solver's weighting is nearly the step's
+        options = solution.storage_options()
+        moves = [{target: storage[0]} for target, storages in sorted(options.items()) for storage in storages]
+        moves += [dict.fromkeys(group, B) for group in solution.storage_groups()]
+        stored = {t: sbp[0] for t, sbp in solution.param_sbp.items() if sbp[0] != B}
+        refined = None
+        for _ in range(REFINE_STEPS):
+            trials = self._storage_trials(setting, shape, stored, moves)
+            exact = [(self.estimator(setting, trial).estimate(shape, exact=True), trial_stored, trial)
+                     for trial_stored, trial in trials[:REFINE_EXACT]]
+            exact = [e for e in exact if e[0].fits and e[0].step_time_s < estimate.step_time_s]
+            if not exact:
+                break
+            estimate, stored, refined = min(exact, key=lambda e: e[0].step_time_s)
+        if refined is None:
+            return candidate, solution, priced
+        better = Candidate(self.strategy_of(setting, shape, refined), candidate.summary, estimate.step_time_s,
+                           estimate.max_memory_bytes, estimate.fits, True)
+        return better, refined, (setting, shape, estimate)
+
+    def _storage_trials(self, setting: _Setting, shape: PlanShape, stored: dict, moves: list) -> list:
+        """``(stored, layouts)`` of each move from ``stored`` that fits, quickest first, those priced within
+        :data:`QUICK_MARGIN` of the quickest."""
+        trials = []
+        for move in moves:
+            trial_stored = {t: sbp for t, sbp in stored.items() if t not in move}
+            trial_stored.update({t: sbp for t, sbp in move.items() if sbp != B})
+            if trial_stored == stored or self.out_of_time():
+                continue
+            trial = self.solve(setting, trial_stored)
+            quick = self.estimator(setting, trial).estimate(shape, exact=False) if trial else None
+            if quick is not None and quick.fits:
+                trials.append((quick.step_time_s, trial_stored, trial))
+        trials.sort(key=lambda t: t[0])
+        return [(s, trial) for q, s, trial in trials if q <= trials[0][0] * (1 + QUICK_MARGIN)]
 
     def _context_note(self, feasible: list) -> list[str]:
         """Why the chosen plan splits sequences over cp: what the best plans without cp (and the best with a
@@ -476,16 +554,22 @@ class _Planner:
             return (given,)
         return OVERLAP_CHUNKS if ep > 1 else (1,)
 
-    def solve(self, setting: _Setting) -> LayoutSolution | None:
-        """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out)."""
+    def _fixed_on(self, setting: _Setting) -> Strategy:
+        """The fixed parts of the strategy on a setting's degrees and vocab-parallel switch."""
+        return replace(self.fixed, mesh=MeshSpec.of({"dp": setting.dp, "tp": setting.tp}),
+                       options=replace(self.fixed.options, vocab_parallel=setting.vocab_parallel))
+
+    def solve(self, setting: _Setting, stored: dict | None = None) -> LayoutSolution | None:
+        """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out).
+        ``stored``: every sharded parameter's storage (target -> SBP; the others whole), as ``compile()`` solves
+        a strategy's layouts (:meth:`_refined`); without it the solver chooses the storage too."""
         tp_group = axis_groups(setting.devices[0], *setting.stage_axes, "tp")[0]
-        chosen = replace(self.fixed, mesh=MeshSpec.of({"dp": setting.dp, "tp": setting.tp}),
-                         options=replace(self.fixed.options, vocab_parallel=setting.vocab_parallel))
-        pins, hints = self.view.pins_and_hints(chosen, "tp")
+        pins, hints = self.view.pins_and_hints(self._fixed_on(setting), "tp")
+        pins.update(stored or {})
         try:
             return self.view.layouts(self.cluster, tuple(tp_group), self.options,
-                                     vocab_parallel=setting.vocab_parallel,
-                                     sequence_parallel=setting.sequence_parallel, pins=pins, hints=hints)
+                                     vocab_parallel=setting.vocab_parallel, sequence_parallel=setting.sequence_parallel,
+                                     pins=pins, hints=hints, free_params=stored is None)
         except ValueError as error:  # e.g. a fixed layout that this degree cannot honour
             LOG.info("tp=%d: %s", setting.tp, error)
             return None
@@ -614,6 +698,12 @@ class _Planner:
                                virtual_stages=shape.virtual_stages if shape.schedule == "interleaved" else None)
         return Strategy(MeshSpec.of(mesh), params, activations, options, pipeline,
                         _recompute_value(shape, self.view), self.fixed.precision)
+
+
+def _setting_key(setting: _Setting) -> tuple:
+    """What makes two settings different layout solves (their degrees and switches)."""
+    return (setting.tp, setting.pp, setting.dp, setting.cp, setting.ep, setting.chunks, setting.sequence_parallel,
+            setting.vocab_parallel)
 
 
 def _with_rivals(ranked: list, top_k: int) -> list:

@@ -228,17 +228,30 @@ def test_layers_of_the_gpt_example(tiny_gpt):
     assert block_param_name("tok_emb.weight", "blocks") == "tok_emb.weight"
 
 
-def test_tensor_parallel_layouts_come_out_megatron_style():
-    # A GPT of real width: on the calibrated dgx-a100 (NCCL's 6.6 us per call), the 64-wide example's
-    # microsecond GEMMs are cheaper replicated than split and all-reduced, so it would rightly stay B.
+def test_tensor_parallel_layouts_at_real_width_refined_for_the_whole_step(monkeypatch):
+    """At real width the weights split over tp (the 64-wide example's microsecond GEMMs are cheaper replicated on
+    the calibrated dgx-a100, so it would rightly stay B). The layout solver weighs a once-a-step gradient
+    all-reduce as much as one reference microbatch; the planner then changes the storage it chose while the
+    whole step prices faster: here it gets faster, and what it was priced at is what the strategy simulates to."""
+    planner_search = sys.modules[search.__module__]
     graph = captured_config("1.3B", batch=8)
-    strategy, report = search(graph, Cluster.load("dgx-a100:1"), {"mesh": {"dp": "auto", "tp": 4}},
-                              use_cache=False, global_batch=64, **MIXED)
+    cluster, options, fixed = Cluster.load("dgx-a100:1"), {"global_batch": 64, **MIXED}, {"mesh": {"dp": 2, "tp": 4}}
+    strategy, report = search(graph, cluster, fixed, use_cache=False, **options)
     params = strategy.to_dict()["params"]
-    assert strategy.mesh.size("tp") == 4
-    assert params["blocks.*.attn.qkv.weight"] == {"tp": "S(0)"} and params["blocks.*.mlp.fc.weight"] == {"tp": "S(0)"}
-    assert params["blocks.*.attn.proj.weight"] == {"tp": "S(1)"} and params["blocks.*.mlp.proj.weight"] == {"tp": "S(1)"}
     assert report.layouts and report.chosen.fits
+    assert params["blocks.*.mlp.fc.weight"] == {"tp": "S(0)"} and params["blocks.*.mlp.proj.weight"] == {"tp": "S(1)"}
+    # attention: Megatron's split of the heads' weights, or (sequence-parallel) the weights kept whole and the
+    # sequences exchanged for heads by all-to-all (DeepSpeed-Ulysses) where that prices faster
+    attention = (params.get("blocks.*.attn.qkv.weight"), params.get("blocks.*.attn.proj.weight"))
+    assert attention in ((None, None), ({"tp": "S(0)"}, {"tp": "S(1)"}))
+    assert close(simulate((graph, strategy, cluster), **options).step_time_s, report.chosen.step_time_s)
+    # the descent goes one storage change at a time from the solver's layouts: it ends within a tenth of a
+    # percent of Megatron's layout on the same degrees and switches (0.827 s against 0.8269), not necessarily below
+    megatron = {**{k: v for k, v in strategy.to_dict().items() if k != "solved_layouts"}, "params": MEGATRON}
+    assert report.chosen.step_time_s <= simulate((graph, megatron, cluster), **options).step_time_s * 1.001
+    monkeypatch.setattr(planner_search, "REFINED_SETTINGS", 0)
+    solved, solved_report = search(graph, cluster, fixed, use_cache=False, **options)
+    assert report.chosen.step_time_s < solved_report.chosen.step_time_s and solved.params != strategy.params
 
 
 # --------------------------------------------------------------------------------------------------
