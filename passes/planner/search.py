@@ -288,6 +288,8 @@ class _Planner:
         self.experts = view.experts(options)
         """The MoE blocks' experts (None: no mixture-of-experts blocks; expert parallelism is not searched)."""
         self.max_microbatches = self._microbatch_limit()
+        self._refinements: dict[int, str] = {}
+        """Candidate id -> what :meth:`_refined` changed in it (a note of the report when it is chosen)."""
 
     def _microbatch_limit(self) -> int:
         """1 where an op normalises with statistics of the whole batch (training BatchNorm: each microbatch
@@ -358,7 +360,8 @@ class _Planner:
         report = SearchReport(chosen, alternatives, self.evaluated, view.solves, self.elapsed(), self.truncated,
                               cluster=self.cluster.name, options=asdict(self.options),
                               layouts=describe_layouts(best_solution) if best_solution.problem.request.mesh.size > 1
-                              else [], notes=self.notes() + self._context_note(feasible))
+                              else [], notes=self.notes() + self._context_note(feasible)
+                              + ([self._refinements[id(chosen)]] if id(chosen) in self._refinements else []))
         _say(self.progress, f"chose {chosen.summary}: {chosen.step_time_s * 1e3:.1f} ms/step, "
                             f"{chosen.max_memory_bytes / 2**30:.1f} GiB peak ({self.evaluated} plans, "
                             f"{self.elapsed():.1f}s)")
@@ -405,6 +408,11 @@ class _Planner:
             return candidate, solution, priced
         better = Candidate(self.strategy_of(setting, shape, refined), candidate.summary, estimate.step_time_s,
                            estimate.max_memory_bytes, estimate.fits, True)
+        before = {t: sbp[0] for t, sbp in solution.param_sbp.items() if sbp[0] != B}
+        changes = ", ".join(f"{t} {before.get(t, B)} -> {stored.get(t, B)}" for t in sorted(set(before) | set(stored))
+                            if before.get(t, B) != stored.get(t, B))
+        self._refinements[id(better)] = (f"refined for the whole step ({candidate.step_time_s:.4g} s -> "
+                                         f"{estimate.step_time_s:.4g} s): {changes}")
         return better, refined, (setting, shape, estimate)
 
     def _storage_trials(self, setting: _Setting, shape: PlanShape, stored: dict, moves: list) -> list:

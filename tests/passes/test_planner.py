@@ -245,6 +245,8 @@ def test_tensor_parallel_layouts_at_real_width_refined_for_the_whole_step(monkey
     attention = (params.get("blocks.*.attn.qkv.weight"), params.get("blocks.*.attn.proj.weight"))
     assert attention in ((None, None), ({"tp": "S(0)"}, {"tp": "S(1)"}))
     assert close(simulate((graph, strategy, cluster), **options).step_time_s, report.chosen.step_time_s)
+    refined = [n for n in report.notes if n.startswith("refined for the whole step")]  # what changed, and the gain
+    assert len(refined) == 1 and f"-> {report.chosen.step_time_s:.4g} s)" in refined[0] and " -> B" in refined[0]
     # the descent goes one storage change at a time from the solver's layouts: it ends within a tenth of a
     # percent of Megatron's layout on the same degrees and switches (0.827 s against 0.8269), not necessarily below
     megatron = {**{k: v for k, v in strategy.to_dict().items() if k != "solved_layouts"}, "params": MEGATRON}
