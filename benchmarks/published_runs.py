@@ -335,8 +335,11 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             auto, published, summary, why = plan_auto(run)
             ratio = auto.step_time_s / published.step_time_s
+            peak = max(published.peak_memory_bytes.values()) / 2**30
             print(f"  {run.label}: {ratio:.2f}x, {'fits' if auto.fits else 'DOES NOT FIT'}: {summary}"
-                  + (f"; gains: {why}" if ratio < 0.9 else ""), flush=True)
+                  + (f"; gains: {why}" if ratio < 0.9 else "")
+                  + ("" if published.fits else f" (the published layout does not fit here: {peak:.1f} GiB at its "
+                                               f"peak, over the memory headroom; auto must fit)"), flush=True)
 
 
 if __name__ == "__main__":
