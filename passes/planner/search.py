@@ -562,17 +562,14 @@ class _Planner:
             return (given,)
         return OVERLAP_CHUNKS if ep > 1 else (1,)
 
-    def _fixed_on(self, setting: _Setting) -> Strategy:
-        """The fixed parts of the strategy on a setting's degrees and vocab-parallel switch."""
-        return replace(self.fixed, mesh=MeshSpec.of({"dp": setting.dp, "tp": setting.tp}),
-                       options=replace(self.fixed.options, vocab_parallel=setting.vocab_parallel))
-
     def solve(self, setting: _Setting, stored: dict | None = None) -> LayoutSolution | None:
         """The tensor-parallel layouts of a setting (None when the fixed parts rule every layout out).
         ``stored``: every sharded parameter's storage (target -> SBP; the others whole), as ``compile()`` solves
         a strategy's layouts (:meth:`_refined`); without it the solver chooses the storage too."""
         tp_group = axis_groups(setting.devices[0], *setting.stage_axes, "tp")[0]
-        pins, hints = self.view.pins_and_hints(self._fixed_on(setting), "tp")
+        chosen = replace(self.fixed, mesh=MeshSpec.of({"dp": setting.dp, "tp": setting.tp}),
+                         options=replace(self.fixed.options, vocab_parallel=setting.vocab_parallel))
+        pins, hints = self.view.pins_and_hints(chosen, "tp")
         pins.update(stored or {})
         try:
             return self.view.layouts(self.cluster, tuple(tp_group), self.options,
