@@ -394,8 +394,8 @@ class _Planner:
         options = solution.storage_options()
         moves = [{target: storage[0]} for target, storages in sorted(options.items()) for storage in storages]
         moves += [dict.fromkeys(group, B) for group in solution.storage_groups()]
-        stored = {t: sbp[0] for t, sbp in solution.param_sbp.items() if sbp[0] != B}
-        refined = None
+        solved = {t: sbp[0] for t, sbp in solution.param_sbp.items() if sbp[0] != B}
+        stored, refined = solved, None
         for _ in range(REFINE_STEPS):
             trials = self._storage_trials(setting, shape, stored, moves)
             exact = [(self.estimator(setting, trial).estimate(shape, exact=True), trial_stored, trial)
@@ -408,9 +408,8 @@ class _Planner:
             return candidate, solution, priced
         better = Candidate(self.strategy_of(setting, shape, refined), candidate.summary, estimate.step_time_s,
                            estimate.max_memory_bytes, estimate.fits, True)
-        before = {t: sbp[0] for t, sbp in solution.param_sbp.items() if sbp[0] != B}
-        changes = ", ".join(f"{t} {before.get(t, B)} -> {stored.get(t, B)}" for t in sorted(set(before) | set(stored))
-                            if before.get(t, B) != stored.get(t, B))
+        changes = ", ".join(f"{t} {solved.get(t, B)} -> {stored.get(t, B)}" for t in sorted(set(solved) | set(stored))
+                            if solved.get(t, B) != stored.get(t, B))
         self._refinements[id(better)] = (f"refined for the whole step ({candidate.step_time_s:.4g} s -> "
                                          f"{estimate.step_time_s:.4g} s): {changes}")
         return better, refined, (setting, shape, estimate)
