@@ -31,6 +31,7 @@ from ir.recompute import RECOMPUTE_ATTR, recompute_regions
 from ir.ops.pipeline_ops import (is_pipelined, microbatch_paths, pipeline_stages, schedule_actions,
                                  stage_index, tied_groups)
 from ir.ops.attention import RING_ATTENTION, runs_ring
+from ir.ops.comm import REGATHER_KWARG
 from ir.ops.moe import DISPATCH, EXCHANGING, OverlappedLayer, exchanges, overlapped_layers
 from ir.ops.registry import LocalContext, balanced_comm_kwargs, local_call, local_shape, sequence_sizes
 from ir.precision import cast_parameter, narrowing_cast, scales_loss
@@ -341,11 +342,13 @@ class ProgramWriter:
 
     def _function(self, signature: str, doc: str, body: list[str]) -> str:
         """A generated function: the dims and coordinates its body reads, then the body. One that gathers
-        sharded parameters saves them as shards for backward (``regathering_params``)."""
+        sharded parameters saves them as shards for backward (``regathering_params``); one that only gathers
+        activations to gather them again in backward, those (``regathering``)."""
         read = _names_read(body)
         preamble = [f"    {d} = dims[{d!r}]" for d in self.dim_names if d in read]
         preamble += [f"    coord_{a} = coord[{a!r}]" for a in self.mesh.axes if f"coord_{a}" in read]
-        decorator = "@regathering_params\n" if "comm_gather_param" in read else ""
+        decorator = ("@regathering_params\n" if "comm_gather_param" in read
+                     else "@regathering\n" if "comm_gather_activation" in read else "")
         doc = "\n".join(("    " + line) if line else line for line in f'"""{doc}"""'.splitlines())
         return f"{decorator}def {signature}:\n{doc}\n" + "\n".join(preamble + body) + "\n"
 
@@ -444,6 +447,8 @@ class ProgramWriter:
                 source = param
             if node.op == "comm.all_gather" and source.kind == "param":
                 func = "comm_gather_param"  # freed after use, gathered again for backward
+            if kwargs.pop(REGATHER_KWARG, False):
+                func = "comm_gather_activation"  # kept as the shard for backward, gathered again there
             x = self._arg(source)
             kw = ", ".join(f"{k}={self._arg(v)}" for k, v in kwargs.items())
             return f"    {outs[0]} = {func}({x}, {kw}){comment}"

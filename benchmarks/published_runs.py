@@ -36,7 +36,8 @@ from compiler.simulate import simulate  # noqa: E402
 from frontend.torch_capture import capture  # noqa: E402
 from ir.core import Graph  # noqa: E402
 from megatron_gpt import MEGATRON_LAYOUT, MegatronConfig, meta_model  # noqa: E402
-from passes.planner.evaluate import BLOCK_COUNT_ATTR  # noqa: E402
+from cost.estimate import PlanOptions  # noqa: E402
+from passes.planner.evaluate import BLOCK_COUNT_ATTR, ModelView  # noqa: E402
 from passes.recompute import mark_recompute  # noqa: E402
 
 CAPTURED_BLOCKS = 2
@@ -110,6 +111,8 @@ class Run:
         if self.tp > 1:
             out["params"] = MEGATRON_LAYOUT
             out["sequence_parallel"] = self.sequence_parallel
+            if self.sequence_parallel:  # Megatron-LM's sequence-parallel linears keep their input's shard
+                out["regather_activations"] = True
         if self.pp > 1:
             out["schedule"] = "interleaved" if self.virtual_stages > 1 else "1f1b"
             if self.virtual_stages > 1:
@@ -267,13 +270,27 @@ def simulate_run(run: Run, strategy: dict | str | None = None):
     return simulate((graph, strategy or run.strategy(), cluster), **run.options())
 
 
+def table4_run(recompute: str, sequence_parallel: bool) -> Run:
+    """Table 4's setting: one 22B model on 8 GPUs, tp 8, microbatch 4."""
+    return Run("table4", "", M22, "dgx-a100:1", 8, 8, 1, 4, 4, recompute, 0.0, sequence_parallel=sequence_parallel)
+
+
 def layer_times(recompute: str, sequence_parallel: bool) -> dict:
     """Table 4: one 22B block's forward and backward milliseconds (tp 8, microbatch 4), collectives
     included; backward includes the recomputed forward."""
-    run = Run("table4", "", M22, "dgx-a100:1", 8, 8, 1, 4, 4, recompute, 0.0, sequence_parallel=sequence_parallel)
-    sim = simulate_run(run)
+    sim = simulate_run(table4_run(recompute, sequence_parallel))
     block = sim.stage_segments[0][2]  # a later block: the first has the boundary collectives of the prologue
     return {"forward_ms": block["forward_s"] * 1e3, "backward_ms": block["backward_s"] * 1e3}
+
+
+def layer_activation_bytes(recompute: str, sequence_parallel: bool) -> float:
+    """Table 4's 22B block: the activation bytes it keeps for each microbatch in flight, as the simulator prices
+    the published layout (Korthikanti et al. section 4: 34·sbh/t with selective recomputation and sequence
+    parallelism, see :func:`cost.memory.megatron_activation_bytes`)."""
+    run = table4_run(recompute, sequence_parallel)
+    graph = captured(run.model, run.recompute == "selective")
+    evaluation = ModelView(graph).evaluate(run.strategy(), Cluster.load(run.cluster), PlanOptions(**run.options()))
+    return evaluation.profile.segments[2].kept_bytes(run.microbatch)  # a later block (as layer_times)
 
 
 def plan_auto(run: Run) -> tuple:

@@ -17,7 +17,7 @@ from cluster import Cluster
 from ir.core import Graph
 from ir.sbp import Split
 from passes import (boxing, context_parallel, decompose, experts, grad_sync, layouts, pipeline, precision,  # noqa: F401
-                    propagate, recompute)  # (register passes)
+                    propagate, recompute, regather)  # (register passes)
 from passes.manager import PassContext, as_calls, run_passes
 from strategy import Strategy
 
@@ -173,14 +173,15 @@ def check_example_inputs(graph: Graph, inputs: tuple) -> None:
 
 def passes_for(strategy: Strategy) -> list[str]:
     """The pass pipeline for a strategy: the casts of its precision first when it names one, attention on
-    sequence shards when it has a cp axis, pipeline cutting and scheduling when it has stages."""
+    sequence shards when it has a cp axis, pipeline cutting and scheduling when it has stages; then the
+    recomputed regions and the gathers kept as shards (no-ops unless the strategy asks)."""
     passes = (["precision"] if strategy.precision is not None else []) + list(DEFAULT_PASSES)
     passes.insert(passes.index("layouts") + 1, "experts")  # a no-op without experts split over an axis
     if strategy.context_parallel > 1:
         passes.insert(passes.index("layouts") + 1, "context_parallel")
     if strategy.is_pipelined:
         passes += PIPELINE_PASSES
-    return passes + ["recompute"]
+    return passes + ["recompute", "regather"]
 
 
 def strategy_was_searched(report: Any) -> bool:

@@ -92,6 +92,8 @@ def _layouts(strategy: Strategy) -> list[str]:
         switches.append(f"sequence parallel {'on' if strategy.sequence_parallel else 'off'}")
         switches.append(f"vocabulary parallel {'on' if strategy.vocab_parallel else 'off'}")
     switches.append(f"fsdp {'over ' + strategy.fsdp_axis if strategy.fsdp_axis else 'off'}")
+    if strategy.regather_activations:
+        switches.append("gathered activations kept as shards, gathered again in backward")
     lines.append("Switches: " + ", ".join(switches))
     return lines
 

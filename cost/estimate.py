@@ -730,26 +730,23 @@ class Estimator:
 
     def _stage_activations(self, shape: PlanShape, k: int, batch: float) -> tuple[float, float]:
         """(bytes per in-flight microbatch, bytes at most once) that stage ``k`` keeps: per microbatch, each
-        segment's activations (or only its input when it recomputes); once, a recomputed segment re-materialised
+        segment's activations (or only its input when it recomputes; where some of its ops recompute, what the
+        others keep and the inputs of the recomputed regions); once, a recomputed segment re-materialised
         during its backward and, with FSDP, one segment's gathered parameters (freed after use, gathered
         again for backward)."""
         prof = self.profile
         segments = shape.segments_of_stage(k, prof.num_layers)
         per_microbatch = rematerialised = gathered = 0.0
         for j in segments:
-            saved = at(prof.segments[j].saved_bytes, batch)
+            segment = prof.segments[j]
             if self.fsdp_analytic(shape):
-                gathered = max(gathered, self.param_sums(prof.segments[j]).nbytes)
-            part = prof.segments[j].recomputed_part
+                gathered = max(gathered, self.param_sums(segment).nbytes)
             if j in shape.recompute:
                 per_microbatch += at(prof.segments[j - 1].output_bytes, batch) if j > 0 else 0.0
-                rematerialised = max(rematerialised, saved)
-            elif part is not None:  # its recomputed ops keep nothing until their backward
-                dropped = min(saved, at(part.saved_bytes, batch))
-                per_microbatch += saved - dropped
-                rematerialised = max(rematerialised, dropped)
+                rematerialised = max(rematerialised, at(segment.saved_bytes, batch))
             else:
-                per_microbatch += saved
+                per_microbatch += segment.kept_bytes(batch)
+                rematerialised = max(rematerialised, segment.rematerialised_bytes(batch))
         if not prof.train:
             return per_microbatch, gathered
         return per_microbatch, rematerialised + gathered

@@ -16,7 +16,7 @@ from a graph the passes have laid out; the planner makes them from its own assig
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -28,7 +28,7 @@ from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
 from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
-from ir.ops.comm import ADJOINTS
+from ir.ops.comm import ADJOINTS, REGATHER_KWARG
 from ir.ops.moe import DISPATCH, EXCHANGING, EXPERT_MM, exchanges
 from ir.ops.schema import SchemaError, arg
 from ir.recompute import RECOMPUTE_ATTR
@@ -108,6 +108,14 @@ class ComputeRecord:
     """``(name, value)`` pairs of the op's arguments its cost depends on (see :func:`cost_attrs`)."""
     param_inputs: tuple = ()
     """Per input, whether it is a parameter (or its gathered copy): not an activation backward keeps."""
+    region_inputs: tuple = ()
+    """For an op of a recomputed region: the activations the region reads from outside through this op (first
+    reads only), as (type, N-D SBP) pairs. The checkpoint keeps them until the region's backward recomputes
+    from them."""
+    kept_sbps: tuple = ()
+    """Per input, the N-D SBP of what backward keeps of it where that differs from how it is read (an activation
+    all-gathered for this op under ``regather_activations`` is kept as the shard it was gathered from), else
+    None; empty: every input is kept as read."""
 
 
 def reads_param(node: Node) -> bool:
@@ -135,28 +143,40 @@ _OUTPUT_SAVED = frozenset({"softmax", "_softmax", "log_softmax", "_log_softmax",
 """Ops whose backward reads their output."""
 
 
+def kept_inputs(op: str, param_inputs: Sequence[bool]) -> tuple[bool, ...]:
+    """Per input of ``op`` (``param_inputs``: which are parameters), whether its backward keeps it: the activation
+    inputs of matmuls, GELU and other nonlinear elementwise ops and attention; a norm's or loss's first activation
+    input (weights, targets and statistics are small); none of an op that keeps its output, a mask or nothing
+    (see :func:`saved_for_backward`)."""
+    name = normalize_op_name(op)
+    if name in _NOTHING_SAVED or name in _MASK_SAVED or name in _OUTPUT_SAVED \
+            or op_category(op) in ("view", "copy", "reduction", "embedding"):
+        return (False,) * len(param_inputs)
+    kept = [not p for p in param_inputs]
+    if op_category(op) in ("norm", "loss") and True in kept:
+        first = kept.index(True)
+        kept = [i == first for i in range(len(kept))]
+    return tuple(kept)
+
+
 def saved_for_backward(record: ComputeRecord) -> tuple[list, list, int]:
     """What autograd keeps of one op for its backward: (types, SBPs, bytes per element override or 0).
-    Activation inputs that are not parameters (matmuls, norms, GELU and other nonlinear elementwise ops,
-    the loss's logits, attention's q/k/v), the output (softmax and ops whose derivative is written with it;
-    attention also keeps its output), a one-byte mask (dropout), or nothing (additions, copies, reductions,
-    views). A value read by two ops counts twice; the all-gathered input of a matmul counts gathered. Ring
-    attention keeps only its own blocks (its record's key/value layouts are those of the work: whole)."""
+    Its :func:`kept_inputs` (as :attr:`ComputeRecord.kept_sbps` says where that is not as read), the output
+    (softmax and ops whose derivative is written with it; attention also keeps its output), a one-byte mask
+    (dropout), or nothing (additions, copies, reductions, views). A value read by two ops counts twice; the
+    all-gathered input of a matmul counts gathered unless it is kept as its shard. Ring attention keeps only
+    its own blocks (its record's key/value layouts are those of the work: whole)."""
     if record.op == RING_ATTENTION:  # its own query, key and value blocks (laid out like the queries) and output
         return [*record.in_types[:3], *record.out_types[:1]], [record.in_sbps[0]] * 3 + list(record.out_sbps[:1]), 0
     name = normalize_op_name(record.op)
-    if name in _NOTHING_SAVED or op_category(record.op) in ("view", "copy", "reduction", "embedding"):
-        return [], [], 0
     if name in _MASK_SAVED:
         return list(record.out_types[:1]), list(record.out_sbps[:1]), 1
-    outputs = name in _OUTPUT_SAVED
-    params = record.param_inputs or (False,) * len(record.in_types)
-    types = [] if outputs else [t for t, p in zip(record.in_types, params) if not p]
-    sbps = [] if outputs else [nd for nd, p in zip(record.in_sbps, params) if not p]
-    if outputs or op_category(record.op) == "attention":
+    kept = kept_inputs(record.op, record.param_inputs or (False,) * len(record.in_types))
+    as_kept = record.kept_sbps or (None,) * len(record.in_types)
+    types = [t for t, k in zip(record.in_types, kept) if k]
+    sbps = [shard or nd for nd, shard, k in zip(record.in_sbps, as_kept, kept) if k]
+    if name in _OUTPUT_SAVED or op_category(record.op) == "attention":
         types, sbps = types + list(record.out_types[:1]), sbps + list(record.out_sbps[:1])
-    if op_category(record.op) in ("norm", "loss"):  # the input; weights, targets and statistics are small
-        types, sbps = types[:1], sbps[:1]
     return types, sbps, 0
 
 
@@ -182,6 +202,11 @@ class CommRecord:
     chunks: int = 1
     """Routed rows exchanged in this many chunks of tokens (``moe_overlap_chunks``), overlapping the layer's
     expert compute (:func:`chunked_exchange_hidden_flops`)."""
+    saved_by: "ComputeRecord | None" = None
+    """For an activation's all-gather whose result backward keeps as the shard (``regather_activations``): the op
+    that saves it. Backward gathers it again, launched ahead of that op's backward (the emitted runtime starts it
+    when backward takes the activation gathered after it in forward), so it is priced under that op's backward
+    work; the one a backward needs first waits for its gather, which this does not price."""
 
 
 @dataclass
@@ -259,6 +284,24 @@ class SegmentCost:
     they keep for backward is alive only while their backward runs), or None."""
     bwd_weight_share: np.ndarray = field(default_factory=lambda: np.zeros(0))
     """Per backward row, the share that computes parameter gradients (:data:`~cost.ops.WEIGHT_GRADIENT_SHARE`)."""
+    region_input_bytes: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    """Bytes of the activations its recomputed ops' regions read from outside (:attr:`ComputeRecord.region_inputs`):
+    kept for each microbatch in flight, while what the recomputed ops save is not."""
+
+    def kept_bytes(self, batch: float) -> float:
+        """Activation bytes it keeps for each microbatch in flight at ``batch`` samples: what its ops save for
+        backward, less what its recomputed ops save (:meth:`rematerialised_bytes`), plus the inputs of its
+        recomputed regions."""
+        if self.recomputed_part is None:
+            return at(self.saved_bytes, batch)
+        return (at(self.saved_bytes, batch) - self.rematerialised_bytes(batch)
+                + at(self.recomputed_part.region_input_bytes, batch))
+
+    def rematerialised_bytes(self, batch: float) -> float:
+        """What its recomputed ops save for backward: alive only while their backward runs."""
+        if self.recomputed_part is None:
+            return 0.0
+        return min(at(self.saved_bytes, batch), at(self.recomputed_part.saved_bytes, batch))
 
     def param_elements(self, trainable_only: bool = False) -> float:
         """Parameter elements one device stores for this segment (``trainable_only``: those with a
@@ -387,13 +430,47 @@ def cost_attrs(node: Node) -> tuple:
     return ()
 
 
-def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, has_grad: bool, recomputed: bool = False
-                   ) -> ComputeRecord:
+def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, has_grad: bool, recomputed: bool = False,
+                   kept_sbps: tuple = ()) -> ComputeRecord:
     """The :class:`ComputeRecord` of ``node`` computed with the given layouts (the op as it costs, see
-    :func:`costed_op`, and its :func:`cost_attrs`); the simulator and the planner both make them here."""
+    :func:`costed_op`, and its :func:`cost_attrs`; ``kept_sbps``: see :attr:`ComputeRecord.kept_sbps`); the
+    simulator and the planner both make them here."""
     return ComputeRecord(costed_op(node), tuple(v.type for v in node.input_values()), tuple(in_sbps),
                          tuple(o.type for o in node.outputs), tuple(out_sbps), has_grad, recomputed,
-                         reads_param(node), cost_attrs(node), param_inputs(node))
+                         reads_param(node), cost_attrs(node), param_inputs(node), kept_sbps=tuple(kept_sbps))
+
+
+def regathers(node: Node) -> bool:
+    """Whether ``node`` is an activation's all-gather whose result backward keeps as the shard and gathers again
+    (``regather_activations``, see :data:`ir.ops.comm.REGATHER_KWARG`)."""
+    return node.op == "comm.all_gather" and bool(node.kwargs.get(REGATHER_KWARG))
+
+
+def _region_inputs(node: Node, seen: set) -> tuple:
+    """For a node of a recomputed region: (type, N-D SBP) of the activations its region reads from outside
+    through it, looked for through the region's own collectives (``seen``: ids already counted; see
+    :attr:`ComputeRecord.region_inputs`)."""
+    region = node.attrs.get(RECOMPUTE_ATTR)
+    out = []
+    for v, is_param in zip(node.input_values(), param_inputs(node)):
+        source = v
+        while source.producer is not None and source.producer.op.startswith(COMM_PREFIX) \
+                and source.producer.attrs.get(RECOMPUTE_ATTR) == region:
+            source = source.producer.input_values()[0]
+        inside = source.producer is not None and source.producer.attrs.get(RECOMPUTE_ATTR) == region
+        if is_param or inside or source.kind in ("param", "buffer") or id(source) in seen:
+            continue
+        seen.add(id(source))
+        out.append((source.type, source.sbp))
+    return tuple(out)
+
+
+def _kept_as_shards(node: Node) -> tuple:
+    """Per input of ``node``, the SBP it was gathered from where a regathering all-gather made it, else None;
+    empty where none did (:attr:`ComputeRecord.kept_sbps`)."""
+    kept = tuple(v.producer.input_values()[0].sbp if v.producer is not None and regathers(v.producer) else None
+                 for v in node.input_values())
+    return kept if any(s is not None for s in kept) else ()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -416,8 +493,11 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
     fwd_kinds, bwd_kinds = [], []
     fwd_ops = bwd_ops = 0
     saved = np.zeros(2)
+    region_inputs = np.zeros(2)
     model = np.zeros(2)
     for record in computes:
+        if record.region_inputs and ctx.train:  # a view too may be where a recomputed region reads its input
+            region_inputs += _local_bytes(*zip(*record.region_inputs), ctx)
         if is_view(record.op):  # no work, but a dispatched op (and a backward node) all the same
             dispatched = op_kind(record.op)[0] not in UNDISPATCHED_OPS
             fwd_ops += dispatched
@@ -453,7 +533,10 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         if record.has_grad and ctx.train:
             items.append(CommItem(ADJOINTS[record.op][len(COMM_PREFIX):], axis, nbytes, True, bwd_hidden,
                                   record.chunks, fsdp=record.param))
-        if kind == "all_gather" and record.has_grad and ctx.train and (record.param or record.overlaps is not None):
+        if kind == "all_gather" and record.has_grad and ctx.train and record.saved_by is not None:
+            # an activation kept as its shard, gathered again under the backward of the op that saved it
+            items.append(CommItem(kind, axis, nbytes, True, _regather_hidden_flops(record.saved_by, ctx)))
+        elif kind == "all_gather" and record.has_grad and ctx.train and (record.param or record.overlaps is not None):
             # a parameter gathered again for backward; a ring's key/value blocks passed around again
             items.append(CommItem(kind, axis, nbytes, True, bwd_hidden, fsdp=record.param))
     output = np.zeros(2)
@@ -465,7 +548,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
                             [r for r in comms if r.recomputed], [], [], ctx, split_recomputed=False)
     return SegmentCost(name, _stack(fwd_flops), _stack(fwd_bytes), _stack(bwd_flops), _stack(bwd_bytes), fwd_ops,
                        bwd_ops, tuple(fwd_kinds), tuple(bwd_kinds), _stack(bwd_sizes), items, saved, output,
-                       list(params), model, part, np.array(weight_shares))
+                       list(params), model, part, np.array(weight_shares), region_inputs)
 
 
 def chunked_exchange_hidden_flops(expert_flops: np.ndarray, chunks: int) -> np.ndarray:
@@ -487,6 +570,11 @@ def _expert_hidden_flops(computes: Sequence[ComputeRecord], comms: Sequence[Comm
     total = sum(work) / layers if work else np.zeros((2, 3))
     return lambda record: (chunked_exchange_hidden_flops(total[:, 0], record.chunks),
                            chunked_exchange_hidden_flops(total[:, 2], record.chunks))
+
+
+def _regather_hidden_flops(saved_by: ComputeRecord, ctx: CostContext) -> np.ndarray:
+    """The backward FLOPs a regathered activation's all-gather runs under: those of the op that saved it."""
+    return ctx.affine(lambda d: np.array(op_work(saved_by, d, ctx.mesh, ctx.precision)))[:, 2]
 
 
 def _hidden_flops(record: CommRecord, ctx: CostContext) -> tuple:
@@ -632,11 +720,15 @@ def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None =
 
 def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
     computes, comms = [], []
+    regathered = {}  # id of a regathered activation -> the index of its all-gather's record, until an op saves it
+    entered = set()  # ids of the activations recomputed regions read from outside, counted once
     for node in nodes:
         has_grad = any(id(o) in grad for o in node.outputs)
         if node.op.startswith(COMM_PREFIX):
             if node.op in ADJOINTS:  # boxing collectives; pipeline transfers are the estimator's
                 source = node.input_values()[0]
+                if regathers(node):
+                    regathered[id(node.outputs[0])] = len(comms)
                 comms.append(CommRecord(node.op, mesh.axis_index(node.kwargs["axis"]), source.type, source.sbp,
                                         has_grad, node.op == "comm.all_gather" and source.kind == "param",
                                         RECOMPUTE_ATTR in node.attrs))
@@ -647,8 +739,15 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
             continue
         ring = node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp)
         record = compute_record(node, _ring_work_layouts(node, mesh) if ring else tuple(v.sbp for v in ins),
-                                tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs)
+                                tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs,
+                                _kept_as_shards(node))
+        if record.recomputed:
+            record = replace(record, region_inputs=_region_inputs(node, entered))
         computes.append(record)
+        for v in ins:
+            if id(v) in regathered:
+                index = regathered.pop(id(v))
+                comms[index] = replace(comms[index], saved_by=record)
         if ring:
             comms += _ring_exchanges(node, mesh, record)
     return computes, comms

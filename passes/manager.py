@@ -39,6 +39,7 @@ PROPERTIES = {
     "stages": "the graph cut into pipeline stages with transfers (graph attr pipeline)",
     "scheduled": "each device's pipeline action list (graph attr schedule)",
     "recompute_marked": "recomputed regions marked on their nodes (node attr recompute)",
+    "regathered": "the all-gathers of activations backward keeps as shards marked (kwarg regather=True)",
     "precision_cast": "the casts of the strategy's mixed precision, where torch.autocast makes them (graph attr "
                       "precision: the plan's param, compute and reduce dtypes)",
 }

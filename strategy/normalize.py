@@ -192,9 +192,10 @@ class _Reader:
 
     # -- options
     def options(self, strategy: dict, axes: list[str] | None) -> Options:
-        """Sequence and vocabulary parallelism, fsdp and the gradient bucket size."""
+        """Sequence and vocabulary parallelism, solved layouts, regathered activations, fsdp, the gradient
+        bucket size, context-parallel attention and MoE overlap chunks."""
         switches = {}
-        for key in ("sequence_parallel", "vocab_parallel", "solved_layouts"):
+        for key in ("sequence_parallel", "vocab_parallel", "solved_layouts", "regather_activations"):
             if key in strategy:
                 value = strategy[key]
                 _expect(isinstance(value, bool) or value == AUTO, (key, VALUE),

@@ -170,6 +170,11 @@ class Options:
     """Expert parallelism: each MoE layer's tokens dispatched and combined in this many chunks, so the
     all-to-all of one chunk runs while the experts compute another (FSMoE-style overlap, forward and
     backward). Default 1 (one all-to-all each way)."""
+    regather_activations: bool | Auto | None = None
+    """An activation all-gathered for an op that saves it for backward (sequence parallelism's norm outputs
+    entering the tensor-parallel matmuls) is kept as this rank's shard and gathered again in backward, as
+    Megatron-LM's sequence-parallel linear layers do: its share of activation memory shrinks by the tensor degree,
+    for one more all-gather in backward. Default off; ``auto`` lets the planner decide."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +356,11 @@ class Strategy:
     def fsdp_axis(self) -> str | None:
         """The axis parameters are sharded over, or None."""
         return self.options.fsdp if self.options.fsdp not in (None, AUTO) else None
+
+    @property
+    def regather_activations(self) -> bool:
+        """Whether gathered activations are kept as shards for backward and gathered again there."""
+        return self.options.regather_activations is True
 
     @property
     def moe_overlap_chunks(self) -> int:

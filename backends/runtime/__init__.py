@@ -1,6 +1,6 @@
 """The runtime of emitted programs, one module per feature, and the selection of what a program carries.
 
-The modules of this package (``core``, ``collectives``, ``context_parallel``, ``moe``, ``fsdp``, ``grad_sync``,
+The modules of this package (``core``, ``collectives``, ``regather``, ``context_parallel``, ``moe``, ``fsdp``, ``grad_sync``,
 ``faults``, ``controls``, ``loss_scaling``, ``data``, ``checkpoint``, ``loop``, ``progress``, ``training``,
 ``split_backward``, ``pipeline``) are never imported by a program: they are the source the code generator copies from. A program
 is two files: ``main.py`` (the plan's own code: its ``forward`` or stage functions and its entry line) and
@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ORDER = ("core", "collectives", "context_parallel", "moe", "fsdp", "kernels", "grad_sync", "faults", "controls", "loss_scaling", "data",
+ORDER = ("core", "collectives", "regather", "context_parallel", "moe", "fsdp", "kernels", "grad_sync", "faults", "controls", "loss_scaling", "data",
          "checkpoint", "loop", "progress", "training", "split_backward", "pipeline")
 """The pieces, in the order a program shows them (a piece comes after those it imports from)."""
 PLAN = "plan"

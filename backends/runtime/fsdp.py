@@ -24,15 +24,14 @@ parameter unrounded, in its own dtype.
 """
 import functools
 import re
-import weakref
 
 import torch
 import torch.distributed as dist
 
 from .collectives import _all_gather
 from .core import GROUPS
+from .regather import regathering, remember_gather
 
-GATHERED = {}  # storage address -> (shard, axis, dim, dtype, weak reference to the gathered tensor, forward position)
 LAYER_PREFIX = re.compile(r"^(.*?[._]\d+)(?:[._]|$)")  # a name up to its first index: blocks.0, layers_3
 
 
@@ -273,35 +272,29 @@ def comm_gather_param(shard, axis, dim, dtype=None, grad_dtype=None):
         full, position = PREFETCH.forward_gather(shard, axis, dim, dtype, grad_dtype)
     else:  # outside a regathering forward (a recomputed region): alone, now
         full, position = GatherShard.apply(shard, axis, dim, dtype, grad_dtype), None
-    GATHERED[full.untyped_storage().data_ptr()] = (shard.detach(), axis, dim, dtype, weakref.ref(full), position)
+    remember_gather(full, functools.partial(_backward_gather, shard.detach(), axis, dim, dtype, position))
     return full
 
 
-def pack_saved(tensor):
-    entry = GATHERED.get(tensor.untyped_storage().data_ptr())
-    if entry is None or entry[4]() is None or PREFETCH.keeps(entry[5]):
-        return tensor
-    shard, axis, dim, dtype, _, position = entry
-    return ("regather", shard, axis, dim, dtype, position, tensor.size(), tensor.stride(), tensor.storage_offset())
-
-
-def unpack_saved(packed):
-    if not (isinstance(packed, tuple) and packed and packed[0] == "regather"):
-        return packed
-    _, shard, axis, dim, dtype, position, size, stride, offset = packed
-    return PREFETCH.backward_gather(shard, axis, dim, dtype, position).as_strided(size, stride, offset)
+def _backward_gather(shard, axis, dim, dtype, position):
+    """What makes a gathered parameter again in backward (from its prefetched segment), or None where forward's
+    last segment keeps it."""
+    if PREFETCH.keeps(position):
+        return None
+    return functools.partial(PREFETCH.backward_gather, shard, axis, dim, dtype, position)
 
 
 def regathering_params(function):
     """Run ``function`` (a forward pass or a stage's, its first argument the parameters by name) saving the
-    parameters it gathers as shards (see comm_gather_param)."""
+    parameters it gathers (and any activation gathered with ``comm_gather_activation``) as shards (see
+    comm_gather_param and ``regathering``)."""
+    saving_shards = regathering(function)
+
     @functools.wraps(function)
     def run(p, *args, **kwargs):
-        GATHERED.clear()
         PREFETCH.start_forward(p)
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack_saved, unpack_saved):
-                return function(p, *args, **kwargs)
+            return saving_shards(p, *args, **kwargs)
         finally:
             PREFETCH.phase = None
     return run

@@ -22,6 +22,7 @@ STATEMENTS = (
     "strategy", "mesh", "param", "activation", "sequence_parallel", "vocab_parallel", "solved_layouts", "fsdp",
     "stages", "stage", "microbatches", "schedule", "virtual_stages", "skip_ratio", "recompute",
     "grad_bucket_bytes", "precision", "cp_attention", "moe_overlap_chunks",
+    "regather_activations",
 )
 """The words that start a statement."""
 
@@ -210,6 +211,9 @@ class _PlanBuilder:
 
     def _add_solved_layouts(self, keyword: lark.Token, switch: lark.Tree | None) -> None:
         self._add_switch("solved_layouts", keyword, switch)
+
+    def _add_regather_activations(self, keyword: lark.Token, switch: lark.Tree | None) -> None:
+        self._add_switch("regather_activations", keyword, switch)
 
     def _add_switch(self, key: str, keyword: lark.Token, switch: lark.Tree | None) -> None:
         self.claim((key,), keyword, key)

@@ -52,6 +52,9 @@ def _option_lines(options: Options) -> Iterator[str]:
         yield f"cp_attention {options.cp_attention}"
     if options.moe_overlap_chunks is not None:
         yield f"moe_overlap_chunks {options.moe_overlap_chunks}"
+    if options.regather_activations is not None:
+        yield {True: "regather_activations", False: "regather_activations off",
+               AUTO: "regather_activations auto"}[options.regather_activations]
 
 
 def _pipeline_lines(pipeline: Pipeline) -> Iterator[str]:

@@ -26,6 +26,11 @@ LOCAL_COMM_OPS = ("comm.slice", "comm.mask")
 ADJOINTS = {"comm.all_reduce": "comm.all_reduce", "comm.all_gather": "comm.reduce_scatter",
             "comm.reduce_scatter": "comm.all_gather", "comm.all_to_all": "comm.all_to_all"}
 """The collective backward runs for each communicating ``comm`` op (the table above)."""
+REGATHER_KWARG = "regather"
+"""``regather=True`` on a ``comm.all_gather`` of an activation: the ops that save its result for their backward
+keep this rank's shard instead, and backward gathers it again where they need it (the strategy's
+``regather_activations``, marked by the ``boxing`` pass). Values are unchanged; activation memory shrinks, and
+backward runs one more all-gather."""
 GRADIENT_REDUCING = ("comm.all_reduce", "comm.all_gather")
 """The ops whose adjoint sums partial gradients across ranks; ``grad_dtype=`` (a ``torch.dtype``) names
 the dtype that sum runs in (the plan's precision ``reduce``; absent: the gradient's own dtype)."""

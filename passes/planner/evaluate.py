@@ -135,16 +135,17 @@ class ModelView:
         return self._solved[key]
 
     def profile(self, solution: LayoutSolution, data_parallel: int, options: PlanOptions,
-                context_parallel: int = 1) -> Profile:
-        """The profile of solved layouts, for ``data_parallel`` replicas of ``context_parallel`` ranks each."""
-        key = (id(solution), context_parallel)
+                context_parallel: int = 1, regather: bool = False) -> Profile:
+        """The profile of solved layouts, for ``data_parallel`` replicas of ``context_parallel`` ranks each
+        (``regather``: see :func:`~passes.planner.intra_op.layout_profile`)."""
+        key = (id(solution), context_parallel, regather)
         if key not in self._profiles:
             if context_parallel > 1:  # the layouts' profile, with the ring's exchange
-                plain = self.profile(solution, 1, options)
+                plain = self.profile(solution, 1, options, regather=regather)
                 self._profiles[key] = with_ring_attention(plain, solution, context_parallel)
             else:
                 self._profiles[key] = layout_profile(solution, data_parallel=1, global_batch=self.global_batch(options),
-                                                     num_layers=self.num_layers)
+                                                     num_layers=self.num_layers, regather=regather)
         return replace(self._profiles[key], batch_divisor=data_parallel * context_parallel)
 
     @functools.cached_property
@@ -171,7 +172,8 @@ class ModelView:
         tp_axis = strategy.tensor_axis
         solution = self.strategy_layouts(strategy, cluster, options, shape)
         ep = shape.size(EXPERT_AXIS)
-        profile = self.profile(solution, shape.size(DATA_AXIS) * ep, options, shape.size(CONTEXT_AXIS))
+        profile = self.profile(solution, shape.size(DATA_AXIS) * ep, options, shape.size(CONTEXT_AXIS),
+                               strategy.regather_activations)
         if tp_axis and tp_axis != TENSOR_AXIS:
             profile = _rename_axis(profile, TENSOR_AXIS, tp_axis)
         if ep > 1 and self.experts(options) is not None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cluster import Cluster, Device
 from cost.boxing import ClusterBoxingCost
 from cost.collectives import collective_time
 from cost.ops import Precision, compute_seconds, peak_flops
-from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape, op_kind,
-                           op_work, param_record, segment_cost)
+from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape,
+                           kept_inputs, op_kind, op_work, param_inputs, param_record, segment_cost)
 from ir.core import Graph, Node, Value
 from ir.recompute import RECOMPUTE_ATTR
 from ir.gradients import values_with_grad
@@ -406,10 +406,12 @@ def solve_layouts(graph: Graph, structure: LayerStructure, request: LayoutReques
 
 
 def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: int,
-                   num_layers: int | None = None) -> Profile:
+                   num_layers: int | None = None, regather: bool = False) -> Profile:
     """The :class:`Profile` of solved layouts: ``pre``, block 0, blocks 1.. (one shared cost), ``post``
     (``num_layers`` blocks in all, default the captured number). Ops the graph marks recomputed
     (``attrs["recompute"]``, e.g. by :func:`passes.recompute.mark_recompute`) form each segment's recomputed part.
+    ``regather``: activations all-gathered for an op that saves them are kept as shards and gathered again in
+    backward (the strategy's ``regather_activations``, as the ``regather`` pass marks them).
 
     The solved mesh prices one data-parallel replica; data parallelism (``data_parallel`` replicas, the
     batch split between them) is added by the estimator.
@@ -417,12 +419,14 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     problem = result.problem
     req = problem.request
     ctx = CostContext(req.mesh, {k: v for k, v in req.dims.items() if k != BATCH_SYMBOL}, req.precision, req.train)
-    computes = {PRE: [], "block": [], POST: []}
-    for unit in problem.units:
-        ins, outs = result.node_choice[unit.node.name]
-        node = unit.node
-        computes[unit.segment].append(compute_record(node, ins, outs, any(id(o) in problem.grad for o in node.outputs),
-                                                     RECOMPUTE_ATTR in node.attrs))
+    records_of = [compute_record(unit.node, *result.node_choice[unit.node.name],
+                                 any(id(o) in problem.grad for o in unit.node.outputs), RECOMPUTE_ATTR in unit.node.attrs)
+                  for unit in problem.units]
+    entered: set = set()
+    for unit_index, unit in enumerate(problem.units):
+        if RECOMPUTE_ATTR in unit.node.attrs:
+            records_of[unit_index] = replace(records_of[unit_index],
+                                             region_inputs=_region_inputs(result, unit.node, entered))
     comms = {key: [] for key in (PRE, "first", "rest", POST)}
     for unit_index, position, value, src, weight, boundary in _boxings(result):
         unit = problem.units[unit_index]
@@ -431,8 +435,17 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
                               op == "comm.all_gather" and value.kind == "param")
                    for axis, op, _, before in _steps_with_sources(problem.boxing_steps(value, src, dst), src)
                    if op not in LOCAL_COMM_OPS]
+        if regather and _regathered(unit.node, position, value, records, problem.grad):
+            saver = records_of[unit_index]
+            kept = list(saver.kept_sbps or [None] * len(saver.in_types))
+            kept[position] = records[-1].sbp  # kept as the shard its last all-gather started from
+            records_of[unit_index] = replace(saver, kept_sbps=tuple(kept))
+            records[-1] = replace(records[-1], saved_by=saver)
         for key in _comm_keys(unit.segment, boundary):
             comms[key].extend(records)
+    computes = {PRE: [], "block": [], POST: []}
+    for unit, record in zip(problem.units, records_of):
+        computes[unit.segment].append(record)
     params = _param_records(result, ctx)
     outputs = _segment_outputs(result)
     segments = [segment_cost(PRE, computes[PRE], comms[PRE], params[PRE], outputs[PRE], ctx)]
@@ -449,6 +462,32 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     if not result.solution.exact:
         profile.notes.append("the layout DP hit its state limit; layouts are near-optimal, not proven optimal")
     return profile
+
+
+def _region_inputs(result: LayoutSolution, node: Node, seen: set) -> tuple:
+    """For an op of a recomputed region: (type, N-D SBP) of the activations its region reads from outside through
+    it, as their producers lay them out (``seen``: ids already counted; see :attr:`ComputeRecord.region_inputs`)."""
+    region = node.attrs[RECOMPUTE_ATTR]
+    ins = result.node_choice[node.name][0]
+    out = []
+    for position, (v, is_param) in enumerate(zip(node.input_values(), param_inputs(node))):
+        producer = v.producer
+        if is_param or v.kind in ("param", "buffer") or id(v) in seen \
+                or (producer is not None and producer.attrs.get(RECOMPUTE_ATTR) == region):
+            continue
+        seen.add(id(v))
+        choice = result.node_choice.get(producer.name) if producer is not None else None
+        out.append((v.type, choice[1][producer.outputs.index(v)] if choice else ins[position]))
+    return tuple(out)
+
+
+def _regathered(node: Node, position: int, value: Value, records: list, grad: set) -> bool:
+    """Whether the conversion of ``node``'s input ``position`` (``value``, by ``records``) ends in an all-gather
+    of an activation that ``node`` saves for backward, which ``regather_activations`` keeps as the shard (the
+    ``regather`` pass's rule: not for a recomputed op)."""
+    return (bool(records) and records[-1].op == "comm.all_gather" and value.kind not in ("param", "buffer")
+            and id(value) in grad and RECOMPUTE_ATTR not in node.attrs
+            and kept_inputs(node.op, param_inputs(node))[position])
 
 
 def _comm_keys(segment: str, boundary: str) -> list[str]:

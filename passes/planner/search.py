@@ -53,7 +53,7 @@ from strategy import AUTO, Layout, MeshSpec, Options, Pipeline, Strategy, Strate
 
 LOG = logging.getLogger("sbpc.planner")
 CACHE_DIR_VARIABLE = "SBPC_CACHE_DIR"
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 REFINED_SETTINGS = 3
 """The best plans of this many settings (degrees and switches) are refined after exact pricing: the storage of
 the parameters the layout solver chose is changed while that makes the step faster (:meth:`_Planner._refined`)."""
@@ -257,6 +257,8 @@ class _Setting:
     """Ranks of ``dp`` the MoE experts are folded over (the mesh ``dp / ep, ep, tp``); 1: no expert parallelism."""
     chunks: int = 1
     """``moe_overlap_chunks``: chunks of tokens each MoE layer's all-to-alls run in (with ``ep > 1``)."""
+    regather: bool = False
+    """``regather_activations``: sequence parallelism's gathered norm outputs kept as shards for backward."""
 
     @property
     def stage_axes(self) -> tuple[tuple, tuple]:
@@ -334,7 +336,8 @@ class _Planner:
                     ranked.append((quick.step_time_s, shape, setting, solution))
             best = min((r[0] for r in ranked), default=math.inf)
             _say(self.progress, f"  tp={setting.tp} pp={setting.pp} dp={setting.dp} sp={setting.sequence_parallel} "
-                                f"vp={setting.vocab_parallel}: {self.evaluated} plans priced, best so far "
+                                f"vp={setting.vocab_parallel}{' regather' if setting.regather else ''}: "
+                                f"{self.evaluated} plans priced, best so far "
                                 f"{best * 1e3:.1f} ms ({self.elapsed():.1f}s)")
         if not ranked and self.evaluated == 0:
             raise SearchError(self.why_nothing_was_priced())
@@ -518,7 +521,9 @@ class _Planner:
                         for chunks in self._overlap_chunks(ep):
                             for sp in _switch(self.fixed.options.sequence_parallel, tp > 1):
                                 for vp in _switch(self.fixed.options.vocab_parallel, tp > 1):
-                                    yield _Setting(tp, pp, dp, sp, vp, devices, cp=cp, ep=ep, chunks=chunks)
+                                    for regather in _switch(self.fixed.options.regather_activations, sp):
+                                        yield _Setting(tp, pp, dp, sp, vp, devices, cp=cp, ep=ep, chunks=chunks,
+                                                       regather=regather)
 
     def _context_degrees(self, mesh: MeshSpec | None, ranks: int, pp: int) -> list[int]:
         """The cp degrees to try on ``ranks`` devices of each of ``pp`` pipeline positions: those the fixed mesh
@@ -580,9 +585,9 @@ class _Planner:
 
     def estimator(self, setting: _Setting, solution: LayoutSolution) -> Estimator:
         """The estimator of a setting's profile (one per layouts and data-parallel degree)."""
-        key = (id(solution), setting.dp, setting.cp, setting.ep, setting.chunks)
+        key = (id(solution), setting.dp, setting.cp, setting.ep, setting.chunks, setting.regather)
         if key not in self._estimators:
-            profile = self.view.profile(solution, setting.dp, self.options, setting.cp)
+            profile = self.view.profile(solution, setting.dp, self.options, setting.cp, setting.regather)
             if setting.ep > 1:
                 profile = with_expert_parallelism(profile, self.experts, setting.ep, self.options.moe_imbalance,
                                                   setting.chunks)
@@ -690,7 +695,8 @@ class _Planner:
                           solved_layouts=_solved_layouts(self.fixed.options.solved_layouts, tensor_parallel),
                           fsdp=shape.fsdp_axis, grad_bucket_bytes=self.fixed.options.grad_bucket_bytes,
                           cp_attention="ring" if setting.cp > 1 else None,
-                          moe_overlap_chunks=setting.chunks if setting.chunks > 1 else self.fixed.options.moe_overlap_chunks)
+                          moe_overlap_chunks=setting.chunks if setting.chunks > 1 else self.fixed.options.moe_overlap_chunks,
+                          regather_activations=setting.regather or None)
         pipeline = Pipeline(microbatches=shape.microbatches, skip_ratio=self.fixed.pipeline.skip_ratio)
         if setting.pp > 1:
             ranks = setting.dp * setting.cp * setting.tp
@@ -784,6 +790,8 @@ def _summary(setting: _Setting, shape: PlanShape) -> str:
     if setting.tp > 1:
         parts.append(f"sequence_parallel={'on' if setting.sequence_parallel else 'off'}")
         parts.append(f"vocab_parallel={'on' if setting.vocab_parallel else 'off'}")
+    if setting.regather:
+        parts.append("regather_activations=on")
     if shape.fsdp_axis:
         parts.append("fsdp" if shape.fsdp_axis == DATA_AXIS else f"fsdp over {shape.fsdp_axis}")
     if setting.pp > 1:
@@ -858,7 +866,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     sums = [estimator.param_sums(segment) for segment in prof.segments]
     edge_time = sum(sum(work[j]) for j in edges)
     edge_params = sum(sums[j].elements for j in edges)
-    edge_saved = sum(at(prof.segments[j].saved_bytes, batch) for j in edges)
+    edge_saved = sum(prof.segments[j].kept_bytes(batch) for j in edges)
     blocks = range(1, layers + 1)
 
     def prefix(values) -> np.ndarray:
@@ -870,8 +878,8 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     params = prefix(sums[j].elements for j in blocks)
     trainable = prefix(sums[j].trainable for j in blocks)
     edge_trainable = sum(sums[j].trainable for j in edges)
-    saved_each = [at(prof.segments[j].saved_bytes, batch) for j in blocks]
-    saved = prefix(saved_each)
+    saved = prefix(prof.segments[j].kept_bytes(batch) for j in blocks)
+    rematerialised = max((at(prof.segments[j].saved_bytes, batch) for j in blocks), default=0.0)
     inputs = prefix(at(prof.segments[j - 1].output_bytes, batch) for j in blocks)
     fsdp = estimator.fsdp_analytic(shape)
     if fsdp:  # the gathered parameters are kept for backward, as the compiled program does
@@ -888,7 +896,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
     stored = estimator.param_element_bytes  # frozen parameters: stored, without gradient or optimizer state
     state = elements * stored + trained * (_bytes_per_param(estimator, shape) - stored)
     plain_memory = state + in_flight * (saved[last + 1] - saved[first] + edge_saved)
-    rc_memory = state + in_flight * (inputs[last + 1] - inputs[first] + edge_saved) + max(saved_each, default=0.0)
+    rc_memory = state + in_flight * (inputs[last + 1] - inputs[first] + edge_saved) + rematerialised
     seconds = total[last + 1] - total[first] + edge_time
     out = np.where(plain_memory <= limit, seconds,
                    np.where(rc_memory <= limit, seconds + forward[last + 1] - forward[first], math.inf))

@@ -34,6 +34,7 @@ PLANS = {  # name: (model, inputs, ranks, strategy)
     "fsdp": (gpt_model, gpt_inputs, 4, "fsdp"),
     "dp_tp": (gpt_model, gpt_inputs, 4, TP),
     "dp_tp_sp_vocab": (gpt_model, gpt_inputs, 4, {**TP, "sequence_parallel": True, "vocab_parallel": True}),
+    "dp_tp_sp_regather": (gpt_model, gpt_inputs, 4, {**TP, "sequence_parallel": True, "regather_activations": True}),
     "pipeline_1f1b": (gpt_model, gpt_inputs, 2, {"mesh": {"pp": 2}, "microbatches": 4, "schedule": "1f1b"}),
     "pipeline_interleaved": (lambda: gpt_model(n_layer=4), gpt_inputs, 4,
                              {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4,
@@ -170,11 +171,14 @@ def test_main_py_holds_the_plans_own_code_and_imports_the_runtime_by_name(progra
 
 
 def test_features_come_with_the_plans_that_use_them(programs):
-    """FSDP's regathering, gradient buckets, recomputation, local kernels and loss scaling appear only where
+    """FSDP's and activations' regathering, gradient buckets, recomputation, local kernels and loss scaling appear only where
     used."""
     names = {name: defined_names(program.runtime) for name, program in programs.items()}
     assert "comm_gather_param" in names["fsdp"] and "comm_gather_param" not in names["dp"]
     assert "@regathering_params\ndef forward(" in programs["fsdp"].main
+    assert "@regathering\ndef forward(" in programs["dp_tp_sp_regather"].main  # activations kept as shards
+    assert "comm_gather_activation" in names["dp_tp_sp_regather"]
+    assert not any("comm_gather_activation" in names[name] for name in names if name != "dp_tp_sp_regather")
     assert "OverlappedGradientSync" in names["dp"] and "OverlappedGradientSync" not in names["fsdp"]
     assert programs["dp"].main.endswith("main(forward, gradient_syncs=[OverlappedGradientSync], description=__doc__)\n")
     assert programs["fsdp"].main.endswith("    main(forward, description=__doc__)\n")

@@ -26,6 +26,10 @@ CONFIGS = {
     "gpt-pp2xdp2-1f1b": ("gpt", 4, {"mesh": {"pp": 2, "dp": 2}, "stages": ["blocks.2"], "microbatches": 4}),
     "gpt-pp2xtp2-1f1b-recompute": ("gpt", 4, {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4,
                                               "recompute": True}),
+    # activations kept as sequence shards and gathered again in backward, under a split (zero-bubble) backward
+    "gpt-pp2xtp2-zbv-sp-regather": ("gpt", 4, {"mesh": {"pp": 2, "tp": 2}, "params": MEGATRON, "microbatches": 4,
+                                               "schedule": "zbv", "sequence_parallel": True,
+                                               "regather_activations": True}),
     "gpt-pp4-skippipe": ("gpt", 4, {"mesh": {"pp": 4}, "stages": ["blocks.1", "blocks.2", "blocks.3"],
                                     "microbatches": 4, "skip_ratio": 0.25}),
 }

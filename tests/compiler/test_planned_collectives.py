@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from cost.segments import Profile, at, ir_profile, is_view
 from frontend.torch_capture import capture
 from ir.sbp import format_nd_sbp
 from passes.planner.evaluate import ModelView
+from passes.recompute import mark_recompute
 from tests.models import gpt, gpt_inputs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
@@ -76,3 +78,34 @@ def test_compiled_ir_holds_the_layouts_and_collectives_the_planner_priced(cluste
     assert "solved_layouts" in plan.to_dsl()
     if cluster_name == "dgx-a100:2":
         assert compile(model, inputs, cluster=cluster, strategy=plan.to_dsl()).ir == plan.ir
+
+
+@pytest.mark.parametrize("recompute, regathered", [(False, 4), (["blocks.*.mlp"], 2)], ids=["plain", "mlp_recomputed"])
+def test_regathered_activations_are_priced_as_the_program_runs_them(recompute, regathered):
+    """With ``regather_activations`` the planner prices what the compiled IR runs: sequence parallelism's gathered
+    norm outputs saved as shards (less activation memory per block) and gathered once more in backward; a
+    recomputed MLP keeps its region's input (the norm output's shard) and gathers it inside the region instead."""
+    cluster = Cluster.load("dgx-a100:2")
+    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_embd=1024, n_head=16, block_size=64, vocab_size=512))
+    inputs = gpt_inputs(batch=16, seq=16)
+    graph = capture(model, inputs, train=True).graph
+    graph.attrs["example_dims"] = {"batch": 16, "seq": 16}
+    strategy = {"mesh": {"dp": 4, "tp": 4}, "sequence_parallel": True, "solved_layouts": True,
+                "regather_activations": True, "recompute": recompute}
+    plan = compile(model, inputs, cluster=cluster, strategy=strategy)
+    assert sum(n.kwargs.get("regather", False) for n in plan.graph.nodes) == regathered  # matmul inputs kept
+    if recompute:  # the planner prices a module's recomputation from the marks on its graph (as selective rows do)
+        mark_recompute(graph, recompute)
+    view = ModelView(graph)
+    priced = view.evaluate(replace(plan.strategy, recompute=False), cluster).profile
+    compiled = ir_profile(plan.graph, Precision.of("fp32"))
+    assert tensor_collectives(compiled, "tp", 16) == tensor_collectives(priced, "tp", 4)
+    assert [s.kept_bytes(16) for s in compiled.segments] == [s.kept_bytes(4) for s in priced.segments]
+    if recompute:
+        return
+    block = tensor_collectives(compiled, "tp", 16)[1]
+    # a block's backward: the adjoints of its two reduce-scatters, and its two saved inputs gathered again
+    assert block[("all_gather", True, 262144)] == 4 and block[("reduce_scatter", False, 262144)] == 2
+    whole = view.evaluate({**strategy, "regather_activations": False}, cluster).profile
+    # each block keeps its two gathered inputs (16 x 16 x 1024 fp32) as quarters: 3/4 of 2 MiB less
+    assert whole.segments[1].kept_bytes(4) - priced.segments[1].kept_bytes(4) == 2 * 3 / 4 * 4 * 16 * 1024 * 4

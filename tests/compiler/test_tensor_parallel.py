@@ -28,6 +28,8 @@ def strategies(params: dict) -> dict:
         "tp4": (4, {"mesh": {"tp": 4}, "params": tp(params)}),
         "dp2_tp2": (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(params)}),
         "tp2_sp": (2, {"mesh": {"tp": 2}, "params": tp(params), "sequence_parallel": True}),
+        "tp2_sp_regather": (2, {"mesh": {"tp": 2}, "params": tp(params), "sequence_parallel": True,
+                                "regather_activations": True}),
         "tp2_vocab": (2, {"mesh": {"tp": 2}, "params": tp(params), "vocab_parallel": True}),
         "fsdp4": (4, "fsdp"),
     }

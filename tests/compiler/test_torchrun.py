@@ -26,6 +26,8 @@ DATA_PARALLEL = [2, 4]
 SHARDED = {
     "tp2": (2, {"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON)}),
     "dp2_tp2_vocab": (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}),
+    "dp2_tp2_sp_regather": (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "sequence_parallel": True,
+                                "regather_activations": True}),
     "fsdp4": (4, "fsdp"),
     "dp2_tp2_recompute_mlp": (4, {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON),
                                   "recompute": ["blocks.*.mlp"]}),

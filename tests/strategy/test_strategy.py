@@ -23,6 +23,7 @@ EVERY_KEY = {
     "cp_attention": "a2a",
     "solved_layouts": True,
     "moe_overlap_chunks": 2,
+    "regather_activations": True,
     "stage_layers": [[0, 1], [2, 3]],
     "stage_devices": [[0, 1, 2, 3], [4, 5, 6, 7]],
     "microbatches": 4,
@@ -39,7 +40,7 @@ def test_every_key_reads_into_its_typed_field_and_back():
     assert strategy.mesh == MeshSpec(("pp", "dp", "tp"), (2, 2, 2))
     assert strategy.params[0] == Layout("blocks.*.attn.qkv.weight", (("tp", Split(0)),))
     assert strategy.params[1].sbp == AUTO and strategy.params[1].on("tp") == AUTO
-    assert strategy.options == Options(True, False, "dp", 1 << 20, "a2a", True, 2)
+    assert strategy.options == Options(True, False, "dp", 1 << 20, "a2a", True, 2, True)
     assert strategy.pipeline == Pipeline(None, ((0, 1), (2, 3)), ((0, 1, 2, 3), (4, 5, 6, 7)), 4, "gpipe", None, 0.25)
     assert strategy.recompute == ("blocks.*.mlp",)
     assert strategy.precision == PrecisionSpec("fp32", "bf16", "bf16") and strategy.precision.shorthand is None
@@ -47,6 +48,7 @@ def test_every_key_reads_into_its_typed_field_and_back():
     assert Strategy.from_dict(strategy.to_dict()) == strategy
     assert strategy.tensor_axis == "tp" and strategy.sequence_parallel and not strategy.vocab_parallel
     assert strategy.fsdp_axis == "dp" and strategy.positions == 2 and strategy.is_pipelined
+    assert strategy.regather_activations
 
 
 def test_strategies_are_frozen_values():
