@@ -76,9 +76,9 @@ def ranking_plans(megatron: dict) -> dict:
             "DP x TP": (4, {**megatron, "mesh": {"dp": 2, "tp": 2}})}
 
 
-def measure(workdir: Path, steps: int, ranks: int) -> float:
-    """Median seconds per step of the program emitted in ``workdir``, under torchrun (gloo, ``ranks`` CPU ranks,
-    each with the threads calibration gave it)."""
+def run_program(workdir: Path, steps: int, ranks: int) -> list[dict]:
+    """The --metrics records of the program emitted in ``workdir``, run for ``steps`` steps under torchrun (gloo,
+    ``ranks`` CPU ranks, each with the threads calibration gives it)."""
     metrics = workdir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(ranks))}
@@ -87,7 +87,12 @@ def measure(workdir: Path, steps: int, ranks: int) -> float:
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the emitted program failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    seconds = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def measure(workdir: Path, steps: int, ranks: int) -> float:
+    """Median seconds per step of the program emitted in ``workdir`` after warm-up (see :func:`run_program`)."""
+    seconds = [record["seconds"] for record in run_program(workdir, steps, ranks)]
     return statistics.median(seconds[WARMUP_STEPS:] or seconds)
 
 

@@ -446,13 +446,13 @@ def regathers(node: Node) -> bool:
     return node.op == "comm.all_gather" and bool(node.kwargs.get(REGATHER_KWARG))
 
 
-def _region_inputs(node: Node, seen: set) -> tuple:
+def region_inputs(node: Node, seen: set, layout_of) -> tuple:
     """For a node of a recomputed region: (type, N-D SBP) of the activations its region reads from outside
-    through it, looked for through the region's own collectives (``seen``: ids already counted; see
-    :attr:`ComputeRecord.region_inputs`)."""
+    through it, looked for through the region's own collectives (``seen``: ids already counted; ``layout_of(value,
+    position)``: the layout a value entering at input ``position`` has). See :attr:`ComputeRecord.region_inputs`."""
     region = node.attrs.get(RECOMPUTE_ATTR)
     out = []
-    for v, is_param in zip(node.input_values(), param_inputs(node)):
+    for position, (v, is_param) in enumerate(zip(node.input_values(), param_inputs(node))):
         source = v
         while source.producer is not None and source.producer.op.startswith(COMM_PREFIX) \
                 and source.producer.attrs.get(RECOMPUTE_ATTR) == region:
@@ -461,7 +461,7 @@ def _region_inputs(node: Node, seen: set) -> tuple:
         if is_param or inside or source.kind in ("param", "buffer") or id(source) in seen:
             continue
         seen.add(id(source))
-        out.append((source.type, source.sbp))
+        out.append((source.type, layout_of(source, position)))
     return tuple(out)
 
 
@@ -742,7 +742,7 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
                                 tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs,
                                 _kept_as_shards(node))
         if record.recomputed:
-            record = replace(record, region_inputs=_region_inputs(node, entered))
+            record = replace(record, region_inputs=region_inputs(node, entered, lambda v, _: v.sbp))
         computes.append(record)
         for v in ins:
             if id(v) in regathered:

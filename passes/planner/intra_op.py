@@ -29,7 +29,7 @@ from cost.boxing import ClusterBoxingCost
 from cost.collectives import collective_time
 from cost.ops import Precision, compute_seconds, peak_flops
 from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape,
-                           kept_inputs, op_kind, op_work, param_inputs, param_record, segment_cost)
+                           kept_inputs, op_kind, op_work, param_inputs, param_record, region_inputs, segment_cost)
 from ir.core import Graph, Node, Value
 from ir.recompute import RECOMPUTE_ATTR
 from ir.gradients import values_with_grad
@@ -425,8 +425,8 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     entered: set = set()
     for unit_index, unit in enumerate(problem.units):
         if RECOMPUTE_ATTR in unit.node.attrs:
-            records_of[unit_index] = replace(records_of[unit_index],
-                                             region_inputs=_region_inputs(result, unit.node, entered))
+            records_of[unit_index] = replace(records_of[unit_index], region_inputs=region_inputs(
+                unit.node, entered, lambda v, position, node=unit.node: _planned_layout(result, v, node, position)))
     comms = {key: [] for key in (PRE, "first", "rest", POST)}
     for unit_index, position, value, src, weight, boundary in _boxings(result):
         unit = problem.units[unit_index]
@@ -464,21 +464,12 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     return profile
 
 
-def _region_inputs(result: LayoutSolution, node: Node, seen: set) -> tuple:
-    """For an op of a recomputed region: (type, N-D SBP) of the activations its region reads from outside through
-    it, as their producers lay them out (``seen``: ids already counted; see :attr:`ComputeRecord.region_inputs`)."""
-    region = node.attrs[RECOMPUTE_ATTR]
-    ins = result.node_choice[node.name][0]
-    out = []
-    for position, (v, is_param) in enumerate(zip(node.input_values(), param_inputs(node))):
-        producer = v.producer
-        if is_param or v.kind in ("param", "buffer") or id(v) in seen \
-                or (producer is not None and producer.attrs.get(RECOMPUTE_ATTR) == region):
-            continue
-        seen.add(id(v))
-        choice = result.node_choice.get(producer.name) if producer is not None else None
-        out.append((v.type, choice[1][producer.outputs.index(v)] if choice else ins[position]))
-    return tuple(out)
+def _planned_layout(result: LayoutSolution, value: Value, consumer: Node, position: int) -> tuple:
+    """The layout ``value`` has as its producer makes it (before any conversion for ``consumer``'s input
+    ``position``); a value without a solved producer, as the consumer reads it."""
+    producer = value.producer
+    choice = result.node_choice.get(producer.name) if producer is not None else None
+    return choice[1][producer.outputs.index(value)] if choice else result.node_choice[consumer.name][0][position]
 
 
 def _regathered(node: Node, position: int, value: Value, records: list, grad: set) -> bool:

@@ -16,13 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.runtime import collectives, core, regather
-
-
-class Done:
-    """A finished collective's handle."""
-
-    def wait(self):
-        return True
+from tests.backends.test_fsdp_prefetch import Done
 
 
 @pytest.fixture
