@@ -246,9 +246,12 @@ def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix(name):
 # -- emitted programs under torchrun -----------------------------------------------------------------------
 
 
-EMITTED = {"gpt-mesh0-ring": ("gpt", {"dp": 2, "cp": 2}, "ring"),
-           "gpt-mesh1-allgather": ("gpt", {"dp": 2, "cp": 2}, "allgather"),
-           "llama-mesh2-ring": ("llama", {"cp": 2}, "ring")}
+EMITTED = {"gpt-mesh0-ring": ("gpt", {"dp": 2, "cp": 2}, "ring", False),
+           "gpt-mesh1-allgather": ("gpt", {"dp": 2, "cp": 2}, "allgather", False),
+           "llama-mesh2-ring": ("llama", {"cp": 2}, "ring", False),
+           "gpt-mesh1-allgather-regather": ("gpt", {"dp": 2, "cp": 2}, "allgather", True)}
+"""case -> (model, mesh, cp_attention, regather_activations: the gathered keys and values kept as load-balanced
+sequence shards and gathered again in backward)."""
 SGD = (torch.optim.SGD, {"lr": 0.1})
 
 
@@ -265,10 +268,11 @@ def emitted_runs(request, tmp_path_factory) -> dict:
     programs, folders = {}, {}
     for params in selected_tests(request, "test_emitted_context_parallel_trains_like_eager").values():
         case = params["case"]
-        name, mesh, method = EMITTED[case]
+        name, mesh, method, regather = EMITTED[case]
         data = emitted_batches(name)
         plan = compile((long_gpt if name == "gpt" else llama_model)(), data[0], cluster=Cluster.local(math.prod(
-            mesh.values())), optimizer=SGD, strategy={"mesh": mesh, "cp_attention": method})
+            mesh.values())), optimizer=SGD, strategy={"mesh": mesh, "cp_attention": method,
+                                                      "regather_activations": regather})
         folders[case] = tmp_path_factory.mktemp(case)
         programs[case] = training_program(plan, folders[case], data, 3)
     results = run_programs(programs)
@@ -278,10 +282,11 @@ def emitted_runs(request, tmp_path_factory) -> dict:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", list(EMITTED))
 def test_emitted_context_parallel_trains_like_eager(emitted_runs, case):
-    name, _, method = EMITTED[case]
+    name, _, method, regather = EMITTED[case]
     folder, losses, saved = emitted_runs[case]
     program = (folder / "runtime.py").read_text()  # the ring's runtime, which main.py's forward calls
     assert ("batch_isend_irecv" in program) == (method == "ring")
+    assert ("comm_gather_activation" in (folder / "main.py").read_text()) == regather
     reference = (long_gpt if name == "gpt" else llama_model)()
     expected = train_eager(reference, emitted_batches(name), 3, SGD)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-6)
