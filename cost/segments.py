@@ -205,8 +205,8 @@ class CommRecord:
     saved_by: "ComputeRecord | None" = None
     """For an activation's all-gather whose result backward keeps as the shard (``regather_activations``): the op
     that saves it. Backward gathers it again, launched ahead of that op's backward (the emitted runtime starts it
-    when backward takes the activation gathered after it in forward), so it is priced under that op's backward
-    work; the one a backward needs first waits for its gather, which this does not price."""
+    when backward takes the activation gathered after it in forward, or, for the last one, when backward
+    reaches the forward's outputs), so it is priced under that op's backward work."""
 
 
 @dataclass

@@ -45,14 +45,32 @@ def unpack_saved(packed):
 
 def regathering(function):
     """Run ``function`` (a forward pass or a stage's) saving the tensors gathered in it that ``remember_gather``
-    recorded as their shards."""
+    recorded as their shards; the activation it gathered last starts gathering again when backward reaches its
+    outputs (see ``ActivationRegather``)."""
     @functools.wraps(function)
     def run(*args, **kwargs):
         REGATHERABLE.clear()
         LAST_GATHERED[0] = lambda: None
         with torch.autograd.graph.saved_tensors_hooks(pack_saved, unpack_saved):
-            return function(*args, **kwargs)
+            out = function(*args, **kwargs)
+        last = LAST_GATHERED[0]()
+        if last is not None:
+            for tensor in _tensors(out):
+                if tensor.requires_grad:
+                    tensor.register_hook(lambda grad, last=last: last.launch())
+        return out
     return run
+
+
+def _tensors(value):
+    """The tensors in a function's result (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 class ActivationRegather:
@@ -60,7 +78,7 @@ class ActivationRegather:
     backwards to run takes it, the last one's use lets it go. Backward reads gathered activations back in the
     reverse of forward's order, so taking one launches the gather of the one gathered before it in forward
     (``before``) asynchronously: its communication runs while backward computes up to where that one is read
-    (the activation forward gathered last is gathered when first needed)."""
+    (the activation forward gathered last is launched when backward reaches the forward's outputs)."""
 
     def __init__(self, shard, axis, dim, balanced, before):
         self.shard, self.axis, self.dim, self.balanced = shard.detach(), axis, dim, balanced

@@ -16,18 +16,29 @@ import torch
 import torch.nn.functional as F
 
 from backends.runtime import collectives, core, fsdp, regather
-from tests.backends.test_fsdp_prefetch import Done
+
+
+class Waited:
+    """A finished collective's handle that records when it is waited for."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def wait(self):
+        self.calls.append("wait")
+        return True
 
 
 @pytest.fixture
 def gathers(monkeypatch):
-    """One rank on mesh axis ``tp``; the collectives it calls, in order (all-gathers: whether asynchronous)."""
+    """One rank on mesh axis ``tp``; the collectives it calls, in order (all-gathers: whether asynchronous, and
+    when an asynchronous one is waited for)."""
     calls = []
 
     def all_gather(parts, x, group=None, async_op=False):
         calls.append(("async " if async_op else "") + "all_gather")
         parts[0].copy_(x)
-        return Done() if async_op else None
+        return Waited(calls) if async_op else None
 
     def all_reduce(x, op=None, group=None):  # the reduce-scatter of a gradient, on CPU
         calls.append("all_reduce")
@@ -52,15 +63,20 @@ def block(w: dict, x: torch.Tensor, gather) -> torch.Tensor:
     return F.layer_norm(gather(y), (8,)).square().sum()
 
 
-def test_a_gathered_activation_is_kept_as_its_shard_and_gathered_once_more_in_backward(gathers):
-    w, x = weights(), torch.randn(2, 5, 8)
-    expected = torch.autograd.grad(block(w, x, lambda t: t), list(w.values()))
-    made = []
-
+def gathering_into(made: list):
+    """``comm_gather_activation`` on axis ``tp``, dim 1, keeping a weak reference to each result in ``made``."""
     def gather(t):
         full = regather.comm_gather_activation(t, "tp", 1)
         made.append(weakref.ref(full))
         return full
+    return gather
+
+
+def test_a_gathered_activation_is_kept_as_its_shard_and_gathered_once_more_in_backward(gathers):
+    w, x = weights(), torch.randn(2, 5, 8)
+    expected = torch.autograd.grad(block(w, x, lambda t: t), list(w.values()))
+    made = []
+    gather = gathering_into(made)
 
     loss = regather.regathering(block)(w, x, gather)
     gc.collect()
@@ -69,10 +85,10 @@ def test_a_gathered_activation_is_kept_as_its_shard_and_gathered_once_more_in_ba
     got = torch.autograd.grad(loss, list(w.values()))
     for name, a, b in zip(w, got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    # backward: the norm's input gathered again when its backward needs it, which launches the gather of the
-    # matmuls' input (once for both) ahead of the norm's gradient reduction (the reduce-scatter, an all-reduce
-    # on CPU) and everything after it up to the matmuls' backward
-    assert gathers[2:] == ["async all_gather", "async all_gather", "all_reduce", "all_reduce"]
+    # backward: the norm's input (gathered last in forward) launched again when backward starts, waited for by
+    # the norm's backward, which launches the gather of the matmuls' input (once for both) ahead of the norm's
+    # gradient reduction (the reduce-scatter, an all-reduce on CPU) and everything after it up to the matmuls'
+    assert gathers[2:] == ["async all_gather", "wait", "async all_gather", "all_reduce", "wait", "all_reduce"]
 
 
 def test_without_regathering_autograd_keeps_the_gathered_tensor(gathers):
@@ -105,11 +121,7 @@ def test_parameters_and_activations_are_regathered_together(gathers, monkeypatch
     w, x = weights(), torch.randn(2, 5, 8)
     expected = torch.autograd.grad(block(w, x, lambda t: t), list(w.values()))
     made = []
-
-    def gather(t):
-        full = regather.comm_gather_activation(t, "tp", 1)
-        made.append(weakref.ref(full))
-        return full
+    gather = gathering_into(made)
 
     @fsdp.regathering_params
     def sharded(p, x):
