@@ -25,6 +25,7 @@ import torch
 
 from backends import runtime
 from backends.runtime import Import, global_reads
+from cost.segments import regathers
 from ir.core import Graph, Node, Value
 from ir.ops import custom as custom_ops
 from ir.recompute import RECOMPUTE_ATTR, recompute_regions
@@ -434,24 +435,15 @@ class ProgramWriter:
         return self._node_line(node)
 
     def _node_line(self, node: Node) -> str:
+        if regathers(node) and len(self._readers.get(id(node.outputs[0]), ())) == 1:
+            # written into its one reader's call and never bound to a name, so that nothing but backward's
+            # regather holds the gathered tensor once its reader has run
+            self.source[id(node.outputs[0])] = self._comm_call(node)
+            return ""
         outs = [self._assign(v) for v in node.outputs]
         comment = f"  # {', '.join(format_nd_sbp(v.sbp) for v in node.outputs)}"
         if node.op.startswith("comm."):
-            source = node.input_values()[0]
-            kwargs = {**node.kwargs, **balanced_comm_kwargs(node, self.sequences)}  # load-balanced cp splits
-            func = COMM_FUNCS[node.op]
-            param = cast_parameter(source) if node.op == "comm.all_gather" else None
-            if param is not None:  # a parameter's shard cast, then gathered: one call casts and gathers
-                kwargs = {"axis": kwargs.pop("axis"), "dim": kwargs.pop("dim"), "dtype": source.type.torch_dtype,
-                          **kwargs}
-                source = param
-            if node.op == "comm.all_gather" and source.kind == "param":
-                func = "comm_gather_param"  # freed after use, gathered again for backward
-            if kwargs.pop(REGATHER_KWARG, False):
-                func = "comm_gather_activation"  # kept as the shard for backward, gathered again there
-            x = self._arg(source)
-            kw = ", ".join(f"{k}={self._arg(v)}" for k, v in kwargs.items())
-            return f"    {outs[0]} = {func}({x}, {kw}){comment}"
+            return f"    {outs[0]} = {self._comm_call(node)}{comment}"
         mesh = self.graph.meshes[node.outputs[0].mesh]
         if node.op == RING_ATTENTION and runs_ring(node, mesh, node.input_values()[0].sbp):
             args = ", ".join([self._arg(a) for a in node.args] + [f"{k}={self._arg(v)}" for k, v in node.kwargs.items()])
@@ -465,6 +457,25 @@ class ProgramWriter:
         args = [self._arg(a) for a in call.args] + [f"{k}={self._arg(v)}" for k, v in call.kwargs.items()]
         lhs = outs[0] if len(outs) == 1 and not _returns_list(node) else ", ".join(outs) + ("," if len(outs) == 1 else "")
         return f"    {lhs} = {fn}({', '.join(args)}){comment}"
+
+    def _comm_call(self, node: Node) -> str:
+        """The runtime call of a ``comm.*`` node: its collective function on its input (a parameter's shard cast
+        and gathered in one call; a parameter gathered to be freed after use; an activation kept as its shard)."""
+        source = node.input_values()[0]
+        kwargs = {**node.kwargs, **balanced_comm_kwargs(node, self.sequences)}  # load-balanced cp splits
+        func = COMM_FUNCS[node.op]
+        param = cast_parameter(source) if node.op == "comm.all_gather" else None
+        if param is not None:  # a parameter's shard cast, then gathered: one call casts and gathers
+            kwargs = {"axis": kwargs.pop("axis"), "dim": kwargs.pop("dim"), "dtype": source.type.torch_dtype,
+                      **kwargs}
+            source = param
+        if node.op == "comm.all_gather" and source.kind == "param":
+            func = "comm_gather_param"  # freed after use, gathered again for backward
+        if kwargs.pop(REGATHER_KWARG, False):
+            func = "comm_gather_activation"  # kept as the shard for backward, gathered again there
+        x = self._arg(source)
+        kw = ", ".join(f"{k}={self._arg(v)}" for k, v in kwargs.items())
+        return f"{func}({x}, {kw})"
 
     def _expert_exchange(self, node: Node, mesh) -> str:
         """A MoE dispatch or combine (``backends/runtime/moe.py``): all-to-all where its tokens are split over

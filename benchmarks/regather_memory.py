@@ -5,13 +5,17 @@ Both programs are emitted from the same model and batch; each runs ``--steps`` s
 Printed per program: the simulator's peak memory of rank 0 (cluster ``local:<ranks>``), the measured peak
 resident memory of rank 0 (the interpreter and torch included) and the median step time; then what keeping the
 shards saves, simulated against measured, and the step-time ratio. On this machine the peak is the process's
-resident size, so the saving shows as a difference of peaks, not a ratio of activation memory.
+resident size, so the saving shows as a difference of peaks, not a ratio of activation memory; the programs run
+with glibc's allocator mapping every block of 1 MiB or more on its own (:data:`ALLOCATOR_ENV`), so that the
+resident size follows the live tensors instead of the heap's high-water mark (with glibc's adaptive threshold
+the same run measured the saving anywhere from -78 to +47 MiB).
 
     python benchmarks/regather_memory.py [--layers 4] [--width 512] [--batch 8] [--seq 512] [--ranks 2] [--steps 4]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -32,6 +36,8 @@ MEGATRON = {"blocks.*.attn.qkv.weight": {"tp": "S(0)"}, "blocks.*.attn.qkv.bias"
             "blocks.*.mlp.fc.bias": {"tp": "S(0)"}, "blocks.*.mlp.proj.weight": {"tp": "S(1)"}}
 """The GPT example's Megatron layout on the tensor axis."""
 MIB = 2 ** 20
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+"""glibc maps blocks of 1 MiB or more on their own and unmaps them when freed (a fixed threshold)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args(argv)
+    os.environ.update(ALLOCATOR_ENV)  # the programs' processes inherit it
     config = gpt.GPTConfig(n_layer=args.layers, n_embd=args.width, n_head=8, block_size=args.seq)
     inputs = gpt.example_inputs(batch=args.batch, seq=args.seq)
     results = {}
@@ -52,16 +59,18 @@ def main(argv: list[str] | None = None) -> None:
             strategy = {"mesh": {"tp": args.ranks}, "params": MEGATRON, "sequence_parallel": True,
                         "regather_activations": regather}
             plan = compile(gpt.GPT(config), inputs, cluster=Cluster.local(args.ranks), strategy=strategy)
-            simulated = plan.simulate().peak_memory_bytes[0]
+            sim = plan.simulate()
+            simulated = sim.peak_memory_bytes[0]
             workdir = plan.emit(Path(scratch) / f"regather_{regather}").parent
             records = run_program(workdir, args.steps, args.ranks)
             seconds = statistics.median([r["seconds"] for r in records][WARMUP_STEPS:] or [records[-1]["seconds"]])
-            results[regather] = (simulated, max(r["memory_bytes"] for r in records), seconds)
+            results[regather] = (simulated, max(r["memory_bytes"] for r in records), seconds, sim.step_time_s)
             print(f"{'shards kept' if regather else 'kept whole'}: simulated peak {simulated / MIB:.1f} MiB, "
                   f"measured peak resident {results[regather][1] / MIB:.1f} MiB, step {seconds * 1e3:.1f} ms")
-    (sim_whole, rss_whole, t_whole), (sim_kept, rss_kept, t_kept) = results[False], results[True]
+    (sim_whole, rss_whole, t_whole, s_whole), (sim_kept, rss_kept, t_kept, s_kept) = results[False], results[True]
     print(f"saved by keeping shards: simulated {(sim_whole - sim_kept) / MIB:.1f} MiB, "
-          f"measured {(rss_whole - rss_kept) / MIB:.1f} MiB; step time regathered / whole {t_kept / t_whole:.3f}")
+          f"measured {(rss_whole - rss_kept) / MIB:.1f} MiB; step time regathered / whole: measured "
+          f"{t_kept / t_whole:.3f}, simulated {s_kept / s_whole:.3f} (uncalibrated local cluster)")
 
 
 if __name__ == "__main__":

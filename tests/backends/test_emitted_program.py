@@ -178,6 +178,9 @@ def test_features_come_with_the_plans_that_use_them(programs):
     assert "@regathering_params\ndef forward(" in programs["fsdp"].main
     assert "@regathering\ndef forward(" in programs["dp_tp_sp_regather"].main  # activations kept as shards
     assert "comm_gather_activation" in names["dp_tp_sp_regather"]
+    # the gathered tensor is written into its reader's call, never a local that would keep it alive to the end
+    regathering = programs["dp_tp_sp_regather"].main
+    assert "= comm_gather_activation(" not in regathering and "linear.default(comm_gather_activation(" in regathering
     assert not any("comm_gather_activation" in names[name] for name in names if name != "dp_tp_sp_regather")
     assert "OverlappedGradientSync" in names["dp"] and "OverlappedGradientSync" not in names["fsdp"]
     assert programs["dp"].main.endswith("main(forward, gradient_syncs=[OverlappedGradientSync], description=__doc__)\n")
