@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -29,12 +28,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpt  # noqa: E402
 from cluster import Cluster  # noqa: E402
 from compiler.api import compile  # noqa: E402
-from simulator_vs_measured import WARMUP_STEPS, run_program  # noqa: E402
+from frontend.dsl import load_plan  # noqa: E402
+from simulator_vs_measured import median_step_seconds, run_program  # noqa: E402
 
-MEGATRON = {"blocks.*.attn.qkv.weight": {"tp": "S(0)"}, "blocks.*.attn.qkv.bias": {"tp": "S(0)"},
-            "blocks.*.attn.proj.weight": {"tp": "S(1)"}, "blocks.*.mlp.fc.weight": {"tp": "S(0)"},
-            "blocks.*.mlp.fc.bias": {"tp": "S(0)"}, "blocks.*.mlp.proj.weight": {"tp": "S(1)"}}
-"""The GPT example's Megatron layout on the tensor axis."""
 MIB = 2 ** 20
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 """glibc maps blocks of 1 MiB or more on their own and unmaps them when freed (a fixed threshold)."""
@@ -53,17 +49,18 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(ALLOCATOR_ENV)  # the programs' processes inherit it
     config = gpt.GPTConfig(n_layer=args.layers, n_embd=args.width, n_head=8, block_size=args.seq)
     inputs = gpt.example_inputs(batch=args.batch, seq=args.seq)
+    megatron = load_plan(str(ROOT / "examples" / "plans" / "megatron_tp.sbp")).to_dict()  # the Megatron layout
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for regather in (False, True):
-            strategy = {"mesh": {"tp": args.ranks}, "params": MEGATRON, "sequence_parallel": True,
+            strategy = {**megatron, "mesh": {"tp": args.ranks}, "sequence_parallel": True,
                         "regather_activations": regather}
             plan = compile(gpt.GPT(config), inputs, cluster=Cluster.local(args.ranks), strategy=strategy)
             sim = plan.simulate()
             simulated = sim.peak_memory_bytes[0]
             workdir = plan.emit(Path(scratch) / f"regather_{regather}").parent
             records = run_program(workdir, args.steps, args.ranks)
-            seconds = statistics.median([r["seconds"] for r in records][WARMUP_STEPS:] or [records[-1]["seconds"]])
+            seconds = median_step_seconds(records)
             results[regather] = (simulated, max(r["memory_bytes"] for r in records), seconds, sim.step_time_s)
             print(f"{'shards kept' if regather else 'kept whole'}: simulated peak {simulated / MIB:.1f} MiB, "
                   f"measured peak resident {results[regather][1] / MIB:.1f} MiB, step {seconds * 1e3:.1f} ms")

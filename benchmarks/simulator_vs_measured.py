@@ -90,10 +90,15 @@ def run_program(workdir: Path, steps: int, ranks: int) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
+def median_step_seconds(records: list[dict]) -> float:
+    """Median seconds per step of a run's --metrics records after the warm-up steps (all of them, if no more)."""
+    seconds = [record["seconds"] for record in records]
+    return statistics.median(seconds[WARMUP_STEPS:] or seconds)
+
+
 def measure(workdir: Path, steps: int, ranks: int) -> float:
     """Median seconds per step of the program emitted in ``workdir`` after warm-up (see :func:`run_program`)."""
-    seconds = [record["seconds"] for record in run_program(workdir, steps, ranks)]
-    return statistics.median(seconds[WARMUP_STEPS:] or seconds)
+    return median_step_seconds(run_program(workdir, steps, ranks))
 
 
 def measure_rounds(plans: dict, scratch: Path, steps: int, rounds: int) -> dict[str, list[float]]:
