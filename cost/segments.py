@@ -159,6 +159,15 @@ def kept_inputs(op: str, param_inputs: Sequence[bool]) -> tuple[bool, ...]:
     return tuple(kept)
 
 
+def keeps_for_backward(consumer: Node, position: int) -> bool:
+    """Whether ``consumer`` keeps its input ``position`` for its own backward (:func:`kept_inputs`), outside a
+    recomputed region: a gathered activation it reads there is what ``regather_activations`` keeps as a shard
+    (the rule the ``regather`` pass marks gathers by and the planner prices them by)."""
+    if consumer.op.startswith(COMM_PREFIX) or RECOMPUTE_ATTR in consumer.attrs:
+        return False
+    return kept_inputs(consumer.op, param_inputs(consumer))[position]
+
+
 def saved_for_backward(record: ComputeRecord) -> tuple[list, list, int]:
     """What autograd keeps of one op for its backward: (types, SBPs, bytes per element override or 0).
     Its :func:`kept_inputs` (as :attr:`ComputeRecord.kept_sbps` says where that is not as read), the output

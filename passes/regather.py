@@ -10,7 +10,7 @@ and the simulator prices the shard's memory and the second all-gather. Values ar
 """
 from __future__ import annotations
 
-from cost.segments import kept_inputs, param_inputs
+from cost.segments import keeps_for_backward
 from ir.core import Graph, Node
 from ir.gradients import values_with_grad
 from ir.ops.comm import REGATHER_KWARG
@@ -37,5 +37,5 @@ def _saved_and_regatherable(graph: Graph, gather: Node, grad: set) -> bool:
         return False
     if any(RECOMPUTE_ATTR in use.attrs for use in full.uses):
         return False
-    return any(kept for use in full.uses if not use.op.startswith("comm.")
-               for v, kept in zip(use.input_values(), kept_inputs(use.op, param_inputs(use))) if v is full)
+    return any(keeps_for_backward(use, position) for use in full.uses
+               for position, v in enumerate(use.input_values()) if v is full)

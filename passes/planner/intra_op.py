@@ -29,7 +29,7 @@ from cost.boxing import ClusterBoxingCost
 from cost.collectives import collective_time
 from cost.ops import Precision, compute_seconds, peak_flops
 from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape,
-                           kept_inputs, op_kind, op_work, param_inputs, param_record, region_inputs, segment_cost)
+                           keeps_for_backward, op_kind, op_work, param_record, region_inputs, segment_cost)
 from ir.core import Graph, Node, Value
 from ir.recompute import RECOMPUTE_ATTR
 from ir.gradients import values_with_grad
@@ -475,10 +475,9 @@ def _planned_layout(result: LayoutSolution, value: Value, consumer: Node, positi
 def _regathered(node: Node, position: int, value: Value, records: list, grad: set) -> bool:
     """Whether the conversion of ``node``'s input ``position`` (``value``, by ``records``) ends in an all-gather
     of an activation that ``node`` saves for backward, which ``regather_activations`` keeps as the shard (the
-    ``regather`` pass's rule: not for a recomputed op)."""
+    ``regather`` pass's rule, :func:`cost.segments.keeps_for_backward`)."""
     return (bool(records) and records[-1].op == "comm.all_gather" and value.kind not in ("param", "buffer")
-            and id(value) in grad and RECOMPUTE_ATTR not in node.attrs
-            and kept_inputs(node.op, param_inputs(node))[position])
+            and id(value) in grad and keeps_for_backward(node, position))
 
 
 def _comm_keys(segment: str, boundary: str) -> list[str]:
