@@ -19,7 +19,7 @@ from ir.ops.comm import transition
 from ir.ops.registry import splits_divide
 from ir.precision import narrowing_cast
 from ir.sbp import IN_SBP_ATTR, PMAX, NdSbp, Partial, Split, all_sbp_values, format_nd_sbp
-from ir.types import Mesh, TensorType
+from ir.types import Mesh, TensorType, dim_symbol
 from passes.manager import PassContext, register_pass
 from passes.precision import mark_forward_reductions
 
@@ -38,9 +38,11 @@ class BoxingError(ValueError):
     """No chain of collectives converts between two layouts."""
 
 
-def boxing_path(t: TensorType, src: NdSbp, dst: NdSbp, mesh: Mesh, cost: BoxingCost = bytes_cost
-                ) -> tuple[float, list[tuple[int, str, dict, NdSbp]]]:
+def boxing_path(t: TensorType, src: NdSbp, dst: NdSbp, mesh: Mesh, cost: BoxingCost = bytes_cost,
+                priced: TensorType | None = None) -> tuple[float, list[tuple[int, str, dict, NdSbp]]]:
     """The cheapest conversion ``src -> dst``: total cost and steps ``(axis, op, kwargs, new sbp)``.
+    ``priced``: the type whose sizes the steps are priced at (default ``t``; the boxing pass gives ``t`` at the
+    example input's sizes, while which layouts ``t`` may take is still judged on its own dims).
 
     Raises :class:`BoxingError` when ``src`` or ``dst`` splits a static dim unevenly, and for any
     conversion into ``P(max)``: no collective makes max-partial values (only ops such as ``amax``
@@ -57,7 +59,7 @@ def boxing_path(t: TensorType, src: NdSbp, dst: NdSbp, mesh: Mesh, cost: BoxingC
             raise BoxingError(f"no conversion from {format_nd_sbp(src)} to {format_nd_sbp(dst)} for {t} on mesh "
                               f"{_mesh_text(mesh)}: no collective produces P(max) values; a P(max) input "
                               f"must come from an op that outputs P(max) (amax), else use B or S")
-    return _search(t, src, dst, mesh, cost)
+    return _search(t, src, dst, mesh, cost, priced or t)
 
 
 def uneven_split(t: TensorType, nd: NdSbp, mesh: Mesh) -> str | None:
@@ -82,7 +84,7 @@ def _mesh_text(mesh: Mesh) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _search(t, src, dst, mesh, cost):
+def _search(t, src, dst, mesh, cost, priced):
     if src == dst:
         return 0.0, []
     values = all_sbp_values(t.ndim, ("sum", "max"))
@@ -103,7 +105,7 @@ def _search(t, src, dst, mesh, cost):
                 nxt = state[:axis] + (new,) + state[axis + 1:]
                 if not splits_divide(t, nxt, mesh):
                     continue
-                nc = c + cost(step[0], axis_bytes(t, state, mesh, axis), mesh, axis)
+                nc = c + cost(step[0], axis_bytes(priced, state, mesh, axis), mesh, axis)
                 if nc < best.get(nxt, float("inf")):
                     best[nxt] = nc
                     heapq.heappush(heap, (nc, counter, nxt, path + [(axis, step[0], step[1], nxt)]))
@@ -132,7 +134,8 @@ def insert_conversion(graph: Graph, value: Value, dst: NdSbp, before: Node | Non
     """Insert the collectives that turn ``value`` into layout ``dst`` just before ``before`` (at the end
     when None); they carry the module of ``origin`` (default: of ``before``)."""
     mesh = graph.meshes[value.mesh]
-    _, steps = boxing_path(value.type, value.sbp, dst, mesh, cost)
+    priced = at_example_dims(value.type, graph.attrs.get("example_dims") or {})  # sizes the cost model knows
+    _, steps = boxing_path(value.type, value.sbp, dst, mesh, cost, priced)
     current = value
     attrs = _origin(origin or before)
     for axis, op, kwargs, new in steps:
@@ -142,6 +145,19 @@ def insert_conversion(graph: Graph, value: Value, dst: NdSbp, before: Node | Non
         out.sbp, out.mesh = new, value.mesh
         current = out
     return current
+
+
+def at_example_dims(t: TensorType, dims: dict) -> TensorType:
+    """The type with symbolic dims set to the example input's sizes (for costing)."""
+    if not dims:
+        return t
+    return _at_dims(t, tuple(sorted(dims.items())))
+
+
+@lru_cache(maxsize=65536)
+def _at_dims(t: TensorType, dims: tuple) -> TensorType:
+    subs = {dim_symbol(k): v for k, v in dims}
+    return TensorType(tuple(d.subs(subs) for d in t.shape), t.dtype)
 
 
 def _origin(node: Node | None) -> dict:

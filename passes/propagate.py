@@ -22,7 +22,6 @@ The collectives that convert between the chosen layouts are then picked by the c
 from __future__ import annotations
 
 import fnmatch
-import functools
 import logging
 
 from ir.core import Graph, Node
@@ -30,9 +29,9 @@ from ir.ops.moe import routed_rows
 from ir.ops.registry import nd_signatures, splits_divide
 from ir.ops.shape_ops import _magnitude
 from ir.sbp import IN_SBP_ATTR, PINNED_ATTR, B, Partial, Split, format_nd_sbp
-from ir.types import Mesh, TensorType, dim_symbol
+from ir.types import Mesh
 from cost.boxing import bytes_cost
-from passes.boxing import BoxingError, boxing_path
+from passes.boxing import BoxingError, at_example_dims, boxing_path
 from passes.context_parallel import cp_attention_hints
 from passes.manager import PassContext, register_pass
 from strategy import Strategy, StrategyError, closest
@@ -143,19 +142,6 @@ def _score(node: Node, cand, mesh: Mesh, pinned: dict, dims: dict) -> tuple[floa
         partial = any(isinstance(entry, Partial) for entry in s)
         compute += _magnitude(v.type.numel()) / ways * (1.01 if partial else 1.0)
     return round(comm, bytes_cost.digits), compute
-
-
-def at_example_dims(t: TensorType, dims: dict) -> TensorType:
-    """The type with symbolic dims set to the example input's sizes (for costing)."""
-    if not dims:
-        return t
-    return _at_dims(t, tuple(sorted(dims.items())))
-
-
-@functools.lru_cache(maxsize=65536)
-def _at_dims(t: TensorType, dims: tuple) -> TensorType:
-    subs = {dim_symbol(k): v for k, v in dims}
-    return TensorType(tuple(d.subs(subs) for d in t.shape), t.dtype)
 
 
 def _matches(actual: tuple, hint: tuple) -> bool:

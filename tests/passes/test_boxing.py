@@ -246,3 +246,28 @@ def test_collective_gradient_is_the_adjoint(key, op, kwargs):
             assert_same(g, w, f"{op}{kwargs} on mesh {mesh.shape} axis {axis}: gradient on rank {r}")
 
 
+
+
+def test_compiled_conversions_are_chosen_at_the_example_sizes():
+    """The boxing pass prices a conversion at the example input's sizes, as the planner and the simulator do.
+    On a cluster where an all-reduce is cheapest for the GPT's activations (tens of KB) but a reduce-scatter and
+    all-gather pair would win for gigabyte tensors, a Megatron plan all-reduces; it gathered when the symbolic
+    batch and sequence were priced as the stand-in magnitudes used to compare symbolic sizes (about 1000 each)."""
+    from pathlib import Path
+
+    from cluster import Cluster
+    from compiler.api import compile
+    from frontend.dsl import load_plan
+    from tests.models import gpt_inputs, gpt_model
+
+    node = {"device": "cpu", "devices": 2, "intra_link": {
+        "class": "loopback", "bandwidth": "1GB/s", "latency": "10us", "collectives": {
+            "all_reduce": {"latency": "10us", "bandwidth": "0.1GB/s"},
+            "reduce_scatter": {"latency": "1ms", "bandwidth": "100GB/s"},
+            "all_gather": {"latency": "1ms", "bandwidth": "100GB/s"}}}}
+    cluster = Cluster.from_dict({"name": "crossing", "nodes": [node]})
+    megatron = load_plan(str(Path(__file__).resolve().parents[2] / "examples" / "plans" / "megatron_tp.sbp")).to_dict()
+    plan = compile(gpt_model(), gpt_inputs(batch=8, seq=16), cluster=cluster, strategy=megatron)
+    tp_collectives = {n.op for n in plan.graph.nodes if n.op.startswith("comm.") and n.kwargs.get("axis") == "tp"}
+    assert "comm.all_reduce" in tp_collectives
+    assert not tp_collectives & {"comm.reduce_scatter", "comm.all_gather"}
