@@ -5,7 +5,9 @@
    by op size and dispatch overhead, gloo collectives as a busy step meets them (the all-reduce as its measured
    curve), and how much of the gradient all-reduces hides behind the backward that produces them;
    ``--calibration-sessions`` times (default 3), keeping the median of every number. Four ranks on a 2-core
-   machine share the cores; calibration measures them sharing, as the program runs them.
+   machine share the cores: calibration measures their collectives sharing, as the program runs them, and
+   their compute two ranks at a time; the spec's ``cpu_cores`` makes the simulator run each rank's compute at
+   half that speed.
 2. The GPT example is compiled under nine plans: on the 2-rank cluster dp, fsdp, Megatron tp from
    ``examples/plans/megatron_tp.sbp``, tp with sequence parallelism, dp and tp with full recomputation,
    2-stage 1F1B and GPipe pipelines; on the 4-rank cluster dp x tp (2 x 2, the Megatron layout on tp).

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -155,6 +155,18 @@ class Node:
     intra_link: Link
     nics: tuple[Nic, ...] = ()
     region: str = "default"
+    cpu_cores: int | None = None
+    """Cores of the host that the node's CPU ranks share (what ``sbpc calibrate`` found); None: every device
+    computes on its own (GPUs, or a spec that does not say)."""
+
+    @property
+    def compute_share(self) -> float:
+        """The share of its own speed a rank computes at while every rank of the node computes: each rank runs
+        at least one thread (:func:`cost.calibrate.threads_per_rank`), so ranks that outnumber the cores take
+        turns on them, ``cpu_cores / num_devices``; 1 otherwise."""
+        if self.cpu_cores is None:
+            return 1.0
+        return min(1.0, self.cpu_cores / self.num_devices)
 
     def nic(self, nic_type: str) -> Nic | None:
         """This node's NICs of ``nic_type``, or None."""
@@ -223,6 +235,9 @@ class Device:
     """Fraction of a collective's time that hides behind concurrent compute (see :class:`DeviceKind`)."""
     collective_overhead_s: float = 0.0
     """Seconds every collective call costs once (see :class:`DeviceKind`)."""
+    compute_share: float = 1.0
+    """The share of its kind's speed the device computes at (:attr:`Node.compute_share`); the figures above
+    already carry it."""
 
     def __hash__(self) -> int:
         return hash((self.id, self.node, self.kind))
@@ -239,6 +254,17 @@ class Device:
                     return _interpolate(curve, flops)
                 return self.efficiency[key]
         return 1.0, 1.0
+
+
+def _shared(kind: DeviceKind, share: float) -> DeviceKind:
+    """``kind`` as a rank computing at ``share`` of its speed sees it: peak FLOP/s and memory bandwidth times
+    ``share``, each op's dispatch overhead divided by it."""
+    if share == 1.0:
+        return kind
+    overhead = None if kind.op_overhead_s is None else tuple(s / share for s in kind.op_overhead_s)
+    bandwidth = None if kind.memory_bandwidth_Bps is None else kind.memory_bandwidth_Bps * share
+    return replace(kind, peak_flops={k: v * share for k, v in kind.peak_flops.items()},
+                               memory_bandwidth_Bps=bandwidth, op_overhead_s=overhead)
 
 
 def _interpolate(curve: tuple[tuple[float, float, float], ...], flops: float) -> tuple[float, float]:
@@ -276,14 +302,15 @@ class Cluster:
     def __post_init__(self) -> None:
         devices = []
         for node_index, node in enumerate(self.nodes):
-            kind = node.device_kind
+            kind = _shared(node.device_kind, node.compute_share)
             for local in range(node.num_devices):
                 devices.append(Device(len(devices), node_index, kind.name, dict(kind.peak_flops),
                                       kind.memory_bytes, kind.memory_bandwidth_Bps, local,
                                       op_overhead_s=kind.op_overhead_s, efficiency=dict(kind.efficiency),
                                       efficiency_by_flops=dict(kind.efficiency_by_flops),
                                       comm_overlap=kind.comm_overlap,
-                                      collective_overhead_s=kind.collective_overhead_s))
+                                      collective_overhead_s=kind.collective_overhead_s,
+                                      compute_share=node.compute_share))
         object.__setattr__(self, "_devices", tuple(devices))
         firsts = [0]
         for node in self.nodes:

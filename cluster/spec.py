@@ -141,7 +141,7 @@ def _read_spec_file(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 _TOP_KEYS = {"name", "description", "device_kinds", "nodes", "inter_region", "link_overrides", "matrix", "metadata"}
-_NODE_KEYS = {"name", "count", "device", "devices", "intra_link", "nics", "region"}
+_NODE_KEYS = {"name", "count", "device", "devices", "intra_link", "nics", "region", "cpu_cores"}
 _LINK_KEYS = {"class", "bandwidth", "latency"}
 _NIC_KEYS = {"type", "count", "bandwidth", "latency"}
 _KIND_KEYS = {"peak_flops", "memory", "memory_bandwidth", "op_overhead", "efficiency", "comm_overlap",
@@ -191,8 +191,7 @@ class _SpecParser:
                 if name in seen_names:
                     raise ClusterSpecError(f"{path}.name", f"duplicate node name {name!r}; names must be unique")
                 seen_names.add(name)
-                nodes.append(Node(name, template.device_kind, template.num_devices, template.intra_link,
-                                  template.nics, template.region))
+                nodes.append(dataclasses.replace(template, name=name))
         return tuple(nodes)
 
     @staticmethod
@@ -211,7 +210,8 @@ class _SpecParser:
             if [n.type for n in nics].count(nics[-1].type) > 1:
                 raise ClusterSpecError(f"{path}.nics[{j}].type", f"NIC type {nics[-1].type!r} listed twice; "
                                                                  "give one entry with a count")
-        return Node("", kinds[kind_name], num_devices, intra, tuple(nics), str(entry.get("region", "default")))
+        cores = _positive_int(entry["cpu_cores"], f"{path}.cpu_cores") if entry.get("cpu_cores") is not None else None
+        return Node("", kinds[kind_name], num_devices, intra, tuple(nics), str(entry.get("region", "default")), cores)
 
     @staticmethod
     def _region_links(raw: Any, nodes: tuple[Node, ...]) -> tuple[RegionLink, ...]:
@@ -501,11 +501,14 @@ def _kind_dict(kind: DeviceKind) -> dict[str, Any]:
 
 
 def _node_dict(node: Node) -> dict[str, Any]:
-    return {"name": node.name, "device": node.device_kind.name, "devices": node.num_devices,
+    body = {"name": node.name, "device": node.device_kind.name, "devices": node.num_devices,
             "intra_link": _link_dict(node.intra_link),
             "nics": [{"type": n.type, "count": n.count, "bandwidth": n.bandwidth_Bps, "latency": n.latency_s}
                      for n in node.nics],
             "region": node.region}
+    if node.cpu_cores is not None:
+        body["cpu_cores"] = node.cpu_cores
+    return body
 
 
 def spec_dict(cluster: Cluster) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 :func:`calibrate` starts ``world_size`` local processes joined as an emitted program's ranks are (gloo
 on CPU; nccl with one GPU each when every rank can have one) and measures in all of them at once, each
-CPU rank with its share of the cores (``cpu_count // world_size`` threads), since that is what a rank
-gets when all ranks work:
+CPU rank with its share of the cores (:func:`threads_per_rank`), since that is what a rank gets when all
+ranks work; compute is measured by at most as many CPU ranks at once as the cores hold
+(:func:`ranks_computing_at_once`), and the spec records the host's ``cpu_cores`` so that the cluster model
+slows ranks that outnumber them (:attr:`cluster.model.Node.compute_share`):
 
 - compute: fp32 (and bf16) matmul FLOP/s, memory bandwidth (``c = a + b``), the dispatch overhead of
   one op forward and backward, and per kind of op the *efficiency* (roofline over measured time, see
@@ -100,9 +102,24 @@ def median_measurements(sessions: list) -> Any:
     return first
 
 
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform says, else the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def threads_per_rank(world_size: int) -> int:
-    """The cores each rank gets when ``world_size`` ranks share this machine."""
-    return max(1, (os.cpu_count() or 1) // world_size)
+    """The cores each rank gets when ``world_size`` ranks share this machine (at least one thread)."""
+    return max(1, host_cores() // world_size)
+
+
+def ranks_computing_at_once(world_size: int) -> int:
+    """How many of ``world_size`` CPU ranks measure compute together: as many as the cores hold at
+    :func:`threads_per_rank` threads each. Ranks beyond the cores would take turns on them and read each
+    other's share as their own speed; the cluster model applies that sharing itself
+    (:attr:`cluster.model.Node.compute_share`), from the ``cpu_cores`` the spec records."""
+    return min(world_size, max(1, host_cores() // threads_per_rank(world_size)))
 
 
 # -- the ranks -------------------------------------------------------------------------------------
@@ -142,11 +159,12 @@ def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: 
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
     try:
-        measured = measure_compute(quick, dist.barrier, device)
+        measured = _measure_compute_in_turn(rank, world_size, quick, device)
         measured["collectives"] = measure_collectives(rank, world_size, QUICK_MESSAGE_SIZES if quick else
                                                       MESSAGE_SIZES, repeats=5 if quick else 10, device=device)
         measured["comm_overlap"] = measure_comm_overlap(device, repeats=10 if quick else 30)
         measured["backend"] = backend
+        measured["cpu_cores"] = host_cores()
         measured["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         measured["device_memory"] = (torch.cuda.get_device_properties(device).total_memory
                                      if device.type == "cuda" else _physical_memory_bytes() // world_size)
@@ -157,6 +175,18 @@ def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: 
 
 
 # -- compute ----------------------------------------------------------------------------------------
+
+
+def _measure_compute_in_turn(rank: int, world_size: int, quick: bool, device: torch.device) -> dict[str, Any]:
+    """:func:`measure_compute` on every GPU rank at once, or on the first :func:`ranks_computing_at_once` CPU
+    ranks while the others wait (rank 0, which writes, always measures)."""
+    measuring = world_size if device.type == "cuda" else ranks_computing_at_once(world_size)
+    if measuring == world_size:
+        return measure_compute(quick, dist.barrier, device)
+    group = dist.new_group(list(range(measuring)))  # every rank takes part in creating it
+    measured = measure_compute(quick, lambda: dist.barrier(group), device) if rank < measuring else {}
+    dist.barrier()
+    return measured
 
 
 def measure_compute(quick: bool, barrier: Callable[[], None] = lambda: None,
@@ -459,6 +489,7 @@ def spec_from_measurements(world_size: int, measured: dict[str, Any]) -> dict[st
                            "collectives": {name: collective_spec(name, world_size, measured["collectives"][name], fit)
                                            for name, fit in fits.items() if name != "send_recv"}},
             "nics": [{"type": "ethernet", "count": 1, "bandwidth": "10Gb/s", "latency": "30us"}],
+            **({} if gpu else {"cpu_cores": measured["cpu_cores"]}),
         }],
         "metadata": {"calibration": {
             "threads_per_rank": threads_per_rank(world_size),

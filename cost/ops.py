@@ -393,9 +393,11 @@ def compute_seconds(flops, nbytes, peak: float, memory_bandwidth: float | None, 
 
 def op_overheads(device: Device, overhead_s: float | None = None) -> tuple[float, float]:
     """(forward, backward) dispatch seconds per op: ``overhead_s`` (backward twice it) when given, else
-    what the device measured, else :data:`DEFAULT_OP_OVERHEAD_S`."""
+    what the device measured, else :data:`DEFAULT_OP_OVERHEAD_S`; the last slower on a device that shares
+    its cores (its measured figure already is)."""
     if overhead_s is not None:
         return overhead_s, 2 * overhead_s
     if device.op_overhead_s is not None:
         return device.op_overhead_s
-    return DEFAULT_OP_OVERHEAD_S, 2 * DEFAULT_OP_OVERHEAD_S
+    default = DEFAULT_OP_OVERHEAD_S / device.compute_share
+    return default, 2 * default

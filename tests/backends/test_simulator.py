@@ -455,6 +455,21 @@ def test_step_breakdown_sums_to_the_step_and_never_exceeds_peak(big_graph, strat
     assert ("gradient reduction (exposed)" in parts) == ("fsdp" not in strategy)  # overlap=False: all exposed
 
 
+def test_cpu_ranks_sharing_cores_compute_at_their_share(big_graph):
+    """Four CPU ranks on two cores take turns on them: every compute part of a dp x tp step takes twice as
+    long as with a core each; collectives, which calibration measures with the ranks sharing, are unchanged."""
+    def local(cores):
+        node = {"device": "cpu", "devices": 4, "intra_link": {"class": "loopback", "bandwidth": "2GB/s",
+                                                             "latency": "50us"}}
+        return Cluster.from_dict({"name": "local", "nodes": [{**node, **({"cpu_cores": cores} if cores else {})}]})
+    strategy = {"mesh": {"dp": 2, "tp": 2}, "params": MEGATRON}
+    alone, shared = (simulate((big_graph, strategy, local(cores))).breakdown for cores in (None, 2))
+    for part in ("forward compute", "backward compute", "embedding/loss compute", "optimizer step"):
+        assert shared[part] == pytest.approx(2 * alone[part]), part
+    collectives = [part for part in alone if " over tp " in part]
+    assert collectives and all(shared[part] == pytest.approx(alone[part]) for part in collectives)
+
+
 def test_explain_shows_the_breakdown(dp_plan):
     text = dp_plan.explain()
     assert "Where the step goes" in text and "backward compute" in text and "optimizer step" in text

@@ -180,6 +180,7 @@ BAD_SPECS = [
      "nodes[0].intra_link.collectives.allreduce", "unknown collective"),
     (_set(["nodes", 0, "intra_link", "collectives"], {"all_reduce": {"latency": "1us"}}),
      "nodes[0].intra_link.collectives.all_reduce.bandwidth", "missing required field"),
+    (_set(["nodes", 1, "cpu_cores"], 0), "nodes[1].cpu_cores", "positive integer"),
 ]
 
 
@@ -338,3 +339,26 @@ def test_efficiency_measured_at_several_sizes_is_read_at_the_op_size():
     spec["device_kinds"]["cpu-measured"]["efficiency"]["matmul"]["by_flops"] = [[1e9, 0.8]]
     with pytest.raises(ClusterSpecError, match=r"by_flops\[0\]: expected \[flops, forward, backward\]"):
         Cluster.from_dict(spec)
+
+
+def test_ranks_beyond_the_host_cores_take_turns_on_them():
+    """A node whose CPU ranks outnumber its ``cpu_cores`` computes at cores / ranks of the kind's speed (peak
+    FLOP/s and memory bandwidth times it, dispatch overhead divided by it); with cores enough, or none said, at
+    the kind's own; the field round-trips."""
+    spec = small_spec()
+    spec["device_kinds"] = {"cpu-measured": {"peak_flops": {"fp32": "100GFLOPS"}, "memory": "8GiB",
+                                             "memory_bandwidth": "10GB/s", "op_overhead": "3us"}}
+    spec["nodes"] = spec["nodes"][:2]
+    for node, devices, cores in zip(spec["nodes"], (4, 2), (2, 2)):
+        node.update(device="cpu-measured", devices=devices, cpu_cores=cores)
+    cluster = Cluster.from_dict(spec)
+    shared, alone = cluster.devices[0], cluster.devices[4]
+    assert [n.compute_share for n in cluster.nodes] == [0.5, 1.0]
+    assert shared.peak_flops["fp32"] == pytest.approx(50e9) and shared.memory_bandwidth_Bps == pytest.approx(5e9)
+    assert shared.op_overhead_s == pytest.approx((6e-6, 6e-6))
+    assert alone.peak_flops["fp32"] == pytest.approx(100e9) and alone.op_overhead_s == pytest.approx((3e-6, 3e-6))
+    assert cluster.nodes[0].device_kind.peak_flops["fp32"] == pytest.approx(100e9)  # the kind keeps its own
+    assert Cluster.from_dict(cluster.to_dict()) == cluster and cluster.to_dict()["nodes"][0]["cpu_cores"] == 2
+    del spec["nodes"][0]["cpu_cores"]
+    unsaid = Cluster.from_dict(spec)
+    assert unsaid.devices[0].peak_flops == alone.peak_flops and "cpu_cores" not in unsaid.to_dict()["nodes"][0]

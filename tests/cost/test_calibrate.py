@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from cluster import Cluster
-from cost.calibrate import calibrate, fit_collective, median_measurements, spec_from_measurements
+import cost.calibrate
+from cost.calibrate import (calibrate, fit_collective, host_cores, median_measurements, ranks_computing_at_once,
+                            spec_from_measurements)
 from cost.collectives import collective_time
 
 
@@ -29,6 +31,7 @@ def test_quick_calibration_writes_a_loadable_sane_cluster(tmp_path):
     assert 1e6 < link.bandwidth_Bps < 1e12
 
     assert spec["metadata"]["calibration"]["backend"] == "gloo"  # no GPU here
+    assert cluster.nodes[0].cpu_cores == host_cores()  # the cores its ranks share
     gloo = spec["metadata"]["calibration"]["collective_seconds_by_bytes"]
     for name in ("all_reduce", "all_gather", "send_recv"):
         assert all(0 < seconds < 10 for _, seconds in gloo[name])
@@ -92,6 +95,7 @@ def test_gpu_measurements_make_a_gpu_node():
     cluster = Cluster.from_dict(spec_from_measurements(8, measured))
     device = cluster.devices[0]
     assert device.kind == "gpu-calibrated" and device.memory_bytes == 80 * 2**30
+    assert cluster.nodes[0].cpu_cores is None  # each GPU computes on its own
     assert device.peak_flops["bf16"] == pytest.approx(700e12)
     link = cluster.link(0, 7)
     assert link.link_class == "nvlink" and link.bandwidth_Bps == pytest.approx(200e9)
@@ -106,10 +110,21 @@ def test_calibrated_all_reduce_follows_the_measured_curve():
     measured = {
         "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": 100.0},
         "matmul_bf16_gflops": {"256": 200.0}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
-        "efficiency": {}, "comm_overlap": 0.0,
+        "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
         "collectives": {"all_reduce": points, "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]},
     }
     cluster = Cluster.from_dict(spec_from_measurements(2, measured))
     for nbytes, seconds in points[1:]:  # the smallest is all latency, which the model adds per step
         assert collective_time("all_reduce", nbytes, (0, 1), cluster) == pytest.approx(seconds, rel=1e-6)
     assert 3.2e-3 < collective_time("all_reduce", 3.5e6, (0, 1), cluster) < 7.3e-3
+
+
+@pytest.mark.parametrize("cores, world_size, threads, together", [(2, 2, 1, 2), (2, 4, 1, 2), (2, 3, 1, 2),
+                                                                   (16, 4, 4, 4), (16, 3, 5, 3), (1, 2, 1, 1)])
+def test_cpu_ranks_measure_compute_as_many_at_once_as_the_cores_hold(monkeypatch, cores, world_size, threads,
+                                                                    together):
+    """More ranks than cores measuring together would read their share of a core as their speed, which the
+    cluster model applies again from ``cpu_cores``; so they measure as many at a time as the cores hold."""
+    monkeypatch.setattr(cost.calibrate, "host_cores", lambda: cores)
+    assert cost.calibrate.threads_per_rank(world_size) == threads
+    assert ranks_computing_at_once(world_size) == together
