@@ -193,12 +193,15 @@ def agreement(simulated: dict, measured: dict, which: str) -> str:
 def describe_calibration(cluster: Cluster) -> str:
     """A line of what calibration measured for ``cluster``'s ranks."""
     calibration = cluster.metadata["calibration"]
-    device = cluster.devices[0]
-    all_reduce = cluster.nodes[0].intra_link.for_collective("all_reduce")
+    node = cluster.nodes[0]
+    kind, device = node.device_kind, cluster.devices[0]
+    all_reduce = node.intra_link.for_collective("all_reduce")
+    sharing = (f"; {node.num_devices} ranks share {node.cpu_cores} cores: each computes at "
+               f"{node.compute_share:.2f} of that" if node.compute_share < 1 else "")
     return (f"calibrated {cluster.name}: matmul {max(calibration['matmul_fp32_gflops'].values()):.1f} GFLOP/s "
             f"peak per rank (probe matmuls reach {device.efficiency_of('matmul')[0]:.2f} of it), memory "
             f"{calibration['elementwise_bytes_per_s'] / 1e9:.1f} GB/s, op dispatch "
-            f"{device.op_overhead_s[0] * 1e6:.1f}/{device.op_overhead_s[1] * 1e6:.1f} us forward/backward; "
+            f"{kind.op_overhead_s[0] * 1e6:.1f}/{kind.op_overhead_s[1] * 1e6:.1f} us forward/backward{sharing}; "
             f"gloo all-reduce steps {all_reduce.latency_s * 1e6:.0f} us + {all_reduce.bandwidth_Bps / 1e9:.2f} GB/s, "
             f"{device.comm_overlap:.0%} of it hidden behind compute")
 
