@@ -264,7 +264,7 @@ def _shared(kind: DeviceKind, share: float) -> DeviceKind:
     overhead = None if kind.op_overhead_s is None else tuple(s / share for s in kind.op_overhead_s)
     bandwidth = None if kind.memory_bandwidth_Bps is None else kind.memory_bandwidth_Bps * share
     return replace(kind, peak_flops={k: v * share for k, v in kind.peak_flops.items()},
-                               memory_bandwidth_Bps=bandwidth, op_overhead_s=overhead)
+                   memory_bandwidth_Bps=bandwidth, op_overhead_s=overhead)
 
 
 def _interpolate(curve: tuple[tuple[float, float, float], ...], flops: float) -> tuple[float, float]:

@@ -44,6 +44,8 @@ from cost.op_probes import measure_op_efficiency, synchronizer
 from cluster import Cluster
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=60)
+COMPUTE_WAIT_TIMEOUT = timedelta(minutes=15)
+"""How long CPU ranks beyond the cores wait for the others to measure compute (about half a minute here)."""
 LATENCY_PROBE_BYTES = 4  # one fp32 element: the time is all latency
 MIN_LATENCY_S = 1e-7
 """No fitted per-step latency is smaller (a fit can land near zero when bandwidth explains everything)."""
@@ -159,7 +161,7 @@ def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: 
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
     try:
-        measured = _measure_compute_in_turn(rank, world_size, quick, device)
+        measured = _measure_compute_on_own_cores(rank, world_size, quick, device)
         measured["collectives"] = measure_collectives(rank, world_size, QUICK_MESSAGE_SIZES if quick else
                                                       MESSAGE_SIZES, repeats=5 if quick else 10, device=device)
         measured["comm_overlap"] = measure_comm_overlap(device, repeats=10 if quick else 30)
@@ -177,15 +179,16 @@ def _rank_main(rank: int, world_size: int, port: int, quick: bool, result_path: 
 # -- compute ----------------------------------------------------------------------------------------
 
 
-def _measure_compute_in_turn(rank: int, world_size: int, quick: bool, device: torch.device) -> dict[str, Any]:
+def _measure_compute_on_own_cores(rank: int, world_size: int, quick: bool, device: torch.device) -> dict[str, Any]:
     """:func:`measure_compute` on every GPU rank at once, or on the first :func:`ranks_computing_at_once` CPU
-    ranks while the others wait (rank 0, which writes, always measures)."""
+    ranks while the others wait (rank 0, which writes, always measures): each measuring rank on cores of its
+    own."""
     measuring = world_size if device.type == "cuda" else ranks_computing_at_once(world_size)
     if measuring == world_size:
         return measure_compute(quick, dist.barrier, device)
     group = dist.new_group(list(range(measuring)))  # every rank takes part in creating it
     measured = measure_compute(quick, lambda: dist.barrier(group), device) if rank < measuring else {}
-    dist.barrier()
+    dist.monitored_barrier(timeout=COMPUTE_WAIT_TIMEOUT)  # the others wait longer than a collective may
     return measured
 
 
