@@ -400,7 +400,7 @@ def homogeneous_view(cluster: Cluster) -> Cluster:
 @pytest.mark.parametrize("spec", ["hetero-ib-ethernet.yaml", "hetero-a100-v100.yaml"])
 def test_heterogeneous_clusters(spec):
     cluster = Cluster.load(ROOT / "examples" / "clusters" / spec)
-    graph = captured_config("6.7B", batch=64)
+    graph = captured_config("6.7B")  # the grid test's capture, priced at a global batch of 64
     options = {**MIXED, "global_batch": 64}
     aware, _ = search(graph, cluster, "auto", use_cache=False, **options)
     naive, _ = search(graph, homogeneous_view(cluster), "auto", use_cache=False, **options)
