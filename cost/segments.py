@@ -753,8 +753,8 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
         if record.recomputed:
             record = replace(record, region_inputs=region_inputs(node, entered, lambda v, _: v.sbp))
         computes.append(record)
-        for v in ins:
-            if id(v) in regathered:
+        for position, v in enumerate(ins):
+            if id(v) in regathered and keeps_for_backward(node, position):
                 index = regathered.pop(id(v))
                 comms[index] = replace(comms[index], saved_by=record)
         if ring:
