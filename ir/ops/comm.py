@@ -29,7 +29,7 @@ ADJOINTS = {"comm.all_reduce": "comm.all_reduce", "comm.all_gather": "comm.reduc
 REGATHER_KWARG = "regather"
 """``regather=True`` on a ``comm.all_gather`` of an activation: the ops that save its result for their backward
 keep this rank's shard instead, and backward gathers it again where they need it (the strategy's
-``regather_activations``, marked by the ``boxing`` pass). Values are unchanged; activation memory shrinks, and
+``regather_activations``, marked by the ``regather`` pass). Values are unchanged; activation memory shrinks, and
 backward runs one more all-gather."""
 GRADIENT_REDUCING = ("comm.all_reduce", "comm.all_gather")
 """The ops whose adjoint sums partial gradients across ranks; ``grad_dtype=`` (a ``torch.dtype``) names
