@@ -6,6 +6,7 @@ mutable and values keep use lists, so passes can rewrite the graph in place.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -67,7 +68,10 @@ class Node:
 
     def input_values(self) -> list[Value]:
         """Every value read by this node, in argument order (duplicates kept)."""
-        return [v for v in iter_values((self.args, self.kwargs))]
+        found: list[Value] = []
+        _collect_values(self.args, found)
+        _collect_values(self.kwargs, found)
+        return found
 
     @property
     def name(self) -> str:
@@ -88,13 +92,23 @@ class Node:
 def iter_values(obj: Any) -> Iterator[Value]:
     """Yield the values inside nested lists, tuples and dicts."""
     if isinstance(obj, Value):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from iter_values(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from iter_values(item)
+        return iter((obj,))
+    found: list[Value] = []
+    _collect_values(obj, found)
+    return iter(found)
+
+
+def _collect_values(obj: Any, found: list) -> None:
+    """Append the values inside the list, tuple or dict ``obj`` (nested any depth) to ``found``, in order."""
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return
+    for item in obj:
+        if isinstance(item, Value):
+            found.append(item)
+        elif isinstance(item, (list, tuple, dict)):
+            _collect_values(item, found)
 
 
 def map_structure(obj: Any, fn: Callable[[Value], Any]) -> Any:
@@ -226,6 +240,38 @@ class Graph:
         for v in node.input_values():
             v.uses.remove(node)
         self.nodes.remove(node)
+
+    def copy(self) -> "Graph":
+        """A private copy with new values and nodes, printing as this graph does (``str(g.copy()) == str(g)``)
+        and, like :func:`~ir.parser.parse` of that text, without private attributes; much cheaper than
+        printing and parsing. Literals in node arguments are shared (the IR treats them as immutable);
+        graph and node attributes are deep-copied, any value in them mapped to its copy."""
+        copies: dict[int, Value] = {}
+
+        def fresh(v: Value) -> Value:
+            c = Value(v.name, v.type, v.sbp, v.mesh, v.kind, v.target, v.requires_grad, v.persistent)
+            copies[id(v)] = c
+            return c
+
+        def copied(v: Value) -> Value:
+            return copies[id(v)]
+
+        graph = Graph(self.name, dict(self.meshes), [fresh(v) for v in self.inputs], [fresh(v) for v in self.params])
+        outputs = [[fresh(o) for o in node.outputs] for node in self.nodes]  # all first: attributes may name any
+        for node, outs in zip(self.nodes, outputs):
+            attrs = copy.deepcopy({k: v for k, v in node.attrs.items() if not k.startswith("_")}, copies)
+            copied_node = Node(node.op, map_structure(node.args, copied), map_structure(node.kwargs, copied), outs,
+                               attrs)
+            for o in outs:
+                o.producer = copied_node
+            for v in copied_node.input_values():
+                v.uses.append(copied_node)
+            graph.nodes.append(copied_node)
+        graph.outputs = [copied(v) for v in self.outputs]
+        graph.loss = copied(self.loss) if self.loss is not None else None
+        graph.buffer_updates = {copied(b): copied(v) for b, v in self.buffer_updates.items()}
+        graph.attrs = copy.deepcopy(self.public_attrs(), copies)
+        return graph
 
     def public_attrs(self) -> dict:
         """Graph attributes that are part of the IR text (not private caches)."""

@@ -278,11 +278,10 @@ def compile_cached(model: nn.Module, inputs: tuple, world: int, strategy, **kwar
     """``compile()`` on ``world`` local ranks, capturing each model once per input shapes and mode.
 
     torch.export dominates compile time on a CPU; the passes, the subject here, run every time on a
-    fresh copy of the captured graph (printed and parsed back). The cache holds the model, so that
+    fresh copy of the captured graph. The cache holds the model, so that
     its ``id`` is never reused by another one.
     """
     from compiler import Cluster, api
-    from ir.parser import parse
     key = (id(model), tuple(tuple(t.shape) for t in inputs), kwargs.get("mode", "train"))
     original = api.capture_model
 
@@ -290,7 +289,7 @@ def compile_cached(model: nn.Module, inputs: tuple, world: int, strategy, **kwar
         if key not in _CAPTURED:
             _CAPTURED[key] = (model, original(*args, **kw))
         captured = _CAPTURED[key][1]
-        return dataclasses.replace(captured, graph=parse(str(captured.graph)))
+        return dataclasses.replace(captured, graph=captured.graph.copy())
 
     with mock.patch.object(api, "capture_model", capture_once):
         return api.compile(model, inputs, cluster=Cluster.local(world), strategy=strategy, **kwargs)

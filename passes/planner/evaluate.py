@@ -27,7 +27,6 @@ from cost.placement import DATA_AXIS, PlanShape, axis_groups, plan_shape
 from cost.segments import BATCH_SYMBOL, CostContext, Profile, compute_record, op_kind, ring_exchange_items
 from ir.core import Graph
 from ir.layers import POST, PRE, LayerStructure, find_layers
-from ir.parser import parse
 from ir.sbp import B, Split
 from ir.types import CONTEXT_AXIS, Mesh
 from passes.manager import PassContext
@@ -76,7 +75,7 @@ class ModelView:
         """The graph as the ``decompose`` pass leaves it for this ``vocab_parallel`` setting."""
         if vocab_parallel not in self._variants:
             from passes.decompose import decompose_pass
-            graph = parse(str(self.graph))  # a private copy (deepcopy recurses along long use chains)
+            graph = self.graph.copy()  # decompose rewrites it
             decompose_pass(graph, PassContext(Strategy(), 1, self.train), vocab_parallel=vocab_parallel)
             self._variants[vocab_parallel] = (graph, find_layers(graph))
         return self._variants[vocab_parallel]

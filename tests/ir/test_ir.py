@@ -41,6 +41,33 @@ def test_text_round_trip_2d_mesh(tp_ir):
     assert str(parse(tp_ir)) == tp_ir
 
 
+@pytest.mark.parametrize("ir_text", ["tp_ir", "bn_ir"])
+def test_a_copy_prints_as_the_graph_and_shares_no_value_or_node(ir_text, request):
+    """Graph.copy(): the same text (gradient buckets, buffer updates and node attributes included), its own
+    values, nodes and attributes (a value named in an attribute is its copy), use lists and producers of its
+    own, and editing it leaves the original as it was."""
+    text = request.getfixturevalue(ir_text)
+    graph = parse(text)
+    graph.attrs["_cache"] = {"private": True}
+    copied = graph.copy()
+    assert str(copied) == text and "_cache" not in copied.attrs
+    originals = {id(v) for v in graph.all_values()} | {id(n) for n in graph.nodes}
+    assert not originals & ({id(v) for v in copied.all_values()} | {id(n) for n in copied.nodes})
+    named = {v.name: v for v in copied.all_values()}
+    for node in copied.nodes:
+        assert all(named[v.name] is v and node in v.uses for v in node.input_values())
+        assert all(o.producer is node for o in node.outputs)
+    assert all(named[v.name] is v for v in copied.outputs + list(copied.buffer_updates) +
+               list(copied.buffer_updates.values()))
+    buckets = copied.attrs.get("grad_buckets", [])
+    assert all(named[p.name] is p for bucket in buckets for p in bucket["params"])
+    first = copied.nodes[0]
+    first.attrs["module"] = "edited"
+    copied.replace_all_uses(first.outputs[0], copied.inputs[0], only=lambda user: user is first.outputs[0].uses[0])
+    copied.attrs["note"] = "edited"
+    assert str(graph) == text
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda t: t.replace("graph GPT {", "graph GPT {{", 1), "line 2:"),
     (lambda t: t.replace("(S(0), B) @world", "(S(0), Q) @world", 1), "line"),
