@@ -238,6 +238,7 @@ class MetaTyper:
         self.dims = dims
         self.adopt_dtypes = adopt_dtypes
         self.bindings = {sympy.Symbol(k, integer=True, positive=True): v for k, v in dims.items()}
+        self.bound: dict[sympy.Expr, int | float] = {}  # each symbolic size substituted once
         self.env: dict[int, torch.Tensor] = {}
         for v in list(graph.inputs) + list(graph.params):
             self.env[id(v)] = torch.empty(v.type.concrete_shape(self.bindings), dtype=v.type.torch_dtype,
@@ -253,7 +254,7 @@ class MetaTyper:
             return
         args = map_structure(node.args, lambda v: env[id(v)])
         kwargs = map_structure(node.kwargs, lambda v: env[id(v)])
-        args, kwargs = _bind(args, self.bindings), _bind(kwargs, self.bindings)
+        args, kwargs = self._bind(args), self._bind(kwargs)
         results = _run_on_meta(node, args, kwargs)
         for o, r in zip(node.outputs, results):
             want = o.type.concrete_shape(self.bindings)
@@ -263,6 +264,24 @@ class MetaTyper:
                 raise VerificationError(f"node {_where(node)}: %{o.name} is declared {o.type}, but {node.op} "
                                         f"gives {tuple(r.shape)} {r.dtype} at dims {self.dims}")
             env[id(o)] = r
+
+    def _bind(self, obj):
+        """``obj`` with every symbolic size set to its example value and devices made ``meta``."""
+        if isinstance(obj, sympy.Expr):
+            value = self.bound.get(obj)
+            if value is None:
+                value = obj.subs(self.bindings)
+                value = self.bound[obj] = float(value) if is_float_expr(obj) else int(value)
+            return value
+        if isinstance(obj, list):
+            return [self._bind(o) for o in obj]
+        if isinstance(obj, tuple):
+            return tuple(self._bind(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self._bind(v) for k, v in obj.items()}
+        if isinstance(obj, torch.device):
+            return torch.device("meta")
+        return obj
 
 
 _META_RESULTS: dict = {}
@@ -308,16 +327,3 @@ def _describe(obj):
     return repr(obj)
 
 
-def _bind(obj, bindings):
-    if isinstance(obj, sympy.Expr):
-        value = obj.subs(bindings)
-        return float(value) if is_float_expr(obj) else int(value)
-    if isinstance(obj, list):
-        return [_bind(o, bindings) for o in obj]
-    if isinstance(obj, tuple):
-        return tuple(_bind(o, bindings) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _bind(v, bindings) for k, v in obj.items()}
-    if isinstance(obj, torch.device):
-        return torch.device("meta")
-    return obj
