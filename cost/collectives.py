@@ -66,23 +66,30 @@ def p2p_time(nbytes: float, src: int, dst: int, cluster: Cluster) -> float:
 def collective_time(kind: str, nbytes: float, devices: Sequence[int], cluster: Cluster,
                     algorithm: str = "auto") -> float:
     """Seconds for collective ``kind`` on ``devices``; ``auto`` picks the cheapest algorithm."""
-    return collective_cost(kind, nbytes, devices, cluster, algorithm).time_s
+    return _shared_cost(kind, nbytes, devices, cluster, algorithm).time_s
 
 
 def collective_traffic(kind: str, nbytes: float, devices: Sequence[int], cluster: Cluster,
                        algorithm: str = "auto") -> dict[str, float]:
     """Bytes crossing links of each class (summed over all links) for collective ``kind``."""
-    return dict(collective_cost(kind, nbytes, devices, cluster, algorithm).traffic)
+    return dict(_shared_cost(kind, nbytes, devices, cluster, algorithm).traffic)
 
 
 def best_algorithm(kind: str, nbytes: float, devices: Sequence[int], cluster: Cluster) -> str:
     """The algorithm ``auto`` picks for this collective."""
-    return collective_cost(kind, nbytes, devices, cluster, "auto").algorithm
+    return _shared_cost(kind, nbytes, devices, cluster, "auto").algorithm
 
 
 def collective_cost(kind: str, nbytes: float, devices: Sequence[int], cluster: Cluster,
                     algorithm: str = "auto") -> CollectiveCost:
     """Time, algorithm and traffic of collective ``kind``; see the module docstring for ``nbytes``."""
+    cost = _shared_cost(kind, nbytes, devices, cluster, algorithm)
+    return dataclasses.replace(cost, traffic=dict(cost.traffic))  # callers may edit their copy
+
+
+def _shared_cost(kind: str, nbytes: float, devices: Sequence[int], cluster: Cluster,
+                 algorithm: str) -> CollectiveCost:
+    """The remembered cost of a checked request (shared: not to be edited)."""
     if kind not in COLLECTIVES:
         raise ValueError(f"expected a collective kind in {COLLECTIVES}, found {kind!r}")
     if algorithm != "auto" and algorithm not in ALGORITHMS:
@@ -92,8 +99,7 @@ def collective_cost(kind: str, nbytes: float, devices: Sequence[int], cluster: C
     devices = tuple(operator.index(d) for d in devices)  # numpy integers welcome
     if len(set(devices)) != len(devices):
         raise ValueError(f"expected distinct devices for {kind}, found {list(devices)}")
-    cost = _cached_collective_cost(kind, float(nbytes), devices, cluster, algorithm)
-    return dataclasses.replace(cost, traffic=dict(cost.traffic))  # callers may edit their copy
+    return _cached_collective_cost(kind, float(nbytes), devices, cluster, algorithm)
 
 
 @functools.lru_cache(maxsize=8192)
