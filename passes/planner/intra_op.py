@@ -124,7 +124,6 @@ class LayoutProblem:
         self.edge_info: list = []     # per edge: (value, consumer unit, input position, weight, boundary, producer side)
         self.fixed_boxing: list = []  # (unit, input position, value, src sbp, weight, boundary)
         self.self_boxing: list = []   # (unit, input position, value, weight, boundary): reads its own output
-        self._types: dict[int, tuple] = {}  # value id -> its type at the request's dims, its sizes
         self._build()
 
     # -- structure ------------------------------------------------------------------------------
@@ -308,11 +307,14 @@ class LayoutProblem:
         return self._concrete(value)[0]
 
     def _concrete(self, value: Value) -> tuple[TensorType, tuple]:
-        """The value's type at the request's dims, and its sizes as plain ints (a cheap key)."""
-        if id(value) not in self._types:
+        """The value's type at the request's dims, and its sizes as plain ints (a cheap key); remembered with
+        the prices (they share the dims), so problems solved again under other constraints reuse it."""
+        key = ("type", id(self.graph), id(value))
+        prices = self.request.prices
+        if key not in prices:
             sizes = tuple(max(1, int(round(d))) for d in concrete_shape(value.type, self.request.dims))
-            self._types[id(value)] = (TensorType.of(list(sizes), value.type.dtype), sizes)
-        return self._types[id(value)]
+            prices[key] = (TensorType.of(list(sizes), value.type.dtype), sizes)
+        return prices[key]
 
     def pairwise(self) -> PairwiseProblem:
         """The problem for the generic solvers (variables in graph order, parameters before first use)."""
