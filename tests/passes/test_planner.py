@@ -21,6 +21,7 @@ from ir.core import Graph
 from ir.layers import LayerStructure, block_param_name, find_layers
 from ir.types import Mesh, TensorType
 from passes.planner import SearchError, search
+from passes.planner.evaluate import BLOCK_COUNT_ATTR
 from passes.planner.intra_op import LayoutProblem, LayoutRequest, solve_layouts
 from passes.planner.pairwise import PairEdge, PairwiseProblem, solve_dp, solve_ilp, solve_z3
 from passes.planner.search import _fixed_parts
@@ -342,10 +343,16 @@ def divisors(n: int) -> list[int]:
 
 
 @functools.cache
-def captured_config(name: str, batch: int = BATCH) -> Graph:
-    """The meta-device GPT ``name`` captured for ``batch`` (once per session: the planner only reads it)."""
-    graph = capture(gpt_configs.meta_model(name), gpt_configs.example_batch(batch), train=True).graph
+def captured_config(name: str, batch: int = BATCH, blocks: int | None = 2) -> Graph:
+    """The meta-device GPT ``name`` captured for ``batch`` (once per session: the planner only reads it): with
+    ``blocks`` blocks standing for all of the configuration's (:data:`BLOCK_COUNT_ATTR`, as the published-runs
+    benchmark captures its models; they price exactly as the whole stack, see
+    :func:`test_two_captured_blocks_price_as_the_whole_stack`), or every block (``blocks=None``)."""
+    layers = gpt_configs.CONFIGS[name].n_layer
+    graph = capture(gpt_configs.meta_model(name, n_layer=blocks), gpt_configs.example_batch(batch), train=True).graph
     graph.attrs["example_dims"] = {"batch": batch, "seq": gpt_configs.SEQUENCE}
+    if blocks is not None:
+        graph.attrs[BLOCK_COUNT_ATTR] = layers
     return graph
 
 
@@ -381,6 +388,24 @@ def test_auto_beats_every_megatron_grid_point(name):
     best_time, best = min(grid, key=lambda g: g[0])
     assert len(grid) > 20
     assert auto.step_time_s <= best_time * (1 + 1e-9), (name, report.chosen.summary, best)
+
+
+def test_two_captured_blocks_price_as_the_whole_stack():
+    """A GPT captured with two blocks standing for its 24 (``BLOCK_COUNT_ATTR``, as the planner's acceptance tests
+    and the published-runs benchmark capture models) prices every Megatron grid point (dp, tp, pp up to 16
+    stages, microbatches, full recomputation) exactly as the GPT captured with all 24 blocks, in step time and
+    memory, and ``auto`` chooses the same plan on both."""
+    cluster, layers = Cluster.load("dgx-a100:2"), gpt_configs.CONFIGS["1.3B"].n_layer
+    deep, stand_in = captured_config("1.3B", blocks=None), captured_config("1.3B")
+    grid = list(megatron_grid(deep, cluster, layers, BATCH))
+    assert len(grid) > 100
+    for strategy, whole in grid:
+        two = simulate((stand_in, strategy, cluster), **MIXED)
+        assert close(two.step_time_s, whole.step_time_s), strategy
+        assert two.fits == whole.fits and close(max(two.peak_memory_bytes.values()),
+                                                max(whole.peak_memory_bytes.values())), strategy
+    deep_plan, _ = search(deep, cluster, "auto", use_cache=False, **MIXED)
+    assert search(stand_in, cluster, "auto", use_cache=False, **MIXED)[0] == deep_plan
 
 
 # --------------------------------------------------------------------------------------------------
