@@ -6,6 +6,7 @@ torchrun as eager does.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -39,13 +40,17 @@ def gpt_batch(batch: int = 2, seed: int = 1) -> tuple:
     return gpt.example_inputs(batch=batch, seq=SEQ, seed=seed)
 
 
-GPT = long_gpt()
-LLAMA = llama_model()
-MODELS = {"gpt": (GPT, gpt_batch()), "llama": (LLAMA, lm_inputs(batch=2, seq=SEQ))}
+@functools.cache
+def model_and_inputs(name: str) -> tuple:
+    """The shared instance of model ``name`` (``gpt`` or ``llama``: built when a test first needs it, not while
+    the suite is collected) and its inputs."""
+    if name == "gpt":
+        return long_gpt(), gpt_batch()
+    return llama_model(), lm_inputs(batch=2, seq=SEQ)
 
 
 def cp_plan(name: str, mesh: dict, method: str, **extra):
-    model, inputs = MODELS[name]
+    model, inputs = model_and_inputs(name)
     world = 1
     for size in mesh.values():
         world *= size
@@ -69,7 +74,7 @@ def test_bad_cp_attention_is_one_clear_error():
         parse_plan("mesh cp=2\ncp_attention rng\n")
     with pytest.raises(StrategyError, match="cp_attention ring runs attention on sequence shards over a cp mesh "
                                             "axis, but the mesh has only dp; add an axis such as cp=2"):
-        compile(*MODELS["gpt"], cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "cp_attention": "ring"})
+        compile(*model_and_inputs("gpt"), cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "cp_attention": "ring"})
 
 
 # -- the ring's blocks ------------------------------------------------------------------------------------
@@ -141,7 +146,7 @@ def test_context_parallel_equals_eager(name, mesh, method):
         assert ops.count("comm.all_gather") >= 4 and RING_ATTENTION not in ops
     else:
         assert ops.count("comm.all_to_all") >= 8  # q, k, v in and the output back, per layer
-    model, inputs = MODELS[name]
+    model, inputs = model_and_inputs(name)
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
 
 
@@ -152,14 +157,14 @@ def test_cp2_with_tensor_parallel_equals_eager(name, params):
     attention = [n for n in plan.graph.nodes if n.op == RING_ATTENTION]
     assert len(attention) == 2 and all(n.outputs[0].sbp[0] == Split(2) for n in attention)  # sequence on cp
     assert all(isinstance(n.outputs[0].sbp[1], Split) for n in attention)  # heads (or batch) on tp
-    model, inputs = MODELS[name]
+    model, inputs = model_and_inputs(name)
     assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, stage", [("gpt", "blocks.1"), ("llama", "lm.model.layers.1")])
 def test_cp2_inside_a_two_stage_pipeline_equals_eager(name, stage):
-    model = MODELS[name][0]
+    model = model_and_inputs(name)[0]
     inputs = gpt_batch(batch=4) if name == "gpt" else lm_inputs(batch=4, seq=SEQ)
     plan = compile_cached(model, inputs, 4, {"mesh": {"pp": 2, "cp": 2}, "cp_attention": "ring", "stages": [stage],
                                              "microbatches": 2})
@@ -175,7 +180,7 @@ def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
     assert_close_to_eager(fsdp.run_virtual(*inputs), model, inputs)
     # sharded over cp itself (the planner's choice without dp): parameters in contiguous shards, even the
     # position table whose rows are as many as the sequence's positions
-    model, inputs = MODELS["gpt"]
+    model, inputs = model_and_inputs("gpt")
     over_cp = cp_plan("gpt", {"cp": 2}, "ring", fsdp="cp")
     assert any(p.target == "pos_emb.weight" and p.sbp == (Split(0),) for p in over_cp.graph.params)
     assert_close_to_eager(over_cp.run_virtual(*inputs), model, inputs)
@@ -187,7 +192,7 @@ def test_cp2_with_fsdp_and_sequence_parallel_tp_equals_eager():
 def test_a_cp_degree_the_planner_chooses_compiles_and_equals_eager():
     """The planner's cp candidate (here the only one: dp fixed to 1 on two devices) becomes a strategy that
     compiles to ring attention and trains as eager does."""
-    model, inputs = MODELS["gpt"]
+    model, inputs = model_and_inputs("gpt")
     plan = compile(model, inputs, cluster=Cluster.local(2), search_options={"use_cache": False},
                    strategy={"mesh": {"dp": 1, "tp": 1, "pp": 1, "cp": "auto"}})
     assert plan.strategy.context_parallel == 2 and plan.strategy.cp_attention == "ring"
@@ -231,12 +236,13 @@ def test_cp4_holds_a_quarter_of_the_activations_and_no_score_matrix(name):
     quarter (the loss's inputs are moved from sequence to vocabulary shards by all-to-all: one more copy);
     attention's scores exist per block only, and no rank holds a [..., seq, seq] tensor: Llama's boolean
     causal mask, which transformers writes for the whole sequence, is built on each rank for its rows only."""
-    model, inputs = MODELS[name]
+    model, inputs = model_and_inputs(name)
     whole, whole_peak, whole_saved, whole_shapes = _activation_bytes(compile_cached(model, inputs, 1, "dp"), inputs)
     split, split_peak, split_saved, shapes = _activation_bytes(cp_plan(name, {"cp": 4}, "ring"), inputs)
     assert split_peak == whole_peak / 4
     assert 0.24 < split / whole < 0.32, split / whole
-    heads = GPT.cfg.n_head if name == "gpt" else LLAMA.lm.config.num_attention_heads
+    model = model_and_inputs(name)[0]
+    heads = model.cfg.n_head if name == "gpt" else model.lm.config.num_attention_heads
     scores = inputs[0].shape[0] * heads * SEQ * SEQ * 4  # one layer's full score matrix, fp32
     assert split_saved <= scores / 8 and split_saved <= whole_saved / 4
     assert name == "gpt" or any(s[-2:] == (SEQ, SEQ) for s in whole_shapes)  # Llama's mask, whole at cp1
