@@ -275,21 +275,29 @@ def assert_low_precision_run_close(result, model: nn.Module, inputs: tuple, refe
 
 
 def compile_cached(model: nn.Module, inputs: tuple, world: int, strategy, **kwargs):
-    """``compile()`` on ``world`` local ranks, capturing each model once per input shapes and mode.
+    """``compile()`` on ``world`` local ranks, capturing each model once per input shapes and dtypes, mode, loss
+    function and capture method.
 
     torch.export dominates compile time on a CPU; the passes, the subject here, run every time on a
-    fresh copy of the captured graph. The cache holds the model, so that
-    its ``id`` is never reused by another one.
+    fresh copy of the captured graph. The cache holds the model and the loss function, so that their
+    ``id`` s are never reused by others.
     """
     from compiler import Cluster, api
-    key = (id(model), tuple(tuple(t.shape) for t in inputs), kwargs.get("mode", "train"))
     original = api.capture_model
 
-    def capture_once(*args, **kw):
+    def capture_once(model, args, example_kwargs, **kw):
+        key = (id(model), _shapes(args), _shapes(example_kwargs or {}), kw["train"], kw["method"],
+               id(kw["loss_fn"]), repr(kw.get("decompose_custom_ops")))
         if key not in _CAPTURED:
-            _CAPTURED[key] = (model, original(*args, **kw))
+            _CAPTURED[key] = (model, original(model, args, example_kwargs, **kw), kw["loss_fn"])
         captured = _CAPTURED[key][1]
         return dataclasses.replace(captured, graph=captured.graph.copy())
 
     with mock.patch.object(api, "capture_model", capture_once):
         return api.compile(model, inputs, cluster=Cluster.local(world), strategy=strategy, **kwargs)
+
+
+def _shapes(values) -> tuple:
+    """What a capture depends on in example inputs: each tensor's shape and dtype (other values as written)."""
+    items = values.items() if isinstance(values, dict) else enumerate(values)
+    return tuple((k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v)) for k, v in items)

@@ -382,7 +382,7 @@ def captured_graph(name: str):
     from tests.models import _CAPTURED
     model, inputs, _ = moe_model_and_reference(name)
     compile_cached(model, inputs, 2, PLANS["ep2"][1])  # captures it once
-    captured = next(c for m, c in _CAPTURED.values() if m is model)
+    captured = next(c for m, c, _ in _CAPTURED.values() if m is model)
     graph = captured.graph.copy()
     graph.attrs["example_dims"] = {"batch": 8, "seq": 16}
     return graph

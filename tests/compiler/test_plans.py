@@ -15,16 +15,14 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.api import compile
 from compiler.cli import main as sbpc
 from compiler.plans import ARGUMENT_SOURCE, TEXT_SOURCE, model_facts, read_strategy, resolve
 from examples.gpt import CausalSelfAttention, MLP
 from frontend.dsl import PlanError, annotate, format_plan, load_plan, parse_plan, sbp_plan
 from frontend.torch_capture import capture
-from cluster import Cluster
 from passes.skippipe import SkipPlan, parse_skip_plan
 from tests.frontend.test_dsl import MALFORMED, assert_points_at
-from tests.models import assert_close_to_eager, gpt_inputs, gpt_model
+from tests.models import assert_close_to_eager, compile_cached, gpt_inputs, gpt_model
 
 ROOT = Path(__file__).resolve().parents[2]
 PLANS = ROOT / "examples" / "plans"
@@ -36,8 +34,8 @@ GPT_FACTORY = f"{ROOT / 'examples' / 'gpt.py'}:make_model"
 
 
 def compiled(text_or_strategy, world_size: int, model=GPT, inputs=GPT_INPUTS):
-    """``compile()`` on ``world_size`` local ranks."""
-    return compile(model, inputs, cluster=Cluster.local(world_size), strategy=text_or_strategy)
+    """``compile()`` on ``world_size`` local ranks (each model captured once: plans are the subject here)."""
+    return compile_cached(model, inputs, world_size, text_or_strategy)
 
 
 def assert_round_trips(plan, model, inputs, world_size: int) -> str:

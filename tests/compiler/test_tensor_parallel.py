@@ -1,10 +1,11 @@
 """Issue 3: tensor, sequence, vocabulary and sharded-data parallelism equal eager training."""
+import functools
 from collections import Counter
 
 import pytest
 
 from compiler import Cluster, compile
-from tests.models import assert_close_to_eager, gpt_inputs, gpt_model, llama_model, lm_inputs
+from tests.models import assert_close_to_eager, compile_cached, gpt_inputs, gpt_model, llama_model, lm_inputs
 
 GPT_MEGATRON = {
     "blocks.*.attn.qkv.weight": "S(0)", "blocks.*.attn.qkv.bias": "S(0)", "blocks.*.attn.proj.weight": "S(1)",
@@ -35,19 +36,25 @@ def strategies(params: dict) -> dict:
     }
 
 
+@functools.cache
+def shared_model(name: str) -> tuple:
+    """One instance of the GPT or the Llama and its inputs, shared by the plans below (captured once)."""
+    return (gpt_model(), gpt_inputs()) if name == "gpt" else (llama_model(), lm_inputs())
+
+
 @pytest.mark.parametrize("name", list(strategies(GPT_MEGATRON)))
 def test_gpt_matches_eager(name):
     ranks, strategy = strategies(GPT_MEGATRON)[name]
-    model, x = gpt_model(), gpt_inputs()
-    plan = compile(model, x, cluster=Cluster.local(ranks), strategy=strategy)
+    model, x = shared_model("gpt")
+    plan = compile_cached(model, x, ranks, strategy)
     assert_close_to_eager(plan.run_virtual(*x), model, x)
 
 
 @pytest.mark.parametrize("name", list(strategies(LLAMA_MEGATRON)))
 def test_llama_matches_eager(name):
     ranks, strategy = strategies(LLAMA_MEGATRON)[name]
-    model, x = llama_model(), lm_inputs()
-    plan = compile(model, x, cluster=Cluster.local(ranks), strategy=strategy)
+    model, x = shared_model("llama")
+    plan = compile_cached(model, x, ranks, strategy)
     assert_close_to_eager(plan.run_virtual(*x), model, x)
 
 
