@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ir.sbp import NdSbp
-from ir.types import Mesh, TensorType
+from ir.types import TensorType
 
 
 @dataclass(eq=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ir.core import Node
 from ir.ops.registry import Signature, register
-from ir.sbp import B, Broadcast, P, Partial, Sbp, Split
+from ir.sbp import Broadcast, P, Partial, Sbp, Split
 
 COMM_OPS = ("comm.all_reduce", "comm.all_gather", "comm.reduce_scatter", "comm.all_to_all",
             "comm.slice", "comm.mask")
