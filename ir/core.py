@@ -89,15 +89,6 @@ class Node:
             v.uses.append(self)
 
 
-def iter_values(obj: Any) -> Iterator[Value]:
-    """Yield the values inside nested lists, tuples and dicts."""
-    if isinstance(obj, Value):
-        return iter((obj,))
-    found: list[Value] = []
-    _collect_values(obj, found)
-    return iter(found)
-
-
 def _collect_values(obj: Any, found: list) -> None:
     """Append the values inside the list, tuple or dict ``obj`` (nested any depth) to ``found``, in order."""
     if isinstance(obj, dict):
