@@ -68,9 +68,9 @@ class LayoutRequest:
     hints: dict = field(default_factory=dict)
     """Node name -> required N-D SBP of its first output (``None`` entries: free)."""
     prices: dict = field(default_factory=dict, compare=False, repr=False)
-    """Conversions and op times already priced. Prices depend only on the mesh, cluster, groups,
-    device, dims, precision and ``train``, so requests that share those (the planner's switches on one
-    degree) may share this dict; the constraints (``fixed``, ``hints``) never enter a price."""
+    """Conversions and op times already priced, and values' types at ``dims``. Both depend only on the mesh,
+    cluster, groups, device, dims, precision and ``train``, so requests that share those (the planner's switches
+    on one degree) may share this dict; the constraints (``fixed``, ``hints``) never enter them."""
 
     def boxing_cost(self, backward: bool) -> ClusterBoxingCost:
         """The boxing cost for values with (or without) a gradient (one per request: it remembers the
