@@ -237,7 +237,7 @@ class Graph:
         and, like :func:`~ir.parser.parse` of that text, without private attributes; much cheaper than
         printing and parsing. Literals in node arguments are shared (the IR treats them as immutable);
         graph and node attributes are deep-copied, any value in them mapped to its copy."""
-        copies: dict[int, Value] = {}
+        copies: dict[int, Any] = {}  # id -> copy: every value, then deepcopy's memo of the attributes too
 
         def fresh(v: Value) -> Value:
             c = Value(v.name, v.type, v.sbp, v.mesh, v.kind, v.target, v.requires_grad, v.persistent)
