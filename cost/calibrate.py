@@ -81,8 +81,15 @@ def calibrate(world_size: int = 2, out_path: str | Path | None = None, quick: bo
         raise ValueError(f"expected world_size >= 2 to measure communication, found {world_size}")
     if sessions < 1:
         raise ValueError(f"expected at least 1 calibration session, found {sessions}")
-    measured = median_measurements([_run_ranks(world_size, quick) for _ in range(sessions)])
-    spec = spec_from_measurements(world_size, measured)
+    return spec_from_sessions(world_size, [measure_session(world_size, quick) for _ in range(sessions)], out_path)
+
+
+def spec_from_sessions(world_size: int, sessions: list[dict[str, Any]],
+                       out_path: str | Path | None = None) -> dict[str, Any]:
+    """The cluster spec of the median of ``sessions`` (each what :func:`measure_session` returned), validated, and
+    written to ``out_path`` if given. A caller that runs other work between sessions (a benchmark measuring
+    programs in rounds) gets a calibration that saw the same spells of a shared machine as that work did."""
+    spec = spec_from_measurements(world_size, median_measurements(sessions))
     cluster = Cluster.from_dict(spec)  # validates what we measured
     if out_path is not None:
         cluster.dump_yaml(out_path)
@@ -91,7 +98,8 @@ def calibrate(world_size: int = 2, out_path: str | Path | None = None, quick: bo
 
 def median_measurements(sessions: list) -> Any:
     """The median of every number across sessions' measurements of the same shape (dicts with the same keys,
-    lists of the same length); anything else is the first session's. A single session is returned as is."""
+    lists of the same length): of an even count, the mean of the middle two, or for whole numbers the lower of
+    them; anything else is the first session's. A single session is returned as is."""
     first = sessions[0]
     if len(sessions) == 1:
         return first
@@ -99,7 +107,11 @@ def median_measurements(sessions: list) -> Any:
         return {key: median_measurements([s[key] for s in sessions]) for key in first}
     if isinstance(first, list):
         return [median_measurements(list(items)) for items in zip(*sessions)]
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
+    if isinstance(first, bool):
+        return first
+    if isinstance(first, int):  # counts (cores, bytes of memory) stay whole: the lower middle of an even count
+        return statistics.median_low(sessions)
+    if isinstance(first, float):
         return statistics.median(sessions)
     return first
 
@@ -133,8 +145,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run_ranks(world_size: int, quick: bool) -> dict[str, Any]:
-    """Run :func:`_rank_main` in ``world_size`` processes; rank 0's measurements."""
+def measure_session(world_size: int, quick: bool = False) -> dict[str, Any]:
+    """One calibration session: :func:`_rank_main` in ``world_size`` fresh processes; rank 0's measurements."""
     with tempfile.TemporaryDirectory() as scratch:
         result_path = os.path.join(scratch, "measured.json")
         mp.spawn(_rank_main, args=(world_size, _free_port(), quick, result_path), nprocs=world_size, join=True)

@@ -65,6 +65,8 @@ def test_sessions_combine_into_the_median_of_every_number():
     assert median_measurements(sessions) == {"device": "cpu", "matmul": {"256": 100.0},
                                              "points": [[8.0, 2e-3], [4096.0, 2e-3]], "n": 4}
     assert median_measurements(sessions[:1]) is sessions[0]
+    even = median_measurements(sessions[:2])  # the middle two: floats meet halfway, whole numbers keep the lower
+    assert even["matmul"] == {"256": 105.0} and even["n"] == 3 and isinstance(even["n"], int)
     with pytest.raises(ValueError, match="at least 1 calibration session"):
         calibrate(2, sessions=0)
 
