@@ -6,7 +6,7 @@ import pytest
 from cluster import Cluster
 import cost.calibrate
 from cost.calibrate import (calibrate, fit_collective, host_cores, median_measurements, ranks_computing_at_once,
-                            spec_from_measurements)
+                            spec_from_measurements, spec_from_sessions)
 from cost.collectives import collective_time
 
 
@@ -119,6 +119,23 @@ def test_calibrated_all_reduce_follows_the_measured_curve():
     for nbytes, seconds in points[1:]:  # the smallest is all latency, which the model adds per step
         assert collective_time("all_reduce", nbytes, (0, 1), cluster) == pytest.approx(seconds, rel=1e-6)
     assert 3.2e-3 < collective_time("all_reduce", 3.5e6, (0, 1), cluster) < 7.3e-3
+
+
+def test_two_sessions_make_a_valid_spec_of_their_medians(tmp_path):
+    """Sessions taken one at a time (a benchmark calibrating between its rounds) combine into one spec: numbers
+    meet halfway, counts stay whole (two sessions' ``cpu_cores: 2`` once became 2.0, which the spec rejects)."""
+    def session(gflops: float, latency: float) -> dict:
+        return {"backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": gflops},
+                "matmul_bf16_gflops": {"256": 2 * gflops}, "elementwise_bytes_per_s": 2e10,
+                "op_overhead_s": [3e-6, 2e-6], "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
+                "collectives": {"all_reduce": [[8.0, latency], [1048576.0, 3e-3]],
+                                "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]}}
+    spec = spec_from_sessions(2, [session(90.0, 1e-3), session(110.0, 2e-3)], tmp_path / "two.yaml")
+    cluster = Cluster.load(tmp_path / "two.yaml")
+    assert cluster.to_dict() == spec
+    assert cluster.nodes[0].cpu_cores == 2
+    assert cluster.devices[0].peak_flops["fp32"] == pytest.approx(100e9)
+    assert spec["metadata"]["calibration"]["collective_seconds_by_bytes"]["all_reduce"][0] == [8.0, 1.5e-3]
 
 
 @pytest.mark.parametrize("cores, world_size, threads, together", [(2, 2, 1, 2), (2, 4, 1, 2), (2, 3, 1, 2),
