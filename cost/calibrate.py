@@ -52,11 +52,11 @@ MIN_LATENCY_S = 1e-7
 MESSAGE_SIZES = (LATENCY_PROBE_BYTES, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
 QUICK_MESSAGE_SIZES = MESSAGE_SIZES[:-1]
 COMPUTE_BURST = (512, 512, 1024)
+"""The matmul (m, k, n) every rank runs before each timed collective (a few milliseconds on a core)."""
 CALLS_PER_REPEAT = 3
 """Calls of a collective per size and repeat: each size's mean is taken over ``3 * repeats`` calls (30 in a full
 session). Ten calls of a 1 MiB all-reduce between compute bursts read 3.0-6.0 ms from one session to the next
 (the mean of a long tail); thirty, 3.7-4.5 ms (and a 512 KiB one 3.3-3.6 ms against 2.0-4.7)."""
-"""The matmul (m, k, n) every rank runs before each timed collective (a few milliseconds on a core)."""
 NVLINK_LIKE_BPS = 50e9
 """GPU pairs measured faster than this (one way) are labelled ``nvlink``, slower ones ``pcie``."""
 OVERLAP_MLP = (512, 256)
