@@ -121,6 +121,24 @@ def test_calibrated_all_reduce_follows_the_measured_curve():
     assert 3.2e-3 < collective_time("all_reduce", 3.5e6, (0, 1), cluster) < 7.3e-3
 
 
+def test_a_size_between_two_measured_ones_costs_between_their_times():
+    """Where gloo's bandwidth grows tenfold between two measured sizes (a session of this machine: 2.78 ms at
+    64 KiB, 3.14 ms at 1 MiB), the 512 KiB all-reduce a tensor-parallel GPT step sends costs between the two;
+    interpolating the bandwidth priced it at 2.05 ms, under both, and a 4 KiB one under the 8-byte one."""
+    points = [[8.0, 1.25e-3], [65536.0, 2.78e-3], [1048576.0, 3.14e-3], [4194304.0, 5.34e-3]]
+    measured = {
+        "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": 100.0},
+        "matmul_bf16_gflops": {"256": 200.0}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
+        "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
+        "collectives": {"all_reduce": points, "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]},
+    }
+    cluster = Cluster.from_dict(spec_from_measurements(2, measured))
+    times = [collective_time("all_reduce", n, (0, 1), cluster) for n in (4096, 65536, 524288, 1048576)]
+    assert times == sorted(times)
+    assert 2.78e-3 < times[2] < 3.14e-3
+    assert times[2] == pytest.approx(2.78e-3 + (524288 - 65536) / (1048576 - 65536) * (3.14e-3 - 2.78e-3))
+
+
 def test_two_sessions_make_a_valid_spec_of_their_medians(tmp_path):
     """Sessions taken one at a time (a benchmark calibrating between its rounds) combine into one spec: numbers
     meet halfway, counts stay whole (two sessions' ``cpu_cores: 2`` once became 2.0, which the spec rejects)."""

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import sympy
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from cluster import Cluster
-from cost.collectives import best_algorithm, collective_cost, collective_time, collective_traffic, p2p_time
+from cost.collectives import (best_algorithm, collective_cost, collective_time, collective_traffic, curve_seconds,
+                              p2p_time)
 from cost.memory import MemoryEstimate, in_flight_microbatches, megatron_activation_bytes, param_memory
 from cost.ops import op_backward_flops, op_bytes, op_category, op_flops, op_time
 
@@ -40,6 +43,23 @@ def test_an_all_reduce_on_one_dgx_costs_what_nccl_tests_measured(dgx2, nbytes):
     assert 2 * 7 / 8 * nbytes / seconds == pytest.approx(A100_BUSBW[nbytes], rel=1e-9)
     traffic = collective_traffic("all_reduce", nbytes, list(range(8)), dgx2, "ring")
     assert traffic == {"nvswitch": pytest.approx(2 * 7 * nbytes)}  # 8 links x 2(p-1)/p x n
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(1.0, 1e10), st.floats(1e-6, 1.0)), min_size=2, max_size=8, unique_by=lambda p: p[0]),
+       st.floats(0.0, 1.0))
+def test_a_busbw_curve_costs_each_measured_size_its_time_and_sizes_between_them_between(raw, where):
+    """Whatever the measured points, a measured size costs its measured time and a size between two measured
+    ones costs between their times (bandwidths interpolated between very different points once priced sizes
+    under both neighbours)."""
+    points = sorted(raw)
+    seconds = [size / busbw for size, busbw in points]
+    for (size, busbw), t in zip(points, seconds):
+        assert curve_seconds(tuple(points), size) == pytest.approx(t, rel=1e-9)
+    k = min(int(where * (len(points) - 1)), len(points) - 2)
+    (x0, _), (x1, _) = points[k], points[k + 1]
+    inside = curve_seconds(tuple(points), x0 + where * (x1 - x0))
+    assert min(seconds[k], seconds[k + 1]) * (1 - 1e-9) <= inside <= max(seconds[k], seconds[k + 1]) * (1 + 1e-9)
 
 
 def test_mid_size_messages_reach_well_under_the_plateau(dgx2):
