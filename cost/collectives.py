@@ -174,7 +174,7 @@ def curve_seconds(points: tuple[tuple[float, float], ...], nbytes: float) -> flo
     of bus factor: between two measured sizes the time runs linearly in size (each segment a latency and a
     rate), so it lies between theirs; beyond the ends, at the end point's bus bandwidth. (Interpolating the
     bandwidth instead, in log size, priced a 512 KiB gloo all-reduce at 2.0 ms between 2.8 ms at 64 KiB and
-    3.1 ms at 1 MiB: where the bandwidth grows tenfold between two points, sizes between them cost less than
+    3.1 ms at 1 MiB: where the bandwidth grows fourteenfold between two points, sizes between them cost less than
     either.)"""
     sizes = [p[0] for p in points]
     if nbytes <= sizes[0]:

@@ -104,35 +104,33 @@ def test_gpu_measurements_make_a_gpu_node():
     assert link.for_collective("all_reduce").bandwidth_Bps == pytest.approx(150e9)
 
 
+def gloo_measurements(all_reduce_points: list) -> dict:
+    """What a 2-rank gloo session measures, with the all-reduce's ``[bytes, seconds]`` points as given."""
+    return {
+        "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": 100.0},
+        "matmul_bf16_gflops": {"256": 200.0}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
+        "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
+        "collectives": {"all_reduce": all_reduce_points, "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]},
+    }
+
+
 def test_calibrated_all_reduce_follows_the_measured_curve():
     """gloo's all-reduce time on CPU ranks is not linear in size (numbers as measured here): the spec keeps the
     measured points, so each measured size costs what was measured and one in between lies between its
     neighbours (a latency/bandwidth line through them can miss any of them)."""
     points = [[8.0, 1.27e-3], [65536.0, 1.93e-3], [1048576.0, 3.2e-3], [4194304.0, 7.3e-3], [16777216.0, 21.2e-3]]
-    measured = {
-        "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": 100.0},
-        "matmul_bf16_gflops": {"256": 200.0}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
-        "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
-        "collectives": {"all_reduce": points, "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]},
-    }
-    cluster = Cluster.from_dict(spec_from_measurements(2, measured))
+    cluster = Cluster.from_dict(spec_from_measurements(2, gloo_measurements(points)))
     for nbytes, seconds in points[1:]:  # the smallest is all latency, which the model adds per step
         assert collective_time("all_reduce", nbytes, (0, 1), cluster) == pytest.approx(seconds, rel=1e-6)
     assert 3.2e-3 < collective_time("all_reduce", 3.5e6, (0, 1), cluster) < 7.3e-3
 
 
 def test_a_size_between_two_measured_ones_costs_between_their_times():
-    """Where gloo's bandwidth grows tenfold between two measured sizes (a session of this machine: 2.78 ms at
+    """Where gloo's bandwidth grows fourteenfold between two measured sizes (a session of this machine: 2.78 ms at
     64 KiB, 3.14 ms at 1 MiB), the 512 KiB all-reduce a tensor-parallel GPT step sends costs between the two;
     interpolating the bandwidth priced it at 2.05 ms, under both, and a 4 KiB one under the 8-byte one."""
     points = [[8.0, 1.25e-3], [65536.0, 2.78e-3], [1048576.0, 3.14e-3], [4194304.0, 5.34e-3]]
-    measured = {
-        "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": 100.0},
-        "matmul_bf16_gflops": {"256": 200.0}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
-        "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
-        "collectives": {"all_reduce": points, "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]},
-    }
-    cluster = Cluster.from_dict(spec_from_measurements(2, measured))
+    cluster = Cluster.from_dict(spec_from_measurements(2, gloo_measurements(points)))
     times = [collective_time("all_reduce", n, (0, 1), cluster) for n in (4096, 65536, 524288, 1048576)]
     assert times == sorted(times)
     assert 2.78e-3 < times[2] < 3.14e-3
