@@ -46,7 +46,8 @@ def test_an_all_reduce_on_one_dgx_costs_what_nccl_tests_measured(dgx2, nbytes):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.floats(1.0, 1e10), st.floats(1e-6, 1.0)), min_size=2, max_size=8, unique_by=lambda p: p[0]),
+@given(st.lists(st.tuples(st.floats(1.0, 1e10), st.floats(1e-6, 1.0)), min_size=2, max_size=8,
+                unique_by=lambda point: point[0]),
        st.floats(0.0, 1.0))
 def test_a_busbw_curve_costs_each_measured_size_its_time_and_sizes_between_them_between(raw, where):
     """Whatever the measured points, a measured size costs its measured time and a size between two measured
