@@ -471,8 +471,9 @@ def _physical_memory_bytes() -> int:
 def collective_spec(kind: str, world_size: int, points: list[list[float]], fit: tuple[float, float]) -> dict:
     """The link's figures for collective ``kind``: the fitted per-step latency and bandwidth and, for the
     all-reduce, the measured ``[bytes, seconds]`` points themselves as a bus-bandwidth curve, so that a message
-    of a measured size costs what was measured and one in between what the curve interpolates (gloo's
-    all-reduce time on CPU ranks is not linear in size, and one odd point pulls a line through all of them)."""
+    of a measured size costs what was measured and one in between a time between its neighbours'
+    (:func:`cost.collectives.curve_seconds`; gloo's all-reduce time on CPU ranks is not linear in size, and one
+    odd point pulls a line through all of them)."""
     latency, bandwidth = fit
     body: dict[str, Any] = {"latency": latency, "bandwidth": bandwidth}
     if kind == "all_reduce":
