@@ -163,10 +163,11 @@ def hop_bandwidth(link: Link, nbytes: float, call_s: float = 0.0) -> float:
     if nbytes <= 0:
         return link.busbw_by_size[0][1]
     ranks = link.busbw_ranks
-    measured_s = bus_factor("all_reduce", ranks) * curve_seconds(link.busbw_by_size, nbytes)
+    factor = bus_factor("all_reduce", ranks)
+    measured_s = factor * curve_seconds(link.busbw_by_size, nbytes)
     latency_s = call_s + ring_steps("all_reduce", ranks) * link.latency_s
     moving_s = max(measured_s - latency_s, MIN_BANDWIDTH_SHARE * measured_s)
-    return nbytes * bus_factor("all_reduce", ranks) / moving_s
+    return nbytes * factor / moving_s
 
 
 def curve_seconds(points: tuple[tuple[float, float], ...], nbytes: float) -> float:
