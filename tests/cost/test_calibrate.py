@@ -104,11 +104,12 @@ def test_gpu_measurements_make_a_gpu_node():
     assert link.for_collective("all_reduce").bandwidth_Bps == pytest.approx(150e9)
 
 
-def gloo_measurements(all_reduce_points: list) -> dict:
-    """What a 2-rank gloo session measures, with the all-reduce's ``[bytes, seconds]`` points as given."""
+def gloo_measurements(all_reduce_points: list, gflops: float = 100.0) -> dict:
+    """What a 2-rank gloo session measures, with the all-reduce's ``[bytes, seconds]`` points and the fp32 matmul
+    GFLOP/s as given (bf16 twice that)."""
     return {
-        "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": 100.0},
-        "matmul_bf16_gflops": {"256": 200.0}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
+        "backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": gflops},
+        "matmul_bf16_gflops": {"256": 2 * gflops}, "elementwise_bytes_per_s": 2e10, "op_overhead_s": [3e-6, 2e-6],
         "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
         "collectives": {"all_reduce": all_reduce_points, "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]},
     }
@@ -141,11 +142,7 @@ def test_two_sessions_make_a_valid_spec_of_their_medians(tmp_path):
     """Sessions taken one at a time (a benchmark calibrating between its rounds) combine into one spec: numbers
     meet halfway, counts stay whole (two sessions' ``cpu_cores: 2`` once became 2.0, which the spec rejects)."""
     def session(gflops: float, latency: float) -> dict:
-        return {"backend": "gloo", "device": "cpu", "device_memory": 2**34, "matmul_fp32_gflops": {"256": gflops},
-                "matmul_bf16_gflops": {"256": 2 * gflops}, "elementwise_bytes_per_s": 2e10,
-                "op_overhead_s": [3e-6, 2e-6], "efficiency": {}, "comm_overlap": 0.0, "cpu_cores": 2,
-                "collectives": {"all_reduce": [[8.0, latency], [1048576.0, 3e-3]],
-                                "send_recv": [[4, 1e-4], [1 << 20, 1e-3]]}}
+        return gloo_measurements([[8.0, latency], [1048576.0, 3e-3]], gflops)
     spec = spec_from_sessions(2, [session(90.0, 1e-3), session(110.0, 2e-3)], tmp_path / "two.yaml")
     cluster = Cluster.load(tmp_path / "two.yaml")
     assert cluster.to_dict() == spec
