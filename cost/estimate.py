@@ -44,6 +44,12 @@ from ir.types import CONTEXT_AXIS
 from ir.schedules import SCHEDULES, build_pipeline_schedule
 
 
+GRAD_ACCUMULATIONS = ("autograd", "fused", "fp32_buffer")
+"""The ways :attr:`PlanOptions.grad_accumulation` sums a step's microbatches' gradients."""
+FP32_BUFFER_PASSES = 4
+"""fp32 elements ``fp32_buffer`` accumulation moves per gradient element and microbatch, besides reading the
+gradient: DeepSpeed's ``hp_grad.add_(lp.grad.to(float32))`` writes the copy, reads it and the buffer, writes the
+buffer (deepspeed/runtime/bf16_optimizer.py, ``update_hp_grads``)."""
 FSDP_PART = "fsdp gathers and reduce-scatters"
 """The breakdown's part for FSDP's parameter collectives (what of them is exposed)."""
 
@@ -79,18 +85,29 @@ class PlanOptions:
     prefetch_gathers: bool = True
     """FSDP's parameter gathers are launched one segment ahead and run while the previous segment computes
     (as the emitted runtime does); False: each is waited for where it is used (all of it exposed)."""
-    distributed_optimizer: bool = False
+    distributed_optimizer: bool | str = False
     """A what-if for comparing with Megatron-LM's ``--use-distributed-optimizer`` (ZeRO-1): each
     data-parallel rank keeps and updates only its share of the optimizer state and master weights; gradients
     are reduce-scattered (in the reduce dtype) instead of all-reduced and the updated parameters all-gathered
-    (overlapping the next forward as ``--overlap-param-gather`` does, when ``overlap_grad_sync``). sbpc's own
-    programs shard optimizer state only with FSDP."""
+    (overlapping the next forward as ``--overlap-param-gather`` does, when ``overlap_grad_sync``). ``"all_reduce"``:
+    the same sharded state, but every rank all-reduces the whole gradient before updating its share, as
+    DeepSpeed's BF16 optimizer does at ZeRO stage 0 (its "own zero stage 1 equivalent"). sbpc's own programs
+    shard optimizer state only with FSDP."""
 
-    fused_grad_accumulation: bool = False
-    """The plan sums its microbatches' weight gradients inside the weight-gradient GEMMs (Megatron-LM's
-    ``--gradient-accumulation-fusion``), at no cost of its own; False: every microbatch after the first adds
-    each parameter's gradient into the previous ones' (autograd's accumulation, what sbpc's programs run), a
-    memory-bound read of both and write of the sum priced with the backward."""
+    grad_accumulation: str = "autograd"
+    """How the step's microbatches' weight gradients are summed: ``autograd`` (each microbatch after the first
+    adds its gradient into the previous ones', a memory-bound read of both and write of the sum priced with the
+    backward: what sbpc's programs run), ``fused`` (inside the weight-gradient GEMMs, at no cost of its own:
+    Megatron-LM's ``--gradient-accumulation-fusion``) or ``fp32_buffer`` (every microbatch's gradient is cast to
+    fp32 and added into an fp32 buffer the optimizer owns: DeepSpeed's BF16 optimizer, ``update_hp_grads``
+    after each backward)."""
+
+    def __post_init__(self):
+        if self.grad_accumulation not in GRAD_ACCUMULATIONS:
+            raise ValueError(f"expected grad_accumulation in {GRAD_ACCUMULATIONS}, found {self.grad_accumulation!r}")
+        if self.distributed_optimizer not in (False, True, "all_reduce"):
+            raise ValueError(f"expected distributed_optimizer True, False or 'all_reduce', found "
+                             f"{self.distributed_optimizer!r}")
 
     def for_plan_precision(self, precision: Any) -> "PlanOptions":
         """These options for a plan of ``precision`` (a :class:`strategy.Precision` or None): a mixed
@@ -103,12 +120,12 @@ class PlanOptions:
         """A hashable summary (cache keys)."""
         return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
                 self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance, self.prefetch_gathers,
-                self.distributed_optimizer, self.fused_grad_accumulation)
+                self.distributed_optimizer, self.grad_accumulation)
 
     def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
         """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
         return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync,
-                         self.prefetch_gathers, self.distributed_optimizer, self.fused_grad_accumulation)
+                         self.prefetch_gathers, self.distributed_optimizer, self.grad_accumulation)
 
 
 def optimizer_name(spec: Any) -> str:
@@ -199,7 +216,7 @@ class Estimator:
 
     def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float | None = None,
                  memory_headroom: float = 0.9, overlap_grad_sync: bool = True, prefetch_gathers: bool = True,
-                 distributed_optimizer: bool = False, fused_grad_accumulation: bool = False):
+                 distributed_optimizer: bool | str = False, grad_accumulation: str = "autograd"):
         self.profile = profile
         self.cluster = cluster
         self.overhead_s = overhead_s
@@ -207,7 +224,7 @@ class Estimator:
         self.overlap_grad_sync = overlap_grad_sync
         self.prefetch_gathers = prefetch_gathers
         self.distributed_optimizer = distributed_optimizer
-        self.fused_grad_accumulation = fused_grad_accumulation
+        self.grad_accumulation = grad_accumulation
         self._collectives: dict[tuple, float] = {}
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
@@ -267,18 +284,23 @@ class Estimator:
             for d in _representatives(devices, self.cluster)) + self.accumulation_time(segment, shape, devices))
 
     def accumulation_time(self, segment: SegmentCost, shape: PlanShape, devices: tuple) -> float:
-        """Seconds per microbatch of summing ``segment``'s weight gradients across the step's microbatches: each
-        microbatch after the first reads its gradient and the sum so far and writes the new sum (autograd's
-        accumulation), at the devices' memory bandwidth, averaged over the microbatches; 0 with one microbatch,
-        without training, or where the sum is fused into the weight-gradient GEMMs
-        (:attr:`PlanOptions.fused_grad_accumulation`)."""
+        """Seconds per microbatch of summing ``segment``'s weight gradients across the step's microbatches
+        (:attr:`PlanOptions.grad_accumulation`), at the devices' memory bandwidth: with ``autograd``, each
+        microbatch after the first reads its gradient and the sum so far and writes the new sum (averaged over the
+        microbatches; 0 with one microbatch); with ``fp32_buffer``, every microbatch reads its gradient, writes
+        its fp32 copy, reads that and the buffer and writes the buffer; 0 without training or where the sum is
+        fused into the weight-gradient GEMMs."""
         m = shape.microbatches
-        if m < 2 or self.fused_grad_accumulation or not self.profile.train:
+        mode = self.grad_accumulation
+        if mode == "fused" or not self.profile.train or (mode == "autograd" and m < 2):
             return 0.0
-        precision = self.profile.precision
-        nbytes = sum(p.local_elements * precision.grad_bytes(p.element_bytes) for p in segment.params
-                     if p.trainable) / self.fsdp_shards(shape)
-        return (m - 1) / m * 3 * nbytes / self._least(devices, "memory_bandwidth_Bps", 1e11)
+        params = [p for p in segment.params if p.trainable]
+        if mode == "fp32_buffer":
+            nbytes = sum(p.local_elements * (p.element_bytes + 4 * FP32_BUFFER_PASSES) for p in params)
+        else:
+            grad_bytes = self.profile.precision.grad_bytes
+            nbytes = (m - 1) / m * 3 * sum(p.local_elements * grad_bytes(p.element_bytes) for p in params)
+        return nbytes / self.fsdp_shards(shape) / self._least(devices, "memory_bandwidth_Bps", 1e11)
 
     def _recomputed_part_forward(self, shape: PlanShape, rank: int, j: int) -> float:
         """Seconds of forward (compute and collectives) that segment ``j``'s recomputed ops run again."""
@@ -617,7 +639,8 @@ class Estimator:
     def _sync_collectives(self, shape: PlanShape, rank: int) -> list[tuple[str, float, tuple]]:
         """(kind, bytes, mesh axes) of the collectives that sum the rank's gradients: one all-reduce per group of
         axes; with a distributed optimizer (:attr:`PlanOptions.distributed_optimizer`), a group that includes
-        the data axis is a reduce-scatter of the gradients and an all-gather of the updated parameters."""
+        the data axis is a reduce-scatter (DeepSpeed's kind: an all-reduce) of the gradients and an all-gather of
+        the updated parameters."""
         return self._remembered(("sync",) + self._rank_key(shape, rank), lambda: self._summed_gradients(shape, rank))
 
     def _summed_gradients(self, shape: PlanShape, rank: int) -> list[tuple[str, float, tuple]]:
@@ -631,7 +654,8 @@ class Estimator:
         out = []
         for axes, nbytes in reduced.items():
             if self.distributed_optimizer and DATA_AXIS in axes:
-                out += [("reduce_scatter", nbytes, axes), ("all_gather", gathered[axes], axes)]
+                reduction = "all_reduce" if self.distributed_optimizer == "all_reduce" else "reduce_scatter"
+                out += [(reduction, nbytes, axes), ("all_gather", gathered[axes], axes)]
             else:
                 out.append(("all_reduce", nbytes, axes))
         return out
@@ -719,13 +743,13 @@ class Estimator:
                         trainable: float | None = None) -> MemoryEstimate:
         """The memory of a device training ``elements`` parameters of ``param_bytes`` each (``trainable`` of them
         with gradients and optimizer state; default all) and keeping ``activations`` bytes, under this profile's
-        precision (master weights, gradients at the reduce dtype where wider), the plan's optimizer and the
-        distributed optimizer's split of its state."""
+        precision (master weights, gradients at the reduce dtype where wider, an fp32 buffer beside them with
+        ``fp32_buffer`` accumulation), the plan's optimizer and the distributed optimizer's split of its state."""
         precision = self.profile.precision
         optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
+        grad_bytes = precision.grad_bytes(param_bytes) + (4 if self.grad_accumulation == "fp32_buffer" else 0)
         return MemoryEstimate.estimate(elements, activations, optimizer=optimizer, param_dtype_bytes=param_bytes,
-                                       master_weights=precision.master_weights,
-                                       grad_dtype_bytes=precision.grad_bytes(param_bytes),
+                                       master_weights=precision.master_weights, grad_dtype_bytes=grad_bytes,
                                        trainable_params=trainable, optimizer_shards=self.optimizer_shards(shape))
 
     def _stage_activations(self, shape: PlanShape, k: int, batch: float) -> tuple[float, float]:

@@ -183,13 +183,22 @@ def test_pipeline_bubbles_follow_the_schedule(big_graph):
 def test_the_gradient_sum_across_microbatches_is_priced_unless_fused(big_graph):
     """Every microbatch after the first adds each weight gradient into the sum so far (a read of both, a write):
     per microbatch, (m - 1) / m of three passes over the stage's gradients at memory bandwidth; nothing with one
-    microbatch or with the sum fused into the weight-gradient GEMMs."""
+    microbatch or with the sum fused into the weight-gradient GEMMs. DeepSpeed's BF16 optimizer instead adds
+    every microbatch's gradient, cast to fp32, into an fp32 buffer: the 2-byte gradient read and four fp32
+    passes (18 bytes an element against autograd's 3 x 2), with one microbatch too, and the buffer's 4 bytes an
+    element held beside the gradients."""
     cluster = Cluster.load("dgx-a100:1")
-    extra = {}
+    extra, buffered, memory = {}, {}, {}
     for m in (1, 2, 4):
         strategy = {"mesh": {"pp": 4, "dp": 2}, "microbatches": m, "schedule": "1f1b"}
-        summed, fused = (simulate((big_graph, strategy, cluster), fused_grad_accumulation=f, **MIXED) for f in (False, True))
+        reports = {mode: simulate((big_graph, strategy, cluster), grad_accumulation=mode, **MIXED)
+                   for mode in ("autograd", "fused", "fp32_buffer")}
+        summed, fused = reports["autograd"], reports["fused"]
         extra[m] = [a["bwd_compute_s"] - b["bwd_compute_s"] for a, b in zip(summed.stage_times, fused.stage_times)]
+        buffered[m] = [a["bwd_compute_s"] - b["bwd_compute_s"]
+                       for a, b in zip(reports["fp32_buffer"].stage_times, fused.stage_times)]
+        memory[m] = {d: reports["fp32_buffer"].peak_memory_bytes[d] - fused.peak_memory_bytes[d]
+                     for d in fused.peak_memory_bytes}
         assert [a["fwd_compute_s"] for a in summed.stage_times] == [b["fwd_compute_s"] for b in fused.stage_times]
     assert extra[1] == [0.0] * 4
     bandwidth = cluster.device(0).memory_bandwidth_Bps
@@ -197,6 +206,21 @@ def test_the_gradient_sum_across_microbatches_is_priced_unless_fused(big_graph):
     for k in range(4):
         assert extra[2][k] > 0 and extra[4][k] == pytest.approx(1.5 * extra[2][k], rel=1e-9)
         assert 2 * extra[2][k] * bandwidth / 3 < model_bytes  # the stage's gradient bytes, under the model's
+        for m in (1, 2, 4):
+            assert buffered[m][k] == pytest.approx(6 * extra[2][k], rel=1e-9)
+    stage_devices = [stage.devices for stage in summed.estimate.stages]
+    for m in (1, 2, 4):  # the buffer: 4 bytes for each gradient element the stage's devices hold
+        for k, devices in enumerate(stage_devices):
+            elements = 2 * extra[2][k] * bandwidth / (3 * 2)
+            assert all(memory[m][d] == pytest.approx(4 * elements, rel=1e-9) for d in devices)
+
+
+def test_plan_options_refuse_unknown_accumulation_and_optimizer_kinds():
+    """A misspelt gradient-accumulation or distributed-optimizer kind is one clear error naming what is expected."""
+    with pytest.raises(ValueError, match="expected grad_accumulation in .*'fp32_buffer'.*found 'fp32'"):
+        PlanOptions(grad_accumulation="fp32")
+    with pytest.raises(ValueError, match="expected distributed_optimizer True, False or 'all_reduce', found 'zero1'"):
+        PlanOptions(distributed_optimizer="zero1")
 
 
 ZERO_BUBBLE = ("zb-h1", "zbv", "dualpipev")

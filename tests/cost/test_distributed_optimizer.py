@@ -41,6 +41,22 @@ def test_mixed_what_if_gathers_bf16_parameters_after_fp32_reduce_scatters():
     assert ratio == pytest.approx(1.5, rel=1e-3)
 
 
+def test_deepspeed_kind_all_reduces_the_gradients_then_gathers_the_parameters():
+    """``distributed_optimizer="all_reduce"`` (DeepSpeed's BF16 optimizer at ZeRO stage 0): the state is split as
+    with Megatron's kind, but every rank all-reduces the whole gradient before the all-gather: 1.5x the bytes,
+    and on local:4's ring the all-gather's time on top of the plain all-reduce's."""
+    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy="dp")
+    reports = {kind: plan.simulate(optimizer="adamw", distributed_optimizer=kind, overlap_grad_sync=False)
+               for kind in (False, True, "all_reduce")}
+    deepspeed, megatron, plain = reports["all_reduce"], reports[True], reports[False]
+    assert deepspeed.estimate.memory[0] == megatron.estimate.memory[0]
+    ratio = sum(deepspeed.comm_bytes_by_link_class.values()) / sum(plain.comm_bytes_by_link_class.values())
+    assert ratio == pytest.approx(1.5, rel=1e-3)
+    reduction = {k: r.breakdown["gradient reduction (exposed)"] for k, r in reports.items()}
+    gather = reduction[True] - reduction[False] / 2  # Megatron's: half an all-reduce, then the all-gather
+    assert reduction["all_reduce"] == pytest.approx(reduction[False] + gather, rel=1e-6)
+
+
 def test_fsdp_and_single_replica_plans_are_unchanged():
     """FSDP already shards the state; a plan without data parallelism has nothing to shard."""
     for strategy in ("fsdp", {"mesh": {"tp": 4}, "params": {"*": "S(0)"}}):
