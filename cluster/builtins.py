@@ -1,8 +1,8 @@
 """The built-in clusters and device kinds, every constant set from a published kernel or collective
 measurement (``shared/CALIBRATION.md``, sections 5 and 6; the source is named beside each number).
 
-``local:N`` (CPU ranks on this host, what tests use), ``dgx-a100:N`` and ``dgx-h100:N`` are spec dicts
-that :meth:`~cluster.model.Cluster.load` turns into clusters; :data:`DEVICE_KIND_SPECS` are the device
+``local:N`` (CPU ranks on this host, what tests use), ``dgx-a100:N``, ``dgx-h100:N`` and ``jean-zay:N`` (the
+A100 nodes BLOOM-176B trained on, with a quarter of a DGX's network) are spec dicts that :meth:`~cluster.model.Cluster.load` turns into clusters; :data:`DEVICE_KIND_SPECS` are the device
 kinds a spec may name without defining them (in the ``device_kinds`` format, read by
 :mod:`cluster.spec`). No constant here is fitted to an end-to-end training run: those
 runs (``benchmarks/published_runs.py``) only check what the constants predict.
@@ -159,20 +159,16 @@ def _nvswitch(busbw_gbs: tuple[float, ...], step_s: float, ring_cap_gbs: float |
                             "reduce_scatter": {"busbw": ring, "ranks": 8}}}
 
 
+def _node_spec(name: str, count: int, device: str, intra_link: dict, nics: list[dict]) -> dict[str, Any]:
+    return {"name": f"{name}:{count}",
+            "nodes": [{"count": count, "device": device, "devices": 8, "intra_link": intra_link, "nics": nics}]}
+
+
 def _dgx_spec(name: str, count: int, device: str, intra_link: dict, ib_nic_Bps: float) -> dict[str, Any]:
-    return {
-        "name": f"{name}:{count}",
-        "nodes": [{
-            "count": count,
-            "device": device,
-            "devices": 8,
-            "intra_link": intra_link,
-            "nics": [
-                {"type": "infiniband", "count": 8, "bandwidth": ib_nic_Bps, "latency": IB_HOP_S},
-                {"type": "ethernet", "count": 2, "bandwidth": ETHERNET_100G_BPS, "latency": ETHERNET_HOP_S},
-            ],
-        }],
-    }
+    return _node_spec(name, count, device, intra_link, [
+        {"type": "infiniband", "count": 8, "bandwidth": ib_nic_Bps, "latency": IB_HOP_S},
+        {"type": "ethernet", "count": 2, "bandwidth": ETHERNET_100G_BPS, "latency": ETHERNET_HOP_S},
+    ])
 
 
 def dgx_a100_spec(count: int) -> dict[str, Any]:
@@ -185,6 +181,19 @@ def dgx_h100_spec(count: int) -> dict[str, Any]:
     """DGX H100: 8 H100-SXM on NVSwitch (NVLink4, NVLS all_reduce), 8x400 Gb/s NDR InfiniBand, 2x100 GbE."""
     return _dgx_spec("dgx-h100", count, "h100-sxm-80gb",
                      _nvswitch(H100_ALL_REDUCE_BUSBW, H100_NVSWITCH_STEP_S, H100_RING_PLATEAU), NDR_NIC_BPS)
+
+
+# Jean Zay's A100 nodes, where BLOOM-176B trained: 8 A100 80GB each, "4 OmniPath links" per node (bigscience
+# tr11-176B-ml README; CALIBRATION.md 7d). Omni-Path runs at 100 Gb/s and NCCL drives it through its InfiniBand
+# verbs transport; a 100 Gb/s card reaches 12.2 GB/s, four of them 48 GB/s (sjeaugey, NVIDIA/nccl-tests#29;
+# CALIBRATION.md 5c). Inside a node: the DGX A100's NVSwitch sweep (an assumption: the README names NVLink only).
+OMNI_PATH_100G_BPS = ETHERNET_100G_BPS
+
+
+def jean_zay_spec(count: int) -> dict[str, Any]:
+    """Jean Zay's A100 partition: 8 A100-80GB on NVSwitch (NVLink3), 4x100 Gb/s Omni-Path per node."""
+    return _node_spec("jean-zay", count, "a100-80gb", _nvswitch(A100_ALL_REDUCE_BUSBW, A100_NVSWITCH_STEP_S, None),
+                      [{"type": "infiniband", "count": 4, "bandwidth": OMNI_PATH_100G_BPS, "latency": IB_HOP_S}])
 
 
 def local_spec(count: int) -> dict[str, Any]:
@@ -202,6 +211,6 @@ def local_spec(count: int) -> dict[str, Any]:
 
 
 BUILTINS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "local": local_spec, "dgx-a100": dgx_a100_spec, "dgx-h100": dgx_h100_spec,
+    "local": local_spec, "dgx-a100": dgx_a100_spec, "dgx-h100": dgx_h100_spec, "jean-zay": jean_zay_spec,
 }
 """Built-in name -> spec of ``count`` nodes (``local``: ``count`` CPU ranks on one node)."""

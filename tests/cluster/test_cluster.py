@@ -49,6 +49,11 @@ def test_builtins_have_the_public_numbers():
     assert h100.world_size == 8 and h100.devices[0].peak_flops["bf16"] == 989e12
     assert h100.link(0, 7).bandwidth_Bps == 370e9  # NVLink4 ring without NVLS (nccl-tests#212)
 
+    # BLOOM's Jean Zay: the DGX A100's nodes inside, 4 x 100 Gb/s Omni-Path (12.2 GB/s each) shared by 8 GPUs
+    jean_zay = Cluster.load("jean-zay:2")
+    assert jean_zay.devices[0] == a100.devices[0] and jean_zay.link(0, 1) == a100.link(0, 1)
+    assert jean_zay.link(0, 8).bandwidth_Bps == pytest.approx(4 * 12.2e9 / 8)
+
     local = Cluster.local(3)
     assert local.world_size == 3 and Cluster.load("local:3") == local
     assert local.link(0, 2).link_class == "loopback" and local.fast_domains() == [[0, 1, 2]]
@@ -65,7 +70,7 @@ def test_every_example_file_loads_and_round_trips(tmp_path):
         assert Cluster.load(tmp_path / path.name) == cluster, path.name
 
 
-@pytest.mark.parametrize("name", ["local:2", "dgx-a100:3", "dgx-h100:2"])
+@pytest.mark.parametrize("name", ["local:2", "dgx-a100:3", "dgx-h100:2", "jean-zay:2"])
 def test_builtins_round_trip(name):
     cluster = Cluster.load(name)
     assert Cluster.from_dict(cluster.to_dict()) == cluster
