@@ -82,16 +82,21 @@ class Run:
     published_note: str = ""
     precision: str = "bf16"
     """The what-if precision it is priced at: ``bf16`` (2-byte gradient reductions) or ``bf16-mixed`` (fp32 ones)."""
-    distributed_optimizer: bool = False
-    """Optimizer state and master weights sharded over the data-parallel ranks (ZeRO-1)."""
+    distributed_optimizer: bool | str = False
+    """Optimizer state and master weights sharded over the data-parallel ranks (ZeRO-1): True, Megatron-LM's
+    (gradients reduce-scattered), or ``"all_reduce"``, DeepSpeed's BF16 optimizer's (gradients all-reduced)."""
+    grad_accumulation: str = "fused"
+    """How the microbatches' gradients are summed (:attr:`cost.estimate.PlanOptions.grad_accumulation`): inside
+    the weight-gradient GEMMs (Megatron-LM's gradient-accumulation fusion; for the ZeRO-3 rows, an assumption),
+    or ``fp32_buffer`` (DeepSpeed's BF16 optimizer)."""
+    overhead_s: float | None = None
+    """Seconds each op costs besides its kernel (None: the cluster's kernel gap; backward ops count twice)."""
 
     def options(self) -> dict:
-        """The pricing options of the run (besides its layout). The microbatches' gradients are summed inside
-        the weight-gradient GEMMs (Megatron-LM's gradient-accumulation fusion; for the DeepSpeed rows, ZeRO-3
-        and BLOOM, an assumption: their sums are not priced either)."""
+        """The pricing options of the run (besides its layout)."""
         return dict(precision=self.precision, optimizer="adam", global_batch=self.batch,
                     overlap_grad_sync=self.overlap_grad_sync, distributed_optimizer=self.distributed_optimizer,
-                    fused_grad_accumulation=True)
+                    grad_accumulation=self.grad_accumulation, overhead_s=self.overhead_s)
 
     @property
     def dp(self) -> int:
@@ -185,12 +190,25 @@ def _narayanan() -> list[Run]:
     return rows
 
 
+SYNCHRONOUS_OP_S = 15e-6
+"""What an eager op costs besides its kernel when every launch waits for the kernel to finish: 17 us for a
+synchronized ``add`` of 512 x 512 fp32 elements on an A100 (flagos-ai/Torch-FL#27, "cuda_e2e"; host
+dispatch alone 8 us), less its kernel's ~2 us at the A100's STREAM bandwidth (3 MiB moved)."""
+
+
 def _bloom() -> list[Run]:
-    """BLOOM-176B: tp 4, pp 12, dp 8, microbatch 2, batch 2048, full recompute, 384 A100 80GB; DeepSpeed's BF16
-    optimizer shards its state over the data-parallel ranks (ZeRO-1)."""
+    """BLOOM-176B (bigscience-workshop/bigscience train/tr11-176B-ml, README and tr11-176B-ml.slurm): tp 4, pp 12,
+    dp 8, microbatch 2, batch 2048, full recompute, 384 A100 80GB on Jean Zay (4 Omni-Path links a node,
+    ``jean-zay:48``), Megatron-DeepSpeed with DeepSpeed's BF16 optimizer at ZeRO stage 0, which shards the fp32
+    state over the data-parallel ranks but all-reduces the whole gradient (in bf16, DeepSpeed's
+    ``communication_data_type`` for bf16) after the pipeline flush, not overlapped, and adds every
+    microbatch's gradient into an fp32 buffer (deepspeed/runtime/bf16_optimizer.py, pipe/engine.py, v0.6.5). The
+    slurm script sets ``CUDA_LAUNCH_BLOCKING=1`` ("do not remove or the training will hang"): every kernel launch
+    waits for the kernel, so each op costs the host's dispatch besides its kernel (:data:`SYNCHRONOUS_OP_S`)."""
     model = Model("BLOOM-176B", 70, 14336, 112, 250880, S2K)
-    return [Run("bloom", "BLOOM-176B 384 GPUs", model, "dgx-a100:48", 384, 4, 12, 2048, 2, "full", 104.70,
-                published_note="elapsed time per iteration", distributed_optimizer=True)]
+    return [Run("bloom", "BLOOM-176B 384 GPUs", model, "jean-zay:48", 384, 4, 12, 2048, 2, "full", 104.70,
+                published_note="elapsed time per iteration", distributed_optimizer="all_reduce",
+                grad_accumulation="fp32_buffer", overhead_s=SYNCHRONOUS_OP_S)]
 
 
 def _megatron_h100() -> list[Run]:
@@ -224,10 +242,6 @@ _ZERO3 = ("DeepSpeed ZeRO-3 (2021): the published step does not shrink from 768 
 MISSES = {
     **{f"ZeRO-3 {m} {g} GPUs": _ZERO3 for m, g in [("175B", 384), ("175B", 768), ("175B", 1536), ("530B", 640),
                                                     ("530B", 1120), ("530B", 2240)]},
-    "BLOOM-176B 384 GPUs": "not explained: the simulated step is compute (forward, backward and recomputation: 73 "
-                           "of 83 s at the A100 efficiencies that put Megatron-LM's Selene rows within 10%); pricing "
-                           "Jean Zay's 4 Omni-Path links instead of 8 HDR would not close it (inter-node traffic is "
-                           "under 1 s of the step); Megatron-DeepSpeed's pipeline engine is not calibrated here",
     "1.7B 48 GPUs": "a small model at sequence 4096 on H100: fixed per-step costs the simulator does not see "
                     "(data loading, kernel launches beyond the 1.2 us gap, the distributed optimizer's own work)",
     "7.1B 96 GPUs": "as the 1.7B row: unmodelled fixed per-step costs dominate less but still exceed 15%",
