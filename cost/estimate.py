@@ -36,7 +36,7 @@ from cluster import Cluster, Device
 from cost.boxing import distinct_groups
 from cost.collectives import collective_time, collective_traffic, p2p_time
 from cost.memory import OPTIMIZER_STATES, MemoryEstimate, optimizer_step_bytes
-from cost.ops import peak_flops
+from cost.ops import compute_seconds, peak_flops
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, SegmentCost, at
 from cost.timeline import ScheduleTimeline, simulate
@@ -285,11 +285,11 @@ class Estimator:
 
     def accumulation_time(self, segment: SegmentCost, shape: PlanShape, devices: tuple) -> float:
         """Seconds per microbatch of summing ``segment``'s weight gradients across the step's microbatches
-        (:attr:`PlanOptions.grad_accumulation`), at the devices' memory bandwidth: with ``autograd``, each
-        microbatch after the first reads its gradient and the sum so far and writes the new sum (averaged over the
-        microbatches; 0 with one microbatch); with ``fp32_buffer``, every microbatch reads its gradient, writes
-        its fp32 copy, reads that and the buffer and writes the buffer; 0 without training or where the sum is
-        fused into the weight-gradient GEMMs."""
+        (:attr:`PlanOptions.grad_accumulation`), as elementwise passes (:meth:`_elementwise_seconds`): with
+        ``autograd``, each microbatch after the first reads its gradient and the sum so far and writes the new sum
+        (averaged over the microbatches; 0 with one microbatch); with ``fp32_buffer``, every microbatch reads its
+        gradient, writes its fp32 copy, reads that and the buffer and writes the buffer; 0 without training or
+        where the sum is fused into the weight-gradient GEMMs."""
         m = shape.microbatches
         mode = self.grad_accumulation
         if mode == "fused" or not self.profile.train or (mode == "autograd" and m < 2):
@@ -300,7 +300,7 @@ class Estimator:
         else:
             grad_bytes = self.profile.precision.grad_bytes
             nbytes = (m - 1) / m * 3 * sum(p.local_elements * grad_bytes(p.element_bytes) for p in params)
-        return nbytes / self.fsdp_shards(shape) / self._least(devices, "memory_bandwidth_Bps", 1e11)
+        return self._elementwise_seconds(nbytes / self.fsdp_shards(shape), devices)
 
     def _recomputed_part_forward(self, shape: PlanShape, rank: int, j: int) -> float:
         """Seconds of forward (compute and collectives) that segment ``j``'s recomputed ops run again."""
@@ -476,6 +476,18 @@ class Estimator:
             return 0.0
         return self._remembered(("send", nbytes, tuple(src), tuple(dst)),
                                 lambda: max(p2p_time(nbytes, a, b, self.cluster) for a, b in zip(src, dst)))
+
+    def _elementwise_seconds(self, nbytes: float, devices: tuple) -> float:
+        """Seconds of memory-bound passes moving ``nbytes`` on the slowest of ``devices`` (gradient accumulation,
+        the optimizer step): at the device's memory bandwidth and the efficiency it reaches on elementwise ops,
+        as an elementwise op is priced (the STREAM fraction a built-in GPU cites; on a CPU, what calibration
+        measured)."""
+        def slowest() -> float:
+            return max(compute_seconds(0.0, 1.0, 1.0, d.memory_bandwidth_Bps or 1e11,
+                                       d.efficiency_of("add", "elementwise")[0])
+                       for d in _representatives(devices, self.cluster))
+
+        return nbytes * self._remembered(("elementwise", tuple(devices)), slowest)
 
     def _least(self, devices: tuple, attribute: str, default: float | None = None) -> float:
         """The smallest ``attribute`` of the devices (``default`` where a device's is unset)."""
@@ -701,8 +713,7 @@ class Estimator:
         moved = sum(p.local_elements * optimizer_step_bytes(optimizer, p.element_bytes, master)
                     for p in self._stage_params(shape, rank) if p.trainable)
         moved /= self.fsdp_shards(shape) if self.fsdp_analytic(shape) else self.optimizer_shards(shape)
-        bandwidth = self._least(shape.stage_devices[rank], "memory_bandwidth_Bps", 1e11)
-        return moved / bandwidth
+        return self._elementwise_seconds(moved, shape.stage_devices[rank])
 
     def _param_elements(self, shape: PlanShape, rank: int, trainable_only: bool = False, in_bytes: bool = False
                         ) -> float:
