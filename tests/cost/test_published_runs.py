@@ -67,7 +67,7 @@ def test_pipelined_rows_within_goal_and_ranked(labels):
 
 def test_bloom_within_goal_as_deepspeed_ran_it():
     """BLOOM-176B on Jean Zay's network, with DeepSpeed's BF16 optimizer: every microbatch's gradient added into
-    an fp32 buffer (4.7 s of the step, and 4 bytes a parameter held), the whole gradient all-reduced before the
+    an fp32 buffer (6.1 s of the step, and 4 bytes a parameter held), the whole gradient all-reduced before the
     parameters are gathered back, every op's host dispatch exposed by ``CUDA_LAUNCH_BLOCKING=1``."""
     run = RUNS["BLOOM-176B 384 GPUs"]
     err, sim = error(run.label)
