@@ -87,8 +87,8 @@ class Run:
     (gradients reduce-scattered), or ``"all_reduce"``, DeepSpeed's BF16 optimizer's (gradients all-reduced)."""
     grad_accumulation: str = "fused"
     """How the microbatches' gradients are summed (:attr:`cost.estimate.PlanOptions.grad_accumulation`): inside
-    the weight-gradient GEMMs (Megatron-LM's gradient-accumulation fusion; for the ZeRO-3 rows, an assumption),
-    or ``fp32_buffer`` (DeepSpeed's BF16 optimizer)."""
+    the weight-gradient GEMMs (Megatron-LM's gradient-accumulation fusion; the ZeRO-3 rows run one microbatch, so
+    nothing is summed), or ``fp32_buffer`` (DeepSpeed's BF16 optimizer)."""
     overhead_s: float | None = None
     """Seconds each op costs besides its kernel (None: the cluster's kernel gap; backward ops count twice)."""
 

@@ -2,10 +2,11 @@
 measurement (``shared/CALIBRATION.md``, sections 5 and 6; the source is named beside each number).
 
 ``local:N`` (CPU ranks on this host, what tests use), ``dgx-a100:N``, ``dgx-h100:N`` and ``jean-zay:N`` (the
-A100 nodes BLOOM-176B trained on, with a quarter of a DGX's network) are spec dicts that :meth:`~cluster.model.Cluster.load` turns into clusters; :data:`DEVICE_KIND_SPECS` are the device
-kinds a spec may name without defining them (in the ``device_kinds`` format, read by
-:mod:`cluster.spec`). No constant here is fitted to an end-to-end training run: those
-runs (``benchmarks/published_runs.py``) only check what the constants predict.
+A100 nodes BLOOM-176B trained on, with a quarter of a DGX's network) are spec dicts that
+:meth:`~cluster.model.Cluster.load` turns into clusters; :data:`DEVICE_KIND_SPECS` are the device kinds a
+spec may name without defining them (in the ``device_kinds`` format, read by :mod:`cluster.spec`). No constant
+here is fitted to an end-to-end training run: those runs (``benchmarks/published_runs.py``) only check what the
+constants predict.
 
 How the cost model reads them (:mod:`cost.ops`, :mod:`cost.collectives`):
 
