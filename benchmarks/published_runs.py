@@ -237,8 +237,8 @@ def _megatron_h100() -> list[Run]:
 
 _ZERO3 = ("DeepSpeed ZeRO-3 (2021): the published step does not shrink from 768 to 1536 GPUs (175B: 66.8 s both), "
           "so it is bound by its parameter gathers at a rate far below NCCL's measured bandwidth, which the "
-          "simulator uses; DeepSpeed's own gather overheads are not modelled (pricing the gathers' prefetch "
-          "moved these rows further off: -29..-70% before, -34..-77% now)")
+          "simulator uses; DeepSpeed's own gather overheads are not modelled (its 2021 code gathered each "
+          "parameter in its own call after a device synchronize: priced so, the rows read -25..-58%)")
 MISSES = {
     **{f"ZeRO-3 {m} {g} GPUs": _ZERO3 for m, g in [("175B", 384), ("175B", 768), ("175B", 1536), ("530B", 640),
                                                     ("530B", 1120), ("530B", 2240)]},
