@@ -52,6 +52,8 @@ gradient: DeepSpeed's ``hp_grad.add_(lp.grad.to(float32))`` writes the copy, rea
 buffer (deepspeed/runtime/bf16_optimizer.py, ``update_hp_grads``)."""
 FSDP_PART = "fsdp gathers and reduce-scatters"
 """The breakdown's part for FSDP's parameter collectives (what of them is exposed)."""
+ACCUMULATION_PART = "gradient accumulation"
+"""The breakdown's part for summing the microbatches' gradients (:attr:`PlanOptions.grad_accumulation`)."""
 
 
 @dataclass
@@ -525,7 +527,8 @@ class Estimator:
     def breakdown(self, shape: PlanShape, estimate: Estimate) -> dict[str, float]:
         """Where the step's time goes on the pipeline rank that finishes last: seconds by part, summing to
         ``estimate.step_time_s``. Parts: forward/backward compute of the blocks, recomputation, the
-        embedding/loss layers (prologue and epilogue compute), exposed collectives by kind and axis (tensor
+        embedding/loss layers (prologue and epilogue compute), the sums of the microbatches' gradients (memory-bound
+        passes run with the backward), exposed collectives by kind and axis (tensor
         and sequence parallelism; every collective of a stage is on its critical path), FSDP gathers and
         gradient reduce-scatters, pipeline point-to-point transfers and bubble, the exposed part of the
         gradient reduction, and the optimizer step."""
@@ -536,14 +539,16 @@ class Estimator:
         last = len(self.profile.segments) - 1
         for row in self.segment_times(shape, rank):
             j = row["index"]
-            compute = row["forward_compute_s"] + row["backward_compute_s"]
+            devices = shape.stage_devices[rank]
+            accumulation = self.accumulation_time(self.profile.segments[j], shape, devices)
+            backward = row["backward_compute_s"] - accumulation
             if j in (0, last):
-                parts["embedding/loss compute"] += m * compute
+                parts["embedding/loss compute"] += m * (row["forward_compute_s"] + backward)
             else:
                 parts["forward compute"] += m * row["forward_compute_s"]
-                parts["backward compute"] += m * row["backward_compute_s"]
+                parts["backward compute"] += m * backward
+            parts[ACCUMULATION_PART] += m * accumulation
             parts["recompute"] += m * row["recompute_s"]
-            devices = shape.stage_devices[rank]
             batch = self.microbatch_size(shape)
             comms = self.profile.segments[j].comms
             plain = [item for item in comms if not item.fsdp]

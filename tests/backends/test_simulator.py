@@ -478,6 +478,11 @@ def test_step_breakdown_sums_to_the_step_and_never_exceeds_peak(big_graph, strat
     assert ("pipeline bubble" in parts and "pipeline point-to-point" in parts) == ("pp" in mesh)
     assert ("fsdp gathers and reduce-scatters" in parts) == ("fsdp" in strategy)
     assert ("gradient reduction (exposed)" in parts) == ("fsdp" not in strategy)  # overlap=False: all exposed
+    # autograd's sums of the microbatches' gradients: their own part, not backward compute
+    assert ("gradient accumulation" in parts) == (strategy.get("microbatches", 1) > 1)
+    if "gradient accumulation" in parts:
+        fused = simulate((big_graph, strategy, cluster), overlap_grad_sync=False, grad_accumulation="fused", **MIXED)
+        assert parts["backward compute"] == pytest.approx(fused.breakdown["backward compute"], rel=1e-9)
 
 
 def test_cpu_ranks_sharing_cores_compute_at_their_share(big_graph):
