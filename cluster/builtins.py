@@ -172,10 +172,14 @@ def _dgx_spec(name: str, count: int, device: str, intra_link: dict, ib_nic_Bps: 
     ])
 
 
+def _a100_nvswitch() -> dict[str, Any]:
+    """The NVSwitch (NVLink3) inside an 8 x A100 node, as the DGX A100's NCCL sweep measured it."""
+    return _nvswitch(A100_ALL_REDUCE_BUSBW, A100_NVSWITCH_STEP_S, None)
+
+
 def dgx_a100_spec(count: int) -> dict[str, Any]:
     """DGX A100: 8 A100-80GB on NVSwitch (NVLink3), 8x200 Gb/s HDR InfiniBand, 2x100 GbE."""
-    return _dgx_spec("dgx-a100", count, "a100-80gb", _nvswitch(A100_ALL_REDUCE_BUSBW, A100_NVSWITCH_STEP_S, None),
-                     HDR_NIC_BPS)
+    return _dgx_spec("dgx-a100", count, "a100-80gb", _a100_nvswitch(), HDR_NIC_BPS)
 
 
 def dgx_h100_spec(count: int) -> dict[str, Any]:
@@ -193,7 +197,7 @@ OMNI_PATH_100G_BPS = ETHERNET_100G_BPS
 
 def jean_zay_spec(count: int) -> dict[str, Any]:
     """Jean Zay's A100 partition: 8 A100-80GB on NVSwitch (NVLink3), 4x100 Gb/s Omni-Path per node."""
-    return _node_spec("jean-zay", count, "a100-80gb", _nvswitch(A100_ALL_REDUCE_BUSBW, A100_NVSWITCH_STEP_S, None),
+    return _node_spec("jean-zay", count, "a100-80gb", _a100_nvswitch(),
                       [{"type": "infiniband", "count": 4, "bandwidth": OMNI_PATH_100G_BPS, "latency": IB_HOP_S}])
 
 
