@@ -36,7 +36,7 @@ from cluster import Cluster, Device
 from cost.boxing import distinct_groups
 from cost.collectives import collective_time, collective_traffic, p2p_time
 from cost.memory import OPTIMIZER_STATES, MemoryEstimate, optimizer_step_bytes
-from cost.ops import compute_seconds, peak_flops
+from cost.ops import Precision, compute_seconds, peak_flops
 from cost.placement import DATA_AXIS, PlanShape, axis_groups
 from cost.segments import Profile, SegmentCost, at
 from cost.timeline import ScheduleTimeline, simulate
@@ -62,11 +62,11 @@ class PlanOptions:
 
     global_batch: int | None = None
     """Samples per step (default: the example inputs' batch size)."""
-    precision: str | None = None
+    precision: str | Precision | None = None
     """None: the model's own dtypes (each tensor at its size, compute at the model dtype's peak); or a
     what-if: ``fp32``/``tf32``, or mixed ``bf16``/``fp16`` (2-byte activations and weights, fp32 master
-    copy and optimizer state), or ``bf16-mixed``/``fp16-mixed`` (the same with gradients reduced in fp32) —
-    see :class:`cost.ops.Precision`."""
+    copy and optimizer state), or ``bf16-mixed``/``fp16-mixed`` (the same with gradients reduced in fp32), or a
+    :class:`cost.ops.Precision` for a combination no name gives — see :meth:`cost.ops.Precision.resolve`."""
     optimizer: str = "adamw"
     """Optimizer state to budget memory for: ``sgd``, ``sgd_momentum``, ``adam`` or ``adamw``."""
     reference_batch: int = 1

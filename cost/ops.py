@@ -297,8 +297,9 @@ class Precision:
     A model's own precision (:meth:`resolve` without a name) prices every tensor at its dtype's size: a
     bf16 model has 2-byte activations, parameters, gradients and optimizer state, as eager training of
     a bf16 model keeps them, and computes at the bf16 peak. A named precision other than the model's
-    prices a what-if: every float tensor at the named size, and with ``bf16``/``fp16`` an fp32 master
-    copy and fp32 optimizer state beside the 2-byte parameters (mixed-precision training).
+    prices a what-if: every float tensor at the named size (on a model already of that size, each at its
+    own dtype's), and with ``bf16``/``fp16`` an fp32 master copy and fp32 optimizer state beside the 2-byte
+    parameters (mixed-precision training).
     """
 
     name: str
@@ -327,10 +328,14 @@ class Precision:
         return Precision(name, None if size == 4 else size, size < 4)
 
     @staticmethod
-    def resolve(name: str | None, graph) -> "Precision":
+    def resolve(name: "str | Precision | None", graph) -> "Precision":
         """The precision to price ``graph`` with: its model's own (``name`` None, or the model's dtype, or
         ``tf32`` for an fp32 model: only the peak differs; a plan with a mixed precision, graph attr ``precision``:
-        its compute dtype's peak, each tensor at its dtype's size) or the named what-if."""
+        its compute dtype's peak, each tensor at its dtype's size) or the named what-if (a name of :meth:`of`, or a
+        :class:`Precision` for a combination no name gives, such as fp32 master weights beside a bf16 model's
+        bf16 gradient reductions). A what-if whose float size is the model's own keeps each tensor at its dtype:
+        a bf16 model's explicit float32 upcasts (a loss computed on ``logits.float()``) stay 4 bytes (a plan's
+        own mixed-precision casts do not: the what-if replaces them)."""
         dtype = model_dtype(graph)
         own = COMPUTE_NAMES.get(dtype, "fp32")
         planned = graph.attrs.get("precision")  # a plan's mixed precision: casts in the IR, fp32 master weights
@@ -340,9 +345,10 @@ class Precision:
             reduce_bytes = dtype_size(planned["reduce"]) if planned.get("reduce") else None
         if name is None or name == own or (name == "tf32" and own == "fp32"):
             return Precision(name or own, reduce_bytes=reduce_bytes)
-        named = Precision.of(name)
-        return replace(named, float_bytes=named.float_bytes or NAMED_FLOAT_BYTES[named.name],
-                       graph_float_bytes=dtype_size(dtype))
+        named = name if isinstance(name, Precision) else Precision.of(name)
+        float_bytes = named.float_bytes or NAMED_FLOAT_BYTES[named.name]
+        own_sizes = planned is None and float_bytes == dtype_size(dtype)  # the model's own dtypes, upcasts kept
+        return replace(named, float_bytes=None if own_sizes else float_bytes, graph_float_bytes=dtype_size(dtype))
 
     def grad_bytes(self, param_bytes: float) -> float:
         """Bytes per element of a stored gradient of a ``param_bytes`` parameter: the parameter's size, or the
@@ -358,11 +364,10 @@ class Precision:
 
     def describe(self) -> str:
         """What is priced, for reports: ``bf16 compute (each tensor at its dtype's size)``, or the what-if."""
-        if self.float_bytes is None:
-            return f"{self.name} compute (each tensor at its dtype's size)"
+        sizes = "each tensor at its dtype's size" if self.float_bytes is None else f"{self.float_bytes}-byte float tensors"
         master = ", fp32 master weights and optimizer state" if self.master_weights else ""
         reduced = f", {self.reduce_bytes}-byte gradient reductions" if self.reduce_bytes else ""
-        return f"{self.name} compute ({self.float_bytes}-byte float tensors{master}{reduced})"
+        return f"{self.name} compute ({sizes}{master}{reduced})"
 
     @property
     def scale(self) -> float:

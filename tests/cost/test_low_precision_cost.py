@@ -1,6 +1,7 @@
 """A low-precision model is priced at its dtypes: 2-byte activations, parameters, gradients and optimizer
 state for a bf16 model (as eager training keeps them), the bf16 peak FLOP/s; a named precision other than
-the model's is a what-if over every float tensor (``cost.ops.Precision``)."""
+the model's is a what-if over every float tensor, one of the model's own float size keeps each tensor at its
+dtype (``cost.ops.Precision``)."""
 from __future__ import annotations
 
 import math
@@ -112,6 +113,38 @@ def test_mixed_what_if_reduces_gradients_in_fp32():
                               "4-byte gradient reductions)"
     with pytest.raises(ValueError, match="bf16-mixed"):
         Precision.of("bf16-mixd")
+
+
+class UpcastLoss(torch.nn.Module):
+    """A model's logits with the loss computed on their float32 upcast (``logits.float()``), as Megatron's and
+    transformers' language models do for a bf16 model."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(idx)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def test_mixed_what_if_of_a_bf16_model_keeps_its_float32_loss():
+    """A ``bf16-mixed`` what-if of a bf16 model whose loss runs on float32 logits prices that loss at 4 bytes,
+    as the model computes it (its activations are those of the model's own dtypes, above the same model's with
+    a bf16 loss); only master weights and fp32 gradient reductions are added. A :class:`Precision` names a
+    combination no name gives: fp32 master weights with the bf16 model's own 2-byte gradient reductions."""
+    elements = sum(p.numel() for p in gpt_model().parameters())
+    upcast = compile(UpcastLoss(gpt_model().to(torch.bfloat16)), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    plain = compile(gpt_model().to(torch.bfloat16), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    own, mixed = upcast.simulate(optimizer="adamw"), upcast.simulate(precision="bf16-mixed", optimizer="adamw")
+    assert memory_parts(mixed)[3] == memory_parts(own)[3] > memory_parts(plain.simulate(optimizer="adamw"))[3]
+    assert memory_parts(mixed)[:3] == (2 * elements, 4 * elements, 12 * elements)
+    assert mixed.precision == "bf16 compute (each tensor at its dtype's size, fp32 master weights and optimizer " \
+                              "state, 4-byte gradient reductions)"
+    master = upcast.simulate(precision=Precision("bf16", master_weights=True), optimizer="adamw")
+    assert memory_parts(master) == (2 * elements, 2 * elements, 12 * elements, memory_parts(own)[3])
+    traffic = sum(master.comm_bytes_by_link_class.values()) / sum(mixed.comm_bytes_by_link_class.values())
+    assert traffic == pytest.approx(0.5, rel=1e-3)
 
 
 def test_planned_reduce_dtype_is_priced():
