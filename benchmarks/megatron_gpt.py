@@ -7,6 +7,9 @@ What differs from ``examples/gpt.py`` is only what the published runs ran and th
   selective recomputation can name it, as Megatron's ``CoreAttention``), or one fused flash kernel
   (``attention="flash"``, what Transformer Engine runs on H100);
 - dropout after attention and after the MLP (``hidden_dropout``), and in attention (``attention_dropout``);
+- bf16 weights and activations, with the loss computed on float32 logits, as Megatron's vocabulary-parallel
+  cross entropy upcasts them (``calculate_logits_max``, megatron/core/tensor_parallel/cross_entropy.py; its
+  2021 ``post_language_model_processing`` called it on ``output.float()``);
 - the vocabulary and sequence of the run.
 
 Module names follow the bundled GPT (``blocks.*.attn.qkv`` ...), so the Megatron layouts of
@@ -112,11 +115,17 @@ class MegatronGPT(GPT):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
 
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().forward(idx)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
 
 def meta_model(cfg: MegatronConfig) -> MegatronGPT:
-    """The model with every parameter on the meta device, in train mode (dropout on)."""
+    """The model in bf16 with every parameter on the meta device, in train mode (dropout on)."""
     with torch.device("meta"):
-        return MegatronGPT(cfg).train()
+        return MegatronGPT(cfg).to(torch.bfloat16).train()
 
 
 MEGATRON_LAYOUT = {"blocks.*.attn.qkv.weight": {"tp": "S(0)"}, "blocks.*.attn.qkv.bias": {"tp": "S(0)"},

@@ -37,6 +37,7 @@ from frontend.torch_capture import capture  # noqa: E402
 from ir.core import Graph  # noqa: E402
 from megatron_gpt import MEGATRON_LAYOUT, MegatronConfig, meta_model  # noqa: E402
 from cost.estimate import PlanOptions  # noqa: E402
+from cost.ops import Precision  # noqa: E402
 from passes.planner.evaluate import BLOCK_COUNT_ATTR, ModelView  # noqa: E402
 from passes.recompute import mark_recompute  # noqa: E402
 
@@ -44,6 +45,12 @@ CAPTURED_BLOCKS = 2
 GOAL = 0.15
 SELECTIVE = ["blocks.*.attn.core"]
 """Selective recomputation (Korthikanti et al. §5): the attention core (Q·Kᵀ, softmax, dropout, ·V)."""
+
+
+MIXED_BF16 = Precision("bf16", master_weights=True)
+"""Mixed precision as the 2021-22 runs trained: the bf16 model's tensors at their dtypes (the loss in fp32, as
+Megatron's cross entropy upcasts the logits), fp32 master weights and Adam state, gradients reduced in their own
+2-byte dtype (Megatron-LM's fp16 runs; DeepSpeed's BF16 optimizer, ``communication_data_type`` bf16)."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,9 @@ class Run:
     fsdp: bool = False
     overlap_grad_sync: bool = False
     published_note: str = ""
-    precision: str = "bf16"
-    """The what-if precision it is priced at: ``bf16`` (2-byte gradient reductions) or ``bf16-mixed`` (fp32 ones)."""
+    precision: str | Precision = MIXED_BF16
+    """The mixed precision it is priced at (the captured model is bf16): :data:`MIXED_BF16` (2-byte gradient
+    reductions) or ``bf16-mixed`` (fp32 ones)."""
     distributed_optimizer: bool | str = False
     """Optimizer state and master weights sharded over the data-parallel ranks (ZeRO-1): True, Megatron-LM's
     (gradients reduce-scattered), or ``"all_reduce"``, DeepSpeed's BF16 optimizer's (gradients all-reduced)."""

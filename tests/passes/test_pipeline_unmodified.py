@@ -30,11 +30,11 @@ def crossing(graph) -> dict[int, list]:
     return out
 
 
-def assert_only_the_residual_stream_crosses(graph, stages: int, hidden: int) -> None:
+def assert_only_the_residual_stream_crosses(graph, stages: int, hidden: int, dtype: str = "f32") -> None:
     sent = crossing(graph)
     assert sorted(sent) == list(range(1, stages)), sent
     for stage, types in sent.items():
-        assert len(types) == 1 and types[0].shape[-1] == hidden and types[0].dtype == "f32", (stage, types)
+        assert len(types) == 1 and types[0].shape[-1] == hidden and types[0].dtype == dtype, (stage, types)
 
 
 def assert_input_only_nodes_on_their_readers_stage(graph) -> None:
@@ -50,15 +50,16 @@ def assert_input_only_nodes_on_their_readers_stage(graph) -> None:
     ({"dp": 1, "pp": 8}, 8, {"schedule": "1f1b"}),
 ], ids=["pp2-tp4-megatron", "pp8"])
 def test_megatron_gpt_compiles_with_planner_cuts_and_microbatches(mesh, layers, extra):
-    """benchmarks/megatron_gpt.py's GPT on the meta device (dropout on, unfused attention with its causal
-    mask), cut by the planner at layer boundaries, 4 microbatches; compiles and simulates."""
+    """benchmarks/megatron_gpt.py's GPT on the meta device (bf16, dropout on, unfused attention with its causal
+    mask, the loss on float32 logits), cut by the planner at layer boundaries, 4 microbatches; compiles and
+    simulates."""
     cfg = MegatronConfig(vocab_size=256, block_size=SEQ, n_layer=layers, n_head=4, n_embd=HIDDEN)
     tokens = torch.zeros(BATCH, SEQ, dtype=torch.long)
     plan = compile(meta_model(cfg), (tokens, tokens), cluster="dgx-a100:1",
                    strategy={"mesh": mesh, "microbatches": 4, **extra})
     info = plan.graph.attrs["pipeline"]
     assert info["stages"] == mesh["pp"] and info["microbatches"] == 4 and info["loss_split"] == "global_denominator"
-    assert_only_the_residual_stream_crosses(plan.graph, mesh["pp"], HIDDEN)
+    assert_only_the_residual_stream_crosses(plan.graph, mesh["pp"], HIDDEN, "bf16")
     assert_input_only_nodes_on_their_readers_stage(plan.graph)
     report = plan.simulate()
     assert report.step_time_s > 0 and set(report.peak_memory_bytes) == set(range(8))
