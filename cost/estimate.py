@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -119,15 +119,12 @@ class PlanOptions:
         return self
 
     def key(self) -> tuple:
-        """A hashable summary (cache keys)."""
-        return (self.global_batch, self.precision, self.optimizer, self.reference_batch, self.overhead_s,
-                self.memory_headroom, self.solver, self.overlap_grad_sync, self.moe_imbalance, self.prefetch_gathers,
-                self.distributed_optimizer, self.grad_accumulation)
+        """A hashable summary (cache keys): every option, in field order."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     def estimator(self, profile: Profile, cluster: Cluster) -> Estimator:
         """An :class:`Estimator` of ``profile`` on ``cluster`` with these options."""
-        return Estimator(profile, cluster, self.overhead_s, self.memory_headroom, self.overlap_grad_sync,
-                         self.prefetch_gathers, self.distributed_optimizer, self.grad_accumulation)
+        return Estimator(profile, cluster, self)
 
 
 def optimizer_name(spec: Any) -> str:
@@ -216,17 +213,11 @@ class Estimate:
 class Estimator:
     """Prices plans of one profile on one cluster (caches collective and device look-ups)."""
 
-    def __init__(self, profile: Profile, cluster: Cluster, overhead_s: float | None = None,
-                 memory_headroom: float = 0.9, overlap_grad_sync: bool = True, prefetch_gathers: bool = True,
-                 distributed_optimizer: bool | str = False, grad_accumulation: str = "autograd"):
+    def __init__(self, profile: Profile, cluster: Cluster, options: PlanOptions | None = None):
         self.profile = profile
         self.cluster = cluster
-        self.overhead_s = overhead_s
-        self.headroom = memory_headroom
-        self.overlap_grad_sync = overlap_grad_sync
-        self.prefetch_gathers = prefetch_gathers
-        self.distributed_optimizer = distributed_optimizer
-        self.grad_accumulation = grad_accumulation
+        self.options = options or PlanOptions()
+        """How to price (launch overheads, memory headroom, overlaps, optimizer sharding, gradient sums)."""
         self._collectives: dict[tuple, float] = {}
         self._work: dict[tuple, tuple] = {}
         self._groups_cache: dict[tuple, tuple] = {}
@@ -251,7 +242,7 @@ class Estimator:
         if key not in cache:
             self._pinned.append(devices)  # keeps the id unique while it keys the cache
             prof = self.profile
-            times = [segment.compute_time(batch, d, prof.precision, self.overhead_s)
+            times = [segment.compute_time(batch, d, prof.precision, self.options.overhead_s)
                      for d in _representatives(devices, self.cluster)]
             fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
             bwd += self.accumulation_time(segment, shape, devices)
@@ -282,7 +273,7 @@ class Estimator:
         batch = self.microbatch_size(shape)
         devices = shape.stage_devices[rank]
         return self._remembered(("weight", id(segment), tuple(devices), batch), lambda: max(
-            segment.weight_gradient_time(batch, d, self.profile.precision, self.overhead_s)
+            segment.weight_gradient_time(batch, d, self.profile.precision, self.options.overhead_s)
             for d in _representatives(devices, self.cluster)) + self.accumulation_time(segment, shape, devices))
 
     def accumulation_time(self, segment: SegmentCost, shape: PlanShape, devices: tuple) -> float:
@@ -293,7 +284,7 @@ class Estimator:
         gradient, writes its fp32 copy, reads that and the buffer and writes the buffer; 0 without training or
         where the sum is fused into the weight-gradient GEMMs."""
         m = shape.microbatches
-        mode = self.grad_accumulation
+        mode = self.options.grad_accumulation
         if mode == "fused" or not self.profile.train or (mode == "autograd" and m < 2):
             return 0.0
         params = [p for p in segment.params if p.trainable]
@@ -309,7 +300,7 @@ class Estimator:
         part = self.profile.segments[j].recomputed_part
         devices = shape.stage_devices[rank]
         batch = self.microbatch_size(shape)
-        compute = max(part.compute_time(batch, d, self.profile.precision, self.overhead_s)[0]
+        compute = max(part.compute_time(batch, d, self.profile.precision, self.options.overhead_s)[0]
                       for d in _representatives(devices, self.cluster))
         return compute + self._segment_comm(part, shape, devices, batch)[0]
 
@@ -352,7 +343,8 @@ class Estimator:
         (``comm_overlap``). Forward's first segment has nothing to hide behind; forward's last is not gathered
         again for backward (its parameters are kept: all of its backward gather is saved). A plan priced without
         prefetching (:attr:`PlanOptions.prefetch_gathers`) hides nothing."""
-        if not self.prefetch_gathers or len(segments) < 2 or not (self.fsdp_analytic(shape) or self._gathers_params):
+        if (not self.options.prefetch_gathers or len(segments) < 2
+                or not (self.fsdp_analytic(shape) or self._gathers_params)):
             return [(0.0, 0.0)] * len(segments)
         devices = shape.stage_devices[rank]
         overlap = self._least(devices, "comm_overlap")
@@ -601,7 +593,7 @@ class Estimator:
     def fits(self, memory: dict) -> bool:
         """Whether every device's peak stays under the headroom of its memory."""
         devices = self.cluster.devices
-        return all(float(m.total) <= self.headroom * devices[d].memory_bytes for d, m in memory.items())
+        return all(float(m.total) <= self.options.memory_headroom * devices[d].memory_bytes for d, m in memory.items())
 
     def _stage_params(self, shape: PlanShape, rank: int) -> list:
         """The parameter records a device of pipeline rank ``rank`` holds, stage by stage. A parameter with
@@ -645,7 +637,7 @@ class Estimator:
             seconds = self._collective(kind, nbytes, devices, shape, axes)
             reduction, gather = (reduction, gather + seconds) if kind == "all_gather" else (reduction + seconds, gather)
         total = reduction + gather + self._copies_sum(shape, rank)
-        if not self.overlap_grad_sync:
+        if not self.options.overlap_grad_sync:
             return total, total
         overlap = self._least(devices, "comm_overlap")
         last_backward = min((s.bwd_s for s in stages if s.rank == rank), default=0.0)
@@ -670,8 +662,8 @@ class Estimator:
                 gathered[axes] += p.local_bytes
         out = []
         for axes, nbytes in reduced.items():
-            if self.distributed_optimizer and DATA_AXIS in axes:
-                reduction = "all_reduce" if self.distributed_optimizer == "all_reduce" else "reduce_scatter"
+            if self.options.distributed_optimizer and DATA_AXIS in axes:
+                reduction = "all_reduce" if self.options.distributed_optimizer == "all_reduce" else "reduce_scatter"
                 out += [(reduction, nbytes, axes), ("all_gather", gathered[axes], axes)]
             else:
                 out.append(("all_reduce", nbytes, axes))
@@ -681,7 +673,7 @@ class Estimator:
         """Data-parallel ranks that split the optimizer state and update between them: the data axis's size with
         a distributed optimizer (:attr:`PlanOptions.distributed_optimizer`) where parameters' gradients are
         summed over it (not FSDP's, sharded by the plan itself), else 1."""
-        if not self.distributed_optimizer or shape.size(DATA_AXIS) < 2:
+        if not self.options.distributed_optimizer or shape.size(DATA_AXIS) < 2:
             return 1
         summed = DATA_AXIS in self._batch_axes(shape) or self._grads_summed_over_data
         return shape.size(DATA_AXIS) if summed else 1
@@ -763,7 +755,7 @@ class Estimator:
         ``fp32_buffer`` accumulation), the plan's optimizer and the distributed optimizer's split of its state."""
         precision = self.profile.precision
         optimizer = shape.optimizer if shape.optimizer in OPTIMIZER_STATES else "adamw"
-        grad_bytes = precision.grad_bytes(param_bytes) + (4 if self.grad_accumulation == "fp32_buffer" else 0)
+        grad_bytes = precision.grad_bytes(param_bytes) + (4 if self.options.grad_accumulation == "fp32_buffer" else 0)
         return MemoryEstimate.estimate(elements, activations, optimizer=optimizer, param_dtype_bytes=param_bytes,
                                        master_weights=precision.master_weights, grad_dtype_bytes=grad_bytes,
                                        trainable_params=trainable, optimizer_shards=self.optimizer_shards(shape))

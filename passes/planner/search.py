@@ -887,7 +887,7 @@ def _stage_table(estimator: Estimator, shape: PlanShape, k: int) -> np.ndarray:
         saved = saved + extra
     in_flight = in_flight_microbatches(shape.schedule, shape.pp, k, shape.microbatches)
     devices = shape.stage_devices[rank]
-    limit = min(estimator.cluster.device(d).memory_bytes for d in devices) * estimator.headroom
+    limit = min(estimator.cluster.device(d).memory_bytes for d in devices) * estimator.options.memory_headroom
     shards = estimator.fsdp_shards(shape)
     first = np.arange(layers)[:, None]
     last = np.arange(layers)[None, :]
