@@ -314,6 +314,11 @@ class Precision:
     """Bytes per gradient element as gradient reductions move it (data-parallel all-reduces, FSDP
     reduce-scatters, tied-copy sums); None: the gradient's own size, the parameter's."""
 
+    def __post_init__(self):
+        if self.name not in NAMED_FLOAT_BYTES:
+            raise ValueError(f"expected a compute precision in {sorted(NAMED_FLOAT_BYTES)}, found {self.name!r} "
+                             f"(mixed what-ifs by name: {sorted(MIXED_WHAT_IFS)})")
+
     @staticmethod
     def of(name: str) -> "Precision":
         """The named precision on an fp32 graph: ``fp32`` / ``tf32`` (4-byte tensors), ``bf16`` / ``fp16``

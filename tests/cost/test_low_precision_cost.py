@@ -145,6 +145,8 @@ def test_mixed_what_if_of_a_bf16_model_keeps_its_float32_loss():
     assert memory_parts(master) == (2 * elements, 2 * elements, 12 * elements, memory_parts(own)[3])
     traffic = sum(master.comm_bytes_by_link_class.values()) / sum(mixed.comm_bytes_by_link_class.values())
     assert traffic == pytest.approx(0.5, rel=1e-3)
+    with pytest.raises(ValueError, match="expected a compute precision in .* found 'bf16-mix'"):
+        Precision("bf16-mix", master_weights=True)
 
 
 def test_planned_reduce_dtype_is_priced():
