@@ -78,6 +78,17 @@ def test_bloom_within_goal_as_deepspeed_ran_it():
     assert max(sim.peak_memory_bytes.values()) > max(fused.peak_memory_bytes.values())
 
 
+def test_rows_out_of_their_published_order_are_named():
+    """Only rows of one table are compared; two rows published equal and simulated apart are out of order."""
+    ptdp, zero768, zero1536 = (RUNS[label] for label in ("PTD-P 175B 384 GPUs", "ZeRO-3 175B 768 GPUs",
+                                                         "ZeRO-3 175B 1536 GPUs"))
+    assert zero768.published_s == zero1536.published_s < ptdp.published_s
+    in_order = [(ptdp, 3.0), (zero768, 2.0), (zero1536, 2.0), (RUNS["22B full recompute"], 9.0)]
+    assert pr.out_of_order(in_order) == []
+    swapped = [(ptdp, 1.0), (zero768, 2.0), (zero1536, 1.5)]
+    assert pr.out_of_order(swapped) == [(ptdp, zero768), (ptdp, zero1536), (zero768, zero1536)]
+
+
 def test_benchmark_prints_a_table(capsys):
     pr.main(["--table", "korthikanti", "--rows", "22B full recompute"])
     out = capsys.readouterr().out
