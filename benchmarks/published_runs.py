@@ -318,17 +318,38 @@ def layer_activation_bytes(recompute: str, sequence_parallel: bool) -> float:
 
 def plan_auto(run: Run) -> tuple:
     """``strategy="auto"`` on the run's cluster and batch: (its simulation, the published layout's simulation,
-    the chosen plan's summary, why it differs: the breakdown parts that changed most)."""
+    the chosen plan's summary, where it gains: :func:`gain_sources`)."""
     from passes.planner.search import search
     graph = captured(run.model, run.recompute == "selective")
     cluster = Cluster.load(run.cluster)
     options = run.options()
     strategy, report = search(graph, cluster, "auto", use_cache=False, **options)
     auto, published = simulate((graph, strategy, cluster), **options), simulate_run(run)
+    return auto, published, report.chosen.summary, gain_sources(run, strategy, auto, published)
+
+
+def gain_sources(run: Run, strategy, auto, published) -> str:
+    """Where auto's plan (``strategy``, simulated as ``auto``) saves time against the published layout's simulation:
+    first its pipeline schedule alone, run on the published layout (where both pipeline and the schedules differ),
+    then the rest of the plan; then the breakdown parts that changed most, each plan's on the rank that finishes
+    last (with other stage sizes that is another rank's share of the work, not less work)."""
+    pipeline = getattr(strategy, "pipeline", None)
+    schedule = pipeline.schedule if pipeline is not None else None
+    sources, base = [], published.step_time_s
+    if run.pp > 1 and schedule not in (None, run.strategy().get("schedule")):
+        variant = {key: value for key, value in run.strategy().items() if key != "virtual_stages"}
+        variant["schedule"] = schedule
+        if pipeline.virtual_stages:
+            variant["virtual_stages"] = pipeline.virtual_stages
+        alone = simulate((captured(run.model, run.recompute == "selective"), variant, Cluster.load(run.cluster)),
+                         **run.options()).step_time_s
+        sources.append(f"the {schedule} schedule on the published layout {alone - base:+.2f} s")
+        base = alone
+    sources.append(f"{'the rest of the plan' if sources else 'the plan'} {auto.step_time_s - base:+.2f} s")
     parts = set(auto.breakdown) | set(published.breakdown)
     deltas = sorted(((auto.breakdown.get(k, 0.0) - published.breakdown.get(k, 0.0), k) for k in parts))
-    why = ", ".join(f"{name} {delta:+.2f} s" for delta, name in deltas[:3] if delta < 0)
-    return auto, published, report.chosen.summary, why
+    changed = ", ".join(f"{name} {delta:+.2f} s" for delta, name in deltas[:3] if delta < 0)
+    return ", ".join(sources) + (f"; on the rank that finishes last: {changed}" if changed else "")
 
 
 def out_of_order(simulated: list[tuple[Run, float]]) -> list[tuple[Run, Run]]:
