@@ -483,13 +483,12 @@ class Estimator:
 
         return nbytes * self._remembered(("elementwise", tuple(devices)), slowest)
 
-    def _least(self, devices: tuple, attribute: str, default: float | None = None) -> float:
-        """The smallest ``attribute`` of the devices (``default`` where a device's is unset)."""
+    def _least(self, devices: tuple, attribute: str) -> float:
+        """The smallest ``attribute`` of the devices."""
         def least() -> float:
-            values = (getattr(self.cluster.device(d), attribute) for d in devices)
-            return min((v or default) if default is not None else v for v in values)
+            return min(getattr(self.cluster.device(d), attribute) for d in devices)
 
-        return self._remembered(("least", attribute, tuple(devices), default), least)
+        return self._remembered(("least", attribute, tuple(devices)), least)
 
     def _remembered(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()``, once per ``key`` (which holds everything the value reads) for this estimator."""
