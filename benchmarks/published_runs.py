@@ -322,10 +322,8 @@ def plan_auto(run: Run) -> tuple:
     the chosen plan's summary, where it gains: :func:`gain_sources`)."""
     from passes.planner.search import search
     graph = captured(run.model, run.recompute == "selective")
-    cluster = Cluster.load(run.cluster)
-    options = run.options()
-    strategy, report = search(graph, cluster, "auto", use_cache=False, **options)
-    auto, published = simulate((graph, strategy, cluster), **options), simulate_run(run)
+    strategy, report = search(graph, Cluster.load(run.cluster), "auto", use_cache=False, **run.options())
+    auto, published = simulate_run(run, strategy), simulate_run(run)
     return auto, published, report.chosen.summary, gain_sources(run, strategy, auto, published)
 
 
@@ -337,13 +335,13 @@ def gain_sources(run: Run, strategy, auto, published) -> str:
     pipeline = getattr(strategy, "pipeline", None)
     schedule = pipeline.schedule if pipeline is not None else None
     sources, base = [], published.step_time_s
-    if run.pp > 1 and schedule not in (None, run.strategy().get("schedule")):
-        variant = {key: value for key, value in run.strategy().items() if key != "virtual_stages"}
+    layout = run.strategy()
+    if run.pp > 1 and schedule not in (None, layout.get("schedule")):
+        variant = {key: value for key, value in layout.items() if key != "virtual_stages"}
         variant["schedule"] = schedule
         if pipeline.virtual_stages:
             variant["virtual_stages"] = pipeline.virtual_stages
-        alone = simulate((captured(run.model, run.recompute == "selective"), variant, Cluster.load(run.cluster)),
-                         **run.options()).step_time_s
+        alone = simulate_run(run, variant).step_time_s
         sources.append(f"the {schedule} schedule on the published layout {alone - base:+.2f} s")
         base = alone
     sources.append(f"{'the rest of the plan' if sources else 'the plan'} {auto.step_time_s - base:+.2f} s")
