@@ -19,9 +19,12 @@ def values_with_grad(graph: Graph) -> set[int]:
 
 
 def _loss_depends_on(graph: Graph) -> set[int]:
-    """Ids of the values the loss is computed from, the loss included."""
+    """Ids of the values the loss is computed from differentiably, the loss included: a value the loss reads
+    only through a ``detach`` (a softmax's detached row max) gets no gradient, and its op runs no backward."""
     needed = {id(graph.loss)}
     for node in reversed(graph.nodes):
+        if node.op == "aten.detach.default":
+            continue
         if any(id(o) in needed for o in node.outputs):
             needed |= {id(v) for v in node.input_values()}
     return needed
