@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from cost.ops import op_backward_flops, op_bytes, op_flops
+from cost.ops import op_backward_bytes, op_backward_flops, op_bytes, op_flops
 
 aten = torch.ops.aten
 POOL_BYTES = 48 * 2**20
@@ -170,9 +170,10 @@ def time_probe(probe: Probe, repeats: int, peak_flops: float, memory_bandwidth: 
     flops = float(op_flops(probe.op, ins, outs))
     nbytes = float(op_bytes(probe.op, ins, outs))
     backward_flops = float(op_backward_flops(probe.op, ins, outs))
+    backward_bytes = float(op_backward_bytes(probe.op, ins, outs))
     return ProbeTiming(probe, statistics.median(forward), statistics.median(backward),
                        max(flops / peak_flops, nbytes / memory_bandwidth),
-                       max(backward_flops / peak_flops, 2 * nbytes / memory_bandwidth), flops)
+                       max(backward_flops / peak_flops, backward_bytes / memory_bandwidth), flops)
 
 
 def _operand_pool(probe: Probe, device: torch.device) -> list[list[torch.Tensor]]:

@@ -175,7 +175,70 @@ def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
     if category == "embedding":
         indices = in_shapes[1] if len(in_shapes) > 1 else ()
         return 8 * numel(indices) + 2 * sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
+    if normalize_op_name(op) in _GATHER_OPS:  # reads only the selected elements (and the indices)
+        return _gathered_bytes(op, in_shapes, out_shapes, sizes)
+    if normalize_op_name(op) in _CROSS_ENTROPY_OPS:
+        return _cross_entropy_bytes(in_shapes, sizes, backward=False)
     return sum((size * numel(s) for s, size in zip([*in_shapes, *out_shapes], sizes)), sympy.Integer(0))
+
+
+def op_backward_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
+                      attrs: Mapping[str, Any] | None = None, dtype_bytes: int | Sequence[int] = 4) -> sympy.Expr:
+    """Memory traffic of one op's backward (``dtype_bytes`` as :func:`op_bytes` takes it): twice the forward's —
+    it reads the output gradient and what it saved, and writes the input gradients —, except where autograd's
+    derivative is known to move less or more: a dtype cast casts the gradient back (``_to_copy_backward``: the
+    forward's traffic, once), and a gather writes a zero gradient of its whole input and scatters the output
+    gradient into it (``gather_backward``, ``index_select_backward``)."""
+    name = normalize_op_name(op)
+    sizes = list(dtype_bytes) if isinstance(dtype_bytes, Sequence) else [dtype_bytes] * (len(in_shapes) + len(out_shapes))
+    forward = op_bytes(op, in_shapes, out_shapes, attrs, sizes)
+    if name in _CAST_OPS:
+        return forward
+    if name in _GATHER_OPS:
+        return sizes[0] * numel(in_shapes[0]) + forward + sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
+    if name in _CROSS_ENTROPY_OPS:
+        return _cross_entropy_bytes(in_shapes, sizes, backward=True)
+    return 2 * forward
+
+
+_CROSS_ENTROPY_OPS = {"cross_entropy_loss", "cross_entropy"}
+
+SOFTMAX_BLOCK_SMEM_BYTES = 48 * 1024
+"""Shared memory a CUDA block gets without opting in (``sharedMemPerBlock``): PyTorch's softmax kernels keep a row
+there when it fits, and read it again from memory for each of their passes when it does not
+(``host_softmax``, aten/src/ATen/native/cuda/SoftMax.cu)."""
+
+
+def _cross_entropy_bytes(in_shapes: Sequence[Shape], sizes: list, backward: bool) -> sympy.Expr:
+    """Memory traffic of cross entropy (mean or sum) over ``[rows, classes]`` logits, as PyTorch runs it: log-softmax
+    writes the log-probabilities, reading each row once where it fits a block's shared memory and three times
+    where it does not (its max, its sum of exponentials, the output: ``cunn_SoftMaxForward``), which is every
+    language model's vocabulary; the NLL picks one per row. Backward zeroes the log-probabilities' gradient and
+    scatters one per row into it (``nll_loss_backward``), then log-softmax's backward reads that gradient for its
+    row sum, reads it and the log-probabilities again and writes the logits' gradient (``cunn_SoftMaxBackward``;
+    the persistent kernel of rows up to 1024 classes reads the gradient once less)."""
+    logits, classes = numel(in_shapes[0]), sympy.sympify(in_shapes[0][-1]) if len(in_shapes[0]) else sympy.Integer(1)
+    element = sizes[0]
+    targets = sizes[1] * numel(in_shapes[1]) if len(in_shapes) > 1 else sympy.Integer(0)
+    wide = classes.is_number and classes * element > SOFTMAX_BLOCK_SMEM_BYTES
+    if not backward:
+        return (3 if wide else 1) * element * logits + element * logits + targets
+    narrow = classes.is_number and classes <= 1024
+    return element * logits + (3 if narrow else 4) * element * logits + targets
+
+
+_CAST_OPS = {"_to_copy", "to"}
+"""Copies whose backward is the copy back (a dtype or device cast)."""
+_GATHER_OPS = {"gather", "index_select", "index"}
+"""Ops that read only the input elements their indices select (embedding has its own rule)."""
+
+
+def _gathered_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape], sizes: list) -> sympy.Expr:
+    """A gather's forward traffic: its index tensors read, the selected input elements read and the output
+    written (one output element each)."""
+    outputs = _output_numel(op, in_shapes, out_shapes)
+    indices = sum((size * numel(s) for s, size in zip(in_shapes[1:], sizes[1:len(in_shapes)])), sympy.Integer(0))
+    return indices + (sizes[0] + sizes[len(in_shapes)]) * outputs
 
 
 def op_time(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape], attrs: Mapping[str, Any] | None,

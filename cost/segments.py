@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cluster import Device
-from cost.ops import (WEIGHT_GRADIENT_SHARE, Precision, compute_seconds, normalize_op_name, op_backward_flops, op_bytes,
-                      op_category, op_flops, op_overheads, peak_flops)
+from cost.ops import (WEIGHT_GRADIENT_SHARE, Precision, compute_seconds, normalize_op_name, op_backward_bytes,
+                      op_backward_flops, op_bytes, op_category, op_flops, op_overheads, peak_flops)
 from ir.core import Graph, Node, Value
 from ir.gradients import values_with_grad
 from ir.layers import LayerStructure, find_layers
@@ -405,8 +405,9 @@ class CostContext:
 
 
 def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision, local: bool = True
-            ) -> tuple[float, float, float]:
-    """(forward FLOPs, bytes moved, backward FLOPs) of one op, on one device's shards (or unsplit)."""
+            ) -> tuple[float, float, float, float]:
+    """(forward FLOPs, bytes moved, backward FLOPs, backward bytes moved) of one op, on one device's shards (or
+    unsplit); the backward's are 0 for an op without a gradient."""
     ins = [concrete_shape(t, dims) for t in record.in_types]
     outs = [concrete_shape(t, dims) for t in record.out_types]
     if local:
@@ -418,12 +419,14 @@ def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision,
 
 @functools.lru_cache(maxsize=65536)
 def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool, attrs: tuple = ()
-          ) -> tuple[float, float, float]:
+          ) -> tuple[float, float, float, float]:
     """``element_bytes``: per tensor, the inputs' then the outputs'."""
     flops = float(op_flops(op, ins, outs, dict(attrs)))
     nbytes = float(op_bytes(op, ins, outs, dtype_bytes=element_bytes))
-    backward = float(op_backward_flops(op, ins, outs, dict(attrs))) if has_grad else 0.0
-    return flops, nbytes, backward
+    if not has_grad:
+        return flops, nbytes, 0.0, 0.0
+    return (flops, nbytes, float(op_backward_flops(op, ins, outs, dict(attrs))),
+            float(op_backward_bytes(op, ins, outs, dtype_bytes=element_bytes)))
 
 
 def cost_attrs(node: Node) -> tuple:
@@ -522,7 +525,7 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
         fwd_ops += 1
         if record.has_grad and ctx.train:
             bwd_flops.append(work[:, 2])
-            bwd_bytes.append(2 * work[:, 1])  # reads the output gradient and the saved inputs, writes input grads
+            bwd_bytes.append(work[:, 3])
             bwd_sizes.append(work[:, 0])
             bwd_kinds.append(kind)
             weight_shares.append(WEIGHT_GRADIENT_SHARE.get(op_category(record.op), 0.0) if record.reads_param else 0.0)
@@ -576,7 +579,7 @@ def _expert_hidden_flops(computes: Sequence[ComputeRecord], comms: Sequence[Comm
         return lambda record: (None, None)
     work = [ctx.affine(lambda d, r=r: np.array(op_work(r, d, ctx.mesh, ctx.precision))) * ctx.moe_imbalance
             for r in computes if r.op == EXPERT_MM]
-    total = sum(work) / layers if work else np.zeros((2, 3))
+    total = sum(work) / layers if work else np.zeros((2, 4))
     return lambda record: (chunked_exchange_hidden_flops(total[:, 0], record.chunks),
                            chunked_exchange_hidden_flops(total[:, 2], record.chunks))
 

@@ -226,12 +226,12 @@ class LayoutProblem:
     def _price_op(self, node: Node, choice: tuple, has_grad: bool) -> float:
         req = self.request
         record = compute_record(node, choice[0], choice[1], has_grad)
-        flops, nbytes, backward = op_work(record, req.dims, req.mesh, req.precision)
+        flops, nbytes, backward, backward_bytes = op_work(record, req.dims, req.mesh, req.precision)
         peak, bandwidth = peak_flops(req.device, req.precision), req.device.memory_bandwidth_Bps
         fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(record.op), flops=flops)
         seconds = float(compute_seconds(flops, nbytes, peak, bandwidth, fwd_efficiency))
         if record.has_grad and req.train:
-            seconds += float(compute_seconds(backward, 2 * nbytes, peak, bandwidth, bwd_efficiency))
+            seconds += float(compute_seconds(backward, backward_bytes, peak, bandwidth, bwd_efficiency))
         return seconds
 
     def _connect(self, k: int, position: int, source: _Source, param_var: dict) -> None:

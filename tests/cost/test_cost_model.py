@@ -15,7 +15,7 @@ from cluster import Cluster
 from cost.collectives import (best_algorithm, collective_cost, collective_time, collective_traffic, curve_seconds,
                               p2p_time)
 from cost.memory import MemoryEstimate, in_flight_microbatches, megatron_activation_bytes, param_memory
-from cost.ops import op_backward_flops, op_bytes, op_category, op_flops, op_time
+from cost.ops import op_backward_bytes, op_backward_flops, op_bytes, op_category, op_flops, op_time
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 GiB = 2**30
@@ -240,6 +240,34 @@ def test_matmul_like_flops_agree_with_torch_flop_counter(op, shapes, attrs, run)
     with FlopCounterMode(display=False) as counter:
         run()
     assert op_flops(op, shapes, [], attrs) == counter.get_total_flops()
+
+
+def test_backward_traffic_follows_the_derivative_where_it_is_known():
+    x, rows = (batch, seq, 768), (batch * seq, 50257)
+    # the default: the output gradient and the saved inputs read, the input gradients written
+    assert op_backward_bytes("aten.gelu.default", [x], [x]) == 2 * op_bytes("aten.gelu.default", [x], [x])
+    # a bf16 -> fp32 cast casts its gradient back: read 4 bytes, write 2 per element, as forward moved
+    cast = op_backward_bytes("aten._to_copy.default", [rows], [rows], dtype_bytes=(2, 4))
+    assert sympy.simplify(cast - 6 * batch * seq * 50257) == 0
+    # a gather reads only what its indices select; its backward zeroes the whole input's gradient and scatters
+    picked, index = (batch * seq, 1), (batch * seq, 1)
+    forward = op_bytes("aten.gather.default", [rows, index], [picked], dtype_bytes=(4, 8, 4))
+    assert sympy.simplify(forward - (8 + 4 + 4) * batch * seq) == 0
+    backward = op_backward_bytes("aten.gather.default", [rows, index], [picked], dtype_bytes=(4, 8, 4))
+    assert sympy.simplify(backward - (4 * batch * seq * 50257 + forward + 4 * batch * seq)) == 0
+    # cross entropy over a vocabulary (rows wider than a CUDA block's shared memory): log-softmax reads each row
+    # three times and writes it once; backward zeroes, then reads the gradient twice and the output once, writes
+    targets, n = (batch * seq,), batch * seq * 50257
+    ce = op_bytes("aten.cross_entropy_loss.default", [rows, targets], [()], dtype_bytes=(4, 8, 4))
+    assert sympy.simplify(ce - (4 * 4 * n + 8 * batch * seq)) == 0
+    ce_backward = op_backward_bytes("aten.cross_entropy_loss.default", [rows, targets], [()], dtype_bytes=(4, 8, 4))
+    assert sympy.simplify(ce_backward - (5 * 4 * n + 8 * batch * seq)) == 0
+    # ten classes fit shared memory: one read, one write; the persistent backward reads the gradient once less
+    few = (batch * seq, 10)
+    assert sympy.simplify(op_bytes("aten.cross_entropy_loss.default", [few, targets], [()], dtype_bytes=(4, 8, 4))
+                          - (2 * 4 * 10 + 8) * batch * seq) == 0
+    assert sympy.simplify(op_backward_bytes("aten.cross_entropy_loss.default", [few, targets], [()],
+                                            dtype_bytes=(4, 8, 4)) - (4 * 4 * 10 + 8) * batch * seq) == 0
 
 
 def test_matmul_with_broadcast_batch_uses_the_output_shape():
