@@ -123,7 +123,7 @@ class Run:
         mesh = {"pp": self.pp} if self.pp > 1 else {}
         mesh.update({"dp": self.dp, "tp": self.tp})
         out: dict = {"mesh": mesh, "microbatches": self.microbatches}
-        if self.tp > 1:  # Megatron's layout: its loss runs on the vocabulary-split logits (vocab_parallel_cross_entropy)
+        if self.tp > 1:  # Megatron's layout; its loss runs on vocabulary-split logits (vocab_parallel_cross_entropy)
             out["params"] = MEGATRON_LAYOUT
             out["vocab_parallel"] = True
             out["sequence_parallel"] = self.sequence_parallel

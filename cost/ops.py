@@ -168,7 +168,7 @@ def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
     Views move nothing (0). Embedding reads only the looked-up rows: 8-byte indices plus the output
     read from the table and written (2 x output).
     """
-    sizes = list(dtype_bytes) if isinstance(dtype_bytes, Sequence) else [dtype_bytes] * (len(in_shapes) + len(out_shapes))
+    sizes = _element_sizes(dtype_bytes, len(in_shapes) + len(out_shapes))
     category = op_category(op)
     if category == "view":
         return sympy.Integer(0)
@@ -187,15 +187,17 @@ def op_backward_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[
     """Memory traffic of one op's backward (``dtype_bytes`` as :func:`op_bytes` takes it): twice the forward's —
     it reads the output gradient and what it saved, and writes the input gradients —, except where autograd's
     derivative is known to move less or more: a dtype cast casts the gradient back (``_to_copy_backward``: the
-    forward's traffic, once), and a gather writes a zero gradient of its whole input and scatters the output
-    gradient into it (``gather_backward``, ``index_select_backward``)."""
+    forward's traffic, once), a gather writes a zero gradient of its whole input and scatters the output
+    gradient into it (``gather_backward``, ``index_select_backward``), and cross entropy runs PyTorch's kernels
+    (:func:`_cross_entropy_bytes`)."""
     name = normalize_op_name(op)
-    sizes = list(dtype_bytes) if isinstance(dtype_bytes, Sequence) else [dtype_bytes] * (len(in_shapes) + len(out_shapes))
+    sizes = _element_sizes(dtype_bytes, len(in_shapes) + len(out_shapes))
     forward = op_bytes(op, in_shapes, out_shapes, attrs, sizes)
     if name in _CAST_OPS:
         return forward
     if name in _GATHER_OPS:
-        return sizes[0] * numel(in_shapes[0]) + forward + sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
+        zeroed = sizes[0] * numel(in_shapes[0])
+        return zeroed + forward + sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
     if name in _CROSS_ENTROPY_OPS:
         return _cross_entropy_bytes(in_shapes, sizes, backward=True)
     return 2 * forward
@@ -217,14 +219,21 @@ def _cross_entropy_bytes(in_shapes: Sequence[Shape], sizes: list, backward: bool
     scatters one per row into it (``nll_loss_backward``), then log-softmax's backward reads that gradient for its
     row sum, reads it and the log-probabilities again and writes the logits' gradient (``cunn_SoftMaxBackward``;
     the persistent kernel of rows up to 1024 classes reads the gradient once less)."""
-    logits, classes = numel(in_shapes[0]), sympy.sympify(in_shapes[0][-1]) if len(in_shapes[0]) else sympy.Integer(1)
-    element = sizes[0]
+    shape, element = in_shapes[0], sizes[0]
+    logits = element * numel(shape)
     targets = sizes[1] * numel(in_shapes[1]) if len(in_shapes) > 1 else sympy.Integer(0)
-    wide = classes.is_number and classes * element > SOFTMAX_BLOCK_SMEM_BYTES
+    rows = len(shape) == 2  # one row per sample, classes last (more dims: the spatial kernel, one pass)
+    classes = sympy.sympify(shape[-1]) if rows else sympy.Integer(1)
     if not backward:
-        return (3 if wide else 1) * element * logits + element * logits + targets
-    narrow = classes.is_number and classes <= 1024
-    return element * logits + (3 if narrow else 4) * element * logits + targets
+        wide = rows and classes.is_number and classes * element > SOFTMAX_BLOCK_SMEM_BYTES
+        return (3 if wide else 1) * logits + logits + targets
+    persistent = not rows or (classes.is_number and classes <= 1024)
+    return logits + (3 if persistent else 4) * logits + targets
+
+
+def _element_sizes(dtype_bytes: int | Sequence[int], count: int) -> list:
+    """Bytes per element of each of ``count`` tensors: ``dtype_bytes`` per tensor, or one size for all."""
+    return list(dtype_bytes) if isinstance(dtype_bytes, Sequence) else [dtype_bytes] * count
 
 
 _CAST_OPS = {"_to_copy", "to"}
