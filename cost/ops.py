@@ -175,9 +175,10 @@ def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
     if category == "embedding":
         indices = in_shapes[1] if len(in_shapes) > 1 else ()
         return 8 * numel(indices) + 2 * sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
-    if normalize_op_name(op) in _GATHER_OPS:  # reads only the selected elements (and the indices)
+    name = normalize_op_name(op)
+    if name in _GATHER_OPS:  # reads only the selected elements (and the indices)
         return _gathered_bytes(op, in_shapes, out_shapes, sizes)
-    if normalize_op_name(op) in _CROSS_ENTROPY_OPS:
+    if name in _CROSS_ENTROPY_OPS:
         return _cross_entropy_bytes(in_shapes, sizes, backward=False)
     return sum((size * numel(s) for s, size in zip([*in_shapes, *out_shapes], sizes)), sympy.Integer(0))
 
@@ -192,14 +193,14 @@ def op_backward_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[
     (:func:`_cross_entropy_bytes`)."""
     name = normalize_op_name(op)
     sizes = _element_sizes(dtype_bytes, len(in_shapes) + len(out_shapes))
+    if name in _CROSS_ENTROPY_OPS:
+        return _cross_entropy_bytes(in_shapes, sizes, backward=True)
     forward = op_bytes(op, in_shapes, out_shapes, attrs, sizes)
     if name in _CAST_OPS:
         return forward
     if name in _GATHER_OPS:
         zeroed = sizes[0] * numel(in_shapes[0])
         return zeroed + forward + sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
-    if name in _CROSS_ENTROPY_OPS:
-        return _cross_entropy_bytes(in_shapes, sizes, backward=True)
     return 2 * forward
 
 
@@ -441,7 +442,8 @@ class Precision:
 
     def describe(self) -> str:
         """What is priced, for reports: ``bf16 compute (each tensor at its dtype's size)``, or the what-if."""
-        sizes = "each tensor at its dtype's size" if self.float_bytes is None else f"{self.float_bytes}-byte float tensors"
+        sizes = ("each tensor at its dtype's size" if self.float_bytes is None
+                 else f"{self.float_bytes}-byte float tensors")
         master = ", fp32 master weights and optimizer state" if self.master_weights else ""
         reduced = f", {self.reduce_bytes}-byte gradient reductions" if self.reduce_bytes else ""
         return f"{self.name} compute ({sizes}{master}{reduced})"
