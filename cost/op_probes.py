@@ -222,8 +222,9 @@ def _grouped(timings: Sequence[ProbeTiming], key: Callable) -> dict:
 def _efficiency(timings: Sequence[ProbeTiming], overhead_s: tuple[float, float]) -> dict[str, float]:
     roofline_forward = sum(t.roofline_forward_s for t in timings)
     forward = sum(max(t.forward_s - overhead_s[0], 0.1 * t.forward_s) for t in timings)
-    roofline_backward = sum(t.roofline_backward_s for t in timings)
-    backward = sum(max(t.backward_s - overhead_s[1], 0.1 * t.backward_s) for t in timings)
+    priced = [t for t in timings if t.roofline_backward_s > 0]  # an addition's backward passes its gradient as is:
+    roofline_backward = sum(t.roofline_backward_s for t in priced)  # the model prices no traffic, only the launch
+    backward = sum(max(t.backward_s - overhead_s[1], 0.1 * t.backward_s) for t in priced)
     return {"forward": _clamp(roofline_forward / forward),
             "backward": _clamp(roofline_backward / backward) if roofline_backward > 0 else 1.0}
 

@@ -166,7 +166,8 @@ def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
     (one size for all, or one per tensor: the inputs', then the outputs').
 
     Views move nothing (0). Embedding reads only the looked-up rows: 8-byte indices plus the output
-    read from the table and written (2 x output).
+    read from the table and written (2 x output). Softmax and cross entropy make the passes PyTorch's row kernels
+    make (:func:`_softmax_passes`).
     """
     sizes = _element_sizes(dtype_bytes, len(in_shapes) + len(out_shapes))
     category = op_category(op)
@@ -180,28 +181,48 @@ def op_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
         return _gathered_bytes(op, in_shapes, out_shapes, sizes)
     if name in _CROSS_ENTROPY_OPS:
         return _cross_entropy_bytes(in_shapes, sizes, backward=False)
+    if category == "softmax":
+        return _softmax_passes(in_shapes[0], sizes[0], backward=False) * sizes[0] * numel(in_shapes[0])
     return sum((size * numel(s) for s, size in zip([*in_shapes, *out_shapes], sizes)), sympy.Integer(0))
 
 
 def op_backward_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
-                      attrs: Mapping[str, Any] | None = None, dtype_bytes: int | Sequence[int] = 4) -> sympy.Expr:
-    """Memory traffic of one op's backward (``dtype_bytes`` as :func:`op_bytes` takes it): twice the forward's —
-    it reads the output gradient and what it saved, and writes the input gradients —, except where autograd's
-    derivative is known to move less or more: a dtype cast casts the gradient back (``_to_copy_backward``: the
-    forward's traffic, once), a gather writes a zero gradient of its whole input and scatters the output
-    gradient into it (``gather_backward``, ``index_select_backward``), and cross entropy runs PyTorch's kernels
-    (:func:`_cross_entropy_bytes`)."""
+                      attrs: Mapping[str, Any] | None = None, dtype_bytes: int | Sequence[int] = 4,
+                      grad_inputs: Sequence[bool] | None = None) -> sympy.Expr:
+    """Memory traffic of one op's backward as autograd's derivative of it runs (``dtype_bytes`` as :func:`op_bytes`
+    takes it; ``grad_inputs``: per input, whether autograd computes its gradient, default every input's).
+
+    Matmuls, convolutions, attention and losses move twice their forward's traffic (each input gradient reads the
+    output gradient and what the other factor saved); a dtype cast casts the gradient back (``_to_copy_backward``:
+    the forward's traffic); a gather or an embedding zeroes its whole input's gradient and scatters into it
+    (``gather_backward``, ``embedding_dense_backward``); cross entropy and softmax run PyTorch's row kernels
+    (:func:`_softmax_passes`); a norm reads the output gradient and its input once for the input gradient and once
+    more for its weight's (``layer_norm_backward``'s two kernels). Everything else writes each wanted input
+    gradient from the output gradient and what the derivative reads (:func:`_pointwise_backward_bytes`): nothing
+    where the gradient passes as is (an addition, a copy, a ``cat``: the input gradient is the output gradient or a
+    view of it), a one-byte mask for dropout, the output for ``exp``, ``tanh`` and their kin, the other operands
+    (or the input itself) for a product or a nonlinearity; a broadcast input's gradient is summed down."""
     name = normalize_op_name(op)
     sizes = _element_sizes(dtype_bytes, len(in_shapes) + len(out_shapes))
+    wanted = tuple(grad_inputs) if grad_inputs is not None else (True,) * len(in_shapes)
+    if not any(wanted):
+        return sympy.Integer(0)
     if name in _CROSS_ENTROPY_OPS:
         return _cross_entropy_bytes(in_shapes, sizes, backward=True)
-    forward = op_bytes(op, in_shapes, out_shapes, attrs, sizes)
+    category = op_category(op)
+    if category in ("matmul", "conv", "attention", "loss"):
+        return 2 * op_bytes(op, in_shapes, out_shapes, attrs, sizes)
     if name in _CAST_OPS:
-        return forward
-    if name in _GATHER_OPS:
+        return op_bytes(op, in_shapes, out_shapes, attrs, sizes)
+    if name in _GATHER_OPS or category == "embedding":
         zeroed = sizes[0] * numel(in_shapes[0])
+        forward = op_bytes(op, in_shapes, out_shapes, attrs, sizes)
         return zeroed + forward + sizes[len(in_shapes)] * _output_numel(op, in_shapes, out_shapes)
-    return 2 * forward
+    if category == "softmax":
+        return _softmax_passes(in_shapes[0], sizes[0], backward=True) * sizes[0] * numel(in_shapes[0])
+    if category == "norm":
+        return _norm_backward_bytes(in_shapes, out_shapes, sizes, wanted)
+    return _pointwise_backward_bytes(name, category, in_shapes, out_shapes, sizes, wanted)
 
 
 _CROSS_ENTROPY_OPS = {"cross_entropy_loss", "cross_entropy"}
@@ -210,26 +231,113 @@ SOFTMAX_BLOCK_SMEM_BYTES = 48 * 1024
 """Shared memory a CUDA block gets without opting in (``sharedMemPerBlock``): PyTorch's softmax kernels keep a row
 there when it fits, and read it again from memory for each of their passes when it does not
 (``host_softmax``, aten/src/ATen/native/cuda/SoftMax.cu)."""
+SOFTMAX_PERSISTENT_CLASSES = 1024
+"""Rows up to this many classes take PyTorch's persistent softmax kernels (a warp holds the row in registers)."""
+
+
+def _softmax_passes(shape: Shape, element: int, backward: bool) -> sympy.Expr:
+    """Passes over a softmax's (or log-softmax's) tensor of ``shape``, rows along the last dim, as PyTorch's CUDA
+    kernels make them: forward reads each row once and writes it where the row fits a block's shared memory, and
+    reads it three times (its max, its sum of exponentials, the output) where it does not, which is every language
+    model's vocabulary (``cunn_SoftMaxForward``); backward reads the output gradient for its row sum, reads it and
+    the output again and writes the input gradient (``cunn_SoftMaxBackward``), the persistent kernel of rows up to
+    :data:`SOFTMAX_PERSISTENT_CLASSES` reading the gradient once less. A row of unknown (symbolic) width or none (a
+scalar) is taken as a small one."""
+    classes = sympy.sympify(shape[-1]) if len(shape) else sympy.Integer(1)
+    if not backward:
+        wide = classes.is_number and classes * element > SOFTMAX_BLOCK_SMEM_BYTES
+        return sympy.Integer(4 if wide else 2)
+    persistent = not classes.is_number or classes <= SOFTMAX_PERSISTENT_CLASSES
+    return sympy.Integer(3 if persistent else 4)
 
 
 def _cross_entropy_bytes(in_shapes: Sequence[Shape], sizes: list, backward: bool) -> sympy.Expr:
     """Memory traffic of cross entropy (mean or sum) over ``[rows, classes]`` logits, as PyTorch runs it: log-softmax
-    writes the log-probabilities, reading each row once where it fits a block's shared memory and three times
-    where it does not (its max, its sum of exponentials, the output: ``cunn_SoftMaxForward``), which is every
-    language model's vocabulary; the NLL picks one per row. Backward zeroes the log-probabilities' gradient and
-    scatters one per row into it (``nll_loss_backward``), then log-softmax's backward reads that gradient for its
-    row sum, reads it and the log-probabilities again and writes the logits' gradient (``cunn_SoftMaxBackward``;
-    the persistent kernel of rows up to 1024 classes reads the gradient once less)."""
+    over the rows (:func:`_softmax_passes`), then the NLL picks one per row; backward zeroes the log-probabilities'
+    gradient and scatters one per row into it (``nll_loss_backward``) before log-softmax's backward. More dims than
+    two run PyTorch's spatial kernel: one pass each way."""
     shape, element = in_shapes[0], sizes[0]
     logits = element * numel(shape)
     targets = sizes[1] * numel(in_shapes[1]) if len(in_shapes) > 1 else sympy.Integer(0)
-    rows = len(shape) == 2  # one row per sample, classes last (more dims: the spatial kernel, one pass)
-    classes = sympy.sympify(shape[-1]) if rows else sympy.Integer(1)
-    if not backward:
-        wide = rows and classes.is_number and classes * element > SOFTMAX_BLOCK_SMEM_BYTES
-        return (3 if wide else 1) * logits + logits + targets
-    persistent = not rows or (classes.is_number and classes <= 1024)
-    return logits + (3 if persistent else 4) * logits + targets
+    row = shape if len(shape) == 2 else ()  # one row per sample, classes last
+    passes = _softmax_passes(row, element, backward)
+    return (logits if backward else sympy.Integer(0)) + passes * logits + targets
+
+
+def _norm_backward_bytes(in_shapes: Sequence[Shape], out_shapes: Sequence[Shape], sizes: list,
+                         wanted: Sequence[bool]) -> sympy.Expr:
+    """A norm's backward: one kernel reads the output gradient and the input and writes the input gradient, another
+    reads both again for the weight's and bias's gradients (statistics and weights are small)."""
+    activations = sizes[len(in_shapes)] * numel(out_shapes[0]) + sizes[0] * numel(in_shapes[0]) if out_shapes \
+        else 2 * sizes[0] * numel(in_shapes[0])
+    input_gradient = activations + sizes[0] * numel(in_shapes[0]) if wanted[0] else sympy.Integer(0)
+    weight_gradients = activations if any(wanted[1:]) else sympy.Integer(0)
+    return input_gradient + weight_gradients
+
+
+_AS_IS_OPS = {"add", "sub", "clone", "contiguous", "cat", "stack", "sum", "alias", "copy", "copy_"}
+"""Ops whose derivative hands the output gradient (or a view of it) to an input unchanged: no kernel runs, but to
+sum a broadcast operand's gradient down (``sub``'s second operand is negated: see :data:`_NEGATED`)."""
+_NEGATED = {("sub", 1), ("rsub", 0), ("neg", 0)}
+"""(op, input) whose gradient is the output gradient negated."""
+_SCALED_OPS = {"mul", "div"}
+"""With one tensor operand (the other a Python number), the gradient is the output gradient scaled."""
+MASK_SAVED_OPS = frozenset({"dropout", "native_dropout", "feature_dropout"})
+"""Ops whose backward reads (and autograd saves) a one-byte mask per output element."""
+OUTPUT_SAVED_OPS = frozenset({"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "relu",
+                              "sigmoid", "tanh", "exp"})
+"""Ops whose derivative is written with their output (autograd saves it)."""
+_INPUT_READ_REDUCTIONS = {"amax", "amin", "max", "min", "prod", "var", "std", "var_mean", "norm",
+                          "linalg_vector_norm", "logsumexp"}
+"""Reductions whose derivative reads the input and the output (which elements won, or the deviations)."""
+_GATHERED_VIEWS = {"slice", "select", "narrow", "split", "chunk", "split_with_sizes", "unbind", "expand",
+                   "expand_as"}
+"""Views whose backward writes the whole input's gradient (the pieces' gradients put back, or a broadcast's
+summed)."""
+
+
+def _pointwise_backward_bytes(name: str, category: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
+                              sizes: list, wanted: Sequence[bool]) -> sympy.Expr:
+    """Backward traffic of a view, a copy, a reduction or an elementwise op: per wanted input gradient a kernel that
+    reads the output gradient and what the derivative reads (:func:`_derivative_reads`) and writes the gradient,
+    unless the gradient passes as is (:data:`_AS_IS_OPS`); a broadcast operand's gradient is formed at the output's
+    size and summed down to its own."""
+    outputs = list(out_shapes) or [in_shapes[0]]
+    out_sizes = sizes[len(in_shapes):] or sizes[:1]
+    dy = sum((size * numel(s) for s, size in zip(outputs, out_sizes)), sympy.Integer(0))
+    full = out_sizes[0] * numel(outputs[0])
+    gradient = [size * numel(s) for s, size in zip(in_shapes, sizes)]
+    if category == "view":
+        return dy + gradient[0] if name in _GATHERED_VIEWS and wanted[0] else sympy.Integer(0)
+    total = sympy.Integer(0)
+    for i in (i for i, want in enumerate(wanted) if want):
+        broadcast = category == "elementwise" and tuple(in_shapes[i]) != tuple(outputs[0])
+        summed_down = full + gradient[i] if broadcast else sympy.Integer(0)  # read the full-size term, write
+        if name in _AS_IS_OPS and (name, i) not in _NEGATED:
+            total += summed_down
+            continue
+        reads = _derivative_reads(name, category, i, in_shapes, sizes, full, numel(outputs[0]))
+        total += dy + reads + (full if broadcast else gradient[i]) + summed_down
+    return total
+
+
+def _derivative_reads(name: str, category: str, position: int, in_shapes: Sequence[Shape], sizes: list,
+                      output: sympy.Expr, output_numel: sympy.Expr) -> sympy.Expr:
+    """Bytes an input gradient's kernel reads besides the output gradient (``output``: the output's bytes): nothing
+    for a negation, a scaling, a copy's reverse copy or a sum's broadcast; a one-byte mask per element for dropout;
+    the output for ops written with it; the input and the output for a max, a norm or a variance; the other tensor
+    operands for a product or a quotient, or the input itself for a one-operand nonlinearity (GELU, SiLU, a power)."""
+    inputs = [size * numel(s) for s, size in zip(in_shapes, sizes)]
+    if (name, position) in _NEGATED or (name in _SCALED_OPS and len(in_shapes) == 1) or category == "copy":
+        return sympy.Integer(0)
+    if name in MASK_SAVED_OPS:
+        return output_numel
+    if name in OUTPUT_SAVED_OPS:
+        return output
+    if category == "reduction":
+        return inputs[position] + output if name in _INPUT_READ_REDUCTIONS else sympy.Integer(0)
+    others = [b for j, b in enumerate(inputs) if j != position]
+    return sum(others, sympy.Integer(0)) if others else inputs[position]
 
 
 def _element_sizes(dtype_bytes: int | Sequence[int], count: int) -> list:

@@ -22,10 +22,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cluster import Device
-from cost.ops import (WEIGHT_GRADIENT_SHARE, Precision, compute_seconds, normalize_op_name, op_backward_bytes,
-                      op_backward_flops, op_bytes, op_category, op_flops, op_overheads, peak_flops)
+from cost.ops import (MASK_SAVED_OPS, OUTPUT_SAVED_OPS, WEIGHT_GRADIENT_SHARE, Precision, compute_seconds,
+                      normalize_op_name, numel, op_backward_bytes, op_backward_flops, op_bytes, op_category, op_flops,
+                      op_overheads, peak_flops)
 from ir.core import Graph, Node, Value
-from ir.gradients import values_with_grad
+from ir.gradients import GradientFlow, gradient_flow
 from ir.layers import LayerStructure, find_layers
 from ir.ops.attention import RING_ATTENTION, ring_inputs, runs_ring
 from ir.ops.comm import ADJOINTS, REGATHER_KWARG
@@ -116,6 +117,12 @@ class ComputeRecord:
     """Per input, the N-D SBP of what backward keeps of it where that differs from how it is read (an activation
     all-gathered for this op under ``regather_activations`` is kept as the shard it was gathered from), else
     None; empty: every input is kept as read."""
+    grad_inputs: tuple = ()
+    """Per input, whether backward computes its gradient (:meth:`ir.gradients.GradientFlow.input_grads`); empty:
+    every input's."""
+    accumulated_inputs: tuple = ()
+    """Per input, whether autograd adds the gradient computed for it to another of the same value
+    (:meth:`ir.gradients.GradientFlow.accumulating_inputs`): one more elementwise addition in backward."""
 
 
 def reads_param(node: Node) -> bool:
@@ -136,11 +143,6 @@ def param_inputs(node: Node) -> tuple[bool, ...]:
 _NOTHING_SAVED = frozenset({"add", "sub", "neg", "rsub", "sum", "mean", "cat", "stack", "clone", "contiguous",
                             "_to_copy", "to", "copy", "index_select", "embedding", "full", "triu", "zeros", "ones"})
 """Ops whose backward reads no saved activation (only shapes, indices or the output gradient)."""
-_MASK_SAVED = frozenset({"dropout", "native_dropout", "feature_dropout"})
-"""Ops whose backward reads a one-byte mask per output element."""
-_OUTPUT_SAVED = frozenset({"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax", "relu", "sigmoid",
-                           "tanh", "exp"})
-"""Ops whose backward reads their output."""
 
 
 def kept_inputs(op: str, param_inputs: Sequence[bool]) -> tuple[bool, ...]:
@@ -149,7 +151,7 @@ def kept_inputs(op: str, param_inputs: Sequence[bool]) -> tuple[bool, ...]:
     input (weights, targets and statistics are small); none of an op that keeps its output, a mask or nothing
     (see :func:`saved_for_backward`)."""
     name = normalize_op_name(op)
-    if name in _NOTHING_SAVED or name in _MASK_SAVED or name in _OUTPUT_SAVED \
+    if name in _NOTHING_SAVED or name in MASK_SAVED_OPS or name in OUTPUT_SAVED_OPS \
             or op_category(op) in ("view", "copy", "reduction", "embedding"):
         return (False,) * len(param_inputs)
     kept = [not p for p in param_inputs]
@@ -178,13 +180,13 @@ def saved_for_backward(record: ComputeRecord) -> tuple[list, list, int]:
     if record.op == RING_ATTENTION:  # its own query, key and value blocks (laid out like the queries) and output
         return [*record.in_types[:3], *record.out_types[:1]], [record.in_sbps[0]] * 3 + list(record.out_sbps[:1]), 0
     name = normalize_op_name(record.op)
-    if name in _MASK_SAVED:
+    if name in MASK_SAVED_OPS:
         return list(record.out_types[:1]), list(record.out_sbps[:1]), 1
     kept = kept_inputs(record.op, record.param_inputs or (False,) * len(record.in_types))
     as_kept = record.kept_sbps or (None,) * len(record.in_types)
     types = [t for t, k in zip(record.in_types, kept) if k]
     sbps = [shard or nd for nd, shard, k in zip(record.in_sbps, as_kept, kept) if k]
-    if name in _OUTPUT_SAVED or op_category(record.op) == "attention":
+    if name in OUTPUT_SAVED_OPS or op_category(record.op) == "attention":
         types, sbps = types + list(record.out_types[:1]), sbps + list(record.out_sbps[:1])
     return types, sbps, 0
 
@@ -414,19 +416,25 @@ def op_work(record: ComputeRecord, dims: dict, mesh: Mesh, precision: Precision,
         ins = [local_shape(s, nd, mesh.shape) for s, nd in zip(ins, record.in_sbps)]
         outs = [local_shape(s, nd, mesh.shape) for s, nd in zip(outs, record.out_sbps)]
     element_bytes = tuple(precision.element_bytes(t.dtype) for t in (*record.in_types, *record.out_types))
-    return _work(record.op, tuple(ins), tuple(outs), element_bytes, record.has_grad, record.attrs)
+    gradients = (record.grad_inputs or None, record.accumulated_inputs or (False,) * len(ins))
+    return _work(record.op, tuple(ins), tuple(outs), element_bytes, record.has_grad, record.attrs, gradients)
 
 
 @functools.lru_cache(maxsize=65536)
-def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool, attrs: tuple = ()
-          ) -> tuple[float, float, float, float]:
-    """``element_bytes``: per tensor, the inputs' then the outputs'."""
+def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool, attrs: tuple = (),
+          gradients: tuple = (None, ())) -> tuple[float, float, float, float]:
+    """``element_bytes``: per tensor, the inputs' then the outputs'; ``gradients``: the record's input gradients
+    (None: every input's) and which of them autograd adds to another (each such addition reads two gradients and
+    writes their sum)."""
     flops = float(op_flops(op, ins, outs, dict(attrs)))
     nbytes = float(op_bytes(op, ins, outs, dtype_bytes=element_bytes))
     if not has_grad:
         return flops, nbytes, 0.0, 0.0
+    grad_inputs, accumulated = gradients
+    additions = sum(3 * size * float(numel(shape)) for shape, size, added in zip(ins, element_bytes, accumulated)
+                    if added)
     return (flops, nbytes, float(op_backward_flops(op, ins, outs, dict(attrs))),
-            float(op_backward_bytes(op, ins, outs, dtype_bytes=element_bytes)))
+            float(op_backward_bytes(op, ins, outs, dtype_bytes=element_bytes, grad_inputs=grad_inputs)) + additions)
 
 
 def cost_attrs(node: Node) -> tuple:
@@ -442,14 +450,16 @@ def cost_attrs(node: Node) -> tuple:
     return ()
 
 
-def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, has_grad: bool, recomputed: bool = False,
+def compute_record(node: Node, in_sbps: tuple, out_sbps: tuple, gradients: GradientFlow, recomputed: bool = False,
                    kept_sbps: tuple = ()) -> ComputeRecord:
     """The :class:`ComputeRecord` of ``node`` computed with the given layouts (the op as it costs, see
-    :func:`costed_op`, and its :func:`cost_attrs`; ``kept_sbps``: see :attr:`ComputeRecord.kept_sbps`); the
-    simulator and the planner both make them here."""
+    :func:`costed_op`, and its :func:`cost_attrs`; which gradients its backward computes and sums, as ``gradients``
+    says; ``kept_sbps``: see :attr:`ComputeRecord.kept_sbps`); the simulator and the planner both make them here."""
     return ComputeRecord(costed_op(node), tuple(v.type for v in node.input_values()), tuple(in_sbps),
-                         tuple(o.type for o in node.outputs), tuple(out_sbps), has_grad, recomputed,
-                         reads_param(node), cost_attrs(node), param_inputs(node), kept_sbps=tuple(kept_sbps))
+                         tuple(o.type for o in node.outputs), tuple(out_sbps), gradients.has_grad(node), recomputed,
+                         reads_param(node), cost_attrs(node), param_inputs(node), kept_sbps=tuple(kept_sbps),
+                         grad_inputs=gradients.input_grads(node),
+                         accumulated_inputs=gradients.accumulating_inputs(node))
 
 
 def regathers(node: Node) -> bool:
@@ -713,7 +723,7 @@ def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None =
     train = graph.loss is not None
     ctx = CostContext(mesh, dims, precision, train, moe_imbalance)
     structure = structure or find_layers(graph)
-    grad = values_with_grad(graph)
+    gradients = gradient_flow(graph)
     first_use = _first_use_segment(graph, structure)
     params_by_segment: dict[int, list] = {}
     for p in graph.params:
@@ -722,7 +732,7 @@ def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None =
     crossing = _crossing_values(graph, structure)
     segments = []
     for index, (name, nodes) in enumerate(structure.segments()):
-        computes, comms = _records(nodes, mesh, grad)
+        computes, comms = _records(nodes, mesh, gradients)
         segments.append(segment_cost(name, computes, comms, params_by_segment.get(index, []),
                                      [(v.type, v.sbp) for v in crossing.get(index, [])], ctx))
     batch = global_batch or int((graph.attrs.get("example_dims") or {}).get(BATCH_SYMBOL, 1))
@@ -730,12 +740,12 @@ def ir_profile(graph: Graph, precision: Precision, *, global_batch: int | None =
     return Profile(segments, mesh, 1, batch, tokens, train, precision)
 
 
-def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
+def _records(nodes: Sequence[Node], mesh: Mesh, gradients: GradientFlow) -> tuple[list, list]:
     computes, comms = [], []
     regathered = {}  # id of a regathered activation -> the index of its all-gather's record, until an op saves it
     entered = set()  # ids of the activations recomputed regions read from outside, counted once
     for node in nodes:
-        has_grad = any(id(o) in grad for o in node.outputs)
+        has_grad = gradients.has_grad(node)
         if node.op.startswith(COMM_PREFIX):
             if node.op in ADJOINTS:  # boxing collectives; pipeline transfers are the estimator's
                 source = node.input_values()[0]
@@ -751,7 +761,7 @@ def _records(nodes: Sequence[Node], mesh: Mesh, grad: set) -> tuple[list, list]:
             continue
         ring = node.op == RING_ATTENTION and runs_ring(node, mesh, ins[0].sbp)
         record = compute_record(node, _ring_work_layouts(node, mesh) if ring else tuple(v.sbp for v in ins),
-                                tuple(o.sbp for o in node.outputs), has_grad, RECOMPUTE_ATTR in node.attrs,
+                                tuple(o.sbp for o in node.outputs), gradients, RECOMPUTE_ATTR in node.attrs,
                                 _kept_as_shards(node))
         if record.recomputed:
             record = replace(record, region_inputs=region_inputs(node, entered, lambda v, _: v.sbp))

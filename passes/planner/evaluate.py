@@ -128,7 +128,7 @@ class ModelView:
             prices = self._prices.setdefault(key[:4], {})  # the switches and constraints change no price
             request = LayoutRequest(mesh, cluster, (tuple(tp_group),), cluster.device(tp_group[0]), dims,
                                     Precision.resolve(options.precision, self.graph), self.train, fixed, free_params,
-                                    node_hints, prices)
+                                    node_hints, prices, blocks=self.num_layers or None)
             self._solved[key] = solve_layouts(graph, structure, request, options.solver)
             self.solves += 1
         return self._solved[key]
@@ -245,7 +245,7 @@ def with_ring_attention(profile: Profile, solution: LayoutSolution, ways: int) -
         if op_kind(node.op)[1] != "attention":
             continue
         ins, outs = solution.node_choice[node.name]
-        record = compute_record(node, ins, outs, any(id(o) in problem.grad for o in node.outputs))
+        record = compute_record(node, ins, outs, problem.gradients)
         values = node.input_values()
         items[unit.segment] += ring_exchange_items(record, [(values[i].type, ins[i]) for i in (1, 2)], ways,
                                                    CONTEXT_AXIS, ctx)

@@ -28,11 +28,12 @@ from cluster import Cluster, Device
 from cost.boxing import ClusterBoxingCost
 from cost.collectives import collective_time
 from cost.ops import Precision, compute_seconds, peak_flops
-from cost.segments import (BATCH_SYMBOL, CommRecord, CostContext, Profile, compute_record, concrete_shape,
-                           keeps_for_backward, op_kind, op_work, param_record, region_inputs, segment_cost)
+from cost.segments import (BATCH_SYMBOL, CommRecord, ComputeRecord, CostContext, Profile, compute_record,
+                           concrete_shape, keeps_for_backward, op_kind, op_work, param_record, region_inputs,
+                           segment_cost)
 from ir.core import Graph, Node, Value
 from ir.recompute import RECOMPUTE_ATTR
-from ir.gradients import values_with_grad
+from ir.gradients import GradientFlow, gradient_flow
 from ir.layers import POST, PRE, LayerStructure
 from ir.ops.comm import LOCAL_COMM_OPS
 from ir.ops.registry import nd_signatures, splits_divide
@@ -71,6 +72,10 @@ class LayoutRequest:
     """Conversions and op times already priced, and values' types at ``dims``. Both depend only on the mesh,
     cluster, groups, device, dims, precision and ``train``, so requests that share those (the planner's switches
     on one degree) may share this dict; the constraints (``fixed``, ``hints``) never enter them."""
+    blocks: int | None = None
+    """Identical blocks the graph's stack stands for (None: the captured number): a model captured with two
+    blocks standing for more (``BLOCK_COUNT_ATTR``) weighs its block against the rest of the graph as the whole
+    stack would, and so gets the whole stack's layouts."""
 
     def boxing_cost(self, backward: bool) -> ClusterBoxingCost:
         """The boxing cost for values with (or without) a gradient (one per request: it remembers the
@@ -113,7 +118,8 @@ class LayoutProblem:
         self.graph = graph
         self.structure = structure
         self.request = request
-        self.grad = values_with_grad(graph)
+        self.gradients = gradient_flow(graph)
+        self.grad = self.gradients.values
         self.repeated = structure.uniform and structure.num_layers >= 2
         self.units = self._units()
         self.unit_of = {id(u.node): k for k, u in enumerate(self.units)}
@@ -131,7 +137,7 @@ class LayoutProblem:
         s = self.structure
         if not self.repeated:
             return [_Unit(n, PRE, 1) for n in self.graph.nodes]
-        n = s.num_layers
+        n = self.request.blocks or s.num_layers
         return ([_Unit(x, PRE, 1) for x in s.pre] + [_Unit(x, "block", n) for x in s.blocks[0]]
                 + [_Unit(x, POST, 1) for x in s.post])
 
@@ -140,7 +146,7 @@ class LayoutProblem:
         s = self.structure
         if not self.repeated:
             return [_Source(value, 1)]
-        n = s.num_layers
+        n = self.request.blocks or s.num_layers
         if unit.segment == POST and value.producer is not None and id(value.producer) not in self.unit_of:
             return [_Source(self._in_block0(value), 1)]  # the last block's output: block 0's, by position
         if unit.segment != "block":
@@ -214,18 +220,34 @@ class LayoutProblem:
                                  f"{unit.node.attrs.get('module', '?')}) is not a valid layout of that op")
         self.vars.append(("node", k))
         self.choices.append(candidates)
-        self.unary.append([unit.weight * self._op_seconds(unit.node, c) for c in candidates])
+        self.unary.append([self._unit_seconds(unit, c) for c in candidates])
+
+    def later_twin(self, node: Node) -> Node:
+        """For an op of block 0, the op that stands for it in the blocks after the first: block 1's, at the same
+        position. It reads its input from a block where block 0 reads the prefix's, so autograd may compute and
+        sum other gradients for it (block 0's input may have none)."""
+        s = self.structure
+        return s.blocks[1][s.position(node)]
+
+    def _unit_seconds(self, unit: _Unit, choice: tuple) -> float:
+        """Seconds of every run of ``unit``'s op with layouts ``choice``: a block's op runs once as block 0 runs
+        it and ``weight - 1`` times as the later blocks do."""
+        if unit.segment != "block":
+            return unit.weight * self._op_seconds(unit.node, choice)
+        first = self._op_seconds(unit.node, choice)
+        twin = self.later_twin(unit.node)
+        later = first if self.gradients.same_flow(unit.node, twin) else self._op_seconds(twin, choice)
+        return first + (unit.weight - 1) * later
 
     def _op_seconds(self, node: Node, choice: tuple) -> float:
-        has_grad = any(id(o) in self.grad for o in node.outputs)
-        key = ("op", id(self.graph), node.name, choice, has_grad)
+        key = ("op", id(self.graph), node.name, choice, self.gradients.has_grad(node))
         if key not in self.request.prices:
-            self.request.prices[key] = self._price_op(node, choice, has_grad)
+            self.request.prices[key] = self._price_op(node, choice)
         return self.request.prices[key]
 
-    def _price_op(self, node: Node, choice: tuple, has_grad: bool) -> float:
+    def _price_op(self, node: Node, choice: tuple) -> float:
         req = self.request
-        record = compute_record(node, choice[0], choice[1], has_grad)
+        record = compute_record(node, choice[0], choice[1], self.gradients)
         flops, nbytes, backward, backward_bytes = op_work(record, req.dims, req.mesh, req.precision)
         peak, bandwidth = peak_flops(req.device, req.precision), req.device.memory_bandwidth_Bps
         fwd_efficiency, bwd_efficiency = req.device.efficiency_of(*op_kind(record.op), flops=flops)
@@ -422,7 +444,7 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
     req = problem.request
     ctx = CostContext(req.mesh, {k: v for k, v in req.dims.items() if k != BATCH_SYMBOL}, req.precision, req.train)
     records_of = [compute_record(unit.node, *result.node_choice[unit.node.name],
-                                 any(id(o) in problem.grad for o in unit.node.outputs), RECOMPUTE_ATTR in unit.node.attrs)
+                                 problem.gradients, RECOMPUTE_ATTR in unit.node.attrs)
                   for unit in problem.units]
     entered: set = set()
     for unit_index, unit in enumerate(problem.units):
@@ -445,9 +467,11 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
             records[-1] = replace(records[-1], saved_by=saver)
         for key in _comm_keys(unit.segment, boundary):
             comms[key].extend(records)
-    computes = {PRE: [], "block": [], POST: []}
+    computes = {PRE: [], "block": [], "later": [], POST: []}
     for unit, record in zip(problem.units, records_of):
         computes[unit.segment].append(record)
+        if unit.segment == "block":
+            computes["later"].append(_with_gradients_of(problem.later_twin(unit.node), record, problem.gradients))
     params = _param_records(result, ctx)
     outputs = _segment_outputs(result)
     segments = [segment_cost(PRE, computes[PRE], comms[PRE], params[PRE], outputs[PRE], ctx)]
@@ -455,7 +479,7 @@ def layout_profile(result: LayoutSolution, *, data_parallel: int, global_batch: 
         n = num_layers or problem.structure.num_layers
         prefix = problem.structure.prefix
         first = segment_cost(f"{prefix}.0", computes["block"], comms["first"], params["block"], outputs["block"], ctx)
-        rest = segment_cost(f"{prefix}.*", computes["block"], comms["rest"], params["block"], outputs["block"], ctx)
+        rest = segment_cost(f"{prefix}.*", computes["later"], comms["rest"], params["block"], outputs["block"], ctx)
         segments += [first] + [rest] * (n - 1)
     segments.append(segment_cost(POST, computes[POST], comms[POST], params[POST], outputs[POST], ctx))
     tokens = int(req.dims.get("seq", 1))
@@ -472,6 +496,12 @@ def _planned_layout(result: LayoutSolution, value: Value, consumer: Node, positi
     producer = value.producer
     choice = result.node_choice.get(producer.name) if producer is not None else None
     return choice[1][producer.outputs.index(value)] if choice else result.node_choice[consumer.name][0][position]
+
+
+def _with_gradients_of(node: Node, record: ComputeRecord, gradients: GradientFlow) -> ComputeRecord:
+    """``record`` with the gradients autograd computes and sums for ``node`` (another block's copy of its op)."""
+    return replace(record, has_grad=gradients.has_grad(node), grad_inputs=gradients.input_grads(node),
+                   accumulated_inputs=gradients.accumulating_inputs(node))
 
 
 def _regathered(node: Node, position: int, value: Value, records: list, grad: set) -> bool:

@@ -229,14 +229,15 @@ ZERO_BUBBLE = ("zb-h1", "zbv", "dualpipev")
 
 def test_zero_bubble_schedules_fill_the_bubble_with_weight_gradients(big_graph):
     """Split backwards run each backward's weight-gradient part (about half of a matmul's backward; attention
-    and norms have none) as W actions that fill 1F1B's bubble; the quick closed form stays near the timeline."""
+    and norms have none; an embedding's is all of it: zeroing its table's gradient and scattering into it) as W
+    actions that fill 1F1B's bubble; the quick closed form stays near the timeline."""
     cluster = Cluster.load("dgx-a100:1")
     base = {"mesh": {"pp": 2, "dp": 4}, "microbatches": 4}
     reports = {s: simulate((big_graph, {**base, "schedule": s}, cluster), **MIXED) for s in ("1f1b",) + ZERO_BUBBLE}
     assert all(stage["weight_s"] == 0 for stage in reports["1f1b"].stage_times)
     for schedule in ZERO_BUBBLE:
         report = reports[schedule]
-        assert all(0.25 < stage["weight_s"] / stage["bwd_compute_s"] < 0.5 for stage in report.stage_times)
+        assert all(0.25 < stage["weight_s"] / stage["bwd_compute_s"] < 0.6 for stage in report.stage_times)
         assert report.bubble_fraction < reports["1f1b"].bubble_fraction
         assert report.step_time_s < reports["1f1b"].step_time_s
         kinds = {e.action.kind for events in report.estimate.timeline.events.values() for e in events if e.action}

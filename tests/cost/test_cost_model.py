@@ -244,8 +244,29 @@ def test_matmul_like_flops_agree_with_torch_flop_counter(op, shapes, attrs, run)
 
 def test_backward_traffic_follows_the_derivative_where_it_is_known():
     x, rows = (batch, seq, 768), (batch * seq, 50257)
-    # the default: the output gradient and the saved inputs read, the input gradients written
-    assert op_backward_bytes("aten.gelu.default", [x], [x]) == 2 * op_bytes("aten.gelu.default", [x], [x])
+    n = batch * seq * 768
+    # a nonlinearity reads the output gradient and its input, and writes the input gradient
+    assert sympy.simplify(op_backward_bytes("aten.gelu.default", [x], [x]) - 3 * 4 * n) == 0
+    # an addition hands its gradient on as is (no kernel); a broadcast bias's gradient is summed down
+    assert op_backward_bytes("aten.add.Tensor", [x, x], [x]) == 0
+    assert sympy.simplify(op_backward_bytes("aten.add.Tensor", [x, (768,)], [x]) - (4 * n + 4 * 768)) == 0
+    # a mask constant added to scores gets no gradient, and the scores' passes as is
+    assert op_backward_bytes("aten.add.Tensor", [x, (768,)], [x], grad_inputs=(True, False)) == 0
+    # scaling by a number: read and write; a product of two tensors: the other operand read for each gradient
+    assert sympy.simplify(op_backward_bytes("aten.mul.Tensor", [x], [x]) - 2 * 4 * n) == 0
+    assert sympy.simplify(op_backward_bytes("aten.mul.Tensor", [x, x], [x]) - 2 * 3 * 4 * n) == 0
+    # dropout reads its one-byte mask; the copy a `contiguous` makes passes its gradient as is
+    assert sympy.simplify(op_backward_bytes("aten.dropout.default", [x], [x], dtype_bytes=2) - (2 + 1 + 2) * n) == 0
+    assert op_backward_bytes("aten.clone.default", [x], [x]) == 0
+    # a norm: output gradient and input read for the input gradient, and again for its weight's and bias's
+    ln = [x, (768,), (768,)]
+    assert sympy.simplify(op_backward_bytes("aten.layer_norm.default", ln, [x]) - 5 * 4 * n) == 0
+    assert sympy.simplify(op_backward_bytes("aten.layer_norm.default", ln, [x], grad_inputs=(True, False, False))
+                          - 3 * 4 * n) == 0
+    # a split's backward writes its input's gradient from the pieces'; a reshape's is a view
+    halves = [(batch, seq, 384)] * 2
+    assert sympy.simplify(op_backward_bytes("aten.split.Tensor", [x], halves) - 2 * 4 * n) == 0
+    assert op_backward_bytes("aten.view.default", [x], [(batch * seq, 768)]) == 0
     # a bf16 -> fp32 cast casts its gradient back: read 4 bytes, write 2 per element, as forward moved
     cast = op_backward_bytes("aten._to_copy.default", [rows], [rows], dtype_bytes=(2, 4))
     assert sympy.simplify(cast - 6 * batch * seq * 50257) == 0

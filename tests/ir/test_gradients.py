@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from frontend.torch_capture import capture
-from ir.gradients import values_with_grad
+from ir.gradients import gradient_flow, values_with_grad
 from passes.planner.evaluate import ModelView
 
 
@@ -33,6 +33,20 @@ class Classifier(nn.Module):
         return F.cross_entropy(self.head(x), target)
 
 
+class Residual(nn.Module):
+    """A pre-norm residual block on a projected input ``h``, read by the norm and by the residual addition."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return (h + self.proj(self.norm(h))).sum()
+
+
 def _outputs_of(graph, op):
     return [o for n in graph.nodes if n.op == op for o in n.outputs]
 
@@ -53,3 +67,15 @@ def test_vocab_parallel_cross_entropy_prices_no_backward_for_its_row_max():
     (row_max,) = _outputs_of(decomposed, "aten.amax.default")
     (shifted,) = [o for o in _outputs_of(decomposed, "aten.sub.Tensor") if o.name.startswith("shifted")]
     assert id(row_max) not in grad and id(shifted) in grad
+
+
+def test_a_value_read_twice_has_one_gradient_summed_into_the_other():
+    graph = capture(Residual(), (torch.randn(3, 4),), train=True).graph
+    flow = gradient_flow(graph)
+    (norm,) = [n for n in graph.nodes if n.op == "aten.layer_norm.default"]
+    (residual,) = [n for n in graph.nodes if n.op == "aten.add.Tensor"]
+    assert flow.has_grad(norm) and flow.input_grads(norm)[0]
+    # backward reaches the addition first (it is the later reader); the norm's gradient of h is added to it
+    assert flow.accumulating_inputs(norm)[0] and not any(flow.accumulating_inputs(residual))
+    # the norm's weight and bias are read once: their gradients are not summed
+    assert not any(flow.accumulating_inputs(norm)[1:])
