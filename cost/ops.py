@@ -45,13 +45,40 @@ BACKWARD_FLOP_FACTOR: dict[str, float] = {
 }
 """Backward FLOPs = factor x forward FLOPs, per op category (see :func:`op_category`)."""
 
-WEIGHT_GRADIENT_SHARE: dict[str, float] = {
-    "matmul": 0.5,       # of its two backward matmuls, the one that makes the weight gradient
-    "conv": 0.5,
-    "embedding": 1.0,    # its whole backward is the scatter into the table
-}
-"""Share of the backward FLOPs of an op reading a parameter that compute the parameter's gradient
-(the ``W`` of a split backward); other categories' weight gradients are small reductions (0)."""
+
+
+def weight_gradient_share(op: str, param_inputs: Sequence[bool], grad_inputs: Sequence[bool] | None = None) -> float:
+    """Share of an op's backward FLOPs that compute a parameter's gradient (the ``W`` of a split backward), given
+    which inputs are parameters and which get a gradient (default all): of a matmul's or convolution's backward
+    products (:func:`backward_products`), those for a parameter factor — half where both run, all of it where the
+    activation needs none (a first layer reading the data); all of an embedding's backward (the scatter into its
+    table); none of other ops' (their weight gradients are small reductions)."""
+    category = op_category(op)
+    wanted = tuple(grad_inputs) if grad_inputs is not None else (True,) * len(param_inputs)
+    if category == "embedding":
+        return 1.0 if param_inputs and param_inputs[0] and wanted[0] else 0.0
+    if category not in ("matmul", "conv"):
+        return 0.0
+    factors = [i for i in _factor_positions(op) if i < len(wanted) and wanted[i]]
+    weights = [i for i in factors if i < len(param_inputs) and param_inputs[i]]
+    return len(weights) / len(factors) if factors else 0.0
+
+
+_FACTORS_AFTER_BIAS = {"addmm", "baddbmm", "addbmm", "addmv"}
+"""Matmul-like ops whose first input is the added term: their factors are inputs 1 and 2."""
+
+
+def _factor_positions(op: str) -> tuple[int, int]:
+    """The input positions of a matmul's or convolution's two factors (a convolution's input and weight)."""
+    return (1, 2) if normalize_op_name(op) in _FACTORS_AFTER_BIAS else (0, 1)
+
+
+def backward_products(op: str, grad_inputs: Sequence[bool] | None) -> int:
+    """Of the two products a matmul's or a convolution's backward runs (each factor's gradient), how many autograd
+    computes: a factor without a gradient (the data a first layer reads, a frozen weight) gets none."""
+    if grad_inputs is None:
+        return 2
+    return sum(1 for i in _factor_positions(op) if i < len(grad_inputs) and grad_inputs[i])
 
 _MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot",
                "_grouped_mm", "grouped_mm", "grouped_mm_fallback", "expert_mm"}
@@ -144,14 +171,18 @@ def op_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
 
 
 def op_backward_flops(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[Shape],
-                      attrs: Mapping[str, Any] | None = None) -> sympy.Expr:
-    """Backward FLOPs: :data:`BACKWARD_FLOP_FACTOR` of the op's category times the forward FLOPs
-    (embedding: one add per output element, scattered into the table)."""
+                      attrs: Mapping[str, Any] | None = None, grad_inputs: Sequence[bool] | None = None
+                      ) -> sympy.Expr:
+    """Backward FLOPs: :data:`BACKWARD_FLOP_FACTOR` of the op's category times the forward FLOPs (embedding: one add
+    per output element, scattered into the table); a matmul or a convolution runs only the products for the factors
+    that get a gradient (``grad_inputs``, per input, default all: see :func:`backward_products`)."""
     category = op_category(op)
     if category == "embedding":
         return _output_numel(op, in_shapes, out_shapes)
-    factor = BACKWARD_FLOP_FACTOR.get(category, 0.0)
-    return _exact(factor) * op_flops(op, in_shapes, out_shapes, attrs)
+    factor = _exact(BACKWARD_FLOP_FACTOR.get(category, 0.0))
+    if category in ("matmul", "conv"):
+        factor = factor * sympy.Rational(backward_products(op, grad_inputs), 2)
+    return factor * op_flops(op, in_shapes, out_shapes, attrs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,8 +223,8 @@ def op_backward_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[
     """Memory traffic of one op's backward as autograd's derivative of it runs (``dtype_bytes`` as :func:`op_bytes`
     takes it; ``grad_inputs``: per input, whether autograd computes its gradient, default every input's).
 
-    Matmuls, convolutions, attention and losses move twice their forward's traffic (each input gradient reads the
-    output gradient and what the other factor saved); a dtype cast casts the gradient back (``_to_copy_backward``:
+    Matmuls and convolutions move their forward's traffic for each factor that gets a gradient (the product reads
+    the output gradient and the other factor, and writes the gradient), attention and losses twice their forward's; a dtype cast casts the gradient back (``_to_copy_backward``:
     the forward's traffic); a gather or an embedding zeroes its whole input's gradient and scatters into it
     (``gather_backward``, ``embedding_dense_backward``); cross entropy and softmax run PyTorch's row kernels
     (:func:`_softmax_passes`); a norm reads the output gradient and its input once for the input gradient and once
@@ -210,7 +241,9 @@ def op_backward_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[
     if name in _CROSS_ENTROPY_OPS:
         return _cross_entropy_bytes(in_shapes, sizes, backward=True)
     category = op_category(op)
-    if category in ("matmul", "conv", "attention", "loss"):
+    if category in ("matmul", "conv"):  # each product reads the output gradient and the other factor
+        return backward_products(op, wanted) * op_bytes(op, in_shapes, out_shapes, attrs, sizes)
+    if category in ("attention", "loss"):
         return 2 * op_bytes(op, in_shapes, out_shapes, attrs, sizes)
     if name in _CAST_OPS:
         return op_bytes(op, in_shapes, out_shapes, attrs, sizes)

@@ -22,9 +22,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cluster import Device
-from cost.ops import (MASK_SAVED_OPS, OUTPUT_SAVED_OPS, WEIGHT_GRADIENT_SHARE, Precision, compute_seconds,
-                      normalize_op_name, numel, op_backward_bytes, op_backward_flops, op_bytes, op_category, op_flops,
-                      op_overheads, peak_flops)
+from cost.ops import (MASK_SAVED_OPS, OUTPUT_SAVED_OPS, Precision, compute_seconds, normalize_op_name, numel,
+                      op_backward_bytes, op_backward_flops, op_bytes, op_category, op_flops, op_overheads, peak_flops,
+                      weight_gradient_share)
 from ir.core import Graph, Node, Value
 from ir.gradients import GradientFlow, gradient_flow
 from ir.layers import LayerStructure, find_layers
@@ -294,7 +294,7 @@ class SegmentCost:
     """The ops of this segment the program recomputes in backward (their forward runs twice; what
     they keep for backward is alive only while their backward runs), or None."""
     bwd_weight_share: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    """Per backward row, the share that computes parameter gradients (:data:`~cost.ops.WEIGHT_GRADIENT_SHARE`)."""
+    """Per backward row, the share that computes parameter gradients (:func:`~cost.ops.weight_gradient_share`)."""
     region_input_bytes: np.ndarray = field(default_factory=lambda: np.zeros(2))
     """Bytes of the activations its recomputed ops' regions read from outside (:attr:`ComputeRecord.region_inputs`):
     kept for each microbatch in flight, while what the recomputed ops save is not."""
@@ -433,7 +433,7 @@ def _work(op: str, ins: tuple, outs: tuple, element_bytes: tuple, has_grad: bool
     grad_inputs, accumulated = gradients
     additions = sum(3 * size * float(numel(shape)) for shape, size, added in zip(ins, element_bytes, accumulated)
                     if added)
-    return (flops, nbytes, float(op_backward_flops(op, ins, outs, dict(attrs))),
+    return (flops, nbytes, float(op_backward_flops(op, ins, outs, dict(attrs), grad_inputs)),
             float(op_backward_bytes(op, ins, outs, dtype_bytes=element_bytes, grad_inputs=grad_inputs)) + additions)
 
 
@@ -538,7 +538,8 @@ def segment_cost(name: str, computes: Sequence[ComputeRecord], comms: Sequence[C
             bwd_bytes.append(work[:, 3])
             bwd_sizes.append(work[:, 0])
             bwd_kinds.append(kind)
-            weight_shares.append(WEIGHT_GRADIENT_SHARE.get(op_category(record.op), 0.0) if record.reads_param else 0.0)
+            weight_shares.append(weight_gradient_share(record.op, record.param_inputs, record.grad_inputs or None)
+                                 if record.reads_param else 0.0)
             bwd_ops += 1
             types, sbps, element_bytes = saved_for_backward(record)
             saved += _local_bytes(types, sbps, ctx, element_bytes)

@@ -15,7 +15,8 @@ from cluster import Cluster
 from cost.collectives import (best_algorithm, collective_cost, collective_time, collective_traffic, curve_seconds,
                               p2p_time)
 from cost.memory import MemoryEstimate, in_flight_microbatches, megatron_activation_bytes, param_memory
-from cost.ops import op_backward_bytes, op_backward_flops, op_bytes, op_category, op_flops, op_time
+from cost.ops import (op_backward_bytes, op_backward_flops, op_bytes, op_category, op_flops, op_time,
+                      weight_gradient_share)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 GiB = 2**30
@@ -214,6 +215,23 @@ def test_linear_flops_are_symbolic():
     assert op_flops("aten.linear.default", [(batch, seq, 768), (3072, 768)], []) == flops  # output inferred
     backward = op_backward_flops("aten.linear.default", [(batch, seq, 768), (3072, 768)], [])
     assert sympy.simplify(backward - 2 * flops) == 0
+
+
+def test_a_matmul_runs_only_the_backward_products_its_factors_need():
+    """A first layer's input (the data) gets no gradient: only the weight's product runs, all of it weight gradient;
+    a frozen weight's layer runs only the input's; addmm's factors follow its added term."""
+    shapes, out = [(batch, seq, 768), (3072, 768), (3072,)], [(batch, seq, 3072)]
+    flops, nbytes = op_flops("aten.linear.default", shapes, out), op_bytes("aten.linear.default", shapes, out)
+    data_in = (False, True, True)
+    assert sympy.simplify(op_backward_flops("aten.linear.default", shapes, out, grad_inputs=data_in) - flops) == 0
+    assert sympy.simplify(op_backward_bytes("aten.linear.default", shapes, out, grad_inputs=data_in) - nbytes) == 0
+    params = (False, True, True)
+    assert weight_gradient_share("aten.linear.default", params) == 0.5
+    assert weight_gradient_share("aten.linear.default", params, data_in) == 1.0
+    assert weight_gradient_share("aten.linear.default", params, (True, False, False)) == 0.0
+    addmm = [(3072,), (batch * seq, 768), (768, 3072)]
+    assert sympy.simplify(op_backward_flops("aten.addmm.default", addmm, [(batch * seq, 3072)],
+                                            grad_inputs=(True, False, True)) - flops) == 0
 
 
 def test_sdpa_flops():
