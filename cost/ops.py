@@ -349,19 +349,18 @@ def _pointwise_backward_bytes(name: str, category: str, in_shapes: Sequence[Shap
         if name in _AS_IS_OPS and (name, i) not in _NEGATED:
             total += summed_down
             continue
-        reads = _derivative_reads(name, category, i, in_shapes, sizes, full, numel(outputs[0]))
+        reads = _derivative_reads(name, category, i, gradient, full, numel(outputs[0]))
         total += dy + reads + (full if broadcast else gradient[i]) + summed_down
     return total
 
 
-def _derivative_reads(name: str, category: str, position: int, in_shapes: Sequence[Shape], sizes: list,
-                      output: sympy.Expr, output_numel: sympy.Expr) -> sympy.Expr:
-    """Bytes an input gradient's kernel reads besides the output gradient (``output``: the output's bytes): nothing
-    for a negation, a scaling, a copy's reverse copy or a sum's broadcast; a one-byte mask per element for dropout;
-    the output for ops written with it; the input and the output for a max, a norm or a variance; the other tensor
+def _derivative_reads(name: str, category: str, position: int, inputs: Sequence[sympy.Expr], output: sympy.Expr,
+                      output_numel: sympy.Expr) -> sympy.Expr:
+    """Bytes an input gradient's kernel reads besides the output gradient (``inputs``: each input's bytes, ``output``:
+    the output's): nothing for a negation, a scaling, a copy's reverse copy or a sum's broadcast; a one-byte mask per
+    element for dropout; the output for ops written with it; the input and the output for a max, a norm or a variance; the other tensor
     operands for a product or a quotient, or the input itself for a one-operand nonlinearity (GELU, SiLU, a power)."""
-    inputs = [size * numel(s) for s, size in zip(in_shapes, sizes)]
-    if (name, position) in _NEGATED or (name in _SCALED_OPS and len(in_shapes) == 1) or category == "copy":
+    if (name, position) in _NEGATED or (name in _SCALED_OPS and len(inputs) == 1) or category == "copy":
         return sympy.Integer(0)
     if name in MASK_SAVED_OPS:
         return output_numel
