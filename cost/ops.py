@@ -358,8 +358,9 @@ def _derivative_reads(name: str, category: str, position: int, inputs: Sequence[
                       output_numel: sympy.Expr) -> sympy.Expr:
     """Bytes an input gradient's kernel reads besides the output gradient (``inputs``: each input's bytes, ``output``:
     the output's): nothing for a negation, a scaling, a copy's reverse copy or a sum's broadcast; a one-byte mask per
-    element for dropout; the output for ops written with it; the input and the output for a max, a norm or a variance; the other tensor
-    operands for a product or a quotient, or the input itself for a one-operand nonlinearity (GELU, SiLU, a power)."""
+    element for dropout; the output for ops written with it; the input and the output for a max, a norm or a
+    variance; the other tensor operands for a product or a quotient, or the input itself for a one-operand
+    nonlinearity (GELU, SiLU, a power)."""
     if (name, position) in _NEGATED or (name in _SCALED_OPS and len(inputs) == 1) or category == "copy":
         return sympy.Integer(0)
     if name in MASK_SAVED_OPS:
