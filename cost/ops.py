@@ -46,7 +46,6 @@ BACKWARD_FLOP_FACTOR: dict[str, float] = {
 """Backward FLOPs = factor x forward FLOPs, per op category (see :func:`op_category`)."""
 
 
-
 def weight_gradient_share(op: str, param_inputs: Sequence[bool], grad_inputs: Sequence[bool] | None = None) -> float:
     """Share of an op's backward FLOPs that compute a parameter's gradient (the ``W`` of a split backward), given
     which inputs are parameters and which get a gradient (default all): of a matmul's or convolution's backward
@@ -59,7 +58,7 @@ def weight_gradient_share(op: str, param_inputs: Sequence[bool], grad_inputs: Se
         return 1.0 if param_inputs and param_inputs[0] and wanted[0] else 0.0
     if category not in ("matmul", "conv"):
         return 0.0
-    factors = [i for i in _factor_positions(op) if i < len(wanted) and wanted[i]]
+    factors = _factors_with_gradient(op, wanted)
     weights = [i for i in factors if i < len(param_inputs) and param_inputs[i]]
     return len(weights) / len(factors) if factors else 0.0
 
@@ -73,12 +72,18 @@ def _factor_positions(op: str) -> tuple[int, int]:
     return (1, 2) if normalize_op_name(op) in _FACTORS_AFTER_BIAS else (0, 1)
 
 
+def _factors_with_gradient(op: str, grad_inputs: Sequence[bool]) -> tuple[int, ...]:
+    """The positions of a matmul's or convolution's factors that get a gradient (``grad_inputs``: per input)."""
+    return tuple(i for i in _factor_positions(op) if i < len(grad_inputs) and grad_inputs[i])
+
+
 def backward_products(op: str, grad_inputs: Sequence[bool] | None) -> int:
     """Of the two products a matmul's or a convolution's backward runs (each factor's gradient), how many autograd
     computes: a factor without a gradient (the data a first layer reads, a frozen weight) gets none."""
     if grad_inputs is None:
         return 2
-    return sum(1 for i in _factor_positions(op) if i < len(grad_inputs) and grad_inputs[i])
+    return len(_factors_with_gradient(op, grad_inputs))
+
 
 _MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm", "addmv", "mv", "dot",
                "_grouped_mm", "grouped_mm", "grouped_mm_fallback", "expert_mm"}
@@ -224,15 +229,16 @@ def op_backward_bytes(op: str, in_shapes: Sequence[Shape], out_shapes: Sequence[
     takes it; ``grad_inputs``: per input, whether autograd computes its gradient, default every input's).
 
     Matmuls and convolutions move their forward's traffic for each factor that gets a gradient (the product reads
-    the output gradient and the other factor, and writes the gradient), attention and losses twice their forward's; a dtype cast casts the gradient back (``_to_copy_backward``:
-    the forward's traffic); a gather or an embedding zeroes its whole input's gradient and scatters into it
-    (``gather_backward``, ``embedding_dense_backward``); cross entropy and softmax run PyTorch's row kernels
-    (:func:`_softmax_passes`); a norm reads the output gradient and its input once for the input gradient and once
-    more for its weight's (``layer_norm_backward``'s two kernels). Everything else writes each wanted input
-    gradient from the output gradient and what the derivative reads (:func:`_pointwise_backward_bytes`): nothing
-    where the gradient passes as is (an addition, a copy, a ``cat``: the input gradient is the output gradient or a
-    view of it), a one-byte mask for dropout, the output for ``exp``, ``tanh`` and their kin, the other operands
-    (or the input itself) for a product or a nonlinearity; a broadcast input's gradient is summed down."""
+    the output gradient and the other factor, and writes the gradient), attention and losses twice their forward's;
+    a dtype cast casts the gradient back (``_to_copy_backward``: the forward's traffic); a gather or an embedding
+    zeroes its whole input's gradient and scatters into it (``gather_backward``, ``embedding_dense_backward``);
+    cross entropy and softmax run PyTorch's row kernels (:func:`_softmax_passes`); a norm reads the output gradient
+    and its input once for the input gradient and once more for its weight's (``layer_norm_backward``'s two
+    kernels). Everything else writes each wanted input gradient from the output gradient and what the derivative
+    reads (:func:`_pointwise_backward_bytes`): nothing where the gradient passes as is (an addition, a copy, a
+    ``cat``: the input gradient is the output gradient or a view of it), a one-byte mask for dropout, the output for
+    ``exp``, ``tanh`` and their kin, the other operands (or the input itself) for a product or a nonlinearity; a
+    broadcast input's gradient is summed down."""
     name = normalize_op_name(op)
     sizes = _element_sizes(dtype_bytes, len(in_shapes) + len(out_shapes))
     wanted = tuple(grad_inputs) if grad_inputs is not None else (True,) * len(in_shapes)
