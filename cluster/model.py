@@ -285,7 +285,7 @@ def link_class_rank(link_class: str) -> int:
     return LINK_CLASSES.index(link_class)
 
 
-@dataclass(frozen=True, eq=True)
+@dataclass(frozen=True, eq=False)
 class Cluster:
     """A set of nodes and the links between their devices. Build with :meth:`load`, :meth:`local`,
     :meth:`from_dict`; treat as immutable."""
@@ -324,6 +324,13 @@ class Cluster:
 
     def __hash__(self) -> int:
         return hash(self.fingerprint())
+
+    def __eq__(self, other: object) -> bool:
+        """Clusters are equal when their specs are (metadata aside): compared by :meth:`fingerprint`, once
+        computed, since the cost model's caches compare a cluster of thousands of devices on every lookup."""
+        if not isinstance(other, Cluster):
+            return NotImplemented
+        return self is other or self.fingerprint() == other.fingerprint()
 
     def __repr__(self) -> str:
         return f"Cluster({self.name!r}, {len(self.nodes)} nodes, {self.world_size} devices)"
