@@ -3,10 +3,8 @@ BatchNorm: a hand-written ResNet-style model and transformers' ResNet)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -16,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import gpt  # noqa: E402
 
 VOCAB = 128
-_CAPTURED: dict = {}
 
 
 def gpt_model(n_layer: int = 2, seed: int = 0) -> nn.Module:
@@ -272,32 +269,3 @@ def assert_low_precision_run_close(result, model: nn.Module, inputs: tuple, refe
     assert_low_precision_close("loss", result.loss, loss, exact_loss, low)
     for name, g in grads.items():
         assert_low_precision_close(name, result.grads[name], g, exact_grads[name], low)
-
-
-def compile_cached(model: nn.Module, inputs: tuple, world: int, strategy, **kwargs):
-    """``compile()`` on ``world`` local ranks, capturing each model once per input shapes and dtypes, mode, loss
-    function and capture method.
-
-    torch.export dominates compile time on a CPU; the passes, the subject here, run every time on a
-    fresh copy of the captured graph. The cache holds the model and the loss function, so that their
-    ``id`` s are never reused by others.
-    """
-    from compiler import Cluster, api
-    original = api.capture_model
-
-    def capture_once(model, args, example_kwargs, **kw):
-        key = (id(model), _shapes(args), _shapes(example_kwargs or {}), kw["train"], kw["method"],
-               id(kw["loss_fn"]), repr(kw.get("decompose_custom_ops")))
-        if key not in _CAPTURED:
-            _CAPTURED[key] = (model, original(model, args, example_kwargs, **kw), kw["loss_fn"])
-        captured = _CAPTURED[key][1]
-        return dataclasses.replace(captured, graph=captured.graph.copy())
-
-    with mock.patch.object(api, "capture_model", capture_once):
-        return api.compile(model, inputs, cluster=Cluster.local(world), strategy=strategy, **kwargs)
-
-
-def _shapes(values) -> tuple:
-    """What a capture depends on in example inputs: each tensor's shape and dtype (other values as written)."""
-    items = values.items() if isinstance(values, dict) else enumerate(values)
-    return tuple((k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v)) for k, v in items)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from compiler import Cluster, compile
+from tests.capture_cache import compile_cached
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
 from tests.launch import Program, run_programs, selected_tests, torchrun
 from tests.models import gpt, gpt_inputs, gpt_model
@@ -56,7 +56,7 @@ class Reference:
 
 def emit(out: Path, ranks: int, strategy, model=None) -> Path:
     data = [gpt_inputs(seed=10 + i) for i in range(STEPS)]
-    plan = compile(model or gpt_model(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=ADAMW)
+    plan = compile_cached(model or gpt_model(), data[0], cluster=ranks, strategy=strategy, optimizer=ADAMW)
     main = plan.emit(out)
     torch.save(data, out / "data.pt")
     return main

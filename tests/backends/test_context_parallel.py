@@ -14,14 +14,15 @@ import torch
 
 from backends.runtime.context_parallel import block_plan, merge_blocks, ring_block, ring_positions
 from backends.virtual import VirtualRunError
-from compiler import Cluster, compile
+from compiler import Cluster
 from frontend.dsl import format_plan, parse_plan
 from ir.ops.attention import RING_ATTENTION
 from ir.sbp import Split
 from strategy import StrategyError, normalize
 from tests.launch import (assert_state_close, run_programs, selected_tests, train_eager, training_program,
                           training_result)
-from tests.models import (assert_close_to_eager, compile_cached, gpt, gpt_inputs, gpt_model, llama_model,
+from tests.capture_cache import compile_cached
+from tests.models import (assert_close_to_eager, gpt, gpt_inputs, gpt_model, llama_model,
                           lm_inputs)
 
 SEQ = 256
@@ -74,7 +75,7 @@ def test_bad_cp_attention_is_one_clear_error():
         parse_plan("mesh cp=2\ncp_attention rng\n")
     with pytest.raises(StrategyError, match="cp_attention ring runs attention on sequence shards over a cp mesh "
                                             "axis, but the mesh has only dp; add an axis such as cp=2"):
-        compile(*model_and_inputs("gpt"), cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "cp_attention": "ring"})
+        compile_cached(*model_and_inputs("gpt"), cluster=2, strategy={"mesh": {"dp": 2}, "cp_attention": "ring"})
 
 
 # -- the ring's blocks ------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def test_a_cp_degree_the_planner_chooses_compiles_and_equals_eager():
     """The planner's cp candidate (here the only one: dp fixed to 1 on two devices) becomes a strategy that
     compiles to ring attention and trains as eager does."""
     model, inputs = model_and_inputs("gpt")
-    plan = compile(model, inputs, cluster=Cluster.local(2), search_options={"use_cache": False},
+    plan = compile_cached(model, inputs, cluster=2, search_options={"use_cache": False},
                    strategy={"mesh": {"dp": 1, "tp": 1, "pp": 1, "cp": "auto"}})
     assert plan.strategy.context_parallel == 2 and plan.strategy.cp_attention == "ring"
     assert "cp=2" in plan.search_report.chosen.summary
@@ -275,7 +276,7 @@ def emitted_runs(request, tmp_path_factory) -> dict:
         case = params["case"]
         name, mesh, method, regather = EMITTED[case]
         data = emitted_batches(name)
-        plan = compile((long_gpt if name == "gpt" else llama_model)(), data[0], cluster=Cluster.local(math.prod(
+        plan = compile_cached((long_gpt if name == "gpt" else llama_model)(), data[0], cluster=Cluster.local(math.prod(
             mesh.values())), optimizer=SGD, strategy={"mesh": mesh, "cp_attention": method,
                                                       "regather_activations": regather})
         folders[case] = tmp_path_factory.mktemp(case)

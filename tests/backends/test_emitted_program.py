@@ -26,7 +26,7 @@ from tests.backends.test_pipeline_virtual import MEGATRON
 from tests.launch import import_program
 from tests.compiler.test_frozen import frozen_mlp, gpt_with_frozen_embedding, mlp_inputs
 from tests.models import bn_cnn_model, cnn_inputs, gpt_inputs, gpt_model
-from tests.passes.test_pipeline import compile_cached
+from tests.capture_cache import compile_cached
 
 TP = {"mesh": {"dp": 2, "tp": 2}, "params": MEGATRON}
 PLANS = {  # name: (model, inputs, ranks, strategy)

@@ -17,7 +17,8 @@ from passes.manager import PassFailed
 from passes.pipeline import apply_paths
 from ir.ops.pipeline_ops import schedule_actions
 from ir.schedules import stage_positions
-from tests.models import (assert_close_to_eager, bn_cnn_model, cnn_inputs, compile_cached, gpt2_model, gpt_inputs,
+from tests.capture_cache import compile_cached
+from tests.models import (assert_close_to_eager, bn_cnn_model, cnn_inputs, gpt2_model, gpt_inputs,
                           gpt_model, llama_model, lm_inputs)
 
 GPT = gpt_model(n_layer=4)

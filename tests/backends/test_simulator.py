@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cluster import Cluster
-from compiler.api import compile
 from compiler.simulate import simulate
 from cost.estimate import PlanOptions, _peak_pending_bytes
 from cost.placement import PlanShape
@@ -23,6 +22,7 @@ from ir.schedules import build_pipeline_schedule
 from ir.types import dtype_size
 from passes.planner.search import search
 from strategy import StrategyError
+from tests.capture_cache import compile_cached
 from tests.models import gpt_inputs, gpt_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def small():
 @pytest.fixture(scope="module")
 def dp_plan(small):
     model, inputs = small
-    return compile(model, inputs, cluster="local:2", strategy="dp")
+    return compile_cached(model, inputs, cluster="local:2", strategy="dp")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def test_measured_efficiency_and_overhead_price_the_ops(small):
     kind["efficiency"] = {"matmul": {"forward": 0.5, "backward": 0.25}, "default": 0.8}
     kind["op_overhead"] = {"forward": 1e-5, "backward": 3e-5}
     measured = Cluster.from_dict(spec)
-    baseline = simulate(compile(model, inputs, cluster="local:1", strategy="dp"), overhead_s=0.0)
-    plan = compile(model, inputs, cluster=measured, strategy="dp")
+    baseline = simulate(compile_cached(model, inputs, cluster="local:1", strategy="dp"), overhead_s=0.0)
+    plan = compile_cached(model, inputs, cluster=measured, strategy="dp")
     priced = simulate(plan)
     forward = 0.0
     fwd_ops = 0
@@ -96,7 +96,7 @@ def test_measured_comm_overlap_sets_how_much_gradient_sync_hides(small):
     for overlap in (0.0, 0.25, 1.0):
         spec = Cluster.local(2).to_dict()
         spec["device_kinds"]["cpu"]["comm_overlap"] = overlap
-        report = simulate(compile(model, inputs, cluster=Cluster.from_dict(spec), strategy="dp"))
+        report = simulate(compile_cached(model, inputs, cluster=Cluster.from_dict(spec), strategy="dp"))
         total, exposed[overlap] = report.estimate.grad_sync_s[0]
         backward = report.stage_times[0]["bwd_compute_s"] + report.stage_times[0]["bwd_comm_s"]
     assert exposed[0.0] == pytest.approx(total)
@@ -121,7 +121,7 @@ def test_forward_time_is_the_sum_of_cost_model_op_times(small):
     """On one device, the forward of every segment is sum(op_time) over the ops on their shapes, each tensor
     at its dtype's element size."""
     model, inputs = small
-    plan = compile(model, inputs, cluster="local:1", strategy="dp")
+    plan = compile_cached(model, inputs, cluster="local:1", strategy="dp")
     report = simulate(plan, overhead_s=0.0)
     device = plan.cluster.device(0)
     expected = 0.0
@@ -146,7 +146,7 @@ def test_plan_and_strategy_paths_agree(small, dp_plan):
     # The strategy path prices data parallelism analytically (batch split, gradient all-reduce); the IR also
     # all-reduces the loss's target count over dp: two latencies, 5% of this toy model's step.
     assert math.isclose(from_ir.step_time_s, from_strategy.step_time_s, rel_tol=0.1)
-    tp_plan = compile(model, inputs, cluster="local:2", strategy={"mesh": {"tp": 2}, "params": MEGATRON})
+    tp_plan = compile_cached(model, inputs, cluster="local:2", strategy={"mesh": {"tp": 2}, "params": MEGATRON})
     tp_ir, tp_strategy = simulate(tp_plan), simulate((graph, tp_plan.strategy, tp_plan.cluster), optimizer="sgd")
     assert tp_ir.stage_times[0]["fwd_comm_s"] > 0 and tp_strategy.stage_times[0]["fwd_comm_s"] > 0
     assert math.isclose(tp_ir.step_time_s, tp_strategy.step_time_s, rel_tol=0.15)
@@ -305,7 +305,7 @@ def test_fsdp_gathers_parameters_again_for_backward(big_graph, small):
     assert 0 < activations(sharded) - activations(replicated) < 0.5 * full_params  # one segment's copy, not all
 
     model, inputs = small  # the compiled IR prices the same: a backward all-gather per parameter gather
-    plan = compile(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "fsdp": "dp"})
+    plan = compile_cached(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "fsdp": "dp"})
     comms = [c for seg in ir_profile(plan.graph, Precision.of("fp32")).segments for c in seg.comms]
     forward_gathers = [c for c in comms if c.kind == "all_gather" and not c.backward]
     backward_gathers = [c for c in comms if c.kind == "all_gather" and c.backward]
@@ -326,7 +326,7 @@ def test_fsdp_gathers_hide_behind_the_previous_segments_compute(small, latency_s
     forward's first segment waits for all of its own, forward's last is not gathered again for backward.
     Without prefetching every gather is exposed; the breakdown still sums to the step."""
     model, inputs = small
-    plan = compile(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "fsdp": "dp"})
+    plan = compile_cached(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "fsdp": "dp"})
     cluster = _gathering_at(latency_s)
     prefetched = simulate((plan.graph, plan.strategy, cluster))
     waited = simulate((plan.graph, plan.strategy, cluster), prefetch_gathers=False)
@@ -442,7 +442,7 @@ def test_recomputed_regions_of_the_ir_are_priced_op_by_op(small):
     model, inputs = small
     reports = {}
     for name, recompute in (("none", False), ("mlp", ["blocks.*.mlp"]), ("blocks", True)):
-        plan = compile(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "recompute": recompute})
+        plan = compile_cached(model, inputs, cluster="local:2", strategy={"mesh": {"dp": 2}, "recompute": recompute})
         reports[name] = simulate(plan)
     again = {k: r.stage_times[0]["recompute_s"] for k, r in reports.items()}
     peak = {k: max(r.peak_memory_bytes.values()) for k, r in reports.items()}
@@ -509,7 +509,7 @@ def test_explain_shows_the_breakdown(dp_plan):
 def test_a_pipeline_mesh_naming_only_pp_is_priced():
     """``{"mesh": {"pp": 8}}`` lays each stage out on a ``dp=1`` mesh the strategy does not name: the compiled
     plan is priced with that unit axis (it was refused as a different mesh)."""
-    plan = compile(gpt_model(n_layer=8), gpt_inputs(), cluster="dgx-a100:1",
+    plan = compile_cached(gpt_model(n_layer=8), gpt_inputs(), cluster="dgx-a100:1",
                    strategy={"mesh": {"pp": 8}, "microbatches": 4})
     report = plan.simulate()
     assert report.step_time_s > 0 and len(report.peak_memory_bytes) == 8
@@ -522,10 +522,10 @@ def test_a_tied_embedding_split_over_pipeline_stages_pays_one_gradient_all_reduc
     from cost.collectives import collective_time
     cluster = Cluster.local(2)
     strategy = {"mesh": {"pp": 2}, "microbatches": 4}
-    tied = compile(gpt_model(), gpt_inputs(), cluster=cluster, strategy=strategy)
+    tied = compile_cached(gpt_model(), gpt_inputs(), cluster=cluster, strategy=strategy)
     untied_model = gpt_model()
     untied_model.lm_head.weight = torch.nn.Parameter(untied_model.lm_head.weight.detach().clone())
-    untied = compile(untied_model, gpt_inputs(), cluster=cluster, strategy=strategy)
+    untied = compile_cached(untied_model, gpt_inputs(), cluster=cluster, strategy=strategy)
     assert tied.graph.attrs["tied_params"] and not untied.graph.attrs.get("tied_params")
     embedding = tied.weights["tok_emb.weight"]
     expected = collective_time("all_reduce", embedding.numel() * embedding.element_size(), (0, 1), cluster)
@@ -560,7 +560,7 @@ def test_the_planner_view_prices_a_tied_embedding_as_the_compiled_pipeline_does(
     batch, seq = gpt_inputs()[0].shape
     graph.attrs["example_dims"] = {"batch": batch, "seq": seq}
     view = ModelView(graph)
-    compiled = compile(gpt_model(), gpt_inputs(), cluster=cluster, strategy=strategy)
+    compiled = compile_cached(gpt_model(), gpt_inputs(), cluster=cluster, strategy=strategy)
     options = PlanOptions(global_batch=batch)
 
     def held(evaluation, rank: int) -> list[str]:

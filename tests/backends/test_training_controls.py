@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from compiler import Cluster, compile
+from tests.capture_cache import compile_cached
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
 from tests.launch import Program, run_programs, selected_tests, torchrun
 from tests.models import gpt_inputs, gpt_model
@@ -103,7 +103,7 @@ def eager(data):
 
 def program(out: Path, ranks: int, strategy, data: Path, *args: str) -> Program:
     """Emit the plan into ``out``: the program training it on ``data`` with the controls."""
-    main = compile(gpt_model(), gpt_inputs(batch=BATCH, seq=SEQ), cluster=Cluster.local(ranks), strategy=strategy,
+    main = compile_cached(gpt_model(), gpt_inputs(batch=BATCH, seq=SEQ), cluster=ranks, strategy=strategy,
                    optimizer=SGD).emit(out)
     return Program(main, ranks, ("--steps", str(STEPS), "--data", str(data), *CONTROLS, "--metrics",
                                  str(out / "metrics.jsonl"), "--save", str(out / "final.pt"), *args))

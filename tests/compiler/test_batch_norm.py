@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compiler import Cluster, compile
 from ir.sbp import Split
+from tests.capture_cache import compile_cached
 from tests.models import assert_close_to_eager, cnn_inputs, hf_resnet_model, resnet_style_model
 
 WEIGHTED_OPS = ("aten.conv2d.default", "aten.convolution.default", "aten.linear.default")
@@ -34,7 +34,7 @@ def test_dp4_keeps_every_convolution_split_and_equals_eager(make):
     model = make()
     before = copy.deepcopy(model.state_dict())
     inputs = cnn_inputs(batch=8)
-    plan = compile(model, inputs, cluster=Cluster.local(4), strategy="dp")
+    plan = compile_cached(model, inputs, cluster=4, strategy="dp")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "compile changed the model"
     weighted = weighted_nodes(plan)
     assert len(weighted) >= 6
@@ -83,7 +83,7 @@ def test_batch_norm_variants_under_dp2_equal_eager(name):
             model.norm.running_var.uniform_(0.5, 2)
             model.norm.num_batches_tracked.fill_(3)
     x = torch.randn(shape)
-    plan = compile(model, (x,), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, (x,), cluster=2, strategy="dp")
     assert all(n.outputs[0].sbp == (Split(0),) for n in weighted_nodes(plan))
     assert not any("norm" in n.op for n in plan.graph.nodes), "batch statistics are written as sums"
     result = plan.run_virtual(x)
@@ -97,7 +97,7 @@ def test_channel_split_batch_norm_keeps_its_channels_split():
     model = resnet_style_model()
     inputs = cnn_inputs(batch=4)
     strategy = {"mesh": {"tp": 2}, "params": {"stem.0.weight": "S(0)", "blocks.*.conv*.weight": "S(0)"}}
-    plan = compile(model, inputs, cluster=Cluster.local(2), strategy=strategy)
+    plan = compile_cached(model, inputs, cluster=2, strategy=strategy)
     stem = next(n for n in plan.graph.nodes if n.op == "aten.conv2d.default")
     assert stem.outputs[0].sbp == (Split(1),)
     sums = [n for n in plan.graph.nodes if n.op == "aten.sum.dim_IntList" and n.attrs.get("module") == "stem.1"]
@@ -113,7 +113,7 @@ def test_pipeline_updates_running_statistics_on_their_stage():
     model = resnet_style_model()
     inputs = cnn_inputs(batch=8)
     strategy = {"mesh": {"pp": 2, "dp": 2}, "stages": ["blocks.1"], "microbatches": 1}
-    plan = compile(model, inputs, cluster=Cluster.local(4), strategy=strategy)
+    plan = compile_cached(model, inputs, cluster=4, strategy=strategy)
     result = plan.run_virtual(*inputs)
     assert_close_to_eager(result, model, inputs)
     assert int(dict(model.named_buffers())["stem.1.num_batches_tracked"]) == 6  # 5 warm-up steps, then this one

@@ -24,7 +24,8 @@ from ir.ops import registry
 from ir.parser import parse
 from tests.fixtures.custom_ops import custom_op_inputs, custom_op_model
 from tests.compiler.test_moe import moe_model_and_reference
-from tests.models import assert_close_to_eager, compile_cached
+from tests.capture_cache import compile_cached
+from tests.models import assert_close_to_eager
 from tests.zoo import ZOO
 
 def custom_nodes(plan) -> list[str]:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compiler import Cluster, compile
 from ir.parser import parse
 from ir.verifier import verify
+from tests.capture_cache import compile_cached
 from tests.models import (assert_close_to_eager, cnn_inputs, cnn_model, gpt2_model, gpt_inputs, gpt_model,
                           llama_model, lm_inputs)
 
@@ -25,14 +25,14 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 def test_data_parallel_matches_eager(name, ranks):
     make, inputs = MODELS[name]
     model, x = make(), inputs()
-    plan = compile(model, x, cluster=Cluster.local(ranks), strategy="dp")
+    plan = compile_cached(model, x, cluster=ranks, strategy="dp")
     assert_close_to_eager(plan.run_virtual(*x), model, x)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_ir_round_trip(name):
     make, inputs = MODELS[name]
-    plan = compile(make(), inputs(), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(make(), inputs(), cluster=2, strategy="dp")
     text = plan.ir
     again = parse(text)
     verify(again)
@@ -41,7 +41,7 @@ def test_ir_round_trip(name):
 
 def test_parsed_ir_runs_like_the_original():
     model, x = gpt_model(), gpt_inputs()
-    plan = compile(model, x, cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, x, cluster=2, strategy="dp")
     from backends.virtual import run_virtual
     result = run_virtual(parse(plan.ir), plan.weights, x)
     assert_close_to_eager(result, model, x)
@@ -50,7 +50,7 @@ def test_parsed_ir_runs_like_the_original():
 def test_golden_gpt_dump():
     """The GPT example's data-parallel IR on 4 ranks, checked in (SBPC_UPDATE_GOLDEN=1 rewrites it)."""
     model, x = gpt_model(), gpt_inputs(batch=8, seq=64)
-    text = compile(model, x, cluster=Cluster.local(4), strategy="dp").ir
+    text = compile_cached(model, x, cluster=4, strategy="dp").ir
     path = GOLDEN / "gpt_dp4.ir"
     if os.environ.get("SBPC_UPDATE_GOLDEN") == "1":
         path.write_text(text)
@@ -58,7 +58,7 @@ def test_golden_gpt_dump():
 
 
 def test_dp_layouts():
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy="dp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy="dp")
     g = plan.graph
     assert all(str(v.sbp[0]) == "S(0)" for v in g.inputs)
     assert all(str(p.sbp[0]) == "B" for p in g.params)
@@ -71,7 +71,7 @@ def test_dp_layouts():
 
 def test_tied_weight_is_one_parameter():
     model, x = gpt_model(), gpt_inputs()
-    plan = compile(model, x, cluster=Cluster.local(2))
+    plan = compile_cached(model, x, cluster=2)
     targets = [p.target for p in plan.graph.params]
     assert "tok_emb.weight" in targets and "lm_head.weight" not in targets
     assert plan.aliases == {"lm_head.weight": "tok_emb.weight"}
@@ -81,7 +81,7 @@ def test_tied_weight_is_one_parameter():
 
 def test_grad_buckets_respect_size():
     strategy = {"mesh": {"dp": 2}, "grad_bucket_bytes": 64 * 1024}
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy=strategy)
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy=strategy)
     buckets = plan.graph.attrs["grad_buckets"]
     assert len(buckets) > 1
     for b in buckets:
@@ -94,7 +94,7 @@ def test_grad_buckets_follow_backward_completion():
     last by the output layer) is whole only when backward ends, so it goes last, after the position embedding
     and block 0; leading the first bucket, it kept every bucket waiting until backward was over."""
     strategy = {"mesh": {"dp": 2}, "grad_bucket_bytes": 64 * 1024}
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy=strategy)
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy=strategy)
     order = [p.target for b in plan.graph.attrs["grad_buckets"] for p in b["params"]]
     assert order[-2:] == ["pos_emb.weight", "tok_emb.weight"]
     assert order[0] == "ln_f.weight" and order.index("blocks.1.ln_1.bias") < order.index("blocks.0.mlp.proj.weight")
@@ -102,14 +102,14 @@ def test_grad_buckets_follow_backward_completion():
 
 def test_inference_outputs_match():
     model, (idx, _) = gpt_model(), gpt_inputs()
-    plan = compile(model, (idx,), cluster=Cluster.local(2), strategy="dp", mode="infer")
+    plan = compile_cached(model, (idx,), cluster=2, strategy="dp", mode="infer")
     out = plan.run_virtual(idx).outputs[0]
     torch.testing.assert_close(out, model(idx), rtol=1e-5, atol=1e-6)
 
 
 def test_symbolic_batch_runs_other_sizes():
     model = gpt_model()
-    plan = compile(model, gpt_inputs(batch=8, seq=16), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, gpt_inputs(batch=8, seq=16), cluster=2, strategy="dp")
     x = gpt_inputs(batch=4, seq=8, seed=5)
     assert_close_to_eager(plan.run_virtual(*x), model, x)
 
@@ -117,7 +117,7 @@ def test_symbolic_batch_runs_other_sizes():
 def test_dump_after_prints_named_pass(capsys):
     import io
     buf = io.StringIO()
-    compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), dump_after="propagate", dump_to=buf)
+    compile_cached(gpt_model(), gpt_inputs(), cluster=2, dump_after="propagate", dump_to=buf)
     text = buf.getvalue()
     assert text.startswith("// IR after pass propagate")
     assert "comm." not in text  # boxing has not run yet

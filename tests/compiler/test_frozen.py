@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler import Cluster, compile
 from ir.parser import IRSyntaxError, parse
 from tests.compiler.test_tensor_parallel import tp
 from tests.launch import (assert_state_close, run_programs, selected_tests, train_eager, training_program,
                           training_result)
-from tests.models import assert_close_to_eager, compile_cached, gpt_inputs, gpt_model
+from tests.capture_cache import compile_cached
+from tests.models import assert_close_to_eager, gpt_inputs, gpt_model
 
 SGD = (torch.optim.SGD, {"lr": 0.1})
 ADAMW = (torch.optim.AdamW, {"lr": 1e-3, "eps": 1e-6})
@@ -192,7 +192,7 @@ def test_planner_counts_no_gradient_or_optimizer_state_for_frozen_params(compile
     assert all(r.grad_axes == () for r in frozen.values())
     assert all(r.grad_axes == ("dp",) for r in records if r.trainable)
     unfrozen = frozen_mlp().requires_grad_(True)
-    trained = compile(unfrozen, mlp_inputs(), cluster=Cluster.local(2), strategy="dp", optimizer=ADAMW)
+    trained = compile_cached(unfrozen, mlp_inputs(), cluster=2, strategy="dp", optimizer=ADAMW)
     frozen_bytes = 4 * (8 * 32 + 32)
     for device, memory in plan.simulate(optimizer="adamw").estimate.memory.items():
         reference = trained.simulate(optimizer="adamw").estimate.memory[device]
@@ -219,7 +219,7 @@ PIPELINE = {"mesh": {"pp": 2}, "microbatches": 2}
 def test_pipelined_virtual_mesh_equals_eager(make, inputs, strategy):
     """Copies of a frozen parameter on several stages are not a tied group: nothing sums their gradients."""
     model, x = make(), inputs()
-    plan = compile(model, x, cluster=Cluster.local(2), strategy=strategy)
+    plan = compile_cached(model, x, cluster=2, strategy=strategy)
     assert not plan.graph.attrs.get("tied_params")
     assert_close_to_eager(plan.run_virtual(*x), model, x)
 
@@ -238,7 +238,7 @@ def test_text_format_round_trips_and_rejects_bad_options(compiled):
 
 def frozen_pipeline_plan():
     """The 2-stage pipeline of a GPT whose tied embedding is frozen."""
-    return compile(gpt_with_frozen_embedding(), gpt_inputs(seed=10), cluster=Cluster.local(2), strategy=PIPELINE,
+    return compile_cached(gpt_with_frozen_embedding(), gpt_inputs(seed=10), cluster=2, strategy=PIPELINE,
                    optimizer=ADAMW)
 
 

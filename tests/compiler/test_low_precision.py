@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compiler import Cluster, compile
 from ir.precision import accumulation_dtype, model_dtype
+from tests.capture_cache import compile_cached
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, LLAMA_MEGATRON, tp
 from tests.launch import train_eager, train_emitted
 from tests.models import (assert_low_precision_close, assert_low_precision_run_close, cnn_inputs,
-                          compile_cached, gpt2_model, gpt_inputs, gpt_model, llama_model, lm_inputs,
+                          gpt2_model, gpt_inputs, gpt_model, llama_model, lm_inputs,
                           low_precision_references, resnet_style_model, widened)
 from tests.zoo import GPT2_TP
 
@@ -85,7 +85,7 @@ def test_bf16_loss_is_a_float32_mean_rounded_once():
     kernel's accumulation), the division in float32, one rounding to the bf16 loss; the verifier's meta
     execution agreed with every declared type."""
     model, x = gpt_model().to(torch.bfloat16), gpt_inputs()
-    ir = compile(model, x, cluster=Cluster.local(2), strategy="dp").ir
+    ir = compile_cached(model, x, cluster=2, strategy="dp").ir
     assert re.search(r"%ce_sum_acc: f32\[\] .* = aten\._to_copy\.default\(%ce_sum, dtype=torch\.float32\)", ir)
     assert re.search(r"%count: f32\[\] .* = aten\.sum\.default\(%counted, dtype=torch\.float32\)", ir)
     assert re.search(r"%loss_acc: f32\[\] .* = aten\.div\.Tensor\(%ce_sum_acc, %count", ir)
@@ -98,7 +98,7 @@ def test_vocab_parallel_bf16_loss_reduces_in_float32():
     float32 (log_softmax's accumulation), so its reduction across the shards runs in float32; the max
     all-reduce is bf16 (exact in any dtype)."""
     strategy = {"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "vocab_parallel": True}
-    plan = compile(gpt_model().to(torch.bfloat16), gpt_inputs(), cluster=Cluster.local(2), strategy=strategy)
+    plan = compile_cached(gpt_model().to(torch.bfloat16), gpt_inputs(), cluster=2, strategy=strategy)
     types = {o.name: o.type.dtype for n in plan.graph.nodes for o in n.outputs}
     assert types["exp"] == "bf16" and types["sum_exp"] == "f32" and types["token_loss"] == "f32"
     reductions = {n.input_values()[0].name: (n.op, n.outputs[0].type.dtype) for n in plan.graph.nodes
@@ -112,7 +112,7 @@ def test_bf16_batch_norm_statistics_in_float32_equal_eager():
     model = resnet_style_model().to(torch.bfloat16)
     x = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in cnn_inputs())
     references = low_precision_references(model, x)
-    plan = compile(model, x, cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, x, cluster=2, strategy="dp")
     assert {n.outputs[0].type.dtype for n in plan.graph.nodes if n.attrs.get("batch_statistics")} == {"f32"}
     result = plan.run_virtual(*x)
     assert_low_precision_run_close(result, model, x, references)
@@ -144,7 +144,7 @@ def test_a_mixed_dtype_model_buckets_gradients_per_dtype():
         if isinstance(module, nn.LayerNorm):
             module.float()
     references = low_precision_references(model, x)
-    plan = compile(model, x, cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, x, cluster=2, strategy="dp")
     for bucket in plan.graph.attrs["grad_buckets"]:
         assert len({p.type.dtype for p in bucket["params"]}) == 1
     assert {p.type.dtype for b in plan.graph.attrs["grad_buckets"] for p in b["params"]} == {"bf16", "f32"}
@@ -160,7 +160,7 @@ def test_accumulation_dtypes_follow_eager():
     assert accumulation_dtype("aten.cross_entropy_loss.default", "f16") == "f32"
     assert accumulation_dtype("aten.sum.default", "f32") == "f32"
     assert accumulation_dtype("aten.exp.default", "bf16") == "bf16"
-    assert model_dtype(compile(gpt_model().to(torch.bfloat16), gpt_inputs(), cluster=Cluster.local(1),
+    assert model_dtype(compile_cached(gpt_model().to(torch.bfloat16), gpt_inputs(), cluster=1,
                                strategy="dp").graph) == "bf16"
 
 
@@ -177,7 +177,7 @@ def test_emitted_bf16_dp2_tp2_trains_three_adamw_steps_like_eager(tmp_path):
     the same weights; ``--save`` writes bf16 weights, as the model has them."""
     data = [gpt_inputs(seed=10 + i) for i in range(3)]
     model = gpt_model().to(torch.bfloat16)
-    plan = compile(model, data[0], cluster=Cluster.local(4), optimizer=BF16_ADAMW,
+    plan = compile_cached(model, data[0], cluster=4, optimizer=BF16_ADAMW,
                    strategy={"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON)})
     losses, saved = train_emitted(plan, tmp_path, data, steps=3)
     first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])  # --metrics reports the precision

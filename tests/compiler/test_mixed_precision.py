@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from backends.runtime.loss_scaling import DynamicLossScaler
 from cluster import Cluster as ClusterModel
 from cluster.builtins import local_spec
-from compiler import Cluster, compile
 from frontend.dsl import PlanError, parse_plan
 from ir.ops.comm import sums_partials
 from ir.sbp import Split
 from ir.verifier import VerificationError, verify
 from passes.grad_sync import gradient_reductions
 from strategy import normalize
+from tests.capture_cache import compile_cached
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, LLAMA_MEGATRON, tp
 from backends.virtual import run_virtual
 from tests.backends.test_emitted_program import _free_port as free_port
@@ -68,14 +68,14 @@ def gpt_strategies() -> dict:
 def test_bf16_mixed_gpt_equals_eager_autocast(name):
     ranks, strategy = gpt_strategies()[name]
     model, x = gpt_model(), gpt_inputs()
-    plan = compile(model, x, cluster=Cluster.local(ranks), strategy={**strategy, "precision": "bf16-mixed"})
+    plan = compile_cached(model, x, cluster=ranks, strategy={**strategy, "precision": "bf16-mixed"})
     assert_equals_autocast(plan.run_virtual(*x), model, x)
 
 
 def test_bf16_mixed_llama_dp2_tp2_equals_eager_autocast():
     model, x = llama_model(), lm_inputs()
     strategy = {"mesh": {"dp": 2, "tp": 2}, "params": tp(LLAMA_MEGATRON), "precision": "bf16-mixed"}
-    plan = compile(model, x, cluster=Cluster.local(4), strategy=strategy)
+    plan = compile_cached(model, x, cluster=4, strategy=strategy)
     assert_equals_autocast(plan.run_virtual(*x), model, x)
 
 
@@ -83,7 +83,7 @@ def test_casts_are_in_the_ir_sharded_as_their_inputs():
     """Each linear reads its input, weight and bias through a bf16 cast of its module, laid out as the
     value it casts (a column-parallel weight's cast is S(0) on tp); the loss reads its logits cast to fp32;
     parameters stay fp32."""
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2),
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2,
                    strategy={"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "precision": "bf16-mixed"})
     ir = plan.ir
     assert re.search(r"%blocks\.0\.mlp\.fc\.weight_bf16: bf16\[256, 64\] \(S\(0\)\) @world = "
@@ -103,7 +103,7 @@ def test_fsdp_bf16_mixed_gathers_bf16_cast_on_the_shard(tmp_path):
     emitted program (one comm_gather_param call casts and gathers). Of the 2-layer GPT's 29 gathers, the 8
     matrices and vectors of the linear layers of each block and the tied head's weight gather bf16 (17); layer
     norms and embeddings, which run in fp32, gather fp32 (12). Parameters stay fp32 (master weights)."""
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2),
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2,
                    strategy={"mesh": {"dp": 2}, "fsdp": "dp", "precision": "bf16-mixed"})
     gathers = [n for n in plan.graph.nodes if n.op == "comm.all_gather" and n.kwargs["axis"] == "dp"]
     dtypes = [n.outputs[0].type.dtype for n in gathers]
@@ -133,7 +133,7 @@ def test_every_gradient_reduction_runs_in_the_reduce_dtype(reduce, dtype):
     gather, so a reduce-scatter, for each of the 12 matrices and vectors of each of the 2 blocks at least)."""
     base = {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "precision": {**MIXED, "reduce": reduce}}
     for strategy in (base, {**base, "fsdp": "dp"}):
-        plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy=strategy)
+        plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy=strategy)
         reductions = gradient_reductions(plan.graph)
         ops = [(n.op, n.kwargs["axis"]) for n in reductions]
         assert ops.count(("comm.all_reduce", "tp")) == 4
@@ -150,12 +150,12 @@ def test_bf16_reduce_runs_the_adjoints_in_bf16_and_stays_close():
     """With reduce bf16 the plan still equals eager autocast within the bar (each sum rounded once more)."""
     model, x = gpt_model(), gpt_inputs()
     strategy = {"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "precision": {**MIXED, "reduce": "bf16"}}
-    plan = compile(model, x, cluster=Cluster.local(4), strategy=strategy)
+    plan = compile_cached(model, x, cluster=4, strategy=strategy)
     assert_equals_autocast(plan.run_virtual(*x), model, x)
 
 
 def test_the_verifier_rejects_a_reduction_off_the_contract():
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4),
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4,
                    strategy={"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "precision": "bf16-mixed"})
     graph = plan.graph
     node = gradient_reductions(graph)[0]
@@ -173,7 +173,7 @@ def test_the_verifier_rejects_a_reduction_off_the_contract():
 def test_precision_in_the_plan_language_and_to_dsl():
     for text in ("mesh dp=2\nprecision bf16-mixed\n", "precision param=fp32, compute=bf16, reduce=bf16\n"):
         assert str(parse_plan(text).precision) in text
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2),
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2,
                    strategy=parse_plan("mesh dp=2\nprecision bf16-mixed\n"))
     assert "precision bf16-mixed" in plan.to_dsl()
     assert normalize({"precision": {"param": "fp32", "compute": "bf16"}}).precision == normalize(
@@ -199,17 +199,17 @@ def test_a_compute_dtype_the_cluster_lacks_is_refused():
     spec["nodes"][0]["device"] = "v100-32gb"
     with pytest.raises(Exception, match=r"strategy\['precision'\]\['compute'\]: compute dtype bf16 is not one the "
                                         r"cluster's v100-32gb devices list .*expected one of: fp32, fp16"):
-        compile(gpt_model(), gpt_inputs(), cluster=ClusterModel.from_dict(spec),
+        compile_cached(gpt_model(), gpt_inputs(), cluster=ClusterModel.from_dict(spec),
                 strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
     with pytest.raises(Exception, match=r"strategy\['precision'\]\['param'\]: precision param is bf16, but the "
                                         r"model's parameters are fp32; cast the model \(model\.to\(torch\.bfloat16\)\) or "
                                         r"write param=fp32"):
-        compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy={"precision": "bf16"})
+        compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy={"precision": "bf16"})
     spec = local_spec(1)  # a CPU rank and a GPU: their autocast lists differ
     spec["nodes"].append({**copy.deepcopy(spec["nodes"][0]), "name": "gpu", "device": "a100-80gb"})
     with pytest.raises(Exception, match=r"strategy\['precision'\]\['compute'\]: the cluster mixes CPU ranks with "
                                         r"a100-80gb devices, whose autocast casts differ"):
-        compile(gpt_model(), gpt_inputs(), cluster=ClusterModel.from_dict(spec),
+        compile_cached(gpt_model(), gpt_inputs(), cluster=ClusterModel.from_dict(spec),
                 strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
 
 
@@ -218,8 +218,8 @@ def test_the_simulator_prices_the_plans_precision():
     gradients and AdamW state: 16 bytes per parameter."""
     model = gpt_model()
     elements = sum(p.numel() for p in model.parameters())
-    plan = compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
-    fp32 = compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}})
+    plan = compile_cached(model, gpt_inputs(), cluster=2, strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
+    fp32 = compile_cached(model, gpt_inputs(), cluster=2, strategy={"mesh": {"dp": 2}})
     mixed, plain = plan.simulate(optimizer="adamw"), fp32.simulate(optimizer="adamw")
     memory = mixed.estimate.memory[0]
     assert float(memory.parameters + memory.gradients + memory.optimizer_state) == 16 * elements
@@ -249,7 +249,7 @@ def test_emitted_bf16_mixed_dp2_tp2_trains_five_adamw_steps_like_eager_autocast(
     """
     data = [gpt_inputs(seed=20 + i) for i in range(5)]
     model = gpt_model()
-    plan = compile(model, data[0], cluster=Cluster.local(4), optimizer=BF16_MIXED_ADAMW,
+    plan = compile_cached(model, data[0], cluster=4, optimizer=BF16_MIXED_ADAMW,
                    strategy={"mesh": {"dp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "precision": "bf16-mixed"})
     losses, saved = train_emitted(plan, tmp_path, data, steps=5)
     first = json.loads((tmp_path / "losses.jsonl").read_text().splitlines()[0])  # --metrics reports the precision
@@ -279,7 +279,7 @@ def test_a_pipeline_without_the_precision_pass_is_refused():
     grad_sync, naming the pass to add."""
     with pytest.raises(Exception, match=r"pass 'grad_sync' failed .*the strategy's precision bf16-mixed was not "
                                         r"applied: run the 'precision' pass first"):
-        compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy={"precision": "bf16-mixed"},
+        compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy={"precision": "bf16-mixed"},
                 passes="decompose,layouts,propagate,boxing,grad_sync")
 
 
@@ -288,7 +288,7 @@ def test_emitted_fsdp_bf16_reduce_equals_the_virtual_mesh_bitwise(tmp_path):
     """FSDP over dp2 with bf16 compute and bf16 gradient reduce-scatters: 2 AdamW steps under torchrun equal
     the virtual mesh's bitwise (2-rank sums: the same order; the same casts and reduce dtype)."""
     data = [gpt_inputs(seed=30 + i) for i in range(2)]
-    plan = compile(gpt_model(), data[0], cluster=Cluster.local(2), optimizer=BF16_MIXED_ADAMW,
+    plan = compile_cached(gpt_model(), data[0], cluster=2, optimizer=BF16_MIXED_ADAMW,
                    strategy={"mesh": {"dp": 2}, "fsdp": "dp", "precision": {**MIXED, "reduce": "bf16"}})
     losses, saved = train_emitted(plan, tmp_path, data, steps=2)
     virtual_losses, trained = train_virtual(plan, data, 2, BF16_MIXED_ADAMW)
@@ -361,7 +361,7 @@ def test_fp16_mixed_dp2_scales_its_loss_like_eager_grad_scaler():
     eager's (the exact reference: fp32 training without that step)."""
     data = [gpt_inputs(seed=40 + i) for i in range(4)]
     model = gpt_model()
-    plan = compile(model, data[0], cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "precision": "fp16-mixed"})
+    plan = compile_cached(model, data[0], cluster=2, strategy={"mesh": {"dp": 2}, "precision": "fp16-mixed"})
     losses, steps, grads, trained = train_virtual_loss_scaled(plan, data, BF16_MIXED_ADAMW)
     eager, exact = copy.deepcopy(model), copy.deepcopy(model)
     eager_losses, eager_steps, eager_grads = train_eager_grad_scaler(eager, data, BF16_MIXED_ADAMW)
@@ -398,7 +398,7 @@ def test_the_casts_follow_the_autocast_lists_of_the_clusters_device_type():
     bitwise (the same ops on the same dtypes). The same model planned for GPUs casts as CUDA autocast:
     layer_norm and softmax read float32 casts of the linears' outputs, and exp and sum run in float32."""
     model, inputs = LowPrecisionInputs(), (torch.randn(8, 16), torch.randn(8, 8))
-    plan = compile(model, inputs, cluster=Cluster.local(1), strategy={"mesh": {"dp": 1}, "precision": "bf16-mixed"})
+    plan = compile_cached(model, inputs, cluster=1, strategy={"mesh": {"dp": 1}, "precision": "bf16-mixed"})
     low = r"%(layer_norm|softmax|exp|sum_1): bf16\[batch, \d+\] .* = aten\.\w+\.\w+\(%(linear|linear_1|layer_norm|exp)[,)]"
     assert len(re.findall(low, plan.ir)) == 4, plan.ir
     result = plan.run_virtual(*inputs)
@@ -407,7 +407,7 @@ def test_the_casts_follow_the_autocast_lists_of_the_clusters_device_type():
     assert [n for n, g in grads.items() if not torch.equal(result.grads[n], g)] == []
     spec = local_spec(2)
     spec["nodes"][0]["device"] = "a100-80gb"
-    gpus = compile(model, inputs, cluster=ClusterModel.from_dict(spec),
+    gpus = compile_cached(model, inputs, cluster=ClusterModel.from_dict(spec),
                    strategy={"mesh": {"dp": 2}, "precision": "bf16-mixed"})
     assert len(re.findall(r"%(layer_norm|softmax|exp|sum_1): f32\[batch, \d+\]", gpus.ir)) == 4, gpus.ir
     assert len(re.findall(r"aten\.(layer_norm|softmax)\.\w+\(%linear(_1)?_f32[,)]", gpus.ir)) == 2, gpus.ir
@@ -422,10 +422,10 @@ def test_forward_reduce_sums_every_forward_partial_in_its_dtype(tmp_path):
     way; the dtype matters from 3 ranks on, where a bf16 all-reduce rounds after every addition.)"""
     model, x = gpt_model().to(torch.bfloat16), gpt_inputs()
     precision = {"param": "bf16", "compute": "bf16", "reduce": "bf16", "forward_reduce": "fp32"}
-    plan = compile(model, x, cluster=Cluster.local(2),
+    plan = compile_cached(model, x, cluster=2,
                    strategy={"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "precision": precision})
     assert_low_precision_run_close(plan.run_virtual(*x), model, x)
-    sequence = compile(model, x, cluster=Cluster.local(2), strategy={
+    sequence = compile_cached(model, x, cluster=2, strategy={
         "mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "sequence_parallel": True, "precision": precision})
     for compiled, op in ((plan, "all_reduce"), (sequence, "reduce_scatter")):
         sums = [n for n in compiled.graph.nodes if sums_partials(n)]
@@ -451,7 +451,7 @@ def test_an_emitted_fp16_program_scales_skips_and_resumes_like_the_virtual_mesh(
     bitwise in ``--metrics`` and save its weights; 2 steps with a checkpoint, then ``--resume`` to 4, continue
     with the checkpointed scale (2**70: the resumed third step is skipped too) to the same weights."""
     data = [gpt_inputs(seed=40 + i) for i in range(4)]
-    plan = compile(gpt_model(), data[0], cluster=Cluster.local(1), optimizer=BF16_MIXED_ADAMW,
+    plan = compile_cached(gpt_model(), data[0], cluster=1, optimizer=BF16_MIXED_ADAMW,
                    strategy={"mesh": {"dp": 1}, "precision": "fp16-mixed"})
     path = plan.emit(tmp_path / "program")
     torch.save(data, tmp_path / "data.pt")

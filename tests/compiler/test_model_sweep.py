@@ -19,7 +19,8 @@ import torch
 
 from ir.ops.registry import RULES
 from tests.launch import run_programs, selected_tests, train_eager, training_program, training_result
-from tests.models import assert_close_to_eager, compile_cached, eager_loss_and_grads
+from tests.capture_cache import compile_cached
+from tests.models import assert_close_to_eager, eager_loss_and_grads
 from tests.zoo import ZOO, ZooModel
 
 def strategies(model: ZooModel) -> dict[str, tuple[int, object]]:

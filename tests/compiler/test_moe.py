@@ -19,7 +19,8 @@ import torch.distributed as dist
 from ir.ops.moe import COMBINE, DISPATCH, EXPERT_MM, exchanges
 from ir.sbp import format_nd_sbp
 from tests.launch import assert_state_close, train_eager, train_emitted
-from tests.models import assert_close_to_eager, compile_cached, eager_loss_and_grads
+from tests.capture_cache import capture_once, compile_cached
+from tests.models import assert_close_to_eager, eager_loss_and_grads
 from tests.zoo import DECODER, LLAMA_ATTENTION_TP, MOE_EXPERTS_TP, _causal_lm, _lm_inputs
 
 AUX_LOSS = {"output_router_logits": True, "router_aux_loss_coef": 0.02}
@@ -379,11 +380,8 @@ def test_all_to_all_between_nodes_costs_more_than_inside_one():
 
 def captured_graph(name: str):
     """A private copy of the model's captured graph (before any pass), at the example sizes."""
-    from tests.models import _CAPTURED
     model, inputs, _ = moe_model_and_reference(name)
-    compile_cached(model, inputs, 2, PLANS["ep2"][1])  # captures it once
-    captured = next(c for m, c, _ in _CAPTURED.values() if m is model)
-    graph = captured.graph.copy()
+    graph = capture_once(model, inputs, None, loss_fn=None, train=True, method="auto").graph
     graph.attrs["example_dims"] = {"batch": 8, "seq": 16}
     return graph
 

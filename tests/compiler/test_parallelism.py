@@ -5,13 +5,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler import Cluster, compile
+from tests.capture_cache import compile_cached
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
 from tests.models import gpt_inputs, gpt_model
 
 
 def test_gpt_under_dp_runs_all_its_flops_split():
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy="dp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy="dp")
     report = plan.parallelism()
     assert list(report.axes) == ["dp"] and report["dp"].size == 4
     assert report["dp"].split_share == 1.0 and report["dp"].replicated_ops == []
@@ -23,7 +23,7 @@ def test_tensor_parallel_gpt_replicates_the_head_unless_vocabulary_parallel():
     """Megatron attention and MLP split over tp; the LM head (a quarter of this small GPT's FLOPs)
     and the loss run whole on both devices, until the vocabulary is split too."""
     strategy = {"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON)}
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy=strategy)
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy=strategy)
     report = plan.parallelism()["tp"]
     head = report.replicated_ops[0]
     assert (head.op, head.module) == ("aten.linear.default", "lm_head")
@@ -31,7 +31,7 @@ def test_tensor_parallel_gpt_replicates_the_head_unless_vocabulary_parallel():
     modules = {r.module for r in report.replicated_ops}
     assert not any(".attn" in m or ".mlp" in m for m in modules)
     assert 0.6 < report.split_share < 0.8
-    vocab = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2),
+    vocab = compile_cached(gpt_model(), gpt_inputs(), cluster=2,
                     strategy={**strategy, "vocab_parallel": True}).parallelism()["tp"]
     assert vocab.split_share > 0.99 and "lm_head" not in {r.module for r in vocab.replicated_ops}
 
@@ -58,7 +58,7 @@ def test_a_batch_summary_makes_its_consumers_replicated():
     torch.manual_seed(0)
     batch = 8
     x, y = torch.randn(batch, 16), torch.randint(0, 4, (batch,))
-    plan = compile(PooledHead(), (x, y), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(PooledHead(), (x, y), cluster=2, strategy="dp")
     report = plan.parallelism()
     dp = report["dp"]
     replicated = {(r.op, r.module): r.flops for r in dp.replicated_ops}
@@ -73,7 +73,7 @@ def test_a_batch_summary_makes_its_consumers_replicated():
 
 def test_pipeline_stages_are_measured_on_their_other_axes():
     strategy = {"mesh": {"pp": 2, "tp": 2}, "params": tp(GPT_MEGATRON), "microbatches": 2}
-    report = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy=strategy).parallelism()
+    report = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy=strategy).parallelism()
     assert list(report.axes) == ["tp"]
     assert report["tp"].replicated_ops[0].module == "lm_head"
     with pytest.raises(KeyError, match="no mesh axis 'pp'"):

@@ -1,4 +1,4 @@
-"""The compiled program runs what the planner priced: on a cluster, ``compile()`` lays the tensor axis out
+"""The compiled program runs what the planner priced: on a cluster, ``compile_cached()`` lays the tensor axis out
 with the planner's own solver (passes/propagate.py) and chooses boxing chains by the same cluster cost
 (cost/boxing.py), so an auto plan's compiled IR holds the planner's layouts and tensor-parallel collectives."""
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from cluster import Cluster
-from compiler import compile
 from cost.ops import Precision
 from cost.segments import Profile, at, ir_profile, is_view
 from frontend.torch_capture import capture
 from ir.sbp import format_nd_sbp
 from passes.planner.evaluate import ModelView
 from passes.recompute import mark_recompute
+from tests.capture_cache import compile_cached
 from tests.models import gpt, gpt_inputs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
@@ -48,7 +48,7 @@ def test_compiled_ir_holds_the_layouts_and_collectives_the_planner_priced(cluste
     inputs = gpt_inputs(batch=16, seq=16)
     graph = capture(model, inputs, train=True).graph
     graph.attrs["example_dims"] = {"batch": 16, "seq": 16}
-    plan = compile(model, inputs, cluster=cluster, strategy={"mesh": {"dp": "auto", "tp": 4}},
+    plan = compile_cached(model, inputs, cluster=cluster, strategy={"mesh": {"dp": "auto", "tp": 4}},
                    search_options={"cache_dir": tmp_path})
     mesh = plan.graph.meshes["world"]
     tp, dp = mesh.axis_index("tp"), plan.strategy.mesh.size("dp")
@@ -58,7 +58,7 @@ def test_compiled_ir_holds_the_layouts_and_collectives_the_planner_priced(cluste
     # gathering before or after a transpose may fall either way) runs in the layout the planner chose.
     planned = planned_layouts(plan.search_report.layouts)
     # A scalar's layout (the loss: left P(sum) or all-reduced) moves 4 bytes either way; since the calibrated
-    # clusters price that all-reduce by its latency, the planner and compile() may settle that tie apart.
+    # clusters price that all-reduce by its latency, the planner and compile_cached() may settle that tie apart.
     compute_ops = {name: planned[name] for name in planned if not is_view(planned[name][0])
                    and any(o.type.ndim for o in nodes[name].outputs)}
     assert len(compute_ops) > 10
@@ -77,7 +77,7 @@ def test_compiled_ir_holds_the_layouts_and_collectives_the_planner_priced(cluste
     # The plan's text (which says solved_layouts) compiles to the same program.
     assert "solved_layouts" in plan.to_dsl()
     if cluster_name == "dgx-a100:2":
-        assert compile(model, inputs, cluster=cluster, strategy=plan.to_dsl()).ir == plan.ir
+        assert compile_cached(model, inputs, cluster=cluster, strategy=plan.to_dsl()).ir == plan.ir
 
 
 @pytest.mark.parametrize("recompute, regathered", [(False, 4), (["blocks.*.mlp"], 2)], ids=["plain", "mlp_recomputed"])
@@ -92,7 +92,7 @@ def test_regathered_activations_are_priced_as_the_program_runs_them(recompute, r
     graph.attrs["example_dims"] = {"batch": 16, "seq": 16}
     strategy = {"mesh": {"dp": 4, "tp": 4}, "sequence_parallel": True, "solved_layouts": True,
                 "regather_activations": True, "recompute": recompute}
-    plan = compile(model, inputs, cluster=cluster, strategy=strategy)
+    plan = compile_cached(model, inputs, cluster=cluster, strategy=strategy)
     assert sum(n.kwargs.get("regather", False) for n in plan.graph.nodes) == regathered  # matmul inputs kept
     if recompute:  # the planner prices a module's recomputation from the marks on its graph (as selective rows do)
         mark_recompute(graph, recompute)

@@ -22,7 +22,8 @@ from frontend.dsl import PlanError, annotate, format_plan, load_plan, parse_plan
 from frontend.torch_capture import capture
 from passes.skippipe import SkipPlan, parse_skip_plan
 from tests.frontend.test_dsl import MALFORMED, assert_points_at
-from tests.models import assert_close_to_eager, compile_cached, gpt_inputs, gpt_model
+from tests.capture_cache import compile_cached
+from tests.models import assert_close_to_eager, gpt_inputs, gpt_model
 
 ROOT = Path(__file__).resolve().parents[2]
 PLANS = ROOT / "examples" / "plans"

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from compiler import Cluster, compile
 from frontend.dsl import PlanError
 from passes.manager import PassContext
 from passes.recompute import recompute_pass
 from strategy import StrategyError
+from tests.capture_cache import compile_cached
 from tests.launch import import_program
 from tests.models import gpt_inputs, gpt_model
 
@@ -33,20 +33,20 @@ def _regions(plan) -> dict[str, int]:
 
 def test_whole_blocks_and_selected_submodules_are_marked():
     model, inputs = gpt_model(n_layer=3), gpt_inputs()
-    plan = compile(model, inputs, cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "recompute": True})
+    plan = compile_cached(model, inputs, cluster=2, strategy={"mesh": {"dp": 2}, "recompute": True})
     assert sorted(_regions(plan)) == ["blocks.0", "blocks.1", "blocks.2"]
     assert 'recompute = "blocks.1"' in str(plan.ir)  # visible in the dump
-    mlp = compile(model, inputs, cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}, "recompute": ["blocks.*.mlp"]})
+    mlp = compile_cached(model, inputs, cluster=2, strategy={"mesh": {"dp": 2}, "recompute": ["blocks.*.mlp"]})
     assert sorted(_regions(mlp)) == ["blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp"]
-    none = compile(model, inputs, cluster=Cluster.local(2), strategy={"mesh": {"dp": 2}})
+    none = compile_cached(model, inputs, cluster=2, strategy={"mesh": {"dp": 2}})
     assert _regions(none) == {}
 
 
 def test_a_glob_matching_nothing_is_one_clear_error():
     with pytest.raises(PlanError, match=r"strategy\['recompute'\]\[0\]: 'layers.\*' matches no module"):
-        compile(gpt_model(n_layer=2), gpt_inputs(), cluster=Cluster.local(2),
+        compile_cached(gpt_model(n_layer=2), gpt_inputs(), cluster=2,
                 strategy={"mesh": {"dp": 2}, "recompute": ["layers.*"]})
-    graph = compile(gpt_model(n_layer=2), gpt_inputs(), cluster=Cluster.local(2), strategy="dp").graph
+    graph = compile_cached(gpt_model(n_layer=2), gpt_inputs(), cluster=2, strategy="dp").graph
     with pytest.raises(StrategyError, match="matches no module.*top-level modules are .*blocks"):
         recompute_pass(graph, PassContext(strategy={"recompute": ["layers.*"]}, world_size=2, train=True))
 
@@ -89,7 +89,7 @@ def test_emitted_program_keeps_less_and_computes_the_same_gradients(tmp_path, mo
     model, inputs = gpt_model(n_layer=4), gpt_inputs(batch=8, seq=16)
     kept, grads = {}, {}
     for name, extra in (("plain", {}), ("recompute", {"recompute": True})):
-        plan = compile(model, inputs, cluster=Cluster.local(1), strategy={"mesh": {"dp": 1}, **extra})
+        plan = compile_cached(model, inputs, cluster=1, strategy={"mesh": {"dp": 1}, **extra})
         program_dir = plan.emit(tmp_path / name).parent
         kept[name], grads[name] = _kept_bytes_and_grads(program_dir, monkeypatch)
     assert "checkpoint(recompute_blocks_0" in (tmp_path / "recompute" / "main.py").read_text()

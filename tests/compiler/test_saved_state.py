@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from compiler import Cluster, compile
 from ir.parser import parse
+from tests.capture_cache import compile_cached
 from tests.launch import Program, run_programs, selected_tests, train_eager, training_program
 from tests.models import llama_model, lm_inputs
 
@@ -14,7 +14,7 @@ STRATEGIES = {"dp2": "dp", "pp2": {"mesh": {"pp": 2}, "microbatches": 2}}
 
 def test_ir_marks_buffers_outside_the_state_dict():
     model = llama_model()
-    plan = compile(model, lm_inputs(), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, lm_inputs(), cluster=2, strategy="dp")
     graph = parse(plan.ir)
     unsaved = {p.target for p in graph.params if p.kind == "buffer" and not p.persistent}
     assert unsaved == {"lm.model.rotary_emb.inv_freq", "lm.model.rotary_emb.original_inv_freq"}
@@ -39,7 +39,7 @@ def runs(request, tmp_path_factory) -> dict:
     programs, folders = {}, {}
     for params in selected_tests(request, "test_saved_state_loads_strictly_into_a_fresh_model").values():
         strategy = params["strategy"]
-        plan = compile(llama_model(), data[0], cluster=Cluster.local(2), strategy=STRATEGIES[strategy], optimizer=SGD)
+        plan = compile_cached(llama_model(), data[0], cluster=2, strategy=STRATEGIES[strategy], optimizer=SGD)
         folders[strategy] = tmp_path_factory.mktemp(strategy)
         programs[strategy] = training_program(plan, folders[strategy], data, 2)
         if strategy == "dp2":

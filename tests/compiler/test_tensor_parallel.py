@@ -4,8 +4,9 @@ from collections import Counter
 
 import pytest
 
-from compiler import Cluster, compile
-from tests.models import assert_close_to_eager, compile_cached, gpt_inputs, gpt_model, llama_model, lm_inputs
+from compiler import Cluster
+from tests.capture_cache import compile_cached
+from tests.models import assert_close_to_eager, gpt_inputs, gpt_model, llama_model, lm_inputs
 
 GPT_MEGATRON = {
     "blocks.*.attn.qkv.weight": "S(0)", "blocks.*.attn.qkv.bias": "S(0)", "blocks.*.attn.proj.weight": "S(1)",
@@ -65,7 +66,7 @@ def comm_counts(plan) -> Counter:
 def test_megatron_layout_has_one_all_reduce_per_block():
     """Column-parallel qkv/fc, row-parallel proj: one all-reduce per attention and per MLP block, both ways."""
     n_layer = 3
-    plan = compile(gpt_model(n_layer=n_layer), gpt_inputs(), cluster=Cluster.local(2),
+    plan = compile_cached(gpt_model(n_layer=n_layer), gpt_inputs(), cluster=2,
                    strategy={"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON)})
     forward = comm_counts(plan)
     assert forward["comm.all_reduce"] == 2 * n_layer
@@ -79,7 +80,7 @@ def test_megatron_layout_has_one_all_reduce_per_block():
 
 def test_sequence_parallel_turns_all_reduces_into_gather_scatter_pairs():
     n_layer = 2
-    plan = compile(gpt_model(n_layer=n_layer), gpt_inputs(), cluster=Cluster.local(2),
+    plan = compile_cached(gpt_model(n_layer=n_layer), gpt_inputs(), cluster=2,
                    strategy={"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "sequence_parallel": True})
     counts = comm_counts(plan)
     assert counts["comm.all_reduce"] == 0
@@ -90,7 +91,7 @@ def test_sequence_parallel_turns_all_reduces_into_gather_scatter_pairs():
 
 
 def test_vocab_parallel_never_gathers_logits():
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2),
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2,
                    strategy={"mesh": {"tp": 2}, "params": tp(GPT_MEGATRON), "vocab_parallel": True})
     vocab = 512
     for n in plan.graph.nodes:
@@ -101,16 +102,16 @@ def test_vocab_parallel_never_gathers_logits():
 
 def test_parameter_memory_under_tp4_and_fsdp4():
     model, x = gpt_model(), gpt_inputs()
-    tp4 = compile(model, x, cluster=Cluster.local(4),
+    tp4 = compile_cached(model, x, cluster=4,
                   strategy={"mesh": {"tp": 4}, "params": tp(GPT_MEGATRON), "vocab_parallel": True})
-    fsdp = compile(model, x, cluster=Cluster.local(4), strategy="fsdp")
+    fsdp = compile_cached(model, x, cluster=4, strategy="fsdp")
     for plan in (tp4, fsdp):
         total = plan.total_parameter_bytes()
         assert max(plan.parameter_memory().values()) <= 0.30 * total
 
 
 def test_fsdp_stores_shards_and_gathers_before_use():
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy="fsdp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy="fsdp")
     weight = plan.graph.value("blocks.0.mlp.fc.weight")
     assert str(weight.sbp[0]) == "S(0)"
     users = {u.op for u in weight.uses}
@@ -130,12 +131,12 @@ def test_fsdp_stores_shards_and_gathers_before_use():
 def test_impossible_requests_name_the_tensor(bad, message):
     with pytest.raises(ValueError, match=message):
         cluster = Cluster.local(3 if bad["mesh"].get("tp") == 3 else 2)
-        compile(gpt_model(), gpt_inputs(), cluster=cluster, strategy=bad)
+        compile_cached(gpt_model(), gpt_inputs(), cluster=cluster, strategy=bad)
 
 
 def test_uneven_split_error_names_shape_and_axis():
     with pytest.raises(ValueError) as err:
-        compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(3),
+        compile_cached(gpt_model(), gpt_inputs(), cluster=3,
                 strategy={"mesh": {"tp": 3}, "params": {"blocks.0.mlp.fc.weight": {"tp": "S(1)"}}})
     text = str(err.value)
     assert "blocks.0.mlp.fc.weight" in text and "64" in text and "tp" in text and "size 3" in text

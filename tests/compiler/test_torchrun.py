@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from compiler import Cluster, compile
+from tests.capture_cache import compile_cached
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
 from tests.launch import (Program, assert_state_close, run_programs, selected_tests, torchrun, train_eager,
                           training_program, training_result)
@@ -42,18 +42,18 @@ def training_case(test_name: str, params: dict) -> tuple:
     """What the test ``test_name`` with ``params`` trains: (plan, batches, steps)."""
     if test_name == "test_data_parallel_five_sgd_steps":
         data = batches(5)
-        plan = compile(gpt_model(), data[0], cluster=Cluster.local(params["ranks"]), strategy="dp", optimizer=SGD)
+        plan = compile_cached(gpt_model(), data[0], cluster=params["ranks"], strategy="dp", optimizer=SGD)
         return plan, data, 5
     if test_name == "test_sharded_programs_three_adamw_steps":
         ranks, strategy = SHARDED[params["name"]]
         data = batches(3)
-        return compile(gpt_model(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=ADAMW), data, 3
+        return compile_cached(gpt_model(), data[0], cluster=ranks, strategy=strategy, optimizer=ADAMW), data, 3
     if test_name == "test_batch_norm_running_statistics_follow_eager":
         make, ranks, strategy = BATCH_NORM[params["name"]]
         data = [cnn_inputs(seed=20 + i) for i in range(3)]
-        return compile(make(), data[0], cluster=Cluster.local(ranks), strategy=strategy, optimizer=SGD), data, 3
+        return compile_cached(make(), data[0], cluster=ranks, strategy=strategy, optimizer=SGD), data, 3
     data = batches(1)  # test_emitted_shards_match_the_reported_parameter_memory
-    return compile(gpt_model(), data[0], cluster=Cluster.local(4), strategy=TP4_VOCAB), data, 1
+    return compile_cached(gpt_model(), data[0], cluster=4, strategy=TP4_VOCAB), data, 1
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def trained(request, tmp_path_factory) -> dict:
     programs = {name: training_program(plan, folders[name], data, steps) for name, (plan, data, steps) in cases.items()}
     if selected_tests(request, "test_synthetic_batches_run"):
         folders["synthetic"] = tmp_path_factory.mktemp("synthetic")
-        plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+        plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy="dp")
         programs["synthetic"] = Program(plan.emit(folders["synthetic"]), 2, (
             "--steps", "2", "--seed", "3", "--metrics", str(folders["synthetic"] / "m.jsonl")))
     results = run_programs(programs)
@@ -118,7 +118,7 @@ def test_batch_norm_running_statistics_follow_eager(request, trained, name):
 
 
 def test_wrong_world_size_stops_with_both_numbers(tmp_path):
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy="dp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy="dp")
     main = plan.emit(tmp_path)
     proc = torchrun(main, 2, "--steps", "1")
     assert proc.returncode != 0
@@ -127,7 +127,7 @@ def test_wrong_world_size_stops_with_both_numbers(tmp_path):
 
 
 def test_missing_data_file_is_one_clear_error(tmp_path):
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy="dp")
     main = plan.emit(tmp_path)
     proc = torchrun(main, 2, "--steps", "1", "--data", str(tmp_path / "nope.pt"))
     assert proc.returncode != 0

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cluster import Cluster
-from compiler import compile
 from cost.segments import ir_profile
 from cost.ops import Precision
+from tests.capture_cache import compile_cached
 from tests.models import gpt
 
 pytestmark = pytest.mark.slow  # captures at 16k tokens (on the meta device: nothing runs)
@@ -24,7 +24,7 @@ def long_meta_gpt():
 def plans():
     model, inputs = long_meta_gpt()
     cluster = Cluster.load("dgx-h100:1")
-    return {method: compile(model, inputs, cluster=cluster, strategy={"mesh": {"cp": 8}, "cp_attention": method})
+    return {method: compile_cached(model, inputs, cluster=cluster, strategy={"mesh": {"cp": 8}, "cp_attention": method})
             for method in ("ring", "allgather")}
 
 
@@ -55,7 +55,7 @@ def test_ring_hides_its_exchange_and_keeps_no_gathered_keys(plans):
 
 def test_cp_attention_auto_is_chosen_by_the_cost_model_and_explained():
     model, inputs = long_meta_gpt()
-    plan = compile(model, inputs, cluster="dgx-h100:1", strategy={"mesh": {"cp": 8}, "cp_attention": "auto"})
+    plan = compile_cached(model, inputs, cluster="dgx-h100:1", strategy={"mesh": {"cp": 8}, "cp_attention": "auto"})
     priced = {c.strategy.options.cp_attention: c for c in [plan.search_report.chosen, *plan.search_report.alternatives]}
     assert set(priced) == {"ring", "allgather", "a2a"}
     fastest = min((c for c in priced.values() if c.fits), key=lambda c: c.step_time_s).strategy.options.cp_attention

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from compiler import Cluster, compile
+from tests.capture_cache import compile_cached
 from tests.models import gpt_inputs, gpt_model
 
 
 def priced(strategy, **options):
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy=strategy)
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy=strategy)
     return {sharded: plan.simulate(optimizer="adamw", distributed_optimizer=sharded, **options)
             for sharded in (False, True)}
 
@@ -34,7 +34,7 @@ def test_dp_state_is_split_and_gradients_reduce_scattered():
 def test_mixed_what_if_gathers_bf16_parameters_after_fp32_reduce_scatters():
     """With ``bf16-mixed`` the gradients cross in fp32 and the parameters come back in bf16: 1.5x the bytes of
     a bf16 all-reduce."""
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy="dp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy="dp")
     mixed = plan.simulate(precision="bf16-mixed", distributed_optimizer=True)
     half = plan.simulate(precision="bf16")
     ratio = sum(mixed.comm_bytes_by_link_class.values()) / sum(half.comm_bytes_by_link_class.values())
@@ -45,7 +45,7 @@ def test_deepspeed_kind_all_reduces_the_gradients_then_gathers_the_parameters():
     """``distributed_optimizer="all_reduce"`` (DeepSpeed's BF16 optimizer at ZeRO stage 0): the state is split as
     with Megatron's kind, but every rank all-reduces the whole gradient before the all-gather: 1.5x the bytes,
     and on local:4's ring the all-gather's time on top of the plain all-reduce's."""
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(4), strategy="dp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=4, strategy="dp")
     reports = {kind: plan.simulate(optimizer="adamw", distributed_optimizer=kind, overlap_grad_sync=False)
                for kind in (False, True, "all_reduce")}
     deepspeed, megatron, plain = reports["all_reduce"], reports[True], reports[False]

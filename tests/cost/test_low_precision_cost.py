@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compiler import Cluster, compile
 from cost.ops import Precision
 from ir.sbp import Split
+from tests.capture_cache import compile_cached
 from tests.models import gpt_inputs, gpt_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
@@ -32,7 +32,7 @@ def test_bf16_gpt_is_priced_with_two_byte_tensors():
     two moments take exactly half (all bf16, as eager's AdamW keeps them for bf16 parameters), activations
     and gradient traffic about half (a few float32 scalars of the loss stay 4 bytes)."""
     model = gpt_model().to(torch.bfloat16)
-    plan = compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, gpt_inputs(), cluster=2, strategy="dp")
     own, wide = plan.simulate(optimizer="adamw"), plan.simulate(precision="fp32", optimizer="adamw")
     elements = sum(p.numel() for p in model.parameters())
     params, grads, state, activations = memory_parts(own)
@@ -50,7 +50,7 @@ def test_fp32_model_what_if_bf16_keeps_master_weights():
     """A named bf16 precision on an fp32 model prices mixed precision: 2-byte parameters and gradients, an
     fp32 master copy and fp32 AdamW moments (4 + 8 bytes per parameter)."""
     model = gpt_model()
-    plan = compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(model, gpt_inputs(), cluster=2, strategy="dp")
     elements = sum(p.numel() for p in model.parameters())
     params, grads, state, _ = memory_parts(plan.simulate(precision="bf16", optimizer="adamw"))
     assert (params, grads, state) == (2 * elements, 2 * elements, 12 * elements)
@@ -64,7 +64,7 @@ def test_meta_device_bf16_gpt_plans_on_dgx_a100():
     sharded as the plan says, against 16 as an fp32 what-if of the same plan."""
     with torch.device("meta"):
         model = gpt.GPT(gpt_configs.config("1.3B", n_layer=24)).to(torch.bfloat16)
-    plan = compile(model, gpt_configs.example_batch(64), cluster="dgx-a100:8", strategy="auto")
+    plan = compile_cached(model, gpt_configs.example_batch(64), cluster="dgx-a100:8", strategy="auto")
     own, wide = plan.simulate(optimizer="adamw"), plan.simulate(precision="fp32", optimizer="adamw")
     params, grads, state, activations = memory_parts(own)
     assert grads == params and state == 2 * params  # every parameter trains; AdamW's moments in bf16
@@ -84,7 +84,7 @@ def test_meta_device_bf16_mixed_gpt_counts_16_bytes_per_parameter():
     with every float at 4 bytes; its compute is priced at the bf16 peak."""
     with torch.device("meta"):
         model = gpt.GPT(gpt_configs.config("1.3B", n_layer=24))
-    plan = compile(model, gpt_configs.example_batch(64), cluster="dgx-a100:8",
+    plan = compile_cached(model, gpt_configs.example_batch(64), cluster="dgx-a100:8",
                    strategy={"mesh": "auto", "precision": "bf16-mixed"})
     assert plan.strategy.precision.mixed and "precision bf16-mixed" in plan.to_dsl()
     mesh = plan.graph.meshes[plan.graph.params[0].mesh]
@@ -102,7 +102,7 @@ def test_mixed_what_if_reduces_gradients_in_fp32():
     """``bf16-mixed`` as a what-if prices the ``bf16`` what-if with gradients reduced (and kept) in fp32, as
     Megatron-LM trains bf16 by default: twice the gradient bytes and twice dp's all-reduce traffic, the rest
     alike."""
-    plan = compile(gpt_model(), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    plan = compile_cached(gpt_model(), gpt_inputs(), cluster=2, strategy="dp")
     elements = sum(p.numel() for p in gpt_model().parameters())
     half, mixed = (plan.simulate(precision=p, optimizer="adamw") for p in ("bf16", "bf16-mixed"))
     assert memory_parts(mixed)[:3] == (2 * elements, 4 * elements, 12 * elements)
@@ -134,8 +134,8 @@ def test_mixed_what_if_of_a_bf16_model_keeps_its_float32_loss():
     a bf16 loss); only master weights and fp32 gradient reductions are added. A :class:`Precision` names a
     combination no name gives: fp32 master weights with the bf16 model's own 2-byte gradient reductions."""
     elements = sum(p.numel() for p in gpt_model().parameters())
-    upcast = compile(UpcastLoss(gpt_model().to(torch.bfloat16)), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
-    plain = compile(gpt_model().to(torch.bfloat16), gpt_inputs(), cluster=Cluster.local(2), strategy="dp")
+    upcast = compile_cached(UpcastLoss(gpt_model().to(torch.bfloat16)), gpt_inputs(), cluster=2, strategy="dp")
+    plain = compile_cached(gpt_model().to(torch.bfloat16), gpt_inputs(), cluster=2, strategy="dp")
     own, mixed = upcast.simulate(optimizer="adamw"), upcast.simulate(precision="bf16-mixed", optimizer="adamw")
     assert memory_parts(mixed)[3] == memory_parts(own)[3] > memory_parts(plain.simulate(optimizer="adamw"))[3]
     assert memory_parts(mixed)[:3] == (2 * elements, 4 * elements, 12 * elements)
@@ -155,7 +155,7 @@ def test_planned_reduce_dtype_is_priced():
     model = gpt_model()
     strategies = {reduce: {"mesh": {"dp": 2}, "precision": {"param": "fp32", "compute": "bf16", "reduce": reduce}}
                   for reduce in ("fp32", "bf16")}
-    reports = {reduce: compile(model, gpt_inputs(), cluster=Cluster.local(2), strategy=strategy).simulate(
+    reports = {reduce: compile_cached(model, gpt_inputs(), cluster=2, strategy=strategy).simulate(
         overlap_grad_sync=False) for reduce, strategy in strategies.items()}
     traffic = {k: sum(r.comm_bytes_by_link_class.values()) for k, r in reports.items()}
     assert traffic["bf16"] / traffic["fp32"] == pytest.approx(0.5, rel=1e-3)

@@ -16,7 +16,8 @@ from passes.manager import PassContext, PassFailed
 from passes.pipeline import lanes, node_costs, pipeline_config, schedule_pass, stage_starts
 from passes.skippipe import parse_skip_plan
 from strategy import Strategy, StrategyError
-from tests.models import compile_cached, gpt_inputs, gpt_model
+from tests.capture_cache import compile_cached
+from tests.models import gpt_inputs, gpt_model
 
 GPT4 = gpt_model(n_layer=4)
 GPT4_INPUTS = gpt_inputs(batch=8, seq=8)

@@ -12,7 +12,8 @@ import torch
 from compiler import compile
 from ir.ops.pipeline_ops import SEND_RECV
 from passes.pipeline import _input_only_nodes
-from tests.models import assert_close_to_eager, compile_cached, gpt2_model, llama_model, lm_inputs
+from tests.capture_cache import compile_cached
+from tests.models import assert_close_to_eager, gpt2_model, llama_model, lm_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
