@@ -1,12 +1,16 @@
 """Launching emitted programs under a real torchrun (gloo), for the multi-process tests."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -41,45 +45,89 @@ def run_programs(programs: dict) -> dict[object, subprocess.CompletedProcess]:
     """Run every program of ``programs`` (key -> :class:`Program`) under a real torchrun; the result of each, as
     :func:`torchrun` gives it (exit status and the program's own stdout/stderr, every rank's).
 
-    The programs of one world size share one launch (``tests/torchrun_batch.py`` runs them one after another
-    in each rank), which saves each program after the first the ~2 s of CPU per rank that importing torch
-    costs and the agent's ~1.5 s. When a program fails, the programs before it have their results, the
-    failing one is run again alone (so its error is exactly what a launch of its own gives) and the rest
-    share a new launch."""
+    The programs of one world size share one launch, kept for the whole test process (:class:`WarmLaunch`,
+    ``tests/torchrun_batch.py`` runs them one after another in each rank), which saves each program the
+    ~2 s of CPU per rank that importing torch costs and the agent's ~1.5 s. When a program fails (or runs
+    past its timeout), it ends that launch and is run again alone, so that its error is exactly what a launch
+    of its own gives; the programs after it start a new shared launch."""
     results = {}
-    for nproc in sorted({program.nproc for program in programs.values()}):
-        pending = [(key, program) for key, program in programs.items() if program.nproc == nproc]
-        while pending:
-            done = run_batch(pending, nproc)
-            results.update(done)
-            pending = pending[len(done):]
-            if pending:
-                key, program = pending.pop(0)
-                results[key] = torchrun(program.main, nproc, *program.args, cwd=program.cwd, timeout=program.timeout)
+    for key, program in programs.items():
+        launch = _WARM.get(program.nproc)
+        if launch is None or not launch.running():
+            launch = _WARM[program.nproc] = WarmLaunch(program.nproc)
+        results[key] = launch.run(program)
+        if results[key] is None:
+            launch.stop()
+            results[key] = torchrun(program.main, program.nproc, *program.args, cwd=program.cwd,
+                                    timeout=program.timeout)
     return results
 
 
-def run_batch(programs: list, nproc: int) -> dict[object, subprocess.CompletedProcess]:
-    """One launch running ``programs`` (key, Program) in order; the results of those that finished on every
-    rank (a prefix of ``programs``)."""
-    with tempfile.TemporaryDirectory(prefix="sbpc-batch-") as folder:
-        jobs = [{"main": str(program.main), "args": list(program.args), "cwd": str(program.cwd or ""),
-                 "out": f"{folder}/{index}"} for index, (_, program) in enumerate(programs)]
-        (Path(folder) / "jobs.json").write_text(json.dumps(jobs))
-        try:
-            torchrun(Path(__file__).with_name("torchrun_batch.py"), nproc, f"{folder}/jobs.json",
-                     timeout=sum(program.timeout for _, program in programs))
-        except subprocess.TimeoutExpired:
-            pass  # the programs that finished have their results; the one running is run again alone
-        results = {}
-        for job, (key, program) in zip(jobs, programs):
-            out = Path(job["out"])
-            if not all((out / f"rank{rank}.ok").exists() for rank in range(nproc)):
+class WarmLaunch:
+    """One torchrun launch of ``tests/torchrun_batch.py`` with ``nproc`` ranks, serving programs from a queue
+    folder until this test process stops it or ends (see that script)."""
+
+    def __init__(self, nproc: int):
+        self.nproc = nproc
+        self.queue = Path(tempfile.mkdtemp(prefix="sbpc-warm-"))
+        self.jobs = 0
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(Path(__file__).with_name("torchrun_batch.py")), str(self.queue), str(os.getpid())]
+        with open(self.queue / "launch.log", "w") as log:
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def running(self) -> bool:
+        """Whether the launch is still serving programs."""
+        return self.process.poll() is None
+
+    def run(self, program: Program) -> subprocess.CompletedProcess | None:
+        """Run ``program`` in every rank; its result, or None when the launch ended (the program failed) or the
+        program ran past its timeout."""
+        out = self.queue / str(self.jobs)
+        job = {"main": str(program.main), "args": list(program.args), "cwd": str(program.cwd or ""), "out": str(out)}
+        written = self.queue / f"{self.jobs}.json.part"
+        written.write_text(json.dumps(job))
+        written.rename(self.queue / f"{self.jobs}.json")
+        self.jobs += 1
+        done = [out / f"rank{rank}.ok" for rank in range(self.nproc)]
+        deadline = time.monotonic() + program.timeout
+        while not all(path.exists() for path in done):
+            if not self.running() or time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+        text = {stream: "".join((out / f"rank{rank}.{stream}").read_text() for rank in range(self.nproc))
+                for stream in ("out", "err")}
+        return subprocess.CompletedProcess([str(program.main), *program.args], 0, text["out"], text["err"])
+
+    def stop(self) -> None:
+        """End the launch: asked to (its ranks stop between programs), else after 10 s torchrun is told to stop
+        its ranks, else after 30 s more every process of the launch is killed; its queue folder is removed."""
+        (self.queue / "stop").touch()
+        for ending, wait_s in ((None, 10), (self.process.terminate, 30), (self._kill, None)):
+            if ending:
+                ending()
+            try:
+                self.process.wait(timeout=wait_s)
                 break
-            text = {stream: "".join((out / f"rank{rank}.{stream}").read_text() for rank in range(nproc))
-                    for stream in ("out", "err")}
-            results[key] = subprocess.CompletedProcess([str(program.main), *program.args], 0, text["out"], text["err"])
-        return results
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(self.queue, ignore_errors=True)
+
+    def _kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+
+
+_WARM: dict[int, WarmLaunch] = {}
+"""The shared launch of each world size in this test process."""
+
+
+@atexit.register
+def _stop_warm_launches() -> None:
+    for launch in _WARM.values():
+        if launch.running():
+            launch.stop()
 
 
 def import_program(main: Path) -> tuple[ModuleType, ModuleType]:
@@ -100,7 +148,7 @@ def import_program(main: Path) -> tuple[ModuleType, ModuleType]:
 def train_emitted(plan, out: Path, batches: list, steps: int) -> tuple[list[float], dict]:
     """Emit ``plan`` into ``out``, train ``steps`` steps on ``batches``; the logged losses and saved weights."""
     program = training_program(plan, out, batches, steps)
-    return training_result(out, torchrun(program.main, program.nproc, *program.args))
+    return training_result(out, run_programs({"program": program})["program"])
 
 
 def training_program(plan, out: Path, batches: list, steps: int, *args: str) -> Program:

@@ -1,23 +1,26 @@
-"""Runs several emitted programs one after another in every rank of ONE torchrun launch (tests only).
+"""Serves emitted programs to every rank of ONE long-lived torchrun launch (tests only).
 
 Each rank of a torchrun launch pays, before its first step, about 1 s of CPU importing torch and 1 s
 importing ``torch._dynamo`` (torch's optimizers import it), and the agent about 1.5 s more: a 4-rank launch
-costs some 10 s of CPU before any program runs, which on a small test machine is most of a multi-process
-test's time. The tests therefore run the programs of one world size in one launch: this script, started by
-``torchrun`` like any program, runs each ``main.py`` as ``python main.py ARGS`` would (as ``__main__``, with
-its own ``runtime.py`` imported afresh, its own ``sys.argv`` and working directory, torch's default random
-state as a fresh process has it, and its own process group, which the program creates and destroys). Each
-program joins through a rendezvous store of its own (:func:`fresh_store`): process groups created again in
-the same processes take the same names, so keys the previous program left in torchrun's store would pair
-them with that program's closed connections. What a shared launch cannot see is how a program's own
-process ends (interpreter teardown with its process groups); the tests that launch one program alone (the
-checkpoint, restart, multi-node, precision, MoE and error-path tests) cover that.
+costs some 10-20 s of CPU before any program runs, which on a small test machine is most of a
+multi-process test's time. The tests therefore keep one launch per world size for the whole test process
+(``tests.launch.run_programs``) and hand it their programs one after another: this script, started by
+``torchrun`` like any program, waits for the next job in a queue folder and runs its ``main.py`` as
+``python main.py ARGS`` would (as ``__main__``, with its own ``runtime.py`` imported afresh, its own
+``sys.argv`` and working directory, torch's default random state as a fresh process has it, and its own
+process group, which the program creates and destroys). Each program joins through a rendezvous store of
+its own (:func:`fresh_store`): process groups created again in the same processes take the same names, so
+keys the previous program left in torchrun's store would pair them with that program's closed connections.
+What a shared launch cannot see is how a program's own process ends (interpreter teardown with its process
+groups); the tests that launch one program alone (the checkpoint, restart, multi-node and error-path tests)
+cover that.
 
-Usage (see ``tests.launch.run_programs``): ``torchrun ... torchrun_batch.py JOBS.json`` where JOBS.json lists
-``{"main": path, "args": [...], "cwd": path, "out": folder}``. Rank r writes the program's stdout and stderr to
-``out/rank{r}.out`` / ``out/rank{r}.err`` and, once the program has returned, ``out/rank{r}.ok``. The first
-program that fails stops the launch with its exit code (torchrun then stops the other ranks); the caller
-runs the programs after it in a launch of their own.
+Usage: ``torchrun ... torchrun_batch.py QUEUE PARENT_PID``. Job ``k`` is the file ``QUEUE/k.json``,
+``{"main": path, "args": [...], "cwd": path, "out": folder}``, written whole (renamed into place). Rank r
+writes the program's stdout and stderr to ``out/rank{r}.out`` / ``out/rank{r}.err`` and, once the program
+has returned, ``out/rank{r}.ok``. The first program that fails ends the launch with its exit code (torchrun
+then stops the other ranks); so does a file ``QUEUE/stop``, the end of the process ``PARENT_PID``, or
+:data:`IDLE_S` without a job.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = datetime.timedelta(seconds=120)
+IDLE_S = 600
 
 
 def exit_code(error: SystemExit) -> int:
@@ -94,14 +98,15 @@ def fresh_store(agent_store: dist.Store, index: int, rank: int) -> dist.TCPStore
 
 
 def main() -> None:
-    """Run every job of the JSON file named on the command line, in order."""
-    jobs = json.loads(Path(sys.argv[1]).read_text())
+    """Serve the jobs of the queue folder named on the command line, in order, until told to stop."""
+    queue, parent = Path(sys.argv[1]), int(sys.argv[2])
     rank = int(os.environ["RANK"])
     agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                 timeout=TIMEOUT)
     fresh_random_state = torch.random.get_rng_state()
     start_dir = os.getcwd()
-    for index, job in enumerate(jobs):
+    index = 0
+    while (job := next_job(queue, index, parent)) is not None:
         out = Path(job["out"])
         out.mkdir(parents=True, exist_ok=True)
         torch.random.set_rng_state(fresh_random_state)
@@ -115,6 +120,28 @@ def main() -> None:
         while server is not None and finished < int(os.environ["WORLD_SIZE"]):  # rank 0's server outlives every use
             time.sleep(0.01)
             finished = agent_store.add(f"sbpc_batch/{index}/finished", 0)
+        index += 1
+
+
+def next_job(queue: Path, index: int, parent: int) -> dict | None:
+    """Job ``index`` of ``queue`` once it is there; None when the queue is stopped, the test process ``parent``
+    has gone or no job came for :data:`IDLE_S`."""
+    deadline = time.monotonic() + IDLE_S
+    while time.monotonic() < deadline and not (queue / "stop").exists() and process_exists(parent):
+        try:
+            return json.loads((queue / f"{index}.json").read_text())
+        except FileNotFoundError:
+            time.sleep(0.05)
+    return None
+
+
+def process_exists(pid: int) -> bool:
+    """Whether the process ``pid`` is still running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import torch
 
 from tests.backends.test_pipeline_virtual import MEGATRON, skip_path_loss, skip_reference
 from compiler import Cluster, compile
-from tests.launch import Program, run_programs, selected_tests, torchrun
-from tests.models import (cnn_inputs, compile_cached, gpt2_model, gpt_inputs, gpt_model, llama_model, lm_inputs,
+from tests.launch import Program, run_programs, selected_tests
+from tests.capture_cache import compile_cached
+from tests.models import (cnn_inputs, gpt2_model, gpt_inputs, gpt_model, llama_model, lm_inputs,
                           resnet_style_model)
 
 STEPS = 3
@@ -163,7 +164,7 @@ def test_emitted_pipeline_moves_batch_norm_statistics_on_their_stage(tmp_path):
     torch.save(batches, tmp_path / "data.pt")
     run = pipeline_program(program, 2, tmp_path / "metrics.jsonl", "--steps", str(STEPS), "--data",
                            str(tmp_path / "data.pt"), "--save", str(tmp_path / "final.pt"))
-    losses = logged_losses(tmp_path / "metrics.jsonl", torchrun(run.main, 2, *run.args, cwd=run.cwd))
+    losses = logged_losses(tmp_path / "metrics.jsonl", run_programs({"bn": run})["bn"])
 
     def loss_of(model, batch):
         return model(*batch)
