@@ -24,6 +24,9 @@ _CAPTURED: dict = {}
 """Capture key -> (the objects the key was built from, the capture). The first part keeps them alive, so
 that no other object takes one of the ids the key holds while the entry exists."""
 
+_MADE_FROM: dict = {}
+"""id of a captured model -> (the model, its fingerprint right after the capture, the capture's key)."""
+
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, enum.Enum)
 _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
 _CLASS_BOOKKEEPING = {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__"}
@@ -42,13 +45,22 @@ def compile_cached(model: nn.Module, inputs: tuple = (), cluster=None, strategy=
 def capture_once(model, args: tuple, example_kwargs: dict | None, **options):
     """``compiler.api.capture_model(model, args, example_kwargs, **options)``, run once for every model with the
     same :func:`fingerprint`, input shapes and dtypes, and options; each call gets its own copy of the captured
-    graph and of the initial weights. A model given as an ONNX file or proto is captured every time."""
+    graph and of the initial weights. A model given as an ONNX file or proto is captured every time.
+
+    Capturing may change a model (transformers installs output hooks on a model's first call): the model a
+    capture was made from keeps it while its fingerprint is the one it had right after that capture."""
     if not isinstance(model, nn.Module):
         return capture_model(model, args, example_kwargs, **options)
     alive: list = []
-    key = fingerprint((model, _shapes(args), _shapes(example_kwargs or {}), options), alive)
+    request = (_shapes(args), _shapes(example_kwargs or {}), options)
+    key = fingerprint((model, *request), alive)
     if key not in _CAPTURED:
-        _CAPTURED[key] = (alive, capture_model(model, args, example_kwargs, **options))
+        made = _MADE_FROM.get(id(model))
+        if made is not None and made[0] is model and made[1] == key:
+            key = made[2]
+        else:
+            _CAPTURED[key] = (alive, capture_model(model, args, example_kwargs, **options))
+            _MADE_FROM[id(model)] = (model, fingerprint((model, *request), _CAPTURED[key][0]), key)
     captured = _CAPTURED[key][1]
     return dataclasses.replace(captured, graph=captured.graph.copy(),
                                weights={name: w.clone() for name, w in captured.weights.items()},
@@ -63,49 +75,78 @@ def fingerprint(value, alive: list) -> str:
 
     What cannot be looked into (builtin functions, C objects) is keyed by its ``id``, and appended to
     ``alive``: the caller keeps them alive as long as it keeps the digest."""
-    return hashlib.sha1(repr(_describe(value, alive, {})).encode()).hexdigest()
+    return hashlib.sha1(repr(_Description(alive).of(value)).encode()).hexdigest()
 
 
-def _describe(value, alive: list, seen: dict, inside_code: bool = False):
-    """A nested tuple of plain values standing for ``value`` (see :func:`fingerprint`); ``seen``: the objects
-    already described, by id (shared objects and cycles are described once, then referred to).
-    ``inside_code``: ``value`` is what a function closes over or a class holds; there, only plain values,
-    containers, functions and classes are looked into, any other object is keyed by its id (a closure may
-    reach a whole library's state)."""
-    if isinstance(value, _PLAIN):
-        return type(value).__name__, repr(value)
-    if id(value) in seen:  # shared: tied weights, a config every layer holds
-        return "seen", seen[id(value)]
-    seen[id(value)] = len(seen)
-    alive.append(value)  # what is built here too: no later value may take its id in ``seen``
+class _Description:
+    """Builds the nested tuple of plain values standing for a value (see :func:`fingerprint`).
 
-    def describe(item):
-        return _describe(item, alive, seen, inside_code)
+    Containers (tuples, lists, dicts, sets) are described by their items wherever they appear: whether two
+    attributes hold one list or two equal ones does not change a forward (and capturing a model may copy
+    them). Objects with an identity — tensors (tied weights), modules, functions, classes, other objects —
+    are described once and referred to by their order of appearance after that."""
 
-    if isinstance(value, torch.Tensor):
-        return _tensor(value)
-    if isinstance(value, (tuple, list)):
-        return type(value).__name__, tuple(describe(item) for item in value)
-    if isinstance(value, (set, frozenset)):
-        return "set", tuple(sorted(repr(describe(item)) for item in value))
-    if isinstance(value, dict):
-        return "dict", tuple((repr(k), describe(v)) for k, v in value.items())
-    if isinstance(value, types.FunctionType):
-        return ("function", value.__qualname__, id(value.__code__), id(value.__globals__),
-                _describe((value.__defaults__, value.__kwdefaults__, _closure(value)), alive, seen, True))
-    if isinstance(value, types.MethodType):
-        return "method", describe(value.__func__), describe(value.__self__)
-    if isinstance(value, type):
-        return "class", value.__module__, value.__qualname__, _class_body(value, alive, seen)
-    if inside_code:
+    def __init__(self, alive: list):
+        self.alive = alive
+        self.order: dict[int, int] = {}
+        self.open: set[int] = set()  # the containers being described (a container holding itself)
+
+    def of(self, value, inside_code: bool = False):
+        """``value`` described; ``inside_code``: it is what a function closes over or a class holds, where only
+        plain values, containers, tensors, functions and classes are looked into and any other object is keyed
+        by its id (a closure may reach a whole library's state)."""
+        if isinstance(value, _PLAIN):
+            return type(value).__name__, repr(value)
+        if isinstance(value, (tuple, list, dict, set, frozenset)):
+            return self._container(value, inside_code)
+        if id(value) in self.order:
+            return "seen", self.order[id(value)]
+        self.order[id(value)] = len(self.order)
+        self.alive.append(value)  # no later value may take its id while the description is in use
+        return self._object(value, inside_code)
+
+    def _container(self, value, inside_code: bool):
+        if id(value) in self.open:
+            return "cycle", type(value).__name__
+        self.open.add(id(value))
+        self.alive.append(value)
+        try:
+            if isinstance(value, dict):
+                return "dict", tuple((repr(k), self.of(v, inside_code)) for k, v in value.items())
+            items = tuple(self.of(item, inside_code) for item in value)
+            if isinstance(value, (set, frozenset)):
+                return "set", tuple(sorted(map(repr, items)))
+            return type(value).__name__, items
+        finally:
+            self.open.discard(id(value))
+
+    def _object(self, value, inside_code: bool):
+        if isinstance(value, torch.Tensor):
+            return _tensor(value)
+        if isinstance(value, types.FunctionType):
+            return ("function", value.__qualname__, id(value.__code__), id(value.__globals__),
+                    self.of((value.__defaults__, value.__kwdefaults__, _closure(value)), True))
+        if isinstance(value, types.MethodType):
+            return "method", self.of(value.__func__, inside_code), self.of(value.__self__, inside_code)
+        if isinstance(value, type):
+            return "class", value.__module__, value.__qualname__, self._class_body(value)
+        if inside_code:
+            return "id", type(value).__qualname__, id(value)
+        if isinstance(value, nn.Module):
+            attributes = {name: v for name, v in vars(value).items() if name not in _MODULE_SLOTS}
+            return ("module", self.of(type(value)), self.of(attributes),
+                    *(self.of(dict(getattr(value, slot))) for slot in _MODULE_SLOTS))
+        if hasattr(value, "__dict__") and not callable(value):
+            return "object", self.of(type(value)), self.of(dict(vars(value)))
         return "id", type(value).__qualname__, id(value)
-    if isinstance(value, nn.Module):
-        return ("module", describe(type(value)),
-                describe({name: v for name, v in vars(value).items() if name not in _MODULE_SLOTS}),
-                *(describe(dict(getattr(value, slot))) for slot in _MODULE_SLOTS))
-    if hasattr(value, "__dict__") and not callable(value):
-        return "object", describe(type(value)), describe(dict(vars(value)))
-    return "id", type(value).__qualname__, id(value)
+
+    def _class_body(self, cls: type):
+        """A class defined in a module stands for itself (its id); one defined in a function (a new class at
+        each call) by what each call may make different: its functions' closures and its class attributes."""
+        if "<locals>" not in cls.__qualname__:
+            return id(cls)
+        body = {k: v for k, v in vars(cls).items() if k not in _CLASS_BOOKKEEPING}
+        return self.of((body, cls.__bases__), True)
 
 
 def _closure(function: types.FunctionType) -> tuple:
@@ -119,15 +160,6 @@ def _cell_contents(cell) -> object:
         return cell.cell_contents
     except ValueError:
         return None
-
-
-def _class_body(cls: type, alive: list, seen: dict):
-    """A class defined in a module stands for itself (its id); one defined in a function (a new class at
-    each call) by what each call may make different: its functions' closures and its class attributes."""
-    if "<locals>" not in cls.__qualname__:
-        return id(cls)
-    body = {k: v for k, v in vars(cls).items() if k not in _CLASS_BOOKKEEPING}
-    return _describe((body, cls.__bases__), alive, seen, True)
 
 
 def _tensor(tensor: torch.Tensor) -> tuple:

@@ -79,3 +79,34 @@ def test_a_model_is_captured_once_and_each_capture_gets_its_own_weights():
     assert torch.equal(capture_once(gpt_model(n_layer=1, seed=7), inputs, None, **options).weights[name], expected)
     other = capture_once(gpt_model(n_layer=1, seed=8), inputs, None, **options)
     assert not torch.equal(other.weights[name], expected)
+
+
+class MarksItsFirstCall(nn.Module):
+    """Sets an attribute on its first call, as transformers models install their output hooks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.called = True
+        return self.linear(x).sum()
+
+
+def test_the_model_a_capture_changed_keeps_its_capture_an_equal_copy_does_not():
+    options = {"loss_fn": None, "train": True, "method": "export"}
+    x = (torch.randn(2, 4),)
+    model = MarksItsFirstCall()
+    with mock.patch.object(capture_cache, "capture_model", wraps=capture_cache.capture_model) as capture:
+        capture_once(model, x, None, **options)
+        assert model.called
+        capture_once(model, x, None, **options)  # the same model, changed only by its capture
+        assert capture.call_count == 1
+        copy = MarksItsFirstCall()
+        copy.called = True  # an equal model that was not captured: its own capture
+        capture_once(copy, x, None, **options)
+        assert capture.call_count == 2
+        model.linear.weight.requires_grad_(False)  # changed after its capture: captured again
+        capture_once(model, x, None, **options)
+        assert capture.call_count == 3
