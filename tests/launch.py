@@ -1,7 +1,6 @@
 """Launching emitted programs under a real torchrun (gloo), for the multi-process tests."""
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import json
 import os
@@ -24,10 +23,20 @@ def torchrun(main: Path, nproc: int, *args: str, timeout: int = TIMEOUT_S, torch
              env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``main.py`` with ``torchrun --standalone --nproc-per-node nproc [torchrun_args]`` (``env`` added to the
     environment, in ``cwd``); never hangs past ``timeout``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           *torchrun_args, str(main), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    return subprocess.run(torchrun_command(main, nproc, *args, torchrun_args=torchrun_args), capture_output=True,
+                          text=True, timeout=timeout, env=torchrun_env(env), cwd=cwd)
+
+
+def torchrun_command(main: Path, nproc: int, *args: str, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    """The command line of a single-node torchrun launch of ``main.py`` with ``nproc`` ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            *torchrun_args, str(main), *args]
+
+
+def torchrun_env(extra: dict | None = None) -> dict:
+    """This process's environment for a launch: one intra-op thread per rank (the ranks share the test
+    machine's cores), gloo even where CUDA is present, and ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1", **(extra or {})}
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,9 @@ class WarmLaunch:
         self.nproc = nproc
         self.queue = Path(tempfile.mkdtemp(prefix="sbpc-warm-"))
         self.jobs = 0
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               str(Path(__file__).with_name("torchrun_batch.py")), str(self.queue), str(os.getpid())]
+        cmd = torchrun_command(Path(__file__).with_name("torchrun_batch.py"), nproc, str(self.queue), str(os.getpid()))
         with open(self.queue / "launch.log", "w") as log:
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(cmd, env=torchrun_env(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
     def running(self) -> bool:
@@ -103,8 +110,10 @@ class WarmLaunch:
 
     def stop(self) -> None:
         """End the launch: asked to (its ranks stop between programs), else after 10 s torchrun is told to stop
-        its ranks, else after 30 s more every process of the launch is killed; its queue folder is removed."""
-        (self.queue / "stop").touch()
+        its ranks, else after 30 s more every process of the launch is killed; its queue folder is removed (also
+        when the launch had ended by itself)."""
+        if self.running():
+            (self.queue / "stop").touch()
         for ending, wait_s in ((None, 10), (self.process.terminate, 30), (self._kill, None)):
             if ending:
                 ending()
@@ -123,11 +132,12 @@ _WARM: dict[int, WarmLaunch] = {}
 """The shared launch of each world size in this test process."""
 
 
-@atexit.register
-def _stop_warm_launches() -> None:
+def stop_warm_launches() -> None:
+    """Stop this test process's shared launches and remove their queue folders (at the end of the test session,
+    ``tests/conftest.py``; pytest-xdist's workers end without running ``atexit``)."""
     for launch in _WARM.values():
-        if launch.running():
-            launch.stop()
+        launch.stop()
+    _WARM.clear()
 
 
 def import_program(main: Path) -> tuple[ModuleType, ModuleType]:

@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import runpy
-import shutil
 import sys
 import time
 import traceback
@@ -122,8 +121,6 @@ def main() -> None:
             time.sleep(0.01)
             finished = agent_store.add(f"sbpc_batch/{index}/finished", 0)
         index += 1
-    if rank == 0:  # the test process may have ended without stopping the launch (pytest-xdist's workers do)
-        shutil.rmtree(queue, ignore_errors=True)
 
 
 def next_job(queue: Path, index: int, parent: int) -> dict | None:

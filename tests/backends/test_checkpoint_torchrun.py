@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from tests.capture_cache import compile_cached
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
-from tests.launch import Program, run_programs, selected_tests, torchrun
+from tests.launch import Program, run_programs, selected_tests, torchrun, torchrun_env
 from tests.models import gpt, gpt_inputs, gpt_model
 
 pytestmark = pytest.mark.multiproc
@@ -198,8 +198,8 @@ def test_a_rank_whose_peer_is_gone_exits_naming_the_step_and_the_collective(tmp_
         port = s.getsockname()[1]
     ranks = []
     for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1"}
+        env = torchrun_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                            "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"})
         ranks.append(subprocess.Popen([sys.executable, str(HARNESS), str(main), "--kill-rank", "1", "--kill-at-step",
                                        "2", "--", "--steps", "6", "--comm-timeout", "60"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -15,12 +15,12 @@ import torch
 
 from compiler import Cluster, compile
 from tests.compiler.test_tensor_parallel import GPT_MEGATRON, tp
-from tests.launch import TIMEOUT_S
+from tests.launch import TIMEOUT_S, torchrun_env
 from tests.models import gpt_inputs, gpt_model
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 STEPS = 3
-ENV = {"OMP_NUM_THREADS": "1", "SBPC_FORCE_GLOO": "1", "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+TORCHRUN = {"TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
 
 
 def free_port() -> int:
@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def launch(script: Path, out: Path, env: dict) -> subprocess.Popen:
     args = ["--steps", str(STEPS), "--metrics", str(out / "metrics.jsonl"), "--save", str(out / "final.pt")]
-    return subprocess.Popen(["bash", str(script), *args], env={**os.environ, **ENV, **env}, stdout=subprocess.PIPE,
+    return subprocess.Popen(["bash", str(script), *args], env=torchrun_env({**TORCHRUN, **env}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
