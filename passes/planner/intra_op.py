@@ -209,18 +209,31 @@ class LayoutProblem:
         return total
 
     def _add_node_var(self, k: int, unit: _Unit) -> None:
+        """The variable of ``unit``'s op: its layouts (those the request's hint allows) and the seconds of every
+        run of it under each. Both are remembered with the prices: the refinement solves the same graph again
+        under other parameter storages, which change only what converting the parameters costs."""
         req = self.request
-        candidates = [c for c in nd_signatures(unit.node, req.mesh) if _uses_real_axes(c, req.mesh)]
         hint = req.hints.get(unit.node.name)
+        key = ("unit", id(self.graph), unit.node.name, unit.segment, unit.weight, hint)
+        if key not in req.prices:
+            candidates = self._candidates(unit, hint)
+            req.prices[key] = (candidates, [self._unit_seconds(unit, c) for c in candidates])
+        candidates, seconds = req.prices[key]
+        self.vars.append(("node", k))
+        self.choices.append(candidates)
+        self.unary.append(list(seconds))  # connecting adds the conversions from fixed layouts to it
+
+    def _candidates(self, unit: _Unit, hint: tuple | None) -> list:
+        """The layouts (inputs, outputs) of ``unit``'s op on the request's mesh that ``hint`` allows."""
+        mesh = self.request.mesh
+        candidates = [c for c in nd_signatures(unit.node, mesh) if _uses_real_axes(c, mesh)]
         if hint is not None:
             candidates = [c for c in candidates if all(h is None or a == h for a, h in zip(c[1][0], hint))]
             if not candidates:
                 wanted = ", ".join("*" if h is None else str(h) for h in hint)
                 raise ValueError(f"the layout ({wanted}) asked for %{unit.node.name} ({unit.node.op}, module "
                                  f"{unit.node.attrs.get('module', '?')}) is not a valid layout of that op")
-        self.vars.append(("node", k))
-        self.choices.append(candidates)
-        self.unary.append([self._unit_seconds(unit, c) for c in candidates])
+        return candidates
 
     def later_twin(self, node: Node) -> Node:
         """For an op of block 0, the op that stands for it in the blocks after the first: block 1's, at the same
