@@ -130,6 +130,7 @@ class LayoutProblem:
         self.edge_info: list = []     # per edge: (value, consumer unit, input position, weight, boundary, producer side)
         self.fixed_boxing: list = []  # (unit, input position, value, src sbp, weight, boundary)
         self.self_boxing: list = []   # (unit, input position, value, weight, boundary): reads its own output
+        self._unit_key: dict = {}     # unit index -> the key its variable is remembered by in the prices
         self._build()
 
     # -- structure ------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ class LayoutProblem:
         req = self.request
         hint = req.hints.get(unit.node.name)
         key = ("unit", id(self.graph), unit.node.name, unit.segment, unit.weight, hint)
+        self._unit_key[k] = key
         if key not in req.prices:
             candidates = self._candidates(unit, hint)
             req.prices[key] = (candidates, [self._unit_seconds(unit, c) for c in candidates])
@@ -277,7 +279,7 @@ class LayoutProblem:
             out_index = value.producer.outputs.index(value)
             src_keys = [c[1][out_index] for c in self.choices[producer]]
         elif id(value) in param_var:
-            producer = param_var[id(value)]
+            producer, out_index = param_var[id(value)], 0
             src_keys = [c[1][0] for c in self.choices[producer]]
         else:
             src = self._fixed_sbp(value)
@@ -292,14 +294,32 @@ class LayoutProblem:
                 self.unary[consumer][c] += source.weight * self.boxing_seconds(value, src, dst)
             self.self_boxing.append((k, position, value, source.weight, source.boundary))
             return
-        table = {(a, b): source.weight * self.boxing_seconds(value, a, b)
-                 for a in set(src_keys) for b in set(dst_keys)}
+        table = self._edge_table(value, src_keys, dst_keys, source.weight, (self._var_key(producer), out_index,
+                                                                            self._unit_key[k], position))
         if producer < consumer:
             edge = PairEdge(producer, consumer, src_keys, dst_keys, table)
         else:  # a loop edge: the block's output feeds its own input in the next block
             edge = PairEdge(consumer, producer, dst_keys, src_keys, {(b, a): c for (a, b), c in table.items()})
         self.edges.append(edge)
         self.edge_info.append((value, k, position, source.weight, source.boundary, producer < consumer))
+
+    def _edge_table(self, value: Value, src_keys: list, dst_keys: list, weight: int, ends: tuple) -> dict:
+        """The seconds of converting ``value`` between each of its producer's layouts (``src_keys``) and each its
+        consumer reads it in (``dst_keys``), ``weight`` times. Remembered with the prices when both ends are ops
+        (``ends``: their variables' keys and the output and input positions), whose layouts the refinement's
+        trials do not change."""
+        key = None if None in ends else ("edge", id(self.graph), value.name, weight, ends)
+        if key in self.request.prices:
+            return self.request.prices[key]
+        table = {(a, b): weight * self.boxing_seconds(value, a, b) for a in set(src_keys) for b in set(dst_keys)}
+        if key is not None:
+            self.request.prices[key] = table
+        return table
+
+    def _var_key(self, var: int) -> tuple | None:
+        """The key an op's variable is remembered by (None for a parameter's)."""
+        kind, ref = self.vars[var]
+        return self._unit_key[ref] if kind == "node" else None
 
     def _var_of_unit(self, k: int) -> int:
         return self._unit_var[k]
