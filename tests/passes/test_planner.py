@@ -14,14 +14,16 @@ from hypothesis import strategies as st
 from cluster import Cluster
 from compiler.api import compile
 from compiler.simulate import simulate
+from cost.estimate import PlanOptions
 from cost.ops import Precision
 from cost.placement import axis_groups
 from frontend.torch_capture import capture
 from ir.core import Graph
 from ir.layers import LayerStructure, block_param_name, find_layers
+from ir.sbp import B
 from ir.types import Mesh, TensorType
 from passes.planner import SearchError, search
-from passes.planner.evaluate import BLOCK_COUNT_ATTR
+from passes.planner.evaluate import BLOCK_COUNT_ATTR, ModelView
 from passes.planner.intra_op import LayoutProblem, LayoutRequest, solve_layouts
 from passes.planner.pairwise import PairEdge, PairwiseProblem, solve_dp, solve_ilp, solve_z3
 from passes.planner.search import _fixed_parts
@@ -256,6 +258,27 @@ def test_tensor_parallel_layouts_at_real_width_refined_for_the_whole_step(monkey
     monkeypatch.setattr(planner_search, "REFINED_SETTINGS", 0)
     solved, solved_report = search(graph, cluster, fixed, use_cache=False, **options)
     assert report.chosen.step_time_s < solved_report.chosen.step_time_s and solved.params != strategy.params
+
+
+def test_layouts_solved_again_under_other_storages_equal_solves_from_scratch():
+    """The refinement solves one graph's layouts again with each parameter stored another way, reusing every op's
+    layouts and seconds and the conversion tables between two ops from the solves before (only a parameter's
+    conversions change): each of those solves chooses the same layouts, at the same objective, as a solve in a
+    fresh view."""
+    graph, cluster = captured_config("1.3B", batch=8), Cluster.load("dgx-a100:1")
+    options, tp_group = PlanOptions(global_batch=64, **MIXED), (0, 1, 2, 3)
+    switches = {"vocab_parallel": False, "sequence_parallel": False}
+    view = ModelView(graph)
+    first = view.layouts(cluster, tp_group, options, **switches)
+    stored = {t: sbp[0] for t, sbp in first.param_sbp.items() if sbp[0] != B}
+    moves = [(target, storage[0]) for target, storages in sorted(first.storage_options().items())
+             for storage in storages if storage[0] != stored.get(target, B)]
+    assert len(moves) >= 4
+    for target, storage in moves[:6]:
+        pins = {**{t: sbp for t, sbp in stored.items() if t != target}, **({} if storage == B else {target: storage})}
+        again = view.layouts(cluster, tp_group, options, **switches, pins=pins, free_params=False)
+        fresh = ModelView(graph).layouts(cluster, tp_group, options, **switches, pins=pins, free_params=False)
+        assert (again.node_choice, again.param_sbp, again.cost) == (fresh.node_choice, fresh.param_sbp, fresh.cost)
 
 
 # --------------------------------------------------------------------------------------------------
