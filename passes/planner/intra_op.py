@@ -275,12 +275,15 @@ class LayoutProblem:
         value = source.value
         consumer = self._var_of_unit(k)
         if value.producer is not None and id(value.producer) in self.unit_of:
-            producer = self._var_of_unit(self.unit_of[id(value.producer)])
+            producing_unit = self.unit_of[id(value.producer)]
+            producer = self._var_of_unit(producing_unit)
             out_index = value.producer.outputs.index(value)
             src_keys = [c[1][out_index] for c in self.choices[producer]]
+            ends = (self._unit_key[producing_unit], out_index, self._unit_key[k], position)
         elif id(value) in param_var:
-            producer, out_index = param_var[id(value)], 0
+            producer = param_var[id(value)]
             src_keys = [c[1][0] for c in self.choices[producer]]
+            ends = None  # a parameter's layouts are what the refinement's trials change
         else:
             src = self._fixed_sbp(value)
             costs = self.unary[consumer]
@@ -294,8 +297,7 @@ class LayoutProblem:
                 self.unary[consumer][c] += source.weight * self.boxing_seconds(value, src, dst)
             self.self_boxing.append((k, position, value, source.weight, source.boundary))
             return
-        table = self._edge_table(value, src_keys, dst_keys, source.weight, (self._var_key(producer), out_index,
-                                                                            self._unit_key[k], position))
+        table = self._edge_table(value, src_keys, dst_keys, source.weight, ends)
         if producer < consumer:
             edge = PairEdge(producer, consumer, src_keys, dst_keys, table)
         else:  # a loop edge: the block's output feeds its own input in the next block
@@ -303,23 +305,18 @@ class LayoutProblem:
         self.edges.append(edge)
         self.edge_info.append((value, k, position, source.weight, source.boundary, producer < consumer))
 
-    def _edge_table(self, value: Value, src_keys: list, dst_keys: list, weight: int, ends: tuple) -> dict:
+    def _edge_table(self, value: Value, src_keys: list, dst_keys: list, weight: int, ends: tuple | None) -> dict:
         """The seconds of converting ``value`` between each of its producer's layouts (``src_keys``) and each its
         consumer reads it in (``dst_keys``), ``weight`` times. Remembered with the prices when both ends are ops
-        (``ends``: their variables' keys and the output and input positions), whose layouts the refinement's
-        trials do not change."""
-        key = None if None in ends else ("edge", id(self.graph), value.name, weight, ends)
+        (``ends``: their variables' keys and the output and input positions; None for a parameter's edge), whose
+        layouts the refinement's trials do not change."""
+        key = None if ends is None else ("edge", id(self.graph), value.name, weight, ends)
         if key in self.request.prices:
             return self.request.prices[key]
         table = {(a, b): weight * self.boxing_seconds(value, a, b) for a in set(src_keys) for b in set(dst_keys)}
         if key is not None:
             self.request.prices[key] = table
         return table
-
-    def _var_key(self, var: int) -> tuple | None:
-        """The key an op's variable is remembered by (None for a parameter's)."""
-        kind, ref = self.vars[var]
-        return self._unit_key[ref] if kind == "node" else None
 
     def _var_of_unit(self, k: int) -> int:
         return self._unit_var[k]
