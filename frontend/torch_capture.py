@@ -26,6 +26,7 @@ import torch
 import torch.fx
 from torch.export import Dim
 
+from frontend.local_writes import functional_copy, written_args
 from ir.core import Graph, Value
 from ir.ops import custom as custom_ops
 from ir.types import DTYPE_NAMES, TensorType, dim_symbol
@@ -36,12 +37,6 @@ DROPPED_OPS = {
     "aten.sym_constrain_range.default",
 }
 INPUT_DIM_NAMES = ("batch", "seq")
-HIDDEN_WRITES = {
-    "aten.batch_norm.default": (5, (3, 4)), "aten.native_batch_norm.default": (5, (3, 4)),
-    "aten.instance_norm.default": (5, (3, 4)),
-}
-"""Ops whose schema does not say they write: op -> (position of the flag that makes them write (training,
-use_input_stats), positions of the tensors they then update in place (running mean and variance))."""
 RESHAPE_VIEWS = ("aten.view.default", "aten._unsafe_view.default")
 """What functionalization makes of ``reshape``, chosen by the strides of the traced tensors."""
 
@@ -148,10 +143,18 @@ def _functionalize(program: torch.export.ExportedProgram, model: torch.nn.Module
 
     Programs that neither write nor call such a custom op are returned as exported: functionalization
     would also rewrite ``reshape`` / ``contiguous`` / ``flatten`` into stride-dependent views and copies.
+    So are programs whose writes are all local (into tensors the forward made, see
+    :mod:`frontend.local_writes`), those writes made functional without tracing the program again.
     """
     table = _custom_decompositions(program, decompose)
-    if not table and not any(_writes(node) for node in program.graph.nodes):
+    written = [node for node in program.graph.nodes if written_args(node)]
+    if not table and not written:
         return program, False
+    if not table:
+        rewritten = functional_copy(program.graph, written)
+        if rewritten is not None:  # every write was local: no second trace of the whole program
+            program.graph_module.graph = rewritten
+            return program, False
     for _ in range(MAX_DECOMPOSITION_ROUNDS):  # a decomposition may call custom ops with their own
         try:
             with _quiet_torch():
@@ -191,18 +194,6 @@ def _rewrite_failure(model: torch.nn.Module, table: dict, err: Exception) -> str
                 f"decompose_custom_ops=False to keep them as ops")
     return (f"cannot make the in-place writes of {type(model).__name__} explicit (torch functionalization "
             f"failed: {_first_line(err)}); write those ops out of place")
-
-
-def _writes(node: torch.fx.Node) -> list[str]:
-    """The names of the arguments an ATen node writes in place (empty for functional nodes)."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return []
-    written = [a.name for a in node.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    flag, tensors = HIDDEN_WRITES.get(str(node.target), (None, ()))
-    if flag is not None and len(node.args) > flag and node.args[flag] is True:
-        written += [node.target._schema.arguments[i].name for i in tensors
-                    if isinstance(node.args[i], torch.fx.Node)]
-    return written
 
 
 def _wrapper(module, model, kwargs, loss_fn, train) -> _LossWrapper:
@@ -643,7 +634,7 @@ class _Converter:
         val = node.meta.get("val")
         if op in DROPPED_OPS:
             return
-        written = _writes(node)
+        written = written_args(node)
         if written:
             raise CaptureError(f"op {op} at node {node.name} (module {_module_path(node) or '<top>'}) writes "
                                f"{', '.join(written)} in place, which torch's functionalization keeps and sbpc "

@@ -178,3 +178,133 @@ def test_pipeline_refuses_a_buffer_read_on_one_stage_and_updated_on_another():
     with pytest.raises(PassFailed, match=r"buffer average takes a new value on stage 1 but is also read on "
                                          r"stage\(s\) \[0\]"):
         compile(SharedAverage(), (torch.randn(4, 4),), cluster=Cluster.local(2), strategy=strategy)
+
+
+class LocalWrites(nn.Module):
+    """Writes only into tensors its forward made: a linear layer's result (``add_``), a new tensor through
+    slice and select views (T5's ``_shift_right``), top-k weights (a router's ``/=``), and a write through a
+    view whose returned value is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.add_(1.0)
+        shifted = x.new_zeros(x.shape)
+        shifted[:, 1:] = x[:, :-1].clone()
+        shifted[:, 0] = 0.5
+        weights, _ = torch.topk(h.softmax(-1), 2)
+        weights /= weights.sum(-1, keepdim=True)
+        corner = h[:, :2].mul_(2.0).sum(-1, keepdim=True)
+        h = torch.relu_(h) + shifted * corner
+        return F.cross_entropy(self.out(h) * weights[:, :1], y)
+
+
+class ViewReadAfterWrite(nn.Module):
+    """A view made before a write and read after it sees the new value: torch's functionalization recomputes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        first = h[:, :3]
+        h.mul_(2.0)
+        return F.cross_entropy(first, y) + h.sum()
+
+
+class WrittenViewReadAfterAnotherWrite(nn.Module):
+    """What a write through a view returns is that view: a later write into its base changes it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        corner = h[:, :3].mul_(2.0)
+        torch.relu_(h)
+        return F.cross_entropy(corner, y) + h.sum()
+
+
+class PromotingWrite(nn.Module):
+    """``h.add_(d)`` with ``d`` in float64 keeps ``h`` float32 where ``add`` would return float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.add_(x[:, :3].double() * 0.5)
+        return F.cross_entropy(h, y)
+
+
+class WriteThroughReshape(nn.Module):
+    """A write through a view other than slice/select (``view`` then a slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.view(-1)[:4].fill_(0.25)
+        return F.cross_entropy(h, y)
+
+
+def _count_second_traces():
+    """A patch counting torch's functionalization of exported programs (a second trace of the model)."""
+    from unittest import mock
+    original = torch.export.ExportedProgram.run_decompositions
+    calls = []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+    return mock.patch.object(torch.export.ExportedProgram, "run_decompositions", counted), calls
+
+
+def test_local_writes_are_made_functional_without_a_second_trace():
+    torch.manual_seed(0)
+    model = LocalWrites()
+    inputs = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    patch, calls = _count_second_traces()
+    with patch:
+        plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
+    assert calls == []
+    ops = [n.op for n in plan.graph.nodes]
+    assert in_place_ops(plan.graph) == []
+    assert {"aten.slice_scatter.default", "aten.select_scatter.default"} <= set(ops)
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+@pytest.mark.parametrize("model_cls", [ViewReadAfterWrite, WrittenViewReadAfterAnotherWrite,
+                                       PromotingWrite, WriteThroughReshape])
+def test_writes_that_are_not_local_go_through_torch_functionalization(model_cls):
+    torch.manual_seed(0)
+    model = model_cls()
+    inputs = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    patch, calls = _count_second_traces()
+    with patch:
+        plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
+    assert calls == [1]
+    assert in_place_ops(plan.graph) == []
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+
+
+def test_local_rewrite_keeps_every_node_name_of_the_export():
+    """The export's graph signature names inputs and outputs by node: the rewritten graph keeps them."""
+    from frontend.local_writes import functional_copy, written_args
+    model = LocalWrites()
+    program = torch.export.export(model, (torch.randn(8, 6), torch.randint(0, 3, (8,))), strict=False)
+    written = [n for n in program.graph.nodes if written_args(n)]
+    rewritten = functional_copy(program.graph, written)
+    names = {n.name for n in rewritten.nodes}
+    assert {n.name for n in program.graph.nodes} - {n.name for n in written} <= names
+    assert not any(written_args(n) for n in rewritten.nodes)
+    assert len(written) == 6  # add_, copy_, fill_, div_, mul_, relu_
