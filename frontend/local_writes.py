@@ -59,8 +59,9 @@ class _NotLocal(Exception):
 def functional_copy(graph: torch.fx.Graph, written: list[torch.fx.Node]) -> torch.fx.Graph | None:
     """A copy of ``graph`` with each node of ``written`` (the nodes that write an argument in place, in
     graph order) replaced by functional ops, or None when one of them is not a local write (see the
-    module's docstring); ``graph`` itself is not changed. Node names are kept: the export's graph
-    signature refers to nodes by name."""
+    module's docstring); ``graph`` itself is not changed. Node names are kept but the writes': the export's
+    graph signature refers to nodes by name, and an output that was written reads its new value (see
+    :func:`output_names`)."""
     result = copy.deepcopy(graph)
     by_name = {node.name: node for node in result.nodes}
     try:
@@ -69,6 +70,13 @@ def functional_copy(graph: torch.fx.Graph, written: list[torch.fx.Node]) -> torc
     except _NotLocal:
         return None
     return result
+
+
+def output_names(graph: torch.fx.Graph) -> list[str | None]:
+    """The names of the nodes the graph outputs, in order (None for an output that is not a node): what the
+    export's graph signature must name after :func:`functional_copy`."""
+    outputs = next(node for node in reversed(graph.nodes) if node.op == "output").args[0]
+    return [value.name if isinstance(value, torch.fx.Node) else None for value in outputs]
 
 
 def _rewrite(graph: torch.fx.Graph, write: torch.fx.Node) -> None:
@@ -122,15 +130,12 @@ def _fresh(node: Any) -> bool:
 
 
 def _check_no_alias_read_after(base: torch.fx.Node, write: torch.fx.Node, order: dict) -> None:
-    """Refuse the write when a view of ``base`` made before it is read after it (that read would need the view
-    recomputed from the new value), or when the output node reads the base or the write (the graph
-    signature names the output by its node)."""
+    """Refuse the write when a view of ``base`` made before it is read after it (that read, the graph's
+    output included, would need the view recomputed from the new value)."""
     seen, stack = {base}, [base]
     while stack:
         node = stack.pop()
         for user in node.users:
-            if user.op == "output" and node in (base, write):
-                raise _NotLocal
             if user in seen or not _aliases(user):
                 continue
             seen.add(user)
@@ -138,8 +143,6 @@ def _check_no_alias_read_after(base: torch.fx.Node, write: torch.fx.Node, order:
             if user is not write and order.get(user, -1) < order[write] and \
                     any(order.get(reader, -1) > order[write] for reader in user.users):
                 raise _NotLocal
-    if any(user.op == "output" for user in write.users):
-        raise _NotLocal
 
 
 def _aliases(node: torch.fx.Node) -> bool:

@@ -182,8 +182,8 @@ def test_pipeline_refuses_a_buffer_read_on_one_stage_and_updated_on_another():
 
 class LocalWrites(nn.Module):
     """Writes only into tensors its forward made: a linear layer's result (``add_``), a new tensor through
-    slice and select views (T5's ``_shift_right``), top-k weights (a router's ``/=``), and a write through a
-    view whose returned value is read."""
+    slice and select views (T5's ``_shift_right``), top-k weights (a router's ``/=``), a write through a
+    view whose returned value is read, and the loss it returns."""
 
     def __init__(self):
         super().__init__()
@@ -200,7 +200,9 @@ class LocalWrites(nn.Module):
         weights /= weights.sum(-1, keepdim=True)
         corner = h[:, :2].mul_(2.0).sum(-1, keepdim=True)
         h = torch.relu_(h) + shifted * corner
-        return F.cross_entropy(self.out(h) * weights[:, :1], y)
+        loss = F.cross_entropy(self.out(h) * weights[:, :1], y)
+        loss += 0.01 * h.pow(2).mean()  # the output itself written (an auxiliary loss added in place)
+        return loss
 
 
 class ViewReadAfterWrite(nn.Module):
@@ -307,4 +309,4 @@ def test_local_rewrite_keeps_every_node_name_of_the_export():
     names = {n.name for n in rewritten.nodes}
     assert {n.name for n in program.graph.nodes} - {n.name for n in written} <= names
     assert not any(written_args(n) for n in rewritten.nodes)
-    assert len(written) == 6  # add_, copy_, fill_, div_, mul_, relu_
+    assert len(written) == 7  # add_, copy_, fill_, div_, mul_, relu_, the loss's add_

@@ -10,6 +10,7 @@ eager.
 from __future__ import annotations
 
 import datetime
+import re
 import socket
 
 import pytest
@@ -104,7 +105,7 @@ def test_one_moe_layer_under_ep2_dispatches_and_combines_with_one_all_to_all_eac
     assert all(exchanges(n, mesh, n.input_values()[0].sbp) for n in nodes if n.op in (DISPATCH, COMBINE))
     assert "transformers.grouped_mm_fallback.default" not in ops and "aten.sort.default" not in ops
     text = str(plan.graph)
-    assert 'moe.dispatch(%view_5, %topk_1, experts=4, axis="ep", ranks=2)' in text
+    assert re.search(r'moe\.dispatch\(%view_\d+, %topk_1, experts=4, axis="ep", ranks=2\)', text)
     dispatch = next(n for n in nodes if n.op == DISPATCH)
     assert [format_nd_sbp(v.sbp) for v in dispatch.outputs] == ["(S(0))", "(S(1))"]
 
@@ -119,7 +120,7 @@ def test_verifier_refuses_a_collective_moving_routed_rows_between_ranks():
     model, inputs, _ = moe_model_and_reference("mixtral")
     text = str(compile_cached(model, inputs, 2, PLANS["ep2"][1]).graph)
     verify(parse(text))
-    first_mm = next(line for line in text.splitlines() if "= moe.expert_mm(%routed," in line)
+    first_mm = next(line for line in text.splitlines() if "= moe.expert_mm(" in line)
     gather = ('  %routed_whole: f32[`2*batch*seq`, 32] (B) @world = comm.all_gather(%routed, axis="ep", dim=0) '
               '{module = "lm.model.layers.0.mlp.experts"}')
     with pytest.raises(VerificationError) as refused:

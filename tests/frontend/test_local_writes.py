@@ -36,7 +36,8 @@ def view(t: torch.Tensor, spec: tuple) -> torch.Tensor:
 
 
 class Writes(nn.Module):
-    """Runs ``steps`` on ``h = 2 * x`` and returns the sum of what it read, and ``h``'s final value."""
+    """Runs ``steps`` on ``h = 2 * x`` and returns the sum of what it read, and ``h`` (an output written in
+    place)."""
 
     def __init__(self, steps: list):
         super().__init__()
@@ -64,7 +65,7 @@ class Writes(nn.Module):
                 held.append(target.mul_(scale))
             elif held:
                 out = out + held[-1].sum() * scale
-        return out, h * 1.0
+        return out, h
 
 
 STEPS = st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(VIEWS),
