@@ -180,15 +180,10 @@ def test_pipeline_refuses_a_buffer_read_on_one_stage_and_updated_on_another():
         compile(SharedAverage(), (torch.randn(4, 4),), cluster=Cluster.local(2), strategy=strategy)
 
 
-class LocalWrites(nn.Module):
-    """Writes only into tensors its forward made: a linear layer's result (``add_``), a new tensor through
-    slice and select views (T5's ``_shift_right``), top-k weights (a router's ``/=``), a write through a
-    view whose returned value is read, and the loss it returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
+class LocalWrites(ScaledAfterReduce):
+    """The same layers, writing only into tensors the forward made: a linear layer's result (``add_``), a new
+    tensor through slice and select views (T5's ``_shift_right``), top-k weights (a router's ``/=``), a write
+    through a view whose returned value is read, and the loss it returns."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
@@ -205,58 +200,42 @@ class LocalWrites(nn.Module):
         return loss
 
 
-class ViewReadAfterWrite(nn.Module):
+class AfterLinear(nn.Module):
+    """One linear layer of ``width`` outputs, then ``writes(h, x, y)``: the writes a test is about, and the loss."""
+
+    def __init__(self, writes, width: int):
+        super().__init__()
+        self.fc = nn.Linear(6, width)
+        self.writes = writes
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.writes(self.fc(x), x, y)
+
+
+def view_read_after_write(h, x, y):
     """A view made before a write and read after it sees the new value: torch's functionalization recomputes it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        first = h[:, :3]
-        h.mul_(2.0)
-        return F.cross_entropy(first, y) + h.sum()
+    first = h[:, :3]
+    h.mul_(2.0)
+    return F.cross_entropy(first, y) + h.sum()
 
 
-class WrittenViewReadAfterAnotherWrite(nn.Module):
+def written_view_read_after_another_write(h, x, y):
     """What a write through a view returns is that view: a later write into its base changes it too."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        corner = h[:, :3].mul_(2.0)
-        torch.relu_(h)
-        return F.cross_entropy(corner, y) + h.sum()
+    corner = h[:, :3].mul_(2.0)
+    torch.relu_(h)
+    return F.cross_entropy(corner, y) + h.sum()
 
 
-class PromotingWrite(nn.Module):
+def promoting_write(h, x, y):
     """``h.add_(d)`` with ``d`` in float64 keeps ``h`` float32 where ``add`` would return float64."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        h.add_(x[:, :3].double() * 0.5)
-        return F.cross_entropy(h, y)
+    h.add_(x[:, :3].double() * 0.5)
+    return F.cross_entropy(h, y)
 
 
-class WriteThroughReshape(nn.Module):
+def write_through_reshape(h, x, y):
     """A write through a view other than slice/select (``view`` then a slice)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        h.view(-1)[:4].fill_(0.25)
-        return F.cross_entropy(h, y)
+    h.view(-1)[:4].fill_(0.25)
+    return F.cross_entropy(h, y)
 
 
 def _count_second_traces():
@@ -271,32 +250,31 @@ def _count_second_traces():
     return mock.patch.object(torch.export.ExportedProgram, "run_decompositions", counted), calls
 
 
+def compile_counting_second_traces(model: nn.Module) -> tuple:
+    """``model`` compiled for dp on 2 ranks, its inputs, and how often torch functionalized its exported program."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    patch, calls = _count_second_traces()
+    with patch:
+        plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
+    assert in_place_ops(plan.graph) == []
+    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+    return plan, len(calls)
+
+
 def test_local_writes_are_made_functional_without_a_second_trace():
     torch.manual_seed(0)
-    model = LocalWrites()
-    inputs = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
-    patch, calls = _count_second_traces()
-    with patch:
-        plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
-    assert calls == []
-    ops = [n.op for n in plan.graph.nodes]
-    assert in_place_ops(plan.graph) == []
-    assert {"aten.slice_scatter.default", "aten.select_scatter.default"} <= set(ops)
-    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+    plan, second_traces = compile_counting_second_traces(LocalWrites())
+    assert second_traces == 0
+    assert {"aten.slice_scatter.default", "aten.select_scatter.default"} <= {n.op for n in plan.graph.nodes}
 
 
-@pytest.mark.parametrize("model_cls", [ViewReadAfterWrite, WrittenViewReadAfterAnotherWrite,
-                                       PromotingWrite, WriteThroughReshape])
-def test_writes_that_are_not_local_go_through_torch_functionalization(model_cls):
+@pytest.mark.parametrize("writes, width", [(view_read_after_write, 6), (written_view_read_after_another_write, 6),
+                                           (promoting_write, 3), (write_through_reshape, 3)])
+def test_writes_that_are_not_local_go_through_torch_functionalization(writes, width):
     torch.manual_seed(0)
-    model = model_cls()
-    inputs = (torch.randn(8, 6), torch.randint(0, 3, (8,)))
-    patch, calls = _count_second_traces()
-    with patch:
-        plan = compile(model, inputs, cluster=Cluster.local(2), strategy="dp")
-    assert calls == [1]
-    assert in_place_ops(plan.graph) == []
-    assert_close_to_eager(plan.run_virtual(*inputs), model, inputs)
+    _, second_traces = compile_counting_second_traces(AfterLinear(writes, width))
+    assert second_traces == 1
 
 
 def test_local_rewrite_keeps_every_node_name_of_the_export():
