@@ -95,8 +95,8 @@ def mamba():
 
 
 def falcon():
-    """Falcon: parallel attention, in-place residual adds (functionalized at capture, which also turns its
-    ``weight.T`` (``numpy_T``) into ``permute``)."""
+    """Falcon: parallel attention, in-place residual adds (made functional at capture), ``weight.T``
+    (``numpy_T``)."""
     import transformers as tf
     return _lm(tf.FalconConfig, tf.FalconForCausalLM, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
 
