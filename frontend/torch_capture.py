@@ -37,6 +37,8 @@ DROPPED_OPS = {
     "aten.sym_constrain_range.default",
 }
 INPUT_DIM_NAMES = ("batch", "seq")
+CASTS = ("aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten.to.other")
+"""``Tensor.to``: the tensor itself when its dtype (and device) already are the ones asked for."""
 RESHAPE_VIEWS = ("aten.view.default", "aten._unsafe_view.default")
 """What functionalization makes of ``reshape``, chosen by the strides of the traced tensors."""
 
@@ -656,6 +658,9 @@ class _Converter:
         attrs = {"module": _module_path(node)} if _module_path(node) else {}
         if op == "aten.copy.default":
             self.env[node.name] = self._copy(node.name, args[0], args[1], attrs)
+            return
+        if op in CASTS and isinstance(args[0], Value) and args[0].type == self.ttype(val):
+            self.env[node.name] = args[0]  # a cast to what the tensor already is returns the tensor itself
             return
         base = node.name if len(vals) == 1 else f"{node.name}_"
         ir_node = self.graph.create_node(op, args, kwargs, [self.ttype(v) for v in vals],

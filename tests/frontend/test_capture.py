@@ -107,3 +107,21 @@ def test_capturing_leaves_the_model_buffers_alone():
     for name, b in model.named_buffers():
         assert torch.equal(b, before[name]), name
     assert all(torch.equal(captured.weights[name], before[name]) for name in before)
+
+
+def test_a_cast_to_what_a_tensor_already_is_makes_no_node():
+    """``x.to(torch.float32)`` of a float32 tensor returns ``x`` itself (eager copies nothing), so the captured graph
+    holds no node for it and the cost model prices no copy; a cast that changes the dtype stays."""
+    class Casts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x).to(torch.float32).float()
+            return (h.to(torch.float64).sum() + h.sum()).to(torch.float32)
+
+    x = torch.randn(3, 4)
+    captured = capture(Casts(), (x,), method="export")
+    casts = [n for n in captured.graph.nodes if n.op.startswith("aten.to.") or n.op == "aten._to_copy.default"]
+    assert [c.outputs[0].type.dtype for c in casts] == ["f64", "f32"]
