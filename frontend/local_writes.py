@@ -10,8 +10,8 @@ base with ``slice_scatter`` / ``select_scatter``, and later readers of the base 
 
 Anything else — writes into inputs, parameters or buffers (BatchNorm's running statistics), through
 other views, or a view of the written tensor read after the write — is left to torch:
-:func:`functional_copy` then returns None and the caller runs torch's functionalization on the whole
-program. A graph is rewritten completely or not at all.
+:func:`make_local_writes_functional` then returns False and the caller runs torch's functionalization on
+the whole program. A graph is rewritten completely or not at all.
 """
 from __future__ import annotations
 
@@ -56,12 +56,25 @@ class _NotLocal(Exception):
     """A write this module leaves to torch's functionalization."""
 
 
+def make_local_writes_functional(program: torch.export.ExportedProgram, written: list[torch.fx.Node]) -> bool:
+    """Rewrite ``program`` so that none of ``written`` (its nodes that write an argument in place, in graph order)
+    writes, and say so; or leave it as it is and return False when one of them is not a local write (see the
+    module's docstring). The export's graph signature names nodes: they keep their names, and an output that
+    was written is re-pointed at the node of its new value."""
+    rewritten = functional_copy(program.graph, written)
+    if rewritten is None:
+        return False
+    program.graph_module.graph = rewritten
+    outputs = next(node for node in reversed(rewritten.nodes) if node.op == "output").args[0]
+    for spec, value in zip(program.graph_signature.output_specs, outputs):
+        if isinstance(value, torch.fx.Node) and getattr(spec.arg, "name", value.name) != value.name:
+            spec.arg = type(spec.arg)(name=value.name)
+    return True
+
+
 def functional_copy(graph: torch.fx.Graph, written: list[torch.fx.Node]) -> torch.fx.Graph | None:
-    """A copy of ``graph`` with each node of ``written`` (the nodes that write an argument in place, in
-    graph order) replaced by functional ops, or None when one of them is not a local write (see the
-    module's docstring); ``graph`` itself is not changed. Node names are kept but the writes': the export's
-    graph signature refers to nodes by name, and an output that was written reads its new value (see
-    :func:`output_names`)."""
+    """A copy of ``graph`` with each node of ``written`` replaced by functional ops, or None when one of them is
+    not a local write; ``graph`` itself is not changed. Nodes keep their names, but for the writes."""
     result = copy.deepcopy(graph)
     by_name = {node.name: node for node in result.nodes}
     try:
@@ -70,13 +83,6 @@ def functional_copy(graph: torch.fx.Graph, written: list[torch.fx.Node]) -> torc
     except _NotLocal:
         return None
     return result
-
-
-def output_names(graph: torch.fx.Graph) -> list[str | None]:
-    """The names of the nodes the graph outputs, in order (None for an output that is not a node): what the
-    export's graph signature must name after :func:`functional_copy`."""
-    outputs = next(node for node in reversed(graph.nodes) if node.op == "output").args[0]
-    return [value.name if isinstance(value, torch.fx.Node) else None for value in outputs]
 
 
 def _rewrite(graph: torch.fx.Graph, write: torch.fx.Node) -> None:
@@ -118,15 +124,12 @@ def _view_chain(target: torch.fx.Node) -> tuple[list[torch.fx.Node], torch.fx.No
 
 
 def _fresh(node: Any) -> bool:
-    """Whether ``node`` is a new tensor of the forward: made by an op that returns no view of its arguments
-    (or one output of such an op), and that writes nothing."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+    """Whether ``node`` is a new tensor of the forward: no view of another tensor (:func:`_aliases`), made by an op
+    that writes nothing."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or _aliases(node):
         return False
-    if node.target is operator.getitem:
-        return _fresh(node.args[0])
-    if not isinstance(node.target, torch._ops.OpOverload) or written_args(node):
-        return False
-    return all(ret.alias_info is None for ret in node.target._schema.returns)
+    producer = node.args[0] if node.target is operator.getitem else node
+    return isinstance(producer, torch.fx.Node) and producer.op == "call_function" and not written_args(producer)
 
 
 def _check_no_alias_read_after(base: torch.fx.Node, write: torch.fx.Node, order: dict) -> None:

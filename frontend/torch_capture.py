@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from torch.export import Dim
 
-from frontend.local_writes import functional_copy, output_names, written_args
+from frontend.local_writes import make_local_writes_functional, written_args
 from ir.core import Graph, Value
 from ir.ops import custom as custom_ops
 from ir.types import DTYPE_NAMES, TensorType, dim_symbol
@@ -152,14 +152,8 @@ def _functionalize(program: torch.export.ExportedProgram, model: torch.nn.Module
     written = [node for node in program.graph.nodes if written_args(node)]
     if not table and not written:
         return program, False
-    if not table:
-        rewritten = functional_copy(program.graph, written)
-        if rewritten is not None:  # every write was local: no second trace of the whole program
-            program.graph_module.graph = rewritten
-            for spec, name in zip(program.graph_signature.output_specs, output_names(rewritten)):
-                if name is not None and getattr(spec.arg, "name", name) != name:
-                    spec.arg = type(spec.arg)(name=name)  # an output that was written: the node of its new value
-            return program, False
+    if not table and make_local_writes_functional(program, written):  # no second trace of the whole program
+        return program, False
     for _ in range(MAX_DECOMPOSITION_ROUNDS):  # a decomposition may call custom ops with their own
         try:
             with _quiet_torch():
